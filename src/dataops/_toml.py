@@ -1,0 +1,125 @@
+"""Typed, strict reading of operator-written TOML.
+
+Every accessor knows the file and the dotted key it reads, so a mistake is reported
+as `policies/city-bank.toml: grants[0].min_group_size: must be an integer >= 2, got 'ten'`.
+Unknown keys are errors too: a misspelt key silently ignored could widen access.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from dataops.errors import LoadError
+
+
+def read_toml(path: Path, error: type[LoadError]) -> "Table":
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise error(f"{path}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise error(f"{path}: cannot be read: {exc.strerror}") from None
+    return Table(data, path, "", error)
+
+
+class Table:
+    def __init__(self, data: dict[str, Any], path: Path, prefix: str, error: type[LoadError]):
+        self.data = data
+        self.path = path
+        self.prefix = prefix
+        self.error = error
+        self._read: set[str] = set()
+
+    def key(self, key: str) -> str:
+        return f"{self.prefix}{key}"
+
+    def fail(self, key: str, message: str) -> LoadError:
+        where = self.key(key) if key else (self.prefix.rstrip(".") or "(top level)")
+        return self.error(f"{self.path}: {where}: {message}")
+
+    def has(self, key: str) -> bool:
+        return key in self.data
+
+    def raw(self, key: str, default: Any = ..., *, required: bool = True) -> Any:
+        self._read.add(key)
+        if key not in self.data:
+            if default is not ...:
+                return default
+            raise self.fail(key, "is required")
+        return self.data[key]
+
+    def str(self, key: str, default: Any = ..., *, pattern: Any = None) -> Any:
+        value = self.raw(key, default)
+        if value is default and default is not ...:
+            return value
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail(key, f"must be a non-empty string, got {value!r}")
+        if pattern is not None and not pattern.fullmatch(value):
+            raise self.fail(key, f"{value!r} must match {pattern.pattern}")
+        return value
+
+    def int(self, key: str, default: Any = ..., *, minimum: int | None = None) -> Any:
+        value = self.raw(key, default)
+        if value is default and default is not ...:
+            return value
+        if isinstance(value, bool) or not isinstance(value, int) or (
+            minimum is not None and value < minimum
+        ):
+            floor = f" >= {minimum}" if minimum is not None else ""
+            raise self.fail(key, f"must be an integer{floor}, got {value!r}")
+        return value
+
+    def number(self, key: str, default: Any = ..., *, minimum: float | None = None) -> Any:
+        value = self.raw(key, default)
+        if value is default and default is not ...:
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise self.fail(key, f"must be a finite number, got {value!r}")
+        if minimum is not None and value < minimum:
+            raise self.fail(key, f"must be >= {minimum}, got {value!r}")
+        return float(value)
+
+    def bool(self, key: str, default: Any = ...) -> Any:
+        value = self.raw(key, default)
+        if not isinstance(value, bool):
+            raise self.fail(key, f"must be true or false, got {value!r}")
+        return value
+
+    def list(self, key: str, default: Any = ...) -> Any:
+        value = self.raw(key, default)
+        if value is default and default is not ...:
+            return value
+        if not isinstance(value, list):
+            raise self.fail(key, f"must be a list, got {value!r}")
+        return value
+
+    def table(self, key: str, *, required: bool = True) -> "Table | None":
+        value = self.raw(key, None if not required else ...)
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise self.fail(key, f"must be a table, got {value!r}")
+        return Table(value, self.path, f"{self.key(key)}.", self.error)
+
+    def tables(self, key: str) -> Iterator["Table"]:
+        """An array of tables, e.g. [[grants]]."""
+        value = self.raw(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise self.fail(key, "must be an array of tables ([[" + key + "]])")
+        for i, item in enumerate(value):
+            yield Table(item, self.path, f"{self.key(key)}[{i}].", self.error)
+
+    def items(self) -> Iterator[tuple[str, Any]]:
+        self._read.update(self.data)
+        return iter(self.data.items())
+
+    def reject_unknown(self) -> None:
+        """Call after reading: any key not read is a typo or an unsupported setting."""
+        unknown = sorted(set(self.data) - self._read)
+        if unknown:
+            raise self.fail(unknown[0], "unknown key (misspelt, or not supported here)")

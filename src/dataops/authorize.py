@@ -1,0 +1,134 @@
+"""Authorization: a pure function of (policy set, consumer, query, catalog, date).
+
+It returns the grant that allows the query, or raises the RequestError that names
+the deciding rule and column. `dataops policy explain` calls the same function, so
+what an operator is told is exactly what the server does.
+
+Rules, in the order they are checked (the first that fails decides):
+
+    consumer.unknown, consumer.revoked   the certificate's consumer has a live policy
+    dataset.unknown                       the dataset exists in the consumer's zone
+    default-deny                          the consumer holds a grant on it
+    grant.expires                         the grant is not past its expiry date
+    grant.modes                           the grant allows the query's mode
+    query.column                          every column named exists
+    identifier                            identifier / unclassified columns are never used
+    grant.columns                         each column is granted for its use
+    grant.functions                       the grant allows each aggregate function
+    aggregate-mode.quantile               exact quantiles are not released (one unit's value)
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+from dataops.catalog import Catalog, Classification, Dataset
+from dataops.errors import FieldViolation, InvalidQuery, PolicyDenied, UnknownConsumer, UnknownDataset
+from dataops.ir import Function, Mode, Query
+from dataops.policy import ConsumerPolicy, Grant, PolicySet, Use
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What allowed a query: the consumer's policy, the dataset and the grant."""
+
+    policy: ConsumerPolicy
+    dataset: Dataset
+    grant: Grant
+    rule: str = "grant"
+
+
+def consumer_policy(policies: PolicySet, consumer: str) -> ConsumerPolicy:
+    policy = policies.get(consumer)
+    if policy is None:
+        raise UnknownConsumer(f"no policy for consumer {consumer!r}", rule="consumer.unknown")
+    if policy.revoked:
+        raise UnknownConsumer(f"consumer {consumer!r} is revoked", rule="consumer.revoked")
+    return policy
+
+
+def visible_dataset(policy: ConsumerPolicy, catalog: Catalog, dataset_id: str) -> Dataset:
+    """The dataset if it is in the consumer's zone; otherwise it does not exist for them.
+
+    Datasets of another zone get the same answer as ids that exist nowhere, so a
+    consumer cannot even learn what another zone holds.
+    """
+    dataset = catalog.get(dataset_id)
+    if dataset is None or dataset.zone != policy.zone:
+        raise UnknownDataset(
+            f"no dataset {dataset_id!r} in zone {policy.zone!r}", rule="dataset.unknown"
+        )
+    return dataset
+
+
+def live_grant(policy: ConsumerPolicy, dataset: Dataset, today: dt.date) -> Grant:
+    grant = policy.grants.get(dataset.id)
+    if grant is None:
+        raise PolicyDenied(
+            f"consumer {policy.consumer!r} holds no grant on {dataset.id!r}", rule="default-deny"
+        )
+    if grant.expired(today):
+        raise PolicyDenied(
+            f"the grant on {dataset.id!r} expired on {grant.expires.isoformat()}", rule="grant.expires"
+        )
+    return grant
+
+
+_USE_FIELDS = {Use.DIMENSION: "group_by", Use.FILTER: "filters", Use.MEASURE: "aggregates"}
+
+
+def _check_column(dataset: Dataset, grant: Grant, column: str, use: Use, field: str) -> None:
+    spec = dataset.column(column)
+    if spec is None:
+        raise InvalidQuery(
+            f"{dataset.id!r} has no column {column!r}",
+            rule="query.column",
+            column=column,
+            field_violations=(FieldViolation(field, f"unknown column {column!r}"),),
+        )
+    if not spec.classification.usable:
+        kind = "an identifier" if spec.classification is Classification.IDENTIFIER else "unclassified"
+        raise PolicyDenied(
+            f"column {column!r} is {kind} and can never be grouped, filtered or output",
+            rule="identifier",
+            column=column,
+        )
+    if use not in grant.uses(column):
+        raise PolicyDenied(
+            f"the grant on {dataset.id!r} does not allow {column!r} as a {use.value}",
+            rule=f"grant.columns.{column}",
+            column=column,
+        )
+
+
+def authorize(
+    policies: PolicySet, catalog: Catalog, consumer: str, query: Query, today: dt.date
+) -> Decision:
+    policy = consumer_policy(policies, consumer)
+    dataset = visible_dataset(policy, catalog, query.dataset)
+    grant = live_grant(policy, dataset, today)
+    if query.mode not in grant.modes:
+        raise PolicyDenied(
+            f"the grant on {dataset.id!r} does not allow {query.mode.value} queries", rule="grant.modes"
+        )
+    for i, column in enumerate(query.group_by):
+        _check_column(dataset, grant, column, Use.DIMENSION, f"query.group_by[{i}]")
+    for i, filter_ in enumerate(query.filters):
+        _check_column(dataset, grant, filter_.column, Use.FILTER, f"query.filters[{i}].column")
+    for i, aggregate in enumerate(query.aggregates):
+        if aggregate.column:
+            _check_column(dataset, grant, aggregate.column, Use.MEASURE, f"query.aggregates[{i}].column")
+        if aggregate.function not in grant.functions:
+            raise PolicyDenied(
+                f"the grant on {dataset.id!r} does not allow {aggregate.function.value}",
+                rule="grant.functions",
+                column=aggregate.column,
+            )
+        if aggregate.function is Function.QUANTILE and query.mode is Mode.AGGREGATE:
+            raise PolicyDenied(
+                "an exact quantile is one privacy unit's value; ask for it in DP mode",
+                rule="aggregate-mode.quantile",
+                column=aggregate.column,
+            )
+    return Decision(policy=policy, dataset=dataset, grant=grant)

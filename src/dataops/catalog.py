@@ -1,0 +1,278 @@
+"""The catalog: one operator-written TOML file per dataset → validated frozen objects.
+
+A catalog entry says where a dataset's Parquet lives, what its privacy unit is and
+how much one unit may contribute, and for every column its type, classification,
+bounds, public key set and bins. Everything downstream (policy validation,
+authorization, the engines) trusts these objects, so loading is strict.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import re
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path, PurePosixPath
+from types import MappingProxyType
+from typing import Any, Mapping
+
+from dataops._toml import Table, read_toml
+from dataops.errors import CatalogError
+
+ID_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,62}")
+ZONE_PATTERN = re.compile(r"[a-z][a-z0-9_-]{0,62}")
+COLUMN_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+
+
+class ColumnType(str, Enum):
+    STRING = "string"
+    INT = "int"
+    FLOAT = "float"
+    BOOL = "bool"
+    DATE = "date"
+
+    @property
+    def numeric(self) -> bool:
+        return self in (ColumnType.INT, ColumnType.FLOAT)
+
+
+class Classification(str, Enum):
+    IDENTIFIER = "identifier"
+    QUASI_IDENTIFIER = "quasi_identifier"
+    PUBLIC = "public"
+    SENSITIVE = "sensitive"
+    UNCLASSIFIED = "unclassified"
+
+    @property
+    def usable(self) -> bool:
+        """Identifiers and unclassified columns can never appear in a query."""
+        return self not in (Classification.IDENTIFIER, Classification.UNCLASSIFIED)
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type: ColumnType
+    classification: Classification
+    description: str = ""
+    bounds: tuple[float, float] | None = None
+    keys: tuple[Any, ...] | None = None
+    bins: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Budget:
+    epsilon: float
+    delta: float
+
+
+@dataclass(frozen=True)
+class Dataset:
+    id: str
+    zone: str
+    title: str
+    description: str
+    provider: str
+    location: str
+    path: Path
+    unit_column: str
+    max_rows_per_unit: int
+    budget: Budget
+    columns: Mapping[str, Column]
+    source: Path
+
+    def column(self, name: str) -> Column | None:
+        return self.columns.get(name)
+
+
+@dataclass(frozen=True)
+class Catalog:
+    datasets: Mapping[str, Dataset]
+
+    def get(self, dataset_id: str) -> Dataset | None:
+        return self.datasets.get(dataset_id)
+
+    def in_zone(self, zone: str) -> list[Dataset]:
+        return [d for d in self.datasets.values() if d.zone == zone]
+
+
+def load_catalog(catalog_dir: Path, sandbox_dir: Path) -> Catalog:
+    """Load every `*.toml` in `catalog_dir`. Raises CatalogError on the first mistake."""
+    if not catalog_dir.is_dir():
+        raise CatalogError(f"{catalog_dir}: catalog directory does not exist")
+    datasets: dict[str, Dataset] = {}
+    for path in sorted(catalog_dir.glob("*.toml")):
+        dataset = load_entry(path, sandbox_dir)
+        datasets[dataset.id] = dataset
+    return Catalog(MappingProxyType(datasets))
+
+
+def load_entry(path: Path, sandbox_dir: Path) -> Dataset:
+    doc = read_toml(path, CatalogError)
+    dataset_id = doc.str("id", pattern=ID_PATTERN)
+    if dataset_id != path.stem:
+        raise doc.fail("id", f"{dataset_id!r} must equal the file name stem {path.stem!r}")
+    location = doc.str("location")
+    rel = PurePosixPath(location)
+    if rel.is_absolute() or ".." in rel.parts or rel.suffix != ".parquet":
+        raise doc.fail("location", f"{location!r} must be a relative path to a .parquet file under sandbox/")
+
+    columns = _read_columns(doc)
+    unit = doc.table("privacy_unit")
+    unit_column = unit.str("column")
+    max_rows = unit.int("max_rows", minimum=1)
+    unit.reject_unknown()
+    if unit_column not in columns:
+        raise unit.fail("column", f"{unit_column!r} is not a column of this dataset")
+    if columns[unit_column].classification is not Classification.IDENTIFIER:
+        raise unit.fail("column", f"the privacy unit column {unit_column!r} must be classified 'identifier'")
+
+    budget_table = doc.table("budget")
+    budget = Budget(
+        epsilon=budget_table.number("epsilon", minimum=0.0),
+        delta=budget_table.number("delta", 0.0, minimum=0.0),
+    )
+    if budget.delta >= 1:
+        raise budget_table.fail("delta", "must be < 1")
+    budget_table.reject_unknown()
+
+    dataset = Dataset(
+        id=dataset_id,
+        zone=doc.str("zone", pattern=ZONE_PATTERN),
+        title=doc.str("title"),
+        description=doc.str("description", ""),
+        provider=doc.str("provider"),
+        location=location,
+        path=sandbox_dir / rel,
+        unit_column=unit_column,
+        max_rows_per_unit=max_rows,
+        budget=budget,
+        columns=MappingProxyType(columns),
+        source=path,
+    )
+    doc.reject_unknown()
+    return dataset
+
+
+def _read_columns(doc: Table) -> dict[str, Column]:
+    table = doc.table("columns")
+    columns: dict[str, Column] = {}
+    for name, _ in table.items():
+        if not COLUMN_PATTERN.fullmatch(name):
+            raise table.fail(name, f"column name must match {COLUMN_PATTERN.pattern}")
+        columns[name] = _read_column(table.table(name), name)
+    if not columns:
+        raise doc.fail("columns", "a dataset needs at least one column")
+    return columns
+
+
+def _read_column(col: Table, name: str) -> Column:
+    try:
+        ctype = ColumnType(col.str("type"))
+    except ValueError:
+        raise col.fail("type", f"must be one of {[t.value for t in ColumnType]}") from None
+    try:
+        classification = Classification(col.str("classification"))
+    except ValueError:
+        raise col.fail(
+            "classification", f"must be one of {[c.value for c in Classification]}"
+        ) from None
+
+    bounds = None
+    if col.has("bounds"):
+        raw = col.list("bounds")
+        if not ctype.numeric:
+            raise col.fail("bounds", f"only numeric columns have bounds; {name!r} is {ctype.value}")
+        if len(raw) != 2 or not all(_is_number(v) for v in raw) or not raw[0] < raw[1]:
+            raise col.fail("bounds", f"must be [lower, upper] with finite lower < upper, got {raw!r}")
+        bounds = (float(raw[0]), float(raw[1]))
+
+    keys = None
+    if col.has("keys"):
+        raw = col.list("keys")
+        if not raw:
+            raise col.fail("keys", "a public key set cannot be empty")
+        for value in raw:
+            if not _matches_type(value, ctype):
+                raise col.fail("keys", f"key {value!r} is not a {ctype.value}")
+        if len(set(raw)) != len(raw):
+            raise col.fail("keys", "keys must be distinct")
+        keys = tuple(raw)
+
+    bins = None
+    if col.has("bins"):
+        raw = col.list("bins")
+        if not ctype.numeric:
+            raise col.fail("bins", f"only numeric columns have bins; {name!r} is {ctype.value}")
+        if len(raw) < 2 or not all(_is_number(v) for v in raw) or any(
+            a >= b for a, b in zip(raw, raw[1:])
+        ):
+            raise col.fail("bins", f"must be at least two strictly ascending numbers, got {raw!r}")
+        bins = tuple(float(v) for v in raw)
+
+    column = Column(
+        name=name,
+        type=ctype,
+        classification=classification,
+        description=col.str("description", ""),
+        bounds=bounds,
+        keys=keys,
+        bins=bins,
+    )
+    col.reject_unknown()
+    return column
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _matches_type(value: Any, ctype: ColumnType) -> bool:
+    if ctype is ColumnType.STRING:
+        return isinstance(value, str)
+    if ctype is ColumnType.INT:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if ctype is ColumnType.FLOAT:
+        return _is_number(value)
+    if ctype is ColumnType.BOOL:
+        return isinstance(value, bool)
+    return isinstance(value, dt.date)
+
+
+def column_type_of(dtype: Any) -> ColumnType | None:
+    """The catalog type of a polars dtype, or None if the catalog cannot describe it."""
+    import polars as pl
+
+    if dtype == pl.String:
+        return ColumnType.STRING
+    if dtype.is_integer():
+        return ColumnType.INT
+    if dtype.is_float():
+        return ColumnType.FLOAT
+    if dtype == pl.Boolean:
+        return ColumnType.BOOL
+    if dtype == pl.Date:
+        return ColumnType.DATE
+    return None
+
+
+def check_data(dataset: Dataset) -> None:
+    """Check that the Parquet file exists and its schema matches the entry.
+
+    Run at server start so an operator's mismatch is found then, not mid-query.
+    """
+    import polars as pl
+
+    if not dataset.path.is_file():
+        raise CatalogError(f"{dataset.source}: location: {dataset.path} does not exist")
+    schema = pl.scan_parquet(dataset.path).collect_schema()
+    for name, column in dataset.columns.items():
+        if name not in schema:
+            raise CatalogError(f"{dataset.source}: columns.{name}: not in {dataset.path}")
+        actual = column_type_of(schema[name])
+        if actual is not column.type:
+            raise CatalogError(
+                f"{dataset.source}: columns.{name}.type: catalog says {column.type.value}, "
+                f"the data has {schema[name]}"
+            )

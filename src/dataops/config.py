@@ -1,0 +1,235 @@
+"""The server configuration, read by `dataops serve` from a `dataops.toml`.
+
+Strict on purpose: an unknown key is an error (a typo must not silently fall back
+to a default), and every error names the file, the table and the key.
+Relative paths are resolved against the TOML file's directory, so the server
+behaves the same whatever directory it is started from.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, ClassVar
+
+from dataops.errors import ConfigError  # a LoadError: operator's file mistake
+
+__all__ = [
+    "ConfigError", "Limits", "PathsSection", "ServerConfig", "ServerSection", "TlsSection",
+    "load_config", "parse_listen",
+]
+
+# grpc takes message size limits as a signed 32-bit int.
+_MAX_MESSAGE_BYTES = 2**31 - 1
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """Split "host:port" (IPv6 hosts in brackets, "[::1]:50051") into host and port.
+
+    >>> parse_listen("[::1]:50051")
+    ('::1', 50051)
+    """
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isascii() or not port.isdigit() or int(port) > 65535:
+        raise ValueError(listen)
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        if not isinstance(ipaddress.ip_address(host), ipaddress.IPv6Address):
+            raise ValueError(listen)
+    elif ":" in host or "[" in host or "]" in host:
+        raise ValueError(listen)  # an IPv6 address without brackets is ambiguous
+    return host, int(port)
+
+
+@dataclass(frozen=True)
+class ServerSection:
+    TABLE: ClassVar[str] = "server"
+
+    listen: str = "127.0.0.1:50051"
+    workers: int = 8
+    max_message_bytes: int = 4 * 1024 * 1024
+    grace_seconds: float = 10.0
+    policy_poll_seconds: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.listen, str):
+            raise _invalid(self, "listen", 'a "host:port" string')
+        try:
+            parse_listen(self.listen)
+        except ValueError:
+            raise _invalid(self, "listen", 'host:port with IPv6 in brackets, e.g. "[::1]:50051"') from None
+        _positive_int(self, "workers")
+        _positive_int(self, "max_message_bytes", upper=_MAX_MESSAGE_BYTES)
+        _seconds(self, "grace_seconds", allow_zero=True)  # 0: stop without draining
+        _seconds(self, "policy_poll_seconds", allow_zero=False)
+
+    @property
+    def host(self) -> str:
+        return parse_listen(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return parse_listen(self.listen)[1]
+
+
+@dataclass(frozen=True)
+class PathsSection:
+    TABLE: ClassVar[str] = "paths"
+
+    catalog: Path
+    policies: Path
+    sandbox: Path
+    state: Path  # audit log, budget ledger
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            _path(self, f.name)
+
+
+@dataclass(frozen=True)
+class TlsSection:
+    TABLE: ClassVar[str] = "tls"
+
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            _path(self, f.name)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Query complexity caps; queries beyond them are refused as INVALID_QUERY."""
+
+    TABLE: ClassVar[str] = "limits"
+
+    max_filters: int = 16
+    max_group_by: int = 4
+    max_aggregates: int = 8
+    max_in_values: int = 256
+    max_output_rows: int = 10_000
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            _positive_int(self, f.name)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    server: ServerSection
+    paths: PathsSection
+    tls: TlsSection
+    limits: Limits
+
+    @classmethod
+    def default(cls, root: Path) -> ServerConfig:
+        """The documented defaults with every path under `root`."""
+        paths = _default_paths(Path(root))
+        return cls(ServerSection(), paths, _default_tls(paths.state), Limits())
+
+
+def load_config(path: Path) -> ServerConfig:
+    """Read and validate a dataops.toml; raise ConfigError naming file and key."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            doc = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    base = path.resolve().parent
+    try:
+        return _build(doc, base)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def _build(doc: dict[str, Any], base: Path) -> ServerConfig:
+    sections = (ServerSection, PathsSection, TlsSection, Limits)
+    known = [s.TABLE for s in sections]
+    for key, value in doc.items():
+        if key not in known:
+            what = f"table [{key}]" if isinstance(value, dict) else f"top-level key {key!r}"
+            raise ConfigError(f"unknown {what} (expected tables {', '.join(known)})")
+
+    server = ServerSection(**_table(doc, ServerSection))
+
+    defaults = _default_paths(base)
+    given = {k: _resolve(PathsSection, k, v, base) for k, v in _table(doc, PathsSection).items()}
+    paths = PathsSection(**{**vars(defaults), **given})
+
+    # TLS files live under the state directory unless placed elsewhere explicitly,
+    # so moving [paths] state moves the PKI with it.
+    tls_defaults = _default_tls(paths.state)
+    given = {k: _resolve(TlsSection, k, v, base) for k, v in _table(doc, TlsSection).items()}
+    tls = TlsSection(**{**vars(tls_defaults), **given})
+
+    limits = Limits(**_table(doc, Limits))
+    return ServerConfig(server, paths, tls, limits)
+
+
+def _table(doc: dict[str, Any], section: type) -> dict[str, Any]:
+    table = doc.get(section.TABLE, {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"[{section.TABLE}] must be a table, got {table!r}")
+    names = [f.name for f in fields(section)]
+    for key in table:
+        if key not in names:
+            raise ConfigError(f"[{section.TABLE}] unknown key {key!r} (expected {', '.join(names)})")
+    return table
+
+
+def _resolve(section: type, key: str, value: Any, base: Path) -> Path:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"[{section.TABLE}] {key} must be a non-empty path string, got {value!r}")
+    return base / Path(value).expanduser()  # an absolute value replaces base
+
+
+def _default_paths(root: Path) -> PathsSection:
+    return PathsSection(
+        catalog=root / "catalog",
+        policies=root / "policies",
+        sandbox=root / "sandbox",
+        state=root / "state",
+    )
+
+
+def _default_tls(state: Path) -> TlsSection:
+    pki = state / "pki"
+    return TlsSection(ca_cert=pki / "ca.crt", server_cert=pki / "server.crt", server_key=pki / "server.key")
+
+
+def _invalid(section: Any, key: str, expected: str) -> ConfigError:
+    return ConfigError(f"[{section.TABLE}] {key} must be {expected}, got {getattr(section, key)!r}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # TOML true is not 1
+
+
+def _positive_int(section: Any, key: str, upper: int | None = None) -> None:
+    value = getattr(section, key)
+    if not _is_int(value) or value < 1:
+        raise _invalid(section, key, "a positive integer")
+    if upper is not None and value > upper:
+        raise _invalid(section, key, f"at most {upper}")
+
+
+def _seconds(section: Any, key: str, *, allow_zero: bool) -> None:
+    value = getattr(section, key)
+    ok = (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        raise _invalid(section, key, "a non-negative number" if allow_zero else "a positive number")
+    # TOML "grace_seconds = 10" is an int; store what the field says.
+    object.__setattr__(section, key, float(value))
+
+
+def _path(section: Any, key: str) -> None:
+    if not isinstance(getattr(section, key), Path):
+        raise _invalid(section, key, "a path")

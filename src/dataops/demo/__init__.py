@@ -1,0 +1,1 @@
+"""Deterministic synthetic demo data for the finance and insurance zones."""

@@ -1,0 +1,101 @@
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+
+import polars as pl
+import pyarrow as pa
+
+from dataops.catalog import ColumnType, Dataset
+from dataops.errors import FieldViolation, InvalidQuery
+from dataops.ir import Between, Equals, Filter, InSet, Query, Scalar
+from dataops.policy import Grant
+
+
+@dataclass(frozen=True)
+class Plan:
+    """An authorized query with everything an engine needs to run it."""
+
+    query: Query
+    dataset: Dataset
+    grant: Grant
+    max_output_rows: int = 10_000
+
+
+@dataclass(frozen=True)
+class AggregateAccuracy:
+    column: str
+    noise_scale: float = 0.0
+    half_width_95: float = 0.0
+    mechanism: str = ""
+
+
+@dataclass(frozen=True)
+class Spend:
+    """Privacy spent by one request, and what remains of the grant's budget."""
+
+    epsilon: float = 0.0
+    delta: float = 0.0
+    remaining_epsilon: float = 0.0
+    remaining_delta: float = 0.0
+
+
+@dataclass(frozen=True)
+class EngineResult:
+    table: pa.Table
+    rows_suppressed: int = 0
+    accuracy: tuple[AggregateAccuracy, ...] = field(default_factory=tuple)
+    spend: Spend | None = None
+    reused: bool = False
+
+
+def scan(dataset: Dataset) -> pl.LazyFrame:
+    # Always lazy: polars reads only the columns and row groups a query needs.
+    return pl.scan_parquet(dataset.path)
+
+
+def coerce_value(dataset: Dataset, column: str, value: Scalar, field_path: str) -> Scalar:
+    """A filter value in the column's type; a mismatch is the consumer's error."""
+    ctype = dataset.columns[column].type
+    ok = {
+        ColumnType.STRING: isinstance(value, str),
+        ColumnType.INT: isinstance(value, int) and not isinstance(value, bool),
+        ColumnType.FLOAT: isinstance(value, (int, float)) and not isinstance(value, bool),
+        ColumnType.BOOL: isinstance(value, bool),
+        ColumnType.DATE: isinstance(value, (str, dt.date)),
+    }[ctype]
+    if ctype is ColumnType.DATE and isinstance(value, str):
+        try:
+            return dt.date.fromisoformat(value)
+        except ValueError:
+            ok = False
+    if not ok:
+        description = f"{value!r} is not a {ctype.value} like column {column!r}"
+        raise InvalidQuery(
+            f"{field_path}: {description}",
+            rule="query.value",
+            column=column,
+            field_violations=(FieldViolation(field_path, description),),
+        )
+    return value
+
+
+def predicate(dataset: Dataset, filters: tuple[Filter, ...]) -> pl.Expr | None:
+    """The AND of the filters as a polars expression; a null never matches."""
+    parts: list[pl.Expr] = []
+    for i, f in enumerate(filters):
+        path = f"query.filters[{i}]"
+        col = pl.col(f.column)
+        if isinstance(f, Equals):
+            parts.append(col == pl.lit(coerce_value(dataset, f.column, f.value, f"{path}.equals")))
+        elif isinstance(f, InSet):
+            values = [coerce_value(dataset, f.column, v, f"{path}.in_set") for v in f.values]
+            parts.append(col.is_in(pl.Series(values, dtype=None)))
+        elif isinstance(f, Between):
+            if f.low is not None:
+                parts.append(col >= pl.lit(coerce_value(dataset, f.column, f.low, f"{path}.range.low")))
+            if f.high is not None:
+                parts.append(col <= pl.lit(coerce_value(dataset, f.column, f.high, f"{path}.range.high")))
+    if not parts:
+        return None
+    return pl.all_horizontal(parts).fill_null(False)

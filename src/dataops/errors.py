@@ -1,0 +1,133 @@
+"""Domain errors.
+
+Two families, kept apart on purpose (as Tumult Analytics does):
+
+* `RequestError` and its subclasses are the consumer's fault or the policy's
+  decision. Each carries the canonical gRPC code, an `ErrorInfo` reason and, where
+  it helps, the rule and column that decided. The server maps them to a
+  `google.rpc.Status` in one place (`dataops.server.interceptors`).
+  Their messages must never state a data-dependent fact (a group's size, a value):
+  they are built only from the query, the policy and the catalog.
+* `LoadError` and its subclasses are an operator's mistake in a file; they name
+  the file and the key.
+
+Anything else that escapes is a bug and crosses the wire as INTERNAL with no detail.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    field: str
+    description: str
+
+
+@dataclass(frozen=True)
+class QuotaViolation:
+    subject: str
+    description: str
+
+
+class RequestError(Exception):
+    code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT
+    reason: str = "INVALID_QUERY"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        rule: str | None = None,
+        column: str | None = None,
+        field_violations: tuple[FieldViolation, ...] = (),
+        quota_violations: tuple[QuotaViolation, ...] = (),
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.rule = rule
+        self.column = column
+        self.field_violations = tuple(field_violations)
+        self.quota_violations = tuple(quota_violations)
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The ErrorInfo metadata: which rule and column decided."""
+        meta = {}
+        if self.rule:
+            meta["rule"] = self.rule
+        if self.column:
+            meta["column"] = self.column
+        return meta
+
+
+class InvalidQuery(RequestError):
+    """The request is malformed or names something that does not exist."""
+
+
+class UnknownDataset(RequestError):
+    """No such dataset in the caller's zone (datasets of other zones look the same)."""
+
+    code = grpc.StatusCode.NOT_FOUND
+    reason = "UNKNOWN_DATASET"
+
+
+class PolicyDenied(RequestError):
+    """The consumer's policy does not allow this."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+    reason = "POLICY_DENIED"
+
+
+class UnknownConsumer(RequestError):
+    """The certificate is valid but no policy names its consumer (or it is revoked)."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+    reason = "UNKNOWN_CONSUMER"
+
+
+class Unauthenticated(RequestError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+    reason = "UNAUTHENTICATED"
+
+
+class OutputControlDenied(RequestError):
+    """An output control refused the whole query (e.g. the tracker defence)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "OUTPUT_CONTROL"
+
+
+class BudgetExhausted(RequestError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "BUDGET_EXHAUSTED"
+
+
+class LimitExceeded(RequestError):
+    """The request exceeds a configured complexity or rate limit."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "LIMIT_EXCEEDED"
+
+
+class LoadError(Exception):
+    """An operator-written file is invalid; the message names the file and the key."""
+
+
+class CatalogError(LoadError):
+    pass
+
+
+class PolicyError(LoadError):
+    pass
+
+
+class ConfigError(LoadError):
+    pass
+
+
+class InternalError(Exception):
+    """A bug: an invariant of our own code does not hold."""

@@ -1,0 +1,125 @@
+"""Wiring: TLS, health, reflection, interceptors and servicers in one place.
+
+`build_server(config)` loads and checks the catalog and policies (refusing to start
+on an operator mistake), opens the audit log, and returns a `DataopsServer` ready
+to `start()`. `dataops serve` and `dataops demo` both go through here, as do the
+tests: there is one way to run the service.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from dataops.audit import AuditLog
+from dataops.catalog import Catalog, check_data, load_catalog
+from dataops.config import ServerConfig
+from dataops.policy import PolicyStore
+from dataops.server.interceptors import AuditInterceptor
+from dataops.server.servicers import CatalogServicer, QueryServicer
+from dataops.service import Sandbox
+from dataops.v1 import catalog_pb2, catalog_pb2_grpc, query_pb2, query_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    catalog_pb2.DESCRIPTOR.services_by_name["CatalogService"].full_name,
+    query_pb2.DESCRIPTOR.services_by_name["QueryService"].full_name,
+)
+
+
+def audit_path(config: ServerConfig):
+    return config.paths.state / "audit" / "audit.jsonl"
+
+
+@dataclass
+class DataopsServer:
+    config: ServerConfig
+    grpc_server: grpc.Server
+    port: int
+    sandbox: Sandbox
+    policies: PolicyStore
+    audit: AuditLog
+    health: health.HealthServicer
+
+    @property
+    def target(self) -> str:
+        host = self.config.server.host
+        host = f"[{host}]" if ":" in host else host
+        return f"{host}:{self.port}"
+
+    def start(self) -> "DataopsServer":
+        self.grpc_server.start()
+        self.policies.start(self.config.server.policy_poll_seconds)
+        for name in ("", *SERVICE_NAMES):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("dataops serving on %s (mTLS)", self.target)
+        return self
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stop accepting, drain in-flight requests for `grace` seconds, then close."""
+        self.health.enter_graceful_shutdown()
+        grace = self.config.server.grace_seconds if grace is None else grace
+        self.grpc_server.stop(grace).wait()
+        self.policies.stop()
+        self.audit.close()
+        log.info("dataops stopped")
+
+    def serve_until_signal(self) -> None:
+        """Block until SIGTERM or SIGINT, then stop cleanly."""
+        stopping = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stopping.set())
+        signal.signal(signal.SIGHUP, lambda *_: self.policies.poll())
+        stopping.wait()
+        self.stop()
+
+
+def load_checked_catalog(config: ServerConfig) -> Catalog:
+    catalog = load_catalog(config.paths.catalog, config.paths.sandbox)
+    for dataset in catalog.datasets.values():
+        check_data(dataset)
+    return catalog
+
+
+def build_server(config: ServerConfig) -> DataopsServer:
+    catalog = load_checked_catalog(config)
+    policies = PolicyStore(config.paths.policies, catalog)
+    sandbox = Sandbox(catalog, policies, config.limits)
+    audit = AuditLog(audit_path(config))
+
+    limits = config.server.max_message_bytes
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=config.server.workers, thread_name_prefix="dataops"),
+        interceptors=[AuditInterceptor(audit, policies)],
+        options=[
+            ("grpc.max_receive_message_length", limits),
+            ("grpc.max_send_message_length", limits),
+        ],
+        maximum_concurrent_rpcs=config.server.workers * 4,
+    )
+    catalog_pb2_grpc.add_CatalogServiceServicer_to_server(CatalogServicer(sandbox), server)
+    query_pb2_grpc.add_QueryServiceServicer_to_server(QueryServicer(sandbox), server)
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+
+    tls = config.tls
+    credentials = grpc.ssl_server_credentials(
+        [(tls.server_key.read_bytes(), tls.server_cert.read_bytes())],
+        root_certificates=tls.ca_cert.read_bytes(),
+        require_client_auth=True,
+    )
+    port = server.add_secure_port(config.server.listen, credentials)
+    if port == 0:
+        raise OSError(f"cannot listen on {config.server.listen}")
+    return DataopsServer(config, server, port, sandbox, policies, audit, health_servicer)

@@ -1,0 +1,122 @@
+"""One interceptor for every dataops.v1 RPC: identity, audit, error mapping.
+
+A gRPC server interceptor sees only the method name, so it wraps the handler
+instead: the wrapper runs in the handler's thread with the real `context`, reads the
+consumer from the verified client certificate, runs the servicer, appends exactly
+one audit record, and only then lets the response (or the error) go out.
+
+Domain errors become canonical status codes with `google.rpc` details here and
+nowhere else (Feast's grpc_error_interceptor does the same).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import grpc
+from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from dataops.audit import AuditLog, AuditUnavailable, Receipt
+from dataops.audit.record import CallRecord, close_call, open_call
+from dataops.certs import consumer_identity_from_auth_context
+from dataops.errors import InvalidQuery, RequestError, Unauthenticated
+from dataops.policy import PolicyStore
+
+log = logging.getLogger(__name__)
+
+DOMAIN = "dataops.v1"
+
+
+def to_status(error: RequestError, receipt: Receipt | None) -> grpc.Status:
+    metadata = dict(error.metadata)
+    if receipt is not None:
+        metadata["receipt_sequence"] = str(receipt.sequence)
+        metadata["receipt_hash"] = receipt.hash
+    details = [error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=metadata)]
+    if error.field_violations:
+        details.append(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                    for v in error.field_violations
+                ]
+            )
+        )
+    if error.quota_violations:
+        details.append(
+            error_details_pb2.QuotaFailure(
+                violations=[
+                    error_details_pb2.QuotaFailure.Violation(subject=v.subject, description=v.description)
+                    for v in error.quota_violations
+                ]
+            )
+        )
+    packed = []
+    for detail in details:
+        any_detail = any_pb2.Any()
+        any_detail.Pack(detail)
+        packed.append(any_detail)
+    status = status_pb2.Status(code=error.code.value[0], message=error.message, details=packed)
+    return rpc_status.to_status(status)
+
+
+class AuditInterceptor(grpc.ServerInterceptor):
+    def __init__(self, audit: AuditLog, policies: PolicyStore) -> None:
+        self.audit = audit
+        self.policies = policies
+
+    def intercept_service(self, continuation: Callable, handler_call_details: Any) -> Any:
+        handler = continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or not method.startswith(f"/{DOMAIN}.") or handler.unary_unary is None:
+            return handler  # health and reflection carry no data and are not audited
+        return grpc.unary_unary_rpc_method_handler(
+            self._wrap(method.rsplit("/", 1)[-1], handler),
+            # The wrapper parses the request itself, so a malformed message is
+            # answered INVALID_ARGUMENT and audited like any other request.
+            request_deserializer=None,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _wrap(self, method: str, handler: Any) -> Callable:
+        def behavior(raw: bytes, context: grpc.ServicerContext) -> Any:
+            call = CallRecord(method=method)
+            token = open_call(call)
+            response, error = None, None
+            try:
+                call.consumer = consumer_identity_from_auth_context(context.auth_context())
+                if call.consumer is None:
+                    raise Unauthenticated("the client certificate names no consumer", rule="identity")
+                try:
+                    request = handler.request_deserializer(raw)
+                except DecodeError:
+                    raise InvalidQuery("the request is not a valid protobuf message", rule="wire") from None
+                response = handler.unary_unary(request, context)
+                call.allowed()
+            except RequestError as exc:
+                call.refused(exc)
+                error = exc
+            except Exception:
+                log.exception("internal error in %s", method)
+                call.failed("INTERNAL")
+                error = None
+            finally:
+                close_call(token)
+            try:
+                receipt = self.audit.append(call.to_record(self.policies.current.version))
+            except AuditUnavailable:
+                log.exception("audit append failed; refusing %s", method)
+                context.abort(grpc.StatusCode.UNAVAILABLE, "the audit log is unavailable; nothing was released")
+            if error is not None:
+                context.abort_with_status(to_status(error, receipt))
+            if response is None:
+                context.abort(grpc.StatusCode.INTERNAL, f"internal error (audit receipt {receipt.sequence})")
+            response.receipt.sequence = receipt.sequence
+            response.receipt.hash = receipt.hash
+            return response
+
+        return behavior

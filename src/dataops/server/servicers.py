@@ -1,0 +1,60 @@
+"""Thin servicers: protobuf → IR → `Sandbox` → protobuf. Nothing else happens here.
+
+Identity, audit and error mapping are the interceptor's (`interceptors.py`); the
+request flow is the Sandbox's (`dataops.service`).
+"""
+
+from __future__ import annotations
+
+from dataops import wire
+from dataops.audit.record import current_call
+from dataops.service import Sandbox
+from dataops.v1 import catalog_pb2, catalog_pb2_grpc, query_pb2, query_pb2_grpc
+
+
+class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
+    def __init__(self, sandbox: Sandbox) -> None:
+        self.sandbox = sandbox
+
+    def ListDatasets(self, request, context):  # noqa: N802 (generated name)
+        views = self.sandbox.datasets(current_call().consumer)
+        return catalog_pb2.ListDatasetsResponse(datasets=[wire.dataset_to_proto(v.dataset) for v in views])
+
+    def DescribeDataset(self, request, context):  # noqa: N802
+        view = self.sandbox.describe(current_call().consumer, request.dataset_id, current_call())
+        return catalog_pb2.DescribeDatasetResponse(
+            dataset=wire.dataset_to_proto(view.dataset),
+            columns=wire.columns_to_proto(view.dataset, view.grant),
+            grant=wire.grant_to_proto(view.grant),
+        )
+
+
+class QueryServicer(query_pb2_grpc.QueryServiceServicer):
+    def __init__(self, sandbox: Sandbox) -> None:
+        self.sandbox = sandbox
+
+    def RunQuery(self, request, context):  # noqa: N802
+        call = current_call()
+        result = self.sandbox.run(call.consumer, wire.query_from_proto(request.query), call)
+        return query_pb2.RunQueryResponse(
+            result=query_pb2.ArrowTable(
+                ipc_stream=wire.table_to_ipc(result.table), row_count=result.table.num_rows
+            ),
+            rows_suppressed=result.rows_suppressed,
+            accuracy=[wire.accuracy_to_proto(a) for a in result.accuracy],
+            spend=wire.spend_to_proto(result.spend),
+            reused=result.reused,
+        )
+
+    def EstimateQuery(self, request, context):  # noqa: N802
+        call = current_call()
+        estimate = self.sandbox.estimate(call.consumer, wire.query_from_proto(request.query), call)
+        return query_pb2.EstimateQueryResponse(
+            spend=wire.spend_to_proto(estimate.spend),
+            accuracy=[wire.accuracy_to_proto(a) for a in estimate.accuracy],
+        )
+
+    def GetBudget(self, request, context):  # noqa: N802
+        call = current_call()
+        budgets = self.sandbox.budgets(call.consumer, request.dataset_id or None, call)
+        return query_pb2.GetBudgetResponse(budgets=[wire.budget_to_proto(b) for b in budgets])

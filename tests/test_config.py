@@ -1,0 +1,117 @@
+"""dataops.toml: the documented example loads, and every mistake is named precisely."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dataops.config import ConfigError, Limits, ServerConfig, ServerSection, load_config, parse_listen
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "dataops.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_the_documented_example_is_exactly_the_defaults():
+    config = load_config(REPO_ROOT / "dataops.toml")
+    assert config == ServerConfig.default(REPO_ROOT)
+
+
+def test_an_empty_file_means_all_defaults(tmp_path):
+    assert load_config(write(tmp_path, "")) == ServerConfig.default(tmp_path)
+
+
+def test_defaults(tmp_path):
+    config = ServerConfig.default(tmp_path)
+    assert config.server == ServerSection("127.0.0.1:50051", 8, 4 * 1024 * 1024, 10.0, 1.0)
+    assert config.limits == Limits(16, 4, 8, 256, 10_000)
+    assert config.paths.state == tmp_path / "state"
+    assert config.tls.server_key == tmp_path / "state" / "pki" / "server.key"
+
+
+def test_relative_paths_resolve_against_the_files_directory(tmp_path, monkeypatch):
+    conf_dir = tmp_path / "etc"
+    conf_dir.mkdir()
+    monkeypatch.chdir(tmp_path)  # somewhere else: the working directory must not matter
+    config = load_config(write(conf_dir, '[paths]\ncatalog = "../data/catalog"\nsandbox = "/srv/sandbox"\n'))
+    assert config.paths.catalog == conf_dir / "../data/catalog"
+    assert config.paths.sandbox == Path("/srv/sandbox")
+    assert config.paths.policies == conf_dir / "policies"
+
+
+def test_tls_files_follow_the_state_directory_unless_given(tmp_path):
+    config = load_config(write(tmp_path, '[paths]\nstate = "/var/lib/dataops"\n[tls]\nca_cert = "ca.pem"\n'))
+    assert config.tls.server_cert == Path("/var/lib/dataops/pki/server.crt")
+    assert config.tls.ca_cert == tmp_path / "ca.pem"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[server]\nwokers = 8\n", "[server] unknown key 'wokers'"),
+        ("[limits]\nmax_joins = 1\n", "[limits] unknown key 'max_joins'"),
+        ("[database]\nurl = 'x'\n", "unknown table [database]"),
+        ("listen = '0.0.0.0:1'\n", "unknown top-level key 'listen'"),
+    ],
+)
+def test_unknown_keys_are_errors_naming_file_and_key(tmp_path, text, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(write(tmp_path, text))
+    assert str(error.value).startswith(f"{tmp_path / 'dataops.toml'}: ")
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[server]\nworkers = "x"\n', "[server] workers must be a positive integer, got 'x'"),
+        ("[server]\nworkers = 0\n", "[server] workers must be a positive integer, got 0"),
+        ("[server]\nworkers = true\n", "[server] workers must be a positive integer, got True"),
+        ("[server]\nworkers = 2.0\n", "[server] workers must be a positive integer, got 2.0"),
+        ("[server]\nmax_message_bytes = 4294967296\n", "[server] max_message_bytes must be at most"),
+        ("[server]\ngrace_seconds = -1\n", "[server] grace_seconds must be a non-negative number"),
+        ("[server]\npolicy_poll_seconds = 0\n", "[server] policy_poll_seconds must be a positive number"),
+        ("[server]\npolicy_poll_seconds = nan\n", "[server] policy_poll_seconds must be a positive number"),
+        ("[server]\nlisten = 50051\n", "[server] listen must be"),
+        ('[server]\nlisten = "localhost"\n', "[server] listen must be host:port"),
+        ('[server]\nlisten = "::1:50051"\n', "[server] listen must be host:port"),
+        ('[server]\nlisten = "127.0.0.1:65536"\n', "[server] listen must be host:port"),
+        ("[paths]\ncatalog = 3\n", "[paths] catalog must be a non-empty path string, got 3"),
+        ('[tls]\nserver_key = ""\n', "[tls] server_key must be a non-empty path string"),
+        ("[limits]\nmax_filters = -1\n", "[limits] max_filters must be a positive integer, got -1"),
+        ('server = "fast"\n', "[server] must be a table"),
+    ],
+)
+def test_bad_values_are_errors_naming_file_and_key(tmp_path, text, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(write(tmp_path, text))
+    assert str(error.value).startswith(f"{tmp_path / 'dataops.toml'}: ")
+    assert message in str(error.value)
+
+
+def test_integer_seconds_are_accepted_as_floats(tmp_path):
+    config = load_config(write(tmp_path, "[server]\ngrace_seconds = 0\npolicy_poll_seconds = 2\n"))
+    assert config.server.grace_seconds == 0.0 and isinstance(config.server.grace_seconds, float)
+    assert config.server.policy_poll_seconds == 2.0
+
+
+def test_unreadable_and_malformed_files_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="dataops.toml: cannot read"):
+        load_config(tmp_path / "dataops.toml")
+    with pytest.raises(ConfigError, match="dataops.toml: not valid TOML"):
+        load_config(write(tmp_path, "[server\n"))
+
+
+@pytest.mark.parametrize(
+    ("listen", "host", "port"),
+    [("127.0.0.1:50051", "127.0.0.1", 50051), ("[::1]:0", "::1", 0), ("localhost:8443", "localhost", 8443)],
+)
+def test_listen_addresses(listen, host, port):
+    assert parse_listen(listen) == (host, port)
+    section = ServerSection(listen=listen)
+    assert (section.host, section.port) == (host, port)
