@@ -175,3 +175,15 @@ def test_some_district_industry_cells_have_fewer_than_five_firms(firms):
 def test_arrears_amount_is_zero_exactly_when_there_are_no_arrears_months(firms):
     assert (firms.filter(pl.col("arrears_months") == 0)["arrears_amount"] == 0).all()
     assert (firms.filter(pl.col("arrears_months") > 0)["arrears_amount"] > 0).all()
+
+
+def test_a_failed_write_leaves_neither_a_partial_file_nor_a_temp_file(tmp_path, monkeypatch):
+    def crash_midway(frame, file, **kwargs):
+        file.write(b"PAR1 half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pl.DataFrame, "write_parquet", crash_midway)
+    with pytest.raises(OSError, match="disk full"):
+        demo.generate(tmp_path, enterprises=ENTERPRISES, claims=CLAIMS, seed=SEED)
+
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []

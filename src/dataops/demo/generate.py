@@ -45,7 +45,7 @@ INDUSTRIES = (
     "Logistics", "Real Estate", "Finance", "Agriculture", "Healthcare",
 )  # fmt: skip
 _INDUSTRY_P = (0.16, 0.30, 0.10, 0.09, 0.10, 0.08, 0.04, 0.02, 0.05, 0.06)
-# Penalties per 3 years: site safety and food hygiene inspections hit these hardest.
+# Penalties per 3 years: site-safety (Construction) and food-hygiene (Catering) checks bite most.
 _PENALTY_RATE = (0.20, 0.12, 0.55, 0.05, 0.45, 0.20, 0.25, 0.08, 0.10, 0.15)
 _NAME_WORD = (
     "Manufacturing", "Trading", "Construction", "Technology", "Catering",
@@ -257,8 +257,8 @@ def medical_claims(rng: np.random.Generator, n: int) -> pl.DataFrame:
 
     return pl.DataFrame(
         {
-            "claim_id": pl.Series(np.arange(1, n + 1)).cast(pl.String).str.zfill(8),
-            "person_id": pl.Series(person_number[person]).cast(pl.String).str.zfill(9),
+            "claim_id": "C2025" + _digits(np.arange(1, n + 1), 8),
+            "person_id": "P" + _digits(person_number[person], 9),
             "age_band": _labels(AGE_BANDS, age[person]),
             "sex": _labels(SEXES, sex[person]),
             "district": _labels(DISTRICTS, district[person]),
@@ -269,9 +269,6 @@ def medical_claims(rng: np.random.Generator, n: int) -> pl.DataFrame:
             "amount": amount,
             "reimbursed": reimbursed,
         }
-    ).with_columns(
-        ("C2025" + pl.col("claim_id")).alias("claim_id"),
-        ("P" + pl.col("person_id")).alias("person_id"),
     )
 
 
@@ -287,6 +284,10 @@ def _pick(rng: np.random.Generator, probabilities, row: np.ndarray) -> np.ndarra
 
 def _labels(names: tuple[str, ...], index: np.ndarray) -> pl.Series:
     return pl.Series(names).gather(index)
+
+
+def _digits(numbers: np.ndarray, width: int) -> pl.Series:
+    return pl.Series(numbers).cast(pl.String).str.zfill(width)
 
 
 # GB 32100-2015 alphabet: digits and capitals without I, O, S, V, Z.

@@ -1,0 +1,219 @@
+"""`dataops demo`: the whole system on embedded defaults, nothing started by hand.
+
+Builds the demo zones (data, catalog, policies), a CA and consumer certificates in a
+work directory, starts the real server on loopback with mTLS, plays a short scripted
+session for each consumer, prints what each is told, and stops the server cleanly.
+
+The work directory keeps a `dataops.toml`, so afterwards an operator or reviewer can
+point any other command at it (`dataops policy check -c demo-work/dataops.toml`).
+The data and certificates are reused between runs; the state (audit log, ledger)
+starts fresh each run so the session is the same every time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable
+
+from dataops.certs import init_authority, issue_consumer
+from dataops.client import Client, DataopsClientError, count, count_units, mean, total
+from dataops.config import ServerConfig, load_config
+from dataops.demo.generate import generate
+from dataops.ir import Equals
+
+CONSUMERS = ("city-bank", "river-bank", "harbor-insurance")
+
+CONFIG_TEMPLATE = """\
+# Written by `dataops demo`: the demo's own server configuration.
+[server]
+listen = "127.0.0.1:0"   # the demo picks a free loopback port
+workers = 4
+grace_seconds = 5.0
+policy_poll_seconds = 0.5
+
+[paths]
+catalog = "catalog"
+policies = "policies"
+sandbox = "sandbox"
+state = "state"
+"""
+
+
+def add_demo_parser(sub: Any) -> None:
+    p = sub.add_parser("demo", help="run the demo: data, certificates, server and a scripted session",
+                       description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", type=Path, default=Path("demo-work"))
+    p.add_argument("--claims", type=int, default=1_000_000, help="medical claim rows (default 1M)")
+    p.add_argument("--enterprises", type=int, default=200_000)
+    p.set_defaults(func=lambda args: run_demo(args.workdir, claims=args.claims, enterprises=args.enterprises))
+
+
+def defaults(name: str) -> Path:
+    """The embedded demo catalog or policies directory."""
+    return Path(str(resources.files("dataops.demo") / name))
+
+
+def prepare(workdir: Path, *, claims: int, enterprises: int, out: Callable[[str], None] = print) -> ServerConfig:
+    workdir.mkdir(parents=True, exist_ok=True)
+    for name in ("catalog", "policies"):
+        shutil.rmtree(workdir / name, ignore_errors=True)
+        shutil.copytree(defaults(name), workdir / name)
+    (workdir / "dataops.toml").write_text(CONFIG_TEMPLATE)
+    config = load_config(workdir / "dataops.toml")
+
+    marker = config.paths.sandbox / ".demo-size.json"
+    size = {"claims": claims, "enterprises": enterprises}
+    if not marker.exists() or json.loads(marker.read_text()) != size:
+        started = time.perf_counter()
+        generate(config.paths.sandbox, enterprises=enterprises, claims=claims)
+        marker.write_text(json.dumps(size))
+        out(f"generated {enterprises:,} enterprises and {claims:,} claim rows "
+            f"in {time.perf_counter() - started:.1f} s")
+
+    pki = config.tls.ca_cert.parent
+    if not config.tls.ca_cert.exists():
+        init_authority(pki)
+    for consumer in CONSUMERS:
+        if not (pki / "consumers" / consumer / f"{consumer}.crt").exists():
+            issue_consumer(pki, consumer)
+    # A certificate from a CA the platform never trusted: the TLS handshake refuses it.
+    outsider = workdir / "outsider-ca"
+    if not (outsider / "ca.crt").exists():
+        init_authority(outsider)
+        issue_consumer(outsider, "city-bank")
+
+    # Fresh state per run: the same session gives the same audit trail and budgets.
+    for name in ("audit", "ledger"):
+        shutil.rmtree(config.paths.state / name, ignore_errors=True)
+    return config
+
+
+@dataclass
+class Session:
+    """Prints each step's question and what the server answered."""
+
+    client: Client
+    out: Callable[[str], None]
+
+    def step(self, title: str, action: Callable[[], Any]) -> Any:
+        from dataops.cli import print_result
+
+        self.out(f"\n  ▸ {title}")
+        try:
+            result = action()
+        except DataopsClientError as exc:
+            where = f" (rule {exc.rule!r}" + (f", column {exc.column!r})" if exc.column else ")")
+            self.out(f"    REFUSED {exc.code.name} {exc.reason}{where}: {exc.message}")
+            return exc
+        if hasattr(result, "frame"):
+            print_result(result, lambda text: self.out("    " + text.replace("\n", "\n    ")))
+        elif isinstance(result, list):
+            for item in result:
+                self.out(f"    {item.id:22} {item.title}")
+        return result
+
+
+def play(target: str, pki: Path, out: Callable[[str], None]) -> dict[str, list[Any]]:
+    """The scripted session; returns every consumer's step results (the tests read them)."""
+    results: dict[str, list[Any]] = {}
+
+    def connect(consumer: str) -> Client:
+        return Client.from_directory(target, pki / "consumers" / consumer, consumer)
+
+    out("\n══ city-bank (finance zone): pre-loan review ══")
+    with connect("city-bank") as client:
+        s = Session(client, out)
+        results["city-bank"] = [
+            s.step("Which datasets may I use?", client.list_datasets),
+            s.step("Enterprises and mean tax paid by size band (allowed)", lambda: client.query(
+                "enterprise_credit", aggregates=[count_units("enterprises"), mean("tax_paid")],
+                group_by=["size_band"])),
+            s.step("Tax paid by district × industry (small or dominated cells are suppressed)", lambda: client.query(
+                "enterprise_credit", aggregates=[count_units("enterprises"), total("tax_paid")],
+                group_by=["district", "industry"])),
+            s.step("Group by the enterprise id (an identifier)", lambda: client.query(
+                "enterprise_credit", aggregates=[count()], group_by=["enterprise_id"])),
+            s.step("Reach into the insurance zone", lambda: client.query(
+                "medical_claims", aggregates=[count()])),
+        ]
+
+    out("\n══ river-bank (finance zone): post-loan monitoring, a narrower grant ══")
+    with connect("river-bank") as client:
+        s = Session(client, out)
+        results["river-bank"] = [
+            s.step("Mean administrative penalties by district (allowed)", lambda: client.query(
+                "enterprise_credit", aggregates=[count_units("enterprises"), mean("penalties")],
+                group_by=["district"])),
+            s.step("Total tax paid (a column this grant does not cover)", lambda: client.query(
+                "enterprise_credit", aggregates=[total("tax_paid")])),
+            s.step("Mean penalties of large enterprises in Lingang (a filter, not a grant of this consumer)",
+                   lambda: client.query(
+                       "enterprise_credit", aggregates=[mean("penalties")],
+                       filters=[Equals("district", "Lingang"), Equals("size_band", "large")])),
+        ]
+
+    out("\n══ harbor-insurance (insurance zone): health insurance pricing ══")
+    with connect("harbor-insurance") as client:
+        s = Session(client, out)
+        results["harbor-insurance"] = [
+            s.step("Mean inpatient claim by age band and sex (allowed)", lambda: client.query(
+                "medical_claims", aggregates=[count_units("persons"), mean("amount")],
+                group_by=["age_band", "sex"], filters=[Equals("visit_type", "inpatient")])),
+            s.step("Inpatient claims of 18-29 year olds by district × diagnosis × hospital level "
+                   "(small groups suppressed)",
+                   lambda: client.query(
+                       "medical_claims", aggregates=[count_units("persons"), mean("amount")],
+                       group_by=["district", "diagnosis_group", "hospital_level"],
+                       filters=[Equals("visit_type", "inpatient"), Equals("age_band", "18-29")])),
+            s.step("Filter on one person's id", lambda: client.query(
+                "medical_claims", aggregates=[count()], filters=[Equals("person_id", "P0000001")])),
+            s.step("Reach into the finance zone", lambda: client.query(
+                "enterprise_credit", aggregates=[count()])),
+        ]
+    return results
+
+
+def outsider_refused(target: str, workdir: Path, out: Callable[[str], None]) -> bool:
+    out("\n══ an outsider: a 'city-bank' certificate from a CA the platform never trusted ══")
+    outsider = workdir / "outsider-ca" / "consumers" / "city-bank"
+    # Trust the real server's CA so only the client side of the handshake is wrong.
+    real_ca = workdir / "state" / "pki" / "ca.crt"
+    with Client(target, cert=outsider / "city-bank.crt", key=outsider / "city-bank.key", ca=real_ca,
+                timeout=5) as client:
+        try:
+            client.list_datasets()
+        except DataopsClientError as exc:
+            out(f"  ▸ refused at the TLS handshake: {exc.code.name}")
+            return True
+    out("  ▸ NOT REFUSED — this is a bug")
+    return False
+
+
+def run_demo(workdir: Path, *, claims: int = 1_000_000, enterprises: int = 200_000,
+             out: Callable[[str], None] = print) -> int:
+    from dataops.server import build_server
+
+    out(f"dataops demo in {workdir.resolve()}")
+    config = prepare(workdir, claims=claims, enterprises=enterprises, out=out)
+    server = build_server(config).start()
+    target = f"localhost:{server.port}"
+    out(f"server listening on {target} with mutual TLS (CA {config.tls.ca_cert})")
+    try:
+        play(target, config.tls.ca_cert.parent, out)
+        refused = outsider_refused(target, workdir, out)
+    finally:
+        server.stop(grace=config.server.grace_seconds)
+    out(f"\nserver stopped cleanly. Audit log: {config.paths.state / 'audit'}")
+    out(f"Try: dataops policy check -c {workdir / 'dataops.toml'}")
+    return 0 if refused else 1
+
+
+if __name__ == "__main__":
+    sys.exit(run_demo(Path(sys.argv[1]) if len(sys.argv) > 1 else Path("demo-work")))
