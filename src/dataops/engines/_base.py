@@ -90,7 +90,7 @@ def predicate(dataset: Dataset, filters: tuple[Filter, ...]) -> pl.Expr | None:
             parts.append(col == pl.lit(coerce_value(dataset, f.column, f.value, f"{path}.equals")))
         elif isinstance(f, InSet):
             values = [coerce_value(dataset, f.column, v, f"{path}.in_set") for v in f.values]
-            parts.append(col.is_in(pl.Series(values, dtype=None)))
+            parts.append(col.is_in(values))
         elif isinstance(f, Between):
             if f.low is not None:
                 parts.append(col >= pl.lit(coerce_value(dataset, f.column, f.low, f"{path}.range.low")))

@@ -1,0 +1,109 @@
+"""Shared fixtures: small demo data, a PKI, and a real server over loopback mTLS."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from dataops.certs import init_authority, issue_consumer
+from dataops.client import Client
+from dataops.config import ServerConfig, load_config
+from dataops.demo.generate import generate
+
+REPO = Path(__file__).resolve().parent.parent
+CONSUMERS = ("city-bank", "river-bank", "harbor-insurance", "ghost")  # ghost: valid cert, no policy
+
+
+@pytest.fixture(scope="session")
+def sandbox_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    sandbox = tmp_path_factory.mktemp("data") / "sandbox"
+    generate(sandbox, enterprises=20_000, claims=100_000)
+    return sandbox
+
+
+@dataclass(frozen=True)
+class Pki:
+    directory: Path
+    outsider: Path  # a CA the platform never trusted
+
+    def consumer_dir(self, consumer: str) -> Path:
+        return self.directory / "consumers" / consumer
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    root = tmp_path_factory.mktemp("pki")
+    init_authority(root / "platform")
+    for consumer in CONSUMERS:
+        issue_consumer(root / "platform", consumer)
+    init_authority(root / "outsider")
+    issue_consumer(root / "outsider", "city-bank")
+    return Pki(root / "platform", root / "outsider")
+
+
+def write_config(root: Path, sandbox: Path, pki: Pki, extra: str = "") -> ServerConfig:
+    """A work directory with copies of the repo's catalog and policies."""
+    for name in ("catalog", "policies"):
+        shutil.copytree(REPO / name, root / name)
+    (root / "dataops.toml").write_text(
+        f"""
+[server]
+listen = "127.0.0.1:0"
+workers = 4
+grace_seconds = 2.0
+policy_poll_seconds = 0.1
+
+[paths]
+catalog = "catalog"
+policies = "policies"
+sandbox = {json.dumps(str(sandbox))}
+state = "state"
+
+[tls]
+ca_cert = {json.dumps(str(pki.directory / "ca.crt"))}
+server_cert = {json.dumps(str(pki.directory / "server.crt"))}
+server_key = {json.dumps(str(pki.directory / "server.key"))}
+{extra}
+"""
+    )
+    return load_config(root / "dataops.toml")
+
+
+@pytest.fixture
+def config(tmp_path: Path, sandbox_dir: Path, pki: Pki) -> ServerConfig:
+    work = tmp_path / "work"
+    work.mkdir()
+    return write_config(work, sandbox_dir, pki)
+
+
+@pytest.fixture
+def server(config: ServerConfig) -> Iterator:
+    from dataops.server import build_server
+
+    running = build_server(config).start()
+    yield running
+    running.stop(grace=1.0)
+
+
+@pytest.fixture
+def connect(server, pki: Pki) -> Iterator[Callable[..., Client]]:
+    clients: list[Client] = []
+
+    def make(consumer: str, **kwargs) -> Client:
+        client = Client.from_directory(f"localhost:{server.port}", pki.consumer_dir(consumer), consumer, **kwargs)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()
+
+
+def audit_records(config: ServerConfig) -> list[dict]:
+    path = config.paths.state / "audit" / "audit.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []

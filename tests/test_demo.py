@@ -1,0 +1,41 @@
+"""`dataops demo` plays its whole script against the real server and exits 0."""
+
+from __future__ import annotations
+
+from dataops.client import DataopsClientError
+from dataops.demo import session
+
+
+def test_the_demo_runs_end_to_end(tmp_path):
+    lines: list[str] = []
+    code = session.run_demo(tmp_path / "demo", claims=60_000, enterprises=20_000, out=lines.append)
+    text = "\n".join(lines)
+    assert code == 0, text
+    assert "server stopped cleanly" in text
+    assert "refused at the TLS handshake" in text
+    assert "REFUSED PERMISSION_DENIED POLICY_DENIED (rule 'identifier'" in text
+    assert "REFUSED NOT_FOUND UNKNOWN_DATASET" in text
+    suppressed = [line for line in lines if " suppressed;" in line and " 0 suppressed" not in line]
+    assert suppressed, "some step must show suppressed groups"
+    # A second run reuses data and certificates and starts a fresh audit trail.
+    lines.clear()
+    assert session.run_demo(tmp_path / "demo", claims=60_000, enterprises=20_000, out=lines.append) == 0
+    assert not any("generated" in line for line in lines)
+
+
+def test_the_script_gets_the_answers_it_claims(tmp_path):
+    from dataops.server import build_server
+
+    config = session.prepare(tmp_path / "demo", claims=60_000, enterprises=20_000, out=lambda _: None)
+    server = build_server(config).start()
+    try:
+        results = session.play(f"localhost:{server.port}", config.tls.ca_cert.parent, lambda _: None)
+    finally:
+        server.stop(1.0)
+    city = results["city-bank"]
+    assert [d.id for d in city[0]] == ["enterprise_credit"]
+    assert city[1].rows_suppressed == 0 and city[2].rows_suppressed > 0
+    assert isinstance(city[3], DataopsClientError) and city[3].rule == "identifier"
+    assert isinstance(city[4], DataopsClientError) and city[4].reason == "UNKNOWN_DATASET"
+    assert isinstance(results["river-bank"][1], DataopsClientError)
+    assert results["harbor-insurance"][1].rows_suppressed > 0
