@@ -210,7 +210,6 @@ def test_survives_kill_9_mid_loop(tmp_path):
         assert all(rows[i] in ("released", "orphaned") for i in printed)
         assert set(rows.values()) <= {"released", "orphaned"}
         assert ledger.spent("bank", "credit")[0] == len(rows) <= 200
-        print("ROWS", len(rows), len(printed), sorted(set(rows.values())))
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
 

@@ -211,6 +211,39 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_budget_show(args: argparse.Namespace) -> int:
+    from dataops.ledger import Ledger
+    from dataops.policy import load_policies
+    from dataops.server.app import ledger_path
+
+    config = _config(args)
+    catalog = _catalog(config)
+    policies = load_policies(config.paths.policies, catalog)
+    path = ledger_path(config)
+    spent: dict[tuple[str | None, str], tuple[float, float]] = {}
+    if path.exists():
+        # recover=False: a running server's in-flight reservations must stay open.
+        with Ledger(path, recover=False) as ledger:
+            spent = {(s.consumer, s.dataset): (s.epsilon_spent, s.delta_spent) for s in ledger.budgets()}
+    rows = []
+    for dataset in sorted(catalog.datasets.values(), key=lambda d: d.id):
+        rows.append(("(all consumers)", dataset.id, dataset.budget.epsilon, dataset.budget.delta,
+                     *spent.get((None, dataset.id), (0.0, 0.0))))
+        for policy in sorted(policies.consumers.values(), key=lambda p: p.consumer):
+            grant = policy.grants.get(dataset.id)
+            if grant is not None:
+                rows.append((policy.consumer, dataset.id, grant.budget.epsilon, grant.budget.delta,
+                             *spent.get((policy.consumer, dataset.id), (0.0, 0.0))))
+    if args.json:
+        keys = ("consumer", "dataset", "epsilon_total", "delta_total", "epsilon_spent", "delta_spent")
+        print(json.dumps([dict(zip(keys, row)) for row in rows], indent=2))
+        return 0
+    print(f"{'consumer':20} {'dataset':20} {'epsilon spent/total':>22} {'delta spent/total':>22}")
+    for consumer, dataset, eps_total, delta_total, eps, delta in rows:
+        print(f"{consumer:20} {dataset:20} {eps:>10.4g} / {eps_total:<9.4g} {delta:>10.3g} / {delta_total:<9.3g}")
+    return 0
+
+
 # --- consumer commands -----------------------------------------------------
 
 
@@ -331,6 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--consumer", required=True)
     p.add_argument("--date", help="decide as of this ISO date (default: today, UTC)")
     add_query_options(p)
+
+    budget = sub.add_parser("budget", help="privacy budgets").add_subparsers(dest="sub", required=True)
+    p = command("show", cmd_budget_show, "every grant's and dataset's privacy budget: spent and total", budget)
+    p.add_argument("--json", action="store_true")
 
     p = command("ingest", cmd_ingest, "take a CSV or Parquet file into the sandbox")
     p.add_argument("file", type=Path)

@@ -12,20 +12,61 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Callable
 
+import hashlib
+import json
+import threading
+
 from dataops.audit.record import CallRecord
 from dataops.authorize import authorize, consumer_policy, live_grant, visible_dataset
 from dataops.catalog import Catalog, Dataset
 from dataops.config import Limits
-from dataops.engines import EngineResult, Plan
+from dataops.engines import AggregateAccuracy, EngineResult, Plan, Spend
 from dataops.engines import aggregate as aggregate_engine
+from dataops.engines import dp as dp_engine
 from dataops.engines._base import predicate
-from dataops.errors import FieldViolation, InvalidQuery, PolicyDenied
+from dataops.errors import FieldViolation, InvalidQuery
 from dataops.ir import Mode, Query
+from dataops.ledger import BudgetState, Ledger
 from dataops.policy import Grant, PolicyStore
+from dataops.wire import table_from_ipc, table_to_ipc
 
 
 def _today() -> dt.date:
     return dt.datetime.now(dt.timezone.utc).date()
+
+
+@dataclass(frozen=True)
+class Estimate:
+    spend: Spend
+    accuracy: tuple[AggregateAccuracy, ...]
+
+
+class Fingerprints:
+    """SHA-256 of each dataset file, recomputed only when the file changes.
+
+    Part of the release-reuse key: "the same question" means the same data too.
+    """
+
+    def __init__(self) -> None:
+        self._cache: dict[str, tuple[tuple[int, int], str]] = {}
+        self._lock = threading.Lock()
+
+    def of(self, dataset: Dataset) -> str:
+        st = dataset.path.stat()
+        stamp = (st.st_mtime_ns, st.st_size)
+        with self._lock:
+            cached = self._cache.get(str(dataset.path))
+        if cached and cached[0] == stamp:
+            return cached[1]
+        digest = hashlib.sha256()
+        with dataset.path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        # The catalog entry too: new bounds or keys make a different question.
+        digest.update(dataset.source.read_bytes())
+        with self._lock:
+            self._cache[str(dataset.path)] = (stamp, digest.hexdigest())
+        return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -63,12 +104,15 @@ class Sandbox:
         catalog: Catalog,
         policies: PolicyStore,
         limits: Limits,
+        ledger: Ledger,
         today: Callable[[], dt.date] = _today,
     ) -> None:
         self.catalog = catalog
         self.policies = policies
         self.limits = limits
+        self.ledger = ledger
         self.today = today
+        self.fingerprints = Fingerprints()
 
     def datasets(self, consumer: str) -> list[DatasetView]:
         policy = consumer_policy(self.policies.current, consumer)
@@ -101,7 +145,80 @@ class Sandbox:
         if query.mode is Mode.AGGREGATE:
             result = aggregate_engine.run(plan)
         else:
-            raise PolicyDenied("DP queries are not served yet", rule="grant.modes")
+            result = self._run_dp(consumer, plan, call)
         call.rows_returned = result.table.num_rows
         call.rows_suppressed = result.rows_suppressed
         return result
+
+    def _remaining(self, consumer: str, plan: Plan, spent_now: tuple[float, float] = (0.0, 0.0)) -> Spend:
+        epsilon, delta = self.ledger.spent(consumer, plan.dataset.id)
+        budget = plan.grant.budget
+        return Spend(
+            epsilon=spent_now[0],
+            delta=spent_now[1],
+            remaining_epsilon=max(0.0, budget.epsilon - epsilon),
+            remaining_delta=max(0.0, budget.delta - delta),
+        )
+
+    def _release_key(self, plan: Plan) -> str:
+        material = {"query": plan.query.canonical(), "data": self.fingerprints.of(plan.dataset)}
+        return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
+
+    def _run_dp(self, consumer: str, plan: Plan, call: CallRecord) -> EngineResult:
+        """Reuse an identical release, or debit the ledger first and only then add noise."""
+        compiled = dp_engine.DPQuery.compile(plan)
+        calibration = compiled.calibrate(plan.query.privacy)
+        key = self._release_key(plan)
+        stored = self.ledger.find_release(key)
+        if stored is None:
+            reservation = self.ledger.reserve(
+                consumer, plan.dataset.id, calibration.cost.epsilon, calibration.cost.delta,
+                grant_total=(plan.grant.budget.epsilon, plan.grant.budget.delta),
+                dataset_total=(plan.dataset.budget.epsilon, plan.dataset.budget.delta),
+                request=call.time,
+            )
+            try:
+                result = compiled.release(calibration)
+            except BaseException:
+                self.ledger.refund(reservation)  # nothing left the process
+                raise
+            stored = self.ledger.commit(
+                reservation, release_key=key, payload=table_to_ipc(result.table),
+                metadata=json.dumps([a.__dict__ for a in result.accuracy]),
+            )
+            if stored.reservation_id == reservation.id:  # ours is the canonical release
+                call.epsilon_spent, call.delta_spent = reservation.epsilon, reservation.delta
+                return EngineResult(
+                    table=result.table, accuracy=result.accuracy,
+                    spend=self._remaining(consumer, plan, (reservation.epsilon, reservation.delta)),
+                )
+        # The same question was answered before: the same noisy answer again costs nothing
+        # and stops averaging attacks.
+        call.reused = True
+        return EngineResult(
+            table=table_from_ipc(stored.payload),
+            accuracy=tuple(AggregateAccuracy(**a) for a in json.loads(stored.metadata)),
+            spend=self._remaining(consumer, plan),
+            reused=True,
+        )
+
+    def estimate(self, consumer: str, query: Query, call: CallRecord) -> Estimate:
+        """Cost and accuracy of a query; runs nothing and spends nothing."""
+        plan = self.plan(consumer, query, call)
+        if query.mode is Mode.AGGREGATE:
+            return Estimate(Spend(), tuple(AggregateAccuracy(a.name) for a in query.aggregates))
+        calibration = dp_engine.DPQuery.compile(plan).calibrate(query.privacy)
+        spend = self._remaining(consumer, plan, (calibration.cost.epsilon, calibration.cost.delta))
+        return Estimate(spend, calibration.accuracy)
+
+    def budgets(self, consumer: str, dataset_id: str | None, call: CallRecord) -> list[BudgetState]:
+        call.dataset = dataset_id
+        views = self.datasets(consumer)
+        if dataset_id is not None:
+            views = [self.describe(consumer, dataset_id, call)]
+        states = []
+        for view in views:
+            epsilon, delta = self.ledger.spent(consumer, view.dataset.id)
+            budget = view.grant.budget
+            states.append(BudgetState(consumer, view.dataset.id, budget.epsilon, budget.delta, epsilon, delta))
+        return states

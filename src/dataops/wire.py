@@ -228,7 +228,7 @@ def spend_to_proto(spend: Any) -> q.Spend | None:
 
 def budget_to_proto(budget: Any) -> q.DatasetBudget:
     return q.DatasetBudget(
-        dataset_id=budget.dataset_id,
+        dataset_id=budget.dataset,
         epsilon_total=budget.epsilon_total,
         delta_total=budget.delta_total,
         epsilon_spent=budget.epsilon_spent,

@@ -1,5 +1,16 @@
-"""The audit trail: one hash-chained JSON line per request."""
+"""The audit trail: one hash-chained JSON line per request, with signed checkpoints.
 
-from dataops.audit.log import GENESIS, AuditLog, AuditUnavailable, Receipt, canonical, record_hash
+Writing: `AuditLog` (the server's only interface). Reviewing: `verify_log`,
+`find_receipt`, `export_log`, `verify_export`, `write_report`, and the `dataops audit`
+commands in `dataops.audit.commands`.
+"""
 
-__all__ = ["GENESIS", "AuditLog", "AuditUnavailable", "Receipt", "canonical", "record_hash"]
+from dataops.audit.chain import GENESIS, canonical, record_hash
+from dataops.audit.log import AuditLog, AuditUnavailable, Receipt
+from dataops.audit.signing import export_public_key, load_public_key
+from dataops.audit.verify import Verification, find_receipt, verify_log
+
+__all__ = [
+    "GENESIS", "AuditLog", "AuditUnavailable", "Receipt", "Verification", "canonical", "export_public_key",
+    "find_receipt", "load_public_key", "record_hash", "verify_log",
+]

@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from dataops.audit import AuditLog
 from dataops.catalog import Catalog, check_data, load_catalog
 from dataops.config import ServerConfig
+from dataops.ledger import Ledger
 from dataops.policy import PolicyStore
 from dataops.server.interceptors import AuditInterceptor
 from dataops.server.servicers import CatalogServicer, QueryServicer
@@ -39,6 +40,10 @@ def audit_path(config: ServerConfig):
     return config.paths.state / "audit" / "audit.jsonl"
 
 
+def ledger_path(config: ServerConfig):
+    return config.paths.state / "ledger" / "ledger.sqlite3"
+
+
 @dataclass
 class DataopsServer:
     config: ServerConfig
@@ -47,6 +52,7 @@ class DataopsServer:
     sandbox: Sandbox
     policies: PolicyStore
     audit: AuditLog
+    ledger: Ledger
     health: health.HealthServicer
 
     @property
@@ -69,6 +75,7 @@ class DataopsServer:
         grace = self.config.server.grace_seconds if grace is None else grace
         self.grpc_server.stop(grace).wait()
         self.policies.stop()
+        self.ledger.close()
         self.audit.close()
         log.info("dataops stopped")
 
@@ -92,7 +99,9 @@ def load_checked_catalog(config: ServerConfig) -> Catalog:
 def build_server(config: ServerConfig) -> DataopsServer:
     catalog = load_checked_catalog(config)
     policies = PolicyStore(config.paths.policies, catalog)
-    sandbox = Sandbox(catalog, policies, config.limits)
+    ledger_path(config).parent.mkdir(parents=True, exist_ok=True)
+    ledger = Ledger(ledger_path(config))
+    sandbox = Sandbox(catalog, policies, config.limits, ledger)
     audit = AuditLog(audit_path(config))
 
     limits = config.server.max_message_bytes
@@ -122,4 +131,4 @@ def build_server(config: ServerConfig) -> DataopsServer:
     port = server.add_secure_port(config.server.listen, credentials)
     if port == 0:
         raise OSError(f"cannot listen on {config.server.listen}")
-    return DataopsServer(config, server, port, sandbox, policies, audit, health_servicer)
+    return DataopsServer(config, server, port, sandbox, policies, audit, ledger, health_servicer)

@@ -1,0 +1,100 @@
+"""Audit log costs: the durable append each request pays, and verifying a large log.
+
+    PYTHONPATH=src python benchmarks/bench_audit.py [--records 1000000] [--appends 2000] [--dir DIR]
+
+The append figures are mostly the disk's fsync latency, so run it on the file system
+the state directory lives on (--dir). They are printed next to two baselines measured
+in the same run: a plain json.dumps + write (what a log without durability or chain
+would cost) and the same plus fsync (the floor any durable log pays). The large log is
+written with fsync off (generation speed only) and default checkpoints and segments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from dataops.audit import AuditLog, verify_log
+from dataops.audit.log import segment_paths
+from dataops.audit.sample import sample_records
+
+
+def summary(samples: list[float]) -> tuple[float, float]:
+    ordered = sorted(samples)
+    return statistics.median(ordered), ordered[int(0.99 * (len(ordered) - 1))]
+
+
+def time_each(records: list[dict], write) -> list[float]:
+    samples = []
+    for record in records:
+        t0 = time.perf_counter()
+        write(record)
+        samples.append(time.perf_counter() - t0)
+    return samples
+
+
+def bench_append(root: Path, n: int) -> None:
+    records = list(sample_records(n, seed=1))
+    fd = os.open(root / "plain.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+
+    def plain(record):
+        os.write(fd, json.dumps(record).encode() + b"\n")
+
+    def plain_fsync(record):
+        plain(record)
+        os.fsync(fd)
+
+    log = AuditLog(root / "durable" / "audit.jsonl", checkpoint_seconds=None)
+    results = {
+        "baseline: json.dumps + write": time_each(records, plain),
+        "baseline: json.dumps + write + fsync": time_each(records, plain_fsync),
+        "AuditLog.append (chain + fsync)": time_each(records, log.append),
+    }
+    log.close()
+    os.close(fd)
+    base, base_fsync = (statistics.median(results[k]) for k in list(results)[:2])
+    print(f"per-request append, n={n}:")
+    for name, samples in results.items():
+        median, p99 = summary(samples)
+        print(f"  {name:38s} median {median * 1e3:7.3f} ms   p99 {p99 * 1e3:7.3f} ms   "
+              f"x{median / base:6.1f} plain   x{median / base_fsync:4.2f} plain+fsync")
+
+
+def bench_verify(root: Path, n: int) -> None:
+    directory = root / "large"
+    log = AuditLog(directory / "audit.jsonl", fsync=False, checkpoint_seconds=None)
+    t0 = time.perf_counter()
+    for record in sample_records(n, seed=2):
+        log.append(record)
+    log.close()
+    generated = time.perf_counter() - t0
+    segments = segment_paths(directory / "audit.jsonl")
+    size = sum(p.stat().st_size for p in segments)
+    print(f"generated {n:,} records ({size / 2**20:,.0f} MiB in {len(segments)} segments) in {generated:.1f} s "
+          f"({n / generated:,.0f} records/s, fsync off)")
+    t0 = time.perf_counter()
+    result = verify_log(directory, log.public_key)
+    elapsed = time.perf_counter() - t0
+    assert result.ok and result.records == n, result.problems
+    print(f"verify_log: {n:,} records, {len(result.checkpoints):,} checkpoints in {elapsed:.1f} s "
+          f"({n / elapsed:,.0f} records/s, {size / 2**20 / elapsed:,.0f} MiB/s)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--records", type=int, default=1_000_000, help="size of the log to verify")
+    parser.add_argument("--appends", type=int, default=2000, help="durable appends to time")
+    parser.add_argument("--dir", type=Path, default=None, help="where to write (default: a temp dir)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        bench_append(Path(tmp), args.appends)
+        bench_verify(Path(tmp), args.records)
+
+
+if __name__ == "__main__":
+    main()

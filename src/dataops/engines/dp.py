@@ -1,0 +1,531 @@
+"""The DP engine: OpenDP measurements built directly with a computed noise scale.
+
+OpenDP's `Context` searches for the noise scale on every query (seconds). Here a
+query is compiled once into OpenDP polars plans over an *empty* frame, and the
+scale for any epsilon follows from one privacy map at a reference scale: under
+Laplace-type noise the loss is inversely proportional to the scale. Only
+`release` touches data, by applying the measurements to a lazy Parquet scan.
+
+What is released, and why it is private:
+
+* One privacy unit is the catalog's unit column. The input metric is OpenDP's
+  identifier distance (`symmetric_id_distance(unit)`) with d_in "one unit added
+  or removed", so OpenDP itself must bound each unit's rows: every plan starts
+  with OpenDP's truncation pattern `int_range(len).over(unit) < max_rows_per_unit`
+  (see `LazyFrameQuery.truncate_per_group` in opendp/extras/polars and
+  `match_truncations` in the Rust crate). Nothing about contributions is assumed.
+* Values are clipped by OpenDP to the catalog bounds (`.dp.sum(bounds)` etc.).
+* Group keys from a public key set (catalog `keys`, or the `bins` of a numeric
+  column for a histogram) are joined to the aggregate, the form OpenDP releases
+  under pure DP: every key appears, whether or not the data has it. Other group
+  keys need delta > 0; OpenDP then releases a group only if its noisy row count
+  passes a threshold, and the threshold is chosen here to keep delta in budget.
+* COUNT_UNITS runs in a second plan that keeps one row per unit and group
+  (after the same row truncation), so the unit count has sensitivity 1 per group.
+  The two plans compose sequentially: their losses add (basic composition).
+
+Before OpenDP sees the data, `_Compiled.prepare` applies row-by-row steps to the
+scan. Each output row depends on one input row only and the unit column is kept
+unchanged, so the neighbouring relation (one unit's rows) is preserved and the
+guarantee OpenDP proves for the prepared frame holds for the raw data:
+
+* the query's filters (`predicate`);
+* histogram bucketing: a value lands in the half-open bin "[a, b)" holding it;
+  values outside every bin, and nulls, are in no bin and are not counted;
+* measures to fixed point: round(clip(value, bounds) * 10^d) as Int64. OpenDP's
+  float sums pay for rounding error with a slack that grows with the square of
+  the dataset length, which would have to be a tight (data-dependent) bound;
+  integer sums are exact, so the length bound can be the data-independent
+  2^32 - 1 (polars' own row limit). d is chosen so |bound| * 10^d <= 2^31 - 1, the
+  most OpenDP accepts without overflow at that length (at most 6 decimals; 0 for
+  INT columns). The clip here only keeps the cast from overflowing; OpenDP clips
+  again to the same bounds and its clip is the one the proof relies on.
+
+Nulls (and NaN) in a measure are *missing*, as in SQL: COUNT counts rows, while
+SUM, MEAN and QUANTILE drop missing values (`.drop_nulls()`) before OpenDP
+aggregates. So MEAN is the mean of the known values, not biased toward any fill
+value, and OpenDP's default midpoint imputation never applies.
+
+Post-processing (free under DP): MEAN is clamped to the bounds (the ratio of two
+noisy values can leave them, or be undefined for an empty group, then null);
+outputs are sorted by the group columns. Counts are released signed and unclamped
+so they stay unbiased.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from itertools import product
+
+import numpy as np
+import opendp.prelude as dp
+import polars as pl
+import pyarrow as pa
+from opendp.mod import OpenDPException
+
+from dataops.catalog import Column, ColumnType, Dataset
+from dataops.engines._base import AggregateAccuracy, EngineResult, Plan, predicate, scan
+from dataops.errors import InternalError, InvalidQuery, LimitExceeded
+from dataops.ir import Aggregate, Function, Mode, Privacy, Query
+
+dp.enable_features("contrib")
+
+ALPHA = 0.05  # accuracy is reported as the half-width of a 95% interval
+MAX_ROWS = 2**32 - 1  # dataset length bound given to OpenDP: polars (u32 index) holds no more
+_FIXED_POINT_LIMIT = 2**31 - 1  # |bound| * 10^d; times MAX_ROWS this still fits an i64 sum
+_MAX_DECIMALS = 6
+_QUANTILE_STEPS = 1000  # candidates: this many linear steps, plus as many geometric ones
+_NO_THRESHOLD = 2**32 - 1  # a threshold no group passes: isolates the epsilon part of the loss
+_ONE_UNIT = [dp.polars.Bound(per_group=1)]  # d_in: one privacy unit added or removed
+_HIDDEN_LEN = "#len"  # '#' cannot start a catalog column name: prepared columns never clash
+
+_DTYPES = {
+    ColumnType.STRING: pl.String,
+    ColumnType.INT: pl.Int64,
+    ColumnType.FLOAT: pl.Float64,
+    ColumnType.BOOL: pl.Boolean,
+    ColumnType.DATE: pl.Date,
+}
+_ATOMS = {pl.String: "String", pl.Int64: "i64", pl.Float64: "f64", pl.Boolean: "bool", pl.Date: "NaiveDate"}
+
+
+@dataclass(frozen=True)
+class Cost:
+    """The privacy loss of a compiled query at a given noise scale."""
+
+    epsilon: float
+    delta: float
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What a query will spend and how accurate it will be."""
+
+    scale: float  # OpenDP global_scale
+    threshold: int | None  # private keys: a group is released if its noisy count exceeds this
+    cost: Cost
+    accuracy: tuple[AggregateAccuracy, ...]  # one per aggregate, in query order, 95% half-width
+
+
+@dataclass(frozen=True)
+class _Measure:
+    """A measure column as OpenDP sees it: integers in units of 10^-decimals."""
+
+    column: str
+    bounds: tuple[float, float]
+    decimals: int
+    integer: bool  # an INT column kept at whole units: results stay integers
+
+    @property
+    def name(self) -> str:
+        return "#" + self.column
+
+    @property
+    def factor(self) -> float:
+        return 10.0**self.decimals
+
+    @property
+    def fixed_bounds(self) -> tuple[int, int]:
+        return round(self.bounds[0] * self.factor), round(self.bounds[1] * self.factor)
+
+    def prepare(self) -> pl.Expr:
+        lo, hi = self.bounds
+        value = pl.col(self.column).cast(pl.Float64).fill_nan(None).clip(lo, hi)
+        return (value * self.factor).round().cast(pl.Int64).alias(self.name)
+
+    def candidates(self) -> list[int]:
+        """Quantile candidates: a linear grid, refined geometrically for skewed non-negative data."""
+        lo, hi = self.fixed_bounds
+        if hi - lo <= 2 * _QUANTILE_STEPS:
+            return list(range(lo, hi + 1))
+        grid = np.linspace(lo, hi, _QUANTILE_STEPS + 1)
+        if lo >= 0:  # money is heavy-tailed: most values sit far below the upper bound
+            grid = np.concatenate([grid, np.geomspace(max(lo, 1, hi * 1e-6), hi, _QUANTILE_STEPS + 1)])
+        return sorted({int(v) for v in np.round(grid)})
+
+
+@dataclass(frozen=True)
+class _Dimension:
+    """A group-by column and its public key set (None: the keys are private)."""
+
+    column: str
+    dtype: pl.DataType
+    keys: tuple | None
+    bins: tuple[float, ...] | None
+
+    def prepare(self) -> pl.Expr:
+        col = pl.col(self.column)
+        if self.bins is None:
+            return col.cast(self.dtype)
+        inside = (col >= self.bins[0]) & (col < self.bins[-1])
+        buckets = col.cut(list(self.bins), labels=["#below", *self.keys, "#above"], left_closed=True)
+        return pl.when(inside).then(buckets.cast(pl.String)).otherwise(None).alias(self.column)
+
+    def sort_key(self) -> pl.Expr:
+        if self.bins is None:
+            return pl.col(self.column)
+        return pl.col(self.column).replace_strict(list(self.keys), list(range(len(self.keys))), default=None)
+
+
+def bin_label(low: float, high: float) -> str:
+    """'[1990, 2000)': the half-open interval of one histogram bin."""
+
+    def number(x: float) -> str:
+        return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+    return f"[{number(low)}, {number(high)})"
+
+
+class DPQuery:
+    """A DP query compiled to OpenDP measurements; see the module docstring."""
+
+    def __init__(self, compiled: _Compiled) -> None:
+        self._compiled = compiled
+
+    @classmethod
+    def compile(cls, plan: Plan) -> DPQuery:
+        """Build the measurement structure; reads no data."""
+        return cls(_Compiled(plan))
+
+    def calibrate(self, privacy: Privacy) -> Calibration:
+        """The scale (and threshold) for a privacy budget or an accuracy target; reads no data.
+
+        With epsilon: the scale that spends exactly epsilon. With target_half_width: the
+        least epsilon at which every aggregate's 95% half-width is within the target.
+        Private group keys: the smallest threshold (OpenDP keeps a group when its noisy row
+        count exceeds it) whose delta fits privacy.delta.
+        """
+        c = self._compiled
+        c.check_delta(privacy)
+        if privacy.epsilon is not None:
+            scale = c.scale_for(privacy.epsilon)
+        elif privacy.target_half_width is not None:
+            scale = c.scale_for_half_width(privacy.target_half_width)
+        else:
+            raise InvalidQuery("a DP query needs epsilon or target_half_width", rule="dp.privacy")
+        threshold = c.threshold_for(scale, privacy.delta) if c.private_keys else None
+        measurements = c.build(scale, threshold)
+        return Calibration(scale, threshold, c.cost(measurements), c.accuracy(measurements))
+
+    def release(self, calibration: Calibration) -> EngineResult:
+        """Run the measurements on the data: the only step that reads it."""
+        c = self._compiled
+        measurements = c.build(calibration.scale, calibration.threshold)
+        # The ledger debited calibration.cost: never release at a higher loss than that.
+        cost = c.cost(measurements)
+        if cost.epsilon > calibration.cost.epsilon or cost.delta > calibration.cost.delta:
+            raise InternalError("the calibration does not belong to this query")
+        try:
+            frames = [m(c.prepare(scan(c.dataset))).collect() for m in measurements]
+        except OpenDPException as exc:
+            raise InternalError(f"OpenDP failed to release: {exc}") from None
+        return EngineResult(table=c.finish(frames), rows_suppressed=0, accuracy=calibration.accuracy)
+
+
+class _Compiled:
+    """The OpenDP side of a query: plans over an empty frame, and their privacy maps."""
+
+    def __init__(self, plan: Plan) -> None:
+        query, dataset = plan.query, plan.dataset
+        if query.mode is not Mode.DP or query.privacy is None:
+            raise InternalError("the DP engine got a query that is not in DP mode")
+        _check_columns(query, dataset)
+        self.query = query
+        self.dataset = dataset
+        self.where = predicate(dataset, query.filters)  # validates filter values now
+        self.dims = tuple(_dimension(dataset, name) for name in query.group_by)
+        self.private_keys = any(d.keys is None for d in self.dims)
+        self.check_delta(query.privacy)
+        if self.dims and not self.private_keys:
+            groups = math.prod(len(d.keys) for d in self.dims)
+            if groups > plan.max_output_rows:
+                raise LimitExceeded(
+                    f"the public key sets make more than max_output_rows={plan.max_output_rows} groups; "
+                    "group by fewer columns",
+                    rule="limits.max_output_rows",
+                )
+        if query.privacy.target_half_width is not None:
+            for a in query.aggregates:
+                if a.function in (Function.MEAN, Function.QUANTILE):
+                    raise InvalidQuery(
+                        f"{a.name}: the accuracy of a {a.function.value} depends on the data, so it "
+                        "cannot be targeted; pass epsilon instead",
+                        rule="dp.accuracy-target",
+                        column=a.column,
+                    )
+        self.measures = {a.column: _measure(dataset, a) for a in query.aggregates if a.column}
+
+        unit = dataset.unit_column
+        self.unit_dtype = _DTYPES[dataset.columns[unit].type]
+        self.schema = {unit: self.unit_dtype}
+        self.schema.update({d.column: d.dtype for d in self.dims})
+        self.schema.update({m.name: pl.Int64 for m in self.measures.values()})
+        # Every column nullable: the domain claims nothing about the data beyond its types.
+        nullable = {name: dp.option_domain(dp.atom_domain(T=_ATOMS[t])) for name, t in self.schema.items()}
+        domain = dp.lazyframe_domain([dp.series_domain(name, atoms) for name, atoms in nullable.items()])
+        self.domain = dp.with_margin(domain, dp.polars.Margin(by=[], max_length=MAX_ROWS))
+        self.metric = dp.frame_distance(dp.symmetric_id_distance(unit))
+        self.measure = dp.approximate(dp.max_divergence()) if self.private_keys else dp.max_divergence()
+        self.plans = self._plans()
+        # The loss at scale 1 (epsilon part): every other scale is a division away.
+        self.reference_epsilon = self._epsilon_at(1.0)
+
+    def check_delta(self, privacy: Privacy) -> None:
+        """Private group keys can only be released with delta > 0."""
+        if self.private_keys and privacy.delta == 0:
+            name = next(d.column for d in self.dims if d.keys is None)
+            raise InvalidQuery(
+                f"grouping by {name!r} has no public key set; pass delta > 0 to release keys "
+                "above a noisy threshold",
+                rule="dp.private-keys",
+                column=name,
+            )
+
+    # --- plans ------------------------------------------------------------------
+
+    def _plans(self) -> list[pl.LazyFrame]:
+        """One polars plan per truncation regime, each on an empty frame."""
+        unit, k = self.dataset.unit_column, self.dataset.max_rows_per_unit
+        dims = [d.column for d in self.dims]
+        empty = pl.LazyFrame(schema=self.schema)
+        # OpenDP's truncation: at most k rows per unit (its first k in file order; which
+        # rows are kept matters for bias above the cap, not for privacy).
+        rows = empty.filter(pl.int_range(pl.len()).over(unit) < k)
+        row_aggs = [self._expr(a) for a in self.query.aggregates if a.function is not Function.COUNT_UNITS]
+        unit_aggs = [self._expr(a) for a in self.query.aggregates if a.function is Function.COUNT_UNITS]
+        plans = []
+        if row_aggs:
+            if self.private_keys and not any(a.function is Function.COUNT for a in self.query.aggregates):
+                # OpenDP thresholds on a noisy row count; add one (it is paid for, not shown).
+                hidden = _HIDDEN_LEN
+                while hidden in {a.name for a in self.query.aggregates}:
+                    hidden += "_"
+                row_aggs.append(dp.len(signed=True).alias(hidden))
+            plans.append(self._aggregate(rows, row_aggs))
+        if unit_aggs:
+            # One row per unit and group: each unit adds at most 1 to a group's count and,
+            # kept to k rows first, reaches at most k groups (OpenDP derives both bounds).
+            first = pl.int_range(pl.len()).over(unit, *dims) < 1
+            units = rows.filter(first) if dims else empty.filter(first)
+            plans.append(self._aggregate(units, unit_aggs))
+        return plans
+
+    def _aggregate(self, frame: pl.LazyFrame, aggs: list[pl.Expr]) -> pl.LazyFrame:
+        if not self.dims:
+            return frame.select(aggs)
+        dims = [d.column for d in self.dims]
+        grouped = frame.group_by(dims).agg(aggs)
+        if self.private_keys:
+            return grouped  # OpenDP adds the threshold filter
+        keys = pl.DataFrame(
+            [tuple(row) for row in product(*(d.keys for d in self.dims))],
+            schema={d.column: d.dtype for d in self.dims},
+            orient="row",
+        )
+        return keys.lazy().join(grouped, on=dims, how="left", nulls_equal=True)
+
+    def _expr(self, a: Aggregate) -> pl.Expr:
+        if a.function in (Function.COUNT, Function.COUNT_UNITS):
+            return dp.len(signed=True).alias(a.name)
+        m = self.measures[a.column]
+        known = pl.col(m.name).drop_nulls()  # missing values are left out, as in SQL
+        if a.function is Function.SUM:
+            return known.dp.sum(m.fixed_bounds).alias(a.name)
+        if a.function is Function.MEAN:
+            return known.dp.mean(m.fixed_bounds).alias(a.name)
+        if a.function is Function.QUANTILE:
+            return known.dp.quantile(a.quantile, m.candidates()).alias(a.name)
+        raise InternalError(f"no DP form for {a.function}")
+
+    def prepare(self, frame: pl.LazyFrame) -> pl.LazyFrame:
+        """Row-by-row steps before OpenDP; see the module docstring for why they are safe."""
+        if self.where is not None:
+            frame = frame.filter(self.where)
+        unit = self.dataset.unit_column
+        return frame.select(
+            pl.col(unit).cast(self.unit_dtype),
+            *[d.prepare() for d in self.dims],
+            *[m.prepare() for m in self.measures.values()],
+        )
+
+    # --- measurements and their privacy maps -------------------------------------
+
+    def build(self, scale: float, threshold: int | None) -> list[dp.Measurement]:
+        try:
+            return [
+                dp.m.make_private_lazyframe(
+                    self.domain, self.metric, self.measure, plan, global_scale=scale, threshold=threshold
+                )
+                for plan in self.plans
+            ]
+        except OpenDPException as exc:
+            raise InternalError(f"OpenDP refused the compiled plan: {exc}") from None
+
+    def cost(self, measurements: list[dp.Measurement]) -> Cost:
+        """Basic sequential composition: the losses of the plans add up."""
+        epsilon = delta = 0.0
+        for m in measurements:
+            try:
+                loss = m.map(_ONE_UNIT)
+            except OpenDPException as exc:
+                raise InternalError(f"OpenDP could not bound the privacy loss: {exc}") from None
+            e, d = loss if self.private_keys else (loss, 0.0)
+            epsilon, delta = epsilon + e, delta + d
+        return Cost(epsilon, delta)
+
+    def scale_for(self, epsilon: float) -> float:
+        """The scale that spends epsilon: loss is reference_epsilon / scale."""
+        scale = self.reference_epsilon / epsilon
+        # Rounding in OpenDP's map may land a hair above: step up until within budget.
+        for _ in range(64):
+            if self._epsilon_at(scale) <= epsilon:
+                return scale
+            scale = math.nextafter(scale, math.inf) * (1 + 1e-15)
+        raise InternalError("could not calibrate the noise scale")
+
+    def _epsilon_at(self, scale: float) -> float:
+        return self.cost(self.build(scale, self._no_keys)).epsilon
+
+    @property
+    def _no_keys(self) -> int | None:
+        """The threshold that releases no private key: isolates the epsilon part of the loss."""
+        return _NO_THRESHOLD if self.private_keys else None
+
+    def scale_for_half_width(self, target: float) -> float:
+        """The largest scale (least epsilon) at which every half-width is within target."""
+        # Each aggregate's noise scale is global_scale times a fixed factor: read the factors once.
+        reference = self.accuracy(self.build(1.0, self._no_keys))
+
+        def within(scale: float) -> bool:
+            pairs = zip(reference, self._factors())
+            return all(_half_width(scale * a.noise_scale * f, f) <= target for a, f in pairs)
+
+        if not within(1e-12):
+            raise InvalidQuery(f"target_half_width={target} cannot be reached", rule="dp.accuracy-target")
+        scale = dp.binary_search(within, bounds=(1e-12, 1e18), T=float)
+        # Confirm with OpenDP's own summary at that scale; step down past any rounding.
+        while not all(a.half_width_95 <= target for a in self.accuracy(self.build(scale, self._no_keys))):
+            scale = math.nextafter(scale, 0.0) * (1 - 1e-12)
+        return scale
+
+    def _factors(self) -> list[float]:
+        return [self.measures[a.column].factor if a.column else 1.0 for a in self.query.aggregates]
+
+    def threshold_for(self, scale: float, delta: float) -> int:
+        """The smallest key-release threshold whose delta fits the budget."""
+
+        def fits(threshold: int) -> bool:
+            return self.cost(self.build(scale, threshold)).delta <= delta
+
+        if not fits(_NO_THRESHOLD):
+            raise InvalidQuery(
+                "delta is too small to release private group keys at this epsilon; raise delta or epsilon",
+                rule="dp.delta",
+            )
+        # Bisection over u32 (opendp's binary_search takes i32 only); fits() is monotone.
+        # OpenDP requires a threshold above a unit's rows per group (at most k), so start there.
+        failing, passing = self.dataset.max_rows_per_unit, _NO_THRESHOLD
+        while passing - failing > 1:
+            middle = (failing + passing) // 2
+            failing, passing = (failing, middle) if fits(middle) else (middle, passing)
+        return passing
+
+    def accuracy(self, measurements: list[dp.Measurement]) -> tuple[AggregateAccuracy, ...]:
+        """Per-aggregate noise scale and 95% half-width, in data units, from OpenDP's summary."""
+        rows: dict[str, list[dict]] = {}
+        for m in measurements:
+            for row in dp.summarize_polars_measurement(m, ALPHA).iter_rows(named=True):
+                rows.setdefault(row["column"], []).append(row)
+        out = []
+        for a, factor in zip(self.query.aggregates, self._factors()):
+            found = {row["aggregate"]: row for row in rows.get(a.name, [])}
+            if a.function is Function.QUANTILE:
+                # The exponential mechanism's scale is in rank-score units; its error in data
+                # units depends on the data, so there is no half-width to promise.
+                (row,) = found.values()
+                out.append(AggregateAccuracy(a.name, row["scale"], math.nan, "exponential mechanism"))
+                continue
+            if a.function is Function.MEAN:
+                scale = found["Sum"]["scale"] / factor  # the numerator's noise, in data units
+                out.append(AggregateAccuracy(a.name, scale, math.nan, "discrete laplace (sum / count)"))
+                continue
+            if len(found) != 1 or next(iter(found.values()))["distribution"] != "Integer Laplace":
+                raise InternalError(f"unexpected OpenDP summary for {a.name}: {found}")
+            (row,) = found.values()
+            scale, half_width = row["scale"] / factor, row["accuracy"] / factor
+            out.append(AggregateAccuracy(a.name, scale, half_width, "discrete laplace"))
+        return tuple(out)
+
+    # --- post-processing ----------------------------------------------------------
+
+    def finish(self, frames: list[pl.DataFrame]) -> pa.Table:
+        """Join the plans' outputs, convert fixed point back, sort by the group columns."""
+        dims = [d.column for d in self.dims]
+        if dims:
+            table = frames[0]
+            for frame in frames[1:]:
+                # With private keys each plan passed its own threshold: keep groups both released.
+                table = table.join(frame, on=dims, how="inner", nulls_equal=True)
+            table = table.sort([d.sort_key() for d in self.dims], nulls_last=True)
+        else:
+            table = pl.concat(frames, how="horizontal")
+        outputs = []
+        for a in self.query.aggregates:
+            value = pl.col(a.name)
+            if a.column is not None:
+                m = self.measures[a.column]
+                if a.function is Function.MEAN:
+                    lo, hi = m.bounds
+                    mean = value.cast(pl.Float64) / m.factor
+                    value = pl.when(mean.is_finite()).then(mean.clip(lo, hi)).otherwise(None)
+                elif not m.integer:
+                    value = value.cast(pl.Float64) / m.factor
+            outputs.append(value.alias(a.name))
+        return table.select(*dims, *outputs).to_arrow()
+
+
+def _check_columns(query: Query, dataset: Dataset) -> None:
+    """Defence in depth: authorization has checked these already."""
+    for name in sorted(query.columns):
+        if name not in dataset.columns:
+            raise InvalidQuery(f"{name!r} is not a column of {dataset.id}", rule="query.column", column=name)
+        if name == dataset.unit_column:
+            raise InvalidQuery(
+                f"{name!r} identifies privacy units and cannot be used", rule="dp.identifier", column=name
+            )
+
+
+def _dimension(dataset: Dataset, name: str) -> _Dimension:
+    column: Column = dataset.columns[name]
+    if column.bins is not None:
+        # A histogram: the bins are the public key set.
+        labels = tuple(bin_label(a, b) for a, b in zip(column.bins, column.bins[1:]))
+        return _Dimension(name, pl.String, labels, column.bins)
+    return _Dimension(name, _DTYPES[column.type], column.keys, None)
+
+
+def _measure(dataset: Dataset, aggregate: Aggregate) -> _Measure:
+    name = aggregate.column
+    column = dataset.columns[name]
+    what = aggregate.function.value
+    if not column.type.numeric:
+        raise InvalidQuery(
+            f"{what} needs a numeric column; {name!r} is {column.type.value}", rule="dp.measure", column=name
+        )
+    if column.bounds is None:
+        raise InvalidQuery(
+            f"{name!r} has no catalog bounds; a DP {what} needs them to clip each value",
+            rule="dp.bounds",
+            column=name,
+        )
+    biggest = max(abs(b) for b in column.bounds)
+    decimals = 0 if column.type is ColumnType.INT else _MAX_DECIMALS
+    while biggest * 10.0**decimals > _FIXED_POINT_LIMIT:
+        decimals -= 1
+    return _Measure(name, column.bounds, decimals, column.type is ColumnType.INT and decimals == 0)
+
+
+def _half_width(scale: float, factor: float) -> float:
+    """95% half-width, in data units, of discrete Laplace noise with this fixed-point scale."""
+    return dp.discrete_laplacian_scale_to_accuracy(float(scale), ALPHA) / factor
