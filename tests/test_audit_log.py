@@ -203,3 +203,22 @@ def test_concurrent_appends_make_one_chain(tmp_path):
     log.close()
     result = verify_log(tmp_path, log.public_key)
     assert result.ok and result.records == 400 and result.signed_size == 400
+
+
+def test_a_lost_or_replaced_signing_key_is_refused_not_silently_renewed(tmp_path):
+    log = AuditLog(tmp_path / "audit.jsonl", checkpoint_seconds=None)
+    fill(log, 2)
+    log.close()
+    key = (tmp_path / "signing.key").read_bytes()
+    (tmp_path / "signing.key").unlink()
+    with pytest.raises(AuditUnavailable, match="signing.key is missing"):
+        AuditLog(tmp_path / "audit.jsonl", checkpoint_seconds=None)
+    assert not (tmp_path / "signing.key").exists()
+    other = tmp_path / "other"
+    AuditLog(other / "audit.jsonl", checkpoint_seconds=None).close()
+    (tmp_path / "signing.key").write_bytes((other / "signing.key").read_bytes())
+    (tmp_path / "signing.key").chmod(0o600)
+    with pytest.raises(AuditUnavailable, match="is not the key that signed"):
+        AuditLog(tmp_path / "audit.jsonl", checkpoint_seconds=None)
+    (tmp_path / "signing.key").write_bytes(key)
+    AuditLog(tmp_path / "audit.jsonl", checkpoint_seconds=None).close()

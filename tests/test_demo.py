@@ -39,3 +39,13 @@ def test_the_script_gets_the_answers_it_claims(tmp_path):
     assert isinstance(city[4], DataopsClientError) and city[4].reason == "UNKNOWN_DATASET"
     assert isinstance(results["river-bank"][1], DataopsClientError)
     assert results["harbor-insurance"][1].rows_suppressed > 0
+
+
+def test_the_demo_shows_dp_answers_an_estimate_reuse_and_an_exhausted_budget(tmp_path):
+    lines: list[str] = []
+    assert session.run_demo(tmp_path / "demo", claims=60_000, enterprises=20_000, out=lines.append) == 0
+    text = "\n".join(lines)
+    assert "nothing spent now" in text  # the estimate
+    assert "spent epsilon 1 (remaining 4)" in text
+    assert "reused an earlier release: nothing spent" in text
+    assert "REFUSED RESOURCE_EXHAUSTED BUDGET_EXHAUSTED" in text

@@ -87,12 +87,21 @@ class AuditLog:
         self.checkpoint_seconds = checkpoint_seconds
         self.segment_bytes = segment_bytes
         self.origin = origin
-        self._key = load_or_create_signing_key(self.directory / SIGNING_KEY)
+        self._last_checkpoint = self._recover_checkpoints()
+        key_path = self.directory / SIGNING_KEY
+        signed_by = self._last_checkpoint["key_id"] if self._last_checkpoint else None
+        if signed_by and not key_path.exists():
+            # A fresh key would quietly start a log no reviewer's key verifies.
+            raise AuditUnavailable(f"{key_path} is missing but {self.checkpoints_path} is signed by key id "
+                                   f"{signed_by}; restore the key, or start a new audit directory")
+        self._key = load_or_create_signing_key(key_path)
         self.public_key = self._key.public_key()
         self.key_id = key_id(self.public_key)
+        if signed_by and signed_by != self.key_id:
+            raise AuditUnavailable(f"{key_path} (key id {self.key_id}) is not the key that signed "
+                                   f"{self.checkpoints_path} (key id {signed_by})")
         self._lock = threading.Lock()
         self._broken: str | None = None
-        self._last_checkpoint = self._recover_checkpoints()
         self._seq, self._prev = self._recover()
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         self._segment_size = os.fstat(self._fd).st_size

@@ -31,6 +31,7 @@ from dataops.audit.signing import CHECKPOINTS, CHECKPOINT_FIELDS, checkpoint_has
 
 _HEX = frozenset("0123456789abcdef")
 _HASH = re.compile("[0-9a-f]{64}")
+_decode = json.JSONDecoder().decode
 
 
 @dataclass(frozen=True)
@@ -185,10 +186,10 @@ def verify_log(directory: Path, public_key: Ed25519PublicKey, *, held: Iterable[
                         "cut short by a crash, never acknowledged; ignored (the server drops it on restart)")
                     break
                 try:
-                    record = json.loads(raw)
-                except ValueError:
+                    record = _decode(raw.decode("utf-8"))
+                except ValueError:  # UnicodeDecodeError is one too
                     record = None
-                problem = _record_problem(raw, record, Place(name, lineno), expected, prev, last, anchors)
+                problem = _record_problem(raw, record, name, lineno, expected, prev, last, anchors)
                 if problem:
                     break
                 if expected in want:
@@ -223,16 +224,19 @@ def verify_log(directory: Path, public_key: Ed25519PublicKey, *, held: Iterable[
     return result
 
 
-def _record_problem(raw: bytes, record: Any, place: Place, expected: int, prev: str, last: tuple[str, int] | None,
-                    anchors: dict[int, list[tuple[str, dict[str, Any]]]]) -> Problem | None:
+def _record_problem(raw: bytes, record: Any, file: str, line: int, expected: int, prev: str,
+                    last: tuple[str, int] | None, anchors: dict[int, list[tuple[str, dict[str, Any]]]]) -> Problem | None:
     """Why this line does not continue the chain at `expected` after `prev`, or None."""
     if record is None:
-        return Problem(place, "format", "not valid JSON: the line was damaged or edited by hand")
+        return Problem(Place(file, line), "format", "not valid JSON: the line was damaged or edited by hand")
     if not isinstance(record, dict) or not _chained(record):
-        return Problem(place, "format", "not a chained audit record (no valid seq/prev/hash): written by an "
+        return Problem(Place(file, line), "format", "not a chained audit record (no valid seq/prev/hash): written by an "
                                         "older dataops or by hand")
     seq = record["seq"]
-    place = Place(place.file, place.line, seq)
+    ok = line_hash_ok(raw, record) and seq == expected and record["prev"] == prev
+    if ok and all(cp["head"] == record["hash"] for _, cp in anchors.get(seq, ())):
+        return None  # the common case, kept cheap: a million records go through here
+    place = Place(file, line, seq)
     before = f"seq {expected - 1} at {last[0]} line {last[1]}" if last else "the start of the log"
     if not line_hash_ok(raw, record):
         return Problem(place, "edited", "hash mismatch: the record's content does not hash to its `hash` "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import time
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dataops.certs import init_authority, issue_consumer
-from dataops.client import Client, DataopsClientError, count, count_units, mean, total
+from dataops.client import Client, DataopsClientError, count, count_units, mean, median, total
 from dataops.config import ServerConfig, load_config
 from dataops.demo.generate import generate
 from dataops.ir import Equals
@@ -114,6 +115,15 @@ class Session:
             return exc
         if hasattr(result, "frame"):
             print_result(result, lambda text: self.out("    " + text.replace("\n", "\n    ")))
+            for name, accuracy in result.accuracy.items():
+                if accuracy.noise_scale and math.isfinite(accuracy.half_width_95):
+                    self.out(f"    {name}: ± {accuracy.half_width_95:,.1f} at 95% ({accuracy.mechanism})")
+        elif hasattr(result, "accuracy") and hasattr(result, "spend"):  # an estimate
+            self.out(f"    would spend epsilon {result.spend.epsilon:.3g} of {result.spend.remaining_epsilon:.3g} "
+                     "remaining; nothing spent now")
+            for accuracy in result.accuracy:
+                if math.isfinite(accuracy.half_width_95):
+                    self.out(f"    {accuracy.column}: ± {accuracy.half_width_95:,.1f} at 95%")
         elif isinstance(result, list):
             for item in result:
                 self.out(f"    {item.id:22} {item.title}")
@@ -142,6 +152,24 @@ def play(target: str, pki: Path, out: Callable[[str], None]) -> dict[str, list[A
                 "enterprise_credit", aggregates=[count()], group_by=["enterprise_id"])),
             s.step("Reach into the insurance zone", lambda: client.query(
                 "medical_claims", aggregates=[count()])),
+            s.step("DP: what would enterprises and total penalties by district cost, at epsilon 1?",
+                   lambda: client.estimate("enterprise_credit", aggregates=[count("enterprises"),
+                                           total("penalties")], group_by=["district"],
+                                           mode="dp", epsilon=1.0)),
+            s.step("DP: the same question, answered (noisy, debited from the budget)", lambda: client.query(
+                "enterprise_credit", aggregates=[count("enterprises"), total("penalties")],
+                group_by=["district"], mode="dp", epsilon=1.0)),
+            s.step("DP: asked again — the same release comes back and nothing is spent", lambda: client.query(
+                "enterprise_credit", aggregates=[count("enterprises"), total("penalties")],
+                group_by=["district"], mode="dp", epsilon=1.0)),
+            s.step("DP: a histogram of founding years (catalog bins) for manufacturers, epsilon 2",
+                   lambda: client.query(
+                       "enterprise_credit", aggregates=[count("enterprises")], group_by=["year_founded"],
+                       filters=[Equals("industry", "Manufacturing")], mode="dp", epsilon=2.0)),
+            s.step("DP: median tax paid by size band at epsilon 3 — more than the budget has left",
+                   lambda: client.query(
+                       "enterprise_credit", aggregates=[median("tax_paid")], group_by=["size_band"],
+                       mode="dp", epsilon=3.0)),
         ]
 
     out("\n══ river-bank (finance zone): post-loan monitoring, a narrower grant ══")
@@ -176,6 +204,9 @@ def play(target: str, pki: Path, out: Callable[[str], None]) -> dict[str, list[A
                 "medical_claims", aggregates=[count()], filters=[Equals("person_id", "P0000001")])),
             s.step("Reach into the finance zone", lambda: client.query(
                 "enterprise_credit", aggregates=[count()])),
+            s.step("DP: median and mean claim by age band, epsilon 1", lambda: client.query(
+                "medical_claims", aggregates=[median("amount"), mean("amount")], group_by=["age_band"],
+                mode="dp", epsilon=1.0)),
         ]
     return results
 
