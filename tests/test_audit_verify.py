@@ -16,6 +16,7 @@ from dataops.audit.sample import sample_records
 
 
 def make_log(directory: Path, n: int = 12, every: int = 4, **kwargs) -> AuditLog:
+    kwargs.setdefault("fsync", False)  # durability is tested in test_audit_log; speed matters here
     log = AuditLog(directory / "audit.jsonl", checkpoint_every=every, checkpoint_seconds=None, **kwargs)
     for record in sample_records(n):
         log.append(record)
@@ -145,7 +146,8 @@ def test_a_corrupted_checkpoint_signature_is_found(log, tmp_path, capsys):
     lines[1] = json.dumps(cp) + "\n"
     write_lines(path, lines)
     result = verify_log(tmp_path, log.public_key)
-    assert [(p.kind, str(p.place)) for p in result.problems] == [("signature", "checkpoints.jsonl line 2, checkpoint #2")]
+    assert [(p.kind, str(p.place)) for p in result.problems] == [
+        ("signature", "checkpoints.jsonl line 2, checkpoint #2")]
     assert result.signed_size == 4  # only the checkpoint before the bad one is trusted
     code, out, _ = run_audit(capsys, "verify", "--log-dir", str(tmp_path))
     assert code == 1 and "checkpoints.jsonl line 2, checkpoint #2: the signature does not verify" in out
@@ -173,7 +175,8 @@ def test_a_deleted_checkpoint_breaks_the_checkpoint_chain(log, tmp_path):
 def test_the_wrong_public_key_fails_every_checkpoint(log, tmp_path, capsys):
     other = Ed25519PrivateKey.generate().public_key()
     result = verify_log(tmp_path, other)
-    assert result.problems[0].kind == "key" and str(result.problems[0].place) == "checkpoints.jsonl line 1, checkpoint #1"
+    assert result.problems[0].kind == "key"
+    assert str(result.problems[0].place) == "checkpoints.jsonl line 1, checkpoint #1"
     assert log.key_id in result.problems[0].reason
     from dataops.audit.signing import public_key_pem
 
@@ -203,7 +206,8 @@ def test_records_after_the_last_checkpoint_are_reported_as_unsigned(tmp_path):
     log = AuditLog(tmp_path / "audit.jsonl", checkpoint_every=4, checkpoint_seconds=None)
     receipts = [log.append(r) for r in sample_records(6)]
     result = verify_log(tmp_path, log.public_key)
-    assert result.ok and result.signed_size == 4 and "records 5..6 come after the last signed checkpoint" in result.notes[0]
+    assert result.ok and result.signed_size == 4
+    assert "records 5..6 come after the last signed checkpoint" in result.notes[0]
     assert find_receipt(tmp_path, 6, receipts[5].hash, log.public_key).status == "unsigned"
     log.close()
     assert find_receipt(tmp_path, 6, receipts[5].hash, log.public_key).status == "verified"
@@ -246,7 +250,8 @@ def test_receipts_are_found_only_when_they_match(log, tmp_path, capsys):
     records = [json.loads(line) for line in read_lines(tmp_path / "audit.jsonl")]
     seventh = records[6]
     check = find_receipt(tmp_path, 7, seventh["hash"], log.public_key)
-    assert check.status == "verified" and "audit.jsonl line 7, seq 7" in check.message and "checkpoint #2" in check.message
+    assert check.status == "verified"
+    assert "audit.jsonl line 7, seq 7" in check.message and "checkpoint #2" in check.message
     assert find_receipt(tmp_path, 7, records[5]["hash"], log.public_key).status == "mismatch"
     assert find_receipt(tmp_path, 99, seventh["hash"], log.public_key).status == "missing"
     code, out, _ = run_audit(capsys, "receipt", "7", seventh["hash"][:12], "--log-dir", str(tmp_path))

@@ -16,6 +16,7 @@ Rules, in the order they are checked (the first that fails decides):
     grant.columns                         each column is granted for its use
     grant.functions                       the grant allows each aggregate function
     aggregate-mode.quantile               exact quantiles are not released (one unit's value)
+    query.alias                           no output is labelled like a column of the dataset
 """
 
 from __future__ import annotations
@@ -25,8 +26,13 @@ from dataclasses import dataclass
 
 from dataops.catalog import Catalog, Classification, Dataset
 from dataops.errors import FieldViolation, InvalidQuery, PolicyDenied, UnknownConsumer, UnknownDataset
-from dataops.ir import Function, Mode, Query
+from dataops.ir import MAX_NAME_LENGTH, Function, Mode, Query
 from dataops.policy import ConsumerPolicy, Grant, PolicySet, Use
+
+
+def _shown(name: str) -> str:
+    """A consumer-supplied name as quoted in a message: bounded, whatever was sent."""
+    return repr(name if len(name) <= MAX_NAME_LENGTH else name[:MAX_NAME_LENGTH] + "...")
 
 
 @dataclass(frozen=True)
@@ -57,7 +63,7 @@ def visible_dataset(policy: ConsumerPolicy, catalog: Catalog, dataset_id: str) -
     dataset = catalog.get(dataset_id)
     if dataset is None or dataset.zone != policy.zone:
         raise UnknownDataset(
-            f"no dataset {dataset_id!r} in zone {policy.zone!r}", rule="dataset.unknown"
+            f"no dataset {_shown(dataset_id)} in zone {policy.zone!r}", rule="dataset.unknown"
         )
     return dataset
 
@@ -130,5 +136,16 @@ def authorize(
                 "an exact quantile is one privacy unit's value; ask for it in DP mode",
                 rule="aggregate-mode.quantile",
                 column=aggregate.column,
+            )
+        if aggregate.name in dataset.columns:
+            # An aggregate labelled like a column (say "enterprise_id") would pass off a
+            # number as that column's values in the consumer's table.
+            raise InvalidQuery(
+                f"the output name {aggregate.name!r} is a column of {dataset.id!r}; choose another alias",
+                rule="query.alias",
+                column=aggregate.name,
+                field_violations=(
+                    FieldViolation(f"query.aggregates[{i}].alias", f"{aggregate.name!r} names a column"),
+                ),
             )
     return Decision(policy=policy, dataset=dataset, grant=grant)

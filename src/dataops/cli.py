@@ -5,6 +5,8 @@
     dataops certs init | issue NAME      the platform CA, server and consumer certificates
     dataops policy check | explain       validate policies; say which rule decides a query
     dataops ingest FILE --dataset --zone take a CSV/Parquet file into the sandbox
+    dataops budget show                  privacy budget spent per grant and dataset
+    dataops audit verify | show | export | report | receipt   the compliance reviewer's tools
     dataops datasets [ID]                (consumer) list or describe datasets over gRPC
     dataops query DATASET ...            (consumer) run a query over gRPC
 
@@ -344,9 +346,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--config", "-c", type=Path, default=DEFAULT_CONFIG, help="dataops.toml")
         return p
 
+    from dataops.audit.commands import add_audit_parser
     from dataops.demo.session import add_demo_parser
 
     add_demo_parser(sub)
+    add_audit_parser(sub)
     command("serve", cmd_serve, "run the sandbox server (mTLS gRPC) from dataops.toml")
 
     certs = sub.add_parser("certs", help="the platform CA and certificates").add_subparsers(dest="sub", required=True)

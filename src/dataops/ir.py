@@ -22,6 +22,17 @@ from dataops.errors import FieldViolation, InvalidQuery
 
 Scalar = Union[str, int, float, bool, dt.date]
 
+# Shape limits that hold whatever the server's configuration says (its `[limits]` cap
+# list lengths). Hostile input is refused here, before any name or value is echoed in
+# an error message, stored in the audit log, or reaches an engine.
+MAX_NAME_LENGTH = 128  # a dataset id, column name or alias
+MAX_STRING_LENGTH = 1024  # a string filter value
+# The most one query may spend. Beyond it DP noise protects nothing, and OpenDP's
+# privacy maps overflow (they compute exp(epsilon)); a grant's budget is far smaller.
+MAX_EPSILON = 100.0
+# Output names starting with these are the engines' own working columns.
+RESERVED_PREFIXES = ("_", "#")
+
 
 class Function(str, Enum):
     COUNT = "count"
@@ -52,6 +63,22 @@ def _check_scalar(value: Any, field_path: str) -> None:
         raise _invalid(field_path, "must be a finite number")
     if not isinstance(value, (str, int, float, bool, dt.date)):
         raise _invalid(field_path, f"unsupported value type {type(value).__name__}")
+    if isinstance(value, str) and len(value) > MAX_STRING_LENGTH:
+        raise _invalid(field_path, f"is longer than {MAX_STRING_LENGTH} characters")
+
+
+def _check_name(name: Any, field_path: str, missing: str = "must name a column") -> None:
+    """A dataset, column or alias name: a non-empty, printable string of bounded length.
+
+    The message never repeats an oversized or unprintable name: it would only bloat
+    the error (gRPC trailers are limited) and the audit record.
+    """
+    if not isinstance(name, str) or not name:
+        raise _invalid(field_path, missing)
+    if len(name) > MAX_NAME_LENGTH:
+        raise _invalid(field_path, f"is longer than {MAX_NAME_LENGTH} characters")
+    if not name.isprintable():
+        raise _invalid(field_path, "must not contain control characters")
 
 
 def _scalar_json(value: Scalar) -> Any:
@@ -139,6 +166,14 @@ class Aggregate:
         return f"{self.function.value}_{self.column}" if self.column else self.function.value
 
     def validate(self, path: str) -> None:
+        if not isinstance(self.function, Function):
+            raise _invalid(f"{path}.function", "an aggregate function is required")
+        if self.column:
+            _check_name(self.column, f"{path}.column")
+        if self.alias:
+            _check_name(self.alias, f"{path}.alias")
+            if self.alias.startswith(RESERVED_PREFIXES):
+                raise _invalid(f"{path}.alias", f"must not start with {' or '.join(RESERVED_PREFIXES)}")
         if self.function.needs_column and not self.column:
             raise _invalid(f"{path}.column", f"{self.function.value} needs a measure column")
         if not self.function.needs_column and self.column:
@@ -172,12 +207,16 @@ class Privacy:
             raise _invalid(path, "give epsilon or target_half_width, not both")
         if self.epsilon is None and self.target_half_width is None:
             raise _invalid(f"{path}.epsilon", "a DP query needs epsilon or target_half_width")
-        if self.epsilon is not None and not (math.isfinite(self.epsilon) and self.epsilon > 0):
-            raise _invalid(f"{path}.epsilon", "must be a finite number > 0")
-        if not (math.isfinite(self.delta) and 0 <= self.delta < 1):
+        if self.epsilon is not None and not (
+            isinstance(self.epsilon, (int, float)) and math.isfinite(self.epsilon) and 0 < self.epsilon <= MAX_EPSILON
+        ):
+            raise _invalid(f"{path}.epsilon", f"must be a number > 0 and at most {MAX_EPSILON:g}")
+        if not (isinstance(self.delta, (int, float)) and math.isfinite(self.delta) and 0 <= self.delta < 1):
             raise _invalid(f"{path}.delta", "must lie in [0, 1)")
         if self.target_half_width is not None and not (
-            math.isfinite(self.target_half_width) and self.target_half_width > 0
+            isinstance(self.target_half_width, (int, float))
+            and math.isfinite(self.target_half_width)
+            and self.target_half_width > 0
         ):
             raise _invalid(f"{path}.target_half_width", "must be a finite number > 0")
 
@@ -201,19 +240,20 @@ class Query:
     _canonical: str = field(default="", init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if not self.dataset:
-            raise _invalid("query.dataset", "is required")
+        _check_name(self.dataset, "query.dataset", missing="is required")
+        if not isinstance(self.mode, Mode):
+            raise _invalid("query.mode", "QUERY_MODE_AGGREGATE or QUERY_MODE_DP is required")
         if not self.aggregates:
             raise _invalid("query.aggregates", "a query needs at least one aggregate")
         for i, aggregate in enumerate(self.aggregates):
             aggregate.validate(f"query.aggregates[{i}]")
         for i, filter_ in enumerate(self.filters):
-            if not filter_.column:
-                raise _invalid(f"query.filters[{i}].column", "is required")
+            if not isinstance(filter_, (Equals, InSet, Between)):
+                raise _invalid(f"query.filters[{i}]", "a filter needs equals, in_set or range")
+            _check_name(filter_.column, f"query.filters[{i}].column", missing="is required")
             filter_.validate(f"query.filters[{i}]")
         for i, column in enumerate(self.group_by):
-            if not column:
-                raise _invalid(f"query.group_by[{i}]", "must name a column")
+            _check_name(column, f"query.group_by[{i}]")
         if len(set(self.group_by)) != len(self.group_by):
             raise _invalid("query.group_by", "names a column twice")
         names = [a.name for a in self.aggregates]

@@ -105,6 +105,7 @@ class AuditLog:
         self._seq, self._prev = self._recover()
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         self._segment_size = os.fstat(self._fd).st_size
+        _fsync_dir(self.directory)
         self._stop = threading.Event()
         self._timer: threading.Thread | None = None
         if checkpoint_seconds:
@@ -161,7 +162,15 @@ class AuditLog:
             return None
         _drop_torn_line(self.checkpoints_path)
         lines = self.checkpoints_path.read_bytes().splitlines()
-        return json.loads(lines[-1]) if lines else None
+        if not lines:
+            return None
+        try:
+            checkpoint = json.loads(lines[-1])
+            int(checkpoint["checkpoint"]), int(checkpoint["size"]), str(checkpoint["key_id"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise AuditUnavailable(f"{self.checkpoints_path}: the last checkpoint cannot be read ({exc!r}); "
+                                   "run `dataops audit verify`") from None
+        return checkpoint
 
     # --- writing --------------------------------------------------------------
 
@@ -237,11 +246,14 @@ class AuditLog:
             "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds"),
             "prev": checkpoint_hash(previous) if previous else GENESIS,
         })
+        first = previous is None
         fd = os.open(self.checkpoints_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             self._write(fd, canonical(checkpoint) + b"\n", os.fstat(fd).st_size)
         finally:
             os.close(fd)
+        if first and self.fsync:
+            _fsync_dir(self.directory)
         self._last_checkpoint = checkpoint
         return checkpoint
 
@@ -268,6 +280,7 @@ class AuditLog:
         try:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
             self._segment_size = os.fstat(self._fd).st_size
+            _fsync_dir(self.directory)  # a new file's name is durable only once its directory is synced
         except OSError as exc:
             self._broken = f"cannot open {self.path} after rotation ({exc})"
             log.error("audit log: %s", self._broken)

@@ -40,7 +40,8 @@ def parse_time(text: str) -> dt.datetime:
     try:
         value = dt.datetime.fromisoformat(text)
     except ValueError:
-        raise ValueError(f"{text!r} is not an ISO date or date-time (e.g. 2025-03-01 or 2025-03-01T09:30:00Z)") from None
+        raise ValueError(f"{text!r} is not an ISO date or date-time "
+                         "(e.g. 2025-03-01 or 2025-03-01T09:30:00Z)") from None
     return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
 
 

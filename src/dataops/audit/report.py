@@ -89,7 +89,8 @@ def render_report(records: Iterable[dict[str, Any]], verification: Verification 
 def _verification_section(v: Verification | None) -> str:
     if v is None:
         return ('<section class="verify unknown" id="verification"><h2>Verification: not run</h2>'
-                "<p>No public key was available; run <code>dataops audit verify --public-key FILE</code>.</p></section>")
+                "<p>No public key was available; run <code>dataops audit verify --public-key FILE</code>.</p>"
+                "</section>")
     state, heading = ("ok", "Verification: OK") if v.ok else ("bad", "Verification: FAILED — the log was altered")
     facts = [
         ("records", f"{v.records:,}"),
@@ -208,7 +209,8 @@ def _bar_chart(name: str, label: str, bars: list[Bar]) -> str:
                      f'<text x="{x:.1f}" y="{height - BOTTOM + 16}" text-anchor="middle">{_num(tick)}</text>')
     for i, bar in enumerate(bars):
         y = TOP + i * (row_h + gap)
-        parts.append(f'<text x="{LEFT - 8}" y="{y + row_h / 2 + 4:.1f}" text-anchor="end">{_e(_clip(bar.label))}</text>')
+        parts.append(f'<text x="{LEFT - 8}" y="{y + row_h / 2 + 4:.1f}" text-anchor="end">'
+                     f"{_e(_clip(bar.label))}</text>")
         x = float(LEFT)
         for part, value, colour in bar.parts:
             w = plot_w * value / top_value

@@ -165,8 +165,7 @@ def verify_log(directory: Path, public_key: Ed25519PublicKey, *, held: Iterable[
     else:
         own = []
     for path in held:
-        own_held = check_checkpoints(Path(path), public_key, result, held=True)
-        for label, cp in own_held:
+        for label, cp in check_checkpoints(Path(path), public_key, result, held=True):
             anchors.setdefault(cp["size"], []).append((label, cp))
     for label, cp in own:
         anchors.setdefault(cp["size"], []).append((label, cp))
@@ -209,12 +208,12 @@ def verify_log(directory: Path, public_key: Ed25519PublicKey, *, held: Iterable[
             label = anchors[longest][0][0]
             end = str(Place(*last, result.records)) if last else f"{segments[-1].name} (empty)"
             result.problems.append(Problem(
-                Place(segments[-1].name, last[1] + 1 if last else 1),
+                Place(last[0], last[1] + 1) if last else Place(segments[-1].name, 1),
                 "truncated",
                 f"the log ends at seq {result.records} ({end}) but {label} signed {longest} records: "
                 f"records {result.records + 1}..{longest} were removed"))
         elif result.records and not anchors and not checkpoint_problem:
-            result.problems.append(Problem(Place(CHECKPOINTS, 0), "unsigned",
+            result.problems.append(Problem(Place(CHECKPOINTS, 1), "unsigned",
                                            "no signed checkpoint: nothing proves these records untampered"))
         elif result.records > result.signed_size and result.checkpoints:
             result.notes.append(
@@ -225,13 +224,14 @@ def verify_log(directory: Path, public_key: Ed25519PublicKey, *, held: Iterable[
 
 
 def _record_problem(raw: bytes, record: Any, file: str, line: int, expected: int, prev: str,
-                    last: tuple[str, int] | None, anchors: dict[int, list[tuple[str, dict[str, Any]]]]) -> Problem | None:
+                    last: tuple[str, int] | None, anchors: dict[int, list[tuple[str, dict[str, Any]]]],
+                    ) -> Problem | None:
     """Why this line does not continue the chain at `expected` after `prev`, or None."""
     if record is None:
         return Problem(Place(file, line), "format", "not valid JSON: the line was damaged or edited by hand")
     if not isinstance(record, dict) or not _chained(record):
-        return Problem(Place(file, line), "format", "not a chained audit record (no valid seq/prev/hash): written by an "
-                                        "older dataops or by hand")
+        return Problem(Place(file, line), "format", "not a chained audit record (no valid seq/prev/hash): "
+                                                    "written by an older dataops or by hand")
     seq = record["seq"]
     ok = line_hash_ok(raw, record) and seq == expected and record["prev"] == prev
     if ok and all(cp["head"] == record["hash"] for _, cp in anchors.get(seq, ())):

@@ -242,7 +242,9 @@ def run_demo(workdir: Path, *, claims: int = 1_000_000, enterprises: int = 200_0
     finally:
         server.stop(grace=config.server.grace_seconds)
     out(f"\nserver stopped cleanly. Audit log: {config.paths.state / 'audit'}")
-    out(f"Try: dataops policy check -c {workdir / 'dataops.toml'}")
+    toml = workdir / "dataops.toml"
+    out(f"Try: dataops audit verify -c {toml}   (or: audit show, audit report --out report.html)")
+    out(f"     dataops budget show -c {toml};  dataops policy check -c {toml}")
     return 0 if refused else 1
 
 

@@ -69,6 +69,9 @@ def coerce_value(dataset: Dataset, column: str, value: Scalar, field_path: str) 
             return dt.date.fromisoformat(value)
         except ValueError:
             ok = False
+    if ok and ctype is ColumnType.FLOAT:
+        # One Python type per column: polars refuses a list mixing int and float.
+        return float(value)
     if not ok:
         description = f"{value!r} is not a {ctype.value} like column {column!r}"
         raise InvalidQuery(

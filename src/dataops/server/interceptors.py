@@ -31,8 +31,19 @@ log = logging.getLogger(__name__)
 DOMAIN = "dataops.v1"
 
 
+# gRPC refuses trailers above 16 KiB (the message and the packed details travel
+# there), and the client would then see a bare RESOURCE_EXHAUSTED with no reason. A
+# message quotes the request, so whatever the request held, each piece is bounded.
+_MAX_MESSAGE = 1024
+_MAX_DETAIL = 256
+
+
+def _bounded(text: str, limit: int = _MAX_DETAIL) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def to_status(error: RequestError, receipt: Receipt | None) -> grpc.Status:
-    metadata = dict(error.metadata)
+    metadata = {key: _bounded(value) for key, value in error.metadata.items()}
     if receipt is not None:
         metadata["receipt_sequence"] = str(receipt.sequence)
         metadata["receipt_hash"] = receipt.hash
@@ -41,8 +52,10 @@ def to_status(error: RequestError, receipt: Receipt | None) -> grpc.Status:
         details.append(
             error_details_pb2.BadRequest(
                 field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                    for v in error.field_violations
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field=_bounded(v.field), description=_bounded(v.description)
+                    )
+                    for v in error.field_violations[:8]
                 ]
             )
         )
@@ -50,8 +63,10 @@ def to_status(error: RequestError, receipt: Receipt | None) -> grpc.Status:
         details.append(
             error_details_pb2.QuotaFailure(
                 violations=[
-                    error_details_pb2.QuotaFailure.Violation(subject=v.subject, description=v.description)
-                    for v in error.quota_violations
+                    error_details_pb2.QuotaFailure.Violation(
+                        subject=_bounded(v.subject), description=_bounded(v.description)
+                    )
+                    for v in error.quota_violations[:8]
                 ]
             )
         )
@@ -60,7 +75,7 @@ def to_status(error: RequestError, receipt: Receipt | None) -> grpc.Status:
         any_detail = any_pb2.Any()
         any_detail.Pack(detail)
         packed.append(any_detail)
-    status = status_pb2.Status(code=error.code.value[0], message=error.message, details=packed)
+    status = status_pb2.Status(code=error.code.value[0], message=_bounded(error.message, _MAX_MESSAGE), details=packed)
     return rpc_status.to_status(status)
 
 
