@@ -19,6 +19,7 @@ invalid UTF-8, unknown enum numbers, oversized messages.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -41,7 +42,7 @@ from dataops.server import build_server
 from dataops.v1 import catalog_pb2 as c
 from dataops.v1 import query_pb2 as q
 
-from conftest import Pki, audit_records, write_config
+from conftest import Pki, write_config
 
 CLIENT_ERRORS = {
     grpc.StatusCode.INVALID_ARGUMENT,
@@ -224,11 +225,11 @@ absurd_floats = st.one_of(
     st.sampled_from([0.0, -0.0, -1.0, 1e-300, 5e-324, 1e300, math.inf, -math.inf, math.nan, 0.5, 1.0, 2.0]),
 )
 texts = st.one_of(st.sampled_from(KEYS), st.text(max_size=12))
-# Targets small enough to need an epsilon beyond ir.MAX_EPSILON hit a known bug (see
-# test_a_target_accuracy_that_needs_an_absurd_epsilon_is_refused); the fuzzer keeps to
-# the targets that cannot need one (sums of a 2e9-bounded column included).
-targets = st.one_of(st.sampled_from([0.0, 0.0, -3.0, 1e8, 1e12, 1e300]), st.floats(max_value=0.0),
-                    st.floats(min_value=1e8), st.just(math.nan), st.just(math.inf))
+# Positive targets outside [1e8, 1e15] hit known bugs in the DP calibration (see
+# test_a_target_accuracy_the_engine_cannot_calibrate_is_a_client_error); the fuzzer
+# keeps to the targets that work for every aggregate (sums of a 2e9-bounded column too).
+targets = st.one_of(st.sampled_from([0.0, 0.0, -3.0, 1e8, 1e12]), st.floats(max_value=0.0),
+                    st.floats(min_value=1e8, max_value=1e15), st.just(math.nan), st.just(math.inf))
 names = st.one_of(st.sampled_from(KNOWN_COLUMNS), st.sampled_from(("", "nope", "__units", "#len", "_x")),
                   st.text(max_size=10))
 
@@ -391,7 +392,7 @@ def plausible_queries(draw) -> tuple[str, q.Query]:
     return consumer, message
 
 
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=False)
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None)
 
 
 # --- the fuzzing ----------------------------------------------------------------------
@@ -553,7 +554,10 @@ def test_after_the_fuzzing_every_request_was_audited_and_the_server_still_answer
     assert code is grpc.StatusCode.OK
     table = wire.table_from_ipc(q.RunQueryResponse.FromString(out).result.ipc_stream)
     assert table.num_rows == 10
-    records = audit_records(fuzz.config)
+    # Not conftest.audit_records: str.splitlines() also splits at U+2028 and U+0085, which
+    # the fuzzer puts into names and the log keeps unescaped (the log itself splits bytes at \n).
+    path = fuzz.config.paths.state / "audit" / "audit.jsonl"
+    records = [json.loads(line) for line in path.read_bytes().split(b"\n") if line]
     assert len(records) == fuzz.calls
     assert [r["seq"] for r in records] == list(range(1, fuzz.calls + 1))
     assert not [r for r in records if r["decision"] == "error"], "an internal error was recorded"
@@ -562,3 +566,28 @@ def test_after_the_fuzzing_every_request_was_audited_and_the_server_still_answer
     fuzz.server.audit.checkpoint()
     verification = verify_log(fuzz.config.paths.state / "audit", fuzz.server.audit.public_key)
     assert verification.ok, verification
+
+
+def _dp_request(aggregate: q.Aggregate, target: float, group_by: tuple[str, ...] = (), delta: float = 0.0):
+    return q.RunQueryRequest(query=q.Query(
+        dataset="enterprise_credit", mode=q.QUERY_MODE_DP, aggregates=[aggregate], group_by=group_by,
+        privacy=q.PrivacyParameters(target_half_width=target, delta=delta)))
+
+
+# Runs after the audit check above: the known bug leaves INTERNAL records behind.
+@pytest.mark.xfail(strict=True, reason=(
+    "dataops/engines/dp.py (not this change's to edit): calibrating a target accuracy can "
+    "yield an epsilon above ir.MAX_EPSILON (the ledger then raises ValueError past 1e6, or "
+    "OpenDP's map overflows at exp(epsilon) with private keys), and a target above every "
+    "half-width makes dp.binary_search raise ValueError; all three surface as INTERNAL (and "
+    "an estimate reports the impossible epsilon as OK)"))
+@pytest.mark.parametrize("request_", [
+    _dp_request(q.Aggregate(function=q.AGGREGATE_FUNCTION_SUM, column="tax_paid"), 1e-9),
+    _dp_request(q.Aggregate(function=q.AGGREGATE_FUNCTION_COUNT), 1e-3, ("arrears_months",), 1e-4),
+    _dp_request(q.Aggregate(function=q.AGGREGATE_FUNCTION_COUNT), 1e300),
+], ids=["ledger-epsilon-cap", "opendp-overflow", "binary-search-bounds"])
+def test_a_target_accuracy_the_engine_cannot_calibrate_is_a_client_error(fuzz, request_):
+    for method, request in ((RUN, request_), (ESTIMATE, q.EstimateQueryRequest(query=request_.query))):
+        code, out = fuzz.call("city-bank", method, request.SerializeToString())
+        assert code is not grpc.StatusCode.OK
+        assert_client_error(code, out)

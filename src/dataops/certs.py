@@ -127,8 +127,12 @@ def issue_consumer(
     out_dir: Path | None = None,
     days: int = 365,
     force: bool = False,
+    validity: tuple[dt.datetime, dt.datetime] | None = None,
 ) -> ConsumerFiles:
-    """Issue a client certificate for `consumer` from the CA in `directory`."""
+    """Issue a client certificate for `consumer` from the CA in `directory`.
+
+    `validity` overrides (not_before, not_after); tests use it to make expired certificates.
+    """
     directory = Path(directory)
     if not isinstance(consumer, str) or not _CONSUMER_NAME.fullmatch(consumer):
         raise CertificateError(
@@ -158,7 +162,7 @@ def issue_consumer(
     if days < 1:
         raise CertificateError(f"days must be at least 1, got {days}")
 
-    not_before, not_after = _validity(days)
+    not_before, not_after = validity or _validity(days)
     # A certificate outliving its issuer fails verification anyway; cap it honestly.
     not_after = min(not_after, ca_cert.not_valid_after_utc)
     if not_after <= not_before:
@@ -284,3 +288,98 @@ def _write_private_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
 
 def _write_certificate(path: Path, cert: x509.Certificate) -> None:
     path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+# --- revocation -------------------------------------------------------------
+#
+# grpcio's Python credentials take no CRL, so the server checks each request's peer
+# certificate against a CRL signed by the platform CA (`ca.crl` beside `ca.crt`).
+# A revoked certificate is refused at its next request, without a restart.
+
+CRL_NAME = "ca.crl"
+
+
+def revoke(directory: Path, certificate: Path) -> Path:
+    """Add `certificate`'s serial to the CA's CRL (created on first use); returns the CRL path."""
+    directory = Path(directory)
+    ca_key, ca_cert, _ = _load_authority(directory)
+    try:
+        cert = x509.load_pem_x509_certificate(Path(certificate).read_bytes())
+    except (OSError, ValueError) as exc:
+        raise CertificateError(f"{certificate}: not a readable PEM certificate ({exc})") from None
+    if cert.issuer != ca_cert.subject:
+        raise CertificateError(f"{certificate} was not issued by the CA in {directory}")
+    path = directory / CRL_NAME
+    now = dt.datetime.now(dt.timezone.utc)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now - _CLOCK_SKEW)
+        .next_update(now + dt.timedelta(days=30))
+    )
+    serials = {cert.serial_number}
+    if path.exists():
+        old = x509.load_pem_x509_crl(path.read_bytes())
+        for entry in old:
+            serials.add(entry.serial_number)
+    for serial in sorted(serials):
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now).build()
+        )
+    crl = builder.sign(ca_key, hashes.SHA256())
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+    os.replace(tmp, path)
+    return path
+
+
+class RevocationList:
+    """The revoked serials from `ca.crl`, reloaded when the file changes.
+
+    A CRL whose signature does not verify against the CA is an operator error: it is
+    refused and every certificate is treated as revoked until it is fixed (fail closed).
+    """
+
+    def __init__(self, ca_cert_path: Path) -> None:
+        self.ca_cert_path = Path(ca_cert_path)
+        self.path = self.ca_cert_path.with_name(CRL_NAME)
+        self._stamp: tuple[int, int] | None = None
+        self._serials: frozenset[int] = frozenset()
+        self._broken = False
+        self._by_pem: dict[bytes, int] = {}
+
+    def _reload(self) -> None:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            self._stamp, self._serials, self._broken = None, frozenset(), False
+            return
+        stamp = (st.st_mtime_ns, st.st_size)
+        if stamp == self._stamp:
+            return
+        self._stamp = stamp
+        try:
+            ca = x509.load_pem_x509_certificate(self.ca_cert_path.read_bytes())
+            crl = x509.load_pem_x509_crl(self.path.read_bytes())
+            if not crl.is_signature_valid(ca.public_key()):
+                raise ValueError("signature does not verify against the CA")
+        except (OSError, ValueError) as exc:
+            import logging
+
+            logging.getLogger(__name__).error("%s is invalid (%s): refusing every certificate", self.path, exc)
+            self._broken = True
+            return
+        self._serials = frozenset(entry.serial_number for entry in crl)
+        self._broken = False
+
+    def is_revoked(self, pem: bytes) -> bool:
+        self._reload()
+        if self._broken:
+            return True
+        serial = self._by_pem.get(pem)
+        if serial is None:
+            serial = x509.load_pem_x509_certificate(pem).serial_number
+            if len(self._by_pem) > 10_000:
+                self._by_pem.clear()
+            self._by_pem[pem] = serial
+        return serial in self._serials

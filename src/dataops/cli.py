@@ -147,6 +147,17 @@ def cmd_certs_issue(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_certs_revoke(args: argparse.Namespace) -> int:
+    from dataops.certs import revoke
+
+    config = _config(args)
+    pki = config.tls.ca_cert.parent
+    cert = args.cert or pki / "consumers" / args.consumer / f"{args.consumer}.crt"
+    path = revoke(pki, cert)
+    print(f"revoked {cert}; the server refuses it from its next request (CRL {path})")
+    return 0
+
+
 def _catalog(config):
     from dataops.catalog import load_catalog
 
@@ -360,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("consumer")
     p.add_argument("--out", type=Path, help="directory for the three files")
     p.add_argument("--force", action="store_true")
+    p = command("revoke", cmd_certs_revoke, "revoke a consumer's certificate (CA-signed CRL)", certs)
+    p.add_argument("consumer")
+    p.add_argument("--cert", type=Path, help="the certificate to revoke (default: the one `issue` wrote)")
 
     policy = sub.add_parser("policy", help="validate and explain policies").add_subparsers(dest="sub", required=True)
     p = command("check", cmd_policy_check, "validate every policy against the catalog", policy)

@@ -14,7 +14,6 @@ from typing import Callable
 
 import hashlib
 import json
-import threading
 
 from dataops.audit.record import CallRecord
 from dataops.authorize import authorize, consumer_policy, live_grant, visible_dataset
@@ -24,6 +23,7 @@ from dataops.engines import AggregateAccuracy, EngineResult, Plan, Spend
 from dataops.engines import aggregate as aggregate_engine
 from dataops.engines import dp as dp_engine
 from dataops.engines._base import predicate
+from dataops.engines.prepared import Fingerprints, PreparedStore
 from dataops.errors import FieldViolation, InvalidQuery
 from dataops.ir import Mode, Query
 from dataops.ledger import BudgetState, Ledger
@@ -39,34 +39,6 @@ def _today() -> dt.date:
 class Estimate:
     spend: Spend
     accuracy: tuple[AggregateAccuracy, ...]
-
-
-class Fingerprints:
-    """SHA-256 of each dataset file, recomputed only when the file changes.
-
-    Part of the release-reuse key: "the same question" means the same data too.
-    """
-
-    def __init__(self) -> None:
-        self._cache: dict[str, tuple[tuple[int, int], str]] = {}
-        self._lock = threading.Lock()
-
-    def of(self, dataset: Dataset) -> str:
-        st = dataset.path.stat()
-        stamp = (st.st_mtime_ns, st.st_size)
-        with self._lock:
-            cached = self._cache.get(str(dataset.path))
-        if cached and cached[0] == stamp:
-            return cached[1]
-        digest = hashlib.sha256()
-        with dataset.path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        # The catalog entry too: new bounds or keys make a different question.
-        digest.update(dataset.source.read_bytes())
-        with self._lock:
-            self._cache[str(dataset.path)] = (stamp, digest.hexdigest())
-        return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -106,13 +78,17 @@ class Sandbox:
         limits: Limits,
         ledger: Ledger,
         today: Callable[[], dt.date] = _today,
+        prepared: PreparedStore | None = None,
     ) -> None:
         self.catalog = catalog
         self.policies = policies
         self.limits = limits
         self.ledger = ledger
         self.today = today
-        self.fingerprints = Fingerprints()
+        # DP releases read the prepared (truncated once) copies when there is a store;
+        # without one, every plan truncates the dataset itself (same losses, slower).
+        self.prepared = prepared
+        self.fingerprints = prepared.fingerprints if prepared is not None else Fingerprints()
 
     def datasets(self, consumer: str) -> list[DatasetView]:
         policy = consumer_policy(self.policies.current, consumer)
@@ -160,15 +136,26 @@ class Sandbox:
             remaining_delta=max(0.0, budget.delta - delta),
         )
 
-    def _release_key(self, plan: Plan) -> str:
-        material = {"query": plan.query.canonical(), "data": self.fingerprints.of(plan.dataset)}
+    def _release_key(self, plan: Plan, fingerprint: str | None = None) -> str:
+        """The same question on the same data: the query, and the data version it is run on."""
+        if fingerprint is None:
+            fingerprint = self.fingerprints.of(plan.dataset)
+        material = {"query": plan.query.canonical(), "data": fingerprint}
         return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
+
+    def _compile_dp(self, plan: Plan) -> tuple[dp_engine.DPQuery, str]:
+        """The compiled query (over the prepared copy if there is a store) and its data version."""
+        if self.prepared is None:
+            return dp_engine.DPQuery.compile(plan), self.fingerprints.of(plan.dataset)
+        source = self.prepared.source(plan.dataset)  # built once per data version
+        return dp_engine.DPQuery.compile(plan, source=source), source.fingerprint
 
     def _run_dp(self, consumer: str, plan: Plan, call: CallRecord) -> EngineResult:
         """Reuse an identical release, or debit the ledger first and only then add noise."""
-        compiled = dp_engine.DPQuery.compile(plan)
+        compiled, fingerprint = self._compile_dp(plan)
+        # The calibration alone decides the spend; `release` refuses to cost more.
         calibration = compiled.calibrate(plan.query.privacy)
-        key = self._release_key(plan)
+        key = self._release_key(plan, fingerprint)
         stored = self.ledger.find_release(key)
         if stored is None:
             reservation = self.ledger.reserve(
@@ -207,7 +194,8 @@ class Sandbox:
         plan = self.plan(consumer, query, call)
         if query.mode is Mode.AGGREGATE:
             return Estimate(Spend(), tuple(AggregateAccuracy(a.name) for a in query.aggregates))
-        calibration = dp_engine.DPQuery.compile(plan).calibrate(query.privacy)
+        compiled, _ = self._compile_dp(plan)  # the form a run would use: the same cost
+        calibration = compiled.calibrate(query.privacy)
         spend = self._remaining(consumer, plan, (calibration.cost.epsilon, calibration.cost.delta))
         return Estimate(spend, calibration.accuracy)
 

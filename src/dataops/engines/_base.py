@@ -83,22 +83,32 @@ def coerce_value(dataset: Dataset, column: str, value: Scalar, field_path: str) 
     return value
 
 
-def predicate(dataset: Dataset, filters: tuple[Filter, ...]) -> pl.Expr | None:
-    """The AND of the filters as a polars expression; a null never matches."""
-    parts: list[pl.Expr] = []
+def filter_exprs(dataset: Dataset, filters: tuple[Filter, ...]) -> list[pl.Expr]:
+    """One boolean expression per filter, values checked against the column types; a null never matches."""
+    exprs: list[pl.Expr] = []
     for i, f in enumerate(filters):
         path = f"query.filters[{i}]"
         col = pl.col(f.column)
         if isinstance(f, Equals):
-            parts.append(col == pl.lit(coerce_value(dataset, f.column, f.value, f"{path}.equals")))
+            expr = col == pl.lit(coerce_value(dataset, f.column, f.value, f"{path}.equals"))
         elif isinstance(f, InSet):
-            values = [coerce_value(dataset, f.column, v, f"{path}.in_set") for v in f.values]
-            parts.append(col.is_in(values))
+            expr = col.is_in([coerce_value(dataset, f.column, v, f"{path}.in_set") for v in f.values])
         elif isinstance(f, Between):
+            ends = []
             if f.low is not None:
-                parts.append(col >= pl.lit(coerce_value(dataset, f.column, f.low, f"{path}.range.low")))
+                ends.append(col >= pl.lit(coerce_value(dataset, f.column, f.low, f"{path}.range.low")))
             if f.high is not None:
-                parts.append(col <= pl.lit(coerce_value(dataset, f.column, f.high, f"{path}.range.high")))
-    if not parts:
+                ends.append(col <= pl.lit(coerce_value(dataset, f.column, f.high, f"{path}.range.high")))
+            expr = pl.all_horizontal(ends)
+        else:  # the IR admits no other kind
+            raise TypeError(f"not a filter: {f!r}")
+        exprs.append(expr.fill_null(False))
+    return exprs
+
+
+def predicate(dataset: Dataset, filters: tuple[Filter, ...]) -> pl.Expr | None:
+    """The AND of the filters as a polars expression; a null never matches."""
+    exprs = filter_exprs(dataset, filters)
+    if not exprs:
         return None
-    return pl.all_horizontal(parts).fill_null(False)
+    return pl.all_horizontal(exprs)

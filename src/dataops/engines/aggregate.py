@@ -9,8 +9,10 @@ next to the computation they guard, and each is a few lines:
   contributions may not exceed `percent`% of the cell, else the row is suppressed:
   a cell dominated by one enterprise discloses that enterprise's value;
 * tracker defence — filters must leave at least k units in the query set and in
-  its complement, else the whole query is refused: this blocks isolating a unit
-  with a filter and its negation (differencing).
+  its complement, and every part of a filter must account for at least k units,
+  else the whole query is refused (see `check_tracker`): this blocks isolating a
+  unit with a filter and its negation, by differencing two queries that differ in
+  one filter (N vs N-1), or by padding a small set with a large one.
 
 The response reports how many rows were suppressed, never which, and no message
 carries a count or value from the data.
@@ -24,9 +26,11 @@ from __future__ import annotations
 
 import polars as pl
 
-from dataops.engines._base import EngineResult, Plan, predicate, scan
+from dataops.catalog import Dataset
+from dataops.engines._base import EngineResult, Plan, filter_exprs, scan
 from dataops.errors import LimitExceeded, OutputControlDenied
-from dataops.ir import Function
+from dataops.ir import Between, Filter, Function, InSet
+from dataops.policy import Dominance
 
 _UNITS = "__units"
 _ROWS = "__rows"
@@ -36,11 +40,10 @@ def run(plan: Plan) -> EngineResult:
     query, dataset, grant = plan.query, plan.dataset, plan.grant
     k = grant.min_group_size
     unit = dataset.unit_column
-    where = predicate(dataset, query.filters)
     frame = scan(dataset)
-    if where is not None:
-        check_tracker(frame, unit, where, k)
-        frame = frame.filter(where)
+    if query.filters:
+        check_tracker(frame, dataset, query.filters, k)
+        frame = frame.filter(pl.all_horizontal(filter_exprs(dataset, query.filters)))
 
     dims = list(query.group_by)
     measures = sorted({a.column for a in query.aggregates if a.column})
@@ -56,7 +59,6 @@ def run(plan: Plan) -> EngineResult:
     outputs = [pl.len().alias(_UNITS)]
     for aggregate in query.aggregates:
         outputs.append(_output(aggregate.function, aggregate.column).alias(aggregate.name))
-    share_limit = grant.dominance.percent / 100.0
     n = grant.dominance.n
     shares = [
         (pl.col(f"__abs_{m}").top_k(n).sum() / pl.col(f"__abs_{m}").sum()).alias(f"__share_{m}")
@@ -70,11 +72,7 @@ def run(plan: Plan) -> EngineResult:
             f"the result has more than max_output_rows={plan.max_output_rows} rows; group by fewer columns",
             rule="limits.max_output_rows",
         )
-    keep = pl.col(_UNITS) >= k
-    for m in dominated:
-        # 0/0 (every contribution zero) is NaN: nothing dominates an all-zero cell.
-        keep = keep & (pl.col(f"__share_{m}").fill_nan(0.0) <= share_limit)
-    released = table.filter(keep)
+    released = table.filter(min_group_size(k) & undominated(dominated, grant.dominance))
     suppressed = len(table) - len(released)
     if dims:
         released = released.sort(dims, nulls_last=True)
@@ -97,15 +95,63 @@ def _output(function: Function, column: str | None) -> pl.Expr:
     raise OutputControlDenied(f"{function.value} has no exact release", rule="aggregate-mode.quantile")
 
 
-def check_tracker(frame: pl.LazyFrame, unit: str, where: pl.Expr, k: int) -> None:
-    """Refuse filters that leave fewer than k units inside, or fewer than k outside."""
-    sizes = frame.select(
-        pl.col(unit).filter(where).n_unique().alias("inside"),
-        pl.col(unit).filter(~where).n_unique().alias("outside"),
-    ).collect()
-    if sizes["inside"][0] < k or sizes["outside"][0] < k:
+def min_group_size(k: int) -> pl.Expr:
+    """The rows that may be released: those covering at least k distinct units."""
+    return pl.col(_UNITS) >= k
+
+
+def undominated(measures: list[str], rule: Dominance) -> pl.Expr:
+    """The rows whose SUM/MEAN cells the n largest units do not dominate."""
+    keep = pl.lit(True)
+    for m in measures:
+        # 0/0 (every contribution zero) is NaN: nothing dominates an all-zero cell.
+        keep = keep & (pl.col(f"__share_{m}").fill_nan(0.0) <= rule.percent / 100.0)
+    return keep
+
+
+def check_tracker(frame: pl.LazyFrame, dataset: Dataset, filters: tuple[Filter, ...], k: int) -> None:
+    """Refuse filters that isolate fewer than k units, alone or by difference with another query.
+
+    Counted in distinct privacy units, all in one pass over the data:
+
+    * the query set, and its complement, hold at least k units (a filter and its
+      negation cannot isolate a unit);
+    * each filter removes at least k units from what the other filters select: two
+      queries that differ in one filter (N vs N-1) differ by at least k units;
+    * each value of an in_set selects at least k units with the other filters: a small
+      set cannot hide in a union with a large one (padding) and be subtracted again;
+    * the lowest and the highest value a range admits are each held by at least k
+      units: moving an end of a range adds or removes at least k units or none.
+
+    A value that selects nothing is refused like a small one, so a refusal cannot tell
+    an empty group from a small one. What is not stopped: combining several queries
+    that each pass, by inclusion-exclusion over different columns (a general tracker);
+    no per-query rule can stop that, which is what DP mode is for.
+    """
+    unit = dataset.unit_column
+    parts = filter_exprs(dataset, filters)
+    where = pl.all_horizontal(parts)
+
+    def units(mask: pl.Expr) -> pl.Expr:
+        return pl.col(unit).filter(mask).n_unique()
+
+    counts = [units(where), units(~where)]
+    for i, (f, part) in enumerate(zip(filters, parts)):
+        others = pl.all_horizontal(parts[:i] + parts[i + 1:]) if len(parts) > 1 else pl.lit(True)
+        counts.append(units(others & ~part))
+        column = pl.col(f.column)
+        if isinstance(f, InSet):
+            one_of = filter_exprs(dataset, tuple(InSet(f.column, (v,)) for v in f.values))
+            counts.extend(units(others & value) for value in one_of)
+        elif isinstance(f, Between):
+            selected = others & part
+            for end in (column.filter(selected).min(), column.filter(selected).max()):
+                counts.append(units(selected & (column == end).fill_null(False)))
+    sizes = frame.select(*[c.alias(f"c{i}") for i, c in enumerate(counts)]).collect().row(0)
+    if min(sizes) < k:
         raise OutputControlDenied(
             f"the filters must leave at least {k} privacy units in the query set and in its "
-            "complement; widen or drop a filter",
+            f"complement, and each filter, each value of an in_set and each end of a range must "
+            f"account for at least {k} of them; widen or drop a filter",
             rule="tracker",
         )

@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from dataops.audit import AuditLog
 from dataops.catalog import Catalog, check_data, load_catalog
 from dataops.config import ServerConfig
+from dataops.engines.prepared import PreparedStore
 from dataops.ledger import Ledger
 from dataops.policy import PolicyStore
 from dataops.server.interceptors import AuditInterceptor
@@ -101,7 +102,10 @@ def build_server(config: ServerConfig) -> DataopsServer:
     policies = PolicyStore(config.paths.policies, catalog)
     ledger_path(config).parent.mkdir(parents=True, exist_ok=True)
     ledger = Ledger(ledger_path(config))
-    sandbox = Sandbox(catalog, policies, config.limits, ledger)
+    # DP reads copies truncated once per data version (state/prepared); build them now,
+    # in the background, so the first DP query need not wait for its dataset's copy.
+    prepared = PreparedStore(config.paths.state)
+    sandbox = Sandbox(catalog, policies, config.limits, ledger, prepared=prepared)
     audit = AuditLog(audit_path(config))
 
     limits = config.server.max_message_bytes
@@ -131,4 +135,5 @@ def build_server(config: ServerConfig) -> DataopsServer:
     port = server.add_secure_port(config.server.listen, credentials)
     if port == 0:
         raise OSError(f"cannot listen on {config.server.listen}")
+    prepared.warm(catalog.datasets.values())
     return DataopsServer(config, server, port, sandbox, policies, audit, ledger, health_servicer)
