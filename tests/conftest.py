@@ -106,4 +106,5 @@ def connect(server, pki: Pki) -> Iterator[Callable[..., Client]]:
 
 def audit_records(config: ServerConfig) -> list[dict]:
     path = config.paths.state / "audit" / "audit.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    # Split on b"\n" only: str.splitlines() also splits at U+2028, which records may hold.
+    return [json.loads(line) for line in path.read_bytes().split(b"\n") if line] if path.exists() else []

@@ -11,9 +11,11 @@ The demo data (conftest: 20 000 enterprises) holds what the attacks aim at: two 
 in Gaoxin (k = 10 for city-bank hides that cell), one enterprise founded in 1953,
 and Binhai x Finance, a cell of 24 firms where two pay ~98% of the tax.
 
-What aggregate mode does *not* stop is stated as strict xfails at the end: exact
-answers to many queries can always be combined (a general tracker). DP mode is the
-answer to that, and its attacks here fail with every control on.
+What aggregate mode does *not* stop is stated at the end as tests of the known limit:
+exact answers to many queries can always be combined (a general tracker, complementary
+cells). They assert the attack works in aggregate mode, so a reader sees the limit and
+a change that closes it must update them; DP mode is the answer, and its attacks here
+fail with every control on.
 """
 
 from __future__ import annotations
@@ -147,7 +149,8 @@ def test_differencing_n_vs_n_minus_1_is_refused(city, raw, monkeypatch, control)
     if control == "on":
         for filters in (narrowed, since_1953, since_1954):
             err = refused(lambda: city.query(CREDIT, aggregates=tax, filters=filters))
-            assert (err.code, err.reason, err.rule) == (grpc.StatusCode.FAILED_PRECONDITION, "OUTPUT_CONTROL", "tracker")
+            assert (err.code, err.reason, err.rule) == (
+                grpc.StatusCode.FAILED_PRECONDITION, "OUTPUT_CONTROL", "tracker")
     else:
         rest = city.query(CREDIT, aggregates=tax, filters=narrowed).frame["tax"][0]
         assert gaoxin - rest == pytest.approx(farms)
@@ -185,7 +188,8 @@ def test_a_tracker_that_pads_a_small_set_with_a_large_one_is_refused(city, raw, 
 def test_in_dp_mode_differencing_leaves_the_target_inside_the_noise(city, raw):
     """Attack (DP mode): the same difference of two totals is answered — DP has no tracker
     defence — but the difference of two noisy totals carries the noise of both: its 95%
-    interval is far wider than the farms' tax it tries to reveal."""
+    interval is far wider than the farms' tax it tries to reveal. The padded tracker is
+    the same subtraction, with the same noise."""
     tax = [total("tax_paid", "tax")]
     narrowed = [Equals("district", "Gaoxin"), InSet("industry", tuple(i for i in INDUSTRIES if i != "Agriculture"))]
     a = city.query(CREDIT, aggregates=tax, filters=[Equals("district", "Gaoxin")], mode="dp", epsilon=1.0)
@@ -354,7 +358,8 @@ def test_averaging_repeated_noisy_answers_gains_nothing(dp_server, raw, monkeypa
     """Attack (averaging): ask the same noisy count of Gaoxin's farms 120 times and
     average; the noise cancels and the count (2) appears. The budget is made large
     enough not to stop it. Control: release reuse — an identical question gets the
-    identical stored answer and spends nothing, so the average is one answer."""
+    identical stored answer and spends nothing, so the average is one answer.
+    (Aggregate mode answers exactly: there is no noise to average away.)"""
     server, client = dp_server(grant_epsilon=200.0, dataset_epsilon=200.0)
     if control == "off":
         monkeypatch.setattr(server.sandbox, "_release_key", lambda *args, **kwargs: secrets.token_hex(32))
@@ -419,11 +424,7 @@ def test_racing_concurrent_requests_cannot_overspend_the_budget(dp_server, monke
 # --- what aggregate mode does not stop: documented, not hidden -------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a general tracker: exact answers to several queries that each pass every per-query "
-    "control can be combined by inclusion-exclusion; only DP mode (or cross-query auditing, "
-    "or perturbing exact answers) stops it"))
-def test_a_general_tracker_over_two_columns_is_stopped(city, raw):
+def test_known_limit_aggregate_mode_does_not_stop_a_general_tracker(city, raw):
     """Attack (general tracker): |G and A| = |G| + |A| - |all| + |not G and not A|, for
     G = Gaoxin, A = Agriculture. Each of the four query sets is large, its complement
     is large, and every filter value selects many units, so each query passes."""
@@ -437,18 +438,18 @@ def test_a_general_tracker_over_two_columns_is_stopped(city, raw):
                                                   InSet("industry", others(INDUSTRIES, "Agriculture"))]),
     ]
     g, a, everyone, neither = (r.frame["n"][0] for r in answers)
-    assert g + a - everyone + neither != 2, "the hidden cell was recovered"
+    # Exact answers to several queries that each pass every per-query control combine by
+    # inclusion-exclusion. Only DP mode (or cross-query auditing, or perturbing exact
+    # answers, e.g. the cell-key method) stops it.
+    assert g + a - everyone + neither == 2, "the known aggregate-mode limit changed: update this test and the README"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "complementary cells: a margin minus the released cells of its row gives the suppressed "
-    "cell when it is the only one suppressed; suppression is per query, so no secondary "
-    "suppression across queries protects it; only DP mode stops it"))
-def test_a_margin_minus_the_released_cells_does_not_reveal_a_suppressed_cell(city):
+def test_known_limit_a_margin_minus_released_cells_reveals_a_lone_suppressed_cell(city):
     """Attack (complementary cells): count Gaoxin's enterprises, then count them by
     industry; the margin minus the released cells is the one suppressed cell."""
     margin = city.query(CREDIT, aggregates=[count_units("n")], filters=[Equals("district", "Gaoxin")])
     cells = city.query(CREDIT, aggregates=[count_units("n")], group_by=["industry"],
                        filters=[Equals("district", "Gaoxin")])
     assert cells.rows_suppressed == 1
-    assert margin.frame["n"][0] - cells.frame["n"].sum() != 2, "the suppressed cell was recovered"
+    # Suppression is per query: no secondary suppression across queries protects the cell.
+    assert margin.frame["n"][0] - cells.frame["n"].sum() == 2, "the known aggregate-mode limit changed"

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -53,7 +54,7 @@ CLIENT_ERRORS = {
     grpc.StatusCode.OUT_OF_RANGE,
     grpc.StatusCode.UNAUTHENTICATED,
 }
-CONSUMERS = ("city-bank", "harbor-insurance", "river-bank")
+CONSUMERS = ("city-bank", "harbor-insurance", "river-bank", "ghost")  # ghost: a valid certificate, no policy
 RUN, ESTIMATE, BUDGET = (f"/dataops.v1.QueryService/{m}" for m in ("RunQuery", "EstimateQuery", "GetBudget"))
 LIST, DESCRIBE = (f"/dataops.v1.CatalogService/{m}" for m in ("ListDatasets", "DescribeDataset"))
 METHODS = (RUN, ESTIMATE, BUDGET, LIST, DESCRIBE)
@@ -71,13 +72,13 @@ class Fuzzing:
     def __repr__(self) -> str:  # hypothesis prints its arguments when a case fails
         return f"Fuzzing(port={self.server.port}, calls={self.calls})"
 
-    def call(self, consumer: str, method: str, payload: bytes, *, audited: bool = True):
+    def call(self, consumer: str, method: str, payload: bytes, *, audited: bool = True, timeout: float = 60):
         """(code, response bytes or the RpcError)."""
         if audited:
             self.calls += 1
         stub = self.channels[consumer].unary_unary(method)  # no serializers: bytes in, bytes out
         try:
-            return grpc.StatusCode.OK, stub(payload, timeout=60)
+            return grpc.StatusCode.OK, stub(payload, timeout=timeout)
         except grpc.RpcError as error:
             return error.code(), error
 
@@ -101,7 +102,8 @@ def fuzz(tmp_path_factory: pytest.TempPathFactory, sandbox_dir: Path, pki: Pki) 
     _raise_budgets(root)
     for consumer, column in EXTRA_FILTERS.items():
         path = root / "policies" / f"{consumer}.toml"
-        path.write_text(re.sub(rf'(?m)^{column} = \["measure"\]', f'{column} = ["measure", "filter"]', path.read_text()))
+        granted = re.sub(rf'(?m)^{column} = \["measure"\]', f'{column} = ["measure", "filter"]', path.read_text())
+        path.write_text(granted)
     server = build_server(config).start()
     city = server.policies.current.get("city-bank").grants["enterprise_credit"]
     assert city.budget.epsilon == HUGE_EPSILON and "filter" in {u.value for u in city.uses("tax_paid")}
@@ -155,7 +157,7 @@ def check_run_response(fuzz: Fuzzing, consumer: str, request: q.RunQueryRequest,
         inside = raw.filter(where) if where is not None else raw
         truth = (inside.group_by(dims).agg(pl.col(unit).n_unique().alias("__n")) if dims
                  else inside.select(pl.col(unit).n_unique().alias("__n")))
-        assert table.height + response.rows_suppressed == truth.height or (not dims and table.height <= 1)
+        assert table.height + response.rows_suppressed == truth.height  # suppressed rows are counted
         if dims:
             joined = table.select(dims).join(truth, on=dims, how="left", nulls_equal=True)
             assert joined.height == table.height
@@ -176,13 +178,13 @@ def check_run_response(fuzz: Fuzzing, consumer: str, request: q.RunQueryRequest,
 
 
 def check(fuzz: Fuzzing, consumer: str, method: str, request) -> None:
-    before = fuzz.server.ledger.spent(consumer, getattr(getattr(request, "query", None), "dataset", "") or "-")
+    """Send one request and check the answer against the contract in the module docstring."""
+    if method == ESTIMATE:
+        before = fuzz.server.ledger.spent(consumer, request.query.dataset)
     code, out = fuzz.call(consumer, method, request.SerializeToString())
     event(f"{method.rsplit('/', 1)[-1]} {code.name}")
     if code is not grpc.StatusCode.OK:
         assert_client_error(code, out)
-        if code is grpc.StatusCode.INVALID_ARGUMENT and hasattr(request, "query"):
-            pass  # whether or not the IR accepts it, the catalog may not
         return
     if hasattr(request, "query"):
         # The server only accepts what the IR accepts.
@@ -225,11 +227,7 @@ absurd_floats = st.one_of(
     st.sampled_from([0.0, -0.0, -1.0, 1e-300, 5e-324, 1e300, math.inf, -math.inf, math.nan, 0.5, 1.0, 2.0]),
 )
 texts = st.one_of(st.sampled_from(KEYS), st.text(max_size=12))
-# Positive targets outside [1e8, 1e15] hit known bugs in the DP calibration (see
-# test_a_target_accuracy_the_engine_cannot_calibrate_is_a_client_error); the fuzzer
-# keeps to the targets that work for every aggregate (sums of a 2e9-bounded column too).
-targets = st.one_of(st.sampled_from([0.0, 0.0, -3.0, 1e8, 1e12]), st.floats(max_value=0.0),
-                    st.floats(min_value=1e8, max_value=1e15), st.just(math.nan), st.just(math.inf))
+targets = st.one_of(st.sampled_from([0.0, 0.0, -3.0, 1e-9, 1e-3, 5.0, 1e4, 1e8, 1e12, 1e300]), absurd_floats)
 names = st.one_of(st.sampled_from(KNOWN_COLUMNS), st.sampled_from(("", "nope", "__units", "#len", "_x")),
                   st.text(max_size=10))
 
@@ -392,7 +390,10 @@ def plausible_queries(draw) -> tuple[str, q.Query]:
     return consumer, message
 
 
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None)
+# Derandomized: the same examples on every run, so CI is repeatable (vary --hypothesis-seed
+# with derandomize off, and raise max_examples, to search further).
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
+                database=None)
 
 
 # --- the fuzzing ----------------------------------------------------------------------
@@ -468,6 +469,24 @@ def test_strings_with_invalid_utf8_are_invalid_argument(fuzz, bad):
         assert_client_error(code, out)
 
 
+PATHOLOGICAL = {
+    "deeply nested groups": b"\x0b" * 100_000,
+    "deeply nested messages": b"\x0a\x02" * 50_000,
+    "length past the end": b"\x0a\x80\x80\x80\x80\x10",
+    "huge field number": b"\xfa\xff\xff\xff\x0f\x00",
+    "truncated varint": b"\x08\xff\xff\xff",
+    "many unknown fields": b"\xf8\x01\x01" * 200_000,
+}
+
+
+@pytest.mark.parametrize("payload", PATHOLOGICAL.values(), ids=PATHOLOGICAL.keys())
+@pytest.mark.parametrize("method", METHODS)
+def test_pathological_wire_payloads_are_refused_or_parsed(fuzz, method, payload):
+    code, out = fuzz.call("city-bank", method, payload)
+    if code is not grpc.StatusCode.OK:
+        assert_client_error(code, out)
+
+
 def test_unknown_enum_numbers_are_invalid_with_a_field_violation(fuzz):
     for function, mode in ((99, 1), (-1, 1), (0, 1), (1, 99), (1, 0), (1, -5)):
         query = q.Query(dataset="enterprise_credit", mode=mode, aggregates=[q.Aggregate(function=function)])
@@ -478,37 +497,50 @@ def test_unknown_enum_numbers_are_invalid_with_a_field_violation(fuzz):
         assert bad, status.message
 
 
-def _limited_query(limits, what: str) -> q.Query:
+def _over_the_limit(limits, what: str, size: str) -> q.Query:
+    """A query with one list just over its configured limit, or as long as 4 MiB allows."""
+    cap = {"aggregates": limits.max_aggregates, "filters": limits.max_filters, "group_by": limits.max_group_by,
+           "in_set": limits.max_in_values}[what]
+    n = cap + 1 if size == "just over" else {"aggregates": 200_000, "filters": 100_000, "group_by": 200_000,
+                                              "in_set": 100_000}[what]
     query = q.Query(dataset="enterprise_credit", mode=q.QUERY_MODE_AGGREGATE)
     if what == "aggregates":
-        for i in range(limits.max_aggregates + 1):
+        for i in range(n):
             query.aggregates.add(function=q.AGGREGATE_FUNCTION_COUNT, alias=f"n{i}")
     else:
         query.aggregates.add(function=q.AGGREGATE_FUNCTION_COUNT)
     if what == "filters":
-        for _ in range(limits.max_filters + 1):
-            query.filters.add(column="district", equals=q.Equals(value=q.Value(string_value="Dongcheng")))
+        for i in range(n):
+            query.filters.add(column="district", equals=q.Equals(value=q.Value(string_value=f"D{i}")))
     if what == "group_by":
-        query.group_by.extend(["district", "industry", "size_band", "year_founded", "arrears_months"]
-                              [: limits.max_group_by + 1])
+        query.group_by.extend(f"c{i}" for i in range(n))
     if what == "in_set":
-        query.filters.add(column="district").in_set.values.extend(
-            q.Value(string_value=f"D{i}") for i in range(100_000))
+        query.filters.add(column="district").in_set.values.extend(q.Value(string_value=f"D{i}") for i in range(n))
     return query
 
 
+@pytest.mark.parametrize("size", ["just over", "huge"])
 @pytest.mark.parametrize("what", ["aggregates", "filters", "group_by", "in_set"])
 @pytest.mark.parametrize("method", [RUN, ESTIMATE])
-def test_queries_beyond_the_configured_limits_are_refused_naming_the_limit(fuzz, monkeypatch, what, method):
-    limits = fuzz.config.limits
-    assert limits.max_group_by < 5
+def test_queries_beyond_the_configured_limits_are_refused_naming_the_limit(fuzz, monkeypatch, what, size, method):
     scanned = []
-    import dataops.engines._base as base
+    scan_parquet = pl.scan_parquet
 
-    monkeypatch.setattr(base.pl, "scan_parquet", lambda *a, **kw: scanned.append(a) or pytest.fail("scanned"))
-    query = _limited_query(limits, what)
+    def recording(*args, **kwargs):
+        # Only the request's own threads (the server's workers) count: a background
+        # warm-up may read the data at any time.
+        if re.fullmatch(r"dataops_\d+", threading.current_thread().name):
+            scanned.append(args)
+        return scan_parquet(*args, **kwargs)
+
+    monkeypatch.setattr(pl, "scan_parquet", recording)
+    query = _over_the_limit(fuzz.config.limits, what, size)
     request = q.RunQueryRequest(query=query) if method == RUN else q.EstimateQueryRequest(query=query)
-    code, out = fuzz.call("city-bank", method, request.SerializeToString())
+    payload = request.SerializeToString()
+    assert len(payload) < fuzz.config.server.max_message_bytes
+    # A deadline, not a timing assertion: validation that is quadratic in a list's length
+    # (as the IR's duplicate-name check was) takes minutes on the huge lists.
+    code, out = fuzz.call("city-bank", method, payload, timeout=30)
     assert code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED)
     assert_client_error(code, out)
     status = rpc_status.from_call(out)
@@ -518,6 +550,9 @@ def test_queries_beyond_the_configured_limits_are_refused_naming_the_limit(fuzz,
     assert unpacked.metadata["rule"].startswith("limits."), status.message
     assert "limit" in status.message
     assert not scanned, "the data was touched before the limit refused the query"
+    within = q.Query(dataset="enterprise_credit", mode=q.QUERY_MODE_AGGREGATE, aggregates=[q.Aggregate(function=1)])
+    assert fuzz.call("city-bank", RUN, q.RunQueryRequest(query=within).SerializeToString())[0] is grpc.StatusCode.OK
+    assert scanned, "the detector sees a query that does read the data"
 
 
 def test_an_oversized_request_is_refused_by_grpc(fuzz):
@@ -547,6 +582,29 @@ def test_enormous_names_get_a_bounded_refusal(fuzz):
         assert_client_error(code, out)
 
 
+def _dp_request(aggregate: q.Aggregate, target: float, group_by: tuple[str, ...] = (), delta: float = 0.0):
+    return q.RunQueryRequest(query=q.Query(
+        dataset="enterprise_credit", mode=q.QUERY_MODE_DP, aggregates=[aggregate], group_by=group_by,
+        privacy=q.PrivacyParameters(target_half_width=target, delta=delta)))
+
+
+@pytest.mark.parametrize(("request_", "affordable"), [
+    # The epsilon these need is beyond ir.MAX_EPSILON (and the ledger's and OpenDP's range).
+    (_dp_request(q.Aggregate(function=q.AGGREGATE_FUNCTION_SUM, column="tax_paid"), 1e-9), False),
+    (_dp_request(q.Aggregate(function=q.AGGREGATE_FUNCTION_COUNT), 1e-3, ("arrears_months",), 1e-4), False),
+    # Wider than any release: the cheapest release meets it.
+    (_dp_request(q.Aggregate(function=q.AGGREGATE_FUNCTION_COUNT), 1e300), True),
+], ids=["beyond-the-ledger", "beyond-opendp-with-private-keys", "wider-than-any-release"])
+def test_extreme_accuracy_targets_are_refused_or_met_never_internal(fuzz, request_, affordable):
+    for method, request in ((RUN, request_), (ESTIMATE, q.EstimateQueryRequest(query=request_.query))):
+        code, out = fuzz.call("city-bank", method, request.SerializeToString())
+        if affordable:
+            assert code is grpc.StatusCode.OK
+        else:
+            assert code is grpc.StatusCode.INVALID_ARGUMENT
+            assert_client_error(code, out)
+
+
 def test_after_the_fuzzing_every_request_was_audited_and_the_server_still_answers(fuzz):
     query = q.Query(dataset="enterprise_credit", mode=q.QUERY_MODE_AGGREGATE, group_by=["district"],
                     aggregates=[q.Aggregate(function=q.AGGREGATE_FUNCTION_COUNT_UNITS)])
@@ -566,28 +624,3 @@ def test_after_the_fuzzing_every_request_was_audited_and_the_server_still_answer
     fuzz.server.audit.checkpoint()
     verification = verify_log(fuzz.config.paths.state / "audit", fuzz.server.audit.public_key)
     assert verification.ok, verification
-
-
-def _dp_request(aggregate: q.Aggregate, target: float, group_by: tuple[str, ...] = (), delta: float = 0.0):
-    return q.RunQueryRequest(query=q.Query(
-        dataset="enterprise_credit", mode=q.QUERY_MODE_DP, aggregates=[aggregate], group_by=group_by,
-        privacy=q.PrivacyParameters(target_half_width=target, delta=delta)))
-
-
-# Runs after the audit check above: the known bug leaves INTERNAL records behind.
-@pytest.mark.xfail(strict=True, reason=(
-    "dataops/engines/dp.py (not this change's to edit): calibrating a target accuracy can "
-    "yield an epsilon above ir.MAX_EPSILON (the ledger then raises ValueError past 1e6, or "
-    "OpenDP's map overflows at exp(epsilon) with private keys), and a target above every "
-    "half-width makes dp.binary_search raise ValueError; all three surface as INTERNAL (and "
-    "an estimate reports the impossible epsilon as OK)"))
-@pytest.mark.parametrize("request_", [
-    _dp_request(q.Aggregate(function=q.AGGREGATE_FUNCTION_SUM, column="tax_paid"), 1e-9),
-    _dp_request(q.Aggregate(function=q.AGGREGATE_FUNCTION_COUNT), 1e-3, ("arrears_months",), 1e-4),
-    _dp_request(q.Aggregate(function=q.AGGREGATE_FUNCTION_COUNT), 1e300),
-], ids=["ledger-epsilon-cap", "opendp-overflow", "binary-search-bounds"])
-def test_a_target_accuracy_the_engine_cannot_calibrate_is_a_client_error(fuzz, request_):
-    for method, request in ((RUN, request_), (ESTIMATE, q.EstimateQueryRequest(query=request_.query))):
-        code, out = fuzz.call("city-bank", method, request.SerializeToString())
-        assert code is not grpc.StatusCode.OK
-        assert_client_error(code, out)

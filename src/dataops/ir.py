@@ -2,8 +2,10 @@
 
 Built from protobuf by the servicers (`dataops.wire`), by the Python client and by
 the CLI. Construction validates shape only (a SUM needs a column, a quantile lies in
-(0, 1), numbers are finite); whether the consumer may ask it is `dataops.authorize`'s
-business, and whether the columns exist is checked against the catalog there too.
+(0, 1), numbers are finite, names and strings are bounded, one query spends at most
+`MAX_EPSILON`); whether the consumer may ask it is `dataops.authorize`'s business,
+and whether the columns exist is checked against the catalog there too. Whatever a
+request holds, a bad query becomes an `InvalidQuery` with a field violation here.
 
 `Query.canonical()` is the one textual form of a query: it goes into the audit log
 and keys DP release reuse, so two queries that mean the same thing share it.
@@ -14,6 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Union
@@ -256,8 +259,10 @@ class Query:
             _check_name(column, f"query.group_by[{i}]")
         if len(set(self.group_by)) != len(self.group_by):
             raise _invalid("query.group_by", "names a column twice")
-        names = [a.name for a in self.aggregates]
-        clash = sorted(set(names) & set(self.group_by) | {n for n in names if names.count(n) > 1})
+        # Counted, not names.count(n) per name: that is quadratic, and a request may
+        # carry hundreds of thousands of aggregates before the configured limits apply.
+        names = Counter(a.name for a in self.aggregates)
+        clash = sorted(set(names) & set(self.group_by) | {n for n, times in names.items() if times > 1})
         if clash:
             raise _invalid("query.aggregates", f"output column {clash[0]!r} is produced twice; set an alias")
         if self.mode is Mode.DP:

@@ -12,8 +12,13 @@ The life of one DP request::
     except Exception:
         ledger.refund(r)         # nothing left the process: the budget comes back
         raise
-    write_the_audit_record()
     stored = ledger.commit(r, release_key=..., payload=..., metadata=...)
+    write_the_audit_record()     # then respond
+
+The service commits before the audit append: if the append then fails, the response
+is refused and the value never leaves, yet the budget stays spent (fail closed) and
+the stored release is only ever returned again by a later request that is itself
+audited — re-releasing the same noisy value adds no privacy loss.
 
 Why it cannot overspend: `reserve` reads what has been spent and records the new
 spend inside one `BEGIN IMMEDIATE` transaction. SQLite grants that write lock to one

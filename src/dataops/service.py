@@ -25,7 +25,7 @@ from dataops.engines import dp as dp_engine
 from dataops.engines._base import predicate
 from dataops.engines.prepared import Fingerprints, PreparedStore
 from dataops.errors import FieldViolation, InvalidQuery
-from dataops.ir import Mode, Query
+from dataops.ir import MAX_NAME_LENGTH, Mode, Query
 from dataops.ledger import BudgetState, Ledger
 from dataops.policy import Grant, PolicyStore
 from dataops.wire import table_from_ipc, table_to_ipc
@@ -52,20 +52,20 @@ class DatasetView:
 def check_limits(query: Query, limits: Limits) -> None:
     """Complexity caps from configuration; beyond them the request is refused outright."""
     checks = [
-        ("query.filters", len(query.filters), limits.max_filters),
-        ("query.group_by", len(query.group_by), limits.max_group_by),
-        ("query.aggregates", len(query.aggregates), limits.max_aggregates),
+        ("query.filters", len(query.filters), limits.max_filters, "max_filters"),
+        ("query.group_by", len(query.group_by), limits.max_group_by, "max_group_by"),
+        ("query.aggregates", len(query.aggregates), limits.max_aggregates, "max_aggregates"),
     ]
     checks += [
-        (f"query.filters[{i}].in_set", len(getattr(f, "values", ())), limits.max_in_values)
+        (f"query.filters[{i}].in_set", len(getattr(f, "values", ())), limits.max_in_values, "max_in_values")
         for i, f in enumerate(query.filters)
     ]
-    for field_path, size, cap in checks:
+    for field_path, size, cap, name in checks:
         if size > cap:
             description = f"has {size} entries; the limit is {cap}"
             raise InvalidQuery(
                 f"{field_path} {description}",
-                rule=f"limits.{field_path.split('.')[1].split('[')[0]}",
+                rule=f"limits.{name}",
                 field_violations=(FieldViolation(field_path, description),),
             )
 
@@ -101,15 +101,17 @@ class Sandbox:
         return views
 
     def describe(self, consumer: str, dataset_id: str, call: CallRecord) -> DatasetView:
-        call.dataset = dataset_id
+        call.dataset = dataset_id[:MAX_NAME_LENGTH]  # bounded: the audit line must stay small
         policy = consumer_policy(self.policies.current, consumer)
         dataset = visible_dataset(policy, self.catalog, dataset_id)
         return DatasetView(dataset, live_grant(policy, dataset, self.today()))
 
     def plan(self, consumer: str, query: Query, call: CallRecord) -> Plan:
         """Validate and authorize a query; nothing has run and nothing is spent yet."""
-        call.dataset, call.query, call.mode = query.dataset, query.canonical(), query.mode.value
+        call.dataset, call.mode = query.dataset, query.mode.value
+        # Limits first: an over-limit request must not write its whole text into the audit log.
         check_limits(query, self.limits)
+        call.query = query.canonical()
         decision = authorize(self.policies.current, self.catalog, consumer, query, self.today())
         # Building the predicate type-checks every filter value against the catalog,
         # before anything runs (and, for DP, before any budget is reserved).
@@ -200,7 +202,7 @@ class Sandbox:
         return Estimate(spend, calibration.accuracy)
 
     def budgets(self, consumer: str, dataset_id: str | None, call: CallRecord) -> list[BudgetState]:
-        call.dataset = dataset_id
+        call.dataset = dataset_id[:MAX_NAME_LENGTH] if dataset_id else None
         views = self.datasets(consumer)
         if dataset_id is not None:
             views = [self.describe(consumer, dataset_id, call)]

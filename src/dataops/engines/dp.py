@@ -106,7 +106,7 @@ from opendp.mod import OpenDPException
 from dataops.catalog import Column, ColumnType, Dataset
 from dataops.engines._base import AggregateAccuracy, EngineResult, Plan, predicate, scan
 from dataops.errors import InternalError, InvalidQuery, LimitExceeded
-from dataops.ir import Aggregate, Function, Mode, Privacy, Query
+from dataops.ir import MAX_EPSILON, Aggregate, Function, Mode, Privacy, Query
 
 # "honest-but-curious": OnceFrame.lazy(), see the module docstring.
 dp.enable_features("contrib", "honest-but-curious")
@@ -281,6 +281,13 @@ class DPQuery:
             scale = c.scale_for(privacy.epsilon)
         elif privacy.target_half_width is not None:
             scale = c.scale_for_half_width(privacy.target_half_width)
+            # Loss is reference_epsilon / scale; checked before any map that could overflow.
+            if c.reference_epsilon / scale > MAX_EPSILON:
+                raise InvalidQuery(
+                    f"target_half_width={privacy.target_half_width} would need epsilon above "
+                    f"{MAX_EPSILON:g}; ask for a wider half-width",
+                    rule="dp.accuracy-target",
+                )
         else:
             raise InvalidQuery("a DP query needs epsilon or target_half_width", rule="dp.privacy")
         threshold = c.threshold_for(scale, privacy.delta) if c.private_keys else None
@@ -554,7 +561,8 @@ class _Compiled:
 
         if not within(1e-12):
             raise InvalidQuery(f"target_half_width={target} cannot be reached", rule="dp.accuracy-target")
-        scale = dp.binary_search(within, bounds=(1e-12, 1e18), T=float)
+        # A target looser than the noise at the largest scale is met at (almost) no cost.
+        scale = 1e18 if within(1e18) else dp.binary_search(within, bounds=(1e-12, 1e18), T=float)
         # Confirm with OpenDP's own summary at that scale; step down past any rounding.
         while not all(a.half_width_95 <= target for a in self.accuracy(self.build(scale, self._no_keys))):
             scale = math.nextafter(scale, 0.0) * (1 - 1e-12)
