@@ -46,7 +46,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return Pki(root / "platform", root / "outsider")
 
 
-def write_config(root: Path, sandbox: Path, pki: Pki, extra: str = "") -> ServerConfig:
+def write_config(root: Path, sandbox: Path, pki: Pki, extra: str = "", *,
+                 rate_per_minute: int = 6_000_000, rate_burst: int = 1_000_000) -> ServerConfig:
     """A work directory with copies of the repo's catalog and policies."""
     for name in ("catalog", "policies"):
         shutil.copytree(REPO / name, root / name)
@@ -68,6 +69,10 @@ state = "state"
 ca_cert = {json.dumps(str(pki.directory / "ca.crt"))}
 server_cert = {json.dumps(str(pki.directory / "server.crt"))}
 server_key = {json.dumps(str(pki.directory / "server.key"))}
+
+[limits]
+rate_per_minute = {rate_per_minute}
+rate_burst = {rate_burst}
 {extra}
 """
     )

@@ -527,9 +527,9 @@ def test_queries_beyond_the_configured_limits_are_refused_naming_the_limit(fuzz,
     scan_parquet = pl.scan_parquet
 
     def recording(*args, **kwargs):
-        # Only the request's own threads (the server's workers) count: a background
+        # Only the request's own threads (server workers and engine threads) count: a background
         # warm-up may read the data at any time.
-        if re.fullmatch(r"dataops_\d+", threading.current_thread().name):
+        if re.fullmatch(r"(dataops|engine)_\d+", threading.current_thread().name):
             scanned.append(args)
         return scan_parquet(*args, **kwargs)
 

@@ -113,6 +113,10 @@ class Limits:
     max_aggregates: int = 8
     max_in_values: int = 256
     max_output_rows: int = 10_000
+    # Per consumer, over all dataops.v1 RPCs: a token bucket refilled at this rate,
+    # holding at most `rate_burst` requests.
+    rate_per_minute: int = 600
+    rate_burst: int = 60
 
     def __post_init__(self) -> None:
         for f in fields(self):

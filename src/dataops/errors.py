@@ -113,6 +113,13 @@ class LimitExceeded(RequestError):
     reason = "LIMIT_EXCEEDED"
 
 
+class DeadlineExceeded(RequestError):
+    """The client's deadline passed before an answer was ready; nothing was released."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    reason = "DEADLINE_EXCEEDED"
+
+
 class LoadError(Exception):
     """An operator-written file is invalid; the message names the file and the key."""
 

@@ -9,11 +9,13 @@ append and error mapping; everything here is plain Python and testable as such.
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
-from typing import Callable
-
 import hashlib
 import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from typing import Callable
 
 from dataops.audit.record import CallRecord
 from dataops.authorize import authorize, consumer_policy, live_grant, visible_dataset
@@ -24,7 +26,7 @@ from dataops.engines import aggregate as aggregate_engine
 from dataops.engines import dp as dp_engine
 from dataops.engines._base import predicate
 from dataops.engines.prepared import Fingerprints, PreparedStore
-from dataops.errors import FieldViolation, InvalidQuery
+from dataops.errors import DeadlineExceeded, FieldViolation, InvalidQuery
 from dataops.ir import MAX_NAME_LENGTH, Mode, Query
 from dataops.ledger import BudgetState, Ledger
 from dataops.policy import Grant, PolicyStore
@@ -79,6 +81,7 @@ class Sandbox:
         ledger: Ledger,
         today: Callable[[], dt.date] = _today,
         prepared: PreparedStore | None = None,
+        engine_workers: int = 8,
     ) -> None:
         self.catalog = catalog
         self.policies = policies
@@ -88,7 +91,12 @@ class Sandbox:
         # DP releases read the prepared (truncated once) copies when there is a store;
         # without one, every plan truncates the dataset itself (same losses, slower).
         self.prepared = prepared
+        # Engines run here so a request can stop waiting at its client's deadline.
+        self._engines = ThreadPoolExecutor(max_workers=engine_workers, thread_name_prefix="engine")
         self.fingerprints = prepared.fingerprints if prepared is not None else Fingerprints()
+
+    def close(self) -> None:
+        self._engines.shutdown(wait=False, cancel_futures=True)
 
     def datasets(self, consumer: str) -> list[DatasetView]:
         policy = consumer_policy(self.policies.current, consumer)
@@ -106,6 +114,27 @@ class Sandbox:
         dataset = visible_dataset(policy, self.catalog, dataset_id)
         return DatasetView(dataset, live_grant(policy, dataset, self.today()))
 
+    def _within_deadline(self, call: CallRecord, work: Callable[[], EngineResult]) -> EngineResult:
+        """Run `work`, giving up at the client's deadline.
+
+        On a timeout the result is discarded whenever it arrives, so for DP the
+        reservation can be returned: nothing was released. The engine thread runs on
+        to completion (polars cannot be interrupted) but its answer goes nowhere.
+        """
+        if call.deadline is None:
+            return work()
+        remaining = call.deadline - time.monotonic()
+        if remaining <= 0:
+            raise DeadlineExceeded("the client's deadline passed before the query started; nothing was run")
+        future = self._engines.submit(work)
+        try:
+            return future.result(timeout=remaining)
+        except FutureTimeout:
+            future.cancel()
+            raise DeadlineExceeded(
+                "the query did not finish before the client's deadline; nothing was released"
+            ) from None
+
     def plan(self, consumer: str, query: Query, call: CallRecord) -> Plan:
         """Validate and authorize a query; nothing has run and nothing is spent yet."""
         call.dataset, call.mode = query.dataset, query.mode.value
@@ -121,7 +150,7 @@ class Sandbox:
     def run(self, consumer: str, query: Query, call: CallRecord) -> EngineResult:
         plan = self.plan(consumer, query, call)
         if query.mode is Mode.AGGREGATE:
-            result = aggregate_engine.run(plan)
+            result = self._within_deadline(call, lambda: aggregate_engine.run(plan))
         else:
             result = self._run_dp(consumer, plan, call)
         call.rows_returned = result.table.num_rows
@@ -167,7 +196,7 @@ class Sandbox:
                 request=call.time,
             )
             try:
-                result = compiled.release(calibration)
+                result = self._within_deadline(call, lambda: compiled.release(calibration))
             except BaseException:
                 self.ledger.refund(reservation)  # nothing left the process
                 raise

@@ -35,6 +35,8 @@ class CallRecord:
     epsilon_spent: float = 0.0
     delta_spent: float = 0.0
     reused: bool = False
+    # time.monotonic() by which the client stops waiting (its gRPC deadline); not audited.
+    deadline: float | None = None
 
     def allowed(self, rule: str = "grant") -> None:
         self.decision, self.code, self.rule = "allowed", "OK", self.rule or rule

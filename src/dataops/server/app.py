@@ -20,11 +20,13 @@ from grpc_reflection.v1alpha import reflection
 
 from dataops.audit import AuditLog
 from dataops.catalog import Catalog, check_data, load_catalog
+from dataops.certs import RevocationList
 from dataops.config import ServerConfig
 from dataops.engines.prepared import PreparedStore
 from dataops.ledger import Ledger
 from dataops.policy import PolicyStore
 from dataops.server.interceptors import AuditInterceptor
+from dataops.server.ratelimit import RateLimiter
 from dataops.server.servicers import CatalogServicer, QueryServicer
 from dataops.service import Sandbox
 from dataops.v1 import catalog_pb2, catalog_pb2_grpc, query_pb2, query_pb2_grpc
@@ -76,6 +78,7 @@ class DataopsServer:
         grace = self.config.server.grace_seconds if grace is None else grace
         self.grpc_server.stop(grace).wait()
         self.policies.stop()
+        self.sandbox.close()
         self.ledger.close()
         self.audit.close()
         log.info("dataops stopped")
@@ -105,13 +108,17 @@ def build_server(config: ServerConfig) -> DataopsServer:
     # DP reads copies truncated once per data version (state/prepared); build them now,
     # in the background, so the first DP query need not wait for its dataset's copy.
     prepared = PreparedStore(config.paths.state)
-    sandbox = Sandbox(catalog, policies, config.limits, ledger, prepared=prepared)
+    sandbox = Sandbox(catalog, policies, config.limits, ledger, prepared=prepared,
+                      engine_workers=config.server.workers)
     audit = AuditLog(audit_path(config))
 
     limits = config.server.max_message_bytes
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.server.workers, thread_name_prefix="dataops"),
-        interceptors=[AuditInterceptor(audit, policies)],
+        interceptors=[AuditInterceptor(
+            audit, policies, RevocationList(config.tls.ca_cert),
+            RateLimiter(config.limits.rate_per_minute, config.limits.rate_burst),
+        )],
         options=[
             ("grpc.max_receive_message_length", limits),
             ("grpc.max_send_message_length", limits),

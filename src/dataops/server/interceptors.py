@@ -12,6 +12,7 @@ nowhere else (Feast's grpc_error_interceptor does the same).
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Callable
 
 import grpc
@@ -22,9 +23,10 @@ from grpc_status import rpc_status
 
 from dataops.audit import AuditLog, AuditUnavailable, Receipt
 from dataops.audit.record import CallRecord, close_call, open_call
-from dataops.certs import consumer_identity_from_auth_context
-from dataops.errors import InvalidQuery, RequestError, Unauthenticated
+from dataops.certs import RevocationList, consumer_identity_from_auth_context
+from dataops.errors import InvalidQuery, LimitExceeded, QuotaViolation, RequestError, Unauthenticated
 from dataops.policy import PolicyStore
+from dataops.server.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +82,35 @@ def to_status(error: RequestError, receipt: Receipt | None) -> grpc.Status:
 
 
 class AuditInterceptor(grpc.ServerInterceptor):
-    def __init__(self, audit: AuditLog, policies: PolicyStore) -> None:
+    def __init__(
+        self,
+        audit: AuditLog,
+        policies: PolicyStore,
+        revocations: RevocationList | None = None,
+        limiter: RateLimiter | None = None,
+    ) -> None:
         self.audit = audit
         self.policies = policies
+        self.revocations = revocations
+        self.limiter = limiter
+
+    def identify(self, context: grpc.ServicerContext, call: CallRecord) -> str:
+        """The consumer named by a valid, unrevoked certificate, within its rate limit."""
+        auth = context.auth_context()
+        consumer = consumer_identity_from_auth_context(auth)
+        call.consumer = consumer
+        if consumer is None:
+            raise Unauthenticated("the client certificate names no consumer", rule="identity")
+        pem = (auth.get("x509_pem_cert") or [b""])[0]
+        if self.revocations is not None and self.revocations.is_revoked(pem):
+            raise Unauthenticated("the client certificate is revoked", rule="certificate.revoked")
+        if self.limiter is not None and not self.limiter.allow(consumer):
+            raise LimitExceeded(
+                f"consumer {consumer!r} is over its rate limit; retry later",
+                rule="limits.rate",
+                quota_violations=(QuotaViolation(f"consumer:{consumer}", "request rate limit"),),
+            )
+        return consumer
 
     def intercept_service(self, continuation: Callable, handler_call_details: Any) -> Any:
         handler = continuation(handler_call_details)
@@ -103,9 +131,10 @@ class AuditInterceptor(grpc.ServerInterceptor):
             token = open_call(call)
             response, error = None, None
             try:
-                call.consumer = consumer_identity_from_auth_context(context.auth_context())
-                if call.consumer is None:
-                    raise Unauthenticated("the client certificate names no consumer", rule="identity")
+                self.identify(context, call)
+                remaining = context.time_remaining()
+                if remaining is not None:
+                    call.deadline = time.monotonic() + remaining
                 try:
                     request = handler.request_deserializer(raw)
                 except DecodeError:
