@@ -136,3 +136,16 @@ def test_a_query_past_its_deadline_is_cancelled_and_its_reservation_returned(ser
     result = client.query("enterprise_credit", aggregates=[count(), total("penalties")], group_by=["district"],
                           mode="dp", epsilon=1.0)
     assert not result.reused  # the abandoned release was never stored
+
+
+def test_a_stated_purpose_must_be_the_grants_and_is_recorded(connect, config):
+    client = connect("city-bank")
+    with pytest.raises(DataopsClientError) as err:
+        client.query("enterprise_credit", aggregates=[count()], purpose="marketing")
+    assert err.value.rule == "grant.purpose"
+    assert "marketing" not in err.value.message  # the stated text is not echoed back
+    client.query("enterprise_credit", aggregates=[count()], purpose="pre-loan review")
+    client.query("enterprise_credit", aggregates=[count()])  # unstated: the grant's purpose
+    records = audit_records(config)[-3:]
+    assert [r["purpose"] for r in records] == ["marketing", "pre-loan review", "pre-loan review"]
+    assert [r["decision"] for r in records] == ["denied", "allowed", "allowed"]

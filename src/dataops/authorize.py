@@ -10,6 +10,7 @@ Rules, in the order they are checked (the first that fails decides):
     dataset.unknown                       the dataset exists in the consumer's zone
     default-deny                          the consumer holds a grant on it
     grant.expires                         the grant is not past its expiry date
+    grant.purpose                         a stated purpose is the grant's purpose
     grant.modes                           the grant allows the query's mode
     query.column                          every column named exists
     identifier                            identifier / unclassified columns are never used
@@ -114,6 +115,11 @@ def authorize(
     policy = consumer_policy(policies, consumer)
     dataset = visible_dataset(policy, catalog, query.dataset)
     grant = live_grant(policy, dataset, today)
+    if query.purpose and query.purpose != grant.purpose:
+        raise PolicyDenied(
+            f"the grant on {dataset.id!r} is for the purpose {grant.purpose!r}, not the one stated",
+            rule="grant.purpose",
+        )
     if query.mode not in grant.modes:
         raise PolicyDenied(
             f"the grant on {dataset.id!r} does not allow {query.mode.value} queries", rule="grant.modes"

@@ -47,6 +47,7 @@ def add_query_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epsilon", type=float)
     parser.add_argument("--delta", type=float, default=0.0)
     parser.add_argument("--target-half-width", type=float)
+    parser.add_argument("--purpose", default="", help="the purpose of this query; must be your grant's")
 
 
 def parse_aggregate(spec: str) -> ir.Aggregate:
@@ -108,6 +109,7 @@ def query_from_args(args: argparse.Namespace, column_types: dict[str, str]) -> i
         group_by=tuple(args.group_by),
         mode=mode,
         privacy=privacy,
+        purpose=args.purpose,
     )
 
 

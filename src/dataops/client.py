@@ -196,6 +196,7 @@ class Client:
         epsilon: float | None = None,
         delta: float = 0.0,
         target_half_width: float | None = None,
+        purpose: str = "",
     ) -> ir.Query:
         mode = ir.Mode(mode)
         privacy = None
@@ -208,6 +209,7 @@ class Client:
             group_by=tuple(group_by),
             mode=mode,
             privacy=privacy,
+            purpose=purpose,
         )
 
     def run(self, query: ir.Query, *, timeout: float | None = None) -> QueryResult:

@@ -240,10 +240,14 @@ class Query:
     group_by: tuple[str, ...] = ()
     mode: Mode = Mode.AGGREGATE
     privacy: Privacy | None = None
+    # Not part of the canonical form: the purpose does not change the answer.
+    purpose: str = ""
     _canonical: str = field(default="", init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _check_name(self.dataset, "query.dataset", missing="is required")
+        if self.purpose:
+            _check_name(self.purpose, "query.purpose")
         if not isinstance(self.mode, Mode):
             raise _invalid("query.mode", "QUERY_MODE_AGGREGATE or QUERY_MODE_DP is required")
         if not self.aggregates:

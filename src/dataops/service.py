@@ -141,7 +141,9 @@ class Sandbox:
         # Limits first: an over-limit request must not write its whole text into the audit log.
         check_limits(query, self.limits)
         call.query = query.canonical()
+        call.purpose = query.purpose or None
         decision = authorize(self.policies.current, self.catalog, consumer, query, self.today())
+        call.purpose = decision.grant.purpose  # what the answer may be used for, as granted
         # Building the predicate type-checks every filter value against the catalog,
         # before anything runs (and, for DP, before any budget is reserved).
         predicate(decision.dataset, query.filters)

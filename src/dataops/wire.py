@@ -106,6 +106,7 @@ def query_from_proto(message: q.Query) -> ir.Query:
         group_by=tuple(message.group_by),
         mode=mode,
         privacy=privacy,
+        purpose=message.purpose,
     )
 
 
@@ -124,6 +125,7 @@ def query_to_proto(query: ir.Query) -> q.Query:
             for a in query.aggregates
         ],
         mode=MODE_TO_PROTO[query.mode],
+        purpose=query.purpose,
     )
     if query.privacy is not None:
         message.privacy.CopyFrom(

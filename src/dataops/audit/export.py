@@ -37,7 +37,7 @@ METADATA_KEY = b"dataops.audit.export"
 INTS = ("seq", "rows_returned", "rows_suppressed")
 FLOATS = ("epsilon_spent", "delta_spent", "latency_ms")
 BOOLS = ("reused",)
-COLUMNS = ("seq", "time", "consumer", "method", "dataset", "mode", "decision", "code", "reason", "rule",
+COLUMNS = ("seq", "time", "consumer", "method", "dataset", "mode", "purpose", "decision", "code", "reason", "rule",
            "column", "rows_returned", "rows_suppressed", "epsilon_spent", "delta_spent", "reused",
            "latency_ms", "policy_version", "query", "prev", "hash", "record")
 _BATCH = 50_000

@@ -25,6 +25,7 @@ class CallRecord:
     dataset: str | None = None
     query: str | None = None
     mode: str | None = None
+    purpose: str | None = None
     decision: str = "error"
     code: str = "OK"
     reason: str | None = None
@@ -60,6 +61,7 @@ class CallRecord:
             "dataset": self.dataset,
             "query": self.query,
             "mode": self.mode,
+            "purpose": self.purpose,
             "decision": self.decision,
             "code": self.code,
             "reason": self.reason,

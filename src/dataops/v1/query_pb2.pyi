@@ -98,20 +98,22 @@ class PrivacyParameters(_message.Message):
     def __init__(self, epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., target_half_width: _Optional[float] = ...) -> None: ...
 
 class Query(_message.Message):
-    __slots__ = ("dataset", "filters", "group_by", "aggregates", "mode", "privacy")
+    __slots__ = ("dataset", "filters", "group_by", "aggregates", "mode", "privacy", "purpose")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     FILTERS_FIELD_NUMBER: _ClassVar[int]
     GROUP_BY_FIELD_NUMBER: _ClassVar[int]
     AGGREGATES_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     PRIVACY_FIELD_NUMBER: _ClassVar[int]
+    PURPOSE_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     filters: _containers.RepeatedCompositeFieldContainer[Filter]
     group_by: _containers.RepeatedScalarFieldContainer[str]
     aggregates: _containers.RepeatedCompositeFieldContainer[Aggregate]
     mode: QueryMode
     privacy: PrivacyParameters
-    def __init__(self, dataset: _Optional[str] = ..., filters: _Optional[_Iterable[_Union[Filter, _Mapping]]] = ..., group_by: _Optional[_Iterable[str]] = ..., aggregates: _Optional[_Iterable[_Union[Aggregate, _Mapping]]] = ..., mode: _Optional[_Union[QueryMode, str]] = ..., privacy: _Optional[_Union[PrivacyParameters, _Mapping]] = ...) -> None: ...
+    purpose: str
+    def __init__(self, dataset: _Optional[str] = ..., filters: _Optional[_Iterable[_Union[Filter, _Mapping]]] = ..., group_by: _Optional[_Iterable[str]] = ..., aggregates: _Optional[_Iterable[_Union[Aggregate, _Mapping]]] = ..., mode: _Optional[_Union[QueryMode, str]] = ..., privacy: _Optional[_Union[PrivacyParameters, _Mapping]] = ..., purpose: _Optional[str] = ...) -> None: ...
 
 class ArrowTable(_message.Message):
     __slots__ = ("ipc_stream", "row_count")
