@@ -182,8 +182,8 @@ def test_a_server_killed_mid_load_restarts_with_a_consistent_ledger_and_log(tmp_
             while sum(o.answered and o.dp for o in outcomes) < 10:
                 assert time.monotonic() < deadline, "no answers under load"
                 time.sleep(0.01)
-            serving.kill()  # SIGKILL: no drain, no checkpoint, no ledger close
             killed.set()
+            serving.kill()  # SIGKILL: no drain, no checkpoint, no ledger close
             for future in futures:
                 future.result(timeout=30)
     finally:
@@ -195,6 +195,7 @@ def test_a_server_killed_mid_load_restarts_with_a_consistent_ledger_and_log(tmp_
     lost = [o for o in outcomes if not o.answered]
     # Before the kill the service answered everything; after it only the transport fails.
     assert all(o.lost for o in lost), {(o.code, o.reason) for o in lost}
+    assert len(lost) <= 8  # only the requests in flight at the kill: one per load thread
     assert not any(o.reused for o in answered)
     assert all(o.epsilon == pytest.approx(o.asked_epsilon) for o in answered if o.dp)
 
@@ -261,8 +262,8 @@ def test_a_server_killed_mid_load_restarts_with_a_consistent_ledger_and_log(tmp_
             continue
         record = log[o.receipt.sequence]
         assert record["epsilon_spent"] == o.epsilon and not record["reused"]
-        # The service notes the request's arrival time on its reservation.
-        [reservation] = by_request[(o.consumer, record["time"])]
+        # The reservation carries the audit record's request id.
+        [reservation] = by_request[(o.consumer, record["request_id"])]
         assert reservation[4] == "released" and reservation[3] == units(o.epsilon)
         assert reservation[0] in released and reservation[0] not in matched
         matched.add(reservation[0])

@@ -152,6 +152,8 @@ class Client:
             options.append(("grpc.ssl_target_name_override", server_name))
         self.channel = grpc.secure_channel(target, credentials, options=options)
         self.timeout = timeout
+        # The receipt of the most recent successful call (refusals carry theirs in the error).
+        self.last_receipt: Receipt | None = None
         self._catalog = catalog_pb2_grpc.CatalogServiceStub(self.channel)
         self._query = query_pb2_grpc.QueryServiceStub(self.channel)
 
@@ -172,9 +174,11 @@ class Client:
 
     def _call(self, method: Any, request: Any, timeout: float | None = None) -> Any:
         try:
-            return method(request, timeout=timeout or self.timeout)
+            response = method(request, timeout=timeout or self.timeout)
         except grpc.RpcError as error:
             raise DataopsClientError.from_rpc_error(error) from None
+        self.last_receipt = _receipt(response)
+        return response
 
     def list_datasets(self) -> list[catalog_pb2.Dataset]:
         return list(self._call(self._catalog.ListDatasets, catalog_pb2.ListDatasetsRequest()).datasets)

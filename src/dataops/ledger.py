@@ -381,9 +381,10 @@ class Ledger:
         metadata: str | None = None,
     ) -> StoredRelease | None:
         """Mark the reservation released; with ``release_key``, also store the release
-        for reuse, in the same transaction. Call it once the response is certain to be
-        sent (after the audit record is written): a released reservation can never be
-        refunded.
+        for reuse, in the same transaction. Call it once the value exists and will not
+        be discarded for any reason but a failed audit append: a released reservation
+        can never be refunded (the service commits, then appends the audit record; see
+        the module docstring for why that order is safe).
 
         First writer wins. If a release with this key is already stored (an identical
         query raced this one), nothing new is stored, this reservation becomes

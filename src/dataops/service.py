@@ -195,7 +195,7 @@ class Sandbox:
                 consumer, plan.dataset.id, calibration.cost.epsilon, calibration.cost.delta,
                 grant_total=(plan.grant.budget.epsilon, plan.grant.budget.delta),
                 dataset_total=(plan.dataset.budget.epsilon, plan.dataset.budget.delta),
-                request=call.time,
+                request=call.request_id,
             )
             try:
                 result = self._within_deadline(call, lambda: compiled.release(calibration))

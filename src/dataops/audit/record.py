@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextvars
 import datetime as dt
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,8 @@ from dataops.errors import RequestError
 @dataclass
 class CallRecord:
     method: str
+    # Links the audit record to the ledger reservation it made, if any.
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     started: float = field(default_factory=time.perf_counter)
     time: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds"))
     consumer: str | None = None
@@ -56,6 +59,7 @@ class CallRecord:
     def to_record(self, policy_version: str) -> dict[str, Any]:
         return {
             "time": self.time,
+            "request_id": self.request_id,
             "consumer": self.consumer,
             "method": self.method,
             "dataset": self.dataset,

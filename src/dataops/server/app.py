@@ -123,7 +123,10 @@ def build_server(config: ServerConfig) -> DataopsServer:
             ("grpc.max_receive_message_length", limits),
             ("grpc.max_send_message_length", limits),
         ],
-        maximum_concurrent_rpcs=config.server.workers * 4,
+        # Overload shedding happens in gRPC before any interceptor runs, so a request
+        # turned away here leaves no audit record: keep the cap far above the worker
+        # pool (requests queue for a worker first) and let per-consumer rate limits act.
+        maximum_concurrent_rpcs=config.server.workers * 64,
     )
     catalog_pb2_grpc.add_CatalogServiceServicer_to_server(CatalogServicer(sandbox), server)
     query_pb2_grpc.add_QueryServiceServicer_to_server(QueryServicer(sandbox), server)
