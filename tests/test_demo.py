@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from dataops.client import DataopsClientError
 from dataops.demo import session
 
@@ -49,3 +51,13 @@ def test_the_demo_shows_dp_answers_an_estimate_reuse_and_an_exhausted_budget(tmp
     assert "spent epsilon 1 (remaining 4)" in text
     assert "reused an earlier release: nothing spent" in text
     assert "REFUSED RESOURCE_EXHAUSTED BUDGET_EXHAUSTED" in text
+
+
+@pytest.mark.slow
+def test_the_demo_at_its_default_size(tmp_path):
+    """1M claim rows and 200k enterprises, as `dataops demo` runs by default."""
+    lines: list[str] = []
+    assert session.run_demo(tmp_path / "demo", out=lines.append) == 0
+    text = "\n".join(lines)
+    assert "generated 200,000 enterprises and 1,000,000 claim rows" in text
+    assert "reused an earlier release: nothing spent" in text

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dataops._fs import fsync_dir
 from dataops.audit.chain import GENESIS, canonical, line_hash_ok, record_hash
 from dataops.audit.signing import (
     CHECKPOINTS, SIGNING_KEY, checkpoint_hash, key_id, load_or_create_signing_key, sign_checkpoint,
@@ -105,7 +106,7 @@ class AuditLog:
         self._seq, self._prev = self._recover()
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         self._segment_size = os.fstat(self._fd).st_size
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         self._stop = threading.Event()
         self._timer: threading.Thread | None = None
         if checkpoint_seconds:
@@ -253,7 +254,7 @@ class AuditLog:
         finally:
             os.close(fd)
         if first and self.fsync:
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         self._last_checkpoint = checkpoint
         return checkpoint
 
@@ -274,13 +275,13 @@ class AuditLog:
         self._fd = -1
         try:
             os.rename(self.path, target)
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         except OSError:
             log.exception("audit log %s: could not rotate to %s; continuing in the same file", self.path, target)
         try:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
             self._segment_size = os.fstat(self._fd).st_size
-            _fsync_dir(self.directory)  # a new file's name is durable only once its directory is synced
+            fsync_dir(self.directory)  # a new file's name is durable only once its directory is synced
         except OSError as exc:
             self._broken = f"cannot open {self.path} after rotation ({exc})"
             log.error("audit log: %s", self._broken)
@@ -331,10 +332,3 @@ def _drop_torn_line(path: Path) -> None:
             f.truncate(end)
             os.fsync(f.fileno())
 
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -27,6 +27,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from dataops._fs import fsync_dir
 from dataops.audit.chain import canonical
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ def load_or_create_signing_key(path: Path) -> Ed25519PrivateKey:
             pass
         finally:
             tmp.unlink()
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     elif path.stat().st_mode & 0o077:
         log.warning("audit signing key %s is readable by others; chmod 600 it", path)
     key = load_signing_key(path)
@@ -124,10 +125,3 @@ def checkpoint_hash(checkpoint: dict[str, Any]) -> str:
     """What the next checkpoint's `prev` names: SHA-256 over the whole signed checkpoint."""
     return hashlib.sha256(canonical(checkpoint)).hexdigest()
 
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -60,6 +60,7 @@ from typing import Iterable
 
 import polars as pl
 
+from dataops._fs import fsync_dir
 from dataops.catalog import Dataset
 from dataops.engines.dp import PREPARED_LAYOUT, UNIT_CODE, PreparedSource, prepared_columns
 from dataops.errors import InternalError
@@ -201,7 +202,7 @@ class PreparedStore:
             with temporary.open("rb") as f:
                 os.fsync(f.fileno())
             os.replace(temporary, path)
-            _fsync_directory(self.directory)
+            fsync_dir(self.directory)
         except BaseException:
             temporary.unlink(missing_ok=True)
             raise
@@ -220,10 +221,3 @@ class PreparedStore:
             except FileNotFoundError:
                 pass
 
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
