@@ -61,3 +61,19 @@ def test_the_demo_at_its_default_size(tmp_path):
     text = "\n".join(lines)
     assert "generated 200,000 enterprises and 1,000,000 claim rows" in text
     assert "reused an earlier release: nothing spent" in text
+
+
+def test_after_the_demo_the_audit_log_verifies(tmp_path, capsys):
+    from dataops.cli import main
+
+    work = tmp_path / "demo"
+    assert session.run_demo(work, claims=60_000, enterprises=20_000, out=lambda _: None) == 0
+    assert main(["audit", "verify", "-c", str(work / "dataops.toml")]) == 0
+    assert capsys.readouterr().out.startswith("OK")
+    # One byte changed in any record, and it no longer does.
+    log = work / "state" / "audit" / "audit.jsonl"
+    data = bytearray(log.read_bytes())
+    data[data.index(b'"city-bank"') + 1] ^= 0x01
+    log.write_bytes(bytes(data))
+    assert main(["audit", "verify", "-c", str(work / "dataops.toml")]) == 1
+    assert "audit.jsonl line" in capsys.readouterr().out
