@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import threading
 from pathlib import Path
-from types import MappingProxyType
 
 import polars as pl
 import pytest

@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import grpc
 import pytest
 
-from dataops.client import Client, DataopsClientError, count, mean, total
-from dataops.config import load_config
-from dataops.ir import Between, Equals
+from dataops.client import Client, DataopsClientError, count, total
+from dataops.ir import Between
 from dataops.ledger import Ledger
 from dataops.server import build_server
 from dataops.server.app import ledger_path

@@ -12,7 +12,6 @@ starts fresh each run so the session is the same every time.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shutil

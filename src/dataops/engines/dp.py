@@ -383,7 +383,6 @@ class _Compiled:
         """One measurement for the rows and one for COUNT_UNITS, as the query needs."""
         row_aggs = [self._expr(a) for a in self.query.aggregates if a.function is not Function.COUNT_UNITS]
         unit_aggs = [self._expr(a) for a in self.query.aggregates if a.function is Function.COUNT_UNITS]
-        plans = []
         if row_aggs:
             if self.private_keys and not any(a.function is Function.COUNT for a in self.query.aggregates):
                 # OpenDP thresholds on a noisy row count; add one (it is paid for, not shown).

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import grpc
 from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from dataops.audit import AuditLog, AuditUnavailable, Receipt
