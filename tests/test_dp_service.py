@@ -183,3 +183,15 @@ def test_the_ledger_survives_kill_9_mid_load(config, pki, tmp_path):
         assert ledger._conn().execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     # Every answered request is debited; in-flight ones may count as spent (fail closed); never more.
     assert sum(answered) - 1e-9 <= spent <= 5.0 + 1e-9
+
+
+def test_a_repeated_question_is_answered_even_when_the_budget_is_spent(connect, server):
+    """Reuse is looked up before any reservation: repeating a released question needs no budget."""
+    client = connect("city-bank")
+    first = dp_query(client, 1.0)
+    dp_query(client, 4.0, year=2000)  # the rest of the grant's budget
+    with pytest.raises(DataopsClientError):
+        dp_query(client, 0.5, year=2010)
+    again = dp_query(client, 1.0)
+    assert again.reused and again.frame.equals(first.frame)
+    assert server.ledger.spent("city-bank", "enterprise_credit")[0] == pytest.approx(5.0)
