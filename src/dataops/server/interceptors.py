@@ -81,6 +81,35 @@ def to_status(error: RequestError, receipt: Receipt | None) -> grpc.Status:
     return rpc_status.to_status(status)
 
 
+# grpcio reports a call without a deadline as an enormous time_remaining() (about
+# 2**63 ns), not None; stock clients (grpcurl, grpc-js) send none by default. Past a
+# day it cannot be a real deadline, and a wait that long overflows time_t.
+_NO_DEADLINE_ABOVE_SECONDS = 86_400.0
+
+
+def client_deadline(remaining: float | None) -> float | None:
+    """time.monotonic() by which the client stops waiting, or None when it set no deadline."""
+    if remaining is None or not remaining < _NO_DEADLINE_ABOVE_SECONDS:
+        return None
+    return time.monotonic() + remaining
+
+
+def internal_status(receipt: Receipt) -> grpc.Status:
+    """INTERNAL with an ErrorInfo carrying the receipt, so a reviewer can find the record."""
+    info = error_details_pb2.ErrorInfo(
+        reason="INTERNAL", domain=DOMAIN,
+        metadata={"receipt_sequence": str(receipt.sequence), "receipt_hash": receipt.hash},
+    )
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    status = status_pb2.Status(
+        code=grpc.StatusCode.INTERNAL.value[0],
+        message=f"internal error (audit receipt {receipt.sequence})",
+        details=[detail],
+    )
+    return rpc_status.to_status(status)
+
+
 class AuditInterceptor(grpc.ServerInterceptor):
     def __init__(
         self,
@@ -132,9 +161,7 @@ class AuditInterceptor(grpc.ServerInterceptor):
             response, error = None, None
             try:
                 self.identify(context, call)
-                remaining = context.time_remaining()
-                if remaining is not None:
-                    call.deadline = time.monotonic() + remaining
+                call.deadline = client_deadline(context.time_remaining())
                 try:
                     request = handler.request_deserializer(raw)
                 except DecodeError:
@@ -158,7 +185,7 @@ class AuditInterceptor(grpc.ServerInterceptor):
             if error is not None:
                 context.abort_with_status(to_status(error, receipt))
             if response is None:
-                context.abort(grpc.StatusCode.INTERNAL, f"internal error (audit receipt {receipt.sequence})")
+                context.abort_with_status(internal_status(receipt))
             response.receipt.sequence = receipt.sequence
             response.receipt.hash = receipt.hash
             return response
