@@ -83,6 +83,7 @@ class PathsSection:
     policies: Path
     sandbox: Path
     state: Path  # audit log, budget ledger
+    products: Path  # table and subject products, one TOML file each
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -201,6 +202,7 @@ def _default_paths(root: Path) -> PathsSection:
         policies=root / "policies",
         sandbox=root / "sandbox",
         state=root / "state",
+        products=root / "products",
     )
 
 

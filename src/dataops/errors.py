@@ -132,6 +132,10 @@ class PolicyError(LoadError):
     pass
 
 
+class ProductError(LoadError):
+    """A table or subject product file is wrong; the message names the file and key."""
+
+
 class ConfigError(LoadError):
     pass
 
