@@ -21,7 +21,10 @@ PROTO_DIR = ROOT / "proto"
 def generate(out: Path) -> list[Path]:
     from grpc_tools import protoc
 
-    sources = sorted(p.relative_to(PROTO_DIR).as_posix() for p in PROTO_DIR.rglob("*.proto"))
+    # Only our contract: proto/google holds googleapis protos vendored for other
+    # languages' clients; Python gets them from googleapis-common-protos, and
+    # generating them here would shadow that package's `google.rpc` modules.
+    sources = sorted(p.relative_to(PROTO_DIR).as_posix() for p in (PROTO_DIR / "dataops").rglob("*.proto"))
     well_known = resources.files("grpc_tools") / "_proto"
     out.mkdir(parents=True, exist_ok=True)
     args = [

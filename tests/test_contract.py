@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -36,10 +37,113 @@ def test_generated_code_is_current(tmp_path):
             f"src/dataops/v1/{name} is stale: run `python scripts/gen_proto.py`")
 
 
-def test_buf_lint_standard_passes():
+def test_buf_lint_standard_and_comments_passes():
     result = subprocess.run([tool("buf"), "lint"], cwd=REPO / "proto", capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "STANDARD" in (REPO / "proto/buf.yaml").read_text()
+    rules = (REPO / "proto/buf.yaml").read_text()
+    assert "STANDARD" in rules and "COMMENTS" in rules
+
+
+def copy_of_the_contract(tmp_path: Path) -> Path:
+    copy = tmp_path / "proto"
+    shutil.copytree(REPO / "proto", copy)
+    return copy
+
+
+def test_buf_lint_refuses_a_field_without_a_comment(tmp_path):
+    """The COMMENTS rule is live: one uncommented field in our contract fails the lint."""
+    proto = copy_of_the_contract(tmp_path)
+    path = proto / "dataops/v1/query.proto"
+    text = path.read_text()
+    commented = "  // The dataset's id (`Dataset.id`).\n  string dataset = 1;\n"
+    assert commented in text
+    path.write_text(text.replace(commented, "  string dataset = 1;\n"))
+    result = subprocess.run([tool("buf"), "lint"], cwd=proto, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert 'Field "dataset" should have a non-empty comment' in result.stdout + result.stderr
+
+
+# The last released contract, checked in so that a fresh clone without git tags can
+# still compare against it: `buf build -o proto/releases/v0.1.0.binpb` at release.
+LAST_RELEASE = REPO / "proto/releases/v0.1.0.binpb"
+
+
+def buf_breaking(proto: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([tool("buf"), "breaking", "--against", str(LAST_RELEASE)],
+                          cwd=proto, capture_output=True, text=True)
+
+
+def test_the_contract_is_not_broken_since_the_last_release():
+    result = buf_breaking(REPO / "proto")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("edit", ["renumber a field", "remove a field", "change a field's type"])
+def test_buf_breaking_catches_an_incompatible_change(tmp_path, edit):
+    proto = copy_of_the_contract(tmp_path)
+    path = proto / "dataops/v1/query.proto"
+    text = path.read_text()
+    line = "  uint64 sequence = 1;\n"
+    assert line in text
+    replacement = {"renumber a field": "  uint64 sequence = 9;\n", "remove a field": "",
+                   "change a field's type": "  string sequence = 1;\n"}[edit]
+    path.write_text(text.replace(line, replacement))
+    result = buf_breaking(proto)
+    assert result.returncode != 0, f"{edit} passed buf breaking"
+    assert "sequence" in result.stdout + result.stderr
+
+
+def test_buf_breaking_allows_an_additive_change(tmp_path):
+    proto = copy_of_the_contract(tmp_path)
+    path = proto / "dataops/v1/query.proto"
+    path.write_text(path.read_text() + "\n// Added is new.\nmessage Added {\n  // A new field.\n  string note = 1;\n}\n")
+    assert buf_breaking(proto).returncode == 0
+
+
+VENDORED = ["google/rpc/status.proto", "google/rpc/error_details.proto", "google/rpc/code.proto"]
+
+
+def test_the_googleapis_protos_a_client_needs_are_vendored_unchanged():
+    """A client in any language decodes grpc-status-details-bin from proto/ alone."""
+    from importlib import resources
+
+    shipped = resources.files("google.rpc")
+    for name in VENDORED:
+        vendored = (REPO / "proto" / name).read_text()
+        assert vendored == (shipped / Path(name).name).read_text(), f"proto/{name} differs from googleapis"
+    # The image of the whole tree (ours and theirs) builds, so the imports resolve.
+    result = subprocess.run([tool("buf"), "build", "-o", "-#format=json"], cwd=REPO / "proto",
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    files = {f["name"] for f in json.loads(result.stdout)["file"]}
+    assert set(VENDORED) <= files
+
+
+def test_python_code_is_generated_for_our_contract_only(tmp_path):
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import gen_proto
+    finally:
+        sys.path.pop(0)
+    gen_proto.generate(tmp_path)
+    generated = {p.relative_to(tmp_path).parts[0] for p in tmp_path.rglob("*.py")}
+    assert generated == {"dataops"}  # no google/rpc shadowing googleapis-common-protos
+
+
+def test_every_reason_the_server_sends_is_in_the_contract():
+    """errors.proto's ErrorReason is the list a client programs against: it must match."""
+    import dataops.server.app  # noqa: F401  (imports every module that defines errors)
+    from dataops.errors import RequestError
+    from dataops.v1 import errors_pb2
+
+    def subclasses(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+
+    sent = {RequestError.reason} | {cls.reason for cls in subclasses(RequestError)} | {"INTERNAL"}
+    documented = {name.removeprefix("ERROR_REASON_") for name in errors_pb2.ErrorReason.keys()} - {"UNSPECIFIED"}
+    assert sent == documented
 
 
 def run_grpcurl(server, pki, args: list[str], consumer: str | None = "city-bank", *,
@@ -145,3 +249,40 @@ def test_no_deadline_is_recognised_whatever_grpc_reports(remaining, expected_non
     from dataops.server.interceptors import client_deadline
 
     assert (client_deadline(remaining) is None) is expected_none
+
+
+def test_describe_dataset_states_the_grants_dominance_rule(connect):
+    client = connect("city-bank")
+    grant = client.describe("enterprise_credit").grant
+    # policies/city-bank.toml: [grants.dominance] n = 2, percent = 85.0
+    assert (grant.dominance.n, grant.dominance.percent) == (2, 85.0)
+
+
+def documented_tokens(message: str, field: str) -> set[str]:
+    """The backticked tokens in the comment above `field` of `message` in query.proto."""
+    text = (REPO / "proto/dataops/v1/query.proto").read_text()
+    body = text.split(f"message {message} {{", 1)[1].split("\n}", 1)[0]
+    comment = body.split(f" {field} = ", 1)[0].rsplit(";\n", 1)[-1]
+    return set(re.findall(r"`([^`]+)`", comment))
+
+
+def test_output_names_and_mechanisms_are_the_documented_ones(connect):
+    from dataops import client as dc
+
+    client = connect("city-bank")
+    result = client.query(
+        "enterprise_credit", group_by=["district"], mode="dp", epsilon=1.0,
+        aggregates=[dc.count(), dc.count_units(), dc.total("tax_paid"), dc.mean("tax_paid"),
+                    dc.median("tax_paid"), dc.quantile("tax_paid", 0.05)],
+    )
+    names = ["count", "count_units", "sum_tax_paid", "mean_tax_paid", "q50_tax_paid", "q05_tax_paid"]
+    assert result.frame.columns == ["district", *names]
+    # Every default name above is spelt out in the contract's comments.
+    text = (REPO / "proto/dataops/v1/query.proto").read_text()
+    for name in ("`count`", "`count_units`", "`sum_<column>`", "`mean_<column>`", "`q50_tax_paid`", "`q05_tax_paid`"):
+        assert name in text
+    mechanisms = {name: a.mechanism for name, a in result.accuracy.items()}
+    assert mechanisms == {"count": "discrete_laplace", "count_units": "discrete_laplace",
+                          "sum_tax_paid": "discrete_laplace", "mean_tax_paid": "discrete_laplace",
+                          "q50_tax_paid": "exponential", "q05_tax_paid": "exponential"}
+    assert set(mechanisms.values()) <= documented_tokens("AggregateAccuracy", "mechanism")

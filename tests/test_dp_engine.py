@@ -101,7 +101,7 @@ def test_released_noise_agrees_with_the_reported_scale(claims: Dataset, form: st
     errors = np.array([compiled.release(calibration).table["count"][0].as_py() - truth for _ in range(300)])
 
     (accuracy,) = calibration.accuracy
-    assert accuracy.mechanism == "discrete laplace"
+    assert accuracy.mechanism == "discrete_laplace"
     assert errors.std() == pytest.approx(discrete_laplace_std(accuracy.noise_scale), rel=0.25)
     assert abs(errors.mean()) < 4 * discrete_laplace_std(accuracy.noise_scale) / math.sqrt(300)
     covered = np.mean(np.abs(errors) <= accuracy.half_width_95)

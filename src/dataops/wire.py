@@ -202,6 +202,7 @@ def grant_to_proto(grant: Grant) -> c.Grant:
         min_group_size=grant.min_group_size,
         epsilon=grant.budget.epsilon,
         delta=grant.budget.delta,
+        dominance=c.Dominance(n=grant.dominance.n, percent=grant.dominance.percent),
     )
 
 

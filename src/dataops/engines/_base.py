@@ -22,6 +22,12 @@ class Plan:
     max_output_rows: int = 10_000
 
 
+# `AggregateAccuracy.mechanism` values, as the contract (query.proto) documents
+# them: stable tokens a client can compare, not prose.
+MECHANISM_DISCRETE_LAPLACE = "discrete_laplace"  # counts, sums; a mean's sum and count
+MECHANISM_EXPONENTIAL = "exponential"  # quantiles (OpenDP's exponential mechanism)
+
+
 @dataclass(frozen=True)
 class AggregateAccuracy:
     column: str

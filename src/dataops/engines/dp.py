@@ -104,7 +104,15 @@ import pyarrow as pa
 from opendp.mod import OpenDPException
 
 from dataops.catalog import Column, ColumnType, Dataset
-from dataops.engines._base import AggregateAccuracy, EngineResult, Plan, predicate, scan
+from dataops.engines._base import (
+    MECHANISM_DISCRETE_LAPLACE,
+    MECHANISM_EXPONENTIAL,
+    AggregateAccuracy,
+    EngineResult,
+    Plan,
+    predicate,
+    scan,
+)
 from dataops.errors import InternalError, InvalidQuery, LimitExceeded
 from dataops.ir import MAX_EPSILON, Aggregate, Function, Mode, Privacy, Query
 
@@ -602,17 +610,17 @@ class _Compiled:
                 # The exponential mechanism's scale is in rank-score units; its error in data
                 # units depends on the data, so there is no half-width to promise.
                 (row,) = found.values()
-                out.append(AggregateAccuracy(a.name, row["scale"], math.nan, "exponential mechanism"))
+                out.append(AggregateAccuracy(a.name, row["scale"], math.nan, MECHANISM_EXPONENTIAL))
                 continue
             if a.function is Function.MEAN:
                 scale = found["Sum"]["scale"] / factor  # the numerator's noise, in data units
-                out.append(AggregateAccuracy(a.name, scale, math.nan, "discrete laplace (sum / count)"))
+                out.append(AggregateAccuracy(a.name, scale, math.nan, MECHANISM_DISCRETE_LAPLACE))
                 continue
             if len(found) != 1 or next(iter(found.values()))["distribution"] != "Integer Laplace":
                 raise InternalError(f"unexpected OpenDP summary for {a.name}: {found}")
             (row,) = found.values()
             scale, half_width = row["scale"] / factor, row["accuracy"] / factor
-            out.append(AggregateAccuracy(a.name, scale, half_width, "discrete laplace"))
+            out.append(AggregateAccuracy(a.name, scale, half_width, MECHANISM_DISCRETE_LAPLACE))
         return tuple(out)
 
     # --- post-processing ----------------------------------------------------------

@@ -74,8 +74,16 @@ class Column(_message.Message):
     bins: _containers.RepeatedScalarFieldContainer[float]
     def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., classification: _Optional[_Union[Classification, str]] = ..., description: _Optional[str] = ..., allowed_uses: _Optional[_Iterable[_Union[ColumnUse, str]]] = ..., lower_bound: _Optional[float] = ..., upper_bound: _Optional[float] = ..., public_keys: _Optional[_Iterable[str]] = ..., bins: _Optional[_Iterable[float]] = ...) -> None: ...
 
+class Dominance(_message.Message):
+    __slots__ = ("n", "percent")
+    N_FIELD_NUMBER: _ClassVar[int]
+    PERCENT_FIELD_NUMBER: _ClassVar[int]
+    n: int
+    percent: float
+    def __init__(self, n: _Optional[int] = ..., percent: _Optional[float] = ...) -> None: ...
+
 class Grant(_message.Message):
-    __slots__ = ("purpose", "expires", "modes", "functions", "min_group_size", "epsilon", "delta")
+    __slots__ = ("purpose", "expires", "modes", "functions", "min_group_size", "epsilon", "delta", "dominance")
     PURPOSE_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_FIELD_NUMBER: _ClassVar[int]
     MODES_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +91,7 @@ class Grant(_message.Message):
     MIN_GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
     EPSILON_FIELD_NUMBER: _ClassVar[int]
     DELTA_FIELD_NUMBER: _ClassVar[int]
+    DOMINANCE_FIELD_NUMBER: _ClassVar[int]
     purpose: str
     expires: str
     modes: _containers.RepeatedScalarFieldContainer[_query_pb2.QueryMode]
@@ -90,7 +99,8 @@ class Grant(_message.Message):
     min_group_size: int
     epsilon: float
     delta: float
-    def __init__(self, purpose: _Optional[str] = ..., expires: _Optional[str] = ..., modes: _Optional[_Iterable[_Union[_query_pb2.QueryMode, str]]] = ..., functions: _Optional[_Iterable[_Union[_query_pb2.AggregateFunction, str]]] = ..., min_group_size: _Optional[int] = ..., epsilon: _Optional[float] = ..., delta: _Optional[float] = ...) -> None: ...
+    dominance: Dominance
+    def __init__(self, purpose: _Optional[str] = ..., expires: _Optional[str] = ..., modes: _Optional[_Iterable[_Union[_query_pb2.QueryMode, str]]] = ..., functions: _Optional[_Iterable[_Union[_query_pb2.AggregateFunction, str]]] = ..., min_group_size: _Optional[int] = ..., epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., dominance: _Optional[_Union[Dominance, _Mapping]] = ...) -> None: ...
 
 class ListDatasetsRequest(_message.Message):
     __slots__ = ()

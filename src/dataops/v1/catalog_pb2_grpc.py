@@ -29,6 +29,11 @@ class CatalogServiceStub:
     """CatalogService lets a consumer discover the datasets its policy grants, and
     what it may do with each column. Datasets outside the consumer's zone are
     invisible: they are neither listed nor described.
+
+    Every call needs a client certificate issued by the sandbox's CA; the
+    consumer is the certificate's common name. Every call, allowed or refused,
+    leaves one audit record, and the response (or the error's ErrorInfo, see
+    errors.proto) carries its receipt.
     """
 
     def __init__(self, channel):
@@ -53,6 +58,11 @@ class CatalogServiceServicer:
     """CatalogService lets a consumer discover the datasets its policy grants, and
     what it may do with each column. Datasets outside the consumer's zone are
     invisible: they are neither listed nor described.
+
+    Every call needs a client certificate issued by the sandbox's CA; the
+    consumer is the certificate's common name. Every call, allowed or refused,
+    leaves one audit record, and the response (or the error's ErrorInfo, see
+    errors.proto) carries its receipt.
     """
 
     def ListDatasets(self, request, context):
@@ -64,6 +74,8 @@ class CatalogServiceServicer:
 
     def DescribeDataset(self, request, context):
         """DescribeDataset returns one dataset's columns and the caller's grant on it.
+        An id that does not exist and an id of another zone get the same
+        NOT_FOUND (reason UNKNOWN_DATASET).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -94,6 +106,11 @@ class CatalogService:
     """CatalogService lets a consumer discover the datasets its policy grants, and
     what it may do with each column. Datasets outside the consumer's zone are
     invisible: they are neither listed nor described.
+
+    Every call needs a client certificate issued by the sandbox's CA; the
+    consumer is the certificate's common name. Every call, allowed or refused,
+    leaves one audit record, and the response (or the error's ErrorInfo, see
+    errors.proto) carries its receipt.
     """
 
     @staticmethod

@@ -115,6 +115,18 @@ class Query(_message.Message):
     purpose: str
     def __init__(self, dataset: _Optional[str] = ..., filters: _Optional[_Iterable[_Union[Filter, _Mapping]]] = ..., group_by: _Optional[_Iterable[str]] = ..., aggregates: _Optional[_Iterable[_Union[Aggregate, _Mapping]]] = ..., mode: _Optional[_Union[QueryMode, str]] = ..., privacy: _Optional[_Union[PrivacyParameters, _Mapping]] = ..., purpose: _Optional[str] = ...) -> None: ...
 
+class SqlQuery(_message.Message):
+    __slots__ = ("text", "mode", "privacy", "purpose")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    PRIVACY_FIELD_NUMBER: _ClassVar[int]
+    PURPOSE_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    mode: QueryMode
+    privacy: PrivacyParameters
+    purpose: str
+    def __init__(self, text: _Optional[str] = ..., mode: _Optional[_Union[QueryMode, str]] = ..., privacy: _Optional[_Union[PrivacyParameters, _Mapping]] = ..., purpose: _Optional[str] = ...) -> None: ...
+
 class ArrowTable(_message.Message):
     __slots__ = ("ipc_stream", "row_count")
     IPC_STREAM_FIELD_NUMBER: _ClassVar[int]
@@ -156,10 +168,12 @@ class Receipt(_message.Message):
     def __init__(self, sequence: _Optional[int] = ..., hash: _Optional[str] = ...) -> None: ...
 
 class RunQueryRequest(_message.Message):
-    __slots__ = ("query",)
+    __slots__ = ("query", "sql")
     QUERY_FIELD_NUMBER: _ClassVar[int]
+    SQL_FIELD_NUMBER: _ClassVar[int]
     query: Query
-    def __init__(self, query: _Optional[_Union[Query, _Mapping]] = ...) -> None: ...
+    sql: SqlQuery
+    def __init__(self, query: _Optional[_Union[Query, _Mapping]] = ..., sql: _Optional[_Union[SqlQuery, _Mapping]] = ...) -> None: ...
 
 class RunQueryResponse(_message.Message):
     __slots__ = ("result", "rows_suppressed", "accuracy", "spend", "receipt", "reused")
@@ -178,10 +192,12 @@ class RunQueryResponse(_message.Message):
     def __init__(self, result: _Optional[_Union[ArrowTable, _Mapping]] = ..., rows_suppressed: _Optional[int] = ..., accuracy: _Optional[_Iterable[_Union[AggregateAccuracy, _Mapping]]] = ..., spend: _Optional[_Union[Spend, _Mapping]] = ..., receipt: _Optional[_Union[Receipt, _Mapping]] = ..., reused: _Optional[bool] = ...) -> None: ...
 
 class EstimateQueryRequest(_message.Message):
-    __slots__ = ("query",)
+    __slots__ = ("query", "sql")
     QUERY_FIELD_NUMBER: _ClassVar[int]
+    SQL_FIELD_NUMBER: _ClassVar[int]
     query: Query
-    def __init__(self, query: _Optional[_Union[Query, _Mapping]] = ...) -> None: ...
+    sql: SqlQuery
+    def __init__(self, query: _Optional[_Union[Query, _Mapping]] = ..., sql: _Optional[_Union[SqlQuery, _Mapping]] = ...) -> None: ...
 
 class EstimateQueryResponse(_message.Message):
     __slots__ = ("spend", "accuracy", "receipt")

@@ -28,6 +28,13 @@ if _version_not_supported:
 class QueryServiceStub:
     """QueryService answers questions about a dataset with aggregates only:
     exact aggregates under output controls, or differentially private releases.
+
+    No call needs a deadline: without one the server answers whenever the
+    result is ready. With one, a result not ready in time is not released
+    (DEADLINE_EXCEEDED, reason DEADLINE_EXCEEDED) and any budget reserved for
+    it is returned. Errors carry a google.rpc.Status in the
+    `grpc-status-details-bin` trailer; see errors.proto for the reasons and
+    metadata keys of its ErrorInfo.
     """
 
     def __init__(self, channel):
@@ -56,6 +63,13 @@ class QueryServiceStub:
 class QueryServiceServicer:
     """QueryService answers questions about a dataset with aggregates only:
     exact aggregates under output controls, or differentially private releases.
+
+    No call needs a deadline: without one the server answers whenever the
+    result is ready. With one, a result not ready in time is not released
+    (DEADLINE_EXCEEDED, reason DEADLINE_EXCEEDED) and any budget reserved for
+    it is returned. Errors carry a google.rpc.Status in the
+    `grpc-status-details-bin` trailer; see errors.proto for the reasons and
+    metadata keys of its ErrorInfo.
     """
 
     def RunQuery(self, request, context):
@@ -108,6 +122,13 @@ def add_QueryServiceServicer_to_server(servicer, server):
 class QueryService:
     """QueryService answers questions about a dataset with aggregates only:
     exact aggregates under output controls, or differentially private releases.
+
+    No call needs a deadline: without one the server answers whenever the
+    result is ready. With one, a result not ready in time is not released
+    (DEADLINE_EXCEEDED, reason DEADLINE_EXCEEDED) and any budget reserved for
+    it is returned. Errors carry a google.rpc.Status in the
+    `grpc-status-details-bin` trailer; see errors.proto for the reasons and
+    metadata keys of its ErrorInfo.
     """
 
     @staticmethod
