@@ -32,8 +32,8 @@ DEFAULT_CONFIG = Path("dataops.toml")
 # --- query options, shared by `query` and `policy explain` -------------------
 
 
-def add_query_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("dataset", help="dataset id")
+def add_query_options(parser: argparse.ArgumentParser, dataset_required: bool = True) -> None:
+    parser.add_argument("dataset", help="dataset id", **({} if dataset_required else {"nargs": "?"}))
     parser.add_argument("--group-by", "-g", action="append", default=[], metavar="COLUMN")
     parser.add_argument(
         "--agg", "-a", action="append", default=[], metavar="SPEC",
@@ -314,10 +314,26 @@ def print_description(description: Any, out: Callable[[str], None] = print) -> N
 
 
 def cmd_query(args: argparse.Namespace) -> int:
+    if args.sql is not None:
+        options = (("--group-by", "group_by"), ("--agg", "agg"), ("--eq", "eq"), ("--in", "in_"), ("--range", "range"))
+        structured = [flag for flag, dest in options if getattr(args, dest)]
+        if args.dataset or structured:
+            raise ValueError("--sql names the dataset, groups, aggregates and filters itself; "
+                             f"drop {' '.join(([args.dataset] if args.dataset else []) + structured)}")
+        with _client(args) as client:
+            result = client.sql(args.sql, mode=args.mode, epsilon=args.epsilon, delta=args.delta,
+                                target_half_width=args.target_half_width, purpose=args.purpose)
+        return _show_query_result(args, result)
+    if not args.dataset:
+        raise ValueError("name a DATASET, or give the question as --sql \"SELECT ...\"")
     with _client(args) as client:
         description = client.describe(args.dataset)
         types = {c.name: c.type for c in description.columns}
         result = client.run(query_from_args(args, types))
+    return _show_query_result(args, result)
+
+
+def _show_query_result(args: argparse.Namespace, result: Any) -> int:
     if args.json:
         print(json.dumps({
             "rows": result.frame.to_dicts(),
@@ -402,7 +418,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dataset", nargs="?")
     add_connection_options(p)
     p = command("query", cmd_query, "run a query", config=False)
-    add_query_options(p)
+    add_query_options(p, dataset_required=False)  # --sql names the dataset itself
+    p.add_argument("--sql", metavar="TEXT",
+                   help='the question as one SQL SELECT (docs/api.md, "SQL"), e.g. '
+                        '"SELECT district, COUNT(*) FROM enterprise_credit GROUP BY district"; '
+                        "--mode/--epsilon/--delta/--purpose still apply")
     add_connection_options(p)
     return parser
 

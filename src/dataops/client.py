@@ -217,9 +217,40 @@ class Client:
         )
 
     def run(self, query: ir.Query, *, timeout: float | None = None) -> QueryResult:
-        response = self._call(
+        return self._result(self._call(
             self._query.RunQuery, query_pb2.RunQueryRequest(query=wire.query_to_proto(query)), timeout
-        )
+        ))
+
+    @staticmethod
+    def sql_request(
+        text: str,
+        *,
+        mode: str | ir.Mode = ir.Mode.AGGREGATE,
+        epsilon: float | None = None,
+        delta: float = 0.0,
+        target_half_width: float | None = None,
+        purpose: str = "",
+    ) -> query_pb2.SqlQuery:
+        """A SqlQuery message; the server parses the text (see docs/api.md, "SQL")."""
+        mode = ir.Mode(mode)
+        message = query_pb2.SqlQuery(text=text, mode=wire.MODE_TO_PROTO[mode], purpose=purpose)
+        if mode is ir.Mode.DP:
+            message.privacy.CopyFrom(query_pb2.PrivacyParameters(
+                epsilon=epsilon or 0.0, delta=delta, target_half_width=target_half_width or 0.0))
+        return message
+
+    def sql(self, text: str, *, timeout: float | None = None, **kwargs: Any) -> QueryResult:
+        """Run one SQL SELECT, e.g. `client.sql("SELECT district, COUNT(*) FROM enterprise_credit
+        GROUP BY district", mode="dp", epsilon=0.5)`: the answer its structured twin gets."""
+        request = query_pb2.RunQueryRequest(sql=self.sql_request(text, **kwargs))
+        return self._result(self._call(self._query.RunQuery, request, timeout))
+
+    def estimate_sql(self, text: str, *, timeout: float | None = None, **kwargs: Any) -> query_pb2.EstimateQueryResponse:
+        request = query_pb2.EstimateQueryRequest(sql=self.sql_request(text, **kwargs))
+        return self._call(self._query.EstimateQuery, request, timeout)
+
+    @staticmethod
+    def _result(response: query_pb2.RunQueryResponse) -> QueryResult:
         table = wire.table_from_ipc(response.result.ipc_stream)
         return QueryResult(
             frame=pl.from_arrow(table),

@@ -26,7 +26,7 @@ from dataops.engines import aggregate as aggregate_engine
 from dataops.engines import dp as dp_engine
 from dataops.engines._base import predicate
 from dataops.engines.prepared import Fingerprints, PreparedStore
-from dataops.errors import DeadlineExceeded, FieldViolation, InvalidQuery
+from dataops.errors import DeadlineExceeded, FieldViolation, InvalidQuery, RequestError
 from dataops.ir import MAX_NAME_LENGTH, Mode, Query
 from dataops.ledger import BudgetState, Ledger
 from dataops.policy import Grant, PolicyStore
@@ -113,6 +113,22 @@ class Sandbox:
         policy = consumer_policy(self.policies.current, consumer)
         dataset = visible_dataset(policy, self.catalog, dataset_id)
         return DatasetView(dataset, live_grant(policy, dataset, self.today()))
+
+    def unit_column_for(self, consumer: str) -> Callable[[str], str | None]:
+        """For SQL's COUNT(DISTINCT <unit>): a dataset's privacy-unit column, as
+        DescribeDataset would tell this consumer, or None where it would refuse (the
+        query's authorisation then refuses it the same way, naming nothing more)."""
+
+        def unit_column(dataset_id: str) -> str | None:
+            try:
+                policy = consumer_policy(self.policies.current, consumer)
+                dataset = visible_dataset(policy, self.catalog, dataset_id)
+                live_grant(policy, dataset, self.today())
+            except RequestError:
+                return None
+            return dataset.unit_column
+
+        return unit_column
 
     def _within_deadline(self, call: CallRecord, work: Callable[[], EngineResult]) -> EngineResult:
         """Run `work`, giving up at the client's deadline.

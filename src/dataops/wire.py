@@ -12,7 +12,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from dataops import ir
+from dataops import ir, sql
 from dataops.catalog import Classification, Dataset
 from dataops.errors import FieldViolation, InvalidQuery
 from dataops.policy import Grant, Use
@@ -93,12 +93,7 @@ def query_from_proto(message: q.Query) -> ir.Query:
     mode = MODES.get(message.mode)
     if mode is None:
         raise _invalid("query.mode", "QUERY_MODE_AGGREGATE or QUERY_MODE_DP is required")
-    privacy = None
-    if message.HasField("privacy"):
-        p = message.privacy
-        privacy = ir.Privacy(
-            epsilon=p.epsilon or None, delta=p.delta, target_half_width=p.target_half_width or None
-        )
+    privacy = _privacy_from_proto(message)
     return ir.Query(
         dataset=message.dataset,
         aggregates=tuple(aggregates),
@@ -108,6 +103,33 @@ def query_from_proto(message: q.Query) -> ir.Query:
         privacy=privacy,
         purpose=message.purpose,
     )
+
+
+def _privacy_from_proto(message: q.Query | q.SqlQuery) -> ir.Privacy | None:
+    if not message.HasField("privacy"):
+        return None
+    p = message.privacy
+    return ir.Privacy(epsilon=p.epsilon or None, delta=p.delta, target_half_width=p.target_half_width or None)
+
+
+def sql_query_from_proto(message: q.SqlQuery, unit_column: sql.UnitColumn | None = None) -> ir.Query:
+    """The IR of a SQL question: the same query its structured twin makes."""
+    mode = MODES.get(message.mode)
+    if mode is None:
+        raise _invalid("sql.mode", "QUERY_MODE_AGGREGATE or QUERY_MODE_DP is required")
+    return sql.parse(message.text, mode=mode, privacy=_privacy_from_proto(message), purpose=message.purpose,
+                     unit_column=unit_column)
+
+
+def query_from_request(
+    request: q.RunQueryRequest | q.EstimateQueryRequest, unit_column: sql.UnitColumn | None = None
+) -> ir.Query:
+    """A RunQuery or EstimateQuery request's question, whichever form it was sent in."""
+    if request.HasField("sql"):
+        if request.HasField("query"):
+            raise _invalid("sql", "set query or sql, not both")
+        return sql_query_from_proto(request.sql, unit_column)
+    return query_from_proto(request.query)
 
 
 def query_to_proto(query: ir.Query) -> q.Query:

@@ -35,7 +35,8 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
 
     def RunQuery(self, request, context):  # noqa: N802
         call = current_call()
-        result = self.sandbox.run(call.consumer, wire.query_from_proto(request.query), call)
+        query = wire.query_from_request(request, self.sandbox.unit_column_for(call.consumer))
+        result = self.sandbox.run(call.consumer, query, call)
         return query_pb2.RunQueryResponse(
             result=query_pb2.ArrowTable(
                 ipc_stream=wire.table_to_ipc(result.table), row_count=result.table.num_rows
@@ -48,7 +49,8 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
 
     def EstimateQuery(self, request, context):  # noqa: N802
         call = current_call()
-        estimate = self.sandbox.estimate(call.consumer, wire.query_from_proto(request.query), call)
+        query = wire.query_from_request(request, self.sandbox.unit_column_for(call.consumer))
+        estimate = self.sandbox.estimate(call.consumer, query, call)
         return query_pb2.EstimateQueryResponse(
             spend=wire.spend_to_proto(estimate.spend),
             accuracy=[wire.accuracy_to_proto(a) for a in estimate.accuracy],
