@@ -1,0 +1,129 @@
+"""A client we did not write in Python: Node.js with @grpc/grpc-js, given only proto/,
+the server address and the certificates, calls every RPC without a deadline, decodes
+refusals from the error trailer and reads the Arrow results (tests/node/client.mjs).
+
+Node and npm are required (CI and the dev machine have them): if they are missing
+this test fails, it does not skip. Dependencies come from tests/node/package-lock.json
+through `npm ci`, into a cache directory keyed by the lock file, once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+NODE_DIR = REPO / "tests" / "node"
+
+
+def node_tools() -> tuple[str, str]:
+    node, npm = shutil.which("node"), shutil.which("npm")
+    assert node and npm, "node and npm are needed for the Node.js client test (apt-get install nodejs npm)"
+    return node, npm
+
+
+@pytest.fixture(scope="session")
+def node_client() -> tuple[str, Path]:
+    """(node, the client script inside a directory whose node_modules `npm ci` filled)."""
+    node, npm = node_tools()
+    lock = (NODE_DIR / "package-lock.json").read_bytes()
+    key = hashlib.sha256(lock + (NODE_DIR / "package.json").read_bytes()).hexdigest()[:16]
+    cache = Path(os.environ.get("DATAOPS_NODE_CACHE", Path.home() / ".cache" / "dataops-node")) / key
+    done = cache / ".installed"
+    if not done.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        for name in ("package.json", "package-lock.json"):
+            shutil.copy2(NODE_DIR / name, cache / name)
+        result = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=cache, capture_output=True,
+                                text=True, timeout=600)
+        assert result.returncode == 0, result.stdout + result.stderr
+        done.write_text(key)
+    # The script is copied every run (ES modules resolve packages next to the script).
+    shutil.copy2(NODE_DIR / "client.mjs", cache / "client.mjs")
+    return node, cache / "client.mjs"
+
+
+@pytest.fixture
+def report(node_client, server, pki) -> dict:
+    node, script = node_client
+    d = pki.consumer_dir("city-bank")
+    command = [node, str(script), "--proto", str(REPO / "proto"),
+               # An IP target: the server certificate names localhost, hence the override.
+               "--target", f"127.0.0.1:{server.port}", "--server-name", "localhost",
+               "--ca", str(d / "ca.crt"), "--cert", str(d / "city-bank.crt"), "--key", str(d / "city-bank.key")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_node_calls_every_rpc_of_the_catalog_and_query_services(report):
+    ours = {rpc for rpc in report["rpcs"] if rpc.split("/")[0] in ("CatalogService", "QueryService")}
+    assert ours == {"CatalogService/ListDatasets", "CatalogService/DescribeDataset",
+                    "QueryService/RunQuery", "QueryService/EstimateQuery", "QueryService/GetBudget"}
+    assert ours <= set(report["called"])
+
+
+def test_node_discovers_the_dataset_and_the_grant(report):
+    assert report["list_datasets"]["ids"] == ["enterprise_credit"]
+    assert int(report["list_datasets"]["receipt"]["sequence"]) >= 1  # uint64 as a string
+    described = report["describe"]
+    assert described["privacy_unit"] == "enterprise_id"
+    assert described["max_rows_per_unit"] == "1"  # int64 as a string (longs: String)
+    columns = {c["name"]: c for c in described["columns"]}
+    assert columns["enterprise_id"]["classification"] == "CLASSIFICATION_IDENTIFIER"  # enums: String
+    assert columns["district"]["allowed_uses"] == ["COLUMN_USE_DIMENSION", "COLUMN_USE_FILTER"]
+    assert described["grant"]["dominance"] == {"n": "2", "percent": 85}
+    assert described["grant"]["modes"] == ["QUERY_MODE_AGGREGATE", "QUERY_MODE_DP"]
+
+
+def test_node_decodes_a_refusal_from_the_error_trailer(report):
+    other = report["describe_other_zone"]["error"]
+    assert other["code"] == "NOT_FOUND"
+    assert (other["reason"], other["domain"]) == ("UNKNOWN_DATASET", "dataops.v1")
+    assert other["metadata"]["rule"] == "dataset.unknown"
+    assert int(other["metadata"]["receipt_sequence"]) >= 1 and len(other["metadata"]["receipt_hash"]) == 64
+    denied = report["run_denied"]["error"]
+    assert (denied["code"], denied["reason"], denied["metadata"]["rule"]) == (
+        "PERMISSION_DENIED", "POLICY_DENIED", "identifier")
+    bad = report["run_bad_sql"]["error"]
+    assert (bad["code"], bad["reason"]) == ("INVALID_ARGUMENT", "INVALID_QUERY")
+    assert bad["field_violations"] == [{
+        "field": "sql.text",
+        "description": "line 3, column 22: only =, IN, BETWEEN, >= and <= filters are supported, not OR"}]
+
+
+def test_node_reads_the_arrow_result_of_a_dp_query_without_a_deadline(report):
+    run = report["run"]
+    assert "error" not in run, run
+    table = run["table"]
+    assert table["row_count"] == "10" and table["num_rows"] == 10
+    assert table["schema"] == [{"name": "district", "type": "LargeUtf8"}, {"name": "count", "type": "Int64"},
+                               {"name": "mean_tax_paid", "type": "Float64"}]
+    # The documented int64 handling: Int64 columns arrive as BigInt.
+    assert table["js_types"] == {"district": "string", "count": "bigint", "mean_tax_paid": "number"}
+    assert all(int(row["count"]) >= 0 for row in table["rows"])
+    assert [a["mechanism"] for a in run["accuracy"]] == ["discrete_laplace", "discrete_laplace"]
+    assert run["spend"]["epsilon"] == pytest.approx(0.5)
+    assert report["estimate"]["spend"]["epsilon"] == pytest.approx(0.5)
+
+
+def test_node_sql_gets_the_release_of_its_structured_twin(report):
+    assert report["run_sql"]["reused"] is True
+    assert report["run_sql"]["table"]["rows"] == report["run"]["table"]["rows"]
+
+
+def test_node_reads_an_exact_answer_and_the_budget(report):
+    exact = report["run_exact"]
+    assert "error" not in exact, exact
+    assert [f["name"] for f in exact["table"]["schema"]] == ["size_band", "count_units"]
+    assert int(exact["rows_suppressed"]) >= 0
+    (budget,) = report["budget"]["budgets"]
+    assert budget["dataset_id"] == "enterprise_credit"
+    assert budget["epsilon_spent"] == pytest.approx(0.5)  # the SQL twin was reused for free
