@@ -127,3 +127,40 @@ def test_node_reads_an_exact_answer_and_the_budget(report):
     (budget,) = report["budget"]["budgets"]
     assert budget["dataset_id"] == "enterprise_credit"
     assert budget["epsilon_spent"] == pytest.approx(0.5)  # the SQL twin was reused for free
+
+
+SQL_IN_THE_EXAMPLE = '"SELECT district, COUNT(*), AVG(tax_paid) FROM enterprise_credit GROUP BY district"'
+
+
+def docs_example(node_client, server, pki, sql: str | None = None) -> subprocess.CompletedProcess:
+    """docs/api.md's Node.js example, with only the paths and the address filled in."""
+    import re
+
+    node, script = node_client
+    d = pki.consumer_dir("city-bank")
+    (example,) = re.findall(r"```js\n(.*?)```", (REPO / "docs/api.md").read_text(), re.S)
+    for placeholder, value in [('"path/to/dataops/proto"', REPO / "proto"), ('"ca.crt"', d / "ca.crt"),
+                               ('"me.key"', d / "city-bank.key"), ('"me.crt"', d / "city-bank.crt"),
+                               ('"127.0.0.1:50051"', f"127.0.0.1:{server.port}"),
+                               (SQL_IN_THE_EXAMPLE, sql)]:
+        assert placeholder in example
+        if value is not None:
+            example = example.replace(placeholder, json.dumps(str(value)))
+    path = script.parent / "docs_example.mjs"
+    path.write_text(example)
+    return subprocess.run([node, str(path)], capture_output=True, text=True, timeout=120)
+
+
+def test_the_node_example_in_docs_api_md_runs_as_written(node_client, server, pki):
+    result = docs_example(node_client, server, pki)
+    assert result.returncode == 0 and not result.stderr, result.stderr
+    lines = result.stdout.splitlines()
+    districts = [line.split()[0] for line in lines[:10]]
+    assert districts == sorted(districts) and len(set(districts)) == 10
+    assert all(int(line.split()[1]) >= 0 for line in lines[:10])
+
+
+def test_the_node_example_in_docs_api_md_decodes_a_refusal(node_client, server, pki):
+    result = docs_example(node_client, server, pki,
+                          sql="SELECT enterprise_id, COUNT(*) FROM enterprise_credit GROUP BY enterprise_id")
+    assert result.stderr.startswith("PERMISSION_DENIED POLICY_DENIED identifier "), result.stderr
