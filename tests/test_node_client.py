@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -35,10 +36,15 @@ def node_client() -> tuple[str, Path]:
     node, npm = node_tools()
     lock = (NODE_DIR / "package-lock.json").read_bytes()
     key = hashlib.sha256(lock + (NODE_DIR / "package.json").read_bytes()).hexdigest()[:16]
-    cache = Path(os.environ.get("DATAOPS_NODE_CACHE", Path.home() / ".cache" / "dataops-node")) / key
+    root = Path(os.environ.get("DATAOPS_NODE_CACHE", Path.home() / ".cache" / "dataops-node"))
+    try:
+        (root / key).mkdir(parents=True, exist_ok=True)
+    except OSError:  # a read-only home (some CI runners): the temporary directory will do
+        root = Path(tempfile.gettempdir()) / "dataops-node"
+        (root / key).mkdir(parents=True, exist_ok=True)
+    cache = root / key
     done = cache / ".installed"
     if not done.exists():
-        cache.mkdir(parents=True, exist_ok=True)
         for name in ("package.json", "package-lock.json"):
             shutil.copy2(NODE_DIR / name, cache / name)
         result = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=cache, capture_output=True,
