@@ -266,3 +266,22 @@ def test_any_text_is_a_query_or_an_invalid_query(text):
         assert error.message.startswith(("sql.text: line ", "sql.privacy"))
     else:
         assert isinstance(query, ir.Query)
+
+
+@pytest.mark.parametrize("text, column, says", [
+    ("SELECT COUNT(*) FROM t WHERE a = 1 AND y BETWEEN 5 AND 1", 40, "low must not exceed high"),
+    ("SELECT COUNT(*) FROM t WHERE a = 1 AND y = 1e999", 40, "must be a finite number"),
+    ("SELECT COUNT(*) FROM t WHERE y = 99999999999999999999999", 34, "does not fit in a 64-bit integer"),
+    ("SELECT COUNT(*) FROM t WHERE a = 1 AND s = '" + "x" * 2000 + "'", 40, "the filter's value is longer than 1024"),
+])
+def test_the_irs_own_checks_point_at_the_clause_they_refuse(text, column, says):
+    with pytest.raises(InvalidQuery) as caught:
+        sql.parse(text, mode=ir.Mode.AGGREGATE)
+    assert caught.value.message.startswith(f"sql.text: line 1, column {column}: ")
+    assert says in caught.value.message
+
+
+def test_the_modules_examples_hold():
+    import doctest
+
+    assert doctest.testmod(sql).failed == 0

@@ -38,6 +38,7 @@ dataops.errors.InvalidQuery: sql.text: line 1, column 32: only =, IN, BETWEEN, >
 from __future__ import annotations
 
 import datetime as dt
+import re
 from typing import Callable
 
 import sqlglot
@@ -149,7 +150,11 @@ class _Parser:
                 number: int | float = int(text)
             except ValueError:
                 number = float(text)
-            return -number if negative else number
+            number = -number if negative else number
+            # The structured form's int_value is an int64; SQL may not say more.
+            if isinstance(number, int) and not -(2**63) <= number < 2**63:
+                raise self.fail(node, f"{text} does not fit in a 64-bit integer")
+            return number
         if negative:
             raise self.fail(owner, f"cannot negate {node.sql()!r}")
         if isinstance(node, exp.Literal):
@@ -215,25 +220,31 @@ class _Parser:
                             keyword=name)
         raise self.fail(node, f"{node.sql()!r} is neither a GROUP BY column nor a supported aggregate")
 
-    def predicates(self, node: exp.Expression, table: str) -> list[ir.Filter]:
+    def predicates(self, node: exp.Expression, table: str) -> list[tuple[ir.Filter, exp.Expression]]:
+        """The filters of a WHERE clause, each with the node it came from."""
         if isinstance(node, exp.Paren):
             return self.predicates(node.this, table)
         if isinstance(node, exp.And):
             return self.predicates(node.this, table) + self.predicates(node.expression, table)
+        return [(self.predicate(node, table), node)]
+
+    def predicate(self, node: exp.Expression, table: str) -> ir.Filter:
         if isinstance(node, exp.EQ):
-            return [ir.Equals(self.column(node.this, table, "the left side of ="), self.value(node.expression, node))]
+            return ir.Equals(self.column(node.this, table, "the left side of ="), self.value(node.expression, node))
         if isinstance(node, exp.In):
-            if node.args.get("query") is not None or not node.expressions:
+            if node.args.get("query") is not None:
                 raise self.fail(node, "IN takes a list of values, not a subquery", keyword="IN")
+            if not node.expressions:
+                raise self.fail(node, "IN needs at least one value", keyword="IN")
             column = self.column(node.this, table, "the left side of IN")
-            return [ir.InSet(column, tuple(self.value(v, node) for v in node.expressions))]
+            return ir.InSet(column, tuple(self.value(v, node) for v in node.expressions))
         if isinstance(node, exp.Between):
             column = self.column(node.this, table, "the left side of BETWEEN")
-            return [ir.Between(column, self.value(node.args["low"], node), self.value(node.args["high"], node))]
+            return ir.Between(column, self.value(node.args["low"], node), self.value(node.args["high"], node))
         if isinstance(node, exp.GTE):
-            return [ir.Between(self.column(node.this, table, "the left side of >="), low=self.value(node.expression, node))]
+            return ir.Between(self.column(node.this, table, "the left side of >="), low=self.value(node.expression, node))
         if isinstance(node, exp.LTE):
-            return [ir.Between(self.column(node.this, table, "the left side of <="), high=self.value(node.expression, node))]
+            return ir.Between(self.column(node.this, table, "the left side of <="), high=self.value(node.expression, node))
         operator = {exp.Or: "OR", exp.Not: "NOT", exp.GT: ">", exp.LT: "<", exp.NEQ: "<>", exp.Like: "LIKE",
                     exp.Is: "IS"}.get(type(node), node.key.upper())
         raise self.fail(node, f"only =, IN, BETWEEN, >= and <= filters are supported, not {operator}",
@@ -295,6 +306,7 @@ class _Parser:
         group_by = [self.column(node, dataset, "a GROUP BY entry") for node in group_nodes]
         selected: list[str] = []
         aggregates: list[ir.Aggregate] = []
+        aggregate_nodes: list[exp.Expression] = []
         for node in select.expressions:
             inner = node.this if isinstance(node, exp.Alias) else node
             if isinstance(inner, exp.Column):
@@ -310,6 +322,7 @@ class _Parser:
             if isinstance(inner, exp.Star):
                 raise self.fail(None, "SELECT * would output rows; select aggregates", keyword="*")
             aggregates.append(self.aggregate(node, dataset, unit_column))
+            aggregate_nodes.append(node)
         missing = [name for name in group_by if name not in selected]
         if missing:
             raise self.fail(group_nodes[group_by.index(missing[0])],
@@ -317,22 +330,37 @@ class _Parser:
         if not aggregates:
             raise self.fail(None, "select at least one aggregate", keyword="SELECT")
         where = select.args.get("where")
-        filters = self.predicates(where.this, dataset) if where is not None else []
+        pairs = self.predicates(where.this, dataset) if where is not None else []
+        nodes = {"filters": [n for _, n in pairs], "aggregates": aggregate_nodes,
+                 "group_by": [n for n in select.expressions if isinstance(n, exp.Column)], "dataset": [table]}
         try:
-            return ir.Query(dataset=dataset, aggregates=tuple(aggregates), filters=tuple(filters),
+            return ir.Query(dataset=dataset, aggregates=tuple(aggregates), filters=tuple(f for f, _ in pairs),
                             group_by=tuple(selected), mode=mode, privacy=privacy, purpose=purpose)
         except InvalidQuery as exc:
-            raise self._reword(exc) from None
+            raise self._reword(exc, nodes) from None
 
-    def _reword(self, exc: InvalidQuery) -> InvalidQuery:
-        """The IR's complaint in terms of the request the consumer sent."""
+    def _reword(self, exc: InvalidQuery, nodes: dict[str, list[exp.Expression]]) -> InvalidQuery:
+        """The IR's complaint in terms of the request the consumer sent: a field of the
+        SqlQuery message, or the place in the text that the IR field came from."""
         violation = exc.field_violations[0] if exc.field_violations else FieldViolation("query", exc.message)
         outside_text = ("query.mode", "query.privacy", "query.purpose")
         if violation.field.startswith(outside_text):
             field = "sql." + violation.field.removeprefix("query.")
             return InvalidQuery(f"{field}: {violation.description}", rule=exc.rule,
                                 field_violations=(FieldViolation(field, violation.description),))
-        return _fail(_Where(1, 1), violation.description)
+        match = re.match(r"query\.(filters|aggregates|group_by|dataset)(?:\[(\d+)\])?", violation.field)
+        node = None
+        if match:
+            candidates = nodes[match.group(1)]
+            index = int(match.group(2) or 0)
+            node = candidates[index] if index < len(candidates) else None
+        description = violation.description
+        if match and description.startswith(("is ", "must ", "needs ")):
+            # The IR's descriptions follow its field name; give them a subject instead.
+            subject = {"filters": "the filter's value", "aggregates": "the aggregate",
+                       "group_by": "the column name", "dataset": "the dataset name"}[match.group(1)]
+            description = f"{subject} {description}"
+        return _fail(self.where(node), description)
 
 
 def parse(
