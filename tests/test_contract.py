@@ -316,3 +316,21 @@ def test_output_names_and_mechanisms_are_the_documented_ones(connect):
                           "sum_tax_paid": "discrete_laplace", "mean_tax_paid": "discrete_laplace",
                           "q50_tax_paid": "exponential", "q05_tax_paid": "exponential"}
     assert set(mechanisms.values()) <= documented_tokens("AggregateAccuracy", "mechanism")
+
+
+def test_grpcurl_works_from_proto_alone_and_decodes_error_details(server, pki):
+    """Without reflection: the .proto files of proto/ are all a stock client needs,
+    including the vendored google/rpc ones that name the error details."""
+    protos = ["-import-path", str(REPO / "proto"), "-proto", "dataops/v1/catalog.proto",
+              "-proto", "dataops/v1/query.proto", "-proto", "google/rpc/error_details.proto"]
+    listed = run_grpcurl(server, pki, [*protos, "-d", "{}", "dataops.v1.CatalogService/ListDatasets"],
+                         deadline=False)
+    assert listed.returncode == 0, listed.stderr
+    assert [d["id"] for d in json.loads(listed.stdout)["datasets"]] == ["enterprise_credit"]
+    refused = run_grpcurl(server, pki, [*protos, "-d", '{"dataset_id": "medical_claims"}',
+                                        "dataops.v1.CatalogService/DescribeDataset"], deadline=False)
+    assert refused.returncode != 0
+    assert "NotFound" in refused.stderr
+    (detail,) = [json.loads(line.split("\t", 1)[1]) for line in refused.stderr.splitlines() if "\t{" in line]
+    assert detail["@type"] == "type.googleapis.com/google.rpc.ErrorInfo"
+    assert (detail["reason"], detail["metadata"]["rule"]) == ("UNKNOWN_DATASET", "dataset.unknown")
