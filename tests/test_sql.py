@@ -285,3 +285,17 @@ def test_the_modules_examples_hold():
     import doctest
 
     assert doctest.testmod(sql).failed == 0
+
+
+def test_a_long_and_chain_is_read_not_refused_as_nesting():
+    """Depth is the consumer's choice: WHERE is flattened without recursion (the
+    configured max_filters then refuses what is too long, as for structured queries)."""
+    text = "SELECT COUNT(*) FROM t WHERE " + " AND ".join(f"c{i} = {i}" for i in range(1500))
+    assert len(sql.parse(text, mode=ir.Mode.AGGREGATE).filters) == 1500
+
+
+def test_an_oversized_text_is_refused_before_parsing():
+    text = "SELECT COUNT(*) FROM t WHERE c IN (" + ",".join(["1"] * sql.MAX_SQL_LENGTH) + ")"
+    with pytest.raises(InvalidQuery) as caught:
+        sql.parse(text, mode=ir.Mode.AGGREGATE)
+    assert f"longer than {sql.MAX_SQL_LENGTH} characters" in caught.value.message

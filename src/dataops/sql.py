@@ -52,7 +52,7 @@ from dataops.errors import FieldViolation, InvalidQuery
 FIELD = "sql.text"
 # Hostile input is refused before sqlglot sees it: the longest legitimate question
 # (limits.max_in_values values in a few IN lists) is far shorter.
-MAX_SQL_LENGTH = 65_536
+MAX_SQL_LENGTH = 32_768
 
 # The privacy-unit column of a dataset the caller can see, or None (then the
 # dataset's authorisation refuses the query, with nothing said about the unit).
@@ -221,12 +221,20 @@ class _Parser:
         raise self.fail(node, f"{node.sql()!r} is neither a GROUP BY column nor a supported aggregate")
 
     def predicates(self, node: exp.Expression, table: str) -> list[tuple[ir.Filter, exp.Expression]]:
-        """The filters of a WHERE clause, each with the node it came from."""
-        if isinstance(node, exp.Paren):
-            return self.predicates(node.this, table)
-        if isinstance(node, exp.And):
-            return self.predicates(node.this, table) + self.predicates(node.expression, table)
-        return [(self.predicate(node, table), node)]
+        """The filters of a WHERE clause, each with the node it came from, in text order.
+
+        Iterative: a long AND chain is a deep tree, and its depth is the consumer's choice.
+        """
+        out, stack = [], [node]
+        while stack:
+            node = stack.pop()
+            if isinstance(node, exp.Paren):
+                stack.append(node.this)
+            elif isinstance(node, exp.And):
+                stack += [node.expression, node.this]
+            else:
+                out.append((self.predicate(node, table), node))
+        return out
 
     def predicate(self, node: exp.Expression, table: str) -> ir.Filter:
         if isinstance(node, exp.EQ):
