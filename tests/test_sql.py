@@ -299,3 +299,14 @@ def test_an_oversized_text_is_refused_before_parsing():
     with pytest.raises(InvalidQuery) as caught:
         sql.parse(text, mode=ir.Mode.AGGREGATE)
     assert f"longer than {sql.MAX_SQL_LENGTH} characters" in caught.value.message
+
+
+def test_a_post_parse_refusal_names_the_parsed_querys_field(connect):
+    """As docs/api.md says: query.filters[i] is the i-th WHERE predicate in text order."""
+    client = connect("city-bank")
+    with pytest.raises(DataopsClientError) as caught:
+        client.sql("SELECT COUNT(*) FROM enterprise_credit WHERE size_band = 'small' AND district = 5",
+                   mode="dp", epsilon=0.5)
+    assert caught.value.reason == "INVALID_QUERY"
+    assert [field for field, _ in caught.value.field_violations] == ["query.filters[1].equals"]
+    assert caught.value.metadata["column"] == "district"
