@@ -47,7 +47,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 
 def write_config(root: Path, sandbox: Path, pki: Pki, extra: str = "", *,
-                 rate_per_minute: int = 6_000_000, rate_burst: int = 1_000_000) -> ServerConfig:
+                 rate_per_minute: int = 6_000_000, rate_burst: int = 1_000_000,
+                 max_in_flight: int = 64, max_in_flight_per_consumer: int = 64) -> ServerConfig:
     """A work directory with copies of the repo's catalog and policies."""
     for name in ("catalog", "policies"):
         shutil.copytree(REPO / name, root / name)
@@ -73,6 +74,8 @@ server_key = {json.dumps(str(pki.directory / "server.key"))}
 [limits]
 rate_per_minute = {rate_per_minute}
 rate_burst = {rate_burst}
+max_in_flight = {max_in_flight}
+max_in_flight_per_consumer = {max_in_flight_per_consumer}
 {extra}
 """
     )

@@ -56,7 +56,7 @@ def test_a_tampered_crl_refuses_everyone(config, pki, connect):
         crl.write_text("-----BEGIN X509 CRL-----\nnot a crl\n-----END X509 CRL-----\n")
         with pytest.raises(DataopsClientError) as err:
             client.list_datasets()
-        assert err.value.rule == "certificate.revoked"
+        assert err.value.rule == "certificate.crl_unavailable"
     finally:
         crl.unlink()
     assert client.list_datasets()

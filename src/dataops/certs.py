@@ -1,8 +1,10 @@
 """A small development PKI for mutual TLS between consumers and the dataops server.
 
 One self-signed CA signs the server certificate and one client certificate per
-consumer. The server trusts only this CA, so the common name of a verified client
-certificate *is* the consumer's identity: policies are keyed by it.
+consumer. The server trusts only this CA, so the consumer a verified client
+certificate names *is* the consumer's identity: policies are keyed by it. The server
+reads that name from the certificate's own bytes: exactly one common name and a
+`dataops:consumer:<name>` URI in its subjectAltName (`consumer_identity_from_certificate`).
 
 Keys are EC P-256 signed with SHA-256 because every gRPC TLS stack accepts them
 (Ed25519 certificates are not universally supported). Private keys are stored
@@ -12,9 +14,14 @@ unencrypted because grpc loads them unattended; they are created 0600.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import ipaddress
+import json
+import logging
 import os
 import re
+import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +30,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+log = logging.getLogger(__name__)
 
 CA_COMMON_NAME = "dataops platform CA"
 SERVER_COMMON_NAME = "dataops server"
@@ -183,22 +192,69 @@ def issue_consumer(
 
 
 def consumer_identity_from_auth_context(auth_context: Mapping[str, Sequence[bytes]]) -> str | None:
-    """The consumer name from grpc's `context.auth_context()`, or None if there is none.
+    """The consumer name grpc's `context.auth_context()` reports, or None.
 
-    Only meaningful on a server that requires client certificates from our CA:
-    then the common name has been verified by the TLS handshake.
+    Not an identity to trust on its own: grpc reports the *first* common name only and
+    cuts it at a NUL byte, so `CN=city-bank\\0x`, or two CNs, reach us here as a clean
+    "city-bank". The server uses `consumer_identity_from_certificate` instead; this is
+    kept for tools that only need a display name.
     """
     values = auth_context.get("x509_common_name") or []
-    # An ambiguous identity is no identity: never guess which name a policy should match.
     if len(values) != 1:
         return None
     try:
         name = values[0].decode("utf-8")
     except UnicodeDecodeError:
         return None
-    # Anything our CA could not have issued to a consumer (e.g. the server's own
-    # certificate, "dataops server") is not a consumer identity.
     return name if _CONSUMER_NAME.fullmatch(name) else None
+
+
+class IdentityError(Exception):
+    """A verified certificate does not name exactly one consumer; `rule` says why."""
+
+    def __init__(self, message: str, rule: str) -> None:
+        super().__init__(message)
+        self.rule = rule
+
+
+def consumer_identity_from_certificate(pem: bytes) -> str:
+    """The consumer a verified peer certificate (PEM or DER) names, parsed by `cryptography`.
+
+    The TLS handshake proved our CA signed it; this decides *whom* it names, from the
+    certificate's own bytes rather than grpc's summary of it:
+
+    * exactly one common name in the subject, printable, no NUL, a valid consumer
+      name (grpc would silently take the first of two, or the part before a NUL);
+    * a subjectAltName with exactly one `dataops:consumer:` URI, naming the same
+      consumer (the typed form `issue_consumer` writes; a CN alone is ambiguous).
+
+    Raises IdentityError naming the failed rule; the caller refuses the request.
+    """
+    try:
+        cert = (x509.load_pem_x509_certificate(pem) if pem.lstrip().startswith(b"-----")
+                else x509.load_der_x509_certificate(pem))
+    except ValueError:
+        raise IdentityError("the client certificate cannot be parsed", "identity.certificate") from None
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(names) != 1:
+        raise IdentityError(f"the client certificate has {len(names)} common names, not one",
+                            "identity.common_name")
+    name = names[0].value
+    # isprintable() refuses NUL and every control character; the pattern refuses the rest.
+    if not isinstance(name, str) or not name.isprintable() or not _CONSUMER_NAME.fullmatch(name):
+        raise IdentityError("the client certificate's common name is not a consumer name",
+                            "identity.common_name")
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        raise IdentityError("the client certificate has no subjectAltName naming its consumer",
+                            "identity.san") from None
+    uris = [u for u in san.get_values_for_type(x509.UniformResourceIdentifier)
+            if u.startswith(CONSUMER_URI_PREFIX)]
+    if uris != [CONSUMER_URI_PREFIX + name]:
+        raise IdentityError("the client certificate's subjectAltName does not name the consumer of its "
+                            "common name (exactly one dataops:consumer: URI)", "identity.san")
+    return name
 
 
 def _name(common_name: str) -> x509.Name:
@@ -295,12 +351,33 @@ def _write_certificate(path: Path, cert: x509.Certificate) -> None:
 # grpcio's Python credentials take no CRL, so the server checks each request's peer
 # certificate against a CRL signed by the platform CA (`ca.crl` beside `ca.crt`).
 # A revoked certificate is refused at its next request, without a restart.
+#
+# Revocation must fail closed, since whoever can touch files can otherwise un-revoke:
+# the server remembers what it has accepted (`revocations.json` in its state
+# directory: the highest CRL number and every serial ever revoked). Once a CRL has been
+# accepted, a missing or unreadable one refuses everyone; a CRL whose number does not
+# rise is refused and the remembered serials stay revoked; the set only grows.
 
 CRL_NAME = "ca.crl"
+REVOCATION_STATE = "revocations.json"
+
+
+def _crl_number(crl: x509.CertificateRevocationList) -> int:
+    """The CRL's number (RFC 5280 5.2.3); a CRL without one counts as number 0."""
+    try:
+        return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    except x509.ExtensionNotFound:
+        return 0
 
 
 def revoke(directory: Path, certificate: Path) -> Path:
-    """Add `certificate`'s serial to the CA's CRL (created on first use); returns the CRL path."""
+    """Add `certificate`'s serial to the CA's CRL (created on first use); returns the CRL path.
+
+    Each CRL carries a number above its predecessor's and above the current time in
+    microseconds, so it rises even when the old `ca.crl` was lost or deleted (servers
+    refuse a CRL whose number does not rise).
+    """
+
     directory = Path(directory)
     ca_key, ca_cert, _ = _load_authority(directory)
     try:
@@ -311,17 +388,23 @@ def revoke(directory: Path, certificate: Path) -> Path:
         raise CertificateError(f"{certificate} was not issued by the CA in {directory}")
     path = directory / CRL_NAME
     now = dt.datetime.now(dt.timezone.utc)
+    serials = {cert.serial_number}
+    number = time.time_ns() // 1000
+    if path.exists():
+        try:
+            old = x509.load_pem_x509_crl(path.read_bytes())
+        except ValueError as exc:
+            raise CertificateError(f"{path} is not a readable CRL ({exc}); restore it from a backup "
+                                   "(replacing it would un-revoke what it lists)") from None
+        serials.update(entry.serial_number for entry in old)
+        number = max(number, _crl_number(old) + 1)
     builder = (
         x509.CertificateRevocationListBuilder()
         .issuer_name(ca_cert.subject)
         .last_update(now - _CLOCK_SKEW)
         .next_update(now + dt.timedelta(days=30))
+        .add_extension(x509.CRLNumber(number), critical=False)
     )
-    serials = {cert.serial_number}
-    if path.exists():
-        old = x509.load_pem_x509_crl(path.read_bytes())
-        for entry in old:
-            serials.add(entry.serial_number)
     for serial in sorted(serials):
         builder = builder.add_revoked_certificate(
             x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now).build()
@@ -334,52 +417,124 @@ def revoke(directory: Path, certificate: Path) -> Path:
 
 
 class RevocationList:
-    """The revoked serials from `ca.crl`, reloaded when the file changes.
+    """The revoked serials: what `ca.crl` lists now plus everything accepted before.
 
-    A CRL whose signature does not verify against the CA is an operator error: it is
-    refused and every certificate is treated as revoked until it is fixed (fail closed).
+    `check(pem)` returns None for a certificate in good standing, otherwise the rule
+    that refuses it: `certificate.revoked`, or `certificate.crl_unavailable` for
+    everyone while the CRL is missing (after one was seen), unreadable, or not signed
+    by the CA. `state_dir` holds the remembered set; without it (tools, old callers)
+    nothing is remembered across restarts.
     """
 
-    def __init__(self, ca_cert_path: Path) -> None:
+    # The control itself; tests switch it off to show the attacks it stops (False: a
+    # missing CRL revokes nothing and any validly signed CRL replaces the set).
+    fail_closed = True
+
+    def __init__(self, ca_cert_path: Path, state_dir: Path | None = None) -> None:
+
         self.ca_cert_path = Path(ca_cert_path)
         self.path = self.ca_cert_path.with_name(CRL_NAME)
-        self._stamp: tuple[int, int] | None = None
-        self._serials: frozenset[int] = frozenset()
-        self._broken = False
+        self.state_path = Path(state_dir) / REVOCATION_STATE if state_dir is not None else None
+        self._lock = threading.Lock()
+        self._digest: bytes | None = None  # the CRL content last examined (by hash, never mtime)
+        self._broken: str | None = None
         self._by_pem: dict[bytes, int] = {}
+        self.number, self._serials, self.seen = self._load_state()
+
+    # -- the remembered set -------------------------------------------------------
+
+    def _load_state(self) -> tuple[int, frozenset[int], bool]:
+
+        if self.state_path is None or not self.state_path.exists():
+            return 0, frozenset(), False
+        try:
+            doc = json.loads(self.state_path.read_text())
+            return int(doc["crl_number"]), frozenset(int(s) for s in doc["serials"]), True
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            # A damaged memory of revocations cannot be trusted to be complete.
+            raise CertificateError(f"{self.state_path}: unreadable revocation state ({exc}); restore it "
+                                   "from a backup (deleting it forgets revocations)") from None
+
+    def _save_state(self) -> None:
+
+        if self.state_path is None:
+            return
+        self.state_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_path.with_suffix(".tmp")
+        with open(tmp, "w") as out:
+            json.dump({"crl_number": self.number, "serials": sorted(self._serials)}, out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, self.state_path)
+
+    # -- reading ca.crl -----------------------------------------------------------
+
+    def _refuse_everyone(self, why: str) -> None:
+
+        if self._broken != why:
+            log.error("%s: %s; refusing every certificate", self.path, why)
+        self._broken = why
 
     def _reload(self) -> None:
+
         try:
-            st = self.path.stat()
+            raw = self.path.read_bytes()
         except FileNotFoundError:
-            self._stamp, self._serials, self._broken = None, frozenset(), False
+            self._digest = None
+            if not self.fail_closed:
+                self._serials, self._broken = frozenset(), None
+            elif self.seen:
+                self._refuse_everyone("the CRL is missing although one was accepted before")
+            else:
+                self._broken = None  # no CRL was ever issued: nothing is revoked
             return
-        stamp = (st.st_mtime_ns, st.st_size)
-        if stamp == self._stamp:
+        except OSError as exc:
+            self._digest = None
+            self._refuse_everyone(f"the CRL cannot be read ({exc.strerror})")
             return
-        self._stamp = stamp
+        digest = hashlib.sha256(raw).digest()
+        if digest == self._digest:
+            return
+        self._digest = digest
         try:
             ca = x509.load_pem_x509_certificate(self.ca_cert_path.read_bytes())
-            crl = x509.load_pem_x509_crl(self.path.read_bytes())
-            if not crl.is_signature_valid(ca.public_key()):
-                raise ValueError("signature does not verify against the CA")
+            crl = x509.load_pem_x509_crl(raw)
+            if crl.issuer != ca.subject or not crl.is_signature_valid(ca.public_key()):
+                raise ValueError("its signature does not verify against the CA")
         except (OSError, ValueError) as exc:
-            import logging
-
-            logging.getLogger(__name__).error("%s is invalid (%s): refusing every certificate", self.path, exc)
-            self._broken = True
+            self._refuse_everyone(f"the CRL is invalid ({exc})")
             return
-        self._serials = frozenset(entry.serial_number for entry in crl)
-        self._broken = False
+        self._broken = None
+        number = _crl_number(crl)
+        serials = frozenset(entry.serial_number for entry in crl)
+        if not self.fail_closed:
+            self.number, self._serials = number, serials
+            return
+        if self.seen and number <= self.number:
+            if number < self.number or not serials <= self._serials:
+                # An older CRL (or a second one with the same number) would un-revoke:
+                # refuse it; the remembered serials stay revoked.
+                log.error(
+                    "%s: CRL number %d does not rise above %d; refused, the newer revocations stay",
+                    self.path, number, self.number)
+            return
+        # Union, not replace: a serial once revoked stays revoked.
+        self.number, self._serials, self.seen = number, self._serials | serials, True
+        self._save_state()
 
-    def is_revoked(self, pem: bytes) -> bool:
-        self._reload()
-        if self._broken:
-            return True
+    def check(self, pem: bytes) -> str | None:
+        with self._lock:
+            self._reload()
+            if self._broken is not None:
+                return "certificate.crl_unavailable"
+            serials = self._serials
         serial = self._by_pem.get(pem)
         if serial is None:
             serial = x509.load_pem_x509_certificate(pem).serial_number
             if len(self._by_pem) > 10_000:
                 self._by_pem.clear()
             self._by_pem[pem] = serial
-        return serial in self._serials
+        return "certificate.revoked" if serial in serials else None
+
+    def is_revoked(self, pem: bytes) -> bool:
+        return self.check(pem) is not None

@@ -118,6 +118,12 @@ class Limits:
     # holding at most `rate_burst` requests.
     rate_per_minute: int = 600
     rate_burst: int = 60
+    # Requests served at once (admitted past identity), overall and per consumer. Beyond
+    # either, RESOURCE_EXHAUSTED (rule limits.concurrency), audited. The per-consumer cap
+    # stays below [server] workers so one consumer's slow queries leave engine threads
+    # for the others.
+    max_in_flight: int = 32
+    max_in_flight_per_consumer: int = 4
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -26,7 +26,7 @@ from dataops.engines.prepared import PreparedStore
 from dataops.ledger import Ledger
 from dataops.policy import PolicyStore
 from dataops.server.interceptors import AuditInterceptor
-from dataops.server.ratelimit import RateLimiter
+from dataops.server.ratelimit import Admission, RateLimiter
 from dataops.server.servicers import CatalogServicer, QueryServicer
 from dataops.service import Sandbox
 from dataops.v1 import catalog_pb2, catalog_pb2_grpc, query_pb2, query_pb2_grpc
@@ -100,6 +100,11 @@ def load_checked_catalog(config: ServerConfig) -> Catalog:
     return catalog
 
 
+def admission_threads(config: ServerConfig) -> int:
+    """gRPC threads: the admitted requests, plus as many again (at least 16) to refuse the rest."""
+    return config.limits.max_in_flight + max(16, config.limits.max_in_flight)
+
+
 def build_server(config: ServerConfig) -> DataopsServer:
     catalog = load_checked_catalog(config)
     policies = PolicyStore(config.paths.policies, catalog)
@@ -114,19 +119,23 @@ def build_server(config: ServerConfig) -> DataopsServer:
 
     limits = config.server.max_message_bytes
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.server.workers, thread_name_prefix="dataops"),
+        # Admission (below) lets at most max_in_flight requests work at once; the other
+        # threads only identify, refuse and audit, so a flood is answered instead of
+        # waiting in gRPC's queue, where an expired request would vanish unaudited.
+        # Health checks are answered by these spare threads too.
+        futures.ThreadPoolExecutor(max_workers=admission_threads(config), thread_name_prefix="dataops"),
         interceptors=[AuditInterceptor(
-            audit, policies, RevocationList(config.tls.ca_cert),
+            audit, policies, RevocationList(config.tls.ca_cert, config.paths.state),
             RateLimiter(config.limits.rate_per_minute, config.limits.rate_burst),
+            Admission(config.limits.max_in_flight, config.limits.max_in_flight_per_consumer),
         )],
         options=[
             ("grpc.max_receive_message_length", limits),
             ("grpc.max_send_message_length", limits),
         ],
-        # Overload shedding happens in gRPC before any interceptor runs, so a request
-        # turned away here leaves no audit record: keep the cap far above the worker
-        # pool (requests queue for a worker first) and let per-consumer rate limits act.
-        maximum_concurrent_rpcs=config.server.workers * 64,
+        # No maximum_concurrent_rpcs: gRPC sheds above it before any interceptor runs,
+        # leaving no audit record. Our admission caps shed instead, and audit it.
+        maximum_concurrent_rpcs=None,
     )
     catalog_pb2_grpc.add_CatalogServiceServicer_to_server(CatalogServicer(sandbox), server)
     query_pb2_grpc.add_QueryServiceServicer_to_server(QueryServicer(sandbox), server)

@@ -23,10 +23,12 @@ from grpc_status import rpc_status
 
 from dataops.audit import AuditLog, AuditUnavailable, Receipt
 from dataops.audit.record import CallRecord, close_call, open_call
-from dataops.certs import RevocationList, consumer_identity_from_auth_context
-from dataops.errors import InvalidQuery, LimitExceeded, QuotaViolation, RequestError, Unauthenticated
+from dataops.certs import IdentityError, RevocationList, consumer_identity_from_certificate
+from dataops.errors import (
+    DeadlineExceeded, InvalidQuery, LimitExceeded, QuotaViolation, RequestError, Unauthenticated,
+)
 from dataops.policy import PolicyStore
-from dataops.server.ratelimit import RateLimiter
+from dataops.server.ratelimit import Admission, RateLimiter
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +112,26 @@ def internal_status(receipt: Receipt) -> grpc.Status:
     return rpc_status.to_status(status)
 
 
+def certificate_identity(auth_context: Any) -> str:
+    """The consumer the verified peer certificate itself names (one CN, the matching SAN).
+
+    Not grpc's `x509_common_name`: that is the first CN only, cut at a NUL byte.
+    """
+    pem = (auth_context.get("x509_pem_cert") or [b""])[0]
+    if not pem:
+        raise Unauthenticated("no client certificate", rule="identity")
+    try:
+        return consumer_identity_from_certificate(pem)
+    except IdentityError as exc:
+        raise Unauthenticated(str(exc), rule=exc.rule) from None
+
+
+_REVOCATION_MESSAGES = {
+    "certificate.revoked": "the client certificate is revoked",
+    "certificate.crl_unavailable": "the revocation list is unavailable; every certificate is refused",
+}
+
+
 class AuditInterceptor(grpc.ServerInterceptor):
     def __init__(
         self,
@@ -117,27 +139,48 @@ class AuditInterceptor(grpc.ServerInterceptor):
         policies: PolicyStore,
         revocations: RevocationList | None = None,
         limiter: RateLimiter | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self.audit = audit
         self.policies = policies
         self.revocations = revocations
         self.limiter = limiter
+        self.admission = admission
 
     def identify(self, context: grpc.ServicerContext, call: CallRecord) -> str:
         """The consumer named by a valid, unrevoked certificate, within its rate limit."""
         auth = context.auth_context()
-        consumer = consumer_identity_from_auth_context(auth)
+        consumer = certificate_identity(auth)
         call.consumer = consumer
-        if consumer is None:
-            raise Unauthenticated("the client certificate names no consumer", rule="identity")
         pem = (auth.get("x509_pem_cert") or [b""])[0]
-        if self.revocations is not None and self.revocations.is_revoked(pem):
-            raise Unauthenticated("the client certificate is revoked", rule="certificate.revoked")
+        refused = self.revocations.check(pem) if self.revocations is not None else None
+        if refused is not None:
+            raise Unauthenticated(_REVOCATION_MESSAGES[refused], rule=refused)
         if self.limiter is not None and not self.limiter.allow(consumer):
             raise LimitExceeded(
                 f"consumer {consumer!r} is over its rate limit; retry later",
                 rule="limits.rate",
                 quota_violations=(QuotaViolation(f"consumer:{consumer}", "request rate limit"),),
+            )
+        return consumer
+
+    def _admit(self, consumer: str) -> str | None:
+        """Take a concurrency slot for `consumer` (returned to leave()), or refuse the request."""
+        if self.admission is None:
+            return None
+        refused = self.admission.enter(consumer)
+        if refused == "consumer":
+            raise LimitExceeded(
+                f"consumer {consumer!r} already has {self.admission.per_consumer} requests in flight; "
+                "retry when one has finished",
+                rule="limits.concurrency",
+                quota_violations=(QuotaViolation(f"consumer:{consumer}", "concurrent requests per consumer"),),
+            )
+        if refused == "server":
+            raise LimitExceeded(
+                "the server is at its limit of concurrent requests; retry later",
+                rule="limits.concurrency",
+                quota_violations=(QuotaViolation("server", "concurrent requests"),),
             )
         return consumer
 
@@ -159,9 +202,15 @@ class AuditInterceptor(grpc.ServerInterceptor):
             call = CallRecord(method=method)
             token = open_call(call)
             response, error = None, None
+            admitted = None
             try:
-                self.identify(context, call)
+                consumer = self.identify(context, call)
                 call.deadline = client_deadline(context.time_remaining())
+                if call.deadline is not None and call.deadline <= time.monotonic():
+                    # It waited out its deadline before a thread took it: recorded, never run.
+                    raise DeadlineExceeded("the client's deadline passed before the request was admitted",
+                                           rule="deadline")
+                admitted = self._admit(consumer)
                 try:
                     request = handler.request_deserializer(raw)
                 except DecodeError:
@@ -177,6 +226,8 @@ class AuditInterceptor(grpc.ServerInterceptor):
                 error = None
             finally:
                 close_call(token)
+                if admitted is not None:
+                    self.admission.leave(admitted)
             try:
                 receipt = self.audit.append(call.to_record(self.policies.current.version))
             except AuditUnavailable:
