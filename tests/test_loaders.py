@@ -106,16 +106,20 @@ def test_an_unclassified_column_cannot_be_granted(work):
         load_policies(work / "policies", catalog)
 
 
-def test_the_store_keeps_the_old_version_until_a_valid_one_arrives(work):
+def test_an_invalid_file_denies_its_own_consumer_until_fixed_and_no_other(work):
     catalog = load_catalog(work / "catalog", work / "sandbox")
-    store = PolicyStore(work / "policies", catalog)
-    before = store.current
+    now = [0.0]
+    store = PolicyStore(work / "policies", catalog, settle_seconds=2.0, clock=lambda: now[0])
+    river = store.current.get("river-bank")
     path = work / "policies" / "city-bank.toml"
     edit(path, "min_group_size = 10", "min_group_size = 2")
-    assert store.poll() is False
-    assert store.current is before
+    assert store.poll() is True  # denying is never delayed
+    assert "min_group_size" in store.current.get("city-bank").invalid
     assert "min_group_size" in store.last_error
+    assert store.current.get("river-bank") is river
     edit(path, "min_group_size = 2", "min_group_size = 25")
+    assert store.poll() is False  # from "denied", the fix widens: it waits for stable content
+    now[0] = 2.5
     assert store.poll() is True
     assert store.current.get("city-bank").grants["enterprise_credit"].min_group_size == 25
     assert store.last_error is None

@@ -207,21 +207,27 @@ def _wait_for(predicate, timeout: float = 5.0) -> None:
         time.sleep(0.05)
 
 
-def test_an_invalid_policy_edit_is_refused_and_the_previous_policy_keeps_serving(server, connect, config):
+def test_an_invalid_policy_edit_denies_its_consumer_and_a_narrowing_edit_applies_at_once(server, connect,
+                                                                                       config):
     client = connect("city-bank")
+    other = connect("river-bank")
     path = config.paths.policies / "city-bank.toml"
     good = path.read_text()
-    version = server.policies.current.version
-    # The operator tries to grant the identifier column: refused at load.
+    # The operator tries to grant the identifier column: refused at load, and the
+    # consumer is denied until fixed (its previous version is not kept serving).
     path.write_text(good.replace('district = ["dimension", "filter"]',
                                  'district = ["dimension", "filter"]\nenterprise_id = ["dimension"]'))
     _wait_for(lambda: server.policies.last_error is not None)
     assert "enterprise_id" in server.policies.last_error and "identifier" in server.policies.last_error
-    assert server.policies.current.version == version
-    assert client.query("enterprise_credit", aggregates=[count()], group_by=["district"]).frame.height == 10
+    with pytest.raises(DataopsClientError) as err:
+        client.query("enterprise_credit", aggregates=[count()], group_by=["district"])
+    assert err.value.rule == "consumer.policy_invalid"
+    assert "enterprise_id" not in err.value.message  # the operator's error stays with the operator
+    assert other.list_datasets()  # no other consumer is touched
     # A valid edit narrowing the grant takes effect without a restart.
     path.write_text(good.replace('industry = ["dimension", "filter"]', ""))
-    _wait_for(lambda: server.policies.current.version != version)
+    _wait_for(lambda: server.policies.last_error is None)
+    assert client.query("enterprise_credit", aggregates=[count()], group_by=["district"]).frame.height == 10
     with pytest.raises(DataopsClientError) as err:
         client.query("enterprise_credit", aggregates=[count()], group_by=["industry"])
     assert err.value.rule == "grant.columns.industry"

@@ -8,7 +8,11 @@ stops it.
 from __future__ import annotations
 
 import datetime as dt
+import os
 import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -17,11 +21,18 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dataops import certs
+from dataops import policy as policy_module
 from dataops.certs import consumer_identity_from_auth_context, issue_consumer, revoke
-from dataops.client import Client, DataopsClientError
+from dataops.client import Client, DataopsClientError, count
+from dataops.config import load_config
+from dataops.policy import PolicyStore
+from dataops.engines import dp as dp_engine
+from dataops.server import app as app_module
 from dataops.server import build_server, interceptors
+from dataops.server.ratelimit import Admission
 
 from conftest import Pki, audit_records, write_config
 
@@ -206,3 +217,246 @@ def test_each_crl_the_cli_writes_has_a_rising_number(own_pki, tmp_path):
         path = revoke(own_pki.directory, spare.cert)
         numbers.append(certs._crl_number(x509.load_pem_x509_crl(path.read_bytes())))
     assert numbers == sorted(set(numbers)) and numbers[0] > 0
+
+
+# -- policies known by content, validated per consumer file ---------------------------
+
+def _wait_for(predicate, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+@ON_OFF
+def test_an_edit_keeping_size_mtime_and_inode_is_loaded(server, connect, config, monkeypatch, control):
+    """Attack (on the operator): revoke a consumer with an edit that keeps the file's
+    size, mtime and inode; a store watching stat() never sees it, the consumer is served."""
+    if control == "off":  # the old fingerprint: what stat() says
+        monkeypatch.setattr(policy_module, "content_digest", lambda path, raw: repr(
+            (path.stat().st_size, path.stat().st_mtime_ns, path.stat().st_ino)))
+        server.policies.poll()  # now fingerprinted by stat()
+    client = connect("river-bank")
+    assert client.list_datasets()
+    path = config.paths.policies / "river-bank.toml"
+    before = path.stat()
+    text = path.read_text()
+    edited = text.replace("revoked = false", "revoked = true ")  # same length
+    assert len(edited) == len(text) and edited != text
+    with open(path, "r+") as f:  # in place: same inode
+        f.write(edited)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
+    applied = _wait_for(lambda: server.policies.current.get("river-bank").revoked, timeout=1.5)
+    if control == "off":
+        assert not applied
+        assert client.list_datasets()  # still served
+        return
+    with pytest.raises(DataopsClientError) as err:
+        client.list_datasets()
+    assert err.value.rule == "consumer.revoked"
+
+
+@ON_OFF
+def test_a_narrowing_edit_applies_while_another_consumers_file_is_invalid(server, connect, config, monkeypatch,
+                                                                         control):
+    """Attack (on the operator): break any unrelated policy file, and revoking a
+    consumer or narrowing its grant is ignored until the unrelated file is fixed."""
+    if control == "off":
+        monkeypatch.setattr(PolicyStore, "per_file", False)
+    city, river, harbor = connect("city-bank"), connect("river-bank"), connect("harbor-insurance")
+    broken = config.paths.policies / "harbor-insurance.toml"
+    broken.write_text(broken.read_text().replace("min_group_size =", "min_group_size = 1 #"))
+    river_path = config.paths.policies / "river-bank.toml"
+    river_path.write_text(river_path.read_text().replace("revoked = false", "revoked = true"))
+    city_path = config.paths.policies / "city-bank.toml"
+    city_path.write_text(city_path.read_text().replace("expires = 2027-12-31", "expires = 2020-01-01"))
+    _wait_for(lambda: server.policies.last_error is not None)
+    time.sleep(0.5)  # several polls
+    if control == "off":
+        assert river.list_datasets()  # revoked in its file, still served
+        assert city.query("enterprise_credit", aggregates=[count()]).frame.height == 1  # expired, still served
+        assert harbor.list_datasets()  # its invalid file's previous version keeps serving
+        return
+    outcomes = {}
+    for name, call in (("river", river.list_datasets), ("harbor", harbor.list_datasets),
+                       ("city", lambda: city.query("enterprise_credit", aggregates=[count()]))):
+        with pytest.raises(DataopsClientError) as err:
+            call()
+        outcomes[name] = err.value.rule
+    assert outcomes == {"river": "consumer.revoked", "harbor": "consumer.policy_invalid", "city": "grant.expires"}
+    assert audit_records(config)[-2]["rule"] == "consumer.policy_invalid"
+
+
+@ON_OFF
+def test_a_half_written_policy_file_is_never_served(tmp_path, sandbox_dir, pki, control):
+    """Attack (a race on the operator's editor): the file is caught before its last
+    table, the stricter dominance rule, is written; the default (85%) would serve."""
+    work = tmp_path / "work"
+    work.mkdir()
+    config = write_config(work, sandbox_dir, pki)
+    toml = config.paths.catalog.parent / "dataops.toml"
+    settle = 2.0 if control == "on" else 0.0
+    toml.write_text(toml.read_text().replace("policy_poll_seconds = 0.1",
+                                             f"policy_poll_seconds = 0.1\npolicy_settle_seconds = {settle}"))
+    path = work / "policies" / "city-bank.toml"
+    text = path.read_text()
+    block = text[text.index("[grants.dominance]"):text.index("[grants.budget]")]
+    strict = block.replace("percent = 85.0", "percent = 50.0")
+    whole = text.replace(block, "") + "\n" + strict  # the dominance table written last
+    path.write_text(whole)
+    server = build_server(load_config(toml)).start()
+    dominance = lambda: server.policies.current.get("city-bank").grants["enterprise_credit"].dominance  # noqa: E731
+    try:
+        assert dominance().percent == 50.0
+        # The same file, rewritten in two steps (an editor's truncate-and-write).
+        half = whole[: whole.index("[grants.dominance]")]
+        path.write_text(half)
+        loosened = _wait_for(lambda: dominance().percent != 50.0, timeout=1.0)
+        path.write_text(whole)
+        if control == "off":
+            assert loosened and dominance().percent == 85.0  # served half-written
+            return
+        assert not loosened
+        time.sleep(settle + 0.5)
+        assert dominance().percent == 50.0  # the whole file is what was in force all along
+    finally:
+        server.stop(1.0)
+
+
+# -- admission: every request audited, one consumer cannot starve the others ---------
+
+def _health(server, pki) -> int:
+    d = pki.consumer_dir("river-bank")
+    credentials = grpc.ssl_channel_credentials(
+        (d / "ca.crt").read_bytes(), (d / "river-bank.key").read_bytes(), (d / "river-bank.crt").read_bytes())
+    with grpc.secure_channel(f"localhost:{server.port}", credentials,
+                             options=[("grpc.enable_http_proxy", 0)]) as channel:
+        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2).status
+
+
+@pytest.fixture
+def blocked_credit_releases(monkeypatch):
+    """DP releases on enterprise_credit block until the event is set: slow queries."""
+    release = dp_engine.DPQuery.release
+    gate = threading.Event()
+
+    def slow_release(self, calibration):
+        if self._compiled.dataset.id == "enterprise_credit":
+            gate.wait(30)
+        return release(self, calibration)
+
+    monkeypatch.setattr(dp_engine.DPQuery, "release", slow_release)
+    yield gate
+    gate.set()
+
+
+@ON_OFF
+def test_a_flood_of_slow_queries_from_one_consumer_is_shed_audited_and_starves_no_one(
+        tmp_path, sandbox_dir, pki, blocked_credit_releases, monkeypatch, control):
+    """Attack: one consumer fires many slow queries at once; every engine thread is
+    theirs, and another consumer's query waits out its deadline."""
+    work = tmp_path / "work"
+    work.mkdir()
+    config = write_config(work, sandbox_dir, pki, max_in_flight_per_consumer=2)  # [server] workers = 4
+    if control == "off":
+        monkeypatch.setattr(Admission, "enter", lambda self, consumer: None)
+        monkeypatch.setattr(Admission, "leave", lambda self, consumer: None)
+    server = build_server(config).start()
+    flood = 10
+    try:
+        city = Client.from_directory(f"localhost:{server.port}", pki.consumer_dir("city-bank"), "city-bank")
+        harbor = Client.from_directory(f"localhost:{server.port}", pki.consumer_dir("harbor-insurance"),
+                                       "harbor-insurance")
+
+        def slow(i: int):
+            try:
+                return city.query("enterprise_credit", aggregates=[count()], group_by=["district"], mode="dp",
+                                  epsilon=0.01 + i * 1e-4, timeout=3.0)  # distinct questions: no reuse
+            except DataopsClientError as exc:
+                return exc
+
+        with ThreadPoolExecutor(flood) as pool:
+            futures = [pool.submit(slow, i) for i in range(flood)]
+            time.sleep(0.5)  # the flood has arrived; the admitted ones are blocked in the engine
+            started = time.monotonic()
+            try:
+                answer = harbor.query("medical_claims", aggregates=[count()], group_by=["sex"], mode="dp",
+                                      epsilon=0.1, timeout=2.0)
+            except DataopsClientError as exc:
+                answer = exc
+            waited = time.monotonic() - started
+            status = _health(server, pki)
+            outcomes = [f.result(timeout=30) for f in futures]
+        # Release the blocked engine threads only once the server has given up on them too.
+        _wait_for(lambda: sum(r["consumer"] == "city-bank" for r in audit_records(config)) >= flood)
+        blocked_credit_releases.set()
+        city.close()
+        harbor.close()
+    finally:
+        server.stop(1.0)
+    if control == "off":
+        assert isinstance(answer, DataopsClientError) and answer.code is grpc.StatusCode.DEADLINE_EXCEEDED
+        return
+    assert not isinstance(answer, DataopsClientError) and waited < 1.5  # served while the flood waits
+    assert status == health_pb2.HealthCheckResponse.SERVING
+    shed = [o for o in outcomes if isinstance(o, DataopsClientError) and o.rule == "limits.concurrency"]
+    assert len(shed) == flood - 2
+    assert all(o.code is grpc.StatusCode.RESOURCE_EXHAUSTED for o in shed)
+    assert shed[0].quota_violations[0][0] == "consumer:city-bank"
+    # The two admitted ones ran out their deadline in the blocked engine.
+    assert [o.code for o in outcomes if o not in shed] == [grpc.StatusCode.DEADLINE_EXCEEDED] * 2
+    # Exactly one audit record per request, the shed ones included.
+    records = [r for r in audit_records(config) if r["consumer"] == "city-bank"]
+    assert len(records) == flood
+    assert sorted(r["rule"] for r in records if r["code"] == "RESOURCE_EXHAUSTED") == ["limits.concurrency"] * 8
+    assert [r["code"] for r in records].count("DEADLINE_EXCEEDED") == 2, records
+
+
+@ON_OFF
+def test_no_request_is_shed_by_grpc_without_an_audit_record(tmp_path, sandbox_dir, pki, monkeypatch, control):
+    """Attack (on the reviewer): overload the server so gRPC's own concurrency cap turns
+    requests away before any interceptor runs; they leave no trace in the audit log."""
+    work = tmp_path / "work"
+    work.mkdir()
+    config = write_config(work, sandbox_dir, pki, max_in_flight=4, max_in_flight_per_consumer=4)
+    if control == "off":  # gRPC's cap back, as main had it (workers * 64), here scaled to the test
+        real_server = grpc.server
+        monkeypatch.setattr(app_module.grpc, "server",
+                            lambda *a, **kw: real_server(*a, **{**kw, "maximum_concurrent_rpcs": 4}))
+    gate = threading.Event()
+    datasets = app_module.Sandbox.datasets
+    monkeypatch.setattr(app_module.Sandbox, "datasets", lambda self, consumer: (gate.wait(10),
+                                                                              datasets(self, consumer))[1])
+    server = build_server(config).start()
+    flood = 24
+    try:
+        city = Client.from_directory(f"localhost:{server.port}", pki.consumer_dir("city-bank"), "city-bank")
+
+        def ask(_):
+            try:
+                return city.list_datasets()
+            except DataopsClientError as exc:
+                return exc
+
+        with ThreadPoolExecutor(flood) as pool:
+            futures = [pool.submit(ask, i) for i in range(flood)]
+            time.sleep(0.5)
+            gate.set()
+            outcomes = [f.result(timeout=30) for f in futures]
+        city.close()
+    finally:
+        gate.set()
+        server.stop(1.0)
+    refused = [o for o in outcomes if isinstance(o, DataopsClientError)]
+    assert refused and all(o.code is grpc.StatusCode.RESOURCE_EXHAUSTED for o in refused)
+    records = audit_records(config)
+    if control == "off":
+        assert len(records) < flood  # shed by gRPC: no record, no rule
+        assert any(o.rule is None for o in refused)
+        return
+    assert len(records) == flood
+    assert all(o.rule == "limits.concurrency" for o in refused)

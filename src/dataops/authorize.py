@@ -6,7 +6,8 @@ what an operator is told is exactly what the server does.
 
 Rules, in the order they are checked (the first that fails decides):
 
-    consumer.unknown, consumer.revoked   the certificate's consumer has a live policy
+    consumer.unknown, consumer.policy_invalid, consumer.revoked
+                                          the certificate's consumer has a valid, live policy
     dataset.unknown                       the dataset exists in the consumer's zone
     default-deny                          the consumer holds a grant on it
     grant.expires                         the grant is not past its expiry date
@@ -50,6 +51,10 @@ def consumer_policy(policies: PolicySet, consumer: str) -> ConsumerPolicy:
     policy = policies.get(consumer)
     if policy is None:
         raise UnknownConsumer(f"no policy for consumer {consumer!r}", rule="consumer.unknown")
+    if policy.invalid is not None:
+        # Not the operator's error text: it quotes files and keys, none of the consumer's business.
+        raise UnknownConsumer(f"the policy of consumer {consumer!r} is invalid; refused until the operator "
+                              "fixes it", rule="consumer.policy_invalid")
     if policy.revoked:
         raise UnknownConsumer(f"consumer {consumer!r} is revoked", rule="consumer.revoked")
     return policy

@@ -53,6 +53,9 @@ class ServerSection:
     max_message_bytes: int = 4 * 1024 * 1024
     grace_seconds: float = 10.0
     policy_poll_seconds: float = 1.0
+    # A policy edit that widens access applies once the file's content has stayed the
+    # same this long (narrowing edits apply at once): a half-written file is never served.
+    policy_settle_seconds: float = 2.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.listen, str):
@@ -65,6 +68,7 @@ class ServerSection:
         _positive_int(self, "max_message_bytes", upper=_MAX_MESSAGE_BYTES)
         _seconds(self, "grace_seconds", allow_zero=True)  # 0: stop without draining
         _seconds(self, "policy_poll_seconds", allow_zero=False)
+        _seconds(self, "policy_settle_seconds", allow_zero=True)
 
     @property
     def host(self) -> str:

@@ -1,9 +1,18 @@
 """Policies: one operator-written TOML file per consumer → a validated, frozen PolicySet.
 
-Default deny: a consumer, dataset or column not granted is not usable. A policy set
-is validated whole against the catalog before it is served; one bad file refuses the
-whole new version and the previous version keeps serving (`PolicyStore`), so an
-operator's typo can never widen access or take the service down.
+Default deny: a consumer, dataset or column not granted is not usable. At start the
+policy set is validated whole (the server refuses to start on a mistake). While
+serving, `PolicyStore` validates each consumer's file on its own, known by its content
+hash (never size, mtime or inode):
+
+* a file that does not validate whole denies its own consumer (rule
+  `consumer.policy_invalid`) until fixed; its previous version does not keep serving
+  (it may be exactly what the edit meant to narrow), and no other consumer is touched;
+* a narrowing edit (revoked, an earlier expiry, a removed grant, column or function,
+  a larger minimum group, a stricter dominance rule, a smaller budget) applies at once;
+* any other change applies only once its content has stayed the same for
+  `settle_seconds`, so a file caught half-written (its dominance table not yet
+  there) is never served.
 """
 
 from __future__ import annotations
@@ -13,8 +22,9 @@ import hashlib
 import logging
 import re
 import threading
+import time
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from enum import Enum
 from pathlib import Path
 from types import MappingProxyType
@@ -79,6 +89,9 @@ class ConsumerPolicy:
     revoked: bool
     grants: Mapping[str, Grant]
     source: Path
+    # Set when the consumer's file did not validate: the consumer is denied
+    # (rule consumer.policy_invalid) and this is the operator's error message.
+    invalid: str | None = None
 
 
 @dataclass(frozen=True)
@@ -222,12 +235,74 @@ def _load_columns(table: Table, dataset: Dataset) -> dict[str, frozenset[Use]]:
     return columns
 
 
-class PolicyStore:
-    """The policy set in force, replaced only by a new version that validates whole.
+def _stricter_dominance(old: Dominance, new: Dominance) -> bool:
+    # More top units summed, or a lower share allowed, flags more cells as dominated.
+    return new.n >= old.n and new.percent <= old.percent
 
-    `poll()` is cheap (a stat per file) and reloads only when a file changed; a
-    background thread calls it every `interval` seconds.
+
+def _fewer_column_uses(old: Mapping[str, frozenset[Use]], new: Mapping[str, frozenset[Use]]) -> bool:
+    return all(column in old and uses <= old[column] for column, uses in new.items())
+
+
+# How a grant's field may change and still grant no more than before. A field not
+# listed here (added later) must stay equal: unknown changes are never "narrowing".
+_NARROWER = {
+    "expires": lambda old, new: new <= old,
+    "modes": lambda old, new: new <= old,
+    "functions": lambda old, new: new <= old,
+    "min_group_size": lambda old, new: new >= old,
+    "dominance": _stricter_dominance,
+    "budget": lambda old, new: new.epsilon <= old.epsilon and new.delta <= old.delta,
+    "columns": _fewer_column_uses,
+}
+
+
+def narrows(old: ConsumerPolicy | None, new: ConsumerPolicy) -> bool:
+    """True if `new` allows nothing `old` did not: safe to apply the moment it is read."""
+    if new.invalid is not None or new.revoked:
+        return True  # denies the consumer everything
+    if old is None or old.invalid is not None or old.revoked:
+        return False  # from "denied" anything valid is wider
+    if (new.consumer, new.zone) != (old.consumer, old.zone):
+        return False
+    for dataset, grant in new.grants.items():
+        before = old.grants.get(dataset)
+        if before is None:
+            return False
+        for f in fields(Grant):
+            a, b = getattr(before, f.name), getattr(grant, f.name)
+            if not _NARROWER.get(f.name, lambda x, y: x == y)(a, b):
+                return False
+    return True
+
+
+def _invalid_policy(path: Path, error: str) -> ConsumerPolicy:
+    """What stands for a consumer whose file does not validate: a policy that denies."""
+    return ConsumerPolicy(consumer=path.stem, zone="", description="", revoked=False,
+                          grants=MappingProxyType({}), source=path, invalid=error)
+
+
+def content_digest(path: Path, raw: bytes) -> str:
+    """What identifies a policy file's version: its bytes, never size, mtime or inode."""
+    return hashlib.sha256(raw).hexdigest()
+
+
+@dataclass(frozen=True)
+class _InForce:
+    digest: str
+    policy: ConsumerPolicy
+
+
+class PolicyStore:
+    """The policies in force, one consumer file at a time (see the module docstring).
+
+    `poll()` rereads every file and compares content hashes; a background thread calls
+    it every `interval` seconds.
     """
+
+    # The per-file control; tests switch it off to show what it stops (False: the old
+    # whole-set rule, where any invalid file freezes every consumer's previous version).
+    per_file = True
 
     def __init__(
         self,
@@ -235,13 +310,24 @@ class PolicyStore:
         catalog: Catalog,
         *,
         on_reload: Callable[[PolicySet | None, str | None], None] | None = None,
+        settle_seconds: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.policy_dir = policy_dir
         self.catalog = catalog
+        self.settle_seconds = settle_seconds
+        self._clock = clock
         self._on_reload = on_reload
         self._lock = threading.Lock()
-        self._fingerprint = self._stat()
+        # Strict at start: the server refuses to start on any invalid file.
         self._current = load_policies(policy_dir, catalog)
+        self._files: dict[str, _InForce] = {}
+        for name, (path, raw, digest) in self._scan().items():
+            policy = self._current.get(path.stem)
+            if policy is not None:
+                self._files[name] = _InForce(digest, policy)
+        # name -> (digest, first seen): a widening edit waiting for its content to settle.
+        self._pending: dict[str, tuple[str, float]] = {}
         self.last_error: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -250,39 +336,71 @@ class PolicyStore:
     def current(self) -> PolicySet:
         return self._current
 
-    def _stat(self) -> tuple:
-        entries = []
+    def _scan(self) -> dict[str, tuple[Path, bytes | None, str]]:
+        files = {}
         for path in sorted(self.policy_dir.glob("*.toml")):
             try:
-                st = path.stat()
-            except OSError:
+                raw = path.read_bytes()
+            except OSError as exc:
+                files[path.name] = (path, None, f"unreadable: {exc.strerror}")
                 continue
-            entries.append((path.name, st.st_mtime_ns, st.st_size, st.st_ino))
-        return tuple(entries)
+            files[path.name] = (path, raw, content_digest(path, raw))
+        return files
+
+    def _candidate(self, path: Path, raw: bytes | None, digest: str) -> ConsumerPolicy:
+        if raw is None:
+            return _invalid_policy(path, f"{path}: cannot be read ({digest})")
+        try:
+            return _load_policy(path, raw, self.catalog)
+        except PolicyError as exc:
+            return _invalid_policy(path, str(exc))
 
     def poll(self) -> bool:
-        """Reload if any file changed. Returns True when a new version was installed."""
+        """Apply what changed. Returns True when a new version was installed."""
         with self._lock:
-            fingerprint = self._stat()
-            if fingerprint == self._fingerprint:
+            now = self._clock()
+            scanned = self._scan()
+            files = dict(self._files)
+            changed = False
+            for name in set(files) - set(scanned):
+                del files[name]  # a deleted file: its consumer is unknown, denied
+                changed = True
+            for name, (path, raw, digest) in scanned.items():
+                before = files.get(name)
+                if before is not None and before.digest == digest:
+                    self._pending.pop(name, None)
+                    continue
+                candidate = self._candidate(path, raw, digest)
+                if not narrows(before.policy if before else None, candidate):
+                    waiting = self._pending.get(name)
+                    if waiting is None or waiting[0] != digest:
+                        self._pending[name] = (digest, now)  # changed again: start over
+                        log.info("%s changed; applied once its content is stable for %gs",
+                                 path, self.settle_seconds)
+                    if now - self._pending[name][1] < self.settle_seconds:
+                        continue
+                self._pending.pop(name, None)
+                files[name] = _InForce(digest, candidate)
+                changed = True
+            if not changed:
                 return False
-            self._fingerprint = fingerprint
-            try:
-                candidate = load_policies(self.policy_dir, self.catalog)
-            except PolicyError as exc:
-                self.last_error = str(exc)
-                log.error("policy edit refused, previous version %s keeps serving: %s",
-                          self._current.version[:12], exc)
-                if self._on_reload:
-                    self._on_reload(None, str(exc))
+            errors = [f.policy.invalid for f in files.values() if f.policy.invalid is not None]
+            if errors and not self.per_file:
+                self.last_error = errors[0]
                 return False
-            if candidate.version == self._current.version:
-                return False
-            self._current = candidate
-            self.last_error = None
-            log.info("policy version %s in force", candidate.version[:12])
+            digest = hashlib.sha256()
+            for name, state in sorted(files.items()):
+                digest.update(name.encode() + b"\0" + state.digest.encode()
+                              + (b"\0invalid" if state.policy.invalid is not None else b""))
+            self._files = files
+            self._current = PolicySet(
+                MappingProxyType({f.policy.consumer: f.policy for f in files.values()}), digest.hexdigest())
+            self.last_error = "\n".join(errors) or None
+            for error in errors:
+                log.error("policy refused, its consumer is denied until fixed: %s", error)
+            log.info("policy version %s in force", self._current.version[:12])
             if self._on_reload:
-                self._on_reload(candidate, None)
+                self._on_reload(self._current, self.last_error)
             return True
 
     def start(self, interval: float) -> None:

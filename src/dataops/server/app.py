@@ -107,7 +107,8 @@ def admission_threads(config: ServerConfig) -> int:
 
 def build_server(config: ServerConfig) -> DataopsServer:
     catalog = load_checked_catalog(config)
-    policies = PolicyStore(config.paths.policies, catalog)
+    policies = PolicyStore(config.paths.policies, catalog,
+                           settle_seconds=config.server.policy_settle_seconds)
     ledger_path(config).parent.mkdir(parents=True, exist_ok=True)
     ledger = Ledger(ledger_path(config))
     # DP reads copies truncated once per data version (state/prepared); build them now,
