@@ -460,3 +460,48 @@ def test_no_request_is_shed_by_grpc_without_an_audit_record(tmp_path, sandbox_di
         return
     assert len(records) == flood
     assert all(o.rule == "limits.concurrency" for o in refused)
+
+
+@ON_OFF
+def test_a_request_that_expires_waiting_for_a_thread_is_still_audited(tmp_path, sandbox_dir, pki, monkeypatch,
+                                                                       control):
+    """Attack (on the reviewer): keep every request thread busy, so other requests wait
+    in gRPC's queue until their deadline passes; gRPC drops them and no record is left."""
+    work = tmp_path / "work"
+    work.mkdir()
+    config = write_config(work, sandbox_dir, pki, max_in_flight=2, max_in_flight_per_consumer=2)
+    monkeypatch.setattr(app_module, "admission_threads", lambda config: 2)  # exactly the admitted ones
+    if control == "off":  # gRPC's plain pool: nobody notices what it drops
+        monkeypatch.setattr(interceptors.RequestPool, "submit", ThreadPoolExecutor.submit)
+    gate = threading.Event()
+    datasets = app_module.Sandbox.datasets
+    monkeypatch.setattr(app_module.Sandbox, "datasets",
+                        lambda self, consumer: (gate.wait(10), datasets(self, consumer))[1])
+    server = build_server(config).start()
+    try:
+        city = Client.from_directory(f"localhost:{server.port}", pki.consumer_dir("city-bank"), "city-bank")
+        river = Client.from_directory(f"localhost:{server.port}", pki.consumer_dir("river-bank"), "river-bank",
+                                      timeout=0.5)
+        with ThreadPoolExecutor(2) as pool:
+            busy = [pool.submit(city.list_datasets) for _ in range(2)]  # both threads held
+            time.sleep(0.3)
+            with pytest.raises(DataopsClientError) as err:
+                river.list_datasets()
+            assert err.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
+            status = _health(server, pki)  # health has its own threads
+            gate.set()
+            assert all(f.result(timeout=10) for f in busy)
+        _wait_for(lambda: len(audit_records(config)) >= 3, timeout=3)
+        city.close()
+        river.close()
+    finally:
+        gate.set()
+        server.stop(1.0)
+    assert status == health_pb2.HealthCheckResponse.SERVING
+    records = audit_records(config)
+    if control == "off":
+        assert [r["consumer"] for r in records] == ["city-bank", "city-bank"]  # river-bank's request: no trace
+        return
+    assert len(records) == 3
+    [dropped] = [r for r in records if r["consumer"] == "river-bank"]
+    assert (dropped["code"], dropped["rule"]) == ("DEADLINE_EXCEEDED", "deadline.queued")

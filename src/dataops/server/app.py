@@ -57,6 +57,7 @@ class DataopsServer:
     audit: AuditLog
     ledger: Ledger
     health: health.HealthServicer
+    request_pool: futures.ThreadPoolExecutor | None = None  # dataops.v1 requests' threads
 
     @property
     def target(self) -> str:
@@ -77,6 +78,8 @@ class DataopsServer:
         self.health.enter_graceful_shutdown()
         grace = self.config.server.grace_seconds if grace is None else grace
         self.grpc_server.stop(grace).wait()
+        if self.request_pool is not None:
+            self.request_pool.shutdown(wait=False)
         self.policies.stop()
         self.sandbox.close()
         self.ledger.close()
@@ -119,17 +122,20 @@ def build_server(config: ServerConfig) -> DataopsServer:
     audit = AuditLog(audit_path(config))
 
     limits = config.server.max_message_bytes
+    # dataops.v1 requests run on the interceptor's own pool: admission lets at most
+    # max_in_flight of them work at once, the other threads only identify, refuse and
+    # audit, so a flood is answered instead of queueing (and a request that expires in
+    # the queue anyway is still audited). gRPC's default pool below serves only health
+    # checks and reflection, so those are answered however busy the service is.
+    interceptor = AuditInterceptor(
+        audit, policies, RevocationList(config.tls.ca_cert, config.paths.state),
+        RateLimiter(config.limits.rate_per_minute, config.limits.rate_burst),
+        Admission(config.limits.max_in_flight, config.limits.max_in_flight_per_consumer),
+        threads=admission_threads(config),
+    )
     server = grpc.server(
-        # Admission (below) lets at most max_in_flight requests work at once; the other
-        # threads only identify, refuse and audit, so a flood is answered instead of
-        # waiting in gRPC's queue, where an expired request would vanish unaudited.
-        # Health checks are answered by these spare threads too.
-        futures.ThreadPoolExecutor(max_workers=admission_threads(config), thread_name_prefix="dataops"),
-        interceptors=[AuditInterceptor(
-            audit, policies, RevocationList(config.tls.ca_cert, config.paths.state),
-            RateLimiter(config.limits.rate_per_minute, config.limits.rate_burst),
-            Admission(config.limits.max_in_flight, config.limits.max_in_flight_per_consumer),
-        )],
+        futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="grpc-health"),
+        interceptors=[interceptor],
         options=[
             ("grpc.max_receive_message_length", limits),
             ("grpc.max_send_message_length", limits),
@@ -156,4 +162,5 @@ def build_server(config: ServerConfig) -> DataopsServer:
     if port == 0:
         raise OSError(f"cannot listen on {config.server.listen}")
     prepared.warm(catalog.datasets.values())
-    return DataopsServer(config, server, port, sandbox, policies, audit, ledger, health_servicer)
+    return DataopsServer(config, server, port, sandbox, policies, audit, ledger, health_servicer,
+                         request_pool=interceptor.pool)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent import futures
 from typing import Any, Callable
 
 import grpc
@@ -132,6 +133,47 @@ _REVOCATION_MESSAGES = {
 }
 
 
+class _Pending:
+    """One dataops.v1 request from its arrival; `started` once a thread took it."""
+
+    __slots__ = ("method", "started")
+
+    def __init__(self, method: str) -> None:
+        self.method, self.started = method, False
+
+
+class RequestPool(futures.ThreadPoolExecutor):
+    """The threads dataops.v1 requests run on, apart from gRPC's default pool.
+
+    gRPC hands each request to a thread; if its client's deadline passes (or it
+    cancels) while the request waits for one, gRPC drops it without calling our
+    handler, so it would leave no audit record. This pool notices: after gRPC's job
+    for a request ends, a request our handler never started is reported to
+    `on_abandoned`, which audits it. Health checks and reflection stay on gRPC's
+    default pool, so a flood here never delays them.
+    """
+
+    def __init__(self, max_workers: int, on_abandoned: Callable[[_Pending, Any], None]) -> None:
+        super().__init__(max_workers=max_workers, thread_name_prefix="dataops")
+        self._on_abandoned = on_abandoned
+
+    def submit(self, fn, /, *args, **kwargs):
+        pending = next((a.dataops_pending for a in args if hasattr(a, "dataops_pending")), None)
+        if pending is None:
+            return super().submit(fn, *args, **kwargs)
+        # gRPC passes the call's event along: it still knows the peer certificate.
+        event = next((a for a in args if hasattr(a, "call_details")), None)
+
+        def run():
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                if not pending.started:
+                    self._on_abandoned(pending, event)
+
+        return super().submit(run)
+
+
 class AuditInterceptor(grpc.ServerInterceptor):
     def __init__(
         self,
@@ -140,12 +182,34 @@ class AuditInterceptor(grpc.ServerInterceptor):
         revocations: RevocationList | None = None,
         limiter: RateLimiter | None = None,
         admission: Admission | None = None,
+        threads: int | None = None,
     ) -> None:
         self.audit = audit
         self.policies = policies
         self.revocations = revocations
         self.limiter = limiter
         self.admission = admission
+        # With `threads`, dataops.v1 requests run on their own pool (RequestPool).
+        self.pool = RequestPool(threads, self._abandoned) if threads else None
+
+    def _abandoned(self, pending: _Pending, event: Any) -> None:
+        """Audit a request gRPC dropped before any thread served it (deadline or cancel)."""
+        call = CallRecord(method=pending.method)
+        try:
+            from grpc._cython import cygrpc  # the peer's auth context, as grpc's own context reads it
+
+            auth = {(k.decode() if isinstance(k, bytes) else k): v
+                    for k, v in (cygrpc.auth_context(event.call) or {}).items()}
+            call.consumer = certificate_identity(auth)
+        except Exception:  # no identity to be had: the record says so (consumer null)
+            call.consumer = None
+        call.refused(DeadlineExceeded(
+            "the client gave up (deadline or cancel) before a thread took the request; nothing was run",
+            rule="deadline.queued"))
+        try:
+            self.audit.append(call.to_record(self.policies.current.version))
+        except Exception:
+            log.exception("could not audit an abandoned %s request", pending.method)
 
     def identify(self, context: grpc.ServicerContext, call: CallRecord) -> str:
         """The consumer named by a valid, unrevoked certificate, within its rate limit."""
@@ -198,7 +262,10 @@ class AuditInterceptor(grpc.ServerInterceptor):
         )
 
     def _wrap(self, method: str, handler: Any) -> Callable:
+        pending = _Pending(method)
+
         def behavior(raw: bytes, context: grpc.ServicerContext) -> Any:
+            pending.started = True
             call = CallRecord(method=method)
             token = open_call(call)
             response, error = None, None
@@ -241,4 +308,7 @@ class AuditInterceptor(grpc.ServerInterceptor):
             response.receipt.hash = receipt.hash
             return response
 
+        if self.pool is not None:
+            behavior.experimental_thread_pool = self.pool  # grpcio runs the behavior there
+            behavior.dataops_pending = pending
         return behavior
