@@ -27,6 +27,7 @@ from dataops import certs
 from dataops import policy as policy_module
 from dataops.certs import consumer_identity_from_auth_context, issue_consumer, revoke
 from dataops.client import Client, DataopsClientError, count
+from dataops.catalog import load_catalog
 from dataops.config import load_config
 from dataops.policy import PolicyStore
 from dataops.engines import dp as dp_engine
@@ -505,3 +506,46 @@ def test_a_request_that_expires_waiting_for_a_thread_is_still_audited(tmp_path, 
     assert len(records) == 3
     [dropped] = [r for r in records if r["consumer"] == "river-bank"]
     assert (dropped["code"], dropped["rule"]) == ("DEADLINE_EXCEEDED", "deadline.queued")
+
+
+NARROWING = [
+    ("revoked = false", "revoked = true"),
+    ("expires = 2027-12-31", "expires = 2026-01-01"),
+    ('modes = ["aggregate", "dp"]', 'modes = ["dp"]'),
+    ('"count", "count_units", "sum", "mean", "quantile"]', '"count", "sum"]'),
+    ("min_group_size = 10", "min_group_size = 25"),
+    ("percent = 85.0", "percent = 60.0"),
+    ("epsilon = 5.0", "epsilon = 1.0"),
+    ('industry = ["dimension", "filter"]', 'industry = ["dimension"]'),
+    ('tax_paid = ["measure"]\n', ""),
+]
+WIDENING = [
+    ("expires = 2027-12-31", "expires = 2029-01-01"),
+    ("min_group_size = 10", "min_group_size = 5"),
+    ("percent = 85.0", "percent = 95.0"),
+    ("n = 2", "n = 1"),
+    ("epsilon = 5.0", "epsilon = 6.0"),
+    ('tax_paid = ["measure"]', 'tax_paid = ["measure", "filter"]'),
+    ('purpose = "pre-loan review"', 'purpose = "marketing"'),
+]
+
+
+@pytest.mark.parametrize("old,new,immediate", [(*e, True) for e in NARROWING] + [(*e, False) for e in WIDENING])
+def test_narrowing_edits_apply_at_once_and_others_only_once_settled(tmp_path, old, new, immediate):
+    repo = Path(__file__).resolve().parent.parent
+    for name in ("catalog", "policies"):
+        shutil.copytree(repo / name, tmp_path / name)
+    catalog = load_catalog(tmp_path / "catalog", tmp_path / "sandbox")
+    now = [0.0]
+    store = PolicyStore(tmp_path / "policies", catalog, settle_seconds=2.0, clock=lambda: now[0])
+    path = tmp_path / "policies" / "city-bank.toml"
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new, 1))
+    assert store.poll() is immediate
+    if not immediate:
+        now[0] = 1.0
+        assert store.poll() is False  # not yet settled
+        assert store.poll(settled=True) is True  # the operator's SIGHUP: complete, apply now
+    assert store.current.get("city-bank").source == path
+    assert store.last_error is None

@@ -355,8 +355,12 @@ class PolicyStore:
         except PolicyError as exc:
             return _invalid_policy(path, str(exc))
 
-    def poll(self) -> bool:
-        """Apply what changed. Returns True when a new version was installed."""
+    def poll(self, *, settled: bool = False) -> bool:
+        """Apply what changed. Returns True when a new version was installed.
+
+        `settled=True` (the operator's SIGHUP: "my edits are complete") applies
+        widening edits without waiting for `settle_seconds`.
+        """
         with self._lock:
             now = self._clock()
             scanned = self._scan()
@@ -377,7 +381,7 @@ class PolicyStore:
                         self._pending[name] = (digest, now)  # changed again: start over
                         log.info("%s changed; applied once its content is stable for %gs",
                                  path, self.settle_seconds)
-                    if now - self._pending[name][1] < self.settle_seconds:
+                    if not settled and now - self._pending[name][1] < self.settle_seconds:
                         continue
                 self._pending.pop(name, None)
                 files[name] = _InForce(digest, candidate)

@@ -91,7 +91,7 @@ class DataopsServer:
         stopping = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stopping.set())
-        signal.signal(signal.SIGHUP, lambda *_: self.policies.poll())
+        signal.signal(signal.SIGHUP, lambda *_: self.policies.poll(settled=True))
         stopping.wait()
         self.stop()
 
