@@ -134,7 +134,10 @@ def build_server(config: ServerConfig) -> DataopsServer:
         threads=admission_threads(config),
     )
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="grpc-health"),
+        # Any handler the interceptor does not give a pool of its own (a streaming
+        # dataops.v1 handler should set `experimental_thread_pool = interceptor.pool`
+        # like the unary ones) would share these threads with health checks.
+        futures.ThreadPoolExecutor(max_workers=config.server.workers, thread_name_prefix="grpc-default"),
         interceptors=[interceptor],
         options=[
             ("grpc.max_receive_message_length", limits),
