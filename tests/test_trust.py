@@ -570,3 +570,14 @@ def test_narrowing_edits_apply_at_once_and_others_only_once_settled(tmp_path, ol
         assert store.poll(settled=True) is True  # the operator's SIGHUP: complete, apply now
     assert store.current.get("city-bank").source == path
     assert store.last_error is None
+
+
+def test_a_damaged_revocation_memory_stops_the_server_from_starting(own_config, own_pki, tmp_path):
+    spare = issue_consumer(own_pki.directory, "city-bank", out_dir=tmp_path / "spare")
+    revoke(own_pki.directory, spare.cert)
+    build_server(own_config).stop(0)  # accepts the CRL and remembers it
+    state = own_config.paths.state / certs.REVOCATION_STATE
+    assert state.exists()
+    state.write_text("{")  # a truncated memory could have forgotten revocations
+    with pytest.raises(certs.CertificateError, match=str(state)):
+        build_server(own_config)

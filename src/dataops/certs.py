@@ -440,6 +440,7 @@ class RevocationList:
         self._broken: str | None = None
         self._by_pem: dict[bytes, int] = {}
         self.number, self._serials, self.seen = self._load_state()
+        self._reload()  # at start: a CRL that is there is accepted (and remembered) or refused now
 
     # -- the remembered set -------------------------------------------------------
 
