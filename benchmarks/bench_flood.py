@@ -17,7 +17,6 @@ import argparse
 import json
 import shutil
 import statistics
-import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
