@@ -1,9 +1,12 @@
-"""One interceptor for every dataops.v1 RPC: identity, audit, error mapping.
+"""One interceptor for every dataops.v1 RPC: identity, admission, audit, error mapping.
 
 A gRPC server interceptor sees only the method name, so it wraps the handler
 instead: the wrapper runs in the handler's thread with the real `context`, reads the
-consumer from the verified client certificate, runs the servicer, appends exactly
-one audit record, and only then lets the response (or the error) go out.
+consumer from the verified client certificate itself, checks revocation, rate and
+concurrency caps (shedding load here, where it is audited, rather than in gRPC),
+runs the servicer, appends exactly one audit record, and only then lets the response
+(or the error) go out. A request gRPC drops before any thread takes it is audited by
+`RequestPool`.
 
 Domain errors become canonical status codes with `google.rpc` details here and
 nowhere else (Feast's grpc_error_interceptor does the same).
