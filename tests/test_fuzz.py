@@ -23,6 +23,7 @@ import json
 import math
 import re
 import threading
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -558,9 +559,16 @@ def test_queries_beyond_the_configured_limits_are_refused_naming_the_limit(fuzz,
 def test_an_oversized_request_is_refused_by_grpc(fuzz):
     size = fuzz.config.server.max_message_bytes + 1024
     payload = _field(1, _field(1, b"x" * size))
-    code, out = fuzz.call("city-bank", RUN, payload, audited=False)
+    # Refused by gRPC before our handler runs, yet audited: the request pool notices
+    # what gRPC dropped (rule transport.dropped).
+    code, out = fuzz.call("city-bank", RUN, payload)
     assert code is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert_client_error(code, out, from_grpc_ok=True)
+    path = fuzz.config.paths.state / "audit" / "audit.jsonl"
+    deadline = time.monotonic() + 5
+    while b'"transport.dropped"' not in path.read_bytes().rsplit(b"\n", 2)[-2]:
+        assert time.monotonic() < deadline, "the dropped request left no audit record"
+        time.sleep(0.05)
 
 
 def test_enormous_names_get_a_bounded_refusal(fuzz):

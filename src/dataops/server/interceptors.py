@@ -206,9 +206,14 @@ class AuditInterceptor(grpc.ServerInterceptor):
             call.consumer = certificate_identity(auth)
         except Exception:  # no identity to be had: the record says so (consumer null)
             call.consumer = None
-        call.refused(DeadlineExceeded(
-            "the client gave up (deadline or cancel) before a thread took the request; nothing was run",
-            rule="deadline.queued"))
+        deadline = getattr(getattr(event, "call_details", None), "deadline", None)
+        if deadline is not None and deadline <= time.time():  # grpc keeps it as a time.time() instant
+            call.refused(DeadlineExceeded("the deadline passed before a thread took the request; nothing was run",
+                                          rule="deadline.queued"))
+        else:
+            # gRPC refused it itself (a message over max_message_bytes) or the client
+            # cancelled: what the client was told is gRPC's, nothing was run.
+            call.decision, call.code, call.rule = "denied", "CANCELLED", "transport.dropped"
         try:
             self.audit.append(call.to_record(self.policies.current.version))
         except Exception:
