@@ -581,3 +581,22 @@ def test_a_damaged_revocation_memory_stops_the_server_from_starting(own_config, 
     state.write_text("{")  # a truncated memory could have forgotten revocations
     with pytest.raises(certs.CertificateError, match=str(state)):
         build_server(own_config)
+
+
+def test_removing_a_grant_applies_at_once_and_adding_it_back_waits(tmp_path):
+    repo = Path(__file__).resolve().parent.parent
+    for name in ("catalog", "policies"):
+        shutil.copytree(repo / name, tmp_path / name)
+    catalog = load_catalog(tmp_path / "catalog", tmp_path / "sandbox")
+    now = [0.0]
+    store = PolicyStore(tmp_path / "policies", catalog, settle_seconds=2.0, clock=lambda: now[0])
+    path = tmp_path / "policies" / "city-bank.toml"
+    whole = path.read_text()
+    path.write_text(whole[: whole.index("[[grants]]")])
+    assert store.poll() is True
+    assert dict(store.current.get("city-bank").grants) == {} and store.last_error is None
+    path.write_text(whole)
+    assert store.poll() is False
+    now[0] = 2.0
+    assert store.poll() is True
+    assert set(store.current.get("city-bank").grants) == {"enterprise_credit"}
