@@ -158,18 +158,21 @@ class AuditInterceptor(grpc.ServerInterceptor):
         def behavior(raw: bytes, context: grpc.ServicerContext) -> Any:
             call = CallRecord(method=method)
             token = open_call(call)
-            response, error = None, None
+            response, error, request = None, None, None
             try:
                 self.identify(context, call)
                 call.deadline = client_deadline(context.time_remaining())
                 try:
                     request = handler.request_deserializer(raw)
                 except DecodeError:
+                    call.unparsed(raw)
                     raise InvalidQuery("the request is not a valid protobuf message", rule="wire") from None
                 response = handler.unary_unary(request, context)
                 call.allowed()
             except RequestError as exc:
                 call.refused(exc)
+                if request is not None:
+                    call.attempted(request)  # a refused query is recorded even when it never planned
                 error = exc
             except Exception:
                 log.exception("internal error in %s", method)
