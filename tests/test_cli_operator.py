@@ -133,6 +133,13 @@ def test_policy_check_reports_every_error_at_once(config, capsys):
     city.write_text(city.read_text().replace("min_group_size = 10", "min_group_sise = 10"))
     river = policies / "river-bank.toml"
     river.write_text(river.read_text().replace("revoked = false", "revoked = false\nrevokd = true"))
+    # 5. two bad grants in one file: both are reported.
+    harbor = policies / "harbor-insurance.toml"
+    harbor.write_text(harbor.read_text() + (
+        '\n[[grants]]\ndataset = "enterprise_credit"\npurpose = "x"\nexpires = 2027-01-01\nmodes = ["dp"]\n'
+        'functions = ["count"]\nmin_group_size = 10\n[grants.budget]\nepsilon = 1.0\n[grants.columns]\n'
+        '\n[[grants]]\ndataset = "medical_claims"\npurpose = "y"\nexpires = 2027-01-01\nmodes = ["dp"]\n'
+        'functions = ["count"]\nmin_group_size = 2\n[grants.budget]\nepsilon = 1.0\n[grants.columns]\n'))
     medical = catalog / "medical_claims.toml"
     medical.write_text(medical.read_text().replace('location = "insurance/medical_claims.parquet"',
                                                    'location = "moved/medical_claims.parquet"'))
@@ -146,6 +153,8 @@ def test_policy_check_reports_every_error_at_once(config, capsys):
     assert "city-bank.toml: grants[0].min_group_sise: unknown key, did you mean 'min_group_size'?" in err
     assert "min_group_size: is required" not in err
     assert "river-bank.toml: revokd: unknown key, did you mean 'revoked'?" in err
+    assert re.search(r"harbor-insurance.toml: grants\[1\].dataset: 'enterprise_credit' is in zone 'finance'", err)
+    assert "harbor-insurance.toml: grants[2].min_group_size: must be an integer >= 3, got 2" in err
     assert re.search(r"medical_claims.toml: location: .*moved/medical_claims.parquet does not exist", err)
     assert "enterprise_credit.toml: columns.tax_paid.type: catalog says int, the data has Float64" in err
     # `serve` agrees that this configuration cannot start.

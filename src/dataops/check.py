@@ -26,6 +26,40 @@ class CheckReport:
         self.errors.extend(line for line in str(error).splitlines() if line.strip())
 
 
+def _every_grant_error(path: Path, catalog, first: LoadError) -> list[str]:
+    """The loader stops at a file's first error; grants are independent, so load each on its own.
+
+    Each grant is checked in a copy of the file holding only that grant (and the file's
+    other keys); its messages are renamed back to `grants[i]`. Without this an operator
+    fixes one grant, reruns, and meets the next.
+    """
+    import tomllib
+
+    import tomli_w
+
+    from dataops.policy import _load_policy
+
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return [str(first)]
+    grants = doc.get("grants")
+    if not isinstance(grants, list) or len(grants) < 2 or not all(isinstance(g, dict) for g in grants):
+        return [str(first)]
+    top = {k: v for k, v in doc.items() if k != "grants"}
+    # Ordered, without repeats (a top-level error shows in every copy); the whole file's own
+    # first error leads, since only it sees what spans grants (two grants on one dataset).
+    errors: dict[str, None] = dict.fromkeys(str(first).splitlines())
+    for i, grant in enumerate([None, *grants]):
+        one = {**top, "grants": [] if grant is None else [grant]}
+        try:
+            _load_policy(path, tomli_w.dumps(one).encode("utf-8"), catalog)
+        except LoadError as exc:
+            for line in str(exc).splitlines():
+                errors[line.replace(": grants[0]", f": grants[{i - 1}]", 1) if grant is not None else line] = None
+    return list(errors)
+
+
 def check_all(config: ServerConfig, *, policies_dir: Path | None = None) -> CheckReport:
     from dataops.catalog import Catalog, check_data, load_entry
     from dataops.policy import PolicySet, _load_policy
@@ -63,7 +97,7 @@ def check_all(config: ServerConfig, *, policies_dir: Path | None = None) -> Chec
                 report.add(f"{path}: cannot be read: {exc.strerror}")
                 continue
             except LoadError as exc:
-                report.add(exc)
+                report.add("\n".join(_every_grant_error(path, catalog, exc)))
                 continue
             consumers[policy.consumer] = policy
 
