@@ -177,3 +177,8 @@ def test_a_fresh_venv_with_only_the_client_connects(server, pki, tmp_path):
     assert out["rows"] == 4 and "dataops[polars]" in out["polars"]
     cli = subprocess.run([str(venv / "bin" / "dataops"), "demo"], capture_output=True, text=True, env=env)
     assert cli.returncode == 2 and "dataops[server]" in cli.stderr
+    # A reviewer reads the log with the light install too.
+    show = subprocess.run([str(venv / "bin" / "dataops"), "audit", "show", "--log-dir",
+                           str(server.config.paths.state / "audit"), "--method", "runquery"],
+                          capture_output=True, text=True, env=env)
+    assert show.returncode == 0 and "RunQuery" in show.stdout, show.stderr
