@@ -68,7 +68,7 @@ def test_certs_revoke_from_the_shell(config, pki, tmp_path, capsys):
     try:
         assert main(["certs", "revoke", "river-bank", "--cert", str(spare.cert), "-c", toml]) == 0
         assert "revoked" in capsys.readouterr().out
-        assert main(["certs", "revoke", "river-bank", "--cert", str(tmp_path / "nope.crt"), "-c", toml]) == 1
+        assert main(["certs", "revoke", "river-bank", "--cert", str(tmp_path / "nope.crt"), "-c", toml]) == 2  # a local file: usage
     finally:
         config.tls.ca_cert.with_name("ca.crl").unlink(missing_ok=True)
 

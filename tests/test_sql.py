@@ -247,7 +247,7 @@ def test_dataops_query_sql_from_the_shell(server, pki, capsys):
     assert main(["query", "--sql", "SELECT COUNT(*) FROM enterprise_credit WHERE a > 1", *conn]) == 1
     err = capsys.readouterr().err
     assert "INVALID_QUERY" in err and "line 1, column 48" in err
-    assert main(["query", "enterprise_credit", "--sql", "SELECT COUNT(*) FROM enterprise_credit", *conn]) == 1
+    assert main(["query", "enterprise_credit", "--sql", "SELECT COUNT(*) FROM enterprise_credit", *conn]) == 2  # usage: exit 2
     assert "drop enterprise_credit" in capsys.readouterr().err
 
 

@@ -7,6 +7,7 @@ Unknown keys are errors too: a misspelt key silently ignored could widen access.
 
 from __future__ import annotations
 
+import difflib
 import math
 import tomllib
 from collections.abc import Iterator
@@ -50,6 +51,9 @@ class Table:
         if key not in self.data:
             if default is not ...:
                 return default
+            # A misspelt key is the mistake to report, not the missing one it was meant to be.
+            for near in difflib.get_close_matches(key, [k for k in self.data if k not in self._read], 1, 0.75):
+                raise self.fail(near, f"unknown key, did you mean {key!r}?")
             raise self.fail(key, "is required")
         return self.data[key]
 
@@ -122,4 +126,11 @@ class Table:
         """Call after reading: any key not read is a typo or an unsupported setting."""
         unknown = sorted(set(self.data) - self._read)
         if unknown:
-            raise self.fail(unknown[0], "unknown key (misspelt, or not supported here)")
+            # Every unknown key of this table at once, each with the nearest known key.
+            raise self.error("\n".join(f"{self.path}: {self.key(k)}: {unknown_key(k, self._read)}" for k in unknown))
+
+
+def unknown_key(key: str, known: "set[str] | list[str]") -> str:
+    """'unknown key, did you mean ...?' or 'unknown key (misspelt, or not supported here)'."""
+    near = difflib.get_close_matches(key, sorted(known), 1, 0.6)
+    return f"unknown key, did you mean {near[0]!r}?" if near else "unknown key (misspelt, or not supported here)"

@@ -266,13 +266,19 @@ def check_data(dataset: Dataset) -> None:
 
     if not dataset.path.is_file():
         raise CatalogError(f"{dataset.source}: location: {dataset.path} does not exist")
-    schema = pl.scan_parquet(dataset.path).collect_schema()
+    try:
+        schema = pl.scan_parquet(dataset.path).collect_schema()
+    except Exception as exc:  # polars raises its own error types for a damaged file
+        raise CatalogError(f"{dataset.source}: location: {dataset.path} is not a readable Parquet file "
+                           f"({type(exc).__name__})") from None
+    problems = []  # every mismatching column at once, one line each
     for name, column in dataset.columns.items():
         if name not in schema:
-            raise CatalogError(f"{dataset.source}: columns.{name}: not in {dataset.path}")
+            problems.append(f"{dataset.source}: columns.{name}: not in {dataset.path}")
+            continue
         actual = column_type_of(schema[name])
         if actual is not column.type:
-            raise CatalogError(
-                f"{dataset.source}: columns.{name}.type: catalog says {column.type.value}, "
-                f"the data has {schema[name]}"
-            )
+            problems.append(f"{dataset.source}: columns.{name}.type: catalog says {column.type.value}, "
+                            f"the data has {schema[name]}")
+    if problems:
+        raise CatalogError("\n".join(problems))

@@ -84,7 +84,7 @@ def init_authority(
         raise CertificateError(
             f"{existing[0]} already exists; refusing to replace the certificate authority "
             "(every consumer certificate it issued would stop working). "
-            "Use force=True to replace it anyway."
+            "Run `dataops certs init --force` to replace it anyway."
         )
     san = [x509.DNSName(name) for name in server_names]
     for ip in server_ips:
@@ -166,7 +166,7 @@ def issue_consumer(
     if files.key.exists() and not force:
         raise CertificateError(
             f"{files.key} already exists; refusing to replace consumer {consumer!r}'s key. "
-            "Use force=True to reissue."
+            f"Run `dataops certs issue {consumer} --force` to reissue."
         )
     if days < 1:
         raise CertificateError(f"days must be at least 1, got {days}")
@@ -315,7 +315,7 @@ def _load_authority(directory: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.C
     except FileNotFoundError as exc:
         raise CertificateError(
             f"no certificate authority in {directory}: {exc.filename} is missing "
-            "(create one with init_authority first)"
+            "(create one with `dataops certs init`)"
         ) from None
     except ValueError as exc:
         raise CertificateError(f"cannot load the certificate authority in {directory}: {exc}") from None
@@ -539,3 +539,54 @@ class RevocationList:
 
     def is_revoked(self, pem: bytes) -> bool:
         return self.check(pem) is not None
+
+
+# --- listing ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CertificateInfo:
+    role: str  # ca | server | consumer
+    name: str  # the common name
+    status: str  # valid | expired | not yet valid | revoked
+    expires: str  # ISO 8601, UTC
+    names: tuple[str, ...]  # subject alternative names (DNS, IP, URI)
+    path: str
+
+
+def list_certificates(directory: Path) -> list[CertificateInfo]:
+    """The CA, the server certificate and every consumer certificate under `directory`."""
+    directory = Path(directory)
+    ca_path = directory / "ca.crt"
+    if not ca_path.exists():
+        raise CertificateError(f"no certificate authority in {directory} (create one with `dataops certs init`)")
+    revocations = RevocationList(ca_path)
+    now = dt.datetime.now(dt.timezone.utc)
+    found = [("ca", ca_path), ("server", directory / "server.crt")]
+    found += [("consumer", p) for p in sorted((directory / "consumers").glob("*/*.crt")) if p.name != "ca.crt"]
+    out = []
+    for role, path in found:
+        if not path.exists():
+            continue
+        pem = path.read_bytes()
+        try:
+            cert = x509.load_pem_x509_certificate(pem)
+        except ValueError as exc:
+            raise CertificateError(f"{path}: not a PEM certificate ({exc})") from None
+        try:
+            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            names = tuple(str(v.value) for v in san)
+        except x509.ExtensionNotFound:
+            names = ()
+        if role == "consumer" and revocations.is_revoked(pem):
+            status = "revoked"
+        elif now > cert.not_valid_after_utc:
+            status = "expired"
+        elif now < cert.not_valid_before_utc:
+            status = "not yet valid"
+        else:
+            status = "valid"
+        common = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        out.append(CertificateInfo(role, str(common[0].value) if common else "", status,
+                                   cert.not_valid_after_utc.isoformat(), names, str(path)))
+    return out

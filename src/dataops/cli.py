@@ -1,24 +1,38 @@
 """The `dataops` command line: one entry point for operators, consumers and reviewers.
 
-    dataops demo                         build demo zones, run the real server, play a session
-    dataops serve                        run the server from dataops.toml
-    dataops certs init | issue NAME      the platform CA, server and consumer certificates
-    dataops policy check | explain       validate policies; say which rule decides a query
+Consumers (over gRPC; connection from flags, DATAOPS_* variables or a profile file):
+    dataops datasets [ID]                list or describe your datasets
+    dataops query DATASET ...            run a query: rows, accuracy, spend, receipt
+    dataops estimate DATASET ...         what a query would cost and how accurate it would be
+    dataops budget [--dataset ID]        your privacy budget: spent and remaining
+
+Operators (read dataops.toml):
+    dataops init DIR                     scaffold a working directory that `serve` runs
+    dataops serve [--listen HOST:PORT]   run the server
+    dataops certs init | issue | revoke | list   the platform CA and certificates
+    dataops policy check | explain | schema      validate; say which rule decides; JSON Schema
     dataops ingest FILE --dataset --zone take a CSV/Parquet file into the sandbox
     dataops budget show                  privacy budget spent per grant and dataset
-    dataops audit verify | show | export | report | receipt   the compliance reviewer's tools
-    dataops datasets [ID]                (consumer) list or describe datasets over gRPC
-    dataops query DATASET ...            (consumer) run a query over gRPC
+    dataops demo                         demo zones, the real server and a scripted session
 
-Exit codes: 0 success, 1 refused or failed (with a message), 2 usage error.
+Reviewers:
+    dataops audit verify | show | export | report | receipt
+
+Exit codes: 0 success; 1 refused: the server refused the request or could not be
+reached, `policy explain` denies, `policy check` finds errors; 2 usage: a wrong command
+line or a local file it names (an option value, an unreadable certificate or config).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import logging
+import math
+import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -27,9 +41,49 @@ from dataops import ir
 from dataops.errors import LoadError, RequestError
 
 DEFAULT_CONFIG = Path("dataops.toml")
+OK, REFUSED, USAGE = 0, 1, 2
+EXIT_CODES = ("exit codes: 0 success; 1 refused (by the server, or the server cannot be reached; "
+              "a denied explain, a failed check); 2 usage (command line or a local file it names)")
 
 
-# --- query options, shared by `query` and `policy explain` -------------------
+class UsageError(Exception):
+    """The command line or a local file it names is wrong: exit 2."""
+
+
+class Refused(Exception):
+    """The answer is no (a check failed, an explain denies): exit 1, message already printed."""
+
+
+def version() -> str:
+    try:
+        from importlib.metadata import version as _version
+
+        return _version("dataops")
+    except Exception:  # running from a source tree that was never installed
+        return "0+unknown"
+
+
+# --- values and query options, shared by `query`, `estimate` and `policy explain` -----
+
+_INT = re.compile(r"[+-]?(0|[1-9][0-9]*)")
+_FLOAT = re.compile(r"[+-]?([0-9]+\.[0-9]*|\.[0-9]+|[0-9]+)([eE][+-]?[0-9]+)?")
+
+
+def parse_literal(text: str) -> Any:
+    """A filter value as typed: 2000 is an int, 1.5 a float, true a bool, anything else a string.
+
+    Quote a value to keep it a string ('"2000"'); dates stay strings (the server reads them).
+    No catalog look-up: typing the value here spares a DescribeDataset call per query.
+    """
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+        return text[1:-1]
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    if _INT.fullmatch(text):
+        return int(text)
+    if _FLOAT.fullmatch(text) and any(c in text for c in ".eE") and math.isfinite(float(text)):
+        return float(text)
+    return text
 
 
 def add_query_options(parser: argparse.ArgumentParser, dataset_required: bool = True) -> None:
@@ -37,127 +91,446 @@ def add_query_options(parser: argparse.ArgumentParser, dataset_required: bool = 
     parser.add_argument("--group-by", "-g", action="append", default=[], metavar="COLUMN")
     parser.add_argument(
         "--agg", "-a", action="append", default=[], metavar="SPEC",
-        help="count | count_units | sum:COL | mean:COL | median:COL | quantile:Q:COL (repeatable)",
+        help="count | count_units | sum:COL | mean:COL | median:COL | quantile:Q:COL, or mean(COL) "
+             "(repeatable; default count)",
     )
-    parser.add_argument("--eq", action="append", default=[], metavar="COL=VALUE")
+    parser.add_argument("--eq", action="append", default=[], metavar="COL=VALUE",
+                        help="numbers and true/false are typed; quote to force a string: 'COL=\"0101\"'")
     parser.add_argument("--in", dest="in_", action="append", default=[], metavar="COL=V1,V2,...")
     parser.add_argument("--range", action="append", default=[], metavar="COL=LOW:HIGH",
                         help="inclusive; leave an end empty for an open range")
     parser.add_argument("--mode", choices=[m.value for m in ir.Mode], default=ir.Mode.AGGREGATE.value)
     parser.add_argument("--epsilon", type=float)
     parser.add_argument("--delta", type=float, default=0.0)
-    parser.add_argument("--target-half-width", type=float)
+    parser.add_argument("--target-half-width", type=float, metavar="W",
+                        help="DP: spend just enough for a 95%% half-width of W")
     parser.add_argument("--purpose", default="", help="the purpose of this query; must be your grant's")
 
 
 def parse_aggregate(spec: str) -> ir.Aggregate:
-    parts = spec.split(":")
-    name = parts[0]
-    if name in ("count", "count_units") and len(parts) == 1:
-        return ir.Aggregate(ir.Function(name))
-    if name in ("sum", "mean") and len(parts) == 2:
-        return ir.Aggregate(ir.Function(name), parts[1])
-    if name == "median" and len(parts) == 2:
-        return ir.Aggregate(ir.Function.QUANTILE, parts[1], 0.5)
-    if name == "quantile" and len(parts) == 3:
-        return ir.Aggregate(ir.Function.QUANTILE, parts[2], float(parts[1]))
-    raise ValueError(f"--agg {spec!r}: expected count, count_units, sum:COL, mean:COL, median:COL or quantile:Q:COL")
+    from dataops.client import DataopsClientError
+    from dataops.client import parse_aggregate as parse
+
+    try:
+        return parse(spec)
+    except DataopsClientError as exc:
+        raise UsageError(exc.message.replace("aggregate ", "--agg ", 1)) from None
 
 
-def _typed(text: str, column_type: str | None) -> Any:
-    """A command-line value in its column's type (the catalog says which)."""
-    if column_type == "int":
-        return int(text)
-    if column_type == "float":
-        return float(text)
-    if column_type == "bool":
-        if text.lower() not in ("true", "false"):
-            raise ValueError(f"{text!r} is not true or false")
-        return text.lower() == "true"
-    return text
-
-
-def query_from_args(args: argparse.Namespace, column_types: dict[str, str]) -> ir.Query:
+def query_from_args(args: argparse.Namespace) -> ir.Query:
     def split(option: str, text: str) -> tuple[str, str]:
         column, sep, value = text.partition("=")
         if not sep or not column:
-            raise ValueError(f"--{option} {text!r}: expected COLUMN=VALUE")
+            raise UsageError(f"--{option} {text!r}: expected COLUMN=VALUE")
         return column, value
 
     filters: list[ir.Filter] = []
-    for text in args.eq:
-        column, value = split("eq", text)
-        filters.append(ir.Equals(column, _typed(value, column_types.get(column))))
-    for text in args.in_:
-        column, values = split("in", text)
-        filters.append(ir.InSet(column, tuple(_typed(v, column_types.get(column)) for v in values.split(","))))
-    for text in args.range:
-        column, bounds = split("range", text)
-        low, sep, high = bounds.partition(":")
-        if not sep:
-            raise ValueError(f"--range {text!r}: expected COLUMN=LOW:HIGH")
-        ctype = column_types.get(column)
-        filters.append(ir.Between(column, _typed(low, ctype) if low else None, _typed(high, ctype) if high else None))
-    mode = ir.Mode(args.mode)
-    privacy = None
-    if mode is ir.Mode.DP:
-        privacy = ir.Privacy(epsilon=args.epsilon, delta=args.delta, target_half_width=args.target_half_width)
-    return ir.Query(
-        dataset=args.dataset,
-        aggregates=tuple(parse_aggregate(s) for s in (args.agg or ["count"])),
-        filters=tuple(filters),
-        group_by=tuple(args.group_by),
-        mode=mode,
-        privacy=privacy,
-        purpose=args.purpose,
-    )
+    try:
+        for text in args.eq:
+            column, value = split("eq", text)
+            filters.append(ir.Equals(column, parse_literal(value)))
+        for text in args.in_:
+            column, values = split("in", text)
+            filters.append(ir.InSet(column, tuple(parse_literal(v) for v in values.split(","))))
+        for text in args.range:
+            column, bounds = split("range", text)
+            low, sep, high = bounds.partition(":")
+            if not sep:
+                raise UsageError(f"--range {text!r}: expected COLUMN=LOW:HIGH")
+            filters.append(ir.Between(column, parse_literal(low) if low else None,
+                                      parse_literal(high) if high else None))
+        mode = ir.Mode(args.mode)
+        privacy = None
+        if mode is ir.Mode.DP:
+            privacy = ir.Privacy(epsilon=args.epsilon, delta=args.delta, target_half_width=args.target_half_width)
+        elif args.epsilon is not None or args.target_half_width is not None:
+            raise UsageError("--epsilon and --target-half-width apply to --mode dp only")
+        return ir.Query(
+            dataset=args.dataset,
+            aggregates=tuple(parse_aggregate(s) for s in (args.agg or ["count"])),
+            filters=tuple(filters),
+            group_by=tuple(args.group_by),
+            mode=mode,
+            privacy=privacy,
+            purpose=args.purpose,
+        )
+    except RequestError as exc:  # the IR's own shape checks
+        raise UsageError(exc.message) from None
 
 
-# --- operator commands -----------------------------------------------------
+# --- output ------------------------------------------------------------------------
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        return f"{value:,.1f}" if abs(value) >= 100 else f"{value:.4g}"
+    return str(value)
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]], *, right: Sequence[bool] = ()) -> str:
+    """A plain text table; every cell in full (no truncation), numbers right-aligned."""
+    cells = [[_fmt(v) for v in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(header)]
+    numeric = list(right) or [
+        bool(rows) and all(isinstance(r[i], (int, float)) and not isinstance(r[i], bool) or r[i] is None
+                           for r in rows)
+        for i in range(len(header))
+    ]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(v.rjust(w) if n else v.ljust(w) for v, w, n in zip(values, widths, numeric)).rstrip()
+
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def _print(text: str = "") -> None:
+    print(text)
+
+
+# --- connection: flags > environment > profile file ---------------------------------
+
+CONNECTION_KEYS = ("target", "cert", "key", "ca", "server_name", "timeout")
+ENVIRONMENT = {key: f"DATAOPS_{key.upper()}" for key in CONNECTION_KEYS}
+
+
+def profile_path(given: Path | None) -> Path | None:
+    if given is not None:
+        return given
+    if os.environ.get("DATAOPS_PROFILE"):
+        return Path(os.environ["DATAOPS_PROFILE"])
+    base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    default = base / "dataops" / "profile.toml"
+    return default if default.exists() else None
+
+
+def load_profile(path: Path) -> dict[str, Any]:
+    """A profile: target, cert, key, ca, server_name, timeout; paths relative to the file."""
+    from dataops._toml import read_toml
+
+    doc = read_toml(path, LoadError)
+    values: dict[str, Any] = {}
+    for key in CONNECTION_KEYS:
+        if key == "timeout":
+            value = doc.number(key, None, minimum=0.001)
+        else:
+            value = doc.str(key, None)
+        if value is not None:
+            values[key] = (path.parent / Path(value).expanduser()) if key in ("cert", "key", "ca") else value
+    doc.reject_unknown()
+    return values
+
+
+def connection(args: argparse.Namespace) -> dict[str, Any]:
+    """Each setting from its flag, else DATAOPS_<NAME>, else the profile, else the default."""
+    path = profile_path(args.profile)
+    try:
+        profile = load_profile(path) if path is not None else {}
+    except LoadError as exc:
+        raise UsageError(f"profile: {exc}") from None
+    settings: dict[str, Any] = {"target": "localhost:50051", "timeout": 60.0, "server_name": None}
+    settings.update(profile)
+    for key, variable in ENVIRONMENT.items():
+        if os.environ.get(variable):
+            settings[key] = os.environ[variable]
+    for key in CONNECTION_KEYS:
+        if getattr(args, key, None) is not None:
+            settings[key] = getattr(args, key)
+    missing = [k for k in ("cert", "key", "ca") if not settings.get(k)]
+    if missing:
+        raise UsageError(
+            f"no {', '.join(missing)}: pass --{missing[0]} FILE, set {ENVIRONMENT[missing[0]]}, or write them "
+            f"in a profile ({profile_path(None) or '~/.config/dataops/profile.toml'} or --profile FILE)")
+    try:
+        settings["timeout"] = float(settings["timeout"])
+    except ValueError:
+        raise UsageError(f"timeout {settings['timeout']!r} is not a number of seconds") from None
+    return settings
+
+
+def add_connection_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "connection", "each from its flag, else DATAOPS_TARGET, DATAOPS_CERT, DATAOPS_KEY, DATAOPS_CA, "
+                      "DATAOPS_SERVER_NAME, DATAOPS_TIMEOUT, else the profile file (--profile, "
+                      "DATAOPS_PROFILE or ~/.config/dataops/profile.toml)")
+    group.add_argument("--target", help="host:port of the server (default localhost:50051)")
+    group.add_argument("--cert", type=Path, help="your certificate (from `dataops certs issue`)")
+    group.add_argument("--key", type=Path, help="your private key")
+    group.add_argument("--ca", type=Path, help="the platform CA certificate")
+    group.add_argument("--server-name", help="the name to verify the server certificate against, if not the target's")
+    group.add_argument("--timeout", type=float, help="seconds to wait for an answer (default 60)")
+    group.add_argument("--profile", type=Path, metavar="FILE", help="a profile TOML file")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _client(args: argparse.Namespace):
+    from dataops.client import Client
+
+    s = connection(args)
+    return Client(s["target"], cert=s["cert"], key=s["key"], ca=s["ca"], server_name=s["server_name"],
+                  timeout=s["timeout"])
+
+
+# --- consumer commands ---------------------------------------------------------------
+
+
+def _finite(value: Any) -> Any:
+    """NaN and infinity are not JSON: they become null (e.g. a ratio's unknown half-width)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _json(value: Any) -> None:
+    print(json.dumps(_finite(value), indent=2, default=str, ensure_ascii=False, allow_nan=False))
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        if args.dataset:
+            description = client.describe(args.dataset)
+            if args.json:
+                _json({"dataset": dataclasses.asdict(description.dataset),
+                       "columns": [dataclasses.asdict(c) for c in description.columns],
+                       "grant": dataclasses.asdict(description.grant)})
+            else:
+                print_description(description)
+            return OK
+        datasets = client.list_datasets()
+    if args.json:
+        _json([dataclasses.asdict(d) for d in datasets])
+    else:
+        print(format_table(("dataset", "zone", "title"), [(d.id, d.zone, d.title) for d in datasets]))
+    return OK
+
+
+def print_description(description: Any, out: Callable[[str], None] = print) -> None:
+    d, g = description.dataset, description.grant
+    out(f"{d.id} ({d.zone}): {d.title}\n  {d.description}\n  provider {d.provider}; "
+        f"privacy unit {d.privacy_unit} (<= {d.max_rows_per_unit} rows each)")
+    out(f"  grant: {g.purpose}, expires {g.expires}, modes {'/'.join(g.modes)}, k = {g.min_group_size}, "
+        f"DP budget epsilon {g.epsilon:g} delta {g.delta:g}")
+    rows = [(c.name, c.type, c.classification, ",".join(c.allowed_uses) or "-") for c in description.columns]
+    out("  " + format_table(("column", "type", "classification", "you may use it as"), rows).replace("\n", "\n  "))
+
+
+def _accuracy_json(accuracy: Any) -> list[dict[str, Any]]:
+    return [dataclasses.asdict(a) for a in accuracy]
+
+
+def add_sql_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sql", metavar="TEXT",
+                        help='the question as one SQL SELECT (docs/api.md, "SQL"), e.g. '
+                             '"SELECT district, COUNT(*) FROM enterprise_credit GROUP BY district"; '
+                             "--mode/--epsilon/--delta/--target-half-width/--purpose still apply")
+
+
+def _sql_kwargs(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The SqlQuery options when --sql is given (then no structured option may be)."""
+    if args.sql is None:
+        if not args.dataset:
+            raise UsageError('name a DATASET, or give the question as --sql "SELECT ..."')
+        return None
+    options = (("--group-by", "group_by"), ("--agg", "agg"), ("--eq", "eq"), ("--in", "in_"), ("--range", "range"))
+    structured = [flag for flag, dest in options if getattr(args, dest)]
+    if args.dataset or structured:
+        raise UsageError("--sql names the dataset, groups, aggregates and filters itself; "
+                         f"drop {' '.join(([args.dataset] if args.dataset else []) + structured)}")
+    return {"mode": args.mode, "epsilon": args.epsilon, "delta": args.delta,
+            "target_half_width": args.target_half_width, "purpose": args.purpose}
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    sql = _sql_kwargs(args)
+    query = query_from_args(args) if sql is None else None
+    with _client(args) as client:
+        result = client.run(query) if sql is None else client.sql(args.sql, **sql)
+    if args.json:
+        table = result.table
+        _json({
+            "columns": table.column_names,
+            "rows": table.to_pylist(),
+            "rows_suppressed": result.rows_suppressed,
+            "accuracy": _accuracy_json(result.accuracy.values()),
+            "spend": dataclasses.asdict(result.spend) if result.spend is not None else None,
+            "reused": result.reused,
+            "receipt": dataclasses.asdict(result.receipt),
+        })
+        return OK
+    print_result(result)
+    return OK
+
+
+def print_result(result: Any, out: Callable[[str], None] = print) -> None:
+    table = result.table
+    rows = [[row[name] for name in table.column_names] for row in table.to_pylist()]
+    out(format_table(table.column_names, rows))
+    notes = [f"{table.num_rows} rows", f"{result.rows_suppressed} suppressed"]
+    if result.spend is not None and (result.spend.epsilon or result.spend.delta):
+        notes.append(f"spent epsilon {result.spend.epsilon:.4g}"
+                     + (f" delta {result.spend.delta:.3g}" if result.spend.delta else "")
+                     + f" (remaining {result.spend.remaining_epsilon:.4g})")
+    if result.reused:
+        notes.append("reused an earlier release: nothing spent")
+    notes.append(f"receipt #{result.receipt.sequence} {result.receipt.hash[:12]}")
+    out("  " + "; ".join(notes))
+    print_accuracy(result.accuracy.values(), out)
+
+
+def print_accuracy(accuracy: Any, out: Callable[[str], None] = print) -> None:
+    noisy = [a for a in accuracy if a.noise_scale]
+    if noisy:
+        out("  accuracy: " + "; ".join(
+            (f"{a.column} ± {_fmt(a.half_width_95)} at 95%" if math.isfinite(a.half_width_95)
+             else f"{a.column} ± (no closed form)") + f" ({a.mechanism}, scale {_fmt(a.noise_scale)})"
+            for a in noisy))
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    sql = _sql_kwargs(args)
+    query = query_from_args(args) if sql is None else None
+    with _client(args) as client:
+        estimate = client.estimate_query(query) if sql is None else client.estimate_sql(args.sql, **sql)
+    s = estimate.spend
+    if args.json:
+        _json({"spend": dataclasses.asdict(s), "accuracy": _accuracy_json(estimate.accuracy),
+               "receipt": dataclasses.asdict(estimate.receipt)})
+        return OK
+    if (query.mode if query is not None else ir.Mode(args.mode)) is ir.Mode.DP:
+        enough = s.epsilon <= s.remaining_epsilon + 1e-12 and s.delta <= s.remaining_delta + 1e-15
+        print(f"would spend epsilon {s.epsilon:.4g}" + (f" delta {s.delta:.3g}" if s.delta else "")
+              + f" of {s.remaining_epsilon:.4g} remaining" + ("" if enough else ": NOT ENOUGH BUDGET")
+              + "; nothing was run or spent")
+        rows = [(a.column, a.mechanism, a.noise_scale, a.half_width_95) for a in estimate.accuracy]
+        print(format_table(("column", "mechanism", "noise scale", "± at 95%"), rows))
+    else:
+        print("an exact aggregate query spends no privacy budget; output controls apply at run time "
+              "(small or dominated cells are suppressed)")
+    return OK
+
+
+def cmd_budget(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        budgets = client.budgets(args.dataset or "")
+    if args.json:
+        _json([{**dataclasses.asdict(b), "epsilon_remaining": b.epsilon_remaining,
+                "delta_remaining": b.delta_remaining} for b in budgets])
+        return OK
+    print(format_table(
+        ("dataset", "epsilon spent", "epsilon total", "epsilon left", "delta spent", "delta total"),
+        [(b.dataset_id, b.epsilon_spent, b.epsilon_total, b.epsilon_remaining, b.delta_spent, b.delta_total)
+         for b in budgets]))
+    return OK
+
+
+# --- operator commands -----------------------------------------------------------------
 
 
 def _config(args: argparse.Namespace):
     from dataops.config import load_config
 
-    return load_config(args.config)
+    try:
+        return load_config(args.config)
+    except LoadError as exc:
+        hint = "" if args.config.exists() else " (run `dataops init DIR`, or pass -c PATH/dataops.toml)"
+        raise UsageError(f"{exc}{hint}") from None
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from dataops.scaffold import scaffold
+
+    made = scaffold(args.directory, server_names=args.server_name, ips=args.ip, listen=args.listen)
+    print(f"created {args.directory}/ with {', '.join(made)}")
+    print(f"next: dataops ingest FILE --dataset ID --zone ZONE -c {args.directory}/dataops.toml, classify "
+          f"its columns in catalog/ID.toml, grant a consumer in policies/, `dataops certs issue NAME`, "
+          f"then `dataops serve -c {args.directory}/dataops.toml`")
+    return OK
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from dataops.server import build_server
 
-    server = build_server(_config(args)).start()
+    config = _config(args)
+    if args.listen:
+        try:
+            server = dataclasses.replace(config.server, listen=args.listen)  # validated as the file's would be
+        except LoadError:
+            raise UsageError(f"--listen {args.listen!r}: expected HOST:PORT (IPv6 in brackets, [::1]:50051)") \
+                from None
+        config = dataclasses.replace(config, server=server)
+    server = build_server(config).start()
     print(f"dataops serving on {server.target} (mTLS); SIGTERM or Ctrl-C stops it", flush=True)
     server.serve_until_signal()
-    return 0
+    # Stopped cleanly: audit log and ledger are closed. A background thread may still be
+    # inside polars building a prepared copy (written to a temporary name, then renamed);
+    # interpreter finalisation would abort it ("FATAL: exception not rethrown"), so leave now.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(OK)
+
+
+def _pki_dir(args: argparse.Namespace) -> Path:
+    """The PKI directory: --dir, else the config's, else ./state/pki when there is no dataops.toml."""
+    if getattr(args, "dir", None) is not None:
+        return args.dir
+    if not args.config.exists() and args.config == DEFAULT_CONFIG:
+        from dataops.config import ServerConfig
+
+        return ServerConfig.default(Path.cwd()).tls.ca_cert.parent
+    return _config(args).tls.ca_cert.parent
 
 
 def cmd_certs_init(args: argparse.Namespace) -> int:
     from dataops.certs import init_authority
 
-    config = _config(args)
-    files = init_authority(config.tls.ca_cert.parent, force=args.force)
-    print(f"CA certificate   {files.ca_cert}\nserver cert/key  {files.server_cert}, {files.server_key}")
-    return 0
+    names = ["localhost", *[n for n in args.server_name if n != "localhost"]]
+    ips = ["127.0.0.1", "::1", *[i for i in args.ip if i not in ("127.0.0.1", "::1")]]
+    files = init_authority(_pki_dir(args), server_names=names, server_ips=ips, force=args.force)
+    print(f"CA certificate   {files.ca_cert}\nserver cert/key  {files.server_cert}, {files.server_key}\n"
+          f"server names     {', '.join(names + ips)}")
+    return OK
 
 
 def cmd_certs_issue(args: argparse.Namespace) -> int:
     from dataops.certs import issue_consumer
 
-    config = _config(args)
-    files = issue_consumer(config.tls.ca_cert.parent, args.consumer, out_dir=args.out, force=args.force)
+    files = issue_consumer(_pki_dir(args), args.consumer, out_dir=args.out, force=args.force)
     print(f"give these three files to {files.consumer}:\n  {files.cert}\n  {files.key}\n  {files.ca_cert}")
-    return 0
+    return OK
 
 
 def cmd_certs_revoke(args: argparse.Namespace) -> int:
     from dataops.certs import revoke
 
-    config = _config(args)
-    pki = config.tls.ca_cert.parent
+    pki = _pki_dir(args)
     cert = args.cert or pki / "consumers" / args.consumer / f"{args.consumer}.crt"
     path = revoke(pki, cert)
     print(f"revoked {cert}; the server refuses it from its next request (CRL {path})")
-    return 0
+    return OK
+
+
+def cmd_certs_list(args: argparse.Namespace) -> int:
+    from dataops.certs import list_certificates
+
+    entries = list_certificates(_pki_dir(args))
+    if args.json:
+        _json([dataclasses.asdict(e) for e in entries])
+        return OK
+    print(format_table(("role", "name", "status", "expires", "names (SAN)", "file"),
+                       [(e.role, e.name, e.status, e.expires[:10], ", ".join(e.names), e.path) for e in entries],
+                       right=[False] * 6))
+    return OK
 
 
 def _catalog(config):
@@ -167,21 +540,31 @@ def _catalog(config):
 
 
 def cmd_policy_check(args: argparse.Namespace) -> int:
-    from dataops.policy import load_policies
+    from dataops.check import check_all
 
     config = _config(args)
-    catalog = _catalog(config)
-    policies = load_policies(args.policies or config.paths.policies, catalog)
-    for policy in policies.consumers.values():
-        state = "REVOKED" if policy.revoked else "ok"
-        grants = ", ".join(
-            f"{g.dataset} ({'/'.join(sorted(m.value for m in g.modes))}, until {g.expires})"
-            for g in policy.grants.values()
-        ) or "no grants"
-        print(f"{state:7} {policy.consumer:20} zone {policy.zone}: {grants}")
-    print(f"{len(policies.consumers)} policies valid against {len(catalog.datasets)} catalog entries; "
-          f"version {policies.version[:12]}")
-    return 0
+    report = check_all(config, policies_dir=args.policies)
+    for line in report.summary:
+        print(line)
+    if report.errors:
+        print(f"{len(report.errors)} error(s); `dataops serve` would refuse to start:", file=sys.stderr)
+        for error in report.errors:
+            print(f"  {error}", file=sys.stderr)
+        return REFUSED
+    return OK
+
+
+def cmd_policy_schema(args: argparse.Namespace) -> int:
+    from dataops.schema import SCHEMAS
+
+    schema = SCHEMAS[args.kind]()
+    text = json.dumps(schema, indent=2) + "\n"
+    if args.out:
+        args.out.write_text(text)
+        print(f"wrote {args.out}")
+    else:
+        sys.stdout.write(text)
+    return OK
 
 
 def cmd_policy_explain(args: argparse.Namespace) -> int:
@@ -191,39 +574,76 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
     config = _config(args)
     catalog = _catalog(config)
     policies = load_policies(config.paths.policies, catalog)
-    dataset = catalog.get(args.dataset)
-    types = {n: c.type.value for n, c in dataset.columns.items()} if dataset else {}
-    query = query_from_args(args, types)
-    today = dt.date.fromisoformat(args.date) if args.date else dt.datetime.now(dt.timezone.utc).date()
+    query = query_from_args(args)
+    today = args.date or dt.datetime.now(dt.timezone.utc).date()
     try:
         decision = authorize(policies, catalog, args.consumer, query, today)
+        budget_note = _explain_budget(config, decision, query, args.consumer)
     except RequestError as exc:
         column = f", column {exc.column!r}" if exc.column else ""
         print(f"DENIED  {exc.reason} by rule {exc.rule!r}{column}\n        {exc.message}")
-        return 1
+        return REFUSED
     grant = decision.grant
     print(f"ALLOWED by the grant of {args.consumer!r} on {grant.dataset!r} "
           f"(purpose {grant.purpose!r}, expires {grant.expires}, policy {decision.policy.source})")
+    if budget_note:
+        print(f"        {budget_note}")
     if query.mode is ir.Mode.AGGREGATE:
         print(f"        output controls at run time: rows covering < {grant.min_group_size} units are "
               f"suppressed; SUM/MEAN cells fail if the top {grant.dominance.n} units exceed "
               f"{grant.dominance.percent:g}%; filters must leave >= {grant.min_group_size} units "
               "inside and outside")
-    return 0
+    return OK
+
+
+def _explain_budget(config: Any, decision: Any, query: ir.Query, consumer: str) -> str:
+    """For a DP query: its cost against what is left of the grant and the dataset; denies if short."""
+    if query.mode is not ir.Mode.DP:
+        return ""
+    from dataops.engines import dp as dp_engine
+    from dataops.engines._base import Plan
+    from dataops.errors import BudgetExhausted
+    from dataops.ledger import Ledger
+    from dataops.server.app import ledger_path
+
+    compiled = dp_engine.DPQuery.compile(Plan(query, decision.dataset, decision.grant))
+    cost = compiled.calibrate(query.privacy).cost
+    path = ledger_path(config)
+    grant_spent = dataset_spent = (0.0, 0.0)
+    if path.exists():
+        # recover=False: a running server's in-flight reservations must stay open.
+        with Ledger(path, recover=False) as ledger:
+            grant_spent = ledger.spent(consumer, decision.dataset.id)
+            totals = {(s.consumer, s.dataset): (s.epsilon_spent, s.delta_spent) for s in ledger.budgets()}
+            dataset_spent = totals.get((None, decision.dataset.id), (0.0, 0.0))
+    checks = [("grant", "budget.grant", decision.grant.budget, grant_spent),
+              ("dataset", "budget.dataset", decision.dataset.budget, dataset_spent)]
+    for what, rule, budget, spent in checks:
+        left = (max(0.0, budget.epsilon - spent[0]), max(0.0, budget.delta - spent[1]))
+        if cost.epsilon > left[0] + 1e-12 or cost.delta > left[1] + 1e-15:
+            raise BudgetExhausted(
+                f"the query costs epsilon {cost.epsilon:.4g} delta {cost.delta:.3g}; the {what}'s budget has "
+                f"epsilon {left[0]:.4g} delta {left[1]:.3g} left", rule=rule)
+    left = max(0.0, decision.grant.budget.epsilon - grant_spent[0])
+    return (f"costs epsilon {cost.epsilon:.4g}" + (f" delta {cost.delta:.3g}" if cost.delta else "")
+            + f"; the grant has epsilon {left:.4g} left (unless an identical release is reused: then nothing)")
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     from dataops.ingest import ingest
 
     config = _config(args)
-    result = ingest(
-        args.file, dataset_id=args.dataset, zone=args.zone, catalog_dir=config.paths.catalog,
-        sandbox_dir=config.paths.sandbox, title=args.title, provider=args.provider,
-        unit_column=args.unit, force=args.force,
-    )
+    try:
+        result = ingest(
+            args.file, dataset_id=args.dataset, zone=args.zone, catalog_dir=config.paths.catalog,
+            sandbox_dir=config.paths.sandbox, title=args.title, provider=args.provider,
+            unit_column=args.unit, force=args.force,
+        )
+    except (LoadError, OSError) as exc:
+        raise UsageError(str(exc)) from None
     print(f"ingested {result.rows} rows into {result.parquet}\ncatalog entry {result.catalog_entry}: "
           "every column is 'unclassified' (unusable) until you classify it")
-    return 0
+    return OK
 
 
 def cmd_budget_show(args: argparse.Namespace) -> int:
@@ -251,161 +671,119 @@ def cmd_budget_show(args: argparse.Namespace) -> int:
                              *spent.get((policy.consumer, dataset.id), (0.0, 0.0))))
     if args.json:
         keys = ("consumer", "dataset", "epsilon_total", "delta_total", "epsilon_spent", "delta_spent")
-        print(json.dumps([dict(zip(keys, row)) for row in rows], indent=2))
-        return 0
-    print(f"{'consumer':20} {'dataset':20} {'epsilon spent/total':>22} {'delta spent/total':>22}")
-    for consumer, dataset, eps_total, delta_total, eps, delta in rows:
-        print(f"{consumer:20} {dataset:20} {eps:>10.4g} / {eps_total:<9.4g} {delta:>10.3g} / {delta_total:<9.3g}")
-    return 0
+        _json([dict(zip(keys, row)) for row in rows])
+        return OK
+    print(format_table(("consumer", "dataset", "epsilon spent", "epsilon total", "delta spent", "delta total"),
+                       [(c, d, eps, eps_total, delta, delta_total)
+                        for c, d, eps_total, delta_total, eps, delta in rows]))
+    return OK
 
 
-# --- consumer commands -----------------------------------------------------
+# --- wiring: one registration function per command group ---------------------------------
 
 
-def add_connection_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target", default="localhost:50051", help="host:port of the server")
-    parser.add_argument("--cert", type=Path, required=True, help="your certificate (dataops certs issue)")
-    parser.add_argument("--key", type=Path, required=True)
-    parser.add_argument("--ca", type=Path, required=True, help="the platform CA certificate")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+@dataclasses.dataclass
+class Registry:
+    """What a command group needs to add its commands (`register_*(registry)`)."""
 
+    sub: Any  # the top-level subparsers
 
-def _client(args: argparse.Namespace):
-    from dataops.client import Client
-
-    return Client(args.target, cert=args.cert, key=args.key, ca=args.ca)
-
-
-def cmd_datasets(args: argparse.Namespace) -> int:
-    from google.protobuf.json_format import MessageToDict
-
-    with _client(args) as client:
-        if args.dataset:
-            description = client.describe(args.dataset)
-            if args.json:
-                print(json.dumps({
-                    "dataset": MessageToDict(description.dataset),
-                    "columns": [MessageToDict(c) for c in description.columns],
-                    "grant": MessageToDict(description.grant),
-                }, indent=2))
-                return 0
-            print_description(description)
-            return 0
-        datasets = client.list_datasets()
-        if args.json:
-            print(json.dumps([MessageToDict(d) for d in datasets], indent=2))
-        for d in datasets if not args.json else ():
-            print(f"{d.id:24} {d.zone:12} {d.title}")
-    return 0
-
-
-def print_description(description: Any, out: Callable[[str], None] = print) -> None:
-    from dataops.v1 import catalog_pb2
-
-    d, g = description.dataset, description.grant
-    out(f"{d.id} ({d.zone}): {d.title}\n  {d.description}\n  provider {d.provider}; "
-        f"privacy unit {d.privacy_unit} (<= {d.max_rows_per_unit} rows each)")
-    out(f"  grant: {g.purpose}, expires {g.expires}, k = {g.min_group_size}, "
-        f"DP budget epsilon {g.epsilon:g} delta {g.delta:g}")
-    for c in description.columns:
-        uses = ",".join(catalog_pb2.ColumnUse.Name(u).removeprefix("COLUMN_USE_").lower() for u in c.allowed_uses)
-        kind = catalog_pb2.Classification.Name(c.classification).removeprefix("CLASSIFICATION_").lower()
-        out(f"  {c.name:20} {c.type:7} {kind:17} {uses or '-'}")
-
-
-def cmd_query(args: argparse.Namespace) -> int:
-    if args.sql is not None:
-        options = (("--group-by", "group_by"), ("--agg", "agg"), ("--eq", "eq"), ("--in", "in_"), ("--range", "range"))
-        structured = [flag for flag, dest in options if getattr(args, dest)]
-        if args.dataset or structured:
-            raise ValueError("--sql names the dataset, groups, aggregates and filters itself; "
-                             f"drop {' '.join(([args.dataset] if args.dataset else []) + structured)}")
-        with _client(args) as client:
-            result = client.sql(args.sql, mode=args.mode, epsilon=args.epsilon, delta=args.delta,
-                                target_half_width=args.target_half_width, purpose=args.purpose)
-        return _show_query_result(args, result)
-    if not args.dataset:
-        raise ValueError("name a DATASET, or give the question as --sql \"SELECT ...\"")
-    with _client(args) as client:
-        description = client.describe(args.dataset)
-        types = {c.name: c.type for c in description.columns}
-        result = client.run(query_from_args(args, types))
-    return _show_query_result(args, result)
-
-
-def _show_query_result(args: argparse.Namespace, result: Any) -> int:
-    if args.json:
-        print(json.dumps({
-            "rows": result.frame.to_dicts(),
-            "rows_suppressed": result.rows_suppressed,
-            "receipt": {"sequence": result.receipt.sequence, "hash": result.receipt.hash},
-        }, indent=2, default=str))
-        return 0
-    print_result(result)
-    return 0
-
-
-def print_result(result: Any, out: Callable[[str], None] = print) -> None:
-    import polars as pl
-
-    with pl.Config(tbl_rows=20, tbl_cols=12, fmt_str_lengths=40, tbl_hide_dataframe_shape=True,
-                   thousands_separator=True, float_precision=1):
-        out(str(result.frame))
-    notes = [f"{result.frame.height} rows", f"{result.rows_suppressed} suppressed"]
-    if result.spend is not None and result.spend.epsilon:
-        notes.append(f"spent epsilon {result.spend.epsilon:.4g} (remaining {result.spend.remaining_epsilon:.4g})")
-    if result.reused:
-        notes.append("reused an earlier release: nothing spent")
-    notes.append(f"receipt #{result.receipt.sequence} {result.receipt.hash[:12]}")
-    out("  " + "; ".join(notes))
-
-
-# --- wiring ----------------------------------------------------------------
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dataops", description="Public-data operation sandbox.")
-    parser.add_argument("--verbose", "-v", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    def command(name: str, func: Callable, help: str, parent: Any = sub, config: bool = True) -> argparse.ArgumentParser:
-        p = parent.add_parser(name, help=help, description=help)
+    def command(self, name: str, func: Callable[[argparse.Namespace], int], help: str, parent: Any = None,
+                config: bool = True) -> argparse.ArgumentParser:
+        p = (parent or self.sub).add_parser(name, help=help, description=help, epilog=EXIT_CODES)
         p.set_defaults(func=func)
         if config:
             p.add_argument("--config", "-c", type=Path, default=DEFAULT_CONFIG, help="dataops.toml")
         return p
 
-    from dataops.audit.commands import add_audit_parser
-    from dataops.demo.session import add_demo_parser
+    def group(self, name: str, help: str, *, required: bool = True) -> Any:
+        parser = self.sub.add_parser(name, help=help, description=help, epilog=EXIT_CODES)
+        groups = parser.add_subparsers(dest=f"{name}_command", required=required, metavar="COMMAND")
+        groups.parser = parser  # so a group with a default action can take options too
+        return groups
 
-    add_demo_parser(sub)
-    add_audit_parser(sub)
-    command("serve", cmd_serve, "run the sandbox server (mTLS gRPC) from dataops.toml")
 
-    certs = sub.add_parser("certs", help="the platform CA and certificates").add_subparsers(dest="sub", required=True)
-    p = command("init", cmd_certs_init, "make the platform CA and the server certificate", certs)
+def register_consumer(r: Registry) -> None:
+    p = r.command("datasets", cmd_datasets, "list your datasets, or describe one", config=False)
+    p.add_argument("dataset", nargs="?")
+    add_connection_options(p)
+    p = r.command("query", cmd_query, "run a query: rows, then accuracy, spend and the audit receipt", config=False)
+    add_query_options(p, dataset_required=False)  # --sql names the dataset itself
+    add_sql_option(p)
+    add_connection_options(p)
+    p = r.command("estimate", cmd_estimate, "what a query would spend and how accurate it would be; "
+                                            "nothing is run or spent", config=False)
+    add_query_options(p, dataset_required=False)
+    add_sql_option(p)
+    add_connection_options(p)
+
+
+def register_budget(r: Registry) -> None:
+    budget = r.group("budget", "privacy budgets: yours over gRPC (`dataops budget`), or every grant's "
+                               "from the ledger (`dataops budget show`, operators)", required=False)
+    budget.parser.set_defaults(func=cmd_budget)
+    budget.parser.add_argument("--dataset", "-d", help="one dataset only")
+    add_connection_options(budget.parser)
+    p = r.command("show", cmd_budget_show, "every grant's and dataset's privacy budget: spent and total "
+                                           "(operators; reads the ledger)", budget)
+    p.add_argument("--json", action="store_true", dest="json_show")
+
+
+def register_operator(r: Registry) -> None:
+    p = r.command("init", cmd_init, "scaffold a working directory: dataops.toml, catalog/, policies/, "
+                                    "products/, sandbox/, state/ and the certificates", config=False)
+    p.add_argument("directory", type=Path)
+    p.add_argument("--server-name", action="append", default=[], metavar="NAME",
+                   help="a DNS name the server certificate covers (repeatable; localhost always)")
+    p.add_argument("--ip", action="append", default=[], metavar="ADDR",
+                   help="an IP address the server certificate covers (repeatable; 127.0.0.1 and ::1 always)")
+    p.add_argument("--listen", default="127.0.0.1:50051", help="[server] listen (default 127.0.0.1:50051)")
+
+    p = r.command("serve", cmd_serve, "run the sandbox server (mTLS gRPC) from dataops.toml")
+    p.add_argument("--listen", metavar="HOST:PORT", help="override [server] listen, e.g. 0.0.0.0:50051")
+
+    certs = r.group("certs", "the platform CA and certificates")
+
+    def pki_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--dir", type=Path, help="the PKI directory (default: the config's [tls] ca_cert "
+                                                "directory; ./state/pki without a dataops.toml)")
+
+    p = r.command("init", cmd_certs_init, "make the platform CA and the server certificate", certs)
+    p.add_argument("--server-name", action="append", default=[], metavar="NAME",
+                   help="a DNS name clients reach the server by (repeatable; localhost is always included)")
+    p.add_argument("--ip", action="append", default=[], metavar="ADDR",
+                   help="an IP address clients reach the server by (repeatable; 127.0.0.1 and ::1 always)")
     p.add_argument("--force", action="store_true", help="replace an existing CA")
-    p = command("issue", cmd_certs_issue, "make a consumer's key and certificate", certs)
+    pki_option(p)
+    p = r.command("issue", cmd_certs_issue, "make a consumer's key and certificate", certs)
     p.add_argument("consumer")
     p.add_argument("--out", type=Path, help="directory for the three files")
-    p.add_argument("--force", action="store_true")
-    p = command("revoke", cmd_certs_revoke, "revoke a consumer's certificate (CA-signed CRL)", certs)
+    p.add_argument("--force", action="store_true", help="replace the consumer's existing key")
+    pki_option(p)
+    p = r.command("revoke", cmd_certs_revoke, "revoke a consumer's certificate (CA-signed CRL)", certs)
     p.add_argument("consumer")
     p.add_argument("--cert", type=Path, help="the certificate to revoke (default: the one `issue` wrote)")
-
-    policy = sub.add_parser("policy", help="validate and explain policies").add_subparsers(dest="sub", required=True)
-    p = command("check", cmd_policy_check, "validate every policy against the catalog", policy)
-    p.add_argument("--policies", type=Path, help="a policy directory other than the configured one")
-    p = command("explain", cmd_policy_explain, "say which rule allows or denies a query", policy)
-    p.add_argument("--consumer", required=True)
-    p.add_argument("--date", help="decide as of this ISO date (default: today, UTC)")
-    add_query_options(p)
-
-    budget = sub.add_parser("budget", help="privacy budgets").add_subparsers(dest="sub", required=True)
-    p = command("show", cmd_budget_show, "every grant's and dataset's privacy budget: spent and total", budget)
+    pki_option(p)
+    p = r.command("list", cmd_certs_list, "the CA, server and consumer certificates: names, expiry, "
+                                          "revocation", certs)
     p.add_argument("--json", action="store_true")
+    pki_option(p)
 
-    p = command("ingest", cmd_ingest, "take a CSV or Parquet file into the sandbox")
+    policy = r.group("policy", "validate and explain policies")
+    p = r.command("check", cmd_policy_check, "check everything `serve` checks at start: config, catalog "
+                                             "and data files, policies, products; every error at once", policy)
+    p.add_argument("--policies", type=Path, help="a policy directory other than the configured one")
+    p = r.command("explain", cmd_policy_explain, "say which rule allows or denies a query, "
+                                                 "budget included", policy)
+    p.add_argument("--consumer", required=True)
+    p.add_argument("--date", type=_iso_date, help="decide as of this ISO date (default: today, UTC)")
+    add_query_options(p)
+    p = r.command("schema", cmd_policy_schema, "print the JSON Schema of policy or catalog files "
+                                               "(for editors)", policy, config=False)
+    p.add_argument("kind", choices=["policy", "catalog"], nargs="?", default="policy")
+    p.add_argument("--out", type=Path)
+
+    p = r.command("ingest", cmd_ingest, "take a CSV or Parquet file into the sandbox")
     p.add_argument("file", type=Path)
     p.add_argument("--dataset", required=True)
     p.add_argument("--zone", required=True)
@@ -414,41 +792,131 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unit", help="the privacy-unit column (default: the first *_id column)")
     p.add_argument("--force", action="store_true")
 
-    p = command("datasets", cmd_datasets, "list your datasets, or describe one", config=False)
-    p.add_argument("dataset", nargs="?")
-    add_connection_options(p)
-    p = command("query", cmd_query, "run a query", config=False)
-    add_query_options(p, dataset_required=False)  # --sql names the dataset itself
-    p.add_argument("--sql", metavar="TEXT",
-                   help='the question as one SQL SELECT (docs/api.md, "SQL"), e.g. '
-                        '"SELECT district, COUNT(*) FROM enterprise_credit GROUP BY district"; '
-                        "--mode/--epsilon/--delta/--purpose still apply")
-    add_connection_options(p)
+
+def register_others(r: Registry) -> None:
+    from dataops.audit.commands import add_audit_parser
+
+    try:
+        from dataops.demo.session import add_demo_parser
+    except ImportError:  # a client-only install: the demo runs the server
+        def add_demo_parser(sub: Any) -> None:
+            def needs_server(args: argparse.Namespace) -> int:
+                raise UsageError("the demo runs the server: pip install 'dataops[server]'")
+            sub.add_parser("demo", help="run the demo (needs dataops[server])").set_defaults(func=needs_server)
+
+    add_demo_parser(r.sub)
+    add_audit_parser(r.sub)
+
+
+# Each command group registers itself; a new group is one function added here.
+REGISTRARS: list[Callable[[Registry], None]] = [register_consumer, register_budget, register_operator,
+                                               register_others]
+
+
+def _iso_date(text: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO date such as 2027-01-31") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dataops", description="Public-data operation sandbox.",
+                                     epilog=EXIT_CODES)
+    parser.add_argument("--verbose", "-v", action="store_true")
+    parser.add_argument("--version", action="version", version=f"dataops {version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    registry = Registry(sub)
+    for register in REGISTRARS:
+        register(registry)
     return parser
+
+
+def _refusal(exc: Any) -> tuple[int, list[str]]:
+    """The message lines and exit code for a DataopsClientError."""
+    from dataops.client import ConnectionFailed, InvalidRequest
+
+    if isinstance(exc, InvalidRequest):
+        lines = [f"dataops: {exc.message}"] + [f"  {f}: {d}" for f, d in exc.field_violations]
+        return USAGE, lines
+    if isinstance(exc, ConnectionFailed):
+        return REFUSED, [f"dataops: {exc.message}"]
+    if exc.reason == "CONFIGURATION":
+        return USAGE, [f"dataops: {exc.message}"]
+    order = {"rule": 0, "column": 1}  # a protobuf map has no order: print the same line every time
+    keys = sorted((k for k in exc.metadata if not k.startswith("receipt")), key=lambda k: (order.get(k, 2), k))
+    where = "".join(f" {k}={exc.metadata[k]}" for k in keys)
+    lines = [f"dataops: refused: {exc.code.name} {exc.reason or ''}{where}: {exc.message}".replace("  ", " ")]
+    lines += [f"  {field}: {description}" for field, description in exc.field_violations]
+    lines += [f"  {subject}: {description}" for subject, description in exc.quota_violations]
+    if exc.rule == "query.value":
+        lines.append("  hint: values that look like numbers or true/false are sent typed; quote a string, "
+                     "e.g. --eq 'district=\"0101\"'")
+    if exc.receipt is not None:
+        lines.append(f"  audit receipt #{exc.receipt.sequence} {exc.receipt.hash[:12]}")
+    return REFUSED, lines
+
+
+def _reader_went_away() -> None:
+    """`dataops audit show | head`: the reader closed the pipe. Not an error worth a word.
+
+    Point stdout at /dev/null so the interpreter's final flush does not fail again.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version (0) and usage errors (2)
+        return int(exc.code or 0)
+    if getattr(args, "json_show", False):
+        args.json = True
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from dataops.certs import CertificateError
     from dataops.client import DataopsClientError
 
     try:
+        from dataops.certs import CertificateError
+    except ImportError:  # a client-only install has no cryptography
+        CertificateError = LoadError  # noqa: N806
+    try:
         return args.func(args)
-    except (LoadError, CertificateError, ValueError, OSError) as exc:
+    except BrokenPipeError:
+        _reader_went_away()
+        return OK
+    except DataopsClientError as exc:
+        code, lines = _refusal(exc)
+        for line in lines:
+            print(line, file=sys.stderr)
+        return code
+    except Refused:
+        return REFUSED
+    except UsageError as exc:
         print(f"dataops: {exc}", file=sys.stderr)
-        return 1
+        return USAGE
+    except (LoadError, CertificateError) as exc:
+        print(f"dataops: {exc}", file=sys.stderr)
+        return USAGE
     except RequestError as exc:
         print(f"dataops: {exc.reason}: {exc.message}", file=sys.stderr)
-        return 1
-    except DataopsClientError as exc:
-        where = "".join(f" {k}={v}" for k, v in exc.metadata.items() if not k.startswith("receipt"))
-        print(f"dataops: refused: {exc.code.name} {exc.reason}{where}: {exc.message}", file=sys.stderr)
-        for field, description in exc.field_violations:
-            print(f"  {field}: {description}", file=sys.stderr)
-        return 1
+        return USAGE
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"dataops: {where}{exc.strerror or exc}", file=sys.stderr)
+        return USAGE
+    except ValueError as exc:
+        print(f"dataops: {exc}", file=sys.stderr)
+        return USAGE
+    except ImportError as exc:
+        print(f"dataops: this command needs the server stack: pip install 'dataops[server]' ({exc})",
+              file=sys.stderr)
+        return USAGE
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The Python client for consumers.
 
-    from dataops.client import Client, count, mean, total
+    from dataops.client import Client
     from dataops.ir import Equals
 
     with Client("localhost:50051", cert="city-bank.crt", key="city-bank.key", ca="ca.crt") as client:
@@ -8,32 +8,52 @@
             print(dataset.id, dataset.title)
         result = client.query(
             "enterprise_credit",
-            aggregates=[count(), mean("tax_paid")],
+            aggregates=["count", "mean(tax_paid)"],      # or [count(), mean("tax_paid")]
             group_by=["district"],
             filters=[Equals("size_band", "small")],
         )
-        print(result.frame, result.rows_suppressed)
+        print(result.to_polars(), result.rows_suppressed)   # or .table (Arrow), .to_pandas()
 
-Server errors are raised as `DataopsClientError`, carrying the status code, the
-`ErrorInfo` reason and metadata (rule, column, receipt) and any field violations.
+The client installs without the server's stack: `pip install dataops` needs only
+grpcio, protobuf, pyarrow and the googleapis status types. `to_polars()` needs
+`dataops[polars]`, `to_pandas()` needs `dataops[pandas]`; either says so if missing.
+
+Every failure is a `DataopsClientError` (or a subclass): the server's refusals carry
+the status code, the `ErrorInfo` reason and metadata (rule, column, receipt) and any
+field violations; checks made here before sending (`InvalidRequest`) and a server
+that cannot be reached (`ConnectionFailed`) look the same way. Results are plain
+dataclasses, not protobuf messages.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import grpc
-import polars as pl
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from dataops import ir, wire
+from dataops.errors import RequestError
 from dataops.v1 import catalog_pb2, catalog_pb2_grpc, query_pb2, query_pb2_grpc
+
+__all__ = [
+    "AggregateAccuracy", "Budget", "Client", "Column", "ConnectionFailed", "DataopsClientError", "Dataset",
+    "Dominance",
+    "DatasetDescription", "Estimate", "Grant", "InvalidRequest", "QueryResult", "Receipt", "Spend",
+    "count", "count_units", "mean", "median", "parse_aggregate", "quantile", "total",
+]
+
+
+# --- errors ----------------------------------------------------------------------
 
 
 class DataopsClientError(Exception):
+    """Anything that went wrong: a refusal by the server, a bad request, no connection."""
+
     def __init__(
         self,
         code: grpc.StatusCode,
@@ -43,7 +63,7 @@ class DataopsClientError(Exception):
         field_violations: Sequence[tuple[str, str]] = (),
         quota_violations: Sequence[tuple[str, str]] = (),
     ) -> None:
-        super().__init__(f"{code.name} {reason or ''}: {message}".replace("  ", " "))
+        super().__init__(" ".join(p for p in (code.name, reason) if p) + (f": {message}" if message else ""))
         self.code = code
         self.message = message
         self.reason = reason
@@ -58,6 +78,13 @@ class DataopsClientError(Exception):
     @property
     def column(self) -> str | None:
         return self.metadata.get("column")
+
+    @property
+    def receipt(self) -> Receipt | None:
+        """The audit receipt of the refused request, when the server wrote one."""
+        if "receipt_sequence" not in self.metadata:
+            return None
+        return Receipt(int(self.metadata["receipt_sequence"]), self.metadata.get("receipt_hash", ""))
 
     @classmethod
     def from_rpc_error(cls, error: grpc.RpcError) -> "DataopsClientError":
@@ -76,7 +103,44 @@ class DataopsClientError(Exception):
                 quota = error_details_pb2.QuotaFailure()
                 detail.Unpack(quota)
                 quotas = [(v.subject, v.description) for v in quota.violations]
-        return cls(error.code(), error.details() or "", reason, metadata, fields, quotas)
+        code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
+        message = (error.details() if isinstance(error, grpc.Call) else None) or ""
+        if reason is None and code in _TRANSPORT:
+            # No ErrorInfo: the request never reached our server (no route, TLS
+            # refused, deadline) — say so in words rather than "UNAVAILABLE None".
+            return ConnectionFailed(code, _TRANSPORT[code] + (f" ({message})" if message else ""))
+        return cls(code, message, reason, metadata, fields, quotas)
+
+
+class InvalidRequest(DataopsClientError):
+    """The request was refused here, before it was sent (the server would refuse it too)."""
+
+    def __init__(self, message: str, field_violations: Sequence[tuple[str, str]] = (),
+                 metadata: dict[str, str] | None = None) -> None:
+        super().__init__(grpc.StatusCode.INVALID_ARGUMENT, message, "INVALID_QUERY", metadata, field_violations)
+
+    @classmethod
+    def from_request_error(cls, error: RequestError) -> "InvalidRequest":
+        return cls(error.message, [(v.field, v.description) for v in error.field_violations], error.metadata)
+
+
+class ConnectionFailed(DataopsClientError):
+    """The server could not be reached or the TLS handshake failed; nothing was asked."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(code, message, "CONNECTION")
+
+
+_TRANSPORT = {
+    grpc.StatusCode.UNAVAILABLE: "the server cannot be reached or refused the TLS handshake "
+                                 "(check the target, the certificate files and the server name)",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "no answer before the deadline",
+    grpc.StatusCode.CANCELLED: "the call was cancelled",
+    grpc.StatusCode.UNKNOWN: "the call failed without a status from the server",
+}
+
+
+# --- results: plain dataclasses ----------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -86,21 +150,187 @@ class Receipt:
 
 
 @dataclass(frozen=True)
-class QueryResult:
-    frame: pl.DataFrame
-    rows_suppressed: int
-    accuracy: dict[str, query_pb2.AggregateAccuracy]
-    spend: query_pb2.Spend | None
+class AggregateAccuracy:
+    """How far a DP value may be from the truth: the noise scale and a 95% half-width."""
+
+    column: str
+    noise_scale: float = 0.0
+    half_width_95: float = 0.0
+    mechanism: str = ""
+
+
+@dataclass(frozen=True)
+class Spend:
+    """What a request spent (or would spend) and what remains of the grant's budget."""
+
+    epsilon: float = 0.0
+    delta: float = 0.0
+    remaining_epsilon: float = 0.0
+    remaining_delta: float = 0.0
+
+
+@dataclass(frozen=True)
+class Budget:
+    dataset_id: str
+    epsilon_total: float
+    delta_total: float
+    epsilon_spent: float
+    delta_spent: float
+
+    @property
+    def dataset(self) -> str:
+        return self.dataset_id
+
+    @property
+    def epsilon_remaining(self) -> float:
+        return max(0.0, self.epsilon_total - self.epsilon_spent)
+
+    @property
+    def delta_remaining(self) -> float:
+        return max(0.0, self.delta_total - self.delta_spent)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """What a query would cost and how accurate it would be; nothing was run or spent."""
+
+    spend: Spend
+    accuracy: tuple[AggregateAccuracy, ...]
     receipt: Receipt
-    reused: bool = False
+
+
+@dataclass(frozen=True)
+class Dataset:
+    id: str
+    zone: str
+    title: str
+    description: str
+    provider: str
+    privacy_unit: str
+    max_rows_per_unit: int
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type: str
+    classification: str  # identifier | quasi_identifier | public | sensitive | unclassified
+    description: str
+    allowed_uses: tuple[str, ...]  # dimension | filter | measure; empty: not granted
+    lower_bound: float | None
+    upper_bound: float | None
+    public_keys: tuple[str, ...]
+    bins: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class Dominance:
+    """(n, k) rule: the top `n` units may not make up more than `percent` of a SUM/MEAN cell."""
+
+    n: int
+    percent: float
+
+
+@dataclass(frozen=True)
+class Grant:
+    purpose: str
+    expires: str
+    modes: tuple[str, ...]
+    functions: tuple[str, ...]
+    min_group_size: int
+    epsilon: float
+    delta: float
+    dominance: Dominance | None = None
 
 
 @dataclass(frozen=True)
 class DatasetDescription:
-    dataset: catalog_pb2.Dataset
-    columns: list[catalog_pb2.Column]
-    grant: catalog_pb2.Grant
+    dataset: Dataset
+    columns: list[Column]
+    grant: Grant
     receipt: Receipt = field(default=Receipt(0, ""))
+    raw: Any = field(default=None, repr=False, compare=False)  # the DescribeDatasetResponse, for new fields
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    """One answer: an Arrow table, with its accuracy, spend and audit receipt."""
+
+    table: Any  # pyarrow.Table
+    rows_suppressed: int
+    accuracy: dict[str, AggregateAccuracy]
+    spend: Spend | None
+    receipt: Receipt
+    reused: bool = False
+
+    def to_arrow(self) -> Any:
+        return self.table
+
+    def to_polars(self) -> Any:
+        try:
+            import polars as pl
+        except ImportError:
+            raise ImportError("to_polars() needs polars: pip install 'dataops[polars]' "
+                              "(or use result.table, a pyarrow.Table)") from None
+        return pl.from_arrow(self.table)
+
+    def to_pandas(self) -> Any:
+        try:
+            import pandas  # noqa: F401  (pyarrow's to_pandas imports it)
+        except ImportError:
+            raise ImportError("to_pandas() needs pandas: pip install 'dataops[pandas]' "
+                              "(or use result.table, a pyarrow.Table)") from None
+        return self.table.to_pandas()
+
+    @property
+    def frame(self) -> Any:
+        """The answer as a polars DataFrame (`to_polars()`)."""
+        return self.to_polars()
+
+
+def _enum_names(enum: Any, values: Iterable[int], prefix: str) -> tuple[str, ...]:
+    return tuple(enum.Name(v).removeprefix(prefix).lower() for v in values)
+
+
+def _receipt(message: Any) -> Receipt:
+    return Receipt(message.receipt.sequence, message.receipt.hash)
+
+
+def _accuracy(message: query_pb2.AggregateAccuracy) -> AggregateAccuracy:
+    return AggregateAccuracy(message.column, message.noise_scale, message.half_width_95, message.mechanism)
+
+
+def _spend(message: query_pb2.Spend) -> Spend:
+    return Spend(message.epsilon, message.delta, message.remaining_epsilon, message.remaining_delta)
+
+
+def _dataset(d: catalog_pb2.Dataset) -> Dataset:
+    return Dataset(d.id, d.zone, d.title, d.description, d.provider, d.privacy_unit, d.max_rows_per_unit)
+
+
+def _column(c: catalog_pb2.Column) -> Column:
+    return Column(
+        name=c.name, type=c.type,
+        classification=catalog_pb2.Classification.Name(c.classification).removeprefix("CLASSIFICATION_").lower(),
+        description=c.description,
+        allowed_uses=_enum_names(catalog_pb2.ColumnUse, c.allowed_uses, "COLUMN_USE_"),
+        lower_bound=c.lower_bound if c.HasField("lower_bound") else None,
+        upper_bound=c.upper_bound if c.HasField("upper_bound") else None,
+        public_keys=tuple(c.public_keys), bins=tuple(c.bins),
+    )
+
+
+def _grant(g: catalog_pb2.Grant) -> Grant:
+    return Grant(
+        purpose=g.purpose, expires=g.expires,
+        modes=_enum_names(query_pb2.QueryMode, g.modes, "QUERY_MODE_"),
+        functions=_enum_names(query_pb2.AggregateFunction, g.functions, "AGGREGATE_FUNCTION_"),
+        min_group_size=g.min_group_size, epsilon=g.epsilon, delta=g.delta,
+        dominance=Dominance(g.dominance.n, g.dominance.percent) if g.HasField("dominance") else None,
+    )
+
+
+# --- aggregates ------------------------------------------------------------------
 
 
 def count(alias: str = "") -> ir.Aggregate:
@@ -127,8 +357,61 @@ def median(column: str, alias: str = "") -> ir.Aggregate:
     return quantile(column, 0.5, alias)
 
 
-def _receipt(message: Any) -> Receipt:
-    return Receipt(message.receipt.sequence, message.receipt.hash)
+AGGREGATE_FORMS = ("count", "count_units", "sum:COL", "mean:COL", "median:COL", "quantile:Q:COL",
+                   "sum(COL)", "mean(COL)", "median(COL)", "quantile(COL, Q)")
+# "mean(tax_paid)", "quantile(tax_paid, 0.9)", "count()"; an optional " as ALIAS" follows either form.
+_CALL = re.compile(r"\s*(\w+)\s*\(\s*([^),\s]*)\s*(?:,\s*([^)\s]+)\s*)?\)\s*")
+_ALIAS = re.compile(r"(.*?)\s+as\s+(\w+)\s*", re.IGNORECASE)
+
+
+def parse_aggregate(spec: str | ir.Aggregate) -> ir.Aggregate:
+    """An aggregate from its shorthand: "count", "sum:tax_paid", "mean(tax_paid)", "median(x) as m"."""
+    if isinstance(spec, ir.Aggregate):
+        return spec
+    if not isinstance(spec, str):
+        raise InvalidRequest(f"an aggregate is an ir.Aggregate or a string like 'mean(tax_paid)', got {spec!r}")
+    alias = ""
+    aliased = _ALIAS.fullmatch(spec)
+    text = spec
+    if aliased:
+        text, alias = aliased.group(1), aliased.group(2)
+    call = _CALL.fullmatch(text)
+    if call:
+        name, column, q = call.group(1).lower(), call.group(2), call.group(3)
+        parts = [name] + ([q] if q is not None else []) + ([column] if column else [])
+    else:
+        parts = text.strip().split(":")
+        name = parts[0].lower()
+    aggregate = None
+    try:
+        if name in ("count", "count_units") and len(parts) == 1:
+            aggregate = ir.Aggregate(ir.Function(name), alias=alias)
+        elif name in ("sum", "total", "mean") and len(parts) == 2:
+            aggregate = ir.Aggregate(ir.Function.SUM if name == "total" else ir.Function(name), parts[1], alias=alias)
+        elif name == "median" and len(parts) == 2:
+            aggregate = ir.Aggregate(ir.Function.QUANTILE, parts[1], 0.5, alias=alias)
+        elif name == "quantile" and len(parts) == 3:
+            aggregate = ir.Aggregate(ir.Function.QUANTILE, parts[2], float(parts[1]), alias=alias)
+        if aggregate is not None:
+            aggregate.validate("aggregates")  # e.g. a quantile outside (0, 1)
+            return aggregate
+    except ValueError:
+        pass  # e.g. a quantile that is not a number: the message below says what is expected
+    except RequestError as exc:
+        raise InvalidRequest.from_request_error(exc) from None
+    raise InvalidRequest(f"aggregate {spec!r}: expected one of {', '.join(AGGREGATE_FORMS)}",
+                         [("aggregates", f"{spec!r} is not an aggregate")])
+
+
+# --- the client ------------------------------------------------------------------
+
+
+def _read(path: str | Path, what: str) -> bytes:
+    try:
+        return Path(path).expanduser().read_bytes()
+    except OSError as exc:
+        raise DataopsClientError(grpc.StatusCode.FAILED_PRECONDITION,
+                                 f"cannot read the {what} {path}: {exc.strerror}", "CONFIGURATION") from None
 
 
 class Client:
@@ -143,9 +426,9 @@ class Client:
         timeout: float = 60.0,
     ) -> None:
         credentials = grpc.ssl_channel_credentials(
-            root_certificates=Path(ca).read_bytes(),
-            private_key=Path(key).read_bytes(),
-            certificate_chain=Path(cert).read_bytes(),
+            root_certificates=_read(ca, "CA certificate"),
+            private_key=_read(key, "private key"),
+            certificate_chain=_read(cert, "certificate"),
         )
         options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
         if server_name:
@@ -180,20 +463,22 @@ class Client:
         self.last_receipt = _receipt(response)
         return response
 
-    def list_datasets(self) -> list[catalog_pb2.Dataset]:
-        return list(self._call(self._catalog.ListDatasets, catalog_pb2.ListDatasetsRequest()).datasets)
+    def list_datasets(self) -> list[Dataset]:
+        response = self._call(self._catalog.ListDatasets, catalog_pb2.ListDatasetsRequest())
+        return [_dataset(d) for d in response.datasets]
 
     def describe(self, dataset_id: str) -> DatasetDescription:
         response = self._call(
             self._catalog.DescribeDataset, catalog_pb2.DescribeDatasetRequest(dataset_id=dataset_id)
         )
-        return DatasetDescription(response.dataset, list(response.columns), response.grant, _receipt(response))
+        return DatasetDescription(_dataset(response.dataset), [_column(c) for c in response.columns],
+                                  _grant(response.grant), _receipt(response), response)
 
     @staticmethod
     def build(
         dataset: str,
         *,
-        aggregates: Iterable[ir.Aggregate],
+        aggregates: Iterable[ir.Aggregate | str],
         group_by: Iterable[str] = (),
         filters: Iterable[ir.Filter] = (),
         mode: str | ir.Mode = ir.Mode.AGGREGATE,
@@ -202,19 +487,29 @@ class Client:
         target_half_width: float | None = None,
         purpose: str = "",
     ) -> ir.Query:
-        mode = ir.Mode(mode)
-        privacy = None
-        if mode is ir.Mode.DP:
-            privacy = ir.Privacy(epsilon=epsilon, delta=delta, target_half_width=target_half_width)
-        return ir.Query(
-            dataset=dataset,
-            aggregates=tuple(aggregates),
-            filters=tuple(filters),
-            group_by=tuple(group_by),
-            mode=mode,
-            privacy=privacy,
-            purpose=purpose,
-        )
+        """The query the server will see; every check that needs no data is made here."""
+        if isinstance(aggregates, (str, ir.Aggregate)):
+            aggregates = [aggregates]
+        try:
+            mode = ir.Mode(mode)
+        except ValueError:
+            raise InvalidRequest(f"mode {mode!r}: expected 'aggregate' or 'dp'", [("query.mode", "unknown mode")]) \
+                from None
+        try:
+            privacy = None
+            if mode is ir.Mode.DP:
+                privacy = ir.Privacy(epsilon=epsilon, delta=delta, target_half_width=target_half_width)
+            return ir.Query(
+                dataset=dataset,
+                aggregates=tuple(parse_aggregate(a) for a in aggregates),
+                filters=tuple(filters),
+                group_by=(group_by,) if isinstance(group_by, str) else tuple(group_by),
+                mode=mode,
+                privacy=privacy,
+                purpose=purpose,
+            )
+        except RequestError as exc:
+            raise InvalidRequest.from_request_error(exc) from None
 
     def run(self, query: ir.Query, *, timeout: float | None = None) -> QueryResult:
         return self._result(self._call(
@@ -232,7 +527,11 @@ class Client:
         purpose: str = "",
     ) -> query_pb2.SqlQuery:
         """A SqlQuery message; the server parses the text (see docs/api.md, "SQL")."""
-        mode = ir.Mode(mode)
+        try:
+            mode = ir.Mode(mode)
+        except ValueError:
+            raise InvalidRequest(f"mode {mode!r}: expected 'aggregate' or 'dp'", [("sql.mode", "unknown mode")]) \
+                from None
         message = query_pb2.SqlQuery(text=text, mode=wire.MODE_TO_PROTO[mode], purpose=purpose)
         if mode is ir.Mode.DP:
             message.privacy.CopyFrom(query_pb2.PrivacyParameters(
@@ -245,18 +544,17 @@ class Client:
         request = query_pb2.RunQueryRequest(sql=self.sql_request(text, **kwargs))
         return self._result(self._call(self._query.RunQuery, request, timeout))
 
-    def estimate_sql(self, text: str, *, timeout: float | None = None, **kwargs: Any) -> query_pb2.EstimateQueryResponse:
+    def estimate_sql(self, text: str, *, timeout: float | None = None, **kwargs: Any) -> Estimate:
         request = query_pb2.EstimateQueryRequest(sql=self.sql_request(text, **kwargs))
-        return self._call(self._query.EstimateQuery, request, timeout)
+        return self._estimate(self._call(self._query.EstimateQuery, request, timeout))
 
     @staticmethod
     def _result(response: query_pb2.RunQueryResponse) -> QueryResult:
-        table = wire.table_from_ipc(response.result.ipc_stream)
         return QueryResult(
-            frame=pl.from_arrow(table),
+            table=wire.table_from_ipc(response.result.ipc_stream),
             rows_suppressed=response.rows_suppressed,
-            accuracy={a.column: a for a in response.accuracy},
-            spend=response.spend if response.HasField("spend") else None,
+            accuracy={a.column: _accuracy(a) for a in response.accuracy},
+            spend=_spend(response.spend) if response.HasField("spend") else None,
             receipt=_receipt(response),
             reused=response.reused,
         )
@@ -265,11 +563,21 @@ class Client:
         timeout = kwargs.pop("timeout", None)
         return self.run(self.build(dataset, **kwargs), timeout=timeout)
 
-    def estimate(self, dataset: str, **kwargs: Any) -> query_pb2.EstimateQueryResponse:
-        query = self.build(dataset, **kwargs)
-        return self._call(
-            self._query.EstimateQuery, query_pb2.EstimateQueryRequest(query=wire.query_to_proto(query))
+    def estimate_query(self, query: ir.Query, *, timeout: float | None = None) -> Estimate:
+        response = self._call(
+            self._query.EstimateQuery, query_pb2.EstimateQueryRequest(query=wire.query_to_proto(query)), timeout
         )
+        return self._estimate(response)
 
-    def budgets(self, dataset_id: str = "") -> list[query_pb2.DatasetBudget]:
-        return list(self._call(self._query.GetBudget, query_pb2.GetBudgetRequest(dataset_id=dataset_id)).budgets)
+    @staticmethod
+    def _estimate(response: query_pb2.EstimateQueryResponse) -> Estimate:
+        return Estimate(_spend(response.spend), tuple(_accuracy(a) for a in response.accuracy), _receipt(response))
+
+    def estimate(self, dataset: str, **kwargs: Any) -> Estimate:
+        timeout = kwargs.pop("timeout", None)
+        return self.estimate_query(self.build(dataset, **kwargs), timeout=timeout)
+
+    def budgets(self, dataset_id: str = "") -> list[Budget]:
+        response = self._call(self._query.GetBudget, query_pb2.GetBudgetRequest(dataset_id=dataset_id))
+        return [Budget(b.dataset_id, b.epsilon_total, b.delta_total, b.epsilon_spent, b.delta_spent)
+                for b in response.budgets]

@@ -194,9 +194,16 @@ def _table(doc: dict[str, Any], section: type) -> dict[str, Any]:
     if not isinstance(table, dict):
         raise ConfigError(f"[{section.TABLE}] must be a table, got {table!r}")
     names = [f.name for f in fields(section)]
-    for key in table:
-        if key not in names:
-            raise ConfigError(f"[{section.TABLE}] unknown key {key!r} (expected {', '.join(names)})")
+    unknown = [key for key in table if key not in names]
+    if unknown:
+        from dataops._toml import unknown_key
+
+        def hint(key: str) -> str:
+            text = unknown_key(key, names)
+            return f", {text.split(', ', 1)[1]}" if ", did you mean" in text else ""
+
+        raise ConfigError("; ".join(f"[{section.TABLE}] unknown key {key!r}{hint(key)} (expected "
+                                    f"{', '.join(names)})" for key in unknown))
     return table
 
 

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import io
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from dataops import ir, sql
+from dataops import ir
+
+if TYPE_CHECKING:  # the server parses SQL; a client install need not carry sqlglot
+    from dataops import sql
 from dataops.catalog import Classification, Dataset
 from dataops.errors import FieldViolation, InvalidQuery
 from dataops.policy import Grant, Use
@@ -114,6 +117,8 @@ def _privacy_from_proto(message: q.Query | q.SqlQuery) -> ir.Privacy | None:
 
 def sql_query_from_proto(message: q.SqlQuery, unit_column: sql.UnitColumn | None = None) -> ir.Query:
     """The IR of a SQL question: the same query its structured twin makes."""
+    from dataops import sql
+
     mode = MODES.get(message.mode)
     if mode is None:
         raise _invalid("sql.mode", "QUERY_MODE_AGGREGATE or QUERY_MODE_DP is required")

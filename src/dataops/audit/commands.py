@@ -100,8 +100,8 @@ def add_filter_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--since", metavar="ISO", help="from this date or time (inclusive; UTC if no zone)")
     p.add_argument("--until", metavar="ISO", help="before this date or time (exclusive)")
     p.add_argument("--decision", choices=["allowed", "denied", "invalid", "error"])
-    p.add_argument("--reason", help="ErrorInfo reason, e.g. POLICY_DENIED")
-    p.add_argument("--method", help="RPC name, e.g. RunQuery")
+    p.add_argument("--reason", help="ErrorInfo reason, e.g. POLICY_DENIED (any case)")
+    p.add_argument("--method", help="RPC name, e.g. RunQuery (any case)")
 
 
 def _guarded(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -111,6 +111,8 @@ def _guarded(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Na
 
         try:
             return func(args)
+        except BrokenPipeError:
+            raise  # the reader closed the pipe (`| head`): `dataops` ends quietly
         except (_UsageError, LoadError, OSError, ValueError) as exc:
             print(f"dataops audit: {exc}", file=sys.stderr)
             return ERROR
@@ -187,8 +189,11 @@ def cmd_receipt(args: argparse.Namespace) -> int:
     return OK if check.ok else TAMPERED
 
 
-SHOW_COLUMNS = (("seq", 6), ("time", 19), ("consumer", 16), ("method", 15), ("dataset", 17), ("decision", 8),
-                ("reason", 16), ("rule", 14), ("column", 14), ("rows", 5), ("supp", 4), ("epsilon", 7))
+SHOW_COLUMNS = ("seq", "time", "consumer", "method", "dataset", "decision", "reason", "rule", "column", "rows",
+                "supp", "epsilon")
+# Filters that compare a record field, and the plural used to list the values that do exist.
+FILTER_FIELDS = (("consumer", "consumers"), ("dataset", "datasets"), ("method", "methods"),
+                 ("decision", "decisions"), ("reason", "reasons"))
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -196,30 +201,57 @@ def cmd_show(args: argparse.Namespace) -> int:
 
     wanted = _filter(args)
     matches: collections.deque = collections.deque(maxlen=args.limit if args.limit and args.limit > 0 else None)
+    seen: dict[str, set] = {name: set() for name, _ in FILTER_FIELDS}
+    total = 0
     for _, record in iter_records(log_dir(args)):
+        total += 1
+        for name, _ in FILTER_FIELDS:
+            seen[name].add(record.get(name))
         if wanted.matches(record):
             matches.append(record)
     if args.json:
         for record in matches:
             print(json.dumps(record, sort_keys=True, ensure_ascii=False))
-        return OK
-    print("  ".join(f"{name:<{width}}" for name, width in SHOW_COLUMNS).rstrip())
-    for r in matches:
-        cells = {
+    else:
+        rows = [{
             "seq": r.get("seq"), "time": (r.get("time") or "")[:19].replace("T", " "),
             "consumer": r.get("consumer"), "method": r.get("method"), "dataset": r.get("dataset"),
             "decision": r.get("decision"), "reason": r.get("reason"), "rule": r.get("rule"),
             "column": r.get("column"), "rows": r.get("rows_returned"), "supp": r.get("rows_suppressed"),
             "epsilon": f"{r['epsilon_spent']:.4g}" if r.get("epsilon_spent") else None,
-        }
-        print("  ".join(f"{_cell(cells[name], width):<{width}}" for name, width in SHOW_COLUMNS).rstrip())
-    print(f"{len(matches)} records")
+        } for r in matches]
+        # Every cell in full: a column is as wide as its widest value (rules are never cut).
+        widths = {name: max([len(name)] + [len(_cell(row[name])) for row in rows]) for name in SHOW_COLUMNS}
+        print("  ".join(f"{name:<{widths[name]}}" for name in SHOW_COLUMNS).rstrip())
+        for row in rows:
+            print("  ".join(f"{_cell(row[name]):<{widths[name]}}" for name in SHOW_COLUMNS).rstrip())
+        print(f"{len(matches)} records")
+    if not matches:
+        for note in why_nothing_matched(args, seen, total):
+            print(f"note: {note}", file=sys.stderr)
     return OK
 
 
-def _cell(value: Any, width: int) -> str:
-    text = "-" if value is None else str(value)
-    return text if len(text) <= width else text[: width - 1] + "…"
+def why_nothing_matched(args: argparse.Namespace, seen: dict[str, set], total: int) -> list[str]:
+    """For each filter whose value no record has, the values that the log does hold."""
+    if total == 0:
+        return ["the log holds no records"]
+    notes = []
+    for name, plural in FILTER_FIELDS:
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        present = sorted(str(v) for v in seen[name] if v is not None)
+        same = (lambda v: v.lower() == value.lower()) if name in ("method", "reason") else (lambda v: v == value)
+        if not any(same(v) for v in present):
+            notes.append(f"no record has {name} {value!r}; {plural} in the log: {', '.join(present) or 'none'}")
+    if not notes:
+        notes.append(f"each filter matches some of the {total} records, but no record matches them all")
+    return notes
+
+
+def _cell(value: Any) -> str:
+    return "-" if value is None else str(value)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -267,10 +299,32 @@ def cmd_report(args: argparse.Namespace) -> int:
         verification = verify_log(directory, key)
     wanted = _filter(args)
     records = (r for _, r in iter_records(directory) if wanted.matches(r))
-    out = write_report(args.out, records, verification, source=str(directory.resolve()))
+    out = write_report(args.out, records, verification, source=str(directory.resolve()), caps=_caps(args))
     state = "not verified" if verification is None else ("verified" if verification.ok else "DOES NOT VERIFY")
     print(f"wrote {out} (log {state})")
     return TAMPERED if verification is not None and not verification.ok else OK
+
+
+def _caps(args: argparse.Namespace):
+    """The budget caps in force (grants and datasets), when the configuration can be read."""
+    from dataops.audit.report import Caps
+    from dataops.errors import LoadError
+
+    if not args.config.exists():
+        return None
+    try:
+        from dataops.catalog import load_catalog
+        from dataops.config import load_config
+        from dataops.policy import load_policies
+
+        config = load_config(args.config)
+        catalog = load_catalog(config.paths.catalog, config.paths.sandbox)
+        policies = load_policies(config.paths.policies, catalog)
+    except (LoadError, ImportError) as exc:
+        print(f"note: no budget caps in the report: {exc}", file=sys.stderr)
+        return None
+    grants = {(p.consumer, d): g.budget.epsilon for p in policies.consumers.values() for d, g in p.grants.items()}
+    return Caps(grants, {d.id: d.budget.epsilon for d in catalog.datasets.values()})
 
 
 def cmd_public_key(args: argparse.Namespace) -> int:

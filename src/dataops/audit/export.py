@@ -37,6 +37,7 @@ METADATA_KEY = b"dataops.audit.export"
 INTS = ("seq", "rows_returned", "rows_suppressed")
 FLOATS = ("epsilon_spent", "delta_spent", "latency_ms")
 BOOLS = ("reused",)
+TIMES = ("time",)  # a timestamp (UTC, microseconds) in Parquet; the record's ISO text in CSV
 COLUMNS = ("seq", "time", "consumer", "method", "dataset", "mode", "purpose", "decision", "code", "reason", "rule",
            "column", "rows_returned", "rows_suppressed", "epsilon_spent", "delta_spent", "reused",
            "latency_ms", "policy_version", "query", "prev", "hash", "record")
@@ -81,7 +82,7 @@ def export_log(directory: Path, out: Path, public_key: Ed25519PublicKey, *, fmt:
         "key_id": key_id(public_key),
         "public_key": public_key_pem(public_key).decode("ascii"),
     }
-    rows = _rows(directory, from_seq, checkpoint["size"])
+    rows = _rows(directory, from_seq, checkpoint["size"], typed=fmt == "parquet")
     if fmt == "csv":
         _write_csv(out, rows)
     else:
@@ -91,24 +92,37 @@ def export_log(directory: Path, out: Path, public_key: Ed25519PublicKey, *, fmt:
     return ExportResult(out, sidecar, from_seq, checkpoint["size"], to_seq, checkpoint)
 
 
-def _rows(directory: Path, first: int, last: int) -> Iterator[dict[str, Any]]:
+def _rows(directory: Path, first: int, last: int, *, typed: bool = False) -> Iterator[dict[str, Any]]:
     for _, raw in iter_lines(directory):
         record = json.loads(raw)  # the log verified, so every line is a record
         if record["seq"] > last:
             break
         if record["seq"] >= first:
-            yield {**readable(record), "record": raw.rstrip(b"\n").decode("utf-8")}
+            yield {**readable(record, typed=typed), "record": raw.rstrip(b"\n").decode("utf-8")}
 
 
-def readable(record: dict[str, Any]) -> dict[str, Any]:
-    """The readable columns of a record, typed as in the Parquet schema."""
+def readable(record: dict[str, Any], *, typed: bool = False) -> dict[str, Any]:
+    """The readable columns of a record; `typed`: as in the Parquet schema (time a datetime)."""
     row = {}
     for name in COLUMNS[:-1]:
         value = record.get(name)
         if value is not None and name in FLOATS:
             value = float(value)
+        if value is not None and typed and name in TIMES:
+            value = _timestamp(value)
         row[name] = value
     return row
+
+
+def _timestamp(text: Any) -> Any:
+    """The record's ISO time as an aware UTC datetime (unparseable text stays None: it is in `record`)."""
+    import datetime as dt
+
+    try:
+        value = dt.datetime.fromisoformat(text)
+    except (TypeError, ValueError):
+        return None
+    return (value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)).astimezone(dt.timezone.utc)
 
 
 def _cell(value: Any) -> str:
@@ -134,6 +148,8 @@ def _schema(meta: dict[str, Any]):
             return pa.int64()
         if name in FLOATS:
             return pa.float64()
+        if name in TIMES:
+            return pa.timestamp("us", tz="UTC")
         return pa.bool_() if name in BOOLS else pa.string()
 
     return pa.schema([pa.field(name, kind(name)) for name in COLUMNS],
@@ -272,7 +288,7 @@ def _row_problem(row: dict[str, Any], place: Place, expected: int, prev: str | N
                        f"expected seq {expected}, found {record.get('seq')}: a row was deleted, added or moved")
     if prev is not None and record.get("prev") != prev:
         return Problem(place, "chain", "prev is not the hash of the row before: a row was replaced or inserted")
-    want = readable(record)
+    want = readable(record, typed=typed)
     for name in COLUMNS[:-1]:
         shown, says = row.get(name), want[name]
         if (shown != says) if typed else (shown != _cell(says)):

@@ -56,12 +56,15 @@ class RecordFilter:
     method: str | None = None
 
     def matches(self, record: dict[str, Any]) -> bool:
-        for name in ("consumer", "dataset", "decision", "method"):
+        for name in ("consumer", "dataset", "decision"):
             wanted = getattr(self, name)
             if wanted is not None and record.get(name) != wanted:
                 return False
-        if self.reason is not None and (record.get("reason") or "").upper() != self.reason.upper():
-            return False
+        # RPC names and reasons are CamelCase / UPPER_CASE: `--method runquery` means RunQuery.
+        for name in ("method", "reason"):
+            wanted = getattr(self, name)
+            if wanted is not None and (record.get(name) or "").lower() != wanted.lower():
+                return False
         if self.since or self.until:
             try:
                 when = parse_time(record["time"])

@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import contextvars
 import datetime as dt
+import json
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 from dataops.errors import RequestError
+
+# An attempted query that never became a canonical one is recorded as sent, up to this
+# many characters: a reviewer sees what was asked, and a huge request cannot bloat the log.
+MAX_ATTEMPT_CHARS = 2048
 
 
 @dataclass
@@ -52,6 +57,30 @@ class CallRecord:
         self.reason = error.reason
         self.rule = error.rule
         self.column = error.column
+
+    def attempted(self, request: Any) -> None:
+        """Record a refused query request as far as it parsed, when planning never recorded
+        the canonical query (malformed, over a limit): `{"attempted": <the request as JSON>}`."""
+        if self.query is not None or not any(f.name in ("query", "sql") for f in request.DESCRIPTOR.fields):
+            return
+        from google.protobuf.json_format import MessageToDict
+
+        text = json.dumps(MessageToDict(request, preserving_proto_field_name=True), sort_keys=True,
+                          separators=(",", ":"), ensure_ascii=False)
+        if len(text) <= MAX_ATTEMPT_CHARS - 20:
+            self.query = '{"attempted":' + text + "}"
+            return
+        keep = MAX_ATTEMPT_CHARS
+        while True:  # the prefix is escaped again inside the JSON string: shrink until it fits
+            bounded = json.dumps({"attempted_prefix": text[:keep], "attempted_chars": len(text)}, ensure_ascii=False)
+            if len(bounded) <= MAX_ATTEMPT_CHARS:
+                self.query = bounded
+                return
+            keep = keep * 3 // 4
+
+    def unparsed(self, raw: bytes) -> None:
+        """A request that is not even protobuf: its first bytes, hex-encoded, and its size."""
+        self.query = json.dumps({"unparsed_hex": raw[:256].hex(), "unparsed_bytes": len(raw)})
 
     def failed(self, code: str) -> None:
         self.decision, self.code, self.reason = "error", code, "INTERNAL"

@@ -34,6 +34,7 @@ h1 { font-size: 1.6em; margin-bottom: .2em; } h2 { font-size: 1.2em; margin-top:
 .verify.bad { background: #fdecec; border: 1px solid #e15759; }
 .verify.unknown { background: #fff7e0; border: 1px solid #edc948; }
 .verify h2 { border: 0; margin: 0 0 .3em 0; }
+.cut { background: #fdecec; border-left: 4px solid #e15759; padding: .5em .8em; }
 table { border-collapse: collapse; margin: .6em 0 1em; font-size: .9em; }
 th, td { padding: .25em .7em; border-bottom: 1px solid #e4e4e4; text-align: left; }
 td.n { text-align: right; font-variant-numeric: tabular-nums; }
@@ -53,15 +54,33 @@ class Bar:
     parts: tuple[tuple[str, float, str], ...]  # (part label, value, colour)
 
 
+@dataclass(frozen=True)
+class Caps:
+    """Budget caps to draw against the spend: per (consumer, dataset) grant and per dataset."""
+
+    grants: dict[tuple[str, str], float]
+    datasets: dict[str, float]
+
+
 def write_report(out: Path, records: Iterable[dict[str, Any]], verification: Verification | None,
-                 *, title: str = "dataops audit report", source: str = "") -> Path:
-    Path(out).write_text(render_report(records, verification, title=title, source=source), encoding="utf-8")
+                 *, title: str = "dataops audit report", source: str = "", caps: Caps | None = None) -> Path:
+    Path(out).write_text(render_report(records, verification, title=title, source=source, caps=caps),
+                         encoding="utf-8")
     return Path(out)
 
 
 def render_report(records: Iterable[dict[str, Any]], verification: Verification | None,
-                  *, title: str = "dataops audit report", source: str = "") -> str:
+                  *, title: str = "dataops audit report", source: str = "", caps: Caps | None = None) -> str:
     records = [r for r in records if _time(r) is not None]
+    cut = ""
+    if verification is not None and not verification.ok:
+        # Past the first break nothing is evidence: chart and count only what chains before it.
+        good = verification.records
+        dropped = sum(1 for r in records if not isinstance(r.get("seq"), int) or r["seq"] > good)
+        records = [r for r in records if isinstance(r.get("seq"), int) and r["seq"] <= good]
+        cut = (f'<p class="cut" id="cut" data-last-seq="{good}">Everything below covers only seq 1..{good:,}, '
+               f"the records before the first break; {dropped:,} records after it are not charted or counted."
+               "</p>")
     generated = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     span = (f"{len(records)} records from {_fmt_time(_time(records[0]))} to {_fmt_time(_time(records[-1]))}"
             if records else "no records")
@@ -69,10 +88,14 @@ def render_report(records: Iterable[dict[str, Any]], verification: Verification 
         f"<h1>{_e(title)}</h1>",
         f'<p class="meta">{_e(source)} · {span} · generated {generated}</p>',
         _verification_section(verification),
-        _budget_section(records),
+        cut,
+        _budget_section(records, caps),
+        _volume_section(records),
         _queries_section(records),
         _denials_section(records),
+        _denials_by_consumer_section(records),
         _suppression_section(records),
+        _errors_section(records),
     ]
     return (
         "<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
@@ -112,7 +135,7 @@ def _verification_section(v: Verification | None) -> str:
             + (f'<ul class="note">{notes}</ul>' if notes else "") + "</section>")
 
 
-def _budget_section(records: list[dict[str, Any]]) -> str:
+def _budget_section(records: list[dict[str, Any]], caps: Caps | None = None) -> str:
     series: dict[tuple[str, str], list[tuple[dt.datetime, float]]] = defaultdict(list)
     totals: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0.0, 0])
     for r in records:
@@ -128,12 +151,80 @@ def _budget_section(records: list[dict[str, Any]]) -> str:
     start = _time(records[0]) if records else None
     end = _time(records[-1]) if records else None
     lines = [(f"{c} · {d}", points) for (c, d), points in sorted(series.items())]
-    chart = _line_chart("budget", "Cumulative epsilon spent", lines, start, end)
-    table = _table(("consumer", "dataset", "epsilon spent", "delta spent", "releases that spent"),
-                   [(c, d, f"{e:.4g}", f"{dl:.3g}", n) for (c, d), (e, dl, n) in sorted(totals.items())])
+    grant_caps = caps.grants if caps else {}
+    line_caps = {f"{c} · {d}": grant_caps[(c, d)] for (c, d) in series if (c, d) in grant_caps}
+    chart = _line_chart("budget", "Cumulative epsilon spent", lines, start, end, line_caps)
+    dataset_caps = caps.datasets if caps else {}
+
+    def cap(value: float | None) -> str:
+        return "-" if value is None else f"{value:.4g}"
+
+    table = _table(("consumer", "dataset", "epsilon spent", "grant cap", "dataset cap", "delta spent",
+                    "releases that spent"),
+                   [(c, d, f"{e:.4g}", cap(grant_caps.get((c, d))), cap(dataset_caps.get(d)), f"{dl:.3g}", n)
+                    for (c, d), (e, dl, n) in sorted(totals.items())])
+    note = ("Dashed lines: each grant's epsilon cap, from the policies in force." if caps else
+            "No policies were read (run with <code>-c dataops.toml</code>), so no caps are drawn.")
     return ('<section id="budget"><h2>Privacy budget spent per consumer and dataset</h2>'
             '<p class="note">Cumulative ε from each record\'s <code>epsilon_spent</code> (reused releases spend '
-            "nothing).</p>" + chart + table + "</section>")
+            f"nothing). {note}</p>" + chart + table + "</section>")
+
+
+BUCKETS = (60, 300, 900, 3600, 6 * 3600, 86400, 7 * 86400, 30 * 86400)  # seconds
+
+
+def _volume_section(records: list[dict[str, Any]]) -> str:
+    """Requests per time bucket, stacked by decision: when the log was busy, and with what."""
+    if not records:
+        return ('<section id="volume"><h2>Requests over time</h2>' + _empty("volume", "no requests")
+                + "</section>")
+    start, end = _time(records[0]), _time(records[-1])
+    span = max((end - start).total_seconds(), 1.0)
+    size = next((b for b in BUCKETS if span / b <= 48), BUCKETS[-1])
+    origin = math.floor(start.timestamp() / size) * size
+    buckets: dict[int, Counter] = defaultdict(Counter)
+    for r in records:
+        buckets[int((_time(r).timestamp() - origin) // size)][r.get("decision") or "?"] += 1
+    count = max(buckets) + 1
+    decisions = [d for d in DECISION_COLORS if any(c[d] for c in buckets.values())]
+    height, plot_w = 280, WIDTH - LEFT - RIGHT
+    plot_h = height - TOP - BOTTOM
+    top_value = _nice_max(max(sum(c.values()) for c in buckets.values()))
+    step = plot_w / count
+    parts = [_svg_open("volume", "Requests over time by decision", height)]
+    for tick in _ticks(top_value):
+        y = TOP + plot_h * (1 - tick / top_value)
+        parts.append(f'<line class="grid" x1="{LEFT}" y1="{y:.1f}" x2="{WIDTH - RIGHT}" y2="{y:.1f}"/>'
+                     f'<text x="{LEFT - 8}" y="{y + 4:.1f}" text-anchor="end">{_num(tick)}</text>')
+    rows = []
+    for i in range(count):
+        when = dt.datetime.fromtimestamp(origin + i * size, dt.timezone.utc)
+        label = when.strftime("%Y-%m-%d %H:%M")
+        level = 0.0
+        for d in decisions:
+            n = buckets.get(i, Counter())[d]
+            if not n:
+                continue
+            h = plot_h * n / top_value
+            y = TOP + plot_h * (1 - (level + n) / top_value)
+            parts.append(f'<rect x="{LEFT + i * step + 1:.1f}" y="{y:.1f}" width="{max(step - 2, 1):.1f}" '
+                         f'height="{h:.1f}" fill="{DECISION_COLORS[d]}" data-label="{label}" data-part="{d}" '
+                         f'data-value="{n}"><title>{label} — {d}: {n}</title></rect>')
+            level += n
+        if i in buckets:
+            rows.append((label, *(buckets[i][d] for d in decisions), sum(buckets[i].values())))
+    for i in range(0, count, max(1, count // 6)):
+        when = dt.datetime.fromtimestamp(origin + i * size, dt.timezone.utc)
+        text = when.strftime("%H:%M") if span < 86400 else when.strftime("%m-%d %H:%M")
+        parts.append(f'<text x="{LEFT + i * step:.1f}" y="{height - BOTTOM + 16}">{text}</text>')
+    parts.append(f'<line class="axis" x1="{LEFT}" y1="{TOP + plot_h}" x2="{WIDTH - RIGHT}" y2="{TOP + plot_h}"/>'
+                 f'<line class="axis" x1="{LEFT}" y1="{TOP}" x2="{LEFT}" y2="{TOP + plot_h}"/></svg>')
+    width = {60: "one minute", 300: "5 minutes", 900: "15 minutes", 3600: "one hour", 6 * 3600: "6 hours",
+             86400: "one day", 7 * 86400: "one week", 30 * 86400: "30 days"}[size]
+    return ('<section id="volume"><h2>Requests over time</h2>'
+            f'<p class="note">Every audited request, in buckets of {width} (UTC), by decision.</p>'
+            + "".join(parts) + _legend((d, DECISION_COLORS[d]) for d in decisions)
+            + _table(("bucket start (UTC)", *decisions, "total"), rows) + "</section>")
 
 
 def _queries_section(records: list[dict[str, Any]]) -> str:
@@ -169,6 +260,43 @@ def _denials_section(records: list[dict[str, Any]]) -> str:
             "control decisions, and malformed requests) by ErrorInfo reason.</p>"
             + _bar_chart("denials", "Denials by reason", bars) + _legend((d, DECISION_COLORS[d]) for d in kinds)
             + table + "</section>")
+
+
+def _denials_by_consumer_section(records: list[dict[str, Any]]) -> str:
+    counts: dict[str, Counter] = defaultdict(Counter)
+    reasons: dict[str, Counter] = defaultdict(Counter)
+    for r in records:
+        if r.get("decision") in ("denied", "invalid"):
+            consumer = r.get("consumer") or "(no identity)"
+            counts[consumer][r["decision"]] += 1
+            reasons[consumer][f"{r.get('reason') or r.get('code') or '?'} / {r.get('rule') or '-'}"] += 1
+    kinds = [d for d in ("denied", "invalid") if any(c[d] for c in counts.values())]
+    ordered = sorted(counts.items(), key=lambda kv: (-sum(kv[1].values()), kv[0]))
+    bars = [Bar(consumer, tuple((d, c[d], DECISION_COLORS[d]) for d in kinds if c[d])) for consumer, c in ordered]
+    table = _table(("consumer", *kinds, "most frequent reason / rule"),
+                   [(consumer, *(c[d] for d in kinds),
+                     ", ".join(f"{k} ({n})" for k, n in reasons[consumer].most_common(3))) for consumer, c in ordered])
+    return ('<section id="denials-by-consumer"><h2>Denials per consumer</h2><p class="note">Who was refused, and '
+            "by which rule: repeated probing shows here.</p>"
+            + _bar_chart("denials-by-consumer", "Denials per consumer", bars)
+            + _legend((d, DECISION_COLORS[d]) for d in kinds) + table + "</section>")
+
+
+ERRORS_LISTED = 200
+
+
+def _errors_section(records: list[dict[str, Any]]) -> str:
+    errors = [r for r in records if r.get("decision") == "error"]
+    by_method = Counter(r.get("method") or "?" for r in errors)
+    bars = [Bar(m, (("errors", n, DECISION_COLORS["error"]),)) for m, n in by_method.most_common()]
+    rows = [(r.get("seq", "-"), _fmt_time(_time(r)), r.get("consumer") or "-", r.get("method") or "-",
+             r.get("dataset") or "-", r.get("code") or "-", r.get("reason") or "-") for r in errors[-ERRORS_LISTED:]]
+    more = (f'<p class="note">The last {ERRORS_LISTED} of {len(errors):,} are listed.</p>'
+            if len(errors) > ERRORS_LISTED else "")
+    return ('<section id="errors"><h2>Errors</h2><p class="note">Requests that failed inside the service (INTERNAL: '
+            "a bug; the client got the receipt). Nothing was released for them.</p>"
+            + _bar_chart("errors", "Errors per method", bars)
+            + _table(("seq", "time", "consumer", "method", "dataset", "code", "reason"), rows) + more + "</section>")
 
 
 def _suppression_section(records: list[dict[str, Any]]) -> str:
@@ -225,13 +353,14 @@ def _bar_chart(name: str, label: str, bars: list[Bar]) -> str:
 
 
 def _line_chart(name: str, label: str, series: list[tuple[str, list[tuple[dt.datetime, float]]]],
-                start: dt.datetime | None, end: dt.datetime | None) -> str:
+                start: dt.datetime | None, end: dt.datetime | None, caps: dict[str, float] | None = None) -> str:
     if not series or start is None or end is None:
         return _empty(name, "no privacy budget was spent")
     height = 320
     plot_w, plot_h = WIDTH - LEFT - RIGHT, height - TOP - BOTTOM
     t0, t1 = start.timestamp(), max(end.timestamp(), start.timestamp() + 1)
-    top_value = _nice_max(max(points[-1][1] for _, points in series))
+    caps = caps or {}
+    top_value = _nice_max(max([points[-1][1] for _, points in series] + list(caps.values())))
 
     def xy(t: float, v: float) -> str:
         return f"{LEFT + plot_w * (t - t0) / (t1 - t0):.1f},{TOP + plot_h * (1 - v / top_value):.1f}"
@@ -259,7 +388,13 @@ def _line_chart(name: str, label: str, series: list[tuple[str, list[tuple[dt.dat
         parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{" ".join(coords)}" '
                      f'data-series="{_e(title)}" data-releases="{len(points)}" data-total="{level!r}">'
                      f"<title>{_e(title)}: ε {_num(level)}</title></polyline>")
-        legend.append((f"{title} (ε {_num(level)})", colour))
+        if title in caps:  # the grant's cap, dashed, in the series' colour
+            y = TOP + plot_h * (1 - caps[title] / top_value)
+            parts.append(f'<line class="cap" x1="{LEFT}" y1="{y:.1f}" x2="{WIDTH - RIGHT}" y2="{y:.1f}" '
+                         f'stroke="{colour}" stroke-width="1.5" stroke-dasharray="6 4" data-series="{_e(title)}" '
+                         f'data-cap="{caps[title]!r}"><title>{_e(title)}: cap ε {_num(caps[title])}</title></line>')
+        legend.append((f"{title} (ε {_num(level)}" + (f" of {_num(caps[title])})" if title in caps else ")"),
+                       colour))
     parts.append(f'<line class="axis" x1="{LEFT}" y1="{TOP + plot_h}" x2="{WIDTH - RIGHT}" y2="{TOP + plot_h}"/>'
                  f'<line class="axis" x1="{LEFT}" y1="{TOP}" x2="{LEFT}" y2="{TOP + plot_h}"/></svg>')
     return "".join(parts) + _legend(legend)

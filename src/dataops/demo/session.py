@@ -117,10 +117,8 @@ class Session:
             self.out(f"    REFUSED {exc.code.name} {exc.reason}{where}: {exc.message}")
             return exc
         if hasattr(result, "frame"):
+            # print_result shows the accuracy of noisy columns too.
             print_result(result, lambda text: self.out("    " + text.replace("\n", "\n    ")))
-            for name, accuracy in result.accuracy.items():
-                if accuracy.noise_scale and math.isfinite(accuracy.half_width_95):
-                    self.out(f"    {name}: ± {accuracy.half_width_95:,.1f} at 95% ({accuracy.mechanism})")
         elif hasattr(result, "accuracy") and hasattr(result, "spend"):  # an estimate
             self.out(f"    would spend epsilon {result.spend.epsilon:.3g} of {result.spend.remaining_epsilon:.3g} "
                      "remaining; nothing spent now")

@@ -276,7 +276,7 @@ class AuditInterceptor(grpc.ServerInterceptor):
             pending.started = True
             call = CallRecord(method=method)
             token = open_call(call)
-            response, error = None, None
+            response, error, request = None, None, None
             admitted = None
             try:
                 consumer = self.identify(context, call)
@@ -289,11 +289,14 @@ class AuditInterceptor(grpc.ServerInterceptor):
                 try:
                     request = handler.request_deserializer(raw)
                 except DecodeError:
+                    call.unparsed(raw)
                     raise InvalidQuery("the request is not a valid protobuf message", rule="wire") from None
                 response = handler.unary_unary(request, context)
                 call.allowed()
             except RequestError as exc:
                 call.refused(exc)
+                if request is not None:
+                    call.attempted(request)  # a refused query is recorded even when it never planned
                 error = exc
             except Exception:
                 log.exception("internal error in %s", method)
