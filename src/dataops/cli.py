@@ -808,9 +808,16 @@ def register_others(r: Registry) -> None:
     add_audit_parser(r.sub)
 
 
+def register_consents(r: Registry) -> None:
+    """`dataops consent`: the stand-in consent service of the demo and tests."""
+    from dataops.consent_service import add_consent_parser
+
+    add_consent_parser(r.sub)
+
+
 # Each command group registers itself; a new group is one function added here.
 REGISTRARS: list[Callable[[Registry], None]] = [register_consumer, register_budget, register_operator,
-                                               register_others]
+                                               register_others, register_consents]
 
 
 def _iso_date(text: str) -> dt.date:

@@ -38,7 +38,7 @@ from grpc_status import rpc_status
 
 from dataops import ir, wire
 from dataops.errors import RequestError
-from dataops.v1 import catalog_pb2, catalog_pb2_grpc, query_pb2, query_pb2_grpc
+from dataops.v1 import catalog_pb2, catalog_pb2_grpc, query_pb2, query_pb2_grpc, subject_pb2, subject_pb2_grpc
 
 __all__ = [
     "AggregateAccuracy", "Budget", "Client", "Column", "ConnectionFailed", "DataopsClientError", "Dataset",
@@ -439,6 +439,7 @@ class Client:
         self.last_receipt: Receipt | None = None
         self._catalog = catalog_pb2_grpc.CatalogServiceStub(self.channel)
         self._query = query_pb2_grpc.QueryServiceStub(self.channel)
+        self._subjects = subject_pb2_grpc.SubjectServiceStub(self.channel)
 
     @classmethod
     def from_directory(cls, target: str, directory: str | Path, consumer: str, **kwargs: Any) -> "Client":
@@ -581,3 +582,83 @@ class Client:
         response = self._call(self._query.GetBudget, query_pb2.GetBudgetRequest(dataset_id=dataset_id))
         return [Budget(b.dataset_id, b.epsilon_total, b.delta_total, b.epsilon_spent, b.delta_spent)
                 for b in response.budgets]
+
+    # --- subject products (consented per-subject evaluations) -------------------
+
+    def evaluate(self, product_id: str, subject_id: str, consent: bytes, *,
+                 timeout: float | None = None) -> "SubjectEvaluation":
+        """One product's outputs for one subject, under the subject's consent artefact."""
+        item = subject_pb2.SubjectItem(product_id=product_id, subject_id=subject_id, consent=consent)
+        response = self._call(self._subjects.Evaluate, subject_pb2.EvaluateRequest(item=item), timeout)
+        return SubjectEvaluation.from_proto(response.evaluation, _receipt(response))
+
+    def evaluate_batch(self, items: Iterable[tuple[str, str, bytes]], *, timeout: float | None = None
+                       ) -> list["SubjectEvaluation | DataopsClientError"]:
+        """(product, subject, consent) triples; each result is an evaluation or that item's refusal."""
+        request = subject_pb2.EvaluateBatchRequest(items=[
+            subject_pb2.SubjectItem(product_id=p, subject_id=s, consent=c) for p, s, c in items])
+        response = self._call(self._subjects.EvaluateBatch, request, timeout)
+        receipt = _receipt(response)
+        return [SubjectEvaluation.from_proto(r.evaluation, receipt) if r.HasField("evaluation")
+                else _item_error(r.error) for r in response.results]
+
+    def watch(self, items: Iterable[tuple[str, str, bytes]], *, timeout: float | None = None
+              ) -> Iterable[tuple[int, "SubjectEvaluation | DataopsClientError"]]:
+        """Updates of a watched portfolio as (index, evaluation or the refusal that ended it).
+
+        Iterate it to receive updates; `cancel()` on the returned iterator stops the watch.
+        """
+        request = subject_pb2.WatchRequest(items=[
+            subject_pb2.SubjectItem(product_id=p, subject_id=s, consent=c) for p, s, c in items])
+        return _Watch(self._subjects.Watch(request, timeout=timeout))
+
+
+@dataclass(frozen=True)
+class SubjectEvaluation:
+    product_id: str
+    consent_id: str
+    data_version: str
+    evaluation_date: str
+    outputs: dict[str, Any]
+    outputs_hash: str
+    receipt: Receipt
+
+    @classmethod
+    def from_proto(cls, evaluation: subject_pb2.Evaluation, receipt: Receipt) -> "SubjectEvaluation":
+        outputs = {}
+        for output in evaluation.outputs:
+            kind = output.WhichOneof("value")
+            outputs[output.name] = None if kind is None else getattr(output, kind)
+        return cls(evaluation.product_id, evaluation.consent_id, evaluation.data_version,
+                   evaluation.evaluation_date, outputs, evaluation.outputs_hash, receipt)
+
+
+def _item_error(error: subject_pb2.ItemError) -> DataopsClientError:
+    return DataopsClientError(grpc.StatusCode[_CODE_NAMES[error.code]], error.message, error.reason,
+                              dict(error.metadata))
+
+
+_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+
+
+class _Watch:
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def __iter__(self) -> "_Watch":
+        return self
+
+    def __next__(self) -> tuple[int, "SubjectEvaluation | DataopsClientError"]:
+        try:
+            update = next(self.stream)
+        except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.CANCELLED:
+                raise StopIteration from None
+            raise DataopsClientError.from_rpc_error(error) from None
+        receipt = _receipt(update)
+        if update.HasField("evaluation"):
+            return update.index, SubjectEvaluation.from_proto(update.evaluation, receipt)
+        return update.index, _item_error(update.ended)
+
+    def cancel(self) -> None:
+        self.stream.cancel()

@@ -88,6 +88,7 @@ class PathsSection:
     sandbox: Path
     state: Path  # audit log, budget ledger
     products: Path  # table and subject products, one TOML file each
+    consents: Path  # issuers.toml: the consent services whose signatures are trusted
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -220,6 +221,7 @@ def _default_paths(root: Path) -> PathsSection:
         sandbox=root / "sandbox",
         state=root / "state",
         products=root / "products",
+        consents=root / "consents",
     )
 
 

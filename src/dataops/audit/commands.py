@@ -7,6 +7,7 @@
     dataops audit verify-export FILE [--public-key FILE]           check such an export
     dataops audit report --out FILE.html                           one offline HTML page with charts
     dataops audit public-key [--out FILE]                          the key reviewers verify with
+    dataops audit consents [--consent ID] [--subject ID]           every use of a consent; exit 1 if one ran invalid
 
 Each reads `-c dataops.toml` for the state directory (the log is STATE/audit) or takes
 `--log-dir DIR` to point at an audit directory directly, e.g. a copy on a reviewer's
@@ -91,6 +92,14 @@ def add_audit_parser(subparsers: Any) -> argparse.ArgumentParser:
 
     p = command("public-key", cmd_public_key, "write the log's public key (PEM) for reviewers")
     p.add_argument("--out", type=Path, help="file to write (default: print it)")
+
+    from dataops.audit.consents import cmd_consents
+
+    p = command("consents", cmd_consents, "every use of a consent, and a check that no subject evaluation "
+                                          "ran without a valid one (exit 1 if one did)")
+    p.add_argument("--consent", metavar="ID", help="only this consent's uses")
+    p.add_argument("--subject", metavar="ID", help="only this subject's (hashed with the server's key)")
+    p.add_argument("--json", action="store_true")
     return audit
 
 

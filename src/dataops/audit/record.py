@@ -46,6 +46,12 @@ class CallRecord:
     reused: bool = False
     # time.monotonic() by which the client stops waiting (its gRPC deadline); not audited.
     deadline: float | None = None
+    # Subject evaluations: per evaluation the product, consent id, keyed subject hash
+    # and outputs hash (never the subject id or an output value). Audited when set.
+    evaluations: list[dict[str, Any]] | None = None
+    # Streams leave a record when they open, one per message and one when they close.
+    stream_event: str | None = None
+    messages: int | None = None
 
     def allowed(self, rule: str = "grant") -> None:
         self.decision, self.code, self.rule = "allowed", "OK", self.rule or rule
@@ -86,6 +92,15 @@ class CallRecord:
         self.decision, self.code, self.reason = "error", code, "INTERNAL"
 
     def to_record(self, policy_version: str) -> dict[str, Any]:
+        record = self._record(policy_version)
+        if self.evaluations is not None:
+            record["evaluations"] = self.evaluations
+        if self.stream_event is not None:
+            record["stream_event"] = self.stream_event
+            record["messages"] = self.messages
+        return record
+
+    def _record(self, policy_version: str) -> dict[str, Any]:
         return {
             "time": self.time,
             "request_id": self.request_id,

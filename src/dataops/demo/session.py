@@ -66,7 +66,7 @@ def defaults(name: str) -> Path:
 
 def prepare(workdir: Path, *, claims: int, enterprises: int, out: Callable[[str], None] = print) -> ServerConfig:
     workdir.mkdir(parents=True, exist_ok=True)
-    for name in ("catalog", "policies"):
+    for name in ("catalog", "policies", "products"):
         shutil.rmtree(workdir / name, ignore_errors=True)
         shutil.copytree(defaults(name), workdir / name)
     (workdir / "dataops.toml").write_text(CONFIG_TEMPLATE)
@@ -94,9 +94,17 @@ def prepare(workdir: Path, *, claims: int, enterprises: int, out: Callable[[str]
         issue_consumer(outsider, "city-bank")
 
     # Fresh state per run: the same session gives the same audit trail and budgets.
-    for name in ("audit", "ledger"):
+    for name in ("audit", "ledger", "consents"):
         shutil.rmtree(config.paths.state / name, ignore_errors=True)
+    # The consent service the data subjects use; the platform trusts its key.
+    consent_service(config).init()
     return config
+
+
+def consent_service(config: ServerConfig) -> "ConsentService":
+    from dataops.consent_service import ConsentService
+
+    return ConsentService(config.paths.state / "consent-service", config.paths.consents)
 
 
 @dataclass
@@ -239,6 +247,9 @@ def run_demo(workdir: Path, *, claims: int = 1_000_000, enterprises: int = 200_0
     out(f"server listening on {target} with mutual TLS (CA {config.tls.ca_cert})")
     try:
         play(target, config.tls.ca_cert.parent, out)
+        from dataops.demo.subjects import play_subjects
+
+        play_subjects(target, config, out)
         refused = outsider_refused(target, workdir, out)
     finally:
         server.stop(grace=config.server.grace_seconds)

@@ -19,23 +19,34 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from dataops.audit import AuditLog
+from dataops.audit.consents import audited_uses
 from dataops.catalog import Catalog, check_data, load_catalog
 from dataops.certs import RevocationList
 from dataops.config import ServerConfig
 from dataops.engines.prepared import PreparedStore
 from dataops.ledger import Ledger
 from dataops.policy import PolicyStore
-from dataops.server.interceptors import AuditInterceptor
+from dataops.consent import ConsentStore, load_issuers, store_path
+from dataops.engines.subject import SubjectLayouts
+from dataops.products import load_products
+from dataops.server.interceptors import AuditInterceptor, check_wrappable
 from dataops.server.ratelimit import Admission, RateLimiter
-from dataops.server.servicers import CatalogServicer, QueryServicer
+from dataops.server.servicers import CatalogServicer, QueryServicer, SubjectServicer
 from dataops.service import Sandbox
-from dataops.v1 import catalog_pb2, catalog_pb2_grpc, query_pb2, query_pb2_grpc
+from dataops.subjects import SECRET_FILE, Evaluator, load_or_create_secret
+from dataops.v1 import catalog_pb2, catalog_pb2_grpc, query_pb2, query_pb2_grpc, subject_pb2, subject_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAMES = (
     catalog_pb2.DESCRIPTOR.services_by_name["CatalogService"].full_name,
     query_pb2.DESCRIPTOR.services_by_name["QueryService"].full_name,
+    subject_pb2.DESCRIPTOR.services_by_name["SubjectService"].full_name,
+)
+# Every dataops.v1 service the server registers; each method must be one the audit
+# interceptor can wrap (checked at startup, see `check_wrappable`).
+SERVICES = tuple(
+    service for module in (catalog_pb2, query_pb2, subject_pb2) for service in module.DESCRIPTOR.services_by_name.values()
 )
 
 
@@ -58,6 +69,7 @@ class DataopsServer:
     ledger: Ledger
     health: health.HealthServicer
     request_pool: futures.ThreadPoolExecutor | None = None  # dataops.v1 requests' threads
+    evaluator: Evaluator | None = None
 
     @property
     def target(self) -> str:
@@ -76,12 +88,16 @@ class DataopsServer:
     def stop(self, grace: float | None = None) -> None:
         """Stop accepting, drain in-flight requests for `grace` seconds, then close."""
         self.health.enter_graceful_shutdown()
+        if self.evaluator is not None:
+            self.evaluator.stop_watches()  # watches would otherwise hold the drain for the whole grace
         grace = self.config.server.grace_seconds if grace is None else grace
         self.grpc_server.stop(grace).wait()
         if self.request_pool is not None:
             self.request_pool.shutdown(wait=False)
         self.policies.stop()
         self.sandbox.close()
+        if self.evaluator is not None:
+            self.evaluator.close()
         self.ledger.close()
         self.audit.close()
         log.info("dataops stopped")
@@ -109,7 +125,10 @@ def admission_threads(config: ServerConfig) -> int:
 
 
 def build_server(config: ServerConfig) -> DataopsServer:
+    check_wrappable(SERVICES)  # fail closed: no dataops.v1 method is served unaudited
     catalog = load_checked_catalog(config)
+    products = load_products(config.paths.products, catalog)
+    issuers = load_issuers(config.paths.consents)
     policies = PolicyStore(config.paths.policies, catalog,
                            settle_seconds=config.server.policy_settle_seconds)
     ledger_path(config).parent.mkdir(parents=True, exist_ok=True)
@@ -120,6 +139,15 @@ def build_server(config: ServerConfig) -> DataopsServer:
     sandbox = Sandbox(catalog, policies, config.limits, ledger, prepared=prepared,
                       engine_workers=config.server.workers)
     audit = AuditLog(audit_path(config))
+    layouts = SubjectLayouts(config.paths.state, products.subjects.values(), sandbox.fingerprints)
+    consents = ConsentStore(store_path(config.paths.state))
+    # Use counts are backed by the (fsynced) audit log: restore any the store lost.
+    consents.reconcile(audited_uses(audit_path(config).parent))
+    evaluator = Evaluator(
+        catalog, policies, products.subjects, issuers, consents, layouts,
+        load_or_create_secret(config.paths.state / "consents" / SECRET_FILE),
+        poll_seconds=config.server.policy_poll_seconds, max_watches=max(1, config.limits.max_in_flight // 4),
+    )
 
     limits = config.server.max_message_bytes
     # dataops.v1 requests run on the interceptor's own pool: admission lets at most
@@ -149,6 +177,7 @@ def build_server(config: ServerConfig) -> DataopsServer:
     )
     catalog_pb2_grpc.add_CatalogServiceServicer_to_server(CatalogServicer(sandbox), server)
     query_pb2_grpc.add_QueryServiceServicer_to_server(QueryServicer(sandbox), server)
+    subject_pb2_grpc.add_SubjectServiceServicer_to_server(SubjectServicer(evaluator), server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -165,5 +194,6 @@ def build_server(config: ServerConfig) -> DataopsServer:
     if port == 0:
         raise OSError(f"cannot listen on {config.server.listen}")
     prepared.warm(catalog.datasets.values())
+    layouts.warm()
     return DataopsServer(config, server, port, sandbox, policies, audit, ledger, health_servicer,
-                         request_pool=interceptor.pool)
+                         request_pool=interceptor.pool, evaluator=evaluator)

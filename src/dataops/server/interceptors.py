@@ -29,7 +29,7 @@ from dataops.audit import AuditLog, AuditUnavailable, Receipt
 from dataops.audit.record import CallRecord, close_call, open_call
 from dataops.certs import IdentityError, RevocationList, consumer_identity_from_certificate
 from dataops.errors import (
-    DeadlineExceeded, InvalidQuery, LimitExceeded, QuotaViolation, RequestError, Unauthenticated,
+    DeadlineExceeded, InternalError, InvalidQuery, LimitExceeded, QuotaViolation, RequestError, Unauthenticated,
 )
 from dataops.policy import PolicyStore
 from dataops.server.ratelimit import Admission, RateLimiter
@@ -177,6 +177,22 @@ class RequestPool(futures.ThreadPoolExecutor):
         return super().submit(run)
 
 
+def check_wrappable(services: Any) -> None:
+    """Refuse to start if a dataops.v1 method has a shape the interceptor cannot audit.
+
+    `services` are protobuf ServiceDescriptors. Unary calls and server streams are
+    wrapped; a client stream would reach the servicer before any identity check.
+    """
+    for service in services:
+        if not service.full_name.startswith(f"{DOMAIN}."):
+            continue
+        for method in service.methods:
+            if method.client_streaming:
+                raise InternalError(
+                    f"{method.full_name} is client-streaming; the audit interceptor cannot wrap it, "
+                    "so the server refuses to start")
+
+
 class AuditInterceptor(grpc.ServerInterceptor):
     def __init__(
         self,
@@ -259,15 +275,118 @@ class AuditInterceptor(grpc.ServerInterceptor):
     def intercept_service(self, continuation: Callable, handler_call_details: Any) -> Any:
         handler = continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or not method.startswith(f"/{DOMAIN}.") or handler.unary_unary is None:
+        if handler is None or not method.startswith(f"/{DOMAIN}."):
             return handler  # health and reflection carry no data and are not audited
-        return grpc.unary_unary_rpc_method_handler(
-            self._wrap(method.rsplit("/", 1)[-1], handler),
-            # The wrapper parses the request itself, so a malformed message is
-            # answered INVALID_ARGUMENT and audited like any other request.
-            request_deserializer=None,
-            response_serializer=handler.response_serializer,
-        )
+        name = method.rsplit("/", 1)[-1]
+        # The wrappers parse the request themselves, so a malformed message is
+        # answered INVALID_ARGUMENT and audited like any other request.
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap(name, handler), request_deserializer=None,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(name, handler), request_deserializer=None,
+                response_serializer=handler.response_serializer,
+            )
+        # Fail closed: a dataops.v1 handler of a shape this interceptor cannot wrap is
+        # never served unwrapped (`check_wrappable` refuses such services at startup).
+        refuse = self._refuse(name)
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(refuse)
+        return grpc.stream_stream_rpc_method_handler(refuse)
+
+    def _append(self, call: CallRecord, context: grpc.ServicerContext, method: str) -> Receipt:
+        try:
+            return self.audit.append(call.to_record(self.policies.current.version))
+        except AuditUnavailable:
+            log.exception("audit append failed; refusing %s", method)
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the audit log is unavailable; nothing was released")
+            raise  # unreachable: abort raises
+
+    def _refuse(self, method: str) -> Callable:
+        def behavior(_requests: Any, context: grpc.ServicerContext) -> Any:
+            call = CallRecord(method=method)
+            call.decision, call.code, call.reason, call.rule = "denied", "UNIMPLEMENTED", "UNIMPLEMENTED", "wrap"
+            self._append(call, context, method)
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} cannot be served audited; it is disabled")
+
+        return behavior
+
+    def _wrap_stream(self, method: str, handler: Any) -> Callable:
+        """A server stream: identity and admission at open, a record at open, per message and at close.
+
+        The admission slot is held only while the stream opens: a watch lasts as long
+        as its consents, and the subject service caps how many are open at once.
+        """
+        pending = _Pending(method)
+
+        def behavior(raw: bytes, context: grpc.ServicerContext) -> Any:
+            pending.started = True
+            call = CallRecord(method=method, stream_event="open", messages=0)
+            token = open_call(call)
+            try:
+                admitted = None
+                try:
+                    consumer = self.identify(context, call)
+                    call.deadline = client_deadline(context.time_remaining())
+                    admitted = self._admit(consumer)
+                    try:
+                        request = handler.request_deserializer(raw)
+                    except DecodeError:
+                        call.unparsed(raw)
+                        raise InvalidQuery("the request is not a valid protobuf message", rule="wire") from None
+                except RequestError as exc:
+                    call.refused(exc)
+                    context.abort_with_status(to_status(exc, self._append(call, context, method)))
+                finally:
+                    if admitted is not None:
+                        self.admission.leave(admitted)
+                call.allowed()
+                self._append(call, context, method)
+                error: RequestError | None = None
+                failed = False
+                try:
+                    for response in handler.unary_stream(request, context):
+                        call.stream_event, call.messages = "message", call.messages + 1
+                        receipt = self._append(call, context, method)  # before the message goes out
+                        call.evaluations = None
+                        response.receipt.sequence = receipt.sequence
+                        response.receipt.hash = receipt.hash
+                        yield response
+                except RequestError as exc:
+                    error = exc
+                except GeneratorExit:  # gRPC dropped the stream (client gone, server stopping)
+                    call.stream_event, call.evaluations = "close", None
+                    call.decision, call.code = "allowed", "CANCELLED"
+                    self.audit.append(call.to_record(self.policies.current.version))
+                    raise
+                except Exception:
+                    log.exception("internal error in %s", method)
+                    failed = True
+                call.stream_event, call.evaluations = "close", None
+                if error is not None:
+                    call.refused(error)
+                elif failed:
+                    call.failed("INTERNAL")
+                elif not context.is_active():
+                    call.code = "CANCELLED"
+                receipt = self._append(call, context, method)
+                if error is not None:
+                    context.abort_with_status(to_status(error, receipt))
+                if failed:
+                    context.abort_with_status(internal_status(receipt))
+            finally:
+                try:
+                    close_call(token)
+                except ValueError:  # closed from another context (a dropped stream's cleanup)
+                    pass
+
+        if self.pool is not None:
+            behavior.experimental_thread_pool = self.pool  # streams run on the dataops.v1 pool too
+            behavior.dataops_pending = pending
+        return behavior
 
     def _wrap(self, method: str, handler: Any) -> Callable:
         pending = _Pending(method)

@@ -6,10 +6,11 @@ request flow is the Sandbox's (`dataops.service`).
 
 from __future__ import annotations
 
-from dataops import wire
+from dataops import subject_wire, wire
 from dataops.audit.record import current_call
 from dataops.service import Sandbox
-from dataops.v1 import catalog_pb2, catalog_pb2_grpc, query_pb2, query_pb2_grpc
+from dataops.subjects import Evaluator
+from dataops.v1 import catalog_pb2, catalog_pb2_grpc, query_pb2, query_pb2_grpc, subject_pb2, subject_pb2_grpc
 
 
 class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
@@ -60,3 +61,34 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
         call = current_call()
         budgets = self.sandbox.budgets(call.consumer, request.dataset_id or None, call)
         return query_pb2.GetBudgetResponse(budgets=[wire.budget_to_proto(b) for b in budgets])
+
+
+class SubjectServicer(subject_pb2_grpc.SubjectServiceServicer):
+    """Consented subject evaluations (`dataops.subjects.Evaluator`)."""
+
+    def __init__(self, evaluator: Evaluator) -> None:
+        self.evaluator = evaluator
+
+    def Evaluate(self, request, context):  # noqa: N802
+        call = current_call()
+        evaluation = self.evaluator.evaluate(call.consumer, subject_wire.subject_item_from_proto(request.item), call)
+        return subject_pb2.EvaluateResponse(evaluation=subject_wire.evaluation_to_proto(evaluation, call))
+
+    def EvaluateBatch(self, request, context):  # noqa: N802
+        call = current_call()
+        items = [subject_wire.subject_item_from_proto(item) for item in request.items]
+        results = self.evaluator.evaluate_batch(call.consumer, items, call)
+        return subject_pb2.EvaluateBatchResponse(results=[
+            subject_pb2.BatchResult(index=i, **subject_wire.subject_result_to_proto(result, call.evaluations[i]))
+            for i, result in enumerate(results)
+        ])
+
+    def Watch(self, request, context):  # noqa: N802
+        call = current_call()
+        items = [subject_wire.subject_item_from_proto(item) for item in request.items]
+        for index, result in self.evaluator.watch(call.consumer, items, call, context.is_active):
+            update = subject_wire.subject_result_to_proto(result, call.evaluations[0])
+            if "error" in update:
+                yield subject_pb2.WatchResponse(index=index, ended=update["error"])
+            else:
+                yield subject_pb2.WatchResponse(index=index, evaluation=update["evaluation"])
