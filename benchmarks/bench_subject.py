@@ -148,6 +148,11 @@ def run(rows: int, seconds: float, clients: int, lookups: int, processes: int) -
     workdir = ROOT / ".data" / f"subject-{rows}"
     config = prepare(workdir, claims=rows, enterprises=20_000, out=lambda line: print("  " + line))
     service = consent_service(config)
+    # One consumer sends all the load here: lift its concurrency cap above --clients.
+    toml = workdir / "dataops.toml"
+    text = toml.read_text()
+    if "max_in_flight_per_consumer" not in text:
+        toml.write_text(text.replace("[limits]\n", f"[limits]\nmax_in_flight_per_consumer = {max(4, clients)}\n", 1))
     path = config.paths.sandbox / "insurance/medical_claims.parquet"
     persons = pl.read_parquet(path, columns=["person_id"])["person_id"].unique().sort()
     rng = random.Random(7)
