@@ -3,24 +3,31 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
+import math
+import os
+import stat
 import threading
 from pathlib import Path
 
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from dataops.audit.record import CallRecord
 from dataops.catalog import Classification, Column, ColumnType, Dataset, load_catalog
 from dataops.config import Limits
 from dataops.demo.generate import generate
-from dataops.engines import prepared as prepared_module
-from dataops.engines.dp import UNIT_CODE, DPQuery, PreparedSource
+from dataops.engines.dp import UNIT_CODE, DPQuery, PreparedSource, prepared_columns
 from dataops.engines.prepared import PreparedStore
-from dataops.errors import InternalError
+from dataops.errors import ConfigError, InternalError
 from dataops.ir import Aggregate, Equals, Function, Mode, Privacy, Query
 from dataops.ledger import Ledger
 from dataops.policy import PolicyStore
 from dataops.service import Sandbox
+from dataops.versions import DataVersions, stat_signature
 
 from test_dp_engine import COUNT, UNITS, crafted, plan_for, value
 
@@ -28,6 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 SUM = Aggregate(Function.SUM, "amount")
 MEAN = Aggregate(Function.MEAN, "amount")
 MEDIAN = Aggregate(Function.QUANTILE, "amount", 0.5)
+ON_OFF = pytest.mark.parametrize("control", ["on", "off"])
 
 
 @pytest.fixture(scope="module")
@@ -135,28 +143,56 @@ def test_filters_apply_to_the_copy(claims, source) -> None:
 
 @pytest.fixture
 def crowd(tmp_path: Path) -> Dataset:
-    """Units with 1 to 5 rows in a known order, an extra column the catalog does not know."""
+    """Units with 1 to 5 rows in a known order, an extra column the catalog does not know,
+    a second identifier column and an unclassified one."""
     uids = [f"u{i}" for i in range(40) for _ in range(1 + i % 5)]
     frame = pl.DataFrame({
         "uid": uids,
+        "name": [f"Firm {u}" for u in uids],
+        "note": ["unreviewed"] * len(uids),
         "seq": list(range(len(uids))),
         "x": [float(i % 7) for i in range(len(uids))],
         "secret": ["not in the catalog"] * len(uids),
     }).sample(fraction=1.0, shuffle=True, seed=7)  # fmt: skip
-    columns = {"seq": Column("seq", ColumnType.INT, Classification.PUBLIC), "x": value("x", 0.0, 10.0)}
+    columns = {
+        "name": Column("name", ColumnType.STRING, Classification.IDENTIFIER),
+        "note": Column("note", ColumnType.STRING, Classification.UNCLASSIFIED),
+        "seq": Column("seq", ColumnType.INT, Classification.PUBLIC),
+        "x": value("x", 0.0, 10.0),
+    }
     return crafted(tmp_path, frame, columns, max_rows=3)
 
 
-def test_the_copy_keeps_each_units_first_k_rows_and_catalog_columns(crowd: Dataset, tmp_path: Path) -> None:
+def copy_files(state: Path) -> list[str]:
+    return sorted(p.name for p in (state / "prepared").iterdir())
+
+
+def test_the_copy_keeps_each_units_first_k_rows_and_only_usable_columns(crowd: Dataset, tmp_path: Path) -> None:
     source = PreparedStore(tmp_path / "state").source(crowd)
     assert source.path == tmp_path / "state" / "prepared" / f"crafted-{source.fingerprint[:16]}.parquet"
     copy = pl.read_parquet(source.path)
-    assert set(copy.columns) == {UNIT_CODE, "seq", "x", "#x"}  # no raw unit id, no unknown column
+    # No unit id, no other identifier, no unclassified column, no column the catalog lacks.
+    assert set(copy.columns) == {UNIT_CODE, "seq", "x", "#x"}
     raw = pl.read_parquet(crowd.path)
     expected = raw.filter(pl.int_range(pl.len()).over("uid") < 3)
     assert sorted(copy["seq"]) == sorted(expected["seq"])
     assert copy.group_by(UNIT_CODE).len()["len"].max() == 3
     assert copy["#x"].to_list() == (copy["x"] * 1e6).round().cast(pl.Int64).to_list()
+    # The unit is a dense code, one per unit (0..n), not a function of its id.
+    assert copy[UNIT_CODE].n_unique() == raw["uid"].n_unique() == 40
+    assert set(copy[UNIT_CODE]) <= set(range(41))
+    by_unit = expected.join(copy.select("seq", UNIT_CODE), on="seq").group_by("uid").agg(
+        pl.col(UNIT_CODE).n_unique().alias("codes"))
+    assert (by_unit["codes"] == 1).all()
+
+
+def test_each_build_draws_new_unit_codes(crowd: Dataset, tmp_path: Path) -> None:
+    """The codes follow a permutation nobody keeps: two builds of one version disagree."""
+    def codes(state: Path) -> list[int]:
+        copy = pl.read_parquet(PreparedStore(state).source(crowd).path)
+        return copy.sort("seq")[UNIT_CODE].to_list()
+
+    assert codes(tmp_path / "one") != codes(tmp_path / "two")
 
 
 def test_concurrent_first_queries_build_the_copy_once(crowd: Dataset, tmp_path: Path, monkeypatch) -> None:
@@ -179,7 +215,7 @@ def test_concurrent_first_queries_build_the_copy_once(crowd: Dataset, tmp_path: 
     # A new store over the same state directory adopts the copy instead of building again.
     assert PreparedStore(tmp_path / "state").source(crowd) == results[0]
     assert len(builds) == 1
-    assert [p.name for p in (tmp_path / "state" / "prepared").iterdir()] == [results[0].path.name]
+    assert copy_files(tmp_path / "state") == [results[0].path.name, results[0].path.name + ".tag"]
 
 
 def test_a_new_data_version_gets_a_new_copy_and_the_old_one_goes(crowd: Dataset, tmp_path: Path) -> None:
@@ -188,7 +224,7 @@ def test_a_new_data_version_gets_a_new_copy_and_the_old_one_goes(crowd: Dataset,
     pl.read_parquet(crowd.path).head(10).write_parquet(crowd.path)
     second = store.source(crowd)
     assert second.fingerprint != first.fingerprint and second.path.exists()
-    assert not first.path.exists()
+    assert not first.path.exists() and not PreparedStore.tag_path(first.path).exists()
     assert pl.read_parquet(second.path).height <= 10
 
 
@@ -224,8 +260,9 @@ def test_the_sandbox_releases_from_the_copy_and_reuses_on_its_version(sandbox_di
     first = sandbox.run("harbor-insurance", query, CallRecord("RunQuery"))
     assert first.spend.epsilon == pytest.approx(0.5) == pytest.approx(estimate.spend.epsilon)
     assert first.accuracy == estimate.accuracy
-    assert [p.name for p in (tmp_path / "state" / "prepared").iterdir()] == [
-        store.source(catalog.get("medical_claims")).path.name]
+    assert copy_files(tmp_path / "state") == [
+        store.source(catalog.get("medical_claims")).path.name, store.source(catalog.get("medical_claims")).path.name
+        + ".tag"]
     again = sandbox.run("harbor-insurance", query, CallRecord("RunQuery"))
     assert again.reused and again.table.equals(first.table)
     ledger.close()
@@ -240,7 +277,142 @@ def test_the_server_prepares_copies_in_the_background(server, connect) -> None:
     assert "medical_claims" in names
 
 
-def test_the_module_keeps_fingerprints_importable_from_the_service() -> None:
-    from dataops import service
+def test_the_service_and_the_store_share_one_data_version_per_dataset(sandbox_dir: Path, tmp_path: Path) -> None:
+    catalog = load_catalog(REPO / "catalog", sandbox_dir)
+    store = PreparedStore(tmp_path / "state")
+    sandbox = Sandbox(catalog, PolicyStore(REPO / "policies", catalog), Limits(), Ledger(tmp_path / "l.sqlite3"),
+                      prepared=store)  # fmt: skip
+    dataset = catalog.get("medical_claims")
+    assert sandbox.versions is store.versions
+    assert store.source(dataset).data_version == sandbox.versions.of(dataset) == hashlib.sha256(
+        dataset.path.read_bytes()).hexdigest()
+    sandbox.ledger.close()
 
-    assert service.Fingerprints is prepared_module.Fingerprints
+
+# --- authenticated copies ------------------------------------------------------------------
+
+
+def plant_untruncated(store: PreparedStore, dataset: Dataset) -> Path:
+    """The attack: overwrite the copy with every row of every unit (no truncation), and
+    give it a tag that names exactly the right dataset, version, key, cap and layout."""
+    source = store.source(dataset)
+    raw = pl.read_parquet(dataset.path)
+    codes = raw["uid"].rank("dense").cast(pl.UInt64)
+    planted = raw.select(pl.lit(0).alias("drop"), *prepared_columns(dataset)).drop("drop").with_columns(
+        codes.alias(UNIT_CODE))
+    planted.write_parquet(source.path)
+    tag_path = PreparedStore.tag_path(source.path)
+    tag = json.loads(tag_path.read_text())
+    tag["sha256"] = hashlib.sha256(source.path.read_bytes()).hexdigest()  # the attacker cannot redo the MAC
+    tag_path.write_text(json.dumps(tag))
+    return source.path
+
+
+@ON_OFF
+def test_a_planted_untruncated_copy_is_refused(crowd: Dataset, tmp_path: Path, control: str) -> None:
+    """Attack: with write access to state/prepared, replace a copy by an untruncated one
+    carrying the right metadata; every unit then counts with all its rows (up to 5 with
+    k = 3) and the DP guarantee, proved for k rows per unit, is void. Control: the copy's
+    tag is an HMAC under the server secret over its claims and the copy's SHA-256."""
+    state = tmp_path / "state"
+    plant_untruncated(PreparedStore(state), crowd)
+    store = PreparedStore(state, authenticate=(control == "on"))  # a restarted server
+    copy = pl.read_parquet(store.source(crowd).path)
+    heaviest = copy.group_by(UNIT_CODE).len()["len"].max()
+    plan = plan_for(crowd, [COUNT], epsilon=1e4)
+    compiled = DPQuery.compile(plan, source=store.source(crowd))
+    released = pl.from_arrow(compiled.release(compiled.calibrate(Privacy(epsilon=1e4))).table)["count"][0]
+    truncated = pl.read_parquet(crowd.path).filter(pl.int_range(pl.len()).over("uid") < 3).height
+    if control == "on":  # the planted copy was rebuilt: at most k rows per unit
+        assert heaviest == 3 and released == pytest.approx(truncated, abs=2)
+    else:  # the planted copy was read: units contribute beyond the cap the loss was proved for
+        assert heaviest == 5 and released == pytest.approx(pl.read_parquet(crowd.path).height, abs=2)
+        assert released > truncated + 10
+
+
+def test_a_copy_swapped_after_it_was_adopted_is_checked_again(crowd: Dataset, tmp_path: Path) -> None:
+    store = PreparedStore(tmp_path / "state")
+    first = store.source(crowd)
+    plant_untruncated(PreparedStore(tmp_path / "state"), crowd)  # while `store` is serving
+    again = store.source(crowd)
+    assert again.path == first.path
+    assert pl.read_parquet(again.path).group_by(UNIT_CODE).len()["len"].max() == 3
+
+
+def test_a_tag_made_with_another_secret_is_refused(crowd: Dataset, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    first = PreparedStore(state).source(crowd)
+    built = first.path.read_bytes()
+    (state / "prepared.key").unlink()  # a new secret: the old tag no longer verifies
+    assert PreparedStore(state).source(crowd).path.read_bytes() != built  # rebuilt (new codes)
+
+
+def test_the_secret_is_private_to_the_server(crowd: Dataset, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    PreparedStore(state)
+    key = state / "prepared.key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600 and len(key.read_bytes()) == 32
+    key.chmod(0o644)
+    with pytest.raises(ConfigError, match=r"prepared\.key: mode 644.*readable by the server's user only"):
+        PreparedStore(state)
+
+
+# --- data versions ---------------------------------------------------------------------------
+
+
+def same_size_rewrite(path: Path, values: list[int]) -> None:
+    """Write `values` with a fixed-width layout, so different values give the same file size."""
+    table = pa.table({"uid": [f"u{i:03d}" for i in range(len(values))], "seq": pa.array(values, pa.int64())})
+    pq.write_table(table, path, compression="none", use_dictionary=False, write_statistics=False)
+
+
+@pytest.fixture
+def fixed(tmp_path: Path) -> Dataset:
+    seq = Column("seq", ColumnType.INT, Classification.PUBLIC, bounds=(0, 10_000))
+    dataset = crafted(tmp_path, pl.DataFrame({"uid": ["u"], "seq": [0]}), {"seq": seq}, max_rows=1)
+    same_size_rewrite(dataset.path, list(range(100)))
+    return dataset
+
+
+def size_and_mtime(st) -> tuple:
+    return (st.st_size, st.st_mtime_ns)
+
+
+@ON_OFF
+def test_a_file_replaced_with_the_same_size_and_mtime_is_a_new_version(fixed: Dataset, tmp_path: Path,
+                                                                          control: str) -> None:  # fmt: skip
+    """Attack: replace the data with a file of the same size and mtime; a store keyed by
+    (size, mtime) keeps serving the stale copy (and reusing stale releases). Control: the
+    stat signature includes inode and ctime, which no unprivileged writer can keep."""
+    signature = stat_signature if control == "on" else size_and_mtime
+    store = PreparedStore(tmp_path / "state", DataVersions(recheck_seconds=math.inf, signature=signature))
+    first = store.source(fixed)
+    before = os.stat(fixed.path)
+    replacement = tmp_path / "replacement.parquet"
+    same_size_rewrite(replacement, [v + 1000 for v in range(100)])
+    os.utime(replacement, ns=(before.st_atime_ns, before.st_mtime_ns))
+    os.replace(replacement, fixed.path)
+    after = os.stat(fixed.path)
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    second = store.source(fixed)
+    served = pl.read_parquet(second.path)["seq"].min()
+    if control == "on":
+        assert second.data_version != first.data_version and served == 1000
+    else:
+        assert second == first and served == 0  # stale
+
+
+def test_the_content_is_hashed_again_periodically_whatever_stat_says(fixed: Dataset) -> None:
+    """On a filesystem whose stat says nothing (here: a signature that never changes), the
+    periodic re-hash still finds the new content."""
+    now = [0.0]
+    versions = DataVersions(recheck_seconds=60.0, signature=lambda st: (), clock=lambda: now[0])
+    first = versions.of(fixed)
+    same_size_rewrite(fixed.path, [7] * 100)
+    assert versions.of(fixed) == first  # within the period: the cached hash
+    assert versions.verify(fixed) != first  # an explicit check always hashes
+    versions = DataVersions(recheck_seconds=60.0, signature=lambda st: (), clock=lambda: now[0])
+    versions.of(fixed)
+    same_size_rewrite(fixed.path, [8] * 100)
+    now[0] = 61.0
+    assert versions.of(fixed) == hashlib.sha256(fixed.path.read_bytes()).hexdigest()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import os
 import re
 from dataclasses import dataclass
 from enum import Enum
@@ -77,13 +78,20 @@ class Dataset:
     location: str
     path: Path
     unit_column: str
-    max_rows_per_unit: int
+    # None until the operator sets privacy_unit.max_rows: DP is off for the dataset
+    # (a bound taken from the data would publish the heaviest unit's row count).
+    max_rows_per_unit: int | None
     budget: Budget
     columns: Mapping[str, Column]
     source: Path
+    sandbox: Path | None = None  # the sandbox root `path` must resolve inside
 
     def column(self, name: str) -> Column | None:
         return self.columns.get(name)
+
+    @property
+    def dp_ready(self) -> bool:
+        return self.max_rows_per_unit is not None
 
 
 @dataclass(frozen=True)
@@ -102,8 +110,20 @@ def load_catalog(catalog_dir: Path, sandbox_dir: Path) -> Catalog:
     if not catalog_dir.is_dir():
         raise CatalogError(f"{catalog_dir}: catalog directory does not exist")
     datasets: dict[str, Dataset] = {}
+    by_file: dict[str, Dataset] = {}
     for path in sorted(catalog_dir.glob("*.toml")):
         dataset = load_entry(path, sandbox_dir)
+        # One file under two entries would get two budget caps. Different files with
+        # the same bytes are caught by their content hash (DataVersions.check_unique).
+        real = os.path.realpath(dataset.path)
+        if real in by_file:
+            first = by_file[real]
+            raise CatalogError(
+                f"{path}: location: {dataset.location!r} is the same file as {first.source} "
+                f"(location {first.location!r}); two entries over one dataset would give it two "
+                "privacy budget caps: remove one entry"
+            )
+        by_file[real] = dataset
         datasets[dataset.id] = dataset
     return Catalog(MappingProxyType(datasets))
 
@@ -117,11 +137,22 @@ def load_entry(path: Path, sandbox_dir: Path) -> Dataset:
     rel = PurePosixPath(location)
     if rel.is_absolute() or ".." in rel.parts or rel.suffix != ".parquet":
         raise doc.fail("location", f"{location!r} must be a relative path to a .parquet file under sandbox/")
+    # Resolve every symlink: a link (of the file or of a directory on the way) that
+    # leads out of the sandbox would serve data nobody catalogued there.
+    root = Path(os.path.realpath(sandbox_dir))
+    resolved = Path(os.path.realpath(sandbox_dir / rel))
+    if not resolved.is_relative_to(root):
+        raise doc.fail(
+            "location",
+            f"{location!r} resolves to {resolved}, outside the sandbox {root}; "
+            "a symlink out of sandbox/ is refused",
+        )
 
     columns = _read_columns(doc)
     unit = doc.table("privacy_unit")
     unit_column = unit.str("column")
-    max_rows = unit.int("max_rows", minimum=1)
+    # Optional: without it the dataset serves no DP query (see Dataset.max_rows_per_unit).
+    max_rows = unit.int("max_rows", None, minimum=1)
     unit.reject_unknown()
     if unit_column not in columns:
         raise unit.fail("column", f"{unit_column!r} is not a column of this dataset")
@@ -150,6 +181,7 @@ def load_entry(path: Path, sandbox_dir: Path) -> Dataset:
         budget=budget,
         columns=MappingProxyType(columns),
         source=path,
+        sandbox=sandbox_dir,
     )
     doc.reject_unknown()
     return dataset

@@ -120,6 +120,21 @@ class DeadlineExceeded(RequestError):
     reason = "DEADLINE_EXCEEDED"
 
 
+class DataUnavailable(RequestError):
+    """The dataset's file cannot be served as catalogued (unreadable, a symlink out of
+    the sandbox, or the same content as another entry). The details are the
+    operator's and go to the server log; the consumer learns only the dataset id."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "DATASET_UNAVAILABLE"
+
+    def __init__(self, dataset_id: str) -> None:
+        super().__init__(
+            f"dataset {dataset_id!r} is unavailable until the operator fixes its catalog entry or file",
+            rule="catalog.location",
+        )
+
+
 class LoadError(Exception):
     """An operator-written file is invalid; the message names the file and the key."""
 

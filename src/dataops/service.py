@@ -25,11 +25,12 @@ from dataops.engines import AggregateAccuracy, EngineResult, Plan, Spend
 from dataops.engines import aggregate as aggregate_engine
 from dataops.engines import dp as dp_engine
 from dataops.engines._base import predicate
-from dataops.engines.prepared import Fingerprints, PreparedStore
+from dataops.engines.prepared import PreparedStore
 from dataops.errors import DeadlineExceeded, FieldViolation, InvalidQuery, RequestError
 from dataops.ir import MAX_NAME_LENGTH, Mode, Query
 from dataops.ledger import BudgetState, Ledger
 from dataops.policy import Grant, PolicyStore
+from dataops.versions import DataVersions, catalog_terms
 from dataops.wire import table_from_ipc, table_to_ipc
 
 
@@ -82,6 +83,7 @@ class Sandbox:
         today: Callable[[], dt.date] = _today,
         prepared: PreparedStore | None = None,
         engine_workers: int = 8,
+        versions: DataVersions | None = None,
     ) -> None:
         self.catalog = catalog
         self.policies = policies
@@ -93,7 +95,10 @@ class Sandbox:
         self.prepared = prepared
         # Engines run here so a request can stop waiting at its client's deadline.
         self._engines = ThreadPoolExecutor(max_workers=engine_workers, thread_name_prefix="engine")
-        self.fingerprints = prepared.fingerprints if prepared is not None else Fingerprints()
+        # The content hash of each dataset file: what "the same data" means for reuse.
+        if versions is None:
+            versions = prepared.versions if prepared is not None else DataVersions()
+        self.versions = versions
 
     def close(self) -> None:
         self._engines.shutdown(wait=False, cancel_futures=True)
@@ -185,26 +190,37 @@ class Sandbox:
             remaining_delta=max(0.0, budget.delta - delta),
         )
 
-    def _release_key(self, plan: Plan, fingerprint: str | None = None) -> str:
-        """The same question on the same data: the query, and the data version it is run on."""
-        if fingerprint is None:
-            fingerprint = self.fingerprints.of(plan.dataset)
-        material = {"query": plan.query.canonical(), "data": fingerprint}
+    def _release_key(self, consumer: str, plan: Plan, data_version: str) -> str:
+        """The same question, from the same consumer, on the same data and catalog terms.
+
+        The consumer is part of the key: a release is reused free only for the consumer
+        who paid for it. Another consumer's identical question gets its own release,
+        charged to its own grant (and the dataset cap), and can learn nothing from the
+        reuse store: neither the other's answer nor that anyone asked (a bank's
+        questions are its business secret).
+        """
+        material = {
+            "consumer": consumer,
+            "query": plan.query.canonical(),
+            "data": data_version,
+            "terms": catalog_terms(plan.dataset),  # new bounds or keys make a different question
+        }
         return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
 
     def _compile_dp(self, plan: Plan) -> tuple[dp_engine.DPQuery, str]:
         """The compiled query (over the prepared copy if there is a store) and its data version."""
+        dp_engine.require_max_rows(plan.dataset)
         if self.prepared is None:
-            return dp_engine.DPQuery.compile(plan), self.fingerprints.of(plan.dataset)
+            return dp_engine.DPQuery.compile(plan), self.versions.of(plan.dataset)
         source = self.prepared.source(plan.dataset)  # built once per data version
-        return dp_engine.DPQuery.compile(plan, source=source), source.fingerprint
+        return dp_engine.DPQuery.compile(plan, source=source), source.data_version
 
     def _run_dp(self, consumer: str, plan: Plan, call: CallRecord) -> EngineResult:
         """Reuse an identical release, or debit the ledger first and only then add noise."""
-        compiled, fingerprint = self._compile_dp(plan)
+        compiled, data_version = self._compile_dp(plan)
         # The calibration alone decides the spend; `release` refuses to cost more.
         calibration = compiled.calibrate(plan.query.privacy)
-        key = self._release_key(plan, fingerprint)
+        key = self._release_key(consumer, plan, data_version)
         stored = self.ledger.find_release(key)
         if stored is None:
             reservation = self.ledger.reserve(
@@ -228,8 +244,8 @@ class Sandbox:
                     table=result.table, accuracy=result.accuracy,
                     spend=self._remaining(consumer, plan, (reservation.epsilon, reservation.delta)),
                 )
-        # The same question was answered before: the same noisy answer again costs nothing
-        # and stops averaging attacks.
+        # This consumer asked the same question before: the same noisy answer again costs
+        # nothing and stops averaging attacks.
         call.reused = True
         return EngineResult(
             table=table_from_ipc(stored.payload),

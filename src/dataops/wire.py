@@ -198,7 +198,7 @@ def dataset_to_proto(dataset: Dataset) -> c.Dataset:
         description=dataset.description,
         provider=dataset.provider,
         privacy_unit=dataset.unit_column,
-        max_rows_per_unit=dataset.max_rows_per_unit,
+        max_rows_per_unit=dataset.max_rows_per_unit or 0,  # 0: not set by the operator, DP is off
     )
 
 

@@ -113,7 +113,7 @@ from dataops.engines._base import (
     predicate,
     scan,
 )
-from dataops.errors import InternalError, InvalidQuery, LimitExceeded
+from dataops.errors import InternalError, InvalidQuery, LimitExceeded, PolicyDenied
 from dataops.ir import MAX_EPSILON, Aggregate, Function, Mode, Privacy, Query
 
 # "honest-but-curious": OnceFrame.lazy(), see the module docstring.
@@ -127,8 +127,8 @@ _QUANTILE_STEPS = 1000  # candidates: this many linear steps, plus as many geome
 _NO_THRESHOLD = 2**32 - 1  # a threshold no group passes: isolates the epsilon part of the loss
 _ONE_UNIT = [dp.polars.Bound(per_group=1)]  # d_in: one privacy unit added or removed
 _HIDDEN_LEN = "#len"  # '#' cannot start a catalog column name: prepared columns never clash
-UNIT_CODE = "#unit"  # a prepared copy's unit column: a 64-bit hash of the unit id
-PREPARED_LAYOUT = 1  # the layout of a prepared copy (prepared_columns); bump on any change
+UNIT_CODE = "#unit"  # a prepared copy's unit column: a dense code, not derived from the unit id
+PREPARED_LAYOUT = 2  # the layout of a prepared copy (prepared_columns); bump on any change
 
 _DTYPES = {
     ColumnType.STRING: pl.String,
@@ -151,24 +151,23 @@ class PreparedSource:
     """
 
     dataset_id: str
-    fingerprint: str  # of the dataset file and catalog entry the copy was made from
+    fingerprint: str  # the copy's key: the data version and the catalog terms it was made under
     path: Path
     max_rows_per_unit: int
+    data_version: str = ""  # the content hash of the dataset file it was made from (DataVersions)
 
 
 def prepared_columns(dataset: Dataset) -> list[pl.Expr]:
-    """The columns of a prepared copy, as expressions over the (truncated) dataset.
+    """The columns of a prepared copy besides `UNIT_CODE`, over the (truncated) dataset.
 
-    Every catalog column but the unit column as it is; the unit as a 64-bit hash
-    (`UNIT_CODE`: only ever compared for equality, see `_Compiled.input`); and every
-    bounded numeric column also in the fixed point `_Measure.prepare` computes.
+    Only what a query can use: every usable catalog column (never an identifier or an
+    unclassified column; the unit itself is replaced by `UNIT_CODE`, a dense integer
+    code the store assigns, see dataops.engines.prepared), and every bounded numeric
+    one also in the fixed point `_Measure.prepare` computes.
     """
-    unit = dataset.unit_column
-    columns = [pl.col(unit).hash().alias(UNIT_CODE)]
-    columns += [pl.col(name) for name in dataset.columns if name != unit]
-    for column in dataset.columns.values():
-        if column.type.numeric and column.bounds is not None and column.name != unit:
-            columns.append(_fixed_point(column).prepare())
+    usable = [c for c in dataset.columns.values() if c.classification.usable and c.name != dataset.unit_column]
+    columns = [pl.col(c.name) for c in usable]
+    columns += [_fixed_point(c).prepare() for c in usable if c.type.numeric and c.bounds is not None]
     return columns
 
 
@@ -335,6 +334,7 @@ class _Compiled:
         query, dataset = plan.query, plan.dataset
         if query.mode is not Mode.DP or query.privacy is None:
             raise InternalError("the DP engine got a query that is not in DP mode")
+        require_max_rows(dataset)
         if source is not None and (
             source.dataset_id != dataset.id or source.max_rows_per_unit != dataset.max_rows_per_unit
         ):
@@ -506,9 +506,8 @@ class _Compiled:
             frame = frame.filter(self.where)
         dims = [d.prepare() for d in self.dims]
         if stage.units:
-            # Our per-unit step for COUNT_UNITS: one row per unit code and group. Two units
-            # whose codes collide only lose rows: a unit still adds or removes at most one
-            # row per group it has rows in (see dataops.engines.prepared).
+            # Our per-unit step for COUNT_UNITS: one row per unit code and group (the codes
+            # are one per unit, see dataops.engines.prepared).
             return frame.select(pl.col(UNIT_CODE), *dims).unique()
         columns = [*dims, *[pl.col(m.name) for m in self.measures.values()]]
         return frame.select(columns or [pl.col(UNIT_CODE)])
@@ -649,6 +648,16 @@ class _Compiled:
                     value = value.cast(pl.Float64) / m.factor
             outputs.append(value.alias(a.name))
         return table.select(*dims, *outputs).to_arrow()
+
+
+def require_max_rows(dataset: Dataset) -> None:
+    """DP is off until the operator has set the contribution bound; it is never taken from the data."""
+    if dataset.max_rows_per_unit is None:
+        raise PolicyDenied(
+            f"DP mode is off for {dataset.id}: the operator has not set privacy_unit.max_rows "
+            "(the most rows one privacy unit may contribute) in its catalog entry",
+            rule="catalog.privacy_unit.max_rows",
+        )
 
 
 def _check_columns(query: Query, dataset: Dataset) -> None:

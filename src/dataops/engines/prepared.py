@@ -26,120 +26,188 @@ Why the OpenDP guarantee on the copy is a unit-level guarantee for the data:
   kept a unit's first k *matching* rows). A filter is row-by-row, so the filtered
   copies of neighbours still differ by at most k rows: equally sound; only a unit
   above the cap may keep fewer matching rows.
-* The copy also holds each bounded measure in the engine's fixed point (a row-by-
-  row step that depends on the catalog only), and the unit id as a 64-bit hash
-  (`UNIT_CODE`), sorted by it. The hash is only used by COUNT_UNITS to keep one
-  row per unit and group: a per-unit step that, even where two units' hashes
-  collide, adds or removes at most one row per group that the changed unit has
-  rows in. The truncation itself is done on the real unit ids: a collision there
-  would let one unit's rows displace another's.
+* The copy holds only what queries can use (dataops.engines.dp.prepared_columns):
+  no identifier column, no unclassified column, and no unit id. The unit is a dense
+  integer code (`UNIT_CODE`): the units' dense rank, put through a random
+  permutation drawn for this build and then forgotten, so a code says nothing about
+  the id it stands for (an unkeyed hash of an enterprise code could be inverted by
+  hashing the public register). Codes are one per unit: COUNT_UNITS' per-unit step
+  (one row per unit and group) is exact. The truncation itself runs on the real ids.
+  Each bounded measure is also held in the engine's fixed point (a row-by-row step
+  that depends on the catalog only).
 
-COUNT_UNITS still hashes every (unit, group) pair per query, so it costs several
+COUNT_UNITS still deduplicates every (unit, group) pair per query, so it costs several
 times a row aggregate (0.7-2 s at 10M rows on two cores); the row aggregates cost
 about as much as the same polars group-by.
 
-A copy is `state/prepared/<dataset_id>-<fingerprint[:16]>.parquet`, where the
-fingerprint covers the dataset file and its catalog entry (`Fingerprints`). It is
-written to a temporary file and renamed into place, built under a per-dataset lock
-(concurrent first queries wait for one build), checked against the layout, dataset,
-fingerprint and cap recorded in its Parquet metadata before it is used, and older
-versions of the dataset are removed once a new one is in place.
+Why a copy can be trusted. A copy is `state/prepared/<dataset_id>-<key[:16]>.parquet`,
+where the key (`copy_key`) covers the dataset's data version (the SHA-256 of its
+Parquet, `dataops.versions.DataVersions`) and the catalog terms the copy depends on
+(unit, cap, the columns and their bounds). Beside it, `<name>.tag` records the key,
+dataset, data version, cap and layout, and the SHA-256 of the copy's bytes, under an
+HMAC-SHA256 with a server secret (`state/prepared.key`, 32 random bytes, mode 0600;
+refused if anyone else may read it). A copy is used only if its tag verifies and the
+copy's bytes hash to what the tag says: a planted copy (say, untruncated, with the
+right names and metadata) is rebuilt, never read. The check runs when a copy is first
+used in a process and again whenever the copy's stat signature (inode, size, mtime,
+ctime) changes; the data itself is hashed afresh (`DataVersions.verify`) each time a
+copy is adopted, so a copy is never trusted for a version it was not made from.
+Between that check and polars reading the file, a writer with access to `prepared/`
+could still swap it; closing that window would mean holding copies in memory.
+
+Copies are written to a temporary file and renamed into place, built under a
+per-dataset lock (concurrent first queries wait for one build), and older versions of
+the dataset are removed once a new one is in place.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
+import json
 import logging
 import os
 import re
+import secrets
 import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 import polars as pl
 
 from dataops._fs import fsync_dir
 from dataops.catalog import Dataset
-from dataops.engines.dp import PREPARED_LAYOUT, UNIT_CODE, PreparedSource, prepared_columns
-from dataops.errors import InternalError
+from dataops.engines.dp import PREPARED_LAYOUT, UNIT_CODE, PreparedSource, prepared_columns, require_max_rows
+from dataops.errors import ConfigError, InternalError
+from dataops.versions import DataVersions, hash_file, stat_signature
 
-__all__ = ["Fingerprints", "PreparedSource", "PreparedStore"]
+__all__ = ["DataVersions", "Fingerprints", "PreparedSource", "PreparedStore", "copy_key"]
 
 log = logging.getLogger(__name__)
 
+Fingerprints = DataVersions  # the old name: data versions are content hashes of the file only now
+
 _BUILD_ATTEMPTS = 3  # the dataset file changed while a copy was being built: try again
 _STALE_TEMPORARY_SECONDS = 3600  # a temporary file this old is no build in progress
+_SECRET_BYTES = 32
+SECRET_NAME = "prepared.key"
 
 
-class Fingerprints:
-    """SHA-256 of each dataset file, recomputed only when the file changes.
+def copy_key(dataset: Dataset, data_version: str) -> str:
+    """What a copy is made from: the data version and the catalog terms the copy depends on."""
+    columns = [
+        [c.name, c.type.value, c.classification.value, list(c.bounds) if c.bounds else None]
+        for c in dataset.columns.values()
+    ]
+    material = {
+        "layout": PREPARED_LAYOUT,
+        "dataset": dataset.id,
+        "data_version": data_version,
+        "unit": dataset.unit_column,
+        "max_rows_per_unit": dataset.max_rows_per_unit,
+        "columns": columns,
+    }
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
 
-    Part of the release-reuse key ("the same question" means the same data too) and
-    of a prepared copy's name.
+
+def load_secret(path: Path) -> bytes:
+    """The server secret that authenticates prepared copies, created on first use (mode 0600).
+
+    Refused if it is not a regular file of ours that only we may read: a secret others
+    could read lets them forge a copy's tag.
     """
-
-    def __init__(self) -> None:
-        self._cache: dict[str, tuple[tuple[int, int], str]] = {}
-        self._lock = threading.Lock()
-
-    def of(self, dataset: Dataset) -> str:
-        st = dataset.path.stat()
-        stamp = (st.st_mtime_ns, st.st_size)
-        with self._lock:
-            cached = self._cache.get(str(dataset.path))
-        if cached and cached[0] == stamp:
-            return cached[1]
-        digest = hashlib.sha256()
-        with dataset.path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        # The catalog entry too: new bounds or keys make a different question.
-        digest.update(dataset.source.read_bytes())
-        with self._lock:
-            self._cache[str(dataset.path)] = (stamp, digest.hexdigest())
-        return digest.hexdigest()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        temporary = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex}.tmp")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, secrets.token_bytes(_SECRET_BYTES))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(temporary, path)  # atomic, and never replaces a secret another process made
+        except FileExistsError:
+            pass
+        finally:
+            temporary.unlink(missing_ok=True)
+        fsync_dir(path.parent)
+    st = os.lstat(path)
+    fix = "(chmod 600 it, or delete it: the prepared copies are then rebuilt under a new one)"
+    if not os.path.isfile(path) or os.path.islink(path):
+        raise ConfigError(f"{path}: the prepared-copy secret must be a regular file, not a link {fix}")
+    if st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise ConfigError(
+            f"{path}: mode {st.st_mode & 0o777:o}, owner {st.st_uid}: the prepared-copy secret must be "
+            f"readable by the server's user only {fix}"
+        )
+    secret = path.read_bytes()
+    if len(secret) != _SECRET_BYTES:
+        raise ConfigError(f"{path}: the prepared-copy secret must be {_SECRET_BYTES} bytes {fix}")
+    return secret
 
 
 class PreparedStore:
-    """Truncated copies of the datasets under `state_dir/prepared`; see the module docstring."""
+    """Truncated, authenticated copies of the datasets under `state_dir/prepared`.
 
-    def __init__(self, state_dir: Path, fingerprints: Fingerprints | None = None) -> None:
+    See the module docstring. ``authenticate=False`` trusts a copy whose tag merely
+    names the right version (no HMAC, no content hash): for tests that show the
+    attack the HMAC stops.
+    """
+
+    def __init__(
+        self, state_dir: Path, versions: DataVersions | None = None, *, authenticate: bool = True
+    ) -> None:
         self.directory = Path(state_dir) / "prepared"
-        self.fingerprints = fingerprints if fingerprints is not None else Fingerprints()
+        self.versions = versions if versions is not None else DataVersions()
+        self.authenticate = authenticate
+        self._secret = load_secret(Path(state_dir) / SECRET_NAME)
         self._guard = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
-        self._ready: dict[str, PreparedSource] = {}
+        self._ready: dict[str, tuple[PreparedSource, tuple]] = {}  # id -> (copy, its stat signature)
+
+    @property
+    def fingerprints(self) -> DataVersions:  # the old name
+        return self.versions
 
     def source(self, dataset: Dataset) -> PreparedSource:
         """The copy of the dataset's current version, built first if there is none."""
-        fingerprint = self.fingerprints.of(dataset)
-        ready = self._current(dataset, fingerprint)
+        require_max_rows(dataset)
+        key = copy_key(dataset, self.versions.of(dataset))
+        ready = self._current(dataset, key)
         if ready is not None:
             return ready
         with self._lock_for(dataset.id):
             for _ in range(_BUILD_ATTEMPTS):
-                ready = self._current(dataset, fingerprint)
+                version = self.versions.of(dataset)
+                key = copy_key(dataset, version)
+                ready = self._current(dataset, key)
                 if ready is not None:
                     return ready
-                path = self.path_for(dataset, fingerprint)
-                if not self._valid(path, dataset, fingerprint):
-                    self._build(dataset, fingerprint, path)
-                now = self.fingerprints.of(dataset)
-                if now != fingerprint:  # the data changed under the build: that copy is stale
-                    fingerprint = now
-                    continue
-                source = PreparedSource(dataset.id, fingerprint, path, dataset.max_rows_per_unit)
+                path = self.path_for(dataset, key)
+                signature = self._valid(path, dataset, version, key)
+                if signature is None:
+                    self._build(dataset, version, key, path)
+                    signature = self._valid(path, dataset, version, key)
+                    if signature is None:
+                        raise InternalError(f"the prepared copy {path.name} does not verify after its build")
+                # Adopting a copy: hash the data now, whatever its stat says, so the copy
+                # is never trusted for a version it was not made from.
+                if self.versions.verify(dataset) != version:
+                    continue  # the data changed under the build: that copy is stale
+                source = PreparedSource(dataset.id, key, path, dataset.max_rows_per_unit, version)
                 with self._guard:
-                    self._ready[dataset.id] = source
+                    self._ready[dataset.id] = (source, signature)
                 self._remove_old(dataset, keep=path)
                 return source
         raise InternalError(f"{dataset.id} kept changing while its prepared copy was built")
 
     def warm(self, datasets: Iterable[Dataset]) -> threading.Thread:
         """Build the copies in a background thread, so the first DP query need not wait."""
-        datasets = list(datasets)
+        datasets = [d for d in datasets if d.dp_ready]  # no cap set: no DP, no copy
 
         def build_all() -> None:
             for dataset in datasets:
@@ -152,67 +220,119 @@ class PreparedStore:
         thread.start()
         return thread
 
-    def path_for(self, dataset: Dataset, fingerprint: str) -> Path:
-        return self.directory / f"{dataset.id}-{fingerprint[:16]}.parquet"
+    def path_for(self, dataset: Dataset, key: str) -> Path:
+        return self.directory / f"{dataset.id}-{key[:16]}.parquet"
+
+    @staticmethod
+    def tag_path(path: Path) -> Path:
+        return path.with_name(path.name + ".tag")
 
     # --- internals ----------------------------------------------------------------
 
-    def _current(self, dataset: Dataset, fingerprint: str) -> PreparedSource | None:
+    def _current(self, dataset: Dataset, key: str) -> PreparedSource | None:
+        """The adopted copy, if it is still this key's and its file was not touched since."""
         with self._guard:
             ready = self._ready.get(dataset.id)
-        if ready is None or ready.fingerprint != fingerprint:
+        if ready is None or ready[0].fingerprint != key:
             return None
-        return ready if ready.max_rows_per_unit == dataset.max_rows_per_unit else None
+        try:
+            unchanged = stat_signature(os.stat(ready[0].path)) == ready[1]
+        except OSError:
+            unchanged = False
+        return ready[0] if unchanged else None
 
     def _lock_for(self, dataset_id: str) -> threading.Lock:
         with self._guard:
             return self._locks.setdefault(dataset_id, threading.Lock())
 
     @staticmethod
-    def _metadata(dataset: Dataset, fingerprint: str) -> dict[str, str]:
+    def _claims(dataset: Dataset, version: str, key: str) -> dict:
         return {
-            "dataops.prepared.layout": str(PREPARED_LAYOUT),
-            "dataops.prepared.dataset": dataset.id,
-            "dataops.prepared.fingerprint": fingerprint,
-            "dataops.prepared.max_rows_per_unit": str(dataset.max_rows_per_unit),
+            "layout": PREPARED_LAYOUT,
+            "dataset": dataset.id,
+            "data_version": version,
+            "copy_key": key,
+            "max_rows_per_unit": dataset.max_rows_per_unit,
         }
 
-    def _valid(self, path: Path, dataset: Dataset, fingerprint: str) -> bool:
-        """An existing copy is used only if it says it is this version, layout and cap."""
-        if not path.exists():
-            return False
-        try:
-            found = pl.read_parquet_metadata(path)
-        except Exception:  # a torn or foreign file: build it again
-            return False
-        expected = self._metadata(dataset, fingerprint)
-        return all(found.get(key) == value for key, value in expected.items())
+    def _mac(self, fields: dict) -> str:
+        message = json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+        return hmac.new(self._secret, message, hashlib.sha256).hexdigest()
 
-    def _build(self, dataset: Dataset, fingerprint: str, path: Path) -> None:
-        """Truncate each unit to its first k rows (real unit ids, file order) and write atomically."""
+    def _valid(self, path: Path, dataset: Dataset, version: str, key: str) -> tuple | None:
+        """The copy's stat signature if its tag verifies and names this version; else None."""
+        try:
+            tag = json.loads(self.tag_path(path).read_text())
+            if not isinstance(tag, dict) or not path.is_file():
+                return None
+            claims = self._claims(dataset, version, key)
+            if any(tag.get(name) != value for name, value in claims.items()):
+                return None
+            if not self.authenticate:  # the control switched off: the metadata is believed
+                return stat_signature(os.stat(path))
+            fields = {name: value for name, value in tag.items() if name != "mac"}
+            if not hmac.compare_digest(str(tag.get("mac", "")), self._mac(fields)):
+                log.warning("prepared copy %s: its tag does not verify; building it again", path.name)
+                return None
+            digest, st = hash_file(path)
+            if not hmac.compare_digest(digest, str(tag.get("sha256", ""))):
+                log.warning("prepared copy %s: its bytes are not the ones tagged; building it again", path.name)
+                return None
+            return stat_signature(st)
+        except (OSError, ValueError):  # missing, torn or foreign: build it again
+            return None
+
+    def _build(self, dataset: Dataset, version: str, key: str, path: Path) -> None:
+        """Truncate each unit to its first k rows (real unit ids, file order), code the
+        units, keep only usable columns, write atomically with an authenticated tag."""
         unit, k = dataset.unit_column, dataset.max_rows_per_unit
         self.directory.mkdir(parents=True, exist_ok=True)
-        temporary = self.directory / f".{path.name}.{os.getpid()}-{uuid.uuid4().hex}.tmp"
+        stem = f".{path.name}.{os.getpid()}-{uuid.uuid4().hex}"
+        temporary, temporary_tag = self.directory / f"{stem}.tmp", self.directory / f"{stem}.tag.tmp"
         try:
-            truncated = pl.scan_parquet(dataset.path).filter(pl.int_range(pl.len()).over(unit) < k)
-            # Sorted by the unit code (stably): one unit's rows are adjacent, which makes
-            # COUNT_UNITS' per-unit step several times faster. Order means nothing to DP.
-            frame = truncated.select(prepared_columns(dataset)).sort(UNIT_CODE, maintain_order=True).collect()
-            frame.write_parquet(temporary, compression="lz4", metadata=self._metadata(dataset, fingerprint))
+            truncated = (
+                pl.scan_parquet(dataset.path)
+                .filter(pl.int_range(pl.len()).over(unit) < k)
+                .select(pl.col(unit), *prepared_columns(dataset))
+                .collect()
+            )
+            # Dense codes: rank 1..n over the ids (0 for a null id, one unit as in the
+            # truncation), then a random permutation nobody keeps.
+            ranks = truncated[unit].rank("dense").fill_null(0).cast(pl.UInt64).to_numpy()
+            size = int(ranks.max()) + 1 if len(ranks) else 1
+            permutation = np.random.default_rng(secrets.randbits(128)).permutation(size).astype(np.uint64)
+            frame = (
+                truncated.drop(unit)
+                .with_columns(pl.Series(UNIT_CODE, permutation[ranks], dtype=pl.UInt64))
+                .select(pl.col(UNIT_CODE), pl.exclude(UNIT_CODE))
+                # One unit's rows adjacent: COUNT_UNITS' per-unit step is several times faster.
+                .sort(UNIT_CODE, maintain_order=True)
+            )
+            del truncated
+            frame.write_parquet(temporary, compression="lz4")
             with temporary.open("rb") as f:
                 os.fsync(f.fileno())
+            digest, _ = hash_file(temporary)
+            fields = {**self._claims(dataset, version, key), "sha256": digest}
+            temporary_tag.write_text(json.dumps({**fields, "mac": self._mac(fields)}, sort_keys=True))
+            with temporary_tag.open("rb") as f:
+                os.fsync(f.fileno())
+            # The copy first: a crash before the tag lands leaves a copy that does not verify.
             os.replace(temporary, path)
+            os.replace(temporary_tag, self.tag_path(path))
             fsync_dir(self.directory)
         except BaseException:
             temporary.unlink(missing_ok=True)
+            temporary_tag.unlink(missing_ok=True)
             raise
         log.info("prepared %s for DP queries: %d rows, at most %d per unit", dataset.id, frame.height, k)
 
     def _remove_old(self, dataset: Dataset, keep: Path) -> None:
         """Older versions, and temporary files a stopped build left (after a grace period)."""
-        pattern = re.compile(rf"{re.escape(dataset.id)}-[0-9a-f]{{16}}\.parquet")
-        for old in self.directory.glob(f"{dataset.id}-*.parquet"):
-            if old != keep and pattern.fullmatch(old.name):
+        pattern = re.compile(rf"{re.escape(dataset.id)}-[0-9a-f]{{16}}\.parquet(\.tag)?")
+        kept = {keep.name, self.tag_path(keep).name}
+        for old in self.directory.glob(f"{dataset.id}-*.parquet*"):
+            if old.name not in kept and pattern.fullmatch(old.name):
                 old.unlink(missing_ok=True)
         for left in self.directory.glob(f".{dataset.id}-*.tmp"):
             try:
@@ -220,4 +340,3 @@ class PreparedStore:
                     left.unlink(missing_ok=True)
             except FileNotFoundError:
                 pass
-

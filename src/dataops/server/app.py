@@ -35,6 +35,7 @@ from dataops.server.servicers import CatalogServicer, QueryServicer, SubjectServ
 from dataops.service import Sandbox
 from dataops.subjects import SECRET_FILE, Evaluator, load_or_create_secret
 from dataops.v1 import catalog_pb2, catalog_pb2_grpc, query_pb2, query_pb2_grpc, subject_pb2, subject_pb2_grpc
+from dataops.versions import DataVersions
 
 log = logging.getLogger(__name__)
 
@@ -112,10 +113,13 @@ class DataopsServer:
         self.stop()
 
 
-def load_checked_catalog(config: ServerConfig) -> Catalog:
+def load_checked_catalog(config: ServerConfig, versions: DataVersions | None = None) -> Catalog:
     catalog = load_catalog(config.paths.catalog, config.paths.sandbox)
     for dataset in catalog.datasets.values():
         check_data(dataset)
+    # Every dataset hashed now (its first data version), and two entries over the same
+    # bytes refused: they would be one dataset with two budget caps.
+    (versions or DataVersions()).check_unique(catalog.datasets.values())
     return catalog
 
 
@@ -126,7 +130,8 @@ def admission_threads(config: ServerConfig) -> int:
 
 def build_server(config: ServerConfig) -> DataopsServer:
     check_wrappable(SERVICES)  # fail closed: no dataops.v1 method is served unaudited
-    catalog = load_checked_catalog(config)
+    versions = DataVersions()  # one per server: DP releases, prepared copies and tables key on it
+    catalog = load_checked_catalog(config, versions)
     products = load_products(config.paths.products, catalog)
     issuers = load_issuers(config.paths.consents)
     policies = PolicyStore(config.paths.policies, catalog,
@@ -135,9 +140,9 @@ def build_server(config: ServerConfig) -> DataopsServer:
     ledger = Ledger(ledger_path(config))
     # DP reads copies truncated once per data version (state/prepared); build them now,
     # in the background, so the first DP query need not wait for its dataset's copy.
-    prepared = PreparedStore(config.paths.state)
+    prepared = PreparedStore(config.paths.state, versions)
     sandbox = Sandbox(catalog, policies, config.limits, ledger, prepared=prepared,
-                      engine_workers=config.server.workers)
+                      engine_workers=config.server.workers, versions=versions)
     audit = AuditLog(audit_path(config))
     layouts = SubjectLayouts(config.paths.state, products.subjects.values(), sandbox.fingerprints)
     consents = ConsentStore(store_path(config.paths.state))
