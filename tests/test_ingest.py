@@ -14,7 +14,12 @@ import polars as pl
 import pytest
 
 from dataops.catalog import Classification, ColumnType, check_data, load_catalog, load_entry
+from dataops.engines.dp import DPQuery
+from dataops.errors import PolicyDenied
 from dataops.ingest import IngestError, ingest
+from dataops.ir import Aggregate, Function
+
+from test_dp_engine import plan_for
 
 CREDIT_CSV = """\
 enterprise_id,district,employees,tax_paid,founded,active
@@ -98,9 +103,23 @@ def test_only_the_privacy_unit_is_classified_and_it_is_an_identifier(tmp_path, d
     assert others == {Classification.UNCLASSIFIED}
 
 
-def test_max_rows_is_the_most_rows_any_unit_has(tmp_path, dirs):
+def test_max_rows_is_never_taken_from_the_data_and_dp_stays_off_until_the_operator_sets_it(tmp_path, dirs):
+    """The heaviest unit's row count (E1: 3) is a fact about one enterprise, published by
+    DescribeDataset as the bound: ingest leaves max_rows for the operator to set."""
     result = run(write(tmp_path, "credit.csv", CREDIT_CSV), dirs)
-    assert load_entry(result.catalog_entry, dirs[1]).max_rows_per_unit == 3  # E1 has three rows
+    text = result.catalog_entry.read_text()
+    assert "3" not in text.split("[privacy_unit]")[1].split("[", 1)[0]
+    assert "# max_rows = ?" in text and "every DP query on this dataset is refused" in text
+    dataset = load_entry(result.catalog_entry, dirs[1])
+    assert dataset.max_rows_per_unit is None and not dataset.dp_ready
+    with pytest.raises(PolicyDenied, match="operator has not set privacy_unit.max_rows") as err:
+        DPQuery.compile(plan_for(dataset, [Aggregate(Function.COUNT)], epsilon=1.0))
+    assert err.value.rule == "catalog.privacy_unit.max_rows"
+    # The operator sets it (uncommenting the line with their own bound): DP is on.
+    result.catalog_entry.write_text(text.replace("# max_rows = ?", "max_rows = 4", 1))
+    dataset = load_entry(result.catalog_entry, dirs[1])
+    assert dataset.max_rows_per_unit == 4
+    DPQuery.compile(plan_for(dataset, [Aggregate(Function.COUNT)], epsilon=1.0))
 
 
 def test_numeric_columns_get_no_data_derived_bounds(tmp_path, dirs):
@@ -123,7 +142,7 @@ def test_explicit_unit_column_wins_over_the_id_suffix_rule(tmp_path, dirs):
     result = run(write(tmp_path, "credit.csv", CREDIT_CSV), dirs, unit_column="district")
     dataset = load_entry(result.catalog_entry, dirs[1])
     assert dataset.unit_column == "district"
-    assert dataset.max_rows_per_unit == 3
+    assert dataset.max_rows_per_unit is None
     assert dataset.columns["enterprise_id"].classification is Classification.UNCLASSIFIED
 
 
@@ -149,7 +168,7 @@ def test_parquet_ingest_keeps_types_including_narrow_ints_and_float32(tmp_path, 
     dataset = load_entry(result.catalog_entry, dirs[1])
     check_data(dataset)
     assert dataset.unit_column == "person_id"
-    assert dataset.max_rows_per_unit == 2
+    assert dataset.max_rows_per_unit is None
     assert [c.type for c in dataset.columns.values()] == [
         ColumnType.STRING, ColumnType.INT, ColumnType.INT, ColumnType.FLOAT, ColumnType.DATE, ColumnType.BOOL,
     ]
@@ -313,5 +332,5 @@ def test_a_missing_source_or_unknown_unit_column_is_refused(tmp_path, dirs):
 def test_the_written_entry_is_plain_toml_with_the_expected_keys(tmp_path, dirs):
     result = run(write(tmp_path, "credit.csv", CREDIT_CSV), dirs)
     doc = tomllib.loads(result.catalog_entry.read_text())
-    assert doc["privacy_unit"] == {"column": "enterprise_id", "max_rows": 3}
+    assert doc["privacy_unit"] == {"column": "enterprise_id"}
     assert doc["columns"]["tax_paid"] == {"type": "float", "classification": "unclassified"}

@@ -105,6 +105,15 @@ class Catalog:
         return [d for d in self.datasets.values() if d.zone == zone]
 
 
+def resolves_inside(path: Path, root: Path) -> bool:
+    """Whether `path`, every symlink on the way resolved, lies inside `root` (itself resolved).
+
+    Checked at catalog load and again before every read (dataops.versions): a link
+    swapped in later is refused too.
+    """
+    return Path(os.path.realpath(path)).is_relative_to(Path(os.path.realpath(root)))
+
+
 def load_catalog(catalog_dir: Path, sandbox_dir: Path) -> Catalog:
     """Load every `*.toml` in `catalog_dir`. Raises CatalogError on the first mistake."""
     if not catalog_dir.is_dir():
@@ -139,13 +148,11 @@ def load_entry(path: Path, sandbox_dir: Path) -> Dataset:
         raise doc.fail("location", f"{location!r} must be a relative path to a .parquet file under sandbox/")
     # Resolve every symlink: a link (of the file or of a directory on the way) that
     # leads out of the sandbox would serve data nobody catalogued there.
-    root = Path(os.path.realpath(sandbox_dir))
-    resolved = Path(os.path.realpath(sandbox_dir / rel))
-    if not resolved.is_relative_to(root):
+    if not resolves_inside(sandbox_dir / rel, sandbox_dir):
         raise doc.fail(
             "location",
-            f"{location!r} resolves to {resolved}, outside the sandbox {root}; "
-            "a symlink out of sandbox/ is refused",
+            f"{location!r} resolves to {os.path.realpath(sandbox_dir / rel)}, outside the sandbox "
+            f"{os.path.realpath(sandbox_dir)}; a symlink out of sandbox/ is refused",
         )
 
     columns = _read_columns(doc)

@@ -3,7 +3,10 @@
 The entry describes the inferred schema but classifies every column except the
 privacy unit as `unclassified`, which no policy may grant: a freshly ingested dataset
 is unusable until an operator has looked at each column. Numeric bounds are left out
-for the same reason (see `_HEADER`).
+for the same reason (see `_HEADER`), and so is `privacy_unit.max_rows`: the most rows
+one unit has in the file is itself a fact about one unit (and DescribeDataset
+publishes the bound), so the operator sets it from how the data is produced, and DP
+stays off for the dataset until they do.
 
 Ingest is all or nothing. Both files are written to temporary names in their target
 directories, the entry is validated with the real loader against the temporary
@@ -51,10 +54,18 @@ _HEADER = """\
 # - Numeric columns have no `bounds` on purpose. Bounds must come from domain
 #   knowledge, not from the data: a bound taken from the observed minimum or maximum
 #   is itself an individual's value, and DP clipping to it leaks that value.
-# - privacy_unit.max_rows is the most rows one unit has in this file. Prefer a limit
-#   you can justify from how the data is produced.
+# - privacy_unit.max_rows is NOT set, on purpose, and DP mode stays off for this
+#   dataset until you set it (see the note under [privacy_unit]).
 # - The budget is a conservative default; raise it deliberately.
 
+"""
+
+
+_MAX_ROWS_NOTE = """\
+# max_rows = ?   # the most rows one privacy unit may contribute. Not taken from the
+#                # data: set it from how the data is produced (e.g. 1 for one row per
+#                # enterprise, 12 for monthly records over a year). Until it is set,
+#                # every DP query on this dataset is refused.
 """
 
 
@@ -123,7 +134,7 @@ def ingest(
         os.close(fd)
         tmp_parquet = Path(tmp_name)
         _write_parquet(source, frame, tmp_parquet)
-        rows, max_rows = _unit_stats(source, tmp_parquet, unit)
+        rows = _unit_stats(source, tmp_parquet, unit)
 
         # load_entry insists the file stem equals the id, so the temporary entry gets its
         # real name inside a private directory. Its name does not end in .toml, so a
@@ -137,7 +148,7 @@ def ingest(
             "description": f"Ingested from {source.name} on {dt.datetime.now(dt.timezone.utc).date()}.",
             "provider": provider,
             "location": location,
-            "privacy_unit": {"column": unit, "max_rows": max_rows},
+            "privacy_unit": {"column": unit},
             "budget": dict(DEFAULT_BUDGET),
             "columns": {
                 name: {
@@ -149,7 +160,12 @@ def ingest(
                 for name, ctype in types.items()
             },
         }
-        tmp_entry.write_text(_HEADER + tomli_w.dumps(entry), encoding="utf-8")
+        text = tomli_w.dumps(entry)
+        unit_line = tomli_w.dumps({"privacy_unit": {"column": unit}}).split("\n", 2)[1] + "\n"
+        text = text.replace("[privacy_unit]\n" + unit_line, "[privacy_unit]\n" + unit_line + _MAX_ROWS_NOTE, 1)
+        if _MAX_ROWS_NOTE not in text:  # never publish an entry without the note
+            raise IngestError(f"{source}: internal error writing the privacy_unit note")
+        tmp_entry.write_text(_HEADER + text, encoding="utf-8")
         _fsync(tmp_entry)
         try:
             dataset = load_entry(tmp_entry, sandbox_dir)
@@ -286,8 +302,8 @@ def _write_parquet(source: Path, frame: pl.LazyFrame, target: Path) -> None:
     _fsync(target)
 
 
-def _unit_stats(source: Path, parquet: Path, unit: str) -> tuple[int, int]:
-    """Row count and the most rows any one privacy unit contributes."""
+def _unit_stats(source: Path, parquet: Path, unit: str) -> int:
+    """Row count, checking every row has a unit. Nothing about any unit's rows is kept."""
     units = pl.scan_parquet(parquet).select(pl.col(unit).alias("unit"))
     rows, missing = units.select(pl.len(), pl.col("unit").null_count()).collect().row(0)
     if rows == 0:
@@ -298,8 +314,7 @@ def _unit_stats(source: Path, parquet: Path, unit: str) -> tuple[int, int]:
             f"{source}: privacy unit column {unit!r} has {missing} empty values; "
             "every row must belong to a unit"
         )
-    max_rows = units.group_by("unit").len().select(pl.col("len").max()).collect().item()
-    return rows, int(max_rows)
+    return int(rows)
 
 
 def _fsync(path: Path) -> None:

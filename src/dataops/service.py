@@ -165,6 +165,9 @@ class Sandbox:
         call.purpose = query.purpose or None
         decision = authorize(self.policies.current, self.catalog, consumer, query, self.today())
         call.purpose = decision.grant.purpose  # what the answer may be used for, as granted
+        # In every mode: the file still resolves inside the sandbox and is not another
+        # entry's content (dataops.versions); cheap while the file is unchanged.
+        self.versions.of(decision.dataset)
         # Building the predicate type-checks every filter value against the catalog,
         # before anything runs (and, for DP, before any budget is reserved).
         predicate(decision.dataset, query.filters)

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
+from dataops import catalog
 from dataops.catalog import Dataset
 from dataops.errors import CatalogError, DataUnavailable
 
@@ -60,13 +61,11 @@ def stat_signature(st: os.stat_result) -> tuple[int, ...]:
 def inside_sandbox(dataset: Dataset) -> Path:
     """The dataset file's real path, or CatalogError if it resolves outside the sandbox."""
     real = Path(os.path.realpath(dataset.path))
-    if dataset.sandbox is not None:
-        root = Path(os.path.realpath(dataset.sandbox))
-        if not real.is_relative_to(root):
-            raise CatalogError(
-                f"{dataset.source}: location: {dataset.location!r} resolves to {real}, outside the "
-                f"sandbox {root}; a symlink out of sandbox/ is never followed"
-            )
+    if dataset.sandbox is not None and not catalog.resolves_inside(dataset.path, dataset.sandbox):
+        raise CatalogError(
+            f"{dataset.source}: location: {dataset.location!r} resolves to {real}, outside the "
+            f"sandbox {os.path.realpath(dataset.sandbox)}; a symlink out of sandbox/ is refused"
+        )
     return real
 
 
@@ -168,6 +167,12 @@ class DataVersions:
         with self._lock:
             self._datasets[dataset.id] = dataset
             self._known[dataset.id] = _Known(self._signature(st), version, self._clock())
+        self._refuse_twins(dataset, version)
+        return version
+
+    def _refuse_twins(self, dataset: Dataset, version: str) -> None:
+        """CatalogError if another entry's current content is these bytes (both are refused)."""
+        with self._lock:
             twins = [other for other, k in self._known.items() if other != dataset.id and k.version == version]
         for other in twins:
             # The other entry's hash may be stale (its file changed since): hash it again
@@ -184,7 +189,6 @@ class DataVersions:
                 )
         with self._lock:
             self._refused.discard(dataset.id)
-        return version
 
     def _rehash_quietly(self, dataset: Dataset) -> str | None:
         try:
