@@ -642,7 +642,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     except (LoadError, OSError) as exc:
         raise UsageError(str(exc)) from None
     print(f"ingested {result.rows} rows into {result.parquet}\ncatalog entry {result.catalog_entry}: "
-          "every column is 'unclassified' (unusable) until you classify it")
+          "every column is 'unclassified' (unusable) until you classify it, and DP stays off "
+          "until you set privacy_unit.max_rows")
     return OK
 
 
