@@ -100,6 +100,10 @@ class Sandbox:
             versions = prepared.versions if prepared is not None else DataVersions()
         self.versions = versions
 
+    @property
+    def fingerprints(self) -> DataVersions:  # the old name of `versions`
+        return self.versions
+
     def close(self) -> None:
         self._engines.shutdown(wait=False, cancel_futures=True)
 

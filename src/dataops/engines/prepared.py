@@ -168,6 +168,8 @@ class PreparedStore:
         self._guard = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
         self._ready: dict[str, tuple[PreparedSource, tuple]] = {}  # id -> (copy, its stat signature)
+        self._closing = threading.Event()
+        self._warming: list[threading.Thread] = []
 
     @property
     def fingerprints(self) -> DataVersions:  # the old name
@@ -211,6 +213,8 @@ class PreparedStore:
 
         def build_all() -> None:
             for dataset in datasets:
+                if self._closing.is_set():
+                    return
                 try:
                     self.source(dataset)
                 except Exception:  # the first query on it builds again and reports the error
@@ -218,7 +222,15 @@ class PreparedStore:
 
         thread = threading.Thread(target=build_all, name="dataops-prepare", daemon=True)
         thread.start()
+        self._warming.append(thread)
         return thread
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Stop warming: no new build starts, and a build under way is waited for (polars
+        cannot be interrupted; a process exiting under it dies in native code)."""
+        self._closing.set()
+        for thread in self._warming:
+            thread.join(timeout)
 
     def path_for(self, dataset: Dataset, key: str) -> Path:
         return self.directory / f"{dataset.id}-{key[:16]}.parquet"

@@ -96,6 +96,8 @@ class DataopsServer:
         if self.request_pool is not None:
             self.request_pool.shutdown(wait=False)
         self.policies.stop()
+        if self.sandbox.prepared is not None:
+            self.sandbox.prepared.close()
         self.sandbox.close()
         if self.evaluator is not None:
             self.evaluator.close()
