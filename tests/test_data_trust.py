@@ -140,6 +140,20 @@ def test_a_symlink_swapped_in_while_serving_is_refused(private, started, tmp_pat
     assert audit_records(private)[-1]["code"] == "FAILED_PRECONDITION"
 
 
+def test_a_file_replaced_by_one_that_no_longer_fits_its_entry_is_refused(private, started) -> None:
+    """A new version is checked against the catalog before it is served."""
+    server, client = started(private)
+    counts(client())
+    target = private.paths.sandbox / "finance" / f"{CREDIT}.parquet"
+    replacement = target.with_name(".new")
+    pl.read_parquet(target).drop("size_band").write_parquet(replacement)
+    os.replace(replacement, target)
+    err = refused(lambda: counts(client(), variant=1))
+    assert err.reason == "DATASET_UNAVAILABLE" and "size_band" not in err.message
+    target.write_bytes(b"not parquet at all")
+    assert refused(lambda: counts(client(), variant=2)).reason == "DATASET_UNAVAILABLE"
+
+
 # --- one cap per content ----------------------------------------------------------------------
 
 

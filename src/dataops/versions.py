@@ -22,6 +22,9 @@ slow, so a hash is reused only while all of these hold:
   catalog load (server start) and before a prepared copy is trusted for the first
   time in a process (`PreparedStore.source`), because a copy vouches for one version.
 
+A new version's schema is checked against the catalog entry (`check_data`) before it
+is served.
+
 Reading is streamed in 1 MiB blocks (never the whole file in memory), through a
 descriptor opened with O_NOFOLLOW after checking the path resolves inside the
 sandbox: a dataset is never read through a symlink out of `sandbox/`.
@@ -164,6 +167,18 @@ class DataVersions:
             version, st = hash_file(real)
         except OSError as exc:
             raise CatalogError(f"{dataset.source}: location: {real} cannot be read: {exc.strerror}") from None
+        with self._lock:
+            previous = self._known.get(dataset.id)
+        if previous is None or previous.version != version:
+            # A new version (or the first): its schema must still match the entry, or
+            # every query on it would fail mid-release instead of being refused cleanly.
+            try:
+                catalog.check_data(dataset)
+            except CatalogError:
+                raise
+            except Exception as exc:  # polars on a file that is not Parquet
+                first = str(exc).split("\n", 1)[0]
+                raise CatalogError(f"{dataset.source}: location: {real} is not a readable Parquet file: {first}")
         with self._lock:
             self._datasets[dataset.id] = dataset
             self._known[dataset.id] = _Known(self._signature(st), version, self._clock())
