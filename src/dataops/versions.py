@@ -120,6 +120,7 @@ class DataVersions:
         self._known: dict[str, _Known] = {}  # dataset id -> its last hash
         self._datasets: dict[str, Dataset] = {}
         self._refused: set[str] = set()  # entries found to share their content with another
+        self._hash_locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
 
     def of(self, dataset: Dataset) -> str:
@@ -145,22 +146,35 @@ class DataVersions:
 
     def _version(self, dataset: Dataset, fresh: bool) -> str:
         real = inside_sandbox(dataset)
-        if not fresh:
-            try:
-                signature = self._signature(os.stat(real))
-            except OSError as exc:
-                raise CatalogError(f"{dataset.source}: location: {real} cannot be read: {exc.strerror}") from None
-            with self._lock:
-                known = self._known.get(dataset.id)
-                refused = dataset.id in self._refused
-            if (
-                not refused  # a refused entry is hashed every time, until it is fixed
-                and known is not None
-                and known.signature == signature
-                and self._clock() - known.hashed_at < self.recheck_seconds
-            ):
-                return known.version
-        return self._hash(dataset, real)
+        if fresh:
+            return self._hash(dataset, real)
+        cached = self._cached(dataset, real)
+        if cached is not None:
+            return cached
+        with self._hashing(dataset.id):  # concurrent requests after a change: one hash
+            cached = self._cached(dataset, real)
+            return cached if cached is not None else self._hash(dataset, real)
+
+    def _cached(self, dataset: Dataset, real: Path) -> str | None:
+        try:
+            signature = self._signature(os.stat(real))
+        except OSError as exc:
+            raise CatalogError(f"{dataset.source}: location: {real} cannot be read: {exc.strerror}") from None
+        with self._lock:
+            known = self._known.get(dataset.id)
+            refused = dataset.id in self._refused
+        if (
+            not refused  # a refused entry is hashed every time, until it is fixed
+            and known is not None
+            and known.signature == signature
+            and self._clock() - known.hashed_at < self.recheck_seconds
+        ):
+            return known.version
+        return None
+
+    def _hashing(self, dataset_id: str) -> threading.Lock:
+        with self._lock:
+            return self._hash_locks.setdefault(dataset_id, threading.Lock())
 
     def _hash(self, dataset: Dataset, real: Path) -> str:
         try:
