@@ -32,6 +32,12 @@ sandbox: a dataset is never read through a symlink out of `sandbox/`.
 Two catalog entries over the same bytes would be one dataset with two caps (each
 consumer zone spending its own), so they are refused: at load (`check_unique`)
 and whenever a changed file turns out to equal another entry's current version.
+
+Limits: the hash names bytes, not rows. The same rows re-encoded (another
+compression, another row order) are a different file, so a re-encoded copy under a
+second entry is not caught as a duplicate; the operator is trusted not to do that on
+purpose. The engines read by path after the check, so a file swapped in the instant
+between the check and the read is read once; the next request sees the change.
 """
 
 from __future__ import annotations
