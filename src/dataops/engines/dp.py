@@ -506,8 +506,9 @@ class _Compiled:
             frame = frame.filter(self.where)
         dims = [d.prepare() for d in self.dims]
         if stage.units:
-            # Our per-unit step for COUNT_UNITS: one row per unit code and group (the codes
-            # are one per unit, see dataops.engines.prepared).
+            # Our per-unit step for COUNT_UNITS: one row per unit code and group. Two units
+            # whose codes collide only lose rows: a unit still adds or removes at most one
+            # row per group it has rows in (see dataops.engines.prepared).
             return frame.select(pl.col(UNIT_CODE), *dims).unique()
         columns = [*dims, *[pl.col(m.name) for m in self.measures.values()]]
         return frame.select(columns or [pl.col(UNIT_CODE)])

@@ -31,8 +31,9 @@ Why the OpenDP guarantee on the copy is a unit-level guarantee for the data:
   integer code (`UNIT_CODE`): the units' dense rank, put through a random
   permutation drawn for this build and then forgotten, so a code says nothing about
   the id it stands for (an unkeyed hash of an enterprise code could be inverted by
-  hashing the public register). Codes are one per unit: COUNT_UNITS' per-unit step
-  (one row per unit and group) is exact. The truncation itself runs on the real ids.
+  hashing the public register). Codes are one per unit but for 64-bit hash
+  collisions, which only ever drop rows from COUNT_UNITS (see `_build`). The
+  truncation itself runs on the real ids.
   Each bounded measure is also held in the engine's fixed point (a row-by-row step
   that depends on the catalog only).
 
@@ -302,20 +303,23 @@ class PreparedStore:
         stem = f".{path.name}.{os.getpid()}-{uuid.uuid4().hex}"
         temporary, temporary_tag = self.directory / f"{stem}.tmp", self.directory / f"{stem}.tag.tmp"
         try:
+            # Dense codes: the rank 1..n of each unit's 64-bit hash (ranking the hashes is
+            # ten times faster than ranking string ids), then a random permutation nobody
+            # keeps. Two ids whose hashes collide (odds about n^2 / 2^65) share a code:
+            # COUNT_UNITS' per-unit step then keeps one row where there were two, so a
+            # unit still adds or removes at most one row per group. The truncation is
+            # done on the real ids above, where a collision could displace rows.
             truncated = (
                 pl.scan_parquet(dataset.path)
                 .filter(pl.int_range(pl.len()).over(unit) < k)
-                .select(pl.col(unit), *prepared_columns(dataset))
+                .select(pl.col(unit).hash().rank("dense").alias(UNIT_CODE), *prepared_columns(dataset))
                 .collect()
             )
-            # Dense codes: rank 1..n over the ids (0 for a null id, one unit as in the
-            # truncation), then a random permutation nobody keeps.
-            ranks = truncated[unit].rank("dense").fill_null(0).cast(pl.UInt64).to_numpy()
+            ranks = truncated[UNIT_CODE].cast(pl.UInt64).to_numpy()
             size = int(ranks.max()) + 1 if len(ranks) else 1
             permutation = np.random.default_rng(secrets.randbits(128)).permutation(size).astype(np.uint64)
             frame = (
-                truncated.drop(unit)
-                .with_columns(pl.Series(UNIT_CODE, permutation[ranks], dtype=pl.UInt64))
+                truncated.with_columns(pl.Series(UNIT_CODE, permutation[ranks], dtype=pl.UInt64))
                 .select(pl.col(UNIT_CODE), pl.exclude(UNIT_CODE))
                 # One unit's rows adjacent: COUNT_UNITS' per-unit step is several times faster.
                 .sort(UNIT_CODE, maintain_order=True)
