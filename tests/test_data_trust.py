@@ -14,11 +14,13 @@ from pathlib import Path
 
 import grpc
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from dataops import catalog as catalog_module
 from dataops.catalog import load_catalog
-from dataops.client import Client, DataopsClientError, count
+from dataops.client import Client, DataopsClientError, count, total
 from dataops.errors import CatalogError
 from dataops.server import build_server
 from dataops.versions import DataVersions
@@ -152,6 +154,46 @@ def test_a_file_replaced_by_one_that_no_longer_fits_its_entry_is_refused(private
     assert err.reason == "DATASET_UNAVAILABLE" and "size_band" not in err.message
     target.write_bytes(b"not parquet at all")
     assert refused(lambda: counts(client(), variant=2)).reason == "DATASET_UNAVAILABLE"
+
+
+def fixed_width(table, path: Path) -> None:
+    """Plain encoding, no statistics: changing an integer column keeps the file's size."""
+    pq.write_table(table, path, compression="none", use_dictionary=False, write_statistics=False)
+
+
+@ON_OFF
+def test_a_release_on_replaced_data_is_not_reused_even_with_the_same_size_and_mtime(private, started, monkeypatch,
+                                                                                    control):  # fmt: skip
+    """Attack: replace the registry with other data of the same size and mtime; a server
+    that knows files by (size, mtime) keeps answering from releases made on the old data.
+    Control: data versions are content hashes, re-hashed when inode or ctime change."""
+    target = private.paths.sandbox / "finance" / f"{CREDIT}.parquet"
+    table = pq.read_table(target)
+    fixed_width(table, target)
+    server, client = started(private)
+    if control == "off":
+        monkeypatch.setattr(server.sandbox.versions, "_signature", lambda st: (st.st_size, st.st_mtime_ns))
+        monkeypatch.setattr(server.sandbox.versions, "recheck_seconds", float("inf"))
+
+    def penalties():
+        return client().query(CREDIT, aggregates=[total("penalties", "p")], mode="dp", epsilon=1.0)
+
+    before = os.stat(target)
+    first = penalties()
+    zeroed = table.set_column(table.schema.get_field_index("penalties"), "penalties",
+                              pa.array([0] * table.num_rows, table.schema.field("penalties").type))
+    replacement = target.with_name(".new")
+    fixed_width(zeroed, replacement)
+    os.utime(replacement, ns=(before.st_atime_ns, before.st_mtime_ns))
+    os.replace(replacement, target)
+    after = os.stat(target)
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    second = penalties()
+    if control == "on":  # a new data version: a new release, on the new data, paid for
+        assert not second.reused and abs(second.frame["p"][0]) < 200 < first.frame["p"][0]
+        assert server.ledger.spent("city-bank", CREDIT)[0] == pytest.approx(2.0)
+    else:  # the stale release of the old data
+        assert second.reused and second.frame.equals(first.frame)
 
 
 # --- one cap per content ----------------------------------------------------------------------
