@@ -307,8 +307,8 @@ class PreparedStore:
             # ten times faster than ranking string ids), then a random permutation nobody
             # keeps. Two ids whose hashes collide (odds about n^2 / 2^65) share a code:
             # COUNT_UNITS' per-unit step then keeps one row where there were two, so a
-            # unit still adds or removes at most one row per group. The truncation is
-            # done on the real ids above, where a collision could displace rows.
+            # unit still adds or removes at most one row per group. The truncation (the
+            # filter) runs on the real ids, where a collision could displace rows.
             truncated = (
                 pl.scan_parquet(dataset.path)
                 .filter(pl.int_range(pl.len()).over(unit) < k)
