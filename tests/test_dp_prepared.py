@@ -287,6 +287,7 @@ def test_the_service_and_the_store_share_one_data_version_per_dataset(sandbox_di
     assert store.source(dataset).data_version == sandbox.versions.of(dataset) == hashlib.sha256(
         dataset.path.read_bytes()).hexdigest()
     sandbox.ledger.close()
+    sandbox.close()
 
 
 # --- authenticated copies ------------------------------------------------------------------
