@@ -348,9 +348,12 @@ def test_a_tag_made_with_another_secret_is_refused(crowd: Dataset, tmp_path: Pat
     assert PreparedStore(state).source(crowd).path.read_bytes() != built  # rebuilt (new codes)
 
 
-def test_the_secret_is_private_to_the_server(crowd: Dataset, tmp_path: Path) -> None:
+def test_the_secret_and_the_copies_are_private_to_the_server(crowd: Dataset, tmp_path: Path) -> None:
     state = tmp_path / "state"
+    (state / "prepared").mkdir(parents=True, mode=0o777)
+    (state / "prepared").chmod(0o777)
     PreparedStore(state)
+    assert stat.S_IMODE((state / "prepared").stat().st_mode) == 0o700  # nobody else can plant a copy
     key = state / "prepared.key"
     assert stat.S_IMODE(key.stat().st_mode) == 0o600 and len(key.read_bytes()) == 32
     key.chmod(0o644)

@@ -53,8 +53,12 @@ right names and metadata) is rebuilt, never read. The check runs when a copy is 
 used in a process and again whenever the copy's stat signature (inode, size, mtime,
 ctime) changes; the data itself is hashed afresh (`DataVersions.verify`) each time a
 copy is adopted, so a copy is never trusted for a version it was not made from.
-Between that check and polars reading the file, a writer with access to `prepared/`
-could still swap it; closing that window would mean holding copies in memory.
+`prepared/` itself is kept private to the server's user (mode 0700), so no other user
+can plant a file there while it runs; the tag catches copies that arrive by other ways
+(a restored backup, a copy from another host, an edit while the server was stopped).
+Between the check and polars reading the file, a writer who can write `prepared/`
+anyway (the server's own user) could still swap it; that user can read the secret too,
+which is the compromised host the threat model leaves out.
 
 Copies are written to a temporary file and renamed into place, built under a
 per-dataset lock (concurrent first queries wait for one build), and older versions of
@@ -166,6 +170,7 @@ class PreparedStore:
         self.versions = versions if versions is not None else DataVersions()
         self.authenticate = authenticate
         self._secret = load_secret(Path(state_dir) / SECRET_NAME)
+        self._private_directory()
         self._guard = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
         self._ready: dict[str, tuple[PreparedSource, tuple]] = {}  # id -> (copy, its stat signature)
@@ -254,6 +259,14 @@ class PreparedStore:
             unchanged = False
         return ready[0] if unchanged else None
 
+    def _private_directory(self) -> None:
+        """`prepared/` is the server user's alone (0700): no other user can plant a file in it."""
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = self.directory.stat()
+        if st.st_uid == os.getuid() and st.st_mode & 0o077:
+            log.warning("%s was open to other users (mode %o); making it 0700", self.directory, st.st_mode & 0o777)
+            self.directory.chmod(0o700)
+
     def _lock_for(self, dataset_id: str) -> threading.Lock:
         with self._guard:
             return self._locks.setdefault(dataset_id, threading.Lock())
@@ -299,7 +312,7 @@ class PreparedStore:
         """Truncate each unit to its first k rows (real unit ids, file order), code the
         units, keep only usable columns, write atomically with an authenticated tag."""
         unit, k = dataset.unit_column, dataset.max_rows_per_unit
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self._private_directory()
         stem = f".{path.name}.{os.getpid()}-{uuid.uuid4().hex}"
         temporary, temporary_tag = self.directory / f"{stem}.tmp", self.directory / f"{stem}.tag.tmp"
         try:
