@@ -318,7 +318,8 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 def print_description(description: Any, out: Callable[[str], None] = print) -> None:
     d, g = description.dataset, description.grant
     out(f"{d.id} ({d.zone}): {d.title}\n  {d.description}\n  provider {d.provider}; "
-        f"privacy unit {d.privacy_unit} (<= {d.max_rows_per_unit} rows each)")
+        f"privacy unit {d.privacy_unit} " + (f"(<= {d.max_rows_per_unit} rows each)" if d.max_rows_per_unit
+                                               else "(rows per unit not set: DP is off)"))
     out(f"  grant: {g.purpose}, expires {g.expires}, modes {'/'.join(g.modes)}, k = {g.min_group_size}, "
         f"DP budget epsilon {g.epsilon:g} delta {g.delta:g}")
     rows = [(c.name, c.type, c.classification, ",".join(c.allowed_uses) or "-") for c in description.columns]
