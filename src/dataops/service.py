@@ -30,7 +30,7 @@ from dataops.errors import DeadlineExceeded, FieldViolation, InvalidQuery, Reque
 from dataops.ir import MAX_NAME_LENGTH, Mode, Query
 from dataops.ledger import BudgetState, Ledger
 from dataops.policy import Grant, PolicyStore
-from dataops.versions import DataVersions, catalog_terms
+from dataops.versions import DataVersions, Fingerprints, catalog_terms
 from dataops.wire import table_from_ipc, table_to_ipc
 
 
@@ -101,8 +101,10 @@ class Sandbox:
         self.versions = versions
 
     @property
-    def fingerprints(self) -> DataVersions:  # the old name of `versions`
-        return self.versions
+    def fingerprints(self) -> Fingerprints:
+        """Data version and catalog terms together, for stores laid out by the catalog
+        too (subject layouts); everything else keys on `versions.of(dataset)`."""
+        return Fingerprints(self.versions)
 
     def close(self) -> None:
         self._engines.shutdown(wait=False, cancel_futures=True)

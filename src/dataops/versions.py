@@ -233,3 +233,20 @@ class DataVersions:
         with self._lock:
             self._known[dataset.id] = _Known(self._signature(st), version, self._clock())
         return version
+
+
+class Fingerprints:
+    """A dataset's data version together with its catalog terms (`catalog_terms`).
+
+    For stores whose output depends on the catalog entry as well as the data (the
+    subject layouts lay columns out by their catalog type and keys): an edited entry
+    must not reuse a layout made under the old one. Same-content checks, symlink
+    refusal and caching are the underlying `DataVersions`'.
+    """
+
+    def __init__(self, versions: DataVersions | None = None) -> None:
+        self.versions = versions if versions is not None else DataVersions()
+
+    def of(self, dataset: Dataset) -> str:
+        material = [self.versions.of(dataset), catalog_terms(dataset)]
+        return hashlib.sha256(json.dumps(material).encode()).hexdigest()

@@ -87,13 +87,12 @@ from dataops._fs import fsync_dir
 from dataops.catalog import Dataset
 from dataops.engines.dp import PREPARED_LAYOUT, UNIT_CODE, PreparedSource, prepared_columns, require_max_rows
 from dataops.errors import ConfigError, InternalError
-from dataops.versions import DataVersions, hash_file, stat_signature
+from dataops.versions import DataVersions, Fingerprints, hash_file, stat_signature
 
 __all__ = ["DataVersions", "Fingerprints", "PreparedSource", "PreparedStore", "copy_key"]
 
 log = logging.getLogger(__name__)
 
-Fingerprints = DataVersions  # the old name: data versions are content hashes of the file only now
 
 _BUILD_ATTEMPTS = 3  # the dataset file changed while a copy was being built: try again
 _STALE_TEMPORARY_SECONDS = 3600  # a temporary file this old is no build in progress
@@ -178,8 +177,9 @@ class PreparedStore:
         self._warming: list[threading.Thread] = []
 
     @property
-    def fingerprints(self) -> DataVersions:  # the old name
-        return self.versions
+    def fingerprints(self) -> Fingerprints:
+        """Data version and catalog terms together (`dataops.versions.Fingerprints`)."""
+        return Fingerprints(self.versions)
 
     def source(self, dataset: Dataset) -> PreparedSource:
         """The copy of the dataset's current version, built first if there is none."""
