@@ -147,10 +147,16 @@ def test_compile_and_calibrate_read_no_data(claims: Dataset, tmp_path: Path) -> 
 
 
 def test_release_refuses_a_calibration_made_for_a_cheaper_query(claims: Dataset) -> None:
-    cheap = DPQuery.compile(plan_for(claims, [COUNT], epsilon=1.0)).calibrate(Privacy(epsilon=1.0))
-    dear = DPQuery.compile(plan_for(claims, [COUNT, Aggregate(Function.SUM, "amount")], epsilon=1.0))
+    import dataclasses
+
+    # The budget is split by weight, so every query at one scale costs the same: a
+    # calibration that claims less than its scale costs (another query's, a forged one)
+    # is what release must refuse.
+    query = DPQuery.compile(plan_for(claims, [COUNT, Aggregate(Function.SUM, "amount")], epsilon=1.0))
+    calibration = query.calibrate(Privacy(epsilon=1.0))
+    cheap = dataclasses.replace(calibration, cost=dataclasses.replace(calibration.cost, epsilon=0.5))
     with pytest.raises(InternalError):
-        dear.release(cheap)
+        query.release(cheap)
 
 
 # --- group keys ----------------------------------------------------------------------

@@ -84,9 +84,14 @@ def test_both_forms_lose_the_same_epsilon_at_any_scale(claims, source, aggregate
 
 
 def test_a_grouped_count_costs_k_over_the_scale_in_both_forms(claims, source) -> None:
+    # Noise scales are global_scale times each term's unit, and the unit makes the whole
+    # query cost 1 / global_scale; for a grouped count the unit is k (its sensitivity).
     k = claims.max_rows_per_unit
     identifier, prepared = losses(claims, source, [COUNT], ["age_band"], scale=8.0)
-    assert identifier.epsilon == prepared.epsilon == pytest.approx(k / 8.0)
+    assert identifier.epsilon == prepared.epsilon == pytest.approx(1 / 8.0)
+    plan = plan_for(claims, [COUNT], ["age_band"], epsilon=1.0)
+    for form in (DPQuery.compile(plan), DPQuery.compile(plan, source=source)):
+        assert form._compiled.stages[0].scales == (pytest.approx(k),)
 
 
 def test_private_keys_lose_the_same_epsilon_and_delta(claims, source) -> None:
@@ -107,11 +112,13 @@ def test_calibrations_agree_so_estimates_and_releases_agree(claims, source) -> N
 
 
 def test_release_refuses_a_calibration_made_for_a_cheaper_query(claims, source) -> None:
-    cheap = DPQuery.compile(plan_for(claims, [COUNT], epsilon=1.0), source=source)
-    cheap = cheap.calibrate(Privacy(epsilon=1.0))
-    dear = DPQuery.compile(plan_for(claims, [COUNT, SUM], epsilon=1.0), source=source)
+    import dataclasses
+
+    query = DPQuery.compile(plan_for(claims, [COUNT, SUM], epsilon=1.0), source=source)
+    calibration = query.calibrate(Privacy(epsilon=1.0))
+    cheap = dataclasses.replace(calibration, cost=dataclasses.replace(calibration.cost, epsilon=0.5))
     with pytest.raises(InternalError):
-        dear.release(cheap)
+        query.release(cheap)
 
 
 def test_a_copy_made_under_another_cap_is_refused(claims, source) -> None:

@@ -33,6 +33,10 @@ MAX_STRING_LENGTH = 1024  # a string filter value
 # The most one query may spend. Beyond it DP noise protects nothing, and OpenDP's
 # privacy maps overflow (they compute exp(epsilon)); a grant's budget is far smaller.
 MAX_EPSILON = 100.0
+# An aggregate's budget weight is relative; this keeps the ratio of two weights sane.
+MAX_WEIGHT = 1e6
+# The most rows per unit a query may state (catalog caps are far smaller).
+MAX_ROWS_PER_UNIT = 2**31 - 1
 # Output names starting with these are the engines' own working columns.
 RESERVED_PREFIXES = ("_", "#")
 
@@ -158,6 +162,9 @@ class Aggregate:
     column: str | None = None
     quantile: float | None = None
     alias: str = ""
+    # DP only: this aggregate's share of the query's epsilon, relative to the others'
+    # (None: the default by kind, see dataops.engines.dp.default_weight).
+    weight: float | None = None
 
     @property
     def name(self) -> str:
@@ -187,6 +194,10 @@ class Aggregate:
                 raise _invalid(f"{path}.quantile", "must lie strictly between 0 and 1")
         elif self.quantile:
             raise _invalid(f"{path}.quantile", "only a quantile aggregate takes a quantile")
+        if self.weight is not None and not (
+            isinstance(self.weight, (int, float)) and math.isfinite(self.weight) and 0 < self.weight <= MAX_WEIGHT
+        ):
+            raise _invalid(f"{path}.weight", f"must be a number > 0 and at most {MAX_WEIGHT:g}")
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"function": self.function.value, "name": self.name}
@@ -194,16 +205,77 @@ class Aggregate:
             out["column"] = self.column
         if self.function is Function.QUANTILE:
             out["quantile"] = self.quantile
+        if self.weight is not None:
+            out["weight"] = self.weight
+        return out
+
+
+@dataclass(frozen=True)
+class MeasureTerms:
+    """A DP query's own clipping terms for one measure, inside the catalog's.
+
+    lower/upper None: the catalog's. auto_clip_share > 0: spend that share of the
+    query's epsilon on a DP quantile (auto_clip_quantile) of the measure, and clip
+    at it instead of `upper` (which must then be None). The terms are public: they
+    are part of the canonical query. Whether they lie inside the catalog's bounds is
+    checked against the catalog by the DP engine.
+    """
+
+    column: str
+    lower: float | None = None
+    upper: float | None = None
+    auto_clip_share: float = 0.0
+    auto_clip_quantile: float = 0.99
+
+    def validate(self, path: str) -> None:
+        _check_name(self.column, f"{path}.column")
+        for end in ("lower", "upper"):
+            value = getattr(self, end)
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
+                raise _invalid(f"{path}.{end}", "must be a finite number")
+        if self.lower is not None and self.upper is not None and self.lower > self.upper:
+            raise _invalid(f"{path}.lower", "must not exceed upper")
+        share, q = self.auto_clip_share, self.auto_clip_quantile
+        if not (isinstance(share, (int, float)) and math.isfinite(share) and 0 <= share < 1):
+            raise _invalid(f"{path}.auto_clip_share", "must lie in [0, 1)")
+        if share and self.upper is not None:
+            raise _invalid(f"{path}.upper", "automatic clipping chooses the upper bound; leave it unset")
+        if not (isinstance(q, (int, float)) and math.isfinite(q) and 0 < q < 1):
+            raise _invalid(f"{path}.auto_clip_quantile", "must lie strictly between 0 and 1")
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"column": self.column}
+        if self.lower is not None:
+            out["lower"] = self.lower
+        if self.upper is not None:
+            out["upper"] = self.upper
+        if self.auto_clip_share:
+            out["auto_clip"] = {"share": self.auto_clip_share, "quantile": self.auto_clip_quantile}
         return out
 
 
 @dataclass(frozen=True)
 class Privacy:
-    """How much a DP query may spend: an epsilon, or a target 95% half-width."""
+    """How much a DP query may spend (an epsilon, or a target 95% half-width), and on what terms.
+
+    max_rows_per_unit and measures tighten the catalog's contribution bound and clipping
+    bounds for this query (None / empty: the catalog's). consistent asks for a table of
+    non-negative integer counts and sums whose rows add up to a released total.
+    """
 
     epsilon: float | None = None
     delta: float = 0.0
     target_half_width: float | None = None
+    max_rows_per_unit: int | None = None
+    measures: tuple[MeasureTerms, ...] = ()
+    consistent: bool = False
+
+    def terms_for(self, column: str) -> MeasureTerms | None:
+        return next((m for m in self.measures if m.column == column), None)
+
+    @property
+    def auto_clipped(self) -> tuple[MeasureTerms, ...]:
+        return tuple(m for m in self.measures if m.auto_clip_share)
 
     def validate(self, path: str) -> None:
         if self.epsilon is not None and self.target_half_width is not None:
@@ -222,6 +294,24 @@ class Privacy:
             and self.target_half_width > 0
         ):
             raise _invalid(f"{path}.target_half_width", "must be a finite number > 0")
+        k = self.max_rows_per_unit
+        if k is not None and not (isinstance(k, int) and not isinstance(k, bool) and 0 < k <= MAX_ROWS_PER_UNIT):
+            raise _invalid(f"{path}.max_rows_per_unit", f"must be a whole number > 0 and at most {MAX_ROWS_PER_UNIT}")
+        seen: set[str] = set()
+        for i, terms in enumerate(self.measures):
+            if not isinstance(terms, MeasureTerms):
+                raise _invalid(f"{path}.measures[{i}]", "must be measure terms")
+            terms.validate(f"{path}.measures[{i}]")
+            if terms.column in seen:
+                raise _invalid(f"{path}.measures[{i}].column", "states terms for a column twice")
+            seen.add(terms.column)
+        share = sum(m.auto_clip_share for m in self.measures)
+        if share >= 1:
+            raise _invalid(f"{path}.measures", "the automatic clipping shares add up to 1 or more")
+        if share and self.target_half_width is not None:
+            raise _invalid(f"{path}.target_half_width", "automatic clipping needs epsilon")
+        if not isinstance(self.consistent, bool):
+            raise _invalid(f"{path}.consistent", "must be true or false")
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"delta": self.delta}
@@ -229,6 +319,13 @@ class Privacy:
             out["epsilon"] = self.epsilon
         if self.target_half_width is not None:
             out["target_half_width"] = self.target_half_width
+        # Public terms of the release: another row bound or clip is another question.
+        if self.max_rows_per_unit is not None:
+            out["max_rows_per_unit"] = self.max_rows_per_unit
+        if self.measures:
+            out["measures"] = sorted((m.to_json() for m in self.measures), key=lambda m: m["column"])
+        if self.consistent:
+            out["consistent"] = True
         return out
 
 
@@ -273,8 +370,13 @@ class Query:
             if self.privacy is None:
                 raise _invalid("query.privacy", "a DP query needs privacy parameters")
             self.privacy.validate("query.privacy")
+            for i, terms in enumerate(self.privacy.measures):
+                if not any(a.column == terms.column for a in self.aggregates):
+                    raise _invalid(f"query.privacy.measures[{i}].column", "is not a measure of this query")
         elif self.privacy is not None:
             raise _invalid("query.privacy", "privacy parameters apply to DP queries only")
+        if self.mode is not Mode.DP and any(a.weight is not None for a in self.aggregates):
+            raise _invalid("query.aggregates", "budget weights apply to DP queries only")
         object.__setattr__(self, "_canonical", json.dumps(self.to_json(), sort_keys=True, separators=(",", ":")))
 
     @property

@@ -56,6 +56,9 @@ class Dominance:
     percent: float = 85.0
 
 
+ACCOUNTINGS = ("pure", "zcdp")
+
+
 @dataclass(frozen=True)
 class GrantBudget:
     epsilon: float
@@ -73,6 +76,10 @@ class Grant:
     dominance: Dominance
     budget: GrantBudget
     columns: Mapping[str, frozenset[Use]]
+    # How DP releases on this grant are noised and accounted: "pure" (Laplace noise,
+    # epsilon-DP) or "zcdp" (Gaussian noise, zero-concentrated DP converted by OpenDP
+    # to the (epsilon, delta) the ledger debits; see dataops.engines.dp).
+    accounting: str = "pure"
 
     def uses(self, column: str) -> frozenset[Use]:
         return self.columns.get(column, frozenset())
@@ -211,7 +218,12 @@ def _load_grant(table: Table, zone: str, catalog: Catalog) -> Grant:
         dominance=dominance,
         budget=budget,
         columns=MappingProxyType(_load_columns(table.table("columns"), dataset)),
+        accounting=table.str("accounting", "pure"),
     )
+    if grant.accounting not in ACCOUNTINGS:
+        raise table.fail("accounting", f"must be one of {', '.join(ACCOUNTINGS)}, got {grant.accounting!r}")
+    if grant.accounting == "zcdp" and budget.delta == 0:
+        raise budget_table.fail("delta", "a zcdp grant needs delta > 0: zCDP is converted to (epsilon, delta)")
     table.reject_unknown()
     return grant
 

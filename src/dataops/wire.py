@@ -92,7 +92,7 @@ def query_from_proto(message: q.Query) -> ir.Query:
         if function is None:
             raise _invalid(f"query.aggregates[{i}].function", "an aggregate function is required")
         quantile = a.quantile if function is ir.Function.QUANTILE else (a.quantile or None)
-        aggregates.append(ir.Aggregate(function, a.column or None, quantile, a.alias))
+        aggregates.append(ir.Aggregate(function, a.column or None, quantile, a.alias, a.weight or None))
     mode = MODES.get(message.mode)
     if mode is None:
         raise _invalid("query.mode", "QUERY_MODE_AGGREGATE or QUERY_MODE_DP is required")
@@ -112,7 +112,29 @@ def _privacy_from_proto(message: q.Query | q.SqlQuery) -> ir.Privacy | None:
     if not message.HasField("privacy"):
         return None
     p = message.privacy
-    return ir.Privacy(epsilon=p.epsilon or None, delta=p.delta, target_half_width=p.target_half_width or None)
+    measures = tuple(
+        ir.MeasureTerms(
+            column=m.column,
+            lower=m.lower if m.HasField("lower") else None,
+            upper=m.upper if m.HasField("upper") else None,
+            auto_clip_share=m.auto_clip_share,
+            auto_clip_quantile=m.auto_clip_quantile or 0.99,
+        )
+        for m in p.measures
+    )
+    return ir.Privacy(
+        epsilon=p.epsilon or None, delta=p.delta, target_half_width=p.target_half_width or None,
+        max_rows_per_unit=p.max_rows_per_unit or None, measures=measures, consistent=p.consistent,
+    )
+
+
+def _measure_terms_to_proto(m: ir.MeasureTerms) -> q.MeasureTerms:
+    out = q.MeasureTerms(column=m.column, auto_clip_share=m.auto_clip_share, auto_clip_quantile=m.auto_clip_quantile)
+    if m.lower is not None:
+        out.lower = m.lower
+    if m.upper is not None:
+        out.upper = m.upper
+    return out
 
 
 def sql_query_from_proto(message: q.SqlQuery, unit_column: sql.UnitColumn | None = None) -> ir.Query:
@@ -148,6 +170,7 @@ def query_to_proto(query: ir.Query) -> q.Query:
                 column=a.column or "",
                 quantile=a.quantile or 0.0,
                 alias=a.alias,
+                weight=a.weight or 0.0,
             )
             for a in query.aggregates
         ],
@@ -160,6 +183,9 @@ def query_to_proto(query: ir.Query) -> q.Query:
                 epsilon=query.privacy.epsilon or 0.0,
                 delta=query.privacy.delta,
                 target_half_width=query.privacy.target_half_width or 0.0,
+                max_rows_per_unit=query.privacy.max_rows_per_unit or 0,
+                measures=[_measure_terms_to_proto(m) for m in query.privacy.measures],
+                consistent=query.privacy.consistent,
             )
         )
     return message

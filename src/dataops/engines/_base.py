@@ -26,6 +26,7 @@ class Plan:
 # them: stable tokens a client can compare, not prose.
 MECHANISM_DISCRETE_LAPLACE = "discrete_laplace"  # counts, sums; a mean's sum and count
 MECHANISM_EXPONENTIAL = "exponential"  # quantiles (OpenDP's exponential mechanism)
+MECHANISM_DISCRETE_GAUSSIAN = "discrete_gaussian"  # counts, sums, a mean's parts on a zCDP grant
 
 
 @dataclass(frozen=True)

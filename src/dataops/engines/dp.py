@@ -105,6 +105,7 @@ from opendp.mod import OpenDPException
 
 from dataops.catalog import Column, ColumnType, Dataset
 from dataops.engines._base import (
+    MECHANISM_DISCRETE_GAUSSIAN,
     MECHANISM_DISCRETE_LAPLACE,
     MECHANISM_EXPONENTIAL,
     AggregateAccuracy,
@@ -113,7 +114,7 @@ from dataops.engines._base import (
     predicate,
     scan,
 )
-from dataops.errors import InternalError, InvalidQuery, LimitExceeded, PolicyDenied
+from dataops.errors import FieldViolation, InternalError, InvalidQuery, LimitExceeded, PolicyDenied
 from dataops.ir import MAX_EPSILON, Aggregate, Function, Mode, Privacy, Query
 
 # "honest-but-curious": OnceFrame.lazy(), see the module docstring.
@@ -141,6 +142,25 @@ _ATOMS = {
     pl.String: "String", pl.Int64: "i64", pl.Float64: "f64", pl.Boolean: "bool", pl.Date: "NaiveDate",
     pl.UInt64: "u64",
 }  # fmt: skip
+
+
+# Default budget weights by kind (Aggregate.weight overrides). A quantile's error falls
+# slowly with epsilon (the exponential mechanism only has to pick a good rank), so it
+# gets less; a mean is a sum and a count of known values, whose ratio's error is
+# dominated by the sum's noise, so its share goes 3:1 to the sum.
+DEFAULT_WEIGHTS = {
+    Function.COUNT: 1.0,
+    Function.COUNT_UNITS: 1.0,
+    Function.SUM: 1.0,
+    Function.MEAN: 1.5,
+    Function.QUANTILE: 0.5,
+}
+MEAN_SUM_SHARE = 0.75
+_THRESHOLD_WEIGHT = 0.5  # the hidden row count private keys are thresholded on
+
+
+def default_weight(aggregate: Aggregate) -> float:
+    return aggregate.weight if aggregate.weight is not None else DEFAULT_WEIGHTS[aggregate.function]
 
 
 @dataclass(frozen=True)
@@ -187,6 +207,8 @@ class Calibration:
     threshold: int | None  # private keys: a group is released if its noisy count exceeds this
     cost: Cost
     accuracy: tuple[AggregateAccuracy, ...]  # one per aggregate, in query order, 95% half-width
+    rho: float | None = None  # zCDP grants: the query's rho, of which cost is OpenDP's conversion
+    notes: tuple[str, ...] = ()  # public facts about the terms, e.g. that clipping may bias
 
 
 @dataclass(frozen=True)
@@ -265,14 +287,29 @@ class DPQuery:
         self._compiled = compiled
 
     @classmethod
-    def compile(cls, plan: Plan, source: PreparedSource | None = None) -> DPQuery:
+    def compile(
+        cls,
+        plan: Plan,
+        source: PreparedSource | None = None,
+        *,
+        clip_uppers: dict[str, float] | None = None,
+        enforce_row_bound: bool = True,
+    ) -> DPQuery:
         """Build the measurement structure; reads no data.
 
         With a prepared source, release reads that copy, whose contribution bounds are
         already enforced (the fast path); without one, it reads the dataset and every
-        plan truncates each unit itself.
+        plan truncates each unit itself. clip_uppers: upper clips chosen by automatic
+        clipping (dataops.engines.dp_autoclip), inside the query's terms.
+        enforce_row_bound=False is the control switched off, for the test that shows
+        what it stops: a query's smaller row bound is then assumed, not enforced.
         """
-        return cls(_Compiled(plan, source))
+        return cls(_Compiled(plan, source, clip_uppers or {}, enforce_row_bound))
+
+    @property
+    def terms(self) -> dict[str, tuple[float, float]]:
+        """The clipping bounds each measure is released under (data units)."""
+        return {name: m.bounds for name, m in self._compiled.measures.items()}
 
     def calibrate(self, privacy: Privacy) -> Calibration:
         """The scale (and threshold) for a privacy budget or an accuracy target; reads no data.
@@ -284,6 +321,17 @@ class DPQuery:
         """
         c = self._compiled
         c.check_delta(privacy)
+        if c.zcdp:
+            if privacy.epsilon is None:
+                raise InvalidQuery(
+                    "a zcdp grant takes epsilon, not target_half_width", rule="dp.zcdp",
+                    field_violations=(FieldViolation("query.privacy.target_half_width", "not on a zcdp grant"),),
+                )
+            scale = c.scale_for_zcdp(privacy.epsilon, privacy.delta)
+            measurements = c.build(scale, None)
+            return Calibration(
+                scale, None, c.cost(measurements), c.accuracy(measurements), c.rho(measurements), c.notes
+            )
         if privacy.epsilon is not None:
             scale = c.scale_for(privacy.epsilon)
         elif privacy.target_half_width is not None:
@@ -299,7 +347,7 @@ class DPQuery:
             raise InvalidQuery("a DP query needs epsilon or target_half_width", rule="dp.privacy")
         threshold = c.threshold_for(scale, privacy.delta) if c.private_keys else None
         measurements = c.build(scale, threshold)
-        return Calibration(scale, threshold, c.cost(measurements), c.accuracy(measurements))
+        return Calibration(scale, threshold, c.cost(measurements), c.accuracy(measurements), notes=c.notes)
 
     def release(self, calibration: Calibration) -> EngineResult:
         """Run the measurements on the data: the only step that reads it."""
@@ -317,20 +365,43 @@ class DPQuery:
 
 
 @dataclass(frozen=True)
-class _Stage:
-    """One measurement: a plan on an empty frame, its input domain and metric, and d_in."""
+class _Term:
+    """One noisy output column: how to make it at a noise scale, and its budget weight."""
 
-    plan: pl.LazyFrame
+    name: str
+    make: Any  # Callable[[float], pl.Expr]: the OpenDP expression at this noise scale
+    weight: float
+
+
+@dataclass(frozen=True)
+class _Stage:
+    """One measurement: its input plan on an empty frame, noisy terms, domain, metric, d_in.
+
+    Each term's noise scale is global_scale * unit: `unit` makes the term's share of the
+    loss its weight's share (see `_Compiled._units`), so every loss is still
+    reference / global_scale (pure) or reference / global_scale^2 (zCDP).
+    """
+
+    frame: pl.LazyFrame  # the truncated (or per-unit) input, before the aggregation
+    terms: tuple[_Term, ...]
     domain: Any
     metric: Any
     d_in: Any  # one privacy unit added or removed, in the metric's terms
     units: bool  # the input is one row per unit and group (COUNT_UNITS), not the rows
+    unit_column: str | None = None  # the input keeps this unit column (identifier form)
+    scales: tuple[float, ...] = ()  # per term, set by _Compiled._units
 
 
 class _Compiled:
     """The OpenDP side of a query: plans over an empty frame, and their privacy maps."""
 
-    def __init__(self, plan: Plan, source: PreparedSource | None = None) -> None:
+    def __init__(
+        self,
+        plan: Plan,
+        source: PreparedSource | None = None,
+        clip_uppers: dict[str, float] | None = None,
+        enforce_row_bound: bool = True,
+    ) -> None:
         query, dataset = plan.query, plan.dataset
         if query.mode is not Mode.DP or query.privacy is None:
             raise InternalError("the DP engine got a query that is not in DP mode")
@@ -344,10 +415,25 @@ class _Compiled:
         _check_columns(query, dataset)
         self.query = query
         self.dataset = dataset
+        self.k = _row_bound(query.privacy, dataset)  # the rows per unit this query is bounded to
+        self.enforce_row_bound = enforce_row_bound
+        self.zcdp = plan.grant.accounting == "zcdp"
         self.where = predicate(dataset, query.filters)  # validates filter values now
         self.dims = tuple(_dimension(dataset, name) for name in query.group_by)
         self.private_keys = any(d.keys is None for d in self.dims)
         self.check_delta(query.privacy)
+        if self.zcdp and self.private_keys:
+            name = next(d.column for d in self.dims if d.keys is None)
+            raise InvalidQuery(
+                f"grouping by {name!r} has no public key set: a zcdp grant releases public key sets only",
+                rule="dp.zcdp", column=name,
+            )
+        if self.zcdp and query.privacy.delta <= 0:
+            raise InvalidQuery(
+                "a zcdp grant converts each release to (epsilon, delta): pass delta > 0",
+                rule="dp.zcdp",
+                field_violations=(FieldViolation("query.privacy.delta", "must be > 0 on a zcdp grant"),),
+            )
         if self.dims and not self.private_keys:
             groups = math.prod(len(d.keys) for d in self.dims)
             if groups > plan.max_output_rows:
@@ -365,14 +451,24 @@ class _Compiled:
                         rule="dp.accuracy-target",
                         column=a.column,
                     )
-        self.measures = {a.column: _measure(dataset, a) for a in query.aggregates if a.column}
+        self.measures = {
+            a.column: _measure(dataset, a, query.privacy, (clip_uppers or {}).get(a.column))
+            for a in query.aggregates if a.column
+        }
         self.quantiles = any(a.function is Function.QUANTILE for a in query.aggregates)
+        self.notes = _notes(dataset, self.measures, self.k)
 
         self.unit_dtype = _DTYPES[dataset.columns[dataset.unit_column].type]
-        self.measure = dp.approximate(dp.max_divergence()) if self.private_keys else dp.max_divergence()
-        self.stages = self._stages()
-        # The loss at scale 1 (epsilon part): every other scale is a division away.
-        self.reference_epsilon = self._epsilon_at(1.0)
+        if self.zcdp:
+            self.measure = dp.zero_concentrated_divergence()  # Gaussian noise
+        else:
+            self.measure = dp.approximate(dp.max_divergence()) if self.private_keys else dp.max_divergence()
+        stages = self._stages()
+        total_weight = sum(t.weight for stage in stages for t in stage.terms)
+        self.stages = [self._units(stage, total_weight) for stage in stages]
+        # The loss at scale 1 (epsilon part; rho on a zCDP grant): every other scale is a
+        # division away.
+        self.reference_epsilon = self._rho_at(1.0) if self.zcdp else self._epsilon_at(1.0)
 
     def check_delta(self, privacy: Privacy) -> None:
         """Private group keys can only be released with delta > 0."""
@@ -389,50 +485,60 @@ class _Compiled:
 
     def _stages(self) -> list[_Stage]:
         """One measurement for the rows and one for COUNT_UNITS, as the query needs."""
-        row_aggs = [self._expr(a) for a in self.query.aggregates if a.function is not Function.COUNT_UNITS]
-        unit_aggs = [self._expr(a) for a in self.query.aggregates if a.function is Function.COUNT_UNITS]
-        if row_aggs:
+        row_terms = [t for a in self.query.aggregates if a.function is not Function.COUNT_UNITS for t in self._terms(a)]
+        unit_terms = [t for a in self.query.aggregates if a.function is Function.COUNT_UNITS for t in self._terms(a)]
+        if row_terms:
             if self.private_keys and not any(a.function is Function.COUNT for a in self.query.aggregates):
                 # OpenDP thresholds on a noisy row count; add one (it is paid for, not shown).
                 hidden = _HIDDEN_LEN
                 while hidden in {a.name for a in self.query.aggregates}:
                     hidden += "_"
-                row_aggs.append(dp.len(signed=True).alias(hidden))
+                row_terms.append(_Term(hidden, _len_term(hidden), _THRESHOLD_WEIGHT))
         if self.source is None:
-            return self._identifier_stages(row_aggs, unit_aggs)
-        return self._prepared_stages(row_aggs, unit_aggs)
+            return self._identifier_stages(row_terms, unit_terms, self.dataset.unit_column, self.unit_dtype)
+        if self.k < self.dataset.max_rows_per_unit:
+            if self.enforce_row_bound:
+                # A tighter row bound than the copy's: OpenDP truncates each unit again, by
+                # its (dense, one per unit) code, and derives d_in from that truncation.
+                return self._identifier_stages(row_terms, unit_terms, UNIT_CODE, pl.UInt64)
+            # The control switched off (tests only): the bound is assumed, not enforced.
+        return self._prepared_stages(row_terms, unit_terms)
 
-    def _identifier_stages(self, row_aggs: list[pl.Expr], unit_aggs: list[pl.Expr]) -> list[_Stage]:
-        """Over the dataset itself: every plan truncates each unit (OpenDP's identifier form)."""
-        unit, k = self.dataset.unit_column, self.dataset.max_rows_per_unit
+    def _identifier_stages(
+        self, row_terms: list[_Term], unit_terms: list[_Term], unit: str, unit_dtype: pl.DataType
+    ) -> list[_Stage]:
+        """Every plan truncates each unit itself (OpenDP's identifier form)."""
+        k = self.k
         dims = [d.column for d in self.dims]
-        schema = {unit: self.unit_dtype, **self._row_schema()}
+        schema = {unit: unit_dtype, **self._row_schema()}
         domain, metric = _domain(schema), dp.frame_distance(dp.symmetric_id_distance(unit))
         empty = pl.LazyFrame(schema=schema)
         # OpenDP's truncation: at most k rows per unit (its first k in file order; which
         # rows are kept matters for bias above the cap, not for privacy).
         rows = empty.filter(pl.int_range(pl.len()).over(unit) < k)
         stages = []
-        if row_aggs:
-            stages.append(_Stage(self._aggregate(rows, row_aggs), domain, metric, _ONE_UNIT, units=False))
-        if unit_aggs:
+        if row_terms:
+            stages.append(_Stage(rows, tuple(row_terms), domain, metric, _ONE_UNIT, units=False, unit_column=unit))
+        if unit_terms:
             # One row per unit and group: each unit adds at most 1 to a group's count and,
             # kept to k rows first, reaches at most k groups (OpenDP derives both bounds).
             first = pl.int_range(pl.len()).over(unit, *dims) < 1
             units = rows.filter(first) if dims else empty.filter(first)
-            stages.append(_Stage(self._aggregate(units, unit_aggs), domain, metric, _ONE_UNIT, units=True))
+            stages.append(_Stage(units, tuple(unit_terms), domain, metric, _ONE_UNIT, units=True, unit_column=unit))
         return stages
 
-    def _prepared_stages(self, row_aggs: list[pl.Expr], unit_aggs: list[pl.Expr]) -> list[_Stage]:
+    def _prepared_stages(self, row_terms: list[_Term], unit_terms: list[_Term]) -> list[_Stage]:
         """Over a prepared copy: one unit is at most k rows of it (dataops.engines.prepared)."""
-        k = self.dataset.max_rows_per_unit
+        k = self.k
         stages = []
-        if row_aggs:
+        if row_terms:
             # No column at all (an ungrouped COUNT): scan the unit code, the narrowest one.
             schema = self._row_schema() or {UNIT_CODE: pl.UInt64}
-            plan = self._aggregate(pl.LazyFrame(schema=schema), row_aggs)
-            stages.append(_Stage(plan, _domain(schema), dp.symmetric_distance(), k, units=False))
-        if unit_aggs:
+            stages.append(
+                _Stage(pl.LazyFrame(schema=schema), tuple(row_terms), _domain(schema), dp.symmetric_distance(), k,
+                       units=False)
+            )
+        if unit_terms:
             # `input` keeps one row per unit and group: a unit is then at most n rows,
             # at most one in each of at most n groups.
             schema = {UNIT_CODE: pl.UInt64, **{d.column: d.dtype for d in self.dims}}
@@ -440,9 +546,10 @@ class _Compiled:
             d_in = [dp.polars.Bound(per_group=n)]
             if self.dims:
                 d_in.append(dp.polars.Bound(by=[d.column for d in self.dims], per_group=1, num_groups=n))
-            plan = self._aggregate(pl.LazyFrame(schema=schema), unit_aggs)
             metric = dp.frame_distance(dp.symmetric_distance())
-            stages.append(_Stage(plan, _domain(schema), metric, d_in, units=True))
+            stages.append(
+                _Stage(pl.LazyFrame(schema=schema), tuple(unit_terms), _domain(schema), metric, d_in, units=True)
+            )
         return stages
 
     def _row_schema(self) -> dict[str, pl.DataType]:
@@ -452,7 +559,7 @@ class _Compiled:
 
     def _groups_per_unit(self) -> int:
         """How many groups one unit can reach: k rows, and no more groups than there are."""
-        k = self.dataset.max_rows_per_unit
+        k = self.k
         if not self.dims:
             return 1
         if self.private_keys:
@@ -473,18 +580,52 @@ class _Compiled:
         )
         return keys.lazy().join(grouped, on=dims, how="left", nulls_equal=True)
 
-    def _expr(self, a: Aggregate) -> pl.Expr:
+    def _terms(self, a: Aggregate) -> list[_Term]:
+        """The noisy columns of one aggregate; a mean is its sum and count of known values."""
+        weight = default_weight(a)
         if a.function in (Function.COUNT, Function.COUNT_UNITS):
-            return dp.len(signed=True).alias(a.name)
+            return [_Term(a.name, _len_term(a.name), weight)]
         m = self.measures[a.column]
         known = pl.col(m.name).drop_nulls()  # missing values are left out, as in SQL
+        bounds = m.fixed_bounds
         if a.function is Function.SUM:
-            return known.dp.sum(m.fixed_bounds).alias(a.name)
+            return [_Term(a.name, lambda s: known.dp.sum(bounds, scale=s).alias(a.name), weight)]
         if a.function is Function.MEAN:
-            return known.dp.mean(m.fixed_bounds).alias(a.name)
+            # Released apart so each gets its own share; finish divides them.
+            total, count = _mean_parts(a.name)
+            return [
+                _Term(total, lambda s: known.dp.sum(bounds, scale=s).alias(total), weight * MEAN_SUM_SHARE),
+                _Term(count, lambda s: known.dp.count(scale=s, signed=True).alias(count),
+                      weight * (1 - MEAN_SUM_SHARE)),
+            ]
         if a.function is Function.QUANTILE:
-            return known.dp.quantile(a.quantile, m.candidates()).alias(a.name)
+            candidates = m.candidates()
+            return [_Term(a.name, lambda s: known.dp.quantile(a.quantile, candidates, scale=s).alias(a.name), weight)]
         raise InternalError(f"no DP form for {a.function}")
+
+    def _units(self, stage: _Stage, total: float) -> _Stage:
+        """Per-term noise units that split the loss by weight (a budget allocation only).
+
+        A term's loss at noise scale s is l/s (Laplace, exponential) or r/s^2 (zCDP);
+        l and r are read from OpenDP's map of the term alone at scale 1. Scale
+        global_scale * l / w (or * sqrt(r / w)) then gives it w / global_scale
+        (or w / global_scale^2). Privacy never rests on this: every spend is OpenDP's
+        map of the whole measurement at the chosen scale.
+        """
+        scales = []
+        for term in stage.terms:
+            if self.private_keys:  # no threshold alone: ungrouped, the same ratio between terms
+                plan = stage.frame.select(term.make(1.0))
+            else:
+                plan = self._aggregate(stage.frame, [term.make(1.0)])
+            measure = dp.zero_concentrated_divergence() if self.zcdp else dp.max_divergence()
+            try:
+                loss = dp.m.make_private_lazyframe(stage.domain, stage.metric, measure, plan).map(stage.d_in)
+            except OpenDPException as exc:
+                raise InternalError(f"OpenDP could not bound a term's loss: {exc}") from None
+            share = term.weight / total
+            scales.append(math.sqrt(loss / share) if self.zcdp else loss / share)
+        return _Stage(**{**stage.__dict__, "scales": tuple(scales)})
 
     def prepare(self, frame: pl.LazyFrame) -> pl.LazyFrame:
         """Row-by-row steps before OpenDP; see the module docstring for why they are safe."""
@@ -505,36 +646,57 @@ class _Compiled:
         if self.where is not None:
             frame = frame.filter(self.where)
         dims = [d.prepare() for d in self.dims]
+        measures = [pl.col(m.name) for m in self.measures.values()]
+        if stage.unit_column == UNIT_CODE:
+            # The copy, truncated again by OpenDP inside the plan (a tighter row bound).
+            return frame.select(pl.col(UNIT_CODE), *dims, *measures)
         if stage.units:
             # Our per-unit step for COUNT_UNITS: one row per unit code and group. Two units
             # whose codes collide only lose rows: a unit still adds or removes at most one
             # row per group it has rows in (see dataops.engines.prepared).
             return frame.select(pl.col(UNIT_CODE), *dims).unique()
-        columns = [*dims, *[pl.col(m.name) for m in self.measures.values()]]
-        return frame.select(columns or [pl.col(UNIT_CODE)])
+        return frame.select([*dims, *measures] or [pl.col(UNIT_CODE)])
 
     # --- measurements and their privacy maps -------------------------------------
 
     def build(self, scale: float, threshold: int | None) -> list[dp.Measurement]:
-        """One measurement per stage, in stage order."""
+        """One measurement per stage, in stage order; each term's scale is scale * its unit."""
         try:
             return [
                 dp.m.make_private_lazyframe(
-                    s.domain, s.metric, self.measure, s.plan, global_scale=scale, threshold=threshold
+                    s.domain, s.metric, self.measure,
+                    self._aggregate(s.frame, [t.make(scale * u) for t, u in zip(s.terms, s.scales, strict=True)]),
+                    threshold=threshold,
                 )
                 for s in self.stages
             ]
         except OpenDPException as exc:
             raise InternalError(f"OpenDP refused the compiled plan: {exc}") from None
 
-    def cost(self, measurements: list[dp.Measurement]) -> Cost:
-        """Basic sequential composition: the losses of the plans add up."""
-        epsilon = delta = 0.0
+    def _losses(self, measurements: list[dp.Measurement]) -> list[Any]:
+        out = []
         for m, stage in zip(measurements, self.stages, strict=True):
             try:
-                loss = m.map(stage.d_in)
+                out.append(m.map(stage.d_in))
             except OpenDPException as exc:
                 raise InternalError(f"OpenDP could not bound the privacy loss: {exc}") from None
+        return out
+
+    def rho(self, measurements: list[dp.Measurement]) -> float:
+        """zCDP: the plans' rhos add up (zCDP composes additively)."""
+        return math.fsum(self._losses(measurements))
+
+    def cost(self, measurements: list[dp.Measurement]) -> Cost:
+        """Basic sequential composition: the losses of the plans add up.
+
+        On a zCDP grant the plans compose in rho, and OpenDP converts the total to the
+        (epsilon, delta) the ledger debits at the query's delta (`zcdp_to_epsilon`).
+        """
+        if self.zcdp:
+            delta = self.query.privacy.delta
+            return Cost(zcdp_to_epsilon(self.rho(measurements), delta), delta)
+        epsilon = delta = 0.0
+        for loss in self._losses(measurements):
             e, d = loss if self.private_keys else (loss, 0.0)
             epsilon, delta = epsilon + e, delta + d
         return Cost(epsilon, delta)
@@ -549,8 +711,21 @@ class _Compiled:
             scale = math.nextafter(scale, math.inf) * (1 + 1e-15)
         raise InternalError("could not calibrate the noise scale")
 
+    def scale_for_zcdp(self, epsilon: float, delta: float) -> float:
+        """The scale whose rho OpenDP converts to at most epsilon at delta: rho = reference / scale^2."""
+        rho = rho_for_epsilon(epsilon, delta)
+        scale = math.sqrt(self.reference_epsilon / rho)
+        for _ in range(64):
+            if self.cost(self.build(scale, None)).epsilon <= epsilon:
+                return scale
+            scale = math.nextafter(scale, math.inf) * (1 + 1e-12)
+        raise InternalError("could not calibrate the noise scale")
+
     def _epsilon_at(self, scale: float) -> float:
         return self.cost(self.build(scale, self._no_keys)).epsilon
+
+    def _rho_at(self, scale: float) -> float:
+        return self.rho(self.build(scale, None))
 
     @property
     def _no_keys(self) -> int | None:
@@ -591,7 +766,7 @@ class _Compiled:
             )
         # Bisection over u32 (opendp's binary_search takes i32 only); fits() is monotone.
         # OpenDP requires a threshold above a unit's rows per group (at most k), so start there.
-        failing, passing = self.dataset.max_rows_per_unit, _NO_THRESHOLD
+        failing, passing = self.k, _NO_THRESHOLD
         while passing - failing > 1:
             middle = (failing + passing) // 2
             failing, passing = (failing, middle) if fits(middle) else (middle, passing)
@@ -603,6 +778,8 @@ class _Compiled:
         for m in measurements:
             for row in dp.summarize_polars_measurement(m, ALPHA).iter_rows(named=True):
                 rows.setdefault(row["column"], []).append(row)
+        mechanism = MECHANISM_DISCRETE_GAUSSIAN if self.zcdp else MECHANISM_DISCRETE_LAPLACE
+        distribution = "Integer Gaussian" if self.zcdp else "Integer Laplace"
         out = []
         for a, factor in zip(self.query.aggregates, self._factors()):
             found = {row["aggregate"]: row for row in rows.get(a.name, [])}
@@ -613,14 +790,15 @@ class _Compiled:
                 out.append(AggregateAccuracy(a.name, row["scale"], math.nan, MECHANISM_EXPONENTIAL))
                 continue
             if a.function is Function.MEAN:
-                scale = found["Sum"]["scale"] / factor  # the numerator's noise, in data units
-                out.append(AggregateAccuracy(a.name, scale, math.nan, MECHANISM_DISCRETE_LAPLACE))
+                (row,) = rows[_mean_parts(a.name)[0]]
+                scale = row["scale"] / factor  # the numerator's noise, in data units
+                out.append(AggregateAccuracy(a.name, scale, math.nan, mechanism))
                 continue
-            if len(found) != 1 or next(iter(found.values()))["distribution"] != "Integer Laplace":
+            if len(found) != 1 or next(iter(found.values()))["distribution"] != distribution:
                 raise InternalError(f"unexpected OpenDP summary for {a.name}: {found}")
             (row,) = found.values()
             scale, half_width = row["scale"] / factor, row["accuracy"] / factor
-            out.append(AggregateAccuracy(a.name, scale, half_width, MECHANISM_DISCRETE_LAPLACE))
+            out.append(AggregateAccuracy(a.name, scale, half_width, mechanism))
         return tuple(out)
 
     # --- post-processing ----------------------------------------------------------
@@ -643,12 +821,24 @@ class _Compiled:
                 m = self.measures[a.column]
                 if a.function is Function.MEAN:
                     lo, hi = m.bounds
-                    mean = value.cast(pl.Float64) / m.factor
-                    value = pl.when(mean.is_finite()).then(mean.clip(lo, hi)).otherwise(None)
+                    total, count = (pl.col(c).cast(pl.Float64) for c in _mean_parts(a.name))
+                    mean = total / count / m.factor
+                    # A count at or below zero makes no mean (the noisy ratio would be meaningless).
+                    value = pl.when(mean.is_finite() & (count > 0)).then(mean.clip(lo, hi)).otherwise(None)
                 elif not m.integer:
                     value = value.cast(pl.Float64) / m.factor
             outputs.append(value.alias(a.name))
-        return table.select(*dims, *outputs).to_arrow()
+        table = table.select(*dims, *outputs)
+        if self.query.privacy.consistent and dims:
+            from dataops.engines.dp_post import consistent_table  # post-processing, no privacy role
+
+            additive = [
+                a.name for a in self.query.aggregates
+                if a.function in (Function.COUNT, Function.COUNT_UNITS)
+                or (a.function is Function.SUM and self.measures[a.column].bounds[0] >= 0)
+            ]
+            table = consistent_table(table, additive)
+        return table.to_arrow()
 
 
 def require_max_rows(dataset: Dataset) -> None:
@@ -700,7 +890,8 @@ def _domain(schema: dict[str, pl.DataType]) -> Any:
     return dp.with_margin(domain, dp.polars.Margin(by=[], max_length=MAX_ROWS))
 
 
-def _measure(dataset: Dataset, aggregate: Aggregate) -> _Measure:
+def _measure(dataset: Dataset, aggregate: Aggregate, privacy: Privacy, clip_upper: float | None) -> _Measure:
+    """The measure at this query's clipping terms, held in the catalog's fixed point."""
     name = aggregate.column
     column = dataset.columns[name]
     what = aggregate.function.value
@@ -714,7 +905,97 @@ def _measure(dataset: Dataset, aggregate: Aggregate) -> _Measure:
             rule="dp.bounds",
             column=name,
         )
-    return _fixed_point(column)
+    catalog = _fixed_point(column)
+    lo, hi = column.bounds
+    index = next((i for i, m in enumerate(privacy.measures) if m.column == name), None)
+    if index is not None:
+        terms = privacy.measures[index]
+        for end, value in (("lower", terms.lower), ("upper", terms.upper)):
+            if value is not None and not lo <= value <= hi:
+                path = f"query.privacy.measures[{index}].{end}"
+                description = f"{value:g} is outside the catalog bounds [{lo:g}, {hi:g}] of {name!r}"
+                raise InvalidQuery(
+                    f"{path}: {description}", rule="dp.bounds", column=name,
+                    field_violations=(FieldViolation(path, description),),
+                )
+        lo = terms.lower if terms.lower is not None else lo
+        hi = terms.upper if terms.upper is not None else hi
+    if clip_upper is not None:
+        if not lo <= clip_upper <= column.bounds[1]:
+            raise InternalError(f"an automatic clip of {name!r} left its terms")
+        hi = clip_upper
+    if lo > hi:
+        raise InvalidQuery(
+            f"the lower bound of {name!r} exceeds its upper bound", rule="dp.bounds", column=name,
+            field_violations=(FieldViolation("query.privacy.measures", "lower must not exceed upper"),),
+        )
+    # Same decimals as the catalog's (the prepared copy holds that fixed point); OpenDP
+    # clips the copy's values to these tighter bounds.
+    return _Measure(name, (lo, hi), catalog.decimals, catalog.integer)
+
+
+def _row_bound(privacy: Privacy, dataset: Dataset) -> int:
+    """The query's rows per unit: the catalog's cap, or a smaller one the query states."""
+    cap = dataset.max_rows_per_unit
+    k = privacy.max_rows_per_unit
+    if k is None:
+        return cap
+    if k > cap:
+        path = "query.privacy.max_rows_per_unit"
+        description = f"{k} is above the catalog's max_rows of {cap} for {dataset.id}"
+        raise InvalidQuery(
+            f"{path}: {description}", rule="dp.max-rows", field_violations=(FieldViolation(path, description),)
+        )
+    return k
+
+
+def _notes(dataset: Dataset, measures: dict[str, _Measure], k: int) -> tuple[str, ...]:
+    """What can be said about bias from the public terms alone (no data is read)."""
+    notes = []
+    for name, m in measures.items():
+        if m.bounds != tuple(dataset.columns[name].bounds):
+            notes.append(f"{name}: clipped to [{m.bounds[0]:g}, {m.bounds[1]:g}], inside the catalog's "
+                         f"{list(dataset.columns[name].bounds)}: values outside are moved in (clipping bias possible)")
+    if k < dataset.max_rows_per_unit:
+        notes.append(f"each unit is truncated to {k} rows (catalog: {dataset.max_rows_per_unit}): "
+                     "rows beyond are left out (truncation bias possible)")
+    return tuple(notes)
+
+
+def _len_term(name: str) -> Any:
+    return lambda s: dp.len(scale=s, signed=True).alias(name)
+
+
+def _mean_parts(name: str) -> tuple[str, str]:
+    """A mean's released sum and count of known values ('#' names never clash)."""
+    return f"#sum:{name}", f"#count:{name}"
+
+
+def zcdp_to_epsilon(rho: float, delta: float) -> float:
+    """The epsilon OpenDP gives rho-zCDP at delta (make_zCDP_to_approxDP, make_fix_delta).
+
+    OpenDP converts measurements, not numbers: a Gaussian mechanism of scale 1 is
+    rho = d^2 / 2 at distance d, so it is mapped at d with d^2 / 2 >= rho (checked
+    through its own map, never below), then converted.
+    """
+    if rho <= 0:
+        return 0.0
+    base = dp.m.make_gaussian(dp.atom_domain(T=float, nan=False), dp.absolute_distance(T=float), scale=1.0)
+    d = math.sqrt(2 * rho)
+    while base.map(d) < rho:
+        d = math.nextafter(d, math.inf)
+    return dp.c.make_fix_delta(dp.c.make_zCDP_to_approxDP(base), delta).map(d)[0]
+
+
+def rho_for_epsilon(epsilon: float, delta: float) -> float:
+    """The largest rho (to a relative 1e-9) that OpenDP converts to at most epsilon at delta."""
+    low, high = 0.0, max(epsilon, 1.0)
+    while zcdp_to_epsilon(high, delta) <= epsilon:
+        high *= 2
+    while high - low > 1e-9 * high:
+        middle = (low + high) / 2
+        low, high = (middle, high) if zcdp_to_epsilon(middle, delta) <= epsilon else (low, middle)
+    return low
 
 
 def _fixed_point(column: Column) -> _Measure:

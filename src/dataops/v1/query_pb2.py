@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x64\x61taops/v1/query.proto\x12\ndataops.v1\"j\n\x05Value\x12\x16\n\x0cstring_value\x18\x01 \x01(\tH\x00\x12\x13\n\tint_value\x18\x02 \x01(\x03H\x00\x12\x16\n\x0c\x64ouble_value\x18\x03 \x01(\x01H\x00\x12\x14\n\nbool_value\x18\x04 \x01(\x08H\x00\x42\x06\n\x04kind\"*\n\x06\x45quals\x12 \n\x05value\x18\x01 \x01(\x0b\x32\x11.dataops.v1.Value\"*\n\x05InSet\x12!\n\x06values\x18\x01 \x03(\x0b\x32\x11.dataops.v1.Value\"H\n\x05Range\x12\x1e\n\x03low\x18\x01 \x01(\x0b\x32\x11.dataops.v1.Value\x12\x1f\n\x04high\x18\x02 \x01(\x0b\x32\x11.dataops.v1.Value\"\x94\x01\n\x06\x46ilter\x12\x0e\n\x06\x63olumn\x18\x01 \x01(\t\x12$\n\x06\x65quals\x18\x02 \x01(\x0b\x32\x12.dataops.v1.EqualsH\x00\x12#\n\x06in_set\x18\x03 \x01(\x0b\x32\x11.dataops.v1.InSetH\x00\x12\"\n\x05range\x18\x04 \x01(\x0b\x32\x11.dataops.v1.RangeH\x00\x42\x0b\n\tpredicate\"m\n\tAggregate\x12/\n\x08\x66unction\x18\x01 \x01(\x0e\x32\x1d.dataops.v1.AggregateFunction\x12\x0e\n\x06\x63olumn\x18\x02 \x01(\t\x12\x10\n\x08quantile\x18\x03 \x01(\x01\x12\r\n\x05\x61lias\x18\x04 \x01(\t\"N\n\x11PrivacyParameters\x12\x0f\n\x07\x65psilon\x18\x01 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x02 \x01(\x01\x12\x19\n\x11target_half_width\x18\x03 \x01(\x01\"\xe0\x01\n\x05Query\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12#\n\x07\x66ilters\x18\x02 \x03(\x0b\x32\x12.dataops.v1.Filter\x12\x10\n\x08group_by\x18\x03 \x03(\t\x12)\n\naggregates\x18\x04 \x03(\x0b\x32\x15.dataops.v1.Aggregate\x12#\n\x04mode\x18\x05 \x01(\x0e\x32\x15.dataops.v1.QueryMode\x12.\n\x07privacy\x18\x06 \x01(\x0b\x32\x1d.dataops.v1.PrivacyParameters\x12\x0f\n\x07purpose\x18\x07 \x01(\t\"~\n\x08SqlQuery\x12\x0c\n\x04text\x18\x01 \x01(\t\x12#\n\x04mode\x18\x02 \x01(\x0e\x32\x15.dataops.v1.QueryMode\x12.\n\x07privacy\x18\x03 \x01(\x0b\x32\x1d.dataops.v1.PrivacyParameters\x12\x0f\n\x07purpose\x18\x04 \x01(\t\"3\n\nArrowTable\x12\x12\n\nipc_stream\x18\x01 \x01(\x0c\x12\x11\n\trow_count\x18\x02 \x01(\x03\"b\n\x11\x41ggregateAccuracy\x12\x0e\n\x06\x63olumn\x18\x01 \x01(\t\x12\x13\n\x0bnoise_scale\x18\x02 \x01(\x01\x12\x15\n\rhalf_width_95\x18\x03 \x01(\x01\x12\x11\n\tmechanism\x18\x04 \x01(\t\"[\n\x05Spend\x12\x0f\n\x07\x65psilon\x18\x01 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x02 \x01(\x01\x12\x19\n\x11remaining_epsilon\x18\x03 \x01(\x01\x12\x17\n\x0fremaining_delta\x18\x04 \x01(\x01\")\n\x07Receipt\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x0c\n\x04hash\x18\x02 \x01(\t\"V\n\x0fRunQueryRequest\x12 \n\x05query\x18\x01 \x01(\x0b\x32\x11.dataops.v1.Query\x12!\n\x03sql\x18\x02 \x01(\x0b\x32\x14.dataops.v1.SqlQuery\"\xdc\x01\n\x10RunQueryResponse\x12&\n\x06result\x18\x01 \x01(\x0b\x32\x16.dataops.v1.ArrowTable\x12\x17\n\x0frows_suppressed\x18\x02 \x01(\x03\x12/\n\x08\x61\x63\x63uracy\x18\x03 \x03(\x0b\x32\x1d.dataops.v1.AggregateAccuracy\x12 \n\x05spend\x18\x04 \x01(\x0b\x32\x11.dataops.v1.Spend\x12$\n\x07receipt\x18\x05 \x01(\x0b\x32\x13.dataops.v1.Receipt\x12\x0e\n\x06reused\x18\x06 \x01(\x08\"[\n\x14\x45stimateQueryRequest\x12 \n\x05query\x18\x01 \x01(\x0b\x32\x11.dataops.v1.Query\x12!\n\x03sql\x18\x02 \x01(\x0b\x32\x14.dataops.v1.SqlQuery\"\x90\x01\n\x15\x45stimateQueryResponse\x12 \n\x05spend\x18\x01 \x01(\x0b\x32\x11.dataops.v1.Spend\x12/\n\x08\x61\x63\x63uracy\x18\x02 \x03(\x0b\x32\x1d.dataops.v1.AggregateAccuracy\x12$\n\x07receipt\x18\x03 \x01(\x0b\x32\x13.dataops.v1.Receipt\"&\n\x10GetBudgetRequest\x12\x12\n\ndataset_id\x18\x01 \x01(\t\"{\n\rDatasetBudget\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12\x15\n\repsilon_total\x18\x02 \x01(\x01\x12\x13\n\x0b\x64\x65lta_total\x18\x03 \x01(\x01\x12\x15\n\repsilon_spent\x18\x04 \x01(\x01\x12\x13\n\x0b\x64\x65lta_spent\x18\x05 \x01(\x01\"e\n\x11GetBudgetResponse\x12*\n\x07\x62udgets\x18\x01 \x03(\x0b\x32\x19.dataops.v1.DatasetBudget\x12$\n\x07receipt\x18\x02 \x01(\x0b\x32\x13.dataops.v1.Receipt*T\n\tQueryMode\x12\x1a\n\x16QUERY_MODE_UNSPECIFIED\x10\x00\x12\x18\n\x14QUERY_MODE_AGGREGATE\x10\x01\x12\x11\n\rQUERY_MODE_DP\x10\x02*\xd3\x01\n\x11\x41ggregateFunction\x12\"\n\x1e\x41GGREGATE_FUNCTION_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x41GGREGATE_FUNCTION_COUNT\x10\x01\x12\"\n\x1e\x41GGREGATE_FUNCTION_COUNT_UNITS\x10\x02\x12\x1a\n\x16\x41GGREGATE_FUNCTION_SUM\x10\x03\x12\x1b\n\x17\x41GGREGATE_FUNCTION_MEAN\x10\x04\x12\x1f\n\x1b\x41GGREGATE_FUNCTION_QUANTILE\x10\x05\x32\xf5\x01\n\x0cQueryService\x12\x45\n\x08RunQuery\x12\x1b.dataops.v1.RunQueryRequest\x1a\x1c.dataops.v1.RunQueryResponse\x12T\n\rEstimateQuery\x12 .dataops.v1.EstimateQueryRequest\x1a!.dataops.v1.EstimateQueryResponse\x12H\n\tGetBudget\x12\x1c.dataops.v1.GetBudgetRequest\x1a\x1d.dataops.v1.GetBudgetResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x64\x61taops/v1/query.proto\x12\ndataops.v1\"j\n\x05Value\x12\x16\n\x0cstring_value\x18\x01 \x01(\tH\x00\x12\x13\n\tint_value\x18\x02 \x01(\x03H\x00\x12\x16\n\x0c\x64ouble_value\x18\x03 \x01(\x01H\x00\x12\x14\n\nbool_value\x18\x04 \x01(\x08H\x00\x42\x06\n\x04kind\"*\n\x06\x45quals\x12 \n\x05value\x18\x01 \x01(\x0b\x32\x11.dataops.v1.Value\"*\n\x05InSet\x12!\n\x06values\x18\x01 \x03(\x0b\x32\x11.dataops.v1.Value\"H\n\x05Range\x12\x1e\n\x03low\x18\x01 \x01(\x0b\x32\x11.dataops.v1.Value\x12\x1f\n\x04high\x18\x02 \x01(\x0b\x32\x11.dataops.v1.Value\"\x94\x01\n\x06\x46ilter\x12\x0e\n\x06\x63olumn\x18\x01 \x01(\t\x12$\n\x06\x65quals\x18\x02 \x01(\x0b\x32\x12.dataops.v1.EqualsH\x00\x12#\n\x06in_set\x18\x03 \x01(\x0b\x32\x11.dataops.v1.InSetH\x00\x12\"\n\x05range\x18\x04 \x01(\x0b\x32\x11.dataops.v1.RangeH\x00\x42\x0b\n\tpredicate\"}\n\tAggregate\x12/\n\x08\x66unction\x18\x01 \x01(\x0e\x32\x1d.dataops.v1.AggregateFunction\x12\x0e\n\x06\x63olumn\x18\x02 \x01(\t\x12\x10\n\x08quantile\x18\x03 \x01(\x01\x12\r\n\x05\x61lias\x18\x04 \x01(\t\x12\x0e\n\x06weight\x18\x05 \x01(\x01\"\x8f\x01\n\x0cMeasureTerms\x12\x0e\n\x06\x63olumn\x18\x01 \x01(\t\x12\x12\n\x05lower\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05upper\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x17\n\x0f\x61uto_clip_share\x18\x04 \x01(\x01\x12\x1a\n\x12\x61uto_clip_quantile\x18\x05 \x01(\x01\x42\x08\n\x06_lowerB\x08\n\x06_upper\"\xa9\x01\n\x11PrivacyParameters\x12\x0f\n\x07\x65psilon\x18\x01 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x02 \x01(\x01\x12\x19\n\x11target_half_width\x18\x03 \x01(\x01\x12\x19\n\x11max_rows_per_unit\x18\x04 \x01(\r\x12*\n\x08measures\x18\x05 \x03(\x0b\x32\x18.dataops.v1.MeasureTerms\x12\x12\n\nconsistent\x18\x06 \x01(\x08\"\xe0\x01\n\x05Query\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12#\n\x07\x66ilters\x18\x02 \x03(\x0b\x32\x12.dataops.v1.Filter\x12\x10\n\x08group_by\x18\x03 \x03(\t\x12)\n\naggregates\x18\x04 \x03(\x0b\x32\x15.dataops.v1.Aggregate\x12#\n\x04mode\x18\x05 \x01(\x0e\x32\x15.dataops.v1.QueryMode\x12.\n\x07privacy\x18\x06 \x01(\x0b\x32\x1d.dataops.v1.PrivacyParameters\x12\x0f\n\x07purpose\x18\x07 \x01(\t\"~\n\x08SqlQuery\x12\x0c\n\x04text\x18\x01 \x01(\t\x12#\n\x04mode\x18\x02 \x01(\x0e\x32\x15.dataops.v1.QueryMode\x12.\n\x07privacy\x18\x03 \x01(\x0b\x32\x1d.dataops.v1.PrivacyParameters\x12\x0f\n\x07purpose\x18\x04 \x01(\t\"3\n\nArrowTable\x12\x12\n\nipc_stream\x18\x01 \x01(\x0c\x12\x11\n\trow_count\x18\x02 \x01(\x03\"b\n\x11\x41ggregateAccuracy\x12\x0e\n\x06\x63olumn\x18\x01 \x01(\t\x12\x13\n\x0bnoise_scale\x18\x02 \x01(\x01\x12\x15\n\rhalf_width_95\x18\x03 \x01(\x01\x12\x11\n\tmechanism\x18\x04 \x01(\t\"[\n\x05Spend\x12\x0f\n\x07\x65psilon\x18\x01 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x02 \x01(\x01\x12\x19\n\x11remaining_epsilon\x18\x03 \x01(\x01\x12\x17\n\x0fremaining_delta\x18\x04 \x01(\x01\")\n\x07Receipt\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x0c\n\x04hash\x18\x02 \x01(\t\"V\n\x0fRunQueryRequest\x12 \n\x05query\x18\x01 \x01(\x0b\x32\x11.dataops.v1.Query\x12!\n\x03sql\x18\x02 \x01(\x0b\x32\x14.dataops.v1.SqlQuery\"\xdc\x01\n\x10RunQueryResponse\x12&\n\x06result\x18\x01 \x01(\x0b\x32\x16.dataops.v1.ArrowTable\x12\x17\n\x0frows_suppressed\x18\x02 \x01(\x03\x12/\n\x08\x61\x63\x63uracy\x18\x03 \x03(\x0b\x32\x1d.dataops.v1.AggregateAccuracy\x12 \n\x05spend\x18\x04 \x01(\x0b\x32\x11.dataops.v1.Spend\x12$\n\x07receipt\x18\x05 \x01(\x0b\x32\x13.dataops.v1.Receipt\x12\x0e\n\x06reused\x18\x06 \x01(\x08\"[\n\x14\x45stimateQueryRequest\x12 \n\x05query\x18\x01 \x01(\x0b\x32\x11.dataops.v1.Query\x12!\n\x03sql\x18\x02 \x01(\x0b\x32\x14.dataops.v1.SqlQuery\"\x90\x01\n\x15\x45stimateQueryResponse\x12 \n\x05spend\x18\x01 \x01(\x0b\x32\x11.dataops.v1.Spend\x12/\n\x08\x61\x63\x63uracy\x18\x02 \x03(\x0b\x32\x1d.dataops.v1.AggregateAccuracy\x12$\n\x07receipt\x18\x03 \x01(\x0b\x32\x13.dataops.v1.Receipt\"&\n\x10GetBudgetRequest\x12\x12\n\ndataset_id\x18\x01 \x01(\t\"{\n\rDatasetBudget\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12\x15\n\repsilon_total\x18\x02 \x01(\x01\x12\x13\n\x0b\x64\x65lta_total\x18\x03 \x01(\x01\x12\x15\n\repsilon_spent\x18\x04 \x01(\x01\x12\x13\n\x0b\x64\x65lta_spent\x18\x05 \x01(\x01\"e\n\x11GetBudgetResponse\x12*\n\x07\x62udgets\x18\x01 \x03(\x0b\x32\x19.dataops.v1.DatasetBudget\x12$\n\x07receipt\x18\x02 \x01(\x0b\x32\x13.dataops.v1.Receipt*T\n\tQueryMode\x12\x1a\n\x16QUERY_MODE_UNSPECIFIED\x10\x00\x12\x18\n\x14QUERY_MODE_AGGREGATE\x10\x01\x12\x11\n\rQUERY_MODE_DP\x10\x02*\xd3\x01\n\x11\x41ggregateFunction\x12\"\n\x1e\x41GGREGATE_FUNCTION_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x41GGREGATE_FUNCTION_COUNT\x10\x01\x12\"\n\x1e\x41GGREGATE_FUNCTION_COUNT_UNITS\x10\x02\x12\x1a\n\x16\x41GGREGATE_FUNCTION_SUM\x10\x03\x12\x1b\n\x17\x41GGREGATE_FUNCTION_MEAN\x10\x04\x12\x1f\n\x1b\x41GGREGATE_FUNCTION_QUANTILE\x10\x05\x32\xf5\x01\n\x0cQueryService\x12\x45\n\x08RunQuery\x12\x1b.dataops.v1.RunQueryRequest\x1a\x1c.dataops.v1.RunQueryResponse\x12T\n\rEstimateQuery\x12 .dataops.v1.EstimateQueryRequest\x1a!.dataops.v1.EstimateQueryResponse\x12H\n\tGetBudget\x12\x1c.dataops.v1.GetBudgetRequest\x1a\x1d.dataops.v1.GetBudgetResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dataops.v1.query_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_QUERYMODE']._serialized_start=2113
-  _globals['_QUERYMODE']._serialized_end=2197
-  _globals['_AGGREGATEFUNCTION']._serialized_start=2200
-  _globals['_AGGREGATEFUNCTION']._serialized_end=2411
+  _globals['_QUERYMODE']._serialized_start=2367
+  _globals['_QUERYMODE']._serialized_end=2451
+  _globals['_AGGREGATEFUNCTION']._serialized_start=2454
+  _globals['_AGGREGATEFUNCTION']._serialized_end=2665
   _globals['_VALUE']._serialized_start=38
   _globals['_VALUE']._serialized_end=144
   _globals['_EQUALS']._serialized_start=146
@@ -46,35 +46,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FILTER']._serialized_start=309
   _globals['_FILTER']._serialized_end=457
   _globals['_AGGREGATE']._serialized_start=459
-  _globals['_AGGREGATE']._serialized_end=568
-  _globals['_PRIVACYPARAMETERS']._serialized_start=570
-  _globals['_PRIVACYPARAMETERS']._serialized_end=648
-  _globals['_QUERY']._serialized_start=651
-  _globals['_QUERY']._serialized_end=875
-  _globals['_SQLQUERY']._serialized_start=877
-  _globals['_SQLQUERY']._serialized_end=1003
-  _globals['_ARROWTABLE']._serialized_start=1005
-  _globals['_ARROWTABLE']._serialized_end=1056
-  _globals['_AGGREGATEACCURACY']._serialized_start=1058
-  _globals['_AGGREGATEACCURACY']._serialized_end=1156
-  _globals['_SPEND']._serialized_start=1158
-  _globals['_SPEND']._serialized_end=1249
-  _globals['_RECEIPT']._serialized_start=1251
-  _globals['_RECEIPT']._serialized_end=1292
-  _globals['_RUNQUERYREQUEST']._serialized_start=1294
-  _globals['_RUNQUERYREQUEST']._serialized_end=1380
-  _globals['_RUNQUERYRESPONSE']._serialized_start=1383
-  _globals['_RUNQUERYRESPONSE']._serialized_end=1603
-  _globals['_ESTIMATEQUERYREQUEST']._serialized_start=1605
-  _globals['_ESTIMATEQUERYREQUEST']._serialized_end=1696
-  _globals['_ESTIMATEQUERYRESPONSE']._serialized_start=1699
-  _globals['_ESTIMATEQUERYRESPONSE']._serialized_end=1843
-  _globals['_GETBUDGETREQUEST']._serialized_start=1845
-  _globals['_GETBUDGETREQUEST']._serialized_end=1883
-  _globals['_DATASETBUDGET']._serialized_start=1885
-  _globals['_DATASETBUDGET']._serialized_end=2008
-  _globals['_GETBUDGETRESPONSE']._serialized_start=2010
-  _globals['_GETBUDGETRESPONSE']._serialized_end=2111
-  _globals['_QUERYSERVICE']._serialized_start=2414
-  _globals['_QUERYSERVICE']._serialized_end=2659
+  _globals['_AGGREGATE']._serialized_end=584
+  _globals['_MEASURETERMS']._serialized_start=587
+  _globals['_MEASURETERMS']._serialized_end=730
+  _globals['_PRIVACYPARAMETERS']._serialized_start=733
+  _globals['_PRIVACYPARAMETERS']._serialized_end=902
+  _globals['_QUERY']._serialized_start=905
+  _globals['_QUERY']._serialized_end=1129
+  _globals['_SQLQUERY']._serialized_start=1131
+  _globals['_SQLQUERY']._serialized_end=1257
+  _globals['_ARROWTABLE']._serialized_start=1259
+  _globals['_ARROWTABLE']._serialized_end=1310
+  _globals['_AGGREGATEACCURACY']._serialized_start=1312
+  _globals['_AGGREGATEACCURACY']._serialized_end=1410
+  _globals['_SPEND']._serialized_start=1412
+  _globals['_SPEND']._serialized_end=1503
+  _globals['_RECEIPT']._serialized_start=1505
+  _globals['_RECEIPT']._serialized_end=1546
+  _globals['_RUNQUERYREQUEST']._serialized_start=1548
+  _globals['_RUNQUERYREQUEST']._serialized_end=1634
+  _globals['_RUNQUERYRESPONSE']._serialized_start=1637
+  _globals['_RUNQUERYRESPONSE']._serialized_end=1857
+  _globals['_ESTIMATEQUERYREQUEST']._serialized_start=1859
+  _globals['_ESTIMATEQUERYREQUEST']._serialized_end=1950
+  _globals['_ESTIMATEQUERYRESPONSE']._serialized_start=1953
+  _globals['_ESTIMATEQUERYRESPONSE']._serialized_end=2097
+  _globals['_GETBUDGETREQUEST']._serialized_start=2099
+  _globals['_GETBUDGETREQUEST']._serialized_end=2137
+  _globals['_DATASETBUDGET']._serialized_start=2139
+  _globals['_DATASETBUDGET']._serialized_end=2262
+  _globals['_GETBUDGETRESPONSE']._serialized_start=2264
+  _globals['_GETBUDGETRESPONSE']._serialized_end=2365
+  _globals['_QUERYSERVICE']._serialized_start=2668
+  _globals['_QUERYSERVICE']._serialized_end=2913
 # @@protoc_insertion_point(module_scope)

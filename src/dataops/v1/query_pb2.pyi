@@ -76,26 +76,48 @@ class Filter(_message.Message):
     def __init__(self, column: _Optional[str] = ..., equals: _Optional[_Union[Equals, _Mapping]] = ..., in_set: _Optional[_Union[InSet, _Mapping]] = ..., range: _Optional[_Union[Range, _Mapping]] = ...) -> None: ...
 
 class Aggregate(_message.Message):
-    __slots__ = ("function", "column", "quantile", "alias")
+    __slots__ = ("function", "column", "quantile", "alias", "weight")
     FUNCTION_FIELD_NUMBER: _ClassVar[int]
     COLUMN_FIELD_NUMBER: _ClassVar[int]
     QUANTILE_FIELD_NUMBER: _ClassVar[int]
     ALIAS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
     function: AggregateFunction
     column: str
     quantile: float
     alias: str
-    def __init__(self, function: _Optional[_Union[AggregateFunction, str]] = ..., column: _Optional[str] = ..., quantile: _Optional[float] = ..., alias: _Optional[str] = ...) -> None: ...
+    weight: float
+    def __init__(self, function: _Optional[_Union[AggregateFunction, str]] = ..., column: _Optional[str] = ..., quantile: _Optional[float] = ..., alias: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
+
+class MeasureTerms(_message.Message):
+    __slots__ = ("column", "lower", "upper", "auto_clip_share", "auto_clip_quantile")
+    COLUMN_FIELD_NUMBER: _ClassVar[int]
+    LOWER_FIELD_NUMBER: _ClassVar[int]
+    UPPER_FIELD_NUMBER: _ClassVar[int]
+    AUTO_CLIP_SHARE_FIELD_NUMBER: _ClassVar[int]
+    AUTO_CLIP_QUANTILE_FIELD_NUMBER: _ClassVar[int]
+    column: str
+    lower: float
+    upper: float
+    auto_clip_share: float
+    auto_clip_quantile: float
+    def __init__(self, column: _Optional[str] = ..., lower: _Optional[float] = ..., upper: _Optional[float] = ..., auto_clip_share: _Optional[float] = ..., auto_clip_quantile: _Optional[float] = ...) -> None: ...
 
 class PrivacyParameters(_message.Message):
-    __slots__ = ("epsilon", "delta", "target_half_width")
+    __slots__ = ("epsilon", "delta", "target_half_width", "max_rows_per_unit", "measures", "consistent")
     EPSILON_FIELD_NUMBER: _ClassVar[int]
     DELTA_FIELD_NUMBER: _ClassVar[int]
     TARGET_HALF_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    MAX_ROWS_PER_UNIT_FIELD_NUMBER: _ClassVar[int]
+    MEASURES_FIELD_NUMBER: _ClassVar[int]
+    CONSISTENT_FIELD_NUMBER: _ClassVar[int]
     epsilon: float
     delta: float
     target_half_width: float
-    def __init__(self, epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., target_half_width: _Optional[float] = ...) -> None: ...
+    max_rows_per_unit: int
+    measures: _containers.RepeatedCompositeFieldContainer[MeasureTerms]
+    consistent: bool
+    def __init__(self, epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., target_half_width: _Optional[float] = ..., max_rows_per_unit: _Optional[int] = ..., measures: _Optional[_Iterable[_Union[MeasureTerms, _Mapping]]] = ..., consistent: _Optional[bool] = ...) -> None: ...
 
 class Query(_message.Message):
     __slots__ = ("dataset", "filters", "group_by", "aggregates", "mode", "privacy", "purpose")
