@@ -24,6 +24,7 @@ from dataops.config import Limits
 from dataops.engines import AggregateAccuracy, EngineResult, Plan, Spend
 from dataops.engines import aggregate as aggregate_engine
 from dataops.engines import dp as dp_engine
+from dataops.engines import dp_autoclip
 from dataops.engines._base import predicate
 from dataops.engines.prepared import PreparedStore
 from dataops.errors import DeadlineExceeded, FieldViolation, InvalidQuery, RequestError
@@ -42,6 +43,8 @@ def _today() -> dt.date:
 class Estimate:
     spend: Spend
     accuracy: tuple[AggregateAccuracy, ...]
+    # Public facts about the query's terms (read from no data), e.g. that clipping may bias.
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -213,16 +216,23 @@ class Sandbox:
             "query": plan.query.canonical(),
             "data": data_version,
             "terms": catalog_terms(plan.dataset),  # new bounds or keys make a different question
+            # Pure or zCDP noise: the same question on other terms (the query's own terms,
+            # bounds and row bound, are in its canonical form).
+            "accounting": plan.grant.accounting,
         }
         return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
 
-    def _compile_dp(self, plan: Plan) -> tuple[dp_engine.DPQuery, str]:
-        """The compiled query (over the prepared copy if there is a store) and its data version."""
+    def _compile_dp(self, plan: Plan) -> tuple[dp_engine.DPQuery | dp_autoclip.AutoClippedQuery, str]:
+        """The compiled query (over the prepared copy if there is a store) and its data version.
+
+        A query asking for automatic clipping compiles to its two parts (the clip's DP
+        quantile and the answer); calibrate gives their total, reserved once below.
+        """
         dp_engine.require_max_rows(plan.dataset)
         if self.prepared is None:
-            return dp_engine.DPQuery.compile(plan), self.versions.of(plan.dataset)
+            return dp_autoclip.compile_query(plan), self.versions.of(plan.dataset)
         source = self.prepared.source(plan.dataset)  # built once per data version
-        return dp_engine.DPQuery.compile(plan, source=source), source.data_version
+        return dp_autoclip.compile_query(plan, source=source), source.data_version
 
     def _run_dp(self, consumer: str, plan: Plan, call: CallRecord) -> EngineResult:
         """Reuse an identical release, or debit the ledger first and only then add noise."""
@@ -271,7 +281,7 @@ class Sandbox:
         compiled, _ = self._compile_dp(plan)  # the form a run would use: the same cost
         calibration = compiled.calibrate(query.privacy)
         spend = self._remaining(consumer, plan, (calibration.cost.epsilon, calibration.cost.delta))
-        return Estimate(spend, calibration.accuracy)
+        return Estimate(spend, calibration.accuracy, calibration.notes)
 
     def budgets(self, consumer: str, dataset_id: str | None, call: CallRecord) -> list[BudgetState]:
         call.dataset = dataset_id[:MAX_NAME_LENGTH] if dataset_id else None

@@ -55,6 +55,7 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
         return query_pb2.EstimateQueryResponse(
             spend=wire.spend_to_proto(estimate.spend),
             accuracy=[wire.accuracy_to_proto(a) for a in estimate.accuracy],
+            notes=list(estimate.notes),
         )
 
     def GetBudget(self, request, context):  # noqa: N802

@@ -222,14 +222,16 @@ class EstimateQueryRequest(_message.Message):
     def __init__(self, query: _Optional[_Union[Query, _Mapping]] = ..., sql: _Optional[_Union[SqlQuery, _Mapping]] = ...) -> None: ...
 
 class EstimateQueryResponse(_message.Message):
-    __slots__ = ("spend", "accuracy", "receipt")
+    __slots__ = ("spend", "accuracy", "receipt", "notes")
     SPEND_FIELD_NUMBER: _ClassVar[int]
     ACCURACY_FIELD_NUMBER: _ClassVar[int]
     RECEIPT_FIELD_NUMBER: _ClassVar[int]
+    NOTES_FIELD_NUMBER: _ClassVar[int]
     spend: Spend
     accuracy: _containers.RepeatedCompositeFieldContainer[AggregateAccuracy]
     receipt: Receipt
-    def __init__(self, spend: _Optional[_Union[Spend, _Mapping]] = ..., accuracy: _Optional[_Iterable[_Union[AggregateAccuracy, _Mapping]]] = ..., receipt: _Optional[_Union[Receipt, _Mapping]] = ...) -> None: ...
+    notes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, spend: _Optional[_Union[Spend, _Mapping]] = ..., accuracy: _Optional[_Iterable[_Union[AggregateAccuracy, _Mapping]]] = ..., receipt: _Optional[_Union[Receipt, _Mapping]] = ..., notes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetBudgetRequest(_message.Message):
     __slots__ = ("dataset_id",)
