@@ -48,6 +48,27 @@ for why the OpenDP guarantee on the copy is a unit-level guarantee for the data)
   the truncation rather than before it: equally sound (a filter is row-by-row), only
   a unit above the cap may keep fewer matching rows.
 
+A query's own terms (issue 13), all public and all in `Query.canonical()` (so in
+release keys), never wider than the catalog's (refused naming the field otherwise):
+
+* a smaller row bound k' (`Privacy.max_rows_per_unit`): the identifier form truncates
+  to k' instead of the cap; over a prepared copy (truncated to the cap) every plan uses
+  the identifier form again on the copy's unit code (one code per unit), so OpenDP
+  truncates to k' and derives d_in from that truncation. Nothing assumes k'.
+  (`enforce_row_bound=False` switches that off for the test showing why it matters.)
+* tighter clipping bounds per measure: OpenDP clips to them; the fixed point stays
+  the catalog's (the copy holds it), so only the bounds OpenDP sees change.
+* budget weights: every noisy term gets its own noise scale, global_scale times a
+  unit that makes its loss its weight's share (`_Compiled._units`). That is a budget
+  allocation only: the spend is always OpenDP's map of the whole measurement. A MEAN is
+  released as its sum and count of known values (`finish` divides them), so each
+  part gets its own share.
+* zCDP grants (`Grant.accounting == "zcdp"`): Gaussian noise, OpenDP's
+  `zero_concentrated_divergence()`; the stages' rhos add (zCDP composition) and
+  OpenDP converts the total to (epsilon, delta) at the query's delta
+  (`zcdp_to_epsilon`). The ledger debits that pair; adding pairs across queries is
+  basic composition, never less than converting the summed rho would give.
+
 The calibration is the only thing deciding the spend: `compile` fixes the form
 (identifier, or prepared), `calibrate` maps it, and `release` rebuilds the same
 measurements and refuses if they would cost more than calibrated.
