@@ -332,3 +332,32 @@ def test_a_consistent_dp_table_has_non_negative_integer_cells(claims) -> None:
     table = pl.from_arrow(compiled.release(compiled.calibrate(plan.query.privacy)).table)
     for name in ("count", "sum_amount"):
         assert table[name].dtype == pl.Int64 and (table[name] >= 0).all()
+
+
+def test_the_estimate_over_the_wire_carries_the_bias_notes_and_spends_nothing(connect, server) -> None:
+    from dataops import wire
+    from dataops.v1 import query_pb2
+
+    client = connect("harbor-insurance")
+    privacy = Privacy(epsilon=0.5, max_rows_per_unit=5, measures=(MeasureTerms("amount", upper=5e4),))
+    query = Query("medical_claims", (MEAN,), group_by=("age_band",), mode=Mode.DP, privacy=privacy)
+    request = query_pb2.EstimateQueryRequest(query=wire.query_to_proto(query))
+    estimate = client._call(client._query.EstimateQuery, request)
+    assert estimate.spend.epsilon == pytest.approx(0.5)
+    assert any("clipping bias possible" in n for n in estimate.notes)
+    assert any("truncated to 5 rows" in n for n in estimate.notes)
+    assert server.ledger.spent("harbor-insurance", "medical_claims") == (0.0, 0.0)
+
+
+def test_terms_and_weights_cross_the_wire_unchanged() -> None:
+    from dataops import wire
+
+    privacy = Privacy(epsilon=0.5, max_rows_per_unit=5, consistent=True, measures=(
+        MeasureTerms("amount", lower=0.0), MeasureTerms("reimbursed", upper=1e4, auto_clip_share=0.0)))
+    query = Query("medical_claims", (Aggregate(Function.SUM, "amount", weight=2.0), Aggregate(Function.MEAN, "reimbursed")),
+                  group_by=("age_band",), mode=Mode.DP, privacy=privacy)  # fmt: skip
+    again = wire.query_from_proto(wire.query_to_proto(query))
+    assert again == query and again.canonical() == query.canonical()
+    auto = dataclasses.replace(privacy, measures=(MeasureTerms("amount", auto_clip_share=0.3, auto_clip_quantile=0.9),))
+    query = dataclasses.replace(query, privacy=auto)
+    assert wire.query_from_proto(wire.query_to_proto(query)).privacy == auto
