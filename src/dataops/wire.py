@@ -118,7 +118,7 @@ def _privacy_from_proto(message: q.Query | q.SqlQuery) -> ir.Privacy | None:
             lower=m.lower if m.HasField("lower") else None,
             upper=m.upper if m.HasField("upper") else None,
             auto_clip_share=m.auto_clip_share,
-            auto_clip_quantile=m.auto_clip_quantile or 0.99,
+            auto_clip_quantile=m.auto_clip_quantile or ir.AUTO_CLIP_QUANTILE,
         )
         for m in p.measures
     )
