@@ -361,3 +361,12 @@ def test_terms_and_weights_cross_the_wire_unchanged() -> None:
     auto = dataclasses.replace(privacy, measures=(MeasureTerms("amount", auto_clip_share=0.3, auto_clip_quantile=0.9),))
     query = dataclasses.replace(query, privacy=auto)
     assert wire.query_from_proto(wire.query_to_proto(query)).privacy == auto
+
+
+def test_the_gaussian_half_width_agrees_with_opendps_where_both_are_computed() -> None:
+    from dataops.engines.dp_calibrate import gaussian_accuracy
+
+    for scale in (3.0, 1e4):
+        assert gaussian_accuracy(scale, 0.05) == dp.discrete_gaussian_scale_to_accuracy(scale, 0.05, T=float)
+    opendp = dp.discrete_gaussian_scale_to_accuracy(2e4, 0.05, T=float)
+    assert opendp <= gaussian_accuracy(2e4, 0.05) <= opendp + 1

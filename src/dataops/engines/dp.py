@@ -135,6 +135,7 @@ from dataops.engines._base import (
     predicate,
     scan,
 )
+from dataops.engines.dp_calibrate import gaussian_accuracy, rho_for_epsilon, zcdp_to_epsilon
 from dataops.errors import FieldViolation, InternalError, InvalidQuery, LimitExceeded, PolicyDenied
 from dataops.ir import MAX_EPSILON, Aggregate, Function, Mode, Privacy, Query
 
@@ -798,11 +799,11 @@ class _Compiled:
         rows: dict[str, list[dict]] = {}
         for m in measurements:
             # OpenDP's discrete Gaussian accuracy sums over the support (seconds at large
-            # scales): read the scales only, and compute it in `_gaussian_accuracy`.
+            # scales): read the scales only, and compute it in `gaussian_accuracy`.
             summary = dp.summarize_polars_measurement(m) if self.zcdp else dp.summarize_polars_measurement(m, ALPHA)
             for row in summary.iter_rows(named=True):
                 if self.zcdp and row["distribution"] == "Integer Gaussian":
-                    row["accuracy"] = _gaussian_accuracy(row["scale"])
+                    row["accuracy"] = gaussian_accuracy(row["scale"], ALPHA)
                 rows.setdefault(row["column"], []).append(row)
         mechanism = MECHANISM_DISCRETE_GAUSSIAN if self.zcdp else MECHANISM_DISCRETE_LAPLACE
         distribution = "Integer Gaussian" if self.zcdp else "Integer Laplace"
@@ -997,32 +998,6 @@ def _mean_parts(name: str) -> tuple[str, str]:
     return f"#sum:{name}", f"#count:{name}"
 
 
-def zcdp_to_epsilon(rho: float, delta: float) -> float:
-    """The epsilon OpenDP gives rho-zCDP at delta (make_zCDP_to_approxDP, make_fix_delta).
-
-    OpenDP converts measurements, not numbers: a Gaussian mechanism of scale 1 is
-    rho = d^2 / 2 at distance d, so it is mapped at d with d^2 / 2 >= rho (checked
-    through its own map, never below), then converted.
-    """
-    if rho <= 0:
-        return 0.0
-    base = dp.m.make_gaussian(dp.atom_domain(T=float, nan=False), dp.absolute_distance(T=float), scale=1.0)
-    d = math.sqrt(2 * rho)
-    while base.map(d) < rho:
-        d = math.nextafter(d, math.inf)
-    return dp.c.make_fix_delta(dp.c.make_zCDP_to_approxDP(base), delta).map(d)[0]
-
-
-def rho_for_epsilon(epsilon: float, delta: float) -> float:
-    """The largest rho (to a relative 1e-9) that OpenDP converts to at most epsilon at delta."""
-    low, high = 0.0, max(epsilon, 1.0)
-    while zcdp_to_epsilon(high, delta) <= epsilon:
-        high *= 2
-    while high - low > 1e-9 * high:
-        middle = (low + high) / 2
-        low, high = (middle, high) if zcdp_to_epsilon(middle, delta) <= epsilon else (low, middle)
-    return low
-
 
 def _fixed_point(column: Column) -> _Measure:
     """How a bounded numeric column is held as integers; depends on the catalog only."""
@@ -1031,21 +1006,6 @@ def _fixed_point(column: Column) -> _Measure:
     while biggest * 10.0**decimals > _FIXED_POINT_LIMIT:
         decimals -= 1
     return _Measure(column.name, column.bounds, decimals, column.type is ColumnType.INT and decimals == 0)
-
-
-def _gaussian_accuracy(scale: float) -> float:
-    """95% half-width of discrete Gaussian noise (fixed-point units).
-
-    OpenDP's own up to a scale of 1e4; above it, where OpenDP's takes ever longer, the
-    continuous Gaussian's z * scale plus one unit (OpenDP's is within a unit of it:
-    2 * 10^4 checked at 1e4, 1e5 and 1e6).
-    """
-    if scale <= 1e4:
-        return float(dp.discrete_gaussian_scale_to_accuracy(float(scale), ALPHA, T=float))
-    return _Z_975 * scale + 1.0
-
-
-_Z_975 = 1.959963984540054  # the standard normal's 0.975 quantile
 
 
 def _half_width(scale: float, factor: float) -> float:
