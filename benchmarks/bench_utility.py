@@ -12,7 +12,7 @@ in one run, with an exact polars answer of each question as the reference:
 at epsilon 0.1 and 1, each released `--repeats` times through the DP engine over the
 prepared copy, under:
 
-  catalog terms   the catalog's bounds and rows per unit (what main did; even-split baseline below)
+  catalog terms   the catalog's bounds and rows per unit, default budget weights
   tighter terms   mean claim: 5 rows per person (issue 13's); sum claim: 30 rows per person
                   and claims clipped at 250 000 (half the catalog's; a sum loses what a row
                   bound truncates); tax: clipped at half the catalog's bound
@@ -25,6 +25,19 @@ The error of one release is the median over its groups of |noisy - exact| / |exa
 cell prints the median over the repeats, and its ratio to "catalog terms" in the same run.
 Then the median+mean question of issue 13 (the mean's error asked with a median, under
 an even split and under the default weights, against the mean asked alone).
+
+Measured on 2 shared cores (1M claims, 200k enterprises, 25 repeats), median relative error:
+
+  question                eps   catalog   tighter   auto clip   zcdp     zcdp tighter
+  mean claim by age band  0.1   49.9%     10.4%     7.8%        100%     31.4%
+  mean claim by age band  1.0    6.3%      1.3%     4.0%        18.4%     3.6%
+  sum claim by age band   0.1   38.5%     16.1%    21.4%       148.7%    49.0%
+  sum claim by age band   1.0    3.5%      3.5%     4.1%        15.0%     6.7%
+  mean tax by district    0.1    8.7%      5.0%     6.7%        26.7%    14.1%
+  mean tax by district    1.0    0.8%      2.3%     3.4%         3.2%     2.7%
+
+  the mean at epsilon 1 with a median: 7.5% (default weights), 10.0% (1:1), 7.0% alone;
+  main's engine on the same data: 55% with a median, 9.6% alone.
 """
 
 from __future__ import annotations
