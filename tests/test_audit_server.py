@@ -66,7 +66,7 @@ def test_when_the_audit_log_cannot_be_written_nothing_is_released(server, connec
     client.list_datasets()
     before = audit_records(config)
     audit = server.audit
-    with audit._lock:  # swap in a disk that is always full
+    with audit._cond:  # swap in a disk that is always full
         real_fd, audit._fd = audit._fd, os.open("/dev/full", os.O_WRONLY)
     try:
         with pytest.raises(DataopsClientError) as err:
@@ -76,7 +76,7 @@ def test_when_the_audit_log_cannot_be_written_nothing_is_released(server, connec
         assert "receipt_sequence" not in err.value.metadata
         assert audit_records(config) == before
     finally:
-        with audit._lock:
+        with audit._cond:
             os.close(audit._fd)
             audit._fd = real_fd
     result = client.query("enterprise_credit", aggregates=[count()])  # the disk is back: so is the service

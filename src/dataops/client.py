@@ -23,6 +23,12 @@ the status code, the `ErrorInfo` reason and metadata (rule, column, receipt) and
 field violations; checks made here before sending (`InvalidRequest`) and a server
 that cannot be reached (`ConnectionFailed`) look the same way. Results are plain
 dataclasses, not protobuf messages.
+
+Every client is a witness of the audit log (`dataops.audit.witness`): it checks each
+response's receipt — the inclusion proof against a checkpoint signed with the
+operator's key (`audit_public_key`) and consistency with the newest checkpoint it has
+seen (kept in `checkpoint_file` if given) — and raises `AuditVerificationError` when
+the log was rolled back, truncated or rewritten.
 """
 
 from __future__ import annotations
@@ -37,11 +43,16 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from dataops import ir, wire
+from dataops.audit.signing import load_public_key
+from dataops.audit.witness import Witness, WitnessError
 from dataops.errors import RequestError
-from dataops.v1 import catalog_pb2, catalog_pb2_grpc, query_pb2, query_pb2_grpc, subject_pb2, subject_pb2_grpc
+from dataops.v1 import (
+    audit_pb2, audit_pb2_grpc, catalog_pb2, catalog_pb2_grpc, query_pb2, query_pb2_grpc, subject_pb2,
+    subject_pb2_grpc,
+)
 
 __all__ = [
-    "AggregateAccuracy", "Budget", "Client", "Column", "ConnectionFailed", "DataopsClientError", "Dataset",
+    "AggregateAccuracy", "AuditVerificationError", "Budget", "Client", "Column", "ConnectionFailed", "DataopsClientError", "Dataset",
     "Dominance",
     "DatasetDescription", "Estimate", "Grant", "InvalidRequest", "QueryResult", "Receipt", "Spend",
     "count", "count_units", "mean", "median", "parse_aggregate", "quantile", "total",
@@ -129,6 +140,15 @@ class ConnectionFailed(DataopsClientError):
 
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(code, message, "CONNECTION")
+
+
+class AuditVerificationError(DataopsClientError):
+    """The server's audit log failed a check this client makes on its own (DATA_LOSS):
+    a receipt not in the signed log, or a log rolled back, truncated or rewritten since
+    the checkpoint this client holds. The answer is not returned."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(grpc.StatusCode.DATA_LOSS, message, "AUDIT_LOG_INCONSISTENT")
 
 
 _TRANSPORT = {
@@ -424,6 +444,9 @@ class Client:
         ca: str | Path,
         server_name: str | None = None,
         timeout: float = 60.0,
+        audit_public_key: str | Path | None = None,
+        checkpoint_file: str | Path | None = None,
+        witness: bool = True,
     ) -> None:
         credentials = grpc.ssl_channel_credentials(
             root_certificates=_read(ca, "CA certificate"),
@@ -440,6 +463,10 @@ class Client:
         self._catalog = catalog_pb2_grpc.CatalogServiceStub(self.channel)
         self._query = query_pb2_grpc.QueryServiceStub(self.channel)
         self._subjects = subject_pb2_grpc.SubjectServiceStub(self.channel)
+        self._audit = audit_pb2_grpc.AuditServiceStub(self.channel)
+        # The operator's public key (out of band) makes the checkpoint signatures count.
+        key = load_public_key(Path(audit_public_key)) if audit_public_key is not None else None
+        self.witness = Witness(key, checkpoint_file) if witness else None
 
     @classmethod
     def from_directory(cls, target: str, directory: str | Path, consumer: str, **kwargs: Any) -> "Client":
@@ -457,12 +484,40 @@ class Client:
         self.channel.close()
 
     def _call(self, method: Any, request: Any, timeout: float | None = None) -> Any:
+        metadata = self.witness.metadata() if self.witness else None
         try:
-            response = method(request, timeout=timeout or self.timeout)
+            response = method(request, timeout=timeout or self.timeout, metadata=metadata)
         except grpc.RpcError as error:
             raise DataopsClientError.from_rpc_error(error) from None
         self.last_receipt = _receipt(response)
+        if self.witness is not None:
+            try:
+                self.witness.observe(response.receipt, self._fetch_consistency)
+            except WitnessError as exc:
+                raise AuditVerificationError(str(exc)) from None
         return response
+
+    def _fetch_consistency(self, first: int, second: int) -> list[bytes]:
+        # Not through _call: this answer's own receipt would need a proof in turn.
+        try:
+            response = self._audit.GetConsistencyProof(
+                audit_pb2.GetConsistencyProofRequest(first_size=first, second_size=second), timeout=self.timeout)
+        except grpc.RpcError as error:
+            raise DataopsClientError.from_rpc_error(error) from None
+        return list(response.proof)
+
+    @property
+    def checkpoint(self):
+        """The newest audit checkpoint this client has verified (None before the first call)."""
+        return self.witness.checkpoint if self.witness else None
+
+    def audit_checkpoint(self) -> str:
+        """The server's newest signed checkpoint (a C2SP note), checked like every response."""
+        return self._call(self._audit.GetCheckpoint, audit_pb2.GetCheckpointRequest()).checkpoint
+
+    def consistency_proof(self, first_size: int, second_size: int) -> list[bytes]:
+        request = audit_pb2.GetConsistencyProofRequest(first_size=first_size, second_size=second_size)
+        return list(self._call(self._audit.GetConsistencyProof, request).proof)
 
     def list_datasets(self) -> list[Dataset]:
         response = self._call(self._catalog.ListDatasets, catalog_pb2.ListDatasetsRequest())

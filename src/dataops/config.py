@@ -11,14 +11,14 @@ from __future__ import annotations
 import ipaddress
 import math
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
 from dataops.errors import ConfigError  # a LoadError: operator's file mistake
 
 __all__ = [
-    "ConfigError", "Limits", "PathsSection", "ServerConfig", "ServerSection", "TlsSection",
+    "AuditSection", "ConfigError", "Limits", "PathsSection", "ServerConfig", "ServerSection", "TlsSection",
     "load_config", "parse_listen",
 ]
 
@@ -136,17 +136,52 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class AuditSection:
+    """Who signs the audit log's checkpoints, and the ledger check at start."""
+
+    TABLE: ClassVar[str] = "audit"
+
+    # A signer already running (as another OS user, so this server cannot read its
+    # key): its Unix socket. Unset: `dataops serve` starts one itself with its key in
+    # `signer_dir`.
+    signer_socket: Path | None = None
+    # The key directory of the signer the server starts (default: `signer` beside
+    # dataops.toml — never under [paths] state, which the server process owns).
+    signer_dir: Path | None = None
+    # The log's name in its checkpoints (C2SP origin); also the signing key's name.
+    origin: str = "dataops-audit"
+    # Refuse to start when the ledger has spent less than the audit log records.
+    # Off only to demonstrate the attack it stops.
+    reconcile_ledger: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("signer_socket", "signer_dir"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), Path):
+                raise _invalid(self, name, "a path")
+        if not isinstance(self.origin, str) or not self.origin or not self.origin.isprintable() \
+                or " " in self.origin:
+            raise _invalid(self, "origin", "a non-empty name without spaces")
+        if not isinstance(self.reconcile_ledger, bool):
+            raise _invalid(self, "reconcile_ledger", "true or false")
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     server: ServerSection
     paths: PathsSection
     tls: TlsSection
     limits: Limits
+    audit: AuditSection = field(default_factory=AuditSection)
+
+    @property
+    def signer_dir(self) -> Path:
+        return self.audit.signer_dir or self.paths.state.parent / "signer"
 
     @classmethod
     def default(cls, root: Path) -> ServerConfig:
         """The documented defaults with every path under `root`."""
         paths = _default_paths(Path(root))
-        return cls(ServerSection(), paths, _default_tls(paths.state), Limits())
+        return cls(ServerSection(), paths, _default_tls(paths.state), Limits(), AuditSection(signer_dir=Path(root) / "signer"))
 
 
 def load_config(path: Path) -> ServerConfig:
@@ -167,7 +202,7 @@ def load_config(path: Path) -> ServerConfig:
 
 
 def _build(doc: dict[str, Any], base: Path) -> ServerConfig:
-    sections = (ServerSection, PathsSection, TlsSection, Limits)
+    sections = (ServerSection, PathsSection, TlsSection, Limits, AuditSection)
     known = [s.TABLE for s in sections]
     for key, value in doc.items():
         if key not in known:
@@ -187,7 +222,12 @@ def _build(doc: dict[str, Any], base: Path) -> ServerConfig:
     tls = TlsSection(**{**vars(tls_defaults), **given})
 
     limits = Limits(**_table(doc, Limits))
-    return ServerConfig(server, paths, tls, limits)
+    audit = dict(_table(doc, AuditSection))
+    for key in ("signer_socket", "signer_dir"):
+        if key in audit:
+            audit[key] = _resolve(AuditSection, key, audit[key], base)
+    audit.setdefault("signer_dir", base / "signer")
+    return ServerConfig(server, paths, tls, limits, AuditSection(**audit))
 
 
 def _table(doc: dict[str, Any], section: type) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """The chain's encoding: one canonical byte form per record, hashed with SHA-256.
 
-Each record carries `seq` (1, 2, …), `prev` (the previous record's hash, GENESIS for
+A record is stored as its RFC 8785 (JCS) canonical JSON, one line each. Each record carries `seq` (1, 2, …), `prev` (the previous record's hash, GENESIS for
 the first) and `hash`: SHA-256 over the canonical encoding of the record without
 `hash`. Changing, removing, inserting or reordering a record breaks the chain.
 """
@@ -8,16 +8,13 @@ the first) and `hash`: SHA-256 over the canonical encoding of the record without
 from __future__ import annotations
 
 import hashlib
-import json
 from typing import Any
 
+from dataops.audit.canonical import canonical  # RFC 8785: the one byte form, in any language
+
+__all__ = ["GENESIS", "canonical", "line_hash_ok", "record_hash"]
+
 GENESIS = "0" * 64
-
-
-def canonical(record: dict[str, Any]) -> bytes:
-    """The one byte encoding a record is hashed and stored in."""
-    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                      allow_nan=False).encode("utf-8")
 
 
 def record_hash(record: dict[str, Any]) -> str:

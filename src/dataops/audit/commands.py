@@ -1,12 +1,12 @@
 """`dataops audit …`: the compliance reviewer's commands.
 
-    dataops audit verify [--public-key FILE] [--checkpoint FILE]   chain + signatures; 0 ok, 1 tampered, 2 error
+    dataops audit verify [--public-key FILE] [--witness FILE]      tree, chain, signatures; 0 ok, 1 tampered, 2 error
     dataops audit receipt SEQ HASH                                 is this receipt in the verified log?
     dataops audit show [--consumer …] [--since …] [--json]         filter and read records
     dataops audit export --format csv|parquet --out FILE           a verified range, verifiable on its own
     dataops audit verify-export FILE [--public-key FILE]           check such an export
     dataops audit report --out FILE.html                           one offline HTML page with charts
-    dataops audit public-key [--out FILE]                          the key reviewers verify with
+    dataops audit public-key [--signer-dir DIR] [--out FILE]       the key reviewers verify with
     dataops audit consents [--consent ID] [--subject ID]           every use of a consent; exit 1 if one ran invalid
 
 Each reads `-c dataops.toml` for the state directory (the log is STATE/audit) or takes
@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from dataops.audit.signing import PUBLIC_KEY, SIGNING_KEY, key_id, load_public_key, load_signing_key
+from dataops.audit.signing import PUBLIC_KEY, key_id, load_public_key
 from dataops.audit.verify import Verification
 
 OK, TAMPERED, ERROR = 0, 1, 2
@@ -51,9 +51,10 @@ def add_audit_parser(subparsers: Any) -> argparse.ArgumentParser:
                        help=f"the log's public key (PEM); default: {PUBLIC_KEY} in the audit directory")
 
     def held_option(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--checkpoint", type=Path, action="append", default=[], metavar="FILE",
-                       help="checkpoints you kept from an earlier verification (repeatable); the log must "
-                            "still contain what they signed")
+        p.add_argument("--witness", "--checkpoint", dest="checkpoint", type=Path, action="append", default=[],
+                       metavar="FILE",
+                       help="checkpoints held outside the host (a client's checkpoint file, a copy of "
+                            "checkpoints.jsonl; repeatable): the log must still contain exactly what they signed")
 
     p = command("verify", cmd_verify, "check the hash chain and checkpoint signatures with only the public key")
     public_key_option(p)
@@ -91,6 +92,8 @@ def add_audit_parser(subparsers: Any) -> argparse.ArgumentParser:
     public_key_option(p)
 
     p = command("public-key", cmd_public_key, "write the log's public key (PEM) for reviewers")
+    p.add_argument("--signer-dir", type=Path, metavar="DIR",
+                   help="the signer's directory (run as the signer's user): its key is the one that signs")
     p.add_argument("--out", type=Path, help="file to write (default: print it)")
 
     from dataops.audit.consents import cmd_consents
@@ -146,8 +149,6 @@ def public_key(args: argparse.Namespace, directory: Path):
         return load_public_key(args.public_key)
     if (directory / PUBLIC_KEY).exists():
         return load_public_key(directory / PUBLIC_KEY)
-    if (directory / SIGNING_KEY).exists():
-        return load_signing_key(directory / SIGNING_KEY).public_key()
     raise _UsageError(f"no public key in {directory}; pass --public-key FILE")
 
 
@@ -339,10 +340,11 @@ def _caps(args: argparse.Namespace):
 def cmd_public_key(args: argparse.Namespace) -> int:
     from dataops.audit.signing import public_key_pem
 
-    directory = log_dir(args)
-    # From the private key when it is here: that is the key that really signs.
-    key = (load_signing_key(directory / SIGNING_KEY).public_key() if (directory / SIGNING_KEY).exists()
-           else public_key(args, directory))
+    from dataops.audit.signer import PUBLIC_KEY as SIGNER_PUBLIC_KEY
+
+    # From the signer's own directory when given: that is the key that really signs.
+    key = (load_public_key(args.signer_dir / SIGNER_PUBLIC_KEY) if args.signer_dir
+           else public_key(args, log_dir(args)))
     pem = public_key_pem(key)
     if args.out:
         args.out.write_bytes(pem)

@@ -1,9 +1,10 @@
 """Export a verified range of the log as CSV or Parquet that verifies on its own.
 
 An export is always a contiguous range of whole records, `from_seq`..`to_seq`, and
-`to_seq` is always the size of a signed checkpoint: the signature over that head
-covers every record before it through the chain, so the range can be checked with
-nothing but the export, the checkpoint and the public key. A range that ends between
+`to_seq` is always the size of a signed checkpoint: its signed Merkle root covers
+every record before it, so with the hashes of the perfect subtrees left of the range
+(`left`, at most log2(n) of them) the range can be checked with nothing but the
+export, the checkpoint and the public key. A range that ends between
 checkpoints is extended to the next one (the caller is told); records after the last
 checkpoint cannot be exported yet. Filtering is `dataops audit show`'s job: a filtered
 set of records has gaps the chain cannot bridge.
@@ -28,11 +29,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from dataops.audit.chain import GENESIS, line_hash_ok
+from dataops.audit.merkle import CompactRange, ProofError, leaf_hash
+from dataops.audit.note import NoteError, parse_checkpoint
 from dataops.audit.reader import iter_lines
-from dataops.audit.signing import key_id, public_key_pem, signature_ok
+from dataops.audit.signing import key_id, public_key_pem
 from dataops.audit.verify import Place, Problem, verify_log
 
-FORMAT = "dataops-audit-export/1"
+FORMAT = "dataops-audit-export/2"  # /2: Merkle checkpoints (C2SP notes) and `left`
 METADATA_KEY = b"dataops.audit.export"
 INTS = ("seq", "rows_returned", "rows_suppressed")
 FLOATS = ("epsilon_spent", "delta_spent", "latency_ms")
@@ -79,6 +82,7 @@ def export_log(directory: Path, out: Path, public_key: Ed25519PublicKey, *, fmt:
         "from_seq": from_seq,
         "to_seq": checkpoint["size"],
         "checkpoint": checkpoint,
+        "left": [h.hex() for h in _left_of(directory, from_seq)],
         "key_id": key_id(public_key),
         "public_key": public_key_pem(public_key).decode("ascii"),
     }
@@ -90,6 +94,17 @@ def export_log(directory: Path, out: Path, public_key: Ed25519PublicKey, *, fmt:
     sidecar = sidecar_path(out)
     sidecar.write_text(json.dumps(meta, indent=2) + "\n")
     return ExportResult(out, sidecar, from_seq, checkpoint["size"], to_seq, checkpoint)
+
+
+def _left_of(directory: Path, first: int) -> list[bytes]:
+    """The perfect subtree hashes of records 1..first-1."""
+    tree = CompactRange()
+    if first > 1:
+        for _, raw in iter_lines(directory):
+            tree.append(leaf_hash(raw.rstrip(b"\n")))
+            if tree.size == first - 1:
+                break
+    return tree.hashes()
 
 
 def _rows(directory: Path, first: int, last: int, *, typed: bool = False) -> Iterator[dict[str, Any]]:
@@ -248,10 +263,17 @@ def verify_export(path: Path, public_key: Ed25519PublicKey | None = None) -> Exp
         result.problems.append(Problem(where, "key", f"checkpoint signed by key id {checkpoint.get('key_id')}, "
                                                      f"not by the public key given (key id {kid})"))
         return result
-    if not signature_ok(public_key, checkpoint):
-        result.problems.append(Problem(where, "signature", "the checkpoint's signature does not verify"))
+    try:
+        signed = parse_checkpoint(checkpoint.get("note", ""), public_key)
+    except NoteError as exc:
+        result.problems.append(Problem(where, "signature", f"the checkpoint does not verify: {exc}"))
         return result
-    first, last = meta["from_seq"], checkpoint["size"]
+    first, last = meta["from_seq"], signed.size
+    try:
+        tree = CompactRange.resume(first - 1, [bytes.fromhex(h) for h in meta.get("left", [])])
+    except (ProofError, ValueError, TypeError) as exc:
+        result.problems.append(Problem(where, "format", f"the hashes left of the range are unusable ({exc})"))
+        return result
     expected, prev = first, GENESIS if first == 1 else None
     end = last_row = Place(path.name, 1)  # end: where a missing next row would be
     for number, unit, row in _export_rows(path):
@@ -261,6 +283,7 @@ def verify_export(path: Path, public_key: Ed25519PublicKey | None = None) -> Exp
             result.problems.append(problem)
             return result
         prev = json.loads(row["record"])["hash"]
+        tree.append(leaf_hash(row["record"].encode("utf-8")))
         expected += 1
         end, last_row = Place(path.name, number + 1, unit=unit), place
     result.rows = expected - first
@@ -268,9 +291,9 @@ def verify_export(path: Path, public_key: Ed25519PublicKey | None = None) -> Exp
         result.problems.append(Problem(end, "truncated",
                                        f"the export ends at seq {expected - 1}, but its checkpoint "
                                        f"#{checkpoint['checkpoint']} is at seq {last}: rows were removed or added"))
-    elif prev != checkpoint["head"]:
+    elif tree.root() != signed.root:
         result.problems.append(Problem(last_row, "rewritten",
-                                       f"the last record's hash is not the head signed by checkpoint "
+                                       f"the rows do not hash to the Merkle root signed by checkpoint "
                                        f"#{checkpoint['checkpoint']}: the export was rewritten"))
     return result
 

@@ -1,63 +1,110 @@
-"""Append-only, hash-chained JSON Lines with signed checkpoints.
+"""The audit log: append-only JSON Lines, an RFC 6962 Merkle tree over them, and
+checkpoints signed by a separate signer.
 
-The encoding and hash of a record are in `dataops.audit.chain`. This module writes:
+    STATE/audit/audit.jsonl          the active segment, one record per line (RFC 8785 JSON)
+    STATE/audit/audit-000001.jsonl   older segments; the tree and the hash chain run on across them
+    STATE/audit/checkpoints.jsonl    signed checkpoints, kept at least every second under load,
+                                     before each rotation and at close
+    STATE/audit/signing.pub          the signer's public key as it reported it (informational:
+                                     reviewers verify with the operator's own copy)
 
-    STATE/audit/audit.jsonl          the active segment, one record per line
-    STATE/audit/audit-000001.jsonl   older segments, renamed from audit.jsonl when it
-                                     grew past `segment_bytes`; the chain runs on across them
-    STATE/audit/checkpoints.jsonl    signed checkpoints over the head (see `signing`)
-    STATE/audit/signing.key          the Ed25519 key that signs them (0600), made on first open
-    STATE/audit/signing.pub          its public half, for `dataops audit verify`
+The key is *not* here: the signer (`dataops.audit.signer`) holds it in its own
+directory and signs only trees that extend the last one it signed.
 
-`append` is durable before it returns (write + fsync) and the server appends before
-it sends a response, so every released answer has its record. If the append fails,
-`AuditUnavailable` is raised and the server releases nothing (fail closed).
+Group commit. `append` writes the record's line at once (under a lock, so the chain
+and the tree stay in order) and then waits until its line is durable and signed.
+Whichever waiting thread finds no flush in progress leads the next one: it fsyncs
+once for every line written so far, asks the signer for one checkpoint over them, and
+wakes the others. So concurrent requests share one fsync and one signature, and each
+response goes out after its batch is durable — with an inclusion proof against a
+signed checkpoint that covers it (`Receipt`). If the fsync fails, every line of the
+batch is cut off again and every request in it fails (fail closed, `AuditUnavailable`).
 
-A checkpoint is signed every `checkpoint_every` records, every `checkpoint_seconds`
-if records were added, before a segment is rotated (so every segment's end is signed)
-and at `close()`.
+Each record line is a Merkle leaf: leaf hash = SHA-256(0x00 || line without "\\n").
+Each record also keeps `seq`, `prev` (the previous record's `hash`) and `hash`
+(SHA-256 of its canonical form without `hash`), so exports of a range can be checked
+on their own (`dataops.audit.chain`).
+
+Budget spend is bound to the log: the log sums `epsilon_spent`/`delta_spent` per
+grant as it goes, each checkpoint's `ledger` line commits to those totals, and at
+start the server refuses a ledger that has spent less than the log says
+(`dataops.server.app.reconcile_ledger`).
 """
 
 from __future__ import annotations
 
-import datetime as dt
+import hashlib
 import json
 import logging
 import os
+import re
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
+from decimal import ROUND_CEILING, Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from dataops._fs import fsync_dir
-from dataops.audit.chain import GENESIS, canonical, line_hash_ok, record_hash
-from dataops.audit.signing import (
-    CHECKPOINTS, SIGNING_KEY, checkpoint_hash, key_id, load_or_create_signing_key, sign_checkpoint,
-)
+from dataops.audit.canonical import canonical
+from dataops.audit.chain import GENESIS, line_hash_ok, record_hash
+from dataops.audit.merkle import Tree, leaf_hash
+from dataops.audit.note import Checkpoint, NoteError, key_id, parse_checkpoint
+from dataops.audit.signer import SignerError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ACTIVE", "GENESIS", "AuditLog", "AuditUnavailable", "Receipt", "canonical", "record_hash",
-           "segment_paths"]
+__all__ = ["ACTIVE", "CHECKPOINTS", "GENESIS", "AuditLog", "AuditUnavailable", "Receipt", "canonical",
+           "ledger_digest", "record_hash", "segment_paths"]
 
 ACTIVE = "audit.jsonl"
+CHECKPOINTS = "checkpoints.jsonl"
+PUBLIC_KEY = "signing.pub"
+# The ledger's integer units (dataops.ledger): epsilon in 1e-12, delta in 1e-18.
+_EPSILON_PLACES, _DELTA_PLACES = 12, 18
+# A line can only carry spend if one of these is not a plain 0 (JCS prints 0.0 as 0).
+_SPENDS = re.compile(rb'"(?:epsilon|delta)_spent":(?!0[,}])')
+_PLACEHOLDER = "\u2400" * 64  # "␀" never appears in a hex hash or an escaped JSON string
 
 
 class AuditUnavailable(OSError):
-    """The record could not be made durable (or the log cannot be trusted); the request must fail.
+    """The record could not be made durable and signed (or the log cannot be trusted);
+    the request must fail. An OSError so `dataops serve` reports it as the I/O problem it is."""
 
-    An OSError so `dataops serve` reports it as the I/O problem it is.
-    """
+
+class Signer(Protocol):
+    origin: str
+    public_key: Ed25519PublicKey
+
+    def last_checkpoint(self) -> str | None: ...
+
+    def sign(self, size: int, root: bytes, ledger: str, proof: list[bytes]) -> str: ...
 
 
 @dataclass(frozen=True)
 class Receipt:
+    """Where a request's record is, and the proof that a signed checkpoint covers it."""
+
     sequence: int
     hash: str
+    leaf_index: int = -1  # sequence - 1
+    tree_size: int = 0  # the size of `checkpoint`'s tree
+    inclusion_path: tuple[bytes, ...] = ()
+    checkpoint: str = ""  # the signed note
+    record: bytes = b""  # the stored line (without "\n"): its leaf hash is SHA-256(0x00 || record)
+    _log: Any = field(default=None, repr=False, compare=False)
+
+    def consistency_proof(self, first: int) -> list[bytes]:
+        """The proof between tree size `first` and this receipt's tree (either order)."""
+        if self._log is None:
+            raise ValueError("this receipt was not made by a log")
+        return self._log.consistency_proof(min(first, self.tree_size), max(first, self.tree_size))
 
 
 def segment_paths(active: Path) -> list[Path]:
-    """Every segment of the log in chain order: rotated ones by number, then the active one."""
+    """Every segment of the log in order: rotated ones by number, then the active one."""
     active = Path(active)
     stem, suffix = active.stem, active.suffix
     rotated = []
@@ -68,97 +115,152 @@ def segment_paths(active: Path) -> list[Path]:
     return [p for _, p in sorted(rotated)] + ([active] if active.exists() else [])
 
 
+def _units(value: Any, places: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        return 0
+    return int(Decimal(repr(float(value))).scaleb(places).to_integral_value(ROUND_CEILING))
+
+
+def ledger_digest(totals: dict[tuple[str, str], list[int]]) -> str:
+    """What a checkpoint's `ledger` line is: SHA-256 over the JCS of the per-grant spend.
+
+    {"grants": {consumer: {dataset: [epsilon units (1e-12), delta units (1e-18)]}}}, the
+    units as decimal strings (they exceed 2**53).
+    """
+    grants: dict[str, dict[str, list[str]]] = {}
+    for (consumer, dataset), (eps, delta) in totals.items():
+        grants.setdefault(consumer, {})[dataset] = [str(eps), str(delta)]
+    return hashlib.sha256(canonical({"grants": grants})).hexdigest()
+
+
+def record_spend(record: dict[str, Any]) -> tuple[tuple[str, str], int, int] | None:
+    consumer, dataset = record.get("consumer"), record.get("dataset")
+    eps, delta = _units(record.get("epsilon_spent"), _EPSILON_PLACES), _units(record.get("delta_spent"), _DELTA_PLACES)
+    if (eps or delta) and isinstance(consumer, str) and isinstance(dataset, str):
+        return (consumer, dataset), eps, delta
+    return None
+
+
 class AuditLog:
     def __init__(
         self,
         path: Path,
         *,
+        signer: Signer,
         fsync: bool = True,  # False only for benchmarks and tests: a crash may lose records
-        checkpoint_every: int = 1000,
-        checkpoint_seconds: float | None = 60.0,
+        checkpoint_every: int = 1000,  # keep a checkpoint in checkpoints.jsonl every N records …
+        checkpoint_seconds: float | None = 1.0,  # … and every this often when records were added
         segment_bytes: int = 64 * 2**20,
-        origin: str = "dataops-audit",
     ) -> None:
         self.path = Path(path)
         self.directory = self.path.parent
         self.directory.mkdir(parents=True, exist_ok=True)
         self.checkpoints_path = self.directory / CHECKPOINTS
+        self.signer = signer
+        self.origin = signer.origin
+        self.public_key = signer.public_key
+        self.key_id = key_id(self.public_key)
         self.fsync = fsync
         self.checkpoint_every = checkpoint_every
         self.checkpoint_seconds = checkpoint_seconds
         self.segment_bytes = segment_bytes
-        self.origin = origin
-        self._last_checkpoint = self._recover_checkpoints()
-        key_path = self.directory / SIGNING_KEY
-        signed_by = self._last_checkpoint["key_id"] if self._last_checkpoint else None
-        if signed_by and not key_path.exists():
-            # A fresh key would quietly start a log no reviewer's key verifies.
-            raise AuditUnavailable(f"{key_path} is missing but {self.checkpoints_path} is signed by key id "
-                                   f"{signed_by}; restore the key, or start a new audit directory")
-        self._key = load_or_create_signing_key(key_path)
-        self.public_key = self._key.public_key()
-        self.key_id = key_id(self.public_key)
-        if signed_by and signed_by != self.key_id:
-            raise AuditUnavailable(f"{key_path} (key id {self.key_id}) is not the key that signed "
-                                   f"{self.checkpoints_path} (key id {signed_by})")
-        self._lock = threading.Lock()
+        self._cond = threading.Condition(threading.Lock())
         self._broken: str | None = None
-        self._seq, self._prev = self._recover()
+        self.tree = Tree()
+        self._totals: dict[tuple[str, str], list[int]] = {}
+        self._pending_spend: list[tuple[int, tuple[str, str], int, int]] = []  # (seq, grant, …) not yet signed
+        self._digest_cache: str | None = None
+        self._checkpoint: Checkpoint | None = None  # the newest signed
+        self._kept: Checkpoint | None = None  # the newest in checkpoints.jsonl
+        self._kept_at = time.monotonic()
+        self._recover()
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         self._segment_size = os.fstat(self._fd).st_size
+        self._durable_size = self._segment_size  # bytes of the active segment that are fsynced
+        self._durable = self._seq  # records fsynced
+        self._signed = self._checkpoint.size if self._checkpoint else 0
+        self._flushing = False
+        self._epoch = 0
+        self._failure = ""
         fsync_dir(self.directory)
-        self._stop = threading.Event()
-        self._timer: threading.Thread | None = None
-        if checkpoint_seconds:
-            self._timer = threading.Thread(target=self._checkpoint_timer, name="audit-checkpoint", daemon=True)
-            self._timer.start()
+        (self.directory / PUBLIC_KEY).write_bytes(_pem(self.public_key))
+        if self._seq > self._signed:
+            self._flush_now()  # records a crash left unsigned (their lines were fsynced)
 
     # --- recovery -------------------------------------------------------------
 
-    def _recover(self) -> tuple[int, str]:
-        """Resume the chain after a restart, across segments.
+    def _recover(self) -> None:
+        """Rebuild the tree from the segments and check it against what was signed.
 
-        A torn last line (a crash mid-write) is dropped: it was never fsynced, so no
-        response was ever sent for it. Records after the last checkpoint are checked
-        against it before the log is reopened: otherwise the next checkpoint would sign
-        whatever someone wrote there while the server was down.
+        The signer's last checkpoint is the anchor: it is newer than anything in
+        checkpoints.jsonl, and whoever edits this directory cannot change it. A log
+        shorter than it, or with another root at its size, was truncated or
+        rewritten while the server was down: refuse to extend it.
         """
         _drop_torn_line(self.path)
-        lines: list[bytes] = []
-        for segment in reversed(segment_paths(self.path)):
-            lines = segment.read_bytes().splitlines()
-            if lines:
-                break
-        if not lines:
-            seq, head = 0, GENESIS
+        anchor = self._anchor()
+        boundary = anchor.size if anchor else 0
+        tail: list[bytes] = []
+        at_anchor: bytes | None = None
+        last: bytes | None = None
+        for segment in segment_paths(self.path):
+            with segment.open("rb") as f:
+                for raw in f:
+                    line = raw.rstrip(b"\n")
+                    self.tree.append(leaf_hash(line))
+                    if _SPENDS.search(line):
+                        self._add_spend(json.loads(line))
+                    n = len(self.tree)
+                    if n == boundary:
+                        at_anchor = line
+                    elif n > boundary:
+                        tail.append(line)
+                    last = line
+        size = len(self.tree)
+        where = f"{self.directory}: "
+        advice = "; refusing to extend a log that may have been altered — run `dataops audit verify`"
+        if anchor is not None:
+            if size < anchor.size:
+                raise AuditUnavailable(f"{where}the log ends at seq {size} but the signer signed {anchor.size} "
+                                       f"records ({anchor}): records were removed{advice}")
+            if self.tree.root(anchor.size) != anchor.root:
+                raise AuditUnavailable(f"{where}the first {anchor.size} records do not hash to the root the "
+                                       f"signer signed ({anchor}): they were rewritten{advice}")
+        if last is None:
+            self._seq, self._prev = 0, GENESIS
         else:
             try:
-                last = json.loads(lines[-1])
-                seq, head = int(last["seq"]), str(last["hash"])
+                record = json.loads(last)
+                self._seq, self._prev = int(record["seq"]), str(record["hash"])
             except (ValueError, KeyError, TypeError) as exc:
-                raise AuditUnavailable(f"{segment}: the last record cannot be read ({exc!r}); "
-                                       "run `dataops audit verify`") from None
-        self._check_tail(lines, seq, head)
-        return seq, head
-
-    def _check_tail(self, lines: list[bytes], seq: int, head: str) -> None:
-        checkpoint = self._last_checkpoint
-        if checkpoint is None:
-            return
-        size, signed = checkpoint["size"], checkpoint["head"]
-        problem = None
-        if seq < size:
-            problem = f"the log ends at seq {seq} but checkpoint #{checkpoint['checkpoint']} signed {size} records"
-        else:
-            try:
-                problem = _tail_problem(lines, size, signed, seq, head)
-            except (ValueError, KeyError, TypeError) as exc:
-                problem = f"a record after seq {size} cannot be read ({exc!r})"
+                raise AuditUnavailable(f"{where}the last record cannot be read ({exc!r}){advice}") from None
+            if self._seq != size:
+                raise AuditUnavailable(f"{where}the last record is seq {self._seq} but the log has {size} lines"
+                                       f"{advice}")
+        prev = json.loads(at_anchor)["hash"] if at_anchor is not None else GENESIS
+        problem = _tail_problem(tail, boundary, prev)
         if problem:
-            raise AuditUnavailable(f"{self.directory}: {problem}; refusing to extend a log that may have "
-                                   "been altered — run `dataops audit verify`")
+            raise AuditUnavailable(f"{where}{problem}{advice}")
+        self._checkpoint = anchor
 
-    def _recover_checkpoints(self) -> dict[str, Any] | None:
+    def _anchor(self) -> Checkpoint | None:
+        signed = self.signer.last_checkpoint()
+        anchor = None
+        if signed is not None:
+            try:
+                anchor = parse_checkpoint(signed, self.public_key, origin=self.origin)
+            except NoteError as exc:
+                raise AuditUnavailable(f"the signer's last checkpoint does not verify ({exc})") from None
+        kept = self._read_kept()
+        if kept is not None and (anchor is None or kept.size > anchor.size):
+            raise AuditUnavailable(
+                f"{self.checkpoints_path} holds a checkpoint of size {kept.size} but the signer's last is "
+                f"{'none' if anchor is None else anchor.size}: this is not the signer (or the signer state) "
+                "that signed this log; give the server its own signer, or start a new audit directory")
+        self._kept = kept
+        return anchor
+
+    def _read_kept(self) -> Checkpoint | None:
         if not self.checkpoints_path.exists():
             return None
         _drop_torn_line(self.checkpoints_path)
@@ -166,105 +268,209 @@ class AuditLog:
         if not lines:
             return None
         try:
-            checkpoint = json.loads(lines[-1])
-            int(checkpoint["checkpoint"]), int(checkpoint["size"]), str(checkpoint["key_id"])
+            note = json.loads(lines[-1])["note"]
+            return parse_checkpoint(note, self.public_key, origin=self.origin)
         except (ValueError, KeyError, TypeError) as exc:
-            raise AuditUnavailable(f"{self.checkpoints_path}: the last checkpoint cannot be read ({exc!r}); "
+            raise AuditUnavailable(f"{self.checkpoints_path}: the last checkpoint is not one the signer "
+                                   f"(key id {self.key_id}) signed for {self.origin!r} ({exc}); "
                                    "run `dataops audit verify`") from None
-        return checkpoint
 
-    # --- writing --------------------------------------------------------------
+    # --- reading --------------------------------------------------------------
 
     @property
     def head(self) -> Receipt:
         return Receipt(self._seq, self._prev)
 
     @property
-    def last_checkpoint(self) -> dict[str, Any] | None:
-        return self._last_checkpoint
+    def last_checkpoint(self) -> Checkpoint | None:
+        return self._checkpoint
+
+    def spend_totals(self) -> dict[tuple[str, str], tuple[int, int]]:
+        """Per grant (consumer, dataset): (epsilon units 1e-12, delta units 1e-18) the durable log records."""
+        with self._cond:
+            return {k: (v[0], v[1]) for k, v in self._totals.items()}
+
+    def consistency_proof(self, first: int, second: int) -> list[bytes]:
+        with self._cond:
+            if second > self._signed:
+                raise ValueError(f"tree size {second} is beyond the last signed checkpoint ({self._signed})")
+            return self.tree.consistency_proof(first, second)
+
+    # --- writing --------------------------------------------------------------
+
+    def _add_spend(self, record: dict[str, Any], pending: bool = False) -> None:
+        spend = record_spend(record)
+        if spend is None:
+            return
+        key, eps, delta = spend
+        total = self._totals.setdefault(key, [0, 0])
+        total[0] += eps
+        total[1] += delta
+        self._digest_cache = None
+        if pending:
+            self._pending_spend.append((record["seq"], key, eps, delta))
+
+    def _ledger(self) -> str:
+        if self._digest_cache is None:
+            self._digest_cache = ledger_digest(self._totals)
+        return self._digest_cache
 
     def append(self, record: dict[str, Any]) -> Receipt:
-        with self._lock:
+        with self._cond:
             if self._fd < 0 or self._broken:
                 raise AuditUnavailable(f"audit log unavailable: {self._broken or 'closed'}")
             body = {**record, "seq": self._seq + 1, "prev": self._prev}
-            digest = record_hash(body)
-            line = canonical({**body, "hash": digest}) + b"\n"
+            line, digest = _encode(body)
             try:
-                self._write(self._fd, line, self._segment_size)
+                _write_all(self._fd, line + b"\n")
             except OSError as exc:
+                self._undo_write(exc)
                 raise AuditUnavailable(f"audit record could not be written: {exc}") from exc
             self._seq += 1
             self._prev = digest
-            self._segment_size += len(line)
-            rotate = self._segment_size >= self.segment_bytes
-            if rotate or self._seq - self._signed_size >= self.checkpoint_every:
-                # The record is durable: a failed checkpoint is retried, never fails the request.
-                if self._checkpoint_quietly() and rotate:
-                    self._rotate()
-            return Receipt(self._seq, digest)
+            self._segment_size += len(line) + 1
+            self.tree.append(leaf_hash(line))
+            self._add_spend(body, pending=True)
+            mine, epoch = self._seq, self._epoch
+            while self._signed < mine and self._epoch == epoch:
+                if self._flushing:
+                    self._cond.wait()
+                else:
+                    self._flush()
+            if self._epoch != epoch and self._signed < mine:
+                raise AuditUnavailable(self._failure)
+            cp = self._checkpoint
+            return Receipt(mine, digest, mine - 1, cp.size, tuple(self.tree.inclusion_proof(mine - 1, cp.size)),
+                           cp.note, line, self)
 
-    def _write(self, fd: int, line: bytes, size_before: int) -> None:
-        """Write one line durably, or leave the file as it was and raise OSError.
+    def _undo_write(self, exc: OSError) -> None:
+        """A failed or short write must not leave part of a line for the next one to follow."""
+        try:
+            if os.fstat(self._fd).st_size > self._segment_size:
+                os.ftruncate(self._fd, self._segment_size)
+        except OSError as again:
+            self._broken = f"a failed write could not be undone ({again}); restart the server"
+            log.error("audit log %s: %s", self.path, self._broken)
 
-        A half-written or unsynced line must not stay: the next line would follow it
-        and the chain would hold a record nobody got a receipt for.
+    def _flush(self) -> None:
+        """Lead one group commit: fsync everything written, sign it, wake the waiters.
+
+        Called and returns with the lock held; drops it for the fsync and the signer.
         """
+        self._flushing = True
+        target, size = self._seq, self._segment_size
+        first = self._checkpoint.size if self._checkpoint else 0
+        root, proof, ledger = self.tree.root(target), self.tree.consistency_proof(first, target), self._ledger()
+        fd, synced = self._fd, self._durable >= target
+        self._cond.release()
+        error: Exception | None = None
+        checkpoint = None
         try:
-            written = os.write(fd, line)
-            if written != len(line):
-                raise OSError(f"short write ({written} of {len(line)} bytes)")
-            if self.fsync:
+            if self.fsync and not synced:
                 os.fsync(fd)
-        except OSError:
-            try:
-                if os.fstat(fd).st_size > size_before:
-                    os.ftruncate(fd, size_before)
-            except OSError as exc:
-                self._broken = f"a failed write could not be undone ({exc}); restart the server"
-                log.error("audit log %s: %s", self.path, self._broken)
-            raise
-
-    @property
-    def _signed_size(self) -> int:
-        return self._last_checkpoint["size"] if self._last_checkpoint else 0
-
-    def checkpoint(self) -> dict[str, Any] | None:
-        """Sign the head now; None if nothing was added since the last checkpoint."""
-        with self._lock:
-            return self._sign_head()
-
-    def _sign_head(self) -> dict[str, Any] | None:
-        if self._seq == self._signed_size or self._broken:
-            return None
-        previous = self._last_checkpoint
-        checkpoint = sign_checkpoint(self._key, {
-            "checkpoint": previous["checkpoint"] + 1 if previous else 1,
-            "origin": self.origin,
-            "key_id": self.key_id,
-            "size": self._seq,
-            "head": self._prev,
-            "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds"),
-            "prev": checkpoint_hash(previous) if previous else GENESIS,
-        })
-        first = previous is None
-        fd = os.open(self.checkpoints_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            self._write(fd, canonical(checkpoint) + b"\n", os.fstat(fd).st_size)
+            synced = True
+            # Not re-verified here (an Ed25519 verify costs more than the signature): every
+            # client and reviewer verifies it with the operator's key; we check it is our tree.
+            checkpoint = parse_checkpoint(self.signer.sign(target, root, ledger, proof), None, origin=self.origin)
+            if (checkpoint.size, checkpoint.root) != (target, root):
+                raise NoteError("the signer signed another tree than the one asked for")
+        except (OSError, SignerError, NoteError) as exc:
+            error = exc
         finally:
-            os.close(fd)
-        if first and self.fsync:
-            fsync_dir(self.directory)
-        self._last_checkpoint = checkpoint
-        return checkpoint
+            self._cond.acquire()
+        self._flushing = False
+        if synced:
+            self._durable = max(self._durable, target)
+            self._durable_size = max(self._durable_size, size)
+        if error is None:
+            self._signed, self._checkpoint = target, checkpoint
+            self._pending_spend = [p for p in self._pending_spend if p[0] > target]
+            self._keep_if_due()
+        else:
+            self._fail(error, synced)
+        self._cond.notify_all()
 
-    def _checkpoint_quietly(self) -> bool:
+    def _fail(self, error: Exception, synced: bool) -> None:
+        self._epoch += 1
+        if synced:  # durable, but no signature: the next batch signs them with its own
+            self._failure = f"the audit signer could not sign the log ({error}); nothing was released"
+            log.error("audit log %s: %s", self.path, self._failure)
+            return
+        self._failure = f"audit records could not be made durable ({error}); nothing was released"
+        log.error("audit log %s: %s", self.path, self._failure)
+        # Cut off every line since the last durable one; their requests all fail.
         try:
-            self._sign_head()
-            return True
+            os.ftruncate(self._fd, self._durable_size)
+        except OSError as exc:
+            self._broken = f"a failed fsync could not be undone ({exc}); restart the server"
+            return
+        self.tree.truncate(self._durable)
+        for seq, key, eps, delta in self._pending_spend:
+            if seq > self._durable:
+                self._totals[key][0] -= eps
+                self._totals[key][1] -= delta
+        self._pending_spend = [p for p in self._pending_spend if p[0] <= self._durable]
+        self._digest_cache = None
+        self._seq = self._durable
+        self._segment_size = self._durable_size
+        self._prev = self._record_hash_at(self._durable)
+
+    def _record_hash_at(self, seq: int) -> str:
+        if seq == 0:
+            return GENESIS
+        for segment in reversed(segment_paths(self.path)):
+            lines = segment.read_bytes().splitlines()
+            for raw in reversed(lines):
+                record = json.loads(raw)
+                if record["seq"] == seq:
+                    return record["hash"]
+        raise AuditUnavailable(f"record seq {seq} not found after a failed write")
+
+    def _flush_now(self) -> None:
+        with self._cond:
+            while self._flushing:
+                self._cond.wait()
+            if self._signed < self._seq:
+                self._flush()
+                if self._signed < self._seq:
+                    raise AuditUnavailable(self._failure)
+
+    def _keep_if_due(self, *, force: bool = False) -> None:
+        """Keep the newest checkpoint in checkpoints.jsonl when due; rotate when due."""
+        cp = self._checkpoint
+        if cp is None or (self._kept is not None and self._kept.size >= cp.size):
+            return
+        kept = self._kept.size if self._kept else 0
+        rotate = self._segment_size >= self.segment_bytes and self._seq == cp.size
+        due = (force or rotate or cp.size - kept >= self.checkpoint_every
+               or (self.checkpoint_seconds is not None and time.monotonic() - self._kept_at >= self.checkpoint_seconds))
+        if not due:
+            return
+        first = not self.checkpoints_path.exists()
+        try:
+            fd = os.open(self.checkpoints_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                _write_all(fd, canonical({"size": cp.size, "note": cp.note}) + b"\n")
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            if first and self.fsync:
+                fsync_dir(self.directory)
         except OSError:
-            log.exception("audit log %s: could not write a checkpoint; will retry", self.path)
-            return False
+            # The signer holds it too, and every receipt carries it: retried next time.
+            log.exception("audit log %s: could not keep checkpoint %s", self.path, cp)
+            return
+        self._kept, self._kept_at = cp, time.monotonic()
+        if rotate:
+            self._rotate()
+
+    def checkpoint(self) -> Checkpoint | None:
+        """Sign anything unsigned and keep the newest checkpoint now."""
+        self._flush_now()
+        with self._cond:
+            self._keep_if_due(force=True)
+            return self._checkpoint
 
     def _rotate(self) -> None:
         """Rename the active segment to the next number and start a new one."""
@@ -280,44 +486,69 @@ class AuditLog:
             log.exception("audit log %s: could not rotate to %s; continuing in the same file", self.path, target)
         try:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-            self._segment_size = os.fstat(self._fd).st_size
+            self._segment_size = self._durable_size = os.fstat(self._fd).st_size
             fsync_dir(self.directory)  # a new file's name is durable only once its directory is synced
         except OSError as exc:
             self._broken = f"cannot open {self.path} after rotation ({exc})"
             log.error("audit log: %s", self._broken)
 
-    def _checkpoint_timer(self) -> None:
-        while not self._stop.wait(self.checkpoint_seconds):
-            with self._lock:
-                if self._fd >= 0:
-                    self._checkpoint_quietly()
-
     def close(self) -> None:
-        self._stop.set()
-        if self._timer is not None and self._timer is not threading.current_thread():
-            self._timer.join()
-        with self._lock:
+        if self._fd < 0:
+            return
+        try:
+            self.checkpoint()
+        except AuditUnavailable:
+            log.exception("audit log %s: could not sign at close", self.path)
+        with self._cond:
+            while self._flushing:
+                self._cond.wait()
             if self._fd >= 0:
-                self._checkpoint_quietly()
                 os.close(self._fd)
                 self._fd = -1
 
 
-def _tail_problem(lines: list[bytes], size: int, signed: str, seq: int, head: str) -> str | None:
-    """Why the records after a checkpoint at `size` (head `signed`) do not continue it, or None."""
-    tail = []
-    for raw in reversed(lines):  # the unsigned records are at the end of the last segment
-        record = json.loads(raw)
-        if record["seq"] <= size:
-            break
-        tail.append((raw, record))
-    expected_seq, prev = size + 1, signed
-    for raw, record in reversed(tail):
-        if record["seq"] != expected_seq or record["prev"] != prev or not line_hash_ok(raw, record):
-            return f"record seq {record['seq']} does not continue the chain signed at seq {size}"
-        expected_seq, prev = expected_seq + 1, record["hash"]
-    if prev != head or expected_seq != seq + 1:
-        return f"the records after seq {size} do not continue the signed checkpoint"
+def _encode(body: dict[str, Any]) -> tuple[bytes, str]:
+    """The stored line (JCS of the record with its hash) and the hash (of the JCS without it).
+
+    One canonicalisation, not two: the line with a placeholder hash, minus that member,
+    is exactly the JCS of the record without `hash` (members are sorted, so the rest
+    keeps its order).
+    """
+    template = canonical({**body, "hash": _PLACEHOLDER})
+    member = f'"hash":"{_PLACEHOLDER}"'.encode()
+    if template.count(member) == 1:
+        without = template.replace(b"," + member, b"", 1) if b"," + member in template else template.replace(
+            member + b",", b"", 1)
+        digest = hashlib.sha256(without).hexdigest()
+        return template.replace(_PLACEHOLDER.encode(), digest.encode(), 1), digest
+    digest = record_hash(body)
+    return canonical({**body, "hash": digest}), digest
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    written = os.write(fd, data)
+    if written != len(data):
+        raise OSError(f"short write ({written} of {len(data)} bytes)")
+
+
+def _pem(public_key: Ed25519PublicKey) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return public_key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _tail_problem(lines: list[bytes], size: int, prev: str) -> str | None:
+    """Why the records after the signed size do not continue the chain, or None."""
+    expected = size + 1
+    for raw in lines:
+        try:
+            record = json.loads(raw)
+            ok = record["seq"] == expected and record["prev"] == prev and line_hash_ok(raw, record)
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        if not ok:
+            return f"record seq {expected} (after the {size} signed) does not continue the chain"
+        expected, prev = expected + 1, record["hash"]
     return None
 
 
@@ -331,4 +562,3 @@ def _drop_torn_line(path: Path) -> None:
             log.warning("%s: dropping a torn last line (%d bytes)", path, len(data) - end)
             f.truncate(end)
             os.fsync(f.fileno())
-

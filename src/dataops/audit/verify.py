@@ -1,15 +1,16 @@
-"""Verify the log with only the public key, and find receipts in it.
+"""Verify the log with only the operator's public key, and find receipts in it.
 
 `verify_log` checks, in one pass over every segment:
 
-* the checkpoints: each is signed by the given key, numbered 1, 2, … and chained to
-  the one before (a deleted or forged checkpoint breaks it); only the valid prefix is
-  trusted;
+* the checkpoints: each is a C2SP checkpoint note signed by the given key; the log's
+  own (checkpoints.jsonl) must grow in size; checkpoints held elsewhere (`--witness`:
+  a file a client kept, a copy a reviewer made) count as much as the log's own;
 * the records: each hashes to its `hash` (else it was edited), has the next `seq` (else
   one was deleted, inserted or moved) and names the previous record's hash in `prev`;
-* the two together: at every checkpoint's size the record's hash is the signed head
-  (else the records before were rewritten), and the log is at least as long as the
-  largest checkpoint (else it was truncated).
+* the two together: at every checkpoint's size the Merkle root of the records so far
+  is the signed root (else the records before were rewritten, whatever key the host
+  holds), its ledger line is the hash of the spend recorded so far, and the log is at
+  least as long as the largest checkpoint (else it was truncated or rolled back).
 
 It reports the first bad record by segment file, line and seq, and stops there: what
 follows a break in the chain cannot be trusted and would only repeat the same finding.
@@ -26,8 +27,9 @@ from typing import Any, Iterable, Iterator
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from dataops.audit.chain import GENESIS, line_hash_ok
-from dataops.audit.log import ACTIVE, segment_paths
-from dataops.audit.signing import CHECKPOINTS, CHECKPOINT_FIELDS, checkpoint_hash, key_id, signature_ok
+from dataops.audit.log import _SPENDS, ACTIVE, CHECKPOINTS, ledger_digest, record_spend, segment_paths
+from dataops.audit.merkle import CompactRange, leaf_hash
+from dataops.audit.note import NoteError, key_id, parse_checkpoint
 
 _HEX = frozenset("0123456789abcdef")
 _HASH = re.compile("[0-9a-f]{64}")
@@ -54,7 +56,7 @@ class Place:
 @dataclass(frozen=True)
 class Problem:
     place: Place
-    kind: str  # edited | missing | inserted | chain | format | rewritten | truncated | signature | key | unsigned
+    kind: str  # edited | missing | inserted | chain | format | rewritten | truncated | signature | key | unsigned | ledger
     reason: str
 
     def __str__(self) -> str:
@@ -71,6 +73,7 @@ class Verification:
     problems: list[Problem] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     found: dict[int, tuple[str, Place]] = field(default_factory=dict)  # receipts asked for: seq -> hash, place
+    root: str = ""  # hex Merkle root of the records that verified
 
     @property
     def ok(self) -> bool:
@@ -84,64 +87,68 @@ class Verification:
         return next((c for c in self.checkpoints if c["size"] >= seq), None)
 
 
-def read_checkpoint_lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    with Path(path).open("rb") as f:
-        yield from enumerate(f, 1)
+def read_notes(path: Path) -> Iterator[tuple[int, str | None, bool]]:
+    """(line, note or None if unreadable, complete) for each checkpoint in a file.
 
-
-def _parse_checkpoint(raw: bytes) -> dict[str, Any] | None:
-    try:
-        cp = json.loads(raw)
-    except ValueError:
-        return None
-    if not isinstance(cp, dict) or set(cp) != set(CHECKPOINT_FIELDS):
-        return None
-    ints = all(isinstance(cp[k], int) and not isinstance(cp[k], bool) for k in ("checkpoint", "size"))
-    strings = all(isinstance(cp[k], str) for k in ("origin", "key_id", "head", "time", "prev", "signature"))
-    return cp if ints and strings else None
+    A file is JSON Lines of {"note": …} (checkpoints.jsonl, or a client's saved
+    checkpoints) or one bare note (what `Client(checkpoint_file=…)` writes).
+    """
+    data = Path(path).read_bytes()
+    if not data.lstrip().startswith(b"{"):
+        yield 1, data.decode("utf-8", "replace"), True
+        return
+    lines = data.split(b"\n")
+    for lineno, raw in enumerate(lines, 1):
+        if lineno == len(lines):
+            if raw:
+                yield lineno, None, False  # torn: no newline
+            return
+        try:
+            note = json.loads(raw)["note"]
+            yield lineno, note if isinstance(note, str) else None, True
+        except (ValueError, KeyError, TypeError):
+            yield lineno, None, True
 
 
 def check_checkpoints(path: Path, public_key: Ed25519PublicKey, result: Verification, *,
-                      held: bool = False) -> list[tuple[str, dict[str, Any]]]:
+                      held: bool = False, origin: str | None = None) -> list[tuple[str, dict[str, Any]]]:
     """The checkpoints of `path` that verify, as (label, checkpoint); problems go to `result`.
 
-    The log's own file must also chain (number and `prev`); a reviewer's held file may
-    be any selection of checkpoints, so only signatures are checked there.
+    The log's own checkpoints must grow; a held file may be any selection.
     """
     kid = key_id(public_key)
     trusted: list[tuple[str, dict[str, Any]]] = []
-    number, prev, size = 1, GENESIS, 0
-    lines = list(read_checkpoint_lines(path))
-    for lineno, raw in lines:
+    size = -1
+    path = Path(path)
+    for lineno, note, complete in read_notes(path):
         place = Place(path.name, lineno)
-        if not raw.endswith(b"\n") and lineno == len(lines) and not held:
-            result.notes.append(f"{place}: torn last checkpoint line ({len(raw)} bytes, no newline) from an "
-                                "interrupted write; ignored")
+        if not complete:
+            if not held:
+                result.notes.append(f"{place}: torn last checkpoint line (no newline) from an interrupted "
+                                    "write; ignored")
             break
-        cp = _parse_checkpoint(raw)
-        if cp is None:
-            result.problems.append(Problem(place, "format", "not a checkpoint line (bad JSON or fields)"))
+        if note is None:
+            result.problems.append(Problem(place, "format", "not a checkpoint line (bad JSON or no note)"))
             break
-        place = Place(path.name, lineno, checkpoint=cp["checkpoint"])
-        label = f"{'held ' if held else ''}checkpoint #{cp['checkpoint']} ({path.name} line {lineno})"
-        problem = None
-        if cp["key_id"] != kid:
-            problem = Problem(place, "key", f"signed by key id {cp['key_id']}, not by the public key given "
-                                            f"(key id {kid}): wrong key, or the checkpoint was forged")
-        elif not signature_ok(public_key, cp):
-            problem = Problem(place, "signature", f"the signature does not verify with key id {kid}: "
-                                                  "the checkpoint was edited or forged")
-        elif not held and (cp["checkpoint"] != number or cp["prev"] != prev):
-            problem = Problem(place, "chain", f"does not follow checkpoint #{number - 1} (expected number "
-                                              f"{number} and its hash as prev): a checkpoint was deleted, "
-                                              "inserted or reordered")
-        elif not held and cp["size"] <= size:
-            problem = Problem(place, "chain", f"size {cp['size']} is not beyond the previous checkpoint's {size}")
-        if problem:
-            result.problems.append(problem)
-            break  # later checkpoints chain to an untrusted one
-        trusted.append((label, cp))
-        number, prev, size = number + 1, checkpoint_hash(cp), cp["size"]
+        number = len(trusted) + 1
+        place = Place(path.name, lineno, checkpoint=number)
+        try:
+            cp = parse_checkpoint(note, public_key, origin=origin)
+        except NoteError as exc:
+            kind = "signature" if "does not verify" in str(exc) else ("key" if "public key" in str(exc) else "format")
+            reason = str(exc) if kind != "key" else (f"not signed by the public key given (key id {kid}): wrong "
+                                                     "key, or the checkpoint was forged")
+            result.problems.append(Problem(place, kind, reason))
+            break
+        if not held and cp.size < size:
+            result.problems.append(Problem(place, "chain", f"size {cp.size} is below the previous checkpoint's "
+                                                           f"{size}: checkpoints were reordered or rolled back"))
+            break
+        origin = origin or cp.origin
+        label = f"{'held ' if held else ''}checkpoint #{number} ({path.name} line {lineno})"
+        trusted.append((label, {"checkpoint": number, "size": cp.size, "root": cp.root.hex(), "time": cp.time,
+                                "ledger": cp.ledger, "origin": cp.origin, "key_id": kid, "note": cp.note}))
+        size = cp.size
     return trusted
 
 
@@ -149,9 +156,10 @@ def verify_log(directory: Path, public_key: Ed25519PublicKey, *, held: Iterable[
                want: Iterable[int] = ()) -> Verification:
     """Verify the audit log in `directory` with only `public_key`.
 
-    `held`: checkpoint files the reviewer kept from earlier (the only defence against a
-    host that rewrote both the log and its checkpoints). `want`: seqs whose hash and
-    place to collect into `found`, so receipts are checked in the same pass.
+    `held`: checkpoint files kept outside the host (a client's, a reviewer's copy):
+    the defence against a host that rewrote or truncated the log *and* its
+    checkpoints. `want`: seqs whose hash and place to collect into `found`, so
+    receipts are checked in the same pass.
     """
     directory = Path(directory)
     result = Verification(directory, key_id(public_key))
@@ -159,20 +167,23 @@ def verify_log(directory: Path, public_key: Ed25519PublicKey, *, held: Iterable[
     if not segments:
         raise FileNotFoundError(f"{directory}: no audit log ({ACTIVE} or rotated segments)")
     anchors: dict[int, list[tuple[str, dict[str, Any]]]] = {}
+    own: list[tuple[str, dict[str, Any]]] = []
     if (directory / CHECKPOINTS).exists():
         own = check_checkpoints(directory / CHECKPOINTS, public_key, result)
         result.checkpoints = [cp for _, cp in own]
-    else:
-        own = []
+    origin = own[0][1]["origin"] if own else None
     for path in held:
-        for label, cp in check_checkpoints(Path(path), public_key, result, held=True):
+        for label, cp in check_checkpoints(Path(path), public_key, result, held=True, origin=origin):
             anchors.setdefault(cp["size"], []).append((label, cp))
+            origin = origin or cp["origin"]
     for label, cp in own:
         anchors.setdefault(cp["size"], []).append((label, cp))
     checkpoint_problem = bool(result.problems)
 
     want = set(want)
     expected, prev = 1, GENESIS
+    tree = CompactRange()
+    totals: dict[tuple[str, str], list[int]] = {}
     last: tuple[str, int] | None = None  # (file, line) of the last good record; a Place per line is slow
     problem: Problem | None = None
     for index, path in enumerate(segments):
@@ -188,7 +199,18 @@ def verify_log(directory: Path, public_key: Ed25519PublicKey, *, held: Iterable[
                     record = _decode(raw.decode("utf-8"))
                 except ValueError:  # UnicodeDecodeError is one too
                     record = None
-                problem = _record_problem(raw, record, name, lineno, expected, prev, last, anchors)
+                problem = _record_problem(raw, record, name, lineno, expected, prev, last)
+                if problem is None:
+                    line = raw.rstrip(b"\n")
+                    tree.append(leaf_hash(line))
+                    if _SPENDS.search(line):
+                        spend = record_spend(record)
+                        if spend:
+                            total = totals.setdefault(spend[0], [0, 0])
+                            total[0] += spend[1]
+                            total[1] += spend[2]
+                    if expected in anchors:
+                        problem = _anchor_problem(anchors[expected], tree, totals, Place(name, lineno, expected))
                 if problem:
                     break
                 if expected in want:
@@ -201,6 +223,7 @@ def verify_log(directory: Path, public_key: Ed25519PublicKey, *, held: Iterable[
             break
     result.records = expected - 1
     result.head = (result.records, prev) if result.records else None
+    result.root = tree.root().hex()
 
     if problem is None:
         longest = max(anchors, default=0)
@@ -211,21 +234,34 @@ def verify_log(directory: Path, public_key: Ed25519PublicKey, *, held: Iterable[
                 Place(last[0], last[1] + 1) if last else Place(segments[-1].name, 1),
                 "truncated",
                 f"the log ends at seq {result.records} ({end}) but {label} signed {longest} records: "
-                f"records {result.records + 1}..{longest} were removed"))
+                f"records {result.records + 1}..{longest} were removed (truncated or rolled back)"))
         elif result.records and not anchors and not checkpoint_problem:
             result.problems.append(Problem(Place(CHECKPOINTS, 1), "unsigned",
                                            "no signed checkpoint: nothing proves these records untampered"))
         elif result.records > result.signed_size and result.checkpoints:
             result.notes.append(
-                f"records {result.signed_size + 1}..{result.records} come after the last signed checkpoint: "
-                "their chain is intact but no signature covers them yet (the server signs every "
-                "checkpoint_every records, every checkpoint_seconds and at shutdown)")
+                f"records {result.signed_size + 1}..{result.records} come after the last checkpoint kept in "
+                f"{CHECKPOINTS}: the signer signed them (their receipts carry the checkpoint), but no copy "
+                "is kept here yet; the server keeps one at least every second and at shutdown")
     return result
 
 
+def _anchor_problem(anchors: list[tuple[str, dict[str, Any]]], tree: CompactRange,
+                    totals: dict[tuple[str, str], list[int]], place: Place) -> Problem | None:
+    root = tree.root().hex()
+    for label, cp in anchors:
+        if cp["root"] != root:
+            return Problem(place, "rewritten", f"the Merkle root of records 1..{tree.size} differs from the root "
+                                               f"signed by {label}: records up to here were rewritten, removed "
+                                               "or inserted after it was signed")
+        if cp["ledger"] and cp["ledger"] != ledger_digest(totals):
+            return Problem(place, "ledger", f"the spend recorded up to here does not hash to the ledger line of "
+                                            f"{label}")
+    return None
+
+
 def _record_problem(raw: bytes, record: Any, file: str, line: int, expected: int, prev: str,
-                    last: tuple[str, int] | None, anchors: dict[int, list[tuple[str, dict[str, Any]]]],
-                    ) -> Problem | None:
+                    last: tuple[str, int] | None) -> Problem | None:
     """Why this line does not continue the chain at `expected` after `prev`, or None."""
     if record is None:
         return Problem(Place(file, line), "format", "not valid JSON: the line was damaged or edited by hand")
@@ -234,7 +270,7 @@ def _record_problem(raw: bytes, record: Any, file: str, line: int, expected: int
                                                     "written by an older dataops or by hand")
     seq = record["seq"]
     ok = line_hash_ok(raw, record) and seq == expected and record["prev"] == prev
-    if ok and all(cp["head"] == record["hash"] for _, cp in anchors.get(seq, ())):
+    if ok:
         return None  # the common case, kept cheap: a million records go through here
     place = Place(file, line, seq)
     before = f"seq {expected - 1} at {last[0]} line {last[1]}" if last else "the start of the log"
@@ -251,10 +287,6 @@ def _record_problem(raw: bytes, record: Any, file: str, line: int, expected: int
     if record["prev"] != prev:
         return Problem(place, "chain", f"prev is not the hash of {before}: that record was replaced "
                                        "(its hash recomputed) or this one was inserted")
-    for label, cp in anchors.get(seq, ()):
-        if cp["head"] != record["hash"]:
-            return Problem(place, "rewritten", f"hash differs from the head signed by {label}: the records "
-                                               "up to here were rewritten after it was signed")
     return None
 
 

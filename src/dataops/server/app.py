@@ -1,8 +1,10 @@
 """Wiring: TLS, health, reflection, interceptors and servicers in one place.
 
 `build_server(config)` loads and checks the catalog and policies (refusing to start
-on an operator mistake), opens the audit log, and returns a `DataopsServer` ready
-to `start()`. `dataops serve` and `dataops demo` both go through here, as do the
+on an operator mistake), starts the audit signer (or connects to the one configured
+in `[audit] signer_socket`), opens the audit log against it, reconciles the ledger
+with the log, and returns a `DataopsServer` ready to `start()`; `stop()` stops the
+signer it started. `dataops serve` and `dataops demo` both go through here, as do the
 tests: there is one way to run the service.
 """
 
@@ -13,6 +15,7 @@ import signal
 import threading
 from concurrent import futures
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -20,6 +23,8 @@ from grpc_reflection.v1alpha import reflection
 
 from dataops.audit import AuditLog
 from dataops.audit.consents import audited_uses
+from dataops.audit.receipts import reconcile_ledger
+from dataops.audit.signer import SignerClient, SignerProcess, spawn_signer
 from dataops.catalog import Catalog, check_data, load_catalog
 from dataops.certs import RevocationList
 from dataops.config import ServerConfig
@@ -31,10 +36,13 @@ from dataops.engines.subject import SubjectLayouts
 from dataops.products import load_products
 from dataops.server.interceptors import AuditInterceptor, check_wrappable
 from dataops.server.ratelimit import Admission, RateLimiter
-from dataops.server.servicers import CatalogServicer, QueryServicer, SubjectServicer
+from dataops.server.servicers import AuditServicer, CatalogServicer, QueryServicer, SubjectServicer
 from dataops.service import Sandbox
 from dataops.subjects import SECRET_FILE, Evaluator, load_or_create_secret
-from dataops.v1 import catalog_pb2, catalog_pb2_grpc, query_pb2, query_pb2_grpc, subject_pb2, subject_pb2_grpc
+from dataops.v1 import (
+    audit_pb2, audit_pb2_grpc, catalog_pb2, catalog_pb2_grpc, query_pb2, query_pb2_grpc, subject_pb2,
+    subject_pb2_grpc,
+)
 from dataops.versions import DataVersions
 
 log = logging.getLogger(__name__)
@@ -43,11 +51,13 @@ SERVICE_NAMES = (
     catalog_pb2.DESCRIPTOR.services_by_name["CatalogService"].full_name,
     query_pb2.DESCRIPTOR.services_by_name["QueryService"].full_name,
     subject_pb2.DESCRIPTOR.services_by_name["SubjectService"].full_name,
+    audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
 )
 # Every dataops.v1 service the server registers; each method must be one the audit
 # interceptor can wrap (checked at startup, see `check_wrappable`).
 SERVICES = tuple(
-    service for module in (catalog_pb2, query_pb2, subject_pb2) for service in module.DESCRIPTOR.services_by_name.values()
+    service for module in (catalog_pb2, query_pb2, subject_pb2, audit_pb2)
+    for service in module.DESCRIPTOR.services_by_name.values()
 )
 
 
@@ -71,6 +81,8 @@ class DataopsServer:
     health: health.HealthServicer
     request_pool: futures.ThreadPoolExecutor | None = None  # dataops.v1 requests' threads
     evaluator: Evaluator | None = None
+    signer: SignerClient | None = None
+    signer_process: SignerProcess | None = None  # None when the signer runs on its own (another user)
 
     @property
     def target(self) -> str:
@@ -102,8 +114,15 @@ class DataopsServer:
         if self.evaluator is not None:
             self.evaluator.close()
         self.ledger.close()
-        self.audit.close()
+        self.audit.close()  # signs and keeps the last checkpoint: the signer must still be up
+        self._stop_signer()
         log.info("dataops stopped")
+
+    def _stop_signer(self) -> None:
+        if self.signer is not None:
+            self.signer.close()
+        if self.signer_process is not None:
+            self.signer_process.stop()
 
     def serve_until_signal(self) -> None:
         """Block until SIGTERM or SIGINT, then stop cleanly."""
@@ -130,6 +149,30 @@ def admission_threads(config: ServerConfig) -> int:
     return config.limits.max_in_flight + max(16, config.limits.max_in_flight)
 
 
+def connect_signer(config: ServerConfig) -> tuple[SignerClient, SignerProcess | None]:
+    """The configured signer, or one started now as a child process.
+
+    The server passes the key directory to the child and never opens it: it only
+    ever talks to the signer over its socket.
+    """
+    process = None
+    if config.audit.signer_socket is not None:
+        socket_path = config.audit.signer_socket
+    else:
+        process = spawn_signer(config.signer_dir, config.audit.origin)
+        socket_path = process.socket_path
+    try:
+        signer = SignerClient(socket_path)
+        if signer.origin != config.audit.origin:
+            raise OSError(f"the signer at {socket_path} signs for log {signer.origin!r}, not for "
+                          f"[audit] origin {config.audit.origin!r}")
+    except BaseException:
+        if process is not None:
+            process.stop()
+        raise
+    return signer, process
+
+
 def build_server(config: ServerConfig) -> DataopsServer:
     check_wrappable(SERVICES)  # fail closed: no dataops.v1 method is served unaudited
     versions = DataVersions()  # one per server: DP releases, prepared copies and tables key on it
@@ -138,14 +181,39 @@ def build_server(config: ServerConfig) -> DataopsServer:
     issuers = load_issuers(config.paths.consents)
     policies = PolicyStore(config.paths.policies, catalog,
                            settle_seconds=config.server.policy_settle_seconds)
+    signer, signer_process = connect_signer(config)
+    try:
+        return _build(config, catalog, products, issuers, policies, versions, signer, signer_process)
+    except BaseException:
+        signer.close()
+        if signer_process is not None:
+            signer_process.stop()
+        raise
+
+
+def _build(config: ServerConfig, catalog: Catalog, products: Any, issuers: Any, policies: PolicyStore,
+           versions: DataVersions, signer: SignerClient, signer_process: SignerProcess | None) -> DataopsServer:
+    # The log first: it refuses to open if it was truncated or rewritten behind the
+    # signer's last checkpoint, and the ledger is then reconciled against it.
+    audit = AuditLog(audit_path(config), signer=signer)
     ledger_path(config).parent.mkdir(parents=True, exist_ok=True)
-    ledger = Ledger(ledger_path(config))
+    try:
+        ledger = Ledger(ledger_path(config))
+    except BaseException:
+        audit.close()
+        raise
+    if config.audit.reconcile_ledger:
+        try:
+            reconcile_ledger(ledger, audit)
+        except BaseException:
+            audit.close()
+            ledger.close()
+            raise
     # DP reads copies truncated once per data version (state/prepared); build them now,
     # in the background, so the first DP query need not wait for its dataset's copy.
     prepared = PreparedStore(config.paths.state, versions)
     sandbox = Sandbox(catalog, policies, config.limits, ledger, prepared=prepared,
                       engine_workers=config.server.workers, versions=versions)
-    audit = AuditLog(audit_path(config))
     layouts = SubjectLayouts(config.paths.state, products.subjects.values(), sandbox.fingerprints)
     consents = ConsentStore(store_path(config.paths.state))
     # Use counts are backed by the (fsynced) audit log: restore any the store lost.
@@ -185,6 +253,7 @@ def build_server(config: ServerConfig) -> DataopsServer:
     catalog_pb2_grpc.add_CatalogServiceServicer_to_server(CatalogServicer(sandbox), server)
     query_pb2_grpc.add_QueryServiceServicer_to_server(QueryServicer(sandbox), server)
     subject_pb2_grpc.add_SubjectServiceServicer_to_server(SubjectServicer(evaluator), server)
+    audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(audit), server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -203,4 +272,5 @@ def build_server(config: ServerConfig) -> DataopsServer:
     prepared.warm(catalog.datasets.values())
     layouts.warm()
     return DataopsServer(config, server, port, sandbox, policies, audit, ledger, health_servicer,
-                         request_pool=interceptor.pool, evaluator=evaluator)
+                         request_pool=interceptor.pool, evaluator=evaluator, signer=signer,
+                         signer_process=signer_process)

@@ -26,6 +26,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from dataops.audit import AuditLog, AuditUnavailable, Receipt
+from dataops.audit.receipts import fill_receipt, witness_size
 from dataops.audit.record import CallRecord, close_call, open_call
 from dataops.certs import IdentityError, RevocationList, consumer_identity_from_certificate
 from dataops.errors import (
@@ -434,8 +435,9 @@ class AuditInterceptor(grpc.ServerInterceptor):
                 context.abort_with_status(to_status(error, receipt))
             if response is None:
                 context.abort_with_status(internal_status(receipt))
-            response.receipt.sequence = receipt.sequence
-            response.receipt.hash = receipt.hash
+            # With the inclusion proof, the signed checkpoint and, if the client holds one,
+            # the consistency proof from it: every client is a witness (dataops.client).
+            fill_receipt(response.receipt, receipt, witness_size(context.invocation_metadata()))
             return response
 
         if self.pool is not None:

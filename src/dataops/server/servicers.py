@@ -7,10 +7,15 @@ request flow is the Sandbox's (`dataops.service`).
 from __future__ import annotations
 
 from dataops import subject_wire, wire
+from dataops.audit.log import AuditLog
 from dataops.audit.record import current_call
+from dataops.errors import InvalidQuery
 from dataops.service import Sandbox
 from dataops.subjects import Evaluator
-from dataops.v1 import catalog_pb2, catalog_pb2_grpc, query_pb2, query_pb2_grpc, subject_pb2, subject_pb2_grpc
+from dataops.v1 import (
+    audit_pb2, audit_pb2_grpc, catalog_pb2, catalog_pb2_grpc, query_pb2, query_pb2_grpc, subject_pb2,
+    subject_pb2_grpc,
+)
 
 
 class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
@@ -93,3 +98,22 @@ class SubjectServicer(subject_pb2_grpc.SubjectServiceServicer):
                 yield subject_pb2.WatchResponse(index=index, ended=update["error"])
             else:
                 yield subject_pb2.WatchResponse(index=index, evaluation=update["evaluation"])
+
+
+class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
+    """Checkpoints and consistency proofs, for clients that witness the log."""
+
+    def __init__(self, audit: AuditLog) -> None:
+        self.audit = audit
+
+    def GetCheckpoint(self, request, context):  # noqa: N802
+        checkpoint = self.audit.last_checkpoint
+        return audit_pb2.GetCheckpointResponse(checkpoint=checkpoint.note if checkpoint else "")
+
+    def GetConsistencyProof(self, request, context):  # noqa: N802
+        try:
+            proof = self.audit.consistency_proof(request.first_size, request.second_size)
+        except ValueError as exc:  # sizes out of order or beyond the signed tree: public facts only
+            raise InvalidQuery(f"no consistency proof from {request.first_size} to {request.second_size}: {exc}",
+                               rule="audit.consistency") from None
+        return audit_pb2.GetConsistencyProofResponse(proof=proof)

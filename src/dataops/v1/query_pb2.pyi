@@ -182,12 +182,26 @@ class Spend(_message.Message):
     def __init__(self, epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., remaining_epsilon: _Optional[float] = ..., remaining_delta: _Optional[float] = ...) -> None: ...
 
 class Receipt(_message.Message):
-    __slots__ = ("sequence", "hash")
+    __slots__ = ("sequence", "hash", "leaf_index", "tree_size", "inclusion_path", "checkpoint", "record", "consistency_from", "consistency_path")
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     HASH_FIELD_NUMBER: _ClassVar[int]
+    LEAF_INDEX_FIELD_NUMBER: _ClassVar[int]
+    TREE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    INCLUSION_PATH_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    RECORD_FIELD_NUMBER: _ClassVar[int]
+    CONSISTENCY_FROM_FIELD_NUMBER: _ClassVar[int]
+    CONSISTENCY_PATH_FIELD_NUMBER: _ClassVar[int]
     sequence: int
     hash: str
-    def __init__(self, sequence: _Optional[int] = ..., hash: _Optional[str] = ...) -> None: ...
+    leaf_index: int
+    tree_size: int
+    inclusion_path: _containers.RepeatedScalarFieldContainer[bytes]
+    checkpoint: str
+    record: bytes
+    consistency_from: int
+    consistency_path: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, sequence: _Optional[int] = ..., hash: _Optional[str] = ..., leaf_index: _Optional[int] = ..., tree_size: _Optional[int] = ..., inclusion_path: _Optional[_Iterable[bytes]] = ..., checkpoint: _Optional[str] = ..., record: _Optional[bytes] = ..., consistency_from: _Optional[int] = ..., consistency_path: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class RunQueryRequest(_message.Message):
     __slots__ = ("query", "sql")
