@@ -106,10 +106,10 @@ def test_an_export_signed_by_another_key_fails(log, tmp_path):
 
 
 def test_export_refuses_a_tampered_log_and_unsigned_ranges(tmp_path, capsys):
-    from dataops.audit import AuditLog
+    from audit_support import open_log
 
     directory = tmp_path / "audit"
-    log = AuditLog(directory / "audit.jsonl", checkpoint_every=10, checkpoint_seconds=None)
+    log = open_log(directory, checkpoint_every=10)
     for record in sample_records(5):
         log.append(record)
     code, _, err = run_audit(capsys, "export", "--log-dir", str(directory), "--out", str(tmp_path / "x.csv"))

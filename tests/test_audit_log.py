@@ -1,4 +1,4 @@
-"""The audit log as the server writes it: chain, checkpoints, rotation, recovery, fail-closed."""
+"""The audit log as the server writes it: tree, chain, checkpoints, rotation, recovery, fail-closed."""
 
 from __future__ import annotations
 
@@ -11,9 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from dataops.audit import GENESIS, AuditLog, AuditUnavailable, record_hash, verify_log
+from dataops.audit import GENESIS, AuditUnavailable, record_hash, verify_log
 from dataops.audit.log import segment_paths
+from dataops.audit.merkle import leaf_hash, verify_inclusion
+from dataops.audit.note import parse_checkpoint
 from dataops.audit.sample import sample_records
+from dataops.audit.signer import LocalSigner, SignerError
+
+from audit_support import open_log, signer_for
 
 
 def lines(path: Path) -> list[dict]:
@@ -29,7 +34,7 @@ def fill(log: AuditLog, n: int, seed: int = 0) -> list:
 
 
 def test_records_chain_and_each_receipt_names_its_record(tmp_path):
-    log = AuditLog(tmp_path / "audit.jsonl", checkpoint_seconds=None)
+    log = open_log(tmp_path, checkpoint_seconds=None)
     receipts = fill(log, 5)
     log.close()
     records = lines(tmp_path / "audit.jsonl")
@@ -40,44 +45,56 @@ def test_records_chain_and_each_receipt_names_its_record(tmp_path):
     assert [(r.sequence, r.hash) for r in receipts] == [(r["seq"], r["hash"]) for r in records]
 
 
-def test_the_signing_key_is_private_and_its_public_half_is_published(tmp_path):
-    log = AuditLog(tmp_path / "audit.jsonl", checkpoint_seconds=None)
+def test_the_signing_key_lives_with_the_signer_not_beside_the_log(tmp_path):
+    log = open_log(tmp_path)
     log.close()
-    assert stat.S_IMODE((tmp_path / "signing.key").stat().st_mode) == 0o600
+    signer_dir = tmp_path.with_name(tmp_path.name + "-signer")
+    assert not list(tmp_path.glob("*.key"))  # nothing in the log's directory can sign
+    assert stat.S_IMODE(signer_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE((signer_dir / "signing.key").stat().st_mode) == 0o600
     assert (tmp_path / "signing.pub").read_text().startswith("-----BEGIN PUBLIC KEY-----")
-    again = AuditLog(tmp_path / "audit.jsonl", checkpoint_seconds=None)  # the same key on reopen
+    again = open_log(tmp_path)  # the same key on reopen
     assert again.key_id == log.key_id
     again.close()
 
 
-def test_checkpoints_every_n_records_and_at_close_chain_to_each_other(tmp_path):
-    log = AuditLog(tmp_path / "audit.jsonl", checkpoint_every=4, checkpoint_seconds=None)
+def test_every_receipt_proves_its_record_is_in_a_signed_checkpoint(tmp_path):
+    log = open_log(tmp_path)
+    receipts = fill(log, 9)
+    for receipt in receipts:
+        checkpoint = parse_checkpoint(receipt.checkpoint, log.public_key)  # the operator's key alone
+        assert checkpoint.size == receipt.tree_size >= receipt.sequence
+        verify_inclusion(receipt.leaf_index, receipt.tree_size, leaf_hash(receipt.record),
+                         receipt.inclusion_path, checkpoint.root)
+        assert json.loads(receipt.record)["hash"] == receipt.hash
+    log.close()
+
+
+def test_checkpoints_are_kept_every_n_records_and_at_close(tmp_path):
+    log = open_log(tmp_path, checkpoint_every=4)
     fill(log, 10)
     assert [c["size"] for c in lines(tmp_path / "checkpoints.jsonl")] == [4, 8]
     log.close()
     checkpoints = lines(tmp_path / "checkpoints.jsonl")
     assert [c["size"] for c in checkpoints] == [4, 8, 10]
-    assert [c["checkpoint"] for c in checkpoints] == [1, 2, 3]
-    assert checkpoints[0]["prev"] == GENESIS and checkpoints[1]["prev"] != GENESIS
-    assert checkpoints[-1]["head"] == log.head.hash
-    assert {c["key_id"] for c in checkpoints} == {log.key_id}
+    notes = [parse_checkpoint(c["note"], log.public_key) for c in checkpoints]
+    assert [n.size for n in notes] == [4, 8, 10]
+    assert notes[-1].root == log.tree.root()
     assert verify_log(tmp_path, log.public_key).ok
 
 
-def test_a_timer_checkpoints_only_when_records_were_added(tmp_path):
-    log = AuditLog(tmp_path / "audit.jsonl", checkpoint_seconds=0.05)
-    fill(log, 3)
-    deadline = time.monotonic() + 5
-    while not (tmp_path / "checkpoints.jsonl").exists() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    time.sleep(0.2)  # several more ticks with nothing new
+def test_under_load_a_checkpoint_is_kept_at_least_every_checkpoint_seconds(tmp_path):
+    log = open_log(tmp_path, checkpoint_seconds=0.05)
+    fill(log, 2)
+    time.sleep(0.1)
+    fill(log, 1)  # the first batch after the interval keeps its checkpoint
     assert [c["size"] for c in lines(tmp_path / "checkpoints.jsonl")] == [3]
     log.close()
-    assert len(lines(tmp_path / "checkpoints.jsonl")) == 1  # close adds nothing: head already signed
+    assert len(lines(tmp_path / "checkpoints.jsonl")) == 1  # close adds nothing: head already kept
 
 
 def test_rotation_keeps_one_verifiable_chain_across_segments(tmp_path):
-    log = AuditLog(tmp_path / "audit.jsonl", checkpoint_seconds=None, segment_bytes=4000)
+    log = open_log(tmp_path, checkpoint_seconds=None, segment_bytes=4000)
     fill(log, 40)
     log.close()
     segments = segment_paths(tmp_path / "audit.jsonl")
@@ -92,12 +109,12 @@ def test_rotation_keeps_one_verifiable_chain_across_segments(tmp_path):
 
 
 def test_a_restart_continues_the_chain_from_the_last_segment(tmp_path):
-    log = AuditLog(tmp_path / "audit.jsonl", checkpoint_seconds=None, segment_bytes=3000)
+    log = open_log(tmp_path, checkpoint_seconds=None, segment_bytes=3000)
     fill(log, 12)
     log.close()
     # As if the server stopped right after a rotation: the active segment is empty.
     (tmp_path / "audit.jsonl").write_bytes(b"")
-    reopened = AuditLog(tmp_path / "audit.jsonl", checkpoint_seconds=None, segment_bytes=3000)
+    reopened = open_log(tmp_path, checkpoint_seconds=None, segment_bytes=3000)
     assert reopened.head == log.head
     receipt = reopened.append({"consumer": "city-bank", "method": "ListDatasets"})
     reopened.close()
@@ -107,44 +124,82 @@ def test_a_restart_continues_the_chain_from_the_last_segment(tmp_path):
 
 
 def test_a_restart_drops_a_torn_last_line_and_reuses_its_seq(tmp_path):
-    log = AuditLog(tmp_path / "audit.jsonl", checkpoint_seconds=None)
+    log = open_log(tmp_path, checkpoint_seconds=None)
     fill(log, 3)
     log.close()
     with (tmp_path / "audit.jsonl").open("ab") as f:
         f.write(b'{"consumer":"city-bank","seq":4,"pre')  # the crash cut this write short
-    reopened = AuditLog(tmp_path / "audit.jsonl", checkpoint_seconds=None)
+    reopened = open_log(tmp_path, checkpoint_seconds=None)
     assert reopened.append({"method": "ListDatasets"}).sequence == 4
     reopened.close()
     assert verify_log(tmp_path, log.public_key).ok
 
 
-def test_reopening_refuses_a_log_altered_after_its_last_checkpoint(tmp_path):
-    log = AuditLog(tmp_path / "audit.jsonl", checkpoint_every=5, checkpoint_seconds=None)
+def _rechained(records: list[dict], start: int) -> str:
+    for i in range(start, len(records)):
+        if i:
+            records[i]["prev"] = records[i - 1]["hash"]
+        records[i]["hash"] = record_hash(records[i])
+    from dataops.audit import canonical
+
+    return "".join(canonical(r).decode() + "\n" for r in records)
+
+
+def test_reopening_refuses_a_log_rewritten_while_the_server_was_down(tmp_path):
+    log = open_log(tmp_path, checkpoint_every=5)
     fill(log, 7)
-    log._stop.set()  # simulate a crash: no checkpoint at close for records 6 and 7
-    os.close(log._fd)
-    path = tmp_path / "audit.jsonl"
-    records = lines(path)
-    forged = {**records[5], "consumer": "someone-else"}  # rewrite record 6 and re-hash it
-    forged["hash"] = record_hash(forged)
-    records[5] = forged
-    path.write_text("".join(json.dumps(r, sort_keys=True, separators=(",", ":")) + "\n" for r in records))
-    with pytest.raises(AuditUnavailable, match="dataops audit verify"):
-        AuditLog(path, checkpoint_seconds=None)
-
-
-def test_reopening_refuses_a_log_shorter_than_its_last_checkpoint(tmp_path):
-    log = AuditLog(tmp_path / "audit.jsonl", checkpoint_seconds=None)
-    fill(log, 4)
     log.close()
     path = tmp_path / "audit.jsonl"
-    path.write_text("".join(path.read_text().splitlines(keepends=True)[:3]))
-    with pytest.raises(AuditUnavailable, match="ends at seq 3 but checkpoint #1 signed 4"):
-        AuditLog(path, checkpoint_seconds=None)
+    records = lines(path)
+    records[5]["consumer"] = "someone-else"  # rewrite record 6 and re-chain: no key needed
+    path.write_text(_rechained(records, 5))
+    with pytest.raises(AuditUnavailable, match="do not hash to the root the signer signed.*rewritten"):
+        open_log(tmp_path, checkpoint_every=5)
+
+
+def test_reopening_refuses_a_truncated_tail_even_with_the_checkpoints_dropped(tmp_path):
+    # The attack measured on the old log: cut the last records and the last checkpoints
+    # with them. checkpoints.jsonl then looks complete; the signer still knows better.
+    log = open_log(tmp_path, checkpoint_every=4)
+    fill(log, 10)
+    log.close()
+    path = tmp_path / "audit.jsonl"
+    path.write_text("".join(path.read_text().splitlines(keepends=True)[:8]))
+    kept = (tmp_path / "checkpoints.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "checkpoints.jsonl").write_text("".join(kept[:2]))  # sizes 4 and 8 remain
+    with pytest.raises(AuditUnavailable, match="ends at seq 8 but the signer signed 10 records"):
+        open_log(tmp_path, checkpoint_every=4)
+
+
+def test_without_the_signers_anchor_the_truncation_goes_unnoticed(tmp_path):
+    # The control switched off: a signer that forgot what it signed (its state file
+    # removed) is what the old log amounted to, and the same truncation is accepted.
+    log = open_log(tmp_path, checkpoint_every=4)
+    fill(log, 10)
+    log.close()
+    path = tmp_path / "audit.jsonl"
+    path.write_text("".join(path.read_text().splitlines(keepends=True)[:8]))
+    (tmp_path / "checkpoints.jsonl").unlink()
+    (tmp_path.with_name(tmp_path.name + "-signer") / "last-checkpoint").unlink()
+    reopened = open_log(tmp_path, checkpoint_every=4)
+    assert reopened.head.sequence == 8
+    reopened.close()
+
+
+def test_the_signer_signs_only_trees_that_extend_the_last_one_it_signed(tmp_path):
+    log = open_log(tmp_path)
+    fill(log, 5)
+    log.close()
+    signer = signer_for(tmp_path)
+    assert parse_checkpoint(signer.last_checkpoint(), signer.public_key).size == 5
+    with pytest.raises(SignerError, match="does not extend"):
+        signer.sign(3, log.tree.root(3), "", [])  # a rollback
+    with pytest.raises(SignerError, match="does not extend"):
+        signer.sign(6, b"\x00" * 32, "", [])  # another history
 
 
 def test_a_failed_write_raises_audit_unavailable_and_leaves_the_chain_intact(tmp_path):
-    log = AuditLog(tmp_path / "audit.jsonl", checkpoint_seconds=None)
+    log = open_log(tmp_path, checkpoint_seconds=None)
     fill(log, 2)
     head = log.head
     real_fd = log._fd
@@ -162,7 +217,7 @@ def test_a_failed_write_raises_audit_unavailable_and_leaves_the_chain_intact(tmp
 
 
 def test_an_unsynced_line_is_removed_when_fsync_fails(tmp_path, monkeypatch):
-    log = AuditLog(tmp_path / "audit.jsonl", checkpoint_seconds=None)
+    log = open_log(tmp_path, checkpoint_seconds=None)
     fill(log, 2)
     size = (tmp_path / "audit.jsonl").stat().st_size
 
@@ -179,7 +234,7 @@ def test_an_unsynced_line_is_removed_when_fsync_fails(tmp_path, monkeypatch):
 
 
 def test_append_after_close_is_unavailable(tmp_path):
-    log = AuditLog(tmp_path / "audit.jsonl", checkpoint_seconds=None)
+    log = open_log(tmp_path, checkpoint_seconds=None)
     log.close()
     log.close()  # idempotent
     with pytest.raises(AuditUnavailable):
@@ -187,7 +242,7 @@ def test_append_after_close_is_unavailable(tmp_path):
 
 
 def test_concurrent_appends_make_one_chain(tmp_path):
-    log = AuditLog(tmp_path / "audit.jsonl", checkpoint_every=25, checkpoint_seconds=0.01, segment_bytes=20_000,
+    log = open_log(tmp_path, checkpoint_every=25, checkpoint_seconds=0.01, segment_bytes=20_000,
                    fsync=False)
     records = list(sample_records(400))
 
@@ -205,20 +260,33 @@ def test_concurrent_appends_make_one_chain(tmp_path):
     assert result.ok and result.records == 400 and result.signed_size == 400
 
 
-def test_a_lost_or_replaced_signing_key_is_refused_not_silently_renewed(tmp_path):
-    log = AuditLog(tmp_path / "audit.jsonl", checkpoint_seconds=None)
+def test_concurrent_appends_share_fsyncs(tmp_path, monkeypatch):
+    calls = []
+    real = os.fsync
+
+    def counting_fsync(fd):
+        calls.append(fd)
+        time.sleep(0.002)  # a slow disk: batches form behind it
+        real(fd)
+
+    monkeypatch.setattr("dataops.audit.log.os.fsync", counting_fsync)
+    log = open_log(tmp_path, checkpoint_every=10**6)
+    records = list(sample_records(400))
+    threads = [threading.Thread(target=lambda part=records[i::16]: [log.append(r) for r in part])
+               for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    log.close()
+    assert verify_log(tmp_path, log.public_key).records == 400
+    assert len(calls) < 200  # one fsync per batch, not per record
+
+
+def test_a_log_signed_by_another_key_is_refused(tmp_path):
+    log = open_log(tmp_path)
     fill(log, 2)
     log.close()
-    key = (tmp_path / "signing.key").read_bytes()
-    (tmp_path / "signing.key").unlink()
-    with pytest.raises(AuditUnavailable, match="signing.key is missing"):
-        AuditLog(tmp_path / "audit.jsonl", checkpoint_seconds=None)
-    assert not (tmp_path / "signing.key").exists()
-    other = tmp_path / "other"
-    AuditLog(other / "audit.jsonl", checkpoint_seconds=None).close()
-    (tmp_path / "signing.key").write_bytes((other / "signing.key").read_bytes())
-    (tmp_path / "signing.key").chmod(0o600)
-    with pytest.raises(AuditUnavailable, match="is not the key that signed"):
-        AuditLog(tmp_path / "audit.jsonl", checkpoint_seconds=None)
-    (tmp_path / "signing.key").write_bytes(key)
-    AuditLog(tmp_path / "audit.jsonl", checkpoint_seconds=None).close()
+    stranger = LocalSigner(tmp_path.parent / f"{tmp_path.name}-stranger")
+    with pytest.raises(AuditUnavailable, match="is not one the signer"):
+        open_log(tmp_path, signer=stranger)

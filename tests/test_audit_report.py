@@ -102,9 +102,9 @@ def test_the_report_leads_with_a_failed_verification(tmp_path, capsys):
 
 
 def test_a_report_of_a_quiet_log_says_there_is_nothing_to_chart(tmp_path, capsys):
-    from dataops.audit import AuditLog
+    from audit_support import open_log
 
-    log = AuditLog(tmp_path / "audit" / "audit.jsonl", checkpoint_seconds=None)
+    log = open_log(tmp_path / "audit")
     log.append({"time": "2025-03-03T08:00:00+00:00", "consumer": "city-bank", "method": "ListDatasets",
                 "decision": "allowed"})
     log.close()

@@ -12,12 +12,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from dataops.audit import AuditLog, canonical, find_receipt, record_hash, verify_log
 from dataops.audit.commands import add_audit_parser
+from dataops.audit.note import key_id, sign_checkpoint
 from dataops.audit.sample import sample_records
+
+from audit_support import open_log, signer_for
 
 
 def make_log(directory: Path, n: int = 12, every: int = 4, **kwargs) -> AuditLog:
     kwargs.setdefault("fsync", False)  # durability is tested in test_audit_log; speed matters here
-    log = AuditLog(directory / "audit.jsonl", checkpoint_every=every, checkpoint_seconds=None, **kwargs)
+    log = open_log(directory, checkpoint_every=every, **kwargs)
     for record in sample_records(n):
         log.append(record)
     log.close()
@@ -138,38 +141,45 @@ def test_tampering_with_records_is_found_and_placed(log, tmp_path, capsys, tampe
     assert code == 1 and out.startswith(f"TAMPERED: {place}")
 
 
+def _edit_note(line: str, edit) -> str:
+    entry = json.loads(line)
+    entry["note"] = edit(entry["note"])
+    return json.dumps(entry) + "\n"
+
+
 def test_a_corrupted_checkpoint_signature_is_found(log, tmp_path, capsys):
     path = tmp_path / "checkpoints.jsonl"
     lines = read_lines(path)
-    cp = json.loads(lines[1])
-    cp["signature"] = ("A" if cp["signature"][0] != "A" else "B") + cp["signature"][1:]
-    lines[1] = json.dumps(cp) + "\n"
+
+    def flip(note):  # one character of the signature itself (after the 4-byte key hash)
+        text, signature = note.rsplit(" ", 1)
+        return text + " " + signature[:8] + ("A" if signature[8] != "A" else "B") + signature[9:]
+
+    lines[1] = _edit_note(lines[1], flip)
     write_lines(path, lines)
     result = verify_log(tmp_path, log.public_key)
     assert [(p.kind, str(p.place)) for p in result.problems] == [
         ("signature", "checkpoints.jsonl line 2, checkpoint #2")]
     assert result.signed_size == 4  # only the checkpoint before the bad one is trusted
     code, out, _ = run_audit(capsys, "verify", "--log-dir", str(tmp_path))
-    assert code == 1 and "checkpoints.jsonl line 2, checkpoint #2: the signature does not verify" in out
+    assert code == 1 and "checkpoints.jsonl line 2, checkpoint #2: the signature" in out
 
 
 def test_a_checkpoint_moved_to_a_shorter_log_fails_its_signature(log, tmp_path):
     path = tmp_path / "checkpoints.jsonl"
     lines = read_lines(path)
-    cp = json.loads(lines[2])
-    cp["size"] = 10  # claim the log was shorter, to hide records 11 and 12
-    lines[2] = json.dumps(cp) + "\n"
+    lines[2] = _edit_note(lines[2], lambda note: note.replace("\n12\n", "\n10\n", 1))  # hide records 11, 12
     write_lines(path, lines)
     assert verify_log(tmp_path, log.public_key).problems[0].kind == "signature"
 
 
-def test_a_deleted_checkpoint_breaks_the_checkpoint_chain(log, tmp_path):
+def test_a_deleted_middle_checkpoint_changes_nothing_the_later_one_covers_it(log, tmp_path):
     path = tmp_path / "checkpoints.jsonl"
     lines = read_lines(path)
     del lines[1]
     write_lines(path, lines)
-    problem = verify_log(tmp_path, log.public_key).problems[0]
-    assert (problem.kind, str(problem.place)) == ("chain", "checkpoints.jsonl line 2, checkpoint #3")
+    result = verify_log(tmp_path, log.public_key)
+    assert result.ok and result.signed_size == 12
 
 
 def test_the_wrong_public_key_fails_every_checkpoint(log, tmp_path, capsys):
@@ -177,13 +187,13 @@ def test_the_wrong_public_key_fails_every_checkpoint(log, tmp_path, capsys):
     result = verify_log(tmp_path, other)
     assert result.problems[0].kind == "key"
     assert str(result.problems[0].place) == "checkpoints.jsonl line 1, checkpoint #1"
-    assert log.key_id in result.problems[0].reason
+    assert key_id(other) in result.problems[0].reason
     from dataops.audit.signing import public_key_pem
 
     key_file = tmp_path.parent / "other.pub"
     key_file.write_bytes(public_key_pem(other))
     code, out, _ = run_audit(capsys, "verify", "--log-dir", str(tmp_path), "--public-key", str(key_file))
-    assert code == 1 and "not by the public key given" in out
+    assert code == 1 and "not signed by the public key given" in out
 
 
 def test_a_log_without_any_checkpoint_does_not_verify(tmp_path):
@@ -202,12 +212,12 @@ def test_a_torn_last_line_is_a_note_not_tampering(log, tmp_path, capsys):
     assert code == 0 and "note: audit.jsonl line 13: torn last line" in out
 
 
-def test_records_after_the_last_checkpoint_are_reported_as_unsigned(tmp_path):
-    log = AuditLog(tmp_path / "audit.jsonl", checkpoint_every=4, checkpoint_seconds=None)
+def test_records_after_the_last_kept_checkpoint_are_reported(tmp_path):
+    log = open_log(tmp_path, checkpoint_every=4)
     receipts = [log.append(r) for r in sample_records(6)]
     result = verify_log(tmp_path, log.public_key)
     assert result.ok and result.signed_size == 4
-    assert "records 5..6 come after the last signed checkpoint" in result.notes[0]
+    assert "records 5..6 come after the last checkpoint kept" in result.notes[0]
     assert find_receipt(tmp_path, 6, receipts[5].hash, log.public_key).status == "unsigned"
     log.close()
     assert find_receipt(tmp_path, 6, receipts[5].hash, log.public_key).status == "verified"
@@ -230,20 +240,62 @@ def test_a_deleted_rotated_segment_is_a_gap(tmp_path):
     assert problem.kind == "missing" and str(problem.place).startswith("audit-000003.jsonl line 1")
 
 
-def test_a_held_checkpoint_catches_a_host_that_rewrote_log_and_checkpoints(tmp_path):
-    # A compromised host has the key: it can rewrite history and re-sign it. Only a
-    # checkpoint the reviewer kept from before shows it.
-    log = make_log(tmp_path, n=8, every=4)
-    held = tmp_path.parent / "held-checkpoints.jsonl"
-    shutil.copy(tmp_path / "checkpoints.jsonl", held)
+def _steal_key_and_rewrite(tmp_path: Path, records_kept: int | None = None, edit: bool = True):
+    """The attack measured on the old log: whoever holds the signing key rewrites history
+    (hides a DP release) or truncates it, and re-signs everything from scratch."""
     records = [json.loads(line) for line in read_lines(tmp_path / "audit.jsonl")]
-    records[0]["consumer"] = "nobody"
+    if edit:
+        records[1].update(decision="denied", epsilon_spent=0.0, consumer="nobody")
+    records = records[:records_kept] if records_kept is not None else records
     write_lines(tmp_path / "audit.jsonl", as_lines(rechain(records, 0)))
     (tmp_path / "checkpoints.jsonl").unlink()
-    AuditLog(tmp_path / "audit.jsonl", checkpoint_seconds=None).close()  # re-sign the rewritten log
-    assert verify_log(tmp_path, log.public_key).ok
+    stolen = signer_for(tmp_path)
+    (stolen.directory / "last-checkpoint").unlink()  # a fresh signer with the same key
+    AuditLog(tmp_path / "audit.jsonl", signer=type(stolen)(stolen.directory), checkpoint_seconds=None).close()
+
+
+def _witness_file(tmp_path: Path, log: AuditLog) -> Path:
+    """What a client keeps: the newest checkpoint it verified, a bare note (Client(checkpoint_file=…))."""
+    held = tmp_path.parent / f"{tmp_path.name}-client-checkpoint"
+    held.write_text(log.last_checkpoint.note)
+    return held
+
+
+@pytest.mark.parametrize("attack", ["rewrite", "truncate", "rollback"])
+def test_a_witness_checkpoint_catches_a_host_that_resigned_its_history(tmp_path, capsys, attack):
+    log = make_log(tmp_path, n=8, every=4)
+    held = _witness_file(tmp_path, log)
+    if attack == "rewrite":
+        _steal_key_and_rewrite(tmp_path)
+    elif attack == "truncate":  # the unsigned tail, and the last checkpoint with its records
+        _steal_key_and_rewrite(tmp_path, records_kept=6, edit=False)
+    else:  # back to an earlier state, re-signed
+        _steal_key_and_rewrite(tmp_path, records_kept=3)
+    assert verify_log(tmp_path, log.public_key).ok  # the control off: the host's own checkpoints agree
+    result = verify_log(tmp_path, log.public_key, held=[held])
+    assert not result.ok
+    assert result.problems[0].kind == ("rewritten" if attack == "rewrite" else "truncated")
+    assert "held checkpoint #1" in result.problems[0].reason
+    code, out, _ = run_audit(capsys, "verify", "--log-dir", str(tmp_path), "--witness", str(held))
+    assert code == 1 and out.startswith("TAMPERED")
+
+
+def test_a_copy_of_checkpoints_jsonl_is_a_witness_too(tmp_path):
+    log = make_log(tmp_path, n=8, every=4)
+    held = tmp_path.parent / f"{tmp_path.name}-held.jsonl"
+    shutil.copy(tmp_path / "checkpoints.jsonl", held)
+    _steal_key_and_rewrite(tmp_path)
     result = verify_log(tmp_path, log.public_key, held=[held])
     assert result.problems[0].kind == "rewritten" and "held checkpoint #1" in result.problems[0].reason
+
+
+def test_a_forged_witness_checkpoint_is_not_trusted(tmp_path):
+    log = make_log(tmp_path, n=8, every=4)
+    forged = tmp_path.parent / f"{tmp_path.name}-forged"
+    other = Ed25519PrivateKey.generate()
+    forged.write_text(sign_checkpoint(other, log.origin, 100, b"\x00" * 32, "t", "").note)
+    result = verify_log(tmp_path, log.public_key, held=[forged])
+    assert result.problems[0].kind == "key"
 
 
 def test_receipts_are_found_only_when_they_match(log, tmp_path, capsys):
