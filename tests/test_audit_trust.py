@@ -1,0 +1,192 @@
+"""The audit log's trust boundaries through the real server: a signer the server cannot
+read, receipts every client checks, and a ledger bound to the log.
+
+Each control is also switched off to show the attack it stops then works.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sqlite3
+import stat
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+
+from dataops.audit import canonical, record_hash, verify_log
+from dataops.audit.note import parse_checkpoint
+from dataops.audit.receipts import LedgerBehindLog
+from dataops.client import AuditVerificationError, Client, DataopsClientError, count
+from dataops.server import build_server
+from dataops.server.app import ledger_path
+from test_audit_verify import run_audit
+from test_dp_service import dp_query
+
+_opened: list[str] | None = None  # paths the server process opens, while a test watches
+
+
+def _watch_opens(event: str, args: tuple) -> None:
+    if _opened is not None and event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+        _opened.append(os.fsdecode(args[0]))
+
+
+sys.addaudithook(_watch_opens)  # audit hooks cannot be removed; this one only records while asked
+
+
+def _client(server, pki, consumer: str = "city-bank", **kwargs) -> Client:
+    return Client.from_directory(f"localhost:{server.port}", pki.consumer_dir(consumer), consumer, **kwargs)
+
+
+def _public_key_file(config) -> Path:
+    """The operator's out-of-band copy of the signer's public key."""
+    return config.signer_dir / "signing.pub"
+
+
+def test_the_server_process_never_opens_the_signing_key(config, pki):
+    global _opened
+    signer_dir = config.signer_dir.resolve()
+    assert not signer_dir.is_relative_to(config.paths.state.resolve())  # not under the server's state
+    _opened = []
+    try:
+        server = build_server(config).start()
+        try:
+            with _client(server, pki) as client:
+                client.list_datasets()
+                client.query("enterprise_credit", aggregates=[count()], group_by=["size_band"])
+        finally:
+            server.stop(grace=1.0)
+    finally:
+        seen, _opened = _opened, None
+    assert seen, "the audit hook saw no file opens at all"
+    assert not [p for p in seen if Path(p).resolve().is_relative_to(signer_dir)]
+    # The signer ran as another process, with its key private to it.
+    assert server.signer_process.process.pid != os.getpid()
+    assert stat.S_IMODE(signer_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE((signer_dir / "signing.key").stat().st_mode) == 0o600
+    assert not list(config.paths.state.rglob("*.key"))
+    assert server.signer_process.process.poll() is not None  # stopped with the server
+
+
+def test_every_response_proves_its_record_and_the_client_keeps_the_checkpoint(config, pki, capsys, tmp_path):
+    held = tmp_path / "city-bank.checkpoint"
+    server = build_server(config).start()
+    try:
+        with _client(server, pki, audit_public_key=_public_key_file(config), checkpoint_file=held) as client:
+            for _ in range(3):
+                client.list_datasets()
+            first = client.checkpoint
+            client.query("enterprise_credit", aggregates=[count()], group_by=["size_band"])
+            proof = client.consistency_proof(first.size, client.checkpoint.size)  # an audited RPC
+            assert proof and client.audit_checkpoint()
+            assert client.last_receipt.sequence == 6
+    finally:
+        server.stop(grace=1.0)
+    kept = parse_checkpoint(held.read_text(), None)
+    assert kept.size >= 5
+    records = [json.loads(line) for line in (config.paths.state / "audit" / "audit.jsonl").read_bytes().splitlines()]
+    assert [r["method"] for r in records[-2:]] == ["GetConsistencyProof", "GetCheckpoint"]
+    code, out, _ = run_audit(capsys, "verify", "-c", str(config.paths.catalog.parent / "dataops.toml"),
+                             "--public-key", str(_public_key_file(config)), "--witness", str(held))
+    assert code == 0 and out.startswith("OK: 6 records")
+
+
+def _roll_back(config, keep: int, *, rewrite: bool = False) -> None:
+    """The host's attack with the signer's key and state in hand: cut or rewrite history, re-sign."""
+    audit = config.paths.state / "audit"
+    records = [json.loads(line) for line in (audit / "audit.jsonl").read_bytes().splitlines()][:keep]
+    if rewrite:
+        records[0]["consumer"] = "nobody"
+        for i, record in enumerate(records):
+            if i:
+                record["prev"] = records[i - 1]["hash"]
+            record["hash"] = record_hash(record)
+    (audit / "audit.jsonl").write_bytes(b"".join(canonical(r) + b"\n" for r in records))
+    (audit / "checkpoints.jsonl").unlink()
+    (config.signer_dir / "last-checkpoint").unlink()  # the signer's anchor, forgotten
+
+
+@pytest.mark.parametrize("attack", ["truncate", "rewrite"])
+def test_a_client_holding_a_checkpoint_catches_a_rolled_back_or_rewritten_log(config, pki, tmp_path, attack):
+    held = tmp_path / "held.checkpoint"
+    server = build_server(config).start()
+    try:
+        with _client(server, pki, audit_public_key=_public_key_file(config), checkpoint_file=held) as client:
+            for _ in range(6):
+                client.list_datasets()
+    finally:
+        server.stop(grace=1.0)
+    _roll_back(config, 3 if attack == "truncate" else 6, rewrite=attack == "rewrite")
+    server = build_server(config).start()  # the log re-signed from scratch: the host alone cannot tell
+    try:
+        with _client(server, pki, witness=False) as blind:  # the control off: no witness, no alarm
+            blind.list_datasets()
+        with _client(server, pki, audit_public_key=_public_key_file(config), checkpoint_file=held) as client:
+            with pytest.raises(AuditVerificationError, match="not consistent with the checkpoint this client holds"):
+                client.list_datasets()
+    finally:
+        server.stop(grace=1.0)
+
+
+def test_a_server_restarted_on_a_truncated_log_is_refused_by_the_signers_anchor(config, pki):
+    server = build_server(config).start()
+    with _client(server, pki) as client:
+        for _ in range(5):
+            client.list_datasets()
+    server.stop(grace=1.0)
+    path = config.paths.state / "audit" / "audit.jsonl"
+    path.write_bytes(b"".join(path.read_bytes().splitlines(keepends=True)[:3]))
+    (config.paths.state / "audit" / "checkpoints.jsonl").unlink()  # drop the checkpoints with the records
+    with pytest.raises(OSError, match="the signer signed 5 records"):
+        build_server(config)
+
+
+def _offline_reset(config) -> None:
+    """Spend set to 0 and releases deleted while the server is down: a fresh ledger."""
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{ledger_path(config)}{suffix}").unlink(missing_ok=True)
+
+
+def test_an_offline_ledger_reset_is_refused_at_start(config, pki):
+    server = build_server(config).start()
+    with _client(server, pki) as client:
+        dp_query(client, 4.0)
+    server.stop(grace=1.0)
+    _offline_reset(config)
+    with pytest.raises(LedgerBehindLog, match="city-bank/enterprise_credit.*behind the audit log|behind the audit "
+                                              "log.*city-bank/enterprise_credit"):
+        build_server(config)
+
+
+def test_without_reconciliation_the_reset_budget_is_spendable_again(config, pki):
+    server = build_server(config).start()
+    with _client(server, pki) as client:
+        dp_query(client, 4.0)
+        with pytest.raises(DataopsClientError) as err:
+            dp_query(client, 2.0, year=2000)
+        assert err.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    server.stop(grace=1.0)
+    _offline_reset(config)
+    unreconciled = dataclasses.replace(config, audit=dataclasses.replace(config.audit, reconcile_ledger=False))
+    server = build_server(unreconciled).start()
+    try:
+        with _client(server, pki) as client:
+            assert dp_query(client, 2.0, year=2000).spend.epsilon == pytest.approx(2.0)  # the attack works
+    finally:
+        server.stop(grace=1.0)
+    assert verify_log(config.paths.state / "audit", server.audit.public_key).ok
+
+
+def test_a_ledger_ahead_of_the_log_is_served(config, pki):
+    # The ledger may be ahead (a debit whose audit append failed stays spent): never refused for that.
+    server = build_server(config).start()
+    with _client(server, pki) as client:
+        dp_query(client, 1.0)
+    server.stop(grace=1.0)
+    with sqlite3.connect(ledger_path(config)) as db:
+        db.execute("UPDATE reservations SET epsilon = epsilon * 2")
+        db.execute("UPDATE grant_spend SET epsilon = epsilon * 2")
+    build_server(config).start().stop(grace=0.5)
