@@ -1,6 +1,13 @@
-"""Audit log costs: the durable append each request pays, and verifying a large log.
+"""Audit log costs: group commit throughput, the durable append each request pays, verifying a large log.
 
     PYTHONPATH=src python benchmarks/bench_audit.py [--records 1000000] [--appends 2000] [--dir DIR]
+        [--calls 20000] [--threads 64]
+
+Group commit: `--threads` threads append `--calls` small records through `AuditLog`
+with the real signer process (as `dataops serve` runs it), and the same through the
+ledger (`reserve`); each is printed next to a baseline from the same run with one
+fsync (and, for the log, one signature) per record — the same code with the callers
+serialised, and the ledger with SQLite's own fsync in every COMMIT.
 
 The append figures are mostly the disk's fsync latency, so run it on the file system
 the state directory lives on (--dir). They are printed next to two baselines measured
@@ -19,9 +26,71 @@ import tempfile
 import time
 from pathlib import Path
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 from dataops.audit import AuditLog, verify_log
 from dataops.audit.log import segment_paths
 from dataops.audit.sample import sample_records
+from dataops.audit.signer import LocalSigner, SignerClient, spawn_signer
+from dataops.ledger import Ledger
+
+SMALL = {"consumer": "city-bank", "method": "GetBudget", "decision": "allowed", "code": "OK",
+         "epsilon_spent": 0.0, "delta_spent": 0.0, "latency_ms": 0.4}
+
+
+def _throughput(call, calls: int, threads: int) -> float:
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda _: call(), range(min(calls, 200))))  # warm up
+        t0 = time.perf_counter()
+        list(pool.map(lambda _: call(), range(calls)))
+        return calls / (time.perf_counter() - t0)
+
+
+def bench_group_commit(root: Path, calls: int, threads: int) -> None:
+    rates = {}
+    for name, serial in (("one fsync + signature per record (serialised)", True), ("group commit", False)):
+        directory = root / ("serial" if serial else "group")
+        process = spawn_signer(directory / "signer", "bench")  # one signer per log
+        signer = SignerClient(process.socket_path)
+        try:
+            log = AuditLog(directory / "audit" / "audit.jsonl", signer=signer)
+            gate = threading.Lock()
+
+            def append(log=log, gate=gate, serial=serial):
+                if serial:
+                    with gate:
+                        log.append(SMALL)
+                else:
+                    log.append(SMALL)
+
+            rates[name] = _throughput(append, calls // 4 if serial else calls, threads)
+            log.close()
+            assert verify_log(log.directory, signer.public_key).ok
+        finally:
+            signer.close()
+            process.stop()
+    base = rates["one fsync + signature per record (serialised)"]
+    print(f"audited small calls, {threads} threads, fsync on, signer process:")
+    for name, rate in rates.items():
+        print(f"  {name:48s} {rate:9,.0f} calls/s   x{rate / base:5.1f}")
+
+    ledger_rates = {}
+    for name, group in (("SQLite fsync in every COMMIT", False), ("group commit", True)):
+        ledger = Ledger(root / f"ledger-{group}.sqlite3", group_commit=group)
+        counter = iter(range(10**9))
+
+        def reserve(ledger=ledger, counter=counter):
+            r = ledger.reserve(f"c{next(counter) % 16}", "d", 1e-6, 0.0, grant_total=(1e5, 0.0),
+                               dataset_total=(1e5, 0.0))
+            ledger.commit(r)
+
+        ledger_rates[name] = _throughput(reserve, calls // 4, threads)
+        ledger.close()
+    base = ledger_rates["SQLite fsync in every COMMIT"]
+    print(f"ledger reserve + commit, {threads} threads:")
+    for name, rate in ledger_rates.items():
+        print(f"  {name:48s} {rate:9,.0f} debits/s   x{rate / base:5.1f}")
 
 
 def summary(samples: list[float]) -> tuple[float, float]:
@@ -40,11 +109,12 @@ def bench_append(root: Path, n: int) -> None:
         plain(record)
         os.fsync(fd)
 
-    log = AuditLog(root / "durable" / "audit.jsonl", checkpoint_seconds=None)
+    log = AuditLog(root / "durable" / "audit.jsonl", signer=LocalSigner(root / "durable-signer"),
+                   checkpoint_seconds=None)
     writers = {
         "baseline: json.dumps + write": plain,
         "baseline: json.dumps + write + fsync": plain_fsync,
-        "AuditLog.append (chain + fsync)": log.append,
+        "AuditLog.append (fsync + tree + signature)": log.append,
     }
     # Interleaved, so that the disk's good and bad moments fall on all three alike.
     results: dict[str, list[float]] = {name: [] for name in writers}
@@ -65,7 +135,8 @@ def bench_append(root: Path, n: int) -> None:
 
 def bench_verify(root: Path, n: int) -> None:
     directory = root / "large"
-    log = AuditLog(directory / "audit.jsonl", fsync=False, checkpoint_seconds=None)
+    log = AuditLog(directory / "audit.jsonl", signer=LocalSigner(root / "large-signer"), fsync=False,
+                   checkpoint_seconds=None)
     t0 = time.perf_counter()
     for record in sample_records(n, seed=2):
         log.append(record)
@@ -88,8 +159,14 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=1_000_000, help="size of the log to verify")
     parser.add_argument("--appends", type=int, default=2000, help="durable appends to time")
     parser.add_argument("--dir", type=Path, default=None, help="where to write (default: a temp dir)")
+    parser.add_argument("--calls", type=int, default=20_000, help="small calls for the group-commit figures")
+    parser.add_argument("--threads", type=int, default=64, help="concurrent callers")
+    parser.add_argument("--only-group-commit", action="store_true", help="skip the per-append and verify parts")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        bench_group_commit(Path(tmp), args.calls, args.threads)
+        if args.only_group_commit:
+            return
         bench_append(Path(tmp), args.appends)
         bench_verify(Path(tmp), args.records)
 

@@ -180,6 +180,7 @@ class AuditLog:
         self._durable = self._seq  # records fsynced
         self._signed = self._checkpoint.size if self._checkpoint else 0
         self._flushing = False
+        self._waiters: list[tuple[int, threading.Event]] = []  # (seq, event) of appends waiting for a flush
         self._epoch = 0
         self._failure = ""
         fsync_dir(self.directory)
@@ -333,10 +334,18 @@ class AuditLog:
             self._add_spend(body, pending=True)
             mine, epoch = self._seq, self._epoch
             while self._signed < mine and self._epoch == epoch:
-                if self._flushing:
-                    self._cond.wait()
-                else:
+                if not self._flushing:
                     self._flush()
+                    continue
+                # One event per waiter, not notify_all: a flush wakes only its own batch and
+                # the next leader, not every waiting thread.
+                woken = threading.Event()
+                self._waiters.append((mine, woken))
+                self._cond.release()
+                try:
+                    woken.wait()
+                finally:
+                    self._cond.acquire()
             if self._epoch != epoch and self._signed < mine:
                 raise AuditUnavailable(self._failure)
             cp = self._checkpoint
@@ -388,7 +397,15 @@ class AuditLog:
             self._keep_if_due()
         else:
             self._fail(error, synced)
-        self._cond.notify_all()
+        # Wake this batch (everyone, after a failure) and one more waiter to lead the next.
+        done = [w for w in self._waiters if error is not None or w[0] <= self._signed]
+        rest = [w for w in self._waiters if not (error is not None or w[0] <= self._signed)]
+        if rest:
+            done.append(rest.pop(0))
+        self._waiters = rest
+        for _, woken in done:
+            woken.set()
+        self._cond.notify_all()  # _flush_now and close wait on the condition itself
 
     def _fail(self, error: Exception, synced: bool) -> None:
         self._epoch += 1

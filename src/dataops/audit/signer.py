@@ -388,6 +388,10 @@ def spawn_signer(directory: Path, origin: str, *, timeout: float = 30.0) -> Sign
         [sys.executable, "-m", "dataops.audit.signerd", "--dir", str(directory), "--socket", str(socket_path),
          "--origin", origin, "--watch-stdin"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True,
+        # Its own session: a SIGTERM or Ctrl-C meant for the server's process group must
+        # not stop the signer before the server has drained and signed its last batch.
+        # It exits when the server closes (or dies and so closes) its stdin.
+        start_new_session=True,
     )
     ready: list[bytes] = []
     reader = threading.Thread(target=lambda: ready.append(process.stdout.readline()), daemon=True)

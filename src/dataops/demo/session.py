@@ -96,6 +96,9 @@ def prepare(workdir: Path, *, claims: int, enterprises: int, out: Callable[[str]
     # Fresh state per run: the same session gives the same audit trail and budgets.
     for name in ("audit", "ledger", "consents"):
         shutil.rmtree(config.paths.state / name, ignore_errors=True)
+    # A new log needs a signer that has signed nothing yet (it refuses to sign a tree
+    # that does not extend its last one), so the demo's signer starts afresh too.
+    shutil.rmtree(config.signer_dir, ignore_errors=True)
     # The consent service the data subjects use; the platform trusts its key.
     consent_service(config).init()
     return config
