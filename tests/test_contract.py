@@ -85,7 +85,7 @@ def test_buf_breaking_catches_an_incompatible_change(tmp_path, edit):
     text = path.read_text()
     line = "  uint64 sequence = 1;\n"
     assert line in text
-    replacement = {"renumber a field": "  uint64 sequence = 9;\n", "remove a field": "",
+    replacement = {"renumber a field": "  uint64 sequence = 99;\n", "remove a field": "",
                    "change a field's type": "  string sequence = 1;\n"}[edit]
     path.write_text(text.replace(line, replacement))
     result = buf_breaking(proto)
