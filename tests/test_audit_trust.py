@@ -190,3 +190,68 @@ def test_a_ledger_ahead_of_the_log_is_served(config, pki):
         db.execute("UPDATE reservations SET epsilon = epsilon * 2")
         db.execute("UPDATE grant_spend SET epsilon = epsilon * 2")
     build_server(config).start().stop(grace=0.5)
+
+
+def test_without_the_signer_nothing_is_released_and_the_records_stay(config, pki):
+    server = build_server(config).start()
+    try:
+        with _client(server, pki) as client:
+            client.list_datasets()
+            server.signer_process.stop()  # the signer is gone: no checkpoint can cover a new record
+            with pytest.raises(DataopsClientError) as err:
+                client.query("enterprise_credit", aggregates=[count()], group_by=["size_band"])
+            assert err.value.code is grpc.StatusCode.UNAVAILABLE and "nothing was released" in err.value.message
+    finally:
+        server.stop(grace=1.0)
+    # The refused request's record was written (durable, unsigned): a restart signs it.
+    records = [json.loads(line) for line in (config.paths.state / "audit" / "audit.jsonl").read_bytes().splitlines()]
+    assert [r["method"] for r in records] == ["ListDatasets", "RunQuery"]
+    build_server(config).start().stop(grace=0.5)
+    assert verify_log(config.paths.state / "audit", server.audit.public_key).signed_size == 2
+
+
+def test_a_consistency_proof_request_out_of_range_is_refused_and_audited(server, connect, config):
+    client = connect("city-bank")
+    client.list_datasets()
+    with pytest.raises(DataopsClientError) as err:
+        client.consistency_proof(5, 10**6)
+    assert err.value.code is grpc.StatusCode.INVALID_ARGUMENT and err.value.rule == "audit.consistency"
+    last = json.loads((config.paths.state / "audit" / "audit.jsonl").read_bytes().splitlines()[-1])
+    assert (last["method"], last["decision"], last["rule"]) == ("GetConsistencyProof", "invalid", "audit.consistency")
+
+
+def test_verify_with_the_config_checks_the_signers_anchor_against_a_stolen_key_rewrite(config, pki, capsys):
+    # The measured attack: the key copied, history rewritten to hide a DP release and
+    # re-signed, checkpoints.jsonl replaced. Only the signer's own state still knows.
+    from cryptography.hazmat.primitives import serialization
+
+    from dataops.audit.merkle import Tree, leaf_hash
+    from dataops.audit.note import sign_checkpoint
+
+    server = build_server(config).start()
+    with _client(server, pki) as client:
+        client.list_datasets()
+        dp_query(client, 1.0)
+        client.list_datasets()
+    server.stop(grace=1.0)
+    audit = config.paths.state / "audit"
+    records = [json.loads(line) for line in (audit / "audit.jsonl").read_bytes().splitlines()]
+    records[1].update(method="ListDatasets", dataset=None, epsilon_spent=0.0, mode=None, query=None)
+    tree = Tree()
+    for i, record in enumerate(records):
+        if i:
+            record["prev"] = records[i - 1]["hash"]
+        record["hash"] = record_hash(record)
+        tree.append(leaf_hash(canonical(record)))
+    (audit / "audit.jsonl").write_bytes(b"".join(canonical(r) + b"\n" for r in records))
+    stolen = serialization.load_pem_private_key((config.signer_dir / "signing.key").read_bytes(), None)
+    forged = sign_checkpoint(stolen, config.audit.origin, len(records), tree.root(), "2026-01-01T00:00:00+00:00", "")
+    (audit / "checkpoints.jsonl").write_text(json.dumps({"size": len(records), "note": forged.note}) + "\n")
+    key = str(_public_key_file(config))
+    code, out, _ = run_audit(capsys, "verify", "--log-dir", str(audit), "--public-key", key)
+    assert code == 0  # the control off: the log and its (re-signed) checkpoints agree
+    code, out, err = run_audit(capsys, "verify", "-c", str(config.paths.catalog.parent / "dataops.toml"),
+                               "--public-key", key)
+    assert code == 1 and "rewritten" in out and "signer's last checkpoint" in err
+    with pytest.raises(OSError, match="rewritten"):
+        build_server(config)  # nor will the server serve it

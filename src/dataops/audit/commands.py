@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -169,9 +170,32 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from dataops.audit.verify import verify_log
 
     directory = log_dir(args)
-    v = verify_log(directory, public_key(args, directory), held=args.checkpoint)
+    held = list(args.checkpoint) + _signer_anchor(args)
+    v = verify_log(directory, public_key(args, directory), held=held)
     print_verification(v)
     return OK if v.ok else TAMPERED
+
+
+def _signer_anchor(args: argparse.Namespace) -> list[Path]:
+    """The signer's last checkpoint as one more witness, when this user can read it.
+
+    It is newer than anything in checkpoints.jsonl and out of the server's reach; read
+    from the config's `[audit] signer_dir` (not with --log-dir: a copied log has none).
+    """
+    if args.log_dir is not None:
+        return []
+    from dataops.audit.signer import STATE
+    from dataops.config import load_config
+
+    anchor = load_config(args.config).signer_dir / STATE
+    try:
+        readable = anchor.is_file() and os.access(anchor, os.R_OK)
+    except OSError:
+        readable = False
+    if readable:
+        print(f"note: also checking against the signer's last checkpoint ({anchor})", file=sys.stderr)
+        return [anchor]
+    return []
 
 
 def print_verification(v: Verification, out: Callable[[str], None] = print) -> None:
