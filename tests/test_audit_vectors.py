@@ -51,6 +51,8 @@ def test_numbers_print_as_ecmascript_prints_them():
             assert canonical(value) == rfc8785.dumps(value), value
         value = rng.random() * 10 ** rng.randint(-12, 24)
         assert canonical(value) == rfc8785.dumps(value), value
+        record = {"x": value, "n": float(rng.randint(-10**6, 10**6)), "s": "\u2028\x01é", "b": True, "z": None}
+        assert canonical(record) == rfc8785.dumps(record), record  # the flat-record fast path
 
 
 def test_keys_sort_by_utf16_code_units_and_strings_escape_only_what_json_requires():

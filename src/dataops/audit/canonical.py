@@ -108,6 +108,41 @@ def _utf16(key: str) -> bytes:
 
 def canonical(value: Any) -> bytes:
     """The RFC 8785 bytes of `value` (UTF-8)."""
+    if type(value) is dict:
+        flat = _flat(value)
+        if flat is not None:
+            return flat
     out: list[str] = []
     _encode(value, out)
     return "".join(out).encode("utf-8")
+
+
+_dumps = json.JSONEncoder(ensure_ascii=False, sort_keys=True, separators=(",", ":"), allow_nan=False).encode
+
+
+def _flat(record: dict) -> bytes | None:
+    """The fast path for what audit records are: one flat object with ASCII keys.
+
+    There the C encoder's output *is* JCS — code-point order equals UTF-16 order for
+    ASCII keys, and its string escaping is JCS's — once every float prints as
+    ECMAScript prints it: integral floats become ints (0.0 → 0), and a float whose
+    `repr` has no exponent already reads the same in both languages. Anything else
+    (an exponent, a nested value, a non-ASCII key) returns None: the general encoder.
+    """
+    out = {}
+    for key, value in record.items():
+        if type(key) is not str or not key.isascii():
+            return None
+        kind = type(value)
+        if kind is float:
+            if value.is_integer() and abs(value) <= _MAX_SAFE_INTEGER:
+                value = int(value)
+            elif not math.isfinite(value) or value.is_integer() or "e" in repr(value):
+                return None
+        elif kind is int:
+            if abs(value) > _MAX_SAFE_INTEGER:
+                return None
+        elif not (kind is str or kind is bool or value is None):
+            return None
+        out[key] = value
+    return _dumps(out).encode("utf-8")
