@@ -255,3 +255,14 @@ def test_verify_with_the_config_checks_the_signers_anchor_against_a_stolen_key_r
     assert code == 1 and "rewritten" in out and "signer's last checkpoint" in err
     with pytest.raises(OSError, match="rewritten"):
         build_server(config)  # nor will the server serve it
+
+
+def test_one_client_answered_concurrently_stays_a_consistent_witness(server, pki, config):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with _client(server, pki, audit_public_key=_public_key_file(config)) as client:
+        with ThreadPoolExecutor(8) as pool:
+            receipts = list(pool.map(lambda _: (client.list_datasets(), client.last_receipt)[1], range(40)))
+        assert client.checkpoint.size >= max(r.sequence for r in receipts)
+    records = [json.loads(line) for line in (config.paths.state / "audit" / "audit.jsonl").read_bytes().splitlines()]
+    assert sum(r["method"] == "ListDatasets" for r in records) == 40  # every answer checked, none refused
