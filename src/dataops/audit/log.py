@@ -269,8 +269,13 @@ class AuditLog:
         if not lines:
             return None
         try:
-            note = json.loads(lines[-1])["note"]
-            return parse_checkpoint(note, self.public_key, origin=self.origin)
+            entry = json.loads(lines[-1])
+            if isinstance(entry, dict) and "head" in entry and "note" not in entry:
+                raise AuditUnavailable(
+                    f"{self.checkpoints_path}: hash-chain checkpoints written by an older dataops, before the log "
+                    "became a Merkle tree with an outside signer; verify and archive this audit directory with the "
+                    "old version, then start a new one")
+            return parse_checkpoint(entry["note"], self.public_key, origin=self.origin)
         except (ValueError, KeyError, TypeError) as exc:
             raise AuditUnavailable(f"{self.checkpoints_path}: the last checkpoint is not one the signer "
                                    f"(key id {self.key_id}) signed for {self.origin!r} ({exc}); "

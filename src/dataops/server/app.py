@@ -170,6 +170,9 @@ def connect_signer(config: ServerConfig) -> tuple[SignerClient, SignerProcess | 
         if process is not None:
             process.stop()
         raise
+    log.info("audit checkpoints signed by key id %s (%s)", signer.key_id,
+             f"signer process {process.process.pid}, key in {config.signer_dir}" if process
+             else f"signer at {socket_path}")
     return signer, process
 
 
