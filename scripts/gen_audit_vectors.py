@@ -10,7 +10,6 @@ the file against the code (Python) and recomputes it in plain Node.js.
 from __future__ import annotations
 
 import argparse
-import base64
 import hashlib
 import json
 import sys
