@@ -326,7 +326,10 @@ class AuditLog:
             if self._fd < 0 or self._broken:
                 raise AuditUnavailable(f"audit log unavailable: {self._broken or 'closed'}")
             body = {**record, "seq": self._seq + 1, "prev": self._prev}
-            line, digest = _encode(body)
+            try:
+                line, digest = _encode(body)
+            except ValueError as exc:  # NaN, a set, an integer beyond 2**53: a bug in the caller
+                raise AuditUnavailable(f"audit record has no canonical JSON form ({exc})") from exc
             try:
                 _write_all(self._fd, line + b"\n")
             except OSError as exc:
