@@ -266,3 +266,26 @@ def test_one_client_answered_concurrently_stays_a_consistent_witness(server, pki
         assert client.checkpoint.size >= max(r.sequence for r in receipts)
     records = [json.loads(line) for line in (config.paths.state / "audit" / "audit.jsonl").read_bytes().splitlines()]
     assert sum(r["method"] == "ListDatasets" for r in records) == 40  # every answer checked, none refused
+
+
+def test_plain_node_recomputes_a_served_log(config, pki):
+    # Issue 10: recomputing the hashes of a real log in JavaScript as docs/audit.md says.
+    import shutil
+    import subprocess
+
+    server = build_server(config).start()
+    try:
+        with _client(server, pki) as client:
+            client.list_datasets()
+            client.query("enterprise_credit", aggregates=[count()], group_by=["size_band"])
+            dp_query(client, 0.1)
+            with pytest.raises(DataopsClientError):
+                client.query("enterprise_credit", aggregates=[count()], group_by=["enterprise_id"])
+            client.budgets()
+    finally:
+        server.stop(grace=1.0)
+    audit = config.paths.state / "audit"
+    run = subprocess.run([shutil.which("node"), str(Path(__file__).parent / "js" / "audit_log.mjs"),
+                          str(audit / "audit.jsonl"), str(audit / "checkpoints.jsonl")],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and run.stdout.startswith("OK 5 records, root of 5 matches"), run.stdout + run.stderr
