@@ -466,7 +466,10 @@ class Client:
         self._audit = audit_pb2_grpc.AuditServiceStub(self.channel)
         # The operator's public key (out of band) makes the checkpoint signatures count.
         key = load_public_key(Path(audit_public_key)) if audit_public_key is not None else None
-        self.witness = Witness(key, checkpoint_file) if witness else None
+        try:
+            self.witness = Witness(key, checkpoint_file) if witness else None
+        except WitnessError as exc:  # a checkpoint file that is not one the audit key signed
+            raise AuditVerificationError(str(exc)) from None
 
     @classmethod
     def from_directory(cls, target: str, directory: str | Path, consumer: str, **kwargs: Any) -> "Client":
