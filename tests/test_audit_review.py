@@ -14,8 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import audit_records
+from audit_support import open_log
 from dataops.audit import AuditLog
 from dataops.audit.sample import sample_records
+from dataops.audit.signer import LocalSigner
 from dataops.cli import main
 from dataops.client import DataopsClientError
 from dataops.v1 import query_pb2
@@ -145,7 +147,8 @@ class Marks(Page):
 
 
 def test_the_report_draws_caps_volume_denials_per_consumer_and_errors(busy, tmp_path, capsys):
-    log = AuditLog(busy.paths.state / "audit" / "audit.jsonl")
+    log = AuditLog(busy.paths.state / "audit" / "audit.jsonl",  # the server's own signer, in-process
+                   signer=LocalSigner(busy.signer_dir, busy.audit.origin))
     # An internal error as the interceptor records it (no real bug to trigger one with).
     log.append({"time": dt.datetime.now(dt.timezone.utc).isoformat(), "consumer": "city-bank",
                 "method": "RunQuery", "dataset": "enterprise_credit", "decision": "error", "code": "INTERNAL",
@@ -177,7 +180,7 @@ def test_the_report_draws_caps_volume_denials_per_consumer_and_errors(busy, tmp_
 
 def test_the_report_charts_nothing_past_the_first_break(tmp_path, capsys):
     directory = tmp_path / "audit"
-    log = AuditLog(directory / "audit.jsonl", checkpoint_every=10, checkpoint_seconds=None, fsync=False)
+    log = open_log(directory, checkpoint_every=10, fsync=False)
     records = list(sample_records(60))
     for record in records:
         log.append(record)

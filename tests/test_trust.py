@@ -448,7 +448,10 @@ def test_no_request_is_shed_by_grpc_without_an_audit_record(tmp_path, sandbox_di
     server = build_server(config).start()
     flood = 24
     try:
-        city = Client.from_directory(f"localhost:{server.port}", pki.consumer_dir("city-bank"), "city-bank")
+        # witness=False: a witnessing client may fetch a consistency proof when answers
+        # cross (an audited call of its own), which these exact record counts leave out.
+        city = Client.from_directory(f"localhost:{server.port}", pki.consumer_dir("city-bank"), "city-bank",
+                                     witness=False)
 
         def ask(_):
             try:
@@ -501,9 +504,11 @@ def test_a_request_that_expires_waiting_for_a_thread_is_still_audited(tmp_path, 
     monkeypatch.setattr(app_module.Sandbox, "datasets", slow_datasets)
     server = build_server(config).start()
     try:
-        city = Client.from_directory(f"localhost:{server.port}", pki.consumer_dir("city-bank"), "city-bank")
+        # witness=False: exact record counts (see test_no_request_is_shed_by_grpc_without_an_audit_record).
+        city = Client.from_directory(f"localhost:{server.port}", pki.consumer_dir("city-bank"), "city-bank",
+                                     witness=False)
         river = Client.from_directory(f"localhost:{server.port}", pki.consumer_dir("river-bank"), "river-bank",
-                                      timeout=0.5)
+                                      timeout=0.5, witness=False)
         with ThreadPoolExecutor(2) as pool:
             busy = [pool.submit(city.list_datasets) for _ in range(2)]
             assert held.acquire(timeout=10) and held.acquire(timeout=10)  # both request threads held

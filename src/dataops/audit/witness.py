@@ -44,6 +44,9 @@ class Witness:
         self.path = Path(path) if path is not None else None
         self._lock = threading.Lock()
         self.checkpoint: Checkpoint | None = None
+        # Trees already proven consistent with the one held (size -> root): answers that
+        # cross in flight usually share a batch's checkpoint, and need no second proof.
+        self._seen: dict[int, bytes] = {}
         if self.path is not None and self.path.exists():
             try:
                 self.checkpoint = parse_checkpoint(self.path.read_text(), public_key)
@@ -82,14 +85,28 @@ class Witness:
             raise WitnessError(f"receipt #{receipt.sequence} is not in the signed log ({exc})") from None
         with self._lock:
             held = self.checkpoint
-            if held is not None:
-                self._check_consistent(held, cp, receipt, fetch_proof)
+            if held is not None and not self._known(cp):
+                if not self._check_consistent(held, cp, receipt, fetch_proof):
+                    return cp  # no proof to be had now: checked next time, not adopted
+            self._seen[cp.size] = cp.root
+            if len(self._seen) > 256:
+                self._seen.pop(min(self._seen))
             if held is None or cp.size > held.size:
                 self._adopt(cp)
         return cp
 
+    def _known(self, cp: Checkpoint) -> bool:
+        root = self._seen.get(cp.size)
+        if root is None:
+            return False
+        if root != cp.root:
+            raise WitnessError(f"two different signed roots for tree size {cp.size}: the audit log was "
+                               "rewritten (a fork); keep both checkpoints as evidence and tell the operator")
+        return True
+
     def _check_consistent(self, held: Checkpoint, cp: Checkpoint, receipt: Any,
-                          fetch_proof: Callable[[int, int], list[bytes]] | None) -> None:
+                          fetch_proof: Callable[[int, int], list[bytes]] | None) -> bool:
+        """Raise WitnessError if `cp` contradicts `held`; False if no proof could be fetched."""
         if held.origin != cp.origin:
             raise WitnessError(f"checkpoint of log {cp.origin!r}, but this client witnesses {held.origin!r}")
         older, newer = (held, cp) if held.size <= cp.size else (cp, held)
@@ -98,9 +115,12 @@ class Witness:
         elif receipt.consistency_from == held.size:
             proof = list(receipt.consistency_path)
         elif fetch_proof is not None:
-            proof = fetch_proof(older.size, newer.size)
+            try:
+                proof = fetch_proof(older.size, newer.size)
+            except Exception:  # refused under load, say: the answer stands, the check waits
+                return False
         else:
-            raise WitnessError("no consistency proof between the checkpoint held and the one received")
+            return False
         try:
             verify_consistency(older.size, newer.size, older.root, newer.root, proof)
         except ProofError as exc:
@@ -109,6 +129,7 @@ class Witness:
                 f"the audit log is not consistent with the checkpoint this client holds{where}: size "
                 f"{held.size}, root {held.root.hex()[:16]}…, received size {cp.size}: {exc}. The log was rolled "
                 "back, truncated or rewritten; keep the checkpoint as evidence and tell the operator") from None
+        return True
 
     def _adopt(self, cp: Checkpoint) -> None:
         self.checkpoint = cp
