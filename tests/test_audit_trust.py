@@ -289,3 +289,26 @@ def test_plain_node_recomputes_a_served_log(config, pki):
                           str(audit / "audit.jsonl"), str(audit / "checkpoints.jsonl")],
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0 and run.stdout.startswith("OK 5 records, root of 5 matches"), run.stdout + run.stderr
+
+
+def test_refusals_carry_their_proof_and_a_witness_checks_them(config, pki, tmp_path):
+    held = tmp_path / "held.checkpoint"
+    server = build_server(config).start()
+    try:
+        with _client(server, pki, audit_public_key=_public_key_file(config), checkpoint_file=held) as client:
+            client.list_datasets()
+            with pytest.raises(DataopsClientError) as err:
+                client.query("enterprise_credit", aggregates=[count()], group_by=["enterprise_id"])
+            assert err.value.reason == "POLICY_DENIED"
+            assert parse_checkpoint(err.value.metadata["receipt_checkpoint"], None).size >= 2
+            assert client.checkpoint.size == int(err.value.metadata["receipt_tree_size"])  # adopted from the refusal
+    finally:
+        server.stop(grace=1.0)
+    _roll_back(config, 1)
+    server = build_server(config).start()
+    try:
+        with _client(server, pki, audit_public_key=_public_key_file(config), checkpoint_file=held) as client:
+            with pytest.raises(AuditVerificationError):  # even a refusal gives the rollback away
+                client.query("enterprise_credit", aggregates=[count()], group_by=["enterprise_id"])
+    finally:
+        server.stop(grace=1.0)

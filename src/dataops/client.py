@@ -33,7 +33,9 @@ the log was rolled back, truncated or rewritten.
 
 from __future__ import annotations
 
+import base64
 import re
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -491,7 +493,9 @@ class Client:
         try:
             response = method(request, timeout=timeout or self.timeout, metadata=metadata)
         except grpc.RpcError as error:
-            raise DataopsClientError.from_rpc_error(error) from None
+            refusal = DataopsClientError.from_rpc_error(error)
+            self._witness_refusal(refusal)
+            raise refusal from None
         self.last_receipt = _receipt(response)
         if self.witness is not None:
             try:
@@ -499,6 +503,27 @@ class Client:
             except WitnessError as exc:
                 raise AuditVerificationError(str(exc)) from None
         return response
+
+    def _witness_refusal(self, refusal: DataopsClientError) -> None:
+        """A refusal's record is checked like an answer's (its proof is in the ErrorInfo metadata)."""
+        md = refusal.metadata
+        if self.witness is None or "receipt_checkpoint" not in md:
+            return
+        hashes = lambda text: [base64.b64decode(h) for h in text.split(",") if h]  # noqa: E731
+        try:
+            sequence = int(md["receipt_sequence"])
+            receipt = types.SimpleNamespace(
+                sequence=sequence, hash=md["receipt_hash"], leaf_index=sequence - 1,
+                tree_size=int(md["receipt_tree_size"]), inclusion_path=hashes(md["receipt_inclusion_path"]),
+                checkpoint=md["receipt_checkpoint"], record=md["receipt_record"].encode("utf-8"),
+                consistency_from=int(md.get("receipt_consistency_from", 0)),
+                consistency_path=hashes(md.get("receipt_consistency_path", "")))
+        except (KeyError, ValueError) as exc:
+            raise AuditVerificationError(f"a refusal's audit receipt is malformed ({exc!r})") from None
+        try:
+            self.witness.observe(receipt, self._fetch_consistency)
+        except WitnessError as exc:
+            raise AuditVerificationError(str(exc)) from None
 
     def _fetch_consistency(self, first: int, second: int) -> list[bytes]:
         # Not through _call: this answer's own receipt would need a proof in turn.

@@ -12,11 +12,17 @@ would make spent budget spendable again.
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 from dataops.audit.log import AuditLog, Receipt
 
-__all__ = ["WITNESS_HEADER", "LedgerBehindLog", "fill_receipt", "reconcile_ledger", "witness_size"]
+__all__ = ["WITNESS_HEADER", "LedgerBehindLog", "fill_receipt", "receipt_metadata", "reconcile_ledger",
+           "witness_size"]
+
+# A refusal's proof travels in ErrorInfo metadata, i.e. in gRPC trailers (16 KiB in all):
+# a record longer than this goes without its proof (the sequence and hash still go).
+_MAX_RECORD_IN_METADATA = 4096
 
 from dataops.audit.witness import WITNESS_HEADER
 
@@ -54,6 +60,26 @@ def fill_receipt(message: Any, receipt: Receipt, held: int = 0) -> None:
             # The client holds a bigger tree than this log has signed: no proof exists.
             # It sees an empty path and reports the rollback.
             pass
+
+
+def receipt_metadata(receipt: Receipt, held: int = 0) -> dict[str, str]:
+    """The proof of a refusal's record, as ErrorInfo metadata strings (base64 hashes, comma-separated)."""
+    if not receipt.checkpoint or len(receipt.record) > _MAX_RECORD_IN_METADATA:
+        return {}
+    b64 = lambda hashes: ",".join(base64.b64encode(h).decode() for h in hashes)  # noqa: E731
+    metadata = {
+        "receipt_tree_size": str(receipt.tree_size),
+        "receipt_inclusion_path": b64(receipt.inclusion_path),
+        "receipt_checkpoint": receipt.checkpoint,
+        "receipt_record": receipt.record.decode("utf-8"),
+    }
+    if held:
+        metadata["receipt_consistency_from"] = str(held)
+        try:
+            metadata["receipt_consistency_path"] = b64(receipt.consistency_proof(held))
+        except ValueError:
+            pass  # the client holds a bigger tree than this log signed: it will say so
+    return metadata
 
 
 def reconcile_ledger(ledger: Any, audit: AuditLog) -> None:

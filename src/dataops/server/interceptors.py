@@ -26,7 +26,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from dataops.audit import AuditLog, AuditUnavailable, Receipt
-from dataops.audit.receipts import fill_receipt, witness_size
+from dataops.audit.receipts import fill_receipt, receipt_metadata, witness_size
 from dataops.audit.record import CallRecord, close_call, open_call
 from dataops.certs import IdentityError, RevocationList, consumer_identity_from_certificate
 from dataops.errors import (
@@ -51,11 +51,13 @@ def _bounded(text: str, limit: int = _MAX_DETAIL) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def to_status(error: RequestError, receipt: Receipt | None) -> grpc.Status:
+def to_status(error: RequestError, receipt: Receipt | None, held: int = 0) -> grpc.Status:
     metadata = {key: _bounded(value) for key, value in error.metadata.items()}
     if receipt is not None:
         metadata["receipt_sequence"] = str(receipt.sequence)
         metadata["receipt_hash"] = receipt.hash
+        # The record and its proof, so a witnessing client checks refusals too.
+        metadata.update(receipt_metadata(receipt, held))
     details = [error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=metadata)]
     if error.field_violations:
         details.append(
@@ -432,7 +434,7 @@ class AuditInterceptor(grpc.ServerInterceptor):
                 log.exception("audit append failed; refusing %s", method)
                 context.abort(grpc.StatusCode.UNAVAILABLE, "the audit log is unavailable; nothing was released")
             if error is not None:
-                context.abort_with_status(to_status(error, receipt))
+                context.abort_with_status(to_status(error, receipt, witness_size(context.invocation_metadata())))
             if response is None:
                 context.abort_with_status(internal_status(receipt))
             # With the inclusion proof, the signed checkpoint and, if the client holds one,
