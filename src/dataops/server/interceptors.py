@@ -342,7 +342,8 @@ class AuditInterceptor(grpc.ServerInterceptor):
                         raise InvalidQuery("the request is not a valid protobuf message", rule="wire") from None
                 except RequestError as exc:
                     call.refused(exc)
-                    context.abort_with_status(to_status(exc, self._append(call, context, method)))
+                    context.abort_with_status(to_status(exc, self._append(call, context, method),
+                                                        witness_size(context.invocation_metadata())))
                 finally:
                     if admitted is not None:
                         self.admission.leave(admitted)
@@ -355,8 +356,7 @@ class AuditInterceptor(grpc.ServerInterceptor):
                         call.stream_event, call.messages = "message", call.messages + 1
                         receipt = self._append(call, context, method)  # before the message goes out
                         call.evaluations = None
-                        response.receipt.sequence = receipt.sequence
-                        response.receipt.hash = receipt.hash
+                        fill_receipt(response.receipt, receipt, witness_size(context.invocation_metadata()))
                         yield response
                 except RequestError as exc:
                     error = exc
@@ -377,7 +377,7 @@ class AuditInterceptor(grpc.ServerInterceptor):
                     call.code = "CANCELLED"
                 receipt = self._append(call, context, method)
                 if error is not None:
-                    context.abort_with_status(to_status(error, receipt))
+                    context.abort_with_status(to_status(error, receipt, witness_size(context.invocation_metadata())))
                 if failed:
                     context.abort_with_status(internal_status(receipt))
             finally:
