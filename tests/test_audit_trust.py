@@ -67,7 +67,8 @@ def test_the_server_process_never_opens_the_signing_key(config, pki):
     assert server.signer_process.process.pid != os.getpid()
     assert stat.S_IMODE(signer_dir.stat().st_mode) == 0o700
     assert stat.S_IMODE((signer_dir / "signing.key").stat().st_mode) == 0o600
-    assert not list(config.paths.state.rglob("*.key"))
+    key = (signer_dir / "signing.key").read_bytes()  # (the test reads it; the server never did)
+    assert not [p for p in config.paths.state.rglob("*") if p.is_file() and p.read_bytes() == key]
     assert server.signer_process.process.poll() is not None  # stopped with the server
 
 
