@@ -53,6 +53,7 @@ PUBLIC_KEY = "signing.pub"
 STATE = "last-checkpoint"
 _STATE_SYNC_SECONDS = 0.25
 _STATE_COMPACT_BYTES = 1 << 20
+_SOCKET_DIR_PREFIX = "dataops-signer-"
 
 
 def _last_note(path: Path) -> str | None:
@@ -278,6 +279,8 @@ def serve(directory: Path, socket_path: Path, origin: str, *, watch_stdin: bool 
         signer.close()
         try:
             socket_path.unlink()
+            if socket_path.parent.name.startswith(_SOCKET_DIR_PREFIX):
+                socket_path.parent.rmdir()  # the private directory spawn_signer made (the server may be gone)
         except OSError:
             pass
 
@@ -381,7 +384,7 @@ def spawn_signer(directory: Path, origin: str, *, timeout: float = 30.0) -> Sign
 
     The server passes the key directory on the command line and never opens it.
     """
-    socket_dir = Path(tempfile.mkdtemp(prefix="dataops-signer-"))  # 0700; short, for AF_UNIX's 108 bytes
+    socket_dir = Path(tempfile.mkdtemp(prefix=_SOCKET_DIR_PREFIX))  # 0700; short, for AF_UNIX's 108 bytes
     socket_path = socket_dir / "signer.sock"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     process = subprocess.Popen(
