@@ -55,6 +55,18 @@ against a budget of 1.0 would fail or pass depending on summation order). A floa
 converted through its shortest decimal form (``repr``), i.e. the number the operator
 wrote in TOML, so a budget of 0.3 admits exactly three debits of 0.1. Spends round up
 and totals round down to the unit, so rounding can only ever refuse, never admit.
+
+zCDP grants (`reserve_zcdp`): zCDP composes by adding rho, and converting the summed
+rho once is far tighter than adding per-release conversions (20 releases of 0.1 each:
+about 0.45 instead of 2.0). So for such a grant the ledger also keeps its total rho
+(table ``zcdp_spend``, rho in 1e-12 units, rounded up) and the grant's epsilon spent
+is, at all times, OpenDP's conversion of that total rho at the grant's delta (rounded
+up to the unit): a release is charged eps(rho_before + rho) - eps(rho_before), and the
+grant's delta once, with its first release. A refund takes its rho out again and
+returns the difference. The dataset cap still sums the grants' (epsilon, delta) —
+basic composition across grants, which is sound whatever each grant's accounting.
+The conversion delta is fixed at the grant's first release (stored in the row), so an
+operator editing the grant's delta later cannot lower an epsilon already charged.
 """
 
 from __future__ import annotations
@@ -88,7 +100,22 @@ _BUSY_TIMEOUT_S = 30.0
 
 _SPENT = ("reserved", "released", "orphaned")
 _RELEASE_KEY = re.compile(r"[0-9a-f]{16,128}")
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2
+# zCDP rho, like epsilon, in units of 1e-12 (rounded up on the way in).
+_RHO_PLACES = 12
+# Version 1 -> 2 (in place, in one transaction): zCDP grants keep their rho.
+_MIGRATE_1_TO_2 = """
+ALTER TABLE reservations ADD COLUMN rho INTEGER CHECK (rho IS NULL OR rho >= 0);
+CREATE TABLE IF NOT EXISTS zcdp_spend (
+    consumer  TEXT NOT NULL,
+    dataset   TEXT NOT NULL,
+    rho       INTEGER NOT NULL CHECK (rho >= 0),      -- spent rho, 1e-12 units
+    delta     INTEGER NOT NULL CHECK (delta >= 0),    -- conversion delta charged (0 if rho is 0)
+    epsilon   INTEGER NOT NULL CHECK (epsilon >= 0),  -- eps(rho, delta), rounded up: in grant_spend
+    PRIMARY KEY (consumer, dataset)
+);
+PRAGMA user_version = 2;
+"""
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS reservations (
     id        INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -121,7 +148,7 @@ CREATE TABLE IF NOT EXISTS releases (
     reservation_id INTEGER NOT NULL REFERENCES reservations (id),
     created        TEXT NOT NULL
 );
-PRAGMA user_version = {_SCHEMA_VERSION};
+PRAGMA user_version = 1;
 """
 
 
@@ -130,8 +157,9 @@ class Reservation:
     id: int
     consumer: str
     dataset: str
-    epsilon: float
+    epsilon: float  # what this reservation debited (on a zCDP grant: the marginal charge)
     delta: float
+    rho: float | None = None  # zCDP grants: the rho it added to the grant's total
 
 
 @dataclass(frozen=True)
@@ -240,6 +268,54 @@ def _check_release_key(key: object) -> str:
     return key
 
 
+def _rho_units(rho: float) -> int:
+    """Rho up to the next unit from its exact binary value (never below it)."""
+    return int(Decimal(float(rho)).scaleb(_RHO_PLACES).to_integral_value(ROUND_CEILING))
+
+
+def _up(units: int, places: int) -> float:
+    """The float nearest above the decimal value of ``units``: never below it."""
+    exact = Decimal(units).scaleb(-places)
+    value = float(exact)
+    return math.nextafter(value, math.inf) if Decimal(value) < exact else value
+
+
+def _zcdp_epsilon_units(rho_u: int, delta_u: int) -> int:
+    """OpenDP's conversion of a total rho at delta, in epsilon units rounded up.
+
+    The rho passed is never below the units' value, the delta never above it, and the
+    result rounds up: every step can only over-count the loss.
+    """
+    if rho_u == 0:
+        return 0
+    from dataops.engines.dp_calibrate import zcdp_to_epsilon  # OpenDP; loaded on first zCDP use
+
+    delta = float(Decimal(delta_u).scaleb(-_DELTA_PLACES))
+    if Decimal(delta) > Decimal(delta_u).scaleb(-_DELTA_PLACES):
+        delta = math.nextafter(delta, 0.0)
+    epsilon = zcdp_to_epsilon(_up(rho_u, _RHO_PLACES), delta)
+    return int(Decimal(epsilon).scaleb(_EPSILON_PLACES).to_integral_value(ROUND_CEILING))
+
+
+def _zcdp_charge(
+    before: tuple[int, int, int], rho_u: int, grant_delta_u: int
+) -> tuple[int, int, tuple[int, int, int]]:
+    """The (epsilon, delta) units a release adding ``rho_u`` is charged, and the grant's
+    new (rho, delta, epsilon) row. ``before`` is the row as spent so far.
+
+    zCDP composes additively in rho; the grant's epsilon is always the conversion of
+    its total rho, so the charge is the increase of that conversion. The delta is the
+    grant's, charged once (with the first rho) and fixed from then on.
+    """
+    rho_before, delta_before, eps_before = before
+    delta_u = delta_before if rho_before > 0 else grant_delta_u
+    rho_after = rho_before + rho_u
+    # max: should a conversion ever fail to grow with rho, the charged total still never
+    # drops below the conversion of any total rho the grant has had.
+    eps_after = max(eps_before, _zcdp_epsilon_units(rho_after, delta_u))
+    return eps_after - eps_before, delta_u - delta_before, (rho_after, delta_u, eps_after)
+
+
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds")
 
@@ -268,18 +344,36 @@ class Ledger:
         self._closed = False
         conn = self._conn()
         version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version not in (0, _SCHEMA_VERSION):
+        if version not in (0, 1, _SCHEMA_VERSION):
             raise InternalError(f"{self.path}: ledger schema version {version}, expected {_SCHEMA_VERSION}")
-        if version == 0:
-            # Idempotent (IF NOT EXISTS), so processes creating the file together are fine.
-            try:
-                conn.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} COMMIT;")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
+        if version != _SCHEMA_VERSION:
+            self._migrate(conn)
         if recover:
             self.recover()
+
+    @staticmethod
+    def _migrate(conn: sqlite3.Connection) -> None:
+        """Create the schema, or bring a version-1 file to version 2, in place.
+
+        Under the write lock, reading the version again inside the transaction: another
+        process may have created or migrated the file meanwhile.
+        """
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            # The scripts hold no ";" but between statements (no strings, no triggers).
+            if version == 0:
+                for script in (_SCHEMA, _MIGRATE_1_TO_2):
+                    for statement in filter(str.strip, script.split(";")):
+                        conn.execute(statement)
+            elif version == 1:
+                for statement in filter(str.strip, _MIGRATE_1_TO_2.split(";")):
+                    conn.execute(statement)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
 
     # -- connections -------------------------------------------------------------
 
@@ -357,10 +451,12 @@ class Ledger:
         grant_total: tuple[float, float],
         dataset_total: tuple[float, float],
         request: str = "",
+        _rho: float | None = None,
     ) -> Reservation:
         """Debit (epsilon, delta) from the grant and the dataset cap, or raise
         `BudgetExhaustedError` and record nothing. ``request`` is a free-form note for
-        the audit trail (e.g. the request id)."""
+        the audit trail (e.g. the request id). ``_rho``: see `reserve_zcdp`, which is
+        how a zCDP release calls this (epsilon and delta are then computed here)."""
         _check_id("consumer", consumer)
         _check_id("dataset", dataset)
         epsilon = _check_amount("epsilon", epsilon, MAX_EPSILON)
@@ -373,7 +469,11 @@ class Ledger:
                 _units(_check_amount(f"{which} epsilon total", eps_total, MAX_EPSILON), _EPSILON_PLACES, ROUND_FLOOR),
                 _units(_check_amount(f"{which} delta total", delta_total, MAX_DELTA), _DELTA_PLACES, ROUND_FLOOR),
             )
+        rho_u = None if _rho is None else _rho_units(_check_amount("rho", _rho, MAX_EPSILON))
         with self._write() as conn:
+            if rho_u is not None:  # zCDP: the charge is the growth of the total's conversion
+                zcdp_before = self._zcdp_row(conn, consumer, dataset)
+                eps_u, delta_u, zcdp_after = _zcdp_charge(zcdp_before, rho_u, limits["grant"][1])
             spent = {
                 "grant": conn.execute(
                     "SELECT COALESCE(SUM(epsilon), 0), COALESCE(SUM(delta), 0) FROM grant_spend"
@@ -396,12 +496,54 @@ class Ledger:
                         _float(max(0, delta_total - delta_spent), _DELTA_PLACES),
                     )
             cursor = conn.execute(
-                "INSERT INTO reservations (consumer, dataset, epsilon, delta, status, request, created)"
-                " VALUES (?, ?, ?, ?, 'reserved', ?, ?)",
-                (consumer, dataset, eps_u, delta_u, str(request), _now()),
+                "INSERT INTO reservations (consumer, dataset, epsilon, delta, rho, status, request, created)"
+                " VALUES (?, ?, ?, ?, ?, 'reserved', ?, ?)",
+                (consumer, dataset, eps_u, delta_u, rho_u, str(request), _now()),
             )
             self._add_spend(conn, consumer, dataset, eps_u, delta_u)
-            return Reservation(cursor.lastrowid, consumer, dataset, epsilon, delta)
+            if rho_u is None:
+                return Reservation(cursor.lastrowid, consumer, dataset, epsilon, delta)
+            self._set_zcdp_row(conn, consumer, dataset, zcdp_after)
+            return Reservation(
+                cursor.lastrowid, consumer, dataset,
+                _float(eps_u, _EPSILON_PLACES), _float(delta_u, _DELTA_PLACES), _float(rho_u, _RHO_PLACES),
+            )
+
+    def reserve_zcdp(
+        self,
+        consumer: str,
+        dataset: str,
+        rho: float,
+        *,
+        grant_total: tuple[float, float],
+        dataset_total: tuple[float, float],
+        request: str = "",
+    ) -> Reservation:
+        """Add ``rho`` to a zCDP grant's total and debit the grant and the dataset cap
+        with the increase of OpenDP's conversion of that total at the grant's delta
+        (``grant_total[1]``), or raise `BudgetExhaustedError` and record nothing.
+
+        Read, convert and debit happen in one write transaction, so concurrent
+        reservations compose in some order and none is charged against a stale total.
+        """
+        if not grant_total[1] > 0:
+            raise ValueError("a zCDP grant needs a delta total > 0: its rho is converted at that delta")
+        return self.reserve(
+            consumer, dataset, 0.0, 0.0, grant_total=grant_total, dataset_total=dataset_total, request=request,
+            _rho=rho,
+        )
+
+    def quote_zcdp(self, consumer: str, dataset: str, rho: float, grant_delta: float) -> tuple[float, float]:
+        """The (epsilon, delta) `reserve_zcdp` would charge now for ``rho``; records
+        nothing (for estimates: the same computation on the same spend)."""
+        rho_u = _rho_units(_check_amount("rho", rho, MAX_EPSILON))
+        delta_u = _units(_check_amount("grant delta total", grant_delta, MAX_DELTA), _DELTA_PLACES, ROUND_FLOOR)
+        eps_u, delta_u, _ = _zcdp_charge(self._zcdp_row(self._conn(), consumer, dataset), rho_u, delta_u)
+        return _float(eps_u, _EPSILON_PLACES), _float(delta_u, _DELTA_PLACES)
+
+    def rho_spent(self, consumer: str, dataset: str) -> float:
+        """The total rho of a zCDP grant's spent releases (0 for a pure-DP grant)."""
+        return _float(self._zcdp_row(self._conn(), consumer, dataset)[0], _RHO_PLACES)
 
     def commit(
         self,
@@ -480,12 +622,25 @@ class Ledger:
             mismatch = conn.execute(
                 f"""
                 SELECT consumer, dataset FROM (
-                    SELECT consumer, dataset, epsilon AS e, delta AS d FROM grant_spend
+                    SELECT consumer, dataset, epsilon AS e, delta AS d, 0 AS r FROM grant_spend
                     UNION ALL
-                    SELECT consumer, dataset, -epsilon, -delta FROM reservations WHERE status IN {_SPENT}
-                ) GROUP BY consumer, dataset HAVING SUM(e) != 0 OR SUM(d) != 0
+                    SELECT consumer, dataset, -epsilon, -delta, 0 FROM reservations
+                        WHERE status IN {_SPENT} AND rho IS NULL
+                    UNION ALL
+                    SELECT consumer, dataset, -epsilon, -delta, rho FROM zcdp_spend
+                    UNION ALL
+                    SELECT consumer, dataset, 0, 0, -rho FROM reservations WHERE status IN {_SPENT} AND rho IS NOT NULL
+                ) GROUP BY consumer, dataset HAVING SUM(e) != 0 OR SUM(d) != 0 OR SUM(r) != 0
                 """
             ).fetchall()
+            # A zCDP grant's charged epsilon never below OpenDP's conversion of its rho.
+            mismatch += [
+                (consumer, dataset)
+                for consumer, dataset, rho_u, delta_u, eps_u in conn.execute(
+                    "SELECT consumer, dataset, rho, delta, epsilon FROM zcdp_spend"
+                )
+                if eps_u < _zcdp_epsilon_units(rho_u, delta_u) or (rho_u > 0) != (delta_u > 0)
+            ]
             if mismatch:
                 raise InternalError(f"{self.path}: spend totals disagree with reservations for {mismatch}")
         return orphaned
@@ -545,6 +700,22 @@ class Ledger:
         )
 
     @staticmethod
+    def _zcdp_row(conn: sqlite3.Connection, consumer: str, dataset: str) -> tuple[int, int, int]:
+        row = conn.execute(
+            "SELECT rho, delta, epsilon FROM zcdp_spend WHERE consumer = ? AND dataset = ?", (consumer, dataset)
+        ).fetchone()
+        return (0, 0, 0) if row is None else tuple(row)
+
+    @staticmethod
+    def _set_zcdp_row(conn: sqlite3.Connection, consumer: str, dataset: str, row: tuple[int, int, int]) -> None:
+        conn.execute(
+            "INSERT INTO zcdp_spend (consumer, dataset, rho, delta, epsilon) VALUES (?, ?, ?, ?, ?)"
+            " ON CONFLICT (consumer, dataset) DO UPDATE"
+            " SET rho = excluded.rho, delta = excluded.delta, epsilon = excluded.epsilon",
+            (consumer, dataset, *row),
+        )
+
+    @staticmethod
     def _status(conn: sqlite3.Connection, reservation: Reservation) -> str:
         row = conn.execute(
             "SELECT consumer, dataset, status FROM reservations WHERE id = ?", (reservation.id,)
@@ -567,9 +738,19 @@ class Ledger:
             "UPDATE reservations SET status = ?, settled = ? WHERE id = ?", (outcome, _now(), reservation.id)
         )
         if outcome != "released":
-            eps_u, delta_u = conn.execute(
-                "SELECT epsilon, delta FROM reservations WHERE id = ?", (reservation.id,)
+            eps_u, delta_u, rho_u = conn.execute(
+                "SELECT epsilon, delta, rho FROM reservations WHERE id = ?", (reservation.id,)
             ).fetchone()
+            if rho_u is not None:
+                # zCDP: take the rho out and return what the conversion of the rest
+                # saves, not this reservation's own charge (others may have composed
+                # on top of it since).
+                rho_total, conv_delta_u, eps_total = self._zcdp_row(conn, reservation.consumer, reservation.dataset)
+                rho_left = rho_total - rho_u
+                delta_left = conv_delta_u if rho_left > 0 else 0
+                eps_left = _zcdp_epsilon_units(rho_left, delta_left)
+                eps_u, delta_u = eps_total - eps_left, conv_delta_u - delta_left
+                self._set_zcdp_row(conn, reservation.consumer, reservation.dataset, (rho_left, delta_left, eps_left))
             conn.execute(
                 "UPDATE grant_spend SET epsilon = epsilon - ?, delta = delta - ? WHERE consumer = ? AND dataset = ?",
                 (eps_u, delta_u, reservation.consumer, reservation.dataset),

@@ -242,12 +242,19 @@ class Sandbox:
         key = self._release_key(consumer, plan, data_version)
         stored = self.ledger.find_release(key)
         if stored is None:
-            reservation = self.ledger.reserve(
-                consumer, plan.dataset.id, calibration.cost.epsilon, calibration.cost.delta,
+            totals = dict(
                 grant_total=(plan.grant.budget.epsilon, plan.grant.budget.delta),
                 dataset_total=(plan.dataset.budget.epsilon, plan.dataset.budget.delta),
                 request=call.request_id,
             )
+            if calibration.rho is not None:
+                # zCDP: the ledger composes rho across the grant's releases and debits
+                # the growth of OpenDP's conversion of the total (the module docstring).
+                reservation = self.ledger.reserve_zcdp(consumer, plan.dataset.id, calibration.rho, **totals)
+            else:
+                reservation = self.ledger.reserve(
+                    consumer, plan.dataset.id, calibration.cost.epsilon, calibration.cost.delta, **totals
+                )
             try:
                 result = self._within_deadline(call, lambda: compiled.release(calibration))
             except BaseException:
@@ -280,7 +287,10 @@ class Sandbox:
             return Estimate(Spend(), tuple(AggregateAccuracy(a.name) for a in query.aggregates))
         compiled, _ = self._compile_dp(plan)  # the form a run would use: the same cost
         calibration = compiled.calibrate(query.privacy)
-        spend = self._remaining(consumer, plan, (calibration.cost.epsilon, calibration.cost.delta))
+        cost = (calibration.cost.epsilon, calibration.cost.delta)
+        if calibration.rho is not None:  # what reserve_zcdp would debit now
+            cost = self.ledger.quote_zcdp(consumer, plan.dataset.id, calibration.rho, plan.grant.budget.delta)
+        spend = self._remaining(consumer, plan, cost)
         return Estimate(spend, calibration.accuracy, calibration.notes)
 
     def budgets(self, consumer: str, dataset_id: str | None, call: CallRecord) -> list[BudgetState]:

@@ -379,6 +379,9 @@ class DPQuery:
         cost = c.cost(measurements)
         if cost.epsilon > calibration.cost.epsilon or cost.delta > calibration.cost.delta:
             raise InternalError("the calibration does not belong to this query")
+        # On a zCDP grant the ledger composed calibration.rho: never release above it.
+        if calibration.rho is not None and c.rho(measurements) > calibration.rho:
+            raise InternalError("the calibration does not belong to this query")
         try:
             frames = [_collect(m(c.input(stage)), c.quantiles) for m, stage in zip(measurements, c.stages)]
         except (OpenDPException, pl.exceptions.PolarsError, OSError) as exc:
