@@ -278,12 +278,14 @@ def test_a_zcdp_grant_never_spends_beyond_its_budget(config, pki) -> None:
     finally:
         client.close()
         server.stop(grace=1.0)
-    assert answered == 2 and epsilon == pytest.approx(spent) and epsilon <= 2.0 and delta <= 1e-6
+    # The ledger composes rho (tests/test_zcdp_ledger.py): more releases of 0.7 fit in 2.0
+    # than the 2 that adding per-release conversions allows, and then it refuses.
+    assert 2 < answered < 12 and epsilon == pytest.approx(spent) and epsilon <= 2.0 and delta == 1e-6
 
 
 def spend_until_refused(client) -> tuple[float, int]:
     spent, answered = 0.0, 0
-    for i in range(5):
+    for i in range(12):
         try:
             result = client.query("medical_claims", aggregates=[count(), total("amount")], group_by=["age_band"],
                                   mode="dp", epsilon=0.7 + i * 1e-6, delta=1e-7)  # fmt: skip
@@ -293,7 +295,7 @@ def spend_until_refused(client) -> tuple[float, int]:
         answered += 1
         spent += result.spend.epsilon
         assert result.accuracy["count"].mechanism == "discrete_gaussian"
-        assert result.spend.epsilon <= 0.7 + i * 1e-6 and result.spend.delta == pytest.approx(1e-7)
+        assert result.spend.epsilon <= 0.7 + i * 1e-6 and result.spend.delta == (1e-6 if answered == 1 else 0.0)
     return spent, answered
 
 

@@ -66,8 +66,9 @@ release keys), never wider than the catalog's (refused naming the field otherwis
 * zCDP grants (`Grant.accounting == "zcdp"`): Gaussian noise, OpenDP's
   `zero_concentrated_divergence()`; the stages' rhos add (zCDP composition) and
   OpenDP converts the total to (epsilon, delta) at the query's delta
-  (`zcdp_to_epsilon`). The ledger debits that pair; adding pairs across queries is
-  basic composition, never less than converting the summed rho would give.
+  (`zcdp_to_epsilon`): the query's terms, by which its scale is chosen. The ledger
+  composes the calibration's rho across the grant's releases and debits the growth
+  of OpenDP's conversion of the grant's total rho (`Ledger.reserve_zcdp`).
 
 The calibration is the only thing deciding the spend: `compile` fixes the form
 (identifier, or prepared), `calibrate` maps it, and `release` rebuilds the same
@@ -714,8 +715,9 @@ class _Compiled:
     def cost(self, measurements: list[dp.Measurement]) -> Cost:
         """Basic sequential composition: the losses of the plans add up.
 
-        On a zCDP grant the plans compose in rho, and OpenDP converts the total to the
-        (epsilon, delta) the ledger debits at the query's delta (`zcdp_to_epsilon`).
+        On a zCDP grant the plans compose in rho, and OpenDP converts the total to
+        (epsilon, delta) at the query's delta (`zcdp_to_epsilon`); the ledger debits by
+        the rho (`Ledger.reserve_zcdp`), and this pair bounds what it may release.
         """
         if self.zcdp:
             delta = self.query.privacy.delta
