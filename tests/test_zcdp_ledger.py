@@ -55,6 +55,7 @@ def assert_charged_covers_rho(ledger: Ledger, rhos: list[float], consumer: str =
     total_rho = math.fsum(rhos)
     assert ledger.rho_spent(consumer, "claims") >= total_rho
     assert epsilon >= zcdp_to_epsilon(total_rho, DELTA)
+    assert epsilon >= zcdp_to_epsilon(ledger.rho_spent(consumer, "claims"), DELTA)  # to the last unit
     assert epsilon >= opendp_epsilon(total_rho) * (1 - 1e-12)
     assert epsilon - opendp_epsilon(total_rho) < 1e-9
     assert delta == DELTA
@@ -333,3 +334,15 @@ def test_the_estimate_is_what_the_run_debits_on_a_zcdp_grant(config, pki) -> Non
     assert epsilon == pytest.approx(math.fsum(charges), abs=1e-10) and delta == DELTA
     assert epsilon >= zcdp_to_epsilon(rho, DELTA) and epsilon < 4 * 0.5 / 2  # composed: under half of 2.0
     assert all(later < earlier for earlier, later in zip(charges, charges[1:]))
+
+
+def test_a_grant_switched_from_pure_converts_at_the_delta_it_has_left(ledger) -> None:
+    ledger.reserve("bank", "claims", 0.5, 4e-7, grant_total=GRANT, dataset_total=CAP)  # while it was pure
+    quote = ledger.quote_zcdp("bank", "claims", 0.01, DELTA)
+    charge = reserve(ledger, 0.01)
+    assert quote == (charge.epsilon, charge.delta) and charge.delta == 6e-7
+    assert charge.epsilon == pytest.approx(zcdp_to_epsilon(0.01, 6e-7), abs=1e-9)
+    assert ledger.spent("bank", "claims") == pytest.approx((0.5 + charge.epsilon, DELTA))
+    ledger.reserve("insurer", "claims", 0.5, DELTA, grant_total=GRANT, dataset_total=CAP)
+    with pytest.raises(BudgetExhaustedError):  # no delta left to convert at
+        reserve(ledger, 0.01, consumer="insurer")

@@ -62,7 +62,8 @@ about 0.45 instead of 2.0). So for such a grant the ledger also keeps its total 
 (table ``zcdp_spend``, rho in 1e-12 units, rounded up) and the grant's epsilon spent
 is, at all times, OpenDP's conversion of that total rho at the grant's delta (rounded
 up to the unit): a release is charged eps(rho_before + rho) - eps(rho_before), and the
-grant's delta once, with its first release. A refund takes its rho out again and
+grant's delta once, with its first release (what the delta leaves after pure-DP
+releases, if the grant was switched from pure). A refund takes its rho out again and
 returns the difference. The dataset cap still sums the grants' (epsilon, delta) —
 basic composition across grants, which is sound whatever each grant's accounting.
 The conversion delta is fixed at the grant's first release (stored in the row), so an
@@ -472,8 +473,7 @@ class Ledger:
         rho_u = None if _rho is None else _rho_units(_check_amount("rho", _rho, MAX_EPSILON))
         with self._write() as conn:
             if rho_u is not None:  # zCDP: the charge is the growth of the total's conversion
-                zcdp_before = self._zcdp_row(conn, consumer, dataset)
-                eps_u, delta_u, zcdp_after = _zcdp_charge(zcdp_before, rho_u, limits["grant"][1])
+                eps_u, delta_u, zcdp_after = self._zcdp_quote(conn, consumer, dataset, rho_u, limits["grant"][1])
             spent = {
                 "grant": conn.execute(
                     "SELECT COALESCE(SUM(epsilon), 0), COALESCE(SUM(delta), 0) FROM grant_spend"
@@ -538,8 +538,31 @@ class Ledger:
         nothing (for estimates: the same computation on the same spend)."""
         rho_u = _rho_units(_check_amount("rho", rho, MAX_EPSILON))
         delta_u = _units(_check_amount("grant delta total", grant_delta, MAX_DELTA), _DELTA_PLACES, ROUND_FLOOR)
-        eps_u, delta_u, _ = _zcdp_charge(self._zcdp_row(self._conn(), consumer, dataset), rho_u, delta_u)
+        conn = self._conn()
+        conn.execute("BEGIN")  # one snapshot for both reads
+        try:
+            eps_u, delta_u, _ = self._zcdp_quote(conn, consumer, dataset, rho_u, delta_u)
+        finally:
+            conn.execute("COMMIT")
         return _float(eps_u, _EPSILON_PLACES), _float(delta_u, _DELTA_PLACES)
+
+    def _zcdp_quote(
+        self, conn: sqlite3.Connection, consumer: str, dataset: str, rho_u: int, grant_delta_u: int
+    ) -> tuple[int, int, tuple[int, int, int]]:
+        """`_zcdp_charge` on this grant's row. The conversion delta is what the grant's
+        delta leaves after its pure-DP releases (a grant switched from pure to zCDP keeps
+        what it spent); with none left no rho can be converted, so it is refused."""
+        before = self._zcdp_row(conn, consumer, dataset)
+        if before[0] == 0:
+            (eps_spent, delta_spent), = conn.execute(
+                "SELECT COALESCE(SUM(epsilon), 0), COALESCE(SUM(delta), 0) FROM grant_spend"
+                " WHERE consumer = ? AND dataset = ?",
+                (consumer, dataset),
+            ).fetchall()
+            grant_delta_u -= delta_spent - before[1]
+            if grant_delta_u <= 0:
+                raise BudgetExhaustedError("grant", consumer, dataset, 0.0, 0.0)
+        return _zcdp_charge(before, rho_u, grant_delta_u)
 
     def rho_spent(self, consumer: str, dataset: str) -> float:
         """The total rho of a zCDP grant's spent releases (0 for a pure-DP grant)."""
