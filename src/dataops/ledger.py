@@ -554,7 +554,7 @@ class Ledger:
         what it spent); with none left no rho can be converted, so it is refused."""
         before = self._zcdp_row(conn, consumer, dataset)
         if before[0] == 0:
-            (eps_spent, delta_spent), = conn.execute(
+            ((_, delta_spent),) = conn.execute(
                 "SELECT COALESCE(SUM(epsilon), 0), COALESCE(SUM(delta), 0) FROM grant_spend"
                 " WHERE consumer = ? AND dataset = ?",
                 (consumer, dataset),
