@@ -53,6 +53,9 @@ def assert_charged_covers_rho(ledger: Ledger, rhos: list[float], consumer: str =
     independently built measurement), and exceeds it by rounding only."""
     epsilon, delta = ledger.spent(consumer, "claims")
     total_rho = math.fsum(rhos)
+    if not rhos:
+        assert (epsilon, delta, ledger.rho_spent(consumer, "claims")) == (0.0, 0.0, 0.0)
+        return
     assert ledger.rho_spent(consumer, "claims") >= total_rho
     assert epsilon >= zcdp_to_epsilon(total_rho, DELTA)
     assert epsilon >= zcdp_to_epsilon(ledger.rho_spent(consumer, "claims"), DELTA)  # to the last unit
@@ -222,6 +225,10 @@ def test_a_tampered_zcdp_total_is_caught_at_startup(tmp_path: Path) -> None:
         conn.execute("UPDATE grant_spend SET epsilon = epsilon + 1000")
     with pytest.raises(InternalError, match="disagree"):
         Ledger(path)
+    with sqlite3.connect(path) as conn:  # or the reservations' own charges
+        conn.execute("UPDATE zcdp_spend SET rho = rho + 1, charged = charged - 1")
+    with pytest.raises(InternalError, match="disagree"):
+        Ledger(path)
 
 
 # The schema of version 1, as ledgers written before zCDP accounting have it.
@@ -346,3 +353,33 @@ def test_a_grant_switched_from_pure_converts_at_the_delta_it_has_left(ledger) ->
     ledger.reserve("insurer", "claims", 0.5, DELTA, grant_total=GRANT, dataset_total=CAP)
     with pytest.raises(BudgetExhaustedError):  # no delta left to convert at
         reserve(ledger, 0.01, consumer="insurer")
+
+
+def test_random_reserves_and_refunds_keep_the_ledger_above_every_record(tmp_path: Path) -> None:
+    # The audit log records each released reservation's own charge; the server refuses
+    # to start if the ledger is below it. Refunds in the middle must keep that so.
+    rng = random.Random(4)
+    path = tmp_path / "ledger.db"
+    with Ledger(path) as led:
+        open_, kept, asked = [], [], {}
+        for _ in range(40):
+            if open_ and rng.random() < 0.5:
+                r = open_.pop(rng.randrange(len(open_)))
+                (led.refund if rng.random() < 0.5 else led.commit)(r)
+                if r.id not in {k.id for k in kept} and statuses(path)[r.id] == "released":
+                    kept.append(r)
+            else:
+                rho = rng.uniform(1e-4, 5e-3)
+                open_.append(reserve(led, rho))
+                asked[open_[-1].id] = rho
+            spent = kept + open_
+            epsilon = led.spent("bank", "claims")[0]
+            assert epsilon >= math.fsum(r.epsilon for r in spent) - 1e-15
+            assert_charged_covers_rho(led, [asked[r.id] for r in spent])
+    with Ledger(path) as led:  # its totals agree with its reservations
+        assert led.rho_spent("bank", "claims") == pytest.approx(math.fsum(asked[r.id] for r in kept + open_))
+
+
+def statuses(path: Path) -> dict[int, str]:
+    with sqlite3.connect(path) as conn:
+        return dict(conn.execute("SELECT id, status FROM reservations"))

@@ -112,7 +112,8 @@ CREATE TABLE IF NOT EXISTS zcdp_spend (
     dataset   TEXT NOT NULL,
     rho       INTEGER NOT NULL CHECK (rho >= 0),      -- spent rho, 1e-12 units
     delta     INTEGER NOT NULL CHECK (delta >= 0),    -- conversion delta charged (0 if rho is 0)
-    epsilon   INTEGER NOT NULL CHECK (epsilon >= 0),  -- eps(rho, delta), rounded up: in grant_spend
+    epsilon   INTEGER NOT NULL CHECK (epsilon >= 0),  -- max(eps(rho, delta) rounded up, charged): in grant_spend
+    charged   INTEGER NOT NULL CHECK (charged >= 0),  -- sum of the spent reservations' own charges
     PRIMARY KEY (consumer, dataset)
 );
 PRAGMA user_version = 2;
@@ -503,7 +504,7 @@ class Ledger:
             self._add_spend(conn, consumer, dataset, eps_u, delta_u)
             if rho_u is None:
                 return Reservation(cursor.lastrowid, consumer, dataset, epsilon, delta)
-            self._set_zcdp_row(conn, consumer, dataset, zcdp_after)
+            self._set_zcdp_row(conn, consumer, dataset, zcdp_after, eps_u)
             return Reservation(
                 cursor.lastrowid, consumer, dataset,
                 _float(eps_u, _EPSILON_PLACES), _float(delta_u, _DELTA_PLACES), _float(rho_u, _RHO_PLACES),
@@ -528,6 +529,8 @@ class Ledger:
         """
         if not grant_total[1] > 0:
             raise ValueError("a zCDP grant needs a delta total > 0: its rho is converted at that delta")
+        if not rho > 0:
+            raise ValueError("rho must be > 0 (a release without loss needs no reservation)")
         return self.reserve(
             consumer, dataset, 0.0, 0.0, grant_total=grant_total, dataset_total=dataset_total, request=request,
             _rho=rho,
@@ -656,7 +659,15 @@ class Ledger:
                 ) GROUP BY consumer, dataset HAVING SUM(e) != 0 OR SUM(d) != 0 OR SUM(r) != 0
                 """
             ).fetchall()
-            # A zCDP grant's charged epsilon never below OpenDP's conversion of its rho.
+            # A zCDP grant's epsilon: never below its reservations' own charges (which
+            # must add up), nor below OpenDP's conversion of its rho.
+            mismatch += conn.execute(
+                f"""
+                SELECT z.consumer, z.dataset FROM zcdp_spend AS z WHERE z.epsilon < z.charged OR z.charged != (
+                    SELECT COALESCE(SUM(r.epsilon), 0) FROM reservations AS r WHERE r.status IN {_SPENT}
+                    AND r.rho IS NOT NULL AND r.consumer = z.consumer AND r.dataset = z.dataset)
+                """
+            ).fetchall()
             mismatch += [
                 (consumer, dataset)
                 for consumer, dataset, rho_u, delta_u, eps_u in conn.execute(
@@ -730,13 +741,19 @@ class Ledger:
         return (0, 0, 0) if row is None else tuple(row)
 
     @staticmethod
-    def _set_zcdp_row(conn: sqlite3.Connection, consumer: str, dataset: str, row: tuple[int, int, int]) -> None:
-        conn.execute(
-            "INSERT INTO zcdp_spend (consumer, dataset, rho, delta, epsilon) VALUES (?, ?, ?, ?, ?)"
-            " ON CONFLICT (consumer, dataset) DO UPDATE"
-            " SET rho = excluded.rho, delta = excluded.delta, epsilon = excluded.epsilon",
-            (consumer, dataset, *row),
-        )
+    def _set_zcdp_row(
+        conn: sqlite3.Connection, consumer: str, dataset: str, row: tuple[int, int, int], charged_change: int
+    ) -> None:
+        updated = conn.execute(
+            "UPDATE zcdp_spend SET rho = ?, delta = ?, epsilon = ?, charged = charged + ?"
+            " WHERE consumer = ? AND dataset = ?",
+            (*row, charged_change, consumer, dataset),
+        ).rowcount
+        if not updated:  # the grant's first zCDP reservation
+            conn.execute(
+                "INSERT INTO zcdp_spend (consumer, dataset, rho, delta, epsilon, charged) VALUES (?, ?, ?, ?, ?, ?)",
+                (consumer, dataset, *row, charged_change),
+            )
 
     @staticmethod
     def _status(conn: sqlite3.Connection, reservation: Reservation) -> str:
@@ -767,13 +784,21 @@ class Ledger:
             if rho_u is not None:
                 # zCDP: take the rho out and return what the conversion of the rest
                 # saves, not this reservation's own charge (others may have composed
-                # on top of it since).
+                # on top of it since). Never below the other spent reservations' own
+                # charges, which the audit log records: the ledger must stay >= it
+                # (`dataops.audit.receipts.reconcile_ledger`), also to the last unit.
                 rho_total, conv_delta_u, eps_total = self._zcdp_row(conn, reservation.consumer, reservation.dataset)
+                (charged,) = conn.execute(
+                    "SELECT charged FROM zcdp_spend WHERE consumer = ? AND dataset = ?",
+                    (reservation.consumer, reservation.dataset),
+                ).fetchone()
                 rho_left = rho_total - rho_u
                 delta_left = conv_delta_u if rho_left > 0 else 0
-                eps_left = _zcdp_epsilon_units(rho_left, delta_left)
+                eps_left = max(_zcdp_epsilon_units(rho_left, delta_left), charged - eps_u)
+                self._set_zcdp_row(
+                    conn, reservation.consumer, reservation.dataset, (rho_left, delta_left, eps_left), -eps_u
+                )
                 eps_u, delta_u = eps_total - eps_left, conv_delta_u - delta_left
-                self._set_zcdp_row(conn, reservation.consumer, reservation.dataset, (rho_left, delta_left, eps_left))
             conn.execute(
                 "UPDATE grant_spend SET epsilon = epsilon - ?, delta = delta - ? WHERE consumer = ? AND dataset = ?",
                 (eps_u, delta_u, reservation.consumer, reservation.dataset),
