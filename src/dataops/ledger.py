@@ -64,7 +64,9 @@ is, at all times, OpenDP's conversion of that total rho at the grant's delta (ro
 up to the unit): a release is charged eps(rho_before + rho) - eps(rho_before), and the
 grant's delta once, with its first release (what the delta leaves after pure-DP
 releases, if the grant was switched from pure). A refund takes its rho out again and
-returns the difference. The dataset cap still sums the grants' (epsilon, delta) —
+returns the difference, but never takes the grant below the sum of its other spent
+reservations' own charges (column ``charged``): those are what the audit log records,
+and the ledger must never be behind the log. The dataset cap still sums the grants' (epsilon, delta) —
 basic composition across grants, which is sound whatever each grant's accounting.
 The conversion delta is fixed at the grant's first release (stored in the row), so an
 operator editing the grant's delta later cannot lower an epsilon already charged.
