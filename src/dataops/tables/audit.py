@@ -18,8 +18,9 @@ solved per connected component.
 
 Speed comes from witnesses, not shortcuts: any feasible point of the LP is a value
 set the attacker cannot exclude, so a point where a cell reaches its requirement
-proves that side for that cell. Two solves (maximise and minimise the sum of all
-variables) settle most cells; the rest get their own exact min and max.
+proves that side for that cell. A few solves (push all unproven cells up, then down)
+settle most cells; the rest get their own exact min and max. A cell passes only on
+such a proof; one still unproven when the time budget runs out counts as failing.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
 
 from dataops.tables.primary import Requirements
+
+WITNESS_PASSES = 8
 
 
 @dataclass(frozen=True)
@@ -60,10 +63,16 @@ class AuditVerdict:
 
 
 def lp_audit(req: Requirements, relations: list[tuple[np.ndarray, np.ndarray]],
-             suppressed: np.ndarray, check: np.ndarray | None = None) -> AuditVerdict:
+             suppressed: np.ndarray, check: np.ndarray | None = None,
+             *, budget_seconds: float = 60.0) -> AuditVerdict:
     """Audit the suppression pattern `suppressed`; only cells in `check` (default: all
-    suppressed) are verified, though every suppressed cell is a variable."""
+    suppressed) are verified, though every suppressed cell is a variable.
+
+    A cell passes only on proof (a feasible point reaching its requirement). Cells
+    still unproven when `budget_seconds` of exact solves are spent are failures:
+    the caller suppresses more, it never releases on a guess."""
     started = time.perf_counter()
+    deadline = started + budget_seconds
     check = suppressed if check is None else (check & suppressed)
     cells = np.flatnonzero(suppressed)
     m, n = req.values.shape
@@ -127,9 +136,8 @@ def lp_audit(req: Requirements, relations: list[tuple[np.ndarray, np.ndarray]],
     # at most a few times the grand total), so reaching it passes.
     cap = 4.0 * max(float(values[0].max()), 1.0) + 1000.0
     truth = values[:, cells].reshape(-1)
-    level = (req.level / scale[:, None])[:, cells].reshape(-1)
-    need_hi = truth + level
-    need_lo = np.maximum(0.0, truth - level)
+    need_hi = truth + (req.up / scale[:, None])[:, cells].reshape(-1)
+    need_lo = np.maximum(0.0, truth - (req.down / scale[:, None])[:, cells].reshape(-1))
     width = np.repeat(req.min_width / scale, s)
     tol = 1e-6 * np.maximum(1.0, np.abs(truth)) + 1e-7
     wanted = np.tile(check[cells], m)
@@ -150,30 +158,46 @@ def lp_audit(req: Requirements, relations: list[tuple[np.ndarray, np.ndarray]],
             return ((seen_hi[idx] >= need_hi[idx] - tol[idx]) & (seen_lo[idx] <= need_lo[idx] + tol[idx])
                     & (seen_hi[idx] - seen_lo[idx] >= width[idx] - tol[idx]))
 
-        def solve(cost: np.ndarray, maximise: bool) -> None:
+        def solve(cost: np.ndarray, maximise: bool, solver: str) -> None:
             nonlocal solves
             solves += 1
+            h.setOptionValue("solver", solver)
             h.changeObjectiveSense(highspy.ObjSense.kMaximize if maximise else highspy.ObjSense.kMinimize)
             h.changeColsCost(len(cols), np.arange(len(cols), dtype=np.int32), cost)
             h.run()
             if h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
-                return  # no witness; the per-variable solves decide (and fail closed)
+                return  # no witness; the cell stays unproven (and fails closed)
             x = np.asarray(h.getSolution().col_value)
             np.maximum.at(seen_hi, cols, x)
             np.minimum.at(seen_lo, cols, x)
 
+        # Witness passes: push every unproven cell up (then down) at once, weighted by
+        # its requirement so that small cells count as much as large ones. The interior
+        # point solver needs no basis, so alternating directions costs no restarts.
         todo = cols[wanted[cols]]
-        for maximise in (True, False):
-            if not satisfied(todo).all():
-                solve(np.where(wanted[cols], 1.0, 0.0), maximise)
-        for v in todo:
+        weight = 1.0 / np.maximum(need_hi[cols], 1.0)
+        for _ in range(WITNESS_PASSES):
+            open_ = ~satisfied(todo)
+            if not open_.any():
+                break
+            before = int(open_.sum())
+            up = wanted[cols] & (seen_hi[cols] < np.maximum(need_hi[cols], seen_lo[cols] + width[cols]) - tol[cols])
+            if up.any():
+                solve(np.where(up, weight, 0.0), True, "ipm")
+            down = wanted[cols] & (seen_lo[cols] > need_lo[cols] + tol[cols])
+            if down.any():
+                solve(np.where(down, weight, 0.0), False, "ipm")
+            if before - int((~satisfied(todo)).sum()) < max(1, before // 20):
+                break  # the witnesses stopped helping; the rest get their own solves
+        # Exact solves for what is left: the cell's own minimum and maximum.
+        for v in todo[~satisfied(todo)]:
             k = int(np.searchsorted(cols, v))
             for maximise in (True, False):
-                if satisfied(np.array([v]))[0]:
+                if satisfied(np.array([v]))[0] or time.perf_counter() > deadline:
                     break
                 cost = np.zeros(len(cols))
                 cost[k] = 1.0
-                solve(cost, maximise)
+                solve(cost, maximise, "simplex")
 
     failures = []
     for v in np.flatnonzero(wanted):

@@ -31,6 +31,9 @@ from dataops.tables.primary import Requirements
 
 WHOLE_RELATION_AFTER = 8
 MAX_ROUNDS = 30
+# Exact solves per round: a cell not proven safe in time gets more suppression
+# around it rather than a longer search (the final audit has its own budget).
+ROUND_BUDGET_SECONDS = 3.0
 
 
 @dataclass(frozen=True)
@@ -83,7 +86,7 @@ def secondary_suppression(req: Requirements, relations, primary: np.ndarray) -> 
         before = suppressed.copy()
         _close_singletons(suppressed, members, req, cost)
         pending |= suppressed & ~before
-        verdict = lp_audit(req, relations, suppressed, pending)
+        verdict = lp_audit(req, relations, suppressed, pending, budget_seconds=ROUND_BUDGET_SECONDS)
         if verdict.passed:
             return Secondary(suppressed, round_, verdict)
         failing = {f.cell for f in verdict.failures}
@@ -102,7 +105,7 @@ def secondary_suppression(req: Requirements, relations, primary: np.ndarray) -> 
 
 
 def _close_singletons(suppressed: np.ndarray, members, req: Requirements, cost: np.ndarray) -> None:
-    need = np.maximum(req.level[0], 1.0)
+    need = np.maximum(req.up[0], 1.0)
     count = req.values[0]
     changed = True
     while changed:

@@ -78,7 +78,7 @@ def _write(where: Path, table) -> None:
             np.savez(
                 f, shape=np.array(cube.shape), rows=cube.rows, units=cube.units,
                 rows_outside=np.array(cube.rows_outside), names=np.array(req.names),
-                values=req.values, per_row=req.per_row, level=req.level, min_width=req.min_width,
+                values=req.values, per_row=req.per_row, up=req.up, down=req.down, min_width=req.min_width,
                 suppressed=c.suppressed,
                 **{f"sum_{i}": cube.sums[n] for i, n in enumerate(req.names[1:])},
                 **{f"top_{i}": cube.top[n] for i, n in enumerate(req.names[1:])},
@@ -111,7 +111,7 @@ def _read(where: Path, product: TableProduct, data_version: str):
     cube = Cube(tuple(int(s) for s in z["shape"]), z["rows"], z["units"],
                 {n: z[f"sum_{i}"] for i, n in enumerate(names[1:])},
                 {n: z[f"top_{i}"] for i, n in enumerate(names[1:])}, int(z["rows_outside"]))
-    req = Requirements(names, z["values"], z["per_row"], z["level"], z["min_width"])
+    req = Requirements(names, z["values"], z["per_row"], z["up"], z["down"], z["min_width"])
     return ProtectedTable(product, data_version, meta["fingerprint"], cells,
                           ProtectionReport.from_json(meta["report"]),
                           Confidential(cube, req, z["suppressed"]))
