@@ -35,7 +35,7 @@ from scipy.sparse.csgraph import connected_components
 
 from dataops.tables.primary import Requirements
 
-WITNESS_PASSES = 8
+WITNESS_PASSES = 16
 
 
 @dataclass(frozen=True)
@@ -187,7 +187,7 @@ def lp_audit(req: Requirements, relations: list[tuple[np.ndarray, np.ndarray]],
             down = wanted[cols] & (seen_lo[cols] > need_lo[cols] + tol[cols])
             if down.any():
                 solve(np.where(down, weight, 0.0), False, "ipm")
-            if before - int((~satisfied(todo)).sum()) < max(1, before // 20):
+            if before - int((~satisfied(todo)).sum()) < max(1, before // 100):
                 break  # the witnesses stopped helping; the rest get their own solves
         # Exact solves for what is left: the cell's own minimum and maximum.
         for v in todo[~satisfied(todo)]:

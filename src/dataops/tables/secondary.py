@@ -9,9 +9,9 @@ A heuristic in the spirit of sdcTable's SIMPLEHEURISTIC, with the audit as judge
    Repeat until no relation has exactly one suppressed cell.
 2. *Audit.* The LP audit (`dataops.tables.audit`) computes what an attacker can
    derive about every suppressed cell from everything released.
-3. *Repair.* For every cell whose interval falls short, each relation containing
-   it gets one more suppressed cell, large enough to cover the shortfall where
-   one exists. Back to 1.
+3. *Repair.* For every cell whose interval falls short, one of the relations
+   containing it gets one more suppressed cell: the cheapest large enough to cover
+   the shortfall, where one exists. Back to 1.
 
 Suppressing more only widens every interval (a released value becoming unknown
 removes a constraint), so a cell that passed stays passed and only the failing and
@@ -93,13 +93,12 @@ def secondary_suppression(req: Requirements, relations, primary: np.ndarray) -> 
         pending[:] = False
         pending[list(failing)] = True
         for f in verdict.failures:
-            i = req.names.index(f.measure)
-            for j, r in membership.relations_of(f.cell):
-                row = members[j][r]
-                if round_ >= WHOLE_RELATION_AFTER:
+            rows = [members[j][r] for j, r in membership.relations_of(f.cell)]
+            if round_ >= WHOLE_RELATION_AFTER:
+                for row in rows:
                     suppressed[row] = True
-                else:
-                    _add_partner(suppressed, row, req.values[i], f.missing, cost)
+            else:
+                _add_partner(suppressed, rows, req.values[req.names.index(f.measure)], f.missing, cost)
         pending |= suppressed & ~before
     return Secondary(suppressed, MAX_ROUNDS, verdict)  # type: ignore[arg-type]
 
@@ -126,9 +125,12 @@ def _close_singletons(suppressed: np.ndarray, members, req: Requirements, cost: 
             changed = True
 
 
-def _add_partner(suppressed: np.ndarray, row: np.ndarray, value: np.ndarray,
+def _add_partner(suppressed: np.ndarray, rows: list[np.ndarray], value: np.ndarray,
                  missing: float, cost: np.ndarray) -> None:
-    released = row[~suppressed[row]]
+    """One more suppressed cell in one of the failing cell's relations: the cheapest
+    released cell whose value covers the shortfall, else the largest there is."""
+    released = np.unique(np.concatenate(rows))
+    released = released[~suppressed[released]]
     if not len(released):
         return
     big = released[value[released] >= missing]
