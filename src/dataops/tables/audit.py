@@ -36,6 +36,7 @@ from scipy.sparse.csgraph import connected_components
 from dataops.tables.primary import Requirements
 
 WITNESS_PASSES = 16
+FEW_CELLS = 150
 
 
 @dataclass(frozen=True)
@@ -176,7 +177,8 @@ def lp_audit(req: Requirements, relations: list[tuple[np.ndarray, np.ndarray]],
         # point solver needs no basis, so alternating directions costs no restarts.
         todo = cols[wanted[cols]]
         weight = 1.0 / np.maximum(need_hi[cols], 1.0)
-        for _ in range(WITNESS_PASSES):
+        # A handful of cells (a repair round) is cheaper to settle by exact solves.
+        for _ in range(WITNESS_PASSES if len(todo) > FEW_CELLS else 0):
             open_ = ~satisfied(todo)
             if not open_.any():
                 break

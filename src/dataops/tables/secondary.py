@@ -9,15 +9,16 @@ A heuristic in the spirit of sdcTable's SIMPLEHEURISTIC, with the audit as judge
    Repeat until no relation has exactly one suppressed cell.
 2. *Audit.* The LP audit (`dataops.tables.audit`) computes what an attacker can
    derive about every suppressed cell from everything released.
-3. *Repair.* For every cell whose interval falls short, one of the relations
-   containing it gets one more suppressed cell: the cheapest large enough to cover
-   the shortfall, where one exists. Back to 1.
+3. *Repair.* For every cell whose interval falls short, one more cell is
+   suppressed in its relations (or, where those are suppressed whole, in the next
+   ring of relations out): the cheapest large enough to cover the shortfall, where
+   one exists. Back to 1.
 
 Suppressing more only widens every interval (a released value becoming unknown
 removes a constraint), so a cell that passed stays passed and only the failing and
 newly suppressed cells are re-audited. After `WHOLE_RELATION_AFTER` rounds, a still
-failing cell has every relation containing it suppressed whole, which ends the loop
-(a cell whose relations are all unknown is bounded only by the catalog's bounds).
+failing cell has the nearest relations that still release anything suppressed
+whole, which ends the loop (at worst the whole table is suppressed).
 """
 
 from __future__ import annotations
@@ -93,12 +94,13 @@ def secondary_suppression(req: Requirements, relations, primary: np.ndarray) -> 
         pending[:] = False
         pending[list(failing)] = True
         for f in verdict.failures:
-            rows = [members[j][r] for j, r in membership.relations_of(f.cell)]
+            row = _nearest_released(suppressed, f.cell, membership, members)
+            if row is None:
+                continue  # nothing left to suppress: the whole connected table is hidden
             if round_ >= WHOLE_RELATION_AFTER:
-                for row in rows:
-                    suppressed[row] = True
+                suppressed[row] = True
             else:
-                _add_partner(suppressed, rows, req.values[req.names.index(f.measure)], f.missing, cost)
+                _add_partner(suppressed, row, req.values[req.names.index(f.measure)], f.missing, cost)
         pending |= suppressed & ~before
     return Secondary(suppressed, MAX_ROUNDS, verdict)  # type: ignore[arg-type]
 
@@ -125,14 +127,30 @@ def _close_singletons(suppressed: np.ndarray, members, req: Requirements, cost: 
             changed = True
 
 
-def _add_partner(suppressed: np.ndarray, rows: list[np.ndarray], value: np.ndarray,
+def _nearest_released(suppressed, cell, membership, members, depth: int = 6):
+    """The cells of the relations around `cell` that hold a released cell: its own
+    relations first; where those are suppressed whole, the relations of the cells in
+    them, and so on outward (a cell boxed in by suppressed relations is pinned by
+    what is released further out)."""
+    frontier, seen = {cell}, set()
+    for _ in range(depth):
+        rows = [members[j][r] for c in frontier for j, r in membership.relations_of(c)
+                if (j, r) not in seen]
+        seen.update((j, r) for c in frontier for j, r in membership.relations_of(c))
+        if not rows:
+            return None
+        cells = np.unique(np.concatenate(rows))
+        if (~suppressed[cells]).any():
+            return cells
+        frontier = set(cells.tolist())
+    return None
+
+
+def _add_partner(suppressed: np.ndarray, row: np.ndarray, value: np.ndarray,
                  missing: float, cost: np.ndarray) -> None:
-    """One more suppressed cell in one of the failing cell's relations: the cheapest
-    released cell whose value covers the shortfall, else the largest there is."""
-    released = np.unique(np.concatenate(rows))
-    released = released[~suppressed[released]]
-    if not len(released):
-        return
+    """One more suppressed cell near the failing one: the cheapest released cell whose
+    value covers the shortfall, else the largest there is."""
+    released = row[~suppressed[row]]
     big = released[value[released] >= missing]
     if len(big):
         suppressed[big[np.argmin(cost[big])]] = True
