@@ -103,7 +103,9 @@ def measure(kind: str, dataset_id: str, sandbox: Path) -> dict:
             "from bench_protect import run_one; from pathlib import Path; "
             "print(json.dumps(run_one(%r, %r, Path(%r))))"
             % (str(REPO / "src"), str(HERE), kind, dataset_id, str(sandbox)))
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"{kind} {dataset_id} failed:\n{proc.stderr}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -121,7 +123,6 @@ def main(args: list[str]) -> None:
                   f"memory {prot['peak_rss_mb'] / base['peak_rss_mb']:5.1f}x")
             print(f"{'':18s} cells {prot['cells']}, primary {prot['primary']}, secondary {prot['secondary']}, "
                   f"audit {'passed' if prot['audit'] else 'FAILED'}; phases {prot['phases']}")
-    resource.getrusage(resource.RUSAGE_SELF)
 
 
 if __name__ == "__main__":

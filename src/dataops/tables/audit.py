@@ -25,6 +25,8 @@ such a proof; one still unproven when the time budget runs out counts as failing
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -220,8 +222,31 @@ def _bipartite(A: csr_matrix) -> csr_matrix:
     return bmat([[None, A], [A.T, None]]).tocsr()
 
 
+def _quiet_highs() -> highspy.Highs:
+    """A Highs instance, without the banner HiGHS writes to stdout (fd 1) the first
+    time one is made in a process, before any option can turn it off: stdout belongs
+    to the operator's command (`dataops tables show`)."""
+    global _banner_shown
+    if _banner_shown:
+        return highspy.Highs()
+    sys.stdout.flush()
+    saved, devnull = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        h = highspy.Highs()
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+    _banner_shown = True
+    return h
+
+
+_banner_shown = False
+
+
 def _model(A: csr_matrix, row_lo: np.ndarray, row_hi: np.ndarray, cap: float) -> highspy.Highs:
-    h = highspy.Highs()
+    h = _quiet_highs()
     h.setOptionValue("output_flag", False)
     lp = highspy.HighsLp()
     n_rows, n_cols = A.shape

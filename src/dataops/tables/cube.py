@@ -9,7 +9,7 @@ and p% need).
 One streaming polars pass reduces the data to one row per (unit, base cell). Every
 margin is then grouped from that reduction *with the unit*, because distinct units
 are not additive: a person with visits in two cells is one unit of their margin,
-not two.
+not two. (Where no unit spans two cells, margins group the reduction directly.)
 """
 
 from __future__ import annotations
@@ -122,6 +122,9 @@ def build_cube(product: TableProduct, dataset: Dataset, source: pl.LazyFrame) ->
         ],
         engine="streaming",
     )
+    # Where every unit lies in one base cell (one row per enterprise), a margin's units
+    # are the sum of its cells' and the per-unit regrouping below is needless.
+    units_span_cells = per_unit[_UNIT].n_unique() != per_unit.height
     per_unit = per_unit.lazy()
 
     strides = np.array([int(np.prod(shape[j + 1:])) for j in range(d)], dtype=np.int64)
@@ -131,7 +134,7 @@ def build_cube(product: TableProduct, dataset: Dataset, source: pl.LazyFrame) ->
     ):
         keys = [codes[j] for j in kept]
         lf = per_unit
-        if len(kept) < d:
+        if len(kept) < d and units_span_cells:
             lf = lf.group_by([*keys, _UNIT]).agg(pl.col(_ROWS).sum(), *[pl.col(m).sum() for m in mags])
         aggs = [
             pl.len().alias("#units"),
