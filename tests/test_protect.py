@@ -23,6 +23,7 @@ from dataops.errors import ProductError
 from dataops.products import load_products
 from dataops.products.table import load_table_product
 from dataops.tables import TableStore, audit_table, protect, summary
+from dataops.tables import store as store_module
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -381,11 +382,19 @@ def test_store_builds_once_per_data_version_and_reads_back(enterprises, catalog,
     store = TableStore(tmp_path / "state")
     first = store.get(enterprises, dataset, "v1")
     assert store.get(enterprises, dataset, "v1") is first
+    store_module._SHARED.clear()  # as in a new process: read back from disk
     again = TableStore(tmp_path / "state").get(enterprises, dataset, "v1")
     assert again.fingerprint == first.fingerprint and again.cells.equals(first.cells)
     assert audit_table(again).passed
     assert "LP audit passed" in summary(again) and "secondary" in summary(again)
     assert len(list((tmp_path / "state" / "tables" / "enterprises").iterdir())) == 1
+    # A fresh state directory in the same process reuses the build (same spec, same
+    # data version) and stores it there too; another data version is a new build.
+    other = TableStore(tmp_path / "other")
+    assert other.get(enterprises, dataset, "v1") is again
+    assert (tmp_path / "other" / "tables" / "enterprises").is_dir()
+    v2 = other.get(enterprises, dataset, "v2")
+    assert v2 is not again and v2.data_version == "v2"
 
 
 BAD = [

@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,14 @@ import polars as pl
 
 from dataops.catalog import Dataset
 from dataops.products.table import TableProduct
+
+
+# Tables built in this process, shared by every TableStore: the same product spec over
+# the same data version (a content fingerprint) protects to the same table, so a second
+# store (a restarted server, a test's fresh state directory) need not rebuild it.
+_SHARED: "OrderedDict[tuple, object]" = OrderedDict()
+_SHARED_MAX = 16
+_shared_lock = threading.Lock()
 
 
 def product_hash(product: TableProduct) -> str:
@@ -56,10 +65,22 @@ class TableStore:
             table = self._tables.get(key)
             if table is None:
                 where = self.directory(product, data_version)
-                table = _read(where, product, data_version) if where.is_dir() else None
+                if data_version:
+                    with _shared_lock:
+                        table = _SHARED.get(key)
+                    if table is not None and not where.is_dir():
+                        _write(where, table)
+                if table is None and where.is_dir():
+                    table = _read(where, product, data_version)
                 if table is None:
                     table = protect(product, dataset, data_version=data_version)
                     _write(where, table)
+                if data_version:
+                    with _shared_lock:
+                        _SHARED[key] = table
+                        _SHARED.move_to_end(key)
+                        while len(_SHARED) > _SHARED_MAX:
+                            _SHARED.popitem(last=False)
                 self._tables[key] = table
             return table
 
