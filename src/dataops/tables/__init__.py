@@ -119,6 +119,10 @@ def protect(product: TableProduct, dataset: Dataset, source: pl.LazyFrame | None
     # The final verdict audits every suppressed cell afresh, whatever the loop saw.
     verdict = lp_audit(prim.requirements, relations, suppressed)
     t_audit = time.perf_counter()
+    if secondary and not verdict.passed:
+        # Fail closed: a pattern the audit could not prove safe releases nothing. The
+        # report keeps the failed verdict so the operator sees why the table is empty.
+        suppressed = np.ones_like(suppressed)
 
     status = np.where(prim.suppressed, PRIMARY, np.where(suppressed, SECONDARY, RELEASED))
     cells = _released_cells(product, dataset, cube, suppressed, status)
