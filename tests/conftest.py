@@ -48,10 +48,17 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 def write_config(root: Path, sandbox: Path, pki: Pki, extra: str = "", *,
                  rate_per_minute: int = 6_000_000, rate_burst: int = 1_000_000,
-                 max_in_flight: int = 64, max_in_flight_per_consumer: int = 64) -> ServerConfig:
-    """A work directory with copies of the repo's catalog and policies."""
-    for name in ("catalog", "policies"):
+                 max_in_flight: int = 64, max_in_flight_per_consumer: int = 64,
+                 tables: Path | None = None) -> ServerConfig:
+    """A work directory with copies of the repo's catalog, policies and table products.
+
+    `tables`: a `state/tables` directory of tables already protected for this data
+    (the `protected_tables` fixture), copied in so the server need not protect again.
+    """
+    for name in ("catalog", "policies", "products"):
         shutil.copytree(REPO / name, root / name)
+    if tables is not None:
+        shutil.copytree(tables, root / "state" / "tables")
     (root / "dataops.toml").write_text(
         f"""
 [server]
@@ -82,11 +89,34 @@ max_in_flight_per_consumer = {max_in_flight_per_consumer}
     return load_config(root / "dataops.toml")
 
 
+@pytest.fixture(scope="session")
+def protected_tables(tmp_path_factory: pytest.TempPathFactory, sandbox_dir: Path, pki: Pki) -> Path:
+    """Every table product protected once for the session's data: a `state/tables` to copy.
+
+    Protection is the expensive step (an LP audit); the server would redo it for each
+    test's fresh state directory. The store keys tables by product and data version,
+    so a server reads these exactly as if it had built them itself.
+    """
+    from dataops.catalog import load_catalog
+    from dataops.engines.prepared import Fingerprints
+    from dataops.products import load_products
+    from dataops.tables import TableStore
+
+    work = tmp_path_factory.mktemp("tables-work")
+    config = write_config(work, sandbox_dir, pki)
+    catalog = load_catalog(config.paths.catalog, config.paths.sandbox)
+    store, fingerprints = TableStore(config.paths.state), Fingerprints()
+    for product in load_products(config.paths.products, catalog).tables.values():
+        dataset = catalog.get(product.dataset)
+        store.get(product, dataset, fingerprints.of(dataset))
+    return config.paths.state / "tables"
+
+
 @pytest.fixture
-def config(tmp_path: Path, sandbox_dir: Path, pki: Pki) -> ServerConfig:
+def config(tmp_path: Path, sandbox_dir: Path, pki: Pki, protected_tables: Path) -> ServerConfig:
     work = tmp_path / "work"
     work.mkdir()
-    return write_config(work, sandbox_dir, pki)
+    return write_config(work, sandbox_dir, pki, tables=protected_tables)
 
 
 @pytest.fixture

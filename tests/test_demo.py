@@ -31,16 +31,23 @@ def test_the_script_gets_the_answers_it_claims(tmp_path):
     config = session.prepare(tmp_path / "demo", claims=60_000, enterprises=20_000, out=lambda _: None)
     server = build_server(config).start()
     try:
+        assert server.tables.wait_ready(timeout=600)
         results = session.play(f"localhost:{server.port}", config.tls.ca_cert.parent, lambda _: None)
     finally:
         server.stop(1.0)
     city = results["city-bank"]
     assert [d.id for d in city[0]] == ["enterprise_credit"]
-    assert city[1].rows_suppressed == 0 and city[2].rows_suppressed > 0
+    assert city[1].frame.height > 0 and city[2].rows_suppressed > 0
+    assert city[1].frame.height + city[1].rows_suppressed == 4  # the size bands' public key set
     assert isinstance(city[3], DataopsClientError) and city[3].rule == "identifier"
     assert isinstance(city[4], DataopsClientError) and city[4].reason == "UNKNOWN_DATASET"
+    assert [t.id for t in city[5].tables] == ["enterprises_by_district_industry_size"]
+    assert isinstance(city[6], DataopsClientError) and (city[6].rule, city[6].column) == (
+        "table.coverage", "year_founded")
     assert isinstance(results["river-bank"][1], DataopsClientError)
-    assert results["harbor-insurance"][1].rows_suppressed > 0
+    harbor = results["harbor-insurance"]
+    assert harbor[0].frame.height > 0 and harbor[1].rows_suppressed > 0
+    assert isinstance(harbor[2], DataopsClientError) and harbor[2].column == "hospital_level"
 
 
 def test_the_demo_shows_dp_answers_an_estimate_reuse_and_an_exhausted_budget(tmp_path):

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
+from typing import Any
 
 import polars as pl
 import pyarrow as pa
@@ -20,6 +21,9 @@ class Plan:
     dataset: Dataset
     grant: Grant
     max_output_rows: int = 10_000
+    # Aggregate mode: the lookup in a protected table that answers the query
+    # (`dataops.engines.table.Coverage`, decided by authorization).
+    coverage: Any = None
 
 
 # `AggregateAccuracy.mechanism` values, as the contract (query.proto) documents
