@@ -214,7 +214,7 @@ def _load_grant(table: Table, zone: str, catalog: Catalog, products: "Products |
                                     "come from the tables named in `tables`")
     else:
         columns = {}
-    tables = _load_tables(table, dataset, products)
+    tables = _load_tables(table, dataset, products, required=Mode.AGGREGATE in modes)
     if Mode.AGGREGATE in modes and not tables:
         raise table.fail("tables", "an aggregate-mode grant must name the table products it may read")
     if tables and Mode.AGGREGATE not in modes:
@@ -238,9 +238,9 @@ def _load_grant(table: Table, zone: str, catalog: Catalog, products: "Products |
     return grant
 
 
-def _load_tables(table: Table, dataset: Dataset, products: "Products | None") -> tuple[str, ...]:
+def _load_tables(table: Table, dataset: Dataset, products: "Products | None", *, required: bool) -> tuple[str, ...]:
     """The table product ids a grant names: each must exist and be a table of this dataset."""
-    ids = table.list("tables", [])
+    ids = table.list("tables") if required else table.list("tables", [])
     known = products.tables if products is not None else {}
     seen: list[str] = []
     for i, table_id in enumerate(ids):

@@ -75,9 +75,8 @@ zone = "finance"
 dataset = "loans"
 purpose = "credit-risk"
 expires = 2027-12-31
-modes = ["aggregate", "dp"]
+modes = ["dp"]                    # add "aggregate" with `tables = [...]` once products/ has one
 functions = ["count", "count_units", "sum", "mean", "quantile"]
-min_group_size = 10
 
 [grants.budget]
 epsilon = 2.0
