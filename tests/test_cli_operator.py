@@ -51,7 +51,7 @@ def test_certs_init_in_an_empty_directory_covers_the_names_clients_use(tmp_path,
     assert "sandbox.example" in names["server"] and "10.1.2.3" in names["server"]
 
     pki = work / "state" / "pki"
-    for name in ("catalog", "policies"):
+    for name in ("catalog", "policies", "products"):
         shutil.copytree(REPO / name, work / name)
     (work / "dataops.toml").write_text(f'[server]\nlisten = "127.0.0.1:0"\n[paths]\nsandbox = {json.dumps(str(sandbox_dir))}\n')
     server = build_server(load_config(work / "dataops.toml")).start()
@@ -105,6 +105,8 @@ def test_init_scaffolds_a_directory_that_serve_runs(tmp_path, capsys):
     # The examples, copied into place over real data, are served as they are.
     (work / "catalog" / "loans.toml").write_text((work / "catalog" / "loans.toml.example").read_text())
     (work / "policies" / "city-bank.toml").write_text((work / "policies" / "city-bank.toml.example").read_text())
+    (work / "products" / "loans_by_district.toml").write_text(
+        (work / "products" / "loans_by_district.toml.example").read_text())
     pl.DataFrame({"loan_id": [f"L{i}" for i in range(200)], "district": ["north", "south"] * 100,
                   "amount": [float(i) for i in range(200)]}).write_parquet(work / "sandbox" / "loans.parquet")
     code, out, err = run(capsys, "policy", "check", "-c", str(work / "dataops.toml"))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from dataops.catalog import Classification, load_catalog
-from dataops.errors import CatalogError, PolicyError
+from dataops.errors import CatalogError, PolicyError, ProductError
 from dataops.policy import PolicyStore, load_policies
 from dataops.products import load_products
 
@@ -114,8 +114,11 @@ def test_an_unclassified_column_cannot_be_granted(work):
     text = text[:start] + text[start:].replace('classification = "public"', 'classification = "unclassified"', 1)
     path.write_text(text)
     catalog = load_catalog(work / "catalog", work / "sandbox")
+    # The table product over it is refused first; the DP column grant would be too.
+    with pytest.raises(ProductError, match="'industry' is unclassified"):
+        tables(work, catalog)
     with pytest.raises(PolicyError, match="unclassified"):
-        load_policies(work / "policies", catalog, tables(work, catalog))
+        load_policies(work / "policies", catalog)
 
 
 def test_an_invalid_file_denies_its_own_consumer_until_fixed_and_no_other(work):

@@ -145,16 +145,40 @@ def test_describe_lists_the_tables_the_consumer_may_read(connect):
     assert [t.id for t in river.tables] == ["enterprises_by_district_size"]
 
 
-def test_each_protection_is_audited_with_table_data_version_and_fingerprint(server, connect, config):
-    connect("city-bank").query(CREDIT, aggregates=[count()])
+def test_each_protection_is_audited_with_table_data_version_and_fingerprint(tmp_path, sandbox_dir, pki):
+    from dataops.client import Client
+    from dataops.server import build_server
+
+    from conftest import write_config
+
+    (tmp_path / "work").mkdir()
+    config = write_config(tmp_path / "work", sandbox_dir, pki, tables=False)  # protect afresh
+    (config.paths.products / "claims_by_demography_diagnosis.toml").unlink()  # the finance tables suffice
+    (config.paths.policies / "harbor-insurance.toml").unlink()
+    server = build_server(config).start()
+    try:
+        with Client.from_directory(f"localhost:{server.port}", pki.consumer_dir("city-bank"), "city-bank") as c:
+            c.query(CREDIT, aggregates=[count()])
+        table = protected(server)
+        version = server.sandbox.fingerprints.of(server.sandbox.catalog.get(CREDIT))
+    finally:
+        server.stop(1.0)
     records = audit_records(config)
     protections = {r["table"]: r for r in records if r["method"] == "ProtectTable"}
-    assert set(protections) == set(server.tables.tables)
-    table = protected(server)
+    assert set(protections) == {TABLE, "enterprises_by_district_size"}
     assert protections[TABLE]["fingerprint"] == table.fingerprint
-    assert protections[TABLE]["data_version"] == server.sandbox.fingerprints.of(server.sandbox.catalog.get(CREDIT))
+    assert protections[TABLE]["data_version"] == version
+    assert protections[TABLE]["cells_primary"] == table.report.primary
     run = [r for r in records if r["method"] == "RunQuery"][-1]
-    assert run["table"] == TABLE and run["decision"] == "allowed"
+    assert (run["table"], run["table_fingerprint"], run["decision"]) == (TABLE, table.fingerprint, "allowed")
+    assert run["seq"] > protections[TABLE]["seq"]  # recorded before it was served
+    # A restart reads the stored table back: it was protected once, and is recorded once.
+    server = build_server(config).start()
+    try:
+        server.tables.index(TABLE)
+    finally:
+        server.stop(1.0)
+    assert len([r for r in audit_records(config) if r["method"] == "ProtectTable"]) == 2
 
 
 def test_a_query_waits_for_its_table_and_then_gets_unavailable_with_a_retry_hint(config):
@@ -216,7 +240,7 @@ def test_tables_show_prints_the_protection_result(server, config, capsys):
     report = protected(server).report
     assert f"table {TABLE}" in out and f"primary {report.primary}, secondary {report.secondary}" in out
     assert "audit" in out.lower()
-    assert main(["tables", "show", "nope", "-c", str(config.paths.catalog.parent / "dataops.toml")]) == 1
+    assert main(["tables", "show", "nope", "-c", str(config.paths.catalog.parent / "dataops.toml")]) != 0
 
 
 # --- side channels ------------------------------------------------------------------
@@ -343,6 +367,8 @@ def test_a_new_data_version_is_protected_and_served_once_ready(tmp_path, sandbox
             assert client.query(CREDIT, aggregates=[count("n")]).frame["n"][0] == before - 100
     finally:
         server.stop(1.0)
-    versions = {r["data_version"] for r in audit_records(config)
-                if r["method"] == "ProtectTable" and r["table"] == "enterprises_by_district_size"}
-    assert len(versions) == 2
+    records = audit_records(config)
+    # The first version came protected (the session's store); the new one was protected here.
+    assert len([r for r in records if r["method"] == "ProtectTable"
+                and r["table"] == "enterprises_by_district_size"]) == 1
+    assert len({r["table_fingerprint"] for r in records if r["method"] == "RunQuery"}) == 2

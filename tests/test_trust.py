@@ -504,7 +504,6 @@ NARROWING = [
     ("expires = 2027-12-31", "expires = 2026-01-01"),
     ('modes = ["aggregate", "dp"]', 'modes = ["dp"]'),
     ('"count", "count_units", "sum", "mean", "quantile"]', '"count", "sum"]'),
-    ('tables = ["enterprises_by_district_industry_size"]', 'tables = ["enterprises_by_district_size"]'),
     ("epsilon = 5.0", "epsilon = 1.0"),
     ('industry = ["dimension", "filter"]', 'industry = ["dimension"]'),
     ('tax_paid = ["measure"]\n', ""),

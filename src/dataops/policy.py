@@ -217,8 +217,8 @@ def _load_grant(table: Table, zone: str, catalog: Catalog, products: "Products |
     tables = _load_tables(table, dataset, products, required=Mode.AGGREGATE in modes)
     if Mode.AGGREGATE in modes and not tables:
         raise table.fail("tables", "an aggregate-mode grant must name the table products it may read")
-    if tables and Mode.AGGREGATE not in modes:
-        raise table.fail("tables", "tables are read in aggregate mode; add \"aggregate\" to `modes`")
+    # Tables without aggregate mode are validated but unused (dropping "aggregate" from
+    # `modes` narrows the grant; the leftover list must not make the file invalid).
     grant = Grant(
         dataset=dataset_id,
         purpose=table.str("purpose"),

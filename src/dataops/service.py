@@ -202,7 +202,7 @@ class Sandbox:
         if query.mode is Mode.AGGREGATE:
             # A lookup in an index held in memory: bounded work, no scan, no thread hop.
             result = self._exact_engine().release(plan, deadline=call.deadline)
-            call.table = plan.coverage.table
+            call.table, call.table_fingerprint = result.table_id, result.table_fingerprint
         else:
             result = self._run_dp(consumer, plan, call)
         call.rows_returned = result.table.num_rows

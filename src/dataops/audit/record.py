@@ -46,6 +46,7 @@ class CallRecord:
     reused: bool = False
     # Aggregate mode: the protected table the answer was looked up in.
     table: str | None = None
+    table_fingerprint: str | None = None
     # time.monotonic() by which the client stops waiting (its gRPC deadline); not audited.
     deadline: float | None = None
     # Subject evaluations: per evaluation the product, consent id, keyed subject hash
@@ -125,7 +126,7 @@ class CallRecord:
             "latency_ms": round((time.perf_counter() - self.started) * 1000, 3),
             "policy_version": policy_version,
             # Only exact answers name a table; other records keep their shape.
-            **({"table": self.table} if self.table else {}),
+            **({"table": self.table, "table_fingerprint": self.table_fingerprint} if self.table else {}),
         }
 
 

@@ -58,6 +58,9 @@ class EngineResult:
     accuracy: tuple[AggregateAccuracy, ...] = field(default_factory=tuple)
     spend: Spend | None = None
     reused: bool = False
+    # Exact answers: the protected table looked up, and its fingerprint (for the audit).
+    table_id: str | None = None
+    table_fingerprint: str | None = None
 
 
 def scan(dataset: Dataset) -> pl.LazyFrame:

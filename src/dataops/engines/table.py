@@ -274,7 +274,8 @@ class TableIndex:
             arrays.append(pa.array(columns[len(grouped) + j], type=kind))
             names.append(name)
         table = pa.Table.from_arrays(arrays, names=names)
-        return EngineResult(table=table, rows_suppressed=coverage.grid_size - table.num_rows)
+        return EngineResult(table=table, rows_suppressed=coverage.grid_size - table.num_rows,
+                            table_id=self.product.id, table_fingerprint=self.protected.fingerprint)
 
     def _combine(self, keys: Any, positions: Sequence[tuple[str, Function, tuple[int, ...]]]) -> list[Any] | None:
         """The outputs of one grid row from the cells at `keys`, or None if one is not released."""
@@ -410,12 +411,16 @@ class TableEngine:
 
     def _publish(self, product: "TableProduct", dataset: Dataset, version: str) -> None:
         started = time.perf_counter()
+        directory = getattr(self.store, "directory", None)
+        stored = directory is not None and directory(product, version).is_dir()
         protected = self.store.get(product, dataset, version)
         if self._stop.is_set():
             return  # the server is stopping: its audit log may already be closed
         index = TableIndex(product, dataset, protected, version)
-        if self.record is not None:
-            # Recorded before it is served: every table an answer came from is in the log.
+        if self.record is not None and not stored:
+            # A protection is recorded once, when it is made, before it is served; a table
+            # read back from the store was recorded when it was built. Every exact answer's
+            # record names the table and this fingerprint.
             self.record(protection_record(product, version, protected, time.perf_counter() - started))
         with self._ready:
             self._indexes[product.id] = index
