@@ -254,11 +254,15 @@ class TableIndex:
             for name, function, measures in coverage.outputs
         ]
         columns: list[list[Any]] = [[] for _ in grouped] + [[] for _ in positions]
+        # The common case, one cell per row (no filter selects several keys): its key is
+        # the grid key placed among the fixed keys; no product of choices to walk.
+        single = all(len(summed[i]) == 1 for i, a in enumerate(coverage.axes) if not a.grouped)
         for grid_key in itertools.product(*(a.keys for a in grouped)):
             choices = [
                 (grid_key[slot[a.dimension]],) if a.grouped else summed[i] for i, a in enumerate(coverage.axes)
             ]
-            row = self._combine(itertools.product(*choices), positions)
+            cells = (tuple(c[0] for c in choices),) if single else itertools.product(*choices)
+            row = self._combine(cells, positions)
             if row is None:
                 continue  # needs a suppressed (or empty) cell: the whole row is suppressed
             for i, value in enumerate(grid_key):
