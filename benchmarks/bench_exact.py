@@ -61,7 +61,8 @@ def bench(rows: int, repeats: int) -> dict[str, tuple[float, float]]:
     server = build_server(config).start()
     try:
         started = time.perf_counter()
-        server.tables.index(TABLE, deadline=time.monotonic() + 3600)  # protected (or loaded) once
+        if not server.tables.wait_ready(timeout=3600):  # protected (or read back) once per data version
+            raise SystemExit(f"the tables were not protected: {server.tables._failed}")
         print(f"  table {TABLE} ready {time.perf_counter() - started:.1f} s after start "
               f"(state/tables keeps it for this data version)")
         path = server.sandbox.catalog.get(DATASET).path
