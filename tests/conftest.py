@@ -48,19 +48,20 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return Pki(root / "platform", root / "outsider")
 
 
-# sandbox -> a `state/tables` holding every repo table product protected for its data.
-_PROTECTED: dict[Path, Path] = {}
+# A `state/tables` holding every repo table product protected for the session's data.
+_PROTECTED: list[Path] = []
 
 
 def protected_tables_for(sandbox: Path, pki: Pki) -> Path:
-    """Every table product protected once per session and sandbox: a `state/tables` to copy.
+    """Every table product protected once per session: a `state/tables` to copy.
 
     Protection is the expensive step (an LP audit); a server would redo it for each
     test's fresh state directory. The store keys tables by product and data version
     (the data file's and catalog entry's content), so a server reads these exactly as
-    if it had built them itself (and, having not built them, audits no protection).
+    if it had built them itself (and, having not built them, audits no protection);
+    a test that changed its data or catalog finds no match and protects its own.
     """
-    if sandbox not in _PROTECTED:
+    if not _PROTECTED:
         from dataops.catalog import load_catalog
         from dataops.engines.prepared import Fingerprints
         from dataops.products import load_products
@@ -74,8 +75,8 @@ def protected_tables_for(sandbox: Path, pki: Pki) -> Path:
         for product in load_products(config.paths.products, catalog).tables.values():
             dataset = catalog.get(product.dataset)
             store.get(product, dataset, fingerprints.of(dataset))
-        _PROTECTED[sandbox] = config.paths.state / "tables"
-    return _PROTECTED[sandbox]
+        _PROTECTED.append(config.paths.state / "tables")
+    return _PROTECTED[0]
 
 
 def write_config(root: Path, sandbox: Path, pki: Pki, extra: str = "", *,
@@ -89,7 +90,7 @@ def write_config(root: Path, sandbox: Path, pki: Pki, extra: str = "", *,
     that `state/tables`; False leaves the server to protect them itself.
     """
     for name in ("catalog", "policies", "products"):
-        shutil.copytree(REPO / name, root / name)
+        shutil.copytree(REPO / name, root / name, dirs_exist_ok=True)
     if tables is True:
         tables = protected_tables_for(sandbox, pki)
     if tables:

@@ -372,3 +372,44 @@ def test_a_new_data_version_is_protected_and_served_once_ready(tmp_path, sandbox
     assert len([r for r in records if r["method"] == "ProtectTable"
                 and r["table"] == "enterprises_by_district_size"]) == 1
     assert len({r["table_fingerprint"] for r in records if r["method"] == "RunQuery"}) == 2
+
+
+@pytest.mark.parametrize("control", ["on", "off"])
+def test_a_table_that_fails_its_lp_audit_is_never_served(config, pki, monkeypatch, control):
+    """Attack surface: a protection whose audit found a derivable cell. Control: the engine
+    refuses to serve any table whose LP audit did not pass (queries get UNAVAILABLE)."""
+    from dataops.client import Client
+    from dataops.engines import table as table_engine
+    from dataops.server import build_server
+
+    server = build_server(config)
+    real = server.tables.store
+
+    class FailedAudit:  # the stored table, as if its audit had found a derivable cell
+        def directory(self, *args):
+            return real.directory(*args)
+
+        def get(self, *args):
+            table = real.get(*args)
+            failed = dataclasses.replace(table.report.audit, passed=False)
+            return dataclasses.replace(table, report=dataclasses.replace(table.report, audit=failed))
+
+    server.tables.store = FailedAudit()
+    if control == "off":
+        original = table_engine.TableEngine._publish
+
+        def unchecked(self, product, dataset, version):
+            self.store = real  # what serving without the check amounts to
+            return original(self, product, dataset, version)
+
+        monkeypatch.setattr(table_engine.TableEngine, "_publish", unchecked)
+    server.start()
+    try:
+        with Client.from_directory(f"localhost:{server.port}", pki.consumer_dir("river-bank"), "river-bank") as c:
+            if control == "on":
+                err = refused(lambda: c.query(CREDIT, aggregates=[count()]))
+                assert (err.code, err.reason) == (grpc.StatusCode.UNAVAILABLE, "TABLE_NOT_READY")
+            else:
+                assert c.query(CREDIT, aggregates=[count()]).frame.height == 1
+    finally:
+        server.stop(1.0)

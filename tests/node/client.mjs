@@ -180,7 +180,7 @@ const exact = await call("QueryService", "RunQuery", {
     mode: "QUERY_MODE_AGGREGATE",
     group_by: ["size_band"],
     aggregates: [{ function: "AGGREGATE_FUNCTION_COUNT_UNITS" }],
-    filters: [{ column: "year_founded", range: { low: { int_value: "2000" } } }],
+    filters: [{ column: "district", in_set: { values: [{ string_value: "Dongcheng" }, { string_value: "Xicheng" }] } }],
   },
 });
 report.run_exact = exact.error ?? { table: readArrow(exact.response.result), rows_suppressed: exact.response.rows_suppressed };

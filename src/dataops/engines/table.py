@@ -420,6 +420,12 @@ class TableEngine:
         protected = self.store.get(product, dataset, version)
         if self._stop.is_set():
             return  # the server is stopping: its audit log may already be closed
+        audit = getattr(getattr(protected, "report", None), "audit", None)
+        if audit is not None and not audit.passed:
+            # Fail closed: a table whose LP audit did not prove every suppressed cell
+            # protected is never served (`dataops tables show` says which cells fail).
+            raise RuntimeError(f"table {product.id!r} failed its LP audit for data version {version[:12]}; "
+                               "it is not served")
         index = TableIndex(product, dataset, protected, version)
         if self.record is not None and not stored:
             # A protection is recorded once, when it is made, before it is served; a table
