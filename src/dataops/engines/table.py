@@ -420,8 +420,7 @@ class TableEngine:
         protected = self.store.get(product, dataset, version)
         if self._stop.is_set():
             return  # the server is stopping: its audit log may already be closed
-        audit = getattr(getattr(protected, "report", None), "audit", None)
-        if audit is not None and not audit.passed:
+        if not audit_passed(protected):
             # Fail closed: a table whose LP audit did not prove every suppressed cell
             # protected is never served (`dataops tables show` says which cells fail).
             raise RuntimeError(f"table {product.id!r} failed its LP audit for data version {version[:12]}; "
@@ -453,6 +452,11 @@ class TableEngine:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=timeout)
+
+
+def audit_passed(protected: Any) -> bool:
+    """Whether the LP audit proved no suppressed cell derivable from the released ones."""
+    return bool(protected.report.audit.passed)
 
 
 def protection_record(product: "TableProduct", version: str, protected: Any, seconds: float) -> dict[str, Any]:
