@@ -144,6 +144,7 @@ report.describe = described.error ?? {
     name: c.name, type: c.type, classification: c.classification, allowed_uses: c.allowed_uses,
   })),
   grant: described.response.grant,
+  tables: described.response.tables,
 };
 
 report.describe_other_zone = await call("CatalogService", "DescribeDataset", { dataset_id: args["other-dataset"] });
