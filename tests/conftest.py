@@ -63,7 +63,7 @@ def protected_tables_for(sandbox: Path, pki: Pki) -> Path:
     """
     if not _PROTECTED:
         from dataops.catalog import load_catalog
-        from dataops.engines.prepared import Fingerprints
+        from dataops.versions import Fingerprints
         from dataops.products import load_products
         from dataops.tables import TableStore
 
