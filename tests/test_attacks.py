@@ -37,6 +37,8 @@ from dataops.ir import Between, Equals, InSet
 from dataops.ledger import MAX_DELTA, MAX_EPSILON
 from dataops.server import build_server
 
+from conftest import write_config
+
 CREDIT = "enterprise_credit"
 K = 10  # city-bank's min_group_size
 GAOXIN_FARMS = [Equals("district", "Gaoxin"), Equals("industry", "Agriculture")]
@@ -98,7 +100,7 @@ def _release_everything(protect):
 
 
 @pytest.fixture
-def exact(config, pki, connect, monkeypatch):
+def exact(config, pki, connect, monkeypatch, sandbox_dir):
     """`exact(control)` -> a city-bank client of a server whose table is protected with the
     control on ("on": the shared server), with no protection ("nothing") or without
     secondary suppression ("no-secondary")."""
@@ -110,9 +112,17 @@ def exact(config, pki, connect, monkeypatch):
     def make(control: str) -> Client:
         if control == "on":
             return connect("city-bank")
-        shutil.rmtree(config.paths.state / "tables")  # protect afresh, without the control
-        (config.paths.products / "claims_by_demography_diagnosis.toml").unlink()  # not needed here
-        (config.paths.policies / "harbor-insurance.toml").unlink()
+        import collections
+
+        import dataops.tables.store
+
+        work = config.paths.catalog.parent.parent / f"off-{len(started)}"
+        work.mkdir()
+        off = write_config(work, sandbox_dir, pki, tables=False)  # protect afresh, without the control
+        (off.paths.products / "claims_by_demography_diagnosis.toml").unlink()  # not needed here
+        (off.paths.policies / "harbor-insurance.toml").unlink()
+        # Not the process's shared builds (protected with the control on): this server protects its own.
+        monkeypatch.setattr(dataops.tables.store, "_SHARED", collections.OrderedDict())
         real = dataops.tables.protect
         # The engine serves only tables whose LP audit passed: serving these is the control off too.
         monkeypatch.setattr(table_engine, "audit_passed", lambda protected: True)
@@ -120,7 +130,7 @@ def exact(config, pki, connect, monkeypatch):
             monkeypatch.setattr(dataops.tables, "protect", _release_everything(real))
         else:
             monkeypatch.setattr(dataops.tables, "protect", lambda *a, **k: real(*a, **{**k, "secondary": False}))
-        server = build_server(config).start()
+        server = build_server(off).start()
         client = Client.from_directory(f"localhost:{server.port}", pki.consumer_dir("city-bank"), "city-bank")
         started.append((server, client))
         return client

@@ -632,8 +632,8 @@ def test_after_the_fuzzing_every_request_was_audited_and_the_server_still_answer
     # the fuzzer puts into names and the log keeps unescaped (the log itself splits bytes at \n).
     path = fuzz.config.paths.state / "audit" / "audit.jsonl"
     records = [json.loads(line) for line in path.read_bytes().split(b"\n") if line]
-    protections = [r for r in records if r["method"] == "ProtectTable"]  # the server's own, one per table
-    assert len(protections) == len(fuzz.server.tables.tables)
+    # The server's own records of tables it protected (none when it read them from the store).
+    protections = [r for r in records if r["method"] == "ProtectTable"]
     assert len(records) == fuzz.calls + len(protections)
     assert [r["seq"] for r in records] == list(range(1, len(records) + 1))
     assert not [r for r in records if r["decision"] == "error"], "an internal error was recorded"
