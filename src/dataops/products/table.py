@@ -229,7 +229,8 @@ def _read_measures(doc: Table, dataset: Dataset) -> tuple[Measure, ...]:
         elif m.has("column"):
             m.raw("column")
             raise m.fail("column", f"{function.value} takes no column")
-        if function is Function.COUNT_UNITS and dataset.max_rows_per_unit != 1:  # unset (None): unbounded
+        # Unset max_rows (DP off): allowed; the build refuses data where a unit spans cells.
+        if function is Function.COUNT_UNITS and (dataset.max_rows_per_unit or 1) > 1:
             # Distinct units are not additive over cells when a unit spans cells (a
             # person's 40 visits fall in many cells): margins would not be the sums of
             # their cells and the LP audit could not bound them. Publish COUNT (rows).
