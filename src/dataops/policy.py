@@ -52,7 +52,6 @@ class Use(str, Enum):
     MEASURE = "measure"
 
 
-@dataclass(frozen=True)
 ACCOUNTINGS = ("pure", "zcdp")
 
 
