@@ -41,7 +41,7 @@ from dataops.engines._base import Plan
 from dataops.engines.dp import DPQuery
 from dataops.engines.prepared import PreparedStore
 from dataops.ir import Aggregate, Function, Mode, Privacy, Query
-from dataops.policy import Dominance, Grant, GrantBudget
+from dataops.policy import Grant, GrantBudget
 from dataops.server import build_server
 
 HERE = Path(__file__).resolve().parent
@@ -59,9 +59,8 @@ revoked = false
 dataset = "{DATASET}"
 purpose = "benchmark"
 expires = 2099-12-31
-modes = ["aggregate", "dp"]
+modes = ["dp"]
 functions = ["count", "count_units", "sum", "mean", "quantile"]
-min_group_size = 10
 
 [grants.budget]
 epsilon = {BUDGET}
@@ -113,7 +112,7 @@ def bench(rows: int, repeats: int, identifier_repeats: int) -> dict[str, float]:
         aggregates = (Aggregate(Function.COUNT), Aggregate(Function.SUM, "amount"))
         grant = Grant(
             dataset=DATASET, purpose="benchmark", expires=dt.date(2099, 12, 31), modes=frozenset(Mode),
-            functions=frozenset(Function), min_group_size=10, dominance=Dominance(),
+            functions=frozenset(Function),
             budget=GrantBudget(BUDGET, 1e-6), columns=MappingProxyType({}),
         )  # fmt: skip
 

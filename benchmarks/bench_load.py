@@ -634,7 +634,9 @@ def report(args, config, catalog, budgets, outcomes, run, run_started, run_secon
     check("at least one consumer ran out of budget under load", bool(ran_out), ", ".join(ran_out) or "none")
 
     # The ledger, opened as a reader after the server stopped.
-    policies = load_policies(config.paths.policies, catalog)
+    from dataops.products import load_products
+
+    policies = load_policies(config.paths.policies, catalog, load_products(config.paths.products, catalog))
     with Ledger(ledger_path(config), recover=False) as ledger:
         spends = ledger.budgets()
         statuses = dict(ledger._conn().execute("SELECT status, COUNT(*) FROM reservations GROUP BY status"))

@@ -58,7 +58,7 @@ from dataops.engines._base import Plan
 from dataops.engines.dp_autoclip import compile_query
 from dataops.engines.prepared import PreparedStore
 from dataops.ir import Aggregate, Function, MeasureTerms, Mode, Privacy, Query
-from dataops.policy import Dominance, Grant, GrantBudget
+from dataops.policy import Grant, GrantBudget
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -67,7 +67,7 @@ REPO = HERE.parent
 def grant(dataset: str, accounting: str) -> Grant:
     return Grant(
         dataset=dataset, purpose="benchmark", expires=dt.date(2099, 12, 31), modes=frozenset(Mode),
-        functions=frozenset(Function), min_group_size=10, dominance=Dominance(),
+        functions=frozenset(Function),
         budget=GrantBudget(1e9, 0.5), columns=MappingProxyType({}), accounting=accounting,
     )  # fmt: skip
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -46,12 +48,53 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return Pki(root / "platform", root / "outsider")
 
 
+# A `state/tables` holding every repo table product protected for the session's data.
+_PROTECTED: list[Path] = []
+
+
+def protected_tables_for(sandbox: Path, pki: Pki) -> Path:
+    """Every table product protected once per session: a `state/tables` to copy.
+
+    Protection is the expensive step (an LP audit); a server would redo it for each
+    test's fresh state directory. The store keys tables by product and data version
+    (the data file's and catalog entry's content), so a server reads these exactly as
+    if it had built them itself (and, having not built them, audits no protection);
+    a test that changed its data or catalog finds no match and protects its own.
+    """
+    if not _PROTECTED:
+        from dataops.catalog import load_catalog
+        from dataops.versions import Fingerprints
+        from dataops.products import load_products
+        from dataops.tables import TableStore
+
+        work = Path(tempfile.mkdtemp(prefix="dataops-tables-"))
+        atexit.register(shutil.rmtree, work, ignore_errors=True)
+        config = write_config(work, sandbox, pki, tables=False)
+        catalog = load_catalog(config.paths.catalog, config.paths.sandbox)
+        store, fingerprints = TableStore(config.paths.state), Fingerprints()
+        for product in load_products(config.paths.products, catalog).tables.values():
+            dataset = catalog.get(product.dataset)
+            store.get(product, dataset, fingerprints.of(dataset))
+        _PROTECTED.append(config.paths.state / "tables")
+    return _PROTECTED[0]
+
+
 def write_config(root: Path, sandbox: Path, pki: Pki, extra: str = "", *,
                  rate_per_minute: int = 6_000_000, rate_burst: int = 1_000_000,
-                 max_in_flight: int = 64, max_in_flight_per_consumer: int = 64) -> ServerConfig:
-    """A work directory with copies of the repo's catalog and policies."""
-    for name in ("catalog", "policies"):
-        shutil.copytree(REPO / name, root / name)
+                 max_in_flight: int = 64, max_in_flight_per_consumer: int = 64,
+                 tables: Path | bool = True) -> ServerConfig:
+    """A work directory with copies of the repo's catalog, policies and table products.
+
+    `tables`: True copies in the tables already protected for this sandbox's data
+    (`protected_tables_for`), so the server need not protect them again; a path copies
+    that `state/tables`; False leaves the server to protect them itself.
+    """
+    for name in ("catalog", "policies", "products"):
+        shutil.copytree(REPO / name, root / name, dirs_exist_ok=True)
+    if tables is True:
+        tables = protected_tables_for(sandbox, pki)
+    if tables:
+        shutil.copytree(tables, root / "state" / "tables")
     (root / "dataops.toml").write_text(
         f"""
 [server]
@@ -82,11 +125,17 @@ max_in_flight_per_consumer = {max_in_flight_per_consumer}
     return load_config(root / "dataops.toml")
 
 
+@pytest.fixture(scope="session")
+def protected_tables(sandbox_dir: Path, pki: Pki) -> Path:
+    """The session's tables, protected once (`protected_tables_for`)."""
+    return protected_tables_for(sandbox_dir, pki)
+
+
 @pytest.fixture
-def config(tmp_path: Path, sandbox_dir: Path, pki: Pki) -> ServerConfig:
+def config(tmp_path: Path, sandbox_dir: Path, pki: Pki, protected_tables: Path) -> ServerConfig:
     work = tmp_path / "work"
     work.mkdir()
-    return write_config(work, sandbox_dir, pki)
+    return write_config(work, sandbox_dir, pki, tables=protected_tables)
 
 
 @pytest.fixture

@@ -43,7 +43,7 @@ def busy(server, config, connect):
     city.query("enterprise_credit", aggregates=["count"], group_by=["size_band"])
     city.query("enterprise_credit", aggregates=["count"], mode="dp", epsilon=1.5)
     for attempt in (lambda: city.query("enterprise_credit", aggregates=["count"], group_by=["enterprise_id"]),
-                    lambda: river.query("enterprise_credit", aggregates=["sum(penalties)"]),
+                    lambda: river.query("enterprise_credit", aggregates=["sum(tax_paid)"]),
                     lambda: city.query("enterprise_credit", aggregates=["quantile(tax_paid, 0.5)"])):
         with pytest.raises(DataopsClientError):
             attempt()
@@ -55,7 +55,7 @@ def test_show_matches_methods_in_any_case_and_prints_cells_in_full(busy, capsys)
     assert code == 0 and out.strip().endswith("5 records")
     code, out, _ = run(capsys, "audit", "show", "-c", toml_of(busy), "--reason", "policy_denied")
     # The deciding rules in full, never cut with an ellipsis.
-    assert "grant.functions" in out and "aggregate-mode.quantile" in out and "…" not in out
+    assert "table.coverage" in out and "aggregate-mode.quantile" in out and "…" not in out
     assert out.strip().endswith("3 records")
 
 

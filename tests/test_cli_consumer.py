@@ -52,7 +52,8 @@ def test_version_and_the_documented_exit_codes_in_help(capsys, no_profile):
 def test_one_question_is_one_rpc_and_one_audit_record(config, conn, capsys, no_profile):
     before = len(audit_records(config))
     code, out, _ = run(capsys, "query", "enterprise_credit", "-g", "size_band", "-a", "count",
-                       "--range", "year_founded=2000:", "--eq", "size_band=small", *conn)
+                       "--range", "year_founded=2000:", "--eq", "size_band=small", "--mode", "dp", "--epsilon", "0.5",
+                       *conn)
     assert code == 0 and "small" in out
     records = audit_records(config)[before:]
     # No DescribeDataset first: the filter values were typed from their literals.
@@ -122,7 +123,7 @@ def test_connection_from_profile_then_environment_then_flags(server, pki, tmp_pa
 
 @pytest.mark.parametrize("argv,code,expect,absent", [
     # A string where the column is an int: the server refuses; the hint says how to quote.
-    (["--eq", "year_founded=abc"], 1, "quote a string", "invalid literal"),
+    (["--eq", "year_founded=abc", "--mode", "dp", "--epsilon", "1"], 1, "quote a string", "invalid literal"),
     (["-a", "sum"], 2, "--agg 'sum': expected one of", "Traceback"),
     (["-a", "quantile:x:tax_paid"], 2, "expected one of", "could not convert"),
     (["--range", "year_founded=2000"], 2, "expected COLUMN=LOW:HIGH", "Traceback"),

@@ -51,7 +51,7 @@ def test_certs_init_in_an_empty_directory_covers_the_names_clients_use(tmp_path,
     assert "sandbox.example" in names["server"] and "10.1.2.3" in names["server"]
 
     pki = work / "state" / "pki"
-    for name in ("catalog", "policies"):
+    for name in ("catalog", "policies", "products"):
         shutil.copytree(REPO / name, work / name)
     (work / "dataops.toml").write_text(f'[server]\nlisten = "127.0.0.1:0"\n[paths]\nsandbox = {json.dumps(str(sandbox_dir))}\n')
     server = build_server(load_config(work / "dataops.toml")).start()
@@ -105,6 +105,8 @@ def test_init_scaffolds_a_directory_that_serve_runs(tmp_path, capsys):
     # The examples, copied into place over real data, are served as they are.
     (work / "catalog" / "loans.toml").write_text((work / "catalog" / "loans.toml.example").read_text())
     (work / "policies" / "city-bank.toml").write_text((work / "policies" / "city-bank.toml.example").read_text())
+    (work / "products" / "loans_by_district.toml").write_text(
+        (work / "products" / "loans_by_district.toml.example").read_text())
     pl.DataFrame({"loan_id": [f"L{i}" for i in range(200)], "district": ["north", "south"] * 100,
                   "amount": [float(i) for i in range(200)]}).write_parquet(work / "sandbox" / "loans.parquet")
     code, out, err = run(capsys, "policy", "check", "-c", str(work / "dataops.toml"))
@@ -130,7 +132,7 @@ def test_policy_check_reports_every_error_at_once(config, capsys):
     # 1. a policy key misspelt; 2. another policy with an unknown key; 3. a catalog entry whose
     # Parquet file is missing; 4. a declared type the data does not have.
     city = policies / "city-bank.toml"
-    city.write_text(city.read_text().replace("min_group_size = 10", "min_group_sise = 10"))
+    city.write_text(city.read_text().replace("tables = [", "tabels = ["))
     river = policies / "river-bank.toml"
     river.write_text(river.read_text().replace("revoked = false", "revoked = false\nrevokd = true"))
     # 5. two bad grants in one file: both are reported.
@@ -150,11 +152,11 @@ def test_policy_check_reports_every_error_at_once(config, capsys):
 
     code, _, err = run(capsys, "policy", "check", "-c", toml_of(config))
     assert code == 1
-    assert "city-bank.toml: grants[0].min_group_sise: unknown key, did you mean 'min_group_size'?" in err
-    assert "min_group_size: is required" not in err
+    assert "city-bank.toml: grants[0].tabels: unknown key, did you mean 'tables'?" in err
+    assert "tables: is required" not in err
     assert "river-bank.toml: revokd: unknown key, did you mean 'revoked'?" in err
     assert re.search(r"harbor-insurance.toml: grants\[1\].dataset: 'enterprise_credit' is in zone 'finance'", err)
-    assert "harbor-insurance.toml: grants[2].min_group_size: must be an integer >= 3, got 2" in err
+    assert "harbor-insurance.toml: grants[2].min_group_size: protection rules now belong to table products" in err
     assert re.search(r"medical_claims.toml: location: .*moved/medical_claims.parquet does not exist", err)
     assert "enterprise_credit.toml: columns.tax_paid.type: catalog says int, the data has Float64" in err
     # `serve` agrees that this configuration cannot start.
@@ -213,8 +215,8 @@ def test_the_json_schema_accepts_our_files_and_rejects_a_typo(kind, directory, c
         doc = _toml_as_json(path)
         assert not list(validator.iter_errors(doc)), path
         if kind == "policy":
-            doc["grants"][0]["min_group_sise"] = doc["grants"][0].pop("min_group_size")
+            doc["grants"][0]["functionz"] = doc["grants"][0].pop("functions")
         else:
             doc["privacy_unit"]["max_row"] = doc["privacy_unit"].pop("max_rows")
         messages = [e.message for e in validator.iter_errors(doc)]
-        assert any("sise" in m or "max_row'" in m for m in messages), messages
+        assert any("functionz" in m or "max_row'" in m for m in messages), messages

@@ -119,7 +119,7 @@ from dataops.client import Client
 from dataops.cli import main
 target, directory = sys.argv[1], sys.argv[2]
 with Client.from_directory(target, directory, "city-bank") as client:
-    result = client.query("enterprise_credit", aggregates=["count", "mean(tax_paid)"], group_by=["size_band"])
+    result = client.query("enterprise_credit", aggregates=["count"], group_by=["size_band"])
     try:
         result.to_polars()
         polars = "available"
@@ -149,7 +149,8 @@ def _client_run(python: str, server, pki, blocker: str, env: dict) -> dict:
                            str(pki.consumer_dir("city-bank"))], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     first, rest = proc.stdout.split("\n", 1)
-    assert len(json.loads(rest)["rows"]) == 4  # the CLI's --json answer
+    # The CLI's --json answer: the same released cells (size bands) as the client's.
+    assert len(json.loads(rest)["rows"]) == json.loads(first)["rows"] > 0
     return json.loads(first)
 
 
@@ -157,7 +158,7 @@ def test_the_client_imports_nothing_of_the_server_stack(server, pki):
     """Fast guard, in this venv: the client and the consumer CLI run with server packages blocked."""
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     out = _client_run(sys.executable, server, pki, BLOCKER, env)
-    assert out["rows"] == 4 and "dataops[polars]" in out["polars"] and out["budget"] == 5.0
+    assert out["rows"] > 0 and "dataops[polars]" in out["polars"] and out["budget"] == 5.0
 
 
 @pytest.mark.slow  # a real venv and a real install: about a minute
@@ -174,7 +175,7 @@ def test_a_fresh_venv_with_only_the_client_connects(server, pki, tmp_path):
     assert "dataops" in installed and not installed & {"opendp", "polars", "numpy", "pandas"}
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     out = _client_run(python, server, pki, "", env)
-    assert out["rows"] == 4 and "dataops[polars]" in out["polars"]
+    assert out["rows"] > 0 and "dataops[polars]" in out["polars"]
     cli = subprocess.run([str(venv / "bin" / "dataops"), "demo"], capture_output=True, text=True, env=env)
     assert cli.returncode == 2 and "dataops[server]" in cli.stderr
     # A reviewer reads the log with the light install too.

@@ -281,11 +281,13 @@ def test_no_deadline_is_recognised_whatever_grpc_reports(remaining, expected_non
     assert (client_deadline(remaining) is None) is expected_none
 
 
-def test_describe_dataset_states_the_grants_dominance_rule(connect):
+def test_describe_dataset_states_the_tables_dominance_rule(connect):
     client = connect("city-bank")
-    grant = client.describe("enterprise_credit").grant
-    # policies/city-bank.toml: [grants.dominance] n = 2, percent = 85.0
-    assert (grant.dominance.n, grant.dominance.percent) == (2, 85.0)
+    description = client.describe("enterprise_credit")
+    # products/enterprises_by_district_industry_size.toml: dominance_n = 2, dominance_percent = 85.0
+    (table,) = description.tables
+    assert (table.rules.dominance_n, table.rules.dominance_percent) == (2, 85.0)
+    assert description.grant.dominance is None  # deprecated on the grant: the rules are the table's
 
 
 def documented_tokens(message: str, field: str) -> set[str]:

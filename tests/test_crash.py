@@ -141,7 +141,7 @@ def mixed_request(clients: dict[str, Client], index: int) -> Outcome:
     else:
         client = clients["harbor-insurance"]
         outcome = ask(client, "harbor-insurance", index, False, lambda: client.query(
-            "medical_claims", aggregates=[count_units(), mean("amount")], group_by=["age_band", "sex"],
+            "medical_claims", aggregates=[count(), mean("amount")], group_by=["age_band", "sex"],
             filters=[Equals("visit_type", "inpatient")]))
     outcome.asked_epsilon = epsilon if outcome.dp else 0.0
     return outcome

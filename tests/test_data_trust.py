@@ -214,7 +214,11 @@ def add_twin(config, *, copy_bytes: bool = True) -> Path:
     policy = config.paths.policies / "city-bank.toml"
     grants = policy.read_text()
     block = grants[grants.index("[[grants]]"):]
-    policy.write_text(grants + "\n" + block.replace(f'dataset = "{CREDIT}"', 'dataset = "credit_twin"'))
+    twin_grant = block.replace(f'dataset = "{CREDIT}"', 'dataset = "credit_twin"')
+    # The twin has no published table: its grant is DP only.
+    twin_grant = twin_grant.replace('modes = ["aggregate", "dp"]', 'modes = ["dp"]')
+    twin_grant = re.sub(r"(?m)^tables = .*\n", "", twin_grant)
+    policy.write_text(grants + "\n" + twin_grant)
     return twin
 
 
@@ -294,7 +298,9 @@ def test_dp_is_refused_on_an_entry_without_max_rows_and_exact_answers_still_work
 
 def grant_river_bank_dp(config, epsilon: float) -> None:
     policy = config.paths.policies / "river-bank.toml"
-    policy.write_text(policy.read_text().replace('modes = ["aggregate"]', 'modes = ["aggregate", "dp"]'))
+    policy.write_text(policy.read_text().replace('modes = ["aggregate"]', 'modes = ["aggregate", "dp"]')
+                      + '\n[grants.columns]\ndistrict = ["dimension", "filter"]\nsize_band = ["dimension", "filter"]\n'
+                      'penalties = ["measure"]\n')
     set_epsilon(policy, epsilon)
 
 

@@ -10,7 +10,7 @@ from dataops.demo import session
 
 def test_the_demo_runs_end_to_end(tmp_path):
     lines: list[str] = []
-    code = session.run_demo(tmp_path / "demo", claims=60_000, enterprises=20_000, out=lines.append)
+    code = session.run_demo(tmp_path / "demo", claims=100_000, enterprises=20_000, out=lines.append)
     text = "\n".join(lines)
     assert code == 0, text
     assert "server stopped cleanly" in text
@@ -21,31 +21,38 @@ def test_the_demo_runs_end_to_end(tmp_path):
     assert suppressed, "some step must show suppressed groups"
     # A second run reuses data and certificates and starts a fresh audit trail.
     lines.clear()
-    assert session.run_demo(tmp_path / "demo", claims=60_000, enterprises=20_000, out=lines.append) == 0
+    assert session.run_demo(tmp_path / "demo", claims=100_000, enterprises=20_000, out=lines.append) == 0
     assert not any("generated" in line for line in lines)
 
 
 def test_the_script_gets_the_answers_it_claims(tmp_path):
     from dataops.server import build_server
 
-    config = session.prepare(tmp_path / "demo", claims=60_000, enterprises=20_000, out=lambda _: None)
+    config = session.prepare(tmp_path / "demo", claims=100_000, enterprises=20_000, out=lambda _: None)
     server = build_server(config).start()
     try:
+        assert server.tables.wait_ready(timeout=600)
         results = session.play(f"localhost:{server.port}", config.tls.ca_cert.parent, lambda _: None)
     finally:
         server.stop(1.0)
     city = results["city-bank"]
     assert [d.id for d in city[0]] == ["enterprise_credit"]
-    assert city[1].rows_suppressed == 0 and city[2].rows_suppressed > 0
+    assert city[1].frame.height > 0 and city[2].rows_suppressed > 0
+    assert city[1].frame.height + city[1].rows_suppressed == 4  # the size bands' public key set
     assert isinstance(city[3], DataopsClientError) and city[3].rule == "identifier"
     assert isinstance(city[4], DataopsClientError) and city[4].reason == "UNKNOWN_DATASET"
+    assert [t.id for t in city[5].tables] == ["enterprises_by_district_industry_size"]
+    assert isinstance(city[6], DataopsClientError) and (city[6].rule, city[6].column) == (
+        "table.coverage", "year_founded")
     assert isinstance(results["river-bank"][1], DataopsClientError)
-    assert results["harbor-insurance"][1].rows_suppressed > 0
+    harbor = results["harbor-insurance"]
+    assert harbor[0].frame.height > 0 and harbor[1].rows_suppressed > 0
+    assert isinstance(harbor[2], DataopsClientError) and harbor[2].column == "hospital_level"
 
 
 def test_the_demo_shows_dp_answers_an_estimate_reuse_and_an_exhausted_budget(tmp_path):
     lines: list[str] = []
-    assert session.run_demo(tmp_path / "demo", claims=60_000, enterprises=20_000, out=lines.append) == 0
+    assert session.run_demo(tmp_path / "demo", claims=100_000, enterprises=20_000, out=lines.append) == 0
     text = "\n".join(lines)
     assert "nothing spent now" in text  # the estimate
     assert "spent epsilon 1 (remaining 4)" in text
@@ -67,7 +74,7 @@ def test_after_the_demo_the_audit_log_verifies(tmp_path, capsys):
     from dataops.cli import main
 
     work = tmp_path / "demo"
-    assert session.run_demo(work, claims=60_000, enterprises=20_000, out=lambda _: None) == 0
+    assert session.run_demo(work, claims=100_000, enterprises=20_000, out=lambda _: None) == 0
     assert main(["audit", "verify", "-c", str(work / "dataops.toml")]) == 0
     assert capsys.readouterr().out.startswith("OK")
     # One byte changed in any record, and it no longer does.

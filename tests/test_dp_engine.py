@@ -23,7 +23,7 @@ from dataops.engines.dp import DPQuery, PreparedSource
 from dataops.engines.prepared import PreparedStore
 from dataops.errors import InternalError, InvalidQuery
 from dataops.ir import MAX_EPSILON, Aggregate, Equals, Function, InSet, Mode, Privacy, Query
-from dataops.policy import Dominance, Grant, GrantBudget
+from dataops.policy import Grant, GrantBudget
 
 REPO = Path(__file__).resolve().parent.parent
 COUNT = Aggregate(Function.COUNT)
@@ -48,7 +48,7 @@ def plan_for(dataset: Dataset, aggregates, group_by=(), filters=(), **privacy) -
     query = Query(dataset.id, tuple(aggregates), tuple(filters), tuple(group_by), Mode.DP, Privacy(**privacy))
     grant = Grant(
         dataset=dataset.id, purpose="test", expires=dt.date(2099, 1, 1), modes=frozenset(Mode),
-        functions=frozenset(Function), min_group_size=3, dominance=Dominance(),
+        functions=frozenset(Function),
         budget=GrantBudget(1e9, 0.5), columns=MappingProxyType({}),
     )  # fmt: skip
     return Plan(query, dataset, grant)

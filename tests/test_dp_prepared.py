@@ -259,7 +259,10 @@ def test_the_sandbox_releases_from_the_copy_and_reuses_on_its_version(sandbox_di
     catalog = load_catalog(REPO / "catalog", sandbox_dir)
     ledger = Ledger(tmp_path / "ledger.sqlite3")
     store = PreparedStore(tmp_path / "state")
-    sandbox = Sandbox(catalog, PolicyStore(REPO / "policies", catalog), Limits(), ledger,
+    from dataops.products import load_products
+
+    policies = PolicyStore(REPO / "policies", catalog, products=load_products(REPO / "products", catalog))
+    sandbox = Sandbox(catalog, policies, Limits(), ledger,
                       today=lambda: dt.date(2026, 1, 1), prepared=store)  # fmt: skip
     query = Query("medical_claims", (Aggregate(Function.COUNT), Aggregate(Function.SUM, "amount")), (),
                   ("age_band",), Mode.DP, Privacy(epsilon=0.5))  # fmt: skip
@@ -287,7 +290,11 @@ def test_the_server_prepares_copies_in_the_background(server, connect) -> None:
 def test_the_service_and_the_store_share_one_data_version_per_dataset(sandbox_dir: Path, tmp_path: Path) -> None:
     catalog = load_catalog(REPO / "catalog", sandbox_dir)
     store = PreparedStore(tmp_path / "state")
-    sandbox = Sandbox(catalog, PolicyStore(REPO / "policies", catalog), Limits(), Ledger(tmp_path / "l.sqlite3"),
+    from dataops.products import load_products
+
+    products = load_products(REPO / "products", catalog)
+    sandbox = Sandbox(catalog, PolicyStore(REPO / "policies", catalog, products=products),
+                      Limits(), Ledger(tmp_path / "l.sqlite3"),
                       prepared=store)  # fmt: skip
     dataset = catalog.get("medical_claims")
     assert sandbox.versions is store.versions

@@ -85,7 +85,10 @@ def test_node_discovers_the_dataset_and_the_grant(report):
     columns = {c["name"]: c for c in described["columns"]}
     assert columns["enterprise_id"]["classification"] == "CLASSIFICATION_IDENTIFIER"  # enums: String
     assert columns["district"]["allowed_uses"] == ["COLUMN_USE_DIMENSION", "COLUMN_USE_FILTER"]
-    assert described["grant"]["dominance"] == {"n": "2", "percent": 85}
+    # Exact answers come from the published tables the grant names, with their rules.
+    assert described["grant"]["tables"] == ["enterprises_by_district_industry_size"]
+    rules = described["tables"][0]["rules"]
+    assert (rules["dominance_n"], rules["dominance_percent"]) == ("2", 85)
     assert described["grant"]["modes"] == ["QUERY_MODE_AGGREGATE", "QUERY_MODE_DP"]
 
 

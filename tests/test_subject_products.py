@@ -96,7 +96,7 @@ def test_a_scorecard_scores_only_bands(tmp_path, catalog):
 def test_the_server_refuses_to_start_on_a_malformed_product(config):
     from dataops.server import build_server
 
-    shutil.copytree(REPO / "products", config.paths.products)
+    shutil.copytree(REPO / "products", config.paths.products, dirs_exist_ok=True)
     path = config.paths.products / "underwriting.toml"
     path.write_text(GOOD.replace('function = "count"', 'function = "rows"'))
     with pytest.raises(LoadError, match=r"underwriting\.toml: outputs\[0\]\.function"):

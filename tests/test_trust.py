@@ -29,6 +29,7 @@ from dataops.certs import consumer_identity_from_auth_context, issue_consumer, r
 from dataops.client import Client, DataopsClientError, count
 from dataops.catalog import load_catalog
 from dataops.config import load_config
+from dataops.products import load_products
 from dataops.policy import PolicyStore
 from dataops.engines import dp as dp_engine
 from dataops.server import app as app_module
@@ -270,7 +271,7 @@ def test_a_narrowing_edit_applies_while_another_consumers_file_is_invalid(server
         monkeypatch.setattr(PolicyStore, "per_file", False)
     city, river, harbor = connect("city-bank"), connect("river-bank"), connect("harbor-insurance")
     broken = config.paths.policies / "harbor-insurance.toml"
-    broken.write_text(broken.read_text().replace("min_group_size =", "min_group_size = 1 #"))
+    broken.write_text(broken.read_text().replace("tables = [", "tables = 1 #["))
     river_path = config.paths.policies / "river-bank.toml"
     river_path.write_text(river_path.read_text().replace("revoked = false", "revoked = true"))
     city_path = config.paths.policies / "city-bank.toml"
@@ -290,42 +291,6 @@ def test_a_narrowing_edit_applies_while_another_consumers_file_is_invalid(server
         outcomes[name] = err.value.rule
     assert outcomes == {"river": "consumer.revoked", "harbor": "consumer.policy_invalid", "city": "grant.expires"}
     assert audit_records(config)[-2]["rule"] == "consumer.policy_invalid"
-
-
-@ON_OFF
-def test_a_half_written_policy_file_is_never_served(tmp_path, sandbox_dir, pki, control):
-    """Attack (a race on the operator's editor): the file is caught before its last
-    table, the stricter dominance rule, is written; the default (85%) would serve."""
-    work = tmp_path / "work"
-    work.mkdir()
-    config = write_config(work, sandbox_dir, pki)
-    toml = config.paths.catalog.parent / "dataops.toml"
-    settle = 2.0 if control == "on" else 0.0
-    toml.write_text(toml.read_text().replace("policy_poll_seconds = 0.1",
-                                             f"policy_poll_seconds = 0.1\npolicy_settle_seconds = {settle}"))
-    path = work / "policies" / "city-bank.toml"
-    text = path.read_text()
-    block = text[text.index("[grants.dominance]"):text.index("[grants.budget]")]
-    strict = block.replace("percent = 85.0", "percent = 50.0")
-    whole = text.replace(block, "") + "\n" + strict  # the dominance table written last
-    path.write_text(whole)
-    server = build_server(load_config(toml)).start()
-    dominance = lambda: server.policies.current.get("city-bank").grants["enterprise_credit"].dominance  # noqa: E731
-    try:
-        assert dominance().percent == 50.0
-        # The same file, rewritten in two steps (an editor's truncate-and-write).
-        half = whole[: whole.index("[grants.dominance]")]
-        path.write_text(half)
-        loosened = _wait_for(lambda: dominance().percent != 50.0, timeout=1.0)
-        path.write_text(whole)
-        if control == "off":
-            assert loosened and dominance().percent == 85.0  # served half-written
-            return
-        assert not loosened
-        time.sleep(settle + 0.5)
-        assert dominance().percent == 50.0  # the whole file is what was in force all along
-    finally:
-        server.stop(1.0)
 
 
 # -- admission: every request audited, one consumer cannot starve the others ---------
@@ -539,17 +504,14 @@ NARROWING = [
     ("expires = 2027-12-31", "expires = 2026-01-01"),
     ('modes = ["aggregate", "dp"]', 'modes = ["dp"]'),
     ('"count", "count_units", "sum", "mean", "quantile"]', '"count", "sum"]'),
-    ("min_group_size = 10", "min_group_size = 25"),
-    ("percent = 85.0", "percent = 60.0"),
     ("epsilon = 5.0", "epsilon = 1.0"),
     ('industry = ["dimension", "filter"]', 'industry = ["dimension"]'),
     ('tax_paid = ["measure"]\n', ""),
 ]
 WIDENING = [
     ("expires = 2027-12-31", "expires = 2029-01-01"),
-    ("min_group_size = 10", "min_group_size = 5"),
-    ("percent = 85.0", "percent = 95.0"),
-    ("n = 2", "n = 1"),
+    ('tables = ["enterprises_by_district_industry_size"]',
+     'tables = ["enterprises_by_district_industry_size", "enterprises_by_district_size"]'),
     ("epsilon = 5.0", "epsilon = 6.0"),
     ('tax_paid = ["measure"]', 'tax_paid = ["measure", "filter"]'),
     ('purpose = "pre-loan review"', 'purpose = "marketing"'),
@@ -559,11 +521,12 @@ WIDENING = [
 @pytest.mark.parametrize("old,new,immediate", [(*e, True) for e in NARROWING] + [(*e, False) for e in WIDENING])
 def test_narrowing_edits_apply_at_once_and_others_only_once_settled(tmp_path, old, new, immediate):
     repo = Path(__file__).resolve().parent.parent
-    for name in ("catalog", "policies"):
+    for name in ("catalog", "policies", "products"):
         shutil.copytree(repo / name, tmp_path / name)
     catalog = load_catalog(tmp_path / "catalog", tmp_path / "sandbox")
     now = [0.0]
-    store = PolicyStore(tmp_path / "policies", catalog, settle_seconds=2.0, clock=lambda: now[0])
+    store = PolicyStore(tmp_path / "policies", catalog, settle_seconds=2.0, clock=lambda: now[0],
+                        products=load_products(tmp_path / "products", catalog))
     path = tmp_path / "policies" / "city-bank.toml"
     text = path.read_text()
     assert old in text
@@ -590,11 +553,12 @@ def test_a_damaged_revocation_memory_stops_the_server_from_starting(own_config, 
 
 def test_removing_a_grant_applies_at_once_and_adding_it_back_waits(tmp_path):
     repo = Path(__file__).resolve().parent.parent
-    for name in ("catalog", "policies"):
+    for name in ("catalog", "policies", "products"):
         shutil.copytree(repo / name, tmp_path / name)
     catalog = load_catalog(tmp_path / "catalog", tmp_path / "sandbox")
     now = [0.0]
-    store = PolicyStore(tmp_path / "policies", catalog, settle_seconds=2.0, clock=lambda: now[0])
+    store = PolicyStore(tmp_path / "policies", catalog, settle_seconds=2.0, clock=lambda: now[0],
+                        products=load_products(tmp_path / "products", catalog))
     path = tmp_path / "policies" / "city-bank.toml"
     whole = path.read_text()
     path.write_text(whole[: whole.index("[[grants]]")])

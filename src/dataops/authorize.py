@@ -15,16 +15,20 @@ Rules, in the order they are checked (the first that fails decides):
     grant.modes                           the grant allows the query's mode
     query.column                          every column named exists
     identifier                            identifier / unclassified columns are never used
-    grant.columns                         each column is granted for its use
-    grant.functions                       the grant allows each aggregate function
+    grant.columns                         (DP) each column is granted for its use
+    grant.functions                       (DP) the grant allows each aggregate function
     aggregate-mode.quantile               exact quantiles are not released (one unit's value)
     query.alias                           no output is labelled like a column of the dataset
+    table.coverage, table.key             (aggregate) a table the grant names covers the query
+                                          (`dataops.engines.table.cover`): exact answers are
+                                          lookups in published, protected tables only
 """
 
 from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 from dataops.catalog import Catalog, Classification, Dataset
 from dataops.errors import FieldViolation, InvalidQuery, PolicyDenied, UnknownConsumer, UnknownDataset
@@ -45,6 +49,8 @@ class Decision:
     dataset: Dataset
     grant: Grant
     rule: str = "grant"
+    # Aggregate mode: the table lookup that answers the query (`engines.table.Coverage`).
+    coverage: Any = None
 
 
 def consumer_policy(policies: PolicySet, consumer: str) -> ConsumerPolicy:
@@ -90,7 +96,8 @@ def live_grant(policy: ConsumerPolicy, dataset: Dataset, today: dt.date) -> Gran
 _USE_FIELDS = {Use.DIMENSION: "group_by", Use.FILTER: "filters", Use.MEASURE: "aggregates"}
 
 
-def _check_column(dataset: Dataset, grant: Grant, column: str, use: Use, field: str) -> None:
+def _check_column(dataset: Dataset, grant: Grant | None, column: str, use: Use, field: str) -> None:
+    """The column exists and is usable; for DP (`grant` given) granted for this use."""
     spec = dataset.column(column)
     if spec is None:
         raise InvalidQuery(
@@ -106,7 +113,7 @@ def _check_column(dataset: Dataset, grant: Grant, column: str, use: Use, field: 
             rule="identifier",
             column=column,
         )
-    if use not in grant.uses(column):
+    if grant is not None and use not in grant.uses(column):
         raise PolicyDenied(
             f"the grant on {dataset.id!r} does not allow {column!r} as a {use.value}",
             rule=f"grant.columns.{column}",
@@ -115,8 +122,10 @@ def _check_column(dataset: Dataset, grant: Grant, column: str, use: Use, field: 
 
 
 def authorize(
-    policies: PolicySet, catalog: Catalog, consumer: str, query: Query, today: dt.date
+    policies: PolicySet, catalog: Catalog, consumer: str, query: Query, today: dt.date,
+    tables: Mapping[str, Any] | None = None,
 ) -> Decision:
+    """`tables`: the table products by id (`Products.tables`); exact queries need them."""
     policy = consumer_policy(policies, consumer)
     dataset = visible_dataset(policy, catalog, query.dataset)
     grant = live_grant(policy, dataset, today)
@@ -129,14 +138,17 @@ def authorize(
         raise PolicyDenied(
             f"the grant on {dataset.id!r} does not allow {query.mode.value} queries", rule="grant.modes"
         )
+    # Exact answers are not free-form: the column grants are DP's; tables decide below.
+    dp = query.mode is Mode.DP
+    column_grant = grant if dp else None
     for i, column in enumerate(query.group_by):
-        _check_column(dataset, grant, column, Use.DIMENSION, f"query.group_by[{i}]")
+        _check_column(dataset, column_grant, column, Use.DIMENSION, f"query.group_by[{i}]")
     for i, filter_ in enumerate(query.filters):
-        _check_column(dataset, grant, filter_.column, Use.FILTER, f"query.filters[{i}].column")
+        _check_column(dataset, column_grant, filter_.column, Use.FILTER, f"query.filters[{i}].column")
     for i, aggregate in enumerate(query.aggregates):
         if aggregate.column:
-            _check_column(dataset, grant, aggregate.column, Use.MEASURE, f"query.aggregates[{i}].column")
-        if aggregate.function not in grant.functions:
+            _check_column(dataset, column_grant, aggregate.column, Use.MEASURE, f"query.aggregates[{i}].column")
+        if dp and aggregate.function not in grant.functions:
             raise PolicyDenied(
                 f"the grant on {dataset.id!r} does not allow {aggregate.function.value}",
                 rule="grant.functions",
@@ -159,4 +171,9 @@ def authorize(
                     FieldViolation(f"query.aggregates[{i}].alias", f"{aggregate.name!r} names a column"),
                 ),
             )
-    return Decision(policy=policy, dataset=dataset, grant=grant)
+    coverage = None
+    if query.mode is Mode.AGGREGATE:
+        from dataops.engines.table import cover
+
+        coverage = cover(query, grant, tables or {})
+    return Decision(policy=policy, dataset=dataset, grant=grant, coverage=coverage)

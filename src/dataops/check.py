@@ -26,7 +26,7 @@ class CheckReport:
         self.errors.extend(line for line in str(error).splitlines() if line.strip())
 
 
-def _every_grant_error(path: Path, catalog, first: LoadError) -> list[str]:
+def _every_grant_error(path: Path, catalog, first: LoadError, products=None) -> list[str]:
     """The loader stops at a file's first error; grants are independent, so load each on its own.
 
     Each grant is checked in a copy of the file holding only that grant (and the file's
@@ -53,7 +53,7 @@ def _every_grant_error(path: Path, catalog, first: LoadError) -> list[str]:
     for i, grant in enumerate([None, *grants]):
         one = {**top, "grants": [] if grant is None else [grant]}
         try:
-            _load_policy(path, tomli_w.dumps(one).encode("utf-8"), catalog)
+            _load_policy(path, tomli_w.dumps(one).encode("utf-8"), catalog, products)
         except LoadError as exc:
             for line in str(exc).splitlines():
                 errors[line.replace(": grants[0]", f": grants[{i - 1}]", 1) if grant is not None else line] = None
@@ -85,6 +85,14 @@ def check_all(config: ServerConfig, *, policies_dir: Path | None = None) -> Chec
                 report.add(exc)
     catalog = Catalog(MappingProxyType(datasets))
 
+    products = None  # the table products grants name; checked (and reported) here first
+    try:
+        from dataops.products import load_products
+
+        products = load_products(paths.products, catalog)
+    except LoadError as exc:
+        report.add(exc)
+
     policy_dir = policies_dir or paths.policies
     consumers = {}
     if not policy_dir.is_dir():
@@ -92,21 +100,14 @@ def check_all(config: ServerConfig, *, policies_dir: Path | None = None) -> Chec
     else:
         for path in sorted(policy_dir.glob("*.toml")):
             try:
-                policy = _load_policy(path, path.read_bytes(), catalog)
+                policy = _load_policy(path, path.read_bytes(), catalog, products)
             except OSError as exc:
                 report.add(f"{path}: cannot be read: {exc.strerror}")
                 continue
             except LoadError as exc:
-                report.add("\n".join(_every_grant_error(path, catalog, exc)))
+                report.add("\n".join(_every_grant_error(path, catalog, exc, products)))
                 continue
             consumers[policy.consumer] = policy
-
-    try:
-        from dataops.products import load_products
-
-        load_products(paths.products, catalog)
-    except LoadError as exc:
-        report.add(exc)
 
     for name in ("ca_cert", "server_cert", "server_key"):
         path = getattr(config.tls, name)
@@ -123,7 +124,7 @@ def check_all(config: ServerConfig, *, policies_dir: Path | None = None) -> Chec
     if not report.errors:
         from dataops.policy import load_policies
 
-        policies: PolicySet = load_policies(policy_dir, catalog)  # the version `serve` would record
+        policies: PolicySet = load_policies(policy_dir, catalog, products)  # the version `serve` would record
         report.summary.append(f"{len(policies.consumers)} policies valid against {len(catalog.datasets)} catalog "
                               f"entries and their data; version {policies.version[:12]}")
     return report

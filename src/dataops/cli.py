@@ -303,7 +303,8 @@ def cmd_datasets(args: argparse.Namespace) -> int:
             if args.json:
                 _json({"dataset": dataclasses.asdict(description.dataset),
                        "columns": [dataclasses.asdict(c) for c in description.columns],
-                       "grant": dataclasses.asdict(description.grant)})
+                       "grant": dataclasses.asdict(description.grant),
+                       "tables": [dataclasses.asdict(t) for t in description.tables]})
             else:
                 print_description(description)
             return OK
@@ -320,8 +321,14 @@ def print_description(description: Any, out: Callable[[str], None] = print) -> N
     out(f"{d.id} ({d.zone}): {d.title}\n  {d.description}\n  provider {d.provider}; "
         f"privacy unit {d.privacy_unit} " + (f"(<= {d.max_rows_per_unit} rows each)" if d.max_rows_per_unit
                                                else "(rows per unit not set: DP is off)"))
-    out(f"  grant: {g.purpose}, expires {g.expires}, modes {'/'.join(g.modes)}, k = {g.min_group_size}, "
+    out(f"  grant: {g.purpose}, expires {g.expires}, modes {'/'.join(g.modes)}, "
         f"DP budget epsilon {g.epsilon:g} delta {g.delta:g}")
+    for t in getattr(description, "tables", ()):
+        rules = f"min {t.rules.min_units} units, dominance {t.rules.dominance_n}/{t.rules.dominance_percent:g}%"
+        if t.rules.p_percent is not None:
+            rules += f", p% {t.rules.p_percent:g}"
+        out(f"  table {t.id}: {' x '.join(d.column for d in t.dimensions)}; "
+            f"{', '.join(m.name for m in t.measures)} ({rules})")
     rows = [(c.name, c.type, c.classification, ",".join(c.allowed_uses) or "-") for c in description.columns]
     out("  " + format_table(("column", "type", "classification", "you may use it as"), rows).replace("\n", "\n  "))
 
@@ -568,17 +575,25 @@ def cmd_policy_schema(args: argparse.Namespace) -> int:
     return OK
 
 
+def _products(config, catalog):
+    from dataops.products import load_products
+
+    return load_products(config.paths.products, catalog)
+
+
 def cmd_policy_explain(args: argparse.Namespace) -> int:
     from dataops.authorize import authorize
     from dataops.policy import load_policies
 
     config = _config(args)
     catalog = _catalog(config)
-    policies = load_policies(config.paths.policies, catalog)
+    products = _products(config, catalog)
+    policies = load_policies(config.paths.policies, catalog, products)
     query = query_from_args(args)
     today = args.date or dt.datetime.now(dt.timezone.utc).date()
     try:
-        decision = authorize(policies, catalog, args.consumer, query, today)
+        # The server's own authorization, table coverage included.
+        decision = authorize(policies, catalog, args.consumer, query, today, products.tables)
         budget_note = _explain_budget(config, decision, query, args.consumer)
     except RequestError as exc:
         column = f", column {exc.column!r}" if exc.column else ""
@@ -589,11 +604,35 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
           f"(purpose {grant.purpose!r}, expires {grant.expires}, policy {decision.policy.source})")
     if budget_note:
         print(f"        {budget_note}")
-    if query.mode is ir.Mode.AGGREGATE:
-        print(f"        output controls at run time: rows covering < {grant.min_group_size} units are "
-              f"suppressed; SUM/MEAN cells fail if the top {grant.dominance.n} units exceed "
-              f"{grant.dominance.percent:g}%; filters must leave >= {grant.min_group_size} units "
-              "inside and outside")
+    if decision.coverage is not None:
+        table = products.tables[decision.coverage.table]
+        rules = table.rules
+        print(f"        answered from table {table.id!r} ({' x '.join(table.dimensions)}), a lookup: "
+              f"{decision.coverage.grid_size} result rows requested; a row needing a cell the "
+              f"protection suppressed (< {rules.min_units} units, dominance {rules.dominance_n}/"
+              f"{rules.dominance_percent:g}%, or secondary) is not returned")
+    return OK
+
+
+def cmd_tables_show(args: argparse.Namespace) -> int:
+    """The protection result of each table for its dataset's current data version."""
+    from dataops.catalog import check_data
+    from dataops.tables import TableStore, summary
+    from dataops.versions import Fingerprints
+
+    config = _config(args)
+    catalog = _catalog(config)
+    products = _products(config, catalog)
+    if args.table and args.table not in products.tables:
+        known = ", ".join(sorted(products.tables)) or "none"
+        raise UsageError(f"no table product {args.table!r} in {config.paths.products} (known: {known})")
+    store, fingerprints = TableStore(config.paths.state), Fingerprints()
+    for table_id in [args.table] if args.table else sorted(products.tables):
+        product = products.tables[table_id]
+        dataset = catalog.get(product.dataset)
+        check_data(dataset)
+        # Built (and stored) if the server has not protected this data version yet.
+        print(summary(store.get(product, dataset, fingerprints.of(dataset))))
     return OK
 
 
@@ -655,7 +694,7 @@ def cmd_budget_show(args: argparse.Namespace) -> int:
 
     config = _config(args)
     catalog = _catalog(config)
-    policies = load_policies(config.paths.policies, catalog)
+    policies = load_policies(config.paths.policies, catalog, _products(config, catalog))
     path = ledger_path(config)
     spent: dict[tuple[str | None, str], tuple[float, float]] = {}
     if path.exists():
@@ -780,6 +819,10 @@ def register_operator(r: Registry) -> None:
     p.add_argument("--consumer", required=True)
     p.add_argument("--date", type=_iso_date, help="decide as of this ISO date (default: today, UTC)")
     add_query_options(p)
+    tables = r.group("tables", "published, protected tables (exact answers are lookups in them)")
+    p = r.command("show", cmd_tables_show, "a table's protection result: cells suppressed (primary, "
+                                           "secondary), information loss, the LP audit's verdict", tables)
+    p.add_argument("table", nargs="?", help="a table product id (default: every table)")
     p = r.command("schema", cmd_policy_schema, "print the JSON Schema of policy or catalog files "
                                                "(for editors)", policy, config=False)
     p.add_argument("kind", choices=["policy", "catalog"], nargs="?", default="policy")

@@ -56,7 +56,8 @@ from dataops.v1 import (
 __all__ = [
     "AggregateAccuracy", "AuditVerificationError", "Budget", "Client", "Column", "ConnectionFailed", "DataopsClientError", "Dataset",
     "Dominance",
-    "DatasetDescription", "Estimate", "Grant", "InvalidRequest", "QueryResult", "Receipt", "Spend",
+    "DatasetDescription", "Estimate", "Grant", "InvalidRequest", "PublishedTable", "QueryResult", "Receipt",
+    "Spend", "TableDimension", "TableMeasure", "TableRules",
     "count", "count_units", "mean", "median", "parse_aggregate", "quantile", "total",
 ]
 
@@ -259,10 +260,47 @@ class Grant:
     expires: str
     modes: tuple[str, ...]
     functions: tuple[str, ...]
-    min_group_size: int
+    min_group_size: int  # deprecated, always 0: the rules are the tables' (`DatasetDescription.tables`)
     epsilon: float
     delta: float
-    dominance: Dominance | None = None
+    dominance: Dominance | None = None  # deprecated, never set
+    tables: tuple[str, ...] = ()  # the published tables aggregate mode may read
+
+
+@dataclass(frozen=True)
+class TableDimension:
+    column: str
+    keys: tuple[str, ...]  # the public key set (bin labels "[low, high)" for a binned column)
+
+
+@dataclass(frozen=True)
+class TableMeasure:
+    name: str
+    function: str  # count | count_units | sum | mean
+    column: str | None
+
+
+@dataclass(frozen=True)
+class TableRules:
+    min_units: int
+    dominance_n: int
+    dominance_percent: float
+    p_percent: float | None
+    sensitive_dimensions: tuple[str, ...]
+    group_attribute_percent: float
+
+
+@dataclass(frozen=True)
+class PublishedTable:
+    """A protected table aggregate mode answers from: group by and filter (equals / in_set)
+    on its dimensions, aggregate its measures; rows needing a suppressed cell are not returned."""
+
+    id: str
+    title: str
+    description: str
+    dimensions: tuple[TableDimension, ...]
+    measures: tuple[TableMeasure, ...]
+    rules: TableRules
 
 
 @dataclass(frozen=True)
@@ -272,6 +310,7 @@ class DatasetDescription:
     grant: Grant
     receipt: Receipt = field(default=Receipt(0, ""))
     raw: Any = field(default=None, repr=False, compare=False)  # the DescribeDatasetResponse, for new fields
+    tables: tuple[PublishedTable, ...] = ()  # the published tables the grant names
 
 
 @dataclass(frozen=True)
@@ -349,6 +388,22 @@ def _grant(g: catalog_pb2.Grant) -> Grant:
         functions=_enum_names(query_pb2.AggregateFunction, g.functions, "AGGREGATE_FUNCTION_"),
         min_group_size=g.min_group_size, epsilon=g.epsilon, delta=g.delta,
         dominance=Dominance(g.dominance.n, g.dominance.percent) if g.HasField("dominance") else None,
+        tables=tuple(g.tables),
+    )
+
+
+def _table(t: catalog_pb2.PublishedTable) -> PublishedTable:
+    r = t.rules
+    return PublishedTable(
+        id=t.id, title=t.title, description=t.description,
+        dimensions=tuple(TableDimension(d.column, tuple(d.keys)) for d in t.dimensions),
+        measures=tuple(
+            TableMeasure(m.name, query_pb2.AggregateFunction.Name(m.function).removeprefix("AGGREGATE_FUNCTION_").lower(),
+                         m.column or None)
+            for m in t.measures),
+        rules=TableRules(r.min_units, r.dominance_n, r.dominance_percent,
+                         r.p_percent if r.HasField("p_percent") else None, tuple(r.sensitive_dimensions),
+                         r.group_attribute_percent),
     )
 
 
@@ -559,7 +614,8 @@ class Client:
             self._catalog.DescribeDataset, catalog_pb2.DescribeDatasetRequest(dataset_id=dataset_id)
         )
         return DatasetDescription(_dataset(response.dataset), [_column(c) for c in response.columns],
-                                  _grant(response.grant), _receipt(response), response)
+                                  _grant(response.grant), _receipt(response), response,
+                                  tuple(_table(t) for t in response.tables))
 
     @staticmethod
     def build(

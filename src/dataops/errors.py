@@ -135,6 +135,24 @@ class DataUnavailable(RequestError):
         )
 
 
+class TableUnavailable(RequestError):
+    """The protected table is still being built for the current data version; retry soon.
+
+    Says nothing about the data: only that the table is not ready.
+    """
+
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "TABLE_NOT_READY"
+
+    def __init__(self, message: str, *, retry_after_seconds: int = 5, **kwargs) -> None:
+        super().__init__(message, **kwargs)
+        self.retry_after_seconds = retry_after_seconds
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return {**super().metadata, "retry_after_seconds": str(self.retry_after_seconds)}
+
+
 class LoadError(Exception):
     """An operator-written file is invalid; the message names the file and the key."""
 

@@ -28,32 +28,28 @@ from dataclasses import dataclass, fields
 from enum import Enum
 from pathlib import Path
 from types import MappingProxyType
-from typing import Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
 from dataops._toml import Table
 from dataops.catalog import Catalog, Classification, Dataset
 from dataops.errors import PolicyError
 from dataops.ir import Function, Mode
 
+if TYPE_CHECKING:
+    from dataops.products import Products
+
 log = logging.getLogger(__name__)
 
 CONSUMER_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
-# Below three, a "group" can be one person and a witness: no statistical office goes lower.
-MIN_GROUP_SIZE_FLOOR = 3
+# Keys a grant once had; exact answers now come from protected tables whose product
+# file carries the rules. Named in the error so an old policy is fixed, not ignored.
+_MOVED_TO_TABLES = ("min_group_size", "dominance")
 
 
 class Use(str, Enum):
     DIMENSION = "dimension"
     FILTER = "filter"
     MEASURE = "measure"
-
-
-@dataclass(frozen=True)
-class Dominance:
-    """(n, k) rule: the top `n` units may not make up more than `percent` of a cell."""
-
-    n: int = 2
-    percent: float = 85.0
 
 
 ACCOUNTINGS = ("pure", "zcdp")
@@ -72,14 +68,16 @@ class Grant:
     expires: dt.date
     modes: frozenset[Mode]
     functions: frozenset[Function]
-    min_group_size: int
-    dominance: Dominance
     budget: GrantBudget
+    # DP mode only: what each column may be used for in a free-form DP query.
     columns: Mapping[str, frozenset[Use]]
     # How DP releases on this grant are noised and accounted: "pure" (Laplace noise,
     # epsilon-DP) or "zcdp" (Gaussian noise, zero-concentrated DP converted by OpenDP
     # to the (epsilon, delta) the ledger debits; see dataops.engines.dp).
     accounting: str = "pure"
+    # Aggregate (exact) mode only: the table products (ids) this grant may read.
+    # Exact answers are lookups in these protected tables, never free-form queries.
+    tables: tuple[str, ...] = ()
 
     def uses(self, column: str) -> frozenset[Use]:
         return self.columns.get(column, frozenset())
@@ -112,8 +110,12 @@ class PolicySet:
         return self.consumers.get(consumer)
 
 
-def load_policies(policy_dir: Path, catalog: Catalog) -> PolicySet:
-    """Load and validate every `*.toml` in `policy_dir`. Raises PolicyError on the first mistake."""
+def load_policies(policy_dir: Path, catalog: Catalog, products: "Products | None" = None) -> PolicySet:
+    """Load and validate every `*.toml` in `policy_dir`. Raises PolicyError on the first mistake.
+
+    `products` are the table products grants may name (none when omitted: then a
+    grant naming a table is refused as naming an unknown one).
+    """
     if not policy_dir.is_dir():
         raise PolicyError(f"{policy_dir}: policy directory does not exist")
     digest = hashlib.sha256()
@@ -124,12 +126,12 @@ def load_policies(policy_dir: Path, catalog: Catalog) -> PolicySet:
         except OSError as exc:
             raise PolicyError(f"{path}: cannot be read: {exc.strerror}") from None
         digest.update(path.name.encode() + b"\0" + hashlib.sha256(raw).digest())
-        policy = _load_policy(path, raw, catalog)
+        policy = _load_policy(path, raw, catalog, products)
         consumers[policy.consumer] = policy
     return PolicySet(MappingProxyType(consumers), digest.hexdigest())
 
 
-def _load_policy(path: Path, raw: bytes, catalog: Catalog) -> ConsumerPolicy:
+def _load_policy(path: Path, raw: bytes, catalog: Catalog, products: "Products | None" = None) -> ConsumerPolicy:
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -141,7 +143,7 @@ def _load_policy(path: Path, raw: bytes, catalog: Catalog) -> ConsumerPolicy:
     zone = doc.str("zone")
     grants: dict[str, Grant] = {}
     for table in doc.tables("grants"):
-        grant = _load_grant(table, zone, catalog)
+        grant = _load_grant(table, zone, catalog, products)
         if grant.dataset in grants:
             raise table.fail("dataset", f"a second grant on {grant.dataset!r}; merge them into one")
         grants[grant.dataset] = grant
@@ -170,7 +172,7 @@ def _enum_set(table: Table, key: str, enum: type[Enum]) -> frozenset:
     return frozenset(out)
 
 
-def _load_grant(table: Table, zone: str, catalog: Catalog) -> Grant:
+def _load_grant(table: Table, zone: str, catalog: Catalog, products: "Products | None") -> Grant:
     dataset_id = table.str("dataset")
     dataset = catalog.get(dataset_id)
     if dataset is None:
@@ -183,16 +185,10 @@ def _load_grant(table: Table, zone: str, catalog: Catalog) -> Grant:
     if isinstance(expires, dt.datetime) or not isinstance(expires, dt.date):
         raise table.fail("expires", f"must be a TOML date such as 2027-12-31, got {expires!r}")
 
-    dominance_table = table.table("dominance", required=False)
-    dominance = Dominance()
-    if dominance_table is not None:
-        dominance = Dominance(
-            n=dominance_table.int("n", 2, minimum=1),
-            percent=dominance_table.number("percent", 85.0, minimum=0.0),
-        )
-        if not 0 < dominance.percent <= 100:
-            raise dominance_table.fail("percent", "must lie in (0, 100]")
-        dominance_table.reject_unknown()
+    for key in _MOVED_TO_TABLES:
+        if table.has(key):
+            raise table.fail(key, "protection rules now belong to table products (products/*.toml); "
+                                  "remove it here and name the tables this grant may read in `tables`")
 
     budget_table = table.table("budget")
     budget = GrantBudget(
@@ -208,16 +204,29 @@ def _load_grant(table: Table, zone: str, catalog: Catalog) -> Grant:
         )
     budget_table.reject_unknown()
 
+    modes = _enum_set(table, "modes", Mode)
+    # Exact answers come only from the named tables; free-form column grants are DP's.
+    if Mode.DP in modes:
+        columns = _load_columns(table.table("columns"), dataset)
+    elif table.has("columns"):
+        raise table.fail("columns", "column grants apply to DP mode only; exact (aggregate) answers "
+                                    "come from the tables named in `tables`")
+    else:
+        columns = {}
+    tables = _load_tables(table, dataset, products, required=Mode.AGGREGATE in modes)
+    if Mode.AGGREGATE in modes and not tables:
+        raise table.fail("tables", "an aggregate-mode grant must name the table products it may read")
+    # Tables without aggregate mode are validated but unused (dropping "aggregate" from
+    # `modes` narrows the grant; the leftover list must not make the file invalid).
     grant = Grant(
         dataset=dataset_id,
         purpose=table.str("purpose"),
         expires=expires,
-        modes=_enum_set(table, "modes", Mode),
+        modes=modes,
         functions=_enum_set(table, "functions", Function),
-        min_group_size=table.int("min_group_size", minimum=MIN_GROUP_SIZE_FLOOR),
-        dominance=dominance,
         budget=budget,
-        columns=MappingProxyType(_load_columns(table.table("columns"), dataset)),
+        columns=MappingProxyType(columns),
+        tables=tables,
         accounting=table.str("accounting", "pure"),
     )
     if grant.accounting not in ACCOUNTINGS:
@@ -226,6 +235,28 @@ def _load_grant(table: Table, zone: str, catalog: Catalog) -> Grant:
         raise budget_table.fail("delta", "a zcdp grant needs delta > 0: zCDP is converted to (epsilon, delta)")
     table.reject_unknown()
     return grant
+
+
+def _load_tables(table: Table, dataset: Dataset, products: "Products | None", *, required: bool) -> tuple[str, ...]:
+    """The table product ids a grant names: each must exist and be a table of this dataset."""
+    ids = table.list("tables") if required else table.list("tables", [])
+    known = products.tables if products is not None else {}
+    seen: list[str] = []
+    for i, table_id in enumerate(ids):
+        if not isinstance(table_id, str) or not table_id:
+            raise table.fail(f"tables[{i}]", f"must be a table product id, got {table_id!r}")
+        product = known.get(table_id)
+        if product is None:
+            listed = ", ".join(sorted(known)) or "none"
+            raise table.fail(f"tables[{i}]", f"{table_id!r} is not a table product (products/*.toml; "
+                                             f"known: {listed})")
+        if product.dataset != dataset.id:
+            raise table.fail(f"tables[{i}]", f"table {table_id!r} is over dataset {product.dataset!r}, "
+                                             f"not this grant's {dataset.id!r}")
+        if table_id in seen:
+            raise table.fail(f"tables[{i}]", f"{table_id!r} is named twice")
+        seen.append(table_id)
+    return tuple(seen)
 
 
 def _load_columns(table: Table, dataset: Dataset) -> dict[str, frozenset[Use]]:
@@ -247,11 +278,6 @@ def _load_columns(table: Table, dataset: Dataset) -> dict[str, frozenset[Use]]:
     return columns
 
 
-def _stricter_dominance(old: Dominance, new: Dominance) -> bool:
-    # More top units summed, or a lower share allowed, flags more cells as dominated.
-    return new.n >= old.n and new.percent <= old.percent
-
-
 def _fewer_column_uses(old: Mapping[str, frozenset[Use]], new: Mapping[str, frozenset[Use]]) -> bool:
     return all(column in old and uses <= old[column] for column, uses in new.items())
 
@@ -262,8 +288,7 @@ _NARROWER = {
     "expires": lambda old, new: new <= old,
     "modes": lambda old, new: new <= old,
     "functions": lambda old, new: new <= old,
-    "min_group_size": lambda old, new: new >= old,
-    "dominance": _stricter_dominance,
+    "tables": lambda old, new: set(new) <= set(old),  # fewer tables read: narrower
     "budget": lambda old, new: new.epsilon <= old.epsilon and new.delta <= old.delta,
     "columns": _fewer_column_uses,
 }
@@ -321,18 +346,20 @@ class PolicyStore:
         policy_dir: Path,
         catalog: Catalog,
         *,
+        products: "Products | None" = None,
         on_reload: Callable[[PolicySet | None, str | None], None] | None = None,
         settle_seconds: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.policy_dir = policy_dir
         self.catalog = catalog
+        self.products = products
         self.settle_seconds = settle_seconds
         self._clock = clock
         self._on_reload = on_reload
         self._lock = threading.Lock()
         # Strict at start: the server refuses to start on any invalid file.
-        self._current = load_policies(policy_dir, catalog)
+        self._current = load_policies(policy_dir, catalog, products)
         self._files: dict[str, _InForce] = {}
         for name, (path, raw, digest) in self._scan().items():
             policy = self._current.get(path.stem)
@@ -363,7 +390,7 @@ class PolicyStore:
         if raw is None:
             return _invalid_policy(path, f"{path}: cannot be read ({digest})")
         try:
-            return _load_policy(path, raw, self.catalog)
+            return _load_policy(path, raw, self.catalog, self.products)
         except PolicyError as exc:
             return _invalid_policy(path, str(exc))
 

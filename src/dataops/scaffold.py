@@ -58,6 +58,7 @@ classification = "identifier"
 [columns.district]
 type = "string"
 classification = "quasi_identifier"
+keys = ["north", "south"]           # a public key set: what a published table's cells are
 
 [columns.amount]
 type = "float"
@@ -76,16 +77,38 @@ dataset = "loans"
 purpose = "credit-risk"
 expires = 2027-12-31
 modes = ["aggregate", "dp"]
-functions = ["count", "count_units", "sum", "mean", "quantile"]
-min_group_size = 10
+functions = ["count", "count_units", "sum", "mean", "quantile"]   # what DP queries may compute
+tables = ["loans_by_district"]    # exact answers: lookups in these published tables (products/)
 
 [grants.budget]
 epsilon = 2.0
 delta = 1e-7
 
-[grants.columns]
+[grants.columns]                  # DP mode
 district = ["dimension", "filter"]
 amount = ["measure"]
+"""
+
+PRODUCT_EXAMPLE = """\
+# Copy to products/loans_by_district.toml (the id must equal the file name): a table
+# protected once per data version; grants name it in `tables`.
+kind = "table"
+id = "loans_by_district"
+dataset = "loans"
+title = "Loans and amounts by district"
+dimensions = ["district"]
+
+[[measures]]
+function = "count"
+[[measures]]
+function = "sum"
+column = "amount"
+[[measures]]
+function = "mean"
+column = "amount"
+
+[rules]
+min_units = 10                      # a cell of fewer loans is not published
 """
 
 
@@ -103,6 +126,7 @@ def scaffold(directory: Path, *, server_names: Iterable[str] = (), ips: Iterable
         made.append(f"{name}/")
     (directory / "catalog" / "loans.toml.example").write_text(CATALOG_EXAMPLE)
     (directory / "policies" / "city-bank.toml.example").write_text(POLICY_EXAMPLE)
+    (directory / "products" / "loans_by_district.toml.example").write_text(PRODUCT_EXAMPLE)
     names = ["localhost", *[n for n in server_names if n != "localhost"]]
     addresses = ["127.0.0.1", "::1", *[i for i in ips if i not in ("127.0.0.1", "::1")]]
     init_authority(directory / "state" / "pki", server_names=names, server_ips=addresses)

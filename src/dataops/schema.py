@@ -11,7 +11,7 @@ from typing import Any
 
 from dataops.catalog import COLUMN_PATTERN, ID_PATTERN, ZONE_PATTERN, Classification, ColumnType
 from dataops.ir import Function, Mode
-from dataops.policy import CONSUMER_PATTERN, MIN_GROUP_SIZE_FLOOR, Use
+from dataops.policy import CONSUMER_PATTERN, Use
 
 DRAFT = "https://json-schema.org/draft/2020-12/schema"
 
@@ -42,18 +42,15 @@ def policy_schema() -> dict[str, Any]:
             "purpose": {"type": "string", "minLength": 1},
             "expires": {"type": "string", "format": "date", "description": "a TOML date, e.g. 2027-12-31"},
             "modes": _enum_list(Mode, "query modes the grant allows"),
-            "functions": _enum_list(Function, "aggregate functions the grant allows"),
-            "min_group_size": {"type": "integer", "minimum": MIN_GROUP_SIZE_FLOOR,
-                               "description": "every output row covers at least this many privacy units"},
-            "dominance": _obj({"n": {"type": "integer", "minimum": 1, "default": 2},
-                               "percent": {"type": "number", "exclusiveMinimum": 0, "maximum": 100,
-                                           "default": 85}}, [],
-                              "(n, k) rule: the top n units may not exceed percent of a cell"),
+            "functions": _enum_list(Function, "aggregate functions DP queries may compute"),
+            "tables": {"type": "array", "items": {"type": "string"}, "uniqueItems": True,
+                       "description": "aggregate mode: the table products (products/<id>.toml) this grant "
+                                      "may read; exact answers are lookups in them"},
             "budget": _budget("the grant's DP budget; at most the dataset's cap"),
-            "columns": {"type": "object", "description": "column -> uses",
+            "columns": {"type": "object", "description": "DP mode: column -> uses",
                         "additionalProperties": _enum_list(Use, "how the column may be used")},
         },
-        ["dataset", "purpose", "expires", "modes", "functions", "min_group_size", "budget", "columns"],
+        ["dataset", "purpose", "expires", "modes", "functions", "budget"],
     )
     return {
         "$schema": DRAFT, "$id": "https://dataops.example/schema/policy.json", "title": "dataops consumer policy",

@@ -14,20 +14,20 @@ import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
 
 from dataops.audit.record import CallRecord
 from dataops.authorize import authorize, consumer_policy, live_grant, visible_dataset
 from dataops.catalog import Catalog, Dataset
 from dataops.config import Limits
 from dataops.engines import AggregateAccuracy, EngineResult, Plan, Spend
-from dataops.engines import aggregate as aggregate_engine
 from dataops.engines import dp as dp_engine
 from dataops.engines import dp_autoclip
 from dataops.engines._base import predicate
 from dataops.engines.prepared import PreparedStore
-from dataops.errors import DeadlineExceeded, FieldViolation, InvalidQuery, RequestError
+from dataops.engines.table import TableEngine
+from dataops.errors import DeadlineExceeded, FieldViolation, InternalError, InvalidQuery, RequestError
 from dataops.ir import MAX_NAME_LENGTH, Mode, Query
 from dataops.ledger import BudgetState, Ledger
 from dataops.policy import Grant, PolicyStore
@@ -49,10 +49,12 @@ class Estimate:
 
 @dataclass(frozen=True)
 class DatasetView:
-    """A dataset as one consumer sees it: the entry and the consumer's grant."""
+    """A dataset as one consumer sees it: the entry, the consumer's grant and its tables."""
 
     dataset: Dataset
     grant: Grant
+    # The table products the grant names (`TableProduct`), in the grant's order.
+    tables: tuple[Any, ...] = field(default_factory=tuple)
 
 
 def check_limits(query: Query, limits: Limits) -> None:
@@ -87,8 +89,11 @@ class Sandbox:
         prepared: PreparedStore | None = None,
         engine_workers: int = 8,
         versions: DataVersions | None = None,
+        tables: TableEngine | None = None,
     ) -> None:
         self.catalog = catalog
+        # Aggregate mode: lookups in the protected tables (none: exact queries are refused).
+        self.tables = tables
         self.policies = policies
         self.limits = limits
         self.ledger = ledger
@@ -126,7 +131,13 @@ class Sandbox:
         call.dataset = dataset_id[:MAX_NAME_LENGTH]  # bounded: the audit line must stay small
         policy = consumer_policy(self.policies.current, consumer)
         dataset = visible_dataset(policy, self.catalog, dataset_id)
-        return DatasetView(dataset, live_grant(policy, dataset, self.today()))
+        grant = live_grant(policy, dataset, self.today())
+        products = self._table_products
+        return DatasetView(dataset, grant, tuple(products[t] for t in grant.tables if t in products))
+
+    @property
+    def _table_products(self) -> Mapping[str, Any]:
+        return self.tables.tables if self.tables is not None else {}
 
     def unit_column_for(self, consumer: str) -> Callable[[str], str | None]:
         """For SQL's COUNT(DISTINCT <unit>): a dataset's privacy-unit column, as
@@ -172,25 +183,36 @@ class Sandbox:
         check_limits(query, self.limits)
         call.query = query.canonical()
         call.purpose = query.purpose or None
-        decision = authorize(self.policies.current, self.catalog, consumer, query, self.today())
+        decision = authorize(self.policies.current, self.catalog, consumer, query, self.today(),
+                             self._table_products)
         call.purpose = decision.grant.purpose  # what the answer may be used for, as granted
         # In every mode: the file still resolves inside the sandbox and is not another
         # entry's content (dataops.versions); cheap while the file is unchanged.
         self.versions.of(decision.dataset)
-        # Building the predicate type-checks every filter value against the catalog,
-        # before anything runs (and, for DP, before any budget is reserved).
-        predicate(decision.dataset, query.filters)
-        return Plan(query, decision.dataset, decision.grant, self.limits.max_output_rows)
+        if query.mode is Mode.DP:
+            # Building the predicate type-checks every filter value against the catalog,
+            # before anything runs and before any budget is reserved. (Exact queries:
+            # the coverage checked every filter value against the table's key sets.)
+            predicate(decision.dataset, query.filters)
+        return Plan(query, decision.dataset, decision.grant, self.limits.max_output_rows,
+                    coverage=decision.coverage)
 
     def run(self, consumer: str, query: Query, call: CallRecord) -> EngineResult:
         plan = self.plan(consumer, query, call)
         if query.mode is Mode.AGGREGATE:
-            result = self._within_deadline(call, lambda: aggregate_engine.run(plan))
+            # A lookup in an index held in memory: bounded work, no scan, no thread hop.
+            result = self._exact_engine().release(plan, deadline=call.deadline)
+            call.table, call.table_fingerprint = result.table_id, result.table_fingerprint
         else:
             result = self._run_dp(consumer, plan, call)
         call.rows_returned = result.table.num_rows
         call.rows_suppressed = result.rows_suppressed
         return result
+
+    def _exact_engine(self) -> TableEngine:
+        if self.tables is None:  # authorize refuses exact queries without tables first
+            raise InternalError("aggregate mode without a table engine")
+        return self.tables
 
     def _remaining(self, consumer: str, plan: Plan, spent_now: tuple[float, float] = (0.0, 0.0)) -> Spend:
         epsilon, delta = self.ledger.spent(consumer, plan.dataset.id)
@@ -284,7 +306,8 @@ class Sandbox:
         """Cost and accuracy of a query; runs nothing and spends nothing."""
         plan = self.plan(consumer, query, call)
         if query.mode is Mode.AGGREGATE:
-            return Estimate(Spend(), tuple(AggregateAccuracy(a.name) for a in query.aggregates))
+            estimate = self._exact_engine().estimate(plan)
+            return Estimate(estimate.spend, estimate.accuracy)
         compiled, _ = self._compile_dp(plan)  # the form a run would use: the same cost
         calibration = compiled.calibrate(query.privacy)
         cost = (calibration.cost.epsilon, calibration.cost.delta)

@@ -252,11 +252,38 @@ def grant_to_proto(grant: Grant) -> c.Grant:
         expires=grant.expires.isoformat(),
         modes=sorted(MODE_TO_PROTO[m] for m in grant.modes),
         functions=sorted(FUNCTION_TO_PROTO[f] for f in grant.functions),
-        min_group_size=grant.min_group_size,
         epsilon=grant.budget.epsilon,
         delta=grant.budget.delta,
-        dominance=c.Dominance(n=grant.dominance.n, percent=grant.dominance.percent),
+        tables=list(grant.tables),
     )
+
+
+def table_to_proto(product: Any) -> c.PublishedTable:
+    """A table product (`dataops.products.table.TableProduct`) as the consumer sees it."""
+    rules = product.rules
+    message = c.PublishedTable(
+        id=product.id,
+        title=product.title,
+        description=product.description,
+        dimensions=[
+            c.TableDimension(column=d, keys=[str(k) for k in keys])
+            for d, keys in zip(product.dimensions, product.keys)
+        ],
+        measures=[
+            c.TableMeasure(name=m.name, function=FUNCTION_TO_PROTO[m.function], column=m.column or "")
+            for m in product.measures
+        ],
+        rules=c.TableRules(
+            min_units=rules.min_units,
+            dominance_n=rules.dominance_n,
+            dominance_percent=rules.dominance_percent,
+            sensitive_dimensions=list(rules.sensitive_dimensions),
+            group_attribute_percent=rules.group_attribute_percent,
+        ),
+    )
+    if rules.p_percent is not None:
+        message.rules.p_percent = rules.p_percent
+    return message
 
 
 # --- results ---------------------------------------------------------------

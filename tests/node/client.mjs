@@ -144,6 +144,7 @@ report.describe = described.error ?? {
     name: c.name, type: c.type, classification: c.classification, allowed_uses: c.allowed_uses,
   })),
   grant: described.response.grant,
+  tables: described.response.tables,
 };
 
 report.describe_other_zone = await call("CatalogService", "DescribeDataset", { dataset_id: args["other-dataset"] });
@@ -180,7 +181,7 @@ const exact = await call("QueryService", "RunQuery", {
     mode: "QUERY_MODE_AGGREGATE",
     group_by: ["size_band"],
     aggregates: [{ function: "AGGREGATE_FUNCTION_COUNT_UNITS" }],
-    filters: [{ column: "year_founded", range: { low: { int_value: "2000" } } }],
+    filters: [{ column: "district", in_set: { values: [{ string_value: "Dongcheng" }, { string_value: "Xicheng" }] } }],
   },
 });
 report.run_exact = exact.error ?? { table: readArrow(exact.response.result), rows_suppressed: exact.response.rows_suppressed };

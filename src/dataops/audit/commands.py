@@ -350,10 +350,11 @@ def _caps(args: argparse.Namespace):
         from dataops.catalog import load_catalog
         from dataops.config import load_config
         from dataops.policy import load_policies
+        from dataops.products import load_products
 
         config = load_config(args.config)
         catalog = load_catalog(config.paths.catalog, config.paths.sandbox)
-        policies = load_policies(config.paths.policies, catalog)
+        policies = load_policies(config.paths.policies, catalog, load_products(config.paths.products, catalog))
     except (LoadError, ImportError) as exc:
         print(f"note: no budget caps in the report: {exc}", file=sys.stderr)
         return None

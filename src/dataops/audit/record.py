@@ -44,6 +44,9 @@ class CallRecord:
     epsilon_spent: float = 0.0
     delta_spent: float = 0.0
     reused: bool = False
+    # Aggregate mode: the protected table the answer was looked up in.
+    table: str | None = None
+    table_fingerprint: str | None = None
     # time.monotonic() by which the client stops waiting (its gRPC deadline); not audited.
     deadline: float | None = None
     # Subject evaluations: per evaluation the product, consent id, keyed subject hash
@@ -122,6 +125,8 @@ class CallRecord:
             "reused": self.reused,
             "latency_ms": round((time.perf_counter() - self.started) * 1000, 3),
             "policy_version": policy_version,
+            # Only exact answers name a table; other records keep their shape.
+            **({"table": self.table, "table_fingerprint": self.table_fingerprint} if self.table else {}),
         }
 
 

@@ -47,6 +47,7 @@ catalog = "catalog"
 policies = "policies"
 sandbox = "sandbox"
 state = "state"
+products = "products"     # the published tables exact answers are looked up in
 """
 
 
@@ -139,6 +140,10 @@ class Session:
         elif isinstance(result, list):
             for item in result:
                 self.out(f"    {item.id:22} {item.title}")
+        elif hasattr(result, "tables"):  # a dataset description: the tables it publishes
+            from dataops.cli import print_description
+
+            print_description(result, lambda text: self.out("    " + text.replace("\n", "\n    ")))
         return result
 
 
@@ -154,16 +159,21 @@ def play(target: str, pki: Path, out: Callable[[str], None]) -> dict[str, list[A
         s = Session(client, out)
         results["city-bank"] = [
             s.step("Which datasets may I use?", client.list_datasets),
-            s.step("Enterprises and mean tax paid by size band (allowed)", lambda: client.query(
-                "enterprise_credit", aggregates=[count_units("enterprises"), mean("tax_paid")],
-                group_by=["size_band"])),
-            s.step("Tax paid by district × industry (small or dominated cells are suppressed)", lambda: client.query(
-                "enterprise_credit", aggregates=[count_units("enterprises"), total("tax_paid")],
-                group_by=["district", "industry"])),
+            s.step("Enterprises and mean tax paid by size band (a lookup in the published table)",
+                   lambda: client.query(
+                       "enterprise_credit", aggregates=[count_units("enterprises"), mean("tax_paid")],
+                       group_by=["size_band"])),
+            s.step("Tax paid by district × industry (cells the protection suppressed are not returned)",
+                   lambda: client.query(
+                       "enterprise_credit", aggregates=[count_units("enterprises"), total("tax_paid")],
+                       group_by=["district", "industry"])),
             s.step("Group by the enterprise id (an identifier)", lambda: client.query(
                 "enterprise_credit", aggregates=[count()], group_by=["enterprise_id"])),
             s.step("Reach into the insurance zone", lambda: client.query(
                 "medical_claims", aggregates=[count()])),
+            s.step("Which published tables may I read exactly?", lambda: client.describe("enterprise_credit")),
+            s.step("Exact counts by founding year (no published table has that dimension)", lambda: client.query(
+                "enterprise_credit", aggregates=[count_units("enterprises")], group_by=["year_founded"])),
             s.step("DP: what would enterprises and total penalties by district cost, at epsilon 1?",
                    lambda: client.estimate("enterprise_credit", aggregates=[count("enterprises"),
                                            total("penalties")], group_by=["district"],
@@ -193,7 +203,7 @@ def play(target: str, pki: Path, out: Callable[[str], None]) -> dict[str, list[A
                 group_by=["district"])),
             s.step("Total tax paid (a column this grant does not cover)", lambda: client.query(
                 "enterprise_credit", aggregates=[total("tax_paid")])),
-            s.step("Mean penalties of large enterprises in Lingang (a filter, not a grant of this consumer)",
+            s.step("Mean penalties of large enterprises in Lingang (one cell: returned only if released)",
                    lambda: client.query(
                        "enterprise_credit", aggregates=[mean("penalties")],
                        filters=[Equals("district", "Lingang"), Equals("size_band", "large")])),
@@ -203,15 +213,17 @@ def play(target: str, pki: Path, out: Callable[[str], None]) -> dict[str, list[A
     with connect("harbor-insurance") as client:
         s = Session(client, out)
         results["harbor-insurance"] = [
-            s.step("Mean inpatient claim by age band and sex (allowed)", lambda: client.query(
-                "medical_claims", aggregates=[count_units("persons"), mean("amount")],
-                group_by=["age_band", "sex"], filters=[Equals("visit_type", "inpatient")])),
-            s.step("Inpatient claims of 18-29 year olds by district × diagnosis × hospital level "
-                   "(small groups suppressed)",
+            s.step("Mean inpatient claim by age band and sex (a lookup in the published table)",
                    lambda: client.query(
-                       "medical_claims", aggregates=[count_units("persons"), mean("amount")],
-                       group_by=["district", "diagnosis_group", "hospital_level"],
+                       "medical_claims", aggregates=[count("visits"), mean("amount")],
+                       group_by=["age_band", "sex"], filters=[Equals("visit_type", "inpatient")])),
+            s.step("Inpatient claims of 18-29 year olds by sex × diagnosis (suppressed cells not returned)",
+                   lambda: client.query(
+                       "medical_claims", aggregates=[count("visits"), mean("amount")],
+                       group_by=["sex", "diagnosis_group"],
                        filters=[Equals("visit_type", "inpatient"), Equals("age_band", "18-29")])),
+            s.step("The same by hospital level (not a dimension of any published table)", lambda: client.query(
+                "medical_claims", aggregates=[count("visits")], group_by=["hospital_level"])),
             s.step("Filter on one person's id", lambda: client.query(
                 "medical_claims", aggregates=[count()], filters=[Equals("person_id", "P0000001")])),
             s.step("Reach into the finance zone", lambda: client.query(
@@ -249,6 +261,11 @@ def run_demo(workdir: Path, *, claims: int = 1_000_000, enterprises: int = 200_0
     target = f"localhost:{server.port}"
     out(f"server listening on {target} with mutual TLS (CA {config.tls.ca_cert})")
     try:
+        started = time.perf_counter()
+        # Exact answers wait for their table anyway; waiting here keeps the script's pace even.
+        ready = server.tables.wait_ready(timeout=600)
+        out(f"{len(server.tables.tables)} published tables protected for this data version "
+            f"in {time.perf_counter() - started:.1f} s" + ("" if ready else " (some are not ready yet)"))
         play(target, config.tls.ca_cert.parent, out)
         from dataops.demo.subjects import play_subjects
 

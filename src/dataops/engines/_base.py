@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
+from typing import Any
 
 import polars as pl
 import pyarrow as pa
@@ -20,6 +21,9 @@ class Plan:
     dataset: Dataset
     grant: Grant
     max_output_rows: int = 10_000
+    # Aggregate mode: the lookup in a protected table that answers the query
+    # (`dataops.engines.table.Coverage`, decided by authorization).
+    coverage: Any = None
 
 
 # `AggregateAccuracy.mechanism` values, as the contract (query.proto) documents
@@ -54,6 +58,9 @@ class EngineResult:
     accuracy: tuple[AggregateAccuracy, ...] = field(default_factory=tuple)
     spend: Spend | None = None
     reused: bool = False
+    # Exact answers: the protected table looked up, and its fingerprint (for the audit).
+    table_id: str | None = None
+    table_fingerprint: str | None = None
 
 
 def scan(dataset: Dataset) -> pl.LazyFrame:

@@ -29,6 +29,7 @@ from dataops.catalog import Catalog, check_data, load_catalog
 from dataops.certs import RevocationList
 from dataops.config import ServerConfig
 from dataops.engines.prepared import PreparedStore
+from dataops.engines.table import TableEngine
 from dataops.ledger import Ledger
 from dataops.policy import PolicyStore
 from dataops.consent import ConsentStore, load_issuers, store_path
@@ -43,7 +44,7 @@ from dataops.v1 import (
     audit_pb2, audit_pb2_grpc, catalog_pb2, catalog_pb2_grpc, query_pb2, query_pb2_grpc, subject_pb2,
     subject_pb2_grpc,
 )
-from dataops.versions import DataVersions
+from dataops.versions import DataVersions, Fingerprints
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ class DataopsServer:
     evaluator: Evaluator | None = None
     signer: SignerClient | None = None
     signer_process: SignerProcess | None = None  # None when the signer runs on its own (another user)
+    tables: TableEngine | None = None
 
     @property
     def target(self) -> str:
@@ -91,6 +93,10 @@ class DataopsServer:
         return f"{host}:{self.port}"
 
     def start(self) -> "DataopsServer":
+        if self.tables is not None:
+            # Protects every table for its data version in the background; an exact
+            # query waits for its table (or gets UNAVAILABLE with a retry hint).
+            self.tables.start()
         self.grpc_server.start()
         self.policies.start(self.config.server.policy_poll_seconds)
         for name in ("", *SERVICE_NAMES):
@@ -110,6 +116,8 @@ class DataopsServer:
         self.policies.stop()
         if self.sandbox.prepared is not None:
             self.sandbox.prepared.close()
+        if self.tables is not None:
+            self.tables.stop()
         self.sandbox.close()
         if self.evaluator is not None:
             self.evaluator.close()
@@ -182,7 +190,7 @@ def build_server(config: ServerConfig) -> DataopsServer:
     catalog = load_checked_catalog(config, versions)
     products = load_products(config.paths.products, catalog)
     issuers = load_issuers(config.paths.consents)
-    policies = PolicyStore(config.paths.policies, catalog,
+    policies = PolicyStore(config.paths.policies, catalog, products=products,
                            settle_seconds=config.server.policy_settle_seconds)
     signer, signer_process = connect_signer(config)
     try:
@@ -215,8 +223,10 @@ def _build(config: ServerConfig, catalog: Catalog, products: Any, issuers: Any, 
     # DP reads copies truncated once per data version (state/prepared); build them now,
     # in the background, so the first DP query need not wait for its dataset's copy.
     prepared = PreparedStore(config.paths.state, versions)
+    # Tables key on the data version and the catalog terms (keys, bounds) they are cut by.
+    tables = table_engine(config, catalog, products.tables, Fingerprints(versions).of, audit.append)
     sandbox = Sandbox(catalog, policies, config.limits, ledger, prepared=prepared,
-                      engine_workers=config.server.workers, versions=versions)
+                      engine_workers=config.server.workers, versions=versions, tables=tables)
     layouts = SubjectLayouts(config.paths.state, products.subjects.values(), sandbox.fingerprints)
     consents = ConsentStore(store_path(config.paths.state))
     # Use counts are backed by the (fsynced) audit log: restore any the store lost.
@@ -276,4 +286,11 @@ def _build(config: ServerConfig, catalog: Catalog, products: Any, issuers: Any, 
     layouts.warm()
     return DataopsServer(config, server, port, sandbox, policies, audit, ledger, health_servicer,
                          request_pool=interceptor.pool, evaluator=evaluator, signer=signer,
-                         signer_process=signer_process)
+                         signer_process=signer_process, tables=tables)
+
+
+def table_engine(config: ServerConfig, catalog: Catalog, tables, data_version, record=None) -> TableEngine:
+    """The exact engine over the protected tables kept in `state/tables` (one per data version)."""
+    from dataops.tables import TableStore
+
+    return TableEngine(catalog, tables, TableStore(config.paths.state), data_version, record)

@@ -32,6 +32,7 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
             dataset=wire.dataset_to_proto(view.dataset),
             columns=wire.columns_to_proto(view.dataset, view.grant),
             grant=wire.grant_to_proto(view.grant),
+            tables=[wire.table_to_proto(t) for t in view.tables],
         )
 
 

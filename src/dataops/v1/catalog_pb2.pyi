@@ -83,7 +83,7 @@ class Dominance(_message.Message):
     def __init__(self, n: _Optional[int] = ..., percent: _Optional[float] = ...) -> None: ...
 
 class Grant(_message.Message):
-    __slots__ = ("purpose", "expires", "modes", "functions", "min_group_size", "epsilon", "delta", "dominance")
+    __slots__ = ("purpose", "expires", "modes", "functions", "min_group_size", "epsilon", "delta", "dominance", "tables")
     PURPOSE_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_FIELD_NUMBER: _ClassVar[int]
     MODES_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +92,7 @@ class Grant(_message.Message):
     EPSILON_FIELD_NUMBER: _ClassVar[int]
     DELTA_FIELD_NUMBER: _ClassVar[int]
     DOMINANCE_FIELD_NUMBER: _ClassVar[int]
+    TABLES_FIELD_NUMBER: _ClassVar[int]
     purpose: str
     expires: str
     modes: _containers.RepeatedScalarFieldContainer[_query_pb2.QueryMode]
@@ -100,7 +101,58 @@ class Grant(_message.Message):
     epsilon: float
     delta: float
     dominance: Dominance
-    def __init__(self, purpose: _Optional[str] = ..., expires: _Optional[str] = ..., modes: _Optional[_Iterable[_Union[_query_pb2.QueryMode, str]]] = ..., functions: _Optional[_Iterable[_Union[_query_pb2.AggregateFunction, str]]] = ..., min_group_size: _Optional[int] = ..., epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., dominance: _Optional[_Union[Dominance, _Mapping]] = ...) -> None: ...
+    tables: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, purpose: _Optional[str] = ..., expires: _Optional[str] = ..., modes: _Optional[_Iterable[_Union[_query_pb2.QueryMode, str]]] = ..., functions: _Optional[_Iterable[_Union[_query_pb2.AggregateFunction, str]]] = ..., min_group_size: _Optional[int] = ..., epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., dominance: _Optional[_Union[Dominance, _Mapping]] = ..., tables: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class TableDimension(_message.Message):
+    __slots__ = ("column", "keys")
+    COLUMN_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    column: str
+    keys: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, column: _Optional[str] = ..., keys: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class TableMeasure(_message.Message):
+    __slots__ = ("name", "function", "column")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    FUNCTION_FIELD_NUMBER: _ClassVar[int]
+    COLUMN_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    function: _query_pb2.AggregateFunction
+    column: str
+    def __init__(self, name: _Optional[str] = ..., function: _Optional[_Union[_query_pb2.AggregateFunction, str]] = ..., column: _Optional[str] = ...) -> None: ...
+
+class TableRules(_message.Message):
+    __slots__ = ("min_units", "dominance_n", "dominance_percent", "p_percent", "sensitive_dimensions", "group_attribute_percent")
+    MIN_UNITS_FIELD_NUMBER: _ClassVar[int]
+    DOMINANCE_N_FIELD_NUMBER: _ClassVar[int]
+    DOMINANCE_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    P_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    SENSITIVE_DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
+    GROUP_ATTRIBUTE_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    min_units: int
+    dominance_n: int
+    dominance_percent: float
+    p_percent: float
+    sensitive_dimensions: _containers.RepeatedScalarFieldContainer[str]
+    group_attribute_percent: float
+    def __init__(self, min_units: _Optional[int] = ..., dominance_n: _Optional[int] = ..., dominance_percent: _Optional[float] = ..., p_percent: _Optional[float] = ..., sensitive_dimensions: _Optional[_Iterable[str]] = ..., group_attribute_percent: _Optional[float] = ...) -> None: ...
+
+class PublishedTable(_message.Message):
+    __slots__ = ("id", "title", "description", "dimensions", "measures", "rules")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TITLE_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
+    MEASURES_FIELD_NUMBER: _ClassVar[int]
+    RULES_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    title: str
+    description: str
+    dimensions: _containers.RepeatedCompositeFieldContainer[TableDimension]
+    measures: _containers.RepeatedCompositeFieldContainer[TableMeasure]
+    rules: TableRules
+    def __init__(self, id: _Optional[str] = ..., title: _Optional[str] = ..., description: _Optional[str] = ..., dimensions: _Optional[_Iterable[_Union[TableDimension, _Mapping]]] = ..., measures: _Optional[_Iterable[_Union[TableMeasure, _Mapping]]] = ..., rules: _Optional[_Union[TableRules, _Mapping]] = ...) -> None: ...
 
 class ListDatasetsRequest(_message.Message):
     __slots__ = ()
@@ -121,13 +173,15 @@ class DescribeDatasetRequest(_message.Message):
     def __init__(self, dataset_id: _Optional[str] = ...) -> None: ...
 
 class DescribeDatasetResponse(_message.Message):
-    __slots__ = ("dataset", "columns", "grant", "receipt")
+    __slots__ = ("dataset", "columns", "grant", "receipt", "tables")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     COLUMNS_FIELD_NUMBER: _ClassVar[int]
     GRANT_FIELD_NUMBER: _ClassVar[int]
     RECEIPT_FIELD_NUMBER: _ClassVar[int]
+    TABLES_FIELD_NUMBER: _ClassVar[int]
     dataset: Dataset
     columns: _containers.RepeatedCompositeFieldContainer[Column]
     grant: Grant
     receipt: _query_pb2.Receipt
-    def __init__(self, dataset: _Optional[_Union[Dataset, _Mapping]] = ..., columns: _Optional[_Iterable[_Union[Column, _Mapping]]] = ..., grant: _Optional[_Union[Grant, _Mapping]] = ..., receipt: _Optional[_Union[_query_pb2.Receipt, _Mapping]] = ...) -> None: ...
+    tables: _containers.RepeatedCompositeFieldContainer[PublishedTable]
+    def __init__(self, dataset: _Optional[_Union[Dataset, _Mapping]] = ..., columns: _Optional[_Iterable[_Union[Column, _Mapping]]] = ..., grant: _Optional[_Union[Grant, _Mapping]] = ..., receipt: _Optional[_Union[_query_pb2.Receipt, _Mapping]] = ..., tables: _Optional[_Iterable[_Union[PublishedTable, _Mapping]]] = ...) -> None: ...

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64\x61taops/v1/errors.proto\x12\ndataops.v1*\xe0\x03\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x45RROR_REASON_INVALID_QUERY\x10\x01\x12 \n\x1c\x45RROR_REASON_UNKNOWN_DATASET\x10\x02\x12\x1e\n\x1a\x45RROR_REASON_POLICY_DENIED\x10\x03\x12!\n\x1d\x45RROR_REASON_UNKNOWN_CONSUMER\x10\x04\x12 \n\x1c\x45RROR_REASON_UNAUTHENTICATED\x10\x05\x12\x1f\n\x1b\x45RROR_REASON_OUTPUT_CONTROL\x10\x06\x12!\n\x1d\x45RROR_REASON_BUDGET_EXHAUSTED\x10\x07\x12\x1f\n\x1b\x45RROR_REASON_LIMIT_EXCEEDED\x10\x08\x12\"\n\x1e\x45RROR_REASON_DEADLINE_EXCEEDED\x10\t\x12\x19\n\x15\x45RROR_REASON_INTERNAL\x10\n\x12 \n\x1c\x45RROR_REASON_CONSENT_INVALID\x10\x0b\x12 \n\x1c\x45RROR_REASON_SERVER_STOPPING\x10\x0c\x12$\n ERROR_REASON_DATASET_UNAVAILABLE\x10\rb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64\x61taops/v1/errors.proto\x12\ndataops.v1*\x82\x04\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x45RROR_REASON_INVALID_QUERY\x10\x01\x12 \n\x1c\x45RROR_REASON_UNKNOWN_DATASET\x10\x02\x12\x1e\n\x1a\x45RROR_REASON_POLICY_DENIED\x10\x03\x12!\n\x1d\x45RROR_REASON_UNKNOWN_CONSUMER\x10\x04\x12 \n\x1c\x45RROR_REASON_UNAUTHENTICATED\x10\x05\x12\x1f\n\x1b\x45RROR_REASON_OUTPUT_CONTROL\x10\x06\x12!\n\x1d\x45RROR_REASON_BUDGET_EXHAUSTED\x10\x07\x12\x1f\n\x1b\x45RROR_REASON_LIMIT_EXCEEDED\x10\x08\x12\"\n\x1e\x45RROR_REASON_DEADLINE_EXCEEDED\x10\t\x12\x19\n\x15\x45RROR_REASON_INTERNAL\x10\n\x12 \n\x1c\x45RROR_REASON_CONSENT_INVALID\x10\x0b\x12 \n\x1c\x45RROR_REASON_SERVER_STOPPING\x10\x0c\x12$\n ERROR_REASON_DATASET_UNAVAILABLE\x10\r\x12 \n\x1c\x45RROR_REASON_TABLE_NOT_READY\x10\x0e\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,5 +32,5 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dataops.v1.errors_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ERRORREASON']._serialized_start=40
-  _globals['_ERRORREASON']._serialized_end=520
+  _globals['_ERRORREASON']._serialized_end=554
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,158 @@
+"""Secondary suppression across the whole cube, checked by the LP audit until it holds.
+
+A heuristic in the spirit of sdcTable's SIMPLEHEURISTIC, with the audit as judge:
+
+1. *No lonely cell.* A relation (a sub-total and its cells along one dimension)
+   with exactly one suppressed cell gives that cell away by subtraction. Each such
+   relation gets a partner suppressed: the released cell of least information loss
+   (fewest rows) that is large enough to cover the lonely cell's count protection.
+   Repeat until no relation has exactly one suppressed cell.
+2. *Audit.* The LP audit (`dataops.tables.audit`) computes what an attacker can
+   derive about every suppressed cell from everything released.
+3. *Repair.* For every cell whose interval falls short, one more cell is
+   suppressed in its relations (or, where those are suppressed whole, in the next
+   ring of relations out): the cheapest large enough to cover the shortfall, where
+   one exists. Back to 1.
+
+Suppressing more only widens every interval (a released value becoming unknown
+removes a constraint), so a cell that passed stays passed and only the failing and
+newly suppressed cells are re-audited. After `WHOLE_RELATION_AFTER` rounds, a still
+failing cell has the nearest relations that still release anything suppressed
+whole, which ends the loop (at worst the whole table is suppressed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from dataops.tables.audit import AuditVerdict, lp_audit
+from dataops.tables.primary import Requirements
+
+WHOLE_RELATION_AFTER = 8
+MAX_ROUNDS = 30
+# Exact solves per round: a cell not proven safe in time gets more suppression
+# around it rather than a longer search (the final audit has its own budget).
+ROUND_BUDGET_SECONDS = 3.0
+
+
+@dataclass(frozen=True)
+class Membership:
+    """For each dimension j and cell: the relation it is a child of, and the one it
+    is the parent of (-1: none)."""
+
+    as_child: list[np.ndarray]
+    as_parent: list[np.ndarray]
+
+    @classmethod
+    def of(cls, relations, n_cells: int) -> "Membership":
+        as_child, as_parent = [], []
+        for parents, children in relations:
+            c = np.full(n_cells, -1, np.int64)
+            c[children.reshape(-1)] = np.repeat(np.arange(len(parents)), children.shape[1])
+            p = np.full(n_cells, -1, np.int64)
+            p[parents] = np.arange(len(parents))
+            as_child.append(c)
+            as_parent.append(p)
+        return cls(as_child, as_parent)
+
+    def relations_of(self, cell: int) -> list[tuple[int, int]]:
+        out = []
+        for j in range(len(self.as_child)):
+            for table in (self.as_child[j], self.as_parent[j]):
+                if table[cell] >= 0:
+                    out.append((j, int(table[cell])))
+        return out
+
+
+@dataclass(frozen=True)
+class Secondary:
+    suppressed: np.ndarray
+    rounds: int
+    audit: AuditVerdict  # the last round's audit (of the cells it had to check)
+
+
+def secondary_suppression(req: Requirements, relations, primary: np.ndarray) -> Secondary:
+    n = len(primary)
+    members = [np.hstack([p[:, None], c]) for p, c in relations]
+    membership = Membership.of(relations, n)
+    # Information loss of suppressing a cell: its rows (and a little for empty cells,
+    # which are suppressed anyway). Margins are large, so they are picked last.
+    cost = req.values[0] + 1.0
+    suppressed = primary.copy()
+    pending = primary.copy()  # cells whose audit has not passed yet
+    verdict = None
+    for round_ in range(1, MAX_ROUNDS + 1):
+        before = suppressed.copy()
+        _close_singletons(suppressed, members, req, cost)
+        pending |= suppressed & ~before
+        verdict = lp_audit(req, relations, suppressed, pending, budget_seconds=ROUND_BUDGET_SECONDS)
+        if verdict.passed:
+            return Secondary(suppressed, round_, verdict)
+        failing = {f.cell for f in verdict.failures}
+        pending[:] = False
+        pending[list(failing)] = True
+        for f in verdict.failures:
+            row = _nearest_released(suppressed, f.cell, membership, members)
+            if row is None:
+                continue  # nothing left to suppress: the whole connected table is hidden
+            if round_ >= WHOLE_RELATION_AFTER:
+                suppressed[row] = True
+            else:
+                _add_partner(suppressed, row, req.values[req.names.index(f.measure)], f.missing, cost)
+        pending |= suppressed & ~before
+    return Secondary(suppressed, MAX_ROUNDS, verdict)  # type: ignore[arg-type]
+
+
+def _close_singletons(suppressed: np.ndarray, members, req: Requirements, cost: np.ndarray) -> None:
+    need = np.maximum(req.up[0], 1.0)
+    count = req.values[0]
+    changed = True
+    while changed:
+        changed = False
+        for rel in members:
+            unknown = suppressed[rel]
+            lonely = unknown.sum(axis=1) == 1
+            if not lonely.any():
+                continue
+            rows = rel[lonely]
+            alone = rows[unknown[lonely]]  # the one suppressed cell of each lonely relation
+            # Cheapest released cell with enough rows to hide the lonely one; cells too
+            # small to cover it only if there is nothing else.
+            small = count[rows] < need[alone][:, None]
+            penalty = np.where(suppressed[rows], np.inf, cost[rows] + np.where(small, 1e15, 0.0))
+            pick = rows[np.arange(len(rows)), penalty.argmin(axis=1)]
+            suppressed[pick] = True
+            changed = True
+
+
+def _nearest_released(suppressed, cell, membership, members, depth: int = 6):
+    """The cells of the relations around `cell` that hold a released cell: its own
+    relations first; where those are suppressed whole, the relations of the cells in
+    them, and so on outward (a cell boxed in by suppressed relations is pinned by
+    what is released further out)."""
+    frontier, seen = {cell}, set()
+    for _ in range(depth):
+        rows = [members[j][r] for c in frontier for j, r in membership.relations_of(c)
+                if (j, r) not in seen]
+        seen.update((j, r) for c in frontier for j, r in membership.relations_of(c))
+        if not rows:
+            return None
+        cells = np.unique(np.concatenate(rows))
+        if (~suppressed[cells]).any():
+            return cells
+        frontier = set(cells.tolist())
+    return None
+
+
+def _add_partner(suppressed: np.ndarray, row: np.ndarray, value: np.ndarray,
+                 missing: float, cost: np.ndarray) -> None:
+    """One more suppressed cell near the failing one: the cheapest released cell whose
+    value covers the shortfall, else the largest there is."""
+    released = row[~suppressed[row]]
+    big = released[value[released] >= missing]
+    if len(big):
+        suppressed[big[np.argmin(cost[big])]] = True
+    else:
+        suppressed[released[np.argmax(value[released])]] = True

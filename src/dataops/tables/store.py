@@ -1,0 +1,138 @@
+"""Protected tables, built once per data version and kept under `<state>/tables/`.
+
+A table is keyed by its product's id, a hash of everything in the product that
+changes the protection (dimensions, keys, measures, rules), and the data version
+(the dataset's content fingerprint). A new data version or an edited product means a
+new build; an unchanged one is read back from disk. A build is written to a temp
+directory and renamed into place, so a reader never sees half a table.
+
+Files per table: `cells.parquet` (the released table), `report.json`, and
+`confidential.npz` (the true values and protection levels, so `audit_table` can
+re-audit a stored table). The state directory is inside the sandbox; the
+confidential file never leaves it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from dataops.catalog import Dataset
+from dataops.products.table import TableProduct
+
+
+# Tables built in this process, shared by every TableStore: the same product spec over
+# the same data version (a content fingerprint) protects to the same table, so a second
+# store (a restarted server, a test's fresh state directory) need not rebuild it.
+_SHARED: "OrderedDict[tuple, object]" = OrderedDict()
+_SHARED_MAX = 16
+_shared_lock = threading.Lock()
+
+
+def product_hash(product: TableProduct) -> str:
+    spec = repr((product.dataset, product.dimensions, product.keys, product.bins,
+                 product.measures, product.rules))
+    return hashlib.sha256(spec.encode()).hexdigest()[:16]
+
+
+class TableStore:
+    def __init__(self, state_dir: Path):
+        self.root = Path(state_dir) / "tables"
+        self._tables: dict[tuple, object] = {}
+        self._locks: dict[tuple, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def directory(self, product: TableProduct, data_version: str) -> Path:
+        version = hashlib.sha256(data_version.encode()).hexdigest()[:16] if data_version else "unversioned"
+        return self.root / product.id / f"{product_hash(product)}-{version}"
+
+    def get(self, product: TableProduct, dataset: Dataset, data_version: str):
+        from dataops.tables import protect
+
+        key = (product.id, product_hash(product), data_version)
+        with self._guard:
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock:  # one build per table and version, however many requests wait for it
+            table = self._tables.get(key)
+            if table is None:
+                where = self.directory(product, data_version)
+                if data_version:
+                    with _shared_lock:
+                        table = _SHARED.get(key)
+                    if table is not None and not where.is_dir():
+                        _write(where, table)
+                if table is None and where.is_dir():
+                    table = _read(where, product, data_version)
+                if table is None:
+                    table = protect(product, dataset, data_version=data_version)
+                    _write(where, table)
+                if data_version:
+                    with _shared_lock:
+                        _SHARED[key] = table
+                        _SHARED.move_to_end(key)
+                        while len(_SHARED) > _SHARED_MAX:
+                            _SHARED.popitem(last=False)
+                self._tables[key] = table
+            return table
+
+
+def _write(where: Path, table) -> None:
+    where.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=where.parent, prefix=f".{where.name}."))
+    try:
+        table.cells.write_parquet(tmp / "cells.parquet")
+        (tmp / "report.json").write_text(json.dumps(
+            {"fingerprint": table.fingerprint, "data_version": table.data_version,
+             "report": table.report.to_json()}, indent=1))
+        c = table.confidential
+        cube, req = c.cube, c.requirements
+        with open(tmp / "confidential.npz", "wb") as f:
+            np.savez(
+                f, shape=np.array(cube.shape), rows=cube.rows, units=cube.units,
+                rows_outside=np.array(cube.rows_outside), names=np.array(req.names),
+                values=req.values, per_row=req.per_row, up=req.up, down=req.down, min_width=req.min_width,
+                suppressed=c.suppressed,
+                **{f"sum_{i}": cube.sums[n] for i, n in enumerate(req.names[1:])},
+                **{f"top_{i}": cube.top[n] for i, n in enumerate(req.names[1:])},
+            )
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.rename(tmp, where)
+        except OSError:  # another process stored the same build first: same content
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _read(where: Path, product: TableProduct, data_version: str):
+    from dataops.tables import Confidential, ProtectedTable, ProtectionReport, fingerprint
+    from dataops.tables.cube import Cube
+    from dataops.tables.primary import Requirements
+
+    try:
+        cells = pl.read_parquet(where / "cells.parquet")
+        meta = json.loads((where / "report.json").read_text())
+        z = np.load(where / "confidential.npz")
+    except (OSError, ValueError):
+        return None  # unreadable: rebuild
+    if fingerprint(product, data_version, cells) != meta["fingerprint"]:
+        return None  # edited or damaged on disk: rebuild rather than serve it
+    names = tuple(str(n) for n in z["names"])
+    cube = Cube(tuple(int(s) for s in z["shape"]), z["rows"], z["units"],
+                {n: z[f"sum_{i}"] for i, n in enumerate(names[1:])},
+                {n: z[f"top_{i}"] for i, n in enumerate(names[1:])}, int(z["rows_outside"]))
+    req = Requirements(names, z["values"], z["per_row"], z["up"], z["down"], z["min_width"])
+    return ProtectedTable(product, data_version, meta["fingerprint"], cells,
+                          ProtectionReport.from_json(meta["report"]),
+                          Confidential(cube, req, z["suppressed"]))
