@@ -336,3 +336,189 @@ def test_grpcurl_works_from_proto_alone_and_decodes_error_details(server, pki):
     (detail,) = [json.loads(line.split("\t", 1)[1]) for line in refused.stderr.splitlines() if "\t{" in line]
     assert detail["@type"] == "type.googleapis.com/google.rpc.ErrorInfo"
     assert (detail["reason"], detail["metadata"]["rule"]) == ("UNKNOWN_DATASET", "dataset.unknown")
+
+
+# --- SubjectService and AuditService from grpcurl (no deadline) ----------------------
+
+
+@pytest.fixture
+def config(config):
+    """The conftest work directory, with a trusted consent issuer (`dataops consent init`)."""
+    from dataops.consent_service import ConsentService
+
+    ConsentService(config.paths.state / "consent-service", config.paths.consents).init()
+    return config
+
+
+@pytest.fixture
+def consents(config):
+    from dataops.consent_service import ConsentService
+
+    return ConsentService(config.paths.state / "consent-service", config.paths.consents)
+
+
+@pytest.fixture
+def subjects(config) -> list[str]:
+    import polars as pl
+
+    return pl.read_parquet(config.paths.sandbox / "finance/enterprise_credit.parquet")["enterprise_id"][:4].to_list()
+
+
+def subject_item(product: str, subject: str, consent: bytes) -> dict:
+    import base64
+
+    # proto3 JSON carries `bytes` as base64.
+    return {"product_id": product, "subject_id": subject, "consent": base64.b64encode(consent).decode()}
+
+
+def review(consents, subject: str, **terms) -> bytes:
+    return consents.issue(subject=subject, consumer="city-bank", products=["pre_loan_review"],
+                          purpose="pre-loan review", **terms)
+
+
+def error_infos(stderr: str) -> list[dict]:
+    """The google.rpc.ErrorInfo details grpcurl prints after a failed call, one JSON per line."""
+    details = [json.loads(line.split("\t", 1)[1]) for line in stderr.splitlines() if "\t{" in line]
+    return [d for d in details if d["@type"] == "type.googleapis.com/google.rpc.ErrorInfo"]
+
+
+PRE_LOAN_OUTPUTS = {"penalties_band", "arrears_months_band", "tax_band", "grade_points", "grade"}
+
+
+def test_grpcurl_evaluates_a_subject_under_a_valid_consent_without_a_deadline(server, pki, consents, subjects):
+    request = {"item": subject_item("pre_loan_review", subjects[0], review(consents, subjects[0]))}
+    result = run_grpcurl(server, pki, ["-d", json.dumps(request), "dataops.v1.SubjectService/Evaluate"],
+                         deadline=False)
+    assert result.returncode == 0, result.stderr
+    response = json.loads(result.stdout)
+    evaluation = response["evaluation"]
+    assert evaluation["product_id"] == "pre_loan_review" and evaluation["consent_id"].startswith("cst-")
+    assert {o["name"] for o in evaluation["outputs"]} == PRE_LOAN_OUTPUTS
+    assert all(set(o) - {"name"} for o in evaluation["outputs"])  # each output carries a value
+    assert len(evaluation["outputs_hash"]) == 64
+    assert int(response["receipt"]["sequence"]) >= 1 and len(response["receipt"]["hash"]) == 64
+
+
+@pytest.mark.parametrize("bad", ["expired", "another consumer's", "no consent"])
+def test_grpcurl_sees_consent_invalid_in_the_refusals_error_info(server, pki, consents, subjects, bad):
+    import datetime as dt
+
+    now = dt.datetime.now(dt.timezone.utc)
+    artefact = {"expired": lambda: review(consents, subjects[1], not_before=now - dt.timedelta(days=2),
+                                          not_after=now - dt.timedelta(days=1)),
+                "another consumer's": lambda: consents.issue(subject=subjects[1], consumer="river-bank",
+                                                             products=["pre_loan_review"],
+                                                             purpose="pre-loan review"),
+                "no consent": lambda: b""}[bad]()
+    request = {"item": subject_item("pre_loan_review", subjects[1], artefact)}
+    result = run_grpcurl(server, pki, ["-d", json.dumps(request), "dataops.v1.SubjectService/Evaluate"],
+                         deadline=False)
+    assert result.returncode != 0 and not result.stdout.strip()
+    assert "PermissionDenied" in result.stderr
+    (info,) = error_infos(result.stderr)
+    assert info["reason"] == "CONSENT_INVALID"
+    assert info["metadata"]["rule"].startswith("consent.")
+
+
+def test_grpcurl_evaluates_a_batch_item_by_item(server, pki, consents, subjects):
+    import datetime as dt
+
+    now = dt.datetime.now(dt.timezone.utc)
+    items = [subject_item("pre_loan_review", subjects[0], review(consents, subjects[0])),
+             subject_item("pre_loan_review", subjects[1], review(consents, subjects[1], not_before=now - dt.timedelta(
+                 days=2), not_after=now - dt.timedelta(days=1))),
+             subject_item("pre_loan_review", subjects[2], review(consents, subjects[2]))]
+    result = run_grpcurl(server, pki, ["-d", json.dumps({"items": items}),
+                                       "dataops.v1.SubjectService/EvaluateBatch"], deadline=False)
+    assert result.returncode == 0, result.stderr
+    response = json.loads(result.stdout)
+    results = response["results"]
+    # proto3 JSON leaves out the zero index of the first result.
+    assert [r.get("index", 0) for r in results] == [0, 1, 2]
+    assert [sorted(set(r) - {"index"}) for r in results] == [["evaluation"], ["error"], ["evaluation"]]
+    assert {o["name"] for o in results[0]["evaluation"]["outputs"]} == PRE_LOAN_OUTPUTS
+    assert (results[1]["error"]["reason"], results[1]["error"]["metadata"]["rule"]) == (
+        "CONSENT_INVALID", "consent.expired")
+    assert results[0]["evaluation"]["consent_id"] != results[2]["evaluation"]["consent_id"]
+    assert int(response["receipt"]["sequence"]) >= 1
+
+
+def test_grpcurl_watches_a_subject_until_its_consent_is_revoked(server, pki, config, consents, subjects):
+    """The server stream: the first evaluation arrives at once; revoking the consent ends
+    that subject's watch with the refusal, and with it the stream (grpcurl exits 0)."""
+    from dataops.consent import ConsentStore, Fetch, store_path
+
+    artefact = consents.issue(subject=subjects[3], consumer="city-bank", products=["credit_monitoring"],
+                              purpose="post-loan monitoring", fetch=Fetch("periodic", "day", 10))
+    request = {"items": [subject_item("credit_monitoring", subjects[3], artefact)]}
+    d = pki.consumer_dir("city-bank")
+    # No -max-time: no deadline. The subprocess timeouts below bound the test instead.
+    process = subprocess.Popen(
+        [tool("grpcurl"), "-cacert", str(pki.directory / "ca.crt"), "-cert", str(d / "city-bank.crt"),
+         "-key", str(d / "city-bank.key"), "-d", json.dumps(request), f"localhost:{server.port}",
+         "dataops.v1.SubjectService/Watch"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in process.stdout:  # grpcurl prints each message as indented JSON, closed by "}"
+            lines.append(line)
+            if line == "}\n":
+                break
+        first = json.loads("".join(lines))
+        evaluation = first["evaluation"]
+        assert evaluation["product_id"] == "credit_monitoring"
+        assert {o["name"] for o in evaluation["outputs"]} == {"penalties_band", "arrears_months_band",
+                                                              "watch_grade_points", "watch_grade"}
+        assert int(first["receipt"]["sequence"]) >= 1
+        assert ConsentStore(store_path(config.paths.state)).revoke(evaluation["consent_id"])
+        rest, stderr = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0, stderr
+    (ended,) = [json.loads(m if m.endswith("}") else m + "}") for m in rest.strip().split("\n}\n")]
+    assert (ended["ended"]["reason"], ended["ended"]["metadata"]["rule"]) == ("CONSENT_INVALID", "consent.revoked")
+    assert "evaluation" not in ended
+
+
+def checkpoint_from_grpcurl(server, pki, key):
+    from dataops.audit.note import parse_checkpoint
+
+    result = run_grpcurl(server, pki, ["-d", "{}", "dataops.v1.AuditService/GetCheckpoint"], deadline=False)
+    assert result.returncode == 0, result.stderr
+    return parse_checkpoint(json.loads(result.stdout)["checkpoint"], key)  # raises unless signed by `key`
+
+
+def test_grpcurl_gets_a_signed_checkpoint_that_grows_and_a_consistency_proof_that_verifies(server, pki, config):
+    import base64
+
+    from dataops.audit import load_public_key
+    from dataops.audit.merkle import ProofError, verify_consistency
+
+    key = load_public_key(config.signer_dir / "signing.pub")  # the operator's key, out of band
+    assert run_grpcurl(server, pki, ["-d", "{}", "dataops.v1.CatalogService/ListDatasets"],
+                       deadline=False).returncode == 0
+    first = checkpoint_from_grpcurl(server, pki, key)
+    assert first.size >= 1 and first.origin == "dataops-audit"
+    assert run_grpcurl(server, pki, ["-d", "{}", "dataops.v1.CatalogService/ListDatasets"],
+                       deadline=False).returncode == 0
+    second = checkpoint_from_grpcurl(server, pki, key)
+    assert second.size > first.size  # the calls in between were logged and signed
+
+    request = {"first_size": first.size, "second_size": second.size}
+    result = run_grpcurl(server, pki, ["-d", json.dumps(request), "dataops.v1.AuditService/GetConsistencyProof"],
+                         deadline=False)
+    assert result.returncode == 0, result.stderr
+    response = json.loads(result.stdout)
+    proof = [base64.b64decode(p) for p in response["proof"]]
+    assert proof and int(response["receipt"]["sequence"]) > second.size
+    verify_consistency(first.size, second.size, first.root, second.root, proof)
+    # The check is real: a rewritten first tree does not verify against the same proof.
+    with pytest.raises(ProofError):
+        verify_consistency(first.size, second.size, bytes(32), second.root, proof)
+
+    beyond = run_grpcurl(server, pki, ["-d", json.dumps({"first_size": second.size, "second_size": first.size}),
+                                       "dataops.v1.AuditService/GetConsistencyProof"], deadline=False)
+    assert beyond.returncode != 0
+    (info,) = error_infos(beyond.stderr)
+    assert (info["reason"], info["metadata"]["rule"]) == ("INVALID_QUERY", "audit.consistency")
