@@ -57,10 +57,52 @@ def node_client() -> tuple[str, Path]:
 
 
 @pytest.fixture
-def report(node_client, server, pki) -> dict:
+def config(config):
+    """The conftest work directory, with a trusted consent issuer (`dataops consent init`)."""
+    from dataops.consent_service import ConsentService
+
+    ConsentService(config.paths.state / "consent-service", config.paths.consents).init()
+    return config
+
+
+SUBJECT_PRODUCTS = {"pre_loan_review": "pre-loan review", "credit_monitoring": "post-loan monitoring"}
+
+
+@pytest.fixture
+def subject_items(config, tmp_path) -> Path:
+    """Signed consents for city-bank, as the consent service issues them, in the file
+    client.mjs reads (each artefact base64): one good, one expired, a batch of both, a watch."""
+    import base64
+    import datetime as dt
+
+    import polars as pl
+
+    from dataops.consent import Fetch
+    from dataops.consent_service import ConsentService
+
+    service = ConsentService(config.paths.state / "consent-service", config.paths.consents)
+    ids = pl.read_parquet(config.paths.sandbox / "finance/enterprise_credit.parquet")["enterprise_id"][:4].to_list()
+    now = dt.datetime.now(dt.timezone.utc)
+
+    def item(product, subject, **terms):
+        artefact = service.issue(subject=subject, consumer="city-bank", products=[product],
+                                 purpose=SUBJECT_PRODUCTS[product], **terms)
+        return {"product_id": product, "subject_id": subject, "consent": base64.b64encode(artefact).decode()}
+
+    expired = dict(not_before=now - dt.timedelta(days=2), not_after=now - dt.timedelta(days=1))
+    items = {"evaluate": item("pre_loan_review", ids[0]), "refused": item("pre_loan_review", ids[1], **expired),
+             "batch": [item("pre_loan_review", ids[2]), item("pre_loan_review", ids[1], **expired)],
+             "watch": [item("credit_monitoring", ids[3], fetch=Fetch("periodic", "day", 10))]}
+    path = tmp_path / "subjects.json"
+    path.write_text(json.dumps(items))
+    return path
+
+
+@pytest.fixture
+def report(node_client, server, pki, subject_items) -> dict:
     node, script = node_client
     d = pki.consumer_dir("city-bank")
-    command = [node, str(script), "--proto", str(REPO / "proto"),
+    command = [node, str(script), "--proto", str(REPO / "proto"), "--subjects", str(subject_items),
                # An IP target: the server certificate names localhost, hence the override.
                "--target", f"127.0.0.1:{server.port}", "--server-name", "localhost",
                "--ca", str(d / "ca.crt"), "--cert", str(d / "city-bank.crt"), "--key", str(d / "city-bank.key")]
@@ -74,6 +116,66 @@ def test_node_calls_every_rpc_of_the_catalog_and_query_services(report):
     assert ours == {"CatalogService/ListDatasets", "CatalogService/DescribeDataset",
                     "QueryService/RunQuery", "QueryService/EstimateQuery", "QueryService/GetBudget"}
     assert ours <= set(report["called"])
+
+
+def test_node_calls_every_rpc_of_every_service(report):
+    assert {rpc.split("/")[0] for rpc in report["rpcs"]} == {
+        "CatalogService", "QueryService", "SubjectService", "AuditService"}
+    assert set(report["rpcs"]) == set(report["called"])
+
+
+PRE_LOAN_OUTPUTS = {"penalties_band", "arrears_months_band", "tax_band", "grade_points", "grade"}
+
+
+def test_node_evaluates_a_subject_and_reads_consent_invalid_from_a_refusal(report):
+    evaluated = report["evaluate"]
+    assert "error" not in evaluated, evaluated
+    assert {o["name"] for o in evaluated["evaluation"]["outputs"]} == PRE_LOAN_OUTPUTS
+    # oneofs: true names the member set; it is one of the declared value kinds.
+    assert {o["value"] for o in evaluated["evaluation"]["outputs"]} <= {"int_value", "double_value", "bool_value",
+                                                                         "band"}
+    assert evaluated["evaluation"]["consent_id"].startswith("cst-")
+    assert int(evaluated["receipt"]["sequence"]) >= 1
+    refused = report["evaluate_refused"]["error"]
+    assert (refused["code"], refused["reason"], refused["metadata"]["rule"]) == (
+        "PERMISSION_DENIED", "CONSENT_INVALID", "consent.expired")
+
+
+def test_node_reads_a_batch_item_by_item(report):
+    batch = report["evaluate_batch"]
+    assert "error" not in batch, batch
+    assert [(r["index"], r["result"]) for r in batch["results"]] == [(0, "evaluation"), (1, "error")]
+    first, second = batch["results"]
+    assert {o["name"] for o in first["evaluation"]["outputs"]} == PRE_LOAN_OUTPUTS
+    assert (second["error"]["reason"], second["error"]["metadata"]["rule"]) == ("CONSENT_INVALID", "consent.expired")
+    assert int(batch["receipt"]["sequence"]) >= 1
+
+
+def test_node_reads_the_first_message_of_a_watch_then_cancels(report):
+    watch = report["watch"]
+    first = watch["first"]
+    assert (first["index"], first["update"]) == (0, "evaluation")
+    assert first["evaluation"]["product_id"] == "credit_monitoring"
+    assert {o["name"] for o in first["evaluation"]["outputs"]} == {
+        "penalties_band", "arrears_months_band", "watch_grade_points", "watch_grade"}
+    assert int(first["receipt"]["sequence"]) >= 1
+    assert watch["closed"] == "CANCELLED"  # the client ended the stream, not the server
+
+
+def test_node_checkpoints_grow_and_the_consistency_proof_verifies(report, config):
+    import base64
+
+    from dataops.audit import load_public_key
+    from dataops.audit.merkle import ProofError, verify_consistency
+    from dataops.audit.note import parse_checkpoint
+
+    key = load_public_key(config.signer_dir / "signing.pub")
+    first, second = (parse_checkpoint(c["checkpoint"], key) for c in report["checkpoints"])
+    assert 1 <= first.size < second.size
+    proof = [base64.b64decode(p) for p in report["consistency"]["proof"]]
+    verify_consistency(first.size, second.size, first.root, second.root, proof)
+    with pytest.raises(ProofError):
+        verify_consistency(first.size, second.size, first.root, bytes(32), proof)
 
 
 def test_node_discovers_the_dataset_and_the_grant(report):

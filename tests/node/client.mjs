@@ -1,10 +1,12 @@
 // A dataops.v1 client in Node.js, written from proto/ and docs/api.md alone.
 //
 //   node client.mjs --proto DIR --target HOST:PORT --ca ca.crt --cert me.crt --key me.key
-//                   [--server-name NAME] [--dataset ID] [--other-dataset ID]
+//                   [--server-name NAME] [--dataset ID] [--other-dataset ID] [--subjects FILE]
 //
-// Calls every RPC of CatalogService and QueryService WITHOUT a deadline (grpc-js sends
-// none unless asked), decodes refusals from the grpc-status-details-bin trailer with
+// Calls every RPC of CatalogService, QueryService, SubjectService and AuditService
+// WITHOUT a deadline (grpc-js sends none unless asked); --subjects names a JSON file
+// of subject items ({evaluate, refused, batch, watch}: each item's consent artefact as
+// base64) the caller obtained from the consent service. It decodes refusals from the grpc-status-details-bin trailer with
 // protobufjs and the vendored google/rpc protos, reads Arrow results with apache-arrow,
 // and prints one JSON document of what it saw (tests/test_node_client.py checks it).
 
@@ -27,6 +29,7 @@ const { values: args } = parseArgs({
     "server-name": { type: "string" },
     dataset: { type: "string", default: "enterprise_credit" },
     "other-dataset": { type: "string", default: "medical_claims" },
+    subjects: { type: "string" },
   },
 });
 
@@ -91,6 +94,8 @@ const options = args["server-name"] ? { "grpc.ssl_target_name_override": args["s
 const stubs = {
   CatalogService: new v1.CatalogService(args.target, credentials, options),
   QueryService: new v1.QueryService(args.target, credentials, options),
+  SubjectService: new v1.SubjectService(args.target, credentials, options),
+  AuditService: new v1.AuditService(args.target, credentials, options),
 };
 
 const called = new Set();
@@ -199,6 +204,66 @@ report.run_bad_sql = await call("QueryService", "RunQuery", {
 
 const budget = await call("QueryService", "GetBudget", {});
 report.budget = budget.error ?? { budgets: budget.response.budgets };
+
+// --- SubjectService -----------------------------------------------------------------
+
+// A `bytes` field takes a Buffer; the consent artefact is passed through untouched.
+function item(spec) {
+  return { product_id: spec.product_id, subject_id: spec.subject_id, consent: Buffer.from(spec.consent, "base64") };
+}
+
+function evaluation(e) {
+  return { product_id: e.product_id, consent_id: e.consent_id, data_version: e.data_version,
+           outputs: e.outputs, outputs_hash: e.outputs_hash };
+}
+
+// Read the stream's first message, then cancel: a watch otherwise runs until every
+// subject's consent ends. No deadline here either.
+function watchFirst(request) {
+  called.add("SubjectService/Watch");
+  return new Promise((resolve) => {
+    const out = {};
+    const stream = stubs.SubjectService.Watch(request);
+    stream.on("data", (message) => {
+      if (out.first) return;
+      out.first = { index: message.index, update: message.update, receipt: message.receipt,
+                    evaluation: message.evaluation && evaluation(message.evaluation), ended: message.ended };
+      stream.cancel();
+    });
+    stream.on("error", (err) => { out.closed = grpc.status[err.code]; resolve(out); });
+    stream.on("end", () => { out.closed ??= "END"; resolve(out); });
+  });
+}
+
+if (args.subjects) {
+  const subjects = JSON.parse(fs.readFileSync(args.subjects, "utf8"));
+  const evaluated = await call("SubjectService", "Evaluate", { item: item(subjects.evaluate) });
+  report.evaluate = evaluated.error ?? {
+    evaluation: evaluation(evaluated.response.evaluation), receipt: evaluated.response.receipt };
+  report.evaluate_refused = await call("SubjectService", "Evaluate", { item: item(subjects.refused) });
+  const batch = await call("SubjectService", "EvaluateBatch", { items: subjects.batch.map(item) });
+  report.evaluate_batch = batch.error ?? {
+    results: batch.response.results.map((r) => ({
+      index: r.index, result: r.result, evaluation: r.evaluation && evaluation(r.evaluation), error: r.error })),
+    receipt: batch.response.receipt,
+  };
+  report.watch = await watchFirst({ items: subjects.watch.map(item) });
+}
+
+// --- AuditService -------------------------------------------------------------------
+
+const checkpoint = async () => {
+  const got = await call("AuditService", "GetCheckpoint", {});
+  return got.error ?? { checkpoint: got.response.checkpoint, receipt: got.response.receipt };
+};
+report.checkpoints = [await checkpoint()];
+await call("CatalogService", "ListDatasets", {});
+report.checkpoints.push(await checkpoint());
+const sizeOf = (c) => c.checkpoint?.split("\n")[1];
+const proof = await call("AuditService", "GetConsistencyProof", {
+  first_size: sizeOf(report.checkpoints[0]), second_size: sizeOf(report.checkpoints[1]) });
+report.consistency = proof.error ?? {
+  proof: proof.response.proof.map((p) => Buffer.from(p).toString("base64")), receipt: proof.response.receipt };
 
 report.called = [...called].sort();
 for (const stub of Object.values(stubs)) stub.close();
