@@ -192,7 +192,8 @@ def test_grpcurl_lists_services_through_reflection(server, pki):
     result = run_grpcurl(server, pki, ["list"])
     assert result.returncode == 0, result.stderr
     services = set(result.stdout.split())
-    assert {"dataops.v1.CatalogService", "dataops.v1.QueryService", "grpc.health.v1.Health"} <= services
+    assert {"dataops.v1.CatalogService", "dataops.v1.QueryService", "dataops.v1.SubjectService",
+            "dataops.v1.AuditService", "grpc.health.v1.Health"} <= services
 
 
 def test_grpcurl_calls_the_health_check(server, pki):
@@ -452,11 +453,15 @@ def test_grpcurl_watches_a_subject_until_its_consent_is_revoked(server, pki, con
                               purpose="post-loan monitoring", fetch=Fetch("periodic", "day", 10))
     request = {"items": [subject_item("credit_monitoring", subjects[3], artefact)]}
     d = pki.consumer_dir("city-bank")
-    # No -max-time: no deadline. The subprocess timeouts below bound the test instead.
+    # No -max-time: no deadline. The watchdog and communicate's timeout bound the test instead.
     process = subprocess.Popen(
         [tool("grpcurl"), "-cacert", str(pki.directory / "ca.crt"), "-cert", str(d / "city-bank.crt"),
          "-key", str(d / "city-bank.key"), "-d", json.dumps(request), f"localhost:{server.port}",
          "dataops.v1.SubjectService/Watch"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    import threading
+
+    watchdog = threading.Timer(30, process.kill)  # a silent stream fails the test instead of hanging it
+    watchdog.start()
     try:
         lines = []
         for line in process.stdout:  # grpcurl prints each message as indented JSON, closed by "}"
@@ -472,6 +477,7 @@ def test_grpcurl_watches_a_subject_until_its_consent_is_revoked(server, pki, con
         assert ConsentStore(store_path(config.paths.state)).revoke(evaluation["consent_id"])
         rest, stderr = process.communicate(timeout=30)
     finally:
+        watchdog.cancel()
         if process.poll() is None:
             process.kill()
             process.communicate()
