@@ -100,7 +100,7 @@ def _release_everything(protect):
 
 
 @pytest.fixture
-def exact(config, pki, connect, monkeypatch, sandbox_dir):
+def exact(config, pki, server, connect, monkeypatch, sandbox_dir):
     """`exact(control)` -> a city-bank client of a server whose table is protected with the
     control on ("on": the shared server), with no protection ("nothing") or without
     secondary suppression ("no-secondary")."""
@@ -116,6 +116,10 @@ def exact(config, pki, connect, monkeypatch, sandbox_dir):
 
         import dataops.tables.store
 
+        # The shared server's own (protected) builds must be done before the process's
+        # store is swapped below, or a build still running lands in the swapped store
+        # and this server would serve the protected table it was meant to do without.
+        assert server.sandbox.tables.wait_ready(300)
         work = config.paths.catalog.parent.parent / f"off-{len(started)}"
         work.mkdir()
         off = write_config(work, sandbox_dir, pki, tables=False)  # protect afresh, without the control

@@ -303,14 +303,18 @@ def test_a_zcdp_grant_without_delta_or_an_unknown_accounting_is_refused(config) 
     from dataops.errors import LoadError
     from dataops.policy import load_policies
 
+    from dataops.products import load_products
+
     catalog = load_catalog(config.paths.catalog, config.paths.sandbox)
+    products = load_products(config.paths.products, catalog)  # the grants name table products
+    load_policies(config.paths.policies, catalog, products)  # valid as shipped
     set_accounting(config, "harbor-insurance", "renyi", 2.0)
     with pytest.raises(LoadError, match="accounting"):
-        load_policies(config.paths.policies, catalog)
+        load_policies(config.paths.policies, catalog, products)
     path = config.paths.policies / "harbor-insurance.toml"
     path.write_text(path.read_text().replace('"renyi"', '"zcdp"').replace("delta = 1e-6", "delta = 0.0"))
     with pytest.raises(LoadError, match="zcdp grant needs delta"):
-        load_policies(config.paths.policies, catalog)
+        load_policies(config.paths.policies, catalog, products)
 
 
 # --- consistent tables ------------------------------------------------------------------
