@@ -108,6 +108,7 @@ def exact(config, pki, server, connect, monkeypatch, sandbox_dir):
     from dataops.engines import table as table_engine
 
     started = []
+    shared = server
 
     def make(control: str) -> Client:
         if control == "on":
@@ -119,7 +120,7 @@ def exact(config, pki, server, connect, monkeypatch, sandbox_dir):
         # The shared server's own (protected) builds must be done before the process's
         # store is swapped below, or a build still running lands in the swapped store
         # and this server would serve the protected table it was meant to do without.
-        assert server.sandbox.tables.wait_ready(300)
+        assert shared.sandbox.tables.wait_ready(300)
         work = config.paths.catalog.parent.parent / f"off-{len(started)}"
         work.mkdir()
         off = write_config(work, sandbox_dir, pki, tables=False)  # protect afresh, without the control
