@@ -52,6 +52,7 @@ from dataops.v1 import (
     audit_pb2, audit_pb2_grpc, catalog_pb2, catalog_pb2_grpc, query_pb2, query_pb2_grpc, subject_pb2,
     subject_pb2_grpc,
 )
+from dataops.values import AggregateAccuracy, Spend  # noqa: F401 (re-exported)
 
 __all__ = [
     "AggregateAccuracy", "AuditVerificationError", "Budget", "Client", "Column", "ConnectionFailed", "DataopsClientError", "Dataset",
@@ -170,26 +171,6 @@ _TRANSPORT = {
 class Receipt:
     sequence: int
     hash: str
-
-
-@dataclass(frozen=True)
-class AggregateAccuracy:
-    """How far a DP value may be from the truth: the noise scale and a 95% half-width."""
-
-    column: str
-    noise_scale: float = 0.0
-    half_width_95: float = 0.0
-    mechanism: str = ""
-
-
-@dataclass(frozen=True)
-class Spend:
-    """What a request spent (or would spend) and what remains of the grant's budget."""
-
-    epsilon: float = 0.0
-    delta: float = 0.0
-    remaining_epsilon: float = 0.0
-    remaining_delta: float = 0.0
 
 
 @dataclass(frozen=True)

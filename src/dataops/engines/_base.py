@@ -11,6 +11,7 @@ from dataops.catalog import ColumnType, Dataset
 from dataops.errors import FieldViolation, InvalidQuery
 from dataops.ir import Between, Equals, Filter, InSet, Query, Scalar
 from dataops.policy import Grant
+from dataops.values import AggregateAccuracy, Spend  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)
@@ -31,24 +32,6 @@ class Plan:
 MECHANISM_DISCRETE_LAPLACE = "discrete_laplace"  # counts, sums; a mean's sum and count
 MECHANISM_EXPONENTIAL = "exponential"  # quantiles (OpenDP's exponential mechanism)
 MECHANISM_DISCRETE_GAUSSIAN = "discrete_gaussian"  # counts, sums, a mean's parts on a zCDP grant
-
-
-@dataclass(frozen=True)
-class AggregateAccuracy:
-    column: str
-    noise_scale: float = 0.0
-    half_width_95: float = 0.0
-    mechanism: str = ""
-
-
-@dataclass(frozen=True)
-class Spend:
-    """Privacy spent by one request, and what remains of the grant's budget."""
-
-    epsilon: float = 0.0
-    delta: float = 0.0
-    remaining_epsilon: float = 0.0
-    remaining_delta: float = 0.0
 
 
 @dataclass(frozen=True)
