@@ -282,6 +282,22 @@ def test_a_server_killed_mid_load_restarts_with_a_consistent_ledger_and_log(tmp_
     assert len(answered) <= last_seq - witness_calls <= len(outcomes)
 
 
+def _wait_until_not_serving(channel, timeout: float = 10.0) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    stub = health_pb2_grpc.HealthStub(channel)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            status = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0).status
+        except grpc.RpcError:
+            return  # no longer answering at all: stopping
+        if status != health_pb2.HealthCheckResponse.SERVING:
+            return
+        time.sleep(0.02)
+    raise AssertionError("the server still reports SERVING long after SIGTERM")
+
+
 def test_sigterm_drains_requests_in_flight_and_exits_0(tmp_path, sandbox_dir, pki):
     work = tmp_path / "work"
     work.mkdir()
@@ -310,9 +326,12 @@ def test_sigterm_drains_requests_in_flight_and_exits_0(tmp_path, sandbox_dir, pk
                 time.sleep(0.25)  # every request has reached the server; most are still running
                 sigterm_at = time.monotonic()
                 serving.proc.send_signal(signal.SIGTERM)
-                time.sleep(0.2)
-                # A new request after SIGTERM is turned away, not served.
+                # A new request after SIGTERM is turned away, not served. Wait until the
+                # server has acted on the signal (its health check stops saying SERVING;
+                # health checks are not audited) rather than a fixed sleep a loaded
+                # machine may outrun.
                 with serving.client(pki, "harbor-insurance", timeout=5) as late:
+                    _wait_until_not_serving(late.channel)
                     with pytest.raises(DataopsClientError) as refused:
                         late.list_datasets()
                 outcomes = [f.result(timeout=grace + 10) for f in futures]
