@@ -317,6 +317,27 @@ class AuditInterceptor(grpc.ServerInterceptor):
 
         return behavior
 
+    def _open(self, context: grpc.ServicerContext, call: CallRecord) -> Any:
+        """Identity, the client's deadline and admission: the same for unary calls and streams.
+
+        Returns the admission slot, which the caller must leave.
+        """
+        consumer = self.identify(context, call)
+        call.deadline = client_deadline(context.time_remaining())
+        if call.deadline is not None and call.deadline <= time.monotonic():
+            # It waited out its deadline before a thread took it: recorded, never run.
+            raise DeadlineExceeded("the client's deadline passed before the request was admitted",
+                                   rule="deadline")
+        return self._admit(consumer)
+
+    @staticmethod
+    def _parse(handler: Any, raw: bytes, call: CallRecord) -> Any:
+        try:
+            return handler.request_deserializer(raw)
+        except DecodeError:
+            call.unparsed(raw)
+            raise InvalidQuery("the request is not a valid protobuf message", rule="wire") from None
+
     def _wrap_stream(self, method: str, handler: Any) -> Callable:
         """A server stream: identity and admission at open, a record at open, per message and at close.
 
@@ -332,14 +353,8 @@ class AuditInterceptor(grpc.ServerInterceptor):
             try:
                 admitted = None
                 try:
-                    consumer = self.identify(context, call)
-                    call.deadline = client_deadline(context.time_remaining())
-                    admitted = self._admit(consumer)
-                    try:
-                        request = handler.request_deserializer(raw)
-                    except DecodeError:
-                        call.unparsed(raw)
-                        raise InvalidQuery("the request is not a valid protobuf message", rule="wire") from None
+                    admitted = self._open(context, call)
+                    request = self._parse(handler, raw, call)
                 except RequestError as exc:
                     call.refused(exc)
                     context.abort_with_status(to_status(exc, self._append(call, context, method),
@@ -401,18 +416,8 @@ class AuditInterceptor(grpc.ServerInterceptor):
             response, error, request = None, None, None
             admitted = None
             try:
-                consumer = self.identify(context, call)
-                call.deadline = client_deadline(context.time_remaining())
-                if call.deadline is not None and call.deadline <= time.monotonic():
-                    # It waited out its deadline before a thread took it: recorded, never run.
-                    raise DeadlineExceeded("the client's deadline passed before the request was admitted",
-                                           rule="deadline")
-                admitted = self._admit(consumer)
-                try:
-                    request = handler.request_deserializer(raw)
-                except DecodeError:
-                    call.unparsed(raw)
-                    raise InvalidQuery("the request is not a valid protobuf message", rule="wire") from None
+                admitted = self._open(context, call)
+                request = self._parse(handler, raw, call)
                 response = handler.unary_unary(request, context)
                 call.allowed()
             except RequestError as exc:
