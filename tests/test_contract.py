@@ -386,10 +386,12 @@ def error_infos(stderr: str) -> list[dict]:
 PRE_LOAN_OUTPUTS = {"penalties_band", "arrears_months_band", "tax_band", "grade_points", "grade"}
 
 
-def test_grpcurl_evaluates_a_subject_under_a_valid_consent_without_a_deadline(server, pki, consents, subjects):
+@pytest.mark.parametrize("deadline", [False, True], ids=["no deadline", "deadline"])
+def test_grpcurl_evaluates_a_subject_under_a_valid_consent_with_or_without_a_deadline(
+        server, pki, consents, subjects, deadline):
     request = {"item": subject_item("pre_loan_review", subjects[0], review(consents, subjects[0]))}
     result = run_grpcurl(server, pki, ["-d", json.dumps(request), "dataops.v1.SubjectService/Evaluate"],
-                         deadline=False)
+                         deadline=deadline)
     assert result.returncode == 0, result.stderr
     response = json.loads(result.stdout)
     evaluation = response["evaluation"]
@@ -421,7 +423,8 @@ def test_grpcurl_sees_consent_invalid_in_the_refusals_error_info(server, pki, co
     assert info["metadata"]["rule"].startswith("consent.")
 
 
-def test_grpcurl_evaluates_a_batch_item_by_item(server, pki, consents, subjects):
+@pytest.mark.parametrize("deadline", [False, True], ids=["no deadline", "deadline"])
+def test_grpcurl_evaluates_a_batch_item_by_item(server, pki, consents, subjects, deadline):
     import datetime as dt
 
     now = dt.datetime.now(dt.timezone.utc)
@@ -430,7 +433,7 @@ def test_grpcurl_evaluates_a_batch_item_by_item(server, pki, consents, subjects)
                  days=2), not_after=now - dt.timedelta(days=1))),
              subject_item("pre_loan_review", subjects[2], review(consents, subjects[2]))]
     result = run_grpcurl(server, pki, ["-d", json.dumps({"items": items}),
-                                       "dataops.v1.SubjectService/EvaluateBatch"], deadline=False)
+                                       "dataops.v1.SubjectService/EvaluateBatch"], deadline=deadline)
     assert result.returncode == 0, result.stderr
     response = json.loads(result.stdout)
     results = response["results"]
@@ -528,3 +531,28 @@ def test_grpcurl_gets_a_signed_checkpoint_that_grows_and_a_consistency_proof_tha
     assert beyond.returncode != 0
     (info,) = error_infos(beyond.stderr)
     assert (info["reason"], info["metadata"]["rule"]) == ("INVALID_QUERY", "audit.consistency")
+
+
+def test_grpcurl_calls_the_audit_service_with_a_deadline(server, pki, config):
+    """The same two audit RPCs with grpcurl's -max-time set (a client deadline)."""
+    import base64
+
+    from dataops.audit import load_public_key
+    from dataops.audit.merkle import verify_consistency
+    from dataops.audit.note import parse_checkpoint
+
+    key = load_public_key(config.signer_dir / "signing.pub")
+    run_grpcurl(server, pki, ["-d", "{}", "dataops.v1.CatalogService/ListDatasets"])  # a log to sign
+    first = run_grpcurl(server, pki, ["-d", "{}", "dataops.v1.AuditService/GetCheckpoint"])
+    assert first.returncode == 0, first.stderr
+    run_grpcurl(server, pki, ["-d", "{}", "dataops.v1.CatalogService/ListDatasets"])
+    second = run_grpcurl(server, pki, ["-d", "{}", "dataops.v1.AuditService/GetCheckpoint"])
+    assert second.returncode == 0, second.stderr
+    a = parse_checkpoint(json.loads(first.stdout)["checkpoint"], key)
+    b = parse_checkpoint(json.loads(second.stdout)["checkpoint"], key)
+    assert b.size > a.size
+    proof = run_grpcurl(server, pki, ["-d", json.dumps({"first_size": a.size, "second_size": b.size}),
+                                      "dataops.v1.AuditService/GetConsistencyProof"])
+    assert proof.returncode == 0, proof.stderr
+    path = [base64.b64decode(h) for h in json.loads(proof.stdout).get("proof", [])]
+    verify_consistency(a.size, b.size, a.root, b.root, path)  # raises ProofError if it does not hold
