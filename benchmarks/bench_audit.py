@@ -24,11 +24,10 @@ import json
 import os
 import statistics
 import tempfile
-import time
-from pathlib import Path
-
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from dataops.audit import AuditLog, verify_log
 from dataops.audit.log import segment_paths
@@ -36,8 +35,15 @@ from dataops.audit.sample import sample_records
 from dataops.audit.signer import LocalSigner, SignerClient, spawn_signer
 from dataops.ledger import Ledger
 
-SMALL = {"consumer": "city-bank", "method": "GetBudget", "decision": "allowed", "code": "OK",
-         "epsilon_spent": 0.0, "delta_spent": 0.0, "latency_ms": 0.4}
+SMALL = {
+    "consumer": "city-bank",
+    "method": "GetBudget",
+    "decision": "allowed",
+    "code": "OK",
+    "epsilon_spent": 0.0,
+    "delta_spent": 0.0,
+    "latency_ms": 0.4,
+}
 
 
 def _throughput(call, calls: int, threads: int) -> float:
@@ -82,8 +88,9 @@ def bench_group_commit(root: Path, calls: int, threads: int) -> None:
         counter = iter(range(10**9))
 
         def reserve(ledger=ledger, counter=counter):
-            r = ledger.reserve(f"c{next(counter) % 16}", "d", 1e-6, 0.0, grant_total=(1e5, 0.0),
-                               dataset_total=(1e5, 0.0))
+            r = ledger.reserve(
+                f"c{next(counter) % 16}", "d", 1e-6, 0.0, grant_total=(1e5, 0.0), dataset_total=(1e5, 0.0)
+            )
             ledger.commit(r)
 
         # Fewer calls and threads for the ledger: serialised on SQLite's write lock, the
@@ -112,8 +119,9 @@ def bench_append(root: Path, n: int) -> None:
         plain(record)
         os.fsync(fd)
 
-    log = AuditLog(root / "durable" / "audit.jsonl", signer=LocalSigner(root / "durable-signer"),
-                   checkpoint_seconds=None)
+    log = AuditLog(
+        root / "durable" / "audit.jsonl", signer=LocalSigner(root / "durable-signer"), checkpoint_seconds=None
+    )
     writers = {
         "baseline: json.dumps + write": plain,
         "baseline: json.dumps + write + fsync": plain_fsync,
@@ -132,14 +140,20 @@ def bench_append(root: Path, n: int) -> None:
     print(f"per-request append, n={n}:")
     for name, samples in results.items():
         median, p99 = summary(samples)
-        print(f"  {name:38s} median {median * 1e3:7.3f} ms   p99 {p99 * 1e3:7.3f} ms   "
-              f"x{median / base:6.1f} plain   x{median / base_fsync:4.2f} plain+fsync")
+        print(
+            f"  {name:38s} median {median * 1e3:7.3f} ms   p99 {p99 * 1e3:7.3f} ms   "
+            f"x{median / base:6.1f} plain   x{median / base_fsync:4.2f} plain+fsync"
+        )
 
 
 def bench_verify(root: Path, n: int) -> None:
     directory = root / "large"
-    log = AuditLog(directory / "audit.jsonl", signer=LocalSigner(root / "large-signer"), fsync=False,
-                   checkpoint_seconds=None)
+    log = AuditLog(
+        directory / "audit.jsonl",
+        signer=LocalSigner(root / "large-signer"),
+        fsync=False,
+        checkpoint_seconds=None,
+    )
     t0 = time.perf_counter()
     records = list(sample_records(n, seed=2))
     with ThreadPoolExecutor(64) as pool:  # concurrent appends: one signature per batch, as under load
@@ -148,14 +162,18 @@ def bench_verify(root: Path, n: int) -> None:
     generated = time.perf_counter() - t0
     segments = segment_paths(directory / "audit.jsonl")
     size = sum(p.stat().st_size for p in segments)
-    print(f"generated {n:,} records ({size / 2**20:,.0f} MiB in {len(segments)} segments) in {generated:.1f} s "
-          f"({n / generated:,.0f} records/s, fsync off)")
+    print(
+        f"generated {n:,} records ({size / 2**20:,.0f} MiB in {len(segments)} segments) in {generated:.1f} s "
+        f"({n / generated:,.0f} records/s, fsync off)"
+    )
     t0 = time.perf_counter()
     result = verify_log(directory, log.public_key)
     elapsed = time.perf_counter() - t0
     assert result.ok and result.records == n, result.problems
-    print(f"verify_log: {n:,} records, {len(result.checkpoints):,} checkpoints in {elapsed:.1f} s "
-          f"({n / elapsed:,.0f} records/s, {size / 2**20 / elapsed:,.0f} MiB/s)")
+    print(
+        f"verify_log: {n:,} records, {len(result.checkpoints):,} checkpoints in {elapsed:.1f} s "
+        f"({n / elapsed:,.0f} records/s, {size / 2**20 / elapsed:,.0f} MiB/s)"
+    )
 
 
 def main() -> None:
@@ -165,7 +183,9 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=None, help="where to write (default: a temp dir)")
     parser.add_argument("--calls", type=int, default=20_000, help="small calls for the group-commit figures")
     parser.add_argument("--threads", type=int, default=64, help="concurrent callers")
-    parser.add_argument("--only-group-commit", action="store_true", help="skip the per-append and verify parts")
+    parser.add_argument(
+        "--only-group-commit", action="store_true", help="skip the per-append and verify parts"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         bench_group_commit(Path(tmp), args.calls, args.threads)

@@ -27,9 +27,9 @@ import re
 import shutil
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import MappingProxyType
-from typing import Callable
 
 import polars as pl
 
@@ -172,8 +172,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 10_000_000])
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--identifier-repeats", type=int, default=3,
-                        help="releases in the old in-plan truncation form, for reference (0: skip)")
+    parser.add_argument(
+        "--identifier-repeats",
+        type=int,
+        default=3,
+        help="releases in the old in-plan truncation form, for reference (0: skip)",
+    )
     args = parser.parse_args()
     summary = {rows: bench(rows, args.repeats, args.identifier_repeats) for rows in args.rows}
     print("\nsummary (median ms; ratio to raw polars)")
@@ -181,9 +185,11 @@ def main() -> None:
         raw = medians["raw polars"]
         engine, e2e = medians["engine (in-process DP)"], medians["end to end (gRPC, mTLS)"]
         reuse = medians["end to end, reused release"]
-        print(f"  {rows:>12,} rows: raw {raw * 1e3:.1f}, engine {engine * 1e3:.1f} ({engine / raw:.2f}x), "
-              f"end to end {e2e * 1e3:.1f} ({e2e / raw:.2f}x), reuse {reuse * 1e3:.1f}, "
-              f"prepare {medians['prepare']:.2f} s")
+        print(
+            f"  {rows:>12,} rows: raw {raw * 1e3:.1f}, engine {engine * 1e3:.1f} ({engine / raw:.2f}x), "
+            f"end to end {e2e * 1e3:.1f} ({e2e / raw:.2f}x), reuse {reuse * 1e3:.1f}, "
+            f"prepare {medians['prepare']:.2f} s"
+        )
 
 
 if __name__ == "__main__":

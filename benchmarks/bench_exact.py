@@ -20,8 +20,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import polars as pl
 
@@ -63,16 +63,24 @@ def bench(rows: int, repeats: int) -> dict[str, tuple[float, float]]:
         started = time.perf_counter()
         if not server.tables.wait_ready(timeout=3600):  # protected (or read back) once per data version
             raise SystemExit(f"the tables were not protected: {server.tables._failed}")
-        print(f"  table {TABLE} ready {time.perf_counter() - started:.1f} s after start "
-              f"(state/tables keeps it for this data version)")
+        print(
+            f"  table {TABLE} ready {time.perf_counter() - started:.1f} s after start "
+            f"(state/tables keeps it for this data version)"
+        )
         path = server.sandbox.catalog.get(DATASET).path
 
         def raw() -> pl.DataFrame:
-            return (pl.scan_parquet(path).filter(pl.col("visit_type") == "inpatient")
-                    .group_by(GROUP_BY).agg(pl.len().alias("visits"), pl.col("amount").mean()).collect())
+            return (
+                pl.scan_parquet(path)
+                .filter(pl.col("visit_type") == "inpatient")
+                .group_by(GROUP_BY)
+                .agg(pl.len().alias("visits"), pl.col("amount").mean())
+                .collect()
+            )
 
-        query = Client.build(DATASET, aggregates=[count("visits"), mean("amount")], group_by=GROUP_BY,
-                             filters=FILTERS)
+        query = Client.build(
+            DATASET, aggregates=[count("visits"), mean("amount")], group_by=GROUP_BY, filters=FILTERS
+        )
 
         def in_process() -> object:
             return server.sandbox.run(CONSUMER, query, CallRecord(method="RunQuery", consumer=CONSUMER))

@@ -74,14 +74,22 @@ def run(data: Path, name: str, extra_limits: str, flood: int, repeats: int) -> d
     target = f"localhost:{server.port}"
     eps = iter(range(1, 1_000_000))
     try:
-        harbor = Client.from_directory(target, data / "pki" / "consumers" / "harbor-insurance", "harbor-insurance",
-                                       timeout=120)
-        city = Client.from_directory(target, data / "pki" / "consumers" / "city-bank", "city-bank", timeout=120)
+        harbor = Client.from_directory(
+            target, data / "pki" / "consumers" / "harbor-insurance", "harbor-insurance", timeout=120
+        )
+        city = Client.from_directory(
+            target, data / "pki" / "consumers" / "city-bank", "city-bank", timeout=120
+        )
 
         def other() -> float:
             started = time.perf_counter()
-            harbor.query("medical_claims", aggregates=[count(), total("amount")], group_by=["sex"], mode="dp",
-                         epsilon=0.01 + next(eps) * 1e-7)
+            harbor.query(
+                "medical_claims",
+                aggregates=[count(), total("amount")],
+                group_by=["sex"],
+                mode="dp",
+                epsilon=0.01 + next(eps) * 1e-7,
+            )
             return time.perf_counter() - started
 
         other()  # warm
@@ -89,10 +97,18 @@ def run(data: Path, name: str, extra_limits: str, flood: int, repeats: int) -> d
 
         def heavy(i: int) -> str:
             try:
-                city.query("enterprise_credit",
-                           aggregates=[count(), total("tax_paid"), mean("registered_capital"),
-                                       quantile("tax_paid", 0.9)],
-                           group_by=["district", "industry", "size_band"], mode="dp", epsilon=0.01 + i * 1e-6)
+                city.query(
+                    "enterprise_credit",
+                    aggregates=[
+                        count(),
+                        total("tax_paid"),
+                        mean("registered_capital"),
+                        quantile("tax_paid", 0.9),
+                    ],
+                    group_by=["district", "industry", "size_band"],
+                    mode="dp",
+                    epsilon=0.01 + i * 1e-6,
+                )
                 return "OK"
             except DataopsClientError as exc:
                 return f"{exc.code.name}:{exc.rule}"
@@ -108,8 +124,11 @@ def run(data: Path, name: str, extra_limits: str, flood: int, repeats: int) -> d
         city.close()
     finally:
         server.stop(5.0)
-    records = [json.loads(line) for line in (work / "state" / "audit" / "audit.jsonl").read_bytes().split(b"\n")
-               if line]
+    records = [
+        json.loads(line)
+        for line in (work / "state" / "audit" / "audit.jsonl").read_bytes().split(b"\n")
+        if line
+    ]
     sent = 1 + repeats + len(during) + flood
     return {"alone": alone, "during": during, "outcomes": outcomes, "records": len(records), "sent": sent}
 
@@ -122,15 +141,22 @@ def main() -> None:
     args = parser.parse_args()
     data = prepare(args.enterprises)
     capped = run(data, "capped", "", args.flood, args.repeats)
-    uncapped = run(data, "uncapped", f"max_in_flight_per_consumer = {args.flood}\nmax_in_flight = {args.flood * 2}",
-                   args.flood, args.repeats)
+    uncapped = run(
+        data,
+        "uncapped",
+        f"max_in_flight_per_consumer = {args.flood}\nmax_in_flight = {args.flood * 2}",
+        args.flood,
+        args.repeats,
+    )
     baseline = statistics.median(capped["alone"])
     print(f"harbor-insurance DP query alone: median {baseline * 1000:.1f} ms")
     for name, result in (("caps on (defaults)", capped), ("per-consumer cap lifted", uncapped)):
         if result["during"]:
             during = statistics.median(result["during"])
-            print(f"  during the flood, {name}: median {during * 1000:.1f} ms = {during / baseline:.1f}x "
-                  f"alone ({len(result['during'])} samples)")
+            print(
+                f"  during the flood, {name}: median {during * 1000:.1f} ms = {during / baseline:.1f}x "
+                f"alone ({len(result['during'])} samples)"
+            )
         else:
             print(f"  during the flood, {name}: the flood ended before a sample")
         print(f"    city-bank's {args.flood} requests: {dict(result['outcomes'])}")

@@ -21,7 +21,9 @@ from dataops.ledger import Ledger
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ops", type=int, default=2000)
-    parser.add_argument("--dir", type=Path, default=None, help="where to put the ledger file (default: a temp dir)")
+    parser.add_argument(
+        "--dir", type=Path, default=None, help="where to put the ledger file (default: a temp dir)"
+    )
     parser.add_argument("--payload-bytes", type=int, default=4096, help="size of the stored release")
     args = parser.parse_args()
 
@@ -42,10 +44,15 @@ def main() -> None:
             with_release.append(t2 - t1)
         ledger.close()
 
-    for name, samples in (("reserve+commit", plain), (f"reserve+commit+{args.payload_bytes}B release", with_release)):
+    for name, samples in (
+        ("reserve+commit", plain),
+        (f"reserve+commit+{args.payload_bytes}B release", with_release),
+    ):
         samples.sort()
         p99 = samples[int(0.99 * (len(samples) - 1))]
-        print(f"{name:36s} median {statistics.median(samples) * 1e3:.3f} ms   p99 {p99 * 1e3:.3f} ms   (n={len(samples)})")
+        print(
+            f"{name:36s} median {statistics.median(samples) * 1e3:.3f} ms   p99 {p99 * 1e3:.3f} ms   (n={len(samples)})"
+        )
 
 
 if __name__ == "__main__":

@@ -46,10 +46,11 @@ import sys
 import threading
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, Decimal
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import grpc
 import polars as pl
@@ -69,8 +70,16 @@ from dataops.v1 import catalog_pb2, catalog_pb2_grpc, query_pb2, query_pb2_grpc
 
 HERE = Path(__file__).resolve().parent
 LOOPBACK = "127.0.0.1"  # the server certificate names it; nothing leaves the host
-DATASET = {"city-bank": "enterprise_credit", "river-bank": "enterprise_credit", "harbor-insurance": "medical_claims"}
-OTHER_ZONE = {"city-bank": "medical_claims", "river-bank": "medical_claims", "harbor-insurance": "enterprise_credit"}
+DATASET = {
+    "city-bank": "enterprise_credit",
+    "river-bank": "enterprise_credit",
+    "harbor-insurance": "medical_claims",
+}
+OTHER_ZONE = {
+    "city-bank": "medical_claims",
+    "river-bank": "medical_claims",
+    "harbor-insurance": "enterprise_credit",
+}
 DP_CONSUMERS = ("city-bank", "harbor-insurance")  # river-bank's grant is aggregate-only
 CAP = 1000.0  # the dataset caps for the run: far above the grants, so grants decide exhaustion
 WARMUP_BUDGET = 99.0  # below MAX_EPSILON (100), so "more than is left" can always be asked
@@ -96,36 +105,93 @@ EXPECTED: dict[str, set] = {
     "refused.mode": {(grpc.StatusCode.PERMISSION_DENIED, "POLICY_DENIED", "grant.modes")},
 }
 MIX = {  # relative weights per request
-    "catalog.list": 4, "catalog.describe": 4, "aggregate": 24, "dp.fresh": 24, "dp.repeat": 6,
-    "estimate": 10, "budget": 8, "refused.identifier": 5, "refused.zone": 5, "refused.over_budget": 5,
+    "catalog.list": 4,
+    "catalog.describe": 4,
+    "aggregate": 24,
+    "dp.fresh": 24,
+    "dp.repeat": 6,
+    "estimate": 10,
+    "budget": 8,
+    "refused.identifier": 5,
+    "refused.zone": 5,
+    "refused.over_budget": 5,
 }
 # river-bank may not ask DP questions: its DP share becomes aggregates and DP refusals.
-RIVER_MIX = {**{k: v for k, v in MIX.items() if not k.startswith("dp.") and k != "refused.over_budget"},
-             "aggregate": MIX["aggregate"] + MIX["dp.fresh"], "refused.mode": MIX["dp.repeat"] + 5}
+RIVER_MIX = {
+    **{k: v for k, v in MIX.items() if not k.startswith("dp.") and k != "refused.over_budget"},
+    "aggregate": MIX["aggregate"] + MIX["dp.fresh"],
+    "refused.mode": MIX["dp.repeat"] + 5,
+}
 
 # -- the questions -------------------------------------------------------------------
 
-CREDIT_DIMENSIONS = [("district",), ("size_band",), ("industry",), ("district", "size_band"), ("industry", "size_band")]
-CREDIT_MEASURES = [[count_units(), mean("tax_paid")], [count(), total("registered_capital")],
-                   [count_units(), mean("si_headcount"), mean("penalties")]]
-CREDIT_FILTERS = [[], [InSet("industry", ("Manufacturing", "Construction", "Logistics"))],
-                  [InSet("size_band", ("micro", "small"))], [Equals("district", "Dongcheng")],
-                  [InSet("industry", ("Wholesale & Retail", "Catering")), InSet("size_band", ("small", "medium"))]]
-CREDIT_DP_DIMENSIONS = [("size_band",), ("district",), ("industry",), ("year_founded",), ("district", "size_band")]
-CREDIT_DP_MEASURES = [[count(), total("tax_paid")], [count("enterprises")], [mean("penalties")],
-                      [count(), total("penalties")], [median("tax_paid")]]
+CREDIT_DIMENSIONS = [
+    ("district",),
+    ("size_band",),
+    ("industry",),
+    ("district", "size_band"),
+    ("industry", "size_band"),
+]
+CREDIT_MEASURES = [
+    [count_units(), mean("tax_paid")],
+    [count(), total("registered_capital")],
+    [count_units(), mean("si_headcount"), mean("penalties")],
+]
+CREDIT_FILTERS = [
+    [],
+    [InSet("industry", ("Manufacturing", "Construction", "Logistics"))],
+    [InSet("size_band", ("micro", "small"))],
+    [Equals("district", "Dongcheng")],
+    [InSet("industry", ("Wholesale & Retail", "Catering")), InSet("size_band", ("small", "medium"))],
+]
+CREDIT_DP_DIMENSIONS = [
+    ("size_band",),
+    ("district",),
+    ("industry",),
+    ("year_founded",),
+    ("district", "size_band"),
+]
+CREDIT_DP_MEASURES = [
+    [count(), total("tax_paid")],
+    [count("enterprises")],
+    [mean("penalties")],
+    [count(), total("penalties")],
+    [median("tax_paid")],
+]
 
-CLAIM_DIMENSIONS = [("age_band",), ("age_band", "sex"), ("district",), ("diagnosis_group",),
-                    ("hospital_level", "visit_type")]
-CLAIM_MEASURES = [[count_units(), mean("amount")], [count(), total("reimbursed")],
-                  [count_units(), mean("amount"), mean("reimbursed")]]
-CLAIM_FILTERS = [[], [Equals("visit_type", "inpatient")], [InSet("hospital_level", ("secondary", "tertiary"))],
-                 [Equals("sex", "F")],
-                 [InSet("age_band", ("45-59", "60-74", "75+")), Equals("visit_type", "outpatient")]]
-CLAIM_DP_DIMENSIONS = [("age_band",), ("sex",), ("age_band", "sex"), ("diagnosis_group",),
-                       ("hospital_level", "visit_type")]
-CLAIM_DP_MEASURES = [[count(), total("amount")], [mean("amount")], [count()], [median("amount")],
-                     [count(), total("reimbursed")]]
+CLAIM_DIMENSIONS = [
+    ("age_band",),
+    ("age_band", "sex"),
+    ("district",),
+    ("diagnosis_group",),
+    ("hospital_level", "visit_type"),
+]
+CLAIM_MEASURES = [
+    [count_units(), mean("amount")],
+    [count(), total("reimbursed")],
+    [count_units(), mean("amount"), mean("reimbursed")],
+]
+CLAIM_FILTERS = [
+    [],
+    [Equals("visit_type", "inpatient")],
+    [InSet("hospital_level", ("secondary", "tertiary"))],
+    [Equals("sex", "F")],
+    [InSet("age_band", ("45-59", "60-74", "75+")), Equals("visit_type", "outpatient")],
+]
+CLAIM_DP_DIMENSIONS = [
+    ("age_band",),
+    ("sex",),
+    ("age_band", "sex"),
+    ("diagnosis_group",),
+    ("hospital_level", "visit_type"),
+]
+CLAIM_DP_MEASURES = [
+    [count(), total("amount")],
+    [mean("amount")],
+    [count()],
+    [median("amount")],
+    [count(), total("reimbursed")],
+]
 
 RIVER_DIMENSIONS = [("district",), ("size_band",), ("district", "size_band")]
 RIVER_MEASURES = [[count_units(), mean("penalties")], [count()], [count_units()]]
@@ -133,29 +199,48 @@ RIVER_FILTERS = [[], [InSet("size_band", ("micro", "small"))], [Equals("size_ban
 
 REPEAT_EPSILON = 0.02
 REPEATED = {  # the questions asked again and again: one release each, then reuse
-    "city-bank": [dict(aggregates=[count(), total("tax_paid")], group_by=["district"]),
-                  dict(aggregates=[count()], group_by=["size_band"]),
-                  dict(aggregates=[mean("penalties")], group_by=["industry"]),
-                  dict(aggregates=[count()], group_by=["year_founded"], filters=[Equals("size_band", "small")])],
-    "harbor-insurance": [dict(aggregates=[count(), mean("amount")], group_by=["age_band"]),
-                         dict(aggregates=[count()], group_by=["diagnosis_group"]),
-                         dict(aggregates=[total("reimbursed")], group_by=["sex"]),
-                         dict(aggregates=[count()], group_by=["district"],
-                              filters=[Equals("visit_type", "inpatient")])],
+    "city-bank": [
+        dict(aggregates=[count(), total("tax_paid")], group_by=["district"]),
+        dict(aggregates=[count()], group_by=["size_band"]),
+        dict(aggregates=[mean("penalties")], group_by=["industry"]),
+        dict(aggregates=[count()], group_by=["year_founded"], filters=[Equals("size_band", "small")]),
+    ],
+    "harbor-insurance": [
+        dict(aggregates=[count(), mean("amount")], group_by=["age_band"]),
+        dict(aggregates=[count()], group_by=["diagnosis_group"]),
+        dict(aggregates=[total("reimbursed")], group_by=["sex"]),
+        dict(aggregates=[count()], group_by=["district"], filters=[Equals("visit_type", "inpatient")]),
+    ],
 }
 
 
 def dp_question(consumer: str, rng: random.Random) -> dict[str, Any]:
     """A DP question with fresh parameters (the epsilon alone makes it a new release)."""
     if consumer == "city-bank":
-        filters = rng.choice([[], [Between("year_founded", rng.randint(1960, 2015), None)],
-                              [InSet("industry", tuple(rng.sample(CREDIT_FILTERS[1][0].values, 2)))]])
-        return dict(aggregates=rng.choice(CREDIT_DP_MEASURES), group_by=list(rng.choice(CREDIT_DP_DIMENSIONS)),
-                    filters=filters)
-    filters = rng.choice([[], [Equals("visit_type", rng.choice(["inpatient", "outpatient", "emergency"]))],
-                          [InSet("district", tuple(rng.sample(["Dongcheng", "Nanhu", "Hexi", "Lingang"], 2)))]])
-    return dict(aggregates=rng.choice(CLAIM_DP_MEASURES), group_by=list(rng.choice(CLAIM_DP_DIMENSIONS)),
-                filters=filters)
+        filters = rng.choice(
+            [
+                [],
+                [Between("year_founded", rng.randint(1960, 2015), None)],
+                [InSet("industry", tuple(rng.sample(CREDIT_FILTERS[1][0].values, 2)))],
+            ]
+        )
+        return dict(
+            aggregates=rng.choice(CREDIT_DP_MEASURES),
+            group_by=list(rng.choice(CREDIT_DP_DIMENSIONS)),
+            filters=filters,
+        )
+    filters = rng.choice(
+        [
+            [],
+            [Equals("visit_type", rng.choice(["inpatient", "outpatient", "emergency"]))],
+            [InSet("district", tuple(rng.sample(["Dongcheng", "Nanhu", "Hexi", "Lingang"], 2)))],
+        ]
+    )
+    return dict(
+        aggregates=rng.choice(CLAIM_DP_MEASURES),
+        group_by=list(rng.choice(CLAIM_DP_DIMENSIONS)),
+        filters=filters,
+    )
 
 
 def small_epsilon(rng: random.Random) -> float:
@@ -274,13 +359,19 @@ class Consumer:
             question = dp_question(self.consumer, rng)
             return lambda: c.query(dataset, mode="dp", epsilon=epsilon, **question)
         if kind == "refused.mode":
-            return lambda: c.query(dataset, aggregates=[count()], group_by=["district"], mode="dp", epsilon=0.1)
+            return lambda: c.query(
+                dataset, aggregates=[count()], group_by=["district"], mode="dp", epsilon=0.1
+            )
         raise ValueError(kind)
 
     def _problem(self, outcome: Outcome) -> str | None:
-        got: Any = OK if outcome.code == "OK" else (grpc.StatusCode[outcome.code], outcome.reason, outcome.rule)
+        got: Any = (
+            OK if outcome.code == "OK" else (grpc.StatusCode[outcome.code], outcome.reason, outcome.rule)
+        )
         if got not in EXPECTED[outcome.kind]:
-            return f"{outcome.code} {outcome.reason} (rule {outcome.rule}) is not what {outcome.kind} should get"
+            return (
+                f"{outcome.code} {outcome.reason} (rule {outcome.rule}) is not what {outcome.kind} should get"
+            )
         if outcome.receipt is None or outcome.receipt.sequence <= 0:
             return "no audit receipt"
         if outcome.code != "OK":
@@ -306,8 +397,10 @@ def run_phase(phase: str, seconds: float, consumers: list[Consumer]) -> tuple[li
     """All consumers at once for `seconds`; returns the outcomes, the start and the elapsed time."""
     results: list[list[Outcome]] = [[] for _ in consumers]
     started = time.perf_counter()
-    threads = [threading.Thread(target=c.run, args=(phase, started + seconds, results[i]), name=f"load-{i}")
-               for i, c in enumerate(consumers)]
+    threads = [
+        threading.Thread(target=c.run, args=(phase, started + seconds, results[i]), name=f"load-{i}")
+        for i, c in enumerate(consumers)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -325,12 +418,16 @@ class Server:
 
     def __init__(self, toml: Path, log_path: Path) -> None:
         exe = Path(sys.executable).with_name("dataops")
-        command = [str(exe)] if exe.exists() else [
-            sys.executable, "-c", "import sys; from dataops.cli import main; sys.exit(main())"]
+        command = (
+            [str(exe)]
+            if exe.exists()
+            else [sys.executable, "-c", "import sys; from dataops.cli import main; sys.exit(main())"]
+        )
         self.log_path = log_path
         with log_path.open("w") as log:
-            self.proc = subprocess.Popen([*command, "serve", "-c", str(toml)], stdout=subprocess.PIPE,
-                                         stderr=log, text=True)
+            self.proc = subprocess.Popen(
+                [*command, "serve", "-c", str(toml)], stdout=subprocess.PIPE, stderr=log, text=True
+            )
         lines: queue.Queue[str] = queue.Queue()
         # Drain stdout for the process's whole life, so it never blocks on a full pipe.
         threading.Thread(target=lambda: [lines.put(line) for line in self.proc.stdout], daemon=True).start()
@@ -488,24 +585,40 @@ def main() -> int:
     parser.add_argument("--consumers", type=int, default=12, help="concurrent client threads (default 12)")
     parser.add_argument("--claims", type=int, default=1_000_000, help="medical claim rows (default 1M)")
     parser.add_argument("--enterprises", type=int, default=200_000, help="enterprises (default 200k)")
-    parser.add_argument("--warmup", type=float, default=3.0, help="seconds of warm-up, which sizes the budgets")
-    parser.add_argument("--exhaust-at", type=float, default=0.6,
-                        help="fraction of the run by which city-bank's DP budget should be spent (default 0.6)")
-    parser.add_argument("--workers", type=int, default=0, help="server worker threads (default: the config's)")
+    parser.add_argument(
+        "--warmup", type=float, default=3.0, help="seconds of warm-up, which sizes the budgets"
+    )
+    parser.add_argument(
+        "--exhaust-at",
+        type=float,
+        default=0.6,
+        help="fraction of the run by which city-bank's DP budget should be spent (default 0.6)",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=0, help="server worker threads (default: the config's)"
+    )
     parser.add_argument("--seed", type=int, default=20261122)
     args = parser.parse_args()
-    if args.consumers < 3 or not 0 < args.seconds <= 3600 or not 0 < args.warmup <= 600 \
-            or not 0 < args.exhaust_at < 1:
-        parser.error("need --consumers >= 3 (one per demo consumer), 0 < --seconds <= 3600, "
-                     "0 < --warmup <= 600 and 0 < --exhaust-at < 1")
+    if (
+        args.consumers < 3
+        or not 0 < args.seconds <= 3600
+        or not 0 < args.warmup <= 600
+        or not 0 < args.exhaust_at < 1
+    ):
+        parser.error(
+            "need --consumers >= 3 (one per demo consumer), 0 < --seconds <= 3600, "
+            "0 < --warmup <= 600 and 0 < --exhaust-at < 1"
+        )
 
     workdir = prepare_workdir(args)
     config = load_config(workdir / "dataops.toml")
     pki = config.tls.ca_cert.parent
     catalog = load_catalog(config.paths.catalog, config.paths.sandbox)
     server = Server(workdir / "dataops.toml", workdir / "server.log")
-    print(f"\ndataops serve on {server.target} (pid {server.proc.pid}, {config.server.workers} workers, "
-          f"grace {config.server.grace_seconds:g} s); {args.consumers} consumer threads; {os.cpu_count()} CPUs")
+    print(
+        f"\ndataops serve on {server.target} (pid {server.proc.pid}, {config.server.workers} workers, "
+        f"grace {config.server.grace_seconds:g} s); {args.consumers} consumer threads; {os.cpu_count()} CPUs"
+    )
     outcomes: list[Outcome] = []
     clients: list[Consumer] = []
     try:
@@ -515,19 +628,35 @@ def main() -> int:
         baseline = {"health": time_it(prober.check, 200)}
         claims_path, credit_path = catalog.get("medical_claims").path, catalog.get("enterprise_credit").path
         baseline["polars claims"] = time_it(
-            lambda: pl.scan_parquet(claims_path).filter(pl.col("visit_type") == "inpatient")
-            .group_by("age_band", "sex").agg(pl.col("person_id").n_unique(), pl.col("amount").mean()).collect(), 15)
+            lambda: (
+                pl.scan_parquet(claims_path)
+                .filter(pl.col("visit_type") == "inpatient")
+                .group_by("age_band", "sex")
+                .agg(pl.col("person_id").n_unique(), pl.col("amount").mean())
+                .collect()
+            ),
+            15,
+        )
         baseline["polars credit"] = time_it(
-            lambda: pl.scan_parquet(credit_path).filter(pl.col("size_band").is_in(["micro", "small"]))
-            .group_by("district").agg(pl.col("enterprise_id").n_unique(), pl.col("tax_paid").mean()).collect(), 15)
+            lambda: (
+                pl.scan_parquet(credit_path)
+                .filter(pl.col("size_band").is_in(["micro", "small"]))
+                .group_by("district")
+                .agg(pl.col("enterprise_id").n_unique(), pl.col("tax_paid").mean())
+                .collect()
+            ),
+            15,
+        )
 
         # The repeated questions are asked once first: every later ask is a reuse.
         primers = {c: Consumer(server.target, pki, c, args.seed, WARMUP_BUDGET) for c in DP_CONSUMERS}
         clients += primers.values()
         for consumer, primer in primers.items():
             outcomes += [primer.request("dp.prime", "prime", question) for question in REPEATED[consumer]]
-        threads = [Consumer(server.target, pki, CONSUMERS[i % len(CONSUMERS)], args.seed + i + 1, WARMUP_BUDGET)
-                   for i in range(args.consumers)]
+        threads = [
+            Consumer(server.target, pki, CONSUMERS[i % len(CONSUMERS)], args.seed + i + 1, WARMUP_BUDGET)
+            for i in range(args.consumers)
+        ]
         clients += threads
 
         # Warm-up: the full mix, which also shows how fast each DP consumer spends.
@@ -541,8 +670,10 @@ def main() -> int:
             # city-bank runs out part-way through the run; harbor-insurance has thrice what it needs.
             share = args.exhaust_at if consumer == "city-bank" else 3.0
             budgets[consumer] = round(min(MAX_BUDGET, spent + max(0.05, share * rate * args.seconds)), 6)
-            print(f"  {consumer}: spent epsilon {spent:.3f} so far, {rate:.3f}/s in warm-up "
-                  f"-> grant budget {budgets[consumer]:g} (MAX {MAX_BUDGET:g})")
+            print(
+                f"  {consumer}: spent epsilon {spent:.3f} so far, {rate:.3f}/s in warm-up "
+                f"-> grant budget {budgets[consumer]:g} (MAX {MAX_BUDGET:g})"
+            )
         set_grant_budgets(workdir, budgets)
         server.proc.send_signal(signal.SIGHUP)  # reload the policies now
         for consumer, primer in primers.items():
@@ -568,14 +699,29 @@ def main() -> int:
         for client in clients:
             client.close()
     stop = server.terminate(timeout=config.server.grace_seconds + 30)
-    return report(args, config, catalog, budgets, outcomes, run, run_started, run_seconds, baseline,
-                  prober, stop, server.log_path)
+    return report(
+        args,
+        config,
+        catalog,
+        budgets,
+        outcomes,
+        run,
+        run_started,
+        run_seconds,
+        baseline,
+        prober,
+        stop,
+        server.log_path,
+    )
 
 
-def report(args, config, catalog, budgets, outcomes, run, run_started, run_seconds, baseline, prober, stop,
-           log_path) -> int:
-    print(f"\n== measured run: {len(run)} requests in {run_seconds:.1f} s from {args.consumers} consumer "
-          f"threads = {len(run) / run_seconds:.1f} requests/s ==")
+def report(
+    args, config, catalog, budgets, outcomes, run, run_started, run_seconds, baseline, prober, stop, log_path
+) -> int:
+    print(
+        f"\n== measured run: {len(run)} requests in {run_seconds:.1f} s from {args.consumers} consumer "
+        f"threads = {len(run) / run_seconds:.1f} requests/s =="
+    )
     print(f"  {'kind':22} {'n':>6} {'p50 ms':>9} {'p99 ms':>9}   statuses")
     by_kind: dict[str, list[Outcome]] = defaultdict(list)
     for o in run:
@@ -584,35 +730,54 @@ def report(args, config, catalog, budgets, outcomes, run, run_started, run_secon
         if kind in by_kind:
             samples = [o.seconds for o in by_kind[kind]]
             statuses = Counter(o.code if o.code == "OK" else f"{o.code}/{o.reason}" for o in by_kind[kind])
-            print(f"  {kind:22} {len(samples):6} {ms(percentile(samples, .5))} {ms(percentile(samples, .99))}   "
-                  + ", ".join(f"{k} {v}" for k, v in statuses.most_common()))
+            print(
+                f"  {kind:22} {len(samples):6} {ms(percentile(samples, 0.5))} {ms(percentile(samples, 0.99))}   "
+                + ", ".join(f"{k} {v}" for k, v in statuses.most_common())
+            )
     everything = [o.seconds for o in run]
-    overall = percentile(everything, .5)
-    print(f"  {'overall':22} {len(run):6} {ms(overall)} {ms(percentile(everything, .99))}")
+    overall = percentile(everything, 0.5)
+    print(f"  {'overall':22} {len(run):6} {ms(overall)} {ms(percentile(everything, 0.99))}")
     print("  status codes: " + ", ".join(f"{k} {v}" for k, v in Counter(o.code for o in run).most_common()))
-    print("  all phases (prime, warm-up, reload, run): " + ", ".join(
-        f"{k} {v}" for k, v in Counter(o.code for o in outcomes).most_common()) + f"; {len(outcomes)} requests")
+    print(
+        "  all phases (prime, warm-up, reload, run): "
+        + ", ".join(f"{k} {v}" for k, v in Counter(o.code for o in outcomes).most_common())
+        + f"; {len(outcomes)} requests"
+    )
     for consumer in DP_CONSUMERS:
-        refused = [o for o in run if o.consumer == consumer and o.kind == "dp.fresh" and o.reason == "BUDGET_EXHAUSTED"]
+        refused = [
+            o
+            for o in run
+            if o.consumer == consumer and o.kind == "dp.fresh" and o.reason == "BUDGET_EXHAUSTED"
+        ]
         answered = sum(1 for o in run if o.consumer == consumer and o.kind == "dp.fresh" and o.code == "OK")
-        when = f"first refusal at {min(o.started for o in refused) - run_started:.1f} s" if refused else "never"
-        print(f"  {consumer}: budget {budgets[consumer]:g}; {answered} fresh DP releases, "
-              f"{len(refused)} refused BUDGET_EXHAUSTED ({when})")
+        when = (
+            f"first refusal at {min(o.started for o in refused) - run_started:.1f} s" if refused else "never"
+        )
+        print(
+            f"  {consumer}: budget {budgets[consumer]:g}; {answered} fresh DP releases, "
+            f"{len(refused)} refused BUDGET_EXHAUSTED ({when})"
+        )
 
     health, under_load = baseline["health"], prober.samples
     print("\n== baselines (same run) ==")
-    print(f"  health check RPC, idle      p50 {ms(percentile(health, .5))} ms  p99 {ms(percentile(health, .99))} ms")
-    print(f"  health check RPC, under load p50 {ms(percentile(under_load, .5))} ms  "
-          f"p99 {ms(percentile(under_load, .99))} ms  ({len(under_load)} probes, {prober.failures} failed)")
+    print(
+        f"  health check RPC, idle      p50 {ms(percentile(health, 0.5))} ms  p99 {ms(percentile(health, 0.99))} ms"
+    )
+    print(
+        f"  health check RPC, under load p50 {ms(percentile(under_load, 0.5))} ms  "
+        f"p99 {ms(percentile(under_load, 0.99))} ms  ({len(under_load)} probes, {prober.failures} failed)"
+    )
     for name in ("polars claims", "polars credit"):
         print(f"  raw {name:24} median {ms(statistics.median(baseline[name]))} ms")
     claims_aggregate = [o.seconds for o in by_kind["aggregate"] if o.consumer == "harbor-insurance"]
     credit_aggregate = [o.seconds for o in by_kind["aggregate"] if o.consumer != "harbor-insurance"]
-    print(f"  ratios: overall p50 / idle health p50 = {overall / percentile(health, .5):.1f}x, "
-          f"/ health p50 under load = {overall / percentile(under_load, .5):.1f}x; "
-          f"aggregate p50 on claims / raw polars = "
-          f"{percentile(claims_aggregate, .5) / statistics.median(baseline['polars claims']):.1f}x; "
-          f"on credit = {percentile(credit_aggregate, .5) / statistics.median(baseline['polars credit']):.1f}x")
+    print(
+        f"  ratios: overall p50 / idle health p50 = {overall / percentile(health, 0.5):.1f}x, "
+        f"/ health p50 under load = {overall / percentile(under_load, 0.5):.1f}x; "
+        f"aggregate p50 on claims / raw polars = "
+        f"{percentile(claims_aggregate, 0.5) / statistics.median(baseline['polars claims']):.1f}x; "
+        f"on credit = {percentile(credit_aggregate, 0.5) / statistics.median(baseline['polars credit']):.1f}x"
+    )
 
     checks: list[tuple[str, bool, str]] = []
 
@@ -620,16 +785,30 @@ def report(args, config, catalog, budgets, outcomes, run, run_started, run_secon
         checks.append((name, ok, detail))
 
     unexpected = [o for o in outcomes if o.problem]
-    check("no unexpected errors", not unexpected, f"{len(unexpected)} unexpected" + "".join(
-        f"\n      {n} x {o.phase} {o.consumer} {o.kind}: {o.problem}"
-        for o, n in _distinct(unexpected)))
+    check(
+        "no unexpected errors",
+        not unexpected,
+        f"{len(unexpected)} unexpected"
+        + "".join(
+            f"\n      {n} x {o.phase} {o.consumer} {o.kind}: {o.problem}" for o, n in _distinct(unexpected)
+        ),
+    )
     code, stop_seconds = stop
-    check("server exits 0 on SIGTERM", code == 0,
-          f"exit code {code} after {stop_seconds:.2f} s (grace {config.server.grace_seconds:g} s)")
-    errors = [line for line in log_path.read_text(errors="replace").splitlines()
-              if "Traceback" in line or " ERROR " in line or " CRITICAL " in line]
-    check("server logged no errors", not errors, f"{len(errors)} lines in {log_path}" + "".join(
-        f"\n      {line}" for line in errors[:5]))
+    check(
+        "server exits 0 on SIGTERM",
+        code == 0,
+        f"exit code {code} after {stop_seconds:.2f} s (grace {config.server.grace_seconds:g} s)",
+    )
+    errors = [
+        line
+        for line in log_path.read_text(errors="replace").splitlines()
+        if "Traceback" in line or " ERROR " in line or " CRITICAL " in line
+    ]
+    check(
+        "server logged no errors",
+        not errors,
+        f"{len(errors)} lines in {log_path}" + "".join(f"\n      {line}" for line in errors[:5]),
+    )
     ran_out = sorted({o.consumer for o in run if o.kind == "dp.fresh" and o.reason == "BUDGET_EXHAUSTED"})
     check("at least one consumer ran out of budget under load", bool(ran_out), ", ".join(ran_out) or "none")
 
@@ -650,38 +829,65 @@ def report(args, config, catalog, budgets, outcomes, run, run_started, run_secon
             grant = policies.get(spend.consumer).grants[spend.dataset].budget
             limit = (grant.epsilon, grant.delta)
         if spend.epsilon_spent > limit[0] or spend.delta_spent > limit[1]:
-            over.append(f"{spend.consumer or 'dataset cap'}/{spend.dataset}: {spend.epsilon_spent} > {limit[0]}")
-    check("no grant or dataset cap overspent", not over, "; ".join(over) or ", ".join(
-        f"{s.consumer or 'cap'}/{s.dataset} {s.epsilon_spent:.6g}" for s in spends))
-    answered = {c: sum(units(o.epsilon) for o in outcomes if o.consumer == c and o.code == "OK")
-                for c in DP_CONSUMERS}
-    check("ledger spend == sum of answered spend.epsilon (exact)", answered == exact,
-          ", ".join(f"{c} ledger {exact[c]} vs answered {answered[c]} (1e-12 units)" for c in DP_CONSUMERS))
-    check("no reservation left open", not statuses.get("reserved") and not statuses.get("orphaned"),
-          ", ".join(f"{k} {v}" for k, v in sorted(statuses.items())))
+            over.append(
+                f"{spend.consumer or 'dataset cap'}/{spend.dataset}: {spend.epsilon_spent} > {limit[0]}"
+            )
+    check(
+        "no grant or dataset cap overspent",
+        not over,
+        "; ".join(over)
+        or ", ".join(f"{s.consumer or 'cap'}/{s.dataset} {s.epsilon_spent:.6g}" for s in spends),
+    )
+    answered = {
+        c: sum(units(o.epsilon) for o in outcomes if o.consumer == c and o.code == "OK") for c in DP_CONSUMERS
+    }
+    check(
+        "ledger spend == sum of answered spend.epsilon (exact)",
+        answered == exact,
+        ", ".join(f"{c} ledger {exact[c]} vs answered {answered[c]} (1e-12 units)" for c in DP_CONSUMERS),
+    )
+    check(
+        "no reservation left open",
+        not statuses.get("reserved") and not statuses.get("orphaned"),
+        ", ".join(f"{k} {v}" for k, v in sorted(statuses.items())),
+    )
 
     # The audit log, with the log's public key.
     directory = audit_path(config).parent
     public_key = load_public_key(directory / "signing.pub")
     receipts = [o.receipt for o in outcomes if o.receipt is not None]
     verification = verify_log(directory, public_key, want={r.sequence for r in receipts})
-    check("audit log verifies", verification.ok,
-          "; ".join(map(str, verification.problems)) or f"{verification.records} records, signed up to "
-          f"{verification.signed_size}, {len(verification.checkpoints)} checkpoints")
-    check("one audit record per request sent", verification.records == len(outcomes),
-          f"{verification.records} records, {len(outcomes)} requests")
+    check(
+        "audit log verifies",
+        verification.ok,
+        "; ".join(map(str, verification.problems))
+        or f"{verification.records} records, signed up to "
+        f"{verification.signed_size}, {len(verification.checkpoints)} checkpoints",
+    )
+    check(
+        "one audit record per request sent",
+        verification.records == len(outcomes),
+        f"{verification.records} records, {len(outcomes)} requests",
+    )
     records = read_audit(directory)
     logged = Counter(r["code"] for r in records)
     sent = Counter(o.code for o in outcomes)
-    check("audit status codes match the client's", logged == sent, f"log {dict(logged)} vs client {dict(sent)}")
-    logged_spend = {c: sum(units(r["epsilon_spent"]) for r in records if r["consumer"] == c) for c in DP_CONSUMERS}
+    check(
+        "audit status codes match the client's", logged == sent, f"log {dict(logged)} vs client {dict(sent)}"
+    )
+    logged_spend = {
+        c: sum(units(r["epsilon_spent"]) for r in records if r["consumer"] == c) for c in DP_CONSUMERS
+    }
     check("audit epsilon_spent per consumer == ledger", logged_spend == exact, str(logged_spend))
     missing = [r for r in receipts if verification.found.get(r.sequence, ("",))[0] != r.hash]
     duplicates = len(receipts) - len({r.sequence for r in receipts})
     spot = [find_receipt(directory, r.sequence, r.hash, public_key) for r in (receipts[0], receipts[-1])]
-    check("every receipt received is in the log", not missing and not duplicates and all(s.ok for s in spot),
-          f"{len(receipts)} receipts, {len(missing)} missing, {duplicates} duplicated; find_receipt: "
-          + ", ".join(s.status for s in spot))
+    check(
+        "every receipt received is in the log",
+        not missing and not duplicates and all(s.ok for s in spot),
+        f"{len(receipts)} receipts, {len(missing)} missing, {duplicates} duplicated; find_receipt: "
+        + ", ".join(s.status for s in spot),
+    )
 
     print("\n== checks ==")
     for name, ok, detail in checks:

@@ -79,30 +79,41 @@ def run_one(kind: str, dataset_id: str, sandbox: Path) -> dict:
     started = time.perf_counter()
     out: dict = {}
     if kind == "baseline":
-        pl.scan_parquet(dataset.path).group_by(dims).agg(
-            pl.len(), pl.col(measure).sum()).collect(engine="streaming")
+        pl.scan_parquet(dataset.path).group_by(dims).agg(pl.len(), pl.col(measure).sum()).collect(
+            engine="streaming"
+        )
     else:
         from dataops.tables import protect
 
         extra = 'sensitive_dimensions = ["diagnosis_group"]' if dataset_id == "medical_claims" else ""
         path = sandbox / f"bench_{dataset_id}.toml"
-        path.write_text(PRODUCT.format(id=path.stem, dataset=dataset_id, dims=json.dumps(dims),
-                                       measure=measure, extra=extra))
+        path.write_text(
+            PRODUCT.format(
+                id=path.stem, dataset=dataset_id, dims=json.dumps(dims), measure=measure, extra=extra
+            )
+        )
         product = load_table_product(read_toml(path, ProductError), path, catalog)
         table = protect(product, dataset)
         r = table.report
-        out = {"cells": r.cells, "primary": r.primary, "secondary": r.secondary,
-               "audit": r.audit.passed, "phases": {k: round(v, 2) for k, v in r.seconds.items()}}
+        out = {
+            "cells": r.cells,
+            "primary": r.primary,
+            "secondary": r.secondary,
+            "audit": r.audit.passed,
+            "phases": {k: round(v, 2) for k, v in r.seconds.items()},
+        }
     out["seconds"] = time.perf_counter() - started
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
 
 
 def measure(kind: str, dataset_id: str, sandbox: Path) -> dict:
-    code = ("import json, sys; sys.path.insert(0, %r); sys.path.insert(0, %r); "
-            "from bench_protect import run_one; from pathlib import Path; "
-            "print(json.dumps(run_one(%r, %r, Path(%r))))"
-            % (str(REPO / "src"), str(HERE), kind, dataset_id, str(sandbox)))
+    code = (
+        "import json, sys; sys.path.insert(0, %r); sys.path.insert(0, %r); "
+        "from bench_protect import run_one; from pathlib import Path; "
+        "print(json.dumps(run_one(%r, %r, Path(%r))))"
+        % (str(REPO / "src"), str(HERE), kind, dataset_id, str(sandbox))
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"{kind} {dataset_id} failed:\n{proc.stderr}")
@@ -117,12 +128,16 @@ def main(args: list[str]) -> None:
         for dataset_id in TABLES:
             base = measure("baseline", dataset_id, sandbox)
             prot = measure("protect", dataset_id, sandbox)
-            print(f"{dataset_id:18s} baseline group-by {base['seconds']:7.2f}s {base['peak_rss_mb']:7.0f} MB | "
-                  f"protect {prot['seconds']:7.2f}s {prot['peak_rss_mb']:7.0f} MB | "
-                  f"ratio time {prot['seconds'] / base['seconds']:6.1f}x, "
-                  f"memory {prot['peak_rss_mb'] / base['peak_rss_mb']:5.1f}x")
-            print(f"{'':18s} cells {prot['cells']}, primary {prot['primary']}, secondary {prot['secondary']}, "
-                  f"audit {'passed' if prot['audit'] else 'FAILED'}; phases {prot['phases']}")
+            print(
+                f"{dataset_id:18s} baseline group-by {base['seconds']:7.2f}s {base['peak_rss_mb']:7.0f} MB | "
+                f"protect {prot['seconds']:7.2f}s {prot['peak_rss_mb']:7.0f} MB | "
+                f"ratio time {prot['seconds'] / base['seconds']:6.1f}x, "
+                f"memory {prot['peak_rss_mb'] / base['peak_rss_mb']:5.1f}x"
+            )
+            print(
+                f"{'':18s} cells {prot['cells']}, primary {prot['primary']}, secondary {prot['secondary']}, "
+                f"audit {'passed' if prot['audit'] else 'FAILED'}; phases {prot['phases']}"
+            )
 
 
 if __name__ == "__main__":

@@ -159,12 +159,16 @@ def main() -> None:
                 for i in range(args.repeats):
                     # A slightly different epsilon each time: each release is a fresh one.
                     privacy = Privacy(epsilon=epsilon * (1 + i * 1e-9), **kw)
-                    query = Query(q.dataset, (aggregate,), group_by=(q.group_by,), mode=Mode.DP, privacy=privacy)
+                    query = Query(
+                        q.dataset, (aggregate,), group_by=(q.group_by,), mode=Mode.DP, privacy=privacy
+                    )
                     samples.append(release_error(dataset, source, query, accounting, truth, aggregate.name))
                 cells.append(statistics.median(samples))
             base = cells[0]
             print(f"{q.name:24s} {epsilon:4.1f} " + " ".join(f"{c:11.2%} ({c / base:4.2f}x)" for c in cells))
-    print(f"  exact polars reference: {', '.join(f'{k}={v:,.0f}' for k, v in sorted(exact(catalog.get('medical_claims'), questions(catalog)[0]).items()))}")  # noqa: E501
+    print(
+        f"  exact polars reference: {', '.join(f'{k}={v:,.0f}' for k, v in sorted(exact(catalog.get('medical_claims'), questions(catalog)[0]).items()))}"
+    )  # noqa: E501
 
     # Issue 13's median + mean: the mean's error asked with a median, at epsilon 1.
     dataset = catalog.get("medical_claims")

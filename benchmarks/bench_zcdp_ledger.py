@@ -43,14 +43,18 @@ def main() -> None:
         done, started = 0, time.perf_counter()
         for n in (1, 5, 20, 100, 500):
             while done < n:
-                ledger.reserve_zcdp("bank", "claims", rho, grant_total=(1e6, args.delta), dataset_total=(1e6, 1.0))
+                ledger.reserve_zcdp(
+                    "bank", "claims", rho, grant_total=(1e6, args.delta), dataset_total=(1e6, 1.0)
+                )
                 done += 1
             composed = ledger.spent("bank", "claims")[0]
             print(f"{n:>9} {composed:>10.4f} {n * single:>11.4f} {composed / (n * single):>7.3f}")
         per_reservation = (time.perf_counter() - started) / done
         for budget in (1.0, 5.0):
             composed = admitted(ledger, f"composed-{budget}", rho, (budget, args.delta))
-            print(f"grant of epsilon {budget:g}: {composed} releases composed, {int(budget / single)} separately")
+            print(
+                f"grant of epsilon {budget:g}: {composed} releases composed, {int(budget / single)} separately"
+            )
         print(f"one zCDP reservation (OpenDP conversion + SQLite commit): {per_reservation * 1e3:.2f} ms")
 
 

@@ -17,4 +17,6 @@ def signer_for(directory: Path) -> LocalSigner:
 def open_log(directory: Path, **kwargs) -> AuditLog:
     directory = Path(directory)
     kwargs.setdefault("checkpoint_seconds", None)
-    return AuditLog(directory / "audit.jsonl", signer=kwargs.pop("signer", None) or signer_for(directory), **kwargs)
+    return AuditLog(
+        directory / "audit.jsonl", signer=kwargs.pop("signer", None) or signer_for(directory), **kwargs
+    )

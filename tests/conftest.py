@@ -6,9 +6,9 @@ import atexit
 import json
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 
@@ -63,9 +63,9 @@ def protected_tables_for(sandbox: Path, pki: Pki) -> Path:
     """
     if not _PROTECTED:
         from dataops.catalog import load_catalog
-        from dataops.versions import Fingerprints
         from dataops.products import load_products
         from dataops.tables import TableStore
+        from dataops.versions import Fingerprints
 
         work = Path(tempfile.mkdtemp(prefix="dataops-tables-"))
         atexit.register(shutil.rmtree, work, ignore_errors=True)
@@ -79,10 +79,18 @@ def protected_tables_for(sandbox: Path, pki: Pki) -> Path:
     return _PROTECTED[0]
 
 
-def write_config(root: Path, sandbox: Path, pki: Pki, extra: str = "", *,
-                 rate_per_minute: int = 6_000_000, rate_burst: int = 1_000_000,
-                 max_in_flight: int = 64, max_in_flight_per_consumer: int = 64,
-                 tables: Path | bool = True) -> ServerConfig:
+def write_config(
+    root: Path,
+    sandbox: Path,
+    pki: Pki,
+    extra: str = "",
+    *,
+    rate_per_minute: int = 6_000_000,
+    rate_burst: int = 1_000_000,
+    max_in_flight: int = 64,
+    max_in_flight_per_consumer: int = 64,
+    tables: Path | bool = True,
+) -> ServerConfig:
     """A work directory with copies of the repo's catalog, policies and table products.
 
     `tables`: True copies in the tables already protected for this sandbox's data
@@ -152,7 +160,9 @@ def connect(server, pki: Pki) -> Iterator[Callable[..., Client]]:
     clients: list[Client] = []
 
     def make(consumer: str, **kwargs) -> Client:
-        client = Client.from_directory(f"localhost:{server.port}", pki.consumer_dir(consumer), consumer, **kwargs)
+        client = Client.from_directory(
+            f"localhost:{server.port}", pki.consumer_dir(consumer), consumer, **kwargs
+        )
         clients.append(client)
         return client
 

@@ -23,29 +23,46 @@ import dataclasses
 import itertools
 import re
 import secrets
-import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import grpc
 import polars as pl
 import pytest
 
-from dataops.client import Client, DataopsClientError, count, count_units, mean, total
+from conftest import write_config
+from dataops.client import Client, DataopsClientError, count, count_units, total
 from dataops.ir import Between, Equals, InSet
 from dataops.ledger import MAX_DELTA, MAX_EPSILON
 from dataops.server import build_server
 
-from conftest import write_config
-
 CREDIT = "enterprise_credit"
 K = 10  # city-bank's min_group_size
 GAOXIN_FARMS = [Equals("district", "Gaoxin"), Equals("industry", "Agriculture")]
-INDUSTRIES = ("Manufacturing", "Wholesale & Retail", "Construction", "IT & Software", "Catering",
-              "Logistics", "Real Estate", "Finance", "Agriculture", "Healthcare")
-DISTRICTS = ("Dongcheng", "Xicheng", "Nanhu", "Beishan", "Jiangbin", "Gaoxin", "Binhai", "Qingshan", "Hexi",
-             "Lingang")
+INDUSTRIES = (
+    "Manufacturing",
+    "Wholesale & Retail",
+    "Construction",
+    "IT & Software",
+    "Catering",
+    "Logistics",
+    "Real Estate",
+    "Finance",
+    "Agriculture",
+    "Healthcare",
+)
+DISTRICTS = (
+    "Dongcheng",
+    "Xicheng",
+    "Nanhu",
+    "Beishan",
+    "Jiangbin",
+    "Gaoxin",
+    "Binhai",
+    "Qingshan",
+    "Hexi",
+    "Lingang",
+)
 ON_OFF = pytest.mark.parametrize("control", ["on", "off"])
 
 
@@ -93,9 +110,11 @@ def _release_everything(protect):
 
         table = protect(product, dataset, *args, **kwargs)
         cube = table.confidential.cube
-        cells = _released_cells(product, dataset, cube, np.zeros(cube.n_cells, bool),
-                                np.full(cube.n_cells, RELEASED))
+        cells = _released_cells(
+            product, dataset, cube, np.zeros(cube.n_cells, bool), np.full(cube.n_cells, RELEASED)
+        )
         return dataclasses.replace(table, cells=cells)
+
     return unprotected
 
 
@@ -104,7 +123,6 @@ def exact(config, pki, server, connect, monkeypatch, sandbox_dir):
     """`exact(control)` -> a city-bank client of a server whose table is protected with the
     control on ("on": the shared server), with no protection ("nothing") or without
     secondary suppression ("no-secondary")."""
-    import dataops.tables
     from dataops.engines import table as table_engine
 
     started = []
@@ -134,7 +152,9 @@ def exact(config, pki, server, connect, monkeypatch, sandbox_dir):
         if control == "nothing":
             monkeypatch.setattr(dataops.tables, "protect", _release_everything(real))
         else:
-            monkeypatch.setattr(dataops.tables, "protect", lambda *a, **k: real(*a, **{**k, "secondary": False}))
+            monkeypatch.setattr(
+                dataops.tables, "protect", lambda *a, **k: real(*a, **{**k, "secondary": False})
+            )
         server = build_server(off).start()
         client = Client.from_directory(f"localhost:{server.port}", pki.consumer_dir("city-bank"), "city-bank")
         started.append((server, client))
@@ -172,8 +192,12 @@ def _truth(raw: pl.DataFrame) -> dict[tuple, tuple[int, float]]:
                     if v is not None:
                         where &= pl.col(d) == v
                 out[key] = where
-    frame = raw.select([pl.struct(pl.col("tax_paid").filter(w).sum().alias("t"), w.sum().alias("n"))
-                        .alias(str(i)) for i, w in enumerate(out.values())]).row(0)
+    frame = raw.select(
+        [
+            pl.struct(pl.col("tax_paid").filter(w).sum().alias("t"), w.sum().alias("n")).alias(str(i))
+            for i, w in enumerate(out.values())
+        ]
+    ).row(0)
     return {key: (v["n"], v["t"]) for key, v in zip(out, frame)}
 
 
@@ -185,8 +209,10 @@ def _differencing(known: dict[tuple, tuple]) -> dict[tuple, tuple]:
     while changed:
         changed = False
         for j, d in enumerate(DIMS):
-            for parent in [k for k in itertools.product(*((KEYS[x] + (None,)) for x in DIMS)) if k[j] is None]:
-                children = [parent[:j] + (v,) + parent[j + 1:] for v in KEYS[d]]
+            for parent in [
+                k for k in itertools.product(*((KEYS[x] + (None,)) for x in DIMS)) if k[j] is None
+            ]:
+                children = [parent[:j] + (v,) + parent[j + 1 :] for v in KEYS[d]]
                 family = [parent, *children]
                 unknown = [k for k in family if k not in known]
                 if len(unknown) != 1:
@@ -212,8 +238,11 @@ def test_margin_differencing_over_every_sub_total_recovers_no_suppressed_cell(ex
     known = _grid_cells(client, aggregates)
     derived = _differencing(known)
     truth = _truth(raw)
-    exact_hits = {k for k, (n, tax) in derived.items()
-                  if n == truth[k][0] and tax == pytest.approx(truth[k][1], abs=0.01)}
+    exact_hits = {
+        k
+        for k, (n, tax) in derived.items()
+        if n == truth[k][0] and tax == pytest.approx(truth[k][1], abs=0.01)
+    }
     if control == "on":
         assert derived == {}
     else:  # the suppressed cells come back exactly, small ones included
@@ -261,7 +290,9 @@ def test_singling_out_through_a_small_cell_is_suppressed(exact, raw, control):
     """Attack: read a cell that holds two units (Gaoxin's two farms) off the table.
     Control: primary suppression (fewer than min_units = 10 units per cell)."""
     client = exact(control)
-    result = client.query(CREDIT, aggregates=[count_units("n"), total("tax_paid", "tax")], filters=GAOXIN_FARMS)
+    result = client.query(
+        CREDIT, aggregates=[count_units("n"), total("tax_paid", "tax")], filters=GAOXIN_FARMS
+    )
     farms = raw.filter((pl.col("district") == "Gaoxin") & (pl.col("industry") == "Agriculture"))
     assert farms.height == 2
     if control == "on":
@@ -279,11 +310,22 @@ def test_a_dominated_sum_is_suppressed(exact, raw, control):
     truth = raw.filter((pl.col("district") == "Binhai") & (pl.col("industry") == "Finance"))
     top_two = truth["tax_paid"].sort(descending=True).head(2).sum()
     assert top_two / truth["tax_paid"].sum() > 0.95
-    cell = client.query(CREDIT, aggregates=[total("tax_paid", "tax")],
-                        filters=[Equals("district", "Binhai"), Equals("industry", "Finance")]).frame
-    margin = client.query(CREDIT, aggregates=[total("tax_paid", "tax")], filters=[Equals("district", "Binhai")])
-    others = client.query(CREDIT, aggregates=[total("tax_paid", "tax")], filters=[
-        Equals("district", "Binhai"), InSet("industry", tuple(i for i in INDUSTRIES if i != "Finance"))])
+    cell = client.query(
+        CREDIT,
+        aggregates=[total("tax_paid", "tax")],
+        filters=[Equals("district", "Binhai"), Equals("industry", "Finance")],
+    ).frame
+    margin = client.query(
+        CREDIT, aggregates=[total("tax_paid", "tax")], filters=[Equals("district", "Binhai")]
+    )
+    others = client.query(
+        CREDIT,
+        aggregates=[total("tax_paid", "tax")],
+        filters=[
+            Equals("district", "Binhai"),
+            InSet("industry", tuple(i for i in INDUSTRIES if i != "Finance")),
+        ],
+    )
     if control == "on":
         assert cell.height == 0
         assert margin.frame.height == 0 or others.frame.height == 0  # no difference to take
@@ -312,8 +354,12 @@ def test_differencing_and_padding_trackers_get_nothing(exact, raw, control):
     padded = ask(filters=[Equals("industry", "Agriculture"), InSet("district", ("Gaoxin", "Dongcheng"))])
     padding = ask(filters=[Equals("industry", "Agriculture"), Equals("district", "Dongcheng")])
     g, a, everyone = gaoxin, ask(filters=[Equals("industry", "Agriculture")]), ask()
-    neither = ask(filters=[InSet("district", others(DISTRICTS, "Gaoxin")),
-                           InSet("industry", others(INDUSTRIES, "Agriculture"))])
+    neither = ask(
+        filters=[
+            InSet("district", others(DISTRICTS, "Gaoxin")),
+            InSet("industry", others(INDUSTRIES, "Agriculture")),
+        ]
+    )
     err = refused(lambda: client.query(CREDIT, aggregates=n, filters=[Between("year_founded", 1953, 2026)]))
     assert err.rule == "table.coverage" and err.column == "year_founded"
     recovered = []
@@ -338,8 +384,9 @@ def test_suppression_reports_how_many_rows_not_which(city):
     assert result.rows_suppressed > 0
     assert result.frame.null_count().sum_horizontal()[0] == 0
     assert result.frame["n"].min() >= K
-    noisy = city.query(CREDIT, aggregates=[count_units("n")], group_by=["district", "industry"],
-                       mode="dp", epsilon=0.5)
+    noisy = city.query(
+        CREDIT, aggregates=[count_units("n")], group_by=["district", "industry"], mode="dp", epsilon=0.5
+    )
     assert noisy.frame.height == len(DISTRICTS) * len(INDUSTRIES) and noisy.rows_suppressed == 0
 
 
@@ -350,8 +397,13 @@ def test_in_dp_mode_one_unit_is_within_the_noise_of_a_small_or_dominated_cell(ci
     """Attack (DP mode): the same small and dominated cells. Every key is released, but
     the 95% interval of each count is wider than one unit, and of each sum wider than
     the largest firm's tax: the answer cannot tell whether that unit is in the data."""
-    result = city.query(CREDIT, aggregates=[count_units("n"), total("tax_paid", "tax")],
-                        group_by=["district", "industry"], mode="dp", epsilon=1.0)
+    result = city.query(
+        CREDIT,
+        aggregates=[count_units("n"), total("tax_paid", "tax")],
+        group_by=["district", "industry"],
+        mode="dp",
+        epsilon=1.0,
+    )
     assert result.frame.height == len(DISTRICTS) * len(INDUSTRIES)  # no suppression pattern to read
     assert result.accuracy["n"].half_width_95 > 1
     assert result.accuracy["tax"].half_width_95 > raw["tax_paid"].max()
@@ -363,7 +415,10 @@ def test_in_dp_mode_differencing_leaves_the_target_inside_the_noise(city, raw):
     interval is far wider than the farms' tax it tries to reveal. The padded tracker is
     the same subtraction, with the same noise."""
     tax = [total("tax_paid", "tax")]
-    narrowed = [Equals("district", "Gaoxin"), InSet("industry", tuple(i for i in INDUSTRIES if i != "Agriculture"))]
+    narrowed = [
+        Equals("district", "Gaoxin"),
+        InSet("industry", tuple(i for i in INDUSTRIES if i != "Agriculture")),
+    ]
     a = city.query(CREDIT, aggregates=tax, filters=[Equals("district", "Gaoxin")], mode="dp", epsilon=1.0)
     b = city.query(CREDIT, aggregates=tax, filters=narrowed, mode="dp", epsilon=1.0)
     farms = tax_of(raw, (pl.col("district") == "Gaoxin") & (pl.col("industry") == "Agriculture"))
@@ -374,10 +429,13 @@ def test_in_dp_mode_differencing_leaves_the_target_inside_the_noise(city, raw):
 def _dp_server(config, pki, *, grant_epsilon: float, dataset_epsilon: float = 30.0):
     """A server whose city-bank grant and dataset cap are set for the attack."""
     root = config.paths.catalog.parent
-    for path, value in ((root / "catalog" / f"{CREDIT}.toml", dataset_epsilon),
-                        (root / "policies" / "city-bank.toml", grant_epsilon)):
-        text = re.sub(r"(?m)^(\[(?:grants\.)?budget\][^\[]*?)^epsilon = .*$", rf"\1epsilon = {value}",
-                      path.read_text())
+    for path, value in (
+        (root / "catalog" / f"{CREDIT}.toml", dataset_epsilon),
+        (root / "policies" / "city-bank.toml", grant_epsilon),
+    ):
+        text = re.sub(
+            r"(?m)^(\[(?:grants\.)?budget\][^\[]*?)^epsilon = .*$", rf"\1epsilon = {value}", path.read_text()
+        )
         path.write_text(text)
     server = build_server(config).start()
     client = Client.from_directory(f"localhost:{server.port}", pki.consumer_dir("city-bank"), "city-bank")
@@ -424,8 +482,14 @@ def test_reconstruction_in_dp_mode_runs_out_of_budget(dp_server, raw, monkeypatc
 
     def ask(i: int):
         try:
-            return client.query(CREDIT, aggregates=[count_units("n")], group_by=["district", "industry"],
-                                filters=[Between("year_founded", 1900 - i, None)], mode="dp", epsilon=2.0)
+            return client.query(
+                CREDIT,
+                aggregates=[count_units("n")],
+                group_by=["district", "industry"],
+                filters=[Between("year_founded", 1900 - i, None)],
+                mode="dp",
+                epsilon=2.0,
+            )
         except DataopsClientError as exc:
             return exc
 
@@ -433,8 +497,12 @@ def test_reconstruction_in_dp_mode_runs_out_of_budget(dp_server, raw, monkeypatc
         outcomes = list(pool.map(ask, range(40)))
     answers = [o for o in outcomes if not isinstance(o, DataopsClientError)]
     truth = raw.group_by("district", "industry").agg(pl.len().cast(pl.Int64).alias("truth"))
-    estimate = (pl.concat([a.frame for a in answers]).group_by("district", "industry")
-                .agg(pl.col("n").mean().round().alias("guess")).join(truth, on=["district", "industry"]))
+    estimate = (
+        pl.concat([a.frame for a in answers])
+        .group_by("district", "industry")
+        .agg(pl.col("n").mean().round().alias("guess"))
+        .join(truth, on=["district", "industry"])
+    )
     # The 95% half-width of the attacker's average: under 0.5, rounding it gives the count.
     half_width = answers[0].accuracy["n"].half_width_95 / len(answers) ** 0.5
     if control == "on":
@@ -501,8 +569,14 @@ def test_racing_concurrent_requests_cannot_overspend_the_budget(dp_server, monke
 
     def attempt(i: int):
         try:
-            return client.query(CREDIT, aggregates=[count()], group_by=["size_band"],
-                                filters=[Between("year_founded", 1960 + i, None)], mode="dp", epsilon=0.5)
+            return client.query(
+                CREDIT,
+                aggregates=[count()],
+                group_by=["size_band"],
+                filters=[Between("year_founded", 1960 + i, None)],
+                mode="dp",
+                epsilon=0.5,
+            )
         except DataopsClientError as exc:
             return exc
 

@@ -39,8 +39,18 @@ def test_a_csv_export_verifies_with_the_key_the_reviewer_holds(log, tmp_path, ca
 
 def test_a_range_is_extended_to_the_next_checkpoint(log, tmp_path, capsys):
     out = tmp_path / "part.csv"
-    code, stdout, err = run_audit(capsys, "export", "--log-dir", str(log.directory), "--out", str(out),
-                                  "--from-seq", "15", "--to-seq", "33")
+    code, stdout, err = run_audit(
+        capsys,
+        "export",
+        "--log-dir",
+        str(log.directory),
+        "--out",
+        str(out),
+        "--from-seq",
+        "15",
+        "--to-seq",
+        "33",
+    )
     assert code == 0 and "exported records 15..40" in stdout and "extended the range to seq 40" in err
     result = verify_export(out, log.public_key)
     assert result.ok and result.rows == 26
@@ -55,11 +65,14 @@ def _edit_csv(out: Path, row: int, column: str, value: str) -> None:
         csv.writer(f).writerows(rows)
 
 
-@pytest.mark.parametrize("column,value,kind,words", [
-    ("consumer", "someone-else", "edited", "column 'consumer' says 'someone-else'"),
-    ("epsilon_spent", "0.0001", "edited", "column 'epsilon_spent'"),
-    ("record", '{"seq":5}', "edited", "hash mismatch"),
-])
+@pytest.mark.parametrize(
+    "column,value,kind,words",
+    [
+        ("consumer", "someone-else", "edited", "column 'consumer' says 'someone-else'"),
+        ("epsilon_spent", "0.0001", "edited", "column 'epsilon_spent'"),
+        ("record", '{"seq":5}', "edited", "hash mismatch"),
+    ],
+)
 def test_an_edited_csv_row_fails_and_is_placed(log, tmp_path, capsys, column, value, kind, words):
     out = tmp_path / "audit.csv"
     export_log(log.directory, out, log.public_key)
@@ -117,8 +130,9 @@ def test_export_refuses_a_tampered_log_and_unsigned_ranges(tmp_path, capsys):
     log.checkpoint()
     for record in sample_records(3, seed=1):
         log.append(record)
-    code, _, err = run_audit(capsys, "export", "--log-dir", str(directory), "--out", str(tmp_path / "x.csv"),
-                             "--to-seq", "7")
+    code, _, err = run_audit(
+        capsys, "export", "--log-dir", str(directory), "--out", str(tmp_path / "x.csv"), "--to-seq", "7"
+    )
     assert code == 2 and "no signed checkpoint covers seq 7" in err
     log.close()
     lines = read_lines(directory / "audit.jsonl")

@@ -11,14 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from audit_support import open_log, signer_for
 from dataops.audit import GENESIS, AuditUnavailable, record_hash, verify_log
 from dataops.audit.log import segment_paths
 from dataops.audit.merkle import leaf_hash, verify_inclusion
 from dataops.audit.note import parse_checkpoint
 from dataops.audit.sample import sample_records
 from dataops.audit.signer import LocalSigner, SignerError
-
-from audit_support import open_log, signer_for
 
 
 def lines(path: Path) -> list[dict]:
@@ -64,8 +63,13 @@ def test_every_receipt_proves_its_record_is_in_a_signed_checkpoint(tmp_path):
     for receipt in receipts:
         checkpoint = parse_checkpoint(receipt.checkpoint, log.public_key)  # the operator's key alone
         assert checkpoint.size == receipt.tree_size >= receipt.sequence
-        verify_inclusion(receipt.leaf_index, receipt.tree_size, leaf_hash(receipt.record),
-                         receipt.inclusion_path, checkpoint.root)
+        verify_inclusion(
+            receipt.leaf_index,
+            receipt.tree_size,
+            leaf_hash(receipt.record),
+            receipt.inclusion_path,
+            checkpoint.root,
+        )
         assert json.loads(receipt.record)["hash"] == receipt.hash
     log.close()
 
@@ -242,8 +246,7 @@ def test_append_after_close_is_unavailable(tmp_path):
 
 
 def test_concurrent_appends_make_one_chain(tmp_path):
-    log = open_log(tmp_path, checkpoint_every=25, checkpoint_seconds=0.01, segment_bytes=20_000,
-                   fsync=False)
+    log = open_log(tmp_path, checkpoint_every=25, checkpoint_seconds=0.01, segment_bytes=20_000, fsync=False)
     records = list(sample_records(400))
 
     def worker(part):
@@ -272,8 +275,9 @@ def test_concurrent_appends_share_fsyncs(tmp_path, monkeypatch):
     monkeypatch.setattr("dataops.audit.log.os.fsync", counting_fsync)
     log = open_log(tmp_path, checkpoint_every=10**6)
     records = list(sample_records(400))
-    threads = [threading.Thread(target=lambda part=records[i::16]: [log.append(r) for r in part])
-               for i in range(16)]
+    threads = [
+        threading.Thread(target=lambda part=records[i::16]: [log.append(r) for r in part]) for i in range(16)
+    ]
     for t in threads:
         t.start()
     for t in threads:

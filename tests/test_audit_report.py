@@ -66,7 +66,9 @@ def test_the_report_is_one_offline_page_with_charts_of_the_log(tmp_path, capsys)
     assert {a["data-series"] for a in lines} == {f"{c} · {d}" for c, d in spenders}
     for a in lines:
         consumer, dataset = a["data-series"].split(" · ")
-        spent = sum(r["epsilon_spent"] for r in records if (r["consumer"], r["dataset"]) == (consumer, dataset))
+        spent = sum(
+            r["epsilon_spent"] for r in records if (r["consumer"], r["dataset"]) == (consumer, dataset)
+        )
         assert float(a["data-total"]) == pytest.approx(spent)
         assert len(a["points"].split()) == 2 * int(a["data-releases"]) + 2
 
@@ -86,7 +88,9 @@ def test_the_report_is_one_offline_page_with_charts_of_the_log(tmp_path, capsys)
     for r in records:
         if r["rows_suppressed"]:
             suppressed[r["dataset"]] += r["rows_suppressed"]
-    assert {a["data-label"]: int(float(a["data-value"])) for _, a in page.charts["suppressions"]} == suppressed
+    assert {
+        a["data-label"]: int(float(a["data-value"])) for _, a in page.charts["suppressions"]
+    } == suppressed
 
 
 def test_the_report_leads_with_a_failed_verification(tmp_path, capsys):
@@ -105,8 +109,14 @@ def test_a_report_of_a_quiet_log_says_there_is_nothing_to_chart(tmp_path, capsys
     from audit_support import open_log
 
     log = open_log(tmp_path / "audit")
-    log.append({"time": "2025-03-03T08:00:00+00:00", "consumer": "city-bank", "method": "ListDatasets",
-                "decision": "allowed"})
+    log.append(
+        {
+            "time": "2025-03-03T08:00:00+00:00",
+            "consumer": "city-bank",
+            "method": "ListDatasets",
+            "decision": "allowed",
+        }
+    )
     log.close()
     code, html, page = report(tmp_path, capsys)
     assert code == 0 and "nothing to show" in html and page.charts["budget"] == []

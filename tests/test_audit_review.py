@@ -13,8 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import audit_records
 from audit_support import open_log
+from conftest import audit_records
 from dataops.audit import AuditLog
 from dataops.audit.sample import sample_records
 from dataops.audit.signer import LocalSigner
@@ -42,9 +42,11 @@ def busy(server, config, connect):
     city.list_datasets()
     city.query("enterprise_credit", aggregates=["count"], group_by=["size_band"])
     city.query("enterprise_credit", aggregates=["count"], mode="dp", epsilon=1.5)
-    for attempt in (lambda: city.query("enterprise_credit", aggregates=["count"], group_by=["enterprise_id"]),
-                    lambda: river.query("enterprise_credit", aggregates=["sum(tax_paid)"]),
-                    lambda: city.query("enterprise_credit", aggregates=["quantile(tax_paid, 0.5)"])):
+    for attempt in (
+        lambda: city.query("enterprise_credit", aggregates=["count"], group_by=["enterprise_id"]),
+        lambda: river.query("enterprise_credit", aggregates=["sum(tax_paid)"]),
+        lambda: city.query("enterprise_credit", aggregates=["quantile(tax_paid, 0.5)"]),
+    ):
         with pytest.raises(DataopsClientError):
             attempt()
     return config
@@ -65,35 +67,43 @@ def test_a_filter_that_matches_nothing_says_which_values_exist(busy, capsys):
     assert "no record has consumer 'City-Bank'; consumers in the log: city-bank, river-bank" in err
     code, _, err = run(capsys, "audit", "show", "-c", toml_of(busy), "--method", "RunQuerys")
     assert "methods in the log: ListDatasets, RunQuery" in err
-    code, _, err = run(capsys, "audit", "show", "-c", toml_of(busy), "--consumer", "river-bank",
-                       "--decision", "allowed")
+    code, _, err = run(
+        capsys, "audit", "show", "-c", toml_of(busy), "--consumer", "river-bank", "--decision", "allowed"
+    )
     assert "each filter matches some of the 6 records, but no record matches them all" in err
 
 
 def _raw_run(server, pki, payload: bytes) -> grpc.RpcError:
     d = pki.consumer_dir("city-bank")
-    credentials = grpc.ssl_channel_credentials((d / "ca.crt").read_bytes(), (d / "city-bank.key").read_bytes(),
-                                               (d / "city-bank.crt").read_bytes())
+    credentials = grpc.ssl_channel_credentials(
+        (d / "ca.crt").read_bytes(), (d / "city-bank.key").read_bytes(), (d / "city-bank.crt").read_bytes()
+    )
     with grpc.secure_channel(f"localhost:{server.port}", credentials) as channel:
-        call = channel.unary_unary("/dataops.v1.QueryService/RunQuery", request_serializer=None,
-                                   response_deserializer=None)
+        call = channel.unary_unary(
+            "/dataops.v1.QueryService/RunQuery", request_serializer=None, response_deserializer=None
+        )
         with pytest.raises(grpc.RpcError) as err:
             call(payload, timeout=30)
     return err.value
 
 
 def test_a_malformed_query_is_recorded_as_attempted(server, config, pki):
-    no_aggregates = query_pb2.RunQueryRequest(query=query_pb2.Query(dataset="enterprise_credit",
-                                                                   group_by=["size_band"]))
+    no_aggregates = query_pb2.RunQueryRequest(
+        query=query_pb2.Query(dataset="enterprise_credit", group_by=["size_band"])
+    )
     assert _raw_run(server, pki, no_aggregates.SerializeToString()).code() == grpc.StatusCode.INVALID_ARGUMENT
     record = audit_records(config)[-1]
     assert record["decision"] == "invalid"
-    assert json.loads(record["query"]) == {"attempted": {"query": {"dataset": "enterprise_credit",
-                                                                   "group_by": ["size_band"]}}}
+    assert json.loads(record["query"]) == {
+        "attempted": {"query": {"dataset": "enterprise_credit", "group_by": ["size_band"]}}
+    }
 
     # Over a limit: recorded, but bounded.
-    huge = query_pb2.Query(dataset="enterprise_credit", mode=query_pb2.QUERY_MODE_AGGREGATE, aggregates=[query_pb2.Aggregate(
-        function=query_pb2.AGGREGATE_FUNCTION_COUNT)])
+    huge = query_pb2.Query(
+        dataset="enterprise_credit",
+        mode=query_pb2.QUERY_MODE_AGGREGATE,
+        aggregates=[query_pb2.Aggregate(function=query_pb2.AGGREGATE_FUNCTION_COUNT)],
+    )
     for i in range(5000):
         huge.filters.add(column=f"c{i}", equals=query_pb2.Equals(value=query_pb2.Value(int_value=i)))
     _raw_run(server, pki, query_pb2.RunQueryRequest(query=huge).SerializeToString())
@@ -104,13 +114,18 @@ def test_a_malformed_query_is_recorded_as_attempted(server, config, pki):
     _raw_run(server, pki, b"\xff\xff\xff not protobuf")
     record = audit_records(config)[-1]
     assert record["rule"] == "wire"
-    assert json.loads(record["query"]) == {"unparsed_hex": b"\xff\xff\xff not protobuf".hex(), "unparsed_bytes": 16}
+    assert json.loads(record["query"]) == {
+        "unparsed_hex": b"\xff\xff\xff not protobuf".hex(),
+        "unparsed_bytes": 16,
+    }
 
 
 def test_the_parquet_export_is_typed(busy, tmp_path, capsys, server):
     out = tmp_path / "log.parquet"
     server.stop(grace=0.5)  # a checkpoint is signed at shutdown
-    code, _, err = run(capsys, "audit", "export", "-c", toml_of(busy), "--format", "parquet", "--out", str(out))
+    code, _, err = run(
+        capsys, "audit", "export", "-c", toml_of(busy), "--format", "parquet", "--out", str(out)
+    )
     assert code == 0, err
     schema = pq.read_schema(out)
     assert schema.field("time").type == pa.timestamp("us", tz="UTC")
@@ -122,7 +137,9 @@ def test_the_parquet_export_is_typed(busy, tmp_path, capsys, server):
     # An edited timestamp is caught like any other edited column.
     times = table.column("time").to_pylist()
     times[2] = times[2] + dt.timedelta(hours=1)
-    edited = table.set_column(table.schema.get_field_index("time"), "time", pa.array(times, pa.timestamp("us", "UTC")))
+    edited = table.set_column(
+        table.schema.get_field_index("time"), "time", pa.array(times, pa.timestamp("us", "UTC"))
+    )
     pq.write_table(edited.replace_schema_metadata(table.schema.metadata), out)
     code, out_text, _ = run(capsys, "audit", "verify-export", str(out))
     assert code == 1 and "column 'time'" in out_text
@@ -147,12 +164,22 @@ class Marks(Page):
 
 
 def test_the_report_draws_caps_volume_denials_per_consumer_and_errors(busy, tmp_path, capsys):
-    log = AuditLog(busy.paths.state / "audit" / "audit.jsonl",  # the server's own signer, in-process
-                   signer=LocalSigner(busy.signer_dir, busy.audit.origin))
+    log = AuditLog(
+        busy.paths.state / "audit" / "audit.jsonl",  # the server's own signer, in-process
+        signer=LocalSigner(busy.signer_dir, busy.audit.origin),
+    )
     # An internal error as the interceptor records it (no real bug to trigger one with).
-    log.append({"time": dt.datetime.now(dt.timezone.utc).isoformat(), "consumer": "city-bank",
-                "method": "RunQuery", "dataset": "enterprise_credit", "decision": "error", "code": "INTERNAL",
-                "reason": "INTERNAL"})
+    log.append(
+        {
+            "time": dt.datetime.now(dt.UTC).isoformat(),
+            "consumer": "city-bank",
+            "method": "RunQuery",
+            "dataset": "enterprise_credit",
+            "decision": "error",
+            "code": "INTERNAL",
+            "reason": "INTERNAL",
+        }
+    )
     log.close()
     records = audit_records(busy)
     out = tmp_path / "report.html"

@@ -7,11 +7,10 @@ import os
 import grpc
 import pytest
 
+from conftest import audit_records
 from dataops.audit import find_receipt, load_public_key, verify_log
 from dataops.client import DataopsClientError, count, count_units, mean
 from test_audit_verify import run_audit
-
-from conftest import audit_records
 
 
 def _config_file(config) -> str:
@@ -27,20 +26,29 @@ def _refusal_receipt(attempt) -> tuple[int, str]:
 def test_a_served_session_verifies_and_every_receipt_is_in_the_log(server, connect, pki, config, capsys):
     bank, insurer = connect("city-bank"), connect("harbor-insurance")
     receipts = [
-        (r.sequence, r.hash) for r in (
+        (r.sequence, r.hash)
+        for r in (
             bank.describe("enterprise_credit").receipt,
-            bank.query("enterprise_credit", aggregates=[count_units("enterprises"), mean("tax_paid")],
-                       group_by=["size_band"]).receipt,
+            bank.query(
+                "enterprise_credit",
+                aggregates=[count_units("enterprises"), mean("tax_paid")],
+                group_by=["size_band"],
+            ).receipt,
             insurer.query("medical_claims", aggregates=[count()]).receipt,
         )
     ]
-    receipts.append(_refusal_receipt(lambda: bank.query("enterprise_credit", aggregates=[count()],
-                                                        group_by=["enterprise_id"])))
+    receipts.append(
+        _refusal_receipt(
+            lambda: bank.query("enterprise_credit", aggregates=[count()], group_by=["enterprise_id"])
+        )
+    )
     receipts.append(_refusal_receipt(lambda: insurer.query("enterprise_credit", aggregates=[count()])))
     consumer = pki.consumer_dir("river-bank")
-    credentials = grpc.ssl_channel_credentials((consumer / "ca.crt").read_bytes(),
-                                               (consumer / "river-bank.key").read_bytes(),
-                                               (consumer / "river-bank.crt").read_bytes())
+    credentials = grpc.ssl_channel_credentials(
+        (consumer / "ca.crt").read_bytes(),
+        (consumer / "river-bank.key").read_bytes(),
+        (consumer / "river-bank.crt").read_bytes(),
+    )
     with grpc.secure_channel(f"localhost:{server.port}", credentials) as channel:
         with pytest.raises(grpc.RpcError) as malformed:
             channel.unary_unary("/dataops.v1.QueryService/RunQuery")(b"\xff\xff", timeout=5)
@@ -57,7 +65,9 @@ def test_a_served_session_verifies_and_every_receipt_is_in_the_log(server, conne
         assert check.status == "verified", check.message
     decisions = [r["decision"] for r in audit_records(config)]
     assert decisions == ["allowed", "allowed", "allowed", "denied", "denied", "invalid"]
-    code, out, _ = run_audit(capsys, "receipt", str(receipts[3][0]), receipts[3][1], "-c", _config_file(config))
+    code, out, _ = run_audit(
+        capsys, "receipt", str(receipts[3][0]), receipts[3][1], "-c", _config_file(config)
+    )
     assert code == 0 and "covered by checkpoint #1" in out
 
 

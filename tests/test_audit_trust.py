@@ -88,10 +88,20 @@ def test_every_response_proves_its_record_and_the_client_keeps_the_checkpoint(co
         server.stop(grace=1.0)
     kept = parse_checkpoint(held.read_text(), None)
     assert kept.size >= 5
-    records = [json.loads(line) for line in (config.paths.state / "audit" / "audit.jsonl").read_bytes().splitlines()]
+    records = [
+        json.loads(line) for line in (config.paths.state / "audit" / "audit.jsonl").read_bytes().splitlines()
+    ]
     assert [r["method"] for r in records[-2:]] == ["GetConsistencyProof", "GetCheckpoint"]
-    code, out, _ = run_audit(capsys, "verify", "-c", str(config.paths.catalog.parent / "dataops.toml"),
-                             "--public-key", str(_public_key_file(config)), "--witness", str(held))
+    code, out, _ = run_audit(
+        capsys,
+        "verify",
+        "-c",
+        str(config.paths.catalog.parent / "dataops.toml"),
+        "--public-key",
+        str(_public_key_file(config)),
+        "--witness",
+        str(held),
+    )
     assert code == 0 and out.startswith("OK: 6 records")
 
 
@@ -126,7 +136,9 @@ def test_a_client_holding_a_checkpoint_catches_a_rolled_back_or_rewritten_log(co
         with _client(server, pki, witness=False) as blind:  # the control off: no witness, no alarm
             blind.list_datasets()
         with _client(server, pki, audit_public_key=_public_key_file(config), checkpoint_file=held) as client:
-            with pytest.raises(AuditVerificationError, match="not consistent with the checkpoint this client holds"):
+            with pytest.raises(
+                AuditVerificationError, match="not consistent with the checkpoint this client holds"
+            ):
                 client.list_datasets()
     finally:
         server.stop(grace=1.0)
@@ -157,8 +169,11 @@ def test_an_offline_ledger_reset_is_refused_at_start(config, pki):
         dp_query(client, 4.0)
     server.stop(grace=1.0)
     _offline_reset(config)
-    with pytest.raises(LedgerBehindLog, match="city-bank/enterprise_credit.*behind the audit log|behind the audit "
-                                              "log.*city-bank/enterprise_credit"):
+    with pytest.raises(
+        LedgerBehindLog,
+        match="city-bank/enterprise_credit.*behind the audit log|behind the audit "
+        "log.*city-bank/enterprise_credit",
+    ):
         build_server(config)
 
 
@@ -171,7 +186,9 @@ def test_without_reconciliation_the_reset_budget_is_spendable_again(config, pki)
         assert err.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
     server.stop(grace=1.0)
     _offline_reset(config)
-    unreconciled = dataclasses.replace(config, audit=dataclasses.replace(config.audit, reconcile_ledger=False))
+    unreconciled = dataclasses.replace(
+        config, audit=dataclasses.replace(config.audit, reconcile_ledger=False)
+    )
     server = build_server(unreconciled).start()
     try:
         with _client(server, pki) as client:
@@ -201,11 +218,15 @@ def test_without_the_signer_nothing_is_released_and_the_records_stay(config, pki
             server.signer_process.stop()  # the signer is gone: no checkpoint can cover a new record
             with pytest.raises(DataopsClientError) as err:
                 client.query("enterprise_credit", aggregates=[count()], group_by=["size_band"])
-            assert err.value.code is grpc.StatusCode.UNAVAILABLE and "nothing was released" in err.value.message
+            assert (
+                err.value.code is grpc.StatusCode.UNAVAILABLE and "nothing was released" in err.value.message
+            )
     finally:
         server.stop(grace=1.0)
     # The refused request's record was written (durable, unsigned): a restart signs it.
-    records = [json.loads(line) for line in (config.paths.state / "audit" / "audit.jsonl").read_bytes().splitlines()]
+    records = [
+        json.loads(line) for line in (config.paths.state / "audit" / "audit.jsonl").read_bytes().splitlines()
+    ]
     assert [r["method"] for r in records] == ["ListDatasets", "RunQuery"]
     build_server(config).start().stop(grace=0.5)
     assert verify_log(config.paths.state / "audit", server.audit.public_key).signed_size == 2
@@ -218,7 +239,11 @@ def test_a_consistency_proof_request_out_of_range_is_refused_and_audited(server,
         client.consistency_proof(5, 10**6)
     assert err.value.code is grpc.StatusCode.INVALID_ARGUMENT and err.value.rule == "audit.consistency"
     last = json.loads((config.paths.state / "audit" / "audit.jsonl").read_bytes().splitlines()[-1])
-    assert (last["method"], last["decision"], last["rule"]) == ("GetConsistencyProof", "invalid", "audit.consistency")
+    assert (last["method"], last["decision"], last["rule"]) == (
+        "GetConsistencyProof",
+        "invalid",
+        "audit.consistency",
+    )
 
 
 def test_verify_with_the_config_checks_the_signers_anchor_against_a_stolen_key_rewrite(config, pki, capsys):
@@ -246,13 +271,16 @@ def test_verify_with_the_config_checks_the_signers_anchor_against_a_stolen_key_r
         tree.append(leaf_hash(canonical(record)))
     (audit / "audit.jsonl").write_bytes(b"".join(canonical(r) + b"\n" for r in records))
     stolen = serialization.load_pem_private_key((config.signer_dir / "signing.key").read_bytes(), None)
-    forged = sign_checkpoint(stolen, config.audit.origin, len(records), tree.root(), "2026-01-01T00:00:00+00:00", "")
+    forged = sign_checkpoint(
+        stolen, config.audit.origin, len(records), tree.root(), "2026-01-01T00:00:00+00:00", ""
+    )
     (audit / "checkpoints.jsonl").write_text(json.dumps({"size": len(records), "note": forged.note}) + "\n")
     key = str(_public_key_file(config))
     code, out, _ = run_audit(capsys, "verify", "--log-dir", str(audit), "--public-key", key)
     assert code == 0  # the control off: the log and its (re-signed) checkpoints agree
-    code, out, err = run_audit(capsys, "verify", "-c", str(config.paths.catalog.parent / "dataops.toml"),
-                               "--public-key", key)
+    code, out, err = run_audit(
+        capsys, "verify", "-c", str(config.paths.catalog.parent / "dataops.toml"), "--public-key", key
+    )
     assert code == 1 and "rewritten" in out and "signer's last checkpoint" in err
     with pytest.raises(OSError, match="rewritten"):
         build_server(config)  # nor will the server serve it
@@ -265,7 +293,9 @@ def test_one_client_answered_concurrently_stays_a_consistent_witness(server, pki
         with ThreadPoolExecutor(8) as pool:
             receipts = list(pool.map(lambda _: (client.list_datasets(), client.last_receipt)[1], range(40)))
         assert client.checkpoint.size >= max(r.sequence for r in receipts)
-    records = [json.loads(line) for line in (config.paths.state / "audit" / "audit.jsonl").read_bytes().splitlines()]
+    records = [
+        json.loads(line) for line in (config.paths.state / "audit" / "audit.jsonl").read_bytes().splitlines()
+    ]
     assert sum(r["method"] == "ListDatasets" for r in records) == 40  # every answer checked, none refused
 
 
@@ -286,10 +316,20 @@ def test_plain_node_recomputes_a_served_log(config, pki):
     finally:
         server.stop(grace=1.0)
     audit = config.paths.state / "audit"
-    run = subprocess.run([shutil.which("node"), str(Path(__file__).parent / "js" / "audit_log.mjs"),
-                          str(audit / "audit.jsonl"), str(audit / "checkpoints.jsonl")],
-                         capture_output=True, text=True, timeout=60)
-    assert run.returncode == 0 and run.stdout.startswith("OK 5 records, root of 5 matches"), run.stdout + run.stderr
+    run = subprocess.run(
+        [
+            shutil.which("node"),
+            str(Path(__file__).parent / "js" / "audit_log.mjs"),
+            str(audit / "audit.jsonl"),
+            str(audit / "checkpoints.jsonl"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0 and run.stdout.startswith("OK 5 records, root of 5 matches"), (
+        run.stdout + run.stderr
+    )
 
 
 def test_refusals_carry_their_proof_and_a_witness_checks_them(config, pki, tmp_path):
@@ -302,7 +342,9 @@ def test_refusals_carry_their_proof_and_a_witness_checks_them(config, pki, tmp_p
                 client.query("enterprise_credit", aggregates=[count()], group_by=["enterprise_id"])
             assert err.value.reason == "POLICY_DENIED"
             assert parse_checkpoint(err.value.metadata["receipt_checkpoint"], None).size >= 2
-            assert client.checkpoint.size == int(err.value.metadata["receipt_tree_size"])  # adopted from the refusal
+            assert client.checkpoint.size == int(
+                err.value.metadata["receipt_tree_size"]
+            )  # adopted from the refusal
     finally:
         server.stop(grace=1.0)
     _roll_back(config, 1)

@@ -20,7 +20,13 @@ import rfc8785
 
 from dataops.audit.canonical import CanonicalError, canonical
 from dataops.audit.merkle import (
-    CompactRange, ProofError, Tree, leaf_hash, reference_root, verify_consistency, verify_inclusion,
+    CompactRange,
+    ProofError,
+    Tree,
+    leaf_hash,
+    reference_root,
+    verify_consistency,
+    verify_inclusion,
 )
 from dataops.audit.note import parse_checkpoint
 from dataops.audit.signing import load_public_key
@@ -42,8 +48,10 @@ def test_the_vector_records_canonicalise_as_the_reference_rfc8785_library_does()
 
 
 def test_numbers_print_as_ecmascript_prints_them():
-    assert canonical([0.0, -0.0, 1.0, 0.1, 1e-7, 1.5e-5, 1e21, 1e20, 123.0, 2**53 - 1]) == \
-        b"[0,0,1,0.1,1e-7,0.000015,1e+21,100000000000000000000,123,9007199254740991]"
+    assert (
+        canonical([0.0, -0.0, 1.0, 0.1, 1e-7, 1.5e-5, 1e21, 1e20, 123.0, 2**53 - 1])
+        == b"[0,0,1,0.1,1e-7,0.000015,1e+21,100000000000000000000,123,9007199254740991]"
+    )
     rng = random.Random(9)
     for _ in range(20_000):
         value = struct.unpack("<d", rng.randbytes(8))[0]
@@ -51,14 +59,20 @@ def test_numbers_print_as_ecmascript_prints_them():
             assert canonical(value) == rfc8785.dumps(value), value
         value = rng.random() * 10 ** rng.randint(-12, 24)
         assert canonical(value) == rfc8785.dumps(value), value
-        record = {"x": value, "n": float(rng.randint(-10**6, 10**6)), "s": "\u2028\x01é", "b": True, "z": None}
+        record = {
+            "x": value,
+            "n": float(rng.randint(-(10**6), 10**6)),
+            "s": "\u2028\x01é",
+            "b": True,
+            "z": None,
+        }
         assert canonical(record) == rfc8785.dumps(record), record  # the flat-record fast path
 
 
 def test_keys_sort_by_utf16_code_units_and_strings_escape_only_what_json_requires():
-    value = {"\U0001F600": 1, "\uFFFD": 2, "é": 3, "a": "\u2028\x01\"\\\t\x7f"}
+    value = {"\U0001f600": 1, "\ufffd": 2, "é": 3, "a": '\u2028\x01"\\\t\x7f'}
     assert canonical(value) == rfc8785.dumps(value)
-    assert canonical(value).startswith('{"a":"\u2028\\u0001\\"\\\\\\t\x7f","é":3,"\U0001F600":1'.encode())
+    assert canonical(value).startswith('{"a":"\u2028\\u0001\\"\\\\\\t\x7f","é":3,"\U0001f600":1'.encode())
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), 2**53, {1: "x"}, b"bytes"])
@@ -80,7 +94,9 @@ def test_proofs_verify_and_a_wrong_leaf_or_root_does_not():
         with pytest.raises(ProofError):
             verify_inclusion(0, size, leaf_hash(b"x"), tree.inclusion_proof(0, size), tree.root(size))
         for first in range(1, size + 1):
-            verify_consistency(first, size, tree.root(first), tree.root(size), tree.consistency_proof(first, size))
+            verify_consistency(
+                first, size, tree.root(first), tree.root(size), tree.consistency_proof(first, size)
+            )
     with pytest.raises(ProofError, match="rewritten"):
         verify_consistency(5, 37, leaf_hash(b"x"), tree.root(37), tree.consistency_proof(5, 37))
     with pytest.raises(ProofError, match="rolled back"):
@@ -97,8 +113,12 @@ def test_the_vector_checkpoint_verifies_and_pins_the_root(tmp_path):
 
 
 def test_plain_node_recomputes_every_vector():
-    run = subprocess.run([NODE, str(REPO / "tests" / "js" / "audit_vectors.mjs"), str(VECTORS)],
-                         capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        [NODE, str(REPO / "tests" / "js" / "audit_vectors.mjs"), str(VECTORS)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.startswith("OK 7 records")
 
@@ -112,6 +132,10 @@ def test_with_pythons_json_dumps_as_the_encoding_node_disagrees(tmp_path, monkey
     monkeypatch.setattr("dataops.audit.log.canonical", python_json)
     vectors = tmp_path / "vectors.json"
     vectors.write_text(gen_audit_vectors.render(), encoding="utf-8")
-    run = subprocess.run([NODE, str(REPO / "tests" / "js" / "audit_vectors.mjs"), str(vectors)],
-                         capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        [NODE, str(REPO / "tests" / "js" / "audit_vectors.mjs"), str(vectors)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert run.returncode == 1 and "record 1: canonical" in run.stdout

@@ -10,12 +10,11 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from audit_support import open_log, signer_for
 from dataops.audit import AuditLog, canonical, find_receipt, record_hash, verify_log
 from dataops.audit.commands import add_audit_parser
 from dataops.audit.note import key_id, sign_checkpoint
 from dataops.audit.sample import sample_records
-
-from audit_support import open_log, signer_for
 
 
 def make_log(directory: Path, n: int = 12, every: int = 4, **kwargs) -> AuditLog:
@@ -115,17 +114,21 @@ def _garbage_line(lines):
     lines[6] = "this is not json\n"
 
 
-@pytest.mark.parametrize("tamper,kind,place,words", [
-    (_edit_one_byte, "edited", "audit.jsonl line 5, seq 5", "hash mismatch"),
-    (_delete_line, "missing", "audit.jsonl line 5, seq 6", "expected seq 5"),
-    (_insert_forged_line, "inserted", "audit.jsonl line 7, seq 6", "inserted"),
-    (_swap_lines, "missing", "audit.jsonl line 5, seq 6", "reordered"),
-    (_truncate_behind_checkpoint, "truncated", "audit.jsonl line 11", "records 11..12 were removed"),
-    (_rewrite_and_rechain, "rewritten", "audit.jsonl line 8, seq 8", "checkpoint #2"),
-    (_edit_and_rehash_one, "chain", "audit.jsonl line 6, seq 6", "seq 5 at audit.jsonl line 5"),
-    (_old_format_line, "format", "audit.jsonl line 13", "not a chained audit record"),
-    (_garbage_line, "format", "audit.jsonl line 7", "not valid JSON"),
-], ids=lambda v: v.__name__.strip("_") if callable(v) else None)
+@pytest.mark.parametrize(
+    "tamper,kind,place,words",
+    [
+        (_edit_one_byte, "edited", "audit.jsonl line 5, seq 5", "hash mismatch"),
+        (_delete_line, "missing", "audit.jsonl line 5, seq 6", "expected seq 5"),
+        (_insert_forged_line, "inserted", "audit.jsonl line 7, seq 6", "inserted"),
+        (_swap_lines, "missing", "audit.jsonl line 5, seq 6", "reordered"),
+        (_truncate_behind_checkpoint, "truncated", "audit.jsonl line 11", "records 11..12 were removed"),
+        (_rewrite_and_rechain, "rewritten", "audit.jsonl line 8, seq 8", "checkpoint #2"),
+        (_edit_and_rehash_one, "chain", "audit.jsonl line 6, seq 6", "seq 5 at audit.jsonl line 5"),
+        (_old_format_line, "format", "audit.jsonl line 13", "not a chained audit record"),
+        (_garbage_line, "format", "audit.jsonl line 7", "not valid JSON"),
+    ],
+    ids=lambda v: v.__name__.strip("_") if callable(v) else None,
+)
 def test_tampering_with_records_is_found_and_placed(log, tmp_path, capsys, tamper, kind, place, words):
     path = tmp_path / "audit.jsonl"
     lines = read_lines(path)
@@ -159,7 +162,8 @@ def test_a_corrupted_checkpoint_signature_is_found(log, tmp_path, capsys):
     write_lines(path, lines)
     result = verify_log(tmp_path, log.public_key)
     assert [(p.kind, str(p.place)) for p in result.problems] == [
-        ("signature", "checkpoints.jsonl line 2, checkpoint #2")]
+        ("signature", "checkpoints.jsonl line 2, checkpoint #2")
+    ]
     assert result.signed_size == 4  # only the checkpoint before the bad one is trusted
     code, out, _ = run_audit(capsys, "verify", "--log-dir", str(tmp_path))
     assert code == 1 and "checkpoints.jsonl line 2, checkpoint #2: the signature" in out

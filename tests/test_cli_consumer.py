@@ -23,8 +23,16 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 @pytest.fixture
 def conn(server, pki):
     d = pki.consumer_dir("city-bank")
-    return ["--target", f"localhost:{server.port}", "--cert", str(d / "city-bank.crt"),
-            "--key", str(d / "city-bank.key"), "--ca", str(d / "ca.crt")]
+    return [
+        "--target",
+        f"localhost:{server.port}",
+        "--cert",
+        str(d / "city-bank.crt"),
+        "--key",
+        str(d / "city-bank.key"),
+        "--ca",
+        str(d / "ca.crt"),
+    ]
 
 
 @pytest.fixture
@@ -51,9 +59,24 @@ def test_version_and_the_documented_exit_codes_in_help(capsys, no_profile):
 
 def test_one_question_is_one_rpc_and_one_audit_record(config, conn, capsys, no_profile):
     before = len(audit_records(config))
-    code, out, _ = run(capsys, "query", "enterprise_credit", "-g", "size_band", "-a", "count",
-                       "--range", "year_founded=2000:", "--eq", "size_band=small", "--mode", "dp", "--epsilon", "0.5",
-                       *conn)
+    code, out, _ = run(
+        capsys,
+        "query",
+        "enterprise_credit",
+        "-g",
+        "size_band",
+        "-a",
+        "count",
+        "--range",
+        "year_founded=2000:",
+        "--eq",
+        "size_band=small",
+        "--mode",
+        "dp",
+        "--epsilon",
+        "0.5",
+        *conn,
+    )
     assert code == 0 and "small" in out
     records = audit_records(config)[before:]
     # No DescribeDataset first: the filter values were typed from their literals.
@@ -81,32 +104,49 @@ def test_dp_output_shows_accuracy_and_spend_in_table_and_json(conn, capsys, no_p
 
 
 def test_estimate_spends_nothing_and_budget_shows_what_is_left(server, conn, capsys, no_profile):
-    code, out, _ = run(capsys, "estimate", "enterprise_credit", "--mode", "dp", "--epsilon", "0.7",
-                       "-g", "size_band", *conn)
+    code, out, _ = run(
+        capsys, "estimate", "enterprise_credit", "--mode", "dp", "--epsilon", "0.7", "-g", "size_band", *conn
+    )
     assert code == 0 and "would spend epsilon 0.7 of 5 remaining" in out and "count" in out
-    code, out, _ = run(capsys, "estimate", "enterprise_credit", "--mode", "dp", "--epsilon", "0.7",
-                       "-g", "size_band", "--json", *conn)
+    code, out, _ = run(
+        capsys,
+        "estimate",
+        "enterprise_credit",
+        "--mode",
+        "dp",
+        "--epsilon",
+        "0.7",
+        "-g",
+        "size_band",
+        "--json",
+        *conn,
+    )
     assert json.loads(out)["spend"]["epsilon"] == pytest.approx(0.7)
     assert server.ledger.spent("city-bank", "enterprise_credit") == (0.0, 0.0)
     run(capsys, "query", "enterprise_credit", "--mode", "dp", "--epsilon", "1.25", *conn)
     code, out, _ = run(capsys, "budget", "--json", *conn)
     [budget] = json.loads(out)
     assert code == 0 and budget["dataset_id"] == "enterprise_credit"
-    assert (budget["epsilon_spent"], budget["epsilon_remaining"]) == (pytest.approx(1.25), pytest.approx(3.75))
+    assert (budget["epsilon_spent"], budget["epsilon_remaining"]) == (
+        pytest.approx(1.25),
+        pytest.approx(3.75),
+    )
     code, out, _ = run(capsys, "budget", "--dataset", "enterprise_credit", *conn)
     assert code == 0 and "enterprise_credit" in out and "3.75" in out
 
 
-def test_connection_from_profile_then_environment_then_flags(server, pki, tmp_path, capsys, monkeypatch,
-                                                             no_profile):
+def test_connection_from_profile_then_environment_then_flags(
+    server, pki, tmp_path, capsys, monkeypatch, no_profile
+):
     d = pki.consumer_dir("city-bank")
     profile = tmp_path / "xdg" / "dataops" / "profile.toml"
     profile.parent.mkdir(parents=True)
     # Paths in a profile are relative to the profile file.
     for name in ("city-bank.crt", "city-bank.key", "ca.crt"):
         (profile.parent / name).write_bytes((d / name).read_bytes())
-    profile.write_text(f'target = "localhost:{server.port}"\ncert = "city-bank.crt"\nkey = "city-bank.key"\n'
-                       'ca = "ca.crt"\n')
+    profile.write_text(
+        f'target = "localhost:{server.port}"\ncert = "city-bank.crt"\nkey = "city-bank.key"\nca = "ca.crt"\n'
+    )
     code, out, _ = run(capsys, "datasets")
     assert code == 0 and "enterprise_credit" in out
 
@@ -121,15 +161,23 @@ def test_connection_from_profile_then_environment_then_flags(server, pki, tmp_pa
     assert code == 2 and "targt: unknown key, did you mean 'target'?" in err
 
 
-@pytest.mark.parametrize("argv,code,expect,absent", [
-    # A string where the column is an int: the server refuses; the hint says how to quote.
-    (["--eq", "year_founded=abc", "--mode", "dp", "--epsilon", "1"], 1, "quote a string", "invalid literal"),
-    (["-a", "sum"], 2, "--agg 'sum': expected one of", "Traceback"),
-    (["-a", "quantile:x:tax_paid"], 2, "expected one of", "could not convert"),
-    (["--range", "year_founded=2000"], 2, "expected COLUMN=LOW:HIGH", "Traceback"),
-    (["--mode", "dp"], 2, "needs epsilon or target_half_width", "Traceback"),
-    (["-g", "enterprise_id"], 1, "refused: PERMISSION_DENIED POLICY_DENIED rule=identifier", "None"),
-])
+@pytest.mark.parametrize(
+    "argv,code,expect,absent",
+    [
+        # A string where the column is an int: the server refuses; the hint says how to quote.
+        (
+            ["--eq", "year_founded=abc", "--mode", "dp", "--epsilon", "1"],
+            1,
+            "quote a string",
+            "invalid literal",
+        ),
+        (["-a", "sum"], 2, "--agg 'sum': expected one of", "Traceback"),
+        (["-a", "quantile:x:tax_paid"], 2, "expected one of", "could not convert"),
+        (["--range", "year_founded=2000"], 2, "expected COLUMN=LOW:HIGH", "Traceback"),
+        (["--mode", "dp"], 2, "needs epsilon or target_half_width", "Traceback"),
+        (["-g", "enterprise_id"], 1, "refused: PERMISSION_DENIED POLICY_DENIED rule=identifier", "None"),
+    ],
+)
 def test_every_failure_reads_as_a_sentence(conn, capsys, no_profile, argv, code, expect, absent):
     got, out, err = run(capsys, "query", "enterprise_credit", *argv, *conn)
     assert (got, expect in err, absent in err + out) == (code, True, False), err
@@ -143,9 +191,23 @@ def test_a_refusal_names_its_audit_receipt(config, conn, capsys, no_profile):
 
 
 def test_literals_are_typed_as_written():
-    assert [parse_literal(t) for t in ("2000", "-3", "1.5", "1e3", "true", "False", '"2000"', "'x'", "0101",
-                                       "small", "2024-01-31", "nan")] == \
-        [2000, -3, 1.5, 1000.0, True, False, "2000", "x", "0101", "small", "2024-01-31", "nan"]
+    assert [
+        parse_literal(t)
+        for t in (
+            "2000",
+            "-3",
+            "1.5",
+            "1e3",
+            "true",
+            "False",
+            '"2000"',
+            "'x'",
+            "0101",
+            "small",
+            "2024-01-31",
+            "nan",
+        )
+    ] == [2000, -3, 1.5, 1000.0, True, False, "2000", "x", "0101", "small", "2024-01-31", "nan"]
 
 
 def test_a_closed_pipe_ends_quietly(config, connect, tmp_path):
@@ -153,9 +215,21 @@ def test_a_closed_pipe_ends_quietly(config, connect, tmp_path):
     for _ in range(150):  # enough JSON lines to overflow a pipe buffer
         client.list_datasets()
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    proc = subprocess.Popen([sys.executable, "-m", "dataops.cli", "audit", "show", "--json", "-c",
-                             str(config.paths.catalog.parent / "dataops.toml")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dataops.cli",
+            "audit",
+            "show",
+            "--json",
+            "-c",
+            str(config.paths.catalog.parent / "dataops.toml"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
     proc.stdout.readline()
     proc.stdout.close()  # like `| head -1`
     err = proc.stderr.read().decode()

@@ -17,7 +17,7 @@ import tomllib
 import polars as pl
 import pytest
 
-from conftest import REPO, write_config
+from conftest import REPO
 from dataops.cli import main
 from dataops.client import Client, DataopsClientError
 from dataops.config import load_config
@@ -34,8 +34,9 @@ def toml_of(config) -> str:
     return str(config.paths.catalog.parent / "dataops.toml")
 
 
-def test_certs_init_in_an_empty_directory_covers_the_names_clients_use(tmp_path, sandbox_dir, capsys,
-                                                                      monkeypatch):
+def test_certs_init_in_an_empty_directory_covers_the_names_clients_use(
+    tmp_path, sandbox_dir, capsys, monkeypatch
+):
     work = tmp_path / "empty"
     work.mkdir()
     monkeypatch.chdir(work)  # no dataops.toml here: the PKI goes to ./state/pki
@@ -53,7 +54,9 @@ def test_certs_init_in_an_empty_directory_covers_the_names_clients_use(tmp_path,
     pki = work / "state" / "pki"
     for name in ("catalog", "policies", "products"):
         shutil.copytree(REPO / name, work / name)
-    (work / "dataops.toml").write_text(f'[server]\nlisten = "127.0.0.1:0"\n[paths]\nsandbox = {json.dumps(str(sandbox_dir))}\n')
+    (work / "dataops.toml").write_text(
+        f'[server]\nlisten = "127.0.0.1:0"\n[paths]\nsandbox = {json.dumps(str(sandbox_dir))}\n'
+    )
     server = build_server(load_config(work / "dataops.toml")).start()
     try:
         d = pki / "consumers" / "city-bank"
@@ -78,9 +81,22 @@ def _free_port() -> int:
 def test_serve_listens_where_told(config, pki):
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    proc = subprocess.Popen([sys.executable, "-m", "dataops.cli", "serve", "-c", toml_of(config),
-                             "--listen", f"127.0.0.1:{port}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=env, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dataops.cli",
+            "serve",
+            "-c",
+            toml_of(config),
+            "--listen",
+            f"127.0.0.1:{port}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
     try:
         line = proc.stdout.readline()
         assert f"serving on 127.0.0.1:{port}" in line, proc.stderr.read() if proc.poll() is not None else line
@@ -104,11 +120,19 @@ def test_init_scaffolds_a_directory_that_serve_runs(tmp_path, capsys):
     assert code == 0 and "0 policies valid" in out
     # The examples, copied into place over real data, are served as they are.
     (work / "catalog" / "loans.toml").write_text((work / "catalog" / "loans.toml.example").read_text())
-    (work / "policies" / "city-bank.toml").write_text((work / "policies" / "city-bank.toml.example").read_text())
+    (work / "policies" / "city-bank.toml").write_text(
+        (work / "policies" / "city-bank.toml.example").read_text()
+    )
     (work / "products" / "loans_by_district.toml").write_text(
-        (work / "products" / "loans_by_district.toml.example").read_text())
-    pl.DataFrame({"loan_id": [f"L{i}" for i in range(200)], "district": ["north", "south"] * 100,
-                  "amount": [float(i) for i in range(200)]}).write_parquet(work / "sandbox" / "loans.parquet")
+        (work / "products" / "loans_by_district.toml.example").read_text()
+    )
+    pl.DataFrame(
+        {
+            "loan_id": [f"L{i}" for i in range(200)],
+            "district": ["north", "south"] * 100,
+            "amount": [float(i) for i in range(200)],
+        }
+    ).write_parquet(work / "sandbox" / "loans.parquet")
     code, out, err = run(capsys, "policy", "check", "-c", str(work / "dataops.toml"))
     assert code == 0 and "1 policies valid against 1 catalog entries" in out, err
     assert run(capsys, "certs", "issue", "city-bank", "-c", str(work / "dataops.toml"))[0] == 0
@@ -117,9 +141,25 @@ def test_init_scaffolds_a_directory_that_serve_runs(tmp_path, capsys):
     server = build_server(load_config(work / "dataops.toml")).start()
     try:
         d = work / "state" / "pki" / "consumers" / "city-bank"
-        code, out, err = run(capsys, "query", "loans", "-g", "district", "-a", "count", "-a", "mean(amount)",
-                             "--target", f"localhost:{server.port}", "--cert", str(d / "city-bank.crt"),
-                             "--key", str(d / "city-bank.key"), "--ca", str(d / "ca.crt"))
+        code, out, err = run(
+            capsys,
+            "query",
+            "loans",
+            "-g",
+            "district",
+            "-a",
+            "count",
+            "-a",
+            "mean(amount)",
+            "--target",
+            f"localhost:{server.port}",
+            "--cert",
+            str(d / "city-bank.crt"),
+            "--key",
+            str(d / "city-bank.key"),
+            "--ca",
+            str(d / "ca.crt"),
+        )
         assert code == 0 and "north" in out and "south" in out, err
     finally:
         server.stop(grace=0.5)
@@ -137,26 +177,38 @@ def test_policy_check_reports_every_error_at_once(config, capsys):
     river.write_text(river.read_text().replace("revoked = false", "revoked = false\nrevokd = true"))
     # 5. two bad grants in one file: both are reported.
     harbor = policies / "harbor-insurance.toml"
-    harbor.write_text(harbor.read_text() + (
-        '\n[[grants]]\ndataset = "enterprise_credit"\npurpose = "x"\nexpires = 2027-01-01\nmodes = ["dp"]\n'
-        'functions = ["count"]\nmin_group_size = 10\n[grants.budget]\nepsilon = 1.0\n[grants.columns]\n'
-        '\n[[grants]]\ndataset = "medical_claims"\npurpose = "y"\nexpires = 2027-01-01\nmodes = ["dp"]\n'
-        'functions = ["count"]\nmin_group_size = 2\n[grants.budget]\nepsilon = 1.0\n[grants.columns]\n'))
+    harbor.write_text(
+        harbor.read_text()
+        + (
+            '\n[[grants]]\ndataset = "enterprise_credit"\npurpose = "x"\nexpires = 2027-01-01\nmodes = ["dp"]\n'
+            'functions = ["count"]\nmin_group_size = 10\n[grants.budget]\nepsilon = 1.0\n[grants.columns]\n'
+            '\n[[grants]]\ndataset = "medical_claims"\npurpose = "y"\nexpires = 2027-01-01\nmodes = ["dp"]\n'
+            'functions = ["count"]\nmin_group_size = 2\n[grants.budget]\nepsilon = 1.0\n[grants.columns]\n'
+        )
+    )
     medical = catalog / "medical_claims.toml"
-    medical.write_text(medical.read_text().replace('location = "insurance/medical_claims.parquet"',
-                                                   'location = "moved/medical_claims.parquet"'))
+    medical.write_text(
+        medical.read_text().replace(
+            'location = "insurance/medical_claims.parquet"', 'location = "moved/medical_claims.parquet"'
+        )
+    )
     credit = catalog / "enterprise_credit.toml"
     text = credit.read_text()
-    assert "[columns.tax_paid]\ntype = \"float\"" in text
-    credit.write_text(text.replace("[columns.tax_paid]\ntype = \"float\"", "[columns.tax_paid]\ntype = \"int\""))
+    assert '[columns.tax_paid]\ntype = "float"' in text
+    credit.write_text(text.replace('[columns.tax_paid]\ntype = "float"', '[columns.tax_paid]\ntype = "int"'))
 
     code, _, err = run(capsys, "policy", "check", "-c", toml_of(config))
     assert code == 1
     assert "city-bank.toml: grants[0].tabels: unknown key, did you mean 'tables'?" in err
     assert "tables: is required" not in err
     assert "river-bank.toml: revokd: unknown key, did you mean 'revoked'?" in err
-    assert re.search(r"harbor-insurance.toml: grants\[1\].dataset: 'enterprise_credit' is in zone 'finance'", err)
-    assert "harbor-insurance.toml: grants[2].min_group_size: protection rules now belong to table products" in err
+    assert re.search(
+        r"harbor-insurance.toml: grants\[1\].dataset: 'enterprise_credit' is in zone 'finance'", err
+    )
+    assert (
+        "harbor-insurance.toml: grants[2].min_group_size: protection rules now belong to table products"
+        in err
+    )
     assert re.search(r"medical_claims.toml: location: .*moved/medical_claims.parquet does not exist", err)
     assert "enterprise_credit.toml: columns.tax_paid.type: catalog says int, the data has Float64" in err
     # `serve` agrees that this configuration cannot start.
@@ -167,8 +219,17 @@ def test_policy_check_reports_every_error_at_once(config, capsys):
 def test_explain_counts_the_budget_that_is_left(server, config, connect, capsys):
     client = connect("city-bank")
     client.query("enterprise_credit", aggregates=["count"], mode="dp", epsilon=3.4)  # 1.6 of 5 left
-    explain = ["policy", "explain", "-c", toml_of(config), "--consumer", "city-bank", "enterprise_credit",
-               "--mode", "dp"]
+    explain = [
+        "policy",
+        "explain",
+        "-c",
+        toml_of(config),
+        "--consumer",
+        "city-bank",
+        "enterprise_credit",
+        "--mode",
+        "dp",
+    ]
     code, out, _ = run(capsys, *explain, "--epsilon", "100")
     assert code == 1 and "DENIED  BUDGET_EXHAUSTED by rule 'budget.grant'" in out and "epsilon 1.6 " in out
     code, out, _ = run(capsys, *explain, "--epsilon", "2")
@@ -185,8 +246,12 @@ def test_certs_list_shows_revocation(config, tmp_path, capsys):
     assert run(capsys, "certs", "revoke", "beta", "--dir", str(pki_dir))[0] == 0
     code, out, _ = run(capsys, "certs", "list", "--dir", str(pki_dir), "--json")
     status = {e["name"]: e["status"] for e in json.loads(out)}
-    assert status == {"dataops platform CA": "valid", "dataops server": "valid", "alpha": "valid",
-                      "beta": "revoked"}
+    assert status == {
+        "dataops platform CA": "valid",
+        "dataops server": "valid",
+        "alpha": "valid",
+        "beta": "revoked",
+    }
     code, out, _ = run(capsys, "certs", "list", "--dir", str(pki_dir))
     assert code == 0 and re.search(r"consumer\s+beta\s+revoked", out)
 
@@ -198,6 +263,7 @@ def _toml_as_json(path):
         if isinstance(value, list):
             return [plain(v) for v in value]
         return value.isoformat() if isinstance(value, dt.date) else value
+
     return plain(tomllib.loads(path.read_text()))
 
 

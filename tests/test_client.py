@@ -15,25 +15,37 @@ from google.protobuf.message import Message
 
 from conftest import REPO, audit_records
 from dataops.client import (
-    Budget, ConnectionFailed, DataopsClientError, Estimate, InvalidRequest, QueryResult, count, mean, median,
-    parse_aggregate, total,
+    Budget,
+    ConnectionFailed,
+    DataopsClientError,
+    Estimate,
+    InvalidRequest,
+    QueryResult,
+    count,
+    mean,
+    median,
+    parse_aggregate,
+    total,
 )
 
 # What the server needs and a client must not: importing any of them from the client is a regression.
 SERVER_ONLY = ("opendp", "polars", "numpy", "grpc_health", "grpc_reflection", "tomli_w", "pandas", "sqlglot")
 
 
-@pytest.mark.parametrize("spec,expect", [
-    ("count", count()),
-    ("count()", count()),
-    ("sum:tax_paid", total("tax_paid")),
-    ("sum(tax_paid)", total("tax_paid")),
-    ("mean(tax_paid)", mean("tax_paid")),
-    ("mean:tax_paid", mean("tax_paid")),
-    ("median(tax_paid)", median("tax_paid")),
-    ("quantile(tax_paid, 0.9)", parse_aggregate("quantile:0.9:tax_paid")),
-    ("mean(tax_paid) as avg_tax", mean("tax_paid", alias="avg_tax")),
-])
+@pytest.mark.parametrize(
+    "spec,expect",
+    [
+        ("count", count()),
+        ("count()", count()),
+        ("sum:tax_paid", total("tax_paid")),
+        ("sum(tax_paid)", total("tax_paid")),
+        ("mean(tax_paid)", mean("tax_paid")),
+        ("mean:tax_paid", mean("tax_paid")),
+        ("median(tax_paid)", median("tax_paid")),
+        ("quantile(tax_paid, 0.9)", parse_aggregate("quantile:0.9:tax_paid")),
+        ("mean(tax_paid) as avg_tax", mean("tax_paid", alias="avg_tax")),
+    ],
+)
 def test_aggregate_shorthands(spec, expect):
     assert parse_aggregate(spec) == expect
 
@@ -47,14 +59,20 @@ def test_a_bad_shorthand_is_a_client_error(bad):
 
 def test_shorthands_answer_like_the_helpers(connect):
     client = connect("city-bank")
-    by_string = client.query("enterprise_credit", aggregates=["count", "mean(tax_paid)"], group_by=["size_band"])
-    by_helper = client.query("enterprise_credit", aggregates=[count(), mean("tax_paid")], group_by=["size_band"])
+    by_string = client.query(
+        "enterprise_credit", aggregates=["count", "mean(tax_paid)"], group_by=["size_band"]
+    )
+    by_helper = client.query(
+        "enterprise_credit", aggregates=[count(), mean("tax_paid")], group_by=["size_band"]
+    )
     assert by_string.table.equals(by_helper.table)
 
 
 def test_results_are_arrow_and_dataclasses_not_protobuf(connect, server):
     client = connect("city-bank")
-    result = client.query("enterprise_credit", aggregates=["count"], group_by=["size_band"], mode="dp", epsilon=0.5)
+    result = client.query(
+        "enterprise_credit", aggregates=["count"], group_by=["size_band"], mode="dp", epsilon=0.5
+    )
     assert isinstance(result, QueryResult) and isinstance(result.table, pa.Table)
     assert result.to_polars().height == result.table.num_rows == 4
     for value in (result.spend, *result.accuracy.values(), result.receipt):
@@ -66,7 +84,10 @@ def test_results_are_arrow_and_dataclasses_not_protobuf(connect, server):
     described = client.describe("enterprise_credit")
     assert not isinstance(described.grant, Message) and "dp" in described.grant.modes
     columns = {c.name: c for c in described.columns}
-    assert columns["tax_paid"].allowed_uses == ("measure",) and columns["enterprise_id"].classification == "identifier"
+    assert (
+        columns["tax_paid"].allowed_uses == ("measure",)
+        and columns["enterprise_id"].classification == "identifier"
+    )
     assert all(not isinstance(d, Message) for d in client.list_datasets())
 
 
@@ -94,7 +115,9 @@ def test_every_failure_is_one_exception_family(connect, config, tmp_path):
     from dataops.client import Client
 
     with pytest.raises(DataopsClientError) as err:
-        Client("localhost:1", cert=tmp_path / "missing.crt", key=tmp_path / "k", ca=tmp_path / "missing-ca.crt")
+        Client(
+            "localhost:1", cert=tmp_path / "missing.crt", key=tmp_path / "k", ca=tmp_path / "missing-ca.crt"
+        )
     assert "cannot read the CA certificate" in err.value.message and "missing-ca.crt" in err.value.message
     pki = config.tls.ca_cert.parent
     with Client.from_directory("localhost:1", pki / "consumers" / "city-bank", "city-bank", timeout=5) as c:
@@ -107,7 +130,14 @@ def test_the_base_install_is_the_client():
     """pyproject: the base dependencies are the client's; the server stack is the `server` extra."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     names = {d.split(">")[0].split("=")[0].split("[")[0] for d in project["dependencies"]}
-    assert names == {"grpcio", "grpcio-status", "googleapis-common-protos", "protobuf", "pyarrow", "cryptography"}
+    assert names == {
+        "grpcio",
+        "grpcio-status",
+        "googleapis-common-protos",
+        "protobuf",
+        "pyarrow",
+        "cryptography",
+    }
     server = " ".join(project["optional-dependencies"]["server"])
     assert "opendp" in server and "dataops[server]" in project["optional-dependencies"]["test"]
 
@@ -145,8 +175,19 @@ sys.meta_path.insert(0, _Block())
 
 
 def _client_run(python: str, server, pki, blocker: str, env: dict) -> dict:
-    proc = subprocess.run([python, "-c", CLIENT_SCRIPT.format(blocker=blocker), f"localhost:{server.port}",
-                           str(pki.consumer_dir("city-bank"))], capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [
+            python,
+            "-c",
+            CLIENT_SCRIPT.format(blocker=blocker),
+            f"localhost:{server.port}",
+            str(pki.consumer_dir("city-bank")),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     first, rest = proc.stdout.split("\n", 1)
     # The CLI's --json answer: the same released cells (size bands) as the client's.
@@ -166,11 +207,13 @@ def test_a_fresh_venv_with_only_the_client_connects(server, pki, tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     python = str(venv / "bin" / "python")
-    install = subprocess.run([python, "-m", "pip", "install", "-q", str(REPO)], capture_output=True, text=True,
-                             timeout=1200)
+    install = subprocess.run(
+        [python, "-m", "pip", "install", "-q", str(REPO)], capture_output=True, text=True, timeout=1200
+    )
     assert install.returncode == 0, install.stderr
-    listed = subprocess.run([python, "-m", "pip", "list", "--format=json"], capture_output=True, text=True,
-                            check=True)
+    listed = subprocess.run(
+        [python, "-m", "pip", "list", "--format=json"], capture_output=True, text=True, check=True
+    )
     installed = {p["name"].lower() for p in json.loads(listed.stdout)}
     assert "dataops" in installed and not installed & {"opendp", "polars", "numpy", "pandas"}
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -179,7 +222,18 @@ def test_a_fresh_venv_with_only_the_client_connects(server, pki, tmp_path):
     cli = subprocess.run([str(venv / "bin" / "dataops"), "demo"], capture_output=True, text=True, env=env)
     assert cli.returncode == 2 and "dataops[server]" in cli.stderr
     # A reviewer reads the log with the light install too.
-    show = subprocess.run([str(venv / "bin" / "dataops"), "audit", "show", "--log-dir",
-                           str(server.config.paths.state / "audit"), "--method", "runquery"],
-                          capture_output=True, text=True, env=env)
+    show = subprocess.run(
+        [
+            str(venv / "bin" / "dataops"),
+            "audit",
+            "show",
+            "--log-dir",
+            str(server.config.paths.state / "audit"),
+            "--method",
+            "runquery",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert show.returncode == 0 and "RunQuery" in show.stdout, show.stderr

@@ -25,20 +25,32 @@ from pathlib import Path
 import grpc
 import pytest
 
+from conftest import write_config
 from dataops.audit import load_public_key, verify_log
-from dataops.client import Client, DataopsClientError, Receipt, count, count_units, mean, median, quantile, total
+from dataops.client import (
+    Client,
+    DataopsClientError,
+    Receipt,
+    count,
+    count_units,
+    mean,
+    median,
+    quantile,
+    total,
+)
 from dataops.ir import Between, Equals, InSet
 from dataops.ledger import Ledger
 from dataops.server import build_server
 from dataops.server.app import audit_path, ledger_path
 
-from conftest import write_config
-
 LOOPBACK = "127.0.0.1"  # the server certificate names it; all traffic stays on loopback
 # The console script next to this interpreter; `python -c` with the same entry point otherwise.
 DATAOPS = Path(sys.executable).with_name("dataops")
-SERVE = [str(DATAOPS)] if DATAOPS.exists() else [
-    sys.executable, "-c", "import sys; from dataops.cli import main; sys.exit(main())"]
+SERVE = (
+    [str(DATAOPS)]
+    if DATAOPS.exists()
+    else [sys.executable, "-c", "import sys; from dataops.cli import main; sys.exit(main())"]
+)
 # The transport errors a client may see when the server dies or stops under it: the
 # request's fate is unknown to the client, never a refusal by the service.
 LOST = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
@@ -65,8 +77,9 @@ class Serving:
                 return
 
     def client(self, pki, consumer: str, timeout: float = 10.0) -> Client:
-        return Client.from_directory(f"{LOOPBACK}:{self.port}", pki.consumer_dir(consumer), consumer,
-                                     timeout=timeout)
+        return Client.from_directory(
+            f"{LOOPBACK}:{self.port}", pki.consumer_dir(consumer), consumer, timeout=timeout
+        )
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -112,8 +125,18 @@ def ask(client: Client, consumer: str, index: int, dp: bool, query) -> Outcome:
             receipt = Receipt(int(err.metadata["receipt_sequence"]), err.metadata["receipt_hash"])
         return Outcome(index, consumer, dp, sent, time.monotonic(), err.code, err.reason, receipt)
     spent = result.spend.epsilon if result.spend is not None else 0.0
-    return Outcome(index, consumer, dp, sent, time.monotonic(), grpc.StatusCode.OK, None, result.receipt,
-                   spent, result.reused)
+    return Outcome(
+        index,
+        consumer,
+        dp,
+        sent,
+        time.monotonic(),
+        grpc.StatusCode.OK,
+        None,
+        result.receipt,
+        spent,
+        result.reused,
+    )
 
 
 def mixed_request(clients: dict[str, Client], index: int) -> Outcome:
@@ -123,26 +146,64 @@ def mixed_request(clients: dict[str, Client], index: int) -> Outcome:
     kind = index % 4
     if kind == 0:
         client = clients["river-bank"]
-        outcome = ask(client, "river-bank", index, False, lambda: client.query(
-            "enterprise_credit", aggregates=[count_units(), mean("penalties")],
-            group_by=["district"] if index % 8 else ["size_band"],
-            filters=[InSet("size_band", ("micro", "small", "medium"))] if index % 8 else []))
+        outcome = ask(
+            client,
+            "river-bank",
+            index,
+            False,
+            lambda: client.query(
+                "enterprise_credit",
+                aggregates=[count_units(), mean("penalties")],
+                group_by=["district"] if index % 8 else ["size_band"],
+                filters=[InSet("size_band", ("micro", "small", "medium"))] if index % 8 else [],
+            ),
+        )
     elif kind == 1:
         client = clients["city-bank"]
-        outcome = ask(client, "city-bank", index, True, lambda: client.query(
-            "enterprise_credit", aggregates=[count(), total("tax_paid")], group_by=["size_band"],
-            filters=[Between("year_founded", year, None)], mode="dp", epsilon=epsilon))
+        outcome = ask(
+            client,
+            "city-bank",
+            index,
+            True,
+            lambda: client.query(
+                "enterprise_credit",
+                aggregates=[count(), total("tax_paid")],
+                group_by=["size_band"],
+                filters=[Between("year_founded", year, None)],
+                mode="dp",
+                epsilon=epsilon,
+            ),
+        )
     elif kind == 2:
         client = clients["harbor-insurance"]
-        outcome = ask(client, "harbor-insurance", index, True, lambda: client.query(
-            "medical_claims", aggregates=[count(), mean("amount"), median("amount")],
-            group_by=["age_band", "sex"], filters=[Equals("visit_type", "outpatient")],
-            mode="dp", epsilon=epsilon))
+        outcome = ask(
+            client,
+            "harbor-insurance",
+            index,
+            True,
+            lambda: client.query(
+                "medical_claims",
+                aggregates=[count(), mean("amount"), median("amount")],
+                group_by=["age_band", "sex"],
+                filters=[Equals("visit_type", "outpatient")],
+                mode="dp",
+                epsilon=epsilon,
+            ),
+        )
     else:
         client = clients["harbor-insurance"]
-        outcome = ask(client, "harbor-insurance", index, False, lambda: client.query(
-            "medical_claims", aggregates=[count(), mean("amount")], group_by=["age_band", "sex"],
-            filters=[Equals("visit_type", "inpatient")]))
+        outcome = ask(
+            client,
+            "harbor-insurance",
+            index,
+            False,
+            lambda: client.query(
+                "medical_claims",
+                aggregates=[count(), mean("amount")],
+                group_by=["age_band", "sex"],
+                filters=[Equals("visit_type", "inpatient")],
+            ),
+        )
     outcome.asked_epsilon = epsilon if outcome.dp else 0.0
     return outcome
 
@@ -152,13 +213,18 @@ def read_log(config) -> dict[int, dict]:
     import json
 
     raw = audit_path(config).read_bytes()
-    return {r["seq"]: r for r in (json.loads(line) for line in raw[: raw.rfind(b"\n") + 1].split(b"\n") if line)}
+    return {
+        r["seq"]: r for r in (json.loads(line) for line in raw[: raw.rfind(b"\n") + 1].split(b"\n") if line)
+    }
 
 
 def reservations(config) -> list[tuple]:
     with Ledger(ledger_path(config), recover=False) as ledger:  # a reader: orphans nothing
-        return ledger._conn().execute(
-            "SELECT id, consumer, dataset, epsilon, status, request FROM reservations").fetchall()
+        return (
+            ledger._conn()
+            .execute("SELECT id, consumer, dataset, epsilon, status, request FROM reservations")
+            .fetchall()
+        )
 
 
 def test_a_server_killed_mid_load_restarts_with_a_consistent_ledger_and_log(tmp_path, sandbox_dir, pki):
@@ -211,12 +277,19 @@ def test_a_server_killed_mid_load_restarts_with_a_consistent_ledger_and_log(tmp_
     # Restart on the same state: the ledger orphans what was in flight, the log is accepted.
     server = build_server(config).start()
     try:
-        with Client.from_directory(f"{LOOPBACK}:{server.port}", pki.consumer_dir("city-bank"), "city-bank",
-                                   timeout=10) as client:
-            after = client.query("enterprise_credit", aggregates=[count(), total("tax_paid")],
-                                 group_by=["district"], mode="dp", epsilon=0.1)
-            exact = client.query("enterprise_credit", aggregates=[count_units(), mean("tax_paid")],
-                                 group_by=["size_band"])
+        with Client.from_directory(
+            f"{LOOPBACK}:{server.port}", pki.consumer_dir("city-bank"), "city-bank", timeout=10
+        ) as client:
+            after = client.query(
+                "enterprise_credit",
+                aggregates=[count(), total("tax_paid")],
+                group_by=["district"],
+                mode="dp",
+                epsilon=0.1,
+            )
+            exact = client.query(
+                "enterprise_credit", aggregates=[count_units(), mean("tax_paid")], group_by=["size_band"]
+            )
             [budget] = client.budgets("enterprise_credit")
     finally:
         server.stop(grace=1.0)
@@ -231,8 +304,11 @@ def test_a_server_killed_mid_load_restarts_with_a_consistent_ledger_and_log(tmp_
         assert ledger._conn().execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         spent = {(s.consumer, s.dataset): s.epsilon_spent for s in ledger.budgets()}
         spent_units = dict(ledger._conn().execute("SELECT consumer, epsilon FROM grant_spend").fetchall())
-        doubled = ledger._conn().execute(
-            "SELECT reservation_id FROM releases GROUP BY reservation_id HAVING COUNT(*) > 1").fetchall()
+        doubled = (
+            ledger._conn()
+            .execute("SELECT reservation_id FROM releases GROUP BY reservation_id HAVING COUNT(*) > 1")
+            .fetchall()
+        )
         released = {row[0] for row in ledger._conn().execute("SELECT reservation_id FROM releases")}
     rows = reservations(config)
     statuses = {r[0]: r[4] for r in rows}
@@ -309,16 +385,27 @@ def test_sigterm_drains_requests_in_flight_and_exits_0(tmp_path, sandbox_dir, pk
     burst = 12  # below the server's concurrency limit (workers * 4), so none is turned away
     try:
         with serving.client(pki, "harbor-insurance", timeout=30) as client:
-            warm = client.query("medical_claims", aggregates=[count()], group_by=["sex"], mode="dp", epsilon=0.1)
+            warm = client.query(
+                "medical_claims", aggregates=[count()], group_by=["sex"], mode="dp", epsilon=0.1
+            )
             start = threading.Barrier(burst + 1, timeout=10)
 
             def heavy(index: int) -> Outcome:
                 # Many groups and two quantiles: a few hundred ms each when twelve run at once.
                 start.wait()
-                return ask(client, "harbor-insurance", index, True, lambda: client.query(
-                    "medical_claims", aggregates=[count(), total("amount"), median("amount"),
-                                                  quantile("reimbursed", 0.9)],
-                    group_by=["district", "diagnosis_group"], mode="dp", epsilon=0.05 + index * 1e-6))
+                return ask(
+                    client,
+                    "harbor-insurance",
+                    index,
+                    True,
+                    lambda: client.query(
+                        "medical_claims",
+                        aggregates=[count(), total("amount"), median("amount"), quantile("reimbursed", 0.9)],
+                        group_by=["district", "diagnosis_group"],
+                        mode="dp",
+                        epsilon=0.05 + index * 1e-6,
+                    ),
+                )
 
             with ThreadPoolExecutor(burst) as pool:
                 futures = [pool.submit(heavy, i) for i in range(burst)]
@@ -342,7 +429,9 @@ def test_sigterm_drains_requests_in_flight_and_exits_0(tmp_path, sandbox_dir, pk
 
     assert refused.value.code is grpc.StatusCode.UNAVAILABLE
     assert [o.code for o in outcomes] == [grpc.StatusCode.OK] * burst
-    assert any(o.ended > sigterm_at for o in outcomes), "nothing was in flight at SIGTERM: the burst is too light"
+    assert any(o.ended > sigterm_at for o in outcomes), (
+        "nothing was in flight at SIGTERM: the burst is too light"
+    )
     assert code == 0 and stopped < grace + 3.0
     # Drained requests were audited like any other, and the stop signed the whole log.
     public_key = load_public_key(audit_path(config).parent / "signing.pub")
@@ -355,4 +444,5 @@ def test_sigterm_drains_requests_in_flight_and_exits_0(tmp_path, sandbox_dir, pk
         statuses = [row[0] for row in ledger._conn().execute("SELECT status FROM reservations")]
         assert statuses == ["released"] * (burst + 1)  # nothing left in flight
         assert ledger.spent("harbor-insurance", "medical_claims")[0] == pytest.approx(
-            0.1 + sum(o.epsilon for o in outcomes))
+            0.1 + sum(o.epsilon for o in outcomes)
+        )

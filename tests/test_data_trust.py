@@ -18,14 +18,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import audit_records, write_config
 from dataops import catalog as catalog_module
 from dataops.catalog import load_catalog
 from dataops.client import Client, DataopsClientError, count, total
 from dataops.errors import CatalogError
 from dataops.server import build_server
 from dataops.versions import DataVersions
-
-from conftest import audit_records, write_config
 
 CREDIT = "enterprise_credit"
 ON_OFF = pytest.mark.parametrize("control", ["on", "off"])
@@ -51,7 +50,9 @@ def started(pki):
 
         def client(name: str = consumer) -> Client:
             if name not in clients:
-                clients[name] = Client.from_directory(f"localhost:{server.port}", pki.consumer_dir(name), name)
+                clients[name] = Client.from_directory(
+                    f"localhost:{server.port}", pki.consumer_dir(name), name
+                )
             return clients[name]
 
         running.append((server, clients))
@@ -104,8 +105,11 @@ def test_a_symlink_out_of_the_sandbox_is_refused_at_catalog_load(private, tmp_pa
     target.unlink()
     target.symlink_to(outside)
     if control == "on":
-        with pytest.raises(CatalogError, match=rf"{CREDIT}\.toml: location: 'finance/{CREDIT}\.parquet' "
-                                               r"resolves to .*planted\.parquet, outside the sandbox"):
+        with pytest.raises(
+            CatalogError,
+            match=rf"{CREDIT}\.toml: location: 'finance/{CREDIT}\.parquet' "
+            r"resolves to .*planted\.parquet, outside the sandbox",
+        ):
             load_catalog(private.paths.catalog, private.paths.sandbox)
         # A directory on the way linked out is refused the same way.
         target.unlink()
@@ -134,8 +138,10 @@ def test_a_symlink_swapped_in_while_serving_is_refused(private, started, tmp_pat
     link = target.with_name(".swap")
     link.symlink_to(outside_copy(private, tmp_path))
     os.replace(link, target)
-    for attempt in (lambda: counts(client(), variant=21),
-                    lambda: client().query(CREDIT, aggregates=[count()], group_by=["size_band"])):
+    for attempt in (
+        lambda: counts(client(), variant=21),
+        lambda: client().query(CREDIT, aggregates=[count()], group_by=["size_band"]),
+    ):
         err = refused(attempt)
         assert err.code is grpc.StatusCode.FAILED_PRECONDITION and err.reason == "DATASET_UNAVAILABLE"
         assert "planted" not in err.message and "outside" not in err.message  # the operator's detail
@@ -180,8 +186,11 @@ def test_a_release_on_replaced_data_is_not_reused_even_with_the_same_size_and_mt
 
     before = os.stat(target)
     first = penalties()
-    zeroed = table.set_column(table.schema.get_field_index("penalties"), "penalties",
-                              pa.array([0] * table.num_rows, table.schema.field("penalties").type))
+    zeroed = table.set_column(
+        table.schema.get_field_index("penalties"),
+        "penalties",
+        pa.array([0] * table.num_rows, table.schema.field("penalties").type),
+    )
     replacement = target.with_name(".new")
     fixed_width(zeroed, replacement)
     os.utime(replacement, ns=(before.st_atime_ns, before.st_mtime_ns))
@@ -213,7 +222,7 @@ def add_twin(config, *, copy_bytes: bool = True) -> Path:
         pl.read_parquet(source).head(5000).write_parquet(twin)
     policy = config.paths.policies / "city-bank.toml"
     grants = policy.read_text()
-    block = grants[grants.index("[[grants]]"):]
+    block = grants[grants.index("[[grants]]") :]
     twin_grant = block.replace(f'dataset = "{CREDIT}"', 'dataset = "credit_twin"')
     # The twin has no published table: its grant is DP only.
     twin_grant = twin_grant.replace('modes = ["aggregate", "dp"]', 'modes = ["dp"]')
@@ -235,7 +244,9 @@ def test_two_entries_over_the_same_content_do_not_double_the_cap(private, starte
     if control == "off":
         monkeypatch.setattr(DataVersions, "_refuse_twins", lambda self, dataset, version: None)
     if control == "on":
-        with pytest.raises(CatalogError, match=r"\.toml: location: '[a-z_/]+\.parquet' holds the same data") as err:
+        with pytest.raises(
+            CatalogError, match=r"\.toml: location: '[a-z_/]+\.parquet' holds the same data"
+        ) as err:
             build_server(private)
         assert "credit_twin.toml" in str(err.value) and f"{CREDIT}.toml" in str(err.value)
         return
@@ -282,8 +293,10 @@ def test_dp_is_refused_on_an_entry_without_max_rows_and_exact_answers_still_work
     entry = private.paths.catalog / f"{CREDIT}.toml"
     entry.write_text(entry.read_text().replace("max_rows = 1\n", ""))
     server, client = started(private)
-    for attempt in (lambda: counts(client()),
-                    lambda: client().estimate(CREDIT, aggregates=[count()], mode="dp", epsilon=1.0)):
+    for attempt in (
+        lambda: counts(client()),
+        lambda: client().estimate(CREDIT, aggregates=[count()], mode="dp", epsilon=1.0),
+    ):
         err = refused(attempt)
         assert err.code is grpc.StatusCode.PERMISSION_DENIED and err.rule == "catalog.privacy_unit.max_rows"
         assert "max_rows" in err.message
@@ -298,9 +311,11 @@ def test_dp_is_refused_on_an_entry_without_max_rows_and_exact_answers_still_work
 
 def grant_river_bank_dp(config, epsilon: float) -> None:
     policy = config.paths.policies / "river-bank.toml"
-    policy.write_text(policy.read_text().replace('modes = ["aggregate"]', 'modes = ["aggregate", "dp"]')
-                      + '\n[grants.columns]\ndistrict = ["dimension", "filter"]\nsize_band = ["dimension", "filter"]\n'
-                      'penalties = ["measure"]\n')
+    policy.write_text(
+        policy.read_text().replace('modes = ["aggregate"]', 'modes = ["aggregate", "dp"]')
+        + '\n[grants.columns]\ndistrict = ["dimension", "filter"]\nsize_band = ["dimension", "filter"]\n'
+        'penalties = ["measure"]\n'
+    )
     set_epsilon(policy, epsilon)
 
 
@@ -325,7 +340,11 @@ def test_another_consumers_paid_release_is_never_handed_out(private, started, mo
         never_asked = refused(lambda: counts(client("river-bank"), variant=7))
         # The same refusal whether or not anyone asked: nothing says city-bank did.
         assert (asked.code, asked.reason, asked.message, asked.quota_violations) == (
-            never_asked.code, never_asked.reason, never_asked.message, never_asked.quota_violations)
+            never_asked.code,
+            never_asked.reason,
+            never_asked.message,
+            never_asked.quota_violations,
+        )
         assert asked.reason == "BUDGET_EXHAUSTED"
     else:
         leaked = counts(client("river-bank"))

@@ -43,7 +43,9 @@ def test_the_script_gets_the_answers_it_claims(tmp_path):
     assert isinstance(city[4], DataopsClientError) and city[4].reason == "UNKNOWN_DATASET"
     assert [t.id for t in city[5].tables] == ["enterprises_by_district_industry_size"]
     assert isinstance(city[6], DataopsClientError) and (city[6].rule, city[6].column) == (
-        "table.coverage", "year_founded")
+        "table.coverage",
+        "year_founded",
+    )
     assert isinstance(results["river-bank"][1], DataopsClientError)
     harbor = results["harbor-insurance"]
     assert harbor[0].frame.height > 0 and harbor[1].rows_suppressed > 0

@@ -22,8 +22,12 @@ def test_the_subject_scenarios(tmp_path):
     assert isinstance(review, SubjectEvaluation) and review.outputs["grade"] in "ABCD"
     assert isinstance(without, DataopsClientError) and without.reason == "CONSENT_INVALID"
     # Without a consent, an existing and an absent enterprise get the same refusal.
-    assert (without.code, without.reason, without.message, without.rule) == \
-        (absent.code, absent.reason, absent.message, absent.rule)
+    assert (without.code, without.reason, without.message, without.rule) == (
+        absent.code,
+        absent.reason,
+        absent.message,
+        absent.rule,
+    )
     assert isinstance(replay, DataopsClientError) and replay.rule == "consent.uses"
     (underwriting,) = results["harbor-insurance"]
     assert underwriting.outputs["inpatient_stays_24m"] >= 0

@@ -26,7 +26,12 @@ def test_every_relative_link_stays_in_the_repository_and_exists(document):
 
 def test_the_design_is_in_the_repository():
     text = (REPO / "docs/architecture.md").read_text()
-    for section in ("Threat model", "The flow of one request", "Three ways an answer leaves",
-                    "Trust boundaries", "Module layout"):
+    for section in (
+        "Threat model",
+        "The flow of one request",
+        "Three ways an answer leaves",
+        "Trust boundaries",
+        "Module layout",
+    ):
         assert f"## {section}" in text
     assert "docs/architecture.md" in (REPO / "README.md").read_text()

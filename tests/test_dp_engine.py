@@ -260,7 +260,10 @@ def test_contributions_are_truncated_and_clipped(whale: Dataset, form: str, tmp_
     aggregates = [COUNT, UNITS, Aggregate(Function.SUM, "x")]
     by_region = run(whale, aggregates, ["region"], source=source, epsilon=1e5)
     near = lambda v: pytest.approx(v, abs=1)  # noqa: E731
-    assert by_region.rows() == [("North", near(27), near(26), near(450)), ("South", near(25), near(25), near(250))]
+    assert by_region.rows() == [
+        ("North", near(27), near(26), near(450)),
+        ("South", near(25), near(25), near(250)),
+    ]
 
 
 @pytest.mark.parametrize("form", FORMS)

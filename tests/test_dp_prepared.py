@@ -28,7 +28,6 @@ from dataops.ledger import Ledger
 from dataops.policy import PolicyStore
 from dataops.service import Sandbox
 from dataops.versions import DataVersions, stat_signature
-
 from test_dp_engine import COUNT, UNITS, crafted, plan_for, value
 
 REPO = Path(__file__).resolve().parent.parent
@@ -174,7 +173,9 @@ def copy_files(state: Path) -> list[str]:
     return sorted(p.name for p in (state / "prepared").iterdir())
 
 
-def test_the_copy_keeps_each_units_first_k_rows_and_only_usable_columns(crowd: Dataset, tmp_path: Path) -> None:
+def test_the_copy_keeps_each_units_first_k_rows_and_only_usable_columns(
+    crowd: Dataset, tmp_path: Path
+) -> None:
     source = PreparedStore(tmp_path / "state").source(crowd)
     assert source.path == tmp_path / "state" / "prepared" / f"crafted-{source.fingerprint[:16]}.parquet"
     copy = pl.read_parquet(source.path)
@@ -188,13 +189,17 @@ def test_the_copy_keeps_each_units_first_k_rows_and_only_usable_columns(crowd: D
     # The unit is a dense code, one per unit (0..n), not a function of its id.
     assert copy[UNIT_CODE].n_unique() == raw["uid"].n_unique() == 40
     assert set(copy[UNIT_CODE]) <= set(range(41))
-    by_unit = expected.join(copy.select("seq", UNIT_CODE), on="seq").group_by("uid").agg(
-        pl.col(UNIT_CODE).n_unique().alias("codes"))
+    by_unit = (
+        expected.join(copy.select("seq", UNIT_CODE), on="seq")
+        .group_by("uid")
+        .agg(pl.col(UNIT_CODE).n_unique().alias("codes"))
+    )
     assert (by_unit["codes"] == 1).all()
 
 
 def test_each_build_draws_new_unit_codes(crowd: Dataset, tmp_path: Path) -> None:
     """The codes follow a permutation nobody keeps: two builds of one version disagree."""
+
     def codes(state: Path) -> list[int]:
         copy = pl.read_parquet(PreparedStore(state).source(crowd).path)
         return copy.sort("seq")[UNIT_CODE].to_list()
@@ -255,7 +260,9 @@ def test_a_failed_build_leaves_no_file(crowd: Dataset, tmp_path: Path, monkeypat
 # --- the service reads the copy ------------------------------------------------------------
 
 
-def test_the_sandbox_releases_from_the_copy_and_reuses_on_its_version(sandbox_dir: Path, tmp_path: Path) -> None:
+def test_the_sandbox_releases_from_the_copy_and_reuses_on_its_version(
+    sandbox_dir: Path, tmp_path: Path
+) -> None:
     catalog = load_catalog(REPO / "catalog", sandbox_dir)
     ledger = Ledger(tmp_path / "ledger.sqlite3")
     store = PreparedStore(tmp_path / "state")
@@ -271,8 +278,9 @@ def test_the_sandbox_releases_from_the_copy_and_reuses_on_its_version(sandbox_di
     assert first.spend.epsilon == pytest.approx(0.5) == pytest.approx(estimate.spend.epsilon)
     assert first.accuracy == estimate.accuracy
     assert copy_files(tmp_path / "state") == [
-        store.source(catalog.get("medical_claims")).path.name, store.source(catalog.get("medical_claims")).path.name
-        + ".tag"]
+        store.source(catalog.get("medical_claims")).path.name,
+        store.source(catalog.get("medical_claims")).path.name + ".tag",
+    ]
     again = sandbox.run("harbor-insurance", query, CallRecord("RunQuery"))
     assert again.reused and again.table.equals(first.table)
     ledger.close()
@@ -280,14 +288,20 @@ def test_the_sandbox_releases_from_the_copy_and_reuses_on_its_version(sandbox_di
 
 def test_the_server_prepares_copies_in_the_background(server, connect) -> None:
     result = connect("harbor-insurance").query(
-        "medical_claims", aggregates=[Aggregate(Function.COUNT)], group_by=["age_band"], mode="dp", epsilon=0.5,
+        "medical_claims",
+        aggregates=[Aggregate(Function.COUNT)],
+        group_by=["age_band"],
+        mode="dp",
+        epsilon=0.5,
     )
     assert result.frame["age_band"].to_list() == ["0-17", "18-29", "30-44", "45-59", "60-74", "75+"]
     names = sorted(p.name.split("-")[0] for p in (server.config.paths.state / "prepared").glob("*.parquet"))
     assert "medical_claims" in names
 
 
-def test_the_service_and_the_store_share_one_data_version_per_dataset(sandbox_dir: Path, tmp_path: Path) -> None:
+def test_the_service_and_the_store_share_one_data_version_per_dataset(
+    sandbox_dir: Path, tmp_path: Path
+) -> None:
     catalog = load_catalog(REPO / "catalog", sandbox_dir)
     store = PreparedStore(tmp_path / "state")
     from dataops.products import load_products
@@ -298,8 +312,11 @@ def test_the_service_and_the_store_share_one_data_version_per_dataset(sandbox_di
                       prepared=store)  # fmt: skip
     dataset = catalog.get("medical_claims")
     assert sandbox.versions is store.versions
-    assert store.source(dataset).data_version == sandbox.versions.of(dataset) == hashlib.sha256(
-        dataset.path.read_bytes()).hexdigest()
+    assert (
+        store.source(dataset).data_version
+        == sandbox.versions.of(dataset)
+        == hashlib.sha256(dataset.path.read_bytes()).hexdigest()
+    )
     sandbox.ledger.close()
     sandbox.close()
 
@@ -313,8 +330,11 @@ def plant_untruncated(store: PreparedStore, dataset: Dataset) -> Path:
     source = store.source(dataset)
     raw = pl.read_parquet(dataset.path)
     codes = raw["uid"].rank("dense").cast(pl.UInt64)
-    planted = raw.select(pl.lit(0).alias("drop"), *prepared_columns(dataset)).drop("drop").with_columns(
-        codes.alias(UNIT_CODE))
+    planted = (
+        raw.select(pl.lit(0).alias("drop"), *prepared_columns(dataset))
+        .drop("drop")
+        .with_columns(codes.alias(UNIT_CODE))
+    )
     planted.write_parquet(source.path)
     tag_path = PreparedStore.tag_path(source.path)
     tag = json.loads(tag_path.read_text())

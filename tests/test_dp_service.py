@@ -12,20 +12,19 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
+from conftest import audit_records
 from dataops.client import Client, DataopsClientError, count, total
 from dataops.ir import Between
 from dataops.ledger import Ledger
 from dataops.server import build_server
 from dataops.server.app import ledger_path
 
-from conftest import audit_records
-
 
 def set_budget(config, consumer: str, epsilon: float, delta: float | None = None) -> None:
     path = config.paths.policies / f"{consumer}.toml"
     text = path.read_text()
     start = text.index("[grants.budget]")
-    end = text.index("\n[", start + 1) if "\n[" in text[start + 1:] else len(text)
+    end = text.index("\n[", start + 1) if "\n[" in text[start + 1 :] else len(text)
     block = f"[grants.budget]\nepsilon = {epsilon}\n"
     old_delta = [line for line in text[start:end].splitlines() if line.startswith("delta")]
     block += f"delta = {delta}\n" if delta is not None else (old_delta[0] + "\n" if old_delta else "")
@@ -33,14 +32,26 @@ def set_budget(config, consumer: str, epsilon: float, delta: float | None = None
 
 
 def dp_query(client: Client, epsilon: float, year: int = 1990, **kwargs):
-    return client.query("enterprise_credit", aggregates=[count(), total("tax_paid")], group_by=["size_band"],
-                        filters=[Between("year_founded", year, None)], mode="dp", epsilon=epsilon, **kwargs)
+    return client.query(
+        "enterprise_credit",
+        aggregates=[count(), total("tax_paid")],
+        group_by=["size_band"],
+        filters=[Between("year_founded", year, None)],
+        mode="dp",
+        epsilon=epsilon,
+        **kwargs,
+    )
 
 
 def test_a_dp_answer_carries_its_cost_accuracy_and_is_debited(connect, server):
     client = connect("city-bank")
     result = dp_query(client, 0.5)
-    assert sorted(result.frame["size_band"].to_list()) == ["large", "medium", "micro", "small"]  # the public key set
+    assert sorted(result.frame["size_band"].to_list()) == [
+        "large",
+        "medium",
+        "micro",
+        "small",
+    ]  # the public key set
     assert result.spend.epsilon == pytest.approx(0.5)
     assert result.spend.remaining_epsilon == pytest.approx(4.5)
     assert result.accuracy["count"].noise_scale > 0 and result.accuracy["count"].half_width_95 > 0
@@ -51,8 +62,9 @@ def test_a_dp_answer_carries_its_cost_accuracy_and_is_debited(connect, server):
 
 def test_an_estimate_spends_nothing(connect, server):
     client = connect("city-bank")
-    estimate = client.estimate("enterprise_credit", aggregates=[count()], group_by=["size_band"],
-                               mode="dp", epsilon=0.7)
+    estimate = client.estimate(
+        "enterprise_credit", aggregates=[count()], group_by=["size_band"], mode="dp", epsilon=0.7
+    )
     assert estimate.spend.epsilon == pytest.approx(0.7)
     assert estimate.accuracy[0].half_width_95 > 0
     assert server.ledger.spent("city-bank", "enterprise_credit") == (0.0, 0.0)
@@ -60,10 +72,12 @@ def test_an_estimate_spends_nothing(connect, server):
 
 def test_a_target_accuracy_spends_the_epsilon_it_reports_and_meets_it(connect, server):
     client = connect("city-bank")
-    estimate = client.estimate("enterprise_credit", aggregates=[count()], group_by=["size_band"],
-                               mode="dp", target_half_width=50.0)
-    result = client.query("enterprise_credit", aggregates=[count()], group_by=["size_band"],
-                          mode="dp", target_half_width=50.0)
+    estimate = client.estimate(
+        "enterprise_credit", aggregates=[count()], group_by=["size_band"], mode="dp", target_half_width=50.0
+    )
+    result = client.query(
+        "enterprise_credit", aggregates=[count()], group_by=["size_band"], mode="dp", target_half_width=50.0
+    )
     assert result.accuracy["count"].half_width_95 <= 50.0
     assert result.spend.epsilon == pytest.approx(estimate.spend.epsilon)
     assert server.ledger.spent("city-bank", "enterprise_credit")[0] == pytest.approx(result.spend.epsilon)
@@ -86,13 +100,16 @@ def test_exhaustion_is_resource_exhausted_with_a_quota_failure(connect):
         dp_query(client, 2.0, year=2000)
     assert err.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert err.value.reason == "BUDGET_EXHAUSTED"
-    assert err.value.quota_violations and "grant:city-bank/enterprise_credit" in err.value.quota_violations[0][0]
+    assert (
+        err.value.quota_violations and "grant:city-bank/enterprise_credit" in err.value.quota_violations[0][0]
+    )
 
 
 def test_grouping_without_public_keys_under_pure_dp_is_refused(connect):
     with pytest.raises(DataopsClientError) as err:
-        connect("city-bank").query("enterprise_credit", aggregates=[count()], group_by=["arrears_months"],
-                                   mode="dp", epsilon=1.0)
+        connect("city-bank").query(
+            "enterprise_credit", aggregates=[count()], group_by=["arrears_months"], mode="dp", epsilon=1.0
+        )
     assert err.value.code is grpc.StatusCode.INVALID_ARGUMENT
     assert err.value.rule == "dp.private-keys" and err.value.column == "arrears_months"
 
@@ -157,8 +174,9 @@ def test_the_ledger_survives_kill_9_mid_load(config, pki, tmp_path):
         while not port_file.exists():
             assert time.monotonic() < deadline and proc.poll() is None
             time.sleep(0.05)
-        client = Client.from_directory(f"localhost:{port_file.read_text()}", pki.consumer_dir("city-bank"),
-                                       "city-bank", timeout=10)
+        client = Client.from_directory(
+            f"localhost:{port_file.read_text()}", pki.consumer_dir("city-bank"), "city-bank", timeout=10
+        )
         answered: list[float] = []
 
         def attempt(i: int):

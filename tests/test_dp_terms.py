@@ -17,9 +17,8 @@ import numpy as np
 import opendp.prelude as dp
 import polars as pl
 import pytest
-from test_dp_engine import COUNT, FORMS, REPO, crafted, plan_for, source_for, value
 
-from dataops.catalog import Classification, Column, ColumnType, Dataset, load_catalog
+from dataops.catalog import Dataset, load_catalog
 from dataops.client import DataopsClientError, count, total
 from dataops.demo.generate import generate
 from dataops.engines.dp import DPQuery, rho_for_epsilon, zcdp_to_epsilon
@@ -28,6 +27,7 @@ from dataops.engines.dp_post import consistent_column, project_to_total
 from dataops.errors import InvalidQuery
 from dataops.ir import Aggregate, Function, MeasureTerms, Mode, Privacy, Query
 from dataops.server.app import ledger_path
+from test_dp_engine import COUNT, FORMS, REPO, crafted, plan_for, source_for, value
 
 SUM = Aggregate(Function.SUM, "amount")
 MEAN = Aggregate(Function.MEAN, "amount")
@@ -97,7 +97,9 @@ def test_the_spend_is_opendps_map_for_the_terms_used(claims, tmp_path) -> None:
 
 
 def test_an_estimate_says_when_the_terms_may_bias(claims) -> None:
-    tight = plan_for(claims, [MEAN], epsilon=1.0, max_rows_per_unit=5, measures=(MeasureTerms("amount", upper=5e4),))
+    tight = plan_for(
+        claims, [MEAN], epsilon=1.0, max_rows_per_unit=5, measures=(MeasureTerms("amount", upper=5e4),)
+    )
     notes = DPQuery.compile(tight).calibrate(tight.query.privacy).notes
     assert any("clipping bias possible" in n for n in notes) and any("truncation bias" in n for n in notes)
     catalog = plan_for(claims, [MEAN], epsilon=1.0)
@@ -204,7 +206,9 @@ def test_automatic_clipping_debits_one_reservation_for_both_parts(connect, serve
     assert result.spend.epsilon == pytest.approx(1.0)
     assert server.ledger.spent("harbor-insurance", "medical_claims")[0] == pytest.approx(1.0)
     with sqlite3.connect(ledger_path(config)) as db:
-        rows = db.execute("SELECT status, epsilon FROM reservations WHERE consumer = 'harbor-insurance'").fetchall()
+        rows = db.execute(
+            "SELECT status, epsilon FROM reservations WHERE consumer = 'harbor-insurance'"
+        ).fetchall()
     assert rows == [("released", 10**12)]  # one reservation, the whole epsilon (1e-12 units)
 
 
@@ -249,7 +253,10 @@ def test_zcdp_to_epsilon_never_under_counts() -> None:
     for rho in (1e-4, 0.02, 0.5):
         d = math.sqrt(2 * rho)
         assert base.map(d) >= rho * (1 - 1e-15)
-        assert zcdp_to_epsilon(rho, 1e-6) >= dp.c.make_fix_delta(dp.c.make_zCDP_to_approxDP(base), 1e-6).map(d)[0] - 1e-12
+        assert (
+            zcdp_to_epsilon(rho, 1e-6)
+            >= dp.c.make_fix_delta(dp.c.make_zCDP_to_approxDP(base), 1e-6).map(d)[0] - 1e-12
+        )
     rhos = [0.01, 0.02, 0.03]
     debits = sum(zcdp_to_epsilon(r, 1e-6) for r in rhos)
     assert debits >= zcdp_to_epsilon(sum(rhos), 3e-6)
@@ -258,7 +265,7 @@ def test_zcdp_to_epsilon_never_under_counts() -> None:
 
 def set_accounting(config, consumer: str, accounting: str, epsilon: float) -> None:
     path = config.paths.policies / f"{consumer}.toml"
-    text = path.read_text().replace("[[grants]]\n", f"[[grants]]\naccounting = \"{accounting}\"\n", 1)
+    text = path.read_text().replace("[[grants]]\n", f'[[grants]]\naccounting = "{accounting}"\n', 1)
     start = text.index("[grants.budget]")
     end = text.index("\n[", start + 1)
     path.write_text(text[:start] + f"[grants.budget]\nepsilon = {epsilon}\ndelta = 1e-6\n" + text[end:])
@@ -295,14 +302,15 @@ def spend_until_refused(client) -> tuple[float, int]:
         answered += 1
         spent += result.spend.epsilon
         assert result.accuracy["count"].mechanism == "discrete_gaussian"
-        assert result.spend.epsilon <= 0.7 + i * 1e-6 and result.spend.delta == (1e-6 if answered == 1 else 0.0)
+        assert result.spend.epsilon <= 0.7 + i * 1e-6 and result.spend.delta == (
+            1e-6 if answered == 1 else 0.0
+        )
     return spent, answered
 
 
 def test_a_zcdp_grant_without_delta_or_an_unknown_accounting_is_refused(config) -> None:  # noqa: D103
     from dataops.errors import LoadError
     from dataops.policy import load_policies
-
     from dataops.products import load_products
 
     catalog = load_catalog(config.paths.catalog, config.paths.sandbox)
@@ -358,13 +366,22 @@ def test_the_estimate_over_the_wire_carries_the_bias_notes_and_spends_nothing(co
 def test_terms_and_weights_cross_the_wire_unchanged() -> None:
     from dataops import wire
 
-    privacy = Privacy(epsilon=0.5, max_rows_per_unit=5, consistent=True, measures=(
-        MeasureTerms("amount", lower=0.0), MeasureTerms("reimbursed", upper=1e4, auto_clip_share=0.0)))
+    privacy = Privacy(
+        epsilon=0.5,
+        max_rows_per_unit=5,
+        consistent=True,
+        measures=(
+            MeasureTerms("amount", lower=0.0),
+            MeasureTerms("reimbursed", upper=1e4, auto_clip_share=0.0),
+        ),
+    )
     query = Query("medical_claims", (Aggregate(Function.SUM, "amount", weight=2.0), Aggregate(Function.MEAN, "reimbursed")),
                   group_by=("age_band",), mode=Mode.DP, privacy=privacy)  # fmt: skip
     again = wire.query_from_proto(wire.query_to_proto(query))
     assert again == query and again.canonical() == query.canonical()
-    auto = dataclasses.replace(privacy, measures=(MeasureTerms("amount", auto_clip_share=0.3, auto_clip_quantile=0.9),))
+    auto = dataclasses.replace(
+        privacy, measures=(MeasureTerms("amount", auto_clip_share=0.3, auto_clip_quantile=0.9),)
+    )
     query = dataclasses.replace(query, privacy=auto)
     assert wire.query_from_proto(wire.query_to_proto(query)).privacy == auto
 

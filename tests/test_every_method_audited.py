@@ -21,8 +21,10 @@ from dataops.server.interceptors import AuditInterceptor, check_wrappable
 def _channel(server, pki, consumer="city-bank") -> grpc.Channel:
     d = pki.consumer_dir(consumer)
     credentials = grpc.ssl_channel_credentials(
-        root_certificates=(d / "ca.crt").read_bytes(), private_key=(d / f"{consumer}.key").read_bytes(),
-        certificate_chain=(d / f"{consumer}.crt").read_bytes())
+        root_certificates=(d / "ca.crt").read_bytes(),
+        private_key=(d / f"{consumer}.key").read_bytes(),
+        certificate_chain=(d / f"{consumer}.crt").read_bytes(),
+    )
     return grpc.secure_channel(f"localhost:{server.port}", credentials)
 
 
@@ -43,8 +45,11 @@ def test_every_method_leaves_an_audit_record(server, pki, config, monkeypatch, c
 
         def fail_open(self, continuation, details):
             handler = continuation(details)
-            return handler if handler is not None and handler.unary_unary is None else original(
-                self, continuation, details)
+            return (
+                handler
+                if handler is not None and handler.unary_unary is None
+                else original(self, continuation, details)
+            )
 
         monkeypatch.setattr(AuditInterceptor, "intercept_service", fail_open)
     # The running server looks the method up on its interceptor per call, so the patch applies.
@@ -85,8 +90,11 @@ def test_a_stream_is_audited_at_open_and_close(server, pki, config):
 
 
 def _descriptor(name, client_streaming, server_streaming):
-    method = SimpleNamespace(full_name=f"dataops.v1.Fake.{name}", client_streaming=client_streaming,
-                             server_streaming=server_streaming)
+    method = SimpleNamespace(
+        full_name=f"dataops.v1.Fake.{name}",
+        client_streaming=client_streaming,
+        server_streaming=server_streaming,
+    )
     return SimpleNamespace(full_name="dataops.v1.Fake", methods=[method])
 
 
@@ -105,6 +113,7 @@ def test_a_handler_shape_it_cannot_wrap_is_never_returned_unwrapped(shape):
 
     handler = getattr(grpc, f"{shape}_rpc_method_handler")(servicer)
     interceptor = AuditInterceptor(audit=None, policies=None)
-    wrapped = interceptor.intercept_service(lambda details: handler,
-                                            SimpleNamespace(method="/dataops.v1.Fake/Upload"))
+    wrapped = interceptor.intercept_service(
+        lambda details: handler, SimpleNamespace(method="/dataops.v1.Fake/Upload")
+    )
     assert wrapped is not handler and getattr(wrapped, shape) is not servicer

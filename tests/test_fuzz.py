@@ -24,8 +24,8 @@ import math
 import re
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import grpc
 import polars as pl
@@ -35,6 +35,7 @@ from grpc_status import rpc_status
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from conftest import Pki, write_config
 from dataops import wire
 from dataops.catalog import Catalog, load_catalog
 from dataops.engines._base import predicate
@@ -43,8 +44,6 @@ from dataops.ir import Mode
 from dataops.server import build_server
 from dataops.v1 import catalog_pb2 as c
 from dataops.v1 import query_pb2 as q
-
-from conftest import Pki, write_config
 
 CLIENT_ERRORS = {
     grpc.StatusCode.INVALID_ARGUMENT,
@@ -65,9 +64,21 @@ HUGE_EPSILON, HUGE_DELTA = 100_000.0, 0.5
 class Fuzzing:
     """The running server, the raw data to check answers against, and a channel per consumer."""
 
-    def __init__(self, server, config, catalog: Catalog, frames: dict[str, pl.DataFrame],
-                 channels: dict[str, grpc.Channel]) -> None:
-        self.server, self.config, self.catalog, self.frames, self.channels = server, config, catalog, frames, channels
+    def __init__(
+        self,
+        server,
+        config,
+        catalog: Catalog,
+        frames: dict[str, pl.DataFrame],
+        channels: dict[str, grpc.Channel],
+    ) -> None:
+        self.server, self.config, self.catalog, self.frames, self.channels = (
+            server,
+            config,
+            catalog,
+            frames,
+            channels,
+        )
         self.calls = 0  # requests that reached the service: each must leave one audit record
 
     def __repr__(self) -> str:  # hypothesis prints its arguments when a case fails
@@ -93,20 +104,25 @@ def _raise_budgets(root: Path) -> None:
     """A huge DP budget for every grant, so DP fuzzing explores queries, not exhaustion."""
     for path in [*(root / "catalog").glob("*.toml"), *(root / "policies").glob("*.toml")]:
         text = path.read_text()
-        text = re.sub(r"(?m)^(\[(?:grants\.)?budget\][^\[]*?)^epsilon = .*$", rf"\1epsilon = {HUGE_EPSILON}", text)
+        text = re.sub(
+            r"(?m)^(\[(?:grants\.)?budget\][^\[]*?)^epsilon = .*$", rf"\1epsilon = {HUGE_EPSILON}", text
+        )
         text = re.sub(r"(?m)^(\[(?:grants\.)?budget\][^\[]*?)^delta = .*$", rf"\1delta = {HUGE_DELTA}", text)
         path.write_text(text)
 
 
 @pytest.fixture(scope="module")
-def fuzz(tmp_path_factory: pytest.TempPathFactory, sandbox_dir: Path, pki: Pki,
-         protected_tables: Path) -> Iterator[Fuzzing]:
+def fuzz(
+    tmp_path_factory: pytest.TempPathFactory, sandbox_dir: Path, pki: Pki, protected_tables: Path
+) -> Iterator[Fuzzing]:
     root = tmp_path_factory.mktemp("fuzz")
     config = write_config(root, sandbox_dir, pki, tables=protected_tables)
     _raise_budgets(root)
     for consumer, column in EXTRA_FILTERS.items():
         path = root / "policies" / f"{consumer}.toml"
-        granted = re.sub(rf'(?m)^{column} = \["measure"\]', f'{column} = ["measure", "filter"]', path.read_text())
+        granted = re.sub(
+            rf'(?m)^{column} = \["measure"\]', f'{column} = ["measure", "filter"]', path.read_text()
+        )
         path.write_text(granted)
     server = build_server(config).start()
     city = server.policies.current.get("city-bank").grants["enterprise_credit"]
@@ -115,9 +131,13 @@ def fuzz(tmp_path_factory: pytest.TempPathFactory, sandbox_dir: Path, pki: Pki,
     for consumer in CONSUMERS:
         d = pki.consumer_dir(consumer)
         credentials = grpc.ssl_channel_credentials(
-            (d / "ca.crt").read_bytes(), (d / f"{consumer}.key").read_bytes(), (d / f"{consumer}.crt").read_bytes())
+            (d / "ca.crt").read_bytes(),
+            (d / f"{consumer}.key").read_bytes(),
+            (d / f"{consumer}.crt").read_bytes(),
+        )
         channels[consumer] = grpc.secure_channel(
-            f"localhost:{server.port}", credentials, options=[("grpc.max_receive_message_length", 64 << 20)])
+            f"localhost:{server.port}", credentials, options=[("grpc.max_receive_message_length", 64 << 20)]
+        )
     catalog = load_catalog(config.paths.catalog, config.paths.sandbox)
     frames = {d.id: pl.read_parquet(d.path) for d in catalog.datasets.values()}
     yield Fuzzing(server, config, catalog, frames, channels)
@@ -142,7 +162,9 @@ def assert_client_error(code: grpc.StatusCode, error: object, *, from_grpc_ok: b
 
 
 def identifiers(catalog: Catalog) -> set[str]:
-    return {c.name for d in catalog.datasets.values() for c in d.columns.values() if not c.classification.usable}
+    return {
+        c.name for d in catalog.datasets.values() for c in d.columns.values() if not c.classification.usable
+    }
 
 
 def check_run_response(fuzz: Fuzzing, consumer: str, request: q.RunQueryRequest, payload: bytes) -> None:
@@ -159,8 +181,11 @@ def check_run_response(fuzz: Fuzzing, consumer: str, request: q.RunQueryRequest,
         unit, k = dataset.unit_column, fuzz.k(consumer, dataset.id)
         where = predicate(dataset, query.filters)
         inside = raw.filter(where) if where is not None else raw
-        truth = (inside.group_by(dims).agg(pl.col(unit).n_unique().alias("__n")) if dims
-                 else inside.select(pl.col(unit).n_unique().alias("__n")))
+        truth = (
+            inside.group_by(dims).agg(pl.col(unit).n_unique().alias("__n"))
+            if dims
+            else inside.select(pl.col(unit).n_unique().alias("__n"))
+        )
         # Every row of the (public) key grid is returned or counted: at least the groups there are.
         assert table.height + response.rows_suppressed >= truth.height
         if dims:
@@ -175,8 +200,13 @@ def check_run_response(fuzz: Fuzzing, consumer: str, request: q.RunQueryRequest,
         possible = 1
         for name in dims:
             column = dataset.columns[name]
-            keys = (len(column.bins) - 1 if column.bins else
-                    len(column.keys) if column.keys else raw[name].n_unique())
+            keys = (
+                len(column.bins) - 1
+                if column.bins
+                else len(column.keys)
+                if column.keys
+                else raw[name].n_unique()
+            )
             possible *= keys
         assert table.height <= possible
         assert response.spend.epsilon >= 0
@@ -219,13 +249,46 @@ def check(fuzz: Fuzzing, consumer: str, method: str, request) -> None:
 
 DATASETS = ("enterprise_credit", "medical_claims")
 KNOWN_COLUMNS = (
-    "enterprise_id", "name", "district", "industry", "size_band", "year_founded", "registered_capital",
-    "tax_paid", "si_headcount", "penalties", "arrears_months", "arrears_amount",
-    "claim_id", "person_id", "age_band", "sex", "visit_date", "visit_type", "hospital_level",
-    "diagnosis_group", "amount", "reimbursed",
+    "enterprise_id",
+    "name",
+    "district",
+    "industry",
+    "size_band",
+    "year_founded",
+    "registered_capital",
+    "tax_paid",
+    "si_headcount",
+    "penalties",
+    "arrears_months",
+    "arrears_amount",
+    "claim_id",
+    "person_id",
+    "age_band",
+    "sex",
+    "visit_date",
+    "visit_type",
+    "hospital_level",
+    "diagnosis_group",
+    "amount",
+    "reimbursed",
 )
-KEYS = ("Dongcheng", "Binhai", "Finance", "Agriculture", "micro", "large", "F", "M", "18-29",
-        "Pregnancy", "emergency", "primary", "2025-03-01", "2025-13-40", "")
+KEYS = (
+    "Dongcheng",
+    "Binhai",
+    "Finance",
+    "Agriculture",
+    "micro",
+    "large",
+    "F",
+    "M",
+    "18-29",
+    "Pregnancy",
+    "emergency",
+    "primary",
+    "2025-03-01",
+    "2025-13-40",
+    "",
+)
 
 absurd_floats = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True),
@@ -233,8 +296,11 @@ absurd_floats = st.one_of(
 )
 texts = st.one_of(st.sampled_from(KEYS), st.text(max_size=12))
 targets = st.one_of(st.sampled_from([0.0, 0.0, -3.0, 1e-9, 1e-3, 5.0, 1e4, 1e8, 1e12, 1e300]), absurd_floats)
-names = st.one_of(st.sampled_from(KNOWN_COLUMNS), st.sampled_from(("", "nope", "__units", "#len", "_x")),
-                  st.text(max_size=10))
+names = st.one_of(
+    st.sampled_from(KNOWN_COLUMNS),
+    st.sampled_from(("", "nope", "__units", "#len", "_x")),
+    st.text(max_size=10),
+)
 
 
 @st.composite
@@ -315,18 +381,36 @@ def queries(draw) -> q.Query:
 # nearly-valid queries get past authorization and into the engines.
 GRANTS = {
     "city-bank": dict(
-        dataset="enterprise_credit", modes=[1, 2], functions=[1, 2, 3, 4, 5],
+        dataset="enterprise_credit",
+        modes=[1, 2],
+        functions=[1, 2, 3, 4, 5],
         dims=["district", "industry", "size_band", "year_founded", "arrears_months"],
         filters=["district", "industry", "size_band", "year_founded", "arrears_months", "tax_paid"],
-        measures=["tax_paid", "registered_capital", "si_headcount", "penalties", "arrears_amount", "arrears_months"]),
+        measures=[
+            "tax_paid",
+            "registered_capital",
+            "si_headcount",
+            "penalties",
+            "arrears_amount",
+            "arrears_months",
+        ],
+    ),
     "harbor-insurance": dict(
-        dataset="medical_claims", modes=[1, 2], functions=[1, 2, 3, 4, 5],
+        dataset="medical_claims",
+        modes=[1, 2],
+        functions=[1, 2, 3, 4, 5],
         dims=["age_band", "sex", "district", "diagnosis_group", "visit_type", "hospital_level"],
         filters=["age_band", "sex", "district", "diagnosis_group", "visit_type", "hospital_level", "amount"],
-        measures=["amount", "reimbursed"]),
+        measures=["amount", "reimbursed"],
+    ),
     "river-bank": dict(
-        dataset="enterprise_credit", modes=[1], functions=[1, 2, 4],
-        dims=["district", "size_band"], filters=["size_band"], measures=["penalties"]),
+        dataset="enterprise_credit",
+        modes=[1],
+        functions=[1, 2, 4],
+        dims=["district", "size_band"],
+        filters=["size_band"],
+        measures=["penalties"],
+    ),
 }
 # Filters on a float column are granted in the fuzz fixture only, to reach that code.
 EXTRA_FILTERS = {"city-bank": "tax_paid", "harbor-insurance": "amount"}
@@ -386,10 +470,12 @@ def plausible_queries(draw) -> tuple[str, q.Query]:
             if draw(st.booleans()) or not f.range.HasField("low"):
                 f.range.high.CopyFrom(draw(typed_value(column)))
     if message.mode == 2:
-        message.privacy.CopyFrom(q.PrivacyParameters(
-            epsilon=draw(st.sampled_from([0.0, 0.01, 0.5, 0.5, 3.0, 99.0, 1e3, 1e300, -1.0, math.nan])),
-            delta=draw(st.sampled_from([0.0, 0.0, 1e-8, 1e-4, 0.3, 1e-300, 2.0])),
-        ))
+        message.privacy.CopyFrom(
+            q.PrivacyParameters(
+                epsilon=draw(st.sampled_from([0.0, 0.01, 0.5, 0.5, 3.0, 99.0, 1e3, 1e300, -1.0, math.nan])),
+                delta=draw(st.sampled_from([0.0, 0.0, 1e-8, 1e-4, 0.3, 1e-300, 2.0])),
+            )
+        )
         if message.privacy.epsilon == 0.0:
             message.privacy.target_half_width = draw(targets)
     return consumer, message
@@ -397,8 +483,9 @@ def plausible_queries(draw) -> tuple[str, q.Query]:
 
 # Derandomized: the same examples on every run, so CI is repeatable (vary --hypothesis-seed
 # with derandomize off, and raise max_examples, to search further).
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
-                database=None)
+FUZZ = settings(
+    max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None
+)
 
 
 # --- the fuzzing ----------------------------------------------------------------------
@@ -420,11 +507,17 @@ def test_nearly_valid_queries_reach_the_engines_and_never_release_rows(fuzz, cas
 
 
 @settings(FUZZ, max_examples=60)
-@given(consumer=st.sampled_from(CONSUMERS), dataset=st.one_of(st.sampled_from(DATASETS), texts),
-       method=st.sampled_from([DESCRIBE, BUDGET, LIST]))
+@given(
+    consumer=st.sampled_from(CONSUMERS),
+    dataset=st.one_of(st.sampled_from(DATASETS), texts),
+    method=st.sampled_from([DESCRIBE, BUDGET, LIST]),
+)
 def test_catalog_and_budget_calls_with_any_dataset_id(fuzz, consumer, dataset, method):
-    request = {DESCRIBE: c.DescribeDatasetRequest(dataset_id=dataset), BUDGET: q.GetBudgetRequest(dataset_id=dataset),
-               LIST: c.ListDatasetsRequest()}[method]
+    request = {
+        DESCRIBE: c.DescribeDatasetRequest(dataset_id=dataset),
+        BUDGET: q.GetBudgetRequest(dataset_id=dataset),
+        LIST: c.ListDatasetsRequest(),
+    }[method]
     check(fuzz, consumer, method, request)
 
 
@@ -460,11 +553,25 @@ def test_strings_with_invalid_utf8_are_invalid_argument(fuzz, bad):
     cases = {
         "dataset": (RUN, _field(1, _field(1, bad) + count)),
         "group_by": (RUN, _field(1, _field(1, b"enterprise_credit") + count + _field(3, bad))),
-        "filter column": (RUN, _field(1, _field(1, b"enterprise_credit") + count + _field(2, _field(1, bad)))),
-        "filter value": (RUN, _field(1, _field(1, b"enterprise_credit") + count + _field(2, _field(1, b"district")
-                         + _field(2, _field(1, _field(1, bad)))))),
-        "alias": (ESTIMATE, _field(1, _field(1, b"enterprise_credit") + _field(4, _varint(1 << 3) + _varint(1)
-                                                                                + _field(4, bad)))),
+        "filter column": (
+            RUN,
+            _field(1, _field(1, b"enterprise_credit") + count + _field(2, _field(1, bad))),
+        ),
+        "filter value": (
+            RUN,
+            _field(
+                1,
+                _field(1, b"enterprise_credit")
+                + count
+                + _field(2, _field(1, b"district") + _field(2, _field(1, _field(1, bad)))),
+            ),
+        ),
+        "alias": (
+            ESTIMATE,
+            _field(
+                1, _field(1, b"enterprise_credit") + _field(4, _varint(1 << 3) + _varint(1) + _field(4, bad))
+            ),
+        ),
         "describe": (DESCRIBE, _field(1, bad)),
         "budget": (BUDGET, _field(1, bad)),
     }
@@ -504,10 +611,17 @@ def test_unknown_enum_numbers_are_invalid_with_a_field_violation(fuzz):
 
 def _over_the_limit(limits, what: str, size: str) -> q.Query:
     """A query with one list just over its configured limit, or as long as 4 MiB allows."""
-    cap = {"aggregates": limits.max_aggregates, "filters": limits.max_filters, "group_by": limits.max_group_by,
-           "in_set": limits.max_in_values}[what]
-    n = cap + 1 if size == "just over" else {"aggregates": 200_000, "filters": 100_000, "group_by": 200_000,
-                                              "in_set": 100_000}[what]
+    cap = {
+        "aggregates": limits.max_aggregates,
+        "filters": limits.max_filters,
+        "group_by": limits.max_group_by,
+        "in_set": limits.max_in_values,
+    }[what]
+    n = (
+        cap + 1
+        if size == "just over"
+        else {"aggregates": 200_000, "filters": 100_000, "group_by": 200_000, "in_set": 100_000}[what]
+    )
     query = q.Query(dataset="enterprise_credit", mode=q.QUERY_MODE_AGGREGATE)
     if what == "aggregates":
         for i in range(n):
@@ -520,14 +634,18 @@ def _over_the_limit(limits, what: str, size: str) -> q.Query:
     if what == "group_by":
         query.group_by.extend(f"c{i}" for i in range(n))
     if what == "in_set":
-        query.filters.add(column="district").in_set.values.extend(q.Value(string_value=f"D{i}") for i in range(n))
+        query.filters.add(column="district").in_set.values.extend(
+            q.Value(string_value=f"D{i}") for i in range(n)
+        )
     return query
 
 
 @pytest.mark.parametrize("size", ["just over", "huge"])
 @pytest.mark.parametrize("what", ["aggregates", "filters", "group_by", "in_set"])
 @pytest.mark.parametrize("method", [RUN, ESTIMATE])
-def test_queries_beyond_the_configured_limits_are_refused_naming_the_limit(fuzz, monkeypatch, what, size, method):
+def test_queries_beyond_the_configured_limits_are_refused_naming_the_limit(
+    fuzz, monkeypatch, what, size, method
+):
     scanned = []
     scan_parquet = pl.scan_parquet
 
@@ -555,12 +673,24 @@ def test_queries_beyond_the_configured_limits_are_refused_naming_the_limit(fuzz,
     assert unpacked.metadata["rule"].startswith("limits."), status.message
     assert "limit" in status.message
     assert not scanned, "the data was touched before the limit refused the query"
-    within = q.Query(dataset="enterprise_credit", mode=q.QUERY_MODE_AGGREGATE, aggregates=[q.Aggregate(function=1)])
-    assert fuzz.call("city-bank", RUN, q.RunQueryRequest(query=within).SerializeToString())[0] is grpc.StatusCode.OK
+    within = q.Query(
+        dataset="enterprise_credit", mode=q.QUERY_MODE_AGGREGATE, aggregates=[q.Aggregate(function=1)]
+    )
+    assert (
+        fuzz.call("city-bank", RUN, q.RunQueryRequest(query=within).SerializeToString())[0]
+        is grpc.StatusCode.OK
+    )
     assert not scanned, "an exact answer is a lookup in the protected table: it never reads the data"
-    noisy = q.Query(dataset="enterprise_credit", mode=q.QUERY_MODE_DP, aggregates=[q.Aggregate(function=1)],
-                    privacy=q.PrivacyParameters(epsilon=0.01 + fuzz.calls * 1e-9))  # never a reused release
-    assert fuzz.call("city-bank", RUN, q.RunQueryRequest(query=noisy).SerializeToString())[0] is grpc.StatusCode.OK
+    noisy = q.Query(
+        dataset="enterprise_credit",
+        mode=q.QUERY_MODE_DP,
+        aggregates=[q.Aggregate(function=1)],
+        privacy=q.PrivacyParameters(epsilon=0.01 + fuzz.calls * 1e-9),
+    )  # never a reused release
+    assert (
+        fuzz.call("city-bank", RUN, q.RunQueryRequest(query=noisy).SerializeToString())[0]
+        is grpc.StatusCode.OK
+    )
     assert scanned, "the detector sees a query that does read the data"
 
 
@@ -585,13 +715,33 @@ def test_enormous_names_get_a_bounded_refusal(fuzz):
         (DESCRIBE, c.DescribeDatasetRequest(dataset_id=huge)),
         (BUDGET, q.GetBudgetRequest(dataset_id=huge)),
         (RUN, q.RunQueryRequest(query=q.Query(dataset=huge, mode=1, aggregates=[q.Aggregate(function=1)]))),
-        (RUN, q.RunQueryRequest(query=q.Query(dataset="enterprise_credit", mode=1, group_by=[huge],
-                                              aggregates=[q.Aggregate(function=1)]))),
-        (RUN, q.RunQueryRequest(query=q.Query(dataset="enterprise_credit", mode=1,
-                                              aggregates=[q.Aggregate(function=1, alias=huge)]))),
-        (RUN, q.RunQueryRequest(query=q.Query(dataset="enterprise_credit", mode=1, aggregates=[
-            q.Aggregate(function=1)], filters=[q.Filter(column="district", equals=q.Equals(
-                value=q.Value(string_value=huge)))]))),
+        (
+            RUN,
+            q.RunQueryRequest(
+                query=q.Query(
+                    dataset="enterprise_credit", mode=1, group_by=[huge], aggregates=[q.Aggregate(function=1)]
+                )
+            ),
+        ),
+        (
+            RUN,
+            q.RunQueryRequest(
+                query=q.Query(
+                    dataset="enterprise_credit", mode=1, aggregates=[q.Aggregate(function=1, alias=huge)]
+                )
+            ),
+        ),
+        (
+            RUN,
+            q.RunQueryRequest(
+                query=q.Query(
+                    dataset="enterprise_credit",
+                    mode=1,
+                    aggregates=[q.Aggregate(function=1)],
+                    filters=[q.Filter(column="district", equals=q.Equals(value=q.Value(string_value=huge)))],
+                )
+            ),
+        ),
     ):
         code, out = fuzz.call("city-bank", method, request.SerializeToString())
         assert code is not grpc.StatusCode.OK
@@ -599,18 +749,31 @@ def test_enormous_names_get_a_bounded_refusal(fuzz):
 
 
 def _dp_request(aggregate: q.Aggregate, target: float, group_by: tuple[str, ...] = (), delta: float = 0.0):
-    return q.RunQueryRequest(query=q.Query(
-        dataset="enterprise_credit", mode=q.QUERY_MODE_DP, aggregates=[aggregate], group_by=group_by,
-        privacy=q.PrivacyParameters(target_half_width=target, delta=delta)))
+    return q.RunQueryRequest(
+        query=q.Query(
+            dataset="enterprise_credit",
+            mode=q.QUERY_MODE_DP,
+            aggregates=[aggregate],
+            group_by=group_by,
+            privacy=q.PrivacyParameters(target_half_width=target, delta=delta),
+        )
+    )
 
 
-@pytest.mark.parametrize(("request_", "affordable"), [
-    # The epsilon these need is beyond ir.MAX_EPSILON (and the ledger's and OpenDP's range).
-    (_dp_request(q.Aggregate(function=q.AGGREGATE_FUNCTION_SUM, column="tax_paid"), 1e-9), False),
-    (_dp_request(q.Aggregate(function=q.AGGREGATE_FUNCTION_COUNT), 1e-3, ("arrears_months",), 1e-4), False),
-    # Wider than any release: the cheapest release meets it.
-    (_dp_request(q.Aggregate(function=q.AGGREGATE_FUNCTION_COUNT), 1e300), True),
-], ids=["beyond-the-ledger", "beyond-opendp-with-private-keys", "wider-than-any-release"])
+@pytest.mark.parametrize(
+    ("request_", "affordable"),
+    [
+        # The epsilon these need is beyond ir.MAX_EPSILON (and the ledger's and OpenDP's range).
+        (_dp_request(q.Aggregate(function=q.AGGREGATE_FUNCTION_SUM, column="tax_paid"), 1e-9), False),
+        (
+            _dp_request(q.Aggregate(function=q.AGGREGATE_FUNCTION_COUNT), 1e-3, ("arrears_months",), 1e-4),
+            False,
+        ),
+        # Wider than any release: the cheapest release meets it.
+        (_dp_request(q.Aggregate(function=q.AGGREGATE_FUNCTION_COUNT), 1e300), True),
+    ],
+    ids=["beyond-the-ledger", "beyond-opendp-with-private-keys", "wider-than-any-release"],
+)
 def test_extreme_accuracy_targets_are_refused_or_met_never_internal(fuzz, request_, affordable):
     for method, request in ((RUN, request_), (ESTIMATE, q.EstimateQueryRequest(query=request_.query))):
         code, out = fuzz.call("city-bank", method, request.SerializeToString())
@@ -622,8 +785,12 @@ def test_extreme_accuracy_targets_are_refused_or_met_never_internal(fuzz, reques
 
 
 def test_after_the_fuzzing_every_request_was_audited_and_the_server_still_answers(fuzz):
-    query = q.Query(dataset="enterprise_credit", mode=q.QUERY_MODE_AGGREGATE, group_by=["district"],
-                    aggregates=[q.Aggregate(function=q.AGGREGATE_FUNCTION_COUNT_UNITS)])
+    query = q.Query(
+        dataset="enterprise_credit",
+        mode=q.QUERY_MODE_AGGREGATE,
+        group_by=["district"],
+        aggregates=[q.Aggregate(function=q.AGGREGATE_FUNCTION_COUNT_UNITS)],
+    )
     code, out = fuzz.call("city-bank", RUN, q.RunQueryRequest(query=query).SerializeToString())
     assert code is grpc.StatusCode.OK
     table = wire.table_from_ipc(q.RunQueryResponse.FromString(out).result.ipc_stream)

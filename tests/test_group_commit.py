@@ -17,8 +17,9 @@ from dataops.ledger import Ledger
 def test_a_lone_write_is_synced_before_it_returns(tmp_path):
     ledger = Ledger(tmp_path / "ledger.sqlite3")
     before = ledger._group.syncs
-    reservation = ledger.reserve("city-bank", "enterprise_credit", 0.5, 0.0, grant_total=(5.0, 0.0),
-                                 dataset_total=(30.0, 0.0))
+    reservation = ledger.reserve(
+        "city-bank", "enterprise_credit", 0.5, 0.0, grant_total=(5.0, 0.0), dataset_total=(30.0, 0.0)
+    )
     assert ledger._group.syncs == before + 1  # reserve returned after its own WAL fsync
     ledger.commit(reservation)
     assert ledger._group.syncs == before + 2
@@ -38,8 +39,9 @@ def test_concurrent_debits_share_fsyncs_and_none_is_lost(tmp_path, monkeypatch):
 
     def debit(consumer):
         for _ in range(20):
-            ledger.commit(ledger.reserve(consumer, "d", 0.01, 0.0, grant_total=(5.0, 0.0),
-                                         dataset_total=(100.0, 0.0)))
+            ledger.commit(
+                ledger.reserve(consumer, "d", 0.01, 0.0, grant_total=(5.0, 0.0), dataset_total=(100.0, 0.0))
+            )
 
     threads = [threading.Thread(target=debit, args=(f"c{i}",)) for i in range(16)]
     for t in threads:

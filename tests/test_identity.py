@@ -8,20 +8,22 @@ import time
 import grpc
 import pytest
 
+from conftest import audit_records, write_config
 from dataops.certs import issue_consumer, revoke
 from dataops.cli import main
 from dataops.client import Client, DataopsClientError, count, total
 from dataops.engines import dp as dp_engine
 from dataops.server import build_server
 
-from conftest import audit_records, write_config
-
 
 def test_an_expired_certificate_is_refused_at_the_handshake(server, pki, tmp_path):
-    past = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=10)
-    files = issue_consumer(pki.directory, "city-bank", out_dir=tmp_path / "expired",
-                           validity=(past, past + dt.timedelta(days=1)))
-    with Client(f"localhost:{server.port}", cert=files.cert, key=files.key, ca=files.ca_cert, timeout=5) as client:
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(days=10)
+    files = issue_consumer(
+        pki.directory, "city-bank", out_dir=tmp_path / "expired", validity=(past, past + dt.timedelta(days=1))
+    )
+    with Client(
+        f"localhost:{server.port}", cert=files.cert, key=files.key, ca=files.ca_cert, timeout=5
+    ) as client:
         with pytest.raises(DataopsClientError) as err:
             client.list_datasets()
     assert err.value.code is grpc.StatusCode.UNAVAILABLE
@@ -41,7 +43,9 @@ def test_a_revoked_certificate_is_refused_at_its_next_request_without_a_restart(
         assert err.value.code is grpc.StatusCode.UNAUTHENTICATED
         assert err.value.rule == "certificate.revoked"
         assert audit_records(config)[-1]["rule"] == "certificate.revoked"
-        regular = Client.from_directory(f"localhost:{server.port}", pki.consumer_dir("city-bank"), "city-bank")
+        regular = Client.from_directory(
+            f"localhost:{server.port}", pki.consumer_dir("city-bank"), "city-bank"
+        )
         assert regular.list_datasets()
         regular.close()
     finally:
@@ -68,7 +72,9 @@ def test_certs_revoke_from_the_shell(config, pki, tmp_path, capsys):
     try:
         assert main(["certs", "revoke", "river-bank", "--cert", str(spare.cert), "-c", toml]) == 0
         assert "revoked" in capsys.readouterr().out
-        assert main(["certs", "revoke", "river-bank", "--cert", str(tmp_path / "nope.crt"), "-c", toml]) == 2  # a local file: usage
+        assert (
+            main(["certs", "revoke", "river-bank", "--cert", str(tmp_path / "nope.crt"), "-c", toml]) == 2
+        )  # a local file: usage
     finally:
         config.tls.ca_cert.with_name("ca.crl").unlink(missing_ok=True)
 
@@ -105,7 +111,9 @@ def test_a_consumer_over_its_rate_limit_is_refused_and_others_are_not(tmp_path, 
         refused = outcomes[5:]
         assert all(e.code is grpc.StatusCode.RESOURCE_EXHAUSTED and e.rule == "limits.rate" for e in refused)
         assert refused[0].quota_violations[0][0] == "consumer:city-bank"
-        other = Client.from_directory(f"localhost:{server.port}", pki.consumer_dir("river-bank"), "river-bank")
+        other = Client.from_directory(
+            f"localhost:{server.port}", pki.consumer_dir("river-bank"), "river-bank"
+        )
         assert other.list_datasets()
         greedy.close()
         other.close()
@@ -114,7 +122,9 @@ def test_a_consumer_over_its_rate_limit_is_refused_and_others_are_not(tmp_path, 
         server.stop(1.0)
 
 
-def test_a_query_past_its_deadline_is_cancelled_and_its_reservation_returned(server, connect, config, monkeypatch):
+def test_a_query_past_its_deadline_is_cancelled_and_its_reservation_returned(
+    server, connect, config, monkeypatch
+):
     release = dp_engine.DPQuery.release
 
     def slow_release(self, calibration):
@@ -124,8 +134,14 @@ def test_a_query_past_its_deadline_is_cancelled_and_its_reservation_returned(ser
     monkeypatch.setattr(dp_engine.DPQuery, "release", slow_release)
     client = connect("city-bank")
     with pytest.raises(DataopsClientError) as err:
-        client.query("enterprise_credit", aggregates=[count(), total("penalties")], group_by=["district"],
-                     mode="dp", epsilon=1.0, timeout=0.5)
+        client.query(
+            "enterprise_credit",
+            aggregates=[count(), total("penalties")],
+            group_by=["district"],
+            mode="dp",
+            epsilon=1.0,
+            timeout=0.5,
+        )
     assert err.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
     deadline = time.monotonic() + 5
     while not audit_records(config) or audit_records(config)[-1]["code"] != "DEADLINE_EXCEEDED":
@@ -133,8 +149,13 @@ def test_a_query_past_its_deadline_is_cancelled_and_its_reservation_returned(ser
         time.sleep(0.05)
     assert server.ledger.spent("city-bank", "enterprise_credit") == (0.0, 0.0)
     monkeypatch.setattr(dp_engine.DPQuery, "release", release)
-    result = client.query("enterprise_credit", aggregates=[count(), total("penalties")], group_by=["district"],
-                          mode="dp", epsilon=1.0)
+    result = client.query(
+        "enterprise_credit",
+        aggregates=[count(), total("penalties")],
+        group_by=["district"],
+        mode="dp",
+        epsilon=1.0,
+    )
     assert not result.reused  # the abandoned release was never stored
 
 

@@ -18,7 +18,6 @@ from dataops.engines.dp import DPQuery
 from dataops.errors import PolicyDenied
 from dataops.ingest import IngestError, ingest
 from dataops.ir import Aggregate, Function
-
 from test_dp_engine import plan_for
 
 CREDIT_CSV = """\
@@ -135,7 +134,7 @@ def test_defaults_title_to_the_id_and_a_conservative_budget(tmp_path, dirs):
     dataset = load_entry(result.catalog_entry, dirs[1])
     assert dataset.title == "credit"
     assert (dataset.budget.epsilon, dataset.budget.delta) == (1.0, 0.0)
-    assert str(dt.datetime.now(dt.timezone.utc).date()) in dataset.description
+    assert str(dt.datetime.now(dt.UTC).date()) in dataset.description
 
 
 def test_explicit_unit_column_wins_over_the_id_suffix_rule(tmp_path, dirs):
@@ -170,7 +169,12 @@ def test_parquet_ingest_keeps_types_including_narrow_ints_and_float32(tmp_path, 
     assert dataset.unit_column == "person_id"
     assert dataset.max_rows_per_unit is None
     assert [c.type for c in dataset.columns.values()] == [
-        ColumnType.STRING, ColumnType.INT, ColumnType.INT, ColumnType.FLOAT, ColumnType.DATE, ColumnType.BOOL,
+        ColumnType.STRING,
+        ColumnType.INT,
+        ColumnType.INT,
+        ColumnType.FLOAT,
+        ColumnType.DATE,
+        ColumnType.BOOL,
     ]
     assert pl.read_parquet(result.parquet).equals(pl.read_parquet(source))
 
@@ -189,8 +193,10 @@ def test_ingested_entries_load_as_a_catalog(tmp_path, dirs):
 
 def test_awkward_strings_are_quoted_by_a_real_toml_writer(tmp_path, dirs):
     result = run(
-        write(tmp_path, "credit.csv", CREDIT_CSV), dirs,
-        title='Credit "v2"\nwith newline', provider="Bureau \\ Office",
+        write(tmp_path, "credit.csv", CREDIT_CSV),
+        dirs,
+        title='Credit "v2"\nwith newline',
+        provider="Bureau \\ Office",
     )
     dataset = load_entry(result.catalog_entry, dirs[1])
     assert dataset.title == 'Credit "v2"\nwith newline'
@@ -243,10 +249,18 @@ BAD_CSV = [
     ("noname.csv", "firm_id,\nE1,3\n", r"column 2 '' is not a valid column name", "credit"),
     ("dupes.csv", "firm_id,x,x\nE1,1,2\n", r"column 'x' appears more than once", "credit"),
     ("latin1.csv", "firm_id,name\nE1,Caf\xe9\n".encode("latin-1"), r"not UTF-8", "credit"),
-    ("stamp.csv", "firm_id,seen\nE1,2024-01-05 10:00:00\n",
-     r"column 'seen' holds timestamps.*cast it to a date", "credit"),
-    ("late.csv", "firm_id,n\n" + "".join(f"E{i},{i}\n" for i in range(10_001)) + "E,1.5\n",
-     r"could not parse `1\.5`.*first 10000 rows", "credit"),
+    (
+        "stamp.csv",
+        "firm_id,seen\nE1,2024-01-05 10:00:00\n",
+        r"column 'seen' holds timestamps.*cast it to a date",
+        "credit",
+    ),
+    (
+        "late.csv",
+        "firm_id,n\n" + "".join(f"E{i},{i}\n" for i in range(10_001)) + "E,1.5\n",
+        r"could not parse `1\.5`.*first 10000 rows",
+        "credit",
+    ),
     ("nounit.csv", "firm_id,n\nE1,1\n,2\n", r"privacy unit column 'firm_id' has 1 empty values", "credit"),
     ("credit.csv", CREDIT_CSV, r"dataset id 'Credit Data' must match", "Credit Data"),
     ("credit.csv", CREDIT_CSV, r"dataset id '\.\./escape' must match", "../escape"),
@@ -300,8 +314,13 @@ def test_a_bad_input_does_not_leave_a_new_zone_directory(tmp_path, dirs):
 def test_a_bad_zone_is_refused(tmp_path, dirs):
     before = snapshot(*dirs)
     with pytest.raises(IngestError, match="zone 'Finance!' must match"):
-        ingest(write(tmp_path, "credit.csv", CREDIT_CSV), dataset_id="credit", zone="Finance!",
-               catalog_dir=dirs[0], sandbox_dir=dirs[1])
+        ingest(
+            write(tmp_path, "credit.csv", CREDIT_CSV),
+            dataset_id="credit",
+            zone="Finance!",
+            catalog_dir=dirs[0],
+            sandbox_dir=dirs[1],
+        )
     assert snapshot(*dirs) == before
 
 

@@ -32,7 +32,9 @@ def statuses(path: Path) -> dict[int, str]:
         return dict(conn.execute("SELECT id, status FROM reservations"))
 
 
-def race(ledger: Ledger, attempts: list[tuple[str, float]], **totals) -> tuple[list[Reservation], list[Exception]]:
+def race(
+    ledger: Ledger, attempts: list[tuple[str, float]], **totals
+) -> tuple[list[Reservation], list[Exception]]:
     """Every attempt in its own thread, all released at once."""
     barrier = threading.Barrier(len(attempts))
     won: list[Reservation] = []
@@ -93,7 +95,9 @@ def test_racing_processes_on_one_file_cannot_overspend(tmp_path):
     Ledger(path).close()
     ctx = multiprocessing.get_context("spawn")
     barrier, results = ctx.Barrier(8), ctx.Queue()
-    procs = [ctx.Process(target=_reserve_in_another_process, args=(str(path), barrier, results)) for _ in range(8)]
+    procs = [
+        ctx.Process(target=_reserve_in_another_process, args=(str(path), barrier, results)) for _ in range(8)
+    ]
     for p in procs:
         p.start()
     wins = [results.get(timeout=60) for _ in procs]
@@ -198,7 +202,9 @@ CHILD = textwrap.dedent(
 def test_survives_kill_9_mid_loop(tmp_path):
     path = tmp_path / "ledger.db"
     env = {**os.environ, "PYTHONPATH": str(SRC)}
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(path)], stdout=subprocess.PIPE, text=True, env=env)
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(path)], stdout=subprocess.PIPE, text=True, env=env
+    )
     printed = [int(child.stdout.readline()) for _ in range(40)]
     os.kill(child.pid, signal.SIGKILL)
     child.wait()

@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from conftest import REPO
 from dataops.catalog import Classification, load_catalog
 from dataops.errors import CatalogError, PolicyError, ProductError
 from dataops.policy import PolicyStore, load_policies
 from dataops.products import load_products
-
-from conftest import REPO
 
 
 @pytest.fixture
@@ -40,14 +39,16 @@ def test_the_demo_catalog_and_policies_load(work):
     assert claims.columns["person_id"].classification is Classification.IDENTIFIER
     policies = load_policies(work / "policies", catalog, tables(work, catalog))
     assert set(policies.consumers) == {"city-bank", "river-bank", "harbor-insurance"}
-    assert policies.get("city-bank").grants["enterprise_credit"].tables == ("enterprises_by_district_industry_size",)
+    assert policies.get("city-bank").grants["enterprise_credit"].tables == (
+        "enterprises_by_district_industry_size",
+    )
     assert len(policies.version) == 64
 
 
 CATALOG_MISTAKES = [
     ('zone = "finance"', 'zone = "Finance Zone"', "zone"),
     ('column = "enterprise_id"', 'column = "district"', "privacy_unit.column"),
-    ('max_rows = 1', 'max_rows = 0', "privacy_unit.max_rows"),
+    ("max_rows = 1", "max_rows = 0", "privacy_unit.max_rows"),
     ('[columns.district]\ntype = "string"', '[columns.district]\ntype = "text"', "columns.district.type"),
     ('classification = "public"', 'classification = "open"', "classification"),
     ('location = "finance/enterprise_credit.parquet"', 'location = "../../etc/passwd.parquet"', "location"),
@@ -76,23 +77,53 @@ def test_catalog_bounds_must_be_ordered(work):
 
 
 POLICY_MISTAKES = [
-    ('district = ["dimension", "filter"]', 'district = ["dimension", "filter"]\nenterprise_id = ["filter"]',
-     "grants[0].columns.enterprise_id", "identifier"),
-    ('district = ["dimension", "filter"]', 'district = ["dimension", "filter"]\nturnover = ["measure"]',
-     "grants[0].columns.turnover", "no column"),
-    ('district = ["dimension", "filter"]', 'district = ["dimension", "sort"]', "grants[0].columns.district", "sort"),
-    ('purpose = "pre-loan review"', 'purpose = "pre-loan review"\nmin_group_size = 10', "grants[0].min_group_size",
-     "table products"),
-    ('tables = ["enterprises_by_district_industry_size"]', 'tables = ["no_such_table"]', "grants[0].tables[0]",
-     "not a table product"),
-    ('tables = ["enterprises_by_district_industry_size"]', 'tables = ["claims_by_demography_diagnosis"]',
-     "grants[0].tables[0]", "over dataset 'medical_claims'"),
-    ('tables = ["enterprises_by_district_industry_size"]', 'tables = []', "grants[0].tables", "must name"),
-    ('expires = 2027-12-31', 'expires = "next year"', "grants[0].expires", "TOML date"),
+    (
+        'district = ["dimension", "filter"]',
+        'district = ["dimension", "filter"]\nenterprise_id = ["filter"]',
+        "grants[0].columns.enterprise_id",
+        "identifier",
+    ),
+    (
+        'district = ["dimension", "filter"]',
+        'district = ["dimension", "filter"]\nturnover = ["measure"]',
+        "grants[0].columns.turnover",
+        "no column",
+    ),
+    (
+        'district = ["dimension", "filter"]',
+        'district = ["dimension", "sort"]',
+        "grants[0].columns.district",
+        "sort",
+    ),
+    (
+        'purpose = "pre-loan review"',
+        'purpose = "pre-loan review"\nmin_group_size = 10',
+        "grants[0].min_group_size",
+        "table products",
+    ),
+    (
+        'tables = ["enterprises_by_district_industry_size"]',
+        'tables = ["no_such_table"]',
+        "grants[0].tables[0]",
+        "not a table product",
+    ),
+    (
+        'tables = ["enterprises_by_district_industry_size"]',
+        'tables = ["claims_by_demography_diagnosis"]',
+        "grants[0].tables[0]",
+        "over dataset 'medical_claims'",
+    ),
+    ('tables = ["enterprises_by_district_industry_size"]', "tables = []", "grants[0].tables", "must name"),
+    ("expires = 2027-12-31", 'expires = "next year"', "grants[0].expires", "TOML date"),
     ('dataset = "enterprise_credit"', 'dataset = "medical_claims"', "grants[0].dataset", "zone"),
     ('consumer = "city-bank"', 'consumer = "other-bank"', "consumer", "file name"),
-    ('purpose = "pre-loan review"', 'purpose = "pre-loan review"\npurpose_code = 7', "purpose_code", "unknown key"),
-    ('modes = ["aggregate", "dp"]', 'modes = []', "grants[0].modes", "at least one"),
+    (
+        'purpose = "pre-loan review"',
+        'purpose = "pre-loan review"\npurpose_code = 7',
+        "purpose_code",
+        "unknown key",
+    ),
+    ('modes = ["aggregate", "dp"]', "modes = []", "grants[0].modes", "at least one"),
 ]
 
 
@@ -111,7 +142,9 @@ def test_an_unclassified_column_cannot_be_granted(work):
     path = work / "catalog" / "enterprise_credit.toml"
     text = path.read_text()
     start = text.index("[columns.industry]")
-    text = text[:start] + text[start:].replace('classification = "public"', 'classification = "unclassified"', 1)
+    text = text[:start] + text[start:].replace(
+        'classification = "public"', 'classification = "unclassified"', 1
+    )
     path.write_text(text)
     catalog = load_catalog(work / "catalog", work / "sandbox")
     # The table product over it is refused first; the DP column grant would be too.
@@ -124,8 +157,9 @@ def test_an_unclassified_column_cannot_be_granted(work):
 def test_an_invalid_file_denies_its_own_consumer_until_fixed_and_no_other(work):
     catalog = load_catalog(work / "catalog", work / "sandbox")
     now = [0.0]
-    store = PolicyStore(work / "policies", catalog, settle_seconds=2.0, clock=lambda: now[0],
-                        products=tables(work, catalog))
+    store = PolicyStore(
+        work / "policies", catalog, settle_seconds=2.0, clock=lambda: now[0], products=tables(work, catalog)
+    )
     river = store.current.get("river-bank")
     path = work / "policies" / "city-bank.toml"
     edit(path, 'tables = ["enterprises_by_district_industry_size"]', 'tables = ["enterprises_by_district"]')
@@ -137,5 +171,7 @@ def test_an_invalid_file_denies_its_own_consumer_until_fixed_and_no_other(work):
     assert store.poll() is False  # from "denied", the fix widens: it waits for stable content
     now[0] = 2.5
     assert store.poll() is True
-    assert store.current.get("city-bank").grants["enterprise_credit"].tables == ("enterprises_by_district_size",)
+    assert store.current.get("city-bank").grants["enterprise_credit"].tables == (
+        "enterprises_by_district_size",
+    )
     assert store.last_error is None

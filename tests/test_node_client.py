@@ -47,8 +47,9 @@ def node_client() -> tuple[str, Path]:
     if not done.exists():
         for name in ("package.json", "package-lock.json"):
             shutil.copy2(NODE_DIR / name, cache / name)
-        result = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=cache, capture_output=True,
-                                text=True, timeout=600)
+        result = subprocess.run(
+            [npm, "ci", "--no-audit", "--no-fund"], cwd=cache, capture_output=True, text=True, timeout=600
+        )
         assert result.returncode == 0, result.stdout + result.stderr
         done.write_text(key)
     # The script is copied every run (ES modules resolve packages next to the script).
@@ -81,18 +82,28 @@ def subject_items(config, tmp_path) -> Path:
     from dataops.consent_service import ConsentService
 
     service = ConsentService(config.paths.state / "consent-service", config.paths.consents)
-    ids = pl.read_parquet(config.paths.sandbox / "finance/enterprise_credit.parquet")["enterprise_id"][:4].to_list()
-    now = dt.datetime.now(dt.timezone.utc)
+    ids = pl.read_parquet(config.paths.sandbox / "finance/enterprise_credit.parquet")["enterprise_id"][
+        :4
+    ].to_list()
+    now = dt.datetime.now(dt.UTC)
 
     def item(product, subject, **terms):
-        artefact = service.issue(subject=subject, consumer="city-bank", products=[product],
-                                 purpose=SUBJECT_PRODUCTS[product], **terms)
+        artefact = service.issue(
+            subject=subject,
+            consumer="city-bank",
+            products=[product],
+            purpose=SUBJECT_PRODUCTS[product],
+            **terms,
+        )
         return {"product_id": product, "subject_id": subject, "consent": base64.b64encode(artefact).decode()}
 
     expired = dict(not_before=now - dt.timedelta(days=2), not_after=now - dt.timedelta(days=1))
-    items = {"evaluate": item("pre_loan_review", ids[0]), "refused": item("pre_loan_review", ids[1], **expired),
-             "batch": [item("pre_loan_review", ids[2]), item("pre_loan_review", ids[1], **expired)],
-             "watch": [item("credit_monitoring", ids[3], fetch=Fetch("periodic", "day", 10))]}
+    items = {
+        "evaluate": item("pre_loan_review", ids[0]),
+        "refused": item("pre_loan_review", ids[1], **expired),
+        "batch": [item("pre_loan_review", ids[2]), item("pre_loan_review", ids[1], **expired)],
+        "watch": [item("credit_monitoring", ids[3], fetch=Fetch("periodic", "day", 10))],
+    }
     path = tmp_path / "subjects.json"
     path.write_text(json.dumps(items))
     return path
@@ -102,10 +113,25 @@ def subject_items(config, tmp_path) -> Path:
 def report(node_client, server, pki, subject_items) -> dict:
     node, script = node_client
     d = pki.consumer_dir("city-bank")
-    command = [node, str(script), "--proto", str(REPO / "proto"), "--subjects", str(subject_items),
-               # An IP target: the server certificate names localhost, hence the override.
-               "--target", f"127.0.0.1:{server.port}", "--server-name", "localhost",
-               "--ca", str(d / "ca.crt"), "--cert", str(d / "city-bank.crt"), "--key", str(d / "city-bank.key")]
+    command = [
+        node,
+        str(script),
+        "--proto",
+        str(REPO / "proto"),
+        "--subjects",
+        str(subject_items),
+        # An IP target: the server certificate names localhost, hence the override.
+        "--target",
+        f"127.0.0.1:{server.port}",
+        "--server-name",
+        "localhost",
+        "--ca",
+        str(d / "ca.crt"),
+        "--cert",
+        str(d / "city-bank.crt"),
+        "--key",
+        str(d / "city-bank.key"),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
@@ -113,14 +139,23 @@ def report(node_client, server, pki, subject_items) -> dict:
 
 def test_node_calls_every_rpc_of_the_catalog_and_query_services(report):
     ours = {rpc for rpc in report["rpcs"] if rpc.split("/")[0] in ("CatalogService", "QueryService")}
-    assert ours == {"CatalogService/ListDatasets", "CatalogService/DescribeDataset",
-                    "QueryService/RunQuery", "QueryService/EstimateQuery", "QueryService/GetBudget"}
+    assert ours == {
+        "CatalogService/ListDatasets",
+        "CatalogService/DescribeDataset",
+        "QueryService/RunQuery",
+        "QueryService/EstimateQuery",
+        "QueryService/GetBudget",
+    }
     assert ours <= set(report["called"])
 
 
 def test_node_calls_every_rpc_of_every_service(report):
     assert {rpc.split("/")[0] for rpc in report["rpcs"]} == {
-        "CatalogService", "QueryService", "SubjectService", "AuditService"}
+        "CatalogService",
+        "QueryService",
+        "SubjectService",
+        "AuditService",
+    }
     assert set(report["rpcs"]) == set(report["called"])
 
 
@@ -132,13 +167,20 @@ def test_node_evaluates_a_subject_and_reads_consent_invalid_from_a_refusal(repor
     assert "error" not in evaluated, evaluated
     assert {o["name"] for o in evaluated["evaluation"]["outputs"]} == PRE_LOAN_OUTPUTS
     # oneofs: true names the member set; it is one of the declared value kinds.
-    assert {o["value"] for o in evaluated["evaluation"]["outputs"]} <= {"int_value", "double_value", "bool_value",
-                                                                         "band"}
+    assert {o["value"] for o in evaluated["evaluation"]["outputs"]} <= {
+        "int_value",
+        "double_value",
+        "bool_value",
+        "band",
+    }
     assert evaluated["evaluation"]["consent_id"].startswith("cst-")
     assert int(evaluated["receipt"]["sequence"]) >= 1
     refused = report["evaluate_refused"]["error"]
     assert (refused["code"], refused["reason"], refused["metadata"]["rule"]) == (
-        "PERMISSION_DENIED", "CONSENT_INVALID", "consent.expired")
+        "PERMISSION_DENIED",
+        "CONSENT_INVALID",
+        "consent.expired",
+    )
 
 
 def test_node_reads_a_batch_item_by_item(report):
@@ -147,7 +189,10 @@ def test_node_reads_a_batch_item_by_item(report):
     assert [(r["index"], r["result"]) for r in batch["results"]] == [(0, "evaluation"), (1, "error")]
     first, second = batch["results"]
     assert {o["name"] for o in first["evaluation"]["outputs"]} == PRE_LOAN_OUTPUTS
-    assert (second["error"]["reason"], second["error"]["metadata"]["rule"]) == ("CONSENT_INVALID", "consent.expired")
+    assert (second["error"]["reason"], second["error"]["metadata"]["rule"]) == (
+        "CONSENT_INVALID",
+        "consent.expired",
+    )
     assert int(batch["receipt"]["sequence"]) >= 1
 
 
@@ -157,7 +202,11 @@ def test_node_reads_the_first_message_of_a_watch_then_cancels(report):
     assert (first["index"], first["update"]) == (0, "evaluation")
     assert first["evaluation"]["product_id"] == "credit_monitoring"
     assert {o["name"] for o in first["evaluation"]["outputs"]} == {
-        "penalties_band", "arrears_months_band", "watch_grade_points", "watch_grade"}
+        "penalties_band",
+        "arrears_months_band",
+        "watch_grade_points",
+        "watch_grade",
+    }
     assert int(first["receipt"]["sequence"]) >= 1
     assert watch["closed"] == "CANCELLED"  # the client ended the stream, not the server
 
@@ -202,12 +251,18 @@ def test_node_decodes_a_refusal_from_the_error_trailer(report):
     assert int(other["metadata"]["receipt_sequence"]) >= 1 and len(other["metadata"]["receipt_hash"]) == 64
     denied = report["run_denied"]["error"]
     assert (denied["code"], denied["reason"], denied["metadata"]["rule"]) == (
-        "PERMISSION_DENIED", "POLICY_DENIED", "identifier")
+        "PERMISSION_DENIED",
+        "POLICY_DENIED",
+        "identifier",
+    )
     bad = report["run_bad_sql"]["error"]
     assert (bad["code"], bad["reason"]) == ("INVALID_ARGUMENT", "INVALID_QUERY")
-    assert bad["field_violations"] == [{
-        "field": "sql.text",
-        "description": "line 3, column 22: only =, IN, BETWEEN, >= and <= filters are supported, not OR"}]
+    assert bad["field_violations"] == [
+        {
+            "field": "sql.text",
+            "description": "line 3, column 22: only =, IN, BETWEEN, >= and <= filters are supported, not OR",
+        }
+    ]
 
 
 def test_node_reads_the_arrow_result_of_a_dp_query_without_a_deadline(report):
@@ -215,8 +270,11 @@ def test_node_reads_the_arrow_result_of_a_dp_query_without_a_deadline(report):
     assert "error" not in run, run
     table = run["table"]
     assert table["row_count"] == "10" and table["num_rows"] == 10
-    assert table["schema"] == [{"name": "district", "type": "LargeUtf8"}, {"name": "count", "type": "Int64"},
-                               {"name": "mean_tax_paid", "type": "Float64"}]
+    assert table["schema"] == [
+        {"name": "district", "type": "LargeUtf8"},
+        {"name": "count", "type": "Int64"},
+        {"name": "mean_tax_paid", "type": "Float64"},
+    ]
     # The documented int64 handling: Int64 columns arrive as BigInt.
     assert table["js_types"] == {"district": "string", "count": "bigint", "mean_tax_paid": "number"}
     assert all(int(row["count"]) >= 0 for row in table["rows"])
@@ -250,10 +308,14 @@ def docs_example(node_client, server, pki, sql: str | None = None) -> subprocess
     node, script = node_client
     d = pki.consumer_dir("city-bank")
     (example,) = re.findall(r"```js\n(.*?)```", (REPO / "docs/api.md").read_text(), re.S)
-    for placeholder, value in [('"path/to/dataops/proto"', REPO / "proto"), ('"ca.crt"', d / "ca.crt"),
-                               ('"me.key"', d / "city-bank.key"), ('"me.crt"', d / "city-bank.crt"),
-                               ('"127.0.0.1:50051"', f"127.0.0.1:{server.port}"),
-                               (SQL_IN_THE_EXAMPLE, sql)]:
+    for placeholder, value in [
+        ('"path/to/dataops/proto"', REPO / "proto"),
+        ('"ca.crt"', d / "ca.crt"),
+        ('"me.key"', d / "city-bank.key"),
+        ('"me.crt"', d / "city-bank.crt"),
+        ('"127.0.0.1:50051"', f"127.0.0.1:{server.port}"),
+        (SQL_IN_THE_EXAMPLE, sql),
+    ]:
         assert placeholder in example
         if value is not None:
             example = example.replace(placeholder, json.dumps(str(value)))
@@ -272,6 +334,10 @@ def test_the_node_example_in_docs_api_md_runs_as_written(node_client, server, pk
 
 
 def test_the_node_example_in_docs_api_md_decodes_a_refusal(node_client, server, pki):
-    result = docs_example(node_client, server, pki,
-                          sql="SELECT enterprise_id, COUNT(*) FROM enterprise_credit GROUP BY enterprise_id")
+    result = docs_example(
+        node_client,
+        server,
+        pki,
+        sql="SELECT enterprise_id, COUNT(*) FROM enterprise_credit GROUP BY enterprise_id",
+    )
     assert result.stderr.startswith("PERMISSION_DENIED POLICY_DENIED identifier "), result.stderr

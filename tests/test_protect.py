@@ -94,8 +94,11 @@ def relations(cells: pl.DataFrame, dims: tuple[str, ...]) -> list[tuple[int, lis
     for i, key in enumerate(keys):
         for j, value in enumerate(key):
             if value is None:
-                children = [index[k] for k in keys if k[j] is not None
-                            and all(k[x] == key[x] for x in range(len(dims)) if x != j)]
+                children = [
+                    index[k]
+                    for k in keys
+                    if k[j] is not None and all(k[x] == key[x] for x in range(len(dims)) if x != j)
+                ]
                 out.append((i, children))
     return out
 
@@ -133,8 +136,11 @@ def attacker_interval(A, b, i, upper_per_var=None):
 
 
 def truth(data: pl.DataFrame, cell: dict) -> tuple[int, float]:
-    selected = data.filter(*[pl.col(d) == v for d, v in cell.items() if v is not None]) \
-        if any(v is not None for v in cell.values()) else data
+    selected = (
+        data.filter(*[pl.col(d) == v for d, v in cell.items() if v is not None])
+        if any(v is not None for v in cell.values())
+        else data
+    )
     return selected.height, float(selected["tax_paid"].sum())
 
 
@@ -147,12 +153,18 @@ def test_released_cells_equal_a_direct_group_by(protected, data, enterprises):
     assert cells.height == 11 * 11 * 5  # every cell and every sub-total, empty ones too
     for kept in itertools.chain.from_iterable(itertools.combinations(dims, r) for r in range(4)):
         margin = [d for d in dims if d not in kept]
-        direct = (data.group_by(list(kept)).agg(pl.len().alias("direct_count"),
-                                                pl.col("tax_paid").sum().alias("direct_sum"))
-                  if kept else data.select(pl.len().alias("direct_count"),
-                                           pl.col("tax_paid").sum().alias("direct_sum")))
-        level = cells.filter(*[pl.col(d).is_null() for d in margin],
-                             *[pl.col(d).is_not_null() for d in kept], pl.col("status") == "released")
+        direct = (
+            data.group_by(list(kept)).agg(
+                pl.len().alias("direct_count"), pl.col("tax_paid").sum().alias("direct_sum")
+            )
+            if kept
+            else data.select(pl.len().alias("direct_count"), pl.col("tax_paid").sum().alias("direct_sum"))
+        )
+        level = cells.filter(
+            *[pl.col(d).is_null() for d in margin],
+            *[pl.col(d).is_not_null() for d in kept],
+            pl.col("status") == "released",
+        )
         joined = level.join(direct, on=list(kept), how="left") if kept else level.join(direct, how="cross")
         assert joined["count"].to_list() == joined["direct_count"].to_list()
         assert np.allclose(joined["sum_tax_paid"], joined["direct_sum"], rtol=1e-9)
@@ -175,7 +187,8 @@ def test_empty_and_small_cells_look_the_same(protected, data):
 
 
 def test_without_secondary_suppression_the_audit_fails_and_differencing_recovers_a_cell(
-        unprotected, data, enterprises):
+    unprotected, data, enterprises
+):
     verdict = audit_table(unprotected)
     assert not verdict.passed and not unprotected.report.audit.passed
     cells = unprotected.cells
@@ -219,8 +232,11 @@ def test_with_secondary_suppression_no_cell_is_derivable(protected, enterprises,
 
 def test_no_single_enterprise_is_recovered(protected, enterprises, data):
     cells = protected.cells
-    single = [i for i, row in enumerate(cells.select(enterprises.dimensions).iter_rows())
-              if truth(data, dict(zip(enterprises.dimensions, row)))[0] == 1]
+    single = [
+        i
+        for i, row in enumerate(cells.select(enterprises.dimensions).iter_rows())
+        if truth(data, dict(zip(enterprises.dimensions, row)))[0] == 1
+    ]
     assert single
     hidden, A, b = attacker_system(cells, enterprises.dimensions, "sum_tax_paid", 1e6)
     position = {c: p for p, c in enumerate(hidden)}
@@ -232,7 +248,8 @@ def test_no_single_enterprise_is_recovered(protected, enterprises, data):
 
 def dominated_cell(cells: pl.DataFrame):
     return cells.with_row_index("i").filter(
-        pl.col("district") == "Binhai", pl.col("industry") == "Finance", pl.col("size_band").is_null())
+        pl.col("district") == "Binhai", pl.col("industry") == "Finance", pl.col("size_band").is_null()
+    )
 
 
 def test_dominance_cannot_be_undone_through_margins(protected, unprotected, enterprises, data):
@@ -310,7 +327,10 @@ classification = "sensitive"
 bounds = [0.0, 1000.0]
 """)
     catalog = load_catalog(tmp_path / "catalog", sandbox)
-    path = write_product(tmp_path / "products", "by_diagnosis", """
+    path = write_product(
+        tmp_path / "products",
+        "by_diagnosis",
+        """
 kind = "table"
 id = "by_diagnosis"
 dataset = "visits"
@@ -322,14 +342,17 @@ function = "count"
 min_units = 3
 sensitive_dimensions = ["diagnosis"]
 group_attribute_percent = 90.0
-""")
+""",
+    )
     product = load_table_product(read_toml(path, ProductError), path, catalog)
     dataset = catalog.get("visits")
 
     def hexi(table):
         c = table.cells.filter(pl.col("district") == "Hexi")
-        return (c.filter(pl.col("diagnosis") == "Mental")["count"].item(),
-                c.filter(pl.col("diagnosis").is_null())["count"].item())
+        return (
+            c.filter(pl.col("diagnosis") == "Mental")["count"].item(),
+            c.filter(pl.col("diagnosis").is_null())["count"].item(),
+        )
 
     off = protect(product, dataset, group_attribute=False)
     mental, everyone = hexi(off)
@@ -373,8 +396,9 @@ min_units = 5
     persons = data["person_id"].n_unique()
     assert cube.units[-1] == persons  # the margin: every person once
     assert cube.units[:-1].sum() > persons  # the cells: a person with two visit types twice
-    assert list(cube.units[:-1]) == [data.filter(pl.col("visit_type") == v)["person_id"].n_unique()
-                                     for v in product.keys[0]]
+    assert list(cube.units[:-1]) == [
+        data.filter(pl.col("visit_type") == v)["person_id"].n_unique() for v in product.keys[0]
+    ]
 
 
 def test_store_builds_once_per_data_version_and_reads_back(enterprises, catalog, tmp_path):
@@ -413,13 +437,21 @@ def test_validation_names_file_and_key(catalog, tmp_path, line, key, words):
     assert str(path) in str(err.value) and key in str(err.value) and words in str(err.value)
 
 
-@pytest.mark.parametrize("old, new, key, words", [
-    ('column = "tax_paid"\n[[measures]]', 'column = "name"\n[[measures]]', "measures[1].column", "identifier"),
-    ('id = "enterprises"', 'id = "other"', "id", "file name stem"),
-    ("min_units = 5", "min_units = 2", "rules.min_units", ">= 3"),
-    ("p_percent = 10.0", "p_percent = 10.0\nk_percent = 3", "rules.k_percent", "unknown key"),
-    ('dataset = "enterprise_credit"', 'dataset = "medical_claims"\n', "dimensions[1]", "not a column"),
-])
+@pytest.mark.parametrize(
+    "old, new, key, words",
+    [
+        (
+            'column = "tax_paid"\n[[measures]]',
+            'column = "name"\n[[measures]]',
+            "measures[1].column",
+            "identifier",
+        ),
+        ('id = "enterprises"', 'id = "other"', "id", "file name stem"),
+        ("min_units = 5", "min_units = 2", "rules.min_units", ">= 3"),
+        ("p_percent = 10.0", "p_percent = 10.0\nk_percent = 3", "rules.k_percent", "unknown key"),
+        ('dataset = "enterprise_credit"', 'dataset = "medical_claims"\n', "dimensions[1]", "not a column"),
+    ],
+)
 def test_validation_errors(catalog, tmp_path, old, new, key, words):
     path = write_product(tmp_path, "enterprises", ENTERPRISES.replace(old, new, 1))
     with pytest.raises(ProductError) as err:
@@ -428,7 +460,10 @@ def test_validation_errors(catalog, tmp_path, old, new, key, words):
 
 
 def test_count_units_refused_where_units_span_cells(catalog, tmp_path):
-    path = write_product(tmp_path, "claims", """
+    path = write_product(
+        tmp_path,
+        "claims",
+        """
 kind = "table"
 id = "claims"
 dataset = "medical_claims"
@@ -438,7 +473,8 @@ dimensions = ["visit_type"]
 function = "count_units"
 [rules]
 min_units = 5
-""")
+""",
+    )
     with pytest.raises(ProductError, match=r"measures\[0\].function: count_units is not additive"):
         load_table_product(read_toml(path, ProductError), path, catalog)
 

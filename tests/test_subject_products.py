@@ -36,7 +36,11 @@ def test_the_repository_products_load(catalog):
     assert review.output_names[-2:] == ("grade_points", "grade")
     underwriting = products.subjects["underwriting"]
     assert {o.function for o in underwriting.outputs} == {
-        OutputFunction.COUNT, OutputFunction.SUM, OutputFunction.ANY_IN, OutputFunction.MONTHS_WITH}
+        OutputFunction.COUNT,
+        OutputFunction.SUM,
+        OutputFunction.ANY_IN,
+        OutputFunction.MONTHS_WITH,
+    }
 
 
 def test_the_demo_products_are_the_repository_products():
@@ -51,24 +55,46 @@ MISTAKES = {
     "identifier as a measure": (('column = "amount"', 'column = "claim_id"'), "outputs[1].column"),
     "the subject column as a measure": (('column = "amount"', 'column = "person_id"'), "outputs[1].column"),
     "sum of a text column": (('column = "amount"', 'column = "visit_type"'), "outputs[1].column"),
-    "a raw date as an output": (('function = "sum"\ncolumn = "amount"', 'function = "max"\ncolumn = "visit_date"'),
-                                "outputs[1].column"),
+    "a raw date as an output": (
+        ('function = "sum"\ncolumn = "amount"', 'function = "max"\ncolumn = "visit_date"'),
+        "outputs[1].column",
+    ),
     "free-form expression": (('function = "count"', 'function = "amount * 2"'), "outputs[0].function"),
-    "unknown key": (('function = "count"', 'function = "count"\nexpression = "amount"'), "outputs[0].expression"),
-    "a key outside the key set": (('visit_type = ["inpatient"]', 'visit_type = ["spa"]'), "outputs[0].where.visit_type"),
-    "where on a column without keys": (('where = { visit_type = ["inpatient"] }', 'where = { amount = [1.0] }'),
-                                       "outputs[0].where.amount"),
-    "window on a non-date column": (('window = { column = "visit_date", months = 24 }\n\n[[outputs]]\nname = "claims',
-                                     'window = { column = "amount", months = 24 }\n\n[[outputs]]\nname = "claims'),
-                                    "outputs[0].window.column"),
-    "window of zero months": (('months = 12', 'months = 0'), "outputs[1].window.months"),
-    "bands not increasing": (('bands = [1000, 10000, 50000]', 'bands = [1000, 500, 50000]'), "outputs[1].bands"),
-    "labels do not match bands": (('labels = ["<1k", "1k-10k", "10k-50k", "50k+"]', 'labels = ["<1k", "1k+"]'),
-                                  "outputs[1].labels"),
+    "unknown key": (
+        ('function = "count"', 'function = "count"\nexpression = "amount"'),
+        "outputs[0].expression",
+    ),
+    "a key outside the key set": (
+        ('visit_type = ["inpatient"]', 'visit_type = ["spa"]'),
+        "outputs[0].where.visit_type",
+    ),
+    "where on a column without keys": (
+        ('where = { visit_type = ["inpatient"] }', "where = { amount = [1.0] }"),
+        "outputs[0].where.amount",
+    ),
+    "window on a non-date column": (
+        (
+            'window = { column = "visit_date", months = 24 }\n\n[[outputs]]\nname = "claims',
+            'window = { column = "amount", months = 24 }\n\n[[outputs]]\nname = "claims',
+        ),
+        "outputs[0].window.column",
+    ),
+    "window of zero months": (("months = 12", "months = 0"), "outputs[1].window.months"),
+    "bands not increasing": (
+        ("bands = [1000, 10000, 50000]", "bands = [1000, 500, 50000]"),
+        "outputs[1].bands",
+    ),
+    "labels do not match bands": (
+        ('labels = ["<1k", "1k-10k", "10k-50k", "50k+"]', 'labels = ["<1k", "1k+"]'),
+        "outputs[1].labels",
+    ),
     "an output named like a column": (('name = "inpatient_stays_24m"', 'name = "amount"'), "outputs[0].name"),
-    "an output declared twice": (('name = "claims_12m_band"', 'name = "inpatient_stays_24m"'), "outputs[1].name"),
+    "an output declared twice": (
+        ('name = "claims_12m_band"', 'name = "inpatient_stays_24m"'),
+        "outputs[1].name",
+    ),
     "id is not the file name": (('id = "underwriting"', 'id = "other"'), "id"),
-    "no purposes": (('purposes = ["underwriting"]', 'purposes = []'), "purposes"),
+    "no purposes": (('purposes = ["underwriting"]', "purposes = []"), "purposes"),
 }
 
 
@@ -83,13 +109,18 @@ def test_a_malformed_product_is_refused_naming_file_and_key(tmp_path, catalog, c
 
 
 def test_a_scorecard_scores_only_bands(tmp_path, catalog):
-    card = GOOD + '\n[scorecard]\nedges = [0]\ngrades = ["low", "high"]\n[scorecard.points]\ninpatient_stays_24m = [1]\n'
+    card = (
+        GOOD
+        + '\n[scorecard]\nedges = [0]\ngrades = ["low", "high"]\n[scorecard.points]\ninpatient_stays_24m = [1]\n'
+    )
     with pytest.raises(ProductError, match=r"scorecard\.points\.inpatient_stays_24m: only banded"):
         load(tmp_path, catalog, card)
     card = card.replace("inpatient_stays_24m = [1]", "claims_12m_band = [1, 2]")
     with pytest.raises(ProductError, match=r"claims_12m_band: must be 4 finite numbers"):
         load(tmp_path, catalog, card)
-    ok = card.replace("claims_12m_band = [1, 2]", "claims_12m_band = [1, 2, 3, 4]\nchronic_diagnosis_24m = [0, -5]")
+    ok = card.replace(
+        "claims_12m_band = [1, 2]", "claims_12m_band = [1, 2, 3, 4]\nchronic_diagnosis_24m = [0, -5]"
+    )
     assert load(tmp_path, catalog, ok).subjects["underwriting"].scorecard.grading.labels == ("low", "high")
 
 

@@ -67,7 +67,9 @@ def claims(config) -> pl.DataFrame:
 
 
 def review_consent(service, subject, **kwargs) -> bytes:
-    terms = dict(subject=subject, consumer="city-bank", products=["pre_loan_review"], purpose="pre-loan review")
+    terms = dict(
+        subject=subject, consumer="city-bank", products=["pre_loan_review"], purpose="pre-loan review"
+    )
     terms.update(kwargs)
     return service.issue(**terms)
 
@@ -87,49 +89,69 @@ def refusal(exc: DataopsClientError) -> tuple:
 
 def test_pre_loan_review_returns_the_declared_bands_and_grade(connect, service, enterprises):
     row = enterprises.filter(pl.col("penalties") >= 3).row(0, named=True)
-    result = connect("city-bank").evaluate("pre_loan_review", row["enterprise_id"],
-                                           review_consent(service, row["enterprise_id"]))
+    result = connect("city-bank").evaluate(
+        "pre_loan_review", row["enterprise_id"], review_consent(service, row["enterprise_id"])
+    )
     penalties = band(row["penalties"], [1, 3], ["none", "1-2", "3+"])
     arrears = band(row["arrears_months"], [1, 3, 6], ["none", "1-2", "3-5", "6+"])
     tax = band(row["tax_paid"], [10000, 100000, 1000000], ["<10k", "10k-100k", "100k-1M", "1M+"])
-    points = 60 + {"none": 15, "1-2": 0, "3+": -25}[penalties] + \
-        {"none": 15, "1-2": -5, "3-5": -20, "6+": -35}[arrears] + \
-        {"<10k": -10, "10k-100k": 0, "100k-1M": 10, "1M+": 15}[tax]
-    assert result.outputs == {"penalties_band": penalties, "arrears_months_band": arrears, "tax_band": tax,
-                              "grade_points": float(points), "grade": band(points, [40, 60, 80], list("DCBA"))}
+    points = (
+        60
+        + {"none": 15, "1-2": 0, "3+": -25}[penalties]
+        + {"none": 15, "1-2": -5, "3-5": -20, "6+": -35}[arrears]
+        + {"<10k": -10, "10k-100k": 0, "100k-1M": 10, "1M+": 15}[tax]
+    )
+    assert result.outputs == {
+        "penalties_band": penalties,
+        "arrears_months_band": arrears,
+        "tax_band": tax,
+        "grade_points": float(points),
+        "grade": band(points, [40, 60, 80], list("DCBA")),
+    }
     # Nothing raw: no identifier, no exact value of the enterprise's columns.
     assert row["enterprise_id"] not in json.dumps(result.outputs)
     assert result.receipt.sequence > 0 and result.consent_id.startswith("cst-")
 
 
 def test_underwriting_counts_the_subjects_rows_in_windows_relative_to_today(connect, service, claims):
-    today = dt.datetime.now(dt.timezone.utc).date()
+    today = dt.datetime.now(dt.UTC).date()
     person = claims.group_by("person_id").len().sort("len", descending=True)["person_id"][0]
     rows = claims.filter(pl.col("person_id") == person)
-    consent = service.issue(subject=person, consumer="harbor-insurance", products=["underwriting"],
-                            purpose="underwriting")
+    consent = service.issue(
+        subject=person, consumer="harbor-insurance", products=["underwriting"], purpose="underwriting"
+    )
     result = connect("harbor-insurance").evaluate("underwriting", person, consent)
 
     def window(months):
-        return rows.filter((pl.col("visit_date") > months_before(today, months)) & (pl.col("visit_date") <= today))
+        return rows.filter(
+            (pl.col("visit_date") > months_before(today, months)) & (pl.col("visit_date") <= today)
+        )
 
     in24, in12 = window(24), window(12)
     assert result.outputs["inpatient_stays_24m"] == in24.filter(pl.col("visit_type") == "inpatient").height
-    assert result.outputs["claims_12m_band"] == band(in12["amount"].sum(), [1000, 10000, 50000],
-                                                     ["<1k", "1k-10k", "10k-50k", "50k+"])
+    assert result.outputs["claims_12m_band"] == band(
+        in12["amount"].sum(), [1000, 10000, 50000], ["<1k", "1k-10k", "10k-50k", "50k+"]
+    )
     assert result.outputs["chronic_diagnosis_24m"] == bool(
-        in24["diagnosis_group"].is_in(["Neoplasms", "Circulatory", "Endocrine"]).any())
+        in24["diagnosis_group"].is_in(["Neoplasms", "Circulatory", "Endocrine"]).any()
+    )
     assert result.outputs["months_with_visits_24m"] == in24["visit_date"].dt.truncate("1mo").n_unique()
 
 
 def test_a_subject_with_no_rows_gets_the_outputs_of_no_rows(connect, service):
-    consent = service.issue(subject=NOBODY_PERSON, consumer="harbor-insurance", products=["underwriting"],
-                            purpose="underwriting")
+    consent = service.issue(
+        subject=NOBODY_PERSON, consumer="harbor-insurance", products=["underwriting"], purpose="underwriting"
+    )
     result = connect("harbor-insurance").evaluate("underwriting", NOBODY_PERSON, consent)
-    assert result.outputs == {"inpatient_stays_24m": 0, "claims_12m_band": "<1k", "chronic_diagnosis_24m": False,
-                              "months_with_visits_24m": 0}
-    review = connect("city-bank").evaluate("pre_loan_review", NOBODY_ENTERPRISE,
-                                           review_consent(service, NOBODY_ENTERPRISE))
+    assert result.outputs == {
+        "inpatient_stays_24m": 0,
+        "claims_12m_band": "<1k",
+        "chronic_diagnosis_24m": False,
+        "months_with_visits_24m": 0,
+    }
+    review = connect("city-bank").evaluate(
+        "pre_loan_review", NOBODY_ENTERPRISE, review_consent(service, NOBODY_ENTERPRISE)
+    )
     # The maximum of no rows is no value, and an unknown band scores nothing.
     assert review.outputs["arrears_months_band"] is None
     assert review.outputs["grade_points"] == 60 + 15 - 10
@@ -140,10 +162,16 @@ def test_a_subject_with_no_rows_gets_the_outputs_of_no_rows(connect, service):
 
 def _forged(service, subject):
     """A consent naming the trusted issuer, signed by a key that is not its key."""
-    payload = new_payload(issuer="city-consent-service", subject=subject, consumer="city-bank",
-                          products=["pre_loan_review"], purpose="pre-loan review",
-                          not_before=dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=1),
-                          not_after=dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=1), fetch=Fetch("once"))
+    payload = new_payload(
+        issuer="city-consent-service",
+        subject=subject,
+        consumer="city-bank",
+        products=["pre_loan_review"],
+        purpose="pre-loan review",
+        not_before=dt.datetime.now(dt.UTC) - dt.timedelta(hours=1),
+        not_after=dt.datetime.now(dt.UTC) + dt.timedelta(days=1),
+        fetch=Fetch("once"),
+    )
     return sign(payload, "city-consent-service", Ed25519PrivateKey.generate())
 
 
@@ -157,21 +185,28 @@ def _tampered(service, subject):
 
 def _untrusted(service, subject):
     other = ConsentService(service.directory / "elsewhere", service.directory / "untrusted")
-    return other.issue(subject=subject, consumer="city-bank", products=["pre_loan_review"],
-                       purpose="pre-loan review", issuer="shady-consent-service",
-                       key=other.init("shady-consent-service", trust=False))
+    return other.issue(
+        subject=subject,
+        consumer="city-bank",
+        products=["pre_loan_review"],
+        purpose="pre-loan review",
+        issuer="shady-consent-service",
+        key=other.init("shady-consent-service", trust=False),
+    )
 
 
 def _expired(service, subject):
-    now = dt.datetime.now(dt.timezone.utc)
-    return review_consent(service, subject, not_before=now - dt.timedelta(days=30),
-                          not_after=now - dt.timedelta(days=1))
+    now = dt.datetime.now(dt.UTC)
+    return review_consent(
+        service, subject, not_before=now - dt.timedelta(days=30), not_after=now - dt.timedelta(days=1)
+    )
 
 
 def _not_yet(service, subject):
-    now = dt.datetime.now(dt.timezone.utc)
-    return review_consent(service, subject, not_before=now + dt.timedelta(days=1),
-                          not_after=now + dt.timedelta(days=30))
+    now = dt.datetime.now(dt.UTC)
+    return review_consent(
+        service, subject, not_before=now + dt.timedelta(days=1), not_after=now + dt.timedelta(days=30)
+    )
 
 
 BAD_CONSENTS = {
@@ -180,10 +215,20 @@ BAD_CONSENTS = {
     "untrusted issuer": (_untrusted, "consent.issuer"),
     "expired": (_expired, "consent.expired"),
     "not yet valid": (_not_yet, "consent.not_yet_valid"),
-    "another consumer": (lambda s, subject: review_consent(s, subject, consumer="river-bank"), "consent.consumer"),
-    "another product": (lambda s, subject: review_consent(s, subject, products=["credit_monitoring"],
-                                                          purpose="post-loan monitoring"), "consent.product"),
-    "another purpose": (lambda s, subject: review_consent(s, subject, purpose="marketing"), "consent.purpose"),
+    "another consumer": (
+        lambda s, subject: review_consent(s, subject, consumer="river-bank"),
+        "consent.consumer",
+    ),
+    "another product": (
+        lambda s, subject: review_consent(
+            s, subject, products=["credit_monitoring"], purpose="post-loan monitoring"
+        ),
+        "consent.product",
+    ),
+    "another purpose": (
+        lambda s, subject: review_consent(s, subject, purpose="marketing"),
+        "consent.purpose",
+    ),
     "another subject": (lambda s, subject: review_consent(s, "91990199OTHERONE00"), "consent.subject"),
     "missing": (lambda s, subject: b"", "consent.missing"),
     "garbage": (lambda s, subject: b"{not json", "consent.malformed"),
@@ -191,8 +236,9 @@ BAD_CONSENTS = {
 
 
 @pytest.mark.parametrize("case", BAD_CONSENTS)
-def test_a_bad_consent_is_refused_the_same_way_for_existing_and_absent_subjects(connect, service, enterprises,
-                                                                                case):
+def test_a_bad_consent_is_refused_the_same_way_for_existing_and_absent_subjects(
+    connect, service, enterprises, case
+):
     make, rule = BAD_CONSENTS[case]
     city = connect("city-bank")
     answers = []
@@ -205,14 +251,16 @@ def test_a_bad_consent_is_refused_the_same_way_for_existing_and_absent_subjects(
     assert (code, reason, metadata["rule"]) == (grpc.StatusCode.PERMISSION_DENIED, "CONSENT_INVALID", rule)
 
 
-def test_a_revoked_consent_is_refused_the_same_way_for_existing_and_absent_subjects(connect, service,
-                                                                                     enterprises, config):
+def test_a_revoked_consent_is_refused_the_same_way_for_existing_and_absent_subjects(
+    connect, service, enterprises, config
+):
     answers = []
     for subject in (enterprises["enterprise_id"][0], NOBODY_ENTERPRISE):
         artefact = review_consent(service, subject, fetch=Fetch("periodic", "day", 10))
         connect("city-bank").evaluate("pre_loan_review", subject, artefact)
         consent_module.ConsentStore(consent_module.store_path(config.paths.state)).revoke(
-            service.issued()[-1]["id"])
+            service.issued()[-1]["id"]
+        )
         with pytest.raises(DataopsClientError) as refused:
             connect("city-bank").evaluate("pre_loan_review", subject, artefact)
         answers.append(refusal(refused.value))
@@ -221,12 +269,16 @@ def test_a_revoked_consent_is_refused_the_same_way_for_existing_and_absent_subje
 
 @ON_OFF
 def test_forged_and_untrusted_consents_pass_only_without_the_signature_and_issuer_checks(
-        connect, service, enterprises, monkeypatch, control):
+    connect, service, enterprises, monkeypatch, control
+):
     subject = enterprises["enterprise_id"][0]
     if control == "off":
         monkeypatch.setattr(consent_module, "_check_signature", lambda *a: None)
-        monkeypatch.setattr(consent_module, "_trusted_issuer",
-                            lambda issuers, issuer_id: issuers.get(issuer_id) or next(iter(issuers.values())))
+        monkeypatch.setattr(
+            consent_module,
+            "_trusted_issuer",
+            lambda issuers, issuer_id: issuers.get(issuer_id) or next(iter(issuers.values())),
+        )
     city = connect("city-bank")
     for make in (_forged, _untrusted):
         if control == "on":
@@ -237,8 +289,9 @@ def test_forged_and_untrusted_consents_pass_only_without_the_signature_and_issue
 
 
 @ON_OFF
-def test_an_expired_consent_passes_only_without_the_window_check(connect, service, enterprises, monkeypatch,
-                                                                 control):
+def test_an_expired_consent_passes_only_without_the_window_check(
+    connect, service, enterprises, monkeypatch, control
+):
     subject = enterprises["enterprise_id"][0]
     if control == "off":
         monkeypatch.setattr(consent_module, "_check_window", lambda *a: None)
@@ -249,8 +302,9 @@ def test_an_expired_consent_passes_only_without_the_window_check(connect, servic
 
 
 @ON_OFF
-def test_another_consumers_consent_passes_only_without_the_parties_check(connect, service, enterprises,
-                                                                         monkeypatch, control):
+def test_another_consumers_consent_passes_only_without_the_parties_check(
+    connect, service, enterprises, monkeypatch, control
+):
     subject = enterprises["enterprise_id"][0]
     artefact = review_consent(service, subject, consumer="river-bank")
     if control == "off":
@@ -262,7 +316,9 @@ def test_another_consumers_consent_passes_only_without_the_parties_check(connect
 
 
 @ON_OFF
-def test_a_once_consent_cannot_be_replayed_even_concurrently(connect, service, enterprises, monkeypatch, control):
+def test_a_once_consent_cannot_be_replayed_even_concurrently(
+    connect, service, enterprises, monkeypatch, control
+):
     subject = enterprises["enterprise_id"][1]
     artefact = review_consent(service, subject)
     if control == "off":
@@ -284,17 +340,22 @@ def test_a_once_consent_cannot_be_replayed_even_concurrently(connect, service, e
     allowed = [o for o in outcomes if isinstance(o, SubjectEvaluation)]
     if control == "on":
         assert len(allowed) == 1
-        assert {o.metadata["rule"] for o in outcomes if not isinstance(o, SubjectEvaluation)} == {"consent.uses"}
+        assert {o.metadata["rule"] for o in outcomes if not isinstance(o, SubjectEvaluation)} == {
+            "consent.uses"
+        }
     else:
         assert len(allowed) == 8  # the replay works once the use count is not checked
 
 
 @ON_OFF
-def test_a_revoked_consent_passes_only_without_the_revocation_check(connect, service, enterprises, config,
-                                                                    monkeypatch, control):
+def test_a_revoked_consent_passes_only_without_the_revocation_check(
+    connect, service, enterprises, config, monkeypatch, control
+):
     subject = enterprises["enterprise_id"][2]
     artefact = review_consent(service, subject, fetch=Fetch("periodic", "day", 5))
-    consent_module.ConsentStore(consent_module.store_path(config.paths.state)).revoke(service.issued()[-1]["id"])
+    consent_module.ConsentStore(consent_module.store_path(config.paths.state)).revoke(
+        service.issued()[-1]["id"]
+    )
     if control == "off":
         monkeypatch.setattr(consent_module, "_revoked", lambda db, consent_id: False)
         assert connect("city-bank").evaluate("pre_loan_review", subject, artefact).outputs
@@ -315,8 +376,9 @@ def test_a_periodic_consent_allows_max_uses_per_period(connect, service, enterpr
 
 
 def test_a_product_of_another_zone_does_not_exist_for_the_consumer(connect, service, enterprises):
-    consent = service.issue(subject=NOBODY_PERSON, consumer="city-bank", products=["underwriting"],
-                            purpose="underwriting")
+    consent = service.issue(
+        subject=NOBODY_PERSON, consumer="city-bank", products=["underwriting"], purpose="underwriting"
+    )
     with pytest.raises(DataopsClientError) as refused:
         connect("city-bank").evaluate("underwriting", NOBODY_PERSON, consent)
     with pytest.raises(DataopsClientError) as absent:
@@ -329,8 +391,9 @@ def test_a_product_of_another_zone_does_not_exist_for_the_consumer(connect, serv
 
 
 @ON_OFF
-def test_the_audit_keeps_a_keyed_hash_of_the_subject_never_the_id(connect, service, enterprises, config,
-                                                                   monkeypatch, control):
+def test_the_audit_keeps_a_keyed_hash_of_the_subject_never_the_id(
+    connect, service, enterprises, config, monkeypatch, control
+):
     if control == "off":
         monkeypatch.setattr(Evaluator, "subject_hash", lambda self, subject: subject)
     subject = enterprises["enterprise_id"][4]
@@ -349,15 +412,19 @@ def test_the_audit_keeps_a_keyed_hash_of_the_subject_never_the_id(connect, servi
     assert record["seq"] == result.receipt.sequence
 
 
-def test_a_refused_evaluation_is_audited_without_a_consent_id_unless_signed(connect, service, enterprises, config):
+def test_a_refused_evaluation_is_audited_without_a_consent_id_unless_signed(
+    connect, service, enterprises, config
+):
     subject = enterprises["enterprise_id"][5]
     with pytest.raises(DataopsClientError):
         connect("city-bank").evaluate("pre_loan_review", subject, _forged(service, subject))
     with pytest.raises(DataopsClientError):
         connect("city-bank").evaluate("pre_loan_review", subject, _expired(service, subject))
     forged, expired = [r for r in audit_records(config) if r["method"] == "Evaluate"][-2:]
-    assert forged["evaluations"][0].get("consent_id") is None and forged["evaluations"][0]["rule"] == \
-        "consent.signature"
+    assert (
+        forged["evaluations"][0].get("consent_id") is None
+        and forged["evaluations"][0]["rule"] == "consent.signature"
+    )
     assert expired["evaluations"][0]["consent_id"] == service.issued()[-1]["id"]
     assert forged["decision"] == expired["decision"] == "denied"
 
@@ -367,9 +434,11 @@ def test_a_refused_evaluation_is_audited_without_a_consent_id_unless_signed(conn
 
 def test_a_batch_evaluates_each_item_under_its_own_consent(connect, service, enterprises, config):
     ids = enterprises["enterprise_id"][:3].to_list()
-    items = [("pre_loan_review", ids[0], review_consent(service, ids[0])),
-             ("pre_loan_review", ids[1], _expired(service, ids[1])),
-             ("pre_loan_review", ids[2], review_consent(service, ids[2]))]
+    items = [
+        ("pre_loan_review", ids[0], review_consent(service, ids[0])),
+        ("pre_loan_review", ids[1], _expired(service, ids[1])),
+        ("pre_loan_review", ids[2], review_consent(service, ids[2])),
+    ]
     results = connect("city-bank").evaluate_batch(items)
     assert isinstance(results[0], SubjectEvaluation) and isinstance(results[2], SubjectEvaluation)
     assert isinstance(results[1], DataopsClientError) and results[1].rule == "consent.expired"
@@ -389,9 +458,20 @@ def _rewrite(path: Path, frame: pl.DataFrame) -> None:
 def test_watch_pushes_a_new_evaluation_when_a_data_version_changes_it(connect, service, enterprises, config):
     calm = enterprises.filter((pl.col("arrears_months") == 0) & (pl.col("penalties") == 0))
     watched = calm["enterprise_id"][:2].to_list()
-    items = [("credit_monitoring", e, service.issue(subject=e, consumer="river-bank",
-                                                    products=["credit_monitoring"], purpose="post-loan monitoring",
-                                                    fetch=Fetch("periodic", "day", 10))) for e in watched]
+    items = [
+        (
+            "credit_monitoring",
+            e,
+            service.issue(
+                subject=e,
+                consumer="river-bank",
+                products=["credit_monitoring"],
+                purpose="post-loan monitoring",
+                fetch=Fetch("periodic", "day", 10),
+            ),
+        )
+        for e in watched
+    ]
     stream = connect("river-bank").watch(items, timeout=60)
     first = [next(stream), next(stream)]
     assert sorted(i for i, _ in first) == [0, 1]
@@ -400,8 +480,11 @@ def test_watch_pushes_a_new_evaluation_when_a_data_version_changes_it(connect, s
     # A new data version: the first borrower falls four months into arrears.
     path = config.paths.sandbox / "finance/enterprise_credit.parquet"
     changed = enterprises.with_columns(
-        pl.when(pl.col("enterprise_id") == watched[0]).then(4).otherwise(pl.col("arrears_months"))
-        .alias("arrears_months"))
+        pl.when(pl.col("enterprise_id") == watched[0])
+        .then(4)
+        .otherwise(pl.col("arrears_months"))
+        .alias("arrears_months")
+    )
     _rewrite(path, changed)
     index, update = next(stream)
     assert index == 0 and update.outputs["arrears_months_band"] == "3-5"
@@ -426,7 +509,9 @@ def test_watch_pushes_a_new_evaluation_when_a_data_version_changes_it(connect, s
 
 def test_watch_with_a_bad_consent_ends_that_subject_at_once(connect, service, enterprises):
     subject = enterprises["enterprise_id"][0]
-    stream = connect("river-bank").watch([("credit_monitoring", subject, _expired(service, subject))], timeout=30)
+    stream = connect("river-bank").watch(
+        [("credit_monitoring", subject, _expired(service, subject))], timeout=30
+    )
     index, ended = next(stream)
     assert index == 0 and ended.rule in ("consent.expired", "consent.consumer")
     with pytest.raises(StopIteration):
@@ -436,16 +521,39 @@ def test_watch_with_a_bad_consent_ends_that_subject_at_once(connect, service, en
 # --- the consent service and the reviewer's commands ------------------------------------
 
 
-def test_consent_cli_issues_revokes_and_lists_and_the_audit_lists_every_use(server, connect, config, enterprises,
-                                                                            tmp_path, capsys):
+def test_consent_cli_issues_revokes_and_lists_and_the_audit_lists_every_use(
+    server, connect, config, enterprises, tmp_path, capsys
+):
     from dataops.cli import main
 
     toml = str(config.paths.consents.parent / "dataops.toml")
     subject = enterprises["enterprise_id"][6]
     out = tmp_path / "consent.json"
-    assert main(["consent", "issue", "-c", toml, "--subject", subject, "--consumer", "city-bank",
-                 "--product", "pre_loan_review", "--purpose", "pre-loan review", "--periodic", "day",
-                 "--max-uses", "2", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "consent",
+                "issue",
+                "-c",
+                toml,
+                "--subject",
+                subject,
+                "--consumer",
+                "city-bank",
+                "--product",
+                "pre_loan_review",
+                "--purpose",
+                "pre-loan review",
+                "--periodic",
+                "day",
+                "--max-uses",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     consent_id = json.loads(consent_module._unb64(json.loads(out.read_bytes())["payload"]))["id"]
     city = connect("city-bank")
     city.evaluate("pre_loan_review", subject, out.read_bytes())
@@ -461,7 +569,10 @@ def test_consent_cli_issues_revokes_and_lists_and_the_audit_lists_every_use(serv
 
     assert main(["audit", "consents", "-c", toml, "--consent", consent_id, "--json"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
-    assert [(e["decision"], e.get("rule")) for e in lines] == [("allowed", None), ("denied", "consent.revoked")]
+    assert [(e["decision"], e.get("rule")) for e in lines] == [
+        ("allowed", None),
+        ("denied", "consent.revoked"),
+    ]
     assert main(["audit", "consents", "-c", toml, "--subject", subject]) == 0
     text = capsys.readouterr().out
     assert "2 entries shown" in text and "every released evaluation ran under a verified consent" in text
@@ -470,10 +581,20 @@ def test_consent_cli_issues_revokes_and_lists_and_the_audit_lists_every_use(serv
 def test_the_audit_check_flags_a_release_without_a_valid_consent():
     from dataops.audit.consents import check
 
-    good = {"seq": 1, "time": "2026-12-01T10:00:00+00:00", "decision": "allowed", "consent_id": "cst-1",
-            "issuer": "i", "consent_digest": "d", "subject_hash": "s", "outputs_hash": "o",
-            "valid_from": "2026-11-01T00:00:00+00:00", "valid_until": "2027-01-01T00:00:00+00:00",
-            "fetch": "once", "period": "once"}
+    good = {
+        "seq": 1,
+        "time": "2026-12-01T10:00:00+00:00",
+        "decision": "allowed",
+        "consent_id": "cst-1",
+        "issuer": "i",
+        "consent_digest": "d",
+        "subject_hash": "s",
+        "outputs_hash": "o",
+        "valid_from": "2026-11-01T00:00:00+00:00",
+        "valid_until": "2027-01-01T00:00:00+00:00",
+        "fetch": "once",
+        "period": "once",
+    }
     assert check([good], {}) == []
     assert "used 2 times" in check([good, {**good, "seq": 2}], {})[0]
     assert "without consent_id" in check([{**good, "consent_id": None}], {})[0]
@@ -482,8 +603,9 @@ def test_the_audit_check_flags_a_release_without_a_valid_consent():
 
 
 @ON_OFF
-def test_a_use_the_store_lost_is_restored_from_the_audit_log(config, pki, service, enterprises, monkeypatch,
-                                                             control):
+def test_a_use_the_store_lost_is_restored_from_the_audit_log(
+    config, pki, service, enterprises, monkeypatch, control
+):
     """The consent store commits without fsync; the fsynced audit log is what makes a use durable."""
     from dataops.client import Client
     from dataops.consent import ConsentStore
@@ -495,7 +617,9 @@ def test_a_use_the_store_lost_is_restored_from_the_audit_log(config, pki, servic
     def evaluate_once_more():
         running = build_server(config).start()
         try:
-            with Client.from_directory(f"localhost:{running.port}", pki.consumer_dir("city-bank"), "city-bank") as c:
+            with Client.from_directory(
+                f"localhost:{running.port}", pki.consumer_dir("city-bank"), "city-bank"
+            ) as c:
                 return c.evaluate("pre_loan_review", subject, artefact)
         finally:
             running.stop(grace=1.0)
@@ -517,8 +641,13 @@ def test_a_stopping_server_ends_open_watches_at_once_with_unavailable(config, pk
     from dataops.server import build_server
 
     subject = enterprises["enterprise_id"][8]
-    artefact = service.issue(subject=subject, consumer="river-bank", products=["credit_monitoring"],
-                             purpose="post-loan monitoring", fetch=Fetch("periodic", "day", 10))
+    artefact = service.issue(
+        subject=subject,
+        consumer="river-bank",
+        products=["credit_monitoring"],
+        purpose="post-loan monitoring",
+        fetch=Fetch("periodic", "day", 10),
+    )
     running = build_server(config).start()
     client = Client.from_directory(f"localhost:{running.port}", pki.consumer_dir("river-bank"), "river-bank")
     try:

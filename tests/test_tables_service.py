@@ -16,10 +16,9 @@ import grpc
 import polars as pl
 import pytest
 
+from conftest import audit_records
 from dataops.client import DataopsClientError, count, count_units, mean, total
 from dataops.ir import Equals, InSet
-
-from conftest import audit_records
 
 CREDIT = "enterprise_credit"
 TABLE = "enterprises_by_district_industry_size"
@@ -56,7 +55,10 @@ QUERIES = [
     dict(group_by=["district", "industry"], filters=[]),
     dict(group_by=["size_band"], filters=[]),
     dict(group_by=["industry"], filters=[InSet("district", ("Dongcheng", "Xicheng", "Nanhu"))]),
-    dict(group_by=["district"], filters=[Equals("size_band", "micro"), InSet("industry", ("Catering", "Logistics"))]),
+    dict(
+        group_by=["district"],
+        filters=[Equals("size_band", "micro"), InSet("industry", ("Catering", "Logistics"))],
+    ),
     dict(group_by=[], filters=[InSet("size_band", ("micro", "small"))]),
     dict(group_by=["district", "industry", "size_band"], filters=[]),
 ]
@@ -65,8 +67,11 @@ QUERIES = [
 @pytest.mark.parametrize("shape", QUERIES, ids=lambda q: "+".join(q["group_by"]) or "total")
 def test_lookups_equal_a_polars_computation_over_exactly_the_released_cells(connect, server, raw, shape):
     client = connect("city-bank")
-    result = client.query(CREDIT, aggregates=[count("n"), count_units("units"), total("tax_paid", "tax"),
-                                              mean("tax_paid", "avg")], **shape)
+    result = client.query(
+        CREDIT,
+        aggregates=[count("n"), count_units("units"), total("tax_paid", "tax"), mean("tax_paid", "avg")],
+        **shape,
+    )
     cells = released_cells(server)
     product = server.tables.tables[TABLE]
     selected = {f.column: ((f.value,) if isinstance(f, Equals) else f.values) for f in shape["filters"]}
@@ -75,8 +80,7 @@ def test_lookups_equal_a_polars_computation_over_exactly_the_released_cells(conn
     expected = {}
     for key in grid:
         fixed = dict(zip(group_by, key))
-        needed = itertools.product(*(
-            (fixed[d],) if d in fixed else selected.get(d, (None,)) for d in DIMS))
+        needed = itertools.product(*((fixed[d],) if d in fixed else selected.get(d, (None,)) for d in DIMS))
         if all(cell in cells for cell in needed):  # every cell it needs is released
             where = pl.lit(True)
             for d in DIMS:
@@ -85,9 +89,13 @@ def test_lookups_equal_a_polars_computation_over_exactly_the_released_cells(conn
                 elif d in selected:
                     where &= pl.col(d).is_in(list(selected[d]))
             rows = raw.filter(where)
-            expected[key] = (rows.height, rows["enterprise_id"].n_unique(), rows["tax_paid"].sum(),
-                             rows["tax_paid"].mean())
-    got = {tuple(r[:len(group_by)]): r[len(group_by):] for r in result.frame.iter_rows()}
+            expected[key] = (
+                rows.height,
+                rows["enterprise_id"].n_unique(),
+                rows["tax_paid"].sum(),
+                rows["tax_paid"].mean(),
+            )
+    got = {tuple(r[: len(group_by)]): r[len(group_by) :] for r in result.frame.iter_rows()}
     assert set(got) == set(expected)
     for key, (n, units, tax, avg) in expected.items():
         assert got[key][0] == n and got[key][1] == units
@@ -99,16 +107,26 @@ def test_lookups_equal_a_polars_computation_over_exactly_the_released_cells(conn
 def test_a_row_needing_one_suppressed_cell_is_not_returned(connect, server):
     cells = released_cells(server)
     suppressed = protected(server).cells.filter(
-        (pl.col("status") != "released") & pl.all_horizontal(pl.col(d).is_not_null() for d in DIMS))
+        (pl.col("status") != "released") & pl.all_horizontal(pl.col(d).is_not_null() for d in DIMS)
+    )
     district, industry, size = suppressed.row(0)[:3]
     client = connect("city-bank")
-    alone = client.query(CREDIT, aggregates=[count("n")],
-                         filters=[Equals("district", district), Equals("industry", industry),
-                                  Equals("size_band", size)])
+    alone = client.query(
+        CREDIT,
+        aggregates=[count("n")],
+        filters=[Equals("district", district), Equals("industry", industry), Equals("size_band", size)],
+    )
     assert alone.frame.height == 0 and alone.rows_suppressed == 1
     others = tuple(i for i in server.tables.tables[TABLE].keys_of("industry") if (district, i, size) in cells)
-    combined = client.query(CREDIT, aggregates=[count("n")], filters=[
-        Equals("district", district), Equals("size_band", size), InSet("industry", (*others, industry))])
+    combined = client.query(
+        CREDIT,
+        aggregates=[count("n")],
+        filters=[
+            Equals("district", district),
+            Equals("size_band", size),
+            InSet("industry", (*others, industry)),
+        ],
+    )
     assert combined.frame.height == 0 and combined.rows_suppressed == 1
 
 
@@ -121,15 +139,22 @@ def test_an_uncovered_query_is_refused_naming_the_column_and_pointing_to_dp(conn
     ]:
         err = refused(lambda: client.query(CREDIT, **query))
         assert (err.code, err.reason, err.rule, err.column) == (
-            grpc.StatusCode.PERMISSION_DENIED, "POLICY_DENIED", "table.coverage", column)
+            grpc.StatusCode.PERMISSION_DENIED,
+            "POLICY_DENIED",
+            "table.coverage",
+            column,
+        )
         assert "DP mode" in err.message
     # The same question in DP mode is answered.
     assert client.query(CREDIT, aggregates=[count()], group_by=["year_founded"], mode="dp", epsilon=0.5)
 
 
 def test_a_key_outside_the_public_key_set_is_an_invalid_query(connect):
-    err = refused(lambda: connect("city-bank").query(
-        CREDIT, aggregates=[count()], filters=[Equals("industry", "Astrology")]))
+    err = refused(
+        lambda: connect("city-bank").query(
+            CREDIT, aggregates=[count()], filters=[Equals("industry", "Astrology")]
+        )
+    )
     assert (err.code, err.rule, err.column) == (grpc.StatusCode.INVALID_ARGUMENT, "table.key", "industry")
 
 
@@ -146,10 +171,9 @@ def test_describe_lists_the_tables_the_consumer_may_read(connect):
 
 
 def test_each_protection_is_audited_with_table_data_version_and_fingerprint(tmp_path, sandbox_dir, pki):
+    from conftest import write_config
     from dataops.client import Client
     from dataops.server import build_server
-
-    from conftest import write_config
 
     (tmp_path / "work").mkdir()
     config = write_config(tmp_path / "work", sandbox_dir, pki, tables=False)  # protect afresh
@@ -157,7 +181,9 @@ def test_each_protection_is_audited_with_table_data_version_and_fingerprint(tmp_
     (config.paths.policies / "harbor-insurance.toml").unlink()
     server = build_server(config).start()
     try:
-        with Client.from_directory(f"localhost:{server.port}", pki.consumer_dir("city-bank"), "city-bank") as c:
+        with Client.from_directory(
+            f"localhost:{server.port}", pki.consumer_dir("city-bank"), "city-bank"
+        ) as c:
             c.query(CREDIT, aggregates=[count()])
         table = protected(server)
         version = server.sandbox.fingerprints.of(server.sandbox.catalog.get(CREDIT))
@@ -198,8 +224,9 @@ def test_a_query_waits_for_its_table_and_then_gets_unavailable_with_a_retry_hint
     server.start()
     try:
         pki_dir = Path(str(config.tls.ca_cert)).parent
-        with Client.from_directory(f"localhost:{server.port}", pki_dir / "consumers" / "city-bank", "city-bank",
-                                   timeout=1.5) as client:
+        with Client.from_directory(
+            f"localhost:{server.port}", pki_dir / "consumers" / "city-bank", "city-bank", timeout=1.5
+        ) as client:
             err = refused(lambda: client.query(CREDIT, aggregates=[count()]))
             assert (err.code, err.reason) == (grpc.StatusCode.UNAVAILABLE, "TABLE_NOT_READY")
             assert int(err.metadata["retry_after_seconds"]) > 0
@@ -215,14 +242,30 @@ def test_policy_explain_says_which_table_covers_a_query_as_the_server_decides(co
 
     client = connect("city-bank")
     cases = [
-        (["-g", "district", "-a", "sum:tax_paid"], dict(group_by=["district"], aggregates=[total("tax_paid")])),
+        (
+            ["-g", "district", "-a", "sum:tax_paid"],
+            dict(group_by=["district"], aggregates=[total("tax_paid")]),
+        ),
         (["-g", "year_founded"], dict(group_by=["year_founded"], aggregates=[count()])),
-        (["--eq", "industry=Astrology"], dict(filters=[Equals("industry", "Astrology")], aggregates=[count()])),
+        (
+            ["--eq", "industry=Astrology"],
+            dict(filters=[Equals("industry", "Astrology")], aggregates=[count()]),
+        ),
         (["-g", "enterprise_id"], dict(group_by=["enterprise_id"], aggregates=[count()])),
     ]
     for argv, query in cases:
-        code = main(["policy", "explain", "-c", str(config.paths.catalog.parent / "dataops.toml"),
-                     "--consumer", "city-bank", CREDIT, *argv])
+        code = main(
+            [
+                "policy",
+                "explain",
+                "-c",
+                str(config.paths.catalog.parent / "dataops.toml"),
+                "--consumer",
+                "city-bank",
+                CREDIT,
+                *argv,
+            ]
+        )
         out = capsys.readouterr().out
         try:
             client.query(CREDIT, **query)
@@ -254,18 +297,27 @@ def _publish_zeros(monkeypatch, server):
     cube = index.protected.confidential.cube
     empty = pl.Series(cube.rows == 0)
     cells = index.protected.cells.with_columns(
-        *[pl.when(empty).then(pl.lit(0, pl.Int64)).otherwise(pl.col(c)).alias(c) for c in ("count", "count_units")],
+        *[
+            pl.when(empty).then(pl.lit(0, pl.Int64)).otherwise(pl.col(c)).alias(c)
+            for c in ("count", "count_units")
+        ],
         pl.when(empty).then(pl.lit(0.0)).otherwise(pl.col("sum_tax_paid")).alias("sum_tax_paid"),
-        pl.when(empty).then(pl.lit("released")).otherwise(pl.col("status")).alias("status"))
+        pl.when(empty).then(pl.lit("released")).otherwise(pl.col("status")).alias("status"),
+    )
     monkeypatch.setattr(table_engine.TableIndex, "_hide_empty", staticmethod(lambda values, counts: values))
-    fresh = table_engine.TableIndex(index.product, server.sandbox.catalog.get(CREDIT),
-                                    dataclasses.replace(index.protected, cells=cells), index.data_version)
+    fresh = table_engine.TableIndex(
+        index.product,
+        server.sandbox.catalog.get(CREDIT),
+        dataclasses.replace(index.protected, cells=cells),
+        index.data_version,
+    )
     server.tables._indexes[TABLE] = fresh
 
 
 @pytest.mark.parametrize("control", ["on", "off"])
-def test_a_suppressed_cell_and_an_empty_cell_look_the_same_in_every_output(connect, server, raw, monkeypatch,
-                                                                           control):
+def test_a_suppressed_cell_and_an_empty_cell_look_the_same_in_every_output(
+    connect, server, raw, monkeypatch, control
+):
     """Attack: tell a small (suppressed) cell from an empty one, from the rows returned,
     `rows_suppressed`, or the message. Control: empty cells are suppressed like small
     ones (the frequency rule counts zero units) and never returned."""
@@ -280,8 +332,11 @@ def test_a_suppressed_cell_and_an_empty_cell_look_the_same_in_every_output(conne
     client = connect("city-bank")
     outputs = {}
     for name, key in (("empty", empty), ("small", small)):
-        r = client.query(CREDIT, aggregates=[count("n"), total("tax_paid")],
-                         filters=[Equals(d, v) for d, v in zip(DIMS, key)])
+        r = client.query(
+            CREDIT,
+            aggregates=[count("n"), total("tax_paid")],
+            filters=[Equals(d, v) for d, v in zip(DIMS, key)],
+        )
         outputs[name] = (r.frame.to_dicts(), r.rows_suppressed, r.frame.schema)
     grouped = client.query(CREDIT, aggregates=[count("n")], group_by=list(DIMS)).frame
     keys = set(grouped.select(DIMS).iter_rows())
@@ -301,8 +356,9 @@ def test_mean_is_answered_only_from_a_released_sum_and_count(connect, server, co
     from dataops.ir import Aggregate, Function, Query
 
     product = server.tables.tables["enterprises_by_district_size"]
-    no_sum = dataclasses.replace(product, measures=tuple(
-        m for m in product.measures if m.function is not Function.SUM))
+    no_sum = dataclasses.replace(
+        product, measures=tuple(m for m in product.measures if m.function is not Function.SUM)
+    )
     grant = server.policies.current.get("river-bank").grants[CREDIT]
     query = Query(CREDIT, (Aggregate(Function.MEAN, "penalties"),), group_by=("district",))
     assert cover(query, grant, {product.id: product}).table == product.id
@@ -310,8 +366,11 @@ def test_mean_is_answered_only_from_a_released_sum_and_count(connect, server, co
         cover(query, grant, {product.id: no_sum})
     assert err.value.rule == "table.coverage" and "needs the table's sum and count" in err.value.message
     # Through the server: the mean equals the released sum over the released count.
-    result = connect("river-bank").query(CREDIT, aggregates=[count("n"), total("penalties", "s"),
-                                                             mean("penalties", "m")], group_by=["district"])
+    result = connect("river-bank").query(
+        CREDIT,
+        aggregates=[count("n"), total("penalties", "s"), mean("penalties", "m")],
+        group_by=["district"],
+    )
     for n, s, m in result.frame.select("n", "s", "m").iter_rows():
         assert m == pytest.approx(s / n)
 
@@ -324,9 +383,15 @@ def test_an_exact_answer_reads_no_data(server, monkeypatch):
     from dataops.ir import Aggregate, Function, Query
 
     grant = server.policies.current.get("city-bank").grants[CREDIT]
-    query = Query(CREDIT, (Aggregate(Function.COUNT), Aggregate(Function.MEAN, "tax_paid")),
-                  filters=(InSet("size_band", ("micro", "small")),), group_by=("district", "industry"))
-    plan = Plan(query, server.sandbox.catalog.get(CREDIT), grant, coverage=cover(query, grant, server.tables.tables))
+    query = Query(
+        CREDIT,
+        (Aggregate(Function.COUNT), Aggregate(Function.MEAN, "tax_paid")),
+        filters=(InSet("size_band", ("micro", "small")),),
+        group_by=("district", "industry"),
+    )
+    plan = Plan(
+        query, server.sandbox.catalog.get(CREDIT), grant, coverage=cover(query, grant, server.tables.tables)
+    )
     expected = server.tables.release(plan).table
 
     def no_reading(*args, **kwargs):
@@ -343,10 +408,9 @@ def test_a_new_data_version_is_protected_and_served_once_ready(tmp_path, sandbox
     import shutil
     import time
 
+    from conftest import write_config
     from dataops.client import Client
     from dataops.server import build_server
-
-    from conftest import write_config
 
     sandbox = tmp_path / "sandbox"
     shutil.copytree(sandbox_dir, sandbox)
@@ -356,7 +420,9 @@ def test_a_new_data_version_is_protected_and_served_once_ready(tmp_path, sandbox
     server.tables.poll_seconds = 0.2
     server.start()
     try:
-        with Client.from_directory(f"localhost:{server.port}", pki.consumer_dir("river-bank"), "river-bank") as client:
+        with Client.from_directory(
+            f"localhost:{server.port}", pki.consumer_dir("river-bank"), "river-bank"
+        ) as client:
             before = client.query(CREDIT, aggregates=[count("n")]).frame["n"][0]
             path = sandbox / "finance" / "enterprise_credit.parquet"
             pl.read_parquet(path).head(before - 100).write_parquet(path)  # the provider's new delivery
@@ -369,8 +435,16 @@ def test_a_new_data_version_is_protected_and_served_once_ready(tmp_path, sandbox
         server.stop(1.0)
     records = audit_records(config)
     # The first version came protected (the session's store); the new one was protected here.
-    assert len([r for r in records if r["method"] == "ProtectTable"
-                and r["table"] == "enterprises_by_district_size"]) == 1
+    assert (
+        len(
+            [
+                r
+                for r in records
+                if r["method"] == "ProtectTable" and r["table"] == "enterprises_by_district_size"
+            ]
+        )
+        == 1
+    )
     assert len({r["table_fingerprint"] for r in records if r["method"] == "RunQuery"}) == 2
 
 
@@ -399,7 +473,9 @@ def test_a_table_that_fails_its_lp_audit_is_never_served(config, pki, monkeypatc
         monkeypatch.setattr(table_engine, "audit_passed", lambda protected: True)
     server.start()
     try:
-        with Client.from_directory(f"localhost:{server.port}", pki.consumer_dir("river-bank"), "river-bank") as c:
+        with Client.from_directory(
+            f"localhost:{server.port}", pki.consumer_dir("river-bank"), "river-bank"
+        ) as c:
             if control == "on":
                 err = refused(lambda: c.query(CREDIT, aggregates=[count()]))
                 assert (err.code, err.reason) == (grpc.StatusCode.UNAVAILABLE, "TABLE_NOT_READY")

@@ -23,32 +23,31 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from conftest import Pki, audit_records, write_config
 from dataops import certs
 from dataops import policy as policy_module
+from dataops.catalog import load_catalog
 from dataops.certs import consumer_identity_from_auth_context, issue_consumer, revoke
 from dataops.client import Client, DataopsClientError, count
-from dataops.catalog import load_catalog
-from dataops.config import load_config
-from dataops.products import load_products
-from dataops.policy import PolicyStore
 from dataops.engines import dp as dp_engine
+from dataops.policy import PolicyStore
+from dataops.products import load_products
 from dataops.server import app as app_module
 from dataops.server import build_server, interceptors
 from dataops.server.ratelimit import Admission
-
-from conftest import Pki, audit_records, write_config
 
 ON_OFF = pytest.mark.parametrize("control", ["on", "off"])
 
 
 # -- hostile certificates, signed by the platform CA itself ------------------------
 
+
 def _hostile(pki: Pki, out: Path, common_names: list[str], san_uris: list[str] | None) -> tuple[Path, Path]:
     """A client certificate our CA really signed, with the subject and SAN an attacker asked for."""
     ca_key = serialization.load_pem_private_key((pki.directory / "ca.key").read_bytes(), password=None)
     ca_cert = x509.load_pem_x509_certificate((pki.directory / "ca.crt").read_bytes())
     key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn) for cn in common_names]))
@@ -62,12 +61,16 @@ def _hostile(pki: Pki, out: Path, common_names: list[str], san_uris: list[str] |
     )
     if san_uris is not None:
         builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(u) for u in san_uris]), critical=False)
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(u) for u in san_uris]), critical=False
+        )
     cert = builder.sign(ca_key, hashes.SHA256())
     out.mkdir(parents=True, exist_ok=True)
     key_path, cert_path = out / "hostile.key", out / "hostile.crt"
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return key_path, cert_path
 
@@ -78,22 +81,28 @@ HOSTILE = {
     "two-cns": (["city-bank", "mallory"], ["dataops:consumer:city-bank"], "identity.common_name"),
     "no-san": (["city-bank"], None, "identity.san"),
     "san-names-another": (["city-bank"], ["dataops:consumer:river-bank"], "identity.san"),
-    "two-consumer-sans": (["city-bank"], ["dataops:consumer:city-bank", "dataops:consumer:river-bank"],
-                          "identity.san"),
+    "two-consumer-sans": (
+        ["city-bank"],
+        ["dataops:consumer:city-bank", "dataops:consumer:river-bank"],
+        "identity.san",
+    ),
 }
 
 
 @ON_OFF
 @pytest.mark.parametrize("case", sorted(HOSTILE))
-def test_a_certificate_naming_no_single_consumer_is_refused_and_audited(server, config, pki, tmp_path,
-                                                                       monkeypatch, case, control):
+def test_a_certificate_naming_no_single_consumer_is_refused_and_audited(
+    server, config, pki, tmp_path, monkeypatch, case, control
+):
     """Attack: a CA-signed certificate whose grpc summary reads "city-bank" (first CN,
     cut at NUL) but which does not name city-bank alone, served as city-bank."""
     cns, sans, rule = HOSTILE[case]
     if control == "off":  # the old path: grpc's x509_common_name
         monkeypatch.setattr(interceptors, "certificate_identity", consumer_identity_from_auth_context)
     key, cert = _hostile(pki, tmp_path / "hostile", cns, sans)
-    with Client(f"localhost:{server.port}", cert=cert, key=key, ca=pki.directory / "ca.crt", timeout=10) as client:
+    with Client(
+        f"localhost:{server.port}", cert=cert, key=key, ca=pki.directory / "ca.crt", timeout=10
+    ) as client:
         if control == "off":
             assert [d.id for d in client.list_datasets()] == ["enterprise_credit"]  # city-bank's view
             assert audit_records(config)[-1]["consumer"] == "city-bank"
@@ -108,11 +117,16 @@ def test_a_certificate_naming_no_single_consumer_is_refused_and_audited(server, 
 
 def test_a_certificate_issued_by_the_cli_names_its_consumer_in_cn_and_san(pki):
     cert = x509.load_pem_x509_certificate((pki.consumer_dir("city-bank") / "city-bank.crt").read_bytes())
-    assert certs.consumer_identity_from_certificate(cert.public_bytes(serialization.Encoding.PEM)) == "city-bank"
-    assert certs.consumer_identity_from_certificate(cert.public_bytes(serialization.Encoding.DER)) == "city-bank"
+    assert (
+        certs.consumer_identity_from_certificate(cert.public_bytes(serialization.Encoding.PEM)) == "city-bank"
+    )
+    assert (
+        certs.consumer_identity_from_certificate(cert.public_bytes(serialization.Encoding.DER)) == "city-bank"
+    )
 
 
 # -- revocation fails closed ---------------------------------------------------------
+
 
 @pytest.fixture
 def own_pki(pki, tmp_path) -> Pki:
@@ -143,8 +157,9 @@ def _served(client: Client) -> str:
 
 
 @ON_OFF
-def test_deleting_the_crl_refuses_everyone_instead_of_unrevoking(own_config, own_pki, tmp_path, monkeypatch,
-                                                                 control):
+def test_deleting_the_crl_refuses_everyone_instead_of_unrevoking(
+    own_config, own_pki, tmp_path, monkeypatch, control
+):
     """Attack: delete ca.crl, and a revoked certificate is served again."""
     if control == "off":
         monkeypatch.setattr(certs.RevocationList, "fail_closed", False)
@@ -223,6 +238,7 @@ def test_each_crl_the_cli_writes_has_a_rising_number(own_pki, tmp_path):
 
 # -- policies known by content, validated per consumer file ---------------------------
 
+
 def _wait_for(predicate, timeout: float = 5.0) -> bool:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -237,8 +253,11 @@ def test_an_edit_keeping_size_mtime_and_inode_is_loaded(server, connect, config,
     """Attack (on the operator): revoke a consumer with an edit that keeps the file's
     size, mtime and inode; a store watching stat() never sees it, the consumer is served."""
     if control == "off":  # the old fingerprint: what stat() says
-        monkeypatch.setattr(policy_module, "content_digest", lambda path, raw: repr(
-            (path.stat().st_size, path.stat().st_mtime_ns, path.stat().st_ino)))
+        monkeypatch.setattr(
+            policy_module,
+            "content_digest",
+            lambda path, raw: repr((path.stat().st_size, path.stat().st_mtime_ns, path.stat().st_ino)),
+        )
         server.policies.poll()  # now fingerprinted by stat()
     client = connect("river-bank")
     assert client.list_datasets()
@@ -251,7 +270,11 @@ def test_an_edit_keeping_size_mtime_and_inode_is_loaded(server, connect, config,
         f.write(edited)
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
     after = path.stat()
-    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (
+        before.st_ino,
+        before.st_size,
+        before.st_mtime_ns,
+    )
     applied = _wait_for(lambda: server.policies.current.get("river-bank").revoked, timeout=1.5)
     if control == "off":
         assert not applied
@@ -263,8 +286,9 @@ def test_an_edit_keeping_size_mtime_and_inode_is_loaded(server, connect, config,
 
 
 @ON_OFF
-def test_a_narrowing_edit_applies_while_another_consumers_file_is_invalid(server, connect, config, monkeypatch,
-                                                                         control):
+def test_a_narrowing_edit_applies_while_another_consumers_file_is_invalid(
+    server, connect, config, monkeypatch, control
+):
     """Attack (on the operator): break any unrelated policy file, and revoking a
     consumer or narrowing its grant is ignored until the unrelated file is fixed."""
     if control == "off":
@@ -280,27 +304,39 @@ def test_a_narrowing_edit_applies_while_another_consumers_file_is_invalid(server
     time.sleep(0.5)  # several polls
     if control == "off":
         assert river.list_datasets()  # revoked in its file, still served
-        assert city.query("enterprise_credit", aggregates=[count()]).frame.height == 1  # expired, still served
+        assert (
+            city.query("enterprise_credit", aggregates=[count()]).frame.height == 1
+        )  # expired, still served
         assert harbor.list_datasets()  # its invalid file's previous version keeps serving
         return
     outcomes = {}
-    for name, call in (("river", river.list_datasets), ("harbor", harbor.list_datasets),
-                       ("city", lambda: city.query("enterprise_credit", aggregates=[count()]))):
+    for name, call in (
+        ("river", river.list_datasets),
+        ("harbor", harbor.list_datasets),
+        ("city", lambda: city.query("enterprise_credit", aggregates=[count()])),
+    ):
         with pytest.raises(DataopsClientError) as err:
             call()
         outcomes[name] = err.value.rule
-    assert outcomes == {"river": "consumer.revoked", "harbor": "consumer.policy_invalid", "city": "grant.expires"}
+    assert outcomes == {
+        "river": "consumer.revoked",
+        "harbor": "consumer.policy_invalid",
+        "city": "grant.expires",
+    }
     assert audit_records(config)[-2]["rule"] == "consumer.policy_invalid"
 
 
 # -- admission: every request audited, one consumer cannot starve the others ---------
 
+
 def _health(server, pki) -> int:
     d = pki.consumer_dir("river-bank")
     credentials = grpc.ssl_channel_credentials(
-        (d / "ca.crt").read_bytes(), (d / "river-bank.key").read_bytes(), (d / "river-bank.crt").read_bytes())
-    with grpc.secure_channel(f"localhost:{server.port}", credentials,
-                             options=[("grpc.enable_http_proxy", 0)]) as channel:
+        (d / "ca.crt").read_bytes(), (d / "river-bank.key").read_bytes(), (d / "river-bank.crt").read_bytes()
+    )
+    with grpc.secure_channel(
+        f"localhost:{server.port}", credentials, options=[("grpc.enable_http_proxy", 0)]
+    ) as channel:
         return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2).status
 
 
@@ -326,7 +362,8 @@ def blocked_credit_releases(monkeypatch):
 
 @ON_OFF
 def test_a_flood_of_slow_queries_from_one_consumer_is_shed_audited_and_starves_no_one(
-        tmp_path, sandbox_dir, pki, blocked_credit_releases, monkeypatch, control):
+    tmp_path, sandbox_dir, pki, blocked_credit_releases, monkeypatch, control
+):
     """Attack: one consumer fires many slow queries at once; every engine thread is
     theirs, and another consumer's query waits out its deadline."""
     work = tmp_path / "work"
@@ -339,13 +376,20 @@ def test_a_flood_of_slow_queries_from_one_consumer_is_shed_audited_and_starves_n
     flood = 10
     try:
         city = Client.from_directory(f"localhost:{server.port}", pki.consumer_dir("city-bank"), "city-bank")
-        harbor = Client.from_directory(f"localhost:{server.port}", pki.consumer_dir("harbor-insurance"),
-                                       "harbor-insurance")
+        harbor = Client.from_directory(
+            f"localhost:{server.port}", pki.consumer_dir("harbor-insurance"), "harbor-insurance"
+        )
 
         def slow(i: int):
             try:
-                return city.query("enterprise_credit", aggregates=[count()], group_by=["district"], mode="dp",
-                                  epsilon=0.01 + i * 1e-4, timeout=6.0)  # distinct questions: no reuse
+                return city.query(
+                    "enterprise_credit",
+                    aggregates=[count()],
+                    group_by=["district"],
+                    mode="dp",
+                    epsilon=0.01 + i * 1e-4,
+                    timeout=6.0,
+                )  # distinct questions: no reuse
             except DataopsClientError as exc:
                 return exc
 
@@ -354,12 +398,20 @@ def test_a_flood_of_slow_queries_from_one_consumer_is_shed_audited_and_starves_n
             # The flood has arrived: with the caps, 2 block in the engine and 8 are
             # refused; without, all 4 engine threads are blocked.
             if control == "on":
-                assert _wait_for(lambda: blocked_credit_releases.blocked == 2 and sum(f.done() for f in futures) == 8)
+                assert _wait_for(
+                    lambda: blocked_credit_releases.blocked == 2 and sum(f.done() for f in futures) == 8
+                )
             else:
                 assert _wait_for(lambda: blocked_credit_releases.blocked == 4)
             try:
-                answer = harbor.query("medical_claims", aggregates=[count()], group_by=["sex"], mode="dp",
-                                      epsilon=0.1, timeout=2.0 if control == "off" else 10.0)
+                answer = harbor.query(
+                    "medical_claims",
+                    aggregates=[count()],
+                    group_by=["sex"],
+                    mode="dp",
+                    epsilon=0.1,
+                    timeout=2.0 if control == "off" else 10.0,
+                )
             except DataopsClientError as exc:
                 answer = exc
             status = _health(server, pki)
@@ -385,7 +437,9 @@ def test_a_flood_of_slow_queries_from_one_consumer_is_shed_audited_and_starves_n
     # Exactly one audit record per request, the shed ones included.
     records = [r for r in audit_records(config) if r["consumer"] == "city-bank"]
     assert len(records) == flood
-    assert sorted(r["rule"] for r in records if r["code"] == "RESOURCE_EXHAUSTED") == ["limits.concurrency"] * 8
+    assert (
+        sorted(r["rule"] for r in records if r["code"] == "RESOURCE_EXHAUSTED") == ["limits.concurrency"] * 8
+    )
     assert [r["code"] for r in records].count("DEADLINE_EXCEEDED") == 2, records
 
 
@@ -398,8 +452,11 @@ def test_no_request_is_shed_by_grpc_without_an_audit_record(tmp_path, sandbox_di
     config = write_config(work, sandbox_dir, pki, max_in_flight=4, max_in_flight_per_consumer=4)
     if control == "off":  # gRPC's cap back, as main had it (workers * 64), here scaled to the test
         real_server = grpc.server
-        monkeypatch.setattr(app_module.grpc, "server",
-                            lambda *a, **kw: real_server(*a, **{**kw, "maximum_concurrent_rpcs": 4}))
+        monkeypatch.setattr(
+            app_module.grpc,
+            "server",
+            lambda *a, **kw: real_server(*a, **{**kw, "maximum_concurrent_rpcs": 4}),
+        )
     gate = threading.Event()
     held = threading.Semaphore(0)
     datasets = app_module.Sandbox.datasets
@@ -415,8 +472,9 @@ def test_no_request_is_shed_by_grpc_without_an_audit_record(tmp_path, sandbox_di
     try:
         # witness=False: a witnessing client may fetch a consistency proof when answers
         # cross (an audited call of its own), which these exact record counts leave out.
-        city = Client.from_directory(f"localhost:{server.port}", pki.consumer_dir("city-bank"), "city-bank",
-                                     witness=False)
+        city = Client.from_directory(
+            f"localhost:{server.port}", pki.consumer_dir("city-bank"), "city-bank", witness=False
+        )
 
         def ask(_):
             try:
@@ -447,8 +505,9 @@ def test_no_request_is_shed_by_grpc_without_an_audit_record(tmp_path, sandbox_di
 
 
 @ON_OFF
-def test_a_request_that_expires_waiting_for_a_thread_is_still_audited(tmp_path, sandbox_dir, pki, monkeypatch,
-                                                                       control):
+def test_a_request_that_expires_waiting_for_a_thread_is_still_audited(
+    tmp_path, sandbox_dir, pki, monkeypatch, control
+):
     """Attack (on the reviewer): keep every request thread busy, so other requests wait
     in gRPC's queue until their deadline passes; gRPC drops them and no record is left."""
     work = tmp_path / "work"
@@ -470,10 +529,16 @@ def test_a_request_that_expires_waiting_for_a_thread_is_still_audited(tmp_path, 
     server = build_server(config).start()
     try:
         # witness=False: exact record counts (see test_no_request_is_shed_by_grpc_without_an_audit_record).
-        city = Client.from_directory(f"localhost:{server.port}", pki.consumer_dir("city-bank"), "city-bank",
-                                     witness=False)
-        river = Client.from_directory(f"localhost:{server.port}", pki.consumer_dir("river-bank"), "river-bank",
-                                      timeout=0.5, witness=False)
+        city = Client.from_directory(
+            f"localhost:{server.port}", pki.consumer_dir("city-bank"), "city-bank", witness=False
+        )
+        river = Client.from_directory(
+            f"localhost:{server.port}",
+            pki.consumer_dir("river-bank"),
+            "river-bank",
+            timeout=0.5,
+            witness=False,
+        )
         with ThreadPoolExecutor(2) as pool:
             busy = [pool.submit(city.list_datasets) for _ in range(2)]
             assert held.acquire(timeout=10) and held.acquire(timeout=10)  # both request threads held
@@ -492,7 +557,10 @@ def test_a_request_that_expires_waiting_for_a_thread_is_still_audited(tmp_path, 
     assert status == health_pb2.HealthCheckResponse.SERVING
     records = audit_records(config)
     if control == "off":
-        assert [r["consumer"] for r in records] == ["city-bank", "city-bank"]  # river-bank's request: no trace
+        assert [r["consumer"] for r in records] == [
+            "city-bank",
+            "city-bank",
+        ]  # river-bank's request: no trace
         return
     assert len(records) == 3
     [dropped] = [r for r in records if r["consumer"] == "river-bank"]
@@ -510,23 +578,32 @@ NARROWING = [
 ]
 WIDENING = [
     ("expires = 2027-12-31", "expires = 2029-01-01"),
-    ('tables = ["enterprises_by_district_industry_size"]',
-     'tables = ["enterprises_by_district_industry_size", "enterprises_by_district_size"]'),
+    (
+        'tables = ["enterprises_by_district_industry_size"]',
+        'tables = ["enterprises_by_district_industry_size", "enterprises_by_district_size"]',
+    ),
     ("epsilon = 5.0", "epsilon = 6.0"),
     ('tax_paid = ["measure"]', 'tax_paid = ["measure", "filter"]'),
     ('purpose = "pre-loan review"', 'purpose = "marketing"'),
 ]
 
 
-@pytest.mark.parametrize("old,new,immediate", [(*e, True) for e in NARROWING] + [(*e, False) for e in WIDENING])
+@pytest.mark.parametrize(
+    "old,new,immediate", [(*e, True) for e in NARROWING] + [(*e, False) for e in WIDENING]
+)
 def test_narrowing_edits_apply_at_once_and_others_only_once_settled(tmp_path, old, new, immediate):
     repo = Path(__file__).resolve().parent.parent
     for name in ("catalog", "policies", "products"):
         shutil.copytree(repo / name, tmp_path / name)
     catalog = load_catalog(tmp_path / "catalog", tmp_path / "sandbox")
     now = [0.0]
-    store = PolicyStore(tmp_path / "policies", catalog, settle_seconds=2.0, clock=lambda: now[0],
-                        products=load_products(tmp_path / "products", catalog))
+    store = PolicyStore(
+        tmp_path / "policies",
+        catalog,
+        settle_seconds=2.0,
+        clock=lambda: now[0],
+        products=load_products(tmp_path / "products", catalog),
+    )
     path = tmp_path / "policies" / "city-bank.toml"
     text = path.read_text()
     assert old in text
@@ -557,8 +634,13 @@ def test_removing_a_grant_applies_at_once_and_adding_it_back_waits(tmp_path):
         shutil.copytree(repo / name, tmp_path / name)
     catalog = load_catalog(tmp_path / "catalog", tmp_path / "sandbox")
     now = [0.0]
-    store = PolicyStore(tmp_path / "policies", catalog, settle_seconds=2.0, clock=lambda: now[0],
-                        products=load_products(tmp_path / "products", catalog))
+    store = PolicyStore(
+        tmp_path / "policies",
+        catalog,
+        settle_seconds=2.0,
+        clock=lambda: now[0],
+        products=load_products(tmp_path / "products", catalog),
+    )
     path = tmp_path / "policies" / "city-bank.toml"
     whole = path.read_text()
     path.write_text(whole[: whole.index("[[grants]]")])

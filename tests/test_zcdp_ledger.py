@@ -15,12 +15,12 @@ from pathlib import Path
 
 import opendp.prelude as dp
 import pytest
-from test_dp_terms import set_accounting
 
 from dataops import ledger as ledger_module
 from dataops.engines.dp_calibrate import rho_for_epsilon, zcdp_to_epsilon
 from dataops.errors import InternalError
 from dataops.ledger import BudgetExhaustedError, Ledger
+from test_dp_terms import set_accounting
 
 dp.enable_features("contrib")
 
@@ -39,7 +39,9 @@ def ledger(tmp_path: Path):
 def opendp_epsilon(rho: float, delta: float = DELTA) -> float:
     """OpenDP's conversion of rho-zCDP at delta: a Gaussian measurement of that rho at d_in 1."""
     scale = 1.0 / math.sqrt(2 * rho)
-    gaussian = dp.m.make_gaussian(dp.atom_domain(T=float, nan=False), dp.absolute_distance(T=float), scale=scale)
+    gaussian = dp.m.make_gaussian(
+        dp.atom_domain(T=float, nan=False), dp.absolute_distance(T=float), scale=scale
+    )
     return dp.c.make_fix_delta(dp.c.make_zCDP_to_approxDP(gaussian), delta).map(1.0)[0]
 
 
@@ -102,7 +104,10 @@ def test_the_grants_delta_is_charged_once_and_the_cap_sums_the_grants(ledger) ->
 
 def test_pure_dp_grants_are_unchanged(ledger) -> None:
     for _ in range(3):
-        assert ledger.reserve("bank", "claims", 0.1, 1e-7, grant_total=(0.3, 1e-6), dataset_total=CAP).epsilon == 0.1
+        assert (
+            ledger.reserve("bank", "claims", 0.1, 1e-7, grant_total=(0.3, 1e-6), dataset_total=CAP).epsilon
+            == 0.1
+        )
     with pytest.raises(BudgetExhaustedError):
         ledger.reserve("bank", "claims", 0.1, 0.0, grant_total=(0.3, 1e-6), dataset_total=CAP)
     assert ledger.spent("bank", "claims") == pytest.approx((0.3, 3e-7))

@@ -10,7 +10,7 @@ that started after its write has finished, so "returned" means "durable".
 from __future__ import annotations
 
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 
 class GroupSync:

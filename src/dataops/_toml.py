@@ -17,7 +17,7 @@ from typing import Any
 from dataops.errors import LoadError
 
 
-def read_toml(path: Path, error: type[LoadError]) -> "Table":
+def read_toml(path: Path, error: type[LoadError]) -> Table:
     try:
         with path.open("rb") as f:
             data = tomllib.load(f)
@@ -52,7 +52,9 @@ class Table:
             if default is not ...:
                 return default
             # A misspelt key is the mistake to report, not the missing one it was meant to be.
-            for near in difflib.get_close_matches(key, [k for k in self.data if k not in self._read], 1, 0.75):
+            for near in difflib.get_close_matches(
+                key, [k for k in self.data if k not in self._read], 1, 0.75
+            ):
                 raise self.fail(near, f"unknown key, did you mean {key!r}?")
             raise self.fail(key, "is required")
         return self.data[key]
@@ -71,9 +73,7 @@ class Table:
         value = self.raw(key, default)
         if value is default and default is not ...:
             return value
-        if isinstance(value, bool) or not isinstance(value, int) or (
-            minimum is not None and value < minimum
-        ):
+        if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
             floor = f" >= {minimum}" if minimum is not None else ""
             raise self.fail(key, f"must be an integer{floor}, got {value!r}")
         return value
@@ -102,7 +102,7 @@ class Table:
             raise self.fail(key, f"must be a list, got {value!r}")
         return value
 
-    def table(self, key: str, *, required: bool = True) -> "Table | None":
+    def table(self, key: str, *, required: bool = True) -> Table | None:
         value = self.raw(key, None if not required else ...)
         if value is None:
             return None
@@ -110,7 +110,7 @@ class Table:
             raise self.fail(key, f"must be a table, got {value!r}")
         return Table(value, self.path, f"{self.key(key)}.", self.error)
 
-    def tables(self, key: str) -> Iterator["Table"]:
+    def tables(self, key: str) -> Iterator[Table]:
         """An array of tables, e.g. [[grants]]."""
         value = self.raw(key, [])
         if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
@@ -127,10 +127,14 @@ class Table:
         unknown = sorted(set(self.data) - self._read)
         if unknown:
             # Every unknown key of this table at once, each with the nearest known key.
-            raise self.error("\n".join(f"{self.path}: {self.key(k)}: {unknown_key(k, self._read)}" for k in unknown))
+            raise self.error(
+                "\n".join(f"{self.path}: {self.key(k)}: {unknown_key(k, self._read)}" for k in unknown)
+            )
 
 
-def unknown_key(key: str, known: "set[str] | list[str]") -> str:
+def unknown_key(key: str, known: set[str] | list[str]) -> str:
     """'unknown key, did you mean ...?' or 'unknown key (misspelt, or not supported here)'."""
     near = difflib.get_close_matches(key, sorted(known), 1, 0.6)
-    return f"unknown key, did you mean {near[0]!r}?" if near else "unknown key (misspelt, or not supported here)"
+    return (
+        f"unknown key, did you mean {near[0]!r}?" if near else "unknown key (misspelt, or not supported here)"
+    )

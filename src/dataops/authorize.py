@@ -27,8 +27,9 @@ Rules, in the order they are checked (the first that fails decides):
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from dataops.catalog import Catalog, Classification, Dataset
 from dataops.errors import FieldViolation, InvalidQuery, PolicyDenied, UnknownConsumer, UnknownDataset
@@ -59,8 +60,10 @@ def consumer_policy(policies: PolicySet, consumer: str) -> ConsumerPolicy:
         raise UnknownConsumer(f"no policy for consumer {consumer!r}", rule="consumer.unknown")
     if policy.invalid is not None:
         # Not the operator's error text: it quotes files and keys, none of the consumer's business.
-        raise UnknownConsumer(f"the policy of consumer {consumer!r} is invalid; refused until the operator "
-                              "fixes it", rule="consumer.policy_invalid")
+        raise UnknownConsumer(
+            f"the policy of consumer {consumer!r} is invalid; refused until the operator fixes it",
+            rule="consumer.policy_invalid",
+        )
     if policy.revoked:
         raise UnknownConsumer(f"consumer {consumer!r} is revoked", rule="consumer.revoked")
     return policy
@@ -122,7 +125,11 @@ def _check_column(dataset: Dataset, grant: Grant | None, column: str, use: Use, 
 
 
 def authorize(
-    policies: PolicySet, catalog: Catalog, consumer: str, query: Query, today: dt.date,
+    policies: PolicySet,
+    catalog: Catalog,
+    consumer: str,
+    query: Query,
+    today: dt.date,
     tables: Mapping[str, Any] | None = None,
 ) -> Decision:
     """`tables`: the table products by id (`Products.tables`); exact queries need them."""
@@ -147,7 +154,9 @@ def authorize(
         _check_column(dataset, column_grant, filter_.column, Use.FILTER, f"query.filters[{i}].column")
     for i, aggregate in enumerate(query.aggregates):
         if aggregate.column:
-            _check_column(dataset, column_grant, aggregate.column, Use.MEASURE, f"query.aggregates[{i}].column")
+            _check_column(
+                dataset, column_grant, aggregate.column, Use.MEASURE, f"query.aggregates[{i}].column"
+            )
         if dp and aggregate.function not in grant.functions:
             raise PolicyDenied(
                 f"the grant on {dataset.id!r} does not allow {aggregate.function.value}",

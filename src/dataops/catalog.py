@@ -12,11 +12,12 @@ import datetime as dt
 import math
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path, PurePosixPath
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 from dataops._toml import Table, read_toml
 from dataops.errors import CatalogError
@@ -214,9 +215,7 @@ def _read_column(col: Table, name: str) -> Column:
     try:
         classification = Classification(col.str("classification"))
     except ValueError:
-        raise col.fail(
-            "classification", f"must be one of {[c.value for c in Classification]}"
-        ) from None
+        raise col.fail("classification", f"must be one of {[c.value for c in Classification]}") from None
 
     bounds = None
     if col.has("bounds"):
@@ -244,9 +243,7 @@ def _read_column(col: Table, name: str) -> Column:
         raw = col.list("bins")
         if not ctype.numeric:
             raise col.fail("bins", f"only numeric columns have bins; {name!r} is {ctype.value}")
-        if len(raw) < 2 or not all(_is_number(v) for v in raw) or any(
-            a >= b for a, b in zip(raw, raw[1:])
-        ):
+        if len(raw) < 2 or not all(_is_number(v) for v in raw) or any(a >= b for a, b in zip(raw, raw[1:])):
             raise col.fail("bins", f"must be at least two strictly ascending numbers, got {raw!r}")
         bins = tuple(float(v) for v in raw)
 
@@ -308,8 +305,10 @@ def check_data(dataset: Dataset) -> None:
     try:
         schema = pl.scan_parquet(dataset.path).collect_schema()
     except Exception as exc:  # polars raises its own error types for a damaged file
-        raise CatalogError(f"{dataset.source}: location: {dataset.path} is not a readable Parquet file "
-                           f"({type(exc).__name__})") from None
+        raise CatalogError(
+            f"{dataset.source}: location: {dataset.path} is not a readable Parquet file "
+            f"({type(exc).__name__})"
+        ) from None
     problems = []  # every mismatching column at once, one line each
     for name, column in dataset.columns.items():
         if name not in schema:
@@ -317,7 +316,9 @@ def check_data(dataset: Dataset) -> None:
             continue
         actual = column_type_of(schema[name])
         if actual is not column.type:
-            problems.append(f"{dataset.source}: columns.{name}.type: catalog says {column.type.value}, "
-                            f"the data has {schema[name]}")
+            problems.append(
+                f"{dataset.source}: columns.{name}.type: catalog says {column.type.value}, "
+                f"the data has {schema[name]}"
+            )
     if problems:
         raise CatalogError("\n".join(problems))

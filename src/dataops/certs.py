@@ -116,8 +116,14 @@ def init_authority(
     )
     server_key = ec.generate_private_key(ec.SECP256R1())
     server_cert = _sign_leaf(
-        ca_key, ca_cert, server_key, SERVER_COMMON_NAME, san,
-        ExtendedKeyUsageOID.SERVER_AUTH, not_before, not_after,
+        ca_key,
+        ca_cert,
+        server_key,
+        SERVER_COMMON_NAME,
+        san,
+        ExtendedKeyUsageOID.SERVER_AUTH,
+        not_before,
+        not_after,
     )
 
     # 0700 so the CA key is not even listable by others (applies only if we create it).
@@ -180,8 +186,14 @@ def issue_consumer(
     # The URI SAN carries the identity in a typed, unambiguous form for tools that ignore CNs.
     san = [x509.UniformResourceIdentifier(CONSUMER_URI_PREFIX + consumer)]
     cert = _sign_leaf(
-        ca_key, ca_cert, key, consumer, san,
-        ExtendedKeyUsageOID.CLIENT_AUTH, not_before, not_after,
+        ca_key,
+        ca_cert,
+        key,
+        consumer,
+        san,
+        ExtendedKeyUsageOID.CLIENT_AUTH,
+        not_before,
+        not_after,
     )
 
     target.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -231,29 +243,41 @@ def consumer_identity_from_certificate(pem: bytes) -> str:
     Raises IdentityError naming the failed rule; the caller refuses the request.
     """
     try:
-        cert = (x509.load_pem_x509_certificate(pem) if pem.lstrip().startswith(b"-----")
-                else x509.load_der_x509_certificate(pem))
+        cert = (
+            x509.load_pem_x509_certificate(pem)
+            if pem.lstrip().startswith(b"-----")
+            else x509.load_der_x509_certificate(pem)
+        )
     except ValueError:
         raise IdentityError("the client certificate cannot be parsed", "identity.certificate") from None
     names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     if len(names) != 1:
-        raise IdentityError(f"the client certificate has {len(names)} common names, not one",
-                            "identity.common_name")
+        raise IdentityError(
+            f"the client certificate has {len(names)} common names, not one", "identity.common_name"
+        )
     name = names[0].value
     # isprintable() refuses NUL and every control character; the pattern refuses the rest.
     if not isinstance(name, str) or not name.isprintable() or not _CONSUMER_NAME.fullmatch(name):
-        raise IdentityError("the client certificate's common name is not a consumer name",
-                            "identity.common_name")
+        raise IdentityError(
+            "the client certificate's common name is not a consumer name", "identity.common_name"
+        )
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
-        raise IdentityError("the client certificate has no subjectAltName naming its consumer",
-                            "identity.san") from None
-    uris = [u for u in san.get_values_for_type(x509.UniformResourceIdentifier)
-            if u.startswith(CONSUMER_URI_PREFIX)]
+        raise IdentityError(
+            "the client certificate has no subjectAltName naming its consumer", "identity.san"
+        ) from None
+    uris = [
+        u
+        for u in san.get_values_for_type(x509.UniformResourceIdentifier)
+        if u.startswith(CONSUMER_URI_PREFIX)
+    ]
     if uris != [CONSUMER_URI_PREFIX + name]:
-        raise IdentityError("the client certificate's subjectAltName does not name the consumer of its "
-                            "common name (exactly one dataops:consumer: URI)", "identity.san")
+        raise IdentityError(
+            "the client certificate's subjectAltName does not name the consumer of its "
+            "common name (exactly one dataops:consumer: URI)",
+            "identity.san",
+        )
     return name
 
 
@@ -262,14 +286,23 @@ def _name(common_name: str) -> x509.Name:
 
 
 def _validity(days: int) -> tuple[dt.datetime, dt.datetime]:
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     return now - _CLOCK_SKEW, now + dt.timedelta(days=days)
 
 
 def _key_usage(**enabled: bool) -> x509.KeyUsage:
     flags = dict.fromkeys(
-        ("digital_signature", "content_commitment", "key_encipherment", "data_encipherment",
-         "key_agreement", "key_cert_sign", "crl_sign", "encipher_only", "decipher_only"),
+        (
+            "digital_signature",
+            "content_commitment",
+            "key_encipherment",
+            "data_encipherment",
+            "key_agreement",
+            "key_cert_sign",
+            "crl_sign",
+            "encipher_only",
+            "decipher_only",
+        ),
         False,
     )
     flags.update(enabled)
@@ -387,15 +420,17 @@ def revoke(directory: Path, certificate: Path) -> Path:
     if cert.issuer != ca_cert.subject:
         raise CertificateError(f"{certificate} was not issued by the CA in {directory}")
     path = directory / CRL_NAME
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     serials = {cert.serial_number}
     number = time.time_ns() // 1000
     if path.exists():
         try:
             old = x509.load_pem_x509_crl(path.read_bytes())
         except ValueError as exc:
-            raise CertificateError(f"{path} is not a readable CRL ({exc}); restore it from a backup "
-                                   "(replacing it would un-revoke what it lists)") from None
+            raise CertificateError(
+                f"{path} is not a readable CRL ({exc}); restore it from a backup "
+                "(replacing it would un-revoke what it lists)"
+            ) from None
         serials.update(entry.serial_number for entry in old)
         number = max(number, _crl_number(old) + 1)
     builder = (
@@ -453,8 +488,10 @@ class RevocationList:
             return int(doc["crl_number"]), frozenset(int(s) for s in doc["serials"]), True
         except (OSError, ValueError, KeyError, TypeError) as exc:
             # A damaged memory of revocations cannot be trusted to be complete.
-            raise CertificateError(f"{self.state_path}: unreadable revocation state ({exc}); restore it "
-                                   "from a backup (deleting it forgets revocations)") from None
+            raise CertificateError(
+                f"{self.state_path}: unreadable revocation state ({exc}); restore it "
+                "from a backup (deleting it forgets revocations)"
+            ) from None
 
     def _save_state(self) -> None:
 
@@ -517,7 +554,10 @@ class RevocationList:
                 # refuse it; the remembered serials stay revoked.
                 log.error(
                     "%s: CRL number %d does not rise above %d; refused, the newer revocations stay",
-                    self.path, number, self.number)
+                    self.path,
+                    number,
+                    self.number,
+                )
             return
         # Union, not replace: a serial once revoked stays revoked.
         self.number, self._serials, self.seen = number, self._serials | serials, True
@@ -559,11 +599,15 @@ def list_certificates(directory: Path) -> list[CertificateInfo]:
     directory = Path(directory)
     ca_path = directory / "ca.crt"
     if not ca_path.exists():
-        raise CertificateError(f"no certificate authority in {directory} (create one with `dataops certs init`)")
+        raise CertificateError(
+            f"no certificate authority in {directory} (create one with `dataops certs init`)"
+        )
     revocations = RevocationList(ca_path)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     found = [("ca", ca_path), ("server", directory / "server.crt")]
-    found += [("consumer", p) for p in sorted((directory / "consumers").glob("*/*.crt")) if p.name != "ca.crt"]
+    found += [
+        ("consumer", p) for p in sorted((directory / "consumers").glob("*/*.crt")) if p.name != "ca.crt"
+    ]
     out = []
     for role, path in found:
         if not path.exists():
@@ -587,6 +631,14 @@ def list_certificates(directory: Path) -> list[CertificateInfo]:
         else:
             status = "valid"
         common = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-        out.append(CertificateInfo(role, str(common[0].value) if common else "", status,
-                                   cert.not_valid_after_utc.isoformat(), names, str(path)))
+        out.append(
+            CertificateInfo(
+                role,
+                str(common[0].value) if common else "",
+                status,
+                cert.not_valid_after_utc.isoformat(),
+                names,
+                str(path),
+            )
+        )
     return out

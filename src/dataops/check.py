@@ -56,7 +56,9 @@ def _every_grant_error(path: Path, catalog, first: LoadError, products=None) -> 
             _load_policy(path, tomli_w.dumps(one).encode("utf-8"), catalog, products)
         except LoadError as exc:
             for line in str(exc).splitlines():
-                errors[line.replace(": grants[0]", f": grants[{i - 1}]", 1) if grant is not None else line] = None
+                errors[
+                    line.replace(": grants[0]", f": grants[{i - 1}]", 1) if grant is not None else line
+                ] = None
     return list(errors)
 
 
@@ -116,15 +118,20 @@ def check_all(config: ServerConfig, *, policies_dir: Path | None = None) -> Chec
 
     for policy in sorted(consumers.values(), key=lambda p: p.consumer):
         state = "REVOKED" if policy.revoked else "ok"
-        grants = ", ".join(
-            f"{g.dataset} ({'/'.join(sorted(m.value for m in g.modes))}, until {g.expires})"
-            for g in policy.grants.values()
-        ) or "no grants"
+        grants = (
+            ", ".join(
+                f"{g.dataset} ({'/'.join(sorted(m.value for m in g.modes))}, until {g.expires})"
+                for g in policy.grants.values()
+            )
+            or "no grants"
+        )
         report.summary.append(f"{state:7} {policy.consumer:20} zone {policy.zone}: {grants}")
     if not report.errors:
         from dataops.policy import load_policies
 
         policies: PolicySet = load_policies(policy_dir, catalog, products)  # the version `serve` would record
-        report.summary.append(f"{len(policies.consumers)} policies valid against {len(catalog.datasets)} catalog "
-                              f"entries and their data; version {policies.version[:12]}")
+        report.summary.append(
+            f"{len(policies.consumers)} policies valid against {len(catalog.datasets)} catalog "
+            f"entries and their data; version {policies.version[:12]}"
+        )
     return report

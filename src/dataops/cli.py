@@ -34,16 +34,19 @@ import math
 import os
 import re
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from dataops import ir
 from dataops.errors import LoadError, RequestError
 
 DEFAULT_CONFIG = Path("dataops.toml")
 OK, REFUSED, USAGE = 0, 1, 2
-EXIT_CODES = ("exit codes: 0 success; 1 refused (by the server, or the server cannot be reached; "
-              "a denied explain, a failed check); 2 usage (command line or a local file it names)")
+EXIT_CODES = (
+    "exit codes: 0 success; 1 refused (by the server, or the server cannot be reached; "
+    "a denied explain, a failed check); 2 usage (command line or a local file it names)"
+)
 
 
 class UsageError(Exception):
@@ -90,20 +93,38 @@ def add_query_options(parser: argparse.ArgumentParser, dataset_required: bool = 
     parser.add_argument("dataset", help="dataset id", **({} if dataset_required else {"nargs": "?"}))
     parser.add_argument("--group-by", "-g", action="append", default=[], metavar="COLUMN")
     parser.add_argument(
-        "--agg", "-a", action="append", default=[], metavar="SPEC",
+        "--agg",
+        "-a",
+        action="append",
+        default=[],
+        metavar="SPEC",
         help="count | count_units | sum:COL | mean:COL | median:COL | quantile:Q:COL, or mean(COL) "
-             "(repeatable; default count)",
+        "(repeatable; default count)",
     )
-    parser.add_argument("--eq", action="append", default=[], metavar="COL=VALUE",
-                        help="numbers and true/false are typed; quote to force a string: 'COL=\"0101\"'")
+    parser.add_argument(
+        "--eq",
+        action="append",
+        default=[],
+        metavar="COL=VALUE",
+        help="numbers and true/false are typed; quote to force a string: 'COL=\"0101\"'",
+    )
     parser.add_argument("--in", dest="in_", action="append", default=[], metavar="COL=V1,V2,...")
-    parser.add_argument("--range", action="append", default=[], metavar="COL=LOW:HIGH",
-                        help="inclusive; leave an end empty for an open range")
+    parser.add_argument(
+        "--range",
+        action="append",
+        default=[],
+        metavar="COL=LOW:HIGH",
+        help="inclusive; leave an end empty for an open range",
+    )
     parser.add_argument("--mode", choices=[m.value for m in ir.Mode], default=ir.Mode.AGGREGATE.value)
     parser.add_argument("--epsilon", type=float)
     parser.add_argument("--delta", type=float, default=0.0)
-    parser.add_argument("--target-half-width", type=float, metavar="W",
-                        help="DP: spend just enough for a 95%% half-width of W")
+    parser.add_argument(
+        "--target-half-width",
+        type=float,
+        metavar="W",
+        help="DP: spend just enough for a 95%% half-width of W",
+    )
     parser.add_argument("--purpose", default="", help="the purpose of this query; must be your grant's")
 
 
@@ -137,12 +158,15 @@ def query_from_args(args: argparse.Namespace) -> ir.Query:
             low, sep, high = bounds.partition(":")
             if not sep:
                 raise UsageError(f"--range {text!r}: expected COLUMN=LOW:HIGH")
-            filters.append(ir.Between(column, parse_literal(low) if low else None,
-                                      parse_literal(high) if high else None))
+            filters.append(
+                ir.Between(column, parse_literal(low) if low else None, parse_literal(high) if high else None)
+            )
         mode = ir.Mode(args.mode)
         privacy = None
         if mode is ir.Mode.DP:
-            privacy = ir.Privacy(epsilon=args.epsilon, delta=args.delta, target_half_width=args.target_half_width)
+            privacy = ir.Privacy(
+                epsilon=args.epsilon, delta=args.delta, target_half_width=args.target_half_width
+            )
         elif args.epsilon is not None or args.target_half_width is not None:
             raise UsageError("--epsilon and --target-half-width apply to --mode dp only")
         return ir.Query(
@@ -180,8 +204,8 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]], *, right:
     cells = [[_fmt(v) for v in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(header)]
     numeric = list(right) or [
-        bool(rows) and all(isinstance(r[i], (int, float)) and not isinstance(r[i], bool) or r[i] is None
-                           for r in rows)
+        bool(rows)
+        and all(isinstance(r[i], (int, float)) and not isinstance(r[i], bool) or r[i] is None for r in rows)
         for i in range(len(header))
     ]
 
@@ -247,7 +271,8 @@ def connection(args: argparse.Namespace) -> dict[str, Any]:
     if missing:
         raise UsageError(
             f"no {', '.join(missing)}: pass --{missing[0]} FILE, set {ENVIRONMENT[missing[0]]}, or write them "
-            f"in a profile ({profile_path(None) or '~/.config/dataops/profile.toml'} or --profile FILE)")
+            f"in a profile ({profile_path(None) or '~/.config/dataops/profile.toml'} or --profile FILE)"
+        )
     try:
         settings["timeout"] = float(settings["timeout"])
     except ValueError:
@@ -257,14 +282,18 @@ def connection(args: argparse.Namespace) -> dict[str, Any]:
 
 def add_connection_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
-        "connection", "each from its flag, else DATAOPS_TARGET, DATAOPS_CERT, DATAOPS_KEY, DATAOPS_CA, "
-                      "DATAOPS_SERVER_NAME, DATAOPS_TIMEOUT, else the profile file (--profile, "
-                      "DATAOPS_PROFILE or ~/.config/dataops/profile.toml)")
+        "connection",
+        "each from its flag, else DATAOPS_TARGET, DATAOPS_CERT, DATAOPS_KEY, DATAOPS_CA, "
+        "DATAOPS_SERVER_NAME, DATAOPS_TIMEOUT, else the profile file (--profile, "
+        "DATAOPS_PROFILE or ~/.config/dataops/profile.toml)",
+    )
     group.add_argument("--target", help="host:port of the server (default localhost:50051)")
     group.add_argument("--cert", type=Path, help="your certificate (from `dataops certs issue`)")
     group.add_argument("--key", type=Path, help="your private key")
     group.add_argument("--ca", type=Path, help="the platform CA certificate")
-    group.add_argument("--server-name", help="the name to verify the server certificate against, if not the target's")
+    group.add_argument(
+        "--server-name", help="the name to verify the server certificate against, if not the target's"
+    )
     group.add_argument("--timeout", type=float, help="seconds to wait for an answer (default 60)")
     group.add_argument("--profile", type=Path, metavar="FILE", help="a profile TOML file")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -274,8 +303,14 @@ def _client(args: argparse.Namespace):
     from dataops.client import Client
 
     s = connection(args)
-    return Client(s["target"], cert=s["cert"], key=s["key"], ca=s["ca"], server_name=s["server_name"],
-                  timeout=s["timeout"])
+    return Client(
+        s["target"],
+        cert=s["cert"],
+        key=s["key"],
+        ca=s["ca"],
+        server_name=s["server_name"],
+        timeout=s["timeout"],
+    )
 
 
 # --- consumer commands ---------------------------------------------------------------
@@ -301,10 +336,14 @@ def cmd_datasets(args: argparse.Namespace) -> int:
         if args.dataset:
             description = client.describe(args.dataset)
             if args.json:
-                _json({"dataset": dataclasses.asdict(description.dataset),
-                       "columns": [dataclasses.asdict(c) for c in description.columns],
-                       "grant": dataclasses.asdict(description.grant),
-                       "tables": [dataclasses.asdict(t) for t in description.tables]})
+                _json(
+                    {
+                        "dataset": dataclasses.asdict(description.dataset),
+                        "columns": [dataclasses.asdict(c) for c in description.columns],
+                        "grant": dataclasses.asdict(description.grant),
+                        "tables": [dataclasses.asdict(t) for t in description.tables],
+                    }
+                )
             else:
                 print_description(description)
             return OK
@@ -318,19 +357,34 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 
 def print_description(description: Any, out: Callable[[str], None] = print) -> None:
     d, g = description.dataset, description.grant
-    out(f"{d.id} ({d.zone}): {d.title}\n  {d.description}\n  provider {d.provider}; "
-        f"privacy unit {d.privacy_unit} " + (f"(<= {d.max_rows_per_unit} rows each)" if d.max_rows_per_unit
-                                               else "(rows per unit not set: DP is off)"))
-    out(f"  grant: {g.purpose}, expires {g.expires}, modes {'/'.join(g.modes)}, "
-        f"DP budget epsilon {g.epsilon:g} delta {g.delta:g}")
+    out(
+        f"{d.id} ({d.zone}): {d.title}\n  {d.description}\n  provider {d.provider}; "
+        f"privacy unit {d.privacy_unit} "
+        + (
+            f"(<= {d.max_rows_per_unit} rows each)"
+            if d.max_rows_per_unit
+            else "(rows per unit not set: DP is off)"
+        )
+    )
+    out(
+        f"  grant: {g.purpose}, expires {g.expires}, modes {'/'.join(g.modes)}, "
+        f"DP budget epsilon {g.epsilon:g} delta {g.delta:g}"
+    )
     for t in getattr(description, "tables", ()):
-        rules = f"min {t.rules.min_units} units, dominance {t.rules.dominance_n}/{t.rules.dominance_percent:g}%"
+        rules = (
+            f"min {t.rules.min_units} units, dominance {t.rules.dominance_n}/{t.rules.dominance_percent:g}%"
+        )
         if t.rules.p_percent is not None:
             rules += f", p% {t.rules.p_percent:g}"
-        out(f"  table {t.id}: {' x '.join(d.column for d in t.dimensions)}; "
-            f"{', '.join(m.name for m in t.measures)} ({rules})")
+        out(
+            f"  table {t.id}: {' x '.join(d.column for d in t.dimensions)}; "
+            f"{', '.join(m.name for m in t.measures)} ({rules})"
+        )
     rows = [(c.name, c.type, c.classification, ",".join(c.allowed_uses) or "-") for c in description.columns]
-    out("  " + format_table(("column", "type", "classification", "you may use it as"), rows).replace("\n", "\n  "))
+    out(
+        "  "
+        + format_table(("column", "type", "classification", "you may use it as"), rows).replace("\n", "\n  ")
+    )
 
 
 def _accuracy_json(accuracy: Any) -> list[dict[str, Any]]:
@@ -338,10 +392,13 @@ def _accuracy_json(accuracy: Any) -> list[dict[str, Any]]:
 
 
 def add_sql_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sql", metavar="TEXT",
-                        help='the question as one SQL SELECT (docs/api.md, "SQL"), e.g. '
-                             '"SELECT district, COUNT(*) FROM enterprise_credit GROUP BY district"; '
-                             "--mode/--epsilon/--delta/--target-half-width/--purpose still apply")
+    parser.add_argument(
+        "--sql",
+        metavar="TEXT",
+        help='the question as one SQL SELECT (docs/api.md, "SQL"), e.g. '
+        '"SELECT district, COUNT(*) FROM enterprise_credit GROUP BY district"; '
+        "--mode/--epsilon/--delta/--target-half-width/--purpose still apply",
+    )
 
 
 def _sql_kwargs(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -350,13 +407,26 @@ def _sql_kwargs(args: argparse.Namespace) -> dict[str, Any] | None:
         if not args.dataset:
             raise UsageError('name a DATASET, or give the question as --sql "SELECT ..."')
         return None
-    options = (("--group-by", "group_by"), ("--agg", "agg"), ("--eq", "eq"), ("--in", "in_"), ("--range", "range"))
+    options = (
+        ("--group-by", "group_by"),
+        ("--agg", "agg"),
+        ("--eq", "eq"),
+        ("--in", "in_"),
+        ("--range", "range"),
+    )
     structured = [flag for flag, dest in options if getattr(args, dest)]
     if args.dataset or structured:
-        raise UsageError("--sql names the dataset, groups, aggregates and filters itself; "
-                         f"drop {' '.join(([args.dataset] if args.dataset else []) + structured)}")
-    return {"mode": args.mode, "epsilon": args.epsilon, "delta": args.delta,
-            "target_half_width": args.target_half_width, "purpose": args.purpose}
+        raise UsageError(
+            "--sql names the dataset, groups, aggregates and filters itself; "
+            f"drop {' '.join(([args.dataset] if args.dataset else []) + structured)}"
+        )
+    return {
+        "mode": args.mode,
+        "epsilon": args.epsilon,
+        "delta": args.delta,
+        "target_half_width": args.target_half_width,
+        "purpose": args.purpose,
+    }
 
 
 def cmd_query(args: argparse.Namespace) -> int:
@@ -366,15 +436,17 @@ def cmd_query(args: argparse.Namespace) -> int:
         result = client.run(query) if sql is None else client.sql(args.sql, **sql)
     if args.json:
         table = result.table
-        _json({
-            "columns": table.column_names,
-            "rows": table.to_pylist(),
-            "rows_suppressed": result.rows_suppressed,
-            "accuracy": _accuracy_json(result.accuracy.values()),
-            "spend": dataclasses.asdict(result.spend) if result.spend is not None else None,
-            "reused": result.reused,
-            "receipt": dataclasses.asdict(result.receipt),
-        })
+        _json(
+            {
+                "columns": table.column_names,
+                "rows": table.to_pylist(),
+                "rows_suppressed": result.rows_suppressed,
+                "accuracy": _accuracy_json(result.accuracy.values()),
+                "spend": dataclasses.asdict(result.spend) if result.spend is not None else None,
+                "reused": result.reused,
+                "receipt": dataclasses.asdict(result.receipt),
+            }
+        )
         return OK
     print_result(result)
     return OK
@@ -386,9 +458,11 @@ def print_result(result: Any, out: Callable[[str], None] = print) -> None:
     out(format_table(table.column_names, rows))
     notes = [f"{table.num_rows} rows", f"{result.rows_suppressed} suppressed"]
     if result.spend is not None and (result.spend.epsilon or result.spend.delta):
-        notes.append(f"spent epsilon {result.spend.epsilon:.4g}"
-                     + (f" delta {result.spend.delta:.3g}" if result.spend.delta else "")
-                     + f" (remaining {result.spend.remaining_epsilon:.4g})")
+        notes.append(
+            f"spent epsilon {result.spend.epsilon:.4g}"
+            + (f" delta {result.spend.delta:.3g}" if result.spend.delta else "")
+            + f" (remaining {result.spend.remaining_epsilon:.4g})"
+        )
     if result.reused:
         notes.append("reused an earlier release: nothing spent")
     notes.append(f"receipt #{result.receipt.sequence} {result.receipt.hash[:12]}")
@@ -399,10 +473,18 @@ def print_result(result: Any, out: Callable[[str], None] = print) -> None:
 def print_accuracy(accuracy: Any, out: Callable[[str], None] = print) -> None:
     noisy = [a for a in accuracy if a.noise_scale]
     if noisy:
-        out("  accuracy: " + "; ".join(
-            (f"{a.column} ± {_fmt(a.half_width_95)} at 95%" if math.isfinite(a.half_width_95)
-             else f"{a.column} ± (no closed form)") + f" ({a.mechanism}, scale {_fmt(a.noise_scale)})"
-            for a in noisy))
+        out(
+            "  accuracy: "
+            + "; ".join(
+                (
+                    f"{a.column} ± {_fmt(a.half_width_95)} at 95%"
+                    if math.isfinite(a.half_width_95)
+                    else f"{a.column} ± (no closed form)"
+                )
+                + f" ({a.mechanism}, scale {_fmt(a.noise_scale)})"
+                for a in noisy
+            )
+        )
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
@@ -412,19 +494,30 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         estimate = client.estimate_query(query) if sql is None else client.estimate_sql(args.sql, **sql)
     s = estimate.spend
     if args.json:
-        _json({"spend": dataclasses.asdict(s), "accuracy": _accuracy_json(estimate.accuracy),
-               "receipt": dataclasses.asdict(estimate.receipt)})
+        _json(
+            {
+                "spend": dataclasses.asdict(s),
+                "accuracy": _accuracy_json(estimate.accuracy),
+                "receipt": dataclasses.asdict(estimate.receipt),
+            }
+        )
         return OK
     if (query.mode if query is not None else ir.Mode(args.mode)) is ir.Mode.DP:
         enough = s.epsilon <= s.remaining_epsilon + 1e-12 and s.delta <= s.remaining_delta + 1e-15
-        print(f"would spend epsilon {s.epsilon:.4g}" + (f" delta {s.delta:.3g}" if s.delta else "")
-              + f" of {s.remaining_epsilon:.4g} remaining" + ("" if enough else ": NOT ENOUGH BUDGET")
-              + "; nothing was run or spent")
+        print(
+            f"would spend epsilon {s.epsilon:.4g}"
+            + (f" delta {s.delta:.3g}" if s.delta else "")
+            + f" of {s.remaining_epsilon:.4g} remaining"
+            + ("" if enough else ": NOT ENOUGH BUDGET")
+            + "; nothing was run or spent"
+        )
         rows = [(a.column, a.mechanism, a.noise_scale, a.half_width_95) for a in estimate.accuracy]
         print(format_table(("column", "mechanism", "noise scale", "± at 95%"), rows))
     else:
-        print("an exact aggregate query spends no privacy budget; output controls apply at run time "
-              "(small or dominated cells are suppressed)")
+        print(
+            "an exact aggregate query spends no privacy budget; output controls apply at run time "
+            "(small or dominated cells are suppressed)"
+        )
     return OK
 
 
@@ -432,13 +525,33 @@ def cmd_budget(args: argparse.Namespace) -> int:
     with _client(args) as client:
         budgets = client.budgets(args.dataset or "")
     if args.json:
-        _json([{**dataclasses.asdict(b), "epsilon_remaining": b.epsilon_remaining,
-                "delta_remaining": b.delta_remaining} for b in budgets])
+        _json(
+            [
+                {
+                    **dataclasses.asdict(b),
+                    "epsilon_remaining": b.epsilon_remaining,
+                    "delta_remaining": b.delta_remaining,
+                }
+                for b in budgets
+            ]
+        )
         return OK
-    print(format_table(
-        ("dataset", "epsilon spent", "epsilon total", "epsilon left", "delta spent", "delta total"),
-        [(b.dataset_id, b.epsilon_spent, b.epsilon_total, b.epsilon_remaining, b.delta_spent, b.delta_total)
-         for b in budgets]))
+    print(
+        format_table(
+            ("dataset", "epsilon spent", "epsilon total", "epsilon left", "delta spent", "delta total"),
+            [
+                (
+                    b.dataset_id,
+                    b.epsilon_spent,
+                    b.epsilon_total,
+                    b.epsilon_remaining,
+                    b.delta_spent,
+                    b.delta_total,
+                )
+                for b in budgets
+            ],
+        )
+    )
     return OK
 
 
@@ -460,9 +573,11 @@ def cmd_init(args: argparse.Namespace) -> int:
 
     made = scaffold(args.directory, server_names=args.server_name, ips=args.ip, listen=args.listen)
     print(f"created {args.directory}/ with {', '.join(made)}")
-    print(f"next: dataops ingest FILE --dataset ID --zone ZONE -c {args.directory}/dataops.toml, classify "
-          f"its columns in catalog/ID.toml, grant a consumer in policies/, `dataops certs issue NAME`, "
-          f"then `dataops serve -c {args.directory}/dataops.toml`")
+    print(
+        f"next: dataops ingest FILE --dataset ID --zone ZONE -c {args.directory}/dataops.toml, classify "
+        f"its columns in catalog/ID.toml, grant a consumer in policies/, `dataops certs issue NAME`, "
+        f"then `dataops serve -c {args.directory}/dataops.toml`"
+    )
     return OK
 
 
@@ -472,10 +587,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = _config(args)
     if args.listen:
         try:
-            server = dataclasses.replace(config.server, listen=args.listen)  # validated as the file's would be
+            server = dataclasses.replace(
+                config.server, listen=args.listen
+            )  # validated as the file's would be
         except LoadError:
-            raise UsageError(f"--listen {args.listen!r}: expected HOST:PORT (IPv6 in brackets, [::1]:50051)") \
-                from None
+            raise UsageError(
+                f"--listen {args.listen!r}: expected HOST:PORT (IPv6 in brackets, [::1]:50051)"
+            ) from None
         config = dataclasses.replace(config, server=server)
     server = build_server(config).start()
     print(f"dataops serving on {server.target} (mTLS); SIGTERM or Ctrl-C stops it", flush=True)
@@ -505,8 +623,10 @@ def cmd_certs_init(args: argparse.Namespace) -> int:
     names = ["localhost", *[n for n in args.server_name if n != "localhost"]]
     ips = ["127.0.0.1", "::1", *[i for i in args.ip if i not in ("127.0.0.1", "::1")]]
     files = init_authority(_pki_dir(args), server_names=names, server_ips=ips, force=args.force)
-    print(f"CA certificate   {files.ca_cert}\nserver cert/key  {files.server_cert}, {files.server_key}\n"
-          f"server names     {', '.join(names + ips)}")
+    print(
+        f"CA certificate   {files.ca_cert}\nserver cert/key  {files.server_cert}, {files.server_key}\n"
+        f"server names     {', '.join(names + ips)}"
+    )
     return OK
 
 
@@ -535,9 +655,13 @@ def cmd_certs_list(args: argparse.Namespace) -> int:
     if args.json:
         _json([dataclasses.asdict(e) for e in entries])
         return OK
-    print(format_table(("role", "name", "status", "expires", "names (SAN)", "file"),
-                       [(e.role, e.name, e.status, e.expires[:10], ", ".join(e.names), e.path) for e in entries],
-                       right=[False] * 6))
+    print(
+        format_table(
+            ("role", "name", "status", "expires", "names (SAN)", "file"),
+            [(e.role, e.name, e.status, e.expires[:10], ", ".join(e.names), e.path) for e in entries],
+            right=[False] * 6,
+        )
+    )
     return OK
 
 
@@ -590,7 +714,7 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
     products = _products(config, catalog)
     policies = load_policies(config.paths.policies, catalog, products)
     query = query_from_args(args)
-    today = args.date or dt.datetime.now(dt.timezone.utc).date()
+    today = args.date or dt.datetime.now(dt.UTC).date()
     try:
         # The server's own authorization, table coverage included.
         decision = authorize(policies, catalog, args.consumer, query, today, products.tables)
@@ -600,17 +724,21 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
         print(f"DENIED  {exc.reason} by rule {exc.rule!r}{column}\n        {exc.message}")
         return REFUSED
     grant = decision.grant
-    print(f"ALLOWED by the grant of {args.consumer!r} on {grant.dataset!r} "
-          f"(purpose {grant.purpose!r}, expires {grant.expires}, policy {decision.policy.source})")
+    print(
+        f"ALLOWED by the grant of {args.consumer!r} on {grant.dataset!r} "
+        f"(purpose {grant.purpose!r}, expires {grant.expires}, policy {decision.policy.source})"
+    )
     if budget_note:
         print(f"        {budget_note}")
     if decision.coverage is not None:
         table = products.tables[decision.coverage.table]
         rules = table.rules
-        print(f"        answered from table {table.id!r} ({' x '.join(table.dimensions)}), a lookup: "
-              f"{decision.coverage.grid_size} result rows requested; a row needing a cell the "
-              f"protection suppressed (< {rules.min_units} units, dominance {rules.dominance_n}/"
-              f"{rules.dominance_percent:g}%, or secondary) is not returned")
+        print(
+            f"        answered from table {table.id!r} ({' x '.join(table.dimensions)}), a lookup: "
+            f"{decision.coverage.grid_size} result rows requested; a row needing a cell the "
+            f"protection suppressed (< {rules.min_units} units, dominance {rules.dominance_n}/"
+            f"{rules.dominance_percent:g}%, or secondary) is not returned"
+        )
     return OK
 
 
@@ -656,17 +784,24 @@ def _explain_budget(config: Any, decision: Any, query: ir.Query, consumer: str) 
             grant_spent = ledger.spent(consumer, decision.dataset.id)
             totals = {(s.consumer, s.dataset): (s.epsilon_spent, s.delta_spent) for s in ledger.budgets()}
             dataset_spent = totals.get((None, decision.dataset.id), (0.0, 0.0))
-    checks = [("grant", "budget.grant", decision.grant.budget, grant_spent),
-              ("dataset", "budget.dataset", decision.dataset.budget, dataset_spent)]
+    checks = [
+        ("grant", "budget.grant", decision.grant.budget, grant_spent),
+        ("dataset", "budget.dataset", decision.dataset.budget, dataset_spent),
+    ]
     for what, rule, budget, spent in checks:
         left = (max(0.0, budget.epsilon - spent[0]), max(0.0, budget.delta - spent[1]))
         if cost.epsilon > left[0] + 1e-12 or cost.delta > left[1] + 1e-15:
             raise BudgetExhausted(
                 f"the query costs epsilon {cost.epsilon:.4g} delta {cost.delta:.3g}; the {what}'s budget has "
-                f"epsilon {left[0]:.4g} delta {left[1]:.3g} left", rule=rule)
+                f"epsilon {left[0]:.4g} delta {left[1]:.3g} left",
+                rule=rule,
+            )
     left = max(0.0, decision.grant.budget.epsilon - grant_spent[0])
-    return (f"costs epsilon {cost.epsilon:.4g}" + (f" delta {cost.delta:.3g}" if cost.delta else "")
-            + f"; the grant has epsilon {left:.4g} left (unless an identical release is reused: then nothing)")
+    return (
+        f"costs epsilon {cost.epsilon:.4g}"
+        + (f" delta {cost.delta:.3g}" if cost.delta else "")
+        + f"; the grant has epsilon {left:.4g} left (unless an identical release is reused: then nothing)"
+    )
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
@@ -675,15 +810,23 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     config = _config(args)
     try:
         result = ingest(
-            args.file, dataset_id=args.dataset, zone=args.zone, catalog_dir=config.paths.catalog,
-            sandbox_dir=config.paths.sandbox, title=args.title, provider=args.provider,
-            unit_column=args.unit, force=args.force,
+            args.file,
+            dataset_id=args.dataset,
+            zone=args.zone,
+            catalog_dir=config.paths.catalog,
+            sandbox_dir=config.paths.sandbox,
+            title=args.title,
+            provider=args.provider,
+            unit_column=args.unit,
+            force=args.force,
         )
     except (LoadError, OSError) as exc:
         raise UsageError(str(exc)) from None
-    print(f"ingested {result.rows} rows into {result.parquet}\ncatalog entry {result.catalog_entry}: "
-          "every column is 'unclassified' (unusable) until you classify it, and DP stays off "
-          "until you set privacy_unit.max_rows")
+    print(
+        f"ingested {result.rows} rows into {result.parquet}\ncatalog entry {result.catalog_entry}: "
+        "every column is 'unclassified' (unusable) until you classify it, and DP stays off "
+        "until you set privacy_unit.max_rows"
+    )
     return OK
 
 
@@ -703,20 +846,37 @@ def cmd_budget_show(args: argparse.Namespace) -> int:
             spent = {(s.consumer, s.dataset): (s.epsilon_spent, s.delta_spent) for s in ledger.budgets()}
     rows = []
     for dataset in sorted(catalog.datasets.values(), key=lambda d: d.id):
-        rows.append(("(all consumers)", dataset.id, dataset.budget.epsilon, dataset.budget.delta,
-                     *spent.get((None, dataset.id), (0.0, 0.0))))
+        rows.append(
+            (
+                "(all consumers)",
+                dataset.id,
+                dataset.budget.epsilon,
+                dataset.budget.delta,
+                *spent.get((None, dataset.id), (0.0, 0.0)),
+            )
+        )
         for policy in sorted(policies.consumers.values(), key=lambda p: p.consumer):
             grant = policy.grants.get(dataset.id)
             if grant is not None:
-                rows.append((policy.consumer, dataset.id, grant.budget.epsilon, grant.budget.delta,
-                             *spent.get((policy.consumer, dataset.id), (0.0, 0.0))))
+                rows.append(
+                    (
+                        policy.consumer,
+                        dataset.id,
+                        grant.budget.epsilon,
+                        grant.budget.delta,
+                        *spent.get((policy.consumer, dataset.id), (0.0, 0.0)),
+                    )
+                )
     if args.json:
         keys = ("consumer", "dataset", "epsilon_total", "delta_total", "epsilon_spent", "delta_spent")
         _json([dict(zip(keys, row)) for row in rows])
         return OK
-    print(format_table(("consumer", "dataset", "epsilon spent", "epsilon total", "delta spent", "delta total"),
-                       [(c, d, eps, eps_total, delta, delta_total)
-                        for c, d, eps_total, delta_total, eps, delta in rows]))
+    print(
+        format_table(
+            ("consumer", "dataset", "epsilon spent", "epsilon total", "delta spent", "delta total"),
+            [(c, d, eps, eps_total, delta, delta_total) for c, d, eps_total, delta_total, eps, delta in rows],
+        )
+    )
     return OK
 
 
@@ -729,8 +889,14 @@ class Registry:
 
     sub: Any  # the top-level subparsers
 
-    def command(self, name: str, func: Callable[[argparse.Namespace], int], help: str, parent: Any = None,
-                config: bool = True) -> argparse.ArgumentParser:
+    def command(
+        self,
+        name: str,
+        func: Callable[[argparse.Namespace], int],
+        help: str,
+        parent: Any = None,
+        config: bool = True,
+    ) -> argparse.ArgumentParser:
         p = (parent or self.sub).add_parser(name, help=help, description=help, epilog=EXIT_CODES)
         p.set_defaults(func=func)
         if config:
@@ -748,36 +914,65 @@ def register_consumer(r: Registry) -> None:
     p = r.command("datasets", cmd_datasets, "list your datasets, or describe one", config=False)
     p.add_argument("dataset", nargs="?")
     add_connection_options(p)
-    p = r.command("query", cmd_query, "run a query: rows, then accuracy, spend and the audit receipt", config=False)
+    p = r.command(
+        "query", cmd_query, "run a query: rows, then accuracy, spend and the audit receipt", config=False
+    )
     add_query_options(p, dataset_required=False)  # --sql names the dataset itself
     add_sql_option(p)
     add_connection_options(p)
-    p = r.command("estimate", cmd_estimate, "what a query would spend and how accurate it would be; "
-                                            "nothing is run or spent", config=False)
+    p = r.command(
+        "estimate",
+        cmd_estimate,
+        "what a query would spend and how accurate it would be; nothing is run or spent",
+        config=False,
+    )
     add_query_options(p, dataset_required=False)
     add_sql_option(p)
     add_connection_options(p)
 
 
 def register_budget(r: Registry) -> None:
-    budget = r.group("budget", "privacy budgets: yours over gRPC (`dataops budget`), or every grant's "
-                               "from the ledger (`dataops budget show`, operators)", required=False)
+    budget = r.group(
+        "budget",
+        "privacy budgets: yours over gRPC (`dataops budget`), or every grant's "
+        "from the ledger (`dataops budget show`, operators)",
+        required=False,
+    )
     budget.parser.set_defaults(func=cmd_budget)
     budget.parser.add_argument("--dataset", "-d", help="one dataset only")
     add_connection_options(budget.parser)
-    p = r.command("show", cmd_budget_show, "every grant's and dataset's privacy budget: spent and total "
-                                           "(operators; reads the ledger)", budget)
+    p = r.command(
+        "show",
+        cmd_budget_show,
+        "every grant's and dataset's privacy budget: spent and total (operators; reads the ledger)",
+        budget,
+    )
     p.add_argument("--json", action="store_true", dest="json_show")
 
 
 def register_operator(r: Registry) -> None:
-    p = r.command("init", cmd_init, "scaffold a working directory: dataops.toml, catalog/, policies/, "
-                                    "products/, sandbox/, state/ and the certificates", config=False)
+    p = r.command(
+        "init",
+        cmd_init,
+        "scaffold a working directory: dataops.toml, catalog/, policies/, "
+        "products/, sandbox/, state/ and the certificates",
+        config=False,
+    )
     p.add_argument("directory", type=Path)
-    p.add_argument("--server-name", action="append", default=[], metavar="NAME",
-                   help="a DNS name the server certificate covers (repeatable; localhost always)")
-    p.add_argument("--ip", action="append", default=[], metavar="ADDR",
-                   help="an IP address the server certificate covers (repeatable; 127.0.0.1 and ::1 always)")
+    p.add_argument(
+        "--server-name",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a DNS name the server certificate covers (repeatable; localhost always)",
+    )
+    p.add_argument(
+        "--ip",
+        action="append",
+        default=[],
+        metavar="ADDR",
+        help="an IP address the server certificate covers (repeatable; 127.0.0.1 and ::1 always)",
+    )
     p.add_argument("--listen", default="127.0.0.1:50051", help="[server] listen (default 127.0.0.1:50051)")
 
     p = r.command("serve", cmd_serve, "run the sandbox server (mTLS gRPC) from dataops.toml")
@@ -786,14 +981,28 @@ def register_operator(r: Registry) -> None:
     certs = r.group("certs", "the platform CA and certificates")
 
     def pki_option(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--dir", type=Path, help="the PKI directory (default: the config's [tls] ca_cert "
-                                                "directory; ./state/pki without a dataops.toml)")
+        p.add_argument(
+            "--dir",
+            type=Path,
+            help="the PKI directory (default: the config's [tls] ca_cert "
+            "directory; ./state/pki without a dataops.toml)",
+        )
 
     p = r.command("init", cmd_certs_init, "make the platform CA and the server certificate", certs)
-    p.add_argument("--server-name", action="append", default=[], metavar="NAME",
-                   help="a DNS name clients reach the server by (repeatable; localhost is always included)")
-    p.add_argument("--ip", action="append", default=[], metavar="ADDR",
-                   help="an IP address clients reach the server by (repeatable; 127.0.0.1 and ::1 always)")
+    p.add_argument(
+        "--server-name",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a DNS name clients reach the server by (repeatable; localhost is always included)",
+    )
+    p.add_argument(
+        "--ip",
+        action="append",
+        default=[],
+        metavar="ADDR",
+        help="an IP address clients reach the server by (repeatable; 127.0.0.1 and ::1 always)",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing CA")
     pki_option(p)
     p = r.command("issue", cmd_certs_issue, "make a consumer's key and certificate", certs)
@@ -805,26 +1014,43 @@ def register_operator(r: Registry) -> None:
     p.add_argument("consumer")
     p.add_argument("--cert", type=Path, help="the certificate to revoke (default: the one `issue` wrote)")
     pki_option(p)
-    p = r.command("list", cmd_certs_list, "the CA, server and consumer certificates: names, expiry, "
-                                          "revocation", certs)
+    p = r.command(
+        "list", cmd_certs_list, "the CA, server and consumer certificates: names, expiry, revocation", certs
+    )
     p.add_argument("--json", action="store_true")
     pki_option(p)
 
     policy = r.group("policy", "validate and explain policies")
-    p = r.command("check", cmd_policy_check, "check everything `serve` checks at start: config, catalog "
-                                             "and data files, policies, products; every error at once", policy)
+    p = r.command(
+        "check",
+        cmd_policy_check,
+        "check everything `serve` checks at start: config, catalog "
+        "and data files, policies, products; every error at once",
+        policy,
+    )
     p.add_argument("--policies", type=Path, help="a policy directory other than the configured one")
-    p = r.command("explain", cmd_policy_explain, "say which rule allows or denies a query, "
-                                                 "budget included", policy)
+    p = r.command(
+        "explain", cmd_policy_explain, "say which rule allows or denies a query, budget included", policy
+    )
     p.add_argument("--consumer", required=True)
     p.add_argument("--date", type=_iso_date, help="decide as of this ISO date (default: today, UTC)")
     add_query_options(p)
     tables = r.group("tables", "published, protected tables (exact answers are lookups in them)")
-    p = r.command("show", cmd_tables_show, "a table's protection result: cells suppressed (primary, "
-                                           "secondary), information loss, the LP audit's verdict", tables)
+    p = r.command(
+        "show",
+        cmd_tables_show,
+        "a table's protection result: cells suppressed (primary, "
+        "secondary), information loss, the LP audit's verdict",
+        tables,
+    )
     p.add_argument("table", nargs="?", help="a table product id (default: every table)")
-    p = r.command("schema", cmd_policy_schema, "print the JSON Schema of policy or catalog files "
-                                               "(for editors)", policy, config=False)
+    p = r.command(
+        "schema",
+        cmd_policy_schema,
+        "print the JSON Schema of policy or catalog files (for editors)",
+        policy,
+        config=False,
+    )
     p.add_argument("kind", choices=["policy", "catalog"], nargs="?", default="policy")
     p.add_argument("--out", type=Path)
 
@@ -844,10 +1070,14 @@ def register_others(r: Registry) -> None:
     try:
         from dataops.demo.session import add_demo_parser
     except ImportError:  # a client-only install: the demo runs the server
+
         def add_demo_parser(sub: Any) -> None:
             def needs_server(args: argparse.Namespace) -> int:
                 raise UsageError("the demo runs the server: pip install 'dataops[server]'")
-            sub.add_parser("demo", help="run the demo (needs dataops[server])").set_defaults(func=needs_server)
+
+            sub.add_parser("demo", help="run the demo (needs dataops[server])").set_defaults(
+                func=needs_server
+            )
 
     add_demo_parser(r.sub)
     add_audit_parser(r.sub)
@@ -861,8 +1091,13 @@ def register_consents(r: Registry) -> None:
 
 
 # Each command group registers itself; a new group is one function added here.
-REGISTRARS: list[Callable[[Registry], None]] = [register_consumer, register_budget, register_operator,
-                                               register_others, register_consents]
+REGISTRARS: list[Callable[[Registry], None]] = [
+    register_consumer,
+    register_budget,
+    register_operator,
+    register_others,
+    register_consents,
+]
 
 
 def _iso_date(text: str) -> dt.date:
@@ -873,8 +1108,9 @@ def _iso_date(text: str) -> dt.date:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dataops", description="Public-data operation sandbox.",
-                                     epilog=EXIT_CODES)
+    parser = argparse.ArgumentParser(
+        prog="dataops", description="Public-data operation sandbox.", epilog=EXIT_CODES
+    )
     parser.add_argument("--verbose", "-v", action="store_true")
     parser.add_argument("--version", action="version", version=f"dataops {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -896,14 +1132,18 @@ def _refusal(exc: Any) -> tuple[int, list[str]]:
     if exc.reason == "CONFIGURATION":
         return USAGE, [f"dataops: {exc.message}"]
     order = {"rule": 0, "column": 1}  # a protobuf map has no order: print the same line every time
-    keys = sorted((k for k in exc.metadata if not k.startswith("receipt")), key=lambda k: (order.get(k, 2), k))
+    keys = sorted(
+        (k for k in exc.metadata if not k.startswith("receipt")), key=lambda k: (order.get(k, 2), k)
+    )
     where = "".join(f" {k}={exc.metadata[k]}" for k in keys)
     lines = [f"dataops: refused: {exc.code.name} {exc.reason or ''}{where}: {exc.message}".replace("  ", " ")]
     lines += [f"  {field}: {description}" for field, description in exc.field_violations]
     lines += [f"  {subject}: {description}" for subject, description in exc.quota_violations]
     if exc.rule == "query.value":
-        lines.append("  hint: values that look like numbers or true/false are sent typed; quote a string, "
-                     "e.g. --eq 'district=\"0101\"'")
+        lines.append(
+            "  hint: values that look like numbers or true/false are sent typed; quote a string, "
+            "e.g. --eq 'district=\"0101\"'"
+        )
     if exc.receipt is not None:
         lines.append(f"  audit receipt #{exc.receipt.sequence} {exc.receipt.hash[:12]}")
     return REFUSED, lines
@@ -929,8 +1169,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
     if getattr(args, "json_show", False):
         args.json = True
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     from dataops.client import DataopsClientError
 
     try:
@@ -966,8 +1208,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dataops: {exc}", file=sys.stderr)
         return USAGE
     except ImportError as exc:
-        print(f"dataops: this command needs the server stack: pip install 'dataops[server]' ({exc})",
-              file=sys.stderr)
+        print(
+            f"dataops: this command needs the server stack: pip install 'dataops[server]' ({exc})",
+            file=sys.stderr,
+        )
         return USAGE
 
 

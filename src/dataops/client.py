@@ -36,9 +36,10 @@ from __future__ import annotations
 import base64
 import re
 import types
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import grpc
 from google.rpc import error_details_pb2
@@ -49,17 +50,45 @@ from dataops.audit.signing import load_public_key
 from dataops.audit.witness import Witness, WitnessError
 from dataops.errors import RequestError
 from dataops.v1 import (
-    audit_pb2, audit_pb2_grpc, catalog_pb2, catalog_pb2_grpc, query_pb2, query_pb2_grpc, subject_pb2,
+    audit_pb2,
+    audit_pb2_grpc,
+    catalog_pb2,
+    catalog_pb2_grpc,
+    query_pb2,
+    query_pb2_grpc,
+    subject_pb2,
     subject_pb2_grpc,
 )
 from dataops.values import AggregateAccuracy, Spend  # noqa: F401 (re-exported)
 
 __all__ = [
-    "AggregateAccuracy", "AuditVerificationError", "Budget", "Client", "Column", "ConnectionFailed", "DataopsClientError", "Dataset",
+    "AggregateAccuracy",
+    "AuditVerificationError",
+    "Budget",
+    "Client",
+    "Column",
+    "ConnectionFailed",
+    "DataopsClientError",
+    "Dataset",
     "Dominance",
-    "DatasetDescription", "Estimate", "Grant", "InvalidRequest", "PublishedTable", "QueryResult", "Receipt",
-    "Spend", "TableDimension", "TableMeasure", "TableRules",
-    "count", "count_units", "mean", "median", "parse_aggregate", "quantile", "total",
+    "DatasetDescription",
+    "Estimate",
+    "Grant",
+    "InvalidRequest",
+    "PublishedTable",
+    "QueryResult",
+    "Receipt",
+    "Spend",
+    "TableDimension",
+    "TableMeasure",
+    "TableRules",
+    "count",
+    "count_units",
+    "mean",
+    "median",
+    "parse_aggregate",
+    "quantile",
+    "total",
 ]
 
 
@@ -102,7 +131,7 @@ class DataopsClientError(Exception):
         return Receipt(int(self.metadata["receipt_sequence"]), self.metadata.get("receipt_hash", ""))
 
     @classmethod
-    def from_rpc_error(cls, error: grpc.RpcError) -> "DataopsClientError":
+    def from_rpc_error(cls, error: grpc.RpcError) -> DataopsClientError:
         status = rpc_status.from_call(error) if isinstance(error, grpc.Call) else None
         reason, metadata, fields, quotas = None, {}, [], []
         for detail in status.details if status else ():
@@ -130,12 +159,18 @@ class DataopsClientError(Exception):
 class InvalidRequest(DataopsClientError):
     """The request was refused here, before it was sent (the server would refuse it too)."""
 
-    def __init__(self, message: str, field_violations: Sequence[tuple[str, str]] = (),
-                 metadata: dict[str, str] | None = None) -> None:
-        super().__init__(grpc.StatusCode.INVALID_ARGUMENT, message, "INVALID_QUERY", metadata, field_violations)
+    def __init__(
+        self,
+        message: str,
+        field_violations: Sequence[tuple[str, str]] = (),
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(
+            grpc.StatusCode.INVALID_ARGUMENT, message, "INVALID_QUERY", metadata, field_violations
+        )
 
     @classmethod
-    def from_request_error(cls, error: RequestError) -> "InvalidRequest":
+    def from_request_error(cls, error: RequestError) -> InvalidRequest:
         return cls(error.message, [(v.field, v.description) for v in error.field_violations], error.metadata)
 
 
@@ -157,7 +192,7 @@ class AuditVerificationError(DataopsClientError):
 
 _TRANSPORT = {
     grpc.StatusCode.UNAVAILABLE: "the server cannot be reached or refused the TLS handshake "
-                                 "(check the target, the certificate files and the server name)",
+    "(check the target, the certificate files and the server name)",
     grpc.StatusCode.DEADLINE_EXCEEDED: "no answer before the deadline",
     grpc.StatusCode.CANCELLED: "the call was cancelled",
     grpc.StatusCode.UNKNOWN: "the call failed without a status from the server",
@@ -312,16 +347,20 @@ class QueryResult:
         try:
             import polars as pl
         except ImportError:
-            raise ImportError("to_polars() needs polars: pip install 'dataops[polars]' "
-                              "(or use result.table, a pyarrow.Table)") from None
+            raise ImportError(
+                "to_polars() needs polars: pip install 'dataops[polars]' "
+                "(or use result.table, a pyarrow.Table)"
+            ) from None
         return pl.from_arrow(self.table)
 
     def to_pandas(self) -> Any:
         try:
             import pandas  # noqa: F401  (pyarrow's to_pandas imports it)
         except ImportError:
-            raise ImportError("to_pandas() needs pandas: pip install 'dataops[pandas]' "
-                              "(or use result.table, a pyarrow.Table)") from None
+            raise ImportError(
+                "to_pandas() needs pandas: pip install 'dataops[pandas]' "
+                "(or use result.table, a pyarrow.Table)"
+            ) from None
         return self.table.to_pandas()
 
     @property
@@ -352,22 +391,29 @@ def _dataset(d: catalog_pb2.Dataset) -> Dataset:
 
 def _column(c: catalog_pb2.Column) -> Column:
     return Column(
-        name=c.name, type=c.type,
-        classification=catalog_pb2.Classification.Name(c.classification).removeprefix("CLASSIFICATION_").lower(),
+        name=c.name,
+        type=c.type,
+        classification=catalog_pb2.Classification.Name(c.classification)
+        .removeprefix("CLASSIFICATION_")
+        .lower(),
         description=c.description,
         allowed_uses=_enum_names(catalog_pb2.ColumnUse, c.allowed_uses, "COLUMN_USE_"),
         lower_bound=c.lower_bound if c.HasField("lower_bound") else None,
         upper_bound=c.upper_bound if c.HasField("upper_bound") else None,
-        public_keys=tuple(c.public_keys), bins=tuple(c.bins),
+        public_keys=tuple(c.public_keys),
+        bins=tuple(c.bins),
     )
 
 
 def _grant(g: catalog_pb2.Grant) -> Grant:
     return Grant(
-        purpose=g.purpose, expires=g.expires,
+        purpose=g.purpose,
+        expires=g.expires,
         modes=_enum_names(query_pb2.QueryMode, g.modes, "QUERY_MODE_"),
         functions=_enum_names(query_pb2.AggregateFunction, g.functions, "AGGREGATE_FUNCTION_"),
-        min_group_size=g.min_group_size, epsilon=g.epsilon, delta=g.delta,
+        min_group_size=g.min_group_size,
+        epsilon=g.epsilon,
+        delta=g.delta,
         dominance=Dominance(g.dominance.n, g.dominance.percent) if g.HasField("dominance") else None,
         tables=tuple(g.tables),
     )
@@ -376,15 +422,26 @@ def _grant(g: catalog_pb2.Grant) -> Grant:
 def _table(t: catalog_pb2.PublishedTable) -> PublishedTable:
     r = t.rules
     return PublishedTable(
-        id=t.id, title=t.title, description=t.description,
+        id=t.id,
+        title=t.title,
+        description=t.description,
         dimensions=tuple(TableDimension(d.column, tuple(d.keys)) for d in t.dimensions),
         measures=tuple(
-            TableMeasure(m.name, query_pb2.AggregateFunction.Name(m.function).removeprefix("AGGREGATE_FUNCTION_").lower(),
-                         m.column or None)
-            for m in t.measures),
-        rules=TableRules(r.min_units, r.dominance_n, r.dominance_percent,
-                         r.p_percent if r.HasField("p_percent") else None, tuple(r.sensitive_dimensions),
-                         r.group_attribute_percent),
+            TableMeasure(
+                m.name,
+                query_pb2.AggregateFunction.Name(m.function).removeprefix("AGGREGATE_FUNCTION_").lower(),
+                m.column or None,
+            )
+            for m in t.measures
+        ),
+        rules=TableRules(
+            r.min_units,
+            r.dominance_n,
+            r.dominance_percent,
+            r.p_percent if r.HasField("p_percent") else None,
+            tuple(r.sensitive_dimensions),
+            r.group_attribute_percent,
+        ),
     )
 
 
@@ -415,8 +472,18 @@ def median(column: str, alias: str = "") -> ir.Aggregate:
     return quantile(column, 0.5, alias)
 
 
-AGGREGATE_FORMS = ("count", "count_units", "sum:COL", "mean:COL", "median:COL", "quantile:Q:COL",
-                   "sum(COL)", "mean(COL)", "median(COL)", "quantile(COL, Q)")
+AGGREGATE_FORMS = (
+    "count",
+    "count_units",
+    "sum:COL",
+    "mean:COL",
+    "median:COL",
+    "quantile:Q:COL",
+    "sum(COL)",
+    "mean(COL)",
+    "median(COL)",
+    "quantile(COL, Q)",
+)
 # "mean(tax_paid)", "quantile(tax_paid, 0.9)", "count()"; an optional " as ALIAS" follows either form.
 _CALL = re.compile(r"\s*(\w+)\s*\(\s*([^),\s]*)\s*(?:,\s*([^)\s]+)\s*)?\)\s*")
 _ALIAS = re.compile(r"(.*?)\s+as\s+(\w+)\s*", re.IGNORECASE)
@@ -427,7 +494,9 @@ def parse_aggregate(spec: str | ir.Aggregate) -> ir.Aggregate:
     if isinstance(spec, ir.Aggregate):
         return spec
     if not isinstance(spec, str):
-        raise InvalidRequest(f"an aggregate is an ir.Aggregate or a string like 'mean(tax_paid)', got {spec!r}")
+        raise InvalidRequest(
+            f"an aggregate is an ir.Aggregate or a string like 'mean(tax_paid)', got {spec!r}"
+        )
     alias = ""
     aliased = _ALIAS.fullmatch(spec)
     text = spec
@@ -445,7 +514,9 @@ def parse_aggregate(spec: str | ir.Aggregate) -> ir.Aggregate:
         if name in ("count", "count_units") and len(parts) == 1:
             aggregate = ir.Aggregate(ir.Function(name), alias=alias)
         elif name in ("sum", "total", "mean") and len(parts) == 2:
-            aggregate = ir.Aggregate(ir.Function.SUM if name == "total" else ir.Function(name), parts[1], alias=alias)
+            aggregate = ir.Aggregate(
+                ir.Function.SUM if name == "total" else ir.Function(name), parts[1], alias=alias
+            )
         elif name == "median" and len(parts) == 2:
             aggregate = ir.Aggregate(ir.Function.QUANTILE, parts[1], 0.5, alias=alias)
         elif name == "quantile" and len(parts) == 3:
@@ -457,8 +528,10 @@ def parse_aggregate(spec: str | ir.Aggregate) -> ir.Aggregate:
         pass  # e.g. a quantile that is not a number: the message below says what is expected
     except RequestError as exc:
         raise InvalidRequest.from_request_error(exc) from None
-    raise InvalidRequest(f"aggregate {spec!r}: expected one of {', '.join(AGGREGATE_FORMS)}",
-                         [("aggregates", f"{spec!r} is not an aggregate")])
+    raise InvalidRequest(
+        f"aggregate {spec!r}: expected one of {', '.join(AGGREGATE_FORMS)}",
+        [("aggregates", f"{spec!r} is not an aggregate")],
+    )
 
 
 # --- the client ------------------------------------------------------------------
@@ -468,8 +541,11 @@ def _read(path: str | Path, what: str) -> bytes:
     try:
         return Path(path).expanduser().read_bytes()
     except OSError as exc:
-        raise DataopsClientError(grpc.StatusCode.FAILED_PRECONDITION,
-                                 f"cannot read the {what} {path}: {exc.strerror}", "CONFIGURATION") from None
+        raise DataopsClientError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"cannot read the {what} {path}: {exc.strerror}",
+            "CONFIGURATION",
+        ) from None
 
 
 class Client:
@@ -510,12 +586,12 @@ class Client:
             raise AuditVerificationError(str(exc)) from None
 
     @classmethod
-    def from_directory(cls, target: str, directory: str | Path, consumer: str, **kwargs: Any) -> "Client":
+    def from_directory(cls, target: str, directory: str | Path, consumer: str, **kwargs: Any) -> Client:
         """Connect with the files `dataops certs issue CONSUMER` wrote into `directory`."""
         d = Path(directory)
         return cls(target, cert=d / f"{consumer}.crt", key=d / f"{consumer}.key", ca=d / "ca.crt", **kwargs)
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -549,11 +625,16 @@ class Client:
         try:
             sequence = int(md["receipt_sequence"])
             receipt = types.SimpleNamespace(
-                sequence=sequence, hash=md["receipt_hash"], leaf_index=sequence - 1,
-                tree_size=int(md["receipt_tree_size"]), inclusion_path=hashes(md["receipt_inclusion_path"]),
-                checkpoint=md["receipt_checkpoint"], record=md["receipt_record"].encode("utf-8"),
+                sequence=sequence,
+                hash=md["receipt_hash"],
+                leaf_index=sequence - 1,
+                tree_size=int(md["receipt_tree_size"]),
+                inclusion_path=hashes(md["receipt_inclusion_path"]),
+                checkpoint=md["receipt_checkpoint"],
+                record=md["receipt_record"].encode("utf-8"),
                 consistency_from=int(md.get("receipt_consistency_from", 0)),
-                consistency_path=hashes(md.get("receipt_consistency_path", "")))
+                consistency_path=hashes(md.get("receipt_consistency_path", "")),
+            )
         except (KeyError, ValueError) as exc:
             raise AuditVerificationError(f"a refusal's audit receipt is malformed ({exc!r})") from None
         try:
@@ -568,7 +649,9 @@ class Client:
         # Not through _call: this answer's own receipt would need a proof in turn.
         try:
             response = self._audit.GetConsistencyProof(
-                audit_pb2.GetConsistencyProofRequest(first_size=first, second_size=second), timeout=self.timeout)
+                audit_pb2.GetConsistencyProofRequest(first_size=first, second_size=second),
+                timeout=self.timeout,
+            )
         except grpc.RpcError as error:
             raise DataopsClientError.from_rpc_error(error) from None
         return list(response.proof)
@@ -594,9 +677,14 @@ class Client:
         response = self._call(
             self._catalog.DescribeDataset, catalog_pb2.DescribeDatasetRequest(dataset_id=dataset_id)
         )
-        return DatasetDescription(_dataset(response.dataset), [_column(c) for c in response.columns],
-                                  _grant(response.grant), _receipt(response), response,
-                                  tuple(_table(t) for t in response.tables))
+        return DatasetDescription(
+            _dataset(response.dataset),
+            [_column(c) for c in response.columns],
+            _grant(response.grant),
+            _receipt(response),
+            response,
+            tuple(_table(t) for t in response.tables),
+        )
 
     @staticmethod
     def build(
@@ -617,8 +705,9 @@ class Client:
         try:
             mode = ir.Mode(mode)
         except ValueError:
-            raise InvalidRequest(f"mode {mode!r}: expected 'aggregate' or 'dp'", [("query.mode", "unknown mode")]) \
-                from None
+            raise InvalidRequest(
+                f"mode {mode!r}: expected 'aggregate' or 'dp'", [("query.mode", "unknown mode")]
+            ) from None
         try:
             privacy = None
             if mode is ir.Mode.DP:
@@ -636,9 +725,11 @@ class Client:
             raise InvalidRequest.from_request_error(exc) from None
 
     def run(self, query: ir.Query, *, timeout: float | None = None) -> QueryResult:
-        return self._result(self._call(
-            self._query.RunQuery, query_pb2.RunQueryRequest(query=wire.query_to_proto(query)), timeout
-        ))
+        return self._result(
+            self._call(
+                self._query.RunQuery, query_pb2.RunQueryRequest(query=wire.query_to_proto(query)), timeout
+            )
+        )
 
     @staticmethod
     def sql_request(
@@ -654,12 +745,16 @@ class Client:
         try:
             mode = ir.Mode(mode)
         except ValueError:
-            raise InvalidRequest(f"mode {mode!r}: expected 'aggregate' or 'dp'", [("sql.mode", "unknown mode")]) \
-                from None
+            raise InvalidRequest(
+                f"mode {mode!r}: expected 'aggregate' or 'dp'", [("sql.mode", "unknown mode")]
+            ) from None
         message = query_pb2.SqlQuery(text=text, mode=wire.MODE_TO_PROTO[mode], purpose=purpose)
         if mode is ir.Mode.DP:
-            message.privacy.CopyFrom(query_pb2.PrivacyParameters(
-                epsilon=epsilon or 0.0, delta=delta, target_half_width=target_half_width or 0.0))
+            message.privacy.CopyFrom(
+                query_pb2.PrivacyParameters(
+                    epsilon=epsilon or 0.0, delta=delta, target_half_width=target_half_width or 0.0
+                )
+            )
         return message
 
     def sql(self, text: str, *, timeout: float | None = None, **kwargs: Any) -> QueryResult:
@@ -689,13 +784,17 @@ class Client:
 
     def estimate_query(self, query: ir.Query, *, timeout: float | None = None) -> Estimate:
         response = self._call(
-            self._query.EstimateQuery, query_pb2.EstimateQueryRequest(query=wire.query_to_proto(query)), timeout
+            self._query.EstimateQuery,
+            query_pb2.EstimateQueryRequest(query=wire.query_to_proto(query)),
+            timeout,
         )
         return self._estimate(response)
 
     @staticmethod
     def _estimate(response: query_pb2.EstimateQueryResponse) -> Estimate:
-        return Estimate(_spend(response.spend), tuple(_accuracy(a) for a in response.accuracy), _receipt(response))
+        return Estimate(
+            _spend(response.spend), tuple(_accuracy(a) for a in response.accuracy), _receipt(response)
+        )
 
     def estimate(self, dataset: str, **kwargs: Any) -> Estimate:
         timeout = kwargs.pop("timeout", None)
@@ -703,36 +802,47 @@ class Client:
 
     def budgets(self, dataset_id: str = "") -> list[Budget]:
         response = self._call(self._query.GetBudget, query_pb2.GetBudgetRequest(dataset_id=dataset_id))
-        return [Budget(b.dataset_id, b.epsilon_total, b.delta_total, b.epsilon_spent, b.delta_spent)
-                for b in response.budgets]
+        return [
+            Budget(b.dataset_id, b.epsilon_total, b.delta_total, b.epsilon_spent, b.delta_spent)
+            for b in response.budgets
+        ]
 
     # --- subject products (consented per-subject evaluations) -------------------
 
-    def evaluate(self, product_id: str, subject_id: str, consent: bytes, *,
-                 timeout: float | None = None) -> "SubjectEvaluation":
+    def evaluate(
+        self, product_id: str, subject_id: str, consent: bytes, *, timeout: float | None = None
+    ) -> SubjectEvaluation:
         """One product's outputs for one subject, under the subject's consent artefact."""
         item = subject_pb2.SubjectItem(product_id=product_id, subject_id=subject_id, consent=consent)
         response = self._call(self._subjects.Evaluate, subject_pb2.EvaluateRequest(item=item), timeout)
         return SubjectEvaluation.from_proto(response.evaluation, _receipt(response))
 
-    def evaluate_batch(self, items: Iterable[tuple[str, str, bytes]], *, timeout: float | None = None
-                       ) -> list["SubjectEvaluation | DataopsClientError"]:
+    def evaluate_batch(
+        self, items: Iterable[tuple[str, str, bytes]], *, timeout: float | None = None
+    ) -> list[SubjectEvaluation | DataopsClientError]:
         """(product, subject, consent) triples; each result is an evaluation or that item's refusal."""
-        request = subject_pb2.EvaluateBatchRequest(items=[
-            subject_pb2.SubjectItem(product_id=p, subject_id=s, consent=c) for p, s, c in items])
+        request = subject_pb2.EvaluateBatchRequest(
+            items=[subject_pb2.SubjectItem(product_id=p, subject_id=s, consent=c) for p, s, c in items]
+        )
         response = self._call(self._subjects.EvaluateBatch, request, timeout)
         receipt = _receipt(response)
-        return [SubjectEvaluation.from_proto(r.evaluation, receipt) if r.HasField("evaluation")
-                else _item_error(r.error) for r in response.results]
+        return [
+            SubjectEvaluation.from_proto(r.evaluation, receipt)
+            if r.HasField("evaluation")
+            else _item_error(r.error)
+            for r in response.results
+        ]
 
-    def watch(self, items: Iterable[tuple[str, str, bytes]], *, timeout: float | None = None
-              ) -> Iterable[tuple[int, "SubjectEvaluation | DataopsClientError"]]:
+    def watch(
+        self, items: Iterable[tuple[str, str, bytes]], *, timeout: float | None = None
+    ) -> Iterable[tuple[int, SubjectEvaluation | DataopsClientError]]:
         """Updates of a watched portfolio as (index, evaluation or the refusal that ended it).
 
         Iterate it to receive updates; `cancel()` on the returned iterator stops the watch.
         """
-        request = subject_pb2.WatchRequest(items=[
-            subject_pb2.SubjectItem(product_id=p, subject_id=s, consent=c) for p, s, c in items])
+        request = subject_pb2.WatchRequest(
+            items=[subject_pb2.SubjectItem(product_id=p, subject_id=s, consent=c) for p, s, c in items]
+        )
         return _Watch(self._subjects.Watch(request, timeout=timeout))
 
 
@@ -747,18 +857,26 @@ class SubjectEvaluation:
     receipt: Receipt
 
     @classmethod
-    def from_proto(cls, evaluation: subject_pb2.Evaluation, receipt: Receipt) -> "SubjectEvaluation":
+    def from_proto(cls, evaluation: subject_pb2.Evaluation, receipt: Receipt) -> SubjectEvaluation:
         outputs = {}
         for output in evaluation.outputs:
             kind = output.WhichOneof("value")
             outputs[output.name] = None if kind is None else getattr(output, kind)
-        return cls(evaluation.product_id, evaluation.consent_id, evaluation.data_version,
-                   evaluation.evaluation_date, outputs, evaluation.outputs_hash, receipt)
+        return cls(
+            evaluation.product_id,
+            evaluation.consent_id,
+            evaluation.data_version,
+            evaluation.evaluation_date,
+            outputs,
+            evaluation.outputs_hash,
+            receipt,
+        )
 
 
 def _item_error(error: subject_pb2.ItemError) -> DataopsClientError:
-    return DataopsClientError(grpc.StatusCode[_CODE_NAMES[error.code]], error.message, error.reason,
-                              dict(error.metadata))
+    return DataopsClientError(
+        grpc.StatusCode[_CODE_NAMES[error.code]], error.message, error.reason, dict(error.metadata)
+    )
 
 
 _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
@@ -768,10 +886,10 @@ class _Watch:
     def __init__(self, stream: Any) -> None:
         self.stream = stream
 
-    def __iter__(self) -> "_Watch":
+    def __iter__(self) -> _Watch:
         return self
 
-    def __next__(self) -> tuple[int, "SubjectEvaluation | DataopsClientError"]:
+    def __next__(self) -> tuple[int, SubjectEvaluation | DataopsClientError]:
         try:
             update = next(self.stream)
         except grpc.RpcError as error:

@@ -18,8 +18,15 @@ from typing import Any, ClassVar
 from dataops.errors import ConfigError  # a LoadError: operator's file mistake
 
 __all__ = [
-    "AuditSection", "ConfigError", "Limits", "PathsSection", "ServerConfig", "ServerSection", "TlsSection",
-    "load_config", "parse_listen",
+    "AuditSection",
+    "ConfigError",
+    "Limits",
+    "PathsSection",
+    "ServerConfig",
+    "ServerSection",
+    "TlsSection",
+    "load_config",
+    "parse_listen",
 ]
 
 # grpc takes message size limits as a signed 32-bit int.
@@ -158,8 +165,12 @@ class AuditSection:
         for name in ("signer_socket", "signer_dir"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), Path):
                 raise _invalid(self, name, "a path")
-        if not isinstance(self.origin, str) or not self.origin or not self.origin.isprintable() \
-                or " " in self.origin:
+        if (
+            not isinstance(self.origin, str)
+            or not self.origin
+            or not self.origin.isprintable()
+            or " " in self.origin
+        ):
             raise _invalid(self, "origin", "a non-empty name without spaces")
         if not isinstance(self.reconcile_ledger, bool):
             raise _invalid(self, "reconcile_ledger", "true or false")
@@ -181,7 +192,13 @@ class ServerConfig:
     def default(cls, root: Path) -> ServerConfig:
         """The documented defaults with every path under `root`."""
         paths = _default_paths(Path(root))
-        return cls(ServerSection(), paths, _default_tls(paths.state), Limits(), AuditSection(signer_dir=Path(root) / "signer"))
+        return cls(
+            ServerSection(),
+            paths,
+            _default_tls(paths.state),
+            Limits(),
+            AuditSection(signer_dir=Path(root) / "signer"),
+        )
 
 
 def load_config(path: Path) -> ServerConfig:
@@ -243,8 +260,12 @@ def _table(doc: dict[str, Any], section: type) -> dict[str, Any]:
             text = unknown_key(key, names)
             return f", {text.split(', ', 1)[1]}" if ", did you mean" in text else ""
 
-        raise ConfigError("; ".join(f"[{section.TABLE}] unknown key {key!r}{hint(key)} (expected "
-                                    f"{', '.join(names)})" for key in unknown))
+        raise ConfigError(
+            "; ".join(
+                f"[{section.TABLE}] unknown key {key!r}{hint(key)} (expected {', '.join(names)})"
+                for key in unknown
+            )
+        )
     return table
 
 

@@ -55,9 +55,10 @@ import re
 import sqlite3
 import threading
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -98,11 +99,11 @@ def _utc(text: str) -> dt.datetime:
     value = dt.datetime.fromisoformat(text)
     if value.tzinfo is None:
         raise ValueError("no time zone")
-    return value.astimezone(dt.timezone.utc)
+    return value.astimezone(dt.UTC)
 
 
 def iso(value: dt.datetime) -> str:
-    return value.astimezone(dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return value.astimezone(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 @dataclass(frozen=True)
@@ -180,17 +181,34 @@ def sign(payload: Mapping[str, Any], issuer: str, key: Ed25519PrivateKey) -> byt
     return canonical(envelope)
 
 
-def new_payload(*, issuer: str, subject: str, consumer: str, products: list[str], purpose: str,
-                not_before: dt.datetime, not_after: dt.datetime, fetch: Fetch,
-                consent_id: str | None = None, issued_at: dt.datetime | None = None) -> dict[str, Any]:
+def new_payload(
+    *,
+    issuer: str,
+    subject: str,
+    consumer: str,
+    products: list[str],
+    purpose: str,
+    not_before: dt.datetime,
+    not_after: dt.datetime,
+    fetch: Fetch,
+    consent_id: str | None = None,
+    issued_at: dt.datetime | None = None,
+) -> dict[str, Any]:
     fetch_doc: dict[str, Any] = {"type": fetch.type}
     if fetch.type == "periodic":
         fetch_doc.update(period=fetch.period, max_uses=fetch.max_uses)
     return {
-        "version": VERSION, "id": consent_id or f"cst-{uuid.uuid4().hex}", "issuer": issuer,
-        "subject": subject, "consumer": consumer, "products": sorted(products), "purpose": purpose,
-        "not_before": iso(not_before), "not_after": iso(not_after), "fetch": fetch_doc,
-        "issued_at": iso(issued_at or dt.datetime.now(dt.timezone.utc)),
+        "version": VERSION,
+        "id": consent_id or f"cst-{uuid.uuid4().hex}",
+        "issuer": issuer,
+        "subject": subject,
+        "consumer": consumer,
+        "products": sorted(products),
+        "purpose": purpose,
+        "not_before": iso(not_before),
+        "not_after": iso(not_after),
+        "fetch": fetch_doc,
+        "issued_at": iso(issued_at or dt.datetime.now(dt.UTC)),
     }
 
 
@@ -210,7 +228,11 @@ def verify(artefact: bytes, issuers: Mapping[str, Issuer]) -> Consent:
         raise _malformed(f"larger than {MAX_ARTEFACT_BYTES} bytes")
     try:
         envelope = json.loads(artefact)
-        issuer_id, body, signature = envelope["issuer"], _unb64(envelope["payload"]), _unb64(envelope["signature"])
+        issuer_id, body, signature = (
+            envelope["issuer"],
+            _unb64(envelope["payload"]),
+            _unb64(envelope["signature"]),
+        )
         if not isinstance(issuer_id, str) or set(envelope) != {"issuer", "payload", "signature"}:
             raise ValueError
     except (ValueError, KeyError, TypeError, binascii.Error):
@@ -249,8 +271,19 @@ def _text(doc: Mapping[str, Any], key: str) -> str:
 
 
 def _parse(doc: Mapping[str, Any], issuer: str, digest: str) -> Consent:
-    keys = {"version", "id", "issuer", "subject", "consumer", "products", "purpose",
-            "not_before", "not_after", "fetch", "issued_at"}
+    keys = {
+        "version",
+        "id",
+        "issuer",
+        "subject",
+        "consumer",
+        "products",
+        "purpose",
+        "not_before",
+        "not_after",
+        "fetch",
+        "issued_at",
+    }
     if set(doc) != keys or doc["version"] != VERSION or doc["issuer"] != issuer:
         raise ValueError("fields")
     consent_id = _text(doc, "id")
@@ -262,22 +295,45 @@ def _parse(doc: Mapping[str, Any], issuer: str, digest: str) -> Consent:
     fetch_doc = doc["fetch"]
     if fetch_doc == {"type": "once"}:
         fetch = Fetch("once")
-    elif (isinstance(fetch_doc, dict) and set(fetch_doc) == {"type", "period", "max_uses"}
-          and fetch_doc["type"] == "periodic" and fetch_doc["period"] in PERIODS
-          and isinstance(fetch_doc["max_uses"], int) and not isinstance(fetch_doc["max_uses"], bool)
-          and 1 <= fetch_doc["max_uses"] <= 1_000_000_000):
+    elif (
+        isinstance(fetch_doc, dict)
+        and set(fetch_doc) == {"type", "period", "max_uses"}
+        and fetch_doc["type"] == "periodic"
+        and fetch_doc["period"] in PERIODS
+        and isinstance(fetch_doc["max_uses"], int)
+        and not isinstance(fetch_doc["max_uses"], bool)
+        and 1 <= fetch_doc["max_uses"] <= 1_000_000_000
+    ):
         fetch = Fetch("periodic", fetch_doc["period"], fetch_doc["max_uses"])
     else:
         raise ValueError("fetch")
     not_before, not_after = _utc(_text(doc, "not_before")), _utc(_text(doc, "not_after"))
     if not_after <= not_before:
         raise ValueError("window")
-    return Consent(consent_id, issuer, _text(doc, "subject"), _text(doc, "consumer"), tuple(products),
-                   _text(doc, "purpose"), not_before, not_after, fetch, _utc(_text(doc, "issued_at")), digest)
+    return Consent(
+        consent_id,
+        issuer,
+        _text(doc, "subject"),
+        _text(doc, "consumer"),
+        tuple(products),
+        _text(doc, "purpose"),
+        not_before,
+        not_after,
+        fetch,
+        _utc(_text(doc, "issued_at")),
+        digest,
+    )
 
 
-def check_terms(consent: Consent, *, consumer: str, subject: str, product: str, purposes: tuple[str, ...],
-                now: dt.datetime) -> None:
+def check_terms(
+    consent: Consent,
+    *,
+    consumer: str,
+    subject: str,
+    product: str,
+    purposes: tuple[str, ...],
+    now: dt.datetime,
+) -> None:
     """The consent covers this consumer, subject, product and purpose, now."""
     _check_window(consent, now)
     _check_parties(consent, consumer=consumer, subject=subject, product=product, purposes=purposes)
@@ -290,7 +346,9 @@ def _check_window(consent: Consent, now: dt.datetime) -> None:
         raise ConsentRefused("the consent has expired", rule="consent.expired")
 
 
-def _check_parties(consent: Consent, *, consumer: str, subject: str, product: str, purposes: tuple[str, ...]) -> None:
+def _check_parties(
+    consent: Consent, *, consumer: str, subject: str, product: str, purposes: tuple[str, ...]
+) -> None:
     if consent.consumer != consumer:
         raise ConsentRefused("the consent was given to another consumer", rule="consent.consumer")
     if consent.subject != subject:
@@ -313,10 +371,14 @@ class ConsentStore:
         self._use_lock = threading.Lock()
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
-            db.execute("CREATE TABLE IF NOT EXISTS uses (consent_id TEXT NOT NULL, period TEXT NOT NULL, "
-                       "count INTEGER NOT NULL, PRIMARY KEY (consent_id, period))")
-            db.execute("CREATE TABLE IF NOT EXISTS revoked (consent_id TEXT PRIMARY KEY, time TEXT NOT NULL, "
-                       "reason TEXT NOT NULL)")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS uses (consent_id TEXT NOT NULL, period TEXT NOT NULL, "
+                "count INTEGER NOT NULL, PRIMARY KEY (consent_id, period))"
+            )
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS revoked (consent_id TEXT PRIMARY KEY, time TEXT NOT NULL, "
+                "reason TEXT NOT NULL)"
+            )
 
     def _connect(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
@@ -340,15 +402,22 @@ class ConsentStore:
         try:
             if _revoked(db, consent.id):
                 raise ConsentRefused("the consent has been revoked", rule="consent.revoked")
-            row = db.execute("SELECT count FROM uses WHERE consent_id = ? AND period = ?",
-                             (consent.id, period)).fetchone()
+            row = db.execute(
+                "SELECT count FROM uses WHERE consent_id = ? AND period = ?", (consent.id, period)
+            ).fetchone()
             used = row[0] if row else 0
             if _used_up(used, consent.fetch):
-                what = "was given for one use" if consent.fetch.type == "once" else \
-                    f"allows {consent.fetch.max_uses} uses per {consent.fetch.period}"
+                what = (
+                    "was given for one use"
+                    if consent.fetch.type == "once"
+                    else f"allows {consent.fetch.max_uses} uses per {consent.fetch.period}"
+                )
                 raise ConsentRefused(f"the consent {what} and has been used up", rule="consent.uses")
-            db.execute("INSERT INTO uses (consent_id, period, count) VALUES (?, ?, 1) "
-                       "ON CONFLICT (consent_id, period) DO UPDATE SET count = count + 1", (consent.id, period))
+            db.execute(
+                "INSERT INTO uses (consent_id, period, count) VALUES (?, ?, 1) "
+                "ON CONFLICT (consent_id, period) DO UPDATE SET count = count + 1",
+                (consent.id, period),
+            )
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -365,7 +434,9 @@ class ConsentStore:
                 for (consent_id, period), count in audited.items():
                     cursor = db.execute(
                         "INSERT INTO uses (consent_id, period, count) VALUES (?, ?, ?) ON CONFLICT (consent_id, period) "
-                        "DO UPDATE SET count = excluded.count WHERE count < excluded.count", (consent_id, period, count))
+                        "DO UPDATE SET count = excluded.count WHERE count < excluded.count",
+                        (consent_id, period, count),
+                    )
                     raised += cursor.rowcount
                 db.execute("COMMIT")
             except BaseException:
@@ -377,16 +448,23 @@ class ConsentStore:
         return _revoked(self._connect(), consent_id)
 
     def uses_left(self, consent: Consent, now: dt.datetime) -> int:
-        row = self._connect().execute("SELECT count FROM uses WHERE consent_id = ? AND period = ?",
-                                      (consent.id, consent.fetch.period_key(now))).fetchone()
+        row = (
+            self._connect()
+            .execute(
+                "SELECT count FROM uses WHERE consent_id = ? AND period = ?",
+                (consent.id, consent.fetch.period_key(now)),
+            )
+            .fetchone()
+        )
         return consent.fetch.max_uses - (row[0] if row else 0)
 
     def revoke(self, consent_id: str, reason: str = "revoked by the subject") -> bool:
         """Revoke a consent (idempotent); True if it was not revoked before."""
         db = self._connect()
-        cursor = db.execute("INSERT OR IGNORE INTO revoked (consent_id, time, reason) VALUES (?, ?, ?)",
-                            (consent_id, dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds"),
-                             reason))
+        cursor = db.execute(
+            "INSERT OR IGNORE INTO revoked (consent_id, time, reason) VALUES (?, ?, ?)",
+            (consent_id, dt.datetime.now(dt.UTC).isoformat(timespec="microseconds"), reason),
+        )
         return cursor.rowcount == 1
 
     def revocations(self) -> dict[str, str]:
@@ -394,7 +472,9 @@ class ConsentStore:
 
     def uses(self) -> dict[str, dict[str, int]]:
         found: dict[str, dict[str, int]] = {}
-        for consent_id, period, count in self._connect().execute("SELECT consent_id, period, count FROM uses"):
+        for consent_id, period, count in self._connect().execute(
+            "SELECT consent_id, period, count FROM uses"
+        ):
             found.setdefault(consent_id, {})[period] = count
         return found
 

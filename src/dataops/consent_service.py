@@ -30,7 +30,15 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from dataops.consent import (
-    PERIODS, TRUST_FILE, ConsentStore, Fetch, iso, load_issuers, new_payload, sign, store_path,
+    PERIODS,
+    TRUST_FILE,
+    ConsentStore,
+    Fetch,
+    iso,
+    load_issuers,
+    new_payload,
+    sign,
+    store_path,
 )
 
 DEFAULT_ISSUER = "city-consent-service"
@@ -52,8 +60,9 @@ class ConsentService:
             key = serialization.load_pem_private_key(path.read_bytes(), password=None)
         else:
             key = Ed25519PrivateKey.generate()
-            pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                    serialization.NoEncryption())
+            pem = key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as f:
                 f.write(pem)
@@ -61,30 +70,70 @@ class ConsentService:
             raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
             self.consents_dir.mkdir(parents=True, exist_ok=True)
             with (self.consents_dir / TRUST_FILE).open("a") as f:
-                f.write(f'\n[[issuers]]\nid = "{issuer}"\npublic_key = "{base64.b64encode(raw).decode()}"\n'
-                        f'description = "written by dataops consent init"\n')
+                f.write(
+                    f'\n[[issuers]]\nid = "{issuer}"\npublic_key = "{base64.b64encode(raw).decode()}"\n'
+                    f'description = "written by dataops consent init"\n'
+                )
         return key
 
-    def issue(self, *, subject: str, consumer: str, products: list[str], purpose: str,
-              issuer: str = DEFAULT_ISSUER, not_before: dt.datetime | None = None,
-              not_after: dt.datetime | None = None, days: float = 30.0, fetch: Fetch = Fetch("once"),
-              consent_id: str | None = None, key: Ed25519PrivateKey | None = None) -> bytes:
+    def issue(
+        self,
+        *,
+        subject: str,
+        consumer: str,
+        products: list[str],
+        purpose: str,
+        issuer: str = DEFAULT_ISSUER,
+        not_before: dt.datetime | None = None,
+        not_after: dt.datetime | None = None,
+        days: float = 30.0,
+        fetch: Fetch = Fetch("once"),
+        consent_id: str | None = None,
+        key: Ed25519PrivateKey | None = None,
+    ) -> bytes:
         """A signed artefact; recorded in the service's register."""
         if key is None:
             if not self.key_path(issuer).exists():
-                raise ValueError(f"no key for issuer {issuer!r} in {self.directory}: run `dataops consent init` first")
+                raise ValueError(
+                    f"no key for issuer {issuer!r} in {self.directory}: run `dataops consent init` first"
+                )
             key = self.init(issuer, trust=False)
-        now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+        now = dt.datetime.now(dt.UTC).replace(microsecond=0)
         not_before = not_before or now - dt.timedelta(minutes=5)
         not_after = not_after or now + dt.timedelta(days=days)
-        payload = new_payload(issuer=issuer, subject=subject, consumer=consumer, products=products,
-                              purpose=purpose, not_before=not_before, not_after=not_after, fetch=fetch,
-                              consent_id=consent_id)
+        payload = new_payload(
+            issuer=issuer,
+            subject=subject,
+            consumer=consumer,
+            products=products,
+            purpose=purpose,
+            not_before=not_before,
+            not_after=not_after,
+            fetch=fetch,
+            consent_id=consent_id,
+        )
         artefact = sign(payload, issuer, key)
         self.directory.mkdir(parents=True, exist_ok=True)
         with (self.directory / "issued.jsonl").open("a") as f:
-            f.write(json.dumps({k: payload[k] for k in ("id", "issuer", "subject", "consumer", "products",
-                                                         "purpose", "not_before", "not_after", "fetch")}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        k: payload[k]
+                        for k in (
+                            "id",
+                            "issuer",
+                            "subject",
+                            "consumer",
+                            "products",
+                            "purpose",
+                            "not_before",
+                            "not_after",
+                            "fetch",
+                        )
+                    }
+                )
+                + "\n"
+            )
         return artefact
 
     def issued(self) -> list[dict[str, Any]]:
@@ -102,8 +151,10 @@ def _service(args: argparse.Namespace):
 def cmd_init(args: argparse.Namespace) -> int:
     config, service = _service(args)
     service.init(args.issuer)
-    print(f"issuer {args.issuer!r}: key in {service.key_path(args.issuer)}, trusted in "
-          f"{config.paths.consents / TRUST_FILE} (restart the server to pick it up)")
+    print(
+        f"issuer {args.issuer!r}: key in {service.key_path(args.issuer)}, trusted in "
+        f"{config.paths.consents / TRUST_FILE} (restart the server to pick it up)"
+    )
     return 0
 
 
@@ -112,8 +163,15 @@ def cmd_issue(args: argparse.Namespace) -> int:
     if (args.periodic is None) != (args.max_uses is None):
         raise ValueError("--periodic and --max-uses go together")
     fetch = Fetch("periodic", args.periodic, args.max_uses) if args.periodic else Fetch("once")
-    artefact = service.issue(subject=args.subject, consumer=args.consumer, products=args.product,
-                             purpose=args.purpose, issuer=args.issuer, days=args.days, fetch=fetch)
+    artefact = service.issue(
+        subject=args.subject,
+        consumer=args.consumer,
+        products=args.product,
+        purpose=args.purpose,
+        issuer=args.issuer,
+        days=args.days,
+        fetch=fetch,
+    )
     consent_id = service.issued()[-1]["id"]
     if args.out:
         args.out.write_bytes(artefact)
@@ -140,27 +198,40 @@ def cmd_list(args: argparse.Namespace) -> int:
     rows = []
     for item in service.issued():
         fetch = item["fetch"]
-        rows.append({**item, "revoked": revoked.get(item["id"]), "uses": uses.get(item["id"], {}),
-                     "fetch": "once" if fetch["type"] == "once" else
-                     f"{fetch['max_uses']} per {fetch['period']}"})
+        rows.append(
+            {
+                **item,
+                "revoked": revoked.get(item["id"]),
+                "uses": uses.get(item["id"], {}),
+                "fetch": "once" if fetch["type"] == "once" else f"{fetch['max_uses']} per {fetch['period']}",
+            }
+        )
     if args.json:
         for row in rows:
             print(json.dumps(row))
         return 0
     for row in rows:
-        state = f"revoked {row['revoked']}" if row["revoked"] else \
-            ("expired" if row["not_after"] <= iso(dt.datetime.now(dt.timezone.utc)) else "valid")
+        state = (
+            f"revoked {row['revoked']}"
+            if row["revoked"]
+            else ("expired" if row["not_after"] <= iso(dt.datetime.now(dt.UTC)) else "valid")
+        )
         used = sum(row["uses"].values())
-        print(f"{row['id']}  {row['consumer']:18} {','.join(row['products']):22} {row['fetch']:14} "
-              f"uses {used:<4} until {row['not_after']}  {state}")
+        print(
+            f"{row['id']}  {row['consumer']:18} {','.join(row['products']):22} {row['fetch']:14} "
+            f"uses {used:<4} until {row['not_after']}  {state}"
+        )
     if not rows:
         print("no consents issued")
     return 0
 
 
 def add_consent_parser(sub: Any) -> None:
-    consent = sub.add_parser("consent", help="play the consent service: issue, revoke and list consents",
-                             description=__doc__.splitlines()[0])
+    consent = sub.add_parser(
+        "consent",
+        help="play the consent service: issue, revoke and list consents",
+        description=__doc__.splitlines()[0],
+    )
     commands = consent.add_subparsers(dest="consent_command", required=True)
 
     def command(name: str, func: Any, help: str) -> argparse.ArgumentParser:

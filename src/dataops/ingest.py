@@ -145,7 +145,7 @@ def ingest(
             "id": dataset_id,
             "zone": zone,
             "title": title,
-            "description": f"Ingested from {source.name} on {dt.datetime.now(dt.timezone.utc).date()}.",
+            "description": f"Ingested from {source.name} on {dt.datetime.now(dt.UTC).date()}.",
             "provider": provider,
             "location": location,
             "privacy_unit": {"column": unit},
@@ -162,7 +162,9 @@ def ingest(
         }
         text = tomli_w.dumps(entry)
         unit_line = tomli_w.dumps({"privacy_unit": {"column": unit}}).split("\n", 2)[1] + "\n"
-        text = text.replace("[privacy_unit]\n" + unit_line, "[privacy_unit]\n" + unit_line + _MAX_ROWS_NOTE, 1)
+        text = text.replace(
+            "[privacy_unit]\n" + unit_line, "[privacy_unit]\n" + unit_line + _MAX_ROWS_NOTE, 1
+        )
         if _MAX_ROWS_NOTE not in text:  # never publish an entry without the note
             raise IngestError(f"{source}: internal error writing the privacy_unit note")
         tmp_entry.write_text(_HEADER + text, encoding="utf-8")

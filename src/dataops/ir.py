@@ -198,7 +198,9 @@ class Aggregate:
         elif self.quantile:
             raise _invalid(f"{path}.quantile", "only a quantile aggregate takes a quantile")
         if self.weight is not None and not (
-            isinstance(self.weight, (int, float)) and math.isfinite(self.weight) and 0 < self.weight <= MAX_WEIGHT
+            isinstance(self.weight, (int, float))
+            and math.isfinite(self.weight)
+            and 0 < self.weight <= MAX_WEIGHT
         ):
             raise _invalid(f"{path}.weight", f"must be a number > 0 and at most {MAX_WEIGHT:g}")
 
@@ -286,7 +288,9 @@ class Privacy:
         if self.epsilon is None and self.target_half_width is None:
             raise _invalid(f"{path}.epsilon", "a DP query needs epsilon or target_half_width")
         if self.epsilon is not None and not (
-            isinstance(self.epsilon, (int, float)) and math.isfinite(self.epsilon) and 0 < self.epsilon <= MAX_EPSILON
+            isinstance(self.epsilon, (int, float))
+            and math.isfinite(self.epsilon)
+            and 0 < self.epsilon <= MAX_EPSILON
         ):
             raise _invalid(f"{path}.epsilon", f"must be a number > 0 and at most {MAX_EPSILON:g}")
         if not (isinstance(self.delta, (int, float)) and math.isfinite(self.delta) and 0 <= self.delta < 1):
@@ -298,8 +302,12 @@ class Privacy:
         ):
             raise _invalid(f"{path}.target_half_width", "must be a finite number > 0")
         k = self.max_rows_per_unit
-        if k is not None and not (isinstance(k, int) and not isinstance(k, bool) and 0 < k <= MAX_ROWS_PER_UNIT):
-            raise _invalid(f"{path}.max_rows_per_unit", f"must be a whole number > 0 and at most {MAX_ROWS_PER_UNIT}")
+        if k is not None and not (
+            isinstance(k, int) and not isinstance(k, bool) and 0 < k <= MAX_ROWS_PER_UNIT
+        ):
+            raise _invalid(
+                f"{path}.max_rows_per_unit", f"must be a whole number > 0 and at most {MAX_ROWS_PER_UNIT}"
+            )
         seen: set[str] = set()
         for i, terms in enumerate(self.measures):
             if not isinstance(terms, MeasureTerms):
@@ -380,7 +388,9 @@ class Query:
             raise _invalid("query.privacy", "privacy parameters apply to DP queries only")
         if self.mode is not Mode.DP and any(a.weight is not None for a in self.aggregates):
             raise _invalid("query.aggregates", "budget weights apply to DP queries only")
-        object.__setattr__(self, "_canonical", json.dumps(self.to_json(), sort_keys=True, separators=(",", ":")))
+        object.__setattr__(
+            self, "_canonical", json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
+        )
 
     @property
     def columns(self) -> set[str]:
@@ -392,7 +402,9 @@ class Query:
             "dataset": self.dataset,
             "mode": self.mode.value,
             # Filters combine with AND, so their order carries no meaning.
-            "filters": sorted((f.to_json() for f in self.filters), key=lambda f: json.dumps(f, sort_keys=True)),
+            "filters": sorted(
+                (f.to_json() for f in self.filters), key=lambda f: json.dumps(f, sort_keys=True)
+            ),
             "group_by": list(self.group_by),
             "aggregates": [a.to_json() for a in self.aggregates],
         }

@@ -80,11 +80,11 @@ import os
 import re
 import sqlite3
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from pathlib import Path
-from typing import Iterator
 
 from dataops._group import GroupSync
 from dataops.errors import BudgetExhausted, InternalError, QuotaViolation
@@ -120,7 +120,7 @@ CREATE TABLE IF NOT EXISTS zcdp_spend (
 );
 PRAGMA user_version = 2;
 """
-_SCHEMA = f"""
+_SCHEMA = """
 CREATE TABLE IF NOT EXISTS reservations (
     id        INTEGER PRIMARY KEY AUTOINCREMENT,
     consumer  TEXT NOT NULL,
@@ -321,7 +321,7 @@ def _zcdp_charge(
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
 
 
 class Ledger:
@@ -470,13 +470,21 @@ class Ledger:
         limits = {}
         for which, (eps_total, delta_total) in (("grant", grant_total), ("dataset", dataset_total)):
             limits[which] = (
-                _units(_check_amount(f"{which} epsilon total", eps_total, MAX_EPSILON), _EPSILON_PLACES, ROUND_FLOOR),
-                _units(_check_amount(f"{which} delta total", delta_total, MAX_DELTA), _DELTA_PLACES, ROUND_FLOOR),
+                _units(
+                    _check_amount(f"{which} epsilon total", eps_total, MAX_EPSILON),
+                    _EPSILON_PLACES,
+                    ROUND_FLOOR,
+                ),
+                _units(
+                    _check_amount(f"{which} delta total", delta_total, MAX_DELTA), _DELTA_PLACES, ROUND_FLOOR
+                ),
             )
         rho_u = None if _rho is None else _rho_units(_check_amount("rho", _rho, MAX_EPSILON))
         with self._write() as conn:
             if rho_u is not None:  # zCDP: the charge is the growth of the total's conversion
-                eps_u, delta_u, zcdp_after = self._zcdp_quote(conn, consumer, dataset, rho_u, limits["grant"][1])
+                eps_u, delta_u, zcdp_after = self._zcdp_quote(
+                    conn, consumer, dataset, rho_u, limits["grant"][1]
+                )
             spent = {
                 "grant": conn.execute(
                     "SELECT COALESCE(SUM(epsilon), 0), COALESCE(SUM(delta), 0) FROM grant_spend"
@@ -508,8 +516,12 @@ class Ledger:
                 return Reservation(cursor.lastrowid, consumer, dataset, epsilon, delta)
             self._set_zcdp_row(conn, consumer, dataset, zcdp_after, eps_u)
             return Reservation(
-                cursor.lastrowid, consumer, dataset,
-                _float(eps_u, _EPSILON_PLACES), _float(delta_u, _DELTA_PLACES), _float(rho_u, _RHO_PLACES),
+                cursor.lastrowid,
+                consumer,
+                dataset,
+                _float(eps_u, _EPSILON_PLACES),
+                _float(delta_u, _DELTA_PLACES),
+                _float(rho_u, _RHO_PLACES),
             )
 
     def reserve_zcdp(
@@ -534,7 +546,13 @@ class Ledger:
         if not rho > 0:
             raise ValueError("rho must be > 0 (a release without loss needs no reservation)")
         return self.reserve(
-            consumer, dataset, 0.0, 0.0, grant_total=grant_total, dataset_total=dataset_total, request=request,
+            consumer,
+            dataset,
+            0.0,
+            0.0,
+            grant_total=grant_total,
+            dataset_total=dataset_total,
+            request=request,
             _rho=rho,
         )
 
@@ -542,7 +560,9 @@ class Ledger:
         """The (epsilon, delta) `reserve_zcdp` would charge now for ``rho``; records
         nothing (for estimates: the same computation on the same spend)."""
         rho_u = _rho_units(_check_amount("rho", rho, MAX_EPSILON))
-        delta_u = _units(_check_amount("grant delta total", grant_delta, MAX_DELTA), _DELTA_PLACES, ROUND_FLOOR)
+        delta_u = _units(
+            _check_amount("grant delta total", grant_delta, MAX_DELTA), _DELTA_PLACES, ROUND_FLOOR
+        )
         conn = self._conn()
         conn.execute("BEGIN")  # one snapshot for both reads
         try:
@@ -616,13 +636,26 @@ class Ledger:
             if release_key is None:
                 return None
             stored = StoredRelease(
-                release_key, payload, metadata, reservation.consumer, _now(), reservation.dataset, reservation.id
+                release_key,
+                payload,
+                metadata,
+                reservation.consumer,
+                _now(),
+                reservation.dataset,
+                reservation.id,
             )
             conn.execute(
                 "INSERT INTO releases (key, payload, metadata, consumer, dataset, reservation_id, created)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (stored.key, stored.payload, stored.metadata, stored.consumer, stored.dataset,
-                 stored.reservation_id, stored.created),
+                (
+                    stored.key,
+                    stored.payload,
+                    stored.metadata,
+                    stored.consumer,
+                    stored.dataset,
+                    stored.reservation_id,
+                    stored.created,
+                ),
             )
             return stored
 
@@ -645,7 +678,8 @@ class Ledger:
         """
         with self._write() as conn:
             orphaned = conn.execute(
-                "UPDATE reservations SET status = 'orphaned', settled = ? WHERE status = 'reserved'", (_now(),)
+                "UPDATE reservations SET status = 'orphaned', settled = ? WHERE status = 'reserved'",
+                (_now(),),
             ).rowcount
             mismatch = conn.execute(
                 f"""
@@ -687,37 +721,53 @@ class Ledger:
         return self._find(self._conn(), _check_release_key(key))
 
     def spent(self, consumer: str, dataset: str) -> tuple[float, float]:
-        row = self._conn().execute(
-            "SELECT COALESCE(SUM(epsilon), 0), COALESCE(SUM(delta), 0) FROM grant_spend"
-            " WHERE consumer = ? AND dataset = ?",
-            (consumer, dataset),
-        ).fetchone()
+        row = (
+            self._conn()
+            .execute(
+                "SELECT COALESCE(SUM(epsilon), 0), COALESCE(SUM(delta), 0) FROM grant_spend"
+                " WHERE consumer = ? AND dataset = ?",
+                (consumer, dataset),
+            )
+            .fetchone()
+        )
         return _float(row[0], _EPSILON_PLACES), _float(row[1], _DELTA_PLACES)
 
     def spent_units(self, consumer: str, dataset: str) -> tuple[int, int]:
         """What a grant has spent in the ledger's exact units (1e-12 epsilon, 1e-18 delta),
         for reconciliation against the audit log."""
-        row = self._conn().execute(
-            "SELECT COALESCE(SUM(epsilon), 0), COALESCE(SUM(delta), 0) FROM grant_spend"
-            " WHERE consumer = ? AND dataset = ?",
-            (consumer, dataset),
-        ).fetchone()
+        row = (
+            self._conn()
+            .execute(
+                "SELECT COALESCE(SUM(epsilon), 0), COALESCE(SUM(delta), 0) FROM grant_spend"
+                " WHERE consumer = ? AND dataset = ?",
+                (consumer, dataset),
+            )
+            .fetchone()
+        )
         return int(row[0]), int(row[1])
 
     def dataset_spent(self, dataset: str) -> tuple[float, float]:
-        row = self._conn().execute(
-            "SELECT COALESCE(SUM(epsilon), 0), COALESCE(SUM(delta), 0) FROM grant_spend WHERE dataset = ?",
-            (dataset,),
-        ).fetchone()
+        row = (
+            self._conn()
+            .execute(
+                "SELECT COALESCE(SUM(epsilon), 0), COALESCE(SUM(delta), 0) FROM grant_spend WHERE dataset = ?",
+                (dataset,),
+            )
+            .fetchone()
+        )
         return _float(row[0], _EPSILON_PLACES), _float(row[1], _DELTA_PLACES)
 
     def budgets(self) -> list[Spend]:
         """Everything spent: one row per consumer × dataset, then one per dataset
         (consumer None), sorted; for `dataops budget show`."""
-        rows = self._conn().execute(
-            "SELECT consumer, dataset, epsilon, delta FROM grant_spend"
-            " UNION ALL SELECT NULL, dataset, SUM(epsilon), SUM(delta) FROM grant_spend GROUP BY dataset"
-        ).fetchall()
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT consumer, dataset, epsilon, delta FROM grant_spend"
+                " UNION ALL SELECT NULL, dataset, SUM(epsilon), SUM(delta) FROM grant_spend GROUP BY dataset"
+            )
+            .fetchall()
+        )
         rows.sort(key=lambda row: (row[1], row[0] is None, row[0] or ""))
         return [
             Spend(consumer, dataset, _float(eps, _EPSILON_PLACES), _float(delta, _DELTA_PLACES))
@@ -738,7 +788,8 @@ class Ledger:
     @staticmethod
     def _zcdp_row(conn: sqlite3.Connection, consumer: str, dataset: str) -> tuple[int, int, int]:
         row = conn.execute(
-            "SELECT rho, delta, epsilon FROM zcdp_spend WHERE consumer = ? AND dataset = ?", (consumer, dataset)
+            "SELECT rho, delta, epsilon FROM zcdp_spend WHERE consumer = ? AND dataset = ?",
+            (consumer, dataset),
         ).fetchone()
         return (0, 0, 0) if row is None else tuple(row)
 
@@ -789,7 +840,9 @@ class Ledger:
                 # on top of it since). Never below the other spent reservations' own
                 # charges, which the audit log records: the ledger must stay >= it
                 # (`dataops.audit.receipts.reconcile_ledger`), also to the last unit.
-                rho_total, conv_delta_u, eps_total = self._zcdp_row(conn, reservation.consumer, reservation.dataset)
+                rho_total, conv_delta_u, eps_total = self._zcdp_row(
+                    conn, reservation.consumer, reservation.dataset
+                )
                 (charged,) = conn.execute(
                     "SELECT charged FROM zcdp_spend WHERE consumer = ? AND dataset = ?",
                     (reservation.consumer, reservation.dataset),

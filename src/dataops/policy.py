@@ -24,11 +24,12 @@ import re
 import threading
 import time
 import tomllib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from enum import Enum
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Callable, Mapping
+from typing import TYPE_CHECKING
 
 from dataops._toml import Table
 from dataops.catalog import Catalog, Classification, Dataset
@@ -110,7 +111,7 @@ class PolicySet:
         return self.consumers.get(consumer)
 
 
-def load_policies(policy_dir: Path, catalog: Catalog, products: "Products | None" = None) -> PolicySet:
+def load_policies(policy_dir: Path, catalog: Catalog, products: Products | None = None) -> PolicySet:
     """Load and validate every `*.toml` in `policy_dir`. Raises PolicyError on the first mistake.
 
     `products` are the table products grants may name (none when omitted: then a
@@ -131,7 +132,9 @@ def load_policies(policy_dir: Path, catalog: Catalog, products: "Products | None
     return PolicySet(MappingProxyType(consumers), digest.hexdigest())
 
 
-def _load_policy(path: Path, raw: bytes, catalog: Catalog, products: "Products | None" = None) -> ConsumerPolicy:
+def _load_policy(
+    path: Path, raw: bytes, catalog: Catalog, products: Products | None = None
+) -> ConsumerPolicy:
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -172,7 +175,7 @@ def _enum_set(table: Table, key: str, enum: type[Enum]) -> frozenset:
     return frozenset(out)
 
 
-def _load_grant(table: Table, zone: str, catalog: Catalog, products: "Products | None") -> Grant:
+def _load_grant(table: Table, zone: str, catalog: Catalog, products: Products | None) -> Grant:
     dataset_id = table.str("dataset")
     dataset = catalog.get(dataset_id)
     if dataset is None:
@@ -187,8 +190,11 @@ def _load_grant(table: Table, zone: str, catalog: Catalog, products: "Products |
 
     for key in _MOVED_TO_TABLES:
         if table.has(key):
-            raise table.fail(key, "protection rules now belong to table products (products/*.toml); "
-                                  "remove it here and name the tables this grant may read in `tables`")
+            raise table.fail(
+                key,
+                "protection rules now belong to table products (products/*.toml); "
+                "remove it here and name the tables this grant may read in `tables`",
+            )
 
     budget_table = table.table("budget")
     budget = GrantBudget(
@@ -199,8 +205,9 @@ def _load_grant(table: Table, zone: str, catalog: Catalog, products: "Products |
         raise budget_table.fail("delta", "must be < 1")
     if budget.epsilon > dataset.budget.epsilon or budget.delta > dataset.budget.delta:
         raise budget_table.fail(
-            "epsilon", f"exceeds the dataset cap of {dataset_id!r} (epsilon {dataset.budget.epsilon}, "
-            f"delta {dataset.budget.delta})"
+            "epsilon",
+            f"exceeds the dataset cap of {dataset_id!r} (epsilon {dataset.budget.epsilon}, "
+            f"delta {dataset.budget.delta})",
         )
     budget_table.reject_unknown()
 
@@ -209,8 +216,11 @@ def _load_grant(table: Table, zone: str, catalog: Catalog, products: "Products |
     if Mode.DP in modes:
         columns = _load_columns(table.table("columns"), dataset)
     elif table.has("columns"):
-        raise table.fail("columns", "column grants apply to DP mode only; exact (aggregate) answers "
-                                    "come from the tables named in `tables`")
+        raise table.fail(
+            "columns",
+            "column grants apply to DP mode only; exact (aggregate) answers "
+            "come from the tables named in `tables`",
+        )
     else:
         columns = {}
     tables = _load_tables(table, dataset, products, required=Mode.AGGREGATE in modes)
@@ -232,12 +242,16 @@ def _load_grant(table: Table, zone: str, catalog: Catalog, products: "Products |
     if grant.accounting not in ACCOUNTINGS:
         raise table.fail("accounting", f"must be one of {', '.join(ACCOUNTINGS)}, got {grant.accounting!r}")
     if grant.accounting == "zcdp" and budget.delta == 0:
-        raise budget_table.fail("delta", "a zcdp grant needs delta > 0: zCDP is converted to (epsilon, delta)")
+        raise budget_table.fail(
+            "delta", "a zcdp grant needs delta > 0: zCDP is converted to (epsilon, delta)"
+        )
     table.reject_unknown()
     return grant
 
 
-def _load_tables(table: Table, dataset: Dataset, products: "Products | None", *, required: bool) -> tuple[str, ...]:
+def _load_tables(
+    table: Table, dataset: Dataset, products: Products | None, *, required: bool
+) -> tuple[str, ...]:
     """The table product ids a grant names: each must exist and be a table of this dataset."""
     ids = table.list("tables") if required else table.list("tables", [])
     known = products.tables if products is not None else {}
@@ -248,11 +262,14 @@ def _load_tables(table: Table, dataset: Dataset, products: "Products | None", *,
         product = known.get(table_id)
         if product is None:
             listed = ", ".join(sorted(known)) or "none"
-            raise table.fail(f"tables[{i}]", f"{table_id!r} is not a table product (products/*.toml; "
-                                             f"known: {listed})")
+            raise table.fail(
+                f"tables[{i}]", f"{table_id!r} is not a table product (products/*.toml; known: {listed})"
+            )
         if product.dataset != dataset.id:
-            raise table.fail(f"tables[{i}]", f"table {table_id!r} is over dataset {product.dataset!r}, "
-                                             f"not this grant's {dataset.id!r}")
+            raise table.fail(
+                f"tables[{i}]",
+                f"table {table_id!r} is over dataset {product.dataset!r}, not this grant's {dataset.id!r}",
+            )
         if table_id in seen:
             raise table.fail(f"tables[{i}]", f"{table_id!r} is named twice")
         seen.append(table_id)
@@ -315,8 +332,15 @@ def narrows(old: ConsumerPolicy | None, new: ConsumerPolicy) -> bool:
 
 def _invalid_policy(path: Path, error: str) -> ConsumerPolicy:
     """What stands for a consumer whose file does not validate: a policy that denies."""
-    return ConsumerPolicy(consumer=path.stem, zone="", description="", revoked=False,
-                          grants=MappingProxyType({}), source=path, invalid=error)
+    return ConsumerPolicy(
+        consumer=path.stem,
+        zone="",
+        description="",
+        revoked=False,
+        grants=MappingProxyType({}),
+        source=path,
+        invalid=error,
+    )
 
 
 def content_digest(path: Path, raw: bytes) -> str:
@@ -346,7 +370,7 @@ class PolicyStore:
         policy_dir: Path,
         catalog: Catalog,
         *,
-        products: "Products | None" = None,
+        products: Products | None = None,
         on_reload: Callable[[PolicySet | None, str | None], None] | None = None,
         settle_seconds: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
@@ -418,8 +442,11 @@ class PolicyStore:
                     waiting = self._pending.get(name)
                     if waiting is None or waiting[0] != digest:
                         self._pending[name] = (digest, now)  # changed again: start over
-                        log.info("%s changed; applied once its content is stable for %gs",
-                                 path, self.settle_seconds)
+                        log.info(
+                            "%s changed; applied once its content is stable for %gs",
+                            path,
+                            self.settle_seconds,
+                        )
                     if not settled and now - self._pending[name][1] < self.settle_seconds:
                         continue
                 self._pending.pop(name, None)
@@ -433,11 +460,16 @@ class PolicyStore:
                 return False
             digest = hashlib.sha256()
             for name, state in sorted(files.items()):
-                digest.update(name.encode() + b"\0" + state.digest.encode()
-                              + (b"\0invalid" if state.policy.invalid is not None else b""))
+                digest.update(
+                    name.encode()
+                    + b"\0"
+                    + state.digest.encode()
+                    + (b"\0invalid" if state.policy.invalid is not None else b"")
+                )
             self._files = files
             self._current = PolicySet(
-                MappingProxyType({f.policy.consumer: f.policy for f in files.values()}), digest.hexdigest())
+                MappingProxyType({f.policy.consumer: f.policy for f in files.values()}), digest.hexdigest()
+            )
             self.last_error = "\n".join(errors) or None
             for error in errors:
                 log.error("policy refused, its consumer is denied until fixed: %s", error)

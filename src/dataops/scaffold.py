@@ -14,8 +14,8 @@ operator copies one into place.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from dataops.certs import init_authority
 from dataops.config import parse_listen
@@ -112,13 +112,20 @@ min_units = 10                      # a cell of fewer loans is not published
 """
 
 
-def scaffold(directory: Path, *, server_names: Iterable[str] = (), ips: Iterable[str] = (),
-             listen: str = "127.0.0.1:50051") -> list[str]:
+def scaffold(
+    directory: Path,
+    *,
+    server_names: Iterable[str] = (),
+    ips: Iterable[str] = (),
+    listen: str = "127.0.0.1:50051",
+) -> list[str]:
     """Create the layout above; refuses a directory that already has a dataops.toml."""
     directory = Path(directory)
     parse_listen(listen)  # ValueError: the CLI reports it
     if (directory / "dataops.toml").exists():
-        raise FileExistsError(f"{directory / 'dataops.toml'} already exists; not overwriting a working directory")
+        raise FileExistsError(
+            f"{directory / 'dataops.toml'} already exists; not overwriting a working directory"
+        )
     directory.mkdir(parents=True, exist_ok=True)
     made = []
     for name in ("catalog", "policies", "products", "sandbox", "state"):

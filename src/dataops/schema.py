@@ -16,7 +16,9 @@ from dataops.policy import CONSUMER_PATTERN, Use
 DRAFT = "https://json-schema.org/draft/2020-12/schema"
 
 
-def _obj(properties: dict[str, Any], required: list[str], description: str = "", **extra: Any) -> dict[str, Any]:
+def _obj(
+    properties: dict[str, Any], required: list[str], description: str = "", **extra: Any
+) -> dict[str, Any]:
     out = {"type": "object", "properties": properties, "required": required, "additionalProperties": False}
     if description:
         out["description"] = description
@@ -25,14 +27,24 @@ def _obj(properties: dict[str, Any], required: list[str], description: str = "",
 
 
 def _enum_list(enum: Any, description: str) -> dict[str, Any]:
-    return {"type": "array", "items": {"enum": [e.value for e in enum]}, "minItems": 1, "uniqueItems": True,
-            "description": description}
+    return {
+        "type": "array",
+        "items": {"enum": [e.value for e in enum]},
+        "minItems": 1,
+        "uniqueItems": True,
+        "description": description,
+    }
 
 
 def _budget(description: str) -> dict[str, Any]:
-    return _obj({"epsilon": {"type": "number", "minimum": 0},
-                 "delta": {"type": "number", "minimum": 0, "exclusiveMaximum": 1, "default": 0}},
-                ["epsilon"], description)
+    return _obj(
+        {
+            "epsilon": {"type": "number", "minimum": 0},
+            "delta": {"type": "number", "minimum": 0, "exclusiveMaximum": 1, "default": 0},
+        },
+        ["epsilon"],
+        description,
+    )
 
 
 def policy_schema() -> dict[str, Any]:
@@ -43,25 +55,40 @@ def policy_schema() -> dict[str, Any]:
             "expires": {"type": "string", "format": "date", "description": "a TOML date, e.g. 2027-12-31"},
             "modes": _enum_list(Mode, "query modes the grant allows"),
             "functions": _enum_list(Function, "aggregate functions DP queries may compute"),
-            "tables": {"type": "array", "items": {"type": "string"}, "uniqueItems": True,
-                       "description": "aggregate mode: the table products (products/<id>.toml) this grant "
-                                      "may read; exact answers are lookups in them"},
+            "tables": {
+                "type": "array",
+                "items": {"type": "string"},
+                "uniqueItems": True,
+                "description": "aggregate mode: the table products (products/<id>.toml) this grant "
+                "may read; exact answers are lookups in them",
+            },
             "budget": _budget("the grant's DP budget; at most the dataset's cap"),
-            "columns": {"type": "object", "description": "DP mode: column -> uses",
-                        "additionalProperties": _enum_list(Use, "how the column may be used")},
+            "columns": {
+                "type": "object",
+                "description": "DP mode: column -> uses",
+                "additionalProperties": _enum_list(Use, "how the column may be used"),
+            },
         },
         ["dataset", "purpose", "expires", "modes", "functions", "budget"],
     )
     return {
-        "$schema": DRAFT, "$id": "https://dataops.example/schema/policy.json", "title": "dataops consumer policy",
-        **_obj({
-            "consumer": {"type": "string", "pattern": f"^{CONSUMER_PATTERN.pattern}$",
-                         "description": "equals the file name stem and the certificate's name"},
-            "zone": {"type": "string"},
-            "description": {"type": "string"},
-            "revoked": {"type": "boolean", "default": False},
-            "grants": {"type": "array", "items": grant},
-        }, ["consumer", "zone"]),
+        "$schema": DRAFT,
+        "$id": "https://dataops.example/schema/policy.json",
+        "title": "dataops consumer policy",
+        **_obj(
+            {
+                "consumer": {
+                    "type": "string",
+                    "pattern": f"^{CONSUMER_PATTERN.pattern}$",
+                    "description": "equals the file name stem and the certificate's name",
+                },
+                "zone": {"type": "string"},
+                "description": {"type": "string"},
+                "revoked": {"type": "boolean", "default": False},
+                "grants": {"type": "array", "items": grant},
+            },
+            ["consumer", "zone"],
+        ),
     }
 
 
@@ -78,21 +105,39 @@ def catalog_schema() -> dict[str, Any]:
         ["type", "classification"],
     )
     return {
-        "$schema": DRAFT, "$id": "https://dataops.example/schema/catalog.json", "title": "dataops catalog entry",
-        **_obj({
-            "id": {"type": "string", "pattern": f"^{ID_PATTERN.pattern}$", "description": "equals the file stem"},
-            "zone": {"type": "string", "pattern": f"^{ZONE_PATTERN.pattern}$"},
-            "title": {"type": "string", "minLength": 1},
-            "description": {"type": "string"},
-            "provider": {"type": "string", "minLength": 1},
-            "location": {"type": "string", "pattern": r"\.parquet$", "description": "relative to sandbox/"},
-            "privacy_unit": _obj({"column": {"type": "string"}, "max_rows": {"type": "integer", "minimum": 1}},
-                                 ["column", "max_rows"]),
-            "budget": _budget("the dataset's DP cap over all consumers"),
-            "columns": {"type": "object", "minProperties": 1,
-                        "propertyNames": {"pattern": f"^{COLUMN_PATTERN.pattern}$"},
-                        "additionalProperties": column},
-        }, ["id", "zone", "title", "provider", "location", "privacy_unit", "budget", "columns"]),
+        "$schema": DRAFT,
+        "$id": "https://dataops.example/schema/catalog.json",
+        "title": "dataops catalog entry",
+        **_obj(
+            {
+                "id": {
+                    "type": "string",
+                    "pattern": f"^{ID_PATTERN.pattern}$",
+                    "description": "equals the file stem",
+                },
+                "zone": {"type": "string", "pattern": f"^{ZONE_PATTERN.pattern}$"},
+                "title": {"type": "string", "minLength": 1},
+                "description": {"type": "string"},
+                "provider": {"type": "string", "minLength": 1},
+                "location": {
+                    "type": "string",
+                    "pattern": r"\.parquet$",
+                    "description": "relative to sandbox/",
+                },
+                "privacy_unit": _obj(
+                    {"column": {"type": "string"}, "max_rows": {"type": "integer", "minimum": 1}},
+                    ["column", "max_rows"],
+                ),
+                "budget": _budget("the dataset's DP cap over all consumers"),
+                "columns": {
+                    "type": "object",
+                    "minProperties": 1,
+                    "propertyNames": {"pattern": f"^{COLUMN_PATTERN.pattern}$"},
+                    "additionalProperties": column,
+                },
+            },
+            ["id", "zone", "title", "provider", "location", "privacy_unit", "budget", "columns"],
+        ),
     }
 
 

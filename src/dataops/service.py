@@ -12,18 +12,18 @@ import datetime as dt
 import hashlib
 import json
 import time
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from dataops.audit.record import CallRecord
 from dataops.authorize import authorize, consumer_policy, live_grant, visible_dataset
 from dataops.catalog import Catalog, Dataset
 from dataops.config import Limits
-from dataops.engines import AggregateAccuracy, EngineResult, Plan, Spend
+from dataops.engines import AggregateAccuracy, EngineResult, Plan, Spend, dp_autoclip
 from dataops.engines import dp as dp_engine
-from dataops.engines import dp_autoclip
 from dataops.engines._base import predicate
 from dataops.engines.prepared import PreparedStore
 from dataops.engines.table import TableEngine
@@ -36,7 +36,7 @@ from dataops.wire import table_from_ipc, table_to_ipc
 
 
 def _today() -> dt.date:
-    return dt.datetime.now(dt.timezone.utc).date()
+    return dt.datetime.now(dt.UTC).date()
 
 
 @dataclass(frozen=True)
@@ -183,8 +183,9 @@ class Sandbox:
         check_limits(query, self.limits)
         call.query = query.canonical()
         call.purpose = query.purpose or None
-        decision = authorize(self.policies.current, self.catalog, consumer, query, self.today(),
-                             self._table_products)
+        decision = authorize(
+            self.policies.current, self.catalog, consumer, query, self.today(), self._table_products
+        )
         call.purpose = decision.grant.purpose  # what the answer may be used for, as granted
         # In every mode: the file still resolves inside the sandbox and is not another
         # entry's content (dataops.versions); cheap while the file is unchanged.
@@ -194,8 +195,9 @@ class Sandbox:
             # before anything runs and before any budget is reserved. (Exact queries:
             # the coverage checked every filter value against the table's key sets.)
             predicate(decision.dataset, query.filters)
-        return Plan(query, decision.dataset, decision.grant, self.limits.max_output_rows,
-                    coverage=decision.coverage)
+        return Plan(
+            query, decision.dataset, decision.grant, self.limits.max_output_rows, coverage=decision.coverage
+        )
 
     def run(self, consumer: str, query: Query, call: CallRecord) -> EngineResult:
         plan = self.plan(consumer, query, call)
@@ -283,13 +285,16 @@ class Sandbox:
                 self.ledger.refund(reservation)  # nothing left the process
                 raise
             stored = self.ledger.commit(
-                reservation, release_key=key, payload=table_to_ipc(result.table),
+                reservation,
+                release_key=key,
+                payload=table_to_ipc(result.table),
                 metadata=json.dumps([a.__dict__ for a in result.accuracy]),
             )
             if stored.reservation_id == reservation.id:  # ours is the canonical release
                 call.epsilon_spent, call.delta_spent = reservation.epsilon, reservation.delta
                 return EngineResult(
-                    table=result.table, accuracy=result.accuracy,
+                    table=result.table,
+                    accuracy=result.accuracy,
                     spend=self._remaining(consumer, plan, (reservation.epsilon, reservation.delta)),
                 )
         # This consumer asked the same question before: the same noisy answer again costs
@@ -325,5 +330,7 @@ class Sandbox:
         for view in views:
             epsilon, delta = self.ledger.spent(consumer, view.dataset.id)
             budget = view.grant.budget
-            states.append(BudgetState(consumer, view.dataset.id, budget.epsilon, budget.delta, epsilon, delta))
+            states.append(
+                BudgetState(consumer, view.dataset.id, budget.epsilon, budget.delta, epsilon, delta)
+            )
         return states

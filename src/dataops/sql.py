@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import sqlglot
 from sqlglot import exp
@@ -83,7 +83,7 @@ def _unterminated_quote(text: str) -> int | None:
         if open_at is None and char in "'\"`":
             open_at, quote = i, char
         elif open_at is not None and char == quote:
-            if text[i + 1:i + 2] == quote:  # a doubled quote is an escaped one
+            if text[i + 1 : i + 2] == quote:  # a doubled quote is an escaped one
                 i += 1
             else:
                 open_at = None
@@ -101,7 +101,9 @@ class _Parser:
             start = _unterminated_quote(text)
             if start is None:
                 raise _fail(_Where(1, 1), "cannot split the text into tokens") from None
-            raise _fail(self._offset_to_where(start), f"the quoted text starting here ({text[start]}) never ends") from None
+            raise _fail(
+                self._offset_to_where(start), f"the quoted text starting here ({text[start]}) never ends"
+            ) from None
 
     # --- positions --------------------------------------------------------------
 
@@ -119,13 +121,16 @@ class _Parser:
         """
         offset = None
         if node is not None:
-            starts = [n.meta["start"] for n in node.walk() if isinstance(n, exp.Expression) and "start" in n.meta]
+            starts = [
+                n.meta["start"] for n in node.walk() if isinstance(n, exp.Expression) and "start" in n.meta
+            ]
             offset = min(starts, default=None)
         if keyword is not None:
             starts = [t.start for t in self.tokens if t.text.upper() == keyword]
             if starts:
-                return self._offset_to_where(min(starts, key=lambda s: abs(s - offset)) if offset is not None
-                                             else starts[0])
+                return self._offset_to_where(
+                    min(starts, key=lambda s: abs(s - offset)) if offset is not None else starts[0]
+                )
         return self._offset_to_where(offset) if offset is not None else _Where(1, 1)
 
     def fail(self, node: exp.Expression | None, description: str, keyword: str | None = None) -> InvalidQuery:
@@ -161,8 +166,12 @@ class _Parser:
             return node.this
         if isinstance(node, exp.Boolean):
             return bool(node.this)
-        if (isinstance(node, exp.Cast) and node.to.is_type(exp.DataType.Type.DATE)
-                and isinstance(node.this, exp.Literal) and node.this.is_string):
+        if (
+            isinstance(node, exp.Cast)
+            and node.to.is_type(exp.DataType.Type.DATE)
+            and isinstance(node.this, exp.Literal)
+            and node.this.is_string
+        ):
             try:
                 dt.date.fromisoformat(node.this.this)
             except ValueError:
@@ -170,8 +179,10 @@ class _Parser:
             # A date travels as its ISO string, exactly as the structured form sends it.
             return node.this.this
         located = any("start" in n.meta for n in node.walk() if isinstance(n, exp.Expression))
-        raise self.fail(node if located else owner,
-                        f"a value must be a string, number, TRUE/FALSE or DATE '...', not {node.sql()!r}")
+        raise self.fail(
+            node if located else owner,
+            f"a value must be a string, number, TRUE/FALSE or DATE '...', not {node.sql()!r}",
+        )
 
     def quantile_value(self, node: exp.Expression | None, owner: exp.Expression) -> float:
         value = self.value(node, owner) if node is not None else None
@@ -192,32 +203,47 @@ class _Parser:
                 name = self.column(arg.expressions[0], table, "COUNT(DISTINCT ...)")
                 unit = unit_column(table) if unit_column is not None else None
                 if unit is not None and name != unit:
-                    raise self.fail(arg, f"COUNT(DISTINCT ...) counts privacy units only: "
-                                         f"write COUNT(DISTINCT {unit})")
+                    raise self.fail(
+                        arg, f"COUNT(DISTINCT ...) counts privacy units only: write COUNT(DISTINCT {unit})"
+                    )
                 return ir.Aggregate(F.COUNT_UNITS, alias=alias)
-            raise self.fail(node, "write COUNT(*) for rows or COUNT(DISTINCT <privacy unit>) for units",
-                            keyword="COUNT")
+            raise self.fail(
+                node, "write COUNT(*) for rows or COUNT(DISTINCT <privacy unit>) for units", keyword="COUNT"
+            )
         simple = {exp.Sum: F.SUM, exp.Avg: F.MEAN}
         for kind, function in simple.items():
             if type(node) is kind:
-                return ir.Aggregate(function, self.column(node.this, table, f"the argument of {node.key.upper()}"),
-                                    alias=alias)
+                return ir.Aggregate(
+                    function,
+                    self.column(node.this, table, f"the argument of {node.key.upper()}"),
+                    alias=alias,
+                )
         if isinstance(node, exp.Median):
-            return ir.Aggregate(F.QUANTILE, self.column(node.this, table, "the argument of MEDIAN"), 0.5, alias)
+            return ir.Aggregate(
+                F.QUANTILE, self.column(node.this, table, "the argument of MEDIAN"), 0.5, alias
+            )
         if isinstance(node, (exp.Quantile, exp.ApproxQuantile)):
             column = self.column(node.this, table, "the first argument of QUANTILE")
-            return ir.Aggregate(F.QUANTILE, column, self.quantile_value(node.args.get("quantile"), node), alias)
+            return ir.Aggregate(
+                F.QUANTILE, column, self.quantile_value(node.args.get("quantile"), node), alias
+            )
         if isinstance(node, exp.WithinGroup) and isinstance(node.this, exp.PercentileCont):
             order = node.expression
-            if not isinstance(order, exp.Order) or len(order.expressions) != 1 or order.expressions[0].args.get("desc"):
-                raise self.fail(node, "PERCENTILE_CONT needs WITHIN GROUP (ORDER BY <column>)",
-                                keyword="PERCENTILE_CONT")
+            if (
+                not isinstance(order, exp.Order)
+                or len(order.expressions) != 1
+                or order.expressions[0].args.get("desc")
+            ):
+                raise self.fail(
+                    node, "PERCENTILE_CONT needs WITHIN GROUP (ORDER BY <column>)", keyword="PERCENTILE_CONT"
+                )
             column = self.column(order.expressions[0].this, table, "the ORDER BY of PERCENTILE_CONT")
             return ir.Aggregate(F.QUANTILE, column, self.quantile_value(node.this.this, node), alias)
         if isinstance(node, exp.AggFunc) or isinstance(node, exp.Anonymous):
             name = node.sql_name() if isinstance(node, exp.AggFunc) else node.name.upper()
-            raise self.fail(node, f"{name} is not supported; use COUNT, SUM, AVG, MEDIAN or QUANTILE",
-                            keyword=name)
+            raise self.fail(
+                node, f"{name} is not supported; use COUNT, SUM, AVG, MEDIAN or QUANTILE", keyword=name
+            )
         raise self.fail(node, f"{node.sql()!r} is neither a GROUP BY column nor a supported aggregate")
 
     def predicates(self, node: exp.Expression, table: str) -> list[tuple[ir.Filter, exp.Expression]]:
@@ -238,7 +264,9 @@ class _Parser:
 
     def predicate(self, node: exp.Expression, table: str) -> ir.Filter:
         if isinstance(node, exp.EQ):
-            return ir.Equals(self.column(node.this, table, "the left side of ="), self.value(node.expression, node))
+            return ir.Equals(
+                self.column(node.this, table, "the left side of ="), self.value(node.expression, node)
+            )
         if isinstance(node, exp.In):
             if node.args.get("query") is not None:
                 raise self.fail(node, "IN takes a list of values, not a subquery", keyword="IN")
@@ -250,13 +278,25 @@ class _Parser:
             column = self.column(node.this, table, "the left side of BETWEEN")
             return ir.Between(column, self.value(node.args["low"], node), self.value(node.args["high"], node))
         if isinstance(node, exp.GTE):
-            return ir.Between(self.column(node.this, table, "the left side of >="), low=self.value(node.expression, node))
+            return ir.Between(
+                self.column(node.this, table, "the left side of >="), low=self.value(node.expression, node)
+            )
         if isinstance(node, exp.LTE):
-            return ir.Between(self.column(node.this, table, "the left side of <="), high=self.value(node.expression, node))
-        operator = {exp.Or: "OR", exp.Not: "NOT", exp.GT: ">", exp.LT: "<", exp.NEQ: "<>", exp.Like: "LIKE",
-                    exp.Is: "IS"}.get(type(node), node.key.upper())
-        raise self.fail(node, f"only =, IN, BETWEEN, >= and <= filters are supported, not {operator}",
-                        keyword=operator)
+            return ir.Between(
+                self.column(node.this, table, "the left side of <="), high=self.value(node.expression, node)
+            )
+        operator = {
+            exp.Or: "OR",
+            exp.Not: "NOT",
+            exp.GT: ">",
+            exp.LT: "<",
+            exp.NEQ: "<>",
+            exp.Like: "LIKE",
+            exp.Is: "IS",
+        }.get(type(node), node.key.upper())
+        raise self.fail(
+            node, f"only =, IN, BETWEEN, >= and <= filters are supported, not {operator}", keyword=operator
+        )
 
     # --- the statement ------------------------------------------------------------
 
@@ -275,22 +315,38 @@ class _Parser:
             raise _fail(_Where(1, 1), f"expected one SELECT statement, found {len(statements)}")
         (statement,) = statements
         if not isinstance(statement, exp.Select):
-            raise self.fail(None, f"only SELECT is supported, not {statement.key.upper()}",
-                            keyword=self.tokens[0].text.upper() if self.tokens else None)
+            raise self.fail(
+                None,
+                f"only SELECT is supported, not {statement.key.upper()}",
+                keyword=self.tokens[0].text.upper() if self.tokens else None,
+            )
         return statement
 
-    def query(self, mode: ir.Mode, privacy: ir.Privacy | None, purpose: str,
-              unit_column: UnitColumn | None) -> ir.Query:
+    def query(
+        self, mode: ir.Mode, privacy: ir.Privacy | None, purpose: str, unit_column: UnitColumn | None
+    ) -> ir.Query:
         select = self.statement()
         known = {"expressions", "from", "from_", "where", "group"}
-        clauses = {"joins": "JOIN", "having": "HAVING", "order": "ORDER", "limit": "LIMIT", "offset": "OFFSET",
-                   "with": "WITH", "distinct": "DISTINCT", "qualify": "QUALIFY", "windows": "WINDOW"}
+        clauses = {
+            "joins": "JOIN",
+            "having": "HAVING",
+            "order": "ORDER",
+            "limit": "LIMIT",
+            "offset": "OFFSET",
+            "with": "WITH",
+            "distinct": "DISTINCT",
+            "qualify": "QUALIFY",
+            "windows": "WINDOW",
+        }
         for key, value in select.args.items():
             if key in known or value in (None, [], False):
                 continue
             keyword = clauses.get(key, key.upper())
-            raise self.fail(value if isinstance(value, exp.Expression) else None,
-                            f"{keyword} is not supported", keyword=keyword)
+            raise self.fail(
+                value if isinstance(value, exp.Expression) else None,
+                f"{keyword} is not supported",
+                keyword=keyword,
+            )
         source = select.args.get("from") or select.args.get("from_")
         if source is None:
             raise self.fail(None, "FROM <dataset> is required", keyword="SELECT")
@@ -333,17 +389,30 @@ class _Parser:
             aggregate_nodes.append(node)
         missing = [name for name in group_by if name not in selected]
         if missing:
-            raise self.fail(group_nodes[group_by.index(missing[0])],
-                            f"GROUP BY column {missing[0]!r} must also be selected (results always show it)")
+            raise self.fail(
+                group_nodes[group_by.index(missing[0])],
+                f"GROUP BY column {missing[0]!r} must also be selected (results always show it)",
+            )
         if not aggregates:
             raise self.fail(None, "select at least one aggregate", keyword="SELECT")
         where = select.args.get("where")
         pairs = self.predicates(where.this, dataset) if where is not None else []
-        nodes = {"filters": [n for _, n in pairs], "aggregates": aggregate_nodes,
-                 "group_by": [n for n in select.expressions if isinstance(n, exp.Column)], "dataset": [table]}
+        nodes = {
+            "filters": [n for _, n in pairs],
+            "aggregates": aggregate_nodes,
+            "group_by": [n for n in select.expressions if isinstance(n, exp.Column)],
+            "dataset": [table],
+        }
         try:
-            return ir.Query(dataset=dataset, aggregates=tuple(aggregates), filters=tuple(f for f, _ in pairs),
-                            group_by=tuple(selected), mode=mode, privacy=privacy, purpose=purpose)
+            return ir.Query(
+                dataset=dataset,
+                aggregates=tuple(aggregates),
+                filters=tuple(f for f, _ in pairs),
+                group_by=tuple(selected),
+                mode=mode,
+                privacy=privacy,
+                purpose=purpose,
+            )
         except InvalidQuery as exc:
             raise self._reword(exc, nodes) from None
 
@@ -354,8 +423,11 @@ class _Parser:
         outside_text = ("query.mode", "query.privacy", "query.purpose")
         if violation.field.startswith(outside_text):
             field = "sql." + violation.field.removeprefix("query.")
-            return InvalidQuery(f"{field}: {violation.description}", rule=exc.rule,
-                                field_violations=(FieldViolation(field, violation.description),))
+            return InvalidQuery(
+                f"{field}: {violation.description}",
+                rule=exc.rule,
+                field_violations=(FieldViolation(field, violation.description),),
+            )
         match = re.match(r"query\.(filters|aggregates|group_by|dataset)(?:\[(\d+)\])?", violation.field)
         node = None
         if match:
@@ -365,8 +437,12 @@ class _Parser:
         description = violation.description
         if match and description.startswith(("is ", "must ", "needs ")):
             # The IR's descriptions follow its field name; give them a subject instead.
-            subject = {"filters": "the filter's value", "aggregates": "the aggregate",
-                       "group_by": "the column name", "dataset": "the dataset name"}[match.group(1)]
+            subject = {
+                "filters": "the filter's value",
+                "aggregates": "the aggregate",
+                "group_by": "the column name",
+                "dataset": "the dataset name",
+            }[match.group(1)]
             description = f"{subject} {description}"
         return _fail(self.where(node), description)
 

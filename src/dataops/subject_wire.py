@@ -42,8 +42,10 @@ def evaluation_to_proto(evaluation: Evaluation, entry: dict | Any) -> s.Evaluati
     if not isinstance(entry, dict):  # a CallRecord: its single evaluation's audit entry
         entry = entry.evaluations[-1]
     return s.Evaluation(
-        product_id=evaluation.product, consent_id=entry.get("consent_id", ""),
-        data_version=evaluation.data_version[:16], evaluation_date=evaluation.evaluation_date.isoformat(),
+        product_id=evaluation.product,
+        consent_id=entry.get("consent_id", ""),
+        data_version=evaluation.data_version[:16],
+        evaluation_date=evaluation.evaluation_date.isoformat(),
         outputs=[output_to_proto(name, value) for name, value in evaluation.outputs],
         outputs_hash=evaluation.digest(),
     )
@@ -53,8 +55,12 @@ def item_error_to_proto(error: RequestError) -> s.ItemError:
     def bounded(text: str) -> str:
         return text if len(text) <= _MAX_TEXT else text[: _MAX_TEXT - 3] + "..."
 
-    return s.ItemError(code=error.code.value[0], reason=error.reason, message=bounded(error.message),
-                       metadata={k: bounded(v) for k, v in error.metadata.items()})
+    return s.ItemError(
+        code=error.code.value[0],
+        reason=error.reason,
+        message=bounded(error.message),
+        metadata={k: bounded(v) for k, v in error.metadata.items()},
+    )
 
 
 def subject_result_to_proto(result: Evaluation | RequestError, entry: dict) -> dict[str, Any]:

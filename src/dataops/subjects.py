@@ -23,9 +23,9 @@ import hmac
 import os
 import secrets
 import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
 
 import grpc
 
@@ -79,12 +79,17 @@ def load_or_create_secret(path: Path) -> bytes:
 
 def _signed_facts(consent: Consent) -> dict:
     """What the audit entry keeps of a consent whose signature verified (never the subject)."""
-    return {"consent_id": consent.id, "issuer": consent.issuer, "fetch": consent.fetch.describe(),
-            "valid_from": consent.not_before.isoformat(), "valid_until": consent.not_after.isoformat()}
+    return {
+        "consent_id": consent.id,
+        "issuer": consent.issuer,
+        "fetch": consent.fetch.describe(),
+        "valid_from": consent.not_before.isoformat(),
+        "valid_until": consent.not_after.isoformat(),
+    }
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 class Evaluator:
@@ -133,23 +138,36 @@ class Evaluator:
         policy = consumer_policy(self.policies.current, consumer)
         product = self.products.get(product_id)
         # Products on another zone's data, or not offered to this consumer, do not exist for it.
-        if product is None or product.dataset.zone != policy.zone or (
-                product.consumers is not None and consumer not in product.consumers):
+        if (
+            product is None
+            or product.dataset.zone != policy.zone
+            or (product.consumers is not None and consumer not in product.consumers)
+        ):
             shown = product_id if len(product_id) <= 64 else product_id[:64] + "..."
-            raise UnknownDataset(f"no subject product {shown!r} in zone {policy.zone!r}", rule="product.unknown")
+            raise UnknownDataset(
+                f"no subject product {shown!r} in zone {policy.zone!r}", rule="product.unknown"
+            )
         live_grant(policy, product.dataset, self.now().date())
         return product
 
     @staticmethod
     def _validate(item: Item, field: str) -> None:
         if not item.product_id:
-            raise InvalidQuery("name the product to evaluate", rule="request.product",
-                               field_violations=(FieldViolation(f"{field}product_id", "is required"),))
+            raise InvalidQuery(
+                "name the product to evaluate",
+                rule="request.product",
+                field_violations=(FieldViolation(f"{field}product_id", "is required"),),
+            )
         if not item.subject_id or len(item.subject_id) > MAX_SUBJECT_ID:
-            raise InvalidQuery(f"the subject id must be 1 to {MAX_SUBJECT_ID} characters", rule="request.subject",
-                               field_violations=(FieldViolation(f"{field}subject_id", "is empty or too long"),))
+            raise InvalidQuery(
+                f"the subject id must be 1 to {MAX_SUBJECT_ID} characters",
+                rule="request.subject",
+                field_violations=(FieldViolation(f"{field}subject_id", "is empty or too long"),),
+            )
 
-    def _check(self, consumer: str, item: Item, entry: dict, field: str = "") -> tuple[SubjectProduct, Consent]:
+    def _check(
+        self, consumer: str, item: Item, entry: dict, field: str = ""
+    ) -> tuple[SubjectProduct, Consent]:
         """Every check that needs no data; fills `entry` as far as it gets."""
         self._validate(item, field)
         entry["subject_hash"] = self.subject_hash(item.subject_id)
@@ -159,8 +177,14 @@ class Evaluator:
         consent = verify(item.consent, self.issuers)
         # From here the consent's own fields are signed facts and may be audited.
         entry.update(_signed_facts(consent))
-        check_terms(consent, consumer=consumer, subject=item.subject_id, product=product.id,
-                    purposes=product.purposes, now=self.now())
+        check_terms(
+            consent,
+            consumer=consumer,
+            subject=item.subject_id,
+            product=product.id,
+            purposes=product.purposes,
+            now=self.now(),
+        )
         return product, consent
 
     def _evaluate_item(self, consumer: str, item: Item, field: str = "") -> tuple[Evaluation, dict]:
@@ -168,14 +192,20 @@ class Evaluator:
         try:
             product, consent = self._check(consumer, item, entry, field)
             entry["period"], entry["use"] = self.store.use(consent, self.now())
-            evaluation = self.layouts.current(product.dataset).evaluate(product, item.subject_id, self.now().date())
+            evaluation = self.layouts.current(product.dataset).evaluate(
+                product, item.subject_id, self.now().date()
+            )
         except RequestError as exc:
-            entry.update(decision="denied" if exc.code.name != "INVALID_ARGUMENT" else "invalid",
-                         reason=exc.reason, rule=exc.rule)
+            entry.update(
+                decision="denied" if exc.code.name != "INVALID_ARGUMENT" else "invalid",
+                reason=exc.reason,
+                rule=exc.rule,
+            )
             exc.audit_entry = entry  # type: ignore[attr-defined]
             raise
-        entry.update(decision="allowed", data_version=evaluation.data_version[:16],
-                     outputs_hash=evaluation.digest())
+        entry.update(
+            decision="allowed", data_version=evaluation.data_version[:16], outputs_hash=evaluation.digest()
+        )
         return evaluation, entry
 
     def evaluate(self, consumer: str, item: Item, call: CallRecord) -> Evaluation:
@@ -191,13 +221,17 @@ class Evaluator:
         call.rows_returned = 1
         return evaluation
 
-    def evaluate_batch(self, consumer: str, items: Sequence[Item], call: CallRecord
-                       ) -> list[Evaluation | RequestError]:
+    def evaluate_batch(
+        self, consumer: str, items: Sequence[Item], call: CallRecord
+    ) -> list[Evaluation | RequestError]:
         """Each item under its own consent; one item's refusal does not stop the others."""
         call.mode, call.query = "subject", "subject:batch"
         if not items or len(items) > MAX_BATCH:
-            raise InvalidQuery(f"a batch holds 1 to {MAX_BATCH} items, got {len(items)}", rule="request.items",
-                               field_violations=(FieldViolation("items", f"1 to {MAX_BATCH} items"),))
+            raise InvalidQuery(
+                f"a batch holds 1 to {MAX_BATCH} items, got {len(items)}",
+                rule="request.items",
+                field_violations=(FieldViolation("items", f"1 to {MAX_BATCH} items"),),
+            )
         consumer_policy(self.policies.current, consumer)  # an unknown consumer is refused whole
         call.evaluations = []
         results: list[Evaluation | RequestError] = []
@@ -214,8 +248,9 @@ class Evaluator:
 
     # --- watch ------------------------------------------------------------------------
 
-    def watch(self, consumer: str, items: Sequence[Item], call: CallRecord,
-              active: Callable[[], bool]) -> Iterator[tuple[int, Evaluation | RequestError]]:
+    def watch(
+        self, consumer: str, items: Sequence[Item], call: CallRecord, active: Callable[[], bool]
+    ) -> Iterator[tuple[int, Evaluation | RequestError]]:
         """Each subject's outputs now, then again whenever a new data version (or a new
         evaluation date) changes them, while its consent lasts.
 
@@ -225,9 +260,11 @@ class Evaluator:
         """
         call.mode, call.query = "subject", "subject:watch"
         if not items or len(items) > MAX_WATCH_SUBJECTS:
-            raise InvalidQuery(f"a watch holds 1 to {MAX_WATCH_SUBJECTS} subjects, got {len(items)}",
-                               rule="request.items",
-                               field_violations=(FieldViolation("items", f"1 to {MAX_WATCH_SUBJECTS} items"),))
+            raise InvalidQuery(
+                f"a watch holds 1 to {MAX_WATCH_SUBJECTS} subjects, got {len(items)}",
+                rule="request.items",
+                field_violations=(FieldViolation("items", f"1 to {MAX_WATCH_SUBJECTS} items"),),
+            )
         consumer_policy(self.policies.current, consumer)
         if not self._watch_slots.acquire(blocking=False):
             raise LimitExceeded("too many watches are open; retry later", rule="limits.watches")
@@ -239,30 +276,48 @@ class Evaluator:
                     product, consent = self._check(consumer, item, entry, f"items[{i}].")
                     entry["period"], entry["use"] = self.store.use(consent, self.now())
                     evaluation = self.layouts.current(product.dataset).evaluate(
-                        product, item.subject_id, self.now().date())
+                        product, item.subject_id, self.now().date()
+                    )
                 except RequestError as exc:
                     entry.update(decision="denied", reason=exc.reason, rule=exc.rule)
                     call.evaluations = [entry]
                     yield i, exc
                     continue
-                entry.update(decision="allowed", data_version=evaluation.data_version[:16],
-                             outputs_hash=evaluation.digest())
+                entry.update(
+                    decision="allowed",
+                    data_version=evaluation.data_version[:16],
+                    outputs_hash=evaluation.digest(),
+                )
                 call.evaluations = [entry]
-                live[i] = (product, consent, (evaluation.data_version, evaluation.evaluation_date,
-                                              evaluation.outputs))
+                live[i] = (
+                    product,
+                    consent,
+                    (evaluation.data_version, evaluation.evaluation_date, evaluation.outputs),
+                )
                 yield i, evaluation
             while live and active() and not self._stopping.wait(self.poll_seconds):
                 if not active():
                     break
                 for i in sorted(live):
                     product, consent, (version, day, outputs) = live[i]
-                    entry = {"index": i, "decision": "error", "subject_hash": self.subject_hash(items[i].subject_id),
-                             "product": product.id, "consent_digest": hashlib.sha256(items[i].consent).hexdigest(),
-                             **_signed_facts(consent)}
+                    entry = {
+                        "index": i,
+                        "decision": "error",
+                        "subject_hash": self.subject_hash(items[i].subject_id),
+                        "product": product.id,
+                        "consent_digest": hashlib.sha256(items[i].consent).hexdigest(),
+                        **_signed_facts(consent),
+                    }
                     now = self.now()
                     try:
-                        check_terms(consent, consumer=consumer, subject=items[i].subject_id, product=product.id,
-                                    purposes=product.purposes, now=now)
+                        check_terms(
+                            consent,
+                            consumer=consumer,
+                            subject=items[i].subject_id,
+                            product=product.id,
+                            purposes=product.purposes,
+                            now=now,
+                        )
                         if self.store.is_revoked(consent.id):
                             raise ConsentRefused("the consent has been revoked", rule="consent.revoked")
                     except RequestError as exc:
@@ -289,14 +344,22 @@ class Evaluator:
                         call.evaluations = [entry]
                         yield i, exc
                         continue
-                    entry.update(decision="allowed", data_version=evaluation.data_version[:16],
-                                 outputs_hash=evaluation.digest())
-                    live[i] = (product, consent, (evaluation.data_version, evaluation.evaluation_date,
-                                                  evaluation.outputs))
+                    entry.update(
+                        decision="allowed",
+                        data_version=evaluation.data_version[:16],
+                        outputs_hash=evaluation.digest(),
+                    )
+                    live[i] = (
+                        product,
+                        consent,
+                        (evaluation.data_version, evaluation.evaluation_date, evaluation.outputs),
+                    )
                     call.evaluations = [entry]
                     yield i, evaluation
             if live and self._stopping.is_set():
-                raise ServerStopping("the server is stopping; open the watch again on another replica or later",
-                                     rule="server.stopping")
+                raise ServerStopping(
+                    "the server is stopping; open the watch again on another replica or later",
+                    rule="server.stopping",
+                )
         finally:
             self._watch_slots.release()

@@ -48,9 +48,9 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
 from dataops import catalog
 from dataops.catalog import Dataset
@@ -95,7 +95,11 @@ def catalog_terms(dataset: Dataset) -> str:
         [c.name, c.type.value, c.classification.value, c.bounds, [str(k) for k in c.keys or ()], c.bins]
         for c in dataset.columns.values()
     ]
-    material = {"unit": dataset.unit_column, "max_rows_per_unit": dataset.max_rows_per_unit, "columns": columns}
+    material = {
+        "unit": dataset.unit_column,
+        "max_rows_per_unit": dataset.max_rows_per_unit,
+        "columns": columns,
+    }
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
 
 
@@ -198,7 +202,9 @@ class DataVersions:
                 raise
             except Exception as exc:  # polars on a file that is not Parquet
                 first = str(exc).split("\n", 1)[0]
-                raise CatalogError(f"{dataset.source}: location: {real} is not a readable Parquet file: {first}")
+                raise CatalogError(
+                    f"{dataset.source}: location: {real} is not a readable Parquet file: {first}"
+                )
         with self._lock:
             self._datasets[dataset.id] = dataset
             self._known[dataset.id] = _Known(self._signature(st), version, self._clock())
@@ -208,7 +214,9 @@ class DataVersions:
     def _refuse_twins(self, dataset: Dataset, version: str) -> None:
         """CatalogError if another entry's current content is these bytes (both are refused)."""
         with self._lock:
-            twins = [other for other, k in self._known.items() if other != dataset.id and k.version == version]
+            twins = [
+                other for other, k in self._known.items() if other != dataset.id and k.version == version
+            ]
         for other in twins:
             # The other entry's hash may be stale (its file changed since): hash it again
             # before refusing anything.

@@ -63,7 +63,9 @@ def filter_from_proto(f: q.Filter, field: str) -> ir.Filter:
     if kind == "equals":
         return ir.Equals(f.column, value_from_proto(f.equals.value, f"{field}.equals.value"))
     if kind == "in_set":
-        values = tuple(value_from_proto(v, f"{field}.in_set.values[{i}]") for i, v in enumerate(f.in_set.values))
+        values = tuple(
+            value_from_proto(v, f"{field}.in_set.values[{i}]") for i, v in enumerate(f.in_set.values)
+        )
         return ir.InSet(f.column, values)
     if kind == "range":
         low = value_from_proto(f.range.low, f"{field}.range.low") if f.range.HasField("low") else None
@@ -123,13 +125,19 @@ def _privacy_from_proto(message: q.Query | q.SqlQuery) -> ir.Privacy | None:
         for m in p.measures
     )
     return ir.Privacy(
-        epsilon=p.epsilon or None, delta=p.delta, target_half_width=p.target_half_width or None,
-        max_rows_per_unit=p.max_rows_per_unit or None, measures=measures, consistent=p.consistent,
+        epsilon=p.epsilon or None,
+        delta=p.delta,
+        target_half_width=p.target_half_width or None,
+        max_rows_per_unit=p.max_rows_per_unit or None,
+        measures=measures,
+        consistent=p.consistent,
     )
 
 
 def _measure_terms_to_proto(m: ir.MeasureTerms) -> q.MeasureTerms:
-    out = q.MeasureTerms(column=m.column, auto_clip_share=m.auto_clip_share, auto_clip_quantile=m.auto_clip_quantile)
+    out = q.MeasureTerms(
+        column=m.column, auto_clip_share=m.auto_clip_share, auto_clip_quantile=m.auto_clip_quantile
+    )
     if m.lower is not None:
         out.lower = m.lower
     if m.upper is not None:
@@ -144,8 +152,13 @@ def sql_query_from_proto(message: q.SqlQuery, unit_column: sql.UnitColumn | None
     mode = MODES.get(message.mode)
     if mode is None:
         raise _invalid("sql.mode", "QUERY_MODE_AGGREGATE or QUERY_MODE_DP is required")
-    return sql.parse(message.text, mode=mode, privacy=_privacy_from_proto(message), purpose=message.purpose,
-                     unit_column=unit_column)
+    return sql.parse(
+        message.text,
+        mode=mode,
+        privacy=_privacy_from_proto(message),
+        purpose=message.purpose,
+        unit_column=unit_column,
+    )
 
 
 def query_from_request(
@@ -213,7 +226,11 @@ CLASSIFICATIONS = {
     Classification.SENSITIVE: c.CLASSIFICATION_SENSITIVE,
     Classification.UNCLASSIFIED: c.CLASSIFICATION_UNCLASSIFIED,
 }
-USES = {Use.DIMENSION: c.COLUMN_USE_DIMENSION, Use.FILTER: c.COLUMN_USE_FILTER, Use.MEASURE: c.COLUMN_USE_MEASURE}
+USES = {
+    Use.DIMENSION: c.COLUMN_USE_DIMENSION,
+    Use.FILTER: c.COLUMN_USE_FILTER,
+    Use.MEASURE: c.COLUMN_USE_MEASURE,
+}
 
 
 def dataset_to_proto(dataset: Dataset) -> c.Dataset:

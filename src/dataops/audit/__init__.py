@@ -13,6 +13,15 @@ from dataops.audit.signing import export_public_key, load_public_key
 from dataops.audit.verify import Verification, find_receipt, verify_log
 
 __all__ = [
-    "GENESIS", "AuditLog", "AuditUnavailable", "Receipt", "Verification", "canonical", "export_public_key",
-    "find_receipt", "load_public_key", "record_hash", "verify_log",
+    "GENESIS",
+    "AuditLog",
+    "AuditUnavailable",
+    "Receipt",
+    "Verification",
+    "canonical",
+    "export_public_key",
+    "find_receipt",
+    "load_public_key",
+    "record_hash",
+    "verify_log",
 ]

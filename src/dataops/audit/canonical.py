@@ -48,7 +48,11 @@ def es_number(value: float) -> str:
         fraction = ""
     digits = (whole + fraction).lstrip("0")
     # n: the position of the decimal point relative to the digits (value = 0.d1d2… × 10^n)
-    n = len(whole) + int(exponent or 0) if whole != "0" else int(exponent or 0) - (len(fraction) - len(fraction.lstrip("0")))
+    n = (
+        len(whole) + int(exponent or 0)
+        if whole != "0"
+        else int(exponent or 0) - (len(fraction) - len(fraction.lstrip("0")))
+    )
     digits = digits.rstrip("0") or "0"
     k = len(digits)
     if k <= n <= 21:

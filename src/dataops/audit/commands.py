@@ -22,8 +22,9 @@ import collections
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from dataops.audit.signing import PUBLIC_KEY, key_id, load_public_key
 from dataops.audit.verify import Verification
@@ -36,28 +37,44 @@ class _UsageError(Exception):
 
 
 def add_audit_parser(subparsers: Any) -> argparse.ArgumentParser:
-    audit = subparsers.add_parser("audit", help="verify, read, export and report on the audit log",
-                                  description=__doc__.split("\n\n")[0])
+    audit = subparsers.add_parser(
+        "audit", help="verify, read, export and report on the audit log", description=__doc__.split("\n\n")[0]
+    )
     sub = audit.add_subparsers(dest="audit_command", required=True)
 
     def command(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         p.set_defaults(func=_guarded(func))
         p.add_argument("--config", "-c", type=Path, default=Path("dataops.toml"), help="dataops.toml")
-        p.add_argument("--log-dir", type=Path, help="an audit directory (default: STATE/audit from the config)")
+        p.add_argument(
+            "--log-dir", type=Path, help="an audit directory (default: STATE/audit from the config)"
+        )
         return p
 
     def public_key_option(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--public-key", type=Path, metavar="FILE",
-                       help=f"the log's public key (PEM); default: {PUBLIC_KEY} in the audit directory")
+        p.add_argument(
+            "--public-key",
+            type=Path,
+            metavar="FILE",
+            help=f"the log's public key (PEM); default: {PUBLIC_KEY} in the audit directory",
+        )
 
     def held_option(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--witness", "--checkpoint", dest="checkpoint", type=Path, action="append", default=[],
-                       metavar="FILE",
-                       help="checkpoints held outside the host (a client's checkpoint file, a copy of "
-                            "checkpoints.jsonl; repeatable): the log must still contain exactly what they signed")
+        p.add_argument(
+            "--witness",
+            "--checkpoint",
+            dest="checkpoint",
+            type=Path,
+            action="append",
+            default=[],
+            metavar="FILE",
+            help="checkpoints held outside the host (a client's checkpoint file, a copy of "
+            "checkpoints.jsonl; repeatable): the log must still contain exactly what they signed",
+        )
 
-    p = command("verify", cmd_verify, "check the hash chain and checkpoint signatures with only the public key")
+    p = command(
+        "verify", cmd_verify, "check the hash chain and checkpoint signatures with only the public key"
+    )
     public_key_option(p)
     held_option(p)
 
@@ -72,35 +89,58 @@ def add_audit_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, metavar="N", help="only the last N matching records")
     p.add_argument("--json", action="store_true", help="JSON Lines, one stored record per line")
 
-    p = command("export", cmd_export, "write a verified range of records as CSV or Parquet, with the "
-                                      "checkpoint and public key that let it be verified on its own")
+    p = command(
+        "export",
+        cmd_export,
+        "write a verified range of records as CSV or Parquet, with the "
+        "checkpoint and public key that let it be verified on its own",
+    )
     p.add_argument("--format", choices=["csv", "parquet"], default="csv")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--from-seq", type=int, default=1)
-    p.add_argument("--to-seq", type=int, help="default: the last signed checkpoint; a range is extended "
-                                              "to the next checkpoint so that a signature covers its end")
+    p.add_argument(
+        "--to-seq",
+        type=int,
+        help="default: the last signed checkpoint; a range is extended "
+        "to the next checkpoint so that a signature covers its end",
+    )
     public_key_option(p)
 
     p = command("verify-export", cmd_verify_export, "check an export made by `audit export` on its own")
     p.add_argument("file", type=Path)
-    p.add_argument("--public-key", type=Path, metavar="FILE",
-                   help="the key you hold for the log (default: the key shipped in the export)")
+    p.add_argument(
+        "--public-key",
+        type=Path,
+        metavar="FILE",
+        help="the key you hold for the log (default: the key shipped in the export)",
+    )
 
-    p = command("report", cmd_report, "write one self-contained HTML page: verification, privacy "
-                                      "budget, queries, denials, suppressions")
+    p = command(
+        "report",
+        cmd_report,
+        "write one self-contained HTML page: verification, privacy budget, queries, denials, suppressions",
+    )
     p.add_argument("--out", type=Path, default=Path("audit-report.html"))
     add_filter_options(p)
     public_key_option(p)
 
     p = command("public-key", cmd_public_key, "write the log's public key (PEM) for reviewers")
-    p.add_argument("--signer-dir", type=Path, metavar="DIR",
-                   help="the signer's directory (run as the signer's user): its key is the one that signs")
+    p.add_argument(
+        "--signer-dir",
+        type=Path,
+        metavar="DIR",
+        help="the signer's directory (run as the signer's user): its key is the one that signs",
+    )
     p.add_argument("--out", type=Path, help="file to write (default: print it)")
 
     from dataops.audit.consents import cmd_consents
 
-    p = command("consents", cmd_consents, "every use of a consent, and a check that no subject evaluation "
-                                          "ran without a valid one (exit 1 if one did)")
+    p = command(
+        "consents",
+        cmd_consents,
+        "every use of a consent, and a check that no subject evaluation "
+        "ran without a valid one (exit 1 if one did)",
+    )
     p.add_argument("--consent", metavar="ID", help="only this consent's uses")
     p.add_argument("--subject", metavar="ID", help="only this subject's (hashed with the server's key)")
     p.add_argument("--json", action="store_true")
@@ -119,6 +159,7 @@ def add_filter_options(p: argparse.ArgumentParser) -> None:
 
 def _guarded(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """Usage and I/O errors exit 2 with one line, so 1 always means 'does not verify'."""
+
     def run(args: argparse.Namespace) -> int:
         from dataops.errors import LoadError
 
@@ -129,6 +170,7 @@ def _guarded(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Na
         except (_UsageError, LoadError, OSError, ValueError) as exc:
             print(f"dataops audit: {exc}", file=sys.stderr)
             return ERROR
+
     return run
 
 
@@ -157,8 +199,12 @@ def _filter(args: argparse.Namespace):
     from dataops.audit.reader import RecordFilter, parse_time
 
     return RecordFilter(
-        consumer=args.consumer, dataset=args.dataset, decision=args.decision, reason=args.reason,
-        method=args.method, since=parse_time(args.since) if args.since else None,
+        consumer=args.consumer,
+        dataset=args.dataset,
+        decision=args.decision,
+        reason=args.reason,
+        method=args.method,
+        since=parse_time(args.since) if args.since else None,
         until=parse_time(args.until) if args.until else None,
     )
 
@@ -201,8 +247,10 @@ def _signer_anchor(args: argparse.Namespace) -> list[Path]:
 def print_verification(v: Verification, out: Callable[[str], None] = print) -> None:
     if v.ok:
         head = f"head seq {v.head[0]} {v.head[1]}" if v.head else "empty log"
-        out(f"OK: {v.records} records, {len(v.checkpoints)} signed checkpoints (signed up to seq {v.signed_size}), "
-            f"public key id {v.key_id}; {head}")
+        out(
+            f"OK: {v.records} records, {len(v.checkpoints)} signed checkpoints (signed up to seq {v.signed_size}), "
+            f"public key id {v.key_id}; {head}"
+        )
     else:
         first, *rest = v.problems
         out(f"TAMPERED: {first}")
@@ -217,24 +265,45 @@ def cmd_receipt(args: argparse.Namespace) -> int:
     from dataops.audit.verify import find_receipt
 
     directory = log_dir(args)
-    check = find_receipt(directory, args.sequence, args.hash, public_key(args, directory), held=args.checkpoint)
+    check = find_receipt(
+        directory, args.sequence, args.hash, public_key(args, directory), held=args.checkpoint
+    )
     label = {"verified": "FOUND", "unsigned": "FOUND (not yet signed)"}.get(check.status, "NOT VERIFIED")
     print(f"{label}: receipt #{args.sequence} {args.hash[:12]}: {check.message}")
     return OK if check.ok else TAMPERED
 
 
-SHOW_COLUMNS = ("seq", "time", "consumer", "method", "dataset", "decision", "reason", "rule", "column", "rows",
-                "supp", "epsilon")
+SHOW_COLUMNS = (
+    "seq",
+    "time",
+    "consumer",
+    "method",
+    "dataset",
+    "decision",
+    "reason",
+    "rule",
+    "column",
+    "rows",
+    "supp",
+    "epsilon",
+)
 # Filters that compare a record field, and the plural used to list the values that do exist.
-FILTER_FIELDS = (("consumer", "consumers"), ("dataset", "datasets"), ("method", "methods"),
-                 ("decision", "decisions"), ("reason", "reasons"))
+FILTER_FIELDS = (
+    ("consumer", "consumers"),
+    ("dataset", "datasets"),
+    ("method", "methods"),
+    ("decision", "decisions"),
+    ("reason", "reasons"),
+)
 
 
 def cmd_show(args: argparse.Namespace) -> int:
     from dataops.audit.reader import iter_records
 
     wanted = _filter(args)
-    matches: collections.deque = collections.deque(maxlen=args.limit if args.limit and args.limit > 0 else None)
+    matches: collections.deque = collections.deque(
+        maxlen=args.limit if args.limit and args.limit > 0 else None
+    )
     seen: dict[str, set] = {name: set() for name, _ in FILTER_FIELDS}
     total = 0
     for _, record in iter_records(log_dir(args)):
@@ -247,13 +316,23 @@ def cmd_show(args: argparse.Namespace) -> int:
         for record in matches:
             print(json.dumps(record, sort_keys=True, ensure_ascii=False))
     else:
-        rows = [{
-            "seq": r.get("seq"), "time": (r.get("time") or "")[:19].replace("T", " "),
-            "consumer": r.get("consumer"), "method": r.get("method"), "dataset": r.get("dataset"),
-            "decision": r.get("decision"), "reason": r.get("reason"), "rule": r.get("rule"),
-            "column": r.get("column"), "rows": r.get("rows_returned"), "supp": r.get("rows_suppressed"),
-            "epsilon": f"{r['epsilon_spent']:.4g}" if r.get("epsilon_spent") else None,
-        } for r in matches]
+        rows = [
+            {
+                "seq": r.get("seq"),
+                "time": (r.get("time") or "")[:19].replace("T", " "),
+                "consumer": r.get("consumer"),
+                "method": r.get("method"),
+                "dataset": r.get("dataset"),
+                "decision": r.get("decision"),
+                "reason": r.get("reason"),
+                "rule": r.get("rule"),
+                "column": r.get("column"),
+                "rows": r.get("rows_returned"),
+                "supp": r.get("rows_suppressed"),
+                "epsilon": f"{r['epsilon_spent']:.4g}" if r.get("epsilon_spent") else None,
+            }
+            for r in matches
+        ]
         # Every cell in full: a column is as wide as its widest value (rules are never cut).
         widths = {name: max([len(name)] + [len(_cell(row[name])) for row in rows]) for name in SHOW_COLUMNS}
         print("  ".join(f"{name:<{widths[name]}}" for name in SHOW_COLUMNS).rstrip())
@@ -276,9 +355,13 @@ def why_nothing_matched(args: argparse.Namespace, seen: dict[str, set], total: i
         if value is None:
             continue
         present = sorted(str(v) for v in seen[name] if v is not None)
-        same = (lambda v: v.lower() == value.lower()) if name in ("method", "reason") else (lambda v: v == value)
+        same = (
+            (lambda v: v.lower() == value.lower()) if name in ("method", "reason") else (lambda v: v == value)
+        )
         if not any(same(v) for v in present):
-            notes.append(f"no record has {name} {value!r}; {plural} in the log: {', '.join(present) or 'none'}")
+            notes.append(
+                f"no record has {name} {value!r}; {plural} in the log: {', '.join(present) or 'none'}"
+            )
     if not notes:
         notes.append(f"each filter matches some of the {total} records, but no record matches them all")
     return notes
@@ -292,13 +375,24 @@ def cmd_export(args: argparse.Namespace) -> int:
     from dataops.audit.export import export_log
 
     directory = log_dir(args)
-    result = export_log(directory, args.out, public_key(args, directory), fmt=args.format,
-                        from_seq=args.from_seq, to_seq=args.to_seq)
+    result = export_log(
+        directory,
+        args.out,
+        public_key(args, directory),
+        fmt=args.format,
+        from_seq=args.from_seq,
+        to_seq=args.to_seq,
+    )
     if args.to_seq is not None and result.to_seq != args.to_seq:
-        print(f"note: extended the range to seq {result.to_seq}, the next signed checkpoint, so that its "
-              "end is covered by a signature", file=sys.stderr)
-    print(f"exported records {result.from_seq}..{result.to_seq} to {result.path} "
-          f"(checkpoint #{result.checkpoint['checkpoint']} and public key in {result.sidecar})")
+        print(
+            f"note: extended the range to seq {result.to_seq}, the next signed checkpoint, so that its "
+            "end is covered by a signature",
+            file=sys.stderr,
+        )
+    print(
+        f"exported records {result.from_seq}..{result.to_seq} to {result.path} "
+        f"(checkpoint #{result.checkpoint['checkpoint']} and public key in {result.sidecar})"
+    )
     return OK
 
 
@@ -309,8 +403,10 @@ def cmd_verify_export(args: argparse.Namespace) -> int:
     v = verify_export(args.file, key)
     if v.ok:
         cp = v.checkpoint or {}
-        print(f"OK: {v.rows} records, seq {cp.get('size', 0) - v.rows + 1}..{cp.get('size')}, end signed by "
-              f"checkpoint #{cp.get('checkpoint')} at {cp.get('time')}, public key id {v.key_id}")
+        print(
+            f"OK: {v.rows} records, seq {cp.get('size', 0) - v.rows + 1}..{cp.get('size')}, end signed by "
+            f"checkpoint #{cp.get('checkpoint')} at {cp.get('time')}, public key id {v.key_id}"
+        )
     else:
         print(f"TAMPERED: {v.problems[0]}")
     for note in v.notes:
@@ -354,22 +450,28 @@ def _caps(args: argparse.Namespace):
 
         config = load_config(args.config)
         catalog = load_catalog(config.paths.catalog, config.paths.sandbox)
-        policies = load_policies(config.paths.policies, catalog, load_products(config.paths.products, catalog))
+        policies = load_policies(
+            config.paths.policies, catalog, load_products(config.paths.products, catalog)
+        )
     except (LoadError, ImportError) as exc:
         print(f"note: no budget caps in the report: {exc}", file=sys.stderr)
         return None
-    grants = {(p.consumer, d): g.budget.epsilon for p in policies.consumers.values() for d, g in p.grants.items()}
+    grants = {
+        (p.consumer, d): g.budget.epsilon for p in policies.consumers.values() for d, g in p.grants.items()
+    }
     return Caps(grants, {d.id: d.budget.epsilon for d in catalog.datasets.values()})
 
 
 def cmd_public_key(args: argparse.Namespace) -> int:
+    from dataops.audit.signer import PUBLIC_KEY as SIGNER_PUBLIC_KEY
     from dataops.audit.signing import public_key_pem
 
-    from dataops.audit.signer import PUBLIC_KEY as SIGNER_PUBLIC_KEY
-
     # From the signer's own directory when given: that is the key that really signs.
-    key = (load_public_key(args.signer_dir / SIGNER_PUBLIC_KEY) if args.signer_dir
-           else public_key(args, log_dir(args)))
+    key = (
+        load_public_key(args.signer_dir / SIGNER_PUBLIC_KEY)
+        if args.signer_dir
+        else public_key(args, log_dir(args))
+    )
     pem = public_key_pem(key)
     if args.out:
         args.out.write_bytes(pem)

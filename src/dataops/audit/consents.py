@@ -23,8 +23,9 @@ import datetime as dt
 import hashlib
 import hmac
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 EVALUATION_METHODS = ("Evaluate", "EvaluateBatch", "Watch")
 
@@ -42,8 +43,13 @@ def iter_entries(directory: Path) -> Iterator[dict[str, Any]]:
 
     for _, record in iter_records(directory):
         for entry in record.get("evaluations") or ():
-            yield {"seq": record.get("seq"), "time": record.get("time"), "consumer": record.get("consumer"),
-                   "method": record.get("method"), **entry}
+            yield {
+                "seq": record.get("seq"),
+                "time": record.get("time"),
+                "consumer": record.get("consumer"),
+                "method": record.get("method"),
+                **entry,
+            }
 
 
 def audited_uses(directory: Path) -> dict[tuple[str, str], int]:
@@ -63,13 +69,30 @@ def check(entries: list[dict[str, Any]], revocations: dict[str, str]) -> list[st
         if e.get("decision") != "allowed":
             continue
         where = f"record {e['seq']}"
-        missing = [k for k in ("consent_id", "issuer", "consent_digest", "subject_hash", "outputs_hash",
-                               "valid_from", "valid_until", "fetch", "period") if not e.get(k)]
+        missing = [
+            k
+            for k in (
+                "consent_id",
+                "issuer",
+                "consent_digest",
+                "subject_hash",
+                "outputs_hash",
+                "valid_from",
+                "valid_until",
+                "fetch",
+                "period",
+            )
+            if not e.get(k)
+        ]
         if missing:
             problems.append(f"{where}: a release without {', '.join(missing)}")
             continue
         when = dt.datetime.fromisoformat(e["time"])
-        if not dt.datetime.fromisoformat(e["valid_from"]) <= when < dt.datetime.fromisoformat(e["valid_until"]):
+        if (
+            not dt.datetime.fromisoformat(e["valid_from"])
+            <= when
+            < dt.datetime.fromisoformat(e["valid_until"])
+        ):
             problems.append(f"{where}: consent {e['consent_id']} was not valid at {e['time']}")
         revoked = revocations.get(e["consent_id"])
         if revoked and dt.datetime.fromisoformat(revoked.replace("Z", "+00:00")) <= when:
@@ -77,8 +100,10 @@ def check(entries: list[dict[str, Any]], revocations: dict[str, str]) -> list[st
         uses[(e["consent_id"], e["period"])] += 1
         limit = _limit(e["fetch"])
         if limit is not None and uses[(e["consent_id"], e["period"])] > limit:
-            problems.append(f"{where}: consent {e['consent_id']} ({e['fetch']}) used "
-                            f"{uses[(e['consent_id'], e['period'])]} times in period {e['period']}")
+            problems.append(
+                f"{where}: consent {e['consent_id']} ({e['fetch']}) used "
+                f"{uses[(e['consent_id'], e['period'])]} times in period {e['period']}"
+            )
     return problems
 
 
@@ -104,20 +129,28 @@ def cmd_consents(args: argparse.Namespace) -> int:
         for e in shown:
             print(json.dumps(e, sort_keys=True))
     else:
-        print(f"{'seq':>6}  {'time':19}  {'consumer':16}  {'method':13}  {'product':18}  {'consent':36}  "
-              f"{'decision':8}  {'rule':22}  {'use':12}  subject#      outputs#")
+        print(
+            f"{'seq':>6}  {'time':19}  {'consumer':16}  {'method':13}  {'product':18}  {'consent':36}  "
+            f"{'decision':8}  {'rule':22}  {'use':12}  subject#      outputs#"
+        )
         for e in shown:
             use = f"{e.get('period', '-')}#{e.get('use', '-')}" if e.get("period") else "-"
-            print(f"{e['seq']!s:>6}  {(e.get('time') or '')[:19].replace('T', ' '):19}  {e.get('consumer') or '-':16}  "
-                  f"{e.get('method') or '-':13}  {e.get('product') or '-':18}  {e.get('consent_id') or '-':36}  "
-                  f"{e.get('decision'):8}  {e.get('rule') or '-':22}  {use:12}  "
-                  f"{(e.get('subject_hash') or '-')[:12]:12}  {(e.get('outputs_hash') or '-')[:12]}")
+            print(
+                f"{e['seq']!s:>6}  {(e.get('time') or '')[:19].replace('T', ' '):19}  {e.get('consumer') or '-':16}  "
+                f"{e.get('method') or '-':13}  {e.get('product') or '-':18}  {e.get('consent_id') or '-':36}  "
+                f"{e.get('decision'):8}  {e.get('rule') or '-':22}  {use:12}  "
+                f"{(e.get('subject_hash') or '-')[:12]:12}  {(e.get('outputs_hash') or '-')[:12]}"
+            )
         released = [e for e in entries if e.get("decision") == "allowed"]
-        print(f"{len(shown)} entries shown; {len(released)} evaluations released under "
-              f"{len({e.get('consent_id') for e in released})} consents, "
-              f"{len(entries) - len(released)} refused")
+        print(
+            f"{len(shown)} entries shown; {len(released)} evaluations released under "
+            f"{len({e.get('consent_id') for e in released})} consents, "
+            f"{len(entries) - len(released)} refused"
+        )
     for problem in problems:
         print(f"PROBLEM {problem}")
     if not problems:
-        print("every released evaluation ran under a verified consent, in its window, unrevoked and within its uses")
+        print(
+            "every released evaluation ran under a verified consent, in its window, unrevoked and within its uses"
+        )
     return 1 if problems else 0

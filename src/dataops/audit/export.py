@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -41,9 +42,31 @@ INTS = ("seq", "rows_returned", "rows_suppressed")
 FLOATS = ("epsilon_spent", "delta_spent", "latency_ms")
 BOOLS = ("reused",)
 TIMES = ("time",)  # a timestamp (UTC, microseconds) in Parquet; the record's ISO text in CSV
-COLUMNS = ("seq", "time", "consumer", "method", "dataset", "mode", "purpose", "decision", "code", "reason", "rule",
-           "column", "rows_returned", "rows_suppressed", "epsilon_spent", "delta_spent", "reused",
-           "latency_ms", "policy_version", "query", "prev", "hash", "record")
+COLUMNS = (
+    "seq",
+    "time",
+    "consumer",
+    "method",
+    "dataset",
+    "mode",
+    "purpose",
+    "decision",
+    "code",
+    "reason",
+    "rule",
+    "column",
+    "rows_returned",
+    "rows_suppressed",
+    "epsilon_spent",
+    "delta_spent",
+    "reused",
+    "latency_ms",
+    "policy_version",
+    "query",
+    "prev",
+    "hash",
+    "record",
+)
 _BATCH = 50_000
 
 
@@ -61,8 +84,15 @@ class ExportResult:
     checkpoint: dict[str, Any]
 
 
-def export_log(directory: Path, out: Path, public_key: Ed25519PublicKey, *, fmt: str = "csv",
-               from_seq: int = 1, to_seq: int | None = None) -> ExportResult:
+def export_log(
+    directory: Path,
+    out: Path,
+    public_key: Ed25519PublicKey,
+    *,
+    fmt: str = "csv",
+    from_seq: int = 1,
+    to_seq: int | None = None,
+) -> ExportResult:
     """Verify the log, then write records from_seq..(checkpoint covering to_seq)."""
     if fmt not in ("csv", "parquet"):
         raise ValueError(f"export format {fmt!r}: expected csv or parquet")
@@ -72,8 +102,10 @@ def export_log(directory: Path, out: Path, public_key: Ed25519PublicKey, *, fmt:
     target = to_seq if to_seq is not None else verification.signed_size
     checkpoint = verification.covering_checkpoint(max(target, from_seq))
     if checkpoint is None:
-        raise ValueError(f"no signed checkpoint covers seq {max(target, from_seq)} yet "
-                         f"(signed up to {verification.signed_size}); try again after the next checkpoint")
+        raise ValueError(
+            f"no signed checkpoint covers seq {max(target, from_seq)} yet "
+            f"(signed up to {verification.signed_size}); try again after the next checkpoint"
+        )
     if from_seq < 1 or from_seq > checkpoint["size"]:
         raise ValueError(f"--from-seq {from_seq} is outside 1..{checkpoint['size']}")
     meta = {
@@ -137,7 +169,7 @@ def _timestamp(text: Any) -> Any:
         value = dt.datetime.fromisoformat(text)
     except (TypeError, ValueError):
         return None
-    return (value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)).astimezone(dt.timezone.utc)
+    return (value if value.tzinfo else value.replace(tzinfo=dt.UTC)).astimezone(dt.UTC)
 
 
 def _cell(value: Any) -> str:
@@ -167,8 +199,10 @@ def _schema(meta: dict[str, Any]):
             return pa.timestamp("us", tz="UTC")
         return pa.bool_() if name in BOOLS else pa.string()
 
-    return pa.schema([pa.field(name, kind(name)) for name in COLUMNS],
-                     metadata={METADATA_KEY: json.dumps(meta).encode("utf-8")})
+    return pa.schema(
+        [pa.field(name, kind(name)) for name in COLUMNS],
+        metadata={METADATA_KEY: json.dumps(meta).encode("utf-8")},
+    )
 
 
 def _write_parquet(out: Path, rows: Iterator[dict[str, Any]], meta: dict[str, Any]) -> None:
@@ -244,8 +278,11 @@ def verify_export(path: Path, public_key: Ed25519PublicKey | None = None) -> Exp
     """
     path = Path(path)
     meta = read_export_meta(path)
-    if meta.get("format") != FORMAT or not isinstance(meta.get("checkpoint"), dict) \
-            or not isinstance(meta.get("from_seq"), int):
+    if (
+        meta.get("format") != FORMAT
+        or not isinstance(meta.get("checkpoint"), dict)
+        or not isinstance(meta.get("from_seq"), int)
+    ):
         raise ValueError(f"{path}: not a {FORMAT} checkpoint file")
     shipped = public_key is None
     if public_key is None:
@@ -255,13 +292,21 @@ def verify_export(path: Path, public_key: Ed25519PublicKey | None = None) -> Exp
     kid = key_id(public_key)
     result = ExportVerification(path, kid, checkpoint=meta["checkpoint"])
     if shipped:
-        result.notes.append(f"checked with the public key shipped in the export (key id {kid}): this shows the "
-                            "export is intact, not that it comes from your log — pass the key you hold")
+        result.notes.append(
+            f"checked with the public key shipped in the export (key id {kid}): this shows the "
+            "export is intact, not that it comes from your log — pass the key you hold"
+        )
     checkpoint = meta["checkpoint"]
     where = Place(sidecar_path(path).name, 1, checkpoint=checkpoint.get("checkpoint"))
     if checkpoint.get("key_id") != kid:
-        result.problems.append(Problem(where, "key", f"checkpoint signed by key id {checkpoint.get('key_id')}, "
-                                                     f"not by the public key given (key id {kid})"))
+        result.problems.append(
+            Problem(
+                where,
+                "key",
+                f"checkpoint signed by key id {checkpoint.get('key_id')}, "
+                f"not by the public key given (key id {kid})",
+            )
+        )
         return result
     try:
         signed = parse_checkpoint(checkpoint.get("note", ""), public_key)
@@ -288,35 +333,58 @@ def verify_export(path: Path, public_key: Ed25519PublicKey | None = None) -> Exp
         end, last_row = Place(path.name, number + 1, unit=unit), place
     result.rows = expected - first
     if expected - 1 != last:
-        result.problems.append(Problem(end, "truncated",
-                                       f"the export ends at seq {expected - 1}, but its checkpoint "
-                                       f"#{checkpoint['checkpoint']} is at seq {last}: rows were removed or added"))
+        result.problems.append(
+            Problem(
+                end,
+                "truncated",
+                f"the export ends at seq {expected - 1}, but its checkpoint "
+                f"#{checkpoint['checkpoint']} is at seq {last}: rows were removed or added",
+            )
+        )
     elif tree.root() != signed.root:
-        result.problems.append(Problem(last_row, "rewritten",
-                                       f"the rows do not hash to the Merkle root signed by checkpoint "
-                                       f"#{checkpoint['checkpoint']}: the export was rewritten"))
+        result.problems.append(
+            Problem(
+                last_row,
+                "rewritten",
+                f"the rows do not hash to the Merkle root signed by checkpoint "
+                f"#{checkpoint['checkpoint']}: the export was rewritten",
+            )
+        )
     return result
 
 
-def _row_problem(row: dict[str, Any], place: Place, expected: int, prev: str | None, typed: bool) -> Problem | None:
+def _row_problem(
+    row: dict[str, Any], place: Place, expected: int, prev: str | None, typed: bool
+) -> Problem | None:
     text = row.get("record") or ""
     try:
         record = json.loads(text)
     except ValueError:
         return Problem(place, "format", "the record column is not valid JSON")
     if not isinstance(record, dict) or not line_hash_ok(text.encode("utf-8"), record):
-        return Problem(place, "edited", "hash mismatch: the record column does not hash to its `hash` — edited")
+        return Problem(
+            place, "edited", "hash mismatch: the record column does not hash to its `hash` — edited"
+        )
     if record.get("seq") != expected:
-        return Problem(place, "missing" if (record.get("seq") or 0) > expected else "inserted",
-                       f"expected seq {expected}, found {record.get('seq')}: a row was deleted, added or moved")
+        return Problem(
+            place,
+            "missing" if (record.get("seq") or 0) > expected else "inserted",
+            f"expected seq {expected}, found {record.get('seq')}: a row was deleted, added or moved",
+        )
     if prev is not None and record.get("prev") != prev:
-        return Problem(place, "chain", "prev is not the hash of the row before: a row was replaced or inserted")
+        return Problem(
+            place, "chain", "prev is not the hash of the row before: a row was replaced or inserted"
+        )
     want = readable(record, typed=typed)
     for name in COLUMNS[:-1]:
         shown, says = row.get(name), want[name]
         if (shown != says) if typed else (shown != _cell(says)):
-            return Problem(place, "edited", f"column {name!r} says {shown!r} but the record says {says!r}: "
-                                            "the readable column was edited")
+            return Problem(
+                place,
+                "edited",
+                f"column {name!r} says {shown!r} but the record says {says!r}: "
+                "the readable column was edited",
+            )
     return None
 
 

@@ -56,8 +56,18 @@ from dataops.audit.signer import SignerError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ACTIVE", "CHECKPOINTS", "GENESIS", "AuditLog", "AuditUnavailable", "Receipt", "canonical",
-           "ledger_digest", "record_hash", "segment_paths"]
+__all__ = [
+    "ACTIVE",
+    "CHECKPOINTS",
+    "GENESIS",
+    "AuditLog",
+    "AuditUnavailable",
+    "Receipt",
+    "canonical",
+    "ledger_digest",
+    "record_hash",
+    "segment_paths",
+]
 
 ACTIVE = "audit.jsonl"
 CHECKPOINTS = "checkpoints.jsonl"
@@ -109,7 +119,7 @@ def segment_paths(active: Path) -> list[Path]:
     stem, suffix = active.stem, active.suffix
     rotated = []
     for p in active.parent.glob(f"{stem}-*{suffix}"):
-        number = p.name[len(stem) + 1:-len(suffix)]
+        number = p.name[len(stem) + 1 : -len(suffix)]
         if number.isdigit():
             rotated.append((int(number), p))
     return [p for _, p in sorted(rotated)] + ([active] if active.exists() else [])
@@ -135,7 +145,10 @@ def ledger_digest(totals: dict[tuple[str, str], list[int]]) -> str:
 
 def record_spend(record: dict[str, Any]) -> tuple[tuple[str, str], int, int] | None:
     consumer, dataset = record.get("consumer"), record.get("dataset")
-    eps, delta = _units(record.get("epsilon_spent"), _EPSILON_PLACES), _units(record.get("delta_spent"), _DELTA_PLACES)
+    eps, delta = (
+        _units(record.get("epsilon_spent"), _EPSILON_PLACES),
+        _units(record.get("delta_spent"), _DELTA_PLACES),
+    )
     if (eps or delta) and isinstance(consumer, str) and isinstance(dataset, str):
         return (consumer, dataset), eps, delta
     return None
@@ -168,7 +181,9 @@ class AuditLog:
         self._broken: str | None = None
         self.tree = Tree()
         self._totals: dict[tuple[str, str], list[int]] = {}
-        self._pending_spend: list[tuple[int, tuple[str, str], int, int]] = []  # (seq, grant, …) not yet signed
+        self._pending_spend: list[
+            tuple[int, tuple[str, str], int, int]
+        ] = []  # (seq, grant, …) not yet signed
         self._digest_cache: str | None = None
         self._checkpoint: Checkpoint | None = None  # the newest signed
         self._kept: Checkpoint | None = None  # the newest in checkpoints.jsonl
@@ -222,11 +237,15 @@ class AuditLog:
         advice = "; refusing to extend a log that may have been altered — run `dataops audit verify`"
         if anchor is not None:
             if size < anchor.size:
-                raise AuditUnavailable(f"{where}the log ends at seq {size} but the signer signed {anchor.size} "
-                                       f"records ({anchor}): records were removed{advice}")
+                raise AuditUnavailable(
+                    f"{where}the log ends at seq {size} but the signer signed {anchor.size} "
+                    f"records ({anchor}): records were removed{advice}"
+                )
             if self.tree.root(anchor.size) != anchor.root:
-                raise AuditUnavailable(f"{where}the first {anchor.size} records do not hash to the root the "
-                                       f"signer signed ({anchor}): they were rewritten{advice}")
+                raise AuditUnavailable(
+                    f"{where}the first {anchor.size} records do not hash to the root the "
+                    f"signer signed ({anchor}): they were rewritten{advice}"
+                )
         if last is None:
             self._seq, self._prev = 0, GENESIS
         else:
@@ -236,8 +255,9 @@ class AuditLog:
             except (ValueError, KeyError, TypeError) as exc:
                 raise AuditUnavailable(f"{where}the last record cannot be read ({exc!r}){advice}") from None
             if self._seq != size:
-                raise AuditUnavailable(f"{where}the last record is seq {self._seq} but the log has {size} lines"
-                                       f"{advice}")
+                raise AuditUnavailable(
+                    f"{where}the last record is seq {self._seq} but the log has {size} lines{advice}"
+                )
         prev = json.loads(at_anchor)["hash"] if at_anchor is not None else GENESIS
         problem = _tail_problem(tail, boundary, prev)
         if problem:
@@ -257,7 +277,8 @@ class AuditLog:
             raise AuditUnavailable(
                 f"{self.checkpoints_path} holds a checkpoint of size {kept.size} but the signer's last is "
                 f"{'none' if anchor is None else anchor.size}: this is not the signer (or the signer state) "
-                "that signed this log; give the server its own signer, or start a new audit directory")
+                "that signed this log; give the server its own signer, or start a new audit directory"
+            )
         self._kept = kept
         return anchor
 
@@ -274,12 +295,15 @@ class AuditLog:
                 raise AuditUnavailable(
                     f"{self.checkpoints_path}: hash-chain checkpoints written by an older dataops, before the log "
                     "became a Merkle tree with an outside signer; verify and archive this audit directory with the "
-                    "old version, then start a new one")
+                    "old version, then start a new one"
+                )
             return parse_checkpoint(entry["note"], self.public_key, origin=self.origin)
         except (ValueError, KeyError, TypeError) as exc:
-            raise AuditUnavailable(f"{self.checkpoints_path}: the last checkpoint is not one the signer "
-                                   f"(key id {self.key_id}) signed for {self.origin!r} ({exc}); "
-                                   "run `dataops audit verify`") from None
+            raise AuditUnavailable(
+                f"{self.checkpoints_path}: the last checkpoint is not one the signer "
+                f"(key id {self.key_id}) signed for {self.origin!r} ({exc}); "
+                "run `dataops audit verify`"
+            ) from None
 
     # --- reading --------------------------------------------------------------
 
@@ -357,8 +381,16 @@ class AuditLog:
             if self._epoch != epoch and self._signed < mine:
                 raise AuditUnavailable(self._failure)
             cp = self._checkpoint
-            return Receipt(mine, digest, mine - 1, cp.size, tuple(self.tree.inclusion_proof(mine - 1, cp.size)),
-                           cp.note, line, self)
+            return Receipt(
+                mine,
+                digest,
+                mine - 1,
+                cp.size,
+                tuple(self.tree.inclusion_proof(mine - 1, cp.size)),
+                cp.note,
+                line,
+                self,
+            )
 
     def _undo_write(self, exc: OSError) -> None:
         """A failed or short write must not leave part of a line for the next one to follow."""
@@ -377,7 +409,11 @@ class AuditLog:
         self._flushing = True
         target, size = self._seq, self._segment_size
         first = self._checkpoint.size if self._checkpoint else 0
-        root, proof, ledger = self.tree.root(target), self.tree.consistency_proof(first, target), self._ledger()
+        root, proof, ledger = (
+            self.tree.root(target),
+            self.tree.consistency_proof(first, target),
+            self._ledger(),
+        )
         fd, synced = self._fd, self._durable >= target
         self._cond.release()
         error: Exception | None = None
@@ -388,7 +424,9 @@ class AuditLog:
             synced = True
             # Not re-verified here (an Ed25519 verify costs more than the signature): every
             # client and reviewer verifies it with the operator's key; we check it is our tree.
-            checkpoint = parse_checkpoint(self.signer.sign(target, root, ledger, proof), None, origin=self.origin)
+            checkpoint = parse_checkpoint(
+                self.signer.sign(target, root, ledger, proof), None, origin=self.origin
+            )
             if (checkpoint.size, checkpoint.root) != (target, root):
                 raise NoteError("the signer signed another tree than the one asked for")
         except (OSError, SignerError, NoteError) as exc:
@@ -467,8 +505,15 @@ class AuditLog:
             return
         kept = self._kept.size if self._kept else 0
         rotate = self._segment_size >= self.segment_bytes and self._seq == cp.size
-        due = (force or rotate or cp.size - kept >= self.checkpoint_every
-               or (self.checkpoint_seconds is not None and time.monotonic() - self._kept_at >= self.checkpoint_seconds))
+        due = (
+            force
+            or rotate
+            or cp.size - kept >= self.checkpoint_every
+            or (
+                self.checkpoint_seconds is not None
+                and time.monotonic() - self._kept_at >= self.checkpoint_seconds
+            )
+        )
         if not due:
             return
         first = not self.checkpoints_path.exists()
@@ -499,8 +544,10 @@ class AuditLog:
 
     def _rotate(self) -> None:
         """Rename the active segment to the next number and start a new one."""
-        numbers = [int(p.name[len(self.path.stem) + 1:-len(self.path.suffix)])
-                   for p in segment_paths(self.path)[:-1]]
+        numbers = [
+            int(p.name[len(self.path.stem) + 1 : -len(self.path.suffix)])
+            for p in segment_paths(self.path)[:-1]
+        ]
         target = self.directory / f"{self.path.stem}-{max(numbers, default=0) + 1:06d}{self.path.suffix}"
         os.close(self._fd)
         self._fd = -1
@@ -508,7 +555,9 @@ class AuditLog:
             os.rename(self.path, target)
             fsync_dir(self.directory)
         except OSError:
-            log.exception("audit log %s: could not rotate to %s; continuing in the same file", self.path, target)
+            log.exception(
+                "audit log %s: could not rotate to %s; continuing in the same file", self.path, target
+            )
         try:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
             self._segment_size = self._durable_size = os.fstat(self._fd).st_size
@@ -542,8 +591,11 @@ def _encode(body: dict[str, Any]) -> tuple[bytes, str]:
     template = canonical({**body, "hash": _PLACEHOLDER})
     member = f'"hash":"{_PLACEHOLDER}"'.encode()
     if template.count(member) == 1:
-        without = template.replace(b"," + member, b"", 1) if b"," + member in template else template.replace(
-            member + b",", b"", 1)
+        without = (
+            template.replace(b"," + member, b"", 1)
+            if b"," + member in template
+            else template.replace(member + b",", b"", 1)
+        )
         digest = hashlib.sha256(without).hexdigest()
         return template.replace(_PLACEHOLDER.encode(), digest.encode(), 1), digest
     digest = record_hash(body)
@@ -559,7 +611,9 @@ def _write_all(fd: int, data: bytes) -> None:
 def _pem(public_key: Ed25519PublicKey) -> bytes:
     from cryptography.hazmat.primitives import serialization
 
-    return public_key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return public_key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
 
 
 def _tail_problem(lines: list[bytes], size: int, prev: str) -> str | None:

@@ -13,11 +13,18 @@ suffix cache makes the right edge cheap too. The verifiers are RFC 9162 §2.1.3.
 from __future__ import annotations
 
 import hashlib
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 __all__ = [
-    "EMPTY_ROOT", "CompactRange", "ProofError", "Tree", "leaf_hash", "node_hash", "root_from_inclusion",
-    "verify_consistency", "verify_inclusion",
+    "EMPTY_ROOT",
+    "CompactRange",
+    "ProofError",
+    "Tree",
+    "leaf_hash",
+    "node_hash",
+    "root_from_inclusion",
+    "verify_consistency",
+    "verify_inclusion",
 ]
 
 EMPTY_ROOT = hashlib.sha256(b"").digest()
@@ -69,11 +76,11 @@ class Tree:
     def truncate(self, size: int) -> None:
         """Forget leaves from `size` on (a batch whose fsync failed)."""
         for height, level in enumerate(self.levels):
-            del level[(size >> height) * 32:]
+            del level[(size >> height) * 32 :]
         self._cache = {k: v for k, v in self._cache.items() if k[1] <= size}
 
     def _node(self, height: int, index: int) -> bytes:
-        return bytes(self.levels[height][index * 32:(index + 1) * 32])
+        return bytes(self.levels[height][index * 32 : (index + 1) * 32])
 
     def leaf(self, index: int) -> bytes:
         return self._node(0, index)
@@ -157,7 +164,7 @@ class CompactRange:
         self.size += 1
 
     @classmethod
-    def resume(cls, size: int, hashes: Sequence[bytes]) -> "CompactRange":
+    def resume(cls, size: int, hashes: Sequence[bytes]) -> CompactRange:
         """Continue from the perfect subtrees of the first `size` leaves (left to right)."""
         heights = [h for h in range(size.bit_length() - 1, -1, -1) if size >> h & 1]
         if len(heights) != len(hashes):
@@ -206,14 +213,17 @@ def verify_inclusion(index: int, size: int, leaf: bytes, path: Sequence[bytes], 
         raise ProofError(f"leaf {index} is not in the tree of size {size} with that root")
 
 
-def verify_consistency(first: int, second: int, first_root: bytes, second_root: bytes,
-                       proof: Sequence[bytes]) -> None:
+def verify_consistency(
+    first: int, second: int, first_root: bytes, second_root: bytes, proof: Sequence[bytes]
+) -> None:
     """Raise ProofError unless the tree (second, second_root) extends (first, first_root).
 
     RFC 9162 §2.1.4.2.
     """
     if first > second:
-        raise ProofError(f"a tree of size {second} cannot extend one of size {first}: the log was rolled back")
+        raise ProofError(
+            f"a tree of size {second} cannot extend one of size {first}: the log was rolled back"
+        )
     if first == second:
         if proof:
             raise ProofError("a proof between equal sizes must be empty")
@@ -251,8 +261,10 @@ def verify_consistency(first: int, second: int, first_root: bytes, second_root: 
     if sn != 0:
         raise ProofError("the consistency proof is too short")
     if fr != first_root:
-        raise ProofError(f"the tree of size {second} does not contain the tree of size {first} that was "
-                         "signed: the log was rewritten")
+        raise ProofError(
+            f"the tree of size {second} does not contain the tree of size {first} that was "
+            "signed: the log was rewritten"
+        )
     if sr != second_root:
         raise ProofError(f"the consistency proof does not lead to the root of size {second}")
 

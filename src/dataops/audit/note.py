@@ -31,8 +31,15 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-__all__ = ["Checkpoint", "NoteError", "key_hash", "key_id", "parse_checkpoint", "sign_checkpoint",
-           "verifier_key"]
+__all__ = [
+    "Checkpoint",
+    "NoteError",
+    "key_hash",
+    "key_id",
+    "parse_checkpoint",
+    "sign_checkpoint",
+    "verifier_key",
+]
 
 _DASH = "\u2014 "
 _ED25519 = b"\x01"
@@ -57,7 +64,9 @@ def key_id(public_key: Ed25519PublicKey) -> str:
 
 def verifier_key(name: str, public_key: Ed25519PublicKey) -> str:
     """The note verifier key string (`name+hash+key`) Go's note package takes."""
-    return f"{name}+{key_hash(name, public_key).hex()}+{base64.b64encode(_ED25519 + _raw(public_key)).decode()}"
+    return (
+        f"{name}+{key_hash(name, public_key).hex()}+{base64.b64encode(_ED25519 + _raw(public_key)).decode()}"
+    )
 
 
 @dataclass(frozen=True)
@@ -84,15 +93,18 @@ def checkpoint_text(origin: str, size: int, root: bytes, time: str, ledger: str)
     return f"{origin}\n{size}\n{base64.b64encode(root).decode()}\ntime {time}\nledger {ledger}\n"
 
 
-def sign_checkpoint(key: Ed25519PrivateKey, origin: str, size: int, root: bytes, time: str,
-                    ledger: str) -> Checkpoint:
+def sign_checkpoint(
+    key: Ed25519PrivateKey, origin: str, size: int, root: bytes, time: str, ledger: str
+) -> Checkpoint:
     text = checkpoint_text(origin, size, root, time, ledger)
     signature = key_hash(origin, key.public_key()) + key.sign(text.encode())
     note = f"{text}\n{_DASH}{origin} {base64.b64encode(signature).decode()}\n"
     return Checkpoint(origin, size, root, time, ledger, note)
 
 
-def parse_checkpoint(note: str, public_key: Ed25519PublicKey | None, *, origin: str | None = None) -> Checkpoint:
+def parse_checkpoint(
+    note: str, public_key: Ed25519PublicKey | None, *, origin: str | None = None
+) -> Checkpoint:
     """Parse a checkpoint note and verify its signature with `public_key`.
 
     `public_key` None parses without verifying (only to show what a file holds).
@@ -122,7 +134,7 @@ def parse_checkpoint(note: str, public_key: Ed25519PublicKey | None, *, origin: 
         for line in signatures.rstrip("\n").split("\n"):
             if not line.startswith(_DASH):
                 raise NoteError(f"bad signature line {line[:40]!r}")
-            signer, _, blob = line[len(_DASH):].rpartition(" ")
+            signer, _, blob = line[len(_DASH) :].rpartition(" ")
             try:
                 raw = base64.b64decode(blob, validate=True)
             except binascii.Error:
@@ -132,10 +144,13 @@ def parse_checkpoint(note: str, public_key: Ed25519PublicKey | None, *, origin: 
             try:
                 public_key.verify(raw[4:], (text + "\n").encode())
             except InvalidSignature:
-                raise NoteError(f"the signature of {signer!r} does not verify: the checkpoint was edited "
-                                "or forged") from None
+                raise NoteError(
+                    f"the signature of {signer!r} does not verify: the checkpoint was edited or forged"
+                ) from None
             verified = True
         if not verified:
-            raise NoteError(f"no signature by the public key given (key id {key_id(public_key)}): wrong key, "
-                            "or the checkpoint was forged with another")
+            raise NoteError(
+                f"no signature by the public key given (key id {key_id(public_key)}): wrong key, "
+                "or the checkpoint was forged with another"
+            )
     return Checkpoint(name, int(size_line), root, fields.get("time", ""), fields.get("ledger", ""), note)

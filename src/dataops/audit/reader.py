@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from dataops.audit.log import ACTIVE, segment_paths
 from dataops.audit.verify import Place
@@ -40,9 +41,10 @@ def parse_time(text: str) -> dt.datetime:
     try:
         value = dt.datetime.fromisoformat(text)
     except ValueError:
-        raise ValueError(f"{text!r} is not an ISO date or date-time "
-                         "(e.g. 2025-03-01 or 2025-03-01T09:30:00Z)") from None
-    return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+        raise ValueError(
+            f"{text!r} is not an ISO date or date-time (e.g. 2025-03-01 or 2025-03-01T09:30:00Z)"
+        ) from None
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
 
 @dataclass(frozen=True)

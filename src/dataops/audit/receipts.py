@@ -17,8 +17,14 @@ from typing import Any
 
 from dataops.audit.log import AuditLog, Receipt
 
-__all__ = ["WITNESS_HEADER", "LedgerBehindLog", "fill_receipt", "receipt_metadata", "reconcile_ledger",
-           "witness_size"]
+__all__ = [
+    "WITNESS_HEADER",
+    "LedgerBehindLog",
+    "fill_receipt",
+    "receipt_metadata",
+    "reconcile_ledger",
+    "witness_size",
+]
 
 # A refusal's proof travels in ErrorInfo metadata, i.e. in gRPC trailers (16 KiB in all):
 # a record longer than this goes without its proof (the sequence and hash still go).
@@ -92,11 +98,14 @@ def reconcile_ledger(ledger: Any, audit: AuditLog) -> None:
     for (consumer, dataset), (eps, delta) in sorted(audit.spend_totals().items()):
         have_eps, have_delta = ledger.spent_units(consumer, dataset)
         if have_eps < eps or have_delta < delta:
-            behind.append(f"{consumer}/{dataset} (ledger epsilon {have_eps / 1e12:g}, delta {have_delta / 1e18:g}; "
-                          f"the audit log records epsilon {eps / 1e12:g}, delta {delta / 1e18:g})")
+            behind.append(
+                f"{consumer}/{dataset} (ledger epsilon {have_eps / 1e12:g}, delta {have_delta / 1e18:g}; "
+                f"the audit log records epsilon {eps / 1e12:g}, delta {delta / 1e18:g})"
+            )
     if behind:
         raise LedgerBehindLog(
             f"{ledger.path}: the budget ledger is behind the audit log for {len(behind)} grant(s): "
             f"{'; '.join(behind[:5])}. It was reset, edited or restored from an older copy while the server "
             "was down; serving it would make spent privacy budget spendable again. Restore the ledger that "
-            "goes with this log (the log's checkpoints commit to its totals); refusing to start")
+            "goes with this log (the log's checkpoints commit to its totals); refusing to start"
+        )

@@ -28,7 +28,7 @@ class CallRecord:
     # Links the audit record to the ledger reservation it made, if any.
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     started: float = field(default_factory=time.perf_counter)
-    time: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds"))
+    time: str = field(default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="microseconds"))
     consumer: str | None = None
     dataset: str | None = None
     query: str | None = None
@@ -74,14 +74,20 @@ class CallRecord:
             return
         from google.protobuf.json_format import MessageToDict
 
-        text = json.dumps(MessageToDict(request, preserving_proto_field_name=True), sort_keys=True,
-                          separators=(",", ":"), ensure_ascii=False)
+        text = json.dumps(
+            MessageToDict(request, preserving_proto_field_name=True),
+            sort_keys=True,
+            separators=(",", ":"),
+            ensure_ascii=False,
+        )
         if len(text) <= MAX_ATTEMPT_CHARS - 20:
             self.query = '{"attempted":' + text + "}"
             return
         keep = MAX_ATTEMPT_CHARS
         while True:  # the prefix is escaped again inside the JSON string: shrink until it fits
-            bounded = json.dumps({"attempted_prefix": text[:keep], "attempted_chars": len(text)}, ensure_ascii=False)
+            bounded = json.dumps(
+                {"attempted_prefix": text[:keep], "attempted_chars": len(text)}, ensure_ascii=False
+            )
             if len(bounded) <= MAX_ATTEMPT_CHARS:
                 self.query = bounded
                 return

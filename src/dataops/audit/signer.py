@@ -64,7 +64,9 @@ def _last_note(path: Path) -> str | None:
         try:
             return json.loads(line)["note"]
         except (ValueError, KeyError, TypeError):
-            raise SignerError(f"{path}: a damaged line; the signer will not sign over an unknown history") from None
+            raise SignerError(
+                f"{path}: a damaged line; the signer will not sign over an unknown history"
+            ) from None
     return None
 
 
@@ -95,8 +97,9 @@ def _load_or_create_key(directory: Path) -> Ed25519PrivateKey:
     path = directory / SIGNING_KEY
     if not path.exists():
         key = Ed25519PrivateKey.generate()
-        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
+        pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
         tmp = directory / f".{SIGNING_KEY}.{os.getpid()}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
@@ -116,12 +119,16 @@ def _load_or_create_key(directory: Path) -> Ed25519PrivateKey:
         finally:
             os.close(dfd)
     elif stat.S_IMODE(path.stat().st_mode) & 0o077:
-        raise SignerError(f"{path} is readable by others (mode {stat.S_IMODE(path.stat().st_mode):o}); chmod 600 it")
+        raise SignerError(
+            f"{path} is readable by others (mode {stat.S_IMODE(path.stat().st_mode):o}); chmod 600 it"
+        )
     key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     if not isinstance(key, Ed25519PrivateKey):
         raise SignerError(f"{path}: not an Ed25519 private key")
     public = directory / PUBLIC_KEY
-    pem = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    pem = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     if not public.exists() or public.read_bytes() != pem:
         public.write_bytes(pem)
     return key
@@ -147,8 +154,10 @@ class LocalSigner:
             try:
                 self._last = parse_checkpoint(note, self.public_key, origin=origin)
             except NoteError as exc:
-                raise SignerError(f"{self._state}: not a checkpoint this key signed for {origin!r} ({exc}); "
-                                  "the signer will not sign over an unknown history") from None
+                raise SignerError(
+                    f"{self._state}: not a checkpoint this key signed for {origin!r} ({exc}); "
+                    "the signer will not sign over an unknown history"
+                ) from None
             _compact(self._state, note)
         self._fd = os.open(self._state, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         self._size = os.fstat(self._fd).st_size
@@ -167,9 +176,11 @@ class LocalSigner:
                 else:
                     verify_consistency(last.size, size, last.root, root, proof)
             except ProofError as exc:
-                raise SignerError(f"refusing to sign size {size}: it does not extend the checkpoint of size "
-                                  f"{last.size if last else 0} this signer signed last ({exc})") from None
-            now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds")
+                raise SignerError(
+                    f"refusing to sign size {size}: it does not extend the checkpoint of size "
+                    f"{last.size if last else 0} this signer signed last ({exc})"
+                ) from None
+            now = dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
             checkpoint = sign_checkpoint(self._key, self.origin, size, root, now, ledger)
             self._save(checkpoint)
             self._last = checkpoint
@@ -205,9 +216,14 @@ class LocalSigner:
                 self._fd = -1
 
     def hello(self) -> dict[str, Any]:
-        return {"origin": self.origin, "key_id": self.key_id, "checkpoint": self.last_checkpoint(),
-                "public_key": base64.b64encode(self.public_key.public_bytes(
-                    serialization.Encoding.Raw, serialization.PublicFormat.Raw)).decode()}
+        return {
+            "origin": self.origin,
+            "key_id": self.key_id,
+            "checkpoint": self.last_checkpoint(),
+            "public_key": base64.b64encode(
+                self.public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+            ).decode(),
+        }
 
 
 # --- the process ------------------------------------------------------------------
@@ -221,7 +237,11 @@ def _handle(signer: LocalSigner, request: Any) -> dict[str, Any]:
         return signer.hello()
     if op == "sign":
         try:
-            size, root, ledger = int(request["size"]), base64.b64decode(request["root"]), str(request["ledger"])
+            size, root, ledger = (
+                int(request["size"]),
+                base64.b64decode(request["root"]),
+                str(request["ledger"]),
+            )
             proof = [base64.b64decode(p) for p in request.get("proof", [])]
             return {"checkpoint": signer.sign(size, root, ledger, proof)}
         except SignerError as exc:
@@ -328,7 +348,9 @@ class SignerClient:
                 except (OSError, ValueError) as exc:
                     self._close_stream()
                     if attempt == 2:
-                        raise SignerError(f"the audit signer at {self.socket_path} did not answer: {exc}") from None
+                        raise SignerError(
+                            f"the audit signer at {self.socket_path} did not answer: {exc}"
+                        ) from None
         if "error" in answer:
             raise SignerError(f"the audit signer refused: {answer['error']}")
         return answer
@@ -345,8 +367,15 @@ class SignerClient:
         return self._request({"op": "hello"})["checkpoint"]
 
     def sign(self, size: int, root: bytes, ledger: str, proof: list[bytes]) -> str:
-        return self._request({"op": "sign", "size": size, "root": base64.b64encode(root).decode(),
-                              "ledger": ledger, "proof": [base64.b64encode(p).decode() for p in proof]})["checkpoint"]
+        return self._request(
+            {
+                "op": "sign",
+                "size": size,
+                "root": base64.b64encode(root).decode(),
+                "ledger": ledger,
+                "proof": [base64.b64encode(p).decode() for p in proof],
+            }
+        )["checkpoint"]
 
     def close(self) -> None:
         with self._lock:
@@ -388,9 +417,22 @@ def spawn_signer(directory: Path, origin: str, *, timeout: float = 30.0) -> Sign
     socket_path = socket_dir / "signer.sock"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     process = subprocess.Popen(
-        [sys.executable, "-m", "dataops.audit.signerd", "--dir", str(directory), "--socket", str(socket_path),
-         "--origin", origin, "--watch-stdin"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True,
+        [
+            sys.executable,
+            "-m",
+            "dataops.audit.signerd",
+            "--dir",
+            str(directory),
+            "--socket",
+            str(socket_path),
+            "--origin",
+            origin,
+            "--watch-stdin",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
+        close_fds=True,
         # Its own session: a SIGTERM or Ctrl-C meant for the server's process group must
         # not stop the signer before the server has drained and signed its last batch.
         # It exits when the server closes (or dies and so closes) its stdin.

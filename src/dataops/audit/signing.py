@@ -20,7 +20,9 @@ PUBLIC_KEY = "signing.pub"  # in the audit directory: what the signer reported (
 
 
 def public_key_pem(public_key: Ed25519PublicKey) -> bytes:
-    return public_key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return public_key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
 
 
 def load_public_key(path: Path) -> Ed25519PublicKey:

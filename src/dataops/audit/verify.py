@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -72,7 +73,9 @@ class Verification:
     checkpoints: list[dict[str, Any]] = field(default_factory=list)  # the trusted ones, in order
     problems: list[Problem] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    found: dict[int, tuple[str, Place]] = field(default_factory=dict)  # receipts asked for: seq -> hash, place
+    found: dict[int, tuple[str, Place]] = field(
+        default_factory=dict
+    )  # receipts asked for: seq -> hash, place
     root: str = ""  # hex Merkle root of the records that verified
 
     @property
@@ -110,8 +113,14 @@ def read_notes(path: Path) -> Iterator[tuple[int, str | None, bool]]:
             yield lineno, None, True
 
 
-def check_checkpoints(path: Path, public_key: Ed25519PublicKey, result: Verification, *,
-                      held: bool = False, origin: str | None = None) -> list[tuple[str, dict[str, Any]]]:
+def check_checkpoints(
+    path: Path,
+    public_key: Ed25519PublicKey,
+    result: Verification,
+    *,
+    held: bool = False,
+    origin: str | None = None,
+) -> list[tuple[str, dict[str, Any]]]:
     """The checkpoints of `path` that verify, as (label, checkpoint); problems go to `result`.
 
     The log's own checkpoints must grow; a held file may be any selection.
@@ -124,8 +133,9 @@ def check_checkpoints(path: Path, public_key: Ed25519PublicKey, result: Verifica
         place = Place(path.name, lineno)
         if not complete:
             if not held:
-                result.notes.append(f"{place}: torn last checkpoint line (no newline) from an interrupted "
-                                    "write; ignored")
+                result.notes.append(
+                    f"{place}: torn last checkpoint line (no newline) from an interrupted write; ignored"
+                )
             break
         if note is None:
             result.problems.append(Problem(place, "format", "not a checkpoint line (bad JSON or no note)"))
@@ -135,25 +145,55 @@ def check_checkpoints(path: Path, public_key: Ed25519PublicKey, result: Verifica
         try:
             cp = parse_checkpoint(note, public_key, origin=origin)
         except NoteError as exc:
-            kind = "signature" if "does not verify" in str(exc) else ("key" if "public key" in str(exc) else "format")
-            reason = str(exc) if kind != "key" else (f"not signed by the public key given (key id {kid}): wrong "
-                                                     "key, or the checkpoint was forged")
+            kind = (
+                "signature"
+                if "does not verify" in str(exc)
+                else ("key" if "public key" in str(exc) else "format")
+            )
+            reason = (
+                str(exc)
+                if kind != "key"
+                else (
+                    f"not signed by the public key given (key id {kid}): wrong "
+                    "key, or the checkpoint was forged"
+                )
+            )
             result.problems.append(Problem(place, kind, reason))
             break
         if not held and cp.size < size:
-            result.problems.append(Problem(place, "chain", f"size {cp.size} is below the previous checkpoint's "
-                                                           f"{size}: checkpoints were reordered or rolled back"))
+            result.problems.append(
+                Problem(
+                    place,
+                    "chain",
+                    f"size {cp.size} is below the previous checkpoint's "
+                    f"{size}: checkpoints were reordered or rolled back",
+                )
+            )
             break
         origin = origin or cp.origin
         label = f"{'held ' if held else ''}checkpoint #{number} ({path.name} line {lineno})"
-        trusted.append((label, {"checkpoint": number, "size": cp.size, "root": cp.root.hex(), "time": cp.time,
-                                "ledger": cp.ledger, "origin": cp.origin, "key_id": kid, "note": cp.note}))
+        trusted.append(
+            (
+                label,
+                {
+                    "checkpoint": number,
+                    "size": cp.size,
+                    "root": cp.root.hex(),
+                    "time": cp.time,
+                    "ledger": cp.ledger,
+                    "origin": cp.origin,
+                    "key_id": kid,
+                    "note": cp.note,
+                },
+            )
+        )
         size = cp.size
     return trusted
 
 
-def verify_log(directory: Path, public_key: Ed25519PublicKey, *, held: Iterable[Path] = (),
-               want: Iterable[int] = ()) -> Verification:
+def verify_log(
+    directory: Path, public_key: Ed25519PublicKey, *, held: Iterable[Path] = (), want: Iterable[int] = ()
+) -> Verification:
     """Verify the audit log in `directory` with only `public_key`.
 
     `held`: checkpoint files kept outside the host (a client's, a reviewer's copy):
@@ -193,7 +233,8 @@ def verify_log(directory: Path, public_key: Ed25519PublicKey, *, held: Iterable[
                 if final and not raw.endswith(b"\n"):
                     result.notes.append(
                         f"{name} line {lineno}: torn last line ({len(raw)} bytes, no newline) — a write "
-                        "cut short by a crash, never acknowledged; ignored (the server drops it on restart)")
+                        "cut short by a crash, never acknowledged; ignored (the server drops it on restart)"
+                    )
                     break
                 try:
                     record = _decode(raw.decode("utf-8"))
@@ -210,7 +251,9 @@ def verify_log(directory: Path, public_key: Ed25519PublicKey, *, held: Iterable[
                             total[0] += spend[1]
                             total[1] += spend[2]
                     if expected in anchors:
-                        problem = _anchor_problem(anchors[expected], tree, totals, Place(name, lineno, expected))
+                        problem = _anchor_problem(
+                            anchors[expected], tree, totals, Place(name, lineno, expected)
+                        )
                 if problem:
                     break
                 if expected in want:
@@ -230,44 +273,66 @@ def verify_log(directory: Path, public_key: Ed25519PublicKey, *, held: Iterable[
         if longest > result.records:
             label = anchors[longest][0][0]
             end = str(Place(*last, result.records)) if last else f"{segments[-1].name} (empty)"
-            result.problems.append(Problem(
-                Place(last[0], last[1] + 1) if last else Place(segments[-1].name, 1),
-                "truncated",
-                f"the log ends at seq {result.records} ({end}) but {label} signed {longest} records: "
-                f"records {result.records + 1}..{longest} were removed (truncated or rolled back)"))
+            result.problems.append(
+                Problem(
+                    Place(last[0], last[1] + 1) if last else Place(segments[-1].name, 1),
+                    "truncated",
+                    f"the log ends at seq {result.records} ({end}) but {label} signed {longest} records: "
+                    f"records {result.records + 1}..{longest} were removed (truncated or rolled back)",
+                )
+            )
         elif result.records and not anchors and not checkpoint_problem:
-            result.problems.append(Problem(Place(CHECKPOINTS, 1), "unsigned",
-                                           "no signed checkpoint: nothing proves these records untampered"))
+            result.problems.append(
+                Problem(
+                    Place(CHECKPOINTS, 1),
+                    "unsigned",
+                    "no signed checkpoint: nothing proves these records untampered",
+                )
+            )
         elif result.records > result.signed_size and result.checkpoints:
             result.notes.append(
                 f"records {result.signed_size + 1}..{result.records} come after the last checkpoint kept in "
                 f"{CHECKPOINTS}: the signer signed them (their receipts carry the checkpoint), but no copy "
-                "is kept here yet; the server keeps one at least every second and at shutdown")
+                "is kept here yet; the server keeps one at least every second and at shutdown"
+            )
     return result
 
 
-def _anchor_problem(anchors: list[tuple[str, dict[str, Any]]], tree: CompactRange,
-                    totals: dict[tuple[str, str], list[int]], place: Place) -> Problem | None:
+def _anchor_problem(
+    anchors: list[tuple[str, dict[str, Any]]],
+    tree: CompactRange,
+    totals: dict[tuple[str, str], list[int]],
+    place: Place,
+) -> Problem | None:
     root = tree.root().hex()
     for label, cp in anchors:
         if cp["root"] != root:
-            return Problem(place, "rewritten", f"the Merkle root of records 1..{tree.size} differs from the root "
-                                               f"signed by {label}: records up to here were rewritten, removed "
-                                               "or inserted after it was signed")
+            return Problem(
+                place,
+                "rewritten",
+                f"the Merkle root of records 1..{tree.size} differs from the root "
+                f"signed by {label}: records up to here were rewritten, removed "
+                "or inserted after it was signed",
+            )
         if cp["ledger"] and cp["ledger"] != ledger_digest(totals):
-            return Problem(place, "ledger", f"the spend recorded up to here does not hash to the ledger line of "
-                                            f"{label}")
+            return Problem(
+                place, "ledger", f"the spend recorded up to here does not hash to the ledger line of {label}"
+            )
     return None
 
 
-def _record_problem(raw: bytes, record: Any, file: str, line: int, expected: int, prev: str,
-                    last: tuple[str, int] | None) -> Problem | None:
+def _record_problem(
+    raw: bytes, record: Any, file: str, line: int, expected: int, prev: str, last: tuple[str, int] | None
+) -> Problem | None:
     """Why this line does not continue the chain at `expected` after `prev`, or None."""
     if record is None:
         return Problem(Place(file, line), "format", "not valid JSON: the line was damaged or edited by hand")
     if not isinstance(record, dict) or not _chained(record):
-        return Problem(Place(file, line), "format", "not a chained audit record (no valid seq/prev/hash): "
-                                                    "written by an older dataops or by hand")
+        return Problem(
+            Place(file, line),
+            "format",
+            "not a chained audit record (no valid seq/prev/hash): written by an older dataops or by hand",
+        )
     seq = record["seq"]
     ok = line_hash_ok(raw, record) and seq == expected and record["prev"] == prev
     if ok:
@@ -275,25 +340,45 @@ def _record_problem(raw: bytes, record: Any, file: str, line: int, expected: int
     place = Place(file, line, seq)
     before = f"seq {expected - 1} at {last[0]} line {last[1]}" if last else "the start of the log"
     if not line_hash_ok(raw, record):
-        return Problem(place, "edited", "hash mismatch: the record's content does not hash to its `hash` "
-                                        "field — the record was edited")
+        return Problem(
+            place,
+            "edited",
+            "hash mismatch: the record's content does not hash to its `hash` field — the record was edited",
+        )
     if seq > expected:
         missing = f"seq {expected}" if seq == expected + 1 else f"seqs {expected}..{seq - 1}"
-        return Problem(place, "missing", f"expected seq {expected} after {before}, found seq {seq}: "
-                                         f"{missing} deleted, or the records were reordered")
+        return Problem(
+            place,
+            "missing",
+            f"expected seq {expected} after {before}, found seq {seq}: "
+            f"{missing} deleted, or the records were reordered",
+        )
     if seq < expected:
-        return Problem(place, "inserted", f"seq {seq} after {before}: a record was inserted or duplicated, "
-                                          "or the records were reordered")
+        return Problem(
+            place,
+            "inserted",
+            f"seq {seq} after {before}: a record was inserted or duplicated, or the records were reordered",
+        )
     if record["prev"] != prev:
-        return Problem(place, "chain", f"prev is not the hash of {before}: that record was replaced "
-                                       "(its hash recomputed) or this one was inserted")
+        return Problem(
+            place,
+            "chain",
+            f"prev is not the hash of {before}: that record was replaced "
+            "(its hash recomputed) or this one was inserted",
+        )
     return None
 
 
 def _chained(record: dict[str, Any]) -> bool:
     seq, prev, digest = record.get("seq"), record.get("prev"), record.get("hash")
-    return (type(seq) is int and seq > 0 and isinstance(prev, str) and isinstance(digest, str)
-            and _HASH.fullmatch(prev) is not None and _HASH.fullmatch(digest) is not None)
+    return (
+        type(seq) is int
+        and seq > 0
+        and isinstance(prev, str)
+        and isinstance(digest, str)
+        and _HASH.fullmatch(prev) is not None
+        and _HASH.fullmatch(digest) is not None
+    )
 
 
 # --- receipts -------------------------------------------------------------------
@@ -310,8 +395,9 @@ class ReceiptCheck:
         return self.status in ("verified", "unsigned")
 
 
-def find_receipt(directory: Path, sequence: int, digest: str, public_key: Ed25519PublicKey, *,
-                 held: Iterable[Path] = ()) -> ReceiptCheck:
+def find_receipt(
+    directory: Path, sequence: int, digest: str, public_key: Ed25519PublicKey, *, held: Iterable[Path] = ()
+) -> ReceiptCheck:
     """Is the receipt (sequence, hash) a record of the verified log?
 
     `digest` may be a prefix of at least 12 hex digits (the CLI prints 12).
@@ -322,17 +408,27 @@ def find_receipt(directory: Path, sequence: int, digest: str, public_key: Ed2551
     v = verify_log(directory, public_key, held=held, want={sequence})
     got = v.found.get(sequence)
     if not v.ok:
-        return ReceiptCheck("tampered", f"the log does not verify ({v.problems[0]}): the receipt cannot be "
-                                        "confirmed", v)
+        return ReceiptCheck(
+            "tampered", f"the log does not verify ({v.problems[0]}): the receipt cannot be confirmed", v
+        )
     if got is None:
         return ReceiptCheck("missing", f"no record seq {sequence}: the log has {v.records} records", v)
     actual, place = got
     if not actual.startswith(digest):
-        return ReceiptCheck("mismatch", f"record seq {sequence} ({place}) has hash {actual}, not {digest}: "
-                                        "this receipt is not from this log", v)
+        return ReceiptCheck(
+            "mismatch",
+            f"record seq {sequence} ({place}) has hash {actual}, not {digest}: "
+            "this receipt is not from this log",
+            v,
+        )
     cp = v.covering_checkpoint(sequence)
     if cp is None:
-        return ReceiptCheck("unsigned", f"found at {place}; the chain is intact but no signed checkpoint "
-                                        "covers it yet", v)
-    return ReceiptCheck("verified", f"found at {place}, covered by checkpoint #{cp['checkpoint']} "
-                                    f"(size {cp['size']}, signed {cp['time']})", v)
+        return ReceiptCheck(
+            "unsigned", f"found at {place}; the chain is intact but no signed checkpoint covers it yet", v
+        )
+    return ReceiptCheck(
+        "verified",
+        f"found at {place}, covered by checkpoint #{cp['checkpoint']} "
+        f"(size {cp['size']}, signed {cp['time']})",
+        v,
+    )

@@ -20,8 +20,9 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -61,26 +62,34 @@ class Witness:
         """Request metadata telling the server which tree we hold, so it sends the proof."""
         return [(WITNESS_HEADER, str(self.size))] if self.checkpoint else []
 
-    def observe(self, receipt: Any, fetch_proof: Callable[[int, int], list[bytes]] | None = None) -> Checkpoint:
+    def observe(
+        self, receipt: Any, fetch_proof: Callable[[int, int], list[bytes]] | None = None
+    ) -> Checkpoint:
         """Check a `dataops.v1.Receipt`; raise WitnessError naming the failure."""
         if not receipt.checkpoint:
-            raise WitnessError(f"receipt #{receipt.sequence} carries no signed checkpoint: this server "
-                                         "does not prove its audit log")
+            raise WitnessError(
+                f"receipt #{receipt.sequence} carries no signed checkpoint: this server "
+                "does not prove its audit log"
+            )
         try:
             cp = parse_checkpoint(receipt.checkpoint, self.public_key)
         except NoteError as exc:
-            raise WitnessError(f"receipt #{receipt.sequence}: its checkpoint does not verify ({exc})") from None
+            raise WitnessError(
+                f"receipt #{receipt.sequence}: its checkpoint does not verify ({exc})"
+            ) from None
         try:
             record = json.loads(receipt.record)
             same = record.get("seq") == receipt.sequence and record.get("hash") == receipt.hash
         except (ValueError, AttributeError):
             same = False
         if not same or receipt.leaf_index != receipt.sequence - 1 or receipt.tree_size != cp.size:
-            raise WitnessError(f"receipt #{receipt.sequence}: its record, index or tree size do not match "
-                                         "the receipt")
+            raise WitnessError(
+                f"receipt #{receipt.sequence}: its record, index or tree size do not match the receipt"
+            )
         try:
-            verify_inclusion(receipt.leaf_index, cp.size, leaf_hash(receipt.record), list(receipt.inclusion_path),
-                             cp.root)
+            verify_inclusion(
+                receipt.leaf_index, cp.size, leaf_hash(receipt.record), list(receipt.inclusion_path), cp.root
+            )
         except ProofError as exc:
             raise WitnessError(f"receipt #{receipt.sequence} is not in the signed log ({exc})") from None
         with self._lock:
@@ -100,12 +109,19 @@ class Witness:
         if root is None:
             return False
         if root != cp.root:
-            raise WitnessError(f"two different signed roots for tree size {cp.size}: the audit log was "
-                               "rewritten (a fork); keep both checkpoints as evidence and tell the operator")
+            raise WitnessError(
+                f"two different signed roots for tree size {cp.size}: the audit log was "
+                "rewritten (a fork); keep both checkpoints as evidence and tell the operator"
+            )
         return True
 
-    def _check_consistent(self, held: Checkpoint, cp: Checkpoint, receipt: Any,
-                          fetch_proof: Callable[[int, int], list[bytes]] | None) -> bool:
+    def _check_consistent(
+        self,
+        held: Checkpoint,
+        cp: Checkpoint,
+        receipt: Any,
+        fetch_proof: Callable[[int, int], list[bytes]] | None,
+    ) -> bool:
         """Raise WitnessError if `cp` contradicts `held`; False if no proof could be fetched."""
         if held.origin != cp.origin:
             raise WitnessError(f"checkpoint of log {cp.origin!r}, but this client witnesses {held.origin!r}")
@@ -128,7 +144,8 @@ class Witness:
             raise WitnessError(
                 f"the audit log is not consistent with the checkpoint this client holds{where}: size "
                 f"{held.size}, root {held.root.hex()[:16]}…, received size {cp.size}: {exc}. The log was rolled "
-                "back, truncated or rewritten; keep the checkpoint as evidence and tell the operator") from None
+                "back, truncated or rewritten; keep the checkpoint as evidence and tell the operator"
+            ) from None
         return True
 
     def _adopt(self, cp: Checkpoint) -> None:

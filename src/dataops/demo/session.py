@@ -17,10 +17,11 @@ import math
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from dataops.certs import init_authority, issue_consumer
 from dataops.client import Client, DataopsClientError, count, count_units, mean, median, total
@@ -52,8 +53,11 @@ products = "products"     # the published tables exact answers are looked up in
 
 
 def add_demo_parser(sub: Any) -> None:
-    p = sub.add_parser("demo", help="run the demo: data, certificates, server and a scripted session",
-                       description=__doc__.splitlines()[0])
+    p = sub.add_parser(
+        "demo",
+        help="run the demo: data, certificates, server and a scripted session",
+        description=__doc__.splitlines()[0],
+    )
     p.add_argument("--workdir", type=Path, default=Path("demo-work"))
     p.add_argument("--claims", type=int, default=1_000_000, help="medical claim rows (default 1M)")
     p.add_argument("--enterprises", type=int, default=200_000)
@@ -65,7 +69,9 @@ def defaults(name: str) -> Path:
     return Path(str(resources.files("dataops.demo") / name))
 
 
-def prepare(workdir: Path, *, claims: int, enterprises: int, out: Callable[[str], None] = print) -> ServerConfig:
+def prepare(
+    workdir: Path, *, claims: int, enterprises: int, out: Callable[[str], None] = print
+) -> ServerConfig:
     workdir.mkdir(parents=True, exist_ok=True)
     for name in ("catalog", "policies", "products"):
         shutil.rmtree(workdir / name, ignore_errors=True)
@@ -79,8 +85,10 @@ def prepare(workdir: Path, *, claims: int, enterprises: int, out: Callable[[str]
         started = time.perf_counter()
         generate(config.paths.sandbox, enterprises=enterprises, claims=claims)
         marker.write_text(json.dumps(size))
-        out(f"generated {enterprises:,} enterprises and {claims:,} claim rows "
-            f"in {time.perf_counter() - started:.1f} s")
+        out(
+            f"generated {enterprises:,} enterprises and {claims:,} claim rows "
+            f"in {time.perf_counter() - started:.1f} s"
+        )
 
     pki = config.tls.ca_cert.parent
     if not config.tls.ca_cert.exists():
@@ -105,7 +113,7 @@ def prepare(workdir: Path, *, claims: int, enterprises: int, out: Callable[[str]
     return config
 
 
-def consent_service(config: ServerConfig) -> "ConsentService":
+def consent_service(config: ServerConfig) -> ConsentService:
     from dataops.consent_service import ConsentService
 
     return ConsentService(config.paths.state / "consent-service", config.paths.consents)
@@ -132,8 +140,10 @@ class Session:
             # print_result shows the accuracy of noisy columns too.
             print_result(result, lambda text: self.out("    " + text.replace("\n", "\n    ")))
         elif hasattr(result, "accuracy") and hasattr(result, "spend"):  # an estimate
-            self.out(f"    would spend epsilon {result.spend.epsilon:.3g} of {result.spend.remaining_epsilon:.3g} "
-                     "remaining; nothing spent now")
+            self.out(
+                f"    would spend epsilon {result.spend.epsilon:.3g} of {result.spend.remaining_epsilon:.3g} "
+                "remaining; nothing spent now"
+            )
             for accuracy in result.accuracy:
                 if math.isfinite(accuracy.half_width_95):
                     self.out(f"    {accuracy.column}: ± {accuracy.half_width_95:,.1f} at 95%")
@@ -159,78 +169,164 @@ def play(target: str, pki: Path, out: Callable[[str], None]) -> dict[str, list[A
         s = Session(client, out)
         results["city-bank"] = [
             s.step("Which datasets may I use?", client.list_datasets),
-            s.step("Enterprises and mean tax paid by size band (a lookup in the published table)",
-                   lambda: client.query(
-                       "enterprise_credit", aggregates=[count_units("enterprises"), mean("tax_paid")],
-                       group_by=["size_band"])),
-            s.step("Tax paid by district × industry (cells the protection suppressed are not returned)",
-                   lambda: client.query(
-                       "enterprise_credit", aggregates=[count_units("enterprises"), total("tax_paid")],
-                       group_by=["district", "industry"])),
-            s.step("Group by the enterprise id (an identifier)", lambda: client.query(
-                "enterprise_credit", aggregates=[count()], group_by=["enterprise_id"])),
-            s.step("Reach into the insurance zone", lambda: client.query(
-                "medical_claims", aggregates=[count()])),
-            s.step("Which published tables may I read exactly?", lambda: client.describe("enterprise_credit")),
-            s.step("Exact counts by founding year (no published table has that dimension)", lambda: client.query(
-                "enterprise_credit", aggregates=[count_units("enterprises")], group_by=["year_founded"])),
-            s.step("DP: what would enterprises and total penalties by district cost, at epsilon 1?",
-                   lambda: client.estimate("enterprise_credit", aggregates=[count("enterprises"),
-                                           total("penalties")], group_by=["district"],
-                                           mode="dp", epsilon=1.0)),
-            s.step("DP: the same question, answered (noisy, debited from the budget)", lambda: client.query(
-                "enterprise_credit", aggregates=[count("enterprises"), total("penalties")],
-                group_by=["district"], mode="dp", epsilon=1.0)),
-            s.step("DP: asked again — the same release comes back and nothing is spent", lambda: client.query(
-                "enterprise_credit", aggregates=[count("enterprises"), total("penalties")],
-                group_by=["district"], mode="dp", epsilon=1.0)),
-            s.step("DP: a histogram of founding years (catalog bins) for manufacturers, epsilon 2",
-                   lambda: client.query(
-                       "enterprise_credit", aggregates=[count("enterprises")], group_by=["year_founded"],
-                       filters=[Equals("industry", "Manufacturing")], mode="dp", epsilon=2.0)),
-            s.step("DP: median tax paid by size band at epsilon 3 — more than the budget has left",
-                   lambda: client.query(
-                       "enterprise_credit", aggregates=[median("tax_paid")], group_by=["size_band"],
-                       mode="dp", epsilon=3.0)),
+            s.step(
+                "Enterprises and mean tax paid by size band (a lookup in the published table)",
+                lambda: client.query(
+                    "enterprise_credit",
+                    aggregates=[count_units("enterprises"), mean("tax_paid")],
+                    group_by=["size_band"],
+                ),
+            ),
+            s.step(
+                "Tax paid by district × industry (cells the protection suppressed are not returned)",
+                lambda: client.query(
+                    "enterprise_credit",
+                    aggregates=[count_units("enterprises"), total("tax_paid")],
+                    group_by=["district", "industry"],
+                ),
+            ),
+            s.step(
+                "Group by the enterprise id (an identifier)",
+                lambda: client.query("enterprise_credit", aggregates=[count()], group_by=["enterprise_id"]),
+            ),
+            s.step(
+                "Reach into the insurance zone", lambda: client.query("medical_claims", aggregates=[count()])
+            ),
+            s.step(
+                "Which published tables may I read exactly?", lambda: client.describe("enterprise_credit")
+            ),
+            s.step(
+                "Exact counts by founding year (no published table has that dimension)",
+                lambda: client.query(
+                    "enterprise_credit", aggregates=[count_units("enterprises")], group_by=["year_founded"]
+                ),
+            ),
+            s.step(
+                "DP: what would enterprises and total penalties by district cost, at epsilon 1?",
+                lambda: client.estimate(
+                    "enterprise_credit",
+                    aggregates=[count("enterprises"), total("penalties")],
+                    group_by=["district"],
+                    mode="dp",
+                    epsilon=1.0,
+                ),
+            ),
+            s.step(
+                "DP: the same question, answered (noisy, debited from the budget)",
+                lambda: client.query(
+                    "enterprise_credit",
+                    aggregates=[count("enterprises"), total("penalties")],
+                    group_by=["district"],
+                    mode="dp",
+                    epsilon=1.0,
+                ),
+            ),
+            s.step(
+                "DP: asked again — the same release comes back and nothing is spent",
+                lambda: client.query(
+                    "enterprise_credit",
+                    aggregates=[count("enterprises"), total("penalties")],
+                    group_by=["district"],
+                    mode="dp",
+                    epsilon=1.0,
+                ),
+            ),
+            s.step(
+                "DP: a histogram of founding years (catalog bins) for manufacturers, epsilon 2",
+                lambda: client.query(
+                    "enterprise_credit",
+                    aggregates=[count("enterprises")],
+                    group_by=["year_founded"],
+                    filters=[Equals("industry", "Manufacturing")],
+                    mode="dp",
+                    epsilon=2.0,
+                ),
+            ),
+            s.step(
+                "DP: median tax paid by size band at epsilon 3 — more than the budget has left",
+                lambda: client.query(
+                    "enterprise_credit",
+                    aggregates=[median("tax_paid")],
+                    group_by=["size_band"],
+                    mode="dp",
+                    epsilon=3.0,
+                ),
+            ),
         ]
 
     out("\n══ river-bank (finance zone): post-loan monitoring, a narrower grant ══")
     with connect("river-bank") as client:
         s = Session(client, out)
         results["river-bank"] = [
-            s.step("Mean administrative penalties by district (allowed)", lambda: client.query(
-                "enterprise_credit", aggregates=[count_units("enterprises"), mean("penalties")],
-                group_by=["district"])),
-            s.step("Total tax paid (a column this grant does not cover)", lambda: client.query(
-                "enterprise_credit", aggregates=[total("tax_paid")])),
-            s.step("Mean penalties of large enterprises in Lingang (one cell: returned only if released)",
-                   lambda: client.query(
-                       "enterprise_credit", aggregates=[mean("penalties")],
-                       filters=[Equals("district", "Lingang"), Equals("size_band", "large")])),
+            s.step(
+                "Mean administrative penalties by district (allowed)",
+                lambda: client.query(
+                    "enterprise_credit",
+                    aggregates=[count_units("enterprises"), mean("penalties")],
+                    group_by=["district"],
+                ),
+            ),
+            s.step(
+                "Total tax paid (a column this grant does not cover)",
+                lambda: client.query("enterprise_credit", aggregates=[total("tax_paid")]),
+            ),
+            s.step(
+                "Mean penalties of large enterprises in Lingang (one cell: returned only if released)",
+                lambda: client.query(
+                    "enterprise_credit",
+                    aggregates=[mean("penalties")],
+                    filters=[Equals("district", "Lingang"), Equals("size_band", "large")],
+                ),
+            ),
         ]
 
     out("\n══ harbor-insurance (insurance zone): health insurance pricing ══")
     with connect("harbor-insurance") as client:
         s = Session(client, out)
         results["harbor-insurance"] = [
-            s.step("Mean inpatient claim by age band and sex (a lookup in the published table)",
-                   lambda: client.query(
-                       "medical_claims", aggregates=[count("visits"), mean("amount")],
-                       group_by=["age_band", "sex"], filters=[Equals("visit_type", "inpatient")])),
-            s.step("Inpatient claims of 18-29 year olds by sex × diagnosis (suppressed cells not returned)",
-                   lambda: client.query(
-                       "medical_claims", aggregates=[count("visits"), mean("amount")],
-                       group_by=["sex", "diagnosis_group"],
-                       filters=[Equals("visit_type", "inpatient"), Equals("age_band", "18-29")])),
-            s.step("The same by hospital level (not a dimension of any published table)", lambda: client.query(
-                "medical_claims", aggregates=[count("visits")], group_by=["hospital_level"])),
-            s.step("Filter on one person's id", lambda: client.query(
-                "medical_claims", aggregates=[count()], filters=[Equals("person_id", "P0000001")])),
-            s.step("Reach into the finance zone", lambda: client.query(
-                "enterprise_credit", aggregates=[count()])),
-            s.step("DP: median and mean claim by age band, epsilon 1", lambda: client.query(
-                "medical_claims", aggregates=[median("amount"), mean("amount")], group_by=["age_band"],
-                mode="dp", epsilon=1.0)),
+            s.step(
+                "Mean inpatient claim by age band and sex (a lookup in the published table)",
+                lambda: client.query(
+                    "medical_claims",
+                    aggregates=[count("visits"), mean("amount")],
+                    group_by=["age_band", "sex"],
+                    filters=[Equals("visit_type", "inpatient")],
+                ),
+            ),
+            s.step(
+                "Inpatient claims of 18-29 year olds by sex × diagnosis (suppressed cells not returned)",
+                lambda: client.query(
+                    "medical_claims",
+                    aggregates=[count("visits"), mean("amount")],
+                    group_by=["sex", "diagnosis_group"],
+                    filters=[Equals("visit_type", "inpatient"), Equals("age_band", "18-29")],
+                ),
+            ),
+            s.step(
+                "The same by hospital level (not a dimension of any published table)",
+                lambda: client.query(
+                    "medical_claims", aggregates=[count("visits")], group_by=["hospital_level"]
+                ),
+            ),
+            s.step(
+                "Filter on one person's id",
+                lambda: client.query(
+                    "medical_claims", aggregates=[count()], filters=[Equals("person_id", "P0000001")]
+                ),
+            ),
+            s.step(
+                "Reach into the finance zone", lambda: client.query("enterprise_credit", aggregates=[count()])
+            ),
+            s.step(
+                "DP: median and mean claim by age band, epsilon 1",
+                lambda: client.query(
+                    "medical_claims",
+                    aggregates=[median("amount"), mean("amount")],
+                    group_by=["age_band"],
+                    mode="dp",
+                    epsilon=1.0,
+                ),
+            ),
         ]
     return results
 
@@ -240,8 +336,9 @@ def outsider_refused(target: str, workdir: Path, out: Callable[[str], None]) -> 
     outsider = workdir / "outsider-ca" / "consumers" / "city-bank"
     # Trust the real server's CA so only the client side of the handshake is wrong.
     real_ca = workdir / "state" / "pki" / "ca.crt"
-    with Client(target, cert=outsider / "city-bank.crt", key=outsider / "city-bank.key", ca=real_ca,
-                timeout=5) as client:
+    with Client(
+        target, cert=outsider / "city-bank.crt", key=outsider / "city-bank.key", ca=real_ca, timeout=5
+    ) as client:
         try:
             client.list_datasets()
         except DataopsClientError as exc:
@@ -251,8 +348,9 @@ def outsider_refused(target: str, workdir: Path, out: Callable[[str], None]) -> 
     return False
 
 
-def run_demo(workdir: Path, *, claims: int = 1_000_000, enterprises: int = 200_000,
-             out: Callable[[str], None] = print) -> int:
+def run_demo(
+    workdir: Path, *, claims: int = 1_000_000, enterprises: int = 200_000, out: Callable[[str], None] = print
+) -> int:
     from dataops.server import build_server
 
     out(f"dataops demo in {workdir.resolve()}")
@@ -264,8 +362,10 @@ def run_demo(workdir: Path, *, claims: int = 1_000_000, enterprises: int = 200_0
         started = time.perf_counter()
         # Exact answers wait for their table anyway; waiting here keeps the script's pace even.
         ready = server.tables.wait_ready(timeout=600)
-        out(f"{len(server.tables.tables)} published tables protected for this data version "
-            f"in {time.perf_counter() - started:.1f} s" + ("" if ready else " (some are not ready yet)"))
+        out(
+            f"{len(server.tables.tables)} published tables protected for this data version "
+            f"in {time.perf_counter() - started:.1f} s" + ("" if ready else " (some are not ready yet)")
+        )
         play(target, config.tls.ca_cert.parent, out)
         from dataops.demo.subjects import play_subjects
 

@@ -13,8 +13,9 @@ The consent service is `dataops.consent_service`, playing the data subjects' sid
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import polars as pl
 
@@ -31,7 +32,9 @@ def _show(out: Callable[[str], None], result: Any) -> None:
         return
     outputs = ", ".join(f"{k}={v}" for k, v in result.outputs.items())
     out(f"    {outputs}")
-    out(f"    consent {result.consent_id}, data version {result.data_version}, receipt #{result.receipt.sequence}")
+    out(
+        f"    consent {result.consent_id}, data version {result.data_version}, receipt #{result.receipt.sequence}"
+    )
 
 
 def _step(out: Callable[[str], None], title: str, action: Callable[[], Any]) -> Any:
@@ -57,46 +60,85 @@ def play_subjects(target: str, config: ServerConfig, out: Callable[[str], None])
     pki = config.tls.ca_cert.parent / "consumers"
     credit_path = config.paths.sandbox / "finance/enterprise_credit.parquet"
     credit = pl.read_parquet(credit_path)
-    claims = pl.read_parquet(config.paths.sandbox / "insurance/medical_claims.parquet",
-                             columns=["person_id", "visit_type"])
+    claims = pl.read_parquet(
+        config.paths.sandbox / "insurance/medical_claims.parquet", columns=["person_id", "visit_type"]
+    )
     results: dict[str, list[Any]] = {}
 
     out("\n══ city-bank: pre-loan review of one applicant enterprise, with its consent ══")
     applicant = credit.filter(pl.col("penalties") > 0).sort("enterprise_id")["enterprise_id"][0]
-    consent = service.issue(subject=applicant, consumer="city-bank", products=["pre_loan_review"],
-                            purpose="pre-loan review", days=7)
+    consent = service.issue(
+        subject=applicant,
+        consumer="city-bank",
+        products=["pre_loan_review"],
+        purpose="pre-loan review",
+        days=7,
+    )
     out(f"  the applicant {applicant} signs a one-time consent for city-bank's pre-loan review")
     with Client.from_directory(target, pki / "city-bank", "city-bank") as client:
         results["city-bank"] = [
-            _step(out, "Evaluate pre_loan_review under the consent",
-                  lambda: client.evaluate("pre_loan_review", applicant, consent)),
-            _step(out, "The same applicant without a consent",
-                  lambda: client.evaluate("pre_loan_review", applicant, b"")),
-            _step(out, "An enterprise that does not exist, without a consent (the same refusal)",
-                  lambda: client.evaluate("pre_loan_review", ABSENT_ENTERPRISE, b"")),
-            _step(out, "The one-time consent again (a replay)",
-                  lambda: client.evaluate("pre_loan_review", applicant, consent)),
+            _step(
+                out,
+                "Evaluate pre_loan_review under the consent",
+                lambda: client.evaluate("pre_loan_review", applicant, consent),
+            ),
+            _step(
+                out,
+                "The same applicant without a consent",
+                lambda: client.evaluate("pre_loan_review", applicant, b""),
+            ),
+            _step(
+                out,
+                "An enterprise that does not exist, without a consent (the same refusal)",
+                lambda: client.evaluate("pre_loan_review", ABSENT_ENTERPRISE, b""),
+            ),
+            _step(
+                out,
+                "The one-time consent again (a replay)",
+                lambda: client.evaluate("pre_loan_review", applicant, consent),
+            ),
         ]
 
     out("\n══ harbor-insurance: underwriting one applicant, with the applicant's consent ══")
-    person = (claims.filter(pl.col("visit_type") == "inpatient").group_by("person_id").len()
-              .sort(["len", "person_id"], descending=[True, False])["person_id"][0])
-    consent = service.issue(subject=person, consumer="harbor-insurance", products=["underwriting"],
-                            purpose="underwriting", days=1)
+    person = (
+        claims.filter(pl.col("visit_type") == "inpatient")
+        .group_by("person_id")
+        .len()
+        .sort(["len", "person_id"], descending=[True, False])["person_id"][0]
+    )
+    consent = service.issue(
+        subject=person, consumer="harbor-insurance", products=["underwriting"], purpose="underwriting", days=1
+    )
     with Client.from_directory(target, pki / "harbor-insurance", "harbor-insurance") as client:
         results["harbor-insurance"] = [
-            _step(out, f"Evaluate underwriting for applicant {person}",
-                  lambda: client.evaluate("underwriting", person, consent)),
+            _step(
+                out,
+                f"Evaluate underwriting for applicant {person}",
+                lambda: client.evaluate("underwriting", person, consent),
+            ),
         ]
 
     out("\n══ river-bank: post-loan monitoring of a portfolio with Watch ══")
     calm = credit.filter((pl.col("arrears_months") == 0) & (pl.col("penalties") == 0)).sort("enterprise_id")
     portfolio = calm["enterprise_id"][:3].to_list()
-    items = [("credit_monitoring", e, service.issue(subject=e, consumer="river-bank", products=["credit_monitoring"],
-                                                    purpose="post-loan monitoring", days=365,
-                                                    fetch=Fetch("periodic", "month", 31)))
-             for e in portfolio]
-    out(f"  three borrowers each sign a periodic consent (31 uses a month, a year long): {', '.join(portfolio)}")
+    items = [
+        (
+            "credit_monitoring",
+            e,
+            service.issue(
+                subject=e,
+                consumer="river-bank",
+                products=["credit_monitoring"],
+                purpose="post-loan monitoring",
+                days=365,
+                fetch=Fetch("periodic", "month", 31),
+            ),
+        )
+        for e in portfolio
+    ]
+    out(
+        f"  three borrowers each sign a periodic consent (31 uses a month, a year long): {', '.join(portfolio)}"
+    )
     updates: list[Any] = []
     with Client.from_directory(target, pki / "river-bank", "river-bank") as client:
         stream = client.watch(items, timeout=120)
@@ -106,10 +148,18 @@ def play_subjects(target: str, config: ServerConfig, out: Callable[[str], None])
                 out(f"\n  ▸ watch: borrower {portfolio[index]} now")
                 _show(out, update)
                 updates.append((index, update))
-            out(f"\n  ▸ a new data version arrives: borrower {portfolio[0]} is four months in utility arrears")
-            _rewrite(credit_path, credit.with_columns(
-                pl.when(pl.col("enterprise_id") == portfolio[0]).then(4).otherwise(pl.col("arrears_months"))
-                .alias("arrears_months")))
+            out(
+                f"\n  ▸ a new data version arrives: borrower {portfolio[0]} is four months in utility arrears"
+            )
+            _rewrite(
+                credit_path,
+                credit.with_columns(
+                    pl.when(pl.col("enterprise_id") == portfolio[0])
+                    .then(4)
+                    .otherwise(pl.col("arrears_months"))
+                    .alias("arrears_months")
+                ),
+            )
             index, update = next(stream)
             out(f"  ▸ watch: borrower {portfolio[index]} changed")
             _show(out, update)

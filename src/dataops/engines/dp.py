@@ -208,7 +208,9 @@ def prepared_columns(dataset: Dataset) -> list[pl.Expr]:
     code the store assigns, see dataops.engines.prepared), and every bounded numeric
     one also in the fixed point `_Measure.prepare` computes.
     """
-    usable = [c for c in dataset.columns.values() if c.classification.usable and c.name != dataset.unit_column]
+    usable = [
+        c for c in dataset.columns.values() if c.classification.usable and c.name != dataset.unit_column
+    ]
     columns = [pl.col(c.name) for c in usable]
     columns += [_fixed_point(c).prepare() for c in usable if c.type.numeric and c.bounds is not None]
     return columns
@@ -347,8 +349,11 @@ class DPQuery:
         if c.zcdp:
             if privacy.epsilon is None:
                 raise InvalidQuery(
-                    "a zcdp grant takes epsilon, not target_half_width", rule="dp.zcdp",
-                    field_violations=(FieldViolation("query.privacy.target_half_width", "not on a zcdp grant"),),
+                    "a zcdp grant takes epsilon, not target_half_width",
+                    rule="dp.zcdp",
+                    field_violations=(
+                        FieldViolation("query.privacy.target_half_width", "not on a zcdp grant"),
+                    ),
                 )
             scale = c.scale_for_zcdp(privacy.epsilon, privacy.delta)
             measurements = c.build(scale, None)
@@ -452,7 +457,8 @@ class _Compiled:
             name = next(d.column for d in self.dims if d.keys is None)
             raise InvalidQuery(
                 f"grouping by {name!r} has no public key set: a zcdp grant releases public key sets only",
-                rule="dp.zcdp", column=name,
+                rule="dp.zcdp",
+                column=name,
             )
         if self.zcdp and query.privacy.delta <= 0:
             raise InvalidQuery(
@@ -479,7 +485,8 @@ class _Compiled:
                     )
         self.measures = {
             a.column: _measure(dataset, a, query.privacy, (clip_uppers or {}).get(a.column))
-            for a in query.aggregates if a.column
+            for a in query.aggregates
+            if a.column
         }
         self.quantiles = any(a.function is Function.QUANTILE for a in query.aggregates)
         self.notes = _notes(dataset, self.measures, self.k)
@@ -511,8 +518,12 @@ class _Compiled:
 
     def _stages(self) -> list[_Stage]:
         """One measurement for the rows and one for COUNT_UNITS, as the query needs."""
-        row_terms = [t for a in self.query.aggregates if a.function is not Function.COUNT_UNITS for t in self._terms(a)]
-        unit_terms = [t for a in self.query.aggregates if a.function is Function.COUNT_UNITS for t in self._terms(a)]
+        row_terms = [
+            t for a in self.query.aggregates if a.function is not Function.COUNT_UNITS for t in self._terms(a)
+        ]
+        unit_terms = [
+            t for a in self.query.aggregates if a.function is Function.COUNT_UNITS for t in self._terms(a)
+        ]
         if row_terms:
             if self.private_keys and not any(a.function is Function.COUNT for a in self.query.aggregates):
                 # OpenDP thresholds on a noisy row count; add one (it is paid for, not shown).
@@ -544,13 +555,17 @@ class _Compiled:
         rows = empty.filter(pl.int_range(pl.len()).over(unit) < k)
         stages = []
         if row_terms:
-            stages.append(_Stage(rows, tuple(row_terms), domain, metric, _ONE_UNIT, units=False, unit_column=unit))
+            stages.append(
+                _Stage(rows, tuple(row_terms), domain, metric, _ONE_UNIT, units=False, unit_column=unit)
+            )
         if unit_terms:
             # One row per unit and group: each unit adds at most 1 to a group's count and,
             # kept to k rows first, reaches at most k groups (OpenDP derives both bounds).
             first = pl.int_range(pl.len()).over(unit, *dims) < 1
             units = rows.filter(first) if dims else empty.filter(first)
-            stages.append(_Stage(units, tuple(unit_terms), domain, metric, _ONE_UNIT, units=True, unit_column=unit))
+            stages.append(
+                _Stage(units, tuple(unit_terms), domain, metric, _ONE_UNIT, units=True, unit_column=unit)
+            )
         return stages
 
     def _prepared_stages(self, row_terms: list[_Term], unit_terms: list[_Term]) -> list[_Stage]:
@@ -561,8 +576,14 @@ class _Compiled:
             # No column at all (an ungrouped COUNT): scan the unit code, the narrowest one.
             schema = self._row_schema() or {UNIT_CODE: pl.UInt64}
             stages.append(
-                _Stage(pl.LazyFrame(schema=schema), tuple(row_terms), _domain(schema), dp.symmetric_distance(), k,
-                       units=False)
+                _Stage(
+                    pl.LazyFrame(schema=schema),
+                    tuple(row_terms),
+                    _domain(schema),
+                    dp.symmetric_distance(),
+                    k,
+                    units=False,
+                )
             )
         if unit_terms:
             # `input` keeps one row per unit and group: a unit is then at most n rows,
@@ -574,7 +595,9 @@ class _Compiled:
                 d_in.append(dp.polars.Bound(by=[d.column for d in self.dims], per_group=1, num_groups=n))
             metric = dp.frame_distance(dp.symmetric_distance())
             stages.append(
-                _Stage(pl.LazyFrame(schema=schema), tuple(unit_terms), _domain(schema), metric, d_in, units=True)
+                _Stage(
+                    pl.LazyFrame(schema=schema), tuple(unit_terms), _domain(schema), metric, d_in, units=True
+                )
             )
         return stages
 
@@ -621,12 +644,19 @@ class _Compiled:
             total, count = _mean_parts(a.name)
             return [
                 _Term(total, lambda s: known.dp.sum(bounds, scale=s).alias(total), weight * MEAN_SUM_SHARE),
-                _Term(count, lambda s: known.dp.count(scale=s, signed=True).alias(count),
-                      weight * (1 - MEAN_SUM_SHARE)),
+                _Term(
+                    count,
+                    lambda s: known.dp.count(scale=s, signed=True).alias(count),
+                    weight * (1 - MEAN_SUM_SHARE),
+                ),
             ]
         if a.function is Function.QUANTILE:
             candidates = m.candidates()
-            return [_Term(a.name, lambda s: known.dp.quantile(a.quantile, candidates, scale=s).alias(a.name), weight)]
+            return [
+                _Term(
+                    a.name, lambda s: known.dp.quantile(a.quantile, candidates, scale=s).alias(a.name), weight
+                )
+            ]
         raise InternalError(f"no DP form for {a.function}")
 
     def _units(self, stage: _Stage, total: float) -> _Stage:
@@ -690,8 +720,12 @@ class _Compiled:
         try:
             return [
                 dp.m.make_private_lazyframe(
-                    s.domain, s.metric, self.measure,
-                    self._aggregate(s.frame, [t.make(scale * u) for t, u in zip(s.terms, s.scales, strict=True)]),
+                    s.domain,
+                    s.metric,
+                    self.measure,
+                    self._aggregate(
+                        s.frame, [t.make(scale * u) for t, u in zip(s.terms, s.scales, strict=True)]
+                    ),
                     threshold=threshold,
                 )
                 for s in self.stages
@@ -805,7 +839,9 @@ class _Compiled:
         for m in measurements:
             # OpenDP's discrete Gaussian accuracy sums over the support (seconds at large
             # scales): read the scales only, and compute it in `gaussian_accuracy`.
-            summary = dp.summarize_polars_measurement(m) if self.zcdp else dp.summarize_polars_measurement(m, ALPHA)
+            summary = (
+                dp.summarize_polars_measurement(m) if self.zcdp else dp.summarize_polars_measurement(m, ALPHA)
+            )
             for row in summary.iter_rows(named=True):
                 if self.zcdp and row["distribution"] == "Integer Gaussian":
                     row["accuracy"] = gaussian_accuracy(row["scale"], ALPHA)
@@ -865,7 +901,8 @@ class _Compiled:
             from dataops.engines.dp_post import consistent_table  # post-processing, no privacy role
 
             additive = [
-                a.name for a in self.query.aggregates
+                a.name
+                for a in self.query.aggregates
                 if a.function in (Function.COUNT, Function.COUNT_UNITS)
                 or (a.function is Function.SUM and self.measures[a.column].bounds[0] >= 0)
             ]
@@ -947,7 +984,9 @@ def _measure(dataset: Dataset, aggregate: Aggregate, privacy: Privacy, clip_uppe
                 path = f"query.privacy.measures[{index}].{end}"
                 description = f"{value:g} is outside the catalog bounds [{lo:g}, {hi:g}] of {name!r}"
                 raise InvalidQuery(
-                    f"{path}: {description}", rule="dp.bounds", column=name,
+                    f"{path}: {description}",
+                    rule="dp.bounds",
+                    column=name,
                     field_violations=(FieldViolation(path, description),),
                 )
         lo = terms.lower if terms.lower is not None else lo
@@ -958,7 +997,9 @@ def _measure(dataset: Dataset, aggregate: Aggregate, privacy: Privacy, clip_uppe
         hi = clip_upper
     if lo > hi:
         raise InvalidQuery(
-            f"the lower bound of {name!r} exceeds its upper bound", rule="dp.bounds", column=name,
+            f"the lower bound of {name!r} exceeds its upper bound",
+            rule="dp.bounds",
+            column=name,
             field_violations=(FieldViolation("query.privacy.measures", "lower must not exceed upper"),),
         )
     # Same decimals as the catalog's (the prepared copy holds that fixed point); OpenDP
@@ -976,7 +1017,9 @@ def _row_bound(privacy: Privacy, dataset: Dataset) -> int:
         path = "query.privacy.max_rows_per_unit"
         description = f"{k} is above the catalog's max_rows of {cap} for {dataset.id}"
         raise InvalidQuery(
-            f"{path}: {description}", rule="dp.max-rows", field_violations=(FieldViolation(path, description),)
+            f"{path}: {description}",
+            rule="dp.max-rows",
+            field_violations=(FieldViolation(path, description),),
         )
     return k
 
@@ -986,11 +1029,15 @@ def _notes(dataset: Dataset, measures: dict[str, _Measure], k: int) -> tuple[str
     notes = []
     for name, m in measures.items():
         if m.bounds != tuple(dataset.columns[name].bounds):
-            notes.append(f"{name}: clipped to [{m.bounds[0]:g}, {m.bounds[1]:g}], inside the catalog's "
-                         f"{list(dataset.columns[name].bounds)}: values outside are moved in (clipping bias possible)")
+            notes.append(
+                f"{name}: clipped to [{m.bounds[0]:g}, {m.bounds[1]:g}], inside the catalog's "
+                f"{list(dataset.columns[name].bounds)}: values outside are moved in (clipping bias possible)"
+            )
     if k < dataset.max_rows_per_unit:
-        notes.append(f"each unit is truncated to {k} rows (catalog: {dataset.max_rows_per_unit}): "
-                     "rows beyond are left out (truncation bias possible)")
+        notes.append(
+            f"each unit is truncated to {k} rows (catalog: {dataset.max_rows_per_unit}): "
+            "rows beyond are left out (truncation bias possible)"
+        )
     return tuple(notes)
 
 
@@ -1001,7 +1048,6 @@ def _len_term(name: str) -> Any:
 def _mean_parts(name: str) -> tuple[str, str]:
     """A mean's released sum and count of known values ('#' names never clash)."""
     return f"#sum:{name}", f"#count:{name}"
-
 
 
 def _fixed_point(column: Column) -> _Measure:

@@ -51,7 +51,9 @@ class AutoClippedQuery:
             raise InvalidQuery(
                 "automatic clipping is not offered on a zcdp grant; state the bounds instead",
                 rule="dp.auto-clip",
-                field_violations=(FieldViolation("query.privacy.measures", "auto_clip_share on a zcdp grant"),),
+                field_violations=(
+                    FieldViolation("query.privacy.measures", "auto_clip_share on a zcdp grant"),
+                ),
             )
         self.clips = privacy.auto_clipped
         self.main_share = 1.0 - math.fsum(t.auto_clip_share for t in self.clips)
@@ -83,7 +85,9 @@ class AutoClippedQuery:
         return math.fsum(targets)
 
     def _main_privacy(self) -> Privacy:
-        return dataclasses.replace(self.plan.query.privacy, epsilon=self.plan.query.privacy.epsilon * self.main_share)
+        return dataclasses.replace(
+            self.plan.query.privacy, epsilon=self.plan.query.privacy.epsilon * self.main_share
+        )
 
     def calibrate(self, privacy: Privacy) -> Calibration:
         if privacy != self.plan.query.privacy:

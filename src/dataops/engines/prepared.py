@@ -77,8 +77,8 @@ import secrets
 import threading
 import time
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import polars as pl
@@ -264,7 +264,9 @@ class PreparedStore:
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         st = self.directory.stat()
         if st.st_uid == os.getuid() and st.st_mode & 0o077:
-            log.warning("%s was open to other users (mode %o); making it 0700", self.directory, st.st_mode & 0o777)
+            log.warning(
+                "%s was open to other users (mode %o); making it 0700", self.directory, st.st_mode & 0o777
+            )
             self.directory.chmod(0o700)
 
     def _lock_for(self, dataset_id: str) -> threading.Lock:
@@ -302,7 +304,9 @@ class PreparedStore:
                 return None
             digest, st = hash_file(path)
             if not hmac.compare_digest(digest, str(tag.get("sha256", ""))):
-                log.warning("prepared copy %s: its bytes are not the ones tagged; building it again", path.name)
+                log.warning(
+                    "prepared copy %s: its bytes are not the ones tagged; building it again", path.name
+                )
                 return None
             return stat_signature(st)
         except (OSError, ValueError):  # missing, torn or foreign: build it again

@@ -32,9 +32,9 @@ import re
 import shutil
 import threading
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import polars as pl
@@ -66,9 +66,15 @@ class Evaluation:
 
     def digest(self) -> str:
         """SHA-256 of the outputs and their context: what the audit log keeps instead of values."""
-        material = {"product": self.product, "data_version": self.data_version,
-                    "evaluation_date": self.evaluation_date.isoformat(), "outputs": list(self.outputs)}
-        return hashlib.sha256(json.dumps(material, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+        material = {
+            "product": self.product,
+            "data_version": self.data_version,
+            "evaluation_date": self.evaluation_date.isoformat(),
+            "outputs": list(self.outputs),
+        }
+        return hashlib.sha256(
+            json.dumps(material, sort_keys=True, separators=(",", ":")).encode()
+        ).hexdigest()
 
 
 def months_before(day: dt.date, months: int) -> dt.date:
@@ -101,15 +107,21 @@ class SubjectLayout:
         rows = ipc.open_file(pa.memory_map(str(directory / "rows.arrow"))).read_all()
         index = ipc.open_file(pa.memory_map(str(directory / "index.arrow"))).read_all()
         meta = {k.decode(): v.decode() for k, v in (rows.schema.metadata or {}).items()}
-        if meta.get("dataops.subjects.fingerprint") != fingerprint or meta.get("dataops.subjects.dataset") != dataset.id:
+        if (
+            meta.get("dataops.subjects.fingerprint") != fingerprint
+            or meta.get("dataops.subjects.dataset") != dataset.id
+        ):
             raise InternalError(f"{directory} is not the layout of {dataset.id} at {fingerprint[:16]}")
         self.columns: dict[str, np.ndarray] = {
-            name: rows.column(name).combine_chunks().to_numpy(zero_copy_only=True) for name in rows.column_names
+            name: rows.column(name).combine_chunks().to_numpy(zero_copy_only=True)
+            for name in rows.column_names
         }
         ids = index.column("subject").combine_chunks()
         width = ids.type.byte_width
         # Zero-copy view of the fixed-width ids as numpy bytes for a binary search.
-        self.ids = np.frombuffer(ids.buffers()[1], dtype=f"S{width}", count=len(ids), offset=ids.offset * width)
+        self.ids = np.frombuffer(
+            ids.buffers()[1], dtype=f"S{width}", count=len(ids), offset=ids.offset * width
+        )
         self.starts = index.column("start").combine_chunks().to_numpy(zero_copy_only=True)
         self.width = width
         self.row_count = rows.num_rows
@@ -208,18 +220,26 @@ def _encoded(dataset: Dataset, name: str) -> pl.Expr:
     col = pl.col(name)
     if spec.keys:
         mapping = {key: i for i, key in enumerate(spec.keys)}
-        return col.cast(pl.String).replace_strict(mapping, default=_NO_CODE, return_dtype=pl.Int16).fill_null(_NO_CODE)
+        return (
+            col.cast(pl.String)
+            .replace_strict(mapping, default=_NO_CODE, return_dtype=pl.Int16)
+            .fill_null(_NO_CODE)
+        )
     if spec.type is ColumnType.DATE:
         return col.cast(pl.Date).cast(pl.Int32).fill_null(_NO_DATE)
     if spec.type.numeric or spec.type is ColumnType.BOOL:
         return col.cast(pl.Float64).fill_null(float("nan"))
-    raise InternalError(f"column {name!r} of {dataset.id} cannot be laid out ({spec.type.value} without keys)")
+    raise InternalError(
+        f"column {name!r} of {dataset.id} cannot be laid out ({spec.type.value} without keys)"
+    )
 
 
 class SubjectLayouts:
     """Layouts of every dataset subject products read, one per data version."""
 
-    def __init__(self, state_dir: Path, products: Iterable[SubjectProduct], fingerprints: Fingerprints) -> None:
+    def __init__(
+        self, state_dir: Path, products: Iterable[SubjectProduct], fingerprints: Fingerprints
+    ) -> None:
         self.directory = Path(state_dir) / "subjects"
         self.fingerprints = fingerprints
         self.columns: dict[str, tuple[str, ...]] = {}
@@ -274,9 +294,12 @@ class SubjectLayouts:
         return self.directory / f"{dataset.id}-{fingerprint[:16]}-{columns}"
 
     def _metadata(self, dataset: Dataset, fingerprint: str) -> dict[str, str]:
-        return {"dataops.subjects.layout": LAYOUT_VERSION, "dataops.subjects.dataset": dataset.id,
-                "dataops.subjects.fingerprint": fingerprint,
-                "dataops.subjects.columns": json.dumps(self.columns[dataset.id])}
+        return {
+            "dataops.subjects.layout": LAYOUT_VERSION,
+            "dataops.subjects.dataset": dataset.id,
+            "dataops.subjects.fingerprint": fingerprint,
+            "dataops.subjects.columns": json.dumps(self.columns[dataset.id]),
+        }
 
     def _valid(self, directory: Path, dataset: Dataset, fingerprint: str) -> bool:
         try:
@@ -284,7 +307,8 @@ class SubjectLayouts:
                 schema = ipc.open_file(source).schema
             found = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
             return (directory / "index.arrow").exists() and all(
-                found.get(k) == v for k, v in self._metadata(dataset, fingerprint).items())
+                found.get(k) == v for k, v in self._metadata(dataset, fingerprint).items()
+            )
         except (OSError, pa.ArrowInvalid):
             return False
 
@@ -295,25 +319,38 @@ class SubjectLayouts:
         temporary.mkdir()
         try:
             columns = self.columns[dataset.id]
-            frame = (pl.scan_parquet(dataset.path)
-                     .select(pl.col(unit).cast(pl.String), *[_encoded(dataset, c).alias(c) for c in columns])
-                     .filter(pl.col(unit).is_not_null())
-                     .sort(unit, maintain_order=True)
-                     .collect())
-            index = (frame.select(unit).with_row_index("start")
-                     .group_by(unit, maintain_order=True).agg(pl.col("start").first()))
+            frame = (
+                pl.scan_parquet(dataset.path)
+                .select(pl.col(unit).cast(pl.String), *[_encoded(dataset, c).alias(c) for c in columns])
+                .filter(pl.col(unit).is_not_null())
+                .sort(unit, maintain_order=True)
+                .collect()
+            )
+            index = (
+                frame.select(unit)
+                .with_row_index("start")
+                .group_by(unit, maintain_order=True)
+                .agg(pl.col("start").first())
+            )
             ids = index[unit]
             width = max(1, int(ids.str.len_bytes().max() or 1))
             # numpy "S" pads with NULs, which no stored id ends with (`rows_of` refuses such ids).
             packed = np.array(ids.to_list(), dtype=f"S{width}").tobytes()
-            fixed = pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), len(ids), [None, pa.py_buffer(packed)])
+            fixed = pa.FixedSizeBinaryArray.from_buffers(
+                pa.binary(width), len(ids), [None, pa.py_buffer(packed)]
+            )
             metadata = self._metadata(dataset, fingerprint)
             rows = frame.drop(unit).to_arrow()
             rows = rows.replace_schema_metadata(metadata)
-            index_table = pa.table({"subject": fixed, "start": pa.array(index["start"].cast(pl.Int64).to_numpy())},
-                                   metadata=metadata)
+            index_table = pa.table(
+                {"subject": fixed, "start": pa.array(index["start"].cast(pl.Int64).to_numpy())},
+                metadata=metadata,
+            )
             for name, table in (("rows.arrow", rows), ("index.arrow", index_table)):
-                with pa.OSFile(str(temporary / name), "wb") as sink, ipc.new_file(sink, table.schema) as writer:
+                with (
+                    pa.OSFile(str(temporary / name), "wb") as sink,
+                    ipc.new_file(sink, table.schema) as writer,
+                ):
                     writer.write_table(table, max_chunksize=max(1, table.num_rows))
             shutil.rmtree(directory, ignore_errors=True)
             os.replace(temporary, directory)

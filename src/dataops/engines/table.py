@@ -38,8 +38,9 @@ import itertools
 import logging
 import threading
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
@@ -96,11 +97,11 @@ class Coverage:
         return size
 
 
-def _measure_names(product: "TableProduct") -> dict[tuple[Function, str | None], str]:
+def _measure_names(product: TableProduct) -> dict[tuple[Function, str | None], str]:
     return {(m.function, m.column): m.name for m in product.measures}
 
 
-def _needed_measures(product: "TableProduct", function: Function, column: str | None) -> tuple[str, ...] | None:
+def _needed_measures(product: TableProduct, function: Function, column: str | None) -> tuple[str, ...] | None:
     """The table's measures an aggregate is computed from, or None if the table lacks them."""
     names = _measure_names(product)
     if function is Function.MEAN:
@@ -111,7 +112,7 @@ def _needed_measures(product: "TableProduct", function: Function, column: str | 
     return (name,) if name else None
 
 
-def _misses(product: "TableProduct", query: Query) -> list[tuple[str | None, str]]:
+def _misses(product: TableProduct, query: Query) -> list[tuple[str | None, str]]:
     """Why `product` does not cover `query`: (column, what is missing), in query order."""
     out: list[tuple[str | None, str]] = []
     dims = set(product.dimensions)
@@ -132,7 +133,7 @@ def _misses(product: "TableProduct", query: Query) -> list[tuple[str | None, str
     return out
 
 
-def _keys_of(product: "TableProduct", dimension: str, f: Equals | InSet, index: int) -> tuple[Any, ...]:
+def _keys_of(product: TableProduct, dimension: str, f: Equals | InSet, index: int) -> tuple[Any, ...]:
     """The filter's keys, each checked against the dimension's public key set (order kept, repeats dropped)."""
     keys = product.keys_of(dimension)
     values = (f.value,) if isinstance(f, Equals) else tuple(dict.fromkeys(f.values))
@@ -141,12 +142,16 @@ def _keys_of(product: "TableProduct", dimension: str, f: Equals | InSet, index: 
         # bool is an int to Python: True must not select key 1.
         if not any(type(value) is type(k) and value == k for k in keys):
             description = f"{value!r} is not a key of {dimension!r} (its public key set: {list(keys)[:12]})"
-            raise InvalidQuery(f"{field}: {description}", rule="table.key", column=dimension,
-                               field_violations=(FieldViolation(field, description),))
+            raise InvalidQuery(
+                f"{field}: {description}",
+                rule="table.key",
+                column=dimension,
+                field_violations=(FieldViolation(field, description),),
+            )
     return values
 
 
-def cover(query: Query, grant: "Grant", tables: Mapping[str, "TableProduct"]) -> Coverage:
+def cover(query: Query, grant: Grant, tables: Mapping[str, TableProduct]) -> Coverage:
     """The lookup that answers an aggregate-mode query from the grant's tables, or the refusal.
 
     Of the granted tables that cover the query, the one with the fewest dimensions
@@ -175,11 +180,12 @@ def cover(query: Query, grant: "Grant", tables: Mapping[str, "TableProduct"]) ->
     return Coverage(product.id, tuple(axes), query.group_by, outputs)
 
 
-def _uncovered(query: Query, grant: "Grant", products: Sequence["TableProduct"]) -> PolicyDenied:
+def _uncovered(query: Query, grant: Grant, products: Sequence[TableProduct]) -> PolicyDenied:
     """The refusal of an uncovered query: names the column, the tables there are, and DP mode."""
     if not products:
-        return PolicyDenied(f"the grant on {grant.dataset!r} names no table you may read; {_DP_HINT}",
-                            rule="table.coverage")
+        return PolicyDenied(
+            f"the grant on {grant.dataset!r} names no table you may read; {_DP_HINT}", rule="table.coverage"
+        )
     # The table missing the least says best what is missing.
     best = min(products, key=lambda p: (len(_misses(p, query)), len(p.dimensions), p.id))
     column, what = _misses(best, query)[0]
@@ -189,7 +195,8 @@ def _uncovered(query: Query, grant: "Grant", products: Sequence["TableProduct"])
     return PolicyDenied(
         f"no table you may read covers {what} together with the rest of this query "
         f"(tables: {listed}); {_DP_HINT}",
-        rule="table.coverage", column=column,
+        rule="table.coverage",
+        column=column,
     )
 
 
@@ -197,8 +204,11 @@ def _uncovered(query: Query, grant: "Grant", products: Sequence["TableProduct"])
 
 
 _ARROW_TYPES = {
-    ColumnType.STRING: pa.string(), ColumnType.INT: pa.int64(), ColumnType.FLOAT: pa.float64(),
-    ColumnType.BOOL: pa.bool_(), ColumnType.DATE: pa.date32(),
+    ColumnType.STRING: pa.string(),
+    ColumnType.INT: pa.int64(),
+    ColumnType.FLOAT: pa.float64(),
+    ColumnType.BOOL: pa.bool_(),
+    ColumnType.DATE: pa.date32(),
 }
 
 
@@ -211,13 +221,15 @@ class TableIndex:
     exactly like a suppressed one.
     """
 
-    def __init__(self, product: "TableProduct", dataset: Dataset, protected: Any, data_version: str) -> None:
+    def __init__(self, product: TableProduct, dataset: Dataset, protected: Any, data_version: str) -> None:
         self.product = product
         self.data_version = data_version
         self.protected = protected
         self.measures = tuple(m.name for m in product.measures)
         self._position = {name: i for i, name in enumerate(self.measures)}
-        counts = [i for i, m in enumerate(product.measures) if m.function in (Function.COUNT, Function.COUNT_UNITS)]
+        counts = [
+            i for i, m in enumerate(product.measures) if m.function in (Function.COUNT, Function.COUNT_UNITS)
+        ]
         frame = protected.cells
         self.cells: dict[tuple[Any, ...], tuple[Any, ...]] = {}
         n_dims = len(product.dimensions)
@@ -259,7 +271,8 @@ class TableIndex:
         single = all(len(summed[i]) == 1 for i, a in enumerate(coverage.axes) if not a.grouped)
         for grid_key in itertools.product(*(a.keys for a in grouped)):
             choices = [
-                (grid_key[slot[a.dimension]],) if a.grouped else summed[i] for i, a in enumerate(coverage.axes)
+                (grid_key[slot[a.dimension]],) if a.grouped else summed[i]
+                for i, a in enumerate(coverage.axes)
             ]
             cells = (tuple(c[0] for c in choices),) if single else itertools.product(*choices)
             row = self._combine(cells, positions)
@@ -278,10 +291,16 @@ class TableIndex:
             arrays.append(pa.array(columns[len(grouped) + j], type=kind))
             names.append(name)
         table = pa.Table.from_arrays(arrays, names=names)
-        return EngineResult(table=table, rows_suppressed=coverage.grid_size - table.num_rows,
-                            table_id=self.product.id, table_fingerprint=self.protected.fingerprint)
+        return EngineResult(
+            table=table,
+            rows_suppressed=coverage.grid_size - table.num_rows,
+            table_id=self.product.id,
+            table_fingerprint=self.protected.fingerprint,
+        )
 
-    def _combine(self, keys: Any, positions: Sequence[tuple[str, Function, tuple[int, ...]]]) -> list[Any] | None:
+    def _combine(
+        self, keys: Any, positions: Sequence[tuple[str, Function, tuple[int, ...]]]
+    ) -> list[Any] | None:
         """The outputs of one grid row from the cells at `keys`, or None if one is not released."""
         totals = [[0.0] * len(p) for _, _, p in positions]
         cells = 0
@@ -334,7 +353,7 @@ class TableEngine:
     def __init__(
         self,
         catalog: Catalog,
-        tables: Mapping[str, "TableProduct"],
+        tables: Mapping[str, TableProduct],
         store: Any,
         data_version: Callable[[Dataset], str],
         record: Callable[[dict[str, Any]], Any] | None = None,
@@ -355,7 +374,9 @@ class TableEngine:
     # estimate → cost and accuracy; release → result (the Engine shape of issue 14).
 
     def estimate(self, plan: Plan) -> Estimate:
-        return Estimate(Spend(), tuple(AggregateAccuracy(a.name, mechanism="exact") for a in plan.query.aggregates))
+        return Estimate(
+            Spend(), tuple(AggregateAccuracy(a.name, mechanism="exact") for a in plan.query.aggregates)
+        )
 
     def release(self, plan: Plan, deadline: float | None = None) -> EngineResult:
         coverage = plan.coverage
@@ -374,7 +395,8 @@ class TableEngine:
                 if remaining <= 0 or table_id in self._failed:
                     raise TableUnavailable(
                         f"table {table_id!r} is being protected for the current data version; "
-                        "retry in a few seconds", rule="table.not_ready",
+                        "retry in a few seconds",
+                        rule="table.not_ready",
                     )
                 self._ready.wait(remaining)
             return self._indexes[table_id]
@@ -413,7 +435,7 @@ class TableEngine:
                         self._failed[product.id] = str(exc)
                     self._ready.notify_all()
 
-    def _publish(self, product: "TableProduct", dataset: Dataset, version: str) -> None:
+    def _publish(self, product: TableProduct, dataset: Dataset, version: str) -> None:
         started = time.perf_counter()
         directory = getattr(self.store, "directory", None)
         stored = directory is not None and directory(product, version).is_dir()
@@ -423,8 +445,9 @@ class TableEngine:
         if not audit_passed(protected):
             # Fail closed: a table whose LP audit did not prove every suppressed cell
             # protected is never served (`dataops tables show` says which cells fail).
-            raise RuntimeError(f"table {product.id!r} failed its LP audit for data version {version[:12]}; "
-                               "it is not served")
+            raise RuntimeError(
+                f"table {product.id!r} failed its LP audit for data version {version[:12]}; it is not served"
+            )
         index = TableIndex(product, dataset, protected, version)
         if self.record is not None and not stored:
             # A protection is recorded once, when it is made, before it is served; a table
@@ -437,7 +460,7 @@ class TableEngine:
             self._ready.notify_all()
         log.info("table %s protected for data version %s", product.id, version[:12])
 
-    def start(self) -> "TableEngine":
+    def start(self) -> TableEngine:
         def run() -> None:
             self.refresh()
             while not self._stop.wait(self.poll_seconds):
@@ -459,7 +482,7 @@ def audit_passed(protected: Any) -> bool:
     return bool(protected.report.audit.passed)
 
 
-def protection_record(product: "TableProduct", version: str, protected: Any, seconds: float) -> dict[str, Any]:
+def protection_record(product: TableProduct, version: str, protected: Any, seconds: float) -> dict[str, Any]:
     """The audit record of one protection, in the shape of an RPC's record (`CallRecord`)."""
     import datetime as dt
     import uuid
@@ -467,7 +490,7 @@ def protection_record(product: "TableProduct", version: str, protected: Any, sec
     statuses = protected.cells["status"].value_counts()
     count = {row[0]: row[1] for row in statuses.iter_rows()}
     return {
-        "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds"),
+        "time": dt.datetime.now(dt.UTC).isoformat(timespec="microseconds"),
         "request_id": uuid.uuid4().hex,
         "consumer": None,
         "method": "ProtectTable",

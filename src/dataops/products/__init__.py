@@ -14,10 +14,11 @@ file and the key; the product id is the file name's stem.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 from dataops._toml import read_toml
 from dataops.catalog import Catalog

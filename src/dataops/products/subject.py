@@ -158,8 +158,10 @@ def load_subject_product(doc: Table, path: Path, catalog: Catalog) -> SubjectPro
     if subject != dataset.unit_column:
         # The subject is whom the consent speaks for: evaluating over any other column
         # would aggregate across several people under one person's consent.
-        raise doc.fail("subject", f"must be {dataset_id!r}'s privacy-unit column "
-                                  f"{dataset.unit_column!r}, got {subject!r}")
+        raise doc.fail(
+            "subject",
+            f"must be {dataset_id!r}'s privacy-unit column {dataset.unit_column!r}, got {subject!r}",
+        )
     title = doc.str("title", product_id)
     description = doc.str("description", "")
     purposes = tuple(_strings(doc, "purposes"))
@@ -182,13 +184,18 @@ def load_subject_product(doc: Table, path: Path, catalog: Catalog) -> SubjectPro
     if card is not None:
         scorecard = _load_scorecard(card, dataset, outputs)
     doc.reject_unknown()
-    return SubjectProduct(product_id, dataset, subject, title, description, purposes, consumers,
-                          tuple(outputs), scorecard, path)
+    return SubjectProduct(
+        product_id, dataset, subject, title, description, purposes, consumers, tuple(outputs), scorecard, path
+    )
 
 
 def _strings(doc: Table, key: str) -> list[str]:
     values = doc.list(key)
-    if not values or not all(isinstance(v, str) and v.strip() for v in values) or len(set(values)) != len(values):
+    if (
+        not values
+        or not all(isinstance(v, str) and v.strip() for v in values)
+        or len(set(values)) != len(values)
+    ):
         raise doc.fail(key, f"must be a non-empty list of distinct non-empty strings, got {values!r}")
     return values
 
@@ -232,14 +239,17 @@ def _load_output(table: Table, dataset: Dataset) -> Output:
     try:
         function = OutputFunction(raw_function)
     except ValueError:
-        raise table.fail("function", f"must be one of {[f.value for f in OutputFunction]}, "
-                                     f"got {raw_function!r}") from None
+        raise table.fail(
+            "function", f"must be one of {[f.value for f in OutputFunction]}, got {raw_function!r}"
+        ) from None
 
     column_name, values = None, ()
     if function in (OutputFunction.SUM, OutputFunction.MAX):
         column = _usable_column(table, "column", table.str("column"), dataset)
         if not column.type.numeric:
-            raise table.fail("column", f"{function.value} needs a numeric column; {column.name!r} is {column.type.value}")
+            raise table.fail(
+                "column", f"{function.value} needs a numeric column; {column.name!r} is {column.type.value}"
+            )
         column_name = column.name
     elif function is OutputFunction.ANY_IN:
         column = _usable_column(table, "column", table.str("column"), dataset)
@@ -248,7 +258,9 @@ def _load_output(table: Table, dataset: Dataset) -> Output:
     elif function is OutputFunction.MONTHS_WITH:
         column = _usable_column(table, "column", table.str("column"), dataset)
         if column.type is not ColumnType.DATE:
-            raise table.fail("column", f"months_with needs a date column; {column.name!r} is {column.type.value}")
+            raise table.fail(
+                "column", f"months_with needs a date column; {column.name!r} is {column.type.value}"
+            )
         column_name = column.name
     else:
         if table.has("column"):
@@ -268,7 +280,9 @@ def _load_output(table: Table, dataset: Dataset) -> Output:
     if window_table is not None:
         column = _usable_column(window_table, "column", window_table.str("column"), dataset)
         if column.type is not ColumnType.DATE:
-            raise window_table.fail("column", f"a window needs a date column; {column.name!r} is {column.type.value}")
+            raise window_table.fail(
+                "column", f"a window needs a date column; {column.name!r} is {column.type.value}"
+            )
         months = window_table.int("months", minimum=1)
         if months > MAX_WINDOW_MONTHS:
             raise window_table.fail("months", f"at most {MAX_WINDOW_MONTHS}, got {months}")
@@ -286,15 +300,28 @@ def _load_output(table: Table, dataset: Dataset) -> Output:
 
 def _load_banding(table: Table, edges_key: str, labels_key: str) -> Banding:
     edges = table.list(edges_key)
-    if (not edges or len(edges) > MAX_BANDS
-            or not all(isinstance(e, (int, float)) and not isinstance(e, bool) and math.isfinite(e) for e in edges)
-            or any(b <= a for a, b in zip(edges, edges[1:]))):
-        raise table.fail(edges_key, f"must be 1 to {MAX_BANDS} strictly increasing finite numbers, got {edges!r}")
+    if (
+        not edges
+        or len(edges) > MAX_BANDS
+        or not all(
+            isinstance(e, (int, float)) and not isinstance(e, bool) and math.isfinite(e) for e in edges
+        )
+        or any(b <= a for a, b in zip(edges, edges[1:]))
+    ):
+        raise table.fail(
+            edges_key, f"must be 1 to {MAX_BANDS} strictly increasing finite numbers, got {edges!r}"
+        )
     labels = table.list(labels_key)
-    if (len(labels) != len(edges) + 1 or not all(isinstance(v, str) and v.strip() for v in labels)
-            or len(set(labels)) != len(labels)):
-        raise table.fail(labels_key, f"must be {len(edges) + 1} distinct non-empty strings "
-                                     f"(one more than {edges_key}), got {labels!r}")
+    if (
+        len(labels) != len(edges) + 1
+        or not all(isinstance(v, str) and v.strip() for v in labels)
+        or len(set(labels)) != len(labels)
+    ):
+        raise table.fail(
+            labels_key,
+            f"must be {len(edges) + 1} distinct non-empty strings "
+            f"(one more than {edges_key}), got {labels!r}",
+        )
     return Banding(tuple(float(e) for e in edges), tuple(labels))
 
 
@@ -319,11 +346,18 @@ def _load_scorecard(card: Table, dataset: Dataset, outputs: list[Output]) -> Sco
         else:
             # Points on a raw value would make the grade as precise as the value.
             raise points_table.fail(output_name, "only banded outputs and any_in outputs can score points")
-        if (not isinstance(values, list) or len(values) != expected
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                           for v in values)):
-            raise points_table.fail(output_name, f"must be {expected} finite numbers (one per band"
-                                                 f"{'' if expected != 2 else ', or [false, true]'}), got {values!r}")
+        if (
+            not isinstance(values, list)
+            or len(values) != expected
+            or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values
+            )
+        ):
+            raise points_table.fail(
+                output_name,
+                f"must be {expected} finite numbers (one per band"
+                f"{'' if expected != 2 else ', or [false, true]'}), got {values!r}",
+            )
         points.append((output_name, tuple(float(v) for v in values)))
     if not points:
         raise card.fail("points", "score at least one output")

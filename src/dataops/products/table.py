@@ -163,8 +163,11 @@ def load_table_product(doc: Table, path: Path, catalog: Catalog) -> TableProduct
         bins=bins,
     )
     if product.n_cells > MAX_CELLS:
-        raise doc.fail("dimensions", f"the cube has {product.n_cells} cells with its sub-totals; "
-                       f"at most {MAX_CELLS} are supported, split the table")
+        raise doc.fail(
+            "dimensions",
+            f"the cube has {product.n_cells} cells with its sub-totals; "
+            f"at most {MAX_CELLS} are supported, split the table",
+        )
     doc.reject_unknown()
     return product
 
@@ -191,8 +194,11 @@ def _read_dimensions(doc: Table, dataset: Dataset):
             keys.append(tuple(bin_label(a, b) for a, b in zip(edges, edges[1:])))
             bins.append(tuple(edges))
         else:
-            raise doc.fail(where, f"column {name!r} has neither a public key set nor bins "
-                           "in the catalog: its cells would disclose which values occur")
+            raise doc.fail(
+                where,
+                f"column {name!r} has neither a public key set nor bins "
+                "in the catalog: its cells would disclose which values occur",
+            )
     return tuple(raw), tuple(keys), tuple(bins)
 
 
@@ -221,11 +227,17 @@ def _read_measures(doc: Table, dataset: Dataset) -> tuple[Measure, ...]:
             column = m.str("column")
             col = _usable_column(m, "column", dataset, column)
             if not col.type.numeric or col.bounds is None:
-                raise m.fail("column", f"{column!r} needs numeric bounds in the catalog: "
-                             "the audit's attacker knows them, and so must we")
+                raise m.fail(
+                    "column",
+                    f"{column!r} needs numeric bounds in the catalog: "
+                    "the audit's attacker knows them, and so must we",
+                )
             if col.bounds[0] < 0:
-                raise m.fail("column", f"{column!r} may be negative (bounds {list(col.bounds)}); "
-                             "dominance and p% need non-negative contributions")
+                raise m.fail(
+                    "column",
+                    f"{column!r} may be negative (bounds {list(col.bounds)}); "
+                    "dominance and p% need non-negative contributions",
+                )
         elif m.has("column"):
             m.raw("column")
             raise m.fail("column", f"{function.value} takes no column")
@@ -234,9 +246,12 @@ def _read_measures(doc: Table, dataset: Dataset) -> tuple[Measure, ...]:
             # Distinct units are not additive over cells when a unit spans cells (a
             # person's 40 visits fall in many cells): margins would not be the sums of
             # their cells and the LP audit could not bound them. Publish COUNT (rows).
-            raise m.fail("function", f"count_units is not additive in {dataset.id!r} (a unit "
-                         f"has up to {dataset.max_rows_per_unit} rows, in different cells): "
-                         "publish count instead")
+            raise m.fail(
+                "function",
+                f"count_units is not additive in {dataset.id!r} (a unit "
+                f"has up to {dataset.max_rows_per_unit} rows, in different cells): "
+                "publish count instead",
+            )
         default = function.value if column is None else f"{function.value}_{column}"
         name = m.str("name", default, pattern=NAME_PATTERN)
         if name in {x.name for x in measures}:

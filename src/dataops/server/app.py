@@ -28,12 +28,12 @@ from dataops.audit.signer import SignerClient, SignerProcess, spawn_signer
 from dataops.catalog import Catalog, check_data, load_catalog
 from dataops.certs import RevocationList
 from dataops.config import ServerConfig
+from dataops.consent import ConsentStore, load_issuers, store_path
 from dataops.engines.prepared import PreparedStore
+from dataops.engines.subject import SubjectLayouts
 from dataops.engines.table import TableEngine
 from dataops.ledger import Ledger
 from dataops.policy import PolicyStore
-from dataops.consent import ConsentStore, load_issuers, store_path
-from dataops.engines.subject import SubjectLayouts
 from dataops.products import load_products
 from dataops.server.interceptors import AuditInterceptor, check_wrappable
 from dataops.server.ratelimit import Admission, RateLimiter
@@ -41,7 +41,13 @@ from dataops.server.servicers import AuditServicer, CatalogServicer, QueryServic
 from dataops.service import Sandbox
 from dataops.subjects import SECRET_FILE, Evaluator, load_or_create_secret
 from dataops.v1 import (
-    audit_pb2, audit_pb2_grpc, catalog_pb2, catalog_pb2_grpc, query_pb2, query_pb2_grpc, subject_pb2,
+    audit_pb2,
+    audit_pb2_grpc,
+    catalog_pb2,
+    catalog_pb2_grpc,
+    query_pb2,
+    query_pb2_grpc,
+    subject_pb2,
     subject_pb2_grpc,
 )
 from dataops.versions import DataVersions, Fingerprints
@@ -57,7 +63,8 @@ SERVICE_NAMES = (
 # Every dataops.v1 service the server registers; each method must be one the audit
 # interceptor can wrap (checked at startup, see `check_wrappable`).
 SERVICES = tuple(
-    service for module in (catalog_pb2, query_pb2, subject_pb2, audit_pb2)
+    service
+    for module in (catalog_pb2, query_pb2, subject_pb2, audit_pb2)
     for service in module.DESCRIPTOR.services_by_name.values()
 )
 
@@ -92,7 +99,7 @@ class DataopsServer:
         host = f"[{host}]" if ":" in host else host
         return f"{host}:{self.port}"
 
-    def start(self) -> "DataopsServer":
+    def start(self) -> DataopsServer:
         if self.tables is not None:
             # Protects every table for its data version in the background; an exact
             # query waits for its table (or gets UNAVAILABLE with a retry hint).
@@ -172,15 +179,21 @@ def connect_signer(config: ServerConfig) -> tuple[SignerClient, SignerProcess | 
     try:
         signer = SignerClient(socket_path)
         if signer.origin != config.audit.origin:
-            raise OSError(f"the signer at {socket_path} signs for log {signer.origin!r}, not for "
-                          f"[audit] origin {config.audit.origin!r}")
+            raise OSError(
+                f"the signer at {socket_path} signs for log {signer.origin!r}, not for "
+                f"[audit] origin {config.audit.origin!r}"
+            )
     except BaseException:
         if process is not None:
             process.stop()
         raise
-    log.info("audit checkpoints signed by key id %s (%s)", signer.key_id,
-             f"signer process {process.process.pid}, key in {config.signer_dir}" if process
-             else f"signer at {socket_path}")
+    log.info(
+        "audit checkpoints signed by key id %s (%s)",
+        signer.key_id,
+        f"signer process {process.process.pid}, key in {config.signer_dir}"
+        if process
+        else f"signer at {socket_path}",
+    )
     return signer, process
 
 
@@ -190,8 +203,9 @@ def build_server(config: ServerConfig) -> DataopsServer:
     catalog = load_checked_catalog(config, versions)
     products = load_products(config.paths.products, catalog)
     issuers = load_issuers(config.paths.consents)
-    policies = PolicyStore(config.paths.policies, catalog, products=products,
-                           settle_seconds=config.server.policy_settle_seconds)
+    policies = PolicyStore(
+        config.paths.policies, catalog, products=products, settle_seconds=config.server.policy_settle_seconds
+    )
     signer, signer_process = connect_signer(config)
     try:
         return _build(config, catalog, products, issuers, policies, versions, signer, signer_process)
@@ -202,8 +216,16 @@ def build_server(config: ServerConfig) -> DataopsServer:
         raise
 
 
-def _build(config: ServerConfig, catalog: Catalog, products: Any, issuers: Any, policies: PolicyStore,
-           versions: DataVersions, signer: SignerClient, signer_process: SignerProcess | None) -> DataopsServer:
+def _build(
+    config: ServerConfig,
+    catalog: Catalog,
+    products: Any,
+    issuers: Any,
+    policies: PolicyStore,
+    versions: DataVersions,
+    signer: SignerClient,
+    signer_process: SignerProcess | None,
+) -> DataopsServer:
     # The log first: it refuses to open if it was truncated or rewritten behind the
     # signer's last checkpoint, and the ledger is then reconciled against it.
     audit = AuditLog(audit_path(config), signer=signer)
@@ -225,16 +247,30 @@ def _build(config: ServerConfig, catalog: Catalog, products: Any, issuers: Any, 
     prepared = PreparedStore(config.paths.state, versions)
     # Tables key on the data version and the catalog terms (keys, bounds) they are cut by.
     tables = table_engine(config, catalog, products.tables, Fingerprints(versions).of, audit.append)
-    sandbox = Sandbox(catalog, policies, config.limits, ledger, prepared=prepared,
-                      engine_workers=config.server.workers, versions=versions, tables=tables)
+    sandbox = Sandbox(
+        catalog,
+        policies,
+        config.limits,
+        ledger,
+        prepared=prepared,
+        engine_workers=config.server.workers,
+        versions=versions,
+        tables=tables,
+    )
     layouts = SubjectLayouts(config.paths.state, products.subjects.values(), sandbox.fingerprints)
     consents = ConsentStore(store_path(config.paths.state))
     # Use counts are backed by the (fsynced) audit log: restore any the store lost.
     consents.reconcile(audited_uses(audit_path(config).parent))
     evaluator = Evaluator(
-        catalog, policies, products.subjects, issuers, consents, layouts,
+        catalog,
+        policies,
+        products.subjects,
+        issuers,
+        consents,
+        layouts,
         load_or_create_secret(config.paths.state / "consents" / SECRET_FILE),
-        poll_seconds=config.server.policy_poll_seconds, max_watches=max(1, config.limits.max_in_flight // 4),
+        poll_seconds=config.server.policy_poll_seconds,
+        max_watches=max(1, config.limits.max_in_flight // 4),
     )
 
     limits = config.server.max_message_bytes
@@ -244,7 +280,9 @@ def _build(config: ServerConfig, catalog: Catalog, products: Any, issuers: Any, 
     # the queue anyway is still audited). gRPC's default pool below serves only health
     # checks and reflection, so those are answered however busy the service is.
     interceptor = AuditInterceptor(
-        audit, policies, RevocationList(config.tls.ca_cert, config.paths.state),
+        audit,
+        policies,
+        RevocationList(config.tls.ca_cert, config.paths.state),
         RateLimiter(config.limits.rate_per_minute, config.limits.rate_burst),
         Admission(config.limits.max_in_flight, config.limits.max_in_flight_per_consumer),
         threads=admission_threads(config),
@@ -284,9 +322,21 @@ def _build(config: ServerConfig, catalog: Catalog, products: Any, issuers: Any, 
         raise OSError(f"cannot listen on {config.server.listen}")
     prepared.warm(catalog.datasets.values())
     layouts.warm()
-    return DataopsServer(config, server, port, sandbox, policies, audit, ledger, health_servicer,
-                         request_pool=interceptor.pool, evaluator=evaluator, signer=signer,
-                         signer_process=signer_process, tables=tables)
+    return DataopsServer(
+        config,
+        server,
+        port,
+        sandbox,
+        policies,
+        audit,
+        ledger,
+        health_servicer,
+        request_pool=interceptor.pool,
+        evaluator=evaluator,
+        signer=signer,
+        signer_process=signer_process,
+        tables=tables,
+    )
 
 
 def table_engine(config: ServerConfig, catalog: Catalog, tables, data_version, record=None) -> TableEngine:

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from concurrent import futures
-from typing import Any, Callable
+from typing import Any
 
 import grpc
 from google.protobuf import any_pb2
@@ -30,7 +31,13 @@ from dataops.audit.receipts import fill_receipt, receipt_metadata, witness_size
 from dataops.audit.record import CallRecord, close_call, open_call
 from dataops.certs import IdentityError, RevocationList, consumer_identity_from_certificate
 from dataops.errors import (
-    DeadlineExceeded, InternalError, InvalidQuery, LimitExceeded, QuotaViolation, RequestError, Unauthenticated,
+    DeadlineExceeded,
+    InternalError,
+    InvalidQuery,
+    LimitExceeded,
+    QuotaViolation,
+    RequestError,
+    Unauthenticated,
 )
 from dataops.policy import PolicyStore
 from dataops.server.ratelimit import Admission, RateLimiter
@@ -86,7 +93,9 @@ def to_status(error: RequestError, receipt: Receipt | None, held: int = 0) -> gr
         any_detail = any_pb2.Any()
         any_detail.Pack(detail)
         packed.append(any_detail)
-    status = status_pb2.Status(code=error.code.value[0], message=_bounded(error.message, _MAX_MESSAGE), details=packed)
+    status = status_pb2.Status(
+        code=error.code.value[0], message=_bounded(error.message, _MAX_MESSAGE), details=packed
+    )
     return rpc_status.to_status(status)
 
 
@@ -106,7 +115,8 @@ def client_deadline(remaining: float | None) -> float | None:
 def internal_status(receipt: Receipt) -> grpc.Status:
     """INTERNAL with an ErrorInfo carrying the receipt, so a reviewer can find the record."""
     info = error_details_pb2.ErrorInfo(
-        reason="INTERNAL", domain=DOMAIN,
+        reason="INTERNAL",
+        domain=DOMAIN,
         metadata={"receipt_sequence": str(receipt.sequence), "receipt_hash": receipt.hash},
     )
     detail = any_pb2.Any()
@@ -193,7 +203,8 @@ def check_wrappable(services: Any) -> None:
             if method.client_streaming:
                 raise InternalError(
                     f"{method.full_name} is client-streaming; the audit interceptor cannot wrap it, "
-                    "so the server refuses to start")
+                    "so the server refuses to start"
+                )
 
 
 class AuditInterceptor(grpc.ServerInterceptor):
@@ -220,15 +231,21 @@ class AuditInterceptor(grpc.ServerInterceptor):
         try:
             from grpc._cython import cygrpc  # the peer's auth context, as grpc's own context reads it
 
-            auth = {(k.decode() if isinstance(k, bytes) else k): v
-                    for k, v in (cygrpc.auth_context(event.call) or {}).items()}
+            auth = {
+                (k.decode() if isinstance(k, bytes) else k): v
+                for k, v in (cygrpc.auth_context(event.call) or {}).items()
+            }
             call.consumer = certificate_identity(auth)
         except Exception:  # no identity to be had: the record says so (consumer null)
             call.consumer = None
         deadline = getattr(getattr(event, "call_details", None), "deadline", None)
         if deadline is not None and deadline <= time.time():  # grpc keeps it as a time.time() instant
-            call.refused(DeadlineExceeded("the deadline passed before a thread took the request; nothing was run",
-                                          rule="deadline.queued"))
+            call.refused(
+                DeadlineExceeded(
+                    "the deadline passed before a thread took the request; nothing was run",
+                    rule="deadline.queued",
+                )
+            )
         else:
             # gRPC refused it itself (a message over max_message_bytes) or the client
             # cancelled: what the client was told is gRPC's, nothing was run.
@@ -265,7 +282,9 @@ class AuditInterceptor(grpc.ServerInterceptor):
                 f"consumer {consumer!r} already has {self.admission.per_consumer} requests in flight; "
                 "retry when one has finished",
                 rule="limits.concurrency",
-                quota_violations=(QuotaViolation(f"consumer:{consumer}", "concurrent requests per consumer"),),
+                quota_violations=(
+                    QuotaViolation(f"consumer:{consumer}", "concurrent requests per consumer"),
+                ),
             )
         if refused == "server":
             raise LimitExceeded(
@@ -285,12 +304,14 @@ class AuditInterceptor(grpc.ServerInterceptor):
         # answered INVALID_ARGUMENT and audited like any other request.
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap(name, handler), request_deserializer=None,
+                self._wrap(name, handler),
+                request_deserializer=None,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(name, handler), request_deserializer=None,
+                self._wrap_stream(name, handler),
+                request_deserializer=None,
                 response_serializer=handler.response_serializer,
             )
         # Fail closed: a dataops.v1 handler of a shape this interceptor cannot wrap is
@@ -311,7 +332,12 @@ class AuditInterceptor(grpc.ServerInterceptor):
     def _refuse(self, method: str) -> Callable:
         def behavior(_requests: Any, context: grpc.ServicerContext) -> Any:
             call = CallRecord(method=method)
-            call.decision, call.code, call.reason, call.rule = "denied", "UNIMPLEMENTED", "UNIMPLEMENTED", "wrap"
+            call.decision, call.code, call.reason, call.rule = (
+                "denied",
+                "UNIMPLEMENTED",
+                "UNIMPLEMENTED",
+                "wrap",
+            )
             self._append(call, context, method)
             context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} cannot be served audited; it is disabled")
 
@@ -326,8 +352,9 @@ class AuditInterceptor(grpc.ServerInterceptor):
         call.deadline = client_deadline(context.time_remaining())
         if call.deadline is not None and call.deadline <= time.monotonic():
             # It waited out its deadline before a thread took it: recorded, never run.
-            raise DeadlineExceeded("the client's deadline passed before the request was admitted",
-                                   rule="deadline")
+            raise DeadlineExceeded(
+                "the client's deadline passed before the request was admitted", rule="deadline"
+            )
         return self._admit(consumer)
 
     @staticmethod
@@ -357,8 +384,13 @@ class AuditInterceptor(grpc.ServerInterceptor):
                     request = self._parse(handler, raw, call)
                 except RequestError as exc:
                     call.refused(exc)
-                    context.abort_with_status(to_status(exc, self._append(call, context, method),
-                                                        witness_size(context.invocation_metadata())))
+                    context.abort_with_status(
+                        to_status(
+                            exc,
+                            self._append(call, context, method),
+                            witness_size(context.invocation_metadata()),
+                        )
+                    )
                 finally:
                     if admitted is not None:
                         self.admission.leave(admitted)
@@ -392,7 +424,9 @@ class AuditInterceptor(grpc.ServerInterceptor):
                     call.code = "CANCELLED"
                 receipt = self._append(call, context, method)
                 if error is not None:
-                    context.abort_with_status(to_status(error, receipt, witness_size(context.invocation_metadata())))
+                    context.abort_with_status(
+                        to_status(error, receipt, witness_size(context.invocation_metadata()))
+                    )
                 if failed:
                     context.abort_with_status(internal_status(receipt))
             finally:
@@ -437,9 +471,13 @@ class AuditInterceptor(grpc.ServerInterceptor):
                 receipt = self.audit.append(call.to_record(self.policies.current.version))
             except AuditUnavailable:
                 log.exception("audit append failed; refusing %s", method)
-                context.abort(grpc.StatusCode.UNAVAILABLE, "the audit log is unavailable; nothing was released")
+                context.abort(
+                    grpc.StatusCode.UNAVAILABLE, "the audit log is unavailable; nothing was released"
+                )
             if error is not None:
-                context.abort_with_status(to_status(error, receipt, witness_size(context.invocation_metadata())))
+                context.abort_with_status(
+                    to_status(error, receipt, witness_size(context.invocation_metadata()))
+                )
             if response is None:
                 context.abort_with_status(internal_status(receipt))
             # With the inclusion proof, the signed checkpoint and, if the client holds one,

@@ -13,7 +13,13 @@ from dataops.errors import InvalidQuery
 from dataops.service import Sandbox
 from dataops.subjects import Evaluator
 from dataops.v1 import (
-    audit_pb2, audit_pb2_grpc, catalog_pb2, catalog_pb2_grpc, query_pb2, query_pb2_grpc, subject_pb2,
+    audit_pb2,
+    audit_pb2_grpc,
+    catalog_pb2,
+    catalog_pb2_grpc,
+    query_pb2,
+    query_pb2_grpc,
+    subject_pb2,
     subject_pb2_grpc,
 )
 
@@ -78,17 +84,23 @@ class SubjectServicer(subject_pb2_grpc.SubjectServiceServicer):
 
     def Evaluate(self, request, context):  # noqa: N802
         call = current_call()
-        evaluation = self.evaluator.evaluate(call.consumer, subject_wire.subject_item_from_proto(request.item), call)
+        evaluation = self.evaluator.evaluate(
+            call.consumer, subject_wire.subject_item_from_proto(request.item), call
+        )
         return subject_pb2.EvaluateResponse(evaluation=subject_wire.evaluation_to_proto(evaluation, call))
 
     def EvaluateBatch(self, request, context):  # noqa: N802
         call = current_call()
         items = [subject_wire.subject_item_from_proto(item) for item in request.items]
         results = self.evaluator.evaluate_batch(call.consumer, items, call)
-        return subject_pb2.EvaluateBatchResponse(results=[
-            subject_pb2.BatchResult(index=i, **subject_wire.subject_result_to_proto(result, call.evaluations[i]))
-            for i, result in enumerate(results)
-        ])
+        return subject_pb2.EvaluateBatchResponse(
+            results=[
+                subject_pb2.BatchResult(
+                    index=i, **subject_wire.subject_result_to_proto(result, call.evaluations[i])
+                )
+                for i, result in enumerate(results)
+            ]
+        )
 
     def Watch(self, request, context):  # noqa: N802
         call = current_call()
@@ -115,6 +127,8 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
         try:
             proof = self.audit.consistency_proof(request.first_size, request.second_size)
         except ValueError as exc:  # sizes out of order or beyond the signed tree: public facts only
-            raise InvalidQuery(f"no consistency proof from {request.first_size} to {request.second_size}: {exc}",
-                               rule="audit.consistency") from None
+            raise InvalidQuery(
+                f"no consistency proof from {request.first_size} to {request.second_size}: {exc}",
+                rule="audit.consistency",
+            ) from None
         return audit_pb2.GetConsistencyProofResponse(proof=proof)

@@ -33,8 +33,17 @@ from dataops.tables.secondary import secondary_suppression
 RELEASED, PRIMARY, SECONDARY = "released", "primary", "secondary"
 
 __all__ = [
-    "AuditFailure", "AuditVerdict", "ProtectedTable", "ProtectionReport", "RELEASED", "PRIMARY",
-    "SECONDARY", "audit_table", "protect", "summary", "TableStore",
+    "AuditFailure",
+    "AuditVerdict",
+    "ProtectedTable",
+    "ProtectionReport",
+    "RELEASED",
+    "PRIMARY",
+    "SECONDARY",
+    "audit_table",
+    "protect",
+    "summary",
+    "TableStore",
 ]
 
 
@@ -55,25 +64,50 @@ class ProtectionReport:
 
     def to_json(self) -> dict:
         return {
-            "cells": self.cells, "primary": self.primary, "secondary": self.secondary,
+            "cells": self.cells,
+            "primary": self.primary,
+            "secondary": self.secondary,
             "primary_by_rule": dict(self.primary_by_rule),
-            "information_loss": dict(self.information_loss), "rows": self.rows,
-            "rows_outside": self.rows_outside, "rounds": self.rounds, "seconds": dict(self.seconds),
-            "audit": {"passed": self.audit.passed, "checked": self.audit.checked,
-                      "variables": self.audit.variables, "constraints": self.audit.constraints,
-                      "lp_solves": self.audit.lp_solves, "seconds": self.audit.seconds,
-                      "failures": [vars(f) for f in self.audit.failures]},
+            "information_loss": dict(self.information_loss),
+            "rows": self.rows,
+            "rows_outside": self.rows_outside,
+            "rounds": self.rounds,
+            "seconds": dict(self.seconds),
+            "audit": {
+                "passed": self.audit.passed,
+                "checked": self.audit.checked,
+                "variables": self.audit.variables,
+                "constraints": self.audit.constraints,
+                "lp_solves": self.audit.lp_solves,
+                "seconds": self.audit.seconds,
+                "failures": [vars(f) for f in self.audit.failures],
+            },
         }
 
     @classmethod
-    def from_json(cls, doc: dict) -> "ProtectionReport":
+    def from_json(cls, doc: dict) -> ProtectionReport:
         a = doc["audit"]
-        audit = AuditVerdict(a["passed"], a["checked"], a["variables"], a["constraints"],
-                             a["lp_solves"], tuple(AuditFailure(**f) for f in a["failures"]),
-                             a["seconds"])
-        return cls(doc["cells"], doc["primary"], doc["secondary"], doc["primary_by_rule"],
-                   doc["information_loss"], doc["rows"], doc["rows_outside"], audit,
-                   doc["rounds"], doc["seconds"])
+        audit = AuditVerdict(
+            a["passed"],
+            a["checked"],
+            a["variables"],
+            a["constraints"],
+            a["lp_solves"],
+            tuple(AuditFailure(**f) for f in a["failures"]),
+            a["seconds"],
+        )
+        return cls(
+            doc["cells"],
+            doc["primary"],
+            doc["secondary"],
+            doc["primary_by_rule"],
+            doc["information_loss"],
+            doc["rows"],
+            doc["rows_outside"],
+            audit,
+            doc["rounds"],
+            doc["seconds"],
+        )
 
 
 @dataclass(frozen=True)
@@ -96,9 +130,15 @@ class ProtectedTable:
     confidential: Confidential | None = field(default=None, repr=False, compare=False)
 
 
-def protect(product: TableProduct, dataset: Dataset, source: pl.LazyFrame | None = None,
-            *, data_version: str = "", secondary: bool = True,
-            group_attribute: bool = True) -> ProtectedTable:
+def protect(
+    product: TableProduct,
+    dataset: Dataset,
+    source: pl.LazyFrame | None = None,
+    *,
+    data_version: str = "",
+    secondary: bool = True,
+    group_attribute: bool = True,
+) -> ProtectedTable:
     """Build and protect the table. `secondary=False` and `group_attribute=False` exist
     only so tests can show the attacks those controls stop."""
     started = time.perf_counter()
@@ -145,12 +185,22 @@ def protect(product: TableProduct, dataset: Dataset, source: pl.LazyFrame | None
         rows_outside=cube.rows_outside,
         audit=verdict,
         rounds=rounds,
-        seconds={"cube": t_cube - started, "primary": t_primary - t_cube,
-                 "secondary": t_secondary - t_primary, "audit": t_audit - t_secondary,
-                 "total": t_audit - started},
+        seconds={
+            "cube": t_cube - started,
+            "primary": t_primary - t_cube,
+            "secondary": t_secondary - t_primary,
+            "audit": t_audit - t_secondary,
+            "total": t_audit - started,
+        },
     )
-    return ProtectedTable(product, data_version, fingerprint(product, data_version, cells), cells,
-                          report, Confidential(cube, prim.requirements, suppressed))
+    return ProtectedTable(
+        product,
+        data_version,
+        fingerprint(product, data_version, cells),
+        cells,
+        report,
+        Confidential(cube, prim.requirements, suppressed),
+    )
 
 
 def audit_table(table: ProtectedTable) -> AuditVerdict:
@@ -178,8 +228,11 @@ def summary(table: ProtectedTable) -> str:
         f"  measures:   {', '.join(m.name for m in p.measures)}",
         f"  rules:      min_units={rules.min_units}, dominance=({rules.dominance_n}, "
         f"{rules.dominance_percent:g}%), p%={rules.p_percent if rules.p_percent is not None else 'off'}"
-        + (f", group attribute {rules.group_attribute_percent:g}% on {', '.join(rules.sensitive_dimensions)}"
-           if rules.sensitive_dimensions else ""),
+        + (
+            f", group attribute {rules.group_attribute_percent:g}% on {', '.join(rules.sensitive_dimensions)}"
+            if rules.sensitive_dimensions
+            else ""
+        ),
         f"  data version {table.data_version or '-'}; fingerprint {table.fingerprint[:16]}",
         f"  rows {r.rows} (outside the key sets: {r.rows_outside})",
         f"  cells {r.cells}: released {r.cells - r.primary - r.secondary}, "
@@ -193,8 +246,9 @@ def summary(table: ProtectedTable) -> str:
     return "\n".join(lines)
 
 
-def _released_cells(product: TableProduct, dataset: Dataset, cube: Cube,
-                    suppressed: np.ndarray, status: np.ndarray) -> pl.DataFrame:
+def _released_cells(
+    product: TableProduct, dataset: Dataset, cube: Cube, suppressed: np.ndarray, status: np.ndarray
+) -> pl.DataFrame:
     codes = cube.codes()
     columns: dict[str, pl.Series] = {}
     for j, (name, keys, edges) in enumerate(zip(product.dimensions, product.keys, product.bins)):
@@ -208,8 +262,10 @@ def _released_cells(product: TableProduct, dataset: Dataset, cube: Cube,
             if not np.array_equal(cube.units, cube.rows):
                 # The loader only allows count_units where a unit has one row; data that
                 # breaks the catalog's promise must not publish non-additive counts.
-                raise ValueError(f"{dataset.id}: a privacy unit has more rows than the catalog's "
-                                 f"max_rows = 1; count_units in table {product.id!r} is not additive")
+                raise ValueError(
+                    f"{dataset.id}: a privacy unit has more rows than the catalog's "
+                    f"max_rows = 1; count_units in table {product.id!r} is not additive"
+                )
             values = pl.Series(m.name, cube.units, pl.Int64)
         elif m.function is Function.SUM:
             values = pl.Series(m.name, cube.sums[m.column], pl.Float64)
@@ -217,7 +273,9 @@ def _released_cells(product: TableProduct, dataset: Dataset, cube: Cube,
             with np.errstate(invalid="ignore", divide="ignore"):
                 mean = cube.sums[m.column] / cube.rows
             values = pl.Series(m.name, mean, pl.Float64)
-        columns[m.name] = pl.select(pl.when(pl.Series(keep)).then(values).otherwise(None)).to_series().alias(m.name)
+        columns[m.name] = (
+            pl.select(pl.when(pl.Series(keep)).then(values).otherwise(None)).to_series().alias(m.name)
+        )
     columns["status"] = pl.Series("status", status, pl.String)
     return pl.DataFrame(columns)
 

@@ -61,13 +61,20 @@ class AuditVerdict:
 
     def describe(self) -> str:
         word = "passed" if self.passed else f"FAILED for {len(self.failures)} cell-measure sides"
-        return (f"LP audit {word}: {self.checked} suppressed cells, {self.variables} variables, "
-                f"{self.constraints} constraints, {self.lp_solves} HiGHS solves, {self.seconds:.2f}s")
+        return (
+            f"LP audit {word}: {self.checked} suppressed cells, {self.variables} variables, "
+            f"{self.constraints} constraints, {self.lp_solves} HiGHS solves, {self.seconds:.2f}s"
+        )
 
 
-def lp_audit(req: Requirements, relations: list[tuple[np.ndarray, np.ndarray]],
-             suppressed: np.ndarray, check: np.ndarray | None = None,
-             *, budget_seconds: float = 60.0) -> AuditVerdict:
+def lp_audit(
+    req: Requirements,
+    relations: list[tuple[np.ndarray, np.ndarray]],
+    suppressed: np.ndarray,
+    check: np.ndarray | None = None,
+    *,
+    budget_seconds: float = 60.0,
+) -> AuditVerdict:
     """Audit the suppression pattern `suppressed`; only cells in `check` (default: all
     suppressed) are verified, though every suppressed cell is a variable.
 
@@ -130,8 +137,9 @@ def lp_audit(req: Requirements, relations: list[tuple[np.ndarray, np.ndarray]],
             rhs_hi.append(np.full(s, np.inf))
             n_rows += s
     n_vars = m * s
-    A = csr_matrix((np.concatenate(coef_i), (np.concatenate(rows_i), np.concatenate(cols_i))),
-                   shape=(n_rows, n_vars))
+    A = csr_matrix(
+        (np.concatenate(coef_i), (np.concatenate(rows_i), np.concatenate(cols_i))), shape=(n_rows, n_vars)
+    )
     A.sum_duplicates()
     row_lo, row_hi = np.concatenate(rhs_lo), np.concatenate(rhs_hi)
 
@@ -158,8 +166,11 @@ def lp_audit(req: Requirements, relations: list[tuple[np.ndarray, np.ndarray]],
         h = _model(sub, row_lo[rws], row_hi[rws], cap)
 
         def satisfied(idx):
-            return ((seen_hi[idx] >= need_hi[idx] - tol[idx]) & (seen_lo[idx] <= need_lo[idx] + tol[idx])
-                    & (seen_hi[idx] - seen_lo[idx] >= width[idx] - tol[idx]))
+            return (
+                (seen_hi[idx] >= need_hi[idx] - tol[idx])
+                & (seen_lo[idx] <= need_lo[idx] + tol[idx])
+                & (seen_hi[idx] - seen_lo[idx] >= width[idx] - tol[idx])
+            )
 
         def solve(cost: np.ndarray, maximise: bool, solver: str) -> None:
             nonlocal solves
@@ -185,7 +196,9 @@ def lp_audit(req: Requirements, relations: list[tuple[np.ndarray, np.ndarray]],
             if not open_.any():
                 break
             before = int(open_.sum())
-            up = wanted[cols] & (seen_hi[cols] < np.maximum(need_hi[cols], seen_lo[cols] + width[cols]) - tol[cols])
+            up = wanted[cols] & (
+                seen_hi[cols] < np.maximum(need_hi[cols], seen_lo[cols] + width[cols]) - tol[cols]
+            )
             if up.any():
                 solve(np.where(up, weight, 0.0), True, "ipm")
             down = wanted[cols] & (seen_lo[cols] > need_lo[cols] + tol[cols])
@@ -206,13 +219,16 @@ def lp_audit(req: Requirements, relations: list[tuple[np.ndarray, np.ndarray]],
     failures = []
     for v in np.flatnonzero(wanted):
         i, c = divmod(int(v), s)
-        for side, gap in (("upper", need_hi[v] - tol[v] - seen_hi[v]),
-                          ("lower", seen_lo[v] - need_lo[v] - tol[v]),
-                          ("width", width[v] - tol[v] - (seen_hi[v] - seen_lo[v]))):
+        for side, gap in (
+            ("upper", need_hi[v] - tol[v] - seen_hi[v]),
+            ("lower", seen_lo[v] - need_lo[v] - tol[v]),
+            ("width", width[v] - tol[v] - (seen_hi[v] - seen_lo[v])),
+        ):
             if gap > 0:
                 failures.append(AuditFailure(int(cells[c]), req.names[i], side, float(gap * scale[i])))
-    return AuditVerdict(not failures, int(check.sum()), n_vars, n_rows, solves,
-                        tuple(failures), time.perf_counter() - started)
+    return AuditVerdict(
+        not failures, int(check.sum()), n_vars, n_rows, solves, tuple(failures), time.perf_counter() - started
+    )
 
 
 def _bipartite(A: csr_matrix) -> csr_matrix:

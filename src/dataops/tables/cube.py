@@ -85,13 +85,15 @@ def code_expressions(product: TableProduct, dataset: Dataset) -> list[pl.Expr]:
     for j, (name, keys, edges) in enumerate(zip(product.dimensions, product.keys, product.bins)):
         col = pl.col(name)
         if edges is None:
-            expr = col.replace_strict(list(keys), list(range(len(keys))), default=None,
-                                      return_dtype=pl.Int32)
+            expr = col.replace_strict(list(keys), list(range(len(keys))), default=None, return_dtype=pl.Int32)
         else:
             # Half-open bins [e_i, e_{i+1}): the code is how many inner edges lie at or below.
             inside = (col >= edges[0]) & (col < edges[-1])
-            index = pl.sum_horizontal([(col >= e).cast(pl.Int32) for e in edges[1:-1]]) \
-                if len(edges) > 2 else pl.lit(0, pl.Int32)
+            index = (
+                pl.sum_horizontal([(col >= e).cast(pl.Int32) for e in edges[1:-1]])
+                if len(edges) > 2
+                else pl.lit(0, pl.Int32)
+            )
             expr = pl.when(inside).then(index).otherwise(None).cast(pl.Int32)
         exprs.append(expr.alias(_code(j)))
     return exprs
@@ -127,11 +129,9 @@ def build_cube(product: TableProduct, dataset: Dataset, source: pl.LazyFrame) ->
     units_span_cells = per_unit[_UNIT].n_unique() != per_unit.height
     per_unit = per_unit.lazy()
 
-    strides = np.array([int(np.prod(shape[j + 1:])) for j in range(d)], dtype=np.int64)
+    strides = np.array([int(np.prod(shape[j + 1 :])) for j in range(d)], dtype=np.int64)
     frames = []
-    for kept in itertools.chain.from_iterable(
-        itertools.combinations(range(d), r) for r in range(d + 1)
-    ):
+    for kept in itertools.chain.from_iterable(itertools.combinations(range(d), r) for r in range(d + 1)):
         keys = [codes[j] for j in kept]
         lf = per_unit
         if len(kept) < d and units_span_cells:
@@ -145,13 +145,14 @@ def build_cube(product: TableProduct, dataset: Dataset, source: pl.LazyFrame) ->
         if keys:
             lf = lf.group_by(keys).agg(aggs)
         else:  # the grand total: one row, the top contributions as a list like the others
-            lf = lf.select(aggs[: 2 + len(mags)] + [a.implode() for a in aggs[2 + len(mags):]])
+            lf = lf.select(aggs[: 2 + len(mags)] + [a.implode() for a in aggs[2 + len(mags) :]])
         margin_code = sum(int(strides[j] * (shape[j] - 1)) for j in range(d) if j not in kept)
         index = pl.lit(margin_code, pl.Int64)
         for j in kept:
             index = index + pl.col(codes[j]).cast(pl.Int64) * int(strides[j])
-        frames.append(lf.select(index.alias("#cell"), "#units", _ROWS, *mags,
-                                *[f"#top{i}" for i in range(len(mags))]))
+        frames.append(
+            lf.select(index.alias("#cell"), "#units", _ROWS, *mags, *[f"#top{i}" for i in range(len(mags))])
+        )
     cells = pl.concat(pl.collect_all(frames))
 
     n = int(np.prod(shape))

@@ -58,8 +58,9 @@ class Primary:
     requirements: Requirements
 
 
-def primary_suppression(product: TableProduct, dataset: Dataset, cube: Cube,
-                        *, group_attribute: bool = True) -> Primary:
+def primary_suppression(
+    product: TableProduct, dataset: Dataset, cube: Cube, *, group_attribute: bool = True
+) -> Primary:
     rules = product.rules
     n = cube.n_cells
     names = (COUNT, *product.magnitude_columns)
@@ -119,7 +120,6 @@ def primary_suppression(product: TableProduct, dataset: Dataset, cube: Cube,
             up[0, cells] = np.maximum(up[0, cells], 1.0)
             group[cells] = True
 
-    reasons = {"frequency": frequency, "dominance": dominance, "p_percent": p_rule,
-               "group_attribute": group}
+    reasons = {"frequency": frequency, "dominance": dominance, "p_percent": p_rule, "group_attribute": group}
     suppressed = frequency | dominance | p_rule | group
     return Primary(suppressed, reasons, Requirements(names, values, per_row, up, down, min_width))

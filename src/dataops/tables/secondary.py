@@ -46,7 +46,7 @@ class Membership:
     as_parent: list[np.ndarray]
 
     @classmethod
-    def of(cls, relations, n_cells: int) -> "Membership":
+    def of(cls, relations, n_cells: int) -> Membership:
         as_child, as_parent = [], []
         for parents, children in relations:
             c = np.full(n_cells, -1, np.int64)
@@ -134,8 +134,7 @@ def _nearest_released(suppressed, cell, membership, members, depth: int = 6):
     what is released further out)."""
     frontier, seen = {cell}, set()
     for _ in range(depth):
-        rows = [members[j][r] for c in frontier for j, r in membership.relations_of(c)
-                if (j, r) not in seen]
+        rows = [members[j][r] for c in frontier for j, r in membership.relations_of(c) if (j, r) not in seen]
         seen.update((j, r) for c in frontier for j, r in membership.relations_of(c))
         if not rows:
             return None
@@ -146,8 +145,9 @@ def _nearest_released(suppressed, cell, membership, members, depth: int = 6):
     return None
 
 
-def _add_partner(suppressed: np.ndarray, row: np.ndarray, value: np.ndarray,
-                 missing: float, cost: np.ndarray) -> None:
+def _add_partner(
+    suppressed: np.ndarray, row: np.ndarray, value: np.ndarray, missing: float, cost: np.ndarray
+) -> None:
     """One more suppressed cell near the failing one: the cheapest released cell whose
     value covers the shortfall, else the largest there is."""
     released = row[~suppressed[row]]

@@ -29,18 +29,18 @@ import polars as pl
 from dataops.catalog import Dataset
 from dataops.products.table import TableProduct
 
-
 # Tables built in this process, shared by every TableStore: the same product spec over
 # the same data version (a content fingerprint) protects to the same table, so a second
 # store (a restarted server, a test's fresh state directory) need not rebuild it.
-_SHARED: "OrderedDict[tuple, object]" = OrderedDict()
+_SHARED: OrderedDict[tuple, object] = OrderedDict()
 _SHARED_MAX = 16
 _shared_lock = threading.Lock()
 
 
 def product_hash(product: TableProduct) -> str:
-    spec = repr((product.dataset, product.dimensions, product.keys, product.bins,
-                 product.measures, product.rules))
+    spec = repr(
+        (product.dataset, product.dimensions, product.keys, product.bins, product.measures, product.rules)
+    )
     return hashlib.sha256(spec.encode()).hexdigest()[:16]
 
 
@@ -90,16 +90,31 @@ def _write(where: Path, table) -> None:
     tmp = Path(tempfile.mkdtemp(dir=where.parent, prefix=f".{where.name}."))
     try:
         table.cells.write_parquet(tmp / "cells.parquet")
-        (tmp / "report.json").write_text(json.dumps(
-            {"fingerprint": table.fingerprint, "data_version": table.data_version,
-             "report": table.report.to_json()}, indent=1))
+        (tmp / "report.json").write_text(
+            json.dumps(
+                {
+                    "fingerprint": table.fingerprint,
+                    "data_version": table.data_version,
+                    "report": table.report.to_json(),
+                },
+                indent=1,
+            )
+        )
         c = table.confidential
         cube, req = c.cube, c.requirements
         with open(tmp / "confidential.npz", "wb") as f:
             np.savez(
-                f, shape=np.array(cube.shape), rows=cube.rows, units=cube.units,
-                rows_outside=np.array(cube.rows_outside), names=np.array(req.names),
-                values=req.values, per_row=req.per_row, up=req.up, down=req.down, min_width=req.min_width,
+                f,
+                shape=np.array(cube.shape),
+                rows=cube.rows,
+                units=cube.units,
+                rows_outside=np.array(cube.rows_outside),
+                names=np.array(req.names),
+                values=req.values,
+                per_row=req.per_row,
+                up=req.up,
+                down=req.down,
+                min_width=req.min_width,
                 suppressed=c.suppressed,
                 **{f"sum_{i}": cube.sums[n] for i, n in enumerate(req.names[1:])},
                 **{f"top_{i}": cube.top[n] for i, n in enumerate(req.names[1:])},
@@ -129,10 +144,20 @@ def _read(where: Path, product: TableProduct, data_version: str):
     if fingerprint(product, data_version, cells) != meta["fingerprint"]:
         return None  # edited or damaged on disk: rebuild rather than serve it
     names = tuple(str(n) for n in z["names"])
-    cube = Cube(tuple(int(s) for s in z["shape"]), z["rows"], z["units"],
-                {n: z[f"sum_{i}"] for i, n in enumerate(names[1:])},
-                {n: z[f"top_{i}"] for i, n in enumerate(names[1:])}, int(z["rows_outside"]))
+    cube = Cube(
+        tuple(int(s) for s in z["shape"]),
+        z["rows"],
+        z["units"],
+        {n: z[f"sum_{i}"] for i, n in enumerate(names[1:])},
+        {n: z[f"top_{i}"] for i, n in enumerate(names[1:])},
+        int(z["rows_outside"]),
+    )
     req = Requirements(names, z["values"], z["per_row"], z["up"], z["down"], z["min_width"])
-    return ProtectedTable(product, data_version, meta["fingerprint"], cells,
-                          ProtectionReport.from_json(meta["report"]),
-                          Confidential(cube, req, z["suppressed"]))
+    return ProtectedTable(
+        product,
+        data_version,
+        meta["fingerprint"],
+        cells,
+        ProtectionReport.from_json(meta["report"]),
+        Confidential(cube, req, z["suppressed"]),
+    )
