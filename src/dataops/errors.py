@@ -3,9 +3,11 @@
 Two families, kept apart on purpose (as Tumult Analytics does):
 
 * `RequestError` and its subclasses are the consumer's fault or the policy's
-  decision. Each carries the canonical gRPC code, an `ErrorInfo` reason and, where
-  it helps, the rule and column that decided. The server maps them to a
-  `google.rpc.Status` in one place (`dataops.server.interceptors`).
+  decision. Each carries a neutral `Kind` (what sort of refusal it is), an
+  `ErrorInfo` reason and, where it helps, the rule and column that decided. The
+  domain knows nothing of the transport: the server maps a kind to its canonical
+  gRPC status code (`dataops.server.status`) and builds the `google.rpc.Status` in
+  one place (`dataops.server.interceptors`).
   Their messages must never state a data-dependent fact (a group's size, a value):
   they are built only from the query, the policy and the catalog.
 * `LoadError` and its subclasses are an operator's mistake in a file; they name
@@ -17,8 +19,20 @@ Anything else that escapes is a bug and crosses the wire as INTERNAL with no det
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
-import grpc
+
+class Kind(Enum):
+    """What sort of refusal an error is, in the domain's words, not the transport's."""
+
+    INVALID = "invalid"  # the request is malformed: the consumer's mistake
+    NOT_FOUND = "not_found"  # nothing by that name in the caller's zone
+    DENIED = "denied"  # a policy decision: the consumer may not do this
+    UNAUTHENTICATED = "unauthenticated"  # no valid, unrevoked identity
+    PRECONDITION = "precondition"  # refused in the current state (an output control, a file to fix)
+    EXHAUSTED = "exhausted"  # a budget, rate or complexity limit is used up
+    DEADLINE = "deadline"  # the client's deadline passed; nothing was released
+    UNAVAILABLE = "unavailable"  # not ready or stopping; retrying later may succeed
 
 
 @dataclass(frozen=True)
@@ -34,7 +48,7 @@ class QuotaViolation:
 
 
 class RequestError(Exception):
-    code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT
+    kind: Kind = Kind.INVALID
     reason: str = "INVALID_QUERY"
 
     def __init__(
@@ -54,6 +68,11 @@ class RequestError(Exception):
         self.quota_violations = tuple(quota_violations)
 
     @property
+    def invalid(self) -> bool:
+        """The consumer's malformed request, as opposed to a policy or control decision."""
+        return self.kind is Kind.INVALID
+
+    @property
     def metadata(self) -> dict[str, str]:
         """The ErrorInfo metadata: which rule and column decided."""
         meta = {}
@@ -71,52 +90,52 @@ class InvalidQuery(RequestError):
 class UnknownDataset(RequestError):
     """No such dataset in the caller's zone (datasets of other zones look the same)."""
 
-    code = grpc.StatusCode.NOT_FOUND
+    kind = Kind.NOT_FOUND
     reason = "UNKNOWN_DATASET"
 
 
 class PolicyDenied(RequestError):
     """The consumer's policy does not allow this."""
 
-    code = grpc.StatusCode.PERMISSION_DENIED
+    kind = Kind.DENIED
     reason = "POLICY_DENIED"
 
 
 class UnknownConsumer(RequestError):
     """The certificate is valid but no policy names its consumer (or it is revoked)."""
 
-    code = grpc.StatusCode.PERMISSION_DENIED
+    kind = Kind.DENIED
     reason = "UNKNOWN_CONSUMER"
 
 
 class Unauthenticated(RequestError):
-    code = grpc.StatusCode.UNAUTHENTICATED
+    kind = Kind.UNAUTHENTICATED
     reason = "UNAUTHENTICATED"
 
 
 class OutputControlDenied(RequestError):
     """An output control refused the whole query (e.g. the tracker defence)."""
 
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    kind = Kind.PRECONDITION
     reason = "OUTPUT_CONTROL"
 
 
 class BudgetExhausted(RequestError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    kind = Kind.EXHAUSTED
     reason = "BUDGET_EXHAUSTED"
 
 
 class LimitExceeded(RequestError):
     """The request exceeds a configured complexity or rate limit."""
 
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    kind = Kind.EXHAUSTED
     reason = "LIMIT_EXCEEDED"
 
 
 class DeadlineExceeded(RequestError):
     """The client's deadline passed before an answer was ready; nothing was released."""
 
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    kind = Kind.DEADLINE
     reason = "DEADLINE_EXCEEDED"
 
 
@@ -125,7 +144,7 @@ class DataUnavailable(RequestError):
     the sandbox, or the same content as another entry). The details are the
     operator's and go to the server log; the consumer learns only the dataset id."""
 
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    kind = Kind.PRECONDITION
     reason = "DATASET_UNAVAILABLE"
 
     def __init__(self, dataset_id: str) -> None:
@@ -141,7 +160,7 @@ class TableUnavailable(RequestError):
     Says nothing about the data: only that the table is not ready.
     """
 
-    code = grpc.StatusCode.UNAVAILABLE
+    kind = Kind.UNAVAILABLE
     reason = "TABLE_NOT_READY"
 
     def __init__(self, message: str, *, retry_after_seconds: int = 5, **kwargs) -> None:

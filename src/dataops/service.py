@@ -18,6 +18,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any
 
+from dataops.arrow_ipc import table_from_ipc, table_to_ipc
 from dataops.audit.record import CallRecord
 from dataops.authorize import authorize, consumer_policy, live_grant, visible_dataset
 from dataops.catalog import Catalog, Dataset
@@ -32,7 +33,6 @@ from dataops.ir import MAX_NAME_LENGTH, Mode, Query
 from dataops.ledger import BudgetState, Ledger
 from dataops.policy import Grant, PolicyStore
 from dataops.versions import DataVersions, Fingerprints, catalog_terms
-from dataops.wire import table_from_ipc, table_to_ipc
 
 
 def _today() -> dt.date:

@@ -6,6 +6,7 @@ from typing import Any
 
 from dataops.engines.subject import Evaluation
 from dataops.errors import RequestError
+from dataops.server.status import status_code
 from dataops.subjects import Item
 from dataops.v1 import subject_pb2 as s
 
@@ -56,7 +57,7 @@ def item_error_to_proto(error: RequestError) -> s.ItemError:
         return text if len(text) <= _MAX_TEXT else text[: _MAX_TEXT - 3] + "..."
 
     return s.ItemError(
-        code=error.code.value[0],
+        code=status_code(error).value[0],
         reason=error.reason,
         message=bounded(error.message),
         metadata={k: bounded(v) for k, v in error.metadata.items()},

@@ -27,14 +27,12 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-
 from dataops.audit.record import CallRecord
 from dataops.authorize import consumer_policy, live_grant
 from dataops.catalog import Catalog
 from dataops.consent import Consent, ConsentRefused, ConsentStore, Issuer, check_terms, verify
 from dataops.engines.subject import Evaluation, SubjectLayouts
-from dataops.errors import FieldViolation, InvalidQuery, LimitExceeded, RequestError, UnknownDataset
+from dataops.errors import FieldViolation, InvalidQuery, Kind, LimitExceeded, RequestError, UnknownDataset
 from dataops.policy import PolicyStore
 from dataops.products.subject import SubjectProduct
 
@@ -47,7 +45,7 @@ SECRET_FILE = "subject-hmac.key"
 class ServerStopping(RequestError):
     """A watch ended because the server is shutting down; the client may reconnect."""
 
-    code = grpc.StatusCode.UNAVAILABLE
+    kind = Kind.UNAVAILABLE
     reason = "SERVER_STOPPING"
 
 
@@ -197,7 +195,7 @@ class Evaluator:
             )
         except RequestError as exc:
             entry.update(
-                decision="denied" if exc.code.name != "INVALID_ARGUMENT" else "invalid",
+                decision="invalid" if exc.invalid else "denied",
                 reason=exc.reason,
                 rule=exc.rule,
             )

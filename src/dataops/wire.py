@@ -6,13 +6,11 @@ generated code, so a change to the contract is a change here.
 
 from __future__ import annotations
 
-import io
 import math
 from typing import TYPE_CHECKING, Any
 
-import pyarrow as pa
-
 from dataops import ir
+from dataops.arrow_ipc import table_from_ipc, table_to_ipc  # noqa: F401 (results cross the wire as IPC)
 
 if TYPE_CHECKING:  # the server parses SQL; a client install need not carry sqlglot
     from dataops import sql
@@ -202,18 +200,6 @@ def query_to_proto(query: ir.Query) -> q.Query:
             )
         )
     return message
-
-
-def table_to_ipc(table: pa.Table) -> bytes:
-    sink = io.BytesIO()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    return sink.getvalue()
-
-
-def table_from_ipc(data: bytes) -> pa.Table:
-    with pa.ipc.open_stream(data) as reader:
-        return reader.read_all()
 
 
 # --- catalog ---------------------------------------------------------------

@@ -59,10 +59,11 @@ class CallRecord:
     def allowed(self, rule: str = "grant") -> None:
         self.decision, self.code, self.rule = "allowed", "OK", self.rule or rule
 
-    def refused(self, error: RequestError) -> None:
+    def refused(self, error: RequestError, code: str) -> None:
+        """`code` is the status the transport answers with (the server's table, not ours)."""
         # "invalid" is the consumer's malformed request; "denied" is a policy or control decision.
-        self.decision = "invalid" if error.code.name == "INVALID_ARGUMENT" else "denied"
-        self.code = error.code.name
+        self.decision = "invalid" if error.invalid else "denied"
+        self.code = code
         self.reason = error.reason
         self.rule = error.rule
         self.column = error.column

@@ -41,6 +41,7 @@ from dataops.errors import (
 )
 from dataops.policy import PolicyStore
 from dataops.server.ratelimit import Admission, RateLimiter
+from dataops.server.status import status_code
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ def to_status(error: RequestError, receipt: Receipt | None, held: int = 0) -> gr
         any_detail.Pack(detail)
         packed.append(any_detail)
     status = status_pb2.Status(
-        code=error.code.value[0], message=_bounded(error.message, _MAX_MESSAGE), details=packed
+        code=status_code(error).value[0], message=_bounded(error.message, _MAX_MESSAGE), details=packed
     )
     return rpc_status.to_status(status)
 
@@ -240,12 +241,11 @@ class AuditInterceptor(grpc.ServerInterceptor):
             call.consumer = None
         deadline = getattr(getattr(event, "call_details", None), "deadline", None)
         if deadline is not None and deadline <= time.time():  # grpc keeps it as a time.time() instant
-            call.refused(
-                DeadlineExceeded(
-                    "the deadline passed before a thread took the request; nothing was run",
-                    rule="deadline.queued",
-                )
+            queued = DeadlineExceeded(
+                "the deadline passed before a thread took the request; nothing was run",
+                rule="deadline.queued",
             )
+            call.refused(queued, status_code(queued).name)
         else:
             # gRPC refused it itself (a message over max_message_bytes) or the client
             # cancelled: what the client was told is gRPC's, nothing was run.
@@ -383,7 +383,7 @@ class AuditInterceptor(grpc.ServerInterceptor):
                     admitted = self._open(context, call)
                     request = self._parse(handler, raw, call)
                 except RequestError as exc:
-                    call.refused(exc)
+                    call.refused(exc, status_code(exc).name)
                     context.abort_with_status(
                         to_status(
                             exc,
@@ -417,7 +417,7 @@ class AuditInterceptor(grpc.ServerInterceptor):
                     failed = True
                 call.stream_event, call.evaluations = "close", None
                 if error is not None:
-                    call.refused(error)
+                    call.refused(error, status_code(error).name)
                 elif failed:
                     call.failed("INTERNAL")
                 elif not context.is_active():
@@ -455,7 +455,7 @@ class AuditInterceptor(grpc.ServerInterceptor):
                 response = handler.unary_unary(request, context)
                 call.allowed()
             except RequestError as exc:
-                call.refused(exc)
+                call.refused(exc, status_code(exc).name)
                 if request is not None:
                     call.attempted(request)  # a refused query is recorded even when it never planned
                 error = exc
