@@ -34,6 +34,7 @@ from dataops.audit.log import segment_paths
 from dataops.audit.sample import sample_records
 from dataops.audit.signer import LocalSigner, SignerClient, spawn_signer
 from dataops.ledger import Ledger
+from dataops.values import PrivacyLoss
 
 SMALL = {
     "consumer": "city-bank",
@@ -89,7 +90,12 @@ def bench_group_commit(root: Path, calls: int, threads: int) -> None:
 
         def reserve(ledger=ledger, counter=counter):
             r = ledger.reserve(
-                f"c{next(counter) % 16}", "d", 1e-6, 0.0, grant_total=(1e5, 0.0), dataset_total=(1e5, 0.0)
+                f"c{next(counter) % 16}",
+                "d",
+                1e-6,
+                0.0,
+                grant_total=PrivacyLoss(1e5, 0.0),
+                dataset_total=PrivacyLoss(1e5, 0.0),
             )
             ledger.commit(r)
 

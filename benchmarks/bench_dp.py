@@ -41,8 +41,9 @@ from dataops.engines._base import Plan
 from dataops.engines.dp import DPQuery
 from dataops.engines.prepared import PreparedStore
 from dataops.ir import Aggregate, Function, Mode, Privacy, Query
-from dataops.policy import Grant, GrantBudget
+from dataops.policy import Grant
 from dataops.server import build_server
+from dataops.values import PrivacyLoss
 
 HERE = Path(__file__).resolve().parent
 CONSUMER, DATASET = "harbor-insurance", "medical_claims"
@@ -113,7 +114,7 @@ def bench(rows: int, repeats: int, identifier_repeats: int) -> dict[str, float]:
         grant = Grant(
             dataset=DATASET, purpose="benchmark", expires=dt.date(2099, 12, 31), modes=frozenset(Mode),
             functions=frozenset(Function),
-            budget=GrantBudget(BUDGET, 1e-6), columns=MappingProxyType({}),
+            budget=PrivacyLoss(BUDGET, 1e-6), columns=MappingProxyType({}),
         )  # fmt: skip
 
         def query(epsilon: float) -> Query:

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from dataops.ledger import Ledger
+from dataops.values import PrivacyLoss
 
 
 def main() -> None:
@@ -29,7 +30,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         ledger = Ledger(Path(tmp) / "ledger.db")
-        totals = dict(grant_total=(1e6, 1.0), dataset_total=(1e6, 1.0))
+        totals = dict(grant_total=PrivacyLoss(1e6, 1.0), dataset_total=PrivacyLoss(1e6, 1.0))
         payload = b"\0" * args.payload_bytes
         plain, with_release = [], []
         for i in range(args.ops):

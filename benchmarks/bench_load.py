@@ -819,7 +819,7 @@ def report(
     with Ledger(ledger_path(config), recover=False) as ledger:
         spends = ledger.budgets()
         statuses = dict(ledger._conn().execute("SELECT status, COUNT(*) FROM reservations GROUP BY status"))
-        exact = {c: units(ledger.spent(c, DATASET[c])[0]) for c in DP_CONSUMERS}
+        exact = {c: units(ledger.spent(c, DATASET[c]).epsilon) for c in DP_CONSUMERS}
     over = []
     for spend in spends:
         dataset = catalog.get(spend.dataset)

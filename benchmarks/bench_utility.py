@@ -58,7 +58,8 @@ from dataops.engines._base import Plan
 from dataops.engines.dp_autoclip import compile_query
 from dataops.engines.prepared import PreparedStore
 from dataops.ir import Aggregate, Function, MeasureTerms, Mode, Privacy, Query
-from dataops.policy import Grant, GrantBudget
+from dataops.policy import Grant
+from dataops.values import PrivacyLoss
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -68,7 +69,7 @@ def grant(dataset: str, accounting: str) -> Grant:
     return Grant(
         dataset=dataset, purpose="benchmark", expires=dt.date(2099, 12, 31), modes=frozenset(Mode),
         functions=frozenset(Function),
-        budget=GrantBudget(1e9, 0.5), columns=MappingProxyType({}), accounting=accounting,
+        budget=PrivacyLoss(1e9, 0.5), columns=MappingProxyType({}), accounting=accounting,
     )  # fmt: skip
 
 

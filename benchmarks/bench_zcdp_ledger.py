@@ -18,13 +18,16 @@ from pathlib import Path
 
 from dataops.engines.dp_calibrate import rho_for_epsilon, zcdp_to_epsilon
 from dataops.ledger import BudgetExhaustedError, Ledger
+from dataops.values import PrivacyLoss
 
 
-def admitted(ledger: Ledger, consumer: str, rho: float, total: tuple[float, float]) -> int:
+def admitted(ledger: Ledger, consumer: str, rho: float, total: PrivacyLoss) -> int:
     count = 0
     while True:
         try:
-            ledger.reserve_zcdp(consumer, "claims", rho, grant_total=total, dataset_total=(1e6, 1.0))
+            ledger.reserve_zcdp(
+                consumer, "claims", rho, grant_total=total, dataset_total=PrivacyLoss(1e6, 1.0)
+            )
         except BudgetExhaustedError:
             return count
         count += 1
@@ -44,14 +47,18 @@ def main() -> None:
         for n in (1, 5, 20, 100, 500):
             while done < n:
                 ledger.reserve_zcdp(
-                    "bank", "claims", rho, grant_total=(1e6, args.delta), dataset_total=(1e6, 1.0)
+                    "bank",
+                    "claims",
+                    rho,
+                    grant_total=PrivacyLoss(1e6, args.delta),
+                    dataset_total=PrivacyLoss(1e6, 1.0),
                 )
                 done += 1
-            composed = ledger.spent("bank", "claims")[0]
+            composed = ledger.spent("bank", "claims").epsilon
             print(f"{n:>9} {composed:>10.4f} {n * single:>11.4f} {composed / (n * single):>7.3f}")
         per_reservation = (time.perf_counter() - started) / done
         for budget in (1.0, 5.0):
-            composed = admitted(ledger, f"composed-{budget}", rho, (budget, args.delta))
+            composed = admitted(ledger, f"composed-{budget}", rho, PrivacyLoss(budget, args.delta))
             print(
                 f"grant of epsilon {budget:g}: {composed} releases composed, {int(budget / single)} separately"
             )

@@ -35,6 +35,7 @@ from dataops.client import Client, DataopsClientError, count, count_units, total
 from dataops.ir import Between, Equals, InSet
 from dataops.ledger import MAX_DELTA, MAX_EPSILON
 from dataops.server import build_server
+from dataops.values import PrivacyLoss
 
 CREDIT = "enterprise_credit"
 K = 10  # city-bank's min_group_size
@@ -463,7 +464,7 @@ def _unchecked_reserve(monkeypatch, server) -> None:
     reserve = server.ledger.reserve
 
     def unchecked(*args, **kwargs):
-        kwargs["grant_total"] = kwargs["dataset_total"] = (MAX_EPSILON, MAX_DELTA)
+        kwargs["grant_total"] = kwargs["dataset_total"] = PrivacyLoss(MAX_EPSILON, MAX_DELTA)
         return reserve(*args, **kwargs)
 
     monkeypatch.setattr(server.ledger, "reserve", unchecked)
@@ -508,7 +509,7 @@ def test_reconstruction_in_dp_mode_runs_out_of_budget(dp_server, raw, monkeypatc
     if control == "on":
         assert len(answers) == 2
         assert {o.reason for o in outcomes if isinstance(o, DataopsClientError)} == {"BUDGET_EXHAUSTED"}
-        assert server.ledger.spent("city-bank", CREDIT)[0] <= 5.0
+        assert server.ledger.spent("city-bank", CREDIT).epsilon <= 5.0
         assert half_width > 0.5
         assert estimate.filter(pl.col("guess") != pl.col("truth")).height > 0
     else:  # every question answered: the averaged table is the true one, small cells included
@@ -534,7 +535,7 @@ def test_averaging_repeated_noisy_answers_gains_nothing(dp_server, raw, monkeypa
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(ask, range(120)))
     answers = [r.frame["n"][0] for r in results]
-    spent = server.ledger.spent("city-bank", CREDIT)[0]
+    spent = server.ledger.spent("city-bank", CREDIT).epsilon
     if control == "on":
         assert len(set(answers)) == 1  # the average is one answer
         assert spent == pytest.approx(1.0)
@@ -556,13 +557,13 @@ def test_racing_concurrent_requests_cannot_overspend_the_budget(dp_server, monke
         gate = threading.Barrier(4, timeout=5)
 
         def racy(consumer, dataset, epsilon, *args, **kwargs):
-            if server.ledger.spent(consumer, dataset)[0] + epsilon > kwargs["grant_total"][0]:
+            if server.ledger.spent(consumer, dataset).epsilon + epsilon > kwargs["grant_total"].epsilon:
                 return reserve(consumer, dataset, epsilon, *args, **kwargs)  # raises BudgetExhausted
             try:
                 gate.wait()  # the race window: every racer has checked, none has debited
             except threading.BrokenBarrierError:
                 pass
-            kwargs["grant_total"] = kwargs["dataset_total"] = (MAX_EPSILON, MAX_DELTA)
+            kwargs["grant_total"] = kwargs["dataset_total"] = PrivacyLoss(MAX_EPSILON, MAX_DELTA)
             return reserve(consumer, dataset, epsilon, *args, **kwargs)
 
         monkeypatch.setattr(server.ledger, "reserve", racy)
@@ -583,7 +584,7 @@ def test_racing_concurrent_requests_cannot_overspend_the_budget(dp_server, monke
     with ThreadPoolExecutor(16) as pool:
         outcomes = list(pool.map(attempt, range(16)))
     answered = [o for o in outcomes if not isinstance(o, DataopsClientError)]
-    spent = server.ledger.spent("city-bank", CREDIT)[0]
+    spent = server.ledger.spent("city-bank", CREDIT).epsilon
     if control == "on":
         assert len(answered) == 2 and spent == pytest.approx(1.0)
         assert {o.reason for o in outcomes if isinstance(o, DataopsClientError)} == {"BUDGET_EXHAUSTED"}

@@ -12,6 +12,7 @@ import pytest
 
 from conftest import REPO, audit_records
 from dataops.cli import main, parse_literal
+from dataops.values import PrivacyLoss
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -122,7 +123,7 @@ def test_estimate_spends_nothing_and_budget_shows_what_is_left(server, conn, cap
         *conn,
     )
     assert json.loads(out)["spend"]["epsilon"] == pytest.approx(0.7)
-    assert server.ledger.spent("city-bank", "enterprise_credit") == (0.0, 0.0)
+    assert server.ledger.spent("city-bank", "enterprise_credit") == PrivacyLoss(0.0, 0.0)
     run(capsys, "query", "enterprise_credit", "--mode", "dp", "--epsilon", "1.25", *conn)
     code, out, _ = run(capsys, "budget", "--json", *conn)
     [budget] = json.loads(out)

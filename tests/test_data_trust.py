@@ -24,6 +24,7 @@ from dataops.catalog import load_catalog
 from dataops.client import Client, DataopsClientError, count, total
 from dataops.errors import CatalogError
 from dataops.server import build_server
+from dataops.values import PrivacyLoss
 from dataops.versions import DataVersions
 
 CREDIT = "enterprise_credit"
@@ -200,7 +201,7 @@ def test_a_release_on_replaced_data_is_not_reused_even_with_the_same_size_and_mt
     second = penalties()
     if control == "on":  # a new data version: a new release, on the new data, paid for
         assert not second.reused and abs(second.frame["p"][0]) < 200 < first.frame["p"][0]
-        assert server.ledger.spent("city-bank", CREDIT)[0] == pytest.approx(2.0)
+        assert server.ledger.spent("city-bank", CREDIT).epsilon == pytest.approx(2.0)
     else:  # the stale release of the old data
         assert second.reused and second.frame.equals(first.frame)
 
@@ -254,7 +255,7 @@ def test_two_entries_over_the_same_content_do_not_double_the_cap(private, starte
     counts(client(), epsilon=2.0)
     assert refused(lambda: counts(client(), epsilon=2.0, variant=21)).reason == "BUDGET_EXHAUSTED"  # the cap
     counts(client(), "credit_twin", epsilon=2.0)  # the same data, answered again
-    spent = server.ledger.dataset_spent(CREDIT)[0] + server.ledger.dataset_spent("credit_twin")[0]
+    spent = server.ledger.dataset_spent(CREDIT).epsilon + server.ledger.dataset_spent("credit_twin").epsilon
     assert spent == pytest.approx(4.0)  # twice the cap of 2 on one content
 
 
@@ -300,7 +301,7 @@ def test_dp_is_refused_on_an_entry_without_max_rows_and_exact_answers_still_work
         err = refused(attempt)
         assert err.code is grpc.StatusCode.PERMISSION_DENIED and err.rule == "catalog.privacy_unit.max_rows"
         assert "max_rows" in err.message
-    assert server.ledger.spent("city-bank", CREDIT) == (0.0, 0.0)
+    assert server.ledger.spent("city-bank", CREDIT) == PrivacyLoss(0.0, 0.0)
     assert not list((private.paths.state / "prepared").glob(f"{CREDIT}-*"))  # no copy made either
     assert client().query(CREDIT, aggregates=[count()], group_by=["size_band"]).frame.height == 4
     assert client().describe(CREDIT).dataset.max_rows_per_unit == 0
@@ -350,7 +351,7 @@ def test_another_consumers_paid_release_is_never_handed_out(private, started, mo
         leaked = counts(client("river-bank"))
         assert leaked.reused and leaked.frame.equals(paid.frame) and leaked.spend.epsilon == 0.0
         assert refused(lambda: counts(client("river-bank"), variant=7)).reason == "BUDGET_EXHAUSTED"
-    assert server.ledger.spent("river-bank", CREDIT) == (0.0, 0.0)
+    assert server.ledger.spent("river-bank", CREDIT) == PrivacyLoss(0.0, 0.0)
 
 
 def test_another_consumers_identical_question_gets_its_own_release_charged_to_it(private, started) -> None:
@@ -363,8 +364,8 @@ def test_another_consumers_identical_question_gets_its_own_release_charged_to_it
     assert not river.reused and not fresh.reused
     assert river.spend.epsilon == fresh.spend.epsilon == pytest.approx(0.5)
     assert not river.frame.equals(city.frame)
-    assert server.ledger.spent("river-bank", CREDIT)[0] == pytest.approx(1.0)
-    assert server.ledger.dataset_spent(CREDIT)[0] == pytest.approx(1.5)  # both count against the cap
+    assert server.ledger.spent("river-bank", CREDIT).epsilon == pytest.approx(1.0)
+    assert server.ledger.dataset_spent(CREDIT).epsilon == pytest.approx(1.5)  # both count against the cap
     again = counts(client("river-bank"))  # its own question again: its own release, free
     assert again.reused and again.frame.equals(river.frame) and again.spend.epsilon == 0.0
     assert counts(client("city-bank")).frame.equals(city.frame)

@@ -16,14 +16,15 @@ import numpy as np
 import polars as pl
 import pytest
 
-from dataops.catalog import Budget, Classification, Column, ColumnType, Dataset, load_catalog
+from dataops.catalog import Classification, Column, ColumnType, Dataset, load_catalog
 from dataops.demo.generate import generate
 from dataops.engines._base import Plan
 from dataops.engines.dp import DPQuery, PreparedSource
 from dataops.engines.prepared import PreparedStore
 from dataops.errors import InternalError, InvalidQuery
 from dataops.ir import MAX_EPSILON, Aggregate, Equals, Function, InSet, Mode, Privacy, Query
-from dataops.policy import Grant, GrantBudget
+from dataops.policy import Grant
+from dataops.values import PrivacyLoss
 
 REPO = Path(__file__).resolve().parent.parent
 COUNT = Aggregate(Function.COUNT)
@@ -49,7 +50,7 @@ def plan_for(dataset: Dataset, aggregates, group_by=(), filters=(), **privacy) -
     grant = Grant(
         dataset=dataset.id, purpose="test", expires=dt.date(2099, 1, 1), modes=frozenset(Mode),
         functions=frozenset(Function),
-        budget=GrantBudget(1e9, 0.5), columns=MappingProxyType({}),
+        budget=PrivacyLoss(1e9, 0.5), columns=MappingProxyType({}),
     )  # fmt: skip
     return Plan(query, dataset, grant)
 
@@ -74,7 +75,7 @@ def crafted(tmp_path: Path, frame: pl.DataFrame, columns: dict[str, Column], max
     return Dataset(
         id="crafted", zone="test", title="crafted", description="", provider="tests",
         location="crafted.parquet", path=path, unit_column="uid", max_rows_per_unit=max_rows,
-        budget=Budget(1e9, 0.5), columns=MappingProxyType(columns), source=path,
+        budget=PrivacyLoss(1e9, 0.5), columns=MappingProxyType(columns), source=path,
     )  # fmt: skip
 
 

@@ -18,6 +18,7 @@ from dataops.ir import Between
 from dataops.ledger import Ledger
 from dataops.server import build_server
 from dataops.server.app import ledger_path
+from dataops.values import PrivacyLoss
 
 
 def set_budget(config, consumer: str, epsilon: float, delta: float | None = None) -> None:
@@ -55,7 +56,7 @@ def test_a_dp_answer_carries_its_cost_accuracy_and_is_debited(connect, server):
     assert result.spend.epsilon == pytest.approx(0.5)
     assert result.spend.remaining_epsilon == pytest.approx(4.5)
     assert result.accuracy["count"].noise_scale > 0 and result.accuracy["count"].half_width_95 > 0
-    assert server.ledger.spent("city-bank", "enterprise_credit")[0] == pytest.approx(0.5)
+    assert server.ledger.spent("city-bank", "enterprise_credit").epsilon == pytest.approx(0.5)
     [budget] = client.budgets("enterprise_credit")
     assert (budget.epsilon_total, budget.epsilon_spent) == (pytest.approx(5.0), pytest.approx(0.5))
 
@@ -67,7 +68,7 @@ def test_an_estimate_spends_nothing(connect, server):
     )
     assert estimate.spend.epsilon == pytest.approx(0.7)
     assert estimate.accuracy[0].half_width_95 > 0
-    assert server.ledger.spent("city-bank", "enterprise_credit") == (0.0, 0.0)
+    assert server.ledger.spent("city-bank", "enterprise_credit") == PrivacyLoss(0.0, 0.0)
 
 
 def test_a_target_accuracy_spends_the_epsilon_it_reports_and_meets_it(connect, server):
@@ -80,7 +81,9 @@ def test_a_target_accuracy_spends_the_epsilon_it_reports_and_meets_it(connect, s
     )
     assert result.accuracy["count"].half_width_95 <= 50.0
     assert result.spend.epsilon == pytest.approx(estimate.spend.epsilon)
-    assert server.ledger.spent("city-bank", "enterprise_credit")[0] == pytest.approx(result.spend.epsilon)
+    assert server.ledger.spent("city-bank", "enterprise_credit").epsilon == pytest.approx(
+        result.spend.epsilon
+    )
 
 
 def test_an_identical_question_gets_the_identical_answer_for_free(connect, server, config):
@@ -88,7 +91,7 @@ def test_an_identical_question_gets_the_identical_answer_for_free(connect, serve
     again = dp_query(connect("city-bank"), 0.5)
     assert again.reused and not first.reused
     assert again.frame.equals(first.frame)
-    assert server.ledger.spent("city-bank", "enterprise_credit")[0] == pytest.approx(0.5)
+    assert server.ledger.spent("city-bank", "enterprise_credit").epsilon == pytest.approx(0.5)
     reuse = audit_records(config)[-1]
     assert reuse["reused"] is True and reuse["epsilon_spent"] == 0.0
 
@@ -133,7 +136,7 @@ def test_many_requests_racing_on_the_last_of_a_budget_never_overspend(config, pk
         refused = [o for o in outcomes if isinstance(o, DataopsClientError)]
         assert len(succeeded) == 4
         assert all(r.reason == "BUDGET_EXHAUSTED" for r in refused)
-        assert server.ledger.spent("city-bank", "enterprise_credit")[0] == pytest.approx(1.0)
+        assert server.ledger.spent("city-bank", "enterprise_credit").epsilon == pytest.approx(1.0)
     finally:
         server.stop(1.0)
 
@@ -197,7 +200,7 @@ def test_the_ledger_survives_kill_9_mid_load(config, pki, tmp_path):
         proc.kill()
         proc.wait()
     with Ledger(ledger_path(config)) as ledger:
-        spent = ledger.spent("city-bank", "enterprise_credit")[0]
+        spent = ledger.spent("city-bank", "enterprise_credit").epsilon
         assert ledger._conn().execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     # Every answered request is debited; in-flight ones may count as spent (fail closed); never more.
     assert sum(answered) - 1e-9 <= spent <= 5.0 + 1e-9
@@ -212,4 +215,4 @@ def test_a_repeated_question_is_answered_even_when_the_budget_is_spent(connect, 
         dp_query(client, 0.5, year=2010)
     again = dp_query(client, 1.0)
     assert again.reused and again.frame.equals(first.frame)
-    assert server.ledger.spent("city-bank", "enterprise_credit")[0] == pytest.approx(5.0)
+    assert server.ledger.spent("city-bank", "enterprise_credit").epsilon == pytest.approx(5.0)

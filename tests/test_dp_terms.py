@@ -27,6 +27,7 @@ from dataops.engines.dp_post import consistent_column, project_to_total
 from dataops.errors import InvalidQuery
 from dataops.ir import Aggregate, Function, MeasureTerms, Mode, Privacy, Query
 from dataops.server.app import ledger_path
+from dataops.values import PrivacyLoss
 from test_dp_engine import COUNT, FORMS, REPO, crafted, plan_for, source_for, value
 
 SUM = Aggregate(Function.SUM, "amount")
@@ -76,7 +77,7 @@ def test_terms_are_refused_over_the_wire_as_invalid_argument(connect, server) ->
         client.run(query)
     assert err.value.code is grpc.StatusCode.INVALID_ARGUMENT and err.value.reason == "INVALID_QUERY"
     assert [f for f, _ in err.value.field_violations] == ["query.privacy.measures[0].upper"]
-    assert server.ledger.spent("harbor-insurance", "medical_claims") == (0.0, 0.0)
+    assert server.ledger.spent("harbor-insurance", "medical_claims") == PrivacyLoss(0.0, 0.0)
 
 
 def test_the_spend_is_opendps_map_for_the_terms_used(claims, tmp_path) -> None:
@@ -204,7 +205,7 @@ def test_automatic_clipping_debits_one_reservation_for_both_parts(connect, serve
     query = Query("medical_claims", (MEAN,), group_by=("age_band",), mode=Mode.DP, privacy=privacy)
     result = client.run(query)
     assert result.spend.epsilon == pytest.approx(1.0)
-    assert server.ledger.spent("harbor-insurance", "medical_claims")[0] == pytest.approx(1.0)
+    assert server.ledger.spent("harbor-insurance", "medical_claims").epsilon == pytest.approx(1.0)
     with sqlite3.connect(ledger_path(config)) as db:
         rows = db.execute(
             "SELECT status, epsilon FROM reservations WHERE consumer = 'harbor-insurance'"
@@ -226,7 +227,7 @@ def test_the_release_key_differs_when_the_terms_differ(connect, server) -> None:
     assert ask(max_rows_per_unit=5).reused  # the same terms: the same release, free
     others = [ask(max_rows_per_unit=4), ask(measures=(MeasureTerms("amount", upper=1e5),))]
     assert not any(r.reused for r in others) and not first.reused
-    assert server.ledger.spent("harbor-insurance", "medical_claims")[0] == pytest.approx(0.75)
+    assert server.ledger.spent("harbor-insurance", "medical_claims").epsilon == pytest.approx(0.75)
 
 
 # --- zCDP grants ------------------------------------------------------------------------
@@ -360,7 +361,7 @@ def test_the_estimate_over_the_wire_carries_the_bias_notes_and_spends_nothing(co
     assert estimate.spend.epsilon == pytest.approx(0.5)
     assert any("clipping bias possible" in n for n in estimate.notes)
     assert any("truncated to 5 rows" in n for n in estimate.notes)
-    assert server.ledger.spent("harbor-insurance", "medical_claims") == (0.0, 0.0)
+    assert server.ledger.spent("harbor-insurance", "medical_claims") == PrivacyLoss(0.0, 0.0)
 
 
 def test_terms_and_weights_cross_the_wire_unchanged() -> None:

@@ -12,13 +12,19 @@ import pytest
 
 from dataops._group import GroupSync
 from dataops.ledger import Ledger
+from dataops.values import PrivacyLoss
 
 
 def test_a_lone_write_is_synced_before_it_returns(tmp_path):
     ledger = Ledger(tmp_path / "ledger.sqlite3")
     before = ledger._group.syncs
     reservation = ledger.reserve(
-        "city-bank", "enterprise_credit", 0.5, 0.0, grant_total=(5.0, 0.0), dataset_total=(30.0, 0.0)
+        "city-bank",
+        "enterprise_credit",
+        0.5,
+        0.0,
+        grant_total=PrivacyLoss(5.0, 0.0),
+        dataset_total=PrivacyLoss(30.0, 0.0),
     )
     assert ledger._group.syncs == before + 1  # reserve returned after its own WAL fsync
     ledger.commit(reservation)
@@ -40,7 +46,14 @@ def test_concurrent_debits_share_fsyncs_and_none_is_lost(tmp_path, monkeypatch):
     def debit(consumer):
         for _ in range(20):
             ledger.commit(
-                ledger.reserve(consumer, "d", 0.01, 0.0, grant_total=(5.0, 0.0), dataset_total=(100.0, 0.0))
+                ledger.reserve(
+                    consumer,
+                    "d",
+                    0.01,
+                    0.0,
+                    grant_total=PrivacyLoss(5.0, 0.0),
+                    dataset_total=PrivacyLoss(100.0, 0.0),
+                )
             )
 
     threads = [threading.Thread(target=debit, args=(f"c{i}",)) for i in range(16)]
@@ -50,17 +63,17 @@ def test_concurrent_debits_share_fsyncs_and_none_is_lost(tmp_path, monkeypatch):
         t.join()
     transactions = 16 * 20 * 2
     assert ledger._group.syncs - before < transactions / 2  # shared
-    assert sum(ledger.spent(f"c{i}", "d")[0] for i in range(16)) == pytest.approx(16 * 20 * 0.01)
+    assert sum(ledger.spent(f"c{i}", "d").epsilon for i in range(16)) == pytest.approx(16 * 20 * 0.01)
     ledger.close()
     reopened = Ledger(tmp_path / "ledger.sqlite3")
-    assert reopened.dataset_spent("d")[0] == pytest.approx(3.2)
+    assert reopened.dataset_spent("d").epsilon == pytest.approx(3.2)
     reopened.close()
 
 
 def test_without_group_commit_sqlite_syncs_in_every_commit_and_we_do_not(tmp_path):
     ledger = Ledger(tmp_path / "ledger.sqlite3", group_commit=False)
     mode = ledger._conn().execute("PRAGMA synchronous").fetchone()[0]
-    ledger.reserve("c", "d", 0.1, 0.0, grant_total=(1.0, 0.0), dataset_total=(1.0, 0.0))
+    ledger.reserve("c", "d", 0.1, 0.0, grant_total=PrivacyLoss(1.0, 0.0), dataset_total=PrivacyLoss(1.0, 0.0))
     assert mode == 2 and ledger._group.syncs == 0  # 2 = FULL
     ledger.close()
 

@@ -14,6 +14,7 @@ from dataops.cli import main
 from dataops.client import Client, DataopsClientError, count, total
 from dataops.engines import dp as dp_engine
 from dataops.server import build_server
+from dataops.values import PrivacyLoss
 
 
 def test_an_expired_certificate_is_refused_at_the_handshake(server, pki, tmp_path):
@@ -147,7 +148,7 @@ def test_a_query_past_its_deadline_is_cancelled_and_its_reservation_returned(
     while not audit_records(config) or audit_records(config)[-1]["code"] != "DEADLINE_EXCEEDED":
         assert time.monotonic() < deadline, "the server never recorded the deadline"
         time.sleep(0.05)
-    assert server.ledger.spent("city-bank", "enterprise_credit") == (0.0, 0.0)
+    assert server.ledger.spent("city-bank", "enterprise_credit") == PrivacyLoss(0.0, 0.0)
     monkeypatch.setattr(dp_engine.DPQuery, "release", release)
     result = client.query(
         "enterprise_credit",

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from dataops.ledger import BudgetExhaustedError, Ledger, Reservation
+from dataops.values import PrivacyLoss
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 KEY = "ab" * 32
@@ -59,9 +60,11 @@ def race(
 
 
 def test_racing_threads_cannot_overspend_a_grant(ledger):
-    won, lost = race(ledger, [("bank", 1.0)] * 32, grant_total=(5.0, 0.0), dataset_total=(100.0, 0.0))
+    won, lost = race(
+        ledger, [("bank", 1.0)] * 32, grant_total=PrivacyLoss(5.0, 0.0), dataset_total=PrivacyLoss(100.0, 0.0)
+    )
     assert len(won) == 5
-    assert ledger.spent("bank", "credit") == (5.0, 0.0)
+    assert ledger.spent("bank", "credit") == PrivacyLoss(5.0, 0.0)
     assert len(lost) == 27
     assert all(isinstance(e, BudgetExhaustedError) and e.which == "grant" for e in lost)
     assert all(e.epsilon_remaining == 0.0 for e in lost)
@@ -69,9 +72,11 @@ def test_racing_threads_cannot_overspend_a_grant(ledger):
 
 def test_colluding_consumers_share_the_dataset_cap(ledger):
     attempts = [(f"bank-{i % 8}", 1.0) for i in range(32)]
-    won, lost = race(ledger, attempts, grant_total=(10.0, 0.0), dataset_total=(5.0, 0.0))
+    won, lost = race(
+        ledger, attempts, grant_total=PrivacyLoss(10.0, 0.0), dataset_total=PrivacyLoss(5.0, 0.0)
+    )
     assert len(won) == 5
-    assert ledger.dataset_spent("credit") == (5.0, 0.0)
+    assert ledger.dataset_spent("credit") == PrivacyLoss(5.0, 0.0)
     assert len(lost) == 27
     assert all(isinstance(e, BudgetExhaustedError) and e.which == "dataset" for e in lost)
 
@@ -82,7 +87,14 @@ def _reserve_in_another_process(path: str, barrier, results) -> None:
     won = 0
     for _ in range(4):
         try:
-            ledger.reserve("bank", "credit", 1.0, 1e-7, grant_total=(5.0, 1e-6), dataset_total=(100.0, 1e-5))
+            ledger.reserve(
+                "bank",
+                "credit",
+                1.0,
+                1e-7,
+                grant_total=PrivacyLoss(5.0, 1e-6),
+                dataset_total=PrivacyLoss(100.0, 1e-5),
+            )
             won += 1
         except BudgetExhaustedError:
             pass
@@ -106,26 +118,26 @@ def test_racing_processes_on_one_file_cannot_overspend(tmp_path):
         assert p.exitcode == 0
     assert sum(wins) == 5
     with Ledger(path) as ledger:
-        assert ledger.spent("bank", "credit") == (5.0, 5e-7)
+        assert ledger.spent("bank", "credit") == PrivacyLoss(5.0, 5e-7)
 
 
 # -- the life of a reservation ----------------------------------------------------
 
 
 def test_refund_returns_the_budget_and_commit_keeps_it(ledger):
-    totals = dict(grant_total=(2.0, 0.0), dataset_total=(2.0, 0.0))
+    totals = dict(grant_total=PrivacyLoss(2.0, 0.0), dataset_total=PrivacyLoss(2.0, 0.0))
     kept = ledger.reserve("bank", "credit", 1.0, 0.0, **totals)
     returned = ledger.reserve("bank", "credit", 1.0, 0.0, **totals)
     ledger.commit(kept)
     ledger.refund(returned)
     ledger.refund(returned)  # idempotent: a second refund returns nothing more
-    assert ledger.spent("bank", "credit") == (1.0, 0.0)
+    assert ledger.spent("bank", "credit") == PrivacyLoss(1.0, 0.0)
     assert statuses(ledger.path) == {kept.id: "released", returned.id: "refunded"}
     ledger.reserve("bank", "credit", 1.0, 0.0, **totals)  # the refunded budget is usable again
 
 
 def test_a_released_value_cannot_be_refunded_nor_a_refunded_one_released(ledger):
-    totals = dict(grant_total=(2.0, 0.0), dataset_total=(2.0, 0.0))
+    totals = dict(grant_total=PrivacyLoss(2.0, 0.0), dataset_total=PrivacyLoss(2.0, 0.0))
     released = ledger.reserve("bank", "credit", 1.0, 0.0, **totals)
     refunded = ledger.reserve("bank", "credit", 1.0, 0.0, **totals)
     ledger.commit(released)
@@ -134,38 +146,47 @@ def test_a_released_value_cannot_be_refunded_nor_a_refunded_one_released(ledger)
         ledger.refund(released)
     with pytest.raises(ValueError, match="cannot be committed"):
         ledger.commit(refunded)
-    assert ledger.spent("bank", "credit") == (1.0, 0.0)
+    assert ledger.spent("bank", "credit") == PrivacyLoss(1.0, 0.0)
 
 
 def test_a_reservation_left_open_counts_as_spent_after_restart(tmp_path):
     path = tmp_path / "ledger.db"
     ledger = Ledger(path)
-    open_one = ledger.reserve("bank", "credit", 1.5, 1e-6, grant_total=(2.0, 1e-5), dataset_total=(2.0, 1e-5))
+    open_one = ledger.reserve(
+        "bank", "credit", 1.5, 1e-6, grant_total=PrivacyLoss(2.0, 1e-5), dataset_total=PrivacyLoss(2.0, 1e-5)
+    )
     ledger.close()
     with Ledger(path) as reopened:
         assert statuses(path) == {open_one.id: "orphaned"}
-        assert reopened.spent("bank", "credit") == (1.5, 1e-6)
+        assert reopened.spent("bank", "credit") == PrivacyLoss(1.5, 1e-6)
         # Fail closed: whether its value left is unknowable, so a late refund is ignored...
         reopened.refund(open_one)
-        assert reopened.spent("bank", "credit") == (1.5, 1e-6)
+        assert reopened.spent("bank", "credit") == PrivacyLoss(1.5, 1e-6)
         with pytest.raises(BudgetExhaustedError):
-            reopened.reserve("bank", "credit", 1.0, 0.0, grant_total=(2.0, 1e-5), dataset_total=(2.0, 1e-5))
+            reopened.reserve(
+                "bank",
+                "credit",
+                1.0,
+                0.0,
+                grant_total=PrivacyLoss(2.0, 1e-5),
+                dataset_total=PrivacyLoss(2.0, 1e-5),
+            )
         # ...but a live owner may still commit it (it stays spent either way).
         reopened.commit(open_one)
         assert statuses(path) == {open_one.id: "released"}
 
 
 def test_sums_are_exact_decimal(ledger):
-    totals = dict(grant_total=(1.0, 1e-6), dataset_total=(1.0, 1e-6))
+    totals = dict(grant_total=PrivacyLoss(1.0, 1e-6), dataset_total=PrivacyLoss(1.0, 1e-6))
     for _ in range(10):
         ledger.reserve("bank", "credit", 0.1, 1e-7, **totals)
-    assert ledger.spent("bank", "credit") == (1.0, 1e-6)
+    assert ledger.spent("bank", "credit") == PrivacyLoss(1.0, 1e-6)
     with pytest.raises(BudgetExhaustedError):
         ledger.reserve("bank", "credit", 1e-12, 0.0, **totals)
 
 
 def test_budgets_lists_grants_and_dataset_totals(ledger):
-    totals = dict(grant_total=(5.0, 0.0), dataset_total=(5.0, 0.0))
+    totals = dict(grant_total=PrivacyLoss(5.0, 0.0), dataset_total=PrivacyLoss(5.0, 0.0))
     ledger.reserve("river", "credit", 1.0, 0.0, **totals)
     ledger.reserve("city", "credit", 0.5, 0.0, **totals)
     ledger.reserve("city", "claims", 0.25, 0.0, **totals)
@@ -185,11 +206,12 @@ CHILD = textwrap.dedent(
     import sys
     from pathlib import Path
     from dataops.ledger import BudgetExhaustedError, Ledger
+    from dataops.values import PrivacyLoss
 
     ledger = Ledger(Path(sys.argv[1]))
     for i in range(100_000):
         try:
-            r = ledger.reserve("bank", "credit", 1.0, 0.0, grant_total=(200.0, 0.0), dataset_total=(200.0, 0.0))
+            r = ledger.reserve("bank", "credit", 1.0, 0.0, grant_total=PrivacyLoss(200.0, 0.0), dataset_total=PrivacyLoss(200.0, 0.0))
         except BudgetExhaustedError:
             continue
         print(r.id, flush=True)
@@ -215,7 +237,7 @@ def test_survives_kill_9_mid_loop(tmp_path):
         assert set(printed) <= set(rows)
         assert all(rows[i] in ("released", "orphaned") for i in printed)
         assert set(rows.values()) <= {"released", "orphaned"}
-        assert ledger.spent("bank", "credit")[0] == len(rows) <= 200
+        assert ledger.spent("bank", "credit").epsilon == len(rows) <= 200
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
 
@@ -225,7 +247,9 @@ def test_survives_kill_9_mid_loop(tmp_path):
 
 def test_a_committed_release_is_stored_and_found_byte_identical(ledger):
     payload = bytes(range(256)) * 100
-    r = ledger.reserve("bank", "credit", 1.0, 0.0, grant_total=(5.0, 0.0), dataset_total=(5.0, 0.0))
+    r = ledger.reserve(
+        "bank", "credit", 1.0, 0.0, grant_total=PrivacyLoss(5.0, 0.0), dataset_total=PrivacyLoss(5.0, 0.0)
+    )
     stored = ledger.commit(r, release_key=KEY, payload=payload, metadata='{"noise_scale": 2.0}')
     assert stored.reservation_id == r.id
     found = ledger.find_release(KEY)
@@ -235,7 +259,7 @@ def test_a_committed_release_is_stored_and_found_byte_identical(ledger):
 
 
 def test_first_writer_wins_and_the_loser_is_not_charged(ledger):
-    totals = dict(grant_total=(5.0, 0.0), dataset_total=(5.0, 0.0))
+    totals = dict(grant_total=PrivacyLoss(5.0, 0.0), dataset_total=PrivacyLoss(5.0, 0.0))
     first = ledger.reserve("bank", "credit", 1.0, 0.0, **totals)
     second = ledger.reserve("bank", "credit", 1.0, 0.0, **totals)
     winner = ledger.commit(first, release_key=KEY, payload=b"first", metadata="{}")
@@ -244,7 +268,7 @@ def test_first_writer_wins_and_the_loser_is_not_charged(ledger):
     assert ledger.find_release(KEY).payload == b"first"
     # The second value is discarded, never released, so its budget comes back.
     assert statuses(ledger.path) == {first.id: "released", second.id: "superseded"}
-    assert ledger.spent("bank", "credit") == (1.0, 0.0)
+    assert ledger.spent("bank", "credit") == PrivacyLoss(1.0, 0.0)
 
 
 # -- validation -------------------------------------------------------------------
@@ -253,17 +277,40 @@ def test_first_writer_wins_and_the_loser_is_not_charged(ledger):
 @pytest.mark.parametrize("epsilon", [-1.0, math.nan, math.inf, -math.inf, True, "1"])
 def test_bad_amounts_are_refused_and_record_nothing(ledger, epsilon):
     with pytest.raises(ValueError):
-        ledger.reserve("bank", "credit", epsilon, 0.0, grant_total=(5.0, 0.0), dataset_total=(5.0, 0.0))
+        ledger.reserve(
+            "bank",
+            "credit",
+            epsilon,
+            0.0,
+            grant_total=PrivacyLoss(5.0, 0.0),
+            dataset_total=PrivacyLoss(5.0, 0.0),
+        )
     with pytest.raises(ValueError):
-        ledger.reserve("bank", "credit", 1.0, epsilon, grant_total=(5.0, 1.0), dataset_total=(5.0, 1.0))
+        ledger.reserve(
+            "bank",
+            "credit",
+            1.0,
+            epsilon,
+            grant_total=PrivacyLoss(5.0, 1.0),
+            dataset_total=PrivacyLoss(5.0, 1.0),
+        )
     with pytest.raises(ValueError):
-        ledger.reserve("bank", "credit", 1.0, 0.0, grant_total=(epsilon, 0.0), dataset_total=(5.0, 0.0))
+        ledger.reserve(
+            "bank",
+            "credit",
+            1.0,
+            0.0,
+            grant_total=PrivacyLoss(epsilon, 0.0),
+            dataset_total=PrivacyLoss(5.0, 0.0),
+        )
     assert statuses(ledger.path) == {}
     assert ledger.budgets() == []
 
 
 def test_release_needs_a_hex_key_and_a_payload(ledger):
-    r = ledger.reserve("bank", "credit", 1.0, 0.0, grant_total=(5.0, 0.0), dataset_total=(5.0, 0.0))
+    r = ledger.reserve(
+        "bank", "credit", 1.0, 0.0, grant_total=PrivacyLoss(5.0, 0.0), dataset_total=PrivacyLoss(5.0, 0.0)
+    )
     with pytest.raises(ValueError):
         ledger.commit(r, release_key="not hex", payload=b"x", metadata="{}")
     with pytest.raises(ValueError):

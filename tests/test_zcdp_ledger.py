@@ -20,13 +20,14 @@ from dataops import ledger as ledger_module
 from dataops.engines.dp_calibrate import rho_for_epsilon, zcdp_to_epsilon
 from dataops.errors import InternalError
 from dataops.ledger import BudgetExhaustedError, Ledger
+from dataops.values import PrivacyLoss
 from test_dp_terms import set_accounting
 
 dp.enable_features("contrib")
 
 DELTA = 1e-6  # the grant's delta: the total rho is converted at it
-GRANT = (100.0, DELTA)
-CAP = (1000.0, 1e-5)
+GRANT = PrivacyLoss(100.0, DELTA)
+CAP = PrivacyLoss(1000.0, 1e-5)
 KEY = "cd" * 32
 
 
@@ -72,7 +73,7 @@ def assert_charged_covers_rho(ledger: Ledger, rhos: list[float], consumer: str =
 def test_twenty_releases_compose_far_better_than_twenty_conversions(ledger) -> None:
     rho = rho_for_epsilon(0.1, DELTA)  # one release alone converts to 0.1
     charges = [reserve(ledger, rho).epsilon for _ in range(20)]
-    composed = ledger.spent("bank", "claims")[0]
+    composed = ledger.spent("bank", "claims").epsilon
     separately = 20 * zcdp_to_epsilon(rho, DELTA)
     print(f"20 zCDP releases of epsilon 0.1 each: composed {composed:.4f}, separately {separately:.4f}")
     assert charges[0] == pytest.approx(0.1, abs=1e-9)
@@ -97,26 +98,30 @@ def test_the_grants_delta_is_charged_once_and_the_cap_sums_the_grants(ledger) ->
     reserve(ledger, 0.02, consumer="insurer")
     ledger.reserve("bank", "claims", 0.3, 0.0, grant_total=GRANT, dataset_total=CAP)  # pure beside it
     grants = [ledger.spent(c, "claims") for c in ("bank", "insurer")]
-    assert grants[0][0] == pytest.approx(zcdp_to_epsilon(0.02, DELTA) + 0.3, abs=1e-9)
-    assert grants[1][0] == pytest.approx(zcdp_to_epsilon(0.02, DELTA), abs=1e-9)
-    assert ledger.dataset_spent("claims") == pytest.approx((grants[0][0] + grants[1][0], 2 * DELTA))
+    assert grants[0].epsilon == pytest.approx(zcdp_to_epsilon(0.02, DELTA) + 0.3, abs=1e-9)
+    assert grants[1].epsilon == pytest.approx(zcdp_to_epsilon(0.02, DELTA), abs=1e-9)
+    assert tuple(ledger.dataset_spent("claims")) == pytest.approx(
+        (grants[0].epsilon + grants[1].epsilon, 2 * DELTA)
+    )
 
 
 def test_pure_dp_grants_are_unchanged(ledger) -> None:
     for _ in range(3):
         assert (
-            ledger.reserve("bank", "claims", 0.1, 1e-7, grant_total=(0.3, 1e-6), dataset_total=CAP).epsilon
+            ledger.reserve(
+                "bank", "claims", 0.1, 1e-7, grant_total=PrivacyLoss(0.3, 1e-6), dataset_total=CAP
+            ).epsilon
             == 0.1
         )
     with pytest.raises(BudgetExhaustedError):
-        ledger.reserve("bank", "claims", 0.1, 0.0, grant_total=(0.3, 1e-6), dataset_total=CAP)
-    assert ledger.spent("bank", "claims") == pytest.approx((0.3, 3e-7))
+        ledger.reserve("bank", "claims", 0.1, 0.0, grant_total=PrivacyLoss(0.3, 1e-6), dataset_total=CAP)
+    assert tuple(ledger.spent("bank", "claims")) == pytest.approx((0.3, 3e-7))
     assert ledger.rho_spent("bank", "claims") == 0.0
 
 
 def test_a_zcdp_grant_is_refused_at_its_budget_and_nothing_is_recorded(ledger) -> None:
     rho = rho_for_epsilon(0.1, DELTA)
-    grant = (0.3, DELTA)
+    grant = PrivacyLoss(0.3, DELTA)
     admitted = 0
     while True:
         try:
@@ -127,7 +132,7 @@ def test_a_zcdp_grant_is_refused_at_its_budget_and_nothing_is_recorded(ledger) -
         admitted += 1
     assert admitted > 3  # pure-DP arithmetic would have stopped at 3
     assert ledger.rho_spent("bank", "claims") == pytest.approx(admitted * rho)
-    assert ledger.spent("bank", "claims")[0] <= 0.3
+    assert ledger.spent("bank", "claims").epsilon <= 0.3
     assert_charged_covers_rho(ledger, [rho] * admitted)
 
 
@@ -138,7 +143,9 @@ def test_racing_reservations_on_the_last_of_a_zcdp_budget_never_overspend(tmp_pa
     rho = 0.004
     fits = 5
     # A budget between the conversions of 5 and 6 releases' rho: exactly 5 fit.
-    grant = ((zcdp_to_epsilon(fits * rho, DELTA) + zcdp_to_epsilon((fits + 1) * rho, DELTA)) / 2, DELTA)
+    grant = PrivacyLoss(
+        (zcdp_to_epsilon(fits * rho, DELTA) + zcdp_to_epsilon((fits + 1) * rho, DELTA)) / 2, DELTA
+    )
     path = tmp_path / "ledger.db"
     ledgers = [Ledger(path), Ledger(path, recover=False)]  # two openers of one file, as two processes
     reserve(ledgers[0], rho, grant=grant)  # the grant is already partly spent
@@ -159,12 +166,12 @@ def test_racing_reservations_on_the_last_of_a_zcdp_budget_never_overspend(tmp_pa
         t.join()
     try:
         assert (len(won), len(lost)) == (fits - 1, 24 - fits + 1)
-        assert ledgers[1].spent("bank", "claims")[0] <= grant[0]
+        assert ledgers[1].spent("bank", "claims").epsilon <= grant.epsilon
         assert ledgers[1].rho_spent("bank", "claims") == pytest.approx(fits * rho)
         assert_charged_covers_rho(ledgers[1], [rho] * fits)
         # The charges, in whatever order the writers got the lock, add up to the total.
         assert math.fsum(r.epsilon for r in won) + zcdp_to_epsilon(rho, DELTA) == pytest.approx(
-            ledgers[1].spent("bank", "claims")[0], abs=1e-10
+            ledgers[1].spent("bank", "claims").epsilon, abs=1e-10
         )
     finally:
         for led in ledgers:
@@ -176,7 +183,7 @@ def test_a_refund_takes_its_rho_out_again(ledger) -> None:
     ledger.refund(middle)  # others composed on top of it: the conversion of the rest remains
     assert ledger.rho_spent("bank", "claims") == pytest.approx(0.03)
     assert_charged_covers_rho(ledger, [0.01, 0.02])
-    assert ledger.spent("bank", "claims")[0] == pytest.approx(zcdp_to_epsilon(0.03, DELTA), abs=1e-9)
+    assert ledger.spent("bank", "claims").epsilon == pytest.approx(zcdp_to_epsilon(0.03, DELTA), abs=1e-9)
     ledger.refund(middle)  # idempotent
     assert ledger.rho_spent("bank", "claims") == pytest.approx(0.03)
     ledger.commit(first)
@@ -194,7 +201,7 @@ def test_refunding_everything_returns_the_delta_too(ledger) -> None:
     reservations = [reserve(ledger, 0.01) for _ in range(3)]
     for r in reservations:
         ledger.refund(r)
-    assert ledger.spent("bank", "claims") == (0.0, 0.0)
+    assert ledger.spent("bank", "claims") == PrivacyLoss(0.0, 0.0)
     assert ledger.rho_spent("bank", "claims") == 0.0
     assert reserve(ledger, 0.01).delta == DELTA
 
@@ -261,9 +268,11 @@ def test_an_existing_ledger_is_migrated_in_place(tmp_path: Path) -> None:
     with sqlite3.connect(path) as conn:
         conn.executescript(V1_SCHEMA)
     with Ledger(path) as led:
-        assert led.spent("bank", "claims") == pytest.approx((0.7, 0.0))  # nothing lost
+        assert tuple(led.spent("bank", "claims")) == pytest.approx((0.7, 0.0))  # nothing lost
         reserve(led, 0.01)
-        assert led.spent("bank", "claims")[0] == pytest.approx(0.7 + zcdp_to_epsilon(0.01, DELTA), abs=1e-9)
+        assert led.spent("bank", "claims").epsilon == pytest.approx(
+            0.7 + zcdp_to_epsilon(0.01, DELTA), abs=1e-9
+        )
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
     with Ledger(path) as led:  # and reopens, its totals checked
@@ -282,7 +291,7 @@ def naive_charge(before, rho_u, grant_delta_u):
 
 
 def test_without_rho_composition_the_same_budget_answers_far_fewer_releases(ledger, monkeypatch) -> None:
-    rho, grant = rho_for_epsilon(0.1, DELTA), (1.0, DELTA)
+    rho, grant = rho_for_epsilon(0.1, DELTA), PrivacyLoss(1.0, DELTA)
 
     def admitted(consumer: str) -> int:
         count = 0
@@ -352,9 +361,9 @@ def test_a_grant_switched_from_pure_converts_at_the_delta_it_has_left(ledger) ->
     ledger.reserve("bank", "claims", 0.5, 4e-7, grant_total=GRANT, dataset_total=CAP)  # while it was pure
     quote = ledger.quote_zcdp("bank", "claims", 0.01, DELTA)
     charge = reserve(ledger, 0.01)
-    assert quote == (charge.epsilon, charge.delta) and charge.delta == 6e-7
+    assert quote == PrivacyLoss(charge.epsilon, charge.delta) and charge.delta == 6e-7
     assert charge.epsilon == pytest.approx(zcdp_to_epsilon(0.01, 6e-7), abs=1e-9)
-    assert ledger.spent("bank", "claims") == pytest.approx((0.5 + charge.epsilon, DELTA))
+    assert tuple(ledger.spent("bank", "claims")) == pytest.approx((0.5 + charge.epsilon, DELTA))
     ledger.reserve("insurer", "claims", 0.5, DELTA, grant_total=GRANT, dataset_total=CAP)
     with pytest.raises(BudgetExhaustedError):  # no delta left to convert at
         reserve(ledger, 0.01, consumer="insurer")
@@ -378,7 +387,7 @@ def test_random_reserves_and_refunds_keep_the_ledger_above_every_record(tmp_path
                 open_.append(reserve(led, rho))
                 asked[open_[-1].id] = rho
             spent = kept + open_
-            epsilon = led.spent("bank", "claims")[0]
+            epsilon = led.spent("bank", "claims").epsilon
             assert epsilon >= math.fsum(r.epsilon for r in spent) - 1e-15
             assert_charged_covers_rho(led, [asked[r.id] for r in spent])
     with Ledger(path) as led:  # its totals agree with its reservations

@@ -21,6 +21,7 @@ from typing import Any
 
 from dataops._toml import Table, read_toml
 from dataops.errors import CatalogError
+from dataops.values import PrivacyLoss
 
 ID_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,62}")
 ZONE_PATTERN = re.compile(r"[a-z][a-z0-9_-]{0,62}")
@@ -64,12 +65,6 @@ class Column:
 
 
 @dataclass(frozen=True)
-class Budget:
-    epsilon: float
-    delta: float
-
-
-@dataclass(frozen=True)
 class Dataset:
     id: str
     zone: str
@@ -82,7 +77,7 @@ class Dataset:
     # None until the operator sets privacy_unit.max_rows: DP is off for the dataset
     # (a bound taken from the data would publish the heaviest unit's row count).
     max_rows_per_unit: int | None
-    budget: Budget
+    budget: PrivacyLoss  # the cap across all consumers
     columns: Mapping[str, Column]
     source: Path
     sandbox: Path | None = None  # the sandbox root `path` must resolve inside
@@ -113,6 +108,17 @@ def resolves_inside(path: Path, root: Path) -> bool:
     swapped in later is refused too.
     """
     return Path(os.path.realpath(path)).is_relative_to(Path(os.path.realpath(root)))
+
+
+def read_budget(table: Table) -> PrivacyLoss:
+    """A `[budget]` table (a dataset's cap or a grant's budget): epsilon >= 0, 0 <= delta < 1."""
+    budget = PrivacyLoss(
+        epsilon=table.number("epsilon", minimum=0.0),
+        delta=table.number("delta", 0.0, minimum=0.0),
+    )
+    if budget.delta >= 1:
+        raise table.fail("delta", "must be < 1")
+    return budget
 
 
 def load_catalog(catalog_dir: Path, sandbox_dir: Path) -> Catalog:
@@ -168,12 +174,7 @@ def load_entry(path: Path, sandbox_dir: Path) -> Dataset:
         raise unit.fail("column", f"the privacy unit column {unit_column!r} must be classified 'identifier'")
 
     budget_table = doc.table("budget")
-    budget = Budget(
-        epsilon=budget_table.number("epsilon", minimum=0.0),
-        delta=budget_table.number("delta", 0.0, minimum=0.0),
-    )
-    if budget.delta >= 1:
-        raise budget_table.fail("delta", "must be < 1")
+    budget = read_budget(budget_table)
     budget_table.reject_unknown()
 
     dataset = Dataset(

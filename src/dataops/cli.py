@@ -528,7 +528,11 @@ def cmd_budget(args: argparse.Namespace) -> int:
         _json(
             [
                 {
-                    **dataclasses.asdict(b),
+                    "dataset_id": b.dataset_id,
+                    "epsilon_total": b.epsilon_total,
+                    "delta_total": b.delta_total,
+                    "epsilon_spent": b.epsilon_spent,
+                    "delta_spent": b.delta_spent,
                     "epsilon_remaining": b.epsilon_remaining,
                     "delta_remaining": b.delta_remaining,
                 }
@@ -773,30 +777,31 @@ def _explain_budget(config: Any, decision: Any, query: ir.Query, consumer: str) 
     from dataops.errors import BudgetExhausted
     from dataops.ledger import Ledger
     from dataops.server.app import ledger_path
+    from dataops.values import PrivacyLoss
 
     compiled = dp_engine.DPQuery.compile(Plan(query, decision.dataset, decision.grant))
     cost = compiled.calibrate(query.privacy).cost
     path = ledger_path(config)
-    grant_spent = dataset_spent = (0.0, 0.0)
+    grant_spent = dataset_spent = PrivacyLoss.zero()
     if path.exists():
         # recover=False: a running server's in-flight reservations must stay open.
         with Ledger(path, recover=False) as ledger:
             grant_spent = ledger.spent(consumer, decision.dataset.id)
-            totals = {(s.consumer, s.dataset): (s.epsilon_spent, s.delta_spent) for s in ledger.budgets()}
-            dataset_spent = totals.get((None, decision.dataset.id), (0.0, 0.0))
+            dataset_spent = ledger.dataset_spent(decision.dataset.id)
     checks = [
         ("grant", "budget.grant", decision.grant.budget, grant_spent),
         ("dataset", "budget.dataset", decision.dataset.budget, dataset_spent),
     ]
+    slack = PrivacyLoss(1e-12, 1e-15)  # the ledger's units: a cost equal to what is left fits
     for what, rule, budget, spent in checks:
-        left = (max(0.0, budget.epsilon - spent[0]), max(0.0, budget.delta - spent[1]))
-        if cost.epsilon > left[0] + 1e-12 or cost.delta > left[1] + 1e-15:
+        left = budget.remaining_after(spent)
+        if not cost <= left + slack:
             raise BudgetExhausted(
                 f"the query costs epsilon {cost.epsilon:.4g} delta {cost.delta:.3g}; the {what}'s budget has "
-                f"epsilon {left[0]:.4g} delta {left[1]:.3g} left",
+                f"epsilon {left.epsilon:.4g} delta {left.delta:.3g} left",
                 rule=rule,
             )
-    left = max(0.0, decision.grant.budget.epsilon - grant_spent[0])
+    left = decision.grant.budget.remaining_after(grant_spent).epsilon
     return (
         f"costs epsilon {cost.epsilon:.4g}"
         + (f" delta {cost.delta:.3g}" if cost.delta else "")

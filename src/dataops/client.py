@@ -59,7 +59,7 @@ from dataops.v1 import (
     subject_pb2,
     subject_pb2_grpc,
 )
-from dataops.values import AggregateAccuracy, Spend  # noqa: F401 (re-exported)
+from dataops.values import AggregateAccuracy, Budget, PrivacyLoss, Spend  # noqa: F401 (re-exported)
 
 __all__ = [
     "AggregateAccuracy",
@@ -77,6 +77,7 @@ __all__ = [
     "InvalidRequest",
     "PublishedTable",
     "QueryResult",
+    "PrivacyLoss",
     "Receipt",
     "Spend",
     "TableDimension",
@@ -206,27 +207,6 @@ _TRANSPORT = {
 class Receipt:
     sequence: int
     hash: str
-
-
-@dataclass(frozen=True)
-class Budget:
-    dataset_id: str
-    epsilon_total: float
-    delta_total: float
-    epsilon_spent: float
-    delta_spent: float
-
-    @property
-    def dataset(self) -> str:
-        return self.dataset_id
-
-    @property
-    def epsilon_remaining(self) -> float:
-        return max(0.0, self.epsilon_total - self.epsilon_spent)
-
-    @property
-    def delta_remaining(self) -> float:
-        return max(0.0, self.delta_total - self.delta_spent)
 
 
 @dataclass(frozen=True)
@@ -803,7 +783,11 @@ class Client:
     def budgets(self, dataset_id: str = "") -> list[Budget]:
         response = self._call(self._query.GetBudget, query_pb2.GetBudgetRequest(dataset_id=dataset_id))
         return [
-            Budget(b.dataset_id, b.epsilon_total, b.delta_total, b.epsilon_spent, b.delta_spent)
+            Budget(
+                b.dataset_id,
+                PrivacyLoss(b.epsilon_total, b.delta_total),
+                PrivacyLoss(b.epsilon_spent, b.delta_spent),
+            )
             for b in response.budgets
         ]
 

@@ -88,6 +88,7 @@ from pathlib import Path
 
 from dataops._group import GroupSync
 from dataops.errors import BudgetExhausted, InternalError, QuotaViolation
+from dataops.values import PrivacyLoss
 
 # Decimal places of the integer units. int64 holds 9.2e18, hence the maxima: no sum
 # of admitted spends can exceed a total, so no SUM can overflow.
@@ -174,27 +175,6 @@ class Spend:
     dataset: str
     epsilon_spent: float
     delta_spent: float
-
-
-@dataclass(frozen=True)
-class BudgetState:
-    """Spend next to its limit, for display. The ledger knows no limits: the caller
-    joins a `Spend` with the policy (grant) or catalog (dataset cap) totals."""
-
-    consumer: str | None
-    dataset: str
-    epsilon_total: float
-    delta_total: float
-    epsilon_spent: float
-    delta_spent: float
-
-    @property
-    def epsilon_remaining(self) -> float:
-        return max(0.0, self.epsilon_total - self.epsilon_spent)
-
-    @property
-    def delta_remaining(self) -> float:
-        return max(0.0, self.delta_total - self.delta_spent)
 
 
 @dataclass(frozen=True)
@@ -452,8 +432,8 @@ class Ledger:
         epsilon: float,
         delta: float,
         *,
-        grant_total: tuple[float, float],
-        dataset_total: tuple[float, float],
+        grant_total: PrivacyLoss,
+        dataset_total: PrivacyLoss,
         request: str = "",
         _rho: float | None = None,
     ) -> Reservation:
@@ -530,18 +510,18 @@ class Ledger:
         dataset: str,
         rho: float,
         *,
-        grant_total: tuple[float, float],
-        dataset_total: tuple[float, float],
+        grant_total: PrivacyLoss,
+        dataset_total: PrivacyLoss,
         request: str = "",
     ) -> Reservation:
         """Add ``rho`` to a zCDP grant's total and debit the grant and the dataset cap
         with the increase of OpenDP's conversion of that total at the grant's delta
-        (``grant_total[1]``), or raise `BudgetExhaustedError` and record nothing.
+        (``grant_total.delta``), or raise `BudgetExhaustedError` and record nothing.
 
         Read, convert and debit happen in one write transaction, so concurrent
         reservations compose in some order and none is charged against a stale total.
         """
-        if not grant_total[1] > 0:
+        if not grant_total.delta > 0:
             raise ValueError("a zCDP grant needs a delta total > 0: its rho is converted at that delta")
         if not rho > 0:
             raise ValueError("rho must be > 0 (a release without loss needs no reservation)")
@@ -556,7 +536,7 @@ class Ledger:
             _rho=rho,
         )
 
-    def quote_zcdp(self, consumer: str, dataset: str, rho: float, grant_delta: float) -> tuple[float, float]:
+    def quote_zcdp(self, consumer: str, dataset: str, rho: float, grant_delta: float) -> PrivacyLoss:
         """The (epsilon, delta) `reserve_zcdp` would charge now for ``rho``; records
         nothing (for estimates: the same computation on the same spend)."""
         rho_u = _rho_units(_check_amount("rho", rho, MAX_EPSILON))
@@ -569,7 +549,7 @@ class Ledger:
             eps_u, delta_u, _ = self._zcdp_quote(conn, consumer, dataset, rho_u, delta_u)
         finally:
             conn.execute("COMMIT")
-        return _float(eps_u, _EPSILON_PLACES), _float(delta_u, _DELTA_PLACES)
+        return PrivacyLoss(_float(eps_u, _EPSILON_PLACES), _float(delta_u, _DELTA_PLACES))
 
     def _zcdp_quote(
         self, conn: sqlite3.Connection, consumer: str, dataset: str, rho_u: int, grant_delta_u: int
@@ -720,7 +700,7 @@ class Ledger:
     def find_release(self, key: str) -> StoredRelease | None:
         return self._find(self._conn(), _check_release_key(key))
 
-    def spent(self, consumer: str, dataset: str) -> tuple[float, float]:
+    def spent(self, consumer: str, dataset: str) -> PrivacyLoss:
         row = (
             self._conn()
             .execute(
@@ -730,7 +710,7 @@ class Ledger:
             )
             .fetchone()
         )
-        return _float(row[0], _EPSILON_PLACES), _float(row[1], _DELTA_PLACES)
+        return PrivacyLoss(_float(row[0], _EPSILON_PLACES), _float(row[1], _DELTA_PLACES))
 
     def spent_units(self, consumer: str, dataset: str) -> tuple[int, int]:
         """What a grant has spent in the ledger's exact units (1e-12 epsilon, 1e-18 delta),
@@ -746,7 +726,7 @@ class Ledger:
         )
         return int(row[0]), int(row[1])
 
-    def dataset_spent(self, dataset: str) -> tuple[float, float]:
+    def dataset_spent(self, dataset: str) -> PrivacyLoss:
         row = (
             self._conn()
             .execute(
@@ -755,7 +735,7 @@ class Ledger:
             )
             .fetchone()
         )
-        return _float(row[0], _EPSILON_PLACES), _float(row[1], _DELTA_PLACES)
+        return PrivacyLoss(_float(row[0], _EPSILON_PLACES), _float(row[1], _DELTA_PLACES))
 
     def budgets(self) -> list[Spend]:
         """Everything spent: one row per consumer × dataset, then one per dataset

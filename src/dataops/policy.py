@@ -32,9 +32,10 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from dataops._toml import Table
-from dataops.catalog import Catalog, Classification, Dataset
+from dataops.catalog import Catalog, Classification, Dataset, read_budget
 from dataops.errors import PolicyError
 from dataops.ir import Function, Mode
+from dataops.values import PrivacyLoss
 
 if TYPE_CHECKING:
     from dataops.products import Products
@@ -57,19 +58,13 @@ ACCOUNTINGS = ("pure", "zcdp")
 
 
 @dataclass(frozen=True)
-class GrantBudget:
-    epsilon: float
-    delta: float
-
-
-@dataclass(frozen=True)
 class Grant:
     dataset: str
     purpose: str
     expires: dt.date
     modes: frozenset[Mode]
     functions: frozenset[Function]
-    budget: GrantBudget
+    budget: PrivacyLoss
     # DP mode only: what each column may be used for in a free-form DP query.
     columns: Mapping[str, frozenset[Use]]
     # How DP releases on this grant are noised and accounted: "pure" (Laplace noise,
@@ -197,13 +192,8 @@ def _load_grant(table: Table, zone: str, catalog: Catalog, products: Products | 
             )
 
     budget_table = table.table("budget")
-    budget = GrantBudget(
-        epsilon=budget_table.number("epsilon", minimum=0.0),
-        delta=budget_table.number("delta", 0.0, minimum=0.0),
-    )
-    if budget.delta >= 1:
-        raise budget_table.fail("delta", "must be < 1")
-    if budget.epsilon > dataset.budget.epsilon or budget.delta > dataset.budget.delta:
+    budget = read_budget(budget_table)
+    if not budget <= dataset.budget:
         raise budget_table.fail(
             "epsilon",
             f"exceeds the dataset cap of {dataset_id!r} (epsilon {dataset.budget.epsilon}, "
@@ -306,7 +296,7 @@ _NARROWER = {
     "modes": lambda old, new: new <= old,
     "functions": lambda old, new: new <= old,
     "tables": lambda old, new: set(new) <= set(old),  # fewer tables read: narrower
-    "budget": lambda old, new: new.epsilon <= old.epsilon and new.delta <= old.delta,
+    "budget": lambda old, new: new <= old,
     "columns": _fewer_column_uses,
 }
 

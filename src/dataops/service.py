@@ -30,8 +30,9 @@ from dataops.engines.prepared import PreparedStore
 from dataops.engines.table import TableEngine
 from dataops.errors import DeadlineExceeded, FieldViolation, InternalError, InvalidQuery, RequestError
 from dataops.ir import MAX_NAME_LENGTH, Mode, Query
-from dataops.ledger import BudgetState, Ledger
+from dataops.ledger import Ledger
 from dataops.policy import Grant, PolicyStore
+from dataops.values import Budget, PrivacyLoss
 from dataops.versions import DataVersions, Fingerprints, catalog_terms
 
 
@@ -216,15 +217,9 @@ class Sandbox:
             raise InternalError("aggregate mode without a table engine")
         return self.tables
 
-    def _remaining(self, consumer: str, plan: Plan, spent_now: tuple[float, float] = (0.0, 0.0)) -> Spend:
-        epsilon, delta = self.ledger.spent(consumer, plan.dataset.id)
-        budget = plan.grant.budget
-        return Spend(
-            epsilon=spent_now[0],
-            delta=spent_now[1],
-            remaining_epsilon=max(0.0, budget.epsilon - epsilon),
-            remaining_delta=max(0.0, budget.delta - delta),
-        )
+    def _remaining(self, consumer: str, plan: Plan, spent_now: PrivacyLoss | None = None) -> Spend:
+        spent = self.ledger.spent(consumer, plan.dataset.id)
+        return Spend.of(spent_now or PrivacyLoss.zero(), plan.grant.budget.remaining_after(spent))
 
     def _release_key(self, consumer: str, plan: Plan, data_version: str) -> str:
         """The same question, from the same consumer, on the same data and catalog terms.
@@ -267,8 +262,8 @@ class Sandbox:
         stored = self.ledger.find_release(key)
         if stored is None:
             totals = dict(
-                grant_total=(plan.grant.budget.epsilon, plan.grant.budget.delta),
-                dataset_total=(plan.dataset.budget.epsilon, plan.dataset.budget.delta),
+                grant_total=plan.grant.budget,
+                dataset_total=plan.dataset.budget,
                 request=call.request_id,
             )
             if calibration.rho is not None:
@@ -295,7 +290,9 @@ class Sandbox:
                 return EngineResult(
                     table=result.table,
                     accuracy=result.accuracy,
-                    spend=self._remaining(consumer, plan, (reservation.epsilon, reservation.delta)),
+                    spend=self._remaining(
+                        consumer, plan, PrivacyLoss(reservation.epsilon, reservation.delta)
+                    ),
                 )
         # This consumer asked the same question before: the same noisy answer again costs
         # nothing and stops averaging attacks.
@@ -315,22 +312,18 @@ class Sandbox:
             return Estimate(estimate.spend, estimate.accuracy)
         compiled, _ = self._compile_dp(plan)  # the form a run would use: the same cost
         calibration = compiled.calibrate(query.privacy)
-        cost = (calibration.cost.epsilon, calibration.cost.delta)
+        cost = calibration.cost
         if calibration.rho is not None:  # what reserve_zcdp would debit now
             cost = self.ledger.quote_zcdp(consumer, plan.dataset.id, calibration.rho, plan.grant.budget.delta)
         spend = self._remaining(consumer, plan, cost)
         return Estimate(spend, calibration.accuracy, calibration.notes)
 
-    def budgets(self, consumer: str, dataset_id: str | None, call: CallRecord) -> list[BudgetState]:
+    def budgets(self, consumer: str, dataset_id: str | None, call: CallRecord) -> list[Budget]:
         call.dataset = dataset_id[:MAX_NAME_LENGTH] if dataset_id else None
         views = self.datasets(consumer)
         if dataset_id is not None:
             views = [self.describe(consumer, dataset_id, call)]
-        states = []
-        for view in views:
-            epsilon, delta = self.ledger.spent(consumer, view.dataset.id)
-            budget = view.grant.budget
-            states.append(
-                BudgetState(consumer, view.dataset.id, budget.epsilon, budget.delta, epsilon, delta)
-            )
-        return states
+        return [
+            Budget(view.dataset.id, view.grant.budget, self.ledger.spent(consumer, view.dataset.id), consumer)
+            for view in views
+        ]

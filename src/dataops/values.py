@@ -1,13 +1,57 @@
-"""Value types that both sides of the wire share: what a release cost and how accurate it is.
+"""Value types that both sides of the wire share: privacy loss, what a release cost, how
+accurate it is, and a budget next to its spend.
 
-Dependency-free on purpose: the light client (`dataops.client`) and the server's engines
-import the same two classes, so there is one definition of each, and the client install
-needs no server package to hold them.
+Dependency-free on purpose: the light client (`dataops.client`) and the server's engines,
+catalog, policy and ledger import the same classes, so there is one definition of each,
+and the client install needs no server package to hold them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PrivacyLoss:
+    """An (epsilon, delta) privacy loss: a budget, a cap, a cost or a spend.
+
+    Losses compose by basic sequential composition (`+`), and `<=` is the partial order
+    a budget check needs: both parts within. `a <= b` is False when either part is over,
+    so `not cost <= remaining` is the refusal test and there is no `<` to misread.
+    """
+
+    epsilon: float = 0.0
+    delta: float = 0.0
+
+    @classmethod
+    def zero(cls) -> PrivacyLoss:
+        """No loss: what an exact lookup or a reused release costs."""
+        return cls(0.0, 0.0)
+
+    def __add__(self, other: PrivacyLoss) -> PrivacyLoss:
+        if not isinstance(other, PrivacyLoss):
+            return NotImplemented
+        return PrivacyLoss(self.epsilon + other.epsilon, self.delta + other.delta)
+
+    def __le__(self, other: PrivacyLoss) -> bool:
+        if not isinstance(other, PrivacyLoss):
+            return NotImplemented
+        return self.epsilon <= other.epsilon and self.delta <= other.delta
+
+    def __ge__(self, other: PrivacyLoss) -> bool:
+        if not isinstance(other, PrivacyLoss):
+            return NotImplemented
+        return other <= self
+
+    def remaining_after(self, spent: PrivacyLoss) -> PrivacyLoss:
+        """What is left of this budget once `spent` is gone, never below zero in either part."""
+        return PrivacyLoss(max(0.0, self.epsilon - spent.epsilon), max(0.0, self.delta - spent.delta))
+
+    def __iter__(self) -> Iterator[float]:
+        """Unpacks as `epsilon, delta = loss`, the order every (epsilon, delta) pair is written in."""
+        yield self.epsilon
+        yield self.delta
 
 
 @dataclass(frozen=True)
@@ -22,9 +66,70 @@ class AggregateAccuracy:
 
 @dataclass(frozen=True)
 class Spend:
-    """What a request spent (or would spend) and what remains of the grant's budget."""
+    """What a request spent (or would spend) and what remains of the grant's budget.
+
+    Flat fields, as the contract's `Spend` message has them; `loss` and `remaining`
+    are the same numbers as `PrivacyLoss` values.
+    """
 
     epsilon: float = 0.0
     delta: float = 0.0
     remaining_epsilon: float = 0.0
     remaining_delta: float = 0.0
+
+    @classmethod
+    def of(cls, loss: PrivacyLoss, remaining: PrivacyLoss) -> Spend:
+        return cls(loss.epsilon, loss.delta, remaining.epsilon, remaining.delta)
+
+    @property
+    def loss(self) -> PrivacyLoss:
+        return PrivacyLoss(self.epsilon, self.delta)
+
+    @property
+    def remaining(self) -> PrivacyLoss:
+        return PrivacyLoss(self.remaining_epsilon, self.remaining_delta)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A budget next to what has been spent of it: a grant's (`consumer` set) or a
+    dataset's cap (`consumer` None). The same value on the server (GetBudget) and in
+    the client (`DataopsClient.budgets`)."""
+
+    dataset: str
+    total: PrivacyLoss
+    spent: PrivacyLoss
+    consumer: str | None = None
+
+    @property
+    def remaining(self) -> PrivacyLoss:
+        return self.total.remaining_after(self.spent)
+
+    # The flat names of the contract's `DatasetBudget` message, which clients read.
+    @property
+    def dataset_id(self) -> str:
+        return self.dataset
+
+    @property
+    def epsilon_total(self) -> float:
+        return self.total.epsilon
+
+    @property
+    def delta_total(self) -> float:
+        return self.total.delta
+
+    @property
+    def epsilon_spent(self) -> float:
+        return self.spent.epsilon
+
+    @property
+    def delta_spent(self) -> float:
+        return self.spent.delta
+
+    @property
+    def epsilon_remaining(self) -> float:
+        return self.remaining.epsilon
+
+    @property
+    def delta_remaining(self) -> float:
+        return self.remaining.delta

@@ -139,6 +139,7 @@ from dataops.engines._base import (
 from dataops.engines.dp_calibrate import gaussian_accuracy, rho_for_epsilon, zcdp_to_epsilon
 from dataops.errors import FieldViolation, InternalError, InvalidQuery, LimitExceeded, PolicyDenied
 from dataops.ir import MAX_EPSILON, Aggregate, Function, Mode, Privacy, Query
+from dataops.values import PrivacyLoss
 
 # "honest-but-curious": OnceFrame.lazy(), see the module docstring.
 dp.enable_features("contrib", "honest-but-curious")
@@ -217,20 +218,12 @@ def prepared_columns(dataset: Dataset) -> list[pl.Expr]:
 
 
 @dataclass(frozen=True)
-class Cost:
-    """The privacy loss of a compiled query at a given noise scale."""
-
-    epsilon: float
-    delta: float
-
-
-@dataclass(frozen=True)
 class Calibration:
     """What a query will spend and how accurate it will be."""
 
     scale: float  # OpenDP global_scale
     threshold: int | None  # private keys: a group is released if its noisy count exceeds this
-    cost: Cost
+    cost: PrivacyLoss  # of the compiled query at this scale: what the ledger debits
     accuracy: tuple[AggregateAccuracy, ...]  # one per aggregate, in query order, 95% half-width
     rho: float | None = None  # zCDP grants: the query's rho, of which cost is OpenDP's conversion
     notes: tuple[str, ...] = ()  # public facts about the terms, e.g. that clipping may bias
@@ -383,7 +376,7 @@ class DPQuery:
         measurements = c.build(calibration.scale, calibration.threshold)
         # The ledger debited calibration.cost: never release at a higher loss than that.
         cost = c.cost(measurements)
-        if cost.epsilon > calibration.cost.epsilon or cost.delta > calibration.cost.delta:
+        if not cost <= calibration.cost:
             raise InternalError("the calibration does not belong to this query")
         # On a zCDP grant the ledger composed calibration.rho: never release above it.
         if calibration.rho is not None and c.rho(measurements) > calibration.rho:
@@ -746,7 +739,7 @@ class _Compiled:
         """zCDP: the plans' rhos add up (zCDP composes additively)."""
         return math.fsum(self._losses(measurements))
 
-    def cost(self, measurements: list[dp.Measurement]) -> Cost:
+    def cost(self, measurements: list[dp.Measurement]) -> PrivacyLoss:
         """Basic sequential composition: the losses of the plans add up.
 
         On a zCDP grant the plans compose in rho, and OpenDP converts the total to
@@ -755,12 +748,11 @@ class _Compiled:
         """
         if self.zcdp:
             delta = self.query.privacy.delta
-            return Cost(zcdp_to_epsilon(self.rho(measurements), delta), delta)
-        epsilon = delta = 0.0
+            return PrivacyLoss(zcdp_to_epsilon(self.rho(measurements), delta), delta)
+        total = PrivacyLoss.zero()
         for loss in self._losses(measurements):
-            e, d = loss if self.private_keys else (loss, 0.0)
-            epsilon, delta = epsilon + e, delta + d
-        return Cost(epsilon, delta)
+            total += PrivacyLoss(*loss) if self.private_keys else PrivacyLoss(loss, 0.0)
+        return total
 
     def scale_for(self, epsilon: float) -> float:
         """The scale that spends epsilon: loss is reference_epsilon / scale."""

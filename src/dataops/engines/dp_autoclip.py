@@ -27,9 +27,10 @@ import dataclasses
 import math
 
 from dataops.engines._base import EngineResult, Plan
-from dataops.engines.dp import Calibration, Cost, DPQuery, PreparedSource
+from dataops.engines.dp import Calibration, DPQuery, PreparedSource
 from dataops.errors import FieldViolation, InternalError, InvalidQuery
 from dataops.ir import Aggregate, Function, MeasureTerms, Privacy, Query
+from dataops.values import PrivacyLoss
 
 
 def compile_query(plan: Plan, source: PreparedSource | None = None) -> DPQuery | AutoClippedQuery:
@@ -104,7 +105,7 @@ class AutoClippedQuery:
             for t in self.clips
         )
         rho = None if main.rho is None else math.fsum([p.rho or 0.0 for p in parts] + [main.rho])
-        return dataclasses.replace(main, cost=Cost(epsilon, delta), notes=notes, rho=rho)
+        return dataclasses.replace(main, cost=PrivacyLoss(epsilon, delta), notes=notes, rho=rho)
 
     def release(self, calibration: Calibration) -> EngineResult:
         """The clips first (released DP values), then the answer at them; never above the debit."""
