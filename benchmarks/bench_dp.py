@@ -33,7 +33,6 @@ from types import MappingProxyType
 
 import polars as pl
 
-from dataops.audit.record import CallRecord
 from dataops.client import Client, count, total
 from dataops.config import load_config
 from dataops.demo.session import prepare
@@ -129,7 +128,7 @@ def bench(rows: int, repeats: int, identifier_repeats: int) -> dict[str, float]:
             compiled.release(compiled.calibrate(plan.query.privacy))
 
         def sandbox(epsilon: float) -> None:
-            result = server.sandbox.run(CONSUMER, query(epsilon), CallRecord("RunQuery"))
+            result = server.sandbox.run(CONSUMER, query(epsilon)).result
             assert not result.reused
 
         keys = config.tls.ca_cert.parent / "consumers" / CONSUMER

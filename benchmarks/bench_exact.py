@@ -25,7 +25,6 @@ from pathlib import Path
 
 import polars as pl
 
-from dataops.audit.record import CallRecord
 from dataops.client import Client, count, mean
 from dataops.config import load_config
 from dataops.demo.session import prepare
@@ -83,7 +82,7 @@ def bench(rows: int, repeats: int) -> dict[str, tuple[float, float]]:
         )
 
         def in_process() -> object:
-            return server.sandbox.run(CONSUMER, query, CallRecord(method="RunQuery", consumer=CONSUMER))
+            return server.sandbox.run(CONSUMER, query).result
 
         pki = config.tls.ca_cert.parent / "consumers" / CONSUMER
         with Client.from_directory(f"localhost:{server.port}", pki, CONSUMER) as client:

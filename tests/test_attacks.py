@@ -527,7 +527,7 @@ def test_averaging_repeated_noisy_answers_gains_nothing(dp_server, raw, monkeypa
     (Aggregate mode answers exactly: there is no noise to average away.)"""
     server, client = dp_server(grant_epsilon=200.0, dataset_epsilon=200.0)
     if control == "off":
-        monkeypatch.setattr(server.sandbox, "_release_key", lambda *args, **kwargs: secrets.token_hex(32))
+        monkeypatch.setattr(server.sandbox.releases, "key", lambda *args, **kwargs: secrets.token_hex(32))
 
     def ask(_):
         return client.query(CREDIT, aggregates=[count("n")], filters=GAOXIN_FARMS, mode="dp", epsilon=1.0)

@@ -334,7 +334,7 @@ def test_another_consumers_paid_release_is_never_handed_out(private, started, mo
     grant_river_bank_dp(private, epsilon=0.1)
     server, client = started(private)
     if control == "off":
-        monkeypatch.setattr(server.sandbox, "_release_key", shared_key(server.sandbox._release_key))
+        monkeypatch.setattr(server.sandbox.releases, "key", shared_key(server.sandbox.releases.key))
     paid = counts(client("city-bank"))
     if control == "on":
         asked = refused(lambda: counts(client("river-bank")))

@@ -16,7 +16,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dataops.audit.record import CallRecord
 from dataops.catalog import Classification, Column, ColumnType, Dataset, load_catalog
 from dataops.config import Limits
 from dataops.demo.generate import generate
@@ -273,15 +272,15 @@ def test_the_sandbox_releases_from_the_copy_and_reuses_on_its_version(
                       today=lambda: dt.date(2026, 1, 1), prepared=store)  # fmt: skip
     query = Query("medical_claims", (Aggregate(Function.COUNT), Aggregate(Function.SUM, "amount")), (),
                   ("age_band",), Mode.DP, Privacy(epsilon=0.5))  # fmt: skip
-    estimate = sandbox.estimate("harbor-insurance", query, CallRecord("Estimate"))
-    first = sandbox.run("harbor-insurance", query, CallRecord("RunQuery"))
+    estimate = sandbox.estimate("harbor-insurance", query).result
+    first = sandbox.run("harbor-insurance", query).result
     assert first.spend.epsilon == pytest.approx(0.5) == pytest.approx(estimate.spend.epsilon)
     assert first.accuracy == estimate.accuracy
     assert copy_files(tmp_path / "state") == [
         store.source(catalog.get("medical_claims")).path.name,
         store.source(catalog.get("medical_claims")).path.name + ".tag",
     ]
-    again = sandbox.run("harbor-insurance", query, CallRecord("RunQuery"))
+    again = sandbox.run("harbor-insurance", query).result
     assert again.reused and again.table.equals(first.table)
     ledger.close()
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 
 class Kind(Enum):
@@ -66,6 +67,9 @@ class RequestError(Exception):
         self.column = column
         self.field_violations = tuple(field_violations)
         self.quota_violations = tuple(quota_violations)
+        # How far the request got before this refusal (`dataops.outcome.Outcome`), set by
+        # the request flow so the audit record names what was asked; None before planning.
+        self.outcome: Any = None
 
     @property
     def invalid(self) -> bool:

@@ -2,15 +2,17 @@
 
     identity → plan (IR) → authorize → [reserve budget] → execute → output controls → result
 
-The gRPC layer (`dataops.server`) wraps this with identity extraction, the audit
-append and error mapping; everything here is plain Python and testable as such.
+`Sandbox` plans and authorizes a query, then hands it to the engine for its mode
+(`dataops.engines`: exact lookups in protected tables, or DP) and, for an engine that
+spends budget, to the release coordinator (`dataops.releases`: reuse, reserve,
+commit). Each request returns an `Outcome` (dataops.outcome): the answer and what
+the request did, from which the gRPC layer (`dataops.server`) writes the audit
+record. Everything here is plain Python and testable as such.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import json
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -18,22 +20,22 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any
 
-from dataops.arrow_ipc import table_from_ipc, table_to_ipc
-from dataops.audit.record import CallRecord
 from dataops.authorize import authorize, consumer_policy, live_grant, visible_dataset
 from dataops.catalog import Catalog, Dataset
 from dataops.config import Limits
-from dataops.engines import AggregateAccuracy, EngineResult, Plan, Spend, dp_autoclip
-from dataops.engines import dp as dp_engine
+from dataops.engines import AggregateAccuracy, Engine, EngineResult, Plan, Spend
 from dataops.engines._base import predicate
+from dataops.engines.dp_engine import DPEngine
 from dataops.engines.prepared import PreparedStore
 from dataops.engines.table import TableEngine
 from dataops.errors import DeadlineExceeded, FieldViolation, InternalError, InvalidQuery, RequestError
 from dataops.ir import MAX_NAME_LENGTH, Mode, Query
 from dataops.ledger import Ledger
+from dataops.outcome import Outcome
 from dataops.policy import Grant, PolicyStore
-from dataops.values import Budget, PrivacyLoss
-from dataops.versions import DataVersions, Fingerprints, catalog_terms
+from dataops.releases import ReleaseCoordinator
+from dataops.values import Budget
+from dataops.versions import DataVersions, Fingerprints
 
 
 def _today() -> dt.date:
@@ -41,7 +43,9 @@ def _today() -> dt.date:
 
 
 @dataclass(frozen=True)
-class Estimate:
+class Quote:
+    """What EstimateQuery answers: the spend a run would make now, and its accuracy."""
+
     spend: Spend
     accuracy: tuple[AggregateAccuracy, ...]
     # Public facts about the query's terms (read from no data), e.g. that clipping may bias.
@@ -99,8 +103,6 @@ class Sandbox:
         self.limits = limits
         self.ledger = ledger
         self.today = today
-        # DP releases read the prepared (truncated once) copies when there is a store;
-        # without one, every plan truncates the dataset itself (same losses, slower).
         self.prepared = prepared
         # Engines run here so a request can stop waiting at its client's deadline.
         self._engines = ThreadPoolExecutor(max_workers=engine_workers, thread_name_prefix="engine")
@@ -108,6 +110,12 @@ class Sandbox:
         if versions is None:
             versions = prepared.versions if prepared is not None else DataVersions()
         self.versions = versions
+        # One engine per mode; a mode without one is refused (authorize refuses exact
+        # queries without tables first).
+        self.engines: dict[Mode, Engine[Plan, EngineResult]] = {Mode.DP: DPEngine(prepared, versions)}
+        if tables is not None:
+            self.engines[Mode.AGGREGATE] = tables
+        self.releases = ReleaseCoordinator(ledger)
 
     @property
     def fingerprints(self) -> Fingerprints:
@@ -128,8 +136,17 @@ class Sandbox:
                 views.append(DatasetView(dataset, grant))
         return views
 
-    def describe(self, consumer: str, dataset_id: str, call: CallRecord) -> DatasetView:
-        call.dataset = dataset_id[:MAX_NAME_LENGTH]  # bounded: the audit line must stay small
+    def describe(self, consumer: str, dataset_id: str) -> Outcome:
+        """The dataset as this consumer sees it (`Outcome.result`: a `DatasetView`)."""
+        outcome = Outcome(dataset=dataset_id[:MAX_NAME_LENGTH])  # bounded: the audit line must stay small
+        try:
+            outcome.result = self._view(consumer, dataset_id)
+        except Exception as exc:
+            outcome.attach(exc)
+            raise
+        return outcome
+
+    def _view(self, consumer: str, dataset_id: str) -> DatasetView:
         policy = consumer_policy(self.policies.current, consumer)
         dataset = visible_dataset(policy, self.catalog, dataset_id)
         grant = live_grant(policy, dataset, self.today())
@@ -156,16 +173,16 @@ class Sandbox:
 
         return unit_column
 
-    def _within_deadline(self, call: CallRecord, work: Callable[[], EngineResult]) -> EngineResult:
+    def _within_deadline(self, deadline: float | None, work: Callable[[], EngineResult]) -> EngineResult:
         """Run `work`, giving up at the client's deadline.
 
         On a timeout the result is discarded whenever it arrives, so for DP the
         reservation can be returned: nothing was released. The engine thread runs on
         to completion (polars cannot be interrupted) but its answer goes nowhere.
         """
-        if call.deadline is None:
+        if deadline is None:
             return work()
-        remaining = call.deadline - time.monotonic()
+        remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise DeadlineExceeded("the client's deadline passed before the query started; nothing was run")
         future = self._engines.submit(work)
@@ -177,17 +194,21 @@ class Sandbox:
                 "the query did not finish before the client's deadline; nothing was released"
             ) from None
 
-    def plan(self, consumer: str, query: Query, call: CallRecord) -> Plan:
-        """Validate and authorize a query; nothing has run and nothing is spent yet."""
-        call.dataset, call.mode = query.dataset, query.mode.value
+    def plan(self, consumer: str, query: Query, outcome: Outcome | None = None) -> Plan:
+        """Validate and authorize a query; nothing has run and nothing is spent yet.
+
+        `outcome` records as it goes what the audit record will say was asked.
+        """
+        outcome = outcome if outcome is not None else Outcome()
+        outcome.dataset, outcome.mode = query.dataset, query.mode.value
         # Limits first: an over-limit request must not write its whole text into the audit log.
         check_limits(query, self.limits)
-        call.query = query.canonical()
-        call.purpose = query.purpose or None
+        outcome.query = query.canonical()
+        outcome.purpose = query.purpose or None
         decision = authorize(
             self.policies.current, self.catalog, consumer, query, self.today(), self._table_products
         )
-        call.purpose = decision.grant.purpose  # what the answer may be used for, as granted
+        outcome.purpose = decision.grant.purpose  # what the answer may be used for, as granted
         # In every mode: the file still resolves inside the sandbox and is not another
         # entry's content (dataops.versions); cheap while the file is unchanged.
         self.versions.of(decision.dataset)
@@ -200,130 +221,75 @@ class Sandbox:
             query, decision.dataset, decision.grant, self.limits.max_output_rows, coverage=decision.coverage
         )
 
-    def run(self, consumer: str, query: Query, call: CallRecord) -> EngineResult:
-        plan = self.plan(consumer, query, call)
-        if query.mode is Mode.AGGREGATE:
-            # A lookup in an index held in memory: bounded work, no scan, no thread hop.
-            result = self._exact_engine().release(plan, deadline=call.deadline)
-            call.table, call.table_fingerprint = result.table_id, result.table_fingerprint
-        else:
-            result = self._run_dp(consumer, plan, call)
-        call.rows_returned = result.table.num_rows
-        call.rows_suppressed = result.rows_suppressed
-        return result
+    def _engine(self, mode: Mode) -> Engine[Plan, EngineResult]:
+        engine = self.engines.get(mode)
+        if engine is None:  # authorize refuses exact queries without tables first
+            raise InternalError(f"{mode.value} mode without an engine")
+        return engine
 
-    def _exact_engine(self) -> TableEngine:
-        if self.tables is None:  # authorize refuses exact queries without tables first
-            raise InternalError("aggregate mode without a table engine")
-        return self.tables
+    def run(
+        self, consumer: str, query: Query, *, request_id: str = "", deadline: float | None = None
+    ) -> Outcome:
+        """Plan, estimate, release (reserving first when the engine spends budget).
 
-    def _remaining(self, consumer: str, plan: Plan, spent_now: PrivacyLoss | None = None) -> Spend:
-        spent = self.ledger.spent(consumer, plan.dataset.id)
-        return Spend.of(spent_now or PrivacyLoss.zero(), plan.grant.budget.remaining_after(spent))
-
-    def _release_key(self, consumer: str, plan: Plan, data_version: str) -> str:
-        """The same question, from the same consumer, on the same data and catalog terms.
-
-        The consumer is part of the key: a release is reused free only for the consumer
-        who paid for it. Another consumer's identical question gets its own release,
-        charged to its own grant (and the dataset cap), and can learn nothing from the
-        reuse store: neither the other's answer nor that anyone asked (a bank's
-        questions are its business secret).
+        `Outcome.result` is the `EngineResult`; on a refusal the outcome so far rides
+        on the error.
         """
-        material = {
-            "consumer": consumer,
-            "query": plan.query.canonical(),
-            "data": data_version,
-            "terms": catalog_terms(plan.dataset),  # new bounds or keys make a different question
-            # Pure or zCDP noise: the same question on other terms (the query's own terms,
-            # bounds and row bound, are in its canonical form).
-            "accounting": plan.grant.accounting,
-        }
-        return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
-
-    def _compile_dp(self, plan: Plan) -> tuple[dp_engine.DPQuery | dp_autoclip.AutoClippedQuery, str]:
-        """The compiled query (over the prepared copy if there is a store) and its data version.
-
-        A query asking for automatic clipping compiles to its two parts (the clip's DP
-        quantile and the answer); calibrate gives their total, reserved once below.
-        """
-        dp_engine.require_max_rows(plan.dataset)
-        if self.prepared is None:
-            return dp_autoclip.compile_query(plan), self.versions.of(plan.dataset)
-        source = self.prepared.source(plan.dataset)  # built once per data version
-        return dp_autoclip.compile_query(plan, source=source), source.data_version
-
-    def _run_dp(self, consumer: str, plan: Plan, call: CallRecord) -> EngineResult:
-        """Reuse an identical release, or debit the ledger first and only then add noise."""
-        compiled, data_version = self._compile_dp(plan)
-        # The calibration alone decides the spend; `release` refuses to cost more.
-        calibration = compiled.calibrate(plan.query.privacy)
-        key = self._release_key(consumer, plan, data_version)
-        stored = self.ledger.find_release(key)
-        if stored is None:
-            totals = dict(
-                grant_total=plan.grant.budget,
-                dataset_total=plan.dataset.budget,
-                request=call.request_id,
-            )
-            if calibration.rho is not None:
-                # zCDP: the ledger composes rho across the grant's releases and debits
-                # the growth of OpenDP's conversion of the total (the module docstring).
-                reservation = self.ledger.reserve_zcdp(consumer, plan.dataset.id, calibration.rho, **totals)
+        outcome = Outcome()
+        try:
+            plan = self.plan(consumer, query, outcome)
+            engine = self._engine(query.mode)
+            estimate = engine.estimate(plan)
+            if not engine.spends:
+                # A lookup in an index held in memory: bounded work, no scan, no thread hop.
+                result = engine.release(plan, estimate, deadline)
+                outcome.table, outcome.table_fingerprint = result.table_id, result.table_fingerprint
             else:
-                reservation = self.ledger.reserve(
-                    consumer, plan.dataset.id, calibration.cost.epsilon, calibration.cost.delta, **totals
+                released = self.releases.release(
+                    consumer,
+                    plan,
+                    estimate,
+                    lambda: self._within_deadline(deadline, lambda: engine.release(plan, estimate, deadline)),
+                    request_id=request_id,
                 )
-            try:
-                result = self._within_deadline(call, lambda: compiled.release(calibration))
-            except BaseException:
-                self.ledger.refund(reservation)  # nothing left the process
-                raise
-            stored = self.ledger.commit(
-                reservation,
-                release_key=key,
-                payload=table_to_ipc(result.table),
-                metadata=json.dumps([a.__dict__ for a in result.accuracy]),
-            )
-            if stored.reservation_id == reservation.id:  # ours is the canonical release
-                call.epsilon_spent, call.delta_spent = reservation.epsilon, reservation.delta
-                return EngineResult(
-                    table=result.table,
-                    accuracy=result.accuracy,
-                    spend=self._remaining(
-                        consumer, plan, PrivacyLoss(reservation.epsilon, reservation.delta)
-                    ),
-                )
-        # This consumer asked the same question before: the same noisy answer again costs
-        # nothing and stops averaging attacks.
-        call.reused = True
-        return EngineResult(
-            table=table_from_ipc(stored.payload),
-            accuracy=tuple(AggregateAccuracy(**a) for a in json.loads(stored.metadata)),
-            spend=self._remaining(consumer, plan),
-            reused=True,
-        )
+                result, outcome.spent, outcome.reused = released.result, released.spent, released.reused
+        except Exception as exc:
+            outcome.attach(exc)
+            raise
+        outcome.rows_returned = result.table.num_rows
+        outcome.rows_suppressed = result.rows_suppressed
+        outcome.result = result
+        return outcome
 
-    def estimate(self, consumer: str, query: Query, call: CallRecord) -> Estimate:
-        """Cost and accuracy of a query; runs nothing and spends nothing."""
-        plan = self.plan(consumer, query, call)
-        if query.mode is Mode.AGGREGATE:
-            estimate = self._exact_engine().estimate(plan)
-            return Estimate(estimate.spend, estimate.accuracy)
-        compiled, _ = self._compile_dp(plan)  # the form a run would use: the same cost
-        calibration = compiled.calibrate(query.privacy)
-        cost = calibration.cost
-        if calibration.rho is not None:  # what reserve_zcdp would debit now
-            cost = self.ledger.quote_zcdp(consumer, plan.dataset.id, calibration.rho, plan.grant.budget.delta)
-        spend = self._remaining(consumer, plan, cost)
-        return Estimate(spend, calibration.accuracy, calibration.notes)
+    def estimate(self, consumer: str, query: Query) -> Outcome:
+        """Cost and accuracy of a query (`Outcome.result`: a `Quote`); runs nothing, spends nothing."""
+        outcome = Outcome()
+        try:
+            plan = self.plan(consumer, query, outcome)
+            engine = self._engine(query.mode)
+            estimate = engine.estimate(plan)  # the form a run would use: the same cost
+            if engine.spends:
+                spend = self.releases.remaining(consumer, plan, self.releases.quote(consumer, plan, estimate))
+            else:
+                spend = Spend()
+        except Exception as exc:
+            outcome.attach(exc)
+            raise
+        outcome.result = Quote(spend, estimate.accuracy, estimate.notes)
+        return outcome
 
-    def budgets(self, consumer: str, dataset_id: str | None, call: CallRecord) -> list[Budget]:
-        call.dataset = dataset_id[:MAX_NAME_LENGTH] if dataset_id else None
-        views = self.datasets(consumer)
-        if dataset_id is not None:
-            views = [self.describe(consumer, dataset_id, call)]
-        return [
+    def budgets(self, consumer: str, dataset_id: str | None) -> Outcome:
+        """The consumer's grants' budgets (`Outcome.result`: a list of `Budget`)."""
+        outcome = Outcome(dataset=dataset_id[:MAX_NAME_LENGTH] if dataset_id else None)
+        try:
+            views = self.datasets(consumer)
+            if dataset_id is not None:
+                views = [self._view(consumer, dataset_id)]
+        except Exception as exc:
+            outcome.attach(exc)
+            raise
+        outcome.result = [
             Budget(view.dataset.id, view.grant.budget, self.ledger.spent(consumer, view.dataset.id), consumer)
             for view in views
         ]
+        return outcome

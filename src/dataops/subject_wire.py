@@ -39,9 +39,8 @@ def output_from_proto(output: s.SubjectOutput) -> Any:
     return None if kind is None else getattr(output, kind)
 
 
-def evaluation_to_proto(evaluation: Evaluation, entry: dict | Any) -> s.Evaluation:
-    if not isinstance(entry, dict):  # a CallRecord: its single evaluation's audit entry
-        entry = entry.evaluations[-1]
+def evaluation_to_proto(evaluation: Evaluation, entry: dict) -> s.Evaluation:
+    """`entry` is the evaluation's audit entry: the consent id it was released under."""
     return s.Evaluation(
         product_id=evaluation.product,
         consent_id=entry.get("consent_id", ""),

@@ -27,12 +27,12 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from dataops.audit.record import CallRecord
 from dataops.authorize import consumer_policy, live_grant
 from dataops.catalog import Catalog
 from dataops.consent import Consent, ConsentRefused, ConsentStore, Issuer, check_terms, verify
-from dataops.engines.subject import Evaluation, SubjectLayouts
+from dataops.engines.subject import Evaluation, SubjectEngine, SubjectLayouts, SubjectPlan
 from dataops.errors import FieldViolation, InvalidQuery, Kind, LimitExceeded, RequestError, UnknownDataset
+from dataops.outcome import Outcome
 from dataops.policy import PolicyStore
 from dataops.products.subject import SubjectProduct
 
@@ -111,6 +111,7 @@ class Evaluator:
         self.issuers = issuers
         self.store = store
         self.layouts = layouts
+        self.engine = SubjectEngine(layouts)
         self.secret = secret
         self.now = now
         self.poll_seconds = poll_seconds
@@ -190,9 +191,7 @@ class Evaluator:
         try:
             product, consent = self._check(consumer, item, entry, field)
             entry["period"], entry["use"] = self.store.use(consent, self.now())
-            evaluation = self.layouts.current(product.dataset).evaluate(
-                product, item.subject_id, self.now().date()
-            )
+            evaluation = self._release(product, item.subject_id)
         except RequestError as exc:
             entry.update(
                 decision="invalid" if exc.invalid else "denied",
@@ -206,32 +205,44 @@ class Evaluator:
         )
         return evaluation, entry
 
-    def evaluate(self, consumer: str, item: Item, call: CallRecord) -> Evaluation:
-        call.mode, call.query = "subject", f"subject:{item.product_id[:64]}"
-        call.evaluations = []
+    def _release(self, product: SubjectProduct, subject: str) -> Evaluation:
+        """The engine's evaluation, once every check on the consent has passed."""
+        plan = SubjectPlan(product, subject, self.now().date())
+        return self.engine.release(plan, self.engine.estimate(plan))
+
+    def evaluate(self, consumer: str, item: Item) -> Outcome:
+        """One evaluation (`Outcome.result`: the `Evaluation`; `evaluations`: its audit entry)."""
+        outcome = Outcome(mode="subject", query=f"subject:{item.product_id[:64]}", evaluations=[])
         try:
             evaluation, entry = self._evaluate_item(consumer, item)
         except RequestError as exc:
-            call.evaluations.append(getattr(exc, "audit_entry", {"decision": "error"}))
+            outcome.evaluations.append(getattr(exc, "audit_entry", {"decision": "error"}))
+            outcome.attach(exc)
             raise
-        call.evaluations.append(entry)
-        call.dataset = self.products[evaluation.product].dataset.id
-        call.rows_returned = 1
-        return evaluation
+        outcome.evaluations.append(entry)
+        outcome.dataset = self.products[evaluation.product].dataset.id
+        outcome.rows_returned = 1
+        outcome.result = evaluation
+        return outcome
 
-    def evaluate_batch(
-        self, consumer: str, items: Sequence[Item], call: CallRecord
-    ) -> list[Evaluation | RequestError]:
-        """Each item under its own consent; one item's refusal does not stop the others."""
-        call.mode, call.query = "subject", "subject:batch"
-        if not items or len(items) > MAX_BATCH:
-            raise InvalidQuery(
-                f"a batch holds 1 to {MAX_BATCH} items, got {len(items)}",
-                rule="request.items",
-                field_violations=(FieldViolation("items", f"1 to {MAX_BATCH} items"),),
-            )
-        consumer_policy(self.policies.current, consumer)  # an unknown consumer is refused whole
-        call.evaluations = []
+    def evaluate_batch(self, consumer: str, items: Sequence[Item]) -> Outcome:
+        """Each item under its own consent; one item's refusal does not stop the others.
+
+        `Outcome.result` holds, per item, its `Evaluation` or its `RequestError`.
+        """
+        outcome = Outcome(mode="subject", query="subject:batch")
+        try:
+            if not items or len(items) > MAX_BATCH:
+                raise InvalidQuery(
+                    f"a batch holds 1 to {MAX_BATCH} items, got {len(items)}",
+                    rule="request.items",
+                    field_violations=(FieldViolation("items", f"1 to {MAX_BATCH} items"),),
+                )
+            consumer_policy(self.policies.current, consumer)  # an unknown consumer is refused whole
+        except RequestError as exc:
+            outcome.attach(exc)
+            raise
+        outcome.evaluations = []
         results: list[Evaluation | RequestError] = []
         for i, item in enumerate(items):
             try:
@@ -240,23 +251,38 @@ class Evaluator:
             except RequestError as exc:
                 entry = getattr(exc, "audit_entry", {"decision": "error"})
                 results.append(exc)
-            call.evaluations.append({"index": i, **entry})
-        call.rows_returned = sum(isinstance(r, Evaluation) for r in results)
-        return results
+            outcome.evaluations.append({"index": i, **entry})
+        outcome.rows_returned = sum(isinstance(r, Evaluation) for r in results)
+        outcome.result = results
+        return outcome
 
     # --- watch ------------------------------------------------------------------------
 
     def watch(
-        self, consumer: str, items: Sequence[Item], call: CallRecord, active: Callable[[], bool]
-    ) -> Iterator[tuple[int, Evaluation | RequestError]]:
+        self, consumer: str, items: Sequence[Item], active: Callable[[], bool]
+    ) -> Iterator[tuple[int, Evaluation | RequestError, Outcome]]:
         """Each subject's outputs now, then again whenever a new data version (or a new
         evaluation date) changes them, while its consent lasts.
 
         Each push is one use of the consent; when a period's uses are spent the change
         waits for the next period. A subject's watch ends, with the refusal, when its
         consent expires or is revoked; the stream ends when every subject's has.
+
+        Each update comes with the `Outcome` its message's audit record is written from.
         """
-        call.mode, call.query = "subject", "subject:watch"
+        try:
+            yield from self._watch(consumer, items, active)
+        except RequestError as exc:
+            Outcome(mode="subject", query="subject:watch").attach(exc)
+            raise
+
+    @staticmethod
+    def _update(entry: dict) -> Outcome:
+        return Outcome(mode="subject", query="subject:watch", evaluations=[entry])
+
+    def _watch(
+        self, consumer: str, items: Sequence[Item], active: Callable[[], bool]
+    ) -> Iterator[tuple[int, Evaluation | RequestError, Outcome]]:
         if not items or len(items) > MAX_WATCH_SUBJECTS:
             raise InvalidQuery(
                 f"a watch holds 1 to {MAX_WATCH_SUBJECTS} subjects, got {len(items)}",
@@ -273,26 +299,22 @@ class Evaluator:
                 try:
                     product, consent = self._check(consumer, item, entry, f"items[{i}].")
                     entry["period"], entry["use"] = self.store.use(consent, self.now())
-                    evaluation = self.layouts.current(product.dataset).evaluate(
-                        product, item.subject_id, self.now().date()
-                    )
+                    evaluation = self._release(product, item.subject_id)
                 except RequestError as exc:
                     entry.update(decision="denied", reason=exc.reason, rule=exc.rule)
-                    call.evaluations = [entry]
-                    yield i, exc
+                    yield i, exc, self._update(entry)
                     continue
                 entry.update(
                     decision="allowed",
                     data_version=evaluation.data_version[:16],
                     outputs_hash=evaluation.digest(),
                 )
-                call.evaluations = [entry]
                 live[i] = (
                     product,
                     consent,
                     (evaluation.data_version, evaluation.evaluation_date, evaluation.outputs),
                 )
-                yield i, evaluation
+                yield i, evaluation, self._update(entry)
             while live and active() and not self._stopping.wait(self.poll_seconds):
                 if not active():
                     break
@@ -321,8 +343,7 @@ class Evaluator:
                     except RequestError as exc:
                         entry.update(decision="denied", reason=exc.reason, rule=exc.rule)
                         del live[i]
-                        call.evaluations = [entry]
-                        yield i, exc
+                        yield i, exc, self._update(entry)
                         continue
                     layout = self.layouts.current(product.dataset)
                     if (layout.fingerprint, now.date()) == (version, day):
@@ -339,8 +360,7 @@ class Evaluator:
                             continue  # this period's uses are spent: the change waits for the next
                         entry.update(decision="denied", reason=exc.reason, rule=exc.rule)
                         del live[i]
-                        call.evaluations = [entry]
-                        yield i, exc
+                        yield i, exc, self._update(entry)
                         continue
                     entry.update(
                         decision="allowed",
@@ -352,8 +372,7 @@ class Evaluator:
                         consent,
                         (evaluation.data_version, evaluation.evaluation_date, evaluation.outputs),
                     )
-                    call.evaluations = [entry]
-                    yield i, evaluation
+                    yield i, evaluation, self._update(entry)
             if live and self._stopping.is_set():
                 raise ServerStopping(
                     "the server is stopping; open the watch again on another replica or later",

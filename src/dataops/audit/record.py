@@ -1,13 +1,13 @@
 """What one RPC leaves in the audit log.
 
-The interceptor opens a `CallRecord` for every RPC and each layer of the flow fills
-in what it learns (consumer, dataset, canonical query, deciding rule, rows), so a
-request that fails half-way still leaves a record saying how far it got.
+The interceptor opens a `CallRecord` for every RPC, fills in the consumer and the
+decision, and takes the rest from the request flow's `Outcome` (dataops.outcome:
+dataset, canonical query, spend, rows), which a refusal carries as far as it got,
+so a request that fails half-way still leaves a record saying how far it got.
 """
 
 from __future__ import annotations
 
-import contextvars
 import datetime as dt
 import json
 import time
@@ -55,6 +55,18 @@ class CallRecord:
     # Streams leave a record when they open, one per message and one when they close.
     stream_event: str | None = None
     messages: int | None = None
+
+    def record_outcome(self, outcome: Any) -> None:
+        """Take what the request did from its `Outcome` (only what it knows: None keeps ours)."""
+        for name in ("dataset", "mode", "query", "purpose", "rows_returned", "rows_suppressed", "table"):
+            value = getattr(outcome, name)
+            if value is not None:
+                setattr(self, name, value)
+        if outcome.table is not None:
+            self.table_fingerprint = outcome.table_fingerprint
+        self.epsilon_spent, self.delta_spent = outcome.spent.epsilon, outcome.spent.delta
+        self.reused = outcome.reused
+        self.evaluations = outcome.evaluations
 
     def allowed(self, rule: str = "grant") -> None:
         self.decision, self.code, self.rule = "allowed", "OK", self.rule or rule
@@ -135,19 +147,3 @@ class CallRecord:
             # Only exact answers name a table; other records keep their shape.
             **({"table": self.table, "table_fingerprint": self.table_fingerprint} if self.table else {}),
         }
-
-
-_current: contextvars.ContextVar[CallRecord] = contextvars.ContextVar("dataops_call")
-
-
-def open_call(record: CallRecord) -> contextvars.Token:
-    return _current.set(record)
-
-
-def close_call(token: contextvars.Token) -> None:
-    _current.reset(token)
-
-
-def current_call() -> CallRecord:
-    """The record of the RPC this thread is serving."""
-    return _current.get()

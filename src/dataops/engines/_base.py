@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import polars as pl
 import pyarrow as pa
@@ -11,7 +11,7 @@ from dataops.catalog import ColumnType, Dataset
 from dataops.errors import FieldViolation, InvalidQuery
 from dataops.ir import Between, Equals, Filter, InSet, Query, Scalar
 from dataops.policy import Grant
-from dataops.values import AggregateAccuracy, Spend  # noqa: F401 (re-exported)
+from dataops.values import AggregateAccuracy, PrivacyLoss, Spend  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,51 @@ class EngineResult:
     # Exact answers: the protected table looked up, and its fingerprint (for the audit).
     table_id: str | None = None
     table_fingerprint: str | None = None
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """An engine's answer before it runs: what a release would cost and how accurate it
+    would be. Reads no data and spends nothing; `release` takes it back and refuses to
+    cost more than it says."""
+
+    cost: PrivacyLoss
+    accuracy: tuple[AggregateAccuracy, ...]
+    # Public facts about the query's terms (read from no data), e.g. that clipping may bias.
+    notes: tuple[str, ...] = ()
+    # zCDP grants: the release's rho, which the ledger composes (cost is its conversion).
+    rho: float | None = None
+    # The data version the release would read: with the query it keys reuse (None: the
+    # engine's answers are not stored for reuse, e.g. lookups in published tables).
+    data_version: str | None = None
+    # The engine's own state between estimate and release (e.g. the compiled, calibrated
+    # query), opaque to everyone else.
+    handle: Any = None
+
+
+PlanT = TypeVar("PlanT", contravariant=True)
+ResultT = TypeVar("ResultT", covariant=True)
+
+
+class Engine(Protocol[PlanT, ResultT]):
+    """One way an answer leaves the sandbox (as Ibis has backends: adding an engine is
+    adding a module). `Sandbox` holds one per query mode (`Engine[Plan, EngineResult]`:
+    the exact-table and DP engines); the subject engine takes a consented `SubjectPlan`
+    and releases an `Evaluation`.
+
+    `spends` says whether releases cost privacy budget: if so, the release coordinator
+    (`dataops.releases`) reserves the estimate's cost before `release` and commits it after.
+    """
+
+    spends: bool
+
+    def estimate(self, plan: PlanT) -> Estimate:
+        """Cost and accuracy; runs nothing on the data and spends nothing."""
+        ...
+
+    def release(self, plan: PlanT, estimate: Estimate, deadline: float | None = None) -> ResultT:
+        """The answer, at no more than `estimate.cost` (`deadline`: time.monotonic() the client stops)."""
+        ...
 
 
 def scan(dataset: Dataset) -> pl.LazyFrame:

@@ -42,6 +42,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from dataops.catalog import ColumnType, Dataset
+from dataops.engines._base import AggregateAccuracy, Estimate, PrivacyLoss
 from dataops.engines.prepared import Fingerprints
 from dataops.errors import InternalError
 from dataops.products.subject import Output, OutputFunction, SubjectProduct
@@ -364,3 +365,39 @@ class SubjectLayouts:
         for old in self.directory.glob(f"{dataset.id}-*"):
             if old != keep and old.is_dir() and pattern.fullmatch(old.name):
                 shutil.rmtree(old, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class SubjectPlan:
+    """One consented evaluation: the product, the subject, and the day it is evaluated on.
+
+    Made only once the consent has been verified (`dataops.subjects.Evaluator`)."""
+
+    product: SubjectProduct
+    subject: str
+    day: dt.date
+
+
+class SubjectEngine:
+    """The `Engine` protocol over subject layouts: estimate → cost and accuracy, release → outputs.
+
+    An evaluation spends no privacy budget: it is released under the subject's consent
+    (whose uses the consent store counts), not under differential privacy, and its
+    outputs are exact.
+    """
+
+    spends = False
+
+    def __init__(self, layouts: SubjectLayouts) -> None:
+        self.layouts = layouts
+
+    def estimate(self, plan: SubjectPlan) -> Estimate:
+        return Estimate(
+            PrivacyLoss.zero(),
+            tuple(AggregateAccuracy(o.name, mechanism="exact") for o in plan.product.outputs),
+        )
+
+    def release(
+        self, plan: SubjectPlan, estimate: Estimate | None = None, deadline: float | None = None
+    ) -> Evaluation:
+        return self.layouts.current(plan.product.dataset).evaluate(plan.product, plan.subject, plan.day)

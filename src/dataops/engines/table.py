@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from dataops.catalog import Catalog, ColumnType, Dataset
-from dataops.engines._base import AggregateAccuracy, EngineResult, Plan, Spend
+from dataops.engines._base import AggregateAccuracy, EngineResult, Estimate, Plan, PrivacyLoss
 from dataops.errors import FieldViolation, InvalidQuery, LimitExceeded, PolicyDenied, TableUnavailable
 from dataops.ir import Between, Equals, Function, InSet, Query
 
@@ -331,14 +331,6 @@ class TableIndex:
 # --- the engine: protect once per data version, answer by lookup -------------------
 
 
-@dataclass(frozen=True)
-class Estimate:
-    """What an exact answer costs (nothing: the tables are published) and its accuracy (exact)."""
-
-    spend: Spend
-    accuracy: tuple[AggregateAccuracy, ...]
-
-
 class TableEngine:
     """Keeps every table product protected for its dataset's current data version.
 
@@ -371,14 +363,20 @@ class TableEngine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    # estimate → cost and accuracy; release → result (the Engine shape of issue 14).
+    # The Engine protocol (dataops.engines._base): estimate → cost and accuracy; release → result.
+    # Lookups in published tables spend no budget, so nothing is reserved or stored for reuse.
+    spends = False
 
     def estimate(self, plan: Plan) -> Estimate:
+        """Nothing: the tables are published; and exact (the suppression is in the table)."""
         return Estimate(
-            Spend(), tuple(AggregateAccuracy(a.name, mechanism="exact") for a in plan.query.aggregates)
+            PrivacyLoss.zero(),
+            tuple(AggregateAccuracy(a.name, mechanism="exact") for a in plan.query.aggregates),
         )
 
-    def release(self, plan: Plan, deadline: float | None = None) -> EngineResult:
+    def release(
+        self, plan: Plan, estimate: Estimate | None = None, deadline: float | None = None
+    ) -> EngineResult:
         coverage = plan.coverage
         if coverage is None:  # authorize covers every aggregate-mode query
             raise PolicyDenied(f"no table covers this query; {_DP_HINT}", rule="table.coverage")

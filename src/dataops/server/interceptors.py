@@ -28,7 +28,7 @@ from grpc_status import rpc_status
 
 from dataops.audit import AuditLog, AuditUnavailable, Receipt
 from dataops.audit.receipts import fill_receipt, receipt_metadata, witness_size
-from dataops.audit.record import CallRecord, close_call, open_call
+from dataops.audit.record import CallRecord
 from dataops.certs import IdentityError, RevocationList, consumer_identity_from_certificate
 from dataops.errors import (
     DeadlineExceeded,
@@ -39,6 +39,7 @@ from dataops.errors import (
     RequestError,
     Unauthenticated,
 )
+from dataops.outcome import Outcome, outcome_of
 from dataops.policy import PolicyStore
 from dataops.server.ratelimit import Admission, RateLimiter
 from dataops.server.status import status_code
@@ -148,6 +149,45 @@ _REVOCATION_MESSAGES = {
     "certificate.revoked": "the client certificate is revoked",
     "certificate.crl_unavailable": "the revocation list is unavailable; every certificate is refused",
 }
+
+
+class CallContext:
+    """The servicer's `context`: gRPC's own, plus who is asking and a place for the outcome.
+
+    The interceptor makes one per call and passes it to the servicer in place of
+    gRPC's context (everything else is delegated to it), so identity and deadline
+    reach the servicer as arguments, not through a contextvar, and the servicer hands
+    back the request flow's `Outcome` with `record`, from which the interceptor writes
+    the audit record.
+    """
+
+    def __init__(self, context: grpc.ServicerContext, call: CallRecord) -> None:
+        self._context = context
+        self._call = call
+
+    @property
+    def consumer(self) -> str:
+        consumer = self._call.consumer
+        if consumer is None:  # the interceptor identifies before any servicer runs
+            raise InternalError("a servicer ran before its caller was identified")
+        return consumer
+
+    @property
+    def deadline(self) -> float | None:
+        """time.monotonic() by which the client stops waiting, or None."""
+        return self._call.deadline
+
+    @property
+    def request_id(self) -> str:
+        """Links the audit record to the ledger reservation the request makes."""
+        return self._call.request_id
+
+    def record(self, outcome: Outcome) -> None:
+        """What the request did (for a stream: what the next message carries)."""
+        self._call.record_outcome(outcome)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
 
 
 class _Pending:
@@ -321,6 +361,21 @@ class AuditInterceptor(grpc.ServerInterceptor):
             return grpc.stream_unary_rpc_method_handler(refuse)
         return grpc.stream_stream_rpc_method_handler(refuse)
 
+    @staticmethod
+    def _refused(call: CallRecord, error: RequestError) -> None:
+        """A refusal's record: how far the request got (its outcome), and the code it is answered with."""
+        outcome = outcome_of(error)
+        if outcome is not None:
+            call.record_outcome(outcome)
+        call.refused(error, status_code(error).name)
+
+    @staticmethod
+    def _failed(call: CallRecord, error: Exception) -> None:
+        outcome = outcome_of(error)
+        if outcome is not None:
+            call.record_outcome(outcome)
+        call.failed("INTERNAL")
+
     def _append(self, call: CallRecord, context: grpc.ServicerContext, method: str) -> Receipt:
         try:
             return self.audit.append(call.to_record(self.policies.current.version))
@@ -376,64 +431,58 @@ class AuditInterceptor(grpc.ServerInterceptor):
         def behavior(raw: bytes, context: grpc.ServicerContext) -> Any:
             pending.started = True
             call = CallRecord(method=method, stream_event="open", messages=0)
-            token = open_call(call)
+            admitted = None
             try:
-                admitted = None
-                try:
-                    admitted = self._open(context, call)
-                    request = self._parse(handler, raw, call)
-                except RequestError as exc:
-                    call.refused(exc, status_code(exc).name)
-                    context.abort_with_status(
-                        to_status(
-                            exc,
-                            self._append(call, context, method),
-                            witness_size(context.invocation_metadata()),
-                        )
+                admitted = self._open(context, call)
+                request = self._parse(handler, raw, call)
+            except RequestError as exc:
+                self._refused(call, exc)
+                context.abort_with_status(
+                    to_status(
+                        exc,
+                        self._append(call, context, method),
+                        witness_size(context.invocation_metadata()),
                     )
-                finally:
-                    if admitted is not None:
-                        self.admission.leave(admitted)
-                call.allowed()
-                self._append(call, context, method)
-                error: RequestError | None = None
-                failed = False
-                try:
-                    for response in handler.unary_stream(request, context):
-                        call.stream_event, call.messages = "message", call.messages + 1
-                        receipt = self._append(call, context, method)  # before the message goes out
-                        call.evaluations = None
-                        fill_receipt(response.receipt, receipt, witness_size(context.invocation_metadata()))
-                        yield response
-                except RequestError as exc:
-                    error = exc
-                except GeneratorExit:  # gRPC dropped the stream (client gone, server stopping)
-                    call.stream_event, call.evaluations = "close", None
-                    call.decision, call.code = "allowed", "CANCELLED"
-                    self.audit.append(call.to_record(self.policies.current.version))
-                    raise
-                except Exception:
-                    log.exception("internal error in %s", method)
-                    failed = True
-                call.stream_event, call.evaluations = "close", None
-                if error is not None:
-                    call.refused(error, status_code(error).name)
-                elif failed:
-                    call.failed("INTERNAL")
-                elif not context.is_active():
-                    call.code = "CANCELLED"
-                receipt = self._append(call, context, method)
-                if error is not None:
-                    context.abort_with_status(
-                        to_status(error, receipt, witness_size(context.invocation_metadata()))
-                    )
-                if failed:
-                    context.abort_with_status(internal_status(receipt))
+                )
             finally:
-                try:
-                    close_call(token)
-                except ValueError:  # closed from another context (a dropped stream's cleanup)
-                    pass
+                if admitted is not None:
+                    self.admission.leave(admitted)
+            call.allowed()
+            self._append(call, context, method)
+            error: RequestError | None = None
+            failed = False
+            try:
+                for response in handler.unary_stream(request, CallContext(context, call)):
+                    call.stream_event, call.messages = "message", call.messages + 1
+                    receipt = self._append(call, context, method)  # before the message goes out
+                    call.evaluations = None
+                    fill_receipt(response.receipt, receipt, witness_size(context.invocation_metadata()))
+                    yield response
+            except RequestError as exc:
+                error = exc
+            except GeneratorExit:  # gRPC dropped the stream (client gone, server stopping)
+                call.stream_event, call.evaluations = "close", None
+                call.decision, call.code = "allowed", "CANCELLED"
+                self.audit.append(call.to_record(self.policies.current.version))
+                raise
+            except Exception:
+                log.exception("internal error in %s", method)
+                failed = True
+            call.stream_event, call.evaluations = "close", None
+            if error is not None:
+                self._refused(call, error)
+                call.evaluations = None  # the messages carried them; the close record does not
+            elif failed:
+                call.failed("INTERNAL")
+            elif not context.is_active():
+                call.code = "CANCELLED"
+            receipt = self._append(call, context, method)
+            if error is not None:
+                context.abort_with_status(
+                    to_status(error, receipt, witness_size(context.invocation_metadata()))
+                )
+            if failed:
+                context.abort_with_status(internal_status(receipt))
 
         if self.pool is not None:
             behavior.experimental_thread_pool = self.pool  # streams run on the dataops.v1 pool too
@@ -446,25 +495,23 @@ class AuditInterceptor(grpc.ServerInterceptor):
         def behavior(raw: bytes, context: grpc.ServicerContext) -> Any:
             pending.started = True
             call = CallRecord(method=method)
-            token = open_call(call)
             response, error, request = None, None, None
             admitted = None
             try:
                 admitted = self._open(context, call)
                 request = self._parse(handler, raw, call)
-                response = handler.unary_unary(request, context)
+                response = handler.unary_unary(request, CallContext(context, call))
                 call.allowed()
             except RequestError as exc:
-                call.refused(exc, status_code(exc).name)
+                self._refused(call, exc)
                 if request is not None:
                     call.attempted(request)  # a refused query is recorded even when it never planned
                 error = exc
-            except Exception:
+            except Exception as exc:
                 log.exception("internal error in %s", method)
-                call.failed("INTERNAL")
+                self._failed(call, exc)
                 error = None
             finally:
-                close_call(token)
                 if admitted is not None:
                     self.admission.leave(admitted)
             try:

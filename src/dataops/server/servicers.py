@@ -1,14 +1,15 @@
 """Thin servicers: protobuf → IR → `Sandbox` → protobuf. Nothing else happens here.
 
 Identity, audit and error mapping are the interceptor's (`interceptors.py`); the
-request flow is the Sandbox's (`dataops.service`).
+request flow is the Sandbox's (`dataops.service`). Each servicer gets the
+interceptor's `CallContext` (the caller, its deadline) and hands the flow's
+`Outcome` back to it with `context.record`, for the audit record.
 """
 
 from __future__ import annotations
 
 from dataops import subject_wire, wire
 from dataops.audit.log import AuditLog
-from dataops.audit.record import current_call
 from dataops.errors import InvalidQuery
 from dataops.service import Sandbox
 from dataops.subjects import Evaluator
@@ -29,11 +30,13 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
         self.sandbox = sandbox
 
     def ListDatasets(self, request, context):  # noqa: N802 (generated name)
-        views = self.sandbox.datasets(current_call().consumer)
+        views = self.sandbox.datasets(context.consumer)
         return catalog_pb2.ListDatasetsResponse(datasets=[wire.dataset_to_proto(v.dataset) for v in views])
 
     def DescribeDataset(self, request, context):  # noqa: N802
-        view = self.sandbox.describe(current_call().consumer, request.dataset_id, current_call())
+        outcome = self.sandbox.describe(context.consumer, request.dataset_id)
+        context.record(outcome)
+        view = outcome.result
         return catalog_pb2.DescribeDatasetResponse(
             dataset=wire.dataset_to_proto(view.dataset),
             columns=wire.columns_to_proto(view.dataset, view.grant),
@@ -47,9 +50,12 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
         self.sandbox = sandbox
 
     def RunQuery(self, request, context):  # noqa: N802
-        call = current_call()
-        query = wire.query_from_request(request, self.sandbox.unit_column_for(call.consumer))
-        result = self.sandbox.run(call.consumer, query, call)
+        query = wire.query_from_request(request, self.sandbox.unit_column_for(context.consumer))
+        outcome = self.sandbox.run(
+            context.consumer, query, request_id=context.request_id, deadline=context.deadline
+        )
+        context.record(outcome)
+        result = outcome.result
         return query_pb2.RunQueryResponse(
             result=query_pb2.ArrowTable(
                 ipc_stream=wire.table_to_ipc(result.table), row_count=result.table.num_rows
@@ -61,9 +67,10 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
         )
 
     def EstimateQuery(self, request, context):  # noqa: N802
-        call = current_call()
-        query = wire.query_from_request(request, self.sandbox.unit_column_for(call.consumer))
-        estimate = self.sandbox.estimate(call.consumer, query, call)
+        query = wire.query_from_request(request, self.sandbox.unit_column_for(context.consumer))
+        outcome = self.sandbox.estimate(context.consumer, query)
+        context.record(outcome)
+        estimate = outcome.result
         return query_pb2.EstimateQueryResponse(
             spend=wire.spend_to_proto(estimate.spend),
             accuracy=[wire.accuracy_to_proto(a) for a in estimate.accuracy],
@@ -71,9 +78,9 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
         )
 
     def GetBudget(self, request, context):  # noqa: N802
-        call = current_call()
-        budgets = self.sandbox.budgets(call.consumer, request.dataset_id or None, call)
-        return query_pb2.GetBudgetResponse(budgets=[wire.budget_to_proto(b) for b in budgets])
+        outcome = self.sandbox.budgets(context.consumer, request.dataset_id or None)
+        context.record(outcome)
+        return query_pb2.GetBudgetResponse(budgets=[wire.budget_to_proto(b) for b in outcome.result])
 
 
 class SubjectServicer(subject_pb2_grpc.SubjectServiceServicer):
@@ -83,30 +90,32 @@ class SubjectServicer(subject_pb2_grpc.SubjectServiceServicer):
         self.evaluator = evaluator
 
     def Evaluate(self, request, context):  # noqa: N802
-        call = current_call()
-        evaluation = self.evaluator.evaluate(
-            call.consumer, subject_wire.subject_item_from_proto(request.item), call
+        outcome = self.evaluator.evaluate(
+            context.consumer, subject_wire.subject_item_from_proto(request.item)
         )
-        return subject_pb2.EvaluateResponse(evaluation=subject_wire.evaluation_to_proto(evaluation, call))
+        context.record(outcome)
+        return subject_pb2.EvaluateResponse(
+            evaluation=subject_wire.evaluation_to_proto(outcome.result, outcome.evaluations[-1])
+        )
 
     def EvaluateBatch(self, request, context):  # noqa: N802
-        call = current_call()
         items = [subject_wire.subject_item_from_proto(item) for item in request.items]
-        results = self.evaluator.evaluate_batch(call.consumer, items, call)
+        outcome = self.evaluator.evaluate_batch(context.consumer, items)
+        context.record(outcome)
         return subject_pb2.EvaluateBatchResponse(
             results=[
                 subject_pb2.BatchResult(
-                    index=i, **subject_wire.subject_result_to_proto(result, call.evaluations[i])
+                    index=i, **subject_wire.subject_result_to_proto(result, outcome.evaluations[i])
                 )
-                for i, result in enumerate(results)
+                for i, result in enumerate(outcome.result)
             ]
         )
 
     def Watch(self, request, context):  # noqa: N802
-        call = current_call()
         items = [subject_wire.subject_item_from_proto(item) for item in request.items]
-        for index, result in self.evaluator.watch(call.consumer, items, call, context.is_active):
-            update = subject_wire.subject_result_to_proto(result, call.evaluations[0])
+        for index, result, outcome in self.evaluator.watch(context.consumer, items, context.is_active):
+            context.record(outcome)  # the audit record of the message about to go out
+            update = subject_wire.subject_result_to_proto(result, outcome.evaluations[0])
             if "error" in update:
                 yield subject_pb2.WatchResponse(index=index, ended=update["error"])
             else:
