@@ -37,7 +37,7 @@ from dataops.client import Client, count, total
 from dataops.config import load_config
 from dataops.demo.session import prepare
 from dataops.engines._base import Plan
-from dataops.engines.dp import DPQuery
+from dataops.engines.dp import DPQuery, enable_opendp
 from dataops.engines.prepared import PreparedStore
 from dataops.ir import Aggregate, Function, Mode, Privacy, Query
 from dataops.policy import Grant
@@ -169,6 +169,7 @@ def bench(rows: int, repeats: int, identifier_repeats: int) -> dict[str, float]:
 
 
 def main() -> None:
+    enable_opendp()  # as the server does at start
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 10_000_000])
     parser.add_argument("--repeats", type=int, default=7)

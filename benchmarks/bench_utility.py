@@ -55,6 +55,7 @@ import polars as pl
 from dataops.catalog import load_catalog
 from dataops.demo.generate import generate
 from dataops.engines._base import Plan
+from dataops.engines.dp import enable_opendp
 from dataops.engines.dp_autoclip import compile_query
 from dataops.engines.prepared import PreparedStore
 from dataops.ir import Aggregate, Function, MeasureTerms, Mode, Privacy, Query
@@ -128,6 +129,7 @@ def release_error(dataset, source, query: Query, accounting: str, truth: dict, n
 
 
 def main() -> None:
+    enable_opendp()  # as the server does at start
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--claims", type=int, default=1_000_000)
     parser.add_argument("--enterprises", type=int, default=200_000)

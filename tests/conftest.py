@@ -16,6 +16,11 @@ from dataops.certs import init_authority, issue_consumer
 from dataops.client import Client
 from dataops.config import ServerConfig, load_config
 from dataops.demo.generate import generate
+from dataops.engines.dp import enable_opendp
+
+# Tests build DP queries in-process as the server does, so the process enables OpenDP's
+# features as the server does at start (tests/test_dp_engine.py checks the engine refuses otherwise).
+enable_opendp()
 
 REPO = Path(__file__).resolve().parent.parent
 CONSUMERS = ("city-bank", "river-bank", "harbor-insurance", "ghost")  # ghost: valid cert, no policy

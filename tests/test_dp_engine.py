@@ -316,3 +316,35 @@ def test_consumer_mistakes_are_refused_with_a_rule(tmp_path: Path) -> None:
         with pytest.raises(InvalidQuery) as caught:
             DPQuery.compile(plan_for(dataset, [aggregate], epsilon=1.0))
         assert caught.value.rule == rule and caught.value.column == aggregate.column
+
+
+# --- OpenDP's features: enabled at server start, asserted in the engine ----------------------
+
+
+def test_importing_the_engine_enables_no_opendp_feature() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import dataops.engines.dp, dataops.engines.dp_engine, dataops.engines.dp_autoclip, "
+        "dataops.service, opendp.mod as m; print(sorted(m.GLOBAL_FEATURES))"
+    )
+    env = {"PYTHONPATH": str(REPO / "src"), "PATH": ""}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_engine_refuses_to_build_a_measurement_unless_the_features_were_enabled(claims: Dataset) -> None:
+    import opendp.prelude as dp
+
+    from dataops.engines.dp import OPENDP_FEATURES, enable_opendp
+
+    plan = plan_for(claims, [COUNT], epsilon=1.0)
+    dp.disable_features(*OPENDP_FEATURES)
+    try:
+        with pytest.raises(InternalError, match="not enabled"):
+            DPQuery.compile(plan)
+    finally:
+        enable_opendp()
+    compiled = DPQuery.compile(plan)  # the control on: the same query compiles and calibrates
+    assert compiled.calibrate(plan.query.privacy).cost.epsilon == pytest.approx(1.0)

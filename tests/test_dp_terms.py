@@ -21,8 +21,9 @@ import pytest
 from dataops.catalog import Dataset, load_catalog
 from dataops.client import DataopsClientError, count, total
 from dataops.demo.generate import generate
-from dataops.engines.dp import DPQuery, rho_for_epsilon, zcdp_to_epsilon
+from dataops.engines.dp import DPQuery
 from dataops.engines.dp_autoclip import AutoClippedQuery, compile_query
+from dataops.engines.dp_calibrate import rho_for_epsilon, zcdp_to_epsilon
 from dataops.engines.dp_post import consistent_column, project_to_total
 from dataops.errors import InvalidQuery
 from dataops.ir import Aggregate, Function, MeasureTerms, Mode, Privacy, Query

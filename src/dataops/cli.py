@@ -779,6 +779,7 @@ def _explain_budget(config: Any, decision: Any, query: ir.Query, consumer: str) 
     from dataops.server.app import ledger_path
     from dataops.values import PrivacyLoss
 
+    dp_engine.enable_opendp()  # this command compiles the query as the server would
     compiled = dp_engine.DPQuery.compile(Plan(query, decision.dataset, decision.grant))
     cost = compiled.calibrate(query.privacy).cost
     path = ledger_path(config)

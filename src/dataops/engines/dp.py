@@ -1,4 +1,13 @@
-"""The DP engine: OpenDP measurements built directly with a computed noise scale.
+"""The DP engine's proof-bearing core: contribution bounding, noise, OpenDP measurements.
+
+This file is what a privacy reviewer reads: how each unit's contribution is bounded,
+which OpenDP measurement releases each aggregate, and how its loss is mapped. The
+rest of the DP engine carries no proof of its own and lives apart: the noise-scale
+search, accuracy and bias notes (`dp_calibrate`), the released table's assembly and
+consistency (`dp_post`, post-processing), automatic clipping (`dp_autoclip`, two
+ordinary measurements composed), and the `Engine` adapter the service calls
+(`dp_engine`). OpenDP's features are enabled once at server start (`enable_opendp`)
+and asserted before any measurement is built.
 
 OpenDP's `Context` searches for the noise scale on every query (seconds). Here a
 query is compiled once into OpenDP polars plans over an *empty* frame, and the
@@ -59,7 +68,7 @@ release keys), never wider than the catalog's (refused naming the field otherwis
 * tighter clipping bounds per measure: OpenDP clips to them; the fixed point stays
   the catalog's (the copy holds it), so only the bounds OpenDP sees change.
 * budget weights: every noisy term gets its own noise scale, global_scale times a
-  unit that makes its loss its weight's share (`_Compiled._units`). That is a budget
+  unit that makes its loss its weight's share (`Compiled._units`). That is a budget
   allocation only: the spend is always OpenDP's map of the whole measurement. A MEAN is
   released as its sum and count of known values (`finish` divides them), so each
   part gets its own share.
@@ -79,11 +88,11 @@ Measurements are collected with `OnceFrame.lazy().collect()` (OpenDP's
 noise plugin are the same, but the query runs on the polars we ship, 2-3 times
 faster at 10M rows than the polars compiled into OpenDP. The conditions that API
 states hold here: each plan is collected exactly once, nothing is added to it, and
-row order is never observed (`finish` sorts by the group columns; an ungrouped
+row order is never observed (`dp_post.finish` sorts by the group columns; an ungrouped
 release is one row). Plans with a quantile use `collect()`: OpenDP's quantile
 scorer cannot be handed back to Python polars.
 
-Before OpenDP sees the data, `_Compiled.prepare` applies row-by-row steps to the
+Before OpenDP sees the data, `Compiled.prepare` applies row-by-row steps to the
 scan. Each output row depends on one input row only and the unit column is kept
 unchanged, so the neighbouring relation (one unit's rows) is preserved and the
 guarantee OpenDP proves for the prepared frame holds for the raw data:
@@ -105,7 +114,7 @@ SUM, MEAN and QUANTILE drop missing values (`.drop_nulls()`) before OpenDP
 aggregates. So MEAN is the mean of the known values, not biased toward any fill
 value, and OpenDP's default midpoint imputation never applies.
 
-Post-processing (free under DP): MEAN is clamped to the bounds (the ratio of two
+Post-processing (free under DP, `dp_post`): MEAN is clamped to the bounds (the ratio of two
 noisy values can leave them, or be undefined for an empty group, then null);
 outputs are sorted by the group columns. Counts are released signed and unclamped
 so they stay unbiased.
@@ -122,34 +131,49 @@ from typing import Any
 import numpy as np
 import opendp.prelude as dp
 import polars as pl
-import pyarrow as pa
 from opendp.mod import OpenDPException
 
 from dataops.catalog import Column, ColumnType, Dataset
+from dataops.engines import dp_calibrate, dp_post
 from dataops.engines._base import (
-    MECHANISM_DISCRETE_GAUSSIAN,
-    MECHANISM_DISCRETE_LAPLACE,
-    MECHANISM_EXPONENTIAL,
-    AggregateAccuracy,
     EngineResult,
     Plan,
     predicate,
     scan,
 )
-from dataops.engines.dp_calibrate import gaussian_accuracy, rho_for_epsilon, zcdp_to_epsilon
+from dataops.engines.dp_calibrate import Calibration, zcdp_to_epsilon
+from dataops.engines.dp_post import mean_parts
 from dataops.errors import FieldViolation, InternalError, InvalidQuery, LimitExceeded, PolicyDenied
-from dataops.ir import MAX_EPSILON, Aggregate, Function, Mode, Privacy, Query
+from dataops.ir import Aggregate, Function, Mode, Privacy, Query
 from dataops.values import PrivacyLoss
 
-# "honest-but-curious": OnceFrame.lazy(), see the module docstring.
-dp.enable_features("contrib", "honest-but-curious")
+# The OpenDP features the measurements need ("honest-but-curious": OnceFrame.lazy(), see
+# the module docstring). Enabled once at server start (`enable_opendp`), never as a side
+# effect of importing this module, and asserted before any measurement is built.
+OPENDP_FEATURES = ("contrib", "honest-but-curious")
 
-ALPHA = 0.05  # accuracy is reported as the half-width of a 95% interval
+
+def enable_opendp() -> None:
+    """Enable OpenDP's features for this process: the server at start, and the command-line
+    tools that compile DP queries."""
+    dp.enable_features(*OPENDP_FEATURES)
+
+
+def require_opendp() -> None:
+    """Refuse to build a measurement unless the process enabled OpenDP's features on purpose."""
+    try:
+        dp.assert_features(*OPENDP_FEATURES)
+    except OpenDPException:
+        raise InternalError(
+            f"OpenDP features {OPENDP_FEATURES} are not enabled; the server enables them at start "
+            "(dataops.engines.dp.enable_opendp)"
+        ) from None
+
+
 MAX_ROWS = 2**32 - 1  # dataset length bound given to OpenDP: polars (u32 index) holds no more
 _FIXED_POINT_LIMIT = 2**31 - 1  # |bound| * 10^d; times MAX_ROWS this still fits an i64 sum
 _MAX_DECIMALS = 6
 _QUANTILE_STEPS = 1000  # candidates: this many linear steps, plus as many geometric ones
-_NO_THRESHOLD = 2**32 - 1  # a threshold no group passes: isolates the epsilon part of the loss
 _ONE_UNIT = [dp.polars.Bound(per_group=1)]  # d_in: one privacy unit added or removed
 _HIDDEN_LEN = "#len"  # '#' cannot start a catalog column name: prepared columns never clash
 UNIT_CODE = "#unit"  # a prepared copy's unit column: a dense code, not derived from the unit id
@@ -215,18 +239,6 @@ def prepared_columns(dataset: Dataset) -> list[pl.Expr]:
     columns = [pl.col(c.name) for c in usable]
     columns += [_fixed_point(c).prepare() for c in usable if c.type.numeric and c.bounds is not None]
     return columns
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """What a query will spend and how accurate it will be."""
-
-    scale: float  # OpenDP global_scale
-    threshold: int | None  # private keys: a group is released if its noisy count exceeds this
-    cost: PrivacyLoss  # of the compiled query at this scale: what the ledger debits
-    accuracy: tuple[AggregateAccuracy, ...]  # one per aggregate, in query order, 95% half-width
-    rho: float | None = None  # zCDP grants: the query's rho, of which cost is OpenDP's conversion
-    notes: tuple[str, ...] = ()  # public facts about the terms, e.g. that clipping may bias
 
 
 @dataclass(frozen=True)
@@ -301,7 +313,7 @@ def bin_label(low: float, high: float) -> str:
 class DPQuery:
     """A DP query compiled to OpenDP measurements; see the module docstring."""
 
-    def __init__(self, compiled: _Compiled) -> None:
+    def __init__(self, compiled: Compiled) -> None:
         self._compiled = compiled
 
     @classmethod
@@ -322,7 +334,7 @@ class DPQuery:
         enforce_row_bound=False is the control switched off, for the test that shows
         what it stops: a query's smaller row bound is then assumed, not enforced.
         """
-        return cls(_Compiled(plan, source, clip_uppers or {}, enforce_row_bound))
+        return cls(Compiled(plan, source, clip_uppers or {}, enforce_row_bound))
 
     @property
     def terms(self) -> dict[str, tuple[float, float]]:
@@ -330,45 +342,9 @@ class DPQuery:
         return {name: m.bounds for name, m in self._compiled.measures.items()}
 
     def calibrate(self, privacy: Privacy) -> Calibration:
-        """The scale (and threshold) for a privacy budget or an accuracy target; reads no data.
-
-        With epsilon: the scale that spends exactly epsilon. With target_half_width: the
-        least epsilon at which every aggregate's 95% half-width is within the target.
-        Private group keys: the smallest threshold (OpenDP keeps a group when its noisy row
-        count exceeds it) whose delta fits privacy.delta.
-        """
-        c = self._compiled
-        c.check_delta(privacy)
-        if c.zcdp:
-            if privacy.epsilon is None:
-                raise InvalidQuery(
-                    "a zcdp grant takes epsilon, not target_half_width",
-                    rule="dp.zcdp",
-                    field_violations=(
-                        FieldViolation("query.privacy.target_half_width", "not on a zcdp grant"),
-                    ),
-                )
-            scale = c.scale_for_zcdp(privacy.epsilon, privacy.delta)
-            measurements = c.build(scale, None)
-            return Calibration(
-                scale, None, c.cost(measurements), c.accuracy(measurements), c.rho(measurements), c.notes
-            )
-        if privacy.epsilon is not None:
-            scale = c.scale_for(privacy.epsilon)
-        elif privacy.target_half_width is not None:
-            scale = c.scale_for_half_width(privacy.target_half_width)
-            # Loss is reference_epsilon / scale; checked before any map that could overflow.
-            if c.reference_epsilon / scale > MAX_EPSILON:
-                raise InvalidQuery(
-                    f"target_half_width={privacy.target_half_width} would need epsilon above "
-                    f"{MAX_EPSILON:g}; ask for a wider half-width",
-                    rule="dp.accuracy-target",
-                )
-        else:
-            raise InvalidQuery("a DP query needs epsilon or target_half_width", rule="dp.privacy")
-        threshold = c.threshold_for(scale, privacy.delta) if c.private_keys else None
-        measurements = c.build(scale, threshold)
-        return Calibration(scale, threshold, c.cost(measurements), c.accuracy(measurements), notes=c.notes)
+        """The scale (and threshold) for a privacy budget or an accuracy target; reads no
+        data (`dataops.engines.dp_calibrate`)."""
+        return dp_calibrate.calibrate(self._compiled, privacy)
 
     def release(self, calibration: Calibration) -> EngineResult:
         """Run the measurements on the data: the only step that reads it."""
@@ -385,7 +361,7 @@ class DPQuery:
             frames = [_collect(m(c.input(stage)), c.quantiles) for m, stage in zip(measurements, c.stages)]
         except (OpenDPException, pl.exceptions.PolarsError, OSError) as exc:
             raise InternalError(f"OpenDP failed to release: {exc}") from None
-        return EngineResult(table=c.finish(frames), rows_suppressed=0, accuracy=calibration.accuracy)
+        return EngineResult(table=dp_post.finish(c, frames), rows_suppressed=0, accuracy=calibration.accuracy)
 
 
 @dataclass(frozen=True)
@@ -402,7 +378,7 @@ class _Stage:
     """One measurement: its input plan on an empty frame, noisy terms, domain, metric, d_in.
 
     Each term's noise scale is global_scale * unit: `unit` makes the term's share of the
-    loss its weight's share (see `_Compiled._units`), so every loss is still
+    loss its weight's share (see `Compiled._units`), so every loss is still
     reference / global_scale (pure) or reference / global_scale^2 (zCDP).
     """
 
@@ -413,10 +389,10 @@ class _Stage:
     d_in: Any  # one privacy unit added or removed, in the metric's terms
     units: bool  # the input is one row per unit and group (COUNT_UNITS), not the rows
     unit_column: str | None = None  # the input keeps this unit column (identifier form)
-    scales: tuple[float, ...] = ()  # per term, set by _Compiled._units
+    scales: tuple[float, ...] = ()  # per term, set by Compiled._units
 
 
-class _Compiled:
+class Compiled:
     """The OpenDP side of a query: plans over an empty frame, and their privacy maps."""
 
     def __init__(
@@ -426,6 +402,7 @@ class _Compiled:
         clip_uppers: dict[str, float] | None = None,
         enforce_row_bound: bool = True,
     ) -> None:
+        require_opendp()
         query, dataset = plan.query, plan.dataset
         if query.mode is not Mode.DP or query.privacy is None:
             raise InternalError("the DP engine got a query that is not in DP mode")
@@ -482,7 +459,6 @@ class _Compiled:
             if a.column
         }
         self.quantiles = any(a.function is Function.QUANTILE for a in query.aggregates)
-        self.notes = _notes(dataset, self.measures, self.k)
 
         self.unit_dtype = _DTYPES[dataset.columns[dataset.unit_column].type]
         if self.zcdp:
@@ -492,9 +468,6 @@ class _Compiled:
         stages = self._stages()
         total_weight = sum(t.weight for stage in stages for t in stage.terms)
         self.stages = [self._units(stage, total_weight) for stage in stages]
-        # The loss at scale 1 (epsilon part; rho on a zCDP grant): every other scale is a
-        # division away.
-        self.reference_epsilon = self._rho_at(1.0) if self.zcdp else self._epsilon_at(1.0)
 
     def check_delta(self, privacy: Privacy) -> None:
         """Private group keys can only be released with delta > 0."""
@@ -634,7 +607,7 @@ class _Compiled:
             return [_Term(a.name, lambda s: known.dp.sum(bounds, scale=s).alias(a.name), weight)]
         if a.function is Function.MEAN:
             # Released apart so each gets its own share; finish divides them.
-            total, count = _mean_parts(a.name)
+            total, count = mean_parts(a.name)
             return [
                 _Term(total, lambda s: known.dp.sum(bounds, scale=s).alias(total), weight * MEAN_SUM_SHARE),
                 _Term(
@@ -754,153 +727,6 @@ class _Compiled:
             total += PrivacyLoss(*loss) if self.private_keys else PrivacyLoss(loss, 0.0)
         return total
 
-    def scale_for(self, epsilon: float) -> float:
-        """The scale that spends epsilon: loss is reference_epsilon / scale."""
-        scale = self.reference_epsilon / epsilon
-        # Rounding in OpenDP's map may land a hair above: step up until within budget.
-        for _ in range(64):
-            if self._epsilon_at(scale) <= epsilon:
-                return scale
-            scale = math.nextafter(scale, math.inf) * (1 + 1e-15)
-        raise InternalError("could not calibrate the noise scale")
-
-    def scale_for_zcdp(self, epsilon: float, delta: float) -> float:
-        """The scale whose rho OpenDP converts to at most epsilon at delta: rho = reference / scale^2."""
-        rho = rho_for_epsilon(epsilon, delta)
-        scale = math.sqrt(self.reference_epsilon / rho)
-        for _ in range(64):
-            if self.cost(self.build(scale, None)).epsilon <= epsilon:
-                return scale
-            scale = math.nextafter(scale, math.inf) * (1 + 1e-12)
-        raise InternalError("could not calibrate the noise scale")
-
-    def _epsilon_at(self, scale: float) -> float:
-        return self.cost(self.build(scale, self._no_keys)).epsilon
-
-    def _rho_at(self, scale: float) -> float:
-        return self.rho(self.build(scale, None))
-
-    @property
-    def _no_keys(self) -> int | None:
-        """The threshold that releases no private key: isolates the epsilon part of the loss."""
-        return _NO_THRESHOLD if self.private_keys else None
-
-    def scale_for_half_width(self, target: float) -> float:
-        """The largest scale (least epsilon) at which every half-width is within target."""
-        # Each aggregate's noise scale is global_scale times a fixed factor: read the factors once.
-        reference = self.accuracy(self.build(1.0, self._no_keys))
-
-        def within(scale: float) -> bool:
-            pairs = zip(reference, self._factors())
-            return all(_half_width(scale * a.noise_scale * f, f) <= target for a, f in pairs)
-
-        if not within(1e-12):
-            raise InvalidQuery(f"target_half_width={target} cannot be reached", rule="dp.accuracy-target")
-        # A target looser than the noise at the largest scale is met at (almost) no cost.
-        scale = 1e18 if within(1e18) else dp.binary_search(within, bounds=(1e-12, 1e18), T=float)
-        # Confirm with OpenDP's own summary at that scale; step down past any rounding.
-        while not all(a.half_width_95 <= target for a in self.accuracy(self.build(scale, self._no_keys))):
-            scale = math.nextafter(scale, 0.0) * (1 - 1e-12)
-        return scale
-
-    def _factors(self) -> list[float]:
-        return [self.measures[a.column].factor if a.column else 1.0 for a in self.query.aggregates]
-
-    def threshold_for(self, scale: float, delta: float) -> int:
-        """The smallest key-release threshold whose delta fits the budget."""
-
-        def fits(threshold: int) -> bool:
-            return self.cost(self.build(scale, threshold)).delta <= delta
-
-        if not fits(_NO_THRESHOLD):
-            raise InvalidQuery(
-                "delta is too small to release private group keys at this epsilon; raise delta or epsilon",
-                rule="dp.delta",
-            )
-        # Bisection over u32 (opendp's binary_search takes i32 only); fits() is monotone.
-        # OpenDP requires a threshold above a unit's rows per group (at most k), so start there.
-        failing, passing = self.k, _NO_THRESHOLD
-        while passing - failing > 1:
-            middle = (failing + passing) // 2
-            failing, passing = (failing, middle) if fits(middle) else (middle, passing)
-        return passing
-
-    def accuracy(self, measurements: list[dp.Measurement]) -> tuple[AggregateAccuracy, ...]:
-        """Per-aggregate noise scale and 95% half-width, in data units, from OpenDP's summary."""
-        rows: dict[str, list[dict]] = {}
-        for m in measurements:
-            # OpenDP's discrete Gaussian accuracy sums over the support (seconds at large
-            # scales): read the scales only, and compute it in `gaussian_accuracy`.
-            summary = (
-                dp.summarize_polars_measurement(m) if self.zcdp else dp.summarize_polars_measurement(m, ALPHA)
-            )
-            for row in summary.iter_rows(named=True):
-                if self.zcdp and row["distribution"] == "Integer Gaussian":
-                    row["accuracy"] = gaussian_accuracy(row["scale"], ALPHA)
-                rows.setdefault(row["column"], []).append(row)
-        mechanism = MECHANISM_DISCRETE_GAUSSIAN if self.zcdp else MECHANISM_DISCRETE_LAPLACE
-        distribution = "Integer Gaussian" if self.zcdp else "Integer Laplace"
-        out = []
-        for a, factor in zip(self.query.aggregates, self._factors()):
-            found = {row["aggregate"]: row for row in rows.get(a.name, [])}
-            if a.function is Function.QUANTILE:
-                # The exponential mechanism's scale is in rank-score units; its error in data
-                # units depends on the data, so there is no half-width to promise.
-                (row,) = found.values()
-                out.append(AggregateAccuracy(a.name, row["scale"], math.nan, MECHANISM_EXPONENTIAL))
-                continue
-            if a.function is Function.MEAN:
-                (row,) = rows[_mean_parts(a.name)[0]]
-                scale = row["scale"] / factor  # the numerator's noise, in data units
-                out.append(AggregateAccuracy(a.name, scale, math.nan, mechanism))
-                continue
-            if len(found) != 1 or next(iter(found.values()))["distribution"] != distribution:
-                raise InternalError(f"unexpected OpenDP summary for {a.name}: {found}")
-            (row,) = found.values()
-            scale, half_width = row["scale"] / factor, row["accuracy"] / factor
-            out.append(AggregateAccuracy(a.name, scale, half_width, mechanism))
-        return tuple(out)
-
-    # --- post-processing ----------------------------------------------------------
-
-    def finish(self, frames: list[pl.DataFrame]) -> pa.Table:
-        """Join the plans' outputs, convert fixed point back, sort by the group columns."""
-        dims = [d.column for d in self.dims]
-        if dims:
-            table = frames[0]
-            for frame in frames[1:]:
-                # With private keys each plan passed its own threshold: keep groups both released.
-                table = table.join(frame, on=dims, how="inner", nulls_equal=True)
-            table = table.sort([d.sort_key() for d in self.dims], nulls_last=True)
-        else:
-            table = pl.concat(frames, how="horizontal")
-        outputs = []
-        for a in self.query.aggregates:
-            value = pl.col(a.name)
-            if a.column is not None:
-                m = self.measures[a.column]
-                if a.function is Function.MEAN:
-                    lo, hi = m.bounds
-                    total, count = (pl.col(c).cast(pl.Float64) for c in _mean_parts(a.name))
-                    mean = total / count / m.factor
-                    # A count at or below zero makes no mean (the noisy ratio would be meaningless).
-                    value = pl.when(mean.is_finite() & (count > 0)).then(mean.clip(lo, hi)).otherwise(None)
-                elif not m.integer:
-                    value = value.cast(pl.Float64) / m.factor
-            outputs.append(value.alias(a.name))
-        table = table.select(*dims, *outputs)
-        if self.query.privacy.consistent and dims:
-            from dataops.engines.dp_post import consistent_table  # post-processing, no privacy role
-
-            additive = [
-                a.name
-                for a in self.query.aggregates
-                if a.function in (Function.COUNT, Function.COUNT_UNITS)
-                or (a.function is Function.SUM and self.measures[a.column].bounds[0] >= 0)
-            ]
-            table = consistent_table(table, additive)
-        return table.to_arrow()
-
 
 def require_max_rows(dataset: Dataset) -> None:
     """DP is off until the operator has set the contribution bound; it is never taken from the data."""
@@ -1016,30 +842,8 @@ def _row_bound(privacy: Privacy, dataset: Dataset) -> int:
     return k
 
 
-def _notes(dataset: Dataset, measures: dict[str, _Measure], k: int) -> tuple[str, ...]:
-    """What can be said about bias from the public terms alone (no data is read)."""
-    notes = []
-    for name, m in measures.items():
-        if m.bounds != tuple(dataset.columns[name].bounds):
-            notes.append(
-                f"{name}: clipped to [{m.bounds[0]:g}, {m.bounds[1]:g}], inside the catalog's "
-                f"{list(dataset.columns[name].bounds)}: values outside are moved in (clipping bias possible)"
-            )
-    if k < dataset.max_rows_per_unit:
-        notes.append(
-            f"each unit is truncated to {k} rows (catalog: {dataset.max_rows_per_unit}): "
-            "rows beyond are left out (truncation bias possible)"
-        )
-    return tuple(notes)
-
-
 def _len_term(name: str) -> Any:
     return lambda s: dp.len(scale=s, signed=True).alias(name)
-
-
-def _mean_parts(name: str) -> tuple[str, str]:
-    """A mean's released sum and count of known values ('#' names never clash)."""
-    return f"#sum:{name}", f"#count:{name}"
 
 
 def _fixed_point(column: Column) -> _Measure:
@@ -1049,8 +853,3 @@ def _fixed_point(column: Column) -> _Measure:
     while biggest * 10.0**decimals > _FIXED_POINT_LIMIT:
         decimals -= 1
     return _Measure(column.name, column.bounds, decimals, column.type is ColumnType.INT and decimals == 0)
-
-
-def _half_width(scale: float, factor: float) -> float:
-    """95% half-width, in data units, of discrete Laplace noise with this fixed-point scale."""
-    return dp.discrete_laplacian_scale_to_accuracy(float(scale), ALPHA) / factor

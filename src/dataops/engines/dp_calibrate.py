@@ -1,19 +1,231 @@
-"""Numbers around the DP stages that carry no proof of their own: zCDP conversions, accuracy.
+"""Calibration: the noise scale for a budget or an accuracy target, and what it costs and buys.
 
-`dataops.engines.dp` builds the measurements (the proof-bearing part); what is here
-only converts or describes what OpenDP computes for them. The conversion of a zCDP
-loss to (epsilon, delta) is OpenDP's (`make_zCDP_to_approxDP`, `make_fix_delta`),
-applied to a measurement whose rho is the query's.
+`dataops.engines.dp` builds the measurements (the proof-bearing part) and maps their
+privacy loss through OpenDP; nothing here adds privacy reasoning of its own. The
+search for a scale only picks *which* measurement to build: whatever it picks, the
+spend is OpenDP's map of that measurement (`Compiled.cost`), and `DPQuery.release`
+refuses a measurement that would cost more than calibrated. Accuracy and the bias
+notes describe a measurement; the conversion of a zCDP loss to (epsilon, delta) is
+OpenDP's (`make_zCDP_to_approxDP`, `make_fix_delta`), applied to a measurement whose
+rho is the query's.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from statistics import NormalDist
+from typing import TYPE_CHECKING, Any
 
 import opendp.prelude as dp
 
-dp.enable_features("contrib")
+from dataops.catalog import Dataset
+from dataops.engines._base import (
+    MECHANISM_DISCRETE_GAUSSIAN,
+    MECHANISM_DISCRETE_LAPLACE,
+    MECHANISM_EXPONENTIAL,
+    AggregateAccuracy,
+)
+from dataops.engines.dp_post import mean_parts
+from dataops.errors import FieldViolation, InternalError, InvalidQuery
+from dataops.ir import MAX_EPSILON, Function, Privacy
+from dataops.values import PrivacyLoss
+
+if TYPE_CHECKING:
+    from dataops.engines.dp import Compiled
+
+ALPHA = 0.05  # accuracy is reported as the half-width of a 95% interval
+NO_THRESHOLD = 2**32 - 1  # a threshold no group passes: isolates the epsilon part of the loss
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What a query will spend and how accurate it will be."""
+
+    scale: float  # OpenDP global_scale
+    threshold: int | None  # private keys: a group is released if its noisy count exceeds this
+    cost: PrivacyLoss  # of the compiled query at this scale: what the ledger debits
+    accuracy: tuple[AggregateAccuracy, ...]  # one per aggregate, in query order, 95% half-width
+    rho: float | None = None  # zCDP grants: the query's rho, of which cost is OpenDP's conversion
+    notes: tuple[str, ...] = ()  # public facts about the terms, e.g. that clipping may bias
+
+
+def calibrate(c: Compiled, privacy: Privacy) -> Calibration:
+    """The scale (and threshold) for a privacy budget or an accuracy target; reads no data.
+
+    With epsilon: the scale that spends exactly epsilon. With target_half_width: the
+    least epsilon at which every aggregate's 95% half-width is within the target.
+    Private group keys: the smallest threshold (OpenDP keeps a group when its noisy row
+    count exceeds it) whose delta fits privacy.delta.
+    """
+    c.check_delta(privacy)
+    notes = bias_notes(c.dataset, c.measures, c.k)
+    # The loss at scale 1 (epsilon part; rho on a zCDP grant): every other scale is a
+    # division away.
+    reference = _rho_at(c, 1.0) if c.zcdp else _epsilon_at(c, 1.0)
+    if c.zcdp:
+        if privacy.epsilon is None:
+            raise InvalidQuery(
+                "a zcdp grant takes epsilon, not target_half_width",
+                rule="dp.zcdp",
+                field_violations=(FieldViolation("query.privacy.target_half_width", "not on a zcdp grant"),),
+            )
+        scale = scale_for_zcdp(c, privacy.epsilon, privacy.delta, reference)
+        measurements = c.build(scale, None)
+        return Calibration(
+            scale, None, c.cost(measurements), accuracy(c, measurements), c.rho(measurements), notes
+        )
+    if privacy.epsilon is not None:
+        scale = scale_for(c, privacy.epsilon, reference)
+    elif privacy.target_half_width is not None:
+        scale = scale_for_half_width(c, privacy.target_half_width)
+        # Loss is reference / scale; checked before any map that could overflow.
+        if reference / scale > MAX_EPSILON:
+            raise InvalidQuery(
+                f"target_half_width={privacy.target_half_width} would need epsilon above "
+                f"{MAX_EPSILON:g}; ask for a wider half-width",
+                rule="dp.accuracy-target",
+            )
+    else:
+        raise InvalidQuery("a DP query needs epsilon or target_half_width", rule="dp.privacy")
+    threshold = threshold_for(c, scale, privacy.delta) if c.private_keys else None
+    measurements = c.build(scale, threshold)
+    return Calibration(scale, threshold, c.cost(measurements), accuracy(c, measurements), notes=notes)
+
+
+def scale_for(c: Compiled, epsilon: float, reference: float) -> float:
+    """The scale that spends epsilon: loss is reference / scale."""
+    scale = reference / epsilon
+    # Rounding in OpenDP's map may land a hair above: step up until within budget.
+    for _ in range(64):
+        if _epsilon_at(c, scale) <= epsilon:
+            return scale
+        scale = math.nextafter(scale, math.inf) * (1 + 1e-15)
+    raise InternalError("could not calibrate the noise scale")
+
+
+def scale_for_zcdp(c: Compiled, epsilon: float, delta: float, reference: float) -> float:
+    """The scale whose rho OpenDP converts to at most epsilon at delta: rho = reference / scale^2."""
+    rho = rho_for_epsilon(epsilon, delta)
+    scale = math.sqrt(reference / rho)
+    for _ in range(64):
+        if c.cost(c.build(scale, None)).epsilon <= epsilon:
+            return scale
+        scale = math.nextafter(scale, math.inf) * (1 + 1e-12)
+    raise InternalError("could not calibrate the noise scale")
+
+
+def _epsilon_at(c: Compiled, scale: float) -> float:
+    return c.cost(c.build(scale, _no_keys(c))).epsilon
+
+
+def _rho_at(c: Compiled, scale: float) -> float:
+    return c.rho(c.build(scale, None))
+
+
+def _no_keys(c: Compiled) -> int | None:
+    """The threshold that releases no private key: isolates the epsilon part of the loss."""
+    return NO_THRESHOLD if c.private_keys else None
+
+
+def scale_for_half_width(c: Compiled, target: float) -> float:
+    """The largest scale (least epsilon) at which every half-width is within target."""
+    # Each aggregate's noise scale is global_scale times a fixed factor: read the factors once.
+    reference = accuracy(c, c.build(1.0, _no_keys(c)))
+
+    def within(scale: float) -> bool:
+        pairs = zip(reference, _factors(c))
+        return all(_half_width(scale * a.noise_scale * f, f) <= target for a, f in pairs)
+
+    if not within(1e-12):
+        raise InvalidQuery(f"target_half_width={target} cannot be reached", rule="dp.accuracy-target")
+    # A target looser than the noise at the largest scale is met at (almost) no cost.
+    scale = 1e18 if within(1e18) else dp.binary_search(within, bounds=(1e-12, 1e18), T=float)
+    # Confirm with OpenDP's own summary at that scale; step down past any rounding.
+    while not all(a.half_width_95 <= target for a in accuracy(c, c.build(scale, _no_keys(c)))):
+        scale = math.nextafter(scale, 0.0) * (1 - 1e-12)
+    return scale
+
+
+def _factors(c: Compiled) -> list[float]:
+    return [c.measures[a.column].factor if a.column else 1.0 for a in c.query.aggregates]
+
+
+def threshold_for(c: Compiled, scale: float, delta: float) -> int:
+    """The smallest key-release threshold whose delta fits the budget."""
+
+    def fits(threshold: int) -> bool:
+        return c.cost(c.build(scale, threshold)).delta <= delta
+
+    if not fits(NO_THRESHOLD):
+        raise InvalidQuery(
+            "delta is too small to release private group keys at this epsilon; raise delta or epsilon",
+            rule="dp.delta",
+        )
+    # Bisection over u32 (opendp's binary_search takes i32 only); fits() is monotone.
+    # OpenDP requires a threshold above a unit's rows per group (at most k), so start there.
+    failing, passing = c.k, NO_THRESHOLD
+    while passing - failing > 1:
+        middle = (failing + passing) // 2
+        failing, passing = (failing, middle) if fits(middle) else (middle, passing)
+    return passing
+
+
+def accuracy(c: Compiled, measurements: list[dp.Measurement]) -> tuple[AggregateAccuracy, ...]:
+    """Per-aggregate noise scale and 95% half-width, in data units, from OpenDP's summary."""
+    rows: dict[str, list[dict]] = {}
+    for m in measurements:
+        # OpenDP's discrete Gaussian accuracy sums over the support (seconds at large
+        # scales): read the scales only, and compute it in `gaussian_accuracy`.
+        summary = dp.summarize_polars_measurement(m) if c.zcdp else dp.summarize_polars_measurement(m, ALPHA)
+        for row in summary.iter_rows(named=True):
+            if c.zcdp and row["distribution"] == "Integer Gaussian":
+                row["accuracy"] = gaussian_accuracy(row["scale"], ALPHA)
+            rows.setdefault(row["column"], []).append(row)
+    mechanism = MECHANISM_DISCRETE_GAUSSIAN if c.zcdp else MECHANISM_DISCRETE_LAPLACE
+    distribution = "Integer Gaussian" if c.zcdp else "Integer Laplace"
+    out = []
+    for a, factor in zip(c.query.aggregates, _factors(c)):
+        found = {row["aggregate"]: row for row in rows.get(a.name, [])}
+        if a.function is Function.QUANTILE:
+            # The exponential mechanism's scale is in rank-score units; its error in data
+            # units depends on the data, so there is no half-width to promise.
+            (row,) = found.values()
+            out.append(AggregateAccuracy(a.name, row["scale"], math.nan, MECHANISM_EXPONENTIAL))
+            continue
+        if a.function is Function.MEAN:
+            (row,) = rows[mean_parts(a.name)[0]]
+            scale = row["scale"] / factor  # the numerator's noise, in data units
+            out.append(AggregateAccuracy(a.name, scale, math.nan, mechanism))
+            continue
+        if len(found) != 1 or next(iter(found.values()))["distribution"] != distribution:
+            raise InternalError(f"unexpected OpenDP summary for {a.name}: {found}")
+        (row,) = found.values()
+        scale, half_width = row["scale"] / factor, row["accuracy"] / factor
+        out.append(AggregateAccuracy(a.name, scale, half_width, mechanism))
+    return tuple(out)
+
+
+def bias_notes(dataset: Dataset, measures: dict[str, Any], k: int) -> tuple[str, ...]:
+    """What can be said about bias from the public terms alone (no data is read)."""
+    notes = []
+    for name, m in measures.items():
+        if m.bounds != tuple(dataset.columns[name].bounds):
+            notes.append(
+                f"{name}: clipped to [{m.bounds[0]:g}, {m.bounds[1]:g}], inside the catalog's "
+                f"{list(dataset.columns[name].bounds)}: values outside are moved in (clipping bias possible)"
+            )
+    if k < dataset.max_rows_per_unit:
+        notes.append(
+            f"each unit is truncated to {k} rows (catalog: {dataset.max_rows_per_unit}): "
+            "rows beyond are left out (truncation bias possible)"
+        )
+    return tuple(notes)
+
+
+def _half_width(scale: float, factor: float) -> float:
+    """95% half-width, in data units, of discrete Laplace noise with this fixed-point scale."""
+    return dp.discrete_laplacian_scale_to_accuracy(float(scale), ALPHA) / factor
 
 
 def zcdp_to_epsilon(rho: float, delta: float) -> float:

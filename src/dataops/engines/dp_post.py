@@ -1,8 +1,11 @@
-"""Post-processing of DP tables: consistent, non-negative integer cells (no privacy role).
+"""Post-processing of DP releases (no privacy role): the released table, and consistent cells.
 
-Everything here reads only released (noisy) values, so under DP it is free: it cannot
-add privacy loss whatever it does. What it gives a finance reader is a table that adds
-up: every count or non-negative sum cell is a non-negative integer, and the cells of a
+Everything here reads only released (noisy) values, so under DP it is free. `finish`
+turns the measurements' outputs into the consumer's table: the plans' outputs joined,
+fixed point converted back, a mean divided out of its released sum and count and
+clamped to its bounds, rows sorted by the group columns (row order is never observed).
+
+With `consistent` asked for, a finance reader gets a table that adds up: every count or non-negative sum cell is a non-negative integer, and the cells of a
 column add up to the column's released total.
 
 The total is the rounded sum of the released cells (itself a DP value: a function of
@@ -14,9 +17,60 @@ simplex), rounded to integers by largest remainder so the sum is kept exactly.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
+
+from dataops.ir import Function
+
+if TYPE_CHECKING:
+    from dataops.engines.dp import Compiled
+
+
+def mean_parts(name: str) -> tuple[str, str]:
+    """A mean's released sum and count of known values ('#' names never clash)."""
+    return f"#sum:{name}", f"#count:{name}"
+
+
+def finish(c: Compiled, frames: list[pl.DataFrame]) -> pa.Table:
+    """Join the plans' outputs, convert fixed point back, sort by the group columns."""
+    dims = [d.column for d in c.dims]
+    if dims:
+        table = frames[0]
+        for frame in frames[1:]:
+            # With private keys each plan passed its own threshold: keep groups both released.
+            table = table.join(frame, on=dims, how="inner", nulls_equal=True)
+        table = table.sort([d.sort_key() for d in c.dims], nulls_last=True)
+    else:
+        table = pl.concat(frames, how="horizontal")
+    outputs = []
+    for a in c.query.aggregates:
+        value = pl.col(a.name)
+        if a.column is not None:
+            m = c.measures[a.column]
+            if a.function is Function.MEAN:
+                lo, hi = m.bounds
+                total, count = (pl.col(c).cast(pl.Float64) for c in mean_parts(a.name))
+                mean = total / count / m.factor
+                # A count at or below zero makes no mean (the noisy ratio would be meaningless).
+                value = pl.when(mean.is_finite() & (count > 0)).then(mean.clip(lo, hi)).otherwise(None)
+            elif not m.integer:
+                value = value.cast(pl.Float64) / m.factor
+        outputs.append(value.alias(a.name))
+    table = table.select(*dims, *outputs)
+    if c.query.privacy.consistent and dims:
+        from dataops.engines.dp_post import consistent_table  # post-processing, no privacy role
+
+        additive = [
+            a.name
+            for a in c.query.aggregates
+            if a.function in (Function.COUNT, Function.COUNT_UNITS)
+            or (a.function is Function.SUM and c.measures[a.column].bounds[0] >= 0)
+        ]
+        table = consistent_table(table, additive)
+    return table.to_arrow()
 
 
 def project_to_total(cells: np.ndarray, total: float) -> np.ndarray:

@@ -29,6 +29,7 @@ from dataops.catalog import Catalog, check_data, load_catalog
 from dataops.certs import RevocationList
 from dataops.config import ServerConfig
 from dataops.consent import ConsentStore, load_issuers, store_path
+from dataops.engines.dp import enable_opendp
 from dataops.engines.prepared import PreparedStore
 from dataops.engines.subject import SubjectLayouts
 from dataops.engines.table import TableEngine
@@ -199,6 +200,7 @@ def connect_signer(config: ServerConfig) -> tuple[SignerClient, SignerProcess | 
 
 def build_server(config: ServerConfig) -> DataopsServer:
     check_wrappable(SERVICES)  # fail closed: no dataops.v1 method is served unaudited
+    enable_opendp()  # once, on purpose, here; the DP engine asserts it before any measurement
     versions = DataVersions()  # one per server: DP releases, prepared copies and tables key on it
     catalog = load_checked_catalog(config, versions)
     products = load_products(config.paths.products, catalog)
