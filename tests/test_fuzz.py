@@ -37,6 +37,7 @@ from hypothesis import strategies as st
 
 from conftest import Pki, write_config
 from dataops import wire
+from dataops.bind import bind_filters
 from dataops.catalog import Catalog, load_catalog
 from dataops.engines._base import predicate
 from dataops.errors import RequestError
@@ -179,7 +180,7 @@ def check_run_response(fuzz: Fuzzing, consumer: str, request: q.RunQueryRequest,
     raw = fuzz.frames[dataset.id]
     if query.mode is Mode.AGGREGATE:
         unit, k = dataset.unit_column, fuzz.k(consumer, dataset.id)
-        where = predicate(dataset, query.filters)
+        where = predicate(bind_filters(dataset, query.filters))
         inside = raw.filter(where) if where is not None else raw
         truth = (
             inside.group_by(dims).agg(pl.col(unit).n_unique().alias("__n"))

@@ -277,6 +277,23 @@ def _matches_type(value: Any, ctype: ColumnType) -> bool:
     return isinstance(value, dt.date)
 
 
+def typed_value(value: Any, ctype: ColumnType) -> Any | None:
+    """`value` as a value of a column of type `ctype`, or None if it is not one.
+
+    The one type check for values (catalog keys, query filter values): an ISO date
+    string is a date, an int in a FLOAT column becomes a float (polars refuses a list
+    mixing the two), and a bool is never a number.
+    """
+    if ctype is ColumnType.DATE and isinstance(value, str):
+        try:
+            return dt.date.fromisoformat(value)
+        except ValueError:
+            return None
+    if not _matches_type(value, ctype):
+        return None
+    return float(value) if ctype is ColumnType.FLOAT else value
+
+
 def column_type_of(dtype: Any) -> ColumnType | None:
     """The catalog type of a polars dtype, or None if the catalog cannot describe it."""
     import polars as pl

@@ -24,7 +24,6 @@ from dataops.authorize import authorize, consumer_policy, live_grant, visible_da
 from dataops.catalog import Catalog, Dataset
 from dataops.config import Limits
 from dataops.engines import AggregateAccuracy, Engine, EngineResult, Plan, Spend
-from dataops.engines._base import predicate
 from dataops.engines.dp_engine import DPEngine
 from dataops.engines.prepared import PreparedStore
 from dataops.engines.table import TableEngine
@@ -212,11 +211,10 @@ class Sandbox:
         # In every mode: the file still resolves inside the sandbox and is not another
         # entry's content (dataops.versions); cheap while the file is unchanged.
         self.versions.of(decision.dataset)
-        if query.mode is Mode.DP:
-            # Building the predicate type-checks every filter value against the catalog,
-            # before anything runs and before any budget is reserved. (Exact queries:
-            # the coverage checked every filter value against the table's key sets.)
-            predicate(decision.dataset, query.filters)
+        # The bind step (dataops.bind): making the plan checks every filter value against
+        # its column's catalog type and types it, once, before anything runs and before any
+        # budget is reserved. (Exact queries: the coverage has already matched every filter
+        # value to the table's key sets, which hold values of those types.)
         return Plan(
             query, decision.dataset, decision.grant, self.limits.max_output_rows, coverage=decision.coverage
         )

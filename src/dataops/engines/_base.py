@@ -1,22 +1,27 @@
 from __future__ import annotations
 
-import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 import polars as pl
 import pyarrow as pa
 
-from dataops.catalog import ColumnType, Dataset
-from dataops.errors import FieldViolation, InvalidQuery
-from dataops.ir import Between, Equals, Filter, InSet, Query, Scalar
+from dataops.bind import bind_filters
+from dataops.catalog import Dataset
+from dataops.ir import Between, Equals, Filter, InSet, Query
 from dataops.policy import Grant
 from dataops.values import AggregateAccuracy, PrivacyLoss, Spend  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)
 class Plan:
-    """An authorized query with everything an engine needs to run it."""
+    """An authorized query bound to its dataset: everything an engine needs to run it.
+
+    `filters` are the query's filters bound to the catalog (`dataops.bind`): checked
+    against the column types, values in those types. A plan binds them when it is
+    made (once; `dataclasses.replace` keeps them), so an engine never sees an
+    unchecked value and never checks one again.
+    """
 
     query: Query
     dataset: Dataset
@@ -25,6 +30,11 @@ class Plan:
     # Aggregate mode: the lookup in a protected table that answers the query
     # (`dataops.engines.table.Coverage`, decided by authorization).
     coverage: Any = None
+    filters: tuple[Filter, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.filters is None:
+            object.__setattr__(self, "filters", bind_filters(self.dataset, self.query.filters))
 
 
 # `AggregateAccuracy.mechanism` values, as the contract (query.proto) documents
@@ -96,51 +106,24 @@ def scan(dataset: Dataset) -> pl.LazyFrame:
     return pl.scan_parquet(dataset.path)
 
 
-def coerce_value(dataset: Dataset, column: str, value: Scalar, field_path: str) -> Scalar:
-    """A filter value in the column's type; a mismatch is the consumer's error."""
-    ctype = dataset.columns[column].type
-    ok = {
-        ColumnType.STRING: isinstance(value, str),
-        ColumnType.INT: isinstance(value, int) and not isinstance(value, bool),
-        ColumnType.FLOAT: isinstance(value, (int, float)) and not isinstance(value, bool),
-        ColumnType.BOOL: isinstance(value, bool),
-        ColumnType.DATE: isinstance(value, (str, dt.date)),
-    }[ctype]
-    if ctype is ColumnType.DATE and isinstance(value, str):
-        try:
-            return dt.date.fromisoformat(value)
-        except ValueError:
-            ok = False
-    if ok and ctype is ColumnType.FLOAT:
-        # One Python type per column: polars refuses a list mixing int and float.
-        return float(value)
-    if not ok:
-        description = f"{value!r} is not a {ctype.value} like column {column!r}"
-        raise InvalidQuery(
-            f"{field_path}: {description}",
-            rule="query.value",
-            column=column,
-            field_violations=(FieldViolation(field_path, description),),
-        )
-    return value
+def filter_exprs(filters: tuple[Filter, ...]) -> list[pl.Expr]:
+    """One boolean expression per bound filter (`Plan.filters`); a null never matches.
 
-
-def filter_exprs(dataset: Dataset, filters: tuple[Filter, ...]) -> list[pl.Expr]:
-    """One boolean expression per filter, values checked against the column types; a null never matches."""
+    The values are already in their columns' types (`dataops.bind`): nothing is checked here.
+    """
     exprs: list[pl.Expr] = []
-    for i, f in enumerate(filters):
-        path = f"query.filters[{i}]"
+    for f in filters:
         col = pl.col(f.column)
         if isinstance(f, Equals):
-            expr = col == pl.lit(coerce_value(dataset, f.column, f.value, f"{path}.equals"))
+            expr = col == pl.lit(f.value)
         elif isinstance(f, InSet):
-            expr = col.is_in([coerce_value(dataset, f.column, v, f"{path}.in_set") for v in f.values])
+            expr = col.is_in(list(f.values))
         elif isinstance(f, Between):
             ends = []
             if f.low is not None:
-                ends.append(col >= pl.lit(coerce_value(dataset, f.column, f.low, f"{path}.range.low")))
+                ends.append(col >= pl.lit(f.low))
             if f.high is not None:
-                ends.append(col <= pl.lit(coerce_value(dataset, f.column, f.high, f"{path}.range.high")))
+                ends.append(col <= pl.lit(f.high))
             expr = pl.all_horizontal(ends)
         else:  # the IR admits no other kind
             raise TypeError(f"not a filter: {f!r}")
@@ -148,9 +131,9 @@ def filter_exprs(dataset: Dataset, filters: tuple[Filter, ...]) -> list[pl.Expr]
     return exprs
 
 
-def predicate(dataset: Dataset, filters: tuple[Filter, ...]) -> pl.Expr | None:
-    """The AND of the filters as a polars expression; a null never matches."""
-    exprs = filter_exprs(dataset, filters)
+def predicate(filters: tuple[Filter, ...]) -> pl.Expr | None:
+    """The AND of the bound filters as a polars expression; a null never matches."""
+    exprs = filter_exprs(filters)
     if not exprs:
         return None
     return pl.all_horizontal(exprs)

@@ -419,7 +419,7 @@ class Compiled:
         self.k = _row_bound(query.privacy, dataset)  # the rows per unit this query is bounded to
         self.enforce_row_bound = enforce_row_bound
         self.zcdp = plan.grant.accounting == "zcdp"
-        self.where = predicate(dataset, query.filters)  # validates filter values now
+        self.where = predicate(plan.filters)  # bound when the plan was made (dataops.bind)
         self.dims = tuple(_dimension(dataset, name) for name in query.group_by)
         self.private_keys = any(d.keys is None for d in self.dims)
         self.check_delta(query.privacy)
