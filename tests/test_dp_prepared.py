@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -21,11 +22,12 @@ from dataops.config import Limits
 from dataops.demo.generate import generate
 from dataops.engines.dp import UNIT_CODE, DPQuery, PreparedSource, prepared_columns
 from dataops.engines.prepared import PreparedStore
-from dataops.errors import ConfigError, InternalError
-from dataops.ir import Aggregate, Equals, Function, Mode, Privacy, Query
+from dataops.errors import BudgetExhausted, ConfigError, InternalError
+from dataops.ir import MAX_EPSILON, Aggregate, Equals, Function, Mode, Privacy, Query
 from dataops.ledger import Ledger
 from dataops.policy import PolicyStore
 from dataops.service import Sandbox
+from dataops.values import PrivacyLoss
 from dataops.versions import DataVersions, stat_signature
 from test_dp_engine import COUNT, UNITS, crafted, plan_for, value
 
@@ -280,8 +282,28 @@ def test_the_sandbox_releases_from_the_copy_and_reuses_on_its_version(
         store.source(catalog.get("medical_claims")).path.name,
         store.source(catalog.get("medical_claims")).path.name + ".tag",
     ]
-    again = sandbox.run("harbor-insurance", query).result
-    assert again.reused and again.table.equals(first.table)
+    again = sandbox.run("harbor-insurance", query)
+    assert again.result.reused and again.result.table.equals(first.table)
+    # The outcome the audit record is written from: what was asked, spent and returned.
+    assert (again.dataset, again.mode, again.query, again.reused) == (
+        "medical_claims",
+        "dp",
+        query.canonical(),
+        True,
+    )
+    assert again.spent == PrivacyLoss.zero() and again.rows_returned == first.table.num_rows
+    # Refused: the outcome as far as the flow got rides on the error, nothing spent.
+    greedy = dataclasses.replace(query, privacy=Privacy(epsilon=MAX_EPSILON))  # above the grant's 5
+    with pytest.raises(BudgetExhausted) as refused:
+        sandbox.run("harbor-insurance", greedy)
+    outcome = refused.value.outcome
+    assert (outcome.dataset, outcome.query, outcome.spent, outcome.result) == (
+        "medical_claims",
+        greedy.canonical(),
+        PrivacyLoss.zero(),
+        None,
+    )
+    assert outcome.purpose == policies.current.consumers["harbor-insurance"].grants["medical_claims"].purpose
     ledger.close()
 
 

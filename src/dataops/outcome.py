@@ -37,6 +37,11 @@ class Outcome:
     # The answer itself, for the servicer to translate (an EngineResult, an estimate, views...).
     result: Any = None
 
+    @property
+    def entries(self) -> list[dict[str, Any]]:
+        """The subject evaluations' audit entries (none for other requests)."""
+        return self.evaluations or []
+
     def attach(self, error: BaseException) -> None:
         """Attach this outcome (how far the request got) to `error`, for the audit record.
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from dataops.arrow_ipc import table_from_ipc, table_to_ipc
 from dataops.engines._base import EngineResult, Estimate, Plan
+from dataops.errors import InternalError
 from dataops.ledger import Ledger
 from dataops.values import AggregateAccuracy, PrivacyLoss, Spend
 from dataops.versions import catalog_terms
@@ -88,29 +89,42 @@ class ReleaseCoordinator:
         key = self.key(consumer, plan, estimate.data_version)
         stored = self.ledger.find_release(key)
         if stored is None:
-            totals = dict(
-                grant_total=plan.grant.budget, dataset_total=plan.dataset.budget, request=request_id
-            )
+            grant_total, dataset_total = plan.grant.budget, plan.dataset.budget
             if estimate.rho is not None:
                 # zCDP: the ledger composes rho across the grant's releases and debits
                 # the growth of OpenDP's conversion of the total (dataops.engines.dp).
-                reservation = self.ledger.reserve_zcdp(consumer, plan.dataset.id, estimate.rho, **totals)
+                reservation = self.ledger.reserve_zcdp(
+                    consumer,
+                    plan.dataset.id,
+                    estimate.rho,
+                    grant_total=grant_total,
+                    dataset_total=dataset_total,
+                    request=request_id,
+                )
             else:
                 reservation = self.ledger.reserve(
-                    consumer, plan.dataset.id, estimate.cost.epsilon, estimate.cost.delta, **totals
+                    consumer,
+                    plan.dataset.id,
+                    estimate.cost.epsilon,
+                    estimate.cost.delta,
+                    grant_total=grant_total,
+                    dataset_total=dataset_total,
+                    request=request_id,
                 )
             try:
                 result = run()
             except BaseException:
                 self.ledger.refund(reservation)  # nothing left the process
                 raise
-            stored = self.ledger.commit(
+            committed = self.ledger.commit(
                 reservation,
                 release_key=key,
                 payload=table_to_ipc(result.table),
                 metadata=json.dumps([a.__dict__ for a in result.accuracy]),
             )
-            if stored.reservation_id == reservation.id:  # ours is the canonical release
+            if committed is None:  # a release key was given: the ledger returns the stored release
+                raise InternalError("the ledger stored no release for a committed reservation")
+            if committed.reservation_id == reservation.id:  # ours is the canonical release
                 spent = PrivacyLoss(reservation.epsilon, reservation.delta)
                 answer = EngineResult(
                     table=result.table,
@@ -118,6 +132,7 @@ class ReleaseCoordinator:
                     spend=self.remaining(consumer, plan, spent),
                 )
                 return Released(answer, spent, reused=False)
+            stored = committed  # an identical release won the race: it is the answer
         # This consumer asked the same question before: the same noisy answer again costs
         # nothing and stops averaging attacks.
         answer = EngineResult(

@@ -212,14 +212,14 @@ class Evaluator:
 
     def evaluate(self, consumer: str, item: Item) -> Outcome:
         """One evaluation (`Outcome.result`: the `Evaluation`; `evaluations`: its audit entry)."""
-        outcome = Outcome(mode="subject", query=f"subject:{item.product_id[:64]}", evaluations=[])
+        outcome = Outcome(mode="subject", query=f"subject:{item.product_id[:64]}")
         try:
             evaluation, entry = self._evaluate_item(consumer, item)
         except RequestError as exc:
-            outcome.evaluations.append(getattr(exc, "audit_entry", {"decision": "error"}))
+            outcome.evaluations = [getattr(exc, "audit_entry", {"decision": "error"})]
             outcome.attach(exc)
             raise
-        outcome.evaluations.append(entry)
+        outcome.evaluations = [entry]
         outcome.dataset = self.products[evaluation.product].dataset.id
         outcome.rows_returned = 1
         outcome.result = evaluation
@@ -242,7 +242,7 @@ class Evaluator:
         except RequestError as exc:
             outcome.attach(exc)
             raise
-        outcome.evaluations = []
+        entries: list[dict] = []
         results: list[Evaluation | RequestError] = []
         for i, item in enumerate(items):
             try:
@@ -251,7 +251,8 @@ class Evaluator:
             except RequestError as exc:
                 entry = getattr(exc, "audit_entry", {"decision": "error"})
                 results.append(exc)
-            outcome.evaluations.append({"index": i, **entry})
+            entries.append({"index": i, **entry})
+        outcome.evaluations = entries
         outcome.rows_returned = sum(isinstance(r, Evaluation) for r in results)
         outcome.result = results
         return outcome

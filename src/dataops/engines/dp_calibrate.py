@@ -210,12 +210,13 @@ def bias_notes(dataset: Dataset, measures: dict[str, Any], k: int) -> tuple[str,
     """What can be said about bias from the public terms alone (no data is read)."""
     notes = []
     for name, m in measures.items():
-        if m.bounds != tuple(dataset.columns[name].bounds):
+        catalog = dataset.columns[name].bounds  # every measure has them (the compile refuses otherwise)
+        if catalog is not None and m.bounds != tuple(catalog):
             notes.append(
                 f"{name}: clipped to [{m.bounds[0]:g}, {m.bounds[1]:g}], inside the catalog's "
-                f"{list(dataset.columns[name].bounds)}: values outside are moved in (clipping bias possible)"
+                f"{list(catalog)}: values outside are moved in (clipping bias possible)"
             )
-    if k < dataset.max_rows_per_unit:
+    if dataset.max_rows_per_unit is not None and k < dataset.max_rows_per_unit:
         notes.append(
             f"each unit is truncated to {k} rows (catalog: {dataset.max_rows_per_unit}): "
             "rows beyond are left out (truncation bias possible)"

@@ -39,6 +39,8 @@ class DPEngine:
         return dp_autoclip.compile_query(plan, source=source), source.data_version
 
     def estimate(self, plan: Plan) -> Estimate:
+        if plan.query.privacy is None:  # the IR gives every DP query its privacy terms
+            raise InternalError("a DP query without privacy terms")
         compiled, data_version = self._compile(plan)
         # The calibration alone decides the spend; `release` refuses to cost more.
         calibration = compiled.calibrate(plan.query.privacy)

@@ -60,14 +60,12 @@ def finish(c: Compiled, frames: list[pl.DataFrame]) -> pa.Table:
                 value = value.cast(pl.Float64) / m.factor
         outputs.append(value.alias(a.name))
     table = table.select(*dims, *outputs)
-    if c.query.privacy.consistent and dims:
-        from dataops.engines.dp_post import consistent_table  # post-processing, no privacy role
-
+    if c.query.privacy is not None and c.query.privacy.consistent and dims:
         additive = [
             a.name
             for a in c.query.aggregates
             if a.function in (Function.COUNT, Function.COUNT_UNITS)
-            or (a.function is Function.SUM and c.measures[a.column].bounds[0] >= 0)
+            or (a.function is Function.SUM and a.column is not None and c.measures[a.column].bounds[0] >= 0)
         ]
         table = consistent_table(table, additive)
     return table.to_arrow()

@@ -95,7 +95,7 @@ class SubjectServicer(subject_pb2_grpc.SubjectServiceServicer):
         )
         context.record(outcome)
         return subject_pb2.EvaluateResponse(
-            evaluation=subject_wire.evaluation_to_proto(outcome.result, outcome.evaluations[-1])
+            evaluation=subject_wire.evaluation_to_proto(outcome.result, outcome.entries[-1])
         )
 
     def EvaluateBatch(self, request, context):  # noqa: N802
@@ -105,7 +105,7 @@ class SubjectServicer(subject_pb2_grpc.SubjectServiceServicer):
         return subject_pb2.EvaluateBatchResponse(
             results=[
                 subject_pb2.BatchResult(
-                    index=i, **subject_wire.subject_result_to_proto(result, outcome.evaluations[i])
+                    index=i, **subject_wire.subject_result_to_proto(result, outcome.entries[i])
                 )
                 for i, result in enumerate(outcome.result)
             ]
@@ -115,7 +115,7 @@ class SubjectServicer(subject_pb2_grpc.SubjectServiceServicer):
         items = [subject_wire.subject_item_from_proto(item) for item in request.items]
         for index, result, outcome in self.evaluator.watch(context.consumer, items, context.is_active):
             context.record(outcome)  # the audit record of the message about to go out
-            update = subject_wire.subject_result_to_proto(result, outcome.evaluations[0])
+            update = subject_wire.subject_result_to_proto(result, outcome.entries[0])
             if "error" in update:
                 yield subject_pb2.WatchResponse(index=index, ended=update["error"])
             else:
