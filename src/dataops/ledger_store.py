@@ -221,7 +221,7 @@ class _PgConnection:
         if text is None:
             # psycopg's placeholder is %s, so a literal % must be doubled.
             text = self._sql[sql] = sql.replace("%", "%%").replace("?", "%s")
-        return self.raw.execute(text, params, prepare=True)
+        return self.raw.execute(text, params)
 
     def close(self) -> None:
         self.raw.close()
@@ -292,20 +292,30 @@ class PostgresStore(_PerThread):
 
     def migrate(self, scripts: list[str], version: int, upgrade_from: tuple[int, ...]) -> None:
         """Create the schema at ``version`` in one transaction (DDL is transactional in
-        PostgreSQL), under an advisory lock so replicas starting at once take turns."""
-        with self._transaction("BEGIN") as conn:
-            conn.execute("SELECT pg_advisory_xact_lock(?)", (_SCHEMA_LOCK_KEY,))
-            have = self.schema_version(conn)
-            if have == version:
-                return
-            if have != 0:  # no older PostgreSQL schema was ever released
-                raise InternalError(f"{self.location}: ledger schema version {have}, expected {version}")
-            for script in scripts:
-                for statement in _statements(script):
-                    conn.execute(statement)
-            conn.execute("CREATE TABLE budget_locks (dataset TEXT PRIMARY KEY)")
-            conn.execute("CREATE TABLE ledger_schema (version INTEGER NOT NULL)")
-            conn.execute("INSERT INTO ledger_schema (version) VALUES (?)", (version,))
+        PostgreSQL), under an advisory lock so replicas starting at once take turns.
+
+        The lock is the session's, taken before the transaction begins: a transaction
+        that began before another replica created the schema would keep its cached
+        "no such table" and create it again (a lock on no relation brings no news of
+        the catalog; a new transaction does).
+        """
+        conn = self.get()
+        conn.execute("SELECT pg_advisory_lock(?)", (_SCHEMA_LOCK_KEY,))
+        try:
+            with self._transaction("BEGIN") as conn:
+                have = self.schema_version(conn)
+                if have == version:
+                    return
+                if have != 0:  # no older PostgreSQL schema was ever released
+                    raise InternalError(f"{self.location}: ledger schema version {have}, expected {version}")
+                for script in scripts:
+                    for statement in _statements(script):
+                        conn.execute(statement)
+                conn.execute("CREATE TABLE budget_locks (dataset TEXT PRIMARY KEY)")
+                conn.execute("CREATE TABLE ledger_schema (version INTEGER NOT NULL)")
+                conn.execute("INSERT INTO ledger_schema (version) VALUES (?)", (version,))
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(?)", (_SCHEMA_LOCK_KEY,))
 
 
 def _without_password(url: str) -> str:

@@ -1,0 +1,156 @@
+"""The PostgreSQL ledger (issue 12.5): server replicas in separate processes share one
+database, and racing on the last of a budget they never overspend it.
+
+Each replica here is a `Ledger` in its own process (spawned: no state shared but the
+database), all released at once by a barrier. The behaviour tests of the ledger
+(tests/test_ledger.py, tests/test_zcdp_ledger.py) run on PostgreSQL too, through the
+`ledger_at` fixture; this file is about what only several replicas can do.
+
+To make the race certain rather than likely, a replica may pause after each read of
+what has been spent (`pause`), widening the window between check and debit. The same
+pause is used with the budget row lock on and off: only the lock differs.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+
+import pytest
+
+from dataops import ledger as ledger_module
+from dataops.ledger import BudgetExhaustedError, Ledger, State
+
+GRANT = (5.0, 1e-6)
+
+
+def _replica(
+    url: str, consumer: str, attempts: int, totals, pause: float, lock: bool, barrier, results
+) -> None:
+    if pause:
+        sums = ledger_module._sums
+
+        def slow_sums(*args):
+            spent = sums(*args)
+            time.sleep(pause)  # between the read of the spend and the debit
+            return spent
+
+        ledger_module._sums = slow_sums
+    ledger = Ledger(url, recover=False, lock_budgets=lock)
+    barrier.wait()
+    won = 0
+    for _ in range(attempts):
+        try:
+            ledger.reserve(consumer, "credit", 1.0, 1e-9, **totals)
+            won += 1
+        except BudgetExhaustedError:
+            pass
+    ledger.close()
+    results.put(won)
+
+
+def race(
+    url: str, consumers: list[str], attempts: int, totals, *, pause: float = 0.0, lock: bool = True
+) -> int:
+    """One replica process per consumer; the reservations they won, in all."""
+    Ledger(url).close()  # the schema exists before the race
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(len(consumers)), ctx.Queue()
+    procs = [
+        ctx.Process(target=_replica, args=(url, c, attempts, totals, pause, lock, barrier, results))
+        for c in consumers
+    ]
+    for p in procs:
+        p.start()
+    wins = [results.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    return sum(wins)
+
+
+def spent_rows(url: str) -> int:
+    with Ledger(url, recover=False) as ledger:
+        rows = ledger._conn().execute("SELECT status FROM reservations").fetchall()
+    return sum(State(status).spent for (status,) in rows)
+
+
+@pytest.mark.parametrize("pause", [0.0, 0.02])
+def test_replicas_racing_on_the_last_of_a_grant_spend_exactly_the_budget(pg_url, pause):
+    totals = dict(grant_total=GRANT, dataset_total=(100.0, 1e-6))
+    won = race(pg_url, ["bank"] * 8, 6, totals, pause=pause)  # 48 attempts at 5 units
+    assert won == 5
+    with Ledger(pg_url, recover=False) as ledger:
+        assert ledger.spent("bank", "credit") == (5.0, 5e-9)
+        assert ledger.dataset_spent("credit") == (5.0, 5e-9)
+    assert spent_rows(pg_url) == 5
+
+
+def test_colluding_consumers_on_different_replicas_share_the_dataset_cap(pg_url):
+    # Each consumer's first debit inserts its own grant row: a lock on the grant's row
+    # alone would not see the others'. The dataset's budget row serialises them all.
+    totals = dict(grant_total=(10.0, 1e-6), dataset_total=(5.0, 1e-6))
+    won = race(pg_url, [f"bank-{i}" for i in range(8)], 3, totals, pause=0.02)
+    assert won == 5
+    with Ledger(pg_url, recover=False) as ledger:
+        assert ledger.dataset_spent("credit") == (5.0, 5e-9)
+        assert sum(s.epsilon_spent for s in ledger.budgets() if s.consumer is not None) == 5.0
+
+
+def test_without_the_budget_row_lock_replicas_overspend(pg_url):
+    # The control switched off: the same race, the same pause, no FOR UPDATE. Every
+    # replica reads "nothing spent" before any has debited, and all are admitted.
+    totals = dict(grant_total=GRANT, dataset_total=(100.0, 1e-6))
+    won = race(pg_url, ["bank"] * 8, 1, totals, pause=0.3, lock=False)
+    with Ledger(pg_url, recover=False) as ledger:
+        epsilon, _ = ledger.spent("bank", "credit")
+    assert won > 5 and epsilon == won > GRANT[0]  # overspent
+
+
+def test_with_the_lock_the_same_pausing_race_spends_exactly_the_budget(pg_url):
+    url = pg_url
+    totals = dict(grant_total=GRANT, dataset_total=(100.0, 1e-6))
+    assert race(url, ["bank"] * 8, 1, totals, pause=0.3, lock=True) == 5
+    with Ledger(url, recover=False) as ledger:
+        assert ledger.spent("bank", "credit")[0] == 5.0
+
+
+def _open(url: str, barrier, results) -> None:
+    barrier.wait()
+    with Ledger(url) as ledger:
+        results.put(ledger.spent("bank", "credit"))
+
+
+def test_replicas_starting_at_once_create_the_schema_once(pg_url):
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(4), ctx.Queue()
+    procs = [ctx.Process(target=_open, args=(pg_url, barrier, results)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    assert [results.get(timeout=60) for _ in procs] == [(0.0, 0.0)] * 4
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+
+
+def test_a_refund_on_one_replica_is_seen_by_the_other(pg_url):
+    totals = dict(grant_total=(1.0, 0.0), dataset_total=(1.0, 0.0))
+    with Ledger(pg_url) as one, Ledger(pg_url, recover=False) as two:
+        r = one.reserve("bank", "credit", 1.0, 0.0, **totals)
+        with pytest.raises(BudgetExhaustedError):
+            two.reserve("bank", "credit", 0.5, 0.0, **totals)
+        two.refund(r)  # any replica may settle any reservation
+        assert one.spent("bank", "credit") == (0.0, 0.0)
+        stored = one.commit(
+            one.reserve("bank", "credit", 1.0, 0.0, **totals),
+            release_key="ef" * 32,
+            payload=b"noisy",
+            metadata="{}",
+        )
+        assert two.find_release("ef" * 32) == stored
+
+
+def test_the_location_hides_a_password(postgres):
+    url = postgres.url().replace("postgres@", "postgres:s3cret@")
+    with Ledger(url, recover=False) as ledger:  # trust auth: the password is not checked
+        assert "s3cret" not in ledger.location and "postgres:***@" in ledger.location
