@@ -154,3 +154,80 @@ def test_the_location_hides_a_password(postgres):
     url = postgres.url().replace("postgres@", "postgres:s3cret@")
     with Ledger(url, recover=False) as ledger:  # trust auth: the password is not checked
         assert "s3cret" not in ledger.location and "postgres:***@" in ledger.location
+
+
+# -- two real server replicas -------------------------------------------------------
+
+REPLICA = (
+    "import sys; from pathlib import Path; from dataops.config import load_config;"
+    "from dataops.server import build_server;"
+    "s = build_server(load_config(Path(sys.argv[1]))).start();"
+    "Path(sys.argv[2]).write_text(str(s.port)); s.serve_until_signal()"
+)
+
+
+def test_two_server_replicas_racing_on_the_last_of_a_budget_never_overspend(
+    pg_url, tmp_path, sandbox_dir, pki
+):
+    """Two `dataops serve` processes, each with its own state and audit log, one
+    PostgreSQL ledger: DP requests sent to both at once spend exactly the grant."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    from conftest import audit_records, write_config
+    from dataops.client import Client, DataopsClientError
+    from test_dp_service import dp_query, set_budget
+
+    configs, procs, clients = [], [], []
+    for name in ("a", "b"):
+        root = tmp_path / name
+        root.mkdir()
+        config = write_config(root, sandbox_dir, pki, extra=f"[ledger]\nurl = {json.dumps(pg_url)}\n")
+        set_budget(config, "city-bank", 1.0)
+        configs.append(config)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    try:
+        for config in configs:
+            port = config.paths.state.parent / "port"
+            toml = config.paths.state.parent / "dataops.toml"
+            procs.append(subprocess.Popen([sys.executable, "-c", REPLICA, str(toml), str(port)], env=env))
+        for config, proc in zip(configs, procs):
+            port = config.paths.state.parent / "port"
+            deadline = time.monotonic() + 60
+            while not port.exists():
+                assert time.monotonic() < deadline and proc.poll() is None, "a replica did not start"
+                time.sleep(0.05)
+            clients.append(
+                Client.from_directory(
+                    f"localhost:{port.read_text()}", pki.consumer_dir("city-bank"), "city-bank"
+                )
+            )
+
+        def attempt(i: int):
+            try:  # distinct questions (no reuse), alternating between the replicas
+                return dp_query(clients[i % 2], 0.25, year=1960 + i)
+            except DataopsClientError as exc:
+                return exc
+
+        with ThreadPoolExecutor(16) as pool:
+            outcomes = list(pool.map(attempt, range(16)))
+    finally:
+        for client in clients:
+            client.close()
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(timeout=30)
+    answered = [o for o in outcomes if not isinstance(o, DataopsClientError)]
+    refused = [o for o in outcomes if isinstance(o, DataopsClientError)]
+    assert len(answered) == 4 and all(r.reason == "BUDGET_EXHAUSTED" for r in refused)
+    with Ledger(pg_url, recover=False) as ledger:
+        assert ledger.spent("city-bank", "enterprise_credit")[0] == pytest.approx(1.0)
+    # Each replica's own audit log records what it answered; together, the whole spend.
+    audited = [
+        r["epsilon_spent"] for config in configs for r in audit_records(config) if r.get("epsilon_spent")
+    ]
+    assert len(audited) == 4 and sum(audited) == pytest.approx(1.0)
