@@ -19,6 +19,8 @@ import time
 import pytest
 
 from dataops import ledger as ledger_module
+from dataops.audit.merge import merge_logs
+from dataops.audit.signing import load_public_key
 from dataops.ledger import BudgetExhaustedError, Ledger, State
 
 GRANT = (5.0, 1e-6)
@@ -185,7 +187,8 @@ def test_two_server_replicas_racing_on_the_last_of_a_budget_never_overspend(
     for name in ("a", "b"):
         root = tmp_path / name
         root.mkdir()
-        config = write_config(root, sandbox_dir, pki, extra=f"[ledger]\nurl = {json.dumps(pg_url)}\n")
+        extra = f'[ledger]\nurl = {json.dumps(pg_url)}\n[audit]\norigin = "dataops-{name}"\n'
+        config = write_config(root, sandbox_dir, pki, extra=extra)
         set_budget(config, "city-bank", 1.0)
         configs.append(config)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
@@ -231,3 +234,8 @@ def test_two_server_replicas_racing_on_the_last_of_a_budget_never_overspend(
         r["epsilon_spent"] for config in configs for r in audit_records(config) if r.get("epsilon_spent")
     ]
     assert len(audited) == 4 and sum(audited) == pytest.approx(1.0)
+    # The reviewer's merged view: both logs verify, and their spend is the ledger's.
+    dirs = [c.paths.state / "audit" for c in configs]
+    merged = merge_logs(dirs, [load_public_key(d / "signing.pub") for d in dirs])
+    assert merged.ok and [n for n, _ in merged.verifications] == ["dataops-a", "dataops-b"]
+    assert merged.spend == {("city-bank", "enterprise_credit"): (10**12, 0)}
