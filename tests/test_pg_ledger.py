@@ -180,7 +180,7 @@ def test_two_server_replicas_racing_on_the_last_of_a_budget_never_overspend(
     from concurrent.futures import ThreadPoolExecutor
 
     from conftest import audit_records, write_config
-    from dataops.client import Client, DataopsClientError
+    from dataops.client import AuditVerificationError, Client, DataopsClientError
     from test_dp_service import dp_query, set_budget
 
     configs, procs, clients = [], [], []
@@ -217,6 +217,21 @@ def test_two_server_replicas_racing_on_the_last_of_a_budget_never_overspend(
 
         with ThreadPoolExecutor(16) as pool:
             outcomes = list(pool.map(attempt, range(16)))
+
+        # A witnessing client follows one log: a checkpoint held from replica a is not
+        # one of replica b's log (docs/scale-out.md: clients need connection affinity).
+        held = tmp_path / "checkpoint"
+        for config in configs:  # a client of replica a, then one of b given a's checkpoint file
+            port = (config.paths.state.parent / "port").read_text()
+            clients.append(
+                Client.from_directory(
+                    f"localhost:{port}", pki.consumer_dir("city-bank"), "city-bank", checkpoint_file=held
+                )
+            )
+            if len(clients) == 3:
+                clients[2].budgets()
+        with pytest.raises(AuditVerificationError, match="but this client witnesses 'dataops-a'"):
+            clients[3].budgets()
     finally:
         for client in clients:
             client.close()
