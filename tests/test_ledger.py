@@ -267,3 +267,26 @@ def test_release_needs_a_hex_key_and_a_payload(ledger):
     with pytest.raises(ValueError):
         ledger.commit(r, release_key=KEY)
     assert statuses(ledger) == {r.id: "reserved"}
+
+
+# -- the transition table ---------------------------------------------------------
+
+
+def test_the_transition_table_never_unspends_a_released_value_nor_respends_a_returned_one():
+    from dataops.ledger import TRANSITIONS, Event, State, transition
+
+    for (before, event), after in TRANSITIONS.items():
+        assert transition(before, event) is after
+        assert not (not before.spent and after.spent), (
+            before,
+            event,
+        )  # a returned budget may be spent by now
+        if before.spent and not after.spent:
+            assert before is State.RESERVED, (before, event)  # only an open reservation returns budget
+    assert transition(State.RESERVED, Event.ORPHAN) is State.ORPHANED
+    for state in State:
+        if state is not State.RESERVED:
+            with pytest.raises(ValueError, match=f"is {state}; it cannot be orphaned"):
+                transition(state, Event.ORPHAN)
+    with pytest.raises(ValueError, match="is released; it cannot be refunded"):
+        transition(State.RELEASED, Event.SUPERSEDE)

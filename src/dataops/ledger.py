@@ -616,6 +616,7 @@ class Ledger:
             self._settle(conn, reservation, state, Event.COMMIT)
             if release_key is None:
                 return None
+            assert payload is not None and metadata is not None  # checked above
             stored = StoredRelease(
                 release_key,
                 payload,

@@ -60,7 +60,8 @@ class Cursor(Protocol):
 
 
 class Connection(Protocol):
-    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> Cursor: ...
+    # Positional, as sqlite3's own execute takes them.
+    def execute(self, sql: str, params: Any = (), /) -> Any: ...
 
 
 class Store(Protocol):
@@ -170,7 +171,7 @@ class SQLiteStore(_PerThread):
         """One write transaction, holding SQLite's single write lock from the start."""
         with self._transaction("BEGIN IMMEDIATE") as conn:
             yield conn
-        if self.group_commit:
+        if self.group_commit and self.group is not None:
             self.group.wait()  # outside the write lock: others commit while we sync
 
     def snapshot(self) -> Any:
@@ -216,7 +217,7 @@ class _PgConnection:
         self.raw = raw
         self._sql: dict[str, str] = {}
 
-    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
+    def execute(self, sql: str, params: Any = (), /) -> Any:
         text = self._sql.get(sql)
         if text is None:
             # psycopg's placeholder is %s, so a literal % must be doubled.
@@ -241,7 +242,7 @@ class PostgresStore(_PerThread):
         self._psycopg = psycopg
         self.url = url
         self.location = _without_password(url)
-        self.group = None  # PostgreSQL flushes its WAL at COMMIT and groups flushes itself
+        self.group: GroupSync | None = None  # PostgreSQL flushes its WAL at COMMIT, grouping flushes itself
         self.lock_budgets = lock_budgets
         self.for_update = " FOR UPDATE" if lock_budgets else ""
 
