@@ -152,6 +152,59 @@ def test_a_refund_on_one_replica_is_seen_by_the_other(pg_url):
         assert two.find_release("ef" * 32) == stored
 
 
+def test_a_replica_starting_orphans_only_the_open_reservations_of_replicas_that_are_gone(pg_url):
+    totals = dict(grant_total=(5.0, 0.0), dataset_total=(5.0, 0.0))
+    running, stopped = Ledger(pg_url), Ledger(pg_url)
+    live = running.reserve("bank", "credit", 1.0, 0.0, **totals)
+    dead = stopped.reserve("bank", "credit", 1.0, 0.0, **totals)
+    stopped.close()  # its session ends: its owner lock is released
+    with Ledger(pg_url) as starting:  # recover(): the running replica's stays open
+        states = dict(starting._conn().execute("SELECT id, status FROM reservations").fetchall())
+        assert states == {live.id: "reserved", dead.id: "orphaned"}
+        running.refund(live)  # so its owner can still return it...
+        assert starting.spent("bank", "credit") == (1.0, 0.0)
+        starting.refund(dead)  # ...while the orphan stays spent
+        assert starting.spent("bank", "credit") == (1.0, 0.0)
+    running.close()
+
+
+def test_a_killed_replicas_open_reservations_are_orphaned(pg_url):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from dataops.ledger import Ledger;"
+            "led = Ledger(sys.argv[1]);"
+            "r = led.reserve('bank', 'credit', 1.0, 0.0, grant_total=(5.0, 0.0), dataset_total=(5.0, 0.0));"
+            "print(r.id, flush=True); time.sleep(600)",
+            pg_url,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    reservation_id = int(child.stdout.readline())
+    with Ledger(pg_url) as other:  # the child is alive: its reservation is left open
+        assert other._conn().execute("SELECT status FROM reservations").fetchall() == [("reserved",)]
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    deadline = time.monotonic() + 30
+    while True:  # the server ends the session once it sees the socket closed
+        with Ledger(pg_url) as other:
+            rows = other._conn().execute("SELECT id, status FROM reservations").fetchall()
+            if rows == [(reservation_id, "orphaned")] or time.monotonic() > deadline:
+                break
+        time.sleep(0.1)
+    assert rows == [(reservation_id, "orphaned")]
+    with Ledger(pg_url, recover=False) as other:
+        assert other.spent("bank", "credit") == (1.0, 0.0)  # spent for ever
+
+
 def test_the_location_hides_a_password(postgres):
     url = postgres.url().replace("postgres@", "postgres:s3cret@")
     with Ledger(url, recover=False) as ledger:  # trust auth: the password is not checked

@@ -274,7 +274,12 @@ def test_an_existing_ledger_is_migrated_in_place(tmp_path: Path) -> None:
         reserve(led, 0.01)
         assert led.spent("bank", "claims")[0] == pytest.approx(0.7 + zcdp_to_epsilon(0.01, DELTA), abs=1e-9)
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+        # The reservation from before owners were recorded has none; the new one has.
+        assert [owner is None for (owner,) in conn.execute("SELECT owner FROM reservations ORDER BY id")] == [
+            True,
+            False,
+        ]
     with Ledger(path) as led:  # and reopens, its totals checked
         assert led.rho_spent("bank", "claims") == pytest.approx(0.01)
 

@@ -33,17 +33,18 @@ and every move between them is a row of `TRANSITIONS`:
 
 * ``reserved``   — debited, outcome not yet known. Counts as spent.
 * ``released``   — `commit`: the value may have left. Counts as spent.
-* ``orphaned``   — was ``reserved`` when a `Ledger` opened the store (`recover`), e.g.
-  the process died between reserve and commit/refund. We cannot know whether a value
-  left the process, so it stays spent for ever (fail closed).
+* ``orphaned``   — was ``reserved`` when a `Ledger` opened the store (`recover`) and
+  its owner (the `Ledger` that reserved it) was gone, e.g. the process died between
+  reserve and commit/refund. We cannot know whether a value left the process, so it
+  stays spent for ever (fail closed). On SQLite every other opener counts as gone; on
+  PostgreSQL an owner is alive while it holds its advisory lock (`ledger_store`).
 * ``refunded``   — `refund`: the query failed before anything was released.
 * ``superseded`` — `commit` found an identical release already stored: this
   reservation's value is discarded and the stored one is returned instead.
 
 Only ``reserved`` can return budget. Transitions out of ``orphaned`` may only keep it
 spent: a live process whose reservation was orphaned by another process opening the
-store (on PostgreSQL: another replica starting) can still commit, but its refund is
-ignored.
+SQLite file can still commit, but its refund is ignored.
 
 Group commit: SQLite's own fsync at each COMMIT (synchronous=FULL) serialises every
 debit behind one disk flush while holding the write lock. Instead the ledger commits
@@ -83,6 +84,7 @@ import datetime as dt
 import enum
 import math
 import re
+import uuid
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from pathlib import Path
@@ -153,7 +155,7 @@ def transition(state: State, event: Event) -> State:
 _SPENT = tuple(s.value for s in State if s.spent)
 _ORPHANABLE = tuple(s.value for s in State if (s, Event.ORPHAN) in TRANSITIONS)
 _RELEASE_KEY = re.compile(r"[0-9a-f]{16,128}")
-_SCHEMA_VERSION = 2
+_SCHEMA_VERSION = 3
 # zCDP rho, like epsilon, in units of 1e-12 (rounded up on the way in).
 _RHO_PLACES = 12
 # The schema, once for both stores: {id}, {int} and {blob} are the store's column types
@@ -205,9 +207,18 @@ CREATE TABLE IF NOT EXISTS releases (
 """
 
 
+# Version 2 -> 3: who holds each reservation (`Ledger.owner`), so that on PostgreSQL a
+# replica starting orphans only the open reservations of replicas that are gone.
+# NULL for reservations made before.
+_MIGRATE_2_TO_3 = """
+ALTER TABLE reservations ADD COLUMN owner TEXT
+"""
+
+
 def _schema_scripts(types: dict[str, str]) -> list[str]:
+    """Script i brings the schema from version i to i + 1."""
     states = "(" + ", ".join(f"'{s.value}'" for s in State) + ")"
-    return [script.format(states=states, **types) for script in (_SCHEMA, _MIGRATE_1_TO_2)]
+    return [script.format(states=states, **types) for script in (_SCHEMA, _MIGRATE_1_TO_2, _MIGRATE_2_TO_3)]
 
 
 @dataclass(frozen=True)
@@ -405,6 +416,9 @@ class Ledger:
         shows the race they stop.
         """
         self._store: Store = open_store(where, group_commit=group_commit, lock_budgets=lock_budgets)
+        # This ledger's name on the reservations it makes: random, so it says nothing but
+        # "the same opener". The store keeps it marked alive while the ledger is open.
+        self.owner = uuid.uuid4().hex
         self.location = self._store.location
         # The SQLite file (tools and tests read it directly); None on PostgreSQL.
         self.path = self._store.path if isinstance(self._store, SQLiteStore) else None
@@ -412,12 +426,13 @@ class Ledger:
         self._group = self._store.group
         try:
             version = self._store.schema_version(self._store.connection())
-            if version not in (0, 1, _SCHEMA_VERSION):
+            if not 0 <= version <= _SCHEMA_VERSION:
                 raise InternalError(
                     f"{self.location}: ledger schema version {version}, expected {_SCHEMA_VERSION}"
                 )
             if version != _SCHEMA_VERSION:
-                self._store.migrate(_schema_scripts(self._store.types), _SCHEMA_VERSION, upgrade_from=(1,))
+                self._store.migrate(_schema_scripts(self._store.types))
+            self._store.hold(self.owner)
             if recover:
                 self.recover()
         except BaseException:
@@ -496,9 +511,19 @@ class Ledger:
                         _float(max(0, delta_total - delta_spent), _DELTA_PLACES),
                     )
             (reservation_id,) = conn.execute(
-                "INSERT INTO reservations (consumer, dataset, epsilon, delta, rho, status, request, created)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-                (consumer, dataset, eps_u, delta_u, rho_u, State.RESERVED.value, str(request), _now()),
+                "INSERT INTO reservations (consumer, dataset, epsilon, delta, rho, status, request, created, owner)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                (
+                    consumer,
+                    dataset,
+                    eps_u,
+                    delta_u,
+                    rho_u,
+                    State.RESERVED.value,
+                    str(request),
+                    _now(),
+                    self.owner,
+                ),
             ).fetchone()
             self._add_spend(conn, consumer, dataset, eps_u, delta_u)
             if rho_u is None:
@@ -657,15 +682,29 @@ class Ledger:
 
         Runs at startup: a reservation still open then belongs to a process that died
         between reserve and commit/refund, and whether its value left is unknowable.
-        On PostgreSQL it also orphans the in-flight reservations of the other replicas
-        running at that moment: they stay spent, so that costs at most their refunds.
+        Which owners are gone is the store's to say (`Store.gone`): on SQLite every
+        other opener counts as gone (one server per file), so their open reservations
+        are orphaned too, which costs at most their refunds; on PostgreSQL a replica
+        that is still running keeps its open reservations, and can refund them.
         """
         orphans = "(" + ", ".join(f"'{s}'" for s in _ORPHANABLE) + ")"
         with self._store.write(None) as conn:
+            owners = [
+                owner
+                for (owner,) in conn.execute(
+                    f"SELECT DISTINCT owner FROM reservations WHERE status IN {orphans} AND owner IS NOT NULL"
+                ).fetchall()
+            ]
+            gone = self._store.gone(conn, owners)
             orphaned = conn.execute(
-                f"UPDATE reservations SET status = ?, settled = ? WHERE status IN {orphans}",
+                f"UPDATE reservations SET status = ?, settled = ? WHERE status IN {orphans} AND owner IS NULL",
                 (State.ORPHANED.value, _now()),
             ).rowcount
+            for owner in sorted(gone):
+                orphaned += conn.execute(
+                    f"UPDATE reservations SET status = ?, settled = ? WHERE status IN {orphans} AND owner = ?",
+                    (State.ORPHANED.value, _now(), owner),
+                ).rowcount
             spent = "(" + ", ".join(f"'{s}'" for s in _SPENT) + ")"
             # Each check is one statement, so one snapshot also on PostgreSQL with other
             # replicas writing (totals and reservations change in the same transactions).

@@ -22,6 +22,11 @@ How each store makes a check-and-debit atomic:
   ``lock_budgets=False`` leaves both locks out: it exists only for the test that shows
   two replicas then overspend the last of a budget.
 
+Which openers are alive, for `Ledger.recover`: on PostgreSQL each open ledger holds a
+session advisory lock named after its owner id, on a connection of its own, and an
+owner whose lock can be taken is gone (`PostgresStore.hold`, `gone`). SQLite has one
+server per file, so every other opener counts as gone.
+
 Durability: SQLite commits with synchronous=NORMAL and the ledger waits for a shared
 fsync of the WAL (`GroupSync`); PostgreSQL flushes its WAL at each COMMIT
 (synchronous_commit, on by default) and groups concurrent flushes itself.
@@ -29,6 +34,7 @@ fsync of the WAL (`GroupSync`); PostgreSQL flushes its WAL at each COMMIT
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sqlite3
 import threading
@@ -48,8 +54,11 @@ _BUSY_TIMEOUT_S = 30.0
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 # A constant key for the advisory lock PostgreSQL replicas take while creating the
-# schema, so two replicas starting at once do not both create it.
+# schema, so two replicas starting at once do not both create it. (One bigint: a space
+# of its own, apart from the two-int4 keys below.)
 _SCHEMA_LOCK_KEY = 0x646174616F7073  # "dataops"
+# The first int4 of the advisory locks that mark a ledger owner alive (`hold`).
+_OWNER_LOCK_SPACE = 0x646F7073  # "dops"
 
 
 class Cursor(Protocol):
@@ -74,7 +83,9 @@ class Store(Protocol):
     def write(self, dataset: str | None) -> Any: ...  # context manager -> Connection
     def snapshot(self) -> Any: ...  # context manager -> Connection: one consistent read
     def schema_version(self, conn: Connection) -> int: ...
-    def migrate(self, scripts: list[str], version: int, upgrade_from: tuple[int, ...]) -> None: ...
+    def migrate(self, scripts: list[str]) -> None: ...  # script i: version i -> i + 1
+    def hold(self, owner: str) -> None: ...  # mark this opener alive until close
+    def gone(self, conn: Connection, owners: list[str]) -> set[str]: ...  # which are not
     def close(self) -> None: ...
 
 
@@ -180,21 +191,28 @@ class SQLiteStore(_PerThread):
     def schema_version(self, conn: Connection) -> int:
         return conn.execute("PRAGMA user_version").fetchone()[0]
 
-    def migrate(self, scripts: list[str], version: int, upgrade_from: tuple[int, ...]) -> None:
-        """Run ``scripts`` (each a list of statements) to reach ``version``: all of them on
-        a new file, the last one on a file at ``upgrade_from`` (an older version).
+    def migrate(self, scripts: list[str]) -> None:
+        """Run the scripts the file lacks: all on a new file, from its version on an older one.
 
         Under the write lock, reading the version again inside the transaction: another
         process may have created or migrated the file meanwhile.
         """
         with self._transaction("BEGIN IMMEDIATE") as conn:
             have = self.schema_version(conn)
-            todo = scripts if have == 0 else scripts[-1:] if have in upgrade_from else []
-            for script in todo:
+            for script in scripts[have:]:
                 for statement in _statements(script):
                     conn.execute(statement)
-            if todo:
-                conn.execute(f"PRAGMA user_version = {int(version)}")
+            if have < len(scripts):
+                conn.execute(f"PRAGMA user_version = {len(scripts)}")
+
+    def hold(self, owner: str) -> None:
+        pass  # one server per file: see `gone`
+
+    def gone(self, conn: Connection, owners: list[str]) -> set[str]:
+        """Every owner: a server opening its file is the only one (the other openers are
+        tools, which make no reservations, or tests playing several processes), so any
+        reservation still open is a dead process's, as before owners were recorded."""
+        return set(owners)
 
     def sync_wal(self) -> None:
         """fsync the WAL (or, once SQLite has folded and removed it, the database file)."""
@@ -245,6 +263,7 @@ class PostgresStore(_PerThread):
         self.group: GroupSync | None = None  # PostgreSQL flushes its WAL at COMMIT, grouping flushes itself
         self.lock_budgets = lock_budgets
         self.for_update = " FOR UPDATE" if lock_budgets else ""
+        self._liveness: Any = None  # the connection holding this opener's owner lock
 
     def _connect(self) -> _PgConnection:
         # autocommit: the ledger issues BEGIN and COMMIT itself, as on SQLite, so one
@@ -291,15 +310,16 @@ class PostgresStore(_PerThread):
             return 0
         return conn.execute("SELECT version FROM ledger_schema").fetchone()[0]
 
-    def migrate(self, scripts: list[str], version: int, upgrade_from: tuple[int, ...]) -> None:
-        """Create the schema at ``version`` in one transaction (DDL is transactional in
-        PostgreSQL), under an advisory lock so replicas starting at once take turns.
+    def migrate(self, scripts: list[str]) -> None:
+        """Create the schema in one transaction (DDL is transactional in PostgreSQL),
+        under an advisory lock so replicas starting at once take turns.
 
         The lock is the session's, taken before the transaction begins: a transaction
         that began before another replica created the schema would keep its cached
         "no such table" and create it again (a lock on no relation brings no news of
         the catalog; a new transaction does).
         """
+        version = len(scripts)
         conn = self.get()
         conn.execute("SELECT pg_advisory_lock(?)", (_SCHEMA_LOCK_KEY,))
         try:
@@ -317,6 +337,40 @@ class PostgresStore(_PerThread):
                 conn.execute("INSERT INTO ledger_schema (version) VALUES (?)", (version,))
         finally:
             conn.execute("SELECT pg_advisory_unlock(?)", (_SCHEMA_LOCK_KEY,))
+
+    def hold(self, owner: str) -> None:
+        """Hold a session advisory lock named after ``owner`` on a connection of its own
+        for as long as this ledger is open. PostgreSQL releases it when the session
+        ends, however the process ends (a killed process's socket closes; a vanished
+        host's session is reaped by TCP keepalive), so the lock is the liveness."""
+        liveness = self._psycopg.connect(self.url, autocommit=True, application_name="dataops-ledger-owner")
+        liveness.execute("SELECT pg_advisory_lock(%s, %s)", (_OWNER_LOCK_SPACE, _owner_key(owner)))
+        self._liveness = liveness
+
+    def gone(self, conn: Connection, owners: list[str]) -> set[str]:
+        """The owners whose lock this session can take: nobody holds it, so their
+        ledger is closed or their process dead. Taken for the transaction only (an
+        owner that is gone never comes back: owners are random per opener)."""
+        return {
+            owner
+            for owner in owners
+            if conn.execute(
+                "SELECT pg_try_advisory_xact_lock(?, ?)", (_OWNER_LOCK_SPACE, _owner_key(owner))
+            ).fetchone()[0]
+        }
+
+    def close(self) -> None:
+        super().close()
+        if self._liveness is not None:
+            self._liveness.close()
+            self._liveness = None
+
+
+def _owner_key(owner: str) -> int:
+    """A ledger owner's advisory lock key: 32 bits of its hash. Two live owners sharing
+    a key would each look alive to the other's check; a dead one sharing a live one's
+    key looks alive, and its open reservations stay ``reserved`` (still spent)."""
+    return int.from_bytes(hashlib.sha256(owner.encode()).digest()[:4], "big", signed=True)
 
 
 def _without_password(url: str) -> str:
