@@ -285,7 +285,7 @@ class PostgresStore(_PerThread):
             yield conn
             conn.execute("COMMIT")
         except BaseException:
-            if not conn.raw.closed:
+            if not (conn.raw.closed or conn.raw.broken):  # a lost connection rolled back already
                 conn.execute("ROLLBACK")
             raise
 
