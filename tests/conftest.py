@@ -176,6 +176,32 @@ def connect(server, pki: Pki) -> Iterator[Callable[..., Client]]:
         client.close()
 
 
+@pytest.fixture(scope="session")
+def postgres():
+    """One real PostgreSQL server for the session (`pg_support`: from the test extra's
+    wheel, or Debian's package; as `nobody` when the tests run as root)."""
+    from pg_support import PostgresCluster
+
+    cluster = PostgresCluster()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def pg_url(postgres) -> str:
+    """The URL of a fresh, empty database on the session's PostgreSQL."""
+    return postgres.new_database()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger_at(request, tmp_path: Path) -> Path | str:
+    """Where a fresh ledger lives: a SQLite file, or a database on the session's
+    PostgreSQL. Tests that take it check the same behaviour on both stores."""
+    if request.param == "sqlite":
+        return tmp_path / "ledger.db"
+    return request.getfixturevalue("postgres").new_database()
+
+
 def audit_records(config: ServerConfig) -> list[dict]:
     path = config.paths.state / "audit" / "audit.jsonl"
     # Split on b"\n" only: str.splitlines() also splits at U+2028, which records may hold.

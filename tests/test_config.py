@@ -85,6 +85,19 @@ def test_unknown_keys_are_errors_naming_file_and_key(tmp_path, text, message):
         ('[tls]\nserver_key = ""\n', "[tls] server_key must be a non-empty path string"),
         ("[limits]\nmax_filters = -1\n", "[limits] max_filters must be a positive integer, got -1"),
         ('server = "fast"\n', "[server] must be a table"),
+        ('[ledger]\nurl = "mysql://db/dataops"\n', "[ledger] url must be a PostgreSQL URL"),
+        ("[ledger]\nurl = 5\n", "[ledger] url must be a PostgreSQL URL"),
+        ('[ledger]\nurl = "postgresql://db"\n', "[ledger] url must be a URL naming the database"),
+        ('[ledger]\nurl = "postgresql://db:port/dataops"\n', "[ledger] url must be a PostgreSQL URL"),
+        (
+            '[ledger]\nurl = "postgresql://dataops:hunter2@db/dataops"\n',
+            "[ledger] url must not hold a password",
+        ),
+        (
+            '[ledger]\nurl = "postgresql://db/dataops?sslmod=require"\n',
+            "[ledger] url is not a valid libpq URL",
+        ),
+        ('[ledger]\npath = "ledger.db"\n', "[ledger] unknown key 'path' (expected url)"),
     ],
 )
 def test_bad_values_are_errors_naming_file_and_key(tmp_path, text, message):
@@ -92,6 +105,19 @@ def test_bad_values_are_errors_naming_file_and_key(tmp_path, text, message):
         load_config(write(tmp_path, text))
     assert str(error.value).startswith(f"{tmp_path / 'dataops.toml'}: ")
     assert message in str(error.value)
+
+
+def test_the_ledger_is_sqlite_under_state_unless_a_postgresql_url_is_given(tmp_path):
+    from dataops.server.app import ledger_location
+
+    assert (
+        ledger_location(load_config(write(tmp_path, ""))) == tmp_path / "state" / "ledger" / "ledger.sqlite3"
+    )
+    url = "postgresql://dataops@db.internal:5433/dataops?sslmode=verify-full"
+    config = load_config(write(tmp_path, f'[ledger]\nurl = "{url}"\n'))
+    assert config.ledger.url == url and ledger_location(config) == url
+    socket = "postgresql:///dataops?host=/run/postgresql"
+    assert load_config(write(tmp_path, f'[ledger]\nurl = "{socket}"\n')).ledger.url == socket
 
 
 def test_integer_seconds_are_accepted_as_floats(tmp_path):

@@ -34,7 +34,7 @@ def test_a_lone_write_is_synced_before_it_returns(tmp_path):
 
 def test_concurrent_debits_share_fsyncs_and_none_is_lost(tmp_path, monkeypatch):
     ledger = Ledger(tmp_path / "ledger.sqlite3")
-    real = ledger._sync_wal
+    real = ledger._store.sync_wal
 
     def slow_disk():
         time.sleep(0.003)

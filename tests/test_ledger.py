@@ -23,14 +23,13 @@ KEY = "ab" * 32
 
 
 @pytest.fixture
-def ledger(tmp_path: Path):
-    with Ledger(tmp_path / "ledger.db") as led:
+def ledger(ledger_at):
+    with Ledger(ledger_at) as led:
         yield led
 
 
-def statuses(path: Path) -> dict[int, str]:
-    with sqlite3.connect(path) as conn:
-        return dict(conn.execute("SELECT id, status FROM reservations"))
+def statuses(ledger: Ledger) -> dict[int, str]:
+    return dict(ledger._conn().execute("SELECT id, status FROM reservations").fetchall())
 
 
 def race(
@@ -81,8 +80,8 @@ def test_colluding_consumers_share_the_dataset_cap(ledger):
     assert all(isinstance(e, BudgetExhaustedError) and e.which == "dataset" for e in lost)
 
 
-def _reserve_in_another_process(path: str, barrier, results) -> None:
-    ledger = Ledger(Path(path))
+def _reserve_in_another_process(where: str, barrier, results) -> None:
+    ledger = Ledger(where)  # a path, or a postgresql:// URL
     barrier.wait()
     won = 0
     for _ in range(4):
@@ -102,8 +101,8 @@ def _reserve_in_another_process(path: str, barrier, results) -> None:
     results.put(won)
 
 
-def test_racing_processes_on_one_file_cannot_overspend(tmp_path):
-    path = tmp_path / "ledger.db"
+def test_racing_processes_on_one_ledger_cannot_overspend(ledger_at):
+    path = ledger_at
     Ledger(path).close()
     ctx = multiprocessing.get_context("spawn")
     barrier, results = ctx.Barrier(8), ctx.Queue()
@@ -132,7 +131,7 @@ def test_refund_returns_the_budget_and_commit_keeps_it(ledger):
     ledger.refund(returned)
     ledger.refund(returned)  # idempotent: a second refund returns nothing more
     assert ledger.spent("bank", "credit") == PrivacyLoss(1.0, 0.0)
-    assert statuses(ledger.path) == {kept.id: "released", returned.id: "refunded"}
+    assert statuses(ledger) == {kept.id: "released", returned.id: "refunded"}
     ledger.reserve("bank", "credit", 1.0, 0.0, **totals)  # the refunded budget is usable again
 
 
@@ -149,15 +148,14 @@ def test_a_released_value_cannot_be_refunded_nor_a_refunded_one_released(ledger)
     assert ledger.spent("bank", "credit") == PrivacyLoss(1.0, 0.0)
 
 
-def test_a_reservation_left_open_counts_as_spent_after_restart(tmp_path):
-    path = tmp_path / "ledger.db"
-    ledger = Ledger(path)
+def test_a_reservation_left_open_counts_as_spent_after_restart(ledger_at):
+    ledger = Ledger(ledger_at)
     open_one = ledger.reserve(
         "bank", "credit", 1.5, 1e-6, grant_total=PrivacyLoss(2.0, 1e-5), dataset_total=PrivacyLoss(2.0, 1e-5)
     )
     ledger.close()
-    with Ledger(path) as reopened:
-        assert statuses(path) == {open_one.id: "orphaned"}
+    with Ledger(ledger_at) as reopened:
+        assert statuses(reopened) == {open_one.id: "orphaned"}
         assert reopened.spent("bank", "credit") == PrivacyLoss(1.5, 1e-6)
         # Fail closed: whether its value left is unknowable, so a late refund is ignored...
         reopened.refund(open_one)
@@ -173,7 +171,7 @@ def test_a_reservation_left_open_counts_as_spent_after_restart(tmp_path):
             )
         # ...but a live owner may still commit it (it stays spent either way).
         reopened.commit(open_one)
-        assert statuses(path) == {open_one.id: "released"}
+        assert statuses(reopened) == {open_one.id: "released"}
 
 
 def test_sums_are_exact_decimal(ledger):
@@ -233,7 +231,7 @@ def test_survives_kill_9_mid_loop(tmp_path):
     printed += [int(line) for line in child.stdout.read().split()]  # lines already in the pipe
 
     with Ledger(path) as ledger:
-        rows = statuses(path)
+        rows = statuses(ledger)
         assert set(printed) <= set(rows)
         assert all(rows[i] in ("released", "orphaned") for i in printed)
         assert set(rows.values()) <= {"released", "orphaned"}
@@ -267,7 +265,7 @@ def test_first_writer_wins_and_the_loser_is_not_charged(ledger):
     assert canonical == winner and canonical.reservation_id != second.id
     assert ledger.find_release(KEY).payload == b"first"
     # The second value is discarded, never released, so its budget comes back.
-    assert statuses(ledger.path) == {first.id: "released", second.id: "superseded"}
+    assert statuses(ledger) == {first.id: "released", second.id: "superseded"}
     assert ledger.spent("bank", "credit") == PrivacyLoss(1.0, 0.0)
 
 
@@ -303,7 +301,7 @@ def test_bad_amounts_are_refused_and_record_nothing(ledger, epsilon):
             grant_total=PrivacyLoss(epsilon, 0.0),
             dataset_total=PrivacyLoss(5.0, 0.0),
         )
-    assert statuses(ledger.path) == {}
+    assert statuses(ledger) == {}
     assert ledger.budgets() == []
 
 
@@ -315,4 +313,27 @@ def test_release_needs_a_hex_key_and_a_payload(ledger):
         ledger.commit(r, release_key="not hex", payload=b"x", metadata="{}")
     with pytest.raises(ValueError):
         ledger.commit(r, release_key=KEY)
-    assert statuses(ledger.path) == {r.id: "reserved"}
+    assert statuses(ledger) == {r.id: "reserved"}
+
+
+# -- the transition table ---------------------------------------------------------
+
+
+def test_the_transition_table_never_unspends_a_released_value_nor_respends_a_returned_one():
+    from dataops.ledger import TRANSITIONS, Event, State, transition
+
+    for (before, event), after in TRANSITIONS.items():
+        assert transition(before, event) is after
+        assert not (not before.spent and after.spent), (
+            before,
+            event,
+        )  # a returned budget may be spent by now
+        if before.spent and not after.spent:
+            assert before is State.RESERVED, (before, event)  # only an open reservation returns budget
+    assert transition(State.RESERVED, Event.ORPHAN) is State.ORPHANED
+    for state in State:
+        if state is not State.RESERVED:
+            with pytest.raises(ValueError, match=f"is {state}; it cannot be orphaned"):
+                transition(state, Event.ORPHAN)
+    with pytest.raises(ValueError, match="is released; it cannot be refunded"):
+        transition(State.RELEASED, Event.SUPERSEDE)

@@ -32,8 +32,8 @@ KEY = "cd" * 32
 
 
 @pytest.fixture
-def ledger(tmp_path: Path):
-    with Ledger(tmp_path / "ledger.db") as led:
+def ledger(ledger_at):
+    with Ledger(ledger_at) as led:
         yield led
 
 
@@ -139,15 +139,15 @@ def test_a_zcdp_grant_is_refused_at_its_budget_and_nothing_is_recorded(ledger) -
 # -- concurrency, refunds, restarts -------------------------------------------------
 
 
-def test_racing_reservations_on_the_last_of_a_zcdp_budget_never_overspend(tmp_path: Path) -> None:
+def test_racing_reservations_on_the_last_of_a_zcdp_budget_never_overspend(ledger_at) -> None:
     rho = 0.004
     fits = 5
     # A budget between the conversions of 5 and 6 releases' rho: exactly 5 fit.
     grant = PrivacyLoss(
         (zcdp_to_epsilon(fits * rho, DELTA) + zcdp_to_epsilon((fits + 1) * rho, DELTA)) / 2, DELTA
     )
-    path = tmp_path / "ledger.db"
-    ledgers = [Ledger(path), Ledger(path, recover=False)]  # two openers of one file, as two processes
+    path = ledger_at
+    ledgers = [Ledger(path), Ledger(path, recover=False)]  # two openers of one store, as two replicas
     reserve(ledgers[0], rho, grant=grant)  # the grant is already partly spent
     barrier = threading.Barrier(24)
     won, lost = [], []
@@ -206,8 +206,8 @@ def test_refunding_everything_returns_the_delta_too(ledger) -> None:
     assert reserve(ledger, 0.01).delta == DELTA
 
 
-def test_a_restart_keeps_the_rho_and_composes_on_top_of_it(tmp_path: Path) -> None:
-    path = tmp_path / "ledger.db"
+def test_a_restart_keeps_the_rho_and_composes_on_top_of_it(ledger_at) -> None:
+    path = ledger_at
     with Ledger(path) as led:
         for _ in range(4):
             led.commit(reserve(led, 0.01))
@@ -223,22 +223,31 @@ def test_a_restart_keeps_the_rho_and_composes_on_top_of_it(tmp_path: Path) -> No
         )
 
 
-def test_a_tampered_zcdp_total_is_caught_at_startup(tmp_path: Path) -> None:
-    path = tmp_path / "ledger.db"
+def test_a_tampered_zcdp_total_is_caught_at_startup(ledger_at) -> None:
+    path = ledger_at
     with Ledger(path) as led:
         led.commit(reserve(led, 0.04))
-    with sqlite3.connect(path) as conn:  # charge less than the conversion of the rho
-        conn.execute("UPDATE zcdp_spend SET epsilon = epsilon - 1000")
-        conn.execute("UPDATE grant_spend SET epsilon = epsilon - 1000")
+
+    def tamper(*statements: str) -> None:
+        with Ledger(path, recover=False) as led:  # its connection commits each statement
+            for statement in statements:
+                led._conn().execute(statement)
+
+    # charge less than the conversion of the rho
+    tamper(
+        "UPDATE zcdp_spend SET epsilon = epsilon - 1000", "UPDATE grant_spend SET epsilon = epsilon - 1000"
+    )
     with pytest.raises(InternalError, match="disagree"):
         Ledger(path)
-    with sqlite3.connect(path) as conn:  # or forget rho
-        conn.execute("UPDATE zcdp_spend SET epsilon = epsilon + 1000, rho = rho - 1")
-        conn.execute("UPDATE grant_spend SET epsilon = epsilon + 1000")
+    # or forget rho
+    tamper(
+        "UPDATE zcdp_spend SET epsilon = epsilon + 1000, rho = rho - 1",
+        "UPDATE grant_spend SET epsilon = epsilon + 1000",
+    )
     with pytest.raises(InternalError, match="disagree"):
         Ledger(path)
-    with sqlite3.connect(path) as conn:  # or the reservations' own charges
-        conn.execute("UPDATE zcdp_spend SET rho = rho + 1, charged = charged - 1")
+    # or the reservations' own charges
+    tamper("UPDATE zcdp_spend SET rho = rho + 1, charged = charged - 1")
     with pytest.raises(InternalError, match="disagree"):
         Ledger(path)
 
@@ -274,7 +283,12 @@ def test_an_existing_ledger_is_migrated_in_place(tmp_path: Path) -> None:
             0.7 + zcdp_to_epsilon(0.01, DELTA), abs=1e-9
         )
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+        # The reservation from before owners were recorded has none; the new one has.
+        assert [owner is None for (owner,) in conn.execute("SELECT owner FROM reservations ORDER BY id")] == [
+            True,
+            False,
+        ]
     with Ledger(path) as led:  # and reopens, its totals checked
         assert led.rho_spent("bank", "claims") == pytest.approx(0.01)
 
@@ -369,18 +383,18 @@ def test_a_grant_switched_from_pure_converts_at_the_delta_it_has_left(ledger) ->
         reserve(ledger, 0.01, consumer="insurer")
 
 
-def test_random_reserves_and_refunds_keep_the_ledger_above_every_record(tmp_path: Path) -> None:
+def test_random_reserves_and_refunds_keep_the_ledger_above_every_record(ledger_at) -> None:
     # The audit log records each released reservation's own charge; the server refuses
     # to start if the ledger is below it. Refunds in the middle must keep that so.
     rng = random.Random(4)
-    path = tmp_path / "ledger.db"
+    path = ledger_at
     with Ledger(path) as led:
         open_, kept, asked = [], [], {}
         for _ in range(40):
             if open_ and rng.random() < 0.5:
                 r = open_.pop(rng.randrange(len(open_)))
                 (led.refund if rng.random() < 0.5 else led.commit)(r)
-                if r.id not in {k.id for k in kept} and statuses(path)[r.id] == "released":
+                if r.id not in {k.id for k in kept} and statuses(led)[r.id] == "released":
                     kept.append(r)
             else:
                 rho = rng.uniform(1e-4, 5e-3)
@@ -394,6 +408,5 @@ def test_random_reserves_and_refunds_keep_the_ledger_above_every_record(tmp_path
         assert led.rho_spent("bank", "claims") == pytest.approx(math.fsum(asked[r.id] for r in kept + open_))
 
 
-def statuses(path: Path) -> dict[int, str]:
-    with sqlite3.connect(path) as conn:
-        return dict(conn.execute("SELECT id, status FROM reservations"))
+def statuses(ledger: Ledger) -> dict[int, str]:
+    return dict(ledger._conn().execute("SELECT id, status FROM reservations").fetchall())

@@ -776,15 +776,15 @@ def _explain_budget(config: Any, decision: Any, query: ir.Query, consumer: str) 
     from dataops.engines._base import Plan
     from dataops.errors import BudgetExhausted
     from dataops.ledger import Ledger
-    from dataops.server.app import ledger_path
+    from dataops.server.app import ledger_location
     from dataops.values import PrivacyLoss
 
     dp_engine.enable_opendp()  # this command compiles the query as the server would
     compiled = dp_engine.DPQuery.compile(Plan(query, decision.dataset, decision.grant))
     cost = compiled.calibrate(query.privacy).cost
-    path = ledger_path(config)
+    path = ledger_location(config)
     grant_spent = dataset_spent = PrivacyLoss.zero()
-    if path.exists():
+    if isinstance(path, str) or path.exists():  # a PostgreSQL URL, or a SQLite file
         # recover=False: a running server's in-flight reservations must stay open.
         with Ledger(path, recover=False) as ledger:
             grant_spent = ledger.spent(consumer, decision.dataset.id)
@@ -839,14 +839,14 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 def cmd_budget_show(args: argparse.Namespace) -> int:
     from dataops.ledger import Ledger
     from dataops.policy import load_policies
-    from dataops.server.app import ledger_path
+    from dataops.server.app import ledger_location
 
     config = _config(args)
     catalog = _catalog(config)
     policies = load_policies(config.paths.policies, catalog, _products(config, catalog))
-    path = ledger_path(config)
+    path = ledger_location(config)
     spent: dict[tuple[str | None, str], tuple[float, float]] = {}
-    if path.exists():
+    if isinstance(path, str) or path.exists():  # a PostgreSQL URL, or a SQLite file
         # recover=False: a running server's in-flight reservations must stay open.
         with Ledger(path, recover=False) as ledger:
             spent = {(s.consumer, s.dataset): (s.epsilon_spent, s.delta_spent) for s in ledger.budgets()}

@@ -20,6 +20,7 @@ from dataops.errors import ConfigError  # a LoadError: operator's file mistake
 __all__ = [
     "AuditSection",
     "ConfigError",
+    "LedgerSection",
     "Limits",
     "PathsSection",
     "ServerConfig",
@@ -177,12 +178,57 @@ class AuditSection:
 
 
 @dataclass(frozen=True)
+class LedgerSection:
+    """Where the privacy-budget ledger and the stored releases live."""
+
+    TABLE: ClassVar[str] = "ledger"
+
+    # Unset: a SQLite file under [paths] state, for one server. A PostgreSQL URL in
+    # libpq's form ("postgresql://dataops@db.internal/dataops", or over a socket
+    # "postgresql:///dataops?host=/run/postgresql"): every server replica behind one
+    # address names the same database, and they share budgets atomically. The password
+    # goes in ~/.pgpass (or the file PGPASSFILE names), never in this file.
+    url: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.url is None:
+            return
+        if not isinstance(self.url, str) or not self.url.startswith(("postgresql://", "postgres://")):
+            raise _invalid(self, "url", 'a PostgreSQL URL ("postgresql://host/database")')
+        from urllib.parse import parse_qs, urlsplit
+
+        try:
+            parts = urlsplit(self.url)
+            parts.port  # noqa: B018 - raises ValueError on a port that is not a number
+        except ValueError:
+            raise _invalid(self, "url", 'a PostgreSQL URL ("postgresql://host/database")') from None
+        if parts.password is not None:
+            raise ConfigError(
+                f"[{self.TABLE}] url must not hold a password (dataops.toml is no place for a secret): "
+                "put it in ~/.pgpass or the file PGPASSFILE names, which libpq reads"
+            )
+        if not parts.path.strip("/") and "dbname" not in parse_qs(parts.query):
+            raise _invalid(self, "url", 'a URL naming the database ("postgresql://host/database")')
+        try:
+            from psycopg.conninfo import conninfo_to_dict
+        except ImportError:
+            raise ConfigError(
+                f"[{self.TABLE}] url: a PostgreSQL ledger needs psycopg: pip install 'dataops[server]'"
+            ) from None
+        try:
+            conninfo_to_dict(self.url)  # libpq's own parser: unknown parameters, bad syntax
+        except Exception as exc:  # noqa: BLE001 - psycopg raises ProgrammingError subclasses
+            raise ConfigError(f"[{self.TABLE}] url is not a valid libpq URL: {exc}") from None
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     server: ServerSection
     paths: PathsSection
     tls: TlsSection
     limits: Limits
     audit: AuditSection = field(default_factory=AuditSection)
+    ledger: LedgerSection = field(default_factory=LedgerSection)
 
     @property
     def signer_dir(self) -> Path:
@@ -219,7 +265,7 @@ def load_config(path: Path) -> ServerConfig:
 
 
 def _build(doc: dict[str, Any], base: Path) -> ServerConfig:
-    sections = (ServerSection, PathsSection, TlsSection, Limits, AuditSection)
+    sections = (ServerSection, PathsSection, TlsSection, Limits, AuditSection, LedgerSection)
     known = [s.TABLE for s in sections]
     for key, value in doc.items():
         if key not in known:
@@ -244,7 +290,8 @@ def _build(doc: dict[str, Any], base: Path) -> ServerConfig:
         if key in audit:
             audit[key] = _resolve(AuditSection, key, audit[key], base)
     audit.setdefault("signer_dir", base / "signer")
-    return ServerConfig(server, paths, tls, limits, AuditSection(**audit))
+    ledger = LedgerSection(**_table(doc, LedgerSection))
+    return ServerConfig(server, paths, tls, limits, AuditSection(**audit), ledger)
 
 
 def _table(doc: dict[str, Any], section: type) -> dict[str, Any]:

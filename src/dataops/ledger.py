@@ -1,4 +1,4 @@
-"""The privacy-budget ledger: durable, atomic debits in SQLite (WAL).
+"""The privacy-budget ledger: durable, atomic debits in SQLite (WAL) or PostgreSQL.
 
 A grant (consumer × dataset) has a DP budget and a dataset has a cap across all
 consumers (colluding consumers add up). The ledger records *spends*; the limits come
@@ -21,33 +21,39 @@ the stored release is only ever returned again by a later request that is itself
 audited — re-releasing the same noisy value adds no privacy loss.
 
 Why it cannot overspend: `reserve` reads what has been spent and records the new
-spend inside one `BEGIN IMMEDIATE` transaction. SQLite grants that write lock to one
-connection at a time across every thread and process using the file, so no two
-check-and-debit sequences interleave. Other writers wait (`busy_timeout`) rather than
-fail.
+spend inside one write transaction that no other check-and-debit on the same dataset
+can interleave with. On SQLite that is ``BEGIN IMMEDIATE``: the file's one write lock,
+across every thread and process using it. On PostgreSQL, where several server
+replicas share the database, it is a row lock on the dataset's budget row taken
+before any read (`dataops.ledger_store`). Other writers wait rather than fail. The
+logic and the SQL here are the same for both; the store only opens transactions.
 
-Reservation states (rows are never deleted; they are the audit trail):
+Reservation states (rows are never deleted; they are the audit trail) are `State`,
+and every move between them is a row of `TRANSITIONS`:
 
 * ``reserved``   — debited, outcome not yet known. Counts as spent.
 * ``released``   — `commit`: the value may have left. Counts as spent.
-* ``orphaned``   — was ``reserved`` when a `Ledger` opened the file (`recover`), e.g.
-  the process died between reserve and commit/refund. We cannot know whether a value
-  left the process, so it stays spent for ever (fail closed).
+* ``orphaned``   — was ``reserved`` when a `Ledger` opened the store (`recover`) and
+  its owner (the `Ledger` that reserved it) was gone, e.g. the process died between
+  reserve and commit/refund. We cannot know whether a value left the process, so it
+  stays spent for ever (fail closed). On SQLite every other opener counts as gone; on
+  PostgreSQL an owner is alive while it holds its advisory lock (`ledger_store`).
 * ``refunded``   — `refund`: the query failed before anything was released.
 * ``superseded`` — `commit` found an identical release already stored: this
   reservation's value is discarded and the stored one is returned instead.
 
 Only ``reserved`` can return budget. Transitions out of ``orphaned`` may only keep it
 spent: a live process whose reservation was orphaned by another process opening the
-file can still commit, but its refund is ignored.
+SQLite file can still commit, but its refund is ignored.
 
 Group commit: SQLite's own fsync at each COMMIT (synchronous=FULL) serialises every
 debit behind one disk flush while holding the write lock. Instead the ledger commits
 with synchronous=NORMAL (in WAL mode: no fsync at commit, nothing lost or torn on a
 crash of the process) and then waits in `GroupSync` for one fsync of the WAL that
 covers every transaction committed so far. A call returns only after its
-transaction is on disk, as before; concurrent calls share the fsync. At start the
-server checks the ledger against the audit log (`dataops.audit.receipts`).
+transaction is on disk, as before; concurrent calls share the fsync. PostgreSQL
+flushes at COMMIT and groups concurrent flushes itself. At start the server checks
+the ledger against the audit log (`dataops.audit.receipts`).
 
 Amounts are stored as integers — epsilon in units of 1e-12, delta in units of 1e-18 —
 so sums are exact and comparisons need no tolerance (with floats, ten debits of 0.1
@@ -75,19 +81,16 @@ operator editing the grant's delta later cannot lower an epsilon already charged
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import math
-import os
 import re
-import sqlite3
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+import uuid
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from pathlib import Path
 
-from dataops._group import GroupSync
 from dataops.errors import BudgetExhausted, InternalError, QuotaViolation
+from dataops.ledger_store import Connection, SQLiteStore, Store, open_store
 from dataops.values import PrivacyLoss
 
 # Decimal places of the integer units. int64 holds 9.2e18, hence the maxima: no sum
@@ -97,39 +100,88 @@ _DELTA_PLACES = 18
 MAX_EPSILON = 1e6
 MAX_DELTA = 1.0
 
-# Long enough that writers queue behind each other under load (a transaction here
-# lasts well under a millisecond plus one fsync); when it does run out the caller
-# gets sqlite3.OperationalError and nothing is recorded.
-_BUSY_TIMEOUT_S = 30.0
 
-_SPENT = ("reserved", "released", "orphaned")
+class State(enum.StrEnum):
+    """A reservation's state; the value is what the ``status`` column holds."""
+
+    RESERVED = "reserved"
+    RELEASED = "released"
+    ORPHANED = "orphaned"
+    REFUNDED = "refunded"
+    SUPERSEDED = "superseded"
+
+    @property
+    def spent(self) -> bool:
+        """Whether its debit counts against the budgets (see the module docstring)."""
+        return self in (State.RESERVED, State.RELEASED, State.ORPHANED)
+
+
+class Event(enum.Enum):
+    """What happens to a reservation; the value is the word a refusal uses."""
+
+    COMMIT = "committed"  # the value may leave (`commit`)
+    REFUND = "refunded"  # nothing left the process (`refund`)
+    SUPERSEDE = "superseded"  # an identical release was stored first (`commit`)
+    ORPHAN = "orphaned"  # its process is gone (`recover`)
+
+
+# Every allowed move. A pair not listed is refused with ValueError; a move to the same
+# state is an idempotent no-op. Budget comes back exactly when a move leaves a spent
+# state for one that is not: only out of ``reserved`` (an orphan stays spent, and a
+# released value can never be unspent).
+TRANSITIONS: dict[tuple[State, Event], State] = {
+    (State.RESERVED, Event.COMMIT): State.RELEASED,
+    (State.ORPHANED, Event.COMMIT): State.RELEASED,  # its live owner finishes; stays spent
+    (State.RESERVED, Event.REFUND): State.REFUNDED,
+    (State.REFUNDED, Event.REFUND): State.REFUNDED,
+    (State.SUPERSEDED, Event.REFUND): State.SUPERSEDED,
+    (State.ORPHANED, Event.REFUND): State.ORPHANED,  # fail closed: whether it left is unknowable
+    (State.RESERVED, Event.SUPERSEDE): State.SUPERSEDED,
+    (State.REFUNDED, Event.SUPERSEDE): State.REFUNDED,
+    (State.SUPERSEDED, Event.SUPERSEDE): State.SUPERSEDED,
+    (State.ORPHANED, Event.SUPERSEDE): State.ORPHANED,
+    (State.RESERVED, Event.ORPHAN): State.ORPHANED,
+}
+
+
+def transition(state: State, event: Event) -> State:
+    """The state ``event`` moves ``state`` to, or ValueError naming both."""
+    try:
+        return TRANSITIONS[(state, event)]
+    except KeyError:
+        verb = "refunded" if event is Event.SUPERSEDE else event.value  # superseding returns budget too
+        raise ValueError(f"is {state}; it cannot be {verb}") from None
+
+
+_SPENT = tuple(s.value for s in State if s.spent)
+_ORPHANABLE = tuple(s.value for s in State if (s, Event.ORPHAN) in TRANSITIONS)
 _RELEASE_KEY = re.compile(r"[0-9a-f]{16,128}")
-_SCHEMA_VERSION = 2
+_SCHEMA_VERSION = 3
 # zCDP rho, like epsilon, in units of 1e-12 (rounded up on the way in).
 _RHO_PLACES = 12
-# Version 1 -> 2 (in place, in one transaction): zCDP grants keep their rho.
+# The schema, once for both stores: {id}, {int} and {blob} are the store's column types
+# (`Store.types`); the version is the store's to record. Version 1 -> 2 (in place, in
+# one transaction): zCDP grants keep their rho.
 _MIGRATE_1_TO_2 = """
-ALTER TABLE reservations ADD COLUMN rho INTEGER CHECK (rho IS NULL OR rho >= 0);
+ALTER TABLE reservations ADD COLUMN rho {int} CHECK (rho IS NULL OR rho >= 0);
 CREATE TABLE IF NOT EXISTS zcdp_spend (
     consumer  TEXT NOT NULL,
     dataset   TEXT NOT NULL,
-    rho       INTEGER NOT NULL CHECK (rho >= 0),      -- spent rho, 1e-12 units
-    delta     INTEGER NOT NULL CHECK (delta >= 0),    -- conversion delta charged (0 if rho is 0)
-    epsilon   INTEGER NOT NULL CHECK (epsilon >= 0),  -- max(eps(rho, delta) rounded up, charged): in grant_spend
-    charged   INTEGER NOT NULL CHECK (charged >= 0),  -- sum of the spent reservations' own charges
+    rho       {int} NOT NULL CHECK (rho >= 0),      -- spent rho, 1e-12 units
+    delta     {int} NOT NULL CHECK (delta >= 0),    -- conversion delta charged (0 if rho is 0)
+    epsilon   {int} NOT NULL CHECK (epsilon >= 0),  -- max(eps(rho, delta) rounded up, charged): in grant_spend
+    charged   {int} NOT NULL CHECK (charged >= 0),  -- sum of the spent reservations' own charges
     PRIMARY KEY (consumer, dataset)
-);
-PRAGMA user_version = 2;
+)
 """
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS reservations (
-    id        INTEGER PRIMARY KEY AUTOINCREMENT,
+    id        {id},
     consumer  TEXT NOT NULL,
     dataset   TEXT NOT NULL,
-    epsilon   INTEGER NOT NULL CHECK (epsilon >= 0),   -- 1e-12 units
-    delta     INTEGER NOT NULL CHECK (delta >= 0),     -- 1e-18 units
-    status    TEXT NOT NULL CHECK (status IN
-                ('reserved', 'released', 'orphaned', 'refunded', 'superseded')),
+    epsilon   {int} NOT NULL CHECK (epsilon >= 0),   -- 1e-12 units
+    delta     {int} NOT NULL CHECK (delta >= 0),     -- 1e-18 units
+    status    TEXT NOT NULL CHECK (status IN {states}),
     request   TEXT NOT NULL,
     created   TEXT NOT NULL,
     settled   TEXT
@@ -140,21 +192,34 @@ CREATE TABLE IF NOT EXISTS reservations (
 CREATE TABLE IF NOT EXISTS grant_spend (
     consumer  TEXT NOT NULL,
     dataset   TEXT NOT NULL,
-    epsilon   INTEGER NOT NULL CHECK (epsilon >= 0),
-    delta     INTEGER NOT NULL CHECK (delta >= 0),
+    epsilon   {int} NOT NULL CHECK (epsilon >= 0),
+    delta     {int} NOT NULL CHECK (delta >= 0),
     PRIMARY KEY (consumer, dataset)
 );
 CREATE TABLE IF NOT EXISTS releases (
     key            TEXT PRIMARY KEY,
-    payload        BLOB NOT NULL,
+    payload        {blob} NOT NULL,
     metadata       TEXT NOT NULL,
     consumer       TEXT NOT NULL,
     dataset        TEXT NOT NULL,
-    reservation_id INTEGER NOT NULL REFERENCES reservations (id),
+    reservation_id {int} NOT NULL REFERENCES reservations (id),
     created        TEXT NOT NULL
-);
-PRAGMA user_version = 1;
+)
 """
+
+
+# Version 2 -> 3: who holds each reservation (`Ledger.owner`), so that on PostgreSQL a
+# replica starting orphans only the open reservations of replicas that are gone.
+# NULL for reservations made before.
+_MIGRATE_2_TO_3 = """
+ALTER TABLE reservations ADD COLUMN owner TEXT
+"""
+
+
+def _schema_scripts(types: dict[str, str]) -> list[str]:
+    """Script i brings the schema from version i to i + 1."""
+    states = "(" + ", ".join(f"'{s.value}'" for s in State) + ")"
+    return [script.format(states=states, **types) for script in (_SCHEMA, _MIGRATE_1_TO_2, _MIGRATE_2_TO_3)]
 
 
 @dataclass(frozen=True)
@@ -305,11 +370,20 @@ def _now() -> str:
 
 
 class Ledger:
-    """The budget ledger on one SQLite file; safe to share between threads, and any
-    number of processes may open the same file."""
+    """The budget ledger; safe to share between threads. Any number of processes may
+    open the same SQLite file, and any number of server replicas the same PostgreSQL
+    database."""
 
-    def __init__(self, path: Path, *, recover: bool = True, group_commit: bool = True) -> None:
-        """Open (creating if needed) the ledger at ``path``.
+    def __init__(
+        self,
+        where: Path | str,
+        *,
+        recover: bool = True,
+        group_commit: bool = True,
+        lock_budgets: bool = True,
+    ) -> None:
+        """Open (creating if needed) the ledger at ``where``: a SQLite file's path, or a
+        ``postgresql://`` URL (libpq's; a password belongs in ~/.pgpass, not the URL).
 
         ``recover`` (default) orphans reservations left open by a previous run; see
         `recover`. A read-only tool opened beside a running server (e.g. `dataops
@@ -317,105 +391,42 @@ class Ledger:
         reservations (which would only cost their refunds, never overspend).
 
         ``group_commit`` False makes SQLite fsync inside every COMMIT (the baseline the
-        benchmark compares against).
+        benchmark compares against). ``lock_budgets`` False (PostgreSQL only) leaves out
+        the row locks that serialise debits across replicas: only for the test that
+        shows the race they stop.
         """
-        self.path = Path(path)
+        self._store: Store = open_store(where, group_commit=group_commit, lock_budgets=lock_budgets)
+        # This ledger's name on the reservations it makes: random, so it says nothing but
+        # "the same opener". The store keeps it marked alive while the ledger is open.
+        self.owner = uuid.uuid4().hex
+        self.location = self._store.location
+        # The SQLite file (tools and tests read it directly); None on PostgreSQL.
+        self.path = self._store.path if isinstance(self._store, SQLiteStore) else None
         self.group_commit = group_commit
-        self._group = GroupSync(self._sync_wal)
-        self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
-        self._closed = False
-        conn = self._conn()
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version not in (0, 1, _SCHEMA_VERSION):
-            raise InternalError(f"{self.path}: ledger schema version {version}, expected {_SCHEMA_VERSION}")
-        if version != _SCHEMA_VERSION:
-            self._migrate(conn)
-        if recover:
-            self.recover()
-
-    @staticmethod
-    def _migrate(conn: sqlite3.Connection) -> None:
-        """Create the schema, or bring a version-1 file to version 2, in place.
-
-        Under the write lock, reading the version again inside the transaction: another
-        process may have created or migrated the file meanwhile.
-        """
+        self._group = self._store.group
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            # The scripts hold no ";" but between statements (no strings, no triggers).
-            if version == 0:
-                for script in (_SCHEMA, _MIGRATE_1_TO_2):
-                    for statement in filter(str.strip, script.split(";")):
-                        conn.execute(statement)
-            elif version == 1:
-                for statement in filter(str.strip, _MIGRATE_1_TO_2.split(";")):
-                    conn.execute(statement)
-            conn.execute("COMMIT")
+            version = self._store.schema_version(self._store.connection())
+            if not 0 <= version <= _SCHEMA_VERSION:
+                raise InternalError(
+                    f"{self.location}: ledger schema version {version}, expected {_SCHEMA_VERSION}"
+                )
+            if version != _SCHEMA_VERSION:
+                self._store.migrate(_schema_scripts(self._store.types))
+            self._store.hold(self.owner)
+            if recover:
+                self.recover()
         except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+            self._store.close()
             raise
 
     # -- connections -------------------------------------------------------------
 
-    def _conn(self) -> sqlite3.Connection:
-        """This thread's connection: sqlite3 connections are not for concurrent use."""
-        if self._closed:
-            raise ValueError("ledger is closed")
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            # isolation_level=None: we issue BEGIN IMMEDIATE ourselves; the module's
-            # implicit (deferred) BEGIN would let two writers read the same spend.
-            # check_same_thread=False only so close() may close it from another thread.
-            conn = sqlite3.connect(
-                self.path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
-            )
-            conn.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
-            # FULL: SQLite fsyncs the WAL in every commit; NORMAL: we do, once per group (_write).
-            conn.execute("PRAGMA synchronous=NORMAL" if self.group_commit else "PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA foreign_keys=ON")
-            self._local.conn = conn
-            with self._lock:
-                self._connections.append(conn)
-        return conn
-
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction, holding SQLite's single write lock from the start."""
-        conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        if self.group_commit:
-            self._group.wait()  # outside the write lock: others commit while we sync
-
-    def _sync_wal(self) -> None:
-        """fsync the WAL (or, once SQLite has folded and removed it, the database file)."""
-        for name in (f"{self.path.name}-wal", self.path.name):
-            try:
-                fd = os.open(self.path.with_name(name), os.O_RDONLY)
-            except FileNotFoundError:
-                continue
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            return
+    def _conn(self) -> Connection:
+        """This thread's connection (neither driver's are for concurrent use)."""
+        return self._store.connection()
 
     def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            for conn in self._connections:
-                conn.close()
-            self._connections.clear()
+        self._store.close()
 
     def __enter__(self) -> Ledger:
         return self
@@ -460,21 +471,14 @@ class Ledger:
                 ),
             )
         rho_u = None if _rho is None else _rho_units(_check_amount("rho", _rho, MAX_EPSILON))
-        with self._write() as conn:
+        with self._store.write(dataset) as conn:
             if rho_u is not None:  # zCDP: the charge is the growth of the total's conversion
                 eps_u, delta_u, zcdp_after = self._zcdp_quote(
                     conn, consumer, dataset, rho_u, limits["grant"][1]
                 )
             spent = {
-                "grant": conn.execute(
-                    "SELECT COALESCE(SUM(epsilon), 0), COALESCE(SUM(delta), 0) FROM grant_spend"
-                    " WHERE consumer = ? AND dataset = ?",
-                    (consumer, dataset),
-                ).fetchone(),
-                "dataset": conn.execute(
-                    "SELECT COALESCE(SUM(epsilon), 0), COALESCE(SUM(delta), 0) FROM grant_spend WHERE dataset = ?",
-                    (dataset,),
-                ).fetchone(),
+                "grant": _sums(conn, "consumer = ? AND dataset = ?", (consumer, dataset)),
+                "dataset": _sums(conn, "dataset = ?", (dataset,)),
             }
             for which in ("grant", "dataset"):
                 (eps_spent, delta_spent), (eps_total, delta_total) = spent[which], limits[which]
@@ -486,17 +490,27 @@ class Ledger:
                         _float(max(0, eps_total - eps_spent), _EPSILON_PLACES),
                         _float(max(0, delta_total - delta_spent), _DELTA_PLACES),
                     )
-            cursor = conn.execute(
-                "INSERT INTO reservations (consumer, dataset, epsilon, delta, rho, status, request, created)"
-                " VALUES (?, ?, ?, ?, ?, 'reserved', ?, ?)",
-                (consumer, dataset, eps_u, delta_u, rho_u, str(request), _now()),
-            )
+            (reservation_id,) = conn.execute(
+                "INSERT INTO reservations (consumer, dataset, epsilon, delta, rho, status, request, created, owner)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                (
+                    consumer,
+                    dataset,
+                    eps_u,
+                    delta_u,
+                    rho_u,
+                    State.RESERVED.value,
+                    str(request),
+                    _now(),
+                    self.owner,
+                ),
+            ).fetchone()
             self._add_spend(conn, consumer, dataset, eps_u, delta_u)
             if rho_u is None:
-                return Reservation(cursor.lastrowid, consumer, dataset, epsilon, delta)
+                return Reservation(reservation_id, consumer, dataset, epsilon, delta)
             self._set_zcdp_row(conn, consumer, dataset, zcdp_after, eps_u)
             return Reservation(
-                cursor.lastrowid,
+                reservation_id,
                 consumer,
                 dataset,
                 _float(eps_u, _EPSILON_PLACES),
@@ -543,27 +557,19 @@ class Ledger:
         delta_u = _units(
             _check_amount("grant delta total", grant_delta, MAX_DELTA), _DELTA_PLACES, ROUND_FLOOR
         )
-        conn = self._conn()
-        conn.execute("BEGIN")  # one snapshot for both reads
-        try:
+        with self._store.snapshot() as conn:  # one snapshot for both reads
             eps_u, delta_u, _ = self._zcdp_quote(conn, consumer, dataset, rho_u, delta_u)
-        finally:
-            conn.execute("COMMIT")
         return PrivacyLoss(_float(eps_u, _EPSILON_PLACES), _float(delta_u, _DELTA_PLACES))
 
     def _zcdp_quote(
-        self, conn: sqlite3.Connection, consumer: str, dataset: str, rho_u: int, grant_delta_u: int
+        self, conn: Connection, consumer: str, dataset: str, rho_u: int, grant_delta_u: int
     ) -> tuple[int, int, tuple[int, int, int]]:
         """`_zcdp_charge` on this grant's row. The conversion delta is what the grant's
         delta leaves after its pure-DP releases (a grant switched from pure to zCDP keeps
         what it spent); with none left no rho can be converted, so it is refused."""
         before = self._zcdp_row(conn, consumer, dataset)
         if before[0] == 0:
-            ((_, delta_spent),) = conn.execute(
-                "SELECT COALESCE(SUM(epsilon), 0), COALESCE(SUM(delta), 0) FROM grant_spend"
-                " WHERE consumer = ? AND dataset = ?",
-                (consumer, dataset),
-            ).fetchall()
+            _, delta_spent = _sums(conn, "consumer = ? AND dataset = ?", (consumer, dataset))
             grant_delta_u -= delta_spent - before[1]
             if grant_delta_u <= 0:
                 raise BudgetExhaustedError("grant", consumer, dataset, 0.0, 0.0)
@@ -603,18 +609,19 @@ class Ledger:
             _check_release_key(release_key)
             if not isinstance(payload, bytes) or not isinstance(metadata, str):
                 raise ValueError("a release_key needs payload (bytes) and metadata (str)")
-        with self._write() as conn:
-            status = self._status(conn, reservation)
+        with self._store.write(reservation.dataset) as conn:
+            state = self._state(conn, reservation)
             if release_key is not None:
                 existing = self._find(conn, release_key)
                 if existing is not None:
                     if existing.reservation_id == reservation.id:
                         return existing  # a retried commit of the winner
-                    self._settle(conn, reservation, status, "superseded")
+                    self._settle(conn, reservation, state, Event.SUPERSEDE)
                     return existing
-            self._settle(conn, reservation, status, "released")
+            self._settle(conn, reservation, state, Event.COMMIT)
             if release_key is None:
                 return None
+            assert payload is not None and metadata is not None  # checked above
             stored = StoredRelease(
                 release_key,
                 payload,
@@ -646,8 +653,8 @@ class Ledger:
         refunding a released one raises ValueError — a value that may have left
         cannot be unspent.
         """
-        with self._write() as conn:
-            self._settle(conn, reservation, self._status(conn, reservation), "refunded")
+        with self._store.write(reservation.dataset) as conn:
+            self._settle(conn, reservation, self._state(conn, reservation), Event.REFUND)
 
     def recover(self) -> int:
         """Mark reservations left ``reserved`` as ``orphaned`` (still spent) and check
@@ -655,24 +662,44 @@ class Ledger:
 
         Runs at startup: a reservation still open then belongs to a process that died
         between reserve and commit/refund, and whether its value left is unknowable.
+        Which owners are gone is the store's to say (`Store.gone`): on SQLite every
+        other opener counts as gone (one server per file), so their open reservations
+        are orphaned too, which costs at most their refunds; on PostgreSQL a replica
+        that is still running keeps its open reservations, and can refund them.
         """
-        with self._write() as conn:
+        orphans = "(" + ", ".join(f"'{s}'" for s in _ORPHANABLE) + ")"
+        with self._store.write(None) as conn:
+            owners = [
+                owner
+                for (owner,) in conn.execute(
+                    f"SELECT DISTINCT owner FROM reservations WHERE status IN {orphans} AND owner IS NOT NULL"
+                ).fetchall()
+            ]
+            gone = self._store.gone(conn, owners)
             orphaned = conn.execute(
-                "UPDATE reservations SET status = 'orphaned', settled = ? WHERE status = 'reserved'",
-                (_now(),),
+                f"UPDATE reservations SET status = ?, settled = ? WHERE status IN {orphans} AND owner IS NULL",
+                (State.ORPHANED.value, _now()),
             ).rowcount
+            for owner in sorted(gone):
+                orphaned += conn.execute(
+                    f"UPDATE reservations SET status = ?, settled = ? WHERE status IN {orphans} AND owner = ?",
+                    (State.ORPHANED.value, _now(), owner),
+                ).rowcount
+            spent = "(" + ", ".join(f"'{s}'" for s in _SPENT) + ")"
+            # Each check is one statement, so one snapshot also on PostgreSQL with other
+            # replicas writing (totals and reservations change in the same transactions).
             mismatch = conn.execute(
                 f"""
                 SELECT consumer, dataset FROM (
                     SELECT consumer, dataset, epsilon AS e, delta AS d, 0 AS r FROM grant_spend
                     UNION ALL
                     SELECT consumer, dataset, -epsilon, -delta, 0 FROM reservations
-                        WHERE status IN {_SPENT} AND rho IS NULL
+                        WHERE status IN {spent} AND rho IS NULL
                     UNION ALL
                     SELECT consumer, dataset, -epsilon, -delta, rho FROM zcdp_spend
                     UNION ALL
-                    SELECT consumer, dataset, 0, 0, -rho FROM reservations WHERE status IN {_SPENT} AND rho IS NOT NULL
-                ) GROUP BY consumer, dataset HAVING SUM(e) != 0 OR SUM(d) != 0 OR SUM(r) != 0
+                    SELECT consumer, dataset, 0, 0, -rho FROM reservations WHERE status IN {spent} AND rho IS NOT NULL
+                ) AS spends GROUP BY consumer, dataset HAVING SUM(e) != 0 OR SUM(d) != 0 OR SUM(r) != 0
                 """
             ).fetchall()
             # A zCDP grant's epsilon: never below its reservations' own charges (which
@@ -680,7 +707,7 @@ class Ledger:
             mismatch += conn.execute(
                 f"""
                 SELECT z.consumer, z.dataset FROM zcdp_spend AS z WHERE z.epsilon < z.charged OR z.charged != (
-                    SELECT COALESCE(SUM(r.epsilon), 0) FROM reservations AS r WHERE r.status IN {_SPENT}
+                    SELECT COALESCE(SUM(r.epsilon), 0) FROM reservations AS r WHERE r.status IN {spent}
                     AND r.rho IS NOT NULL AND r.consumer = z.consumer AND r.dataset = z.dataset)
                 """
             ).fetchall()
@@ -688,11 +715,14 @@ class Ledger:
                 (consumer, dataset)
                 for consumer, dataset, rho_u, delta_u, eps_u in conn.execute(
                     "SELECT consumer, dataset, rho, delta, epsilon FROM zcdp_spend"
-                )
+                ).fetchall()
                 if eps_u < _zcdp_epsilon_units(rho_u, delta_u) or (rho_u > 0) != (delta_u > 0)
             ]
             if mismatch:
-                raise InternalError(f"{self.path}: spend totals disagree with reservations for {mismatch}")
+                mismatch = [tuple(row) for row in mismatch]
+                raise InternalError(
+                    f"{self.location}: spend totals disagree with reservations for {mismatch}"
+                )
         return orphaned
 
     # -- reading -----------------------------------------------------------------
@@ -701,41 +731,17 @@ class Ledger:
         return self._find(self._conn(), _check_release_key(key))
 
     def spent(self, consumer: str, dataset: str) -> PrivacyLoss:
-        row = (
-            self._conn()
-            .execute(
-                "SELECT COALESCE(SUM(epsilon), 0), COALESCE(SUM(delta), 0) FROM grant_spend"
-                " WHERE consumer = ? AND dataset = ?",
-                (consumer, dataset),
-            )
-            .fetchone()
-        )
-        return PrivacyLoss(_float(row[0], _EPSILON_PLACES), _float(row[1], _DELTA_PLACES))
+        eps_u, delta_u = self.spent_units(consumer, dataset)
+        return PrivacyLoss(_float(eps_u, _EPSILON_PLACES), _float(delta_u, _DELTA_PLACES))
 
     def spent_units(self, consumer: str, dataset: str) -> tuple[int, int]:
         """What a grant has spent in the ledger's exact units (1e-12 epsilon, 1e-18 delta),
         for reconciliation against the audit log."""
-        row = (
-            self._conn()
-            .execute(
-                "SELECT COALESCE(SUM(epsilon), 0), COALESCE(SUM(delta), 0) FROM grant_spend"
-                " WHERE consumer = ? AND dataset = ?",
-                (consumer, dataset),
-            )
-            .fetchone()
-        )
-        return int(row[0]), int(row[1])
+        return _sums(self._conn(), "consumer = ? AND dataset = ?", (consumer, dataset))
 
     def dataset_spent(self, dataset: str) -> PrivacyLoss:
-        row = (
-            self._conn()
-            .execute(
-                "SELECT COALESCE(SUM(epsilon), 0), COALESCE(SUM(delta), 0) FROM grant_spend WHERE dataset = ?",
-                (dataset,),
-            )
-            .fetchone()
-        )
-        return PrivacyLoss(_float(row[0], _EPSILON_PLACES), _float(row[1], _DELTA_PLACES))
+        eps_u, delta_u = _sums(self._conn(), "dataset = ?", (dataset,))
+        return PrivacyLoss(_float(eps_u, _EPSILON_PLACES), _float(delta_u, _DELTA_PLACES))
 
     def budgets(self) -> list[Spend]:
         """Everything spent: one row per consumer × dataset, then one per dataset
@@ -750,32 +756,32 @@ class Ledger:
         )
         rows.sort(key=lambda row: (row[1], row[0] is None, row[0] or ""))
         return [
-            Spend(consumer, dataset, _float(eps, _EPSILON_PLACES), _float(delta, _DELTA_PLACES))
+            Spend(consumer, dataset, _float(int(eps), _EPSILON_PLACES), _float(int(delta), _DELTA_PLACES))
             for consumer, dataset, eps, delta in rows
         ]
 
     # -- internals ---------------------------------------------------------------
 
     @staticmethod
-    def _add_spend(conn: sqlite3.Connection, consumer: str, dataset: str, eps_u: int, delta_u: int) -> None:
+    def _add_spend(conn: Connection, consumer: str, dataset: str, eps_u: int, delta_u: int) -> None:
         conn.execute(
             "INSERT INTO grant_spend (consumer, dataset, epsilon, delta) VALUES (?, ?, ?, ?)"
             " ON CONFLICT (consumer, dataset) DO UPDATE"
-            " SET epsilon = epsilon + excluded.epsilon, delta = delta + excluded.delta",
+            " SET epsilon = grant_spend.epsilon + excluded.epsilon, delta = grant_spend.delta + excluded.delta",
             (consumer, dataset, eps_u, delta_u),
         )
 
     @staticmethod
-    def _zcdp_row(conn: sqlite3.Connection, consumer: str, dataset: str) -> tuple[int, int, int]:
+    def _zcdp_row(conn: Connection, consumer: str, dataset: str) -> tuple[int, int, int]:
         row = conn.execute(
             "SELECT rho, delta, epsilon FROM zcdp_spend WHERE consumer = ? AND dataset = ?",
             (consumer, dataset),
         ).fetchone()
-        return (0, 0, 0) if row is None else tuple(row)
+        return (0, 0, 0) if row is None else (int(row[0]), int(row[1]), int(row[2]))
 
     @staticmethod
     def _set_zcdp_row(
-        conn: sqlite3.Connection, consumer: str, dataset: str, row: tuple[int, int, int], charged_change: int
+        conn: Connection, consumer: str, dataset: str, row: tuple[int, int, int], charged_change: int
     ) -> None:
         updated = conn.execute(
             "UPDATE zcdp_spend SET rho = ?, delta = ?, epsilon = ?, charged = charged + ?"
@@ -788,61 +794,75 @@ class Ledger:
                 (consumer, dataset, *row, charged_change),
             )
 
-    @staticmethod
-    def _status(conn: sqlite3.Connection, reservation: Reservation) -> str:
+    def _state(self, conn: Connection, reservation: Reservation) -> State:
+        # FOR UPDATE on PostgreSQL: no other replica's recover() may move it until we settle.
         row = conn.execute(
-            "SELECT consumer, dataset, status FROM reservations WHERE id = ?", (reservation.id,)
+            f"SELECT consumer, dataset, status FROM reservations WHERE id = ?{self._store.for_update}",
+            (reservation.id,),
         ).fetchone()
         if row is None or tuple(row[:2]) != (reservation.consumer, reservation.dataset):
             raise ValueError(f"no such reservation: {reservation}")
-        return row[2]
+        return State(row[2])
 
-    def _settle(self, conn: sqlite3.Connection, reservation: Reservation, status: str, outcome: str) -> None:
-        """Move a reservation to ``released``, ``refunded`` or ``superseded``."""
-        if outcome == "released":
-            if status not in ("reserved", "orphaned"):
-                # A refunded budget may already be spent by someone else.
-                raise ValueError(f"reservation {reservation.id} is {status}; it cannot be committed")
-        elif status == "released":
-            raise ValueError(f"reservation {reservation.id} is released; it cannot be refunded")
-        elif status != "reserved":
-            return  # already refunded/superseded (idempotent), or orphaned (stays spent)
-        conn.execute(
-            "UPDATE reservations SET status = ?, settled = ? WHERE id = ?", (outcome, _now(), reservation.id)
-        )
-        if outcome != "released":
-            eps_u, delta_u, rho_u = conn.execute(
-                "SELECT epsilon, delta, rho FROM reservations WHERE id = ?", (reservation.id,)
-            ).fetchone()
-            if rho_u is not None:
-                # zCDP: take the rho out and return what the conversion of the rest
-                # saves, not this reservation's own charge (others may have composed
-                # on top of it since). Never below the other spent reservations' own
-                # charges, which the audit log records: the ledger must stay >= it
-                # (`dataops.audit.receipts.reconcile_ledger`), also to the last unit.
-                rho_total, conv_delta_u, eps_total = self._zcdp_row(
-                    conn, reservation.consumer, reservation.dataset
-                )
-                (charged,) = conn.execute(
-                    "SELECT charged FROM zcdp_spend WHERE consumer = ? AND dataset = ?",
-                    (reservation.consumer, reservation.dataset),
-                ).fetchone()
-                rho_left = rho_total - rho_u
-                delta_left = conv_delta_u if rho_left > 0 else 0
-                eps_left = max(_zcdp_epsilon_units(rho_left, delta_left), charged - eps_u)
-                self._set_zcdp_row(
-                    conn, reservation.consumer, reservation.dataset, (rho_left, delta_left, eps_left), -eps_u
-                )
-                eps_u, delta_u = eps_total - eps_left, conv_delta_u - delta_left
-            conn.execute(
-                "UPDATE grant_spend SET epsilon = epsilon - ?, delta = delta - ? WHERE consumer = ? AND dataset = ?",
-                (eps_u, delta_u, reservation.consumer, reservation.dataset),
+    def _settle(self, conn: Connection, reservation: Reservation, state: State, event: Event) -> None:
+        """Apply ``event`` (`TRANSITIONS`) and return the budget if it leaves a spent state."""
+        try:
+            after = transition(state, event)
+        except ValueError as exc:
+            raise ValueError(f"reservation {reservation.id} {exc}") from None
+        if after is state:
+            return  # idempotent, or an orphan that stays spent
+        changed = conn.execute(
+            "UPDATE reservations SET status = ?, settled = ? WHERE id = ? AND status = ?",
+            (after.value, _now(), reservation.id, state.value),
+        ).rowcount
+        if changed != 1:  # the row lock (or SQLite's write lock) makes this impossible
+            raise InternalError(f"reservation {reservation.id} changed state under a settle")
+        if state.spent and not after.spent:
+            self._return_budget(conn, reservation)
+
+    def _return_budget(self, conn: Connection, reservation: Reservation) -> None:
+        eps_u, delta_u, rho_u = conn.execute(
+            "SELECT epsilon, delta, rho FROM reservations WHERE id = ?", (reservation.id,)
+        ).fetchone()
+        if rho_u is not None:
+            # zCDP: take the rho out and return what the conversion of the rest
+            # saves, not this reservation's own charge (others may have composed
+            # on top of it since). Never below the other spent reservations' own
+            # charges, which the audit log records: the ledger must stay >= it
+            # (`dataops.audit.receipts.reconcile_ledger`), also to the last unit.
+            rho_total, conv_delta_u, eps_total = self._zcdp_row(
+                conn, reservation.consumer, reservation.dataset
             )
+            (charged,) = conn.execute(
+                "SELECT charged FROM zcdp_spend WHERE consumer = ? AND dataset = ?",
+                (reservation.consumer, reservation.dataset),
+            ).fetchone()
+            rho_left = rho_total - rho_u
+            delta_left = conv_delta_u if rho_left > 0 else 0
+            eps_left = max(_zcdp_epsilon_units(rho_left, delta_left), charged - eps_u)
+            self._set_zcdp_row(
+                conn, reservation.consumer, reservation.dataset, (rho_left, delta_left, eps_left), -eps_u
+            )
+            eps_u, delta_u = eps_total - eps_left, conv_delta_u - delta_left
+        conn.execute(
+            "UPDATE grant_spend SET epsilon = epsilon - ?, delta = delta - ? WHERE consumer = ? AND dataset = ?",
+            (eps_u, delta_u, reservation.consumer, reservation.dataset),
+        )
 
     @staticmethod
-    def _find(conn: sqlite3.Connection, key: str) -> StoredRelease | None:
+    def _find(conn: Connection, key: str) -> StoredRelease | None:
         row = conn.execute(
             "SELECT key, payload, metadata, consumer, created, dataset, reservation_id FROM releases WHERE key = ?",
             (key,),
         ).fetchone()
         return None if row is None else StoredRelease(row[0], bytes(row[1]), *row[2:])
+
+
+def _sums(conn: Connection, where: str, params: tuple[str, ...]) -> tuple[int, int]:
+    """Spent (epsilon, delta) units of the grant_spend rows matching ``where``, as ints
+    (PostgreSQL sums BIGINT into NUMERIC)."""
+    eps_u, delta_u = conn.execute(
+        f"SELECT COALESCE(SUM(epsilon), 0), COALESCE(SUM(delta), 0) FROM grant_spend WHERE {where}", params
+    ).fetchone()
+    return int(eps_u), int(delta_u)

@@ -8,6 +8,7 @@
     dataops audit report --out FILE.html                           one offline HTML page with charts
     dataops audit public-key [--signer-dir DIR] [--out FILE]       the key reviewers verify with
     dataops audit consents [--consent ID] [--subject ID]           every use of a consent; exit 1 if one ran invalid
+    dataops audit merge DIR DIR... [--public-key FILE]... [--json] several replicas' logs, each verified, as one
 
 Each reads `-c dataops.toml` for the state directory (the log is STATE/audit) or takes
 `--log-dir DIR` to point at an audit directory directly, e.g. a copy on a reviewer's
@@ -144,6 +145,23 @@ def add_audit_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--consent", metavar="ID", help="only this consent's uses")
     p.add_argument("--subject", metavar="ID", help="only this subject's (hashed with the server's key)")
     p.add_argument("--json", action="store_true")
+
+    p = command(
+        "merge",
+        cmd_merge,
+        "verify the audit logs of several server replicas, each on its own, and list their "
+        "records as one, by time, with the spend per grant over all of them",
+    )
+    p.add_argument("log_dirs", type=Path, nargs="+", metavar="DIR", help="one audit directory per replica")
+    p.add_argument(
+        "--public-key",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help=f"each log's public key, in the order of the directories (default: {PUBLIC_KEY} in each)",
+    )
+    p.add_argument("--json", action="store_true", help='JSON Lines: {"replica": ..., "record": {...}}')
     return audit
 
 
@@ -259,6 +277,58 @@ def print_verification(v: Verification, out: Callable[[str], None] = print) -> N
         out(f"  ({v.records} records chain correctly before this; public key id {v.key_id})")
     for note in v.notes:
         out(f"  note: {note}")
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from dataops.audit.merge import merge_logs
+
+    for directory in args.log_dirs:
+        if not directory.is_dir():
+            raise _UsageError(f"{directory}: not a directory")
+    if args.public_key and len(args.public_key) != len(args.log_dirs):
+        raise _UsageError("give one --public-key per directory, in the same order, or none")
+    keys = []
+    for i, directory in enumerate(args.log_dirs):
+        if args.public_key:
+            keys.append(load_public_key(args.public_key[i]))
+        elif (directory / PUBLIC_KEY).exists():
+            keys.append(load_public_key(directory / PUBLIC_KEY))
+        else:
+            raise _UsageError(f"no public key in {directory}; pass --public-key FILE for each directory")
+    merged = merge_logs(args.log_dirs, keys)
+    for name, v in merged.verifications:
+        print_verification(v, lambda line, name=name: print(f"{name}: {line}", file=sys.stderr))
+    if not merged.ok:
+        print("TAMPERED: not merged; every log must verify on its own first", file=sys.stderr)
+        return TAMPERED
+    if args.json:
+        for name, record in merged.records:
+            print(json.dumps({"replica": name, "record": record}, sort_keys=True, ensure_ascii=False))
+        return OK
+    columns = ("replica", "seq", "time", "consumer", "method", "dataset", "decision", "epsilon")
+    rows = [
+        {
+            "replica": name,
+            "seq": r.get("seq"),
+            "time": (r.get("time") or "")[:23].replace("T", " "),
+            "consumer": r.get("consumer"),
+            "method": r.get("method"),
+            "dataset": r.get("dataset"),
+            "decision": r.get("decision"),
+            "epsilon": f"{r['epsilon_spent']:.4g}" if r.get("epsilon_spent") else None,
+        }
+        for name, r in merged.records
+    ]
+    widths = {c: max([len(c)] + [len(_cell(row[c])) for row in rows]) for c in columns}
+    print("  ".join(f"{c:<{widths[c]}}" for c in columns).rstrip())
+    for row in rows:
+        print("  ".join(f"{_cell(row[c]):<{widths[c]}}" for c in columns).rstrip())
+    print(f"{len(rows)} records from {len(merged.verifications)} logs")
+    for (consumer, dataset), (eps, delta) in merged.spend.items():
+        print(
+            f"spent by {consumer} on {dataset}, all replicas: epsilon {eps / 1e12:.6g}, delta {delta / 1e18:.3g}"
+        )
+    return OK
 
 
 def cmd_receipt(args: argparse.Namespace) -> int:

@@ -104,7 +104,7 @@ def reconcile_ledger(ledger: Any, audit: AuditLog) -> None:
             )
     if behind:
         raise LedgerBehindLog(
-            f"{ledger.path}: the budget ledger is behind the audit log for {len(behind)} grant(s): "
+            f"{ledger.location}: the budget ledger is behind the audit log for {len(behind)} grant(s): "
             f"{'; '.join(behind[:5])}. It was reset, edited or restored from an older copy while the server "
             "was down; serving it would make spent privacy budget spendable again. Restore the ledger that "
             "goes with this log (the log's checkpoints commit to its totals); refusing to start"

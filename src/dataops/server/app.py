@@ -78,6 +78,12 @@ def ledger_path(config: ServerConfig):
     return config.paths.state / "ledger" / "ledger.sqlite3"
 
 
+def ledger_location(config: ServerConfig):
+    """What `Ledger` opens: the [ledger] url (PostgreSQL, shared by replicas) if set,
+    else the SQLite file under [paths] state."""
+    return config.ledger.url or ledger_path(config)
+
+
 @dataclass
 class DataopsServer:
     config: ServerConfig
@@ -146,7 +152,10 @@ class DataopsServer:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stopping.set())
         signal.signal(signal.SIGHUP, lambda *_: self.policies.poll(settled=True))
-        stopping.wait()
+        # Wait in slices: the handlers run on the main thread between bytecodes, and an
+        # untimed wait was seen not to return after SIGTERM (a replica hung on shutdown).
+        while not stopping.wait(1.0):
+            pass
         self.stop()
 
 
@@ -231,9 +240,10 @@ def _build(
     # The log first: it refuses to open if it was truncated or rewritten behind the
     # signer's last checkpoint, and the ledger is then reconciled against it.
     audit = AuditLog(audit_path(config), signer=signer)
-    ledger_path(config).parent.mkdir(parents=True, exist_ok=True)
+    if config.ledger.url is None:
+        ledger_path(config).parent.mkdir(parents=True, exist_ok=True)
     try:
-        ledger = Ledger(ledger_path(config))
+        ledger = Ledger(ledger_location(config))
     except BaseException:
         audit.close()
         raise
