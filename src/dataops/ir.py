@@ -19,11 +19,11 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Union
+from typing import Any
 
 from dataops.errors import FieldViolation, InvalidQuery
 
-Scalar = Union[str, int, float, bool, dt.date]
+Scalar = str | int | float | bool | dt.date
 
 # Shape limits that hold whatever the server's configuration says (its `[limits]` cap
 # list lengths). Hostile input is refused here, before any name or value is echoed in
@@ -156,7 +156,7 @@ class Between:
         return out
 
 
-Filter = Union[Equals, InSet, Between]
+Filter = Equals | InSet | Between
 
 
 @dataclass(frozen=True)

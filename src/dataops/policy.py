@@ -385,7 +385,7 @@ class PolicyStore:
         # Strict at start: the server refuses to start on any invalid file.
         self._current = load_policies(policy_dir, catalog, products)
         self._files: dict[str, _InForce] = {}
-        for name, (path, raw, digest) in self._scan().items():
+        for name, (path, _raw, digest) in self._scan().items():
             policy = self._current.get(path.stem)
             if policy is not None:
                 self._files[name] = _InForce(digest, policy)

@@ -204,7 +204,7 @@ class DataVersions:
                 first = str(exc).split("\n", 1)[0]
                 raise CatalogError(
                     f"{dataset.source}: location: {real} is not a readable Parquet file: {first}"
-                )
+                ) from exc
         with self._lock:
             self._datasets[dataset.id] = dataset
             self._known[dataset.id] = _Known(self._signature(st), version, self._clock())

@@ -355,10 +355,9 @@ def why_nothing_matched(args: argparse.Namespace, seen: dict[str, set], total: i
         if value is None:
             continue
         present = sorted(str(v) for v in seen[name] if v is not None)
-        same = (
-            (lambda v: v.lower() == value.lower()) if name in ("method", "reason") else (lambda v: v == value)
-        )
-        if not any(same(v) for v in present):
+        # Method names and reasons are matched without case, as the filters match them.
+        folded = name in ("method", "reason")
+        if not any((v.lower() == value.lower()) if folded else (v == value) for v in present):
             notes.append(
                 f"no record has {name} {value!r}; {plural} in the log: {', '.join(present) or 'none'}"
             )

@@ -26,6 +26,7 @@ from typing import Any
 from dataops.certs import init_authority, issue_consumer
 from dataops.client import Client, DataopsClientError, count, count_units, mean, median, total
 from dataops.config import ServerConfig, load_config
+from dataops.consent_service import ConsentService
 from dataops.demo.generate import generate
 from dataops.ir import Equals
 
@@ -114,8 +115,6 @@ def prepare(
 
 
 def consent_service(config: ServerConfig) -> ConsentService:
-    from dataops.consent_service import ConsentService
-
     return ConsentService(config.paths.state / "consent-service", config.paths.consents)
 
 
