@@ -245,7 +245,7 @@ def load_profile(path: Path) -> dict[str, Any]:
         if key == "timeout":
             value = doc.number(key, None, minimum=0.001)
         else:
-            value = doc.str(key, None)
+            value = doc.string(key, None)
         if value is not None:
             values[key] = (path.parent / Path(value).expanduser()) if key in ("cert", "key", "ca") else value
     doc.reject_unknown()

@@ -140,10 +140,10 @@ def _load_policy(
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise PolicyError(f"{path}: not valid TOML: {exc}") from None
     doc = Table(data, path, "", PolicyError)
-    consumer = doc.str("consumer", pattern=CONSUMER_PATTERN)
+    consumer = doc.string("consumer", pattern=CONSUMER_PATTERN)
     if consumer != path.stem:
         raise doc.fail("consumer", f"{consumer!r} must equal the file name stem {path.stem!r}")
-    zone = doc.str("zone")
+    zone = doc.string("zone")
     grants: dict[str, Grant] = {}
     for table in doc.tables("grants"):
         grant = _load_grant(table, zone, catalog, products)
@@ -153,8 +153,8 @@ def _load_policy(
     policy = ConsumerPolicy(
         consumer=consumer,
         zone=zone,
-        description=doc.str("description", ""),
-        revoked=doc.bool("revoked", False),
+        description=doc.string("description", ""),
+        revoked=doc.boolean("revoked", False),
         grants=MappingProxyType(grants),
         source=path,
     )
@@ -163,7 +163,7 @@ def _load_policy(
 
 
 def _enum_set(table: Table, key: str, enum: type[Enum]) -> frozenset:
-    values = table.list(key)
+    values = table.array(key)
     if not values:
         raise table.fail(key, "must list at least one value")
     out = set()
@@ -176,7 +176,7 @@ def _enum_set(table: Table, key: str, enum: type[Enum]) -> frozenset:
 
 
 def _load_grant(table: Table, zone: str, catalog: Catalog, products: Products | None) -> Grant:
-    dataset_id = table.str("dataset")
+    dataset_id = table.string("dataset")
     dataset = catalog.get(dataset_id)
     if dataset is None:
         raise table.fail("dataset", f"{dataset_id!r} is not in the catalog")
@@ -230,14 +230,14 @@ def _load_grant(table: Table, zone: str, catalog: Catalog, products: Products | 
     # `modes` narrows the grant; the leftover list must not make the file invalid).
     grant = Grant(
         dataset=dataset_id,
-        purpose=table.str("purpose"),
+        purpose=table.string("purpose"),
         expires=expires,
         modes=modes,
         functions=_enum_set(table, "functions", Function),
         budget=budget,
         columns=MappingProxyType(columns),
         tables=tables,
-        accounting=table.str("accounting", "pure"),
+        accounting=table.string("accounting", "pure"),
     )
     if grant.accounting not in ACCOUNTINGS:
         raise table.fail("accounting", f"must be one of {', '.join(ACCOUNTINGS)}, got {grant.accounting!r}")
@@ -253,7 +253,7 @@ def _load_tables(
     table: Table, dataset: Dataset, products: Products | None, *, required: bool
 ) -> tuple[str, ...]:
     """The table product ids a grant names: each must exist and be a table of this dataset."""
-    ids = table.list("tables") if required else table.list("tables", [])
+    ids = table.array("tables") if required else table.array("tables", [])
     known = products.tables if products is not None else {}
     seen: list[str] = []
     for i, table_id in enumerate(ids):

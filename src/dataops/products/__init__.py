@@ -45,7 +45,7 @@ def load_products(products_dir: Path, catalog: Catalog) -> Products:
         raise ProductError(f"{products_dir}: products path is not a directory")
     for path in sorted(products_dir.glob("*.toml")):
         doc = read_toml(path, ProductError)
-        kind = doc.str("kind")
+        kind = doc.string("kind")
         if kind == "table":
             from dataops.products.table import load_table_product
 
