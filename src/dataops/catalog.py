@@ -20,7 +20,7 @@ from types import MappingProxyType
 from typing import Any
 
 from dataops._toml import Table, read_toml
-from dataops.errors import CatalogError
+from dataops.errors import CatalogError, InternalError
 
 ID_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,62}")
 ZONE_PATTERN = re.compile(r"[a-z][a-z0-9_-]{0,62}")
@@ -61,6 +61,13 @@ class Column:
     bounds: tuple[float, float] | None = None
     keys: tuple[Any, ...] | None = None
     bins: tuple[float, ...] | None = None
+
+    @property
+    def key_set(self) -> tuple[Any, ...]:
+        """The public key set, for a column the caller knows has one."""
+        if self.keys is None:
+            raise InternalError(f"column {self.name!r} has no public key set")
+        return self.keys
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from dataops.errors import ConfigError  # a LoadError: operator's file mistake
 
@@ -247,7 +247,14 @@ def _build(doc: dict[str, Any], base: Path) -> ServerConfig:
     return ServerConfig(server, paths, tls, limits, AuditSection(**audit))
 
 
-def _table(doc: dict[str, Any], section: type) -> dict[str, Any]:
+class _Section(Protocol):
+    """A section dataclass of dataops.toml: its fields are the keys of table [TABLE]."""
+
+    TABLE: ClassVar[str]
+    __dataclass_fields__: ClassVar[dict[str, Any]]
+
+
+def _table(doc: dict[str, Any], section: type[_Section]) -> dict[str, Any]:
     table = doc.get(section.TABLE, {})
     if not isinstance(table, dict):
         raise ConfigError(f"[{section.TABLE}] must be a table, got {table!r}")
@@ -269,7 +276,7 @@ def _table(doc: dict[str, Any], section: type) -> dict[str, Any]:
     return table
 
 
-def _resolve(section: type, key: str, value: Any, base: Path) -> Path:
+def _resolve(section: type[_Section], key: str, value: Any, base: Path) -> Path:
     if not isinstance(value, str) or not value:
         raise ConfigError(f"[{section.TABLE}] {key} must be a non-empty path string, got {value!r}")
     return base / Path(value).expanduser()  # an absolute value replaces base

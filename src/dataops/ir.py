@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from dataops.errors import FieldViolation, InvalidQuery
+from dataops.errors import FieldViolation, InternalError, InvalidQuery
 
 Scalar = str | int | float | bool | dt.date
 
@@ -177,6 +177,13 @@ class Aggregate:
         if self.function is Function.QUANTILE:
             return f"q{round((self.quantile or 0) * 100):02d}_{self.column}"
         return f"{self.function.value}_{self.column}" if self.column else self.function.value
+
+    @property
+    def measured_column(self) -> str:
+        """The column of a function that needs one (validation refuses such an aggregate without)."""
+        if self.column is None:
+            raise InternalError(f"{self.function.value} has no column")
+        return self.column
 
     def validate(self, path: str) -> None:
         if not isinstance(self.function, Function):
@@ -351,6 +358,13 @@ class Query:
     # Not part of the canonical form: the purpose does not change the answer.
     purpose: str = ""
     _canonical: str = field(default="", init=False, repr=False, compare=False)
+
+    @property
+    def dp_privacy(self) -> Privacy:
+        """The privacy parameters of a DP query (validation refuses a DP query without them)."""
+        if self.privacy is None:
+            raise InternalError(f"a {self.mode.value} query has no privacy parameters")
+        return self.privacy
 
     def __post_init__(self) -> None:
         _check_name(self.dataset, "query.dataset", missing="is required")

@@ -400,7 +400,7 @@ class PolicyStore:
         return self._current
 
     def _scan(self) -> dict[str, tuple[Path, bytes | None, str]]:
-        files = {}
+        files: dict[str, tuple[Path, bytes | None, str]] = {}
         for path in sorted(self.policy_dir.glob("*.toml")):
             try:
                 raw = path.read_bytes()
@@ -458,9 +458,9 @@ class PolicyStore:
             if errors and not self.per_file:
                 self.last_error = errors[0]
                 return False
-            digest = hashlib.sha256()
+            combined = hashlib.sha256()  # the version: every file's content and validity
             for name, state in sorted(files.items()):
-                digest.update(
+                combined.update(
                     name.encode()
                     + b"\0"
                     + state.digest.encode()
@@ -468,7 +468,7 @@ class PolicyStore:
                 )
             self._files = files
             self._current = PolicySet(
-                MappingProxyType({f.policy.consumer: f.policy for f in files.values()}), digest.hexdigest()
+                MappingProxyType({f.policy.consumer: f.policy for f in files.values()}), combined.hexdigest()
             )
             self.last_error = "\n".join(errors) or None
             for error in errors:

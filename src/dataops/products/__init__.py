@@ -49,13 +49,13 @@ def load_products(products_dir: Path, catalog: Catalog) -> Products:
         if kind == "table":
             from dataops.products.table import load_table_product
 
-            product = load_table_product(doc, path, catalog)
-            tables[product.id] = product
+            table = load_table_product(doc, path, catalog)
+            tables[table.id] = table
         elif kind == "subject":
             from dataops.products.subject import load_subject_product
 
-            product = load_subject_product(doc, path, catalog)
-            subjects[product.id] = product
+            subject = load_subject_product(doc, path, catalog)
+            subjects[subject.id] = subject
         else:
             raise doc.fail("kind", f"must be one of {list(KINDS)}, got {kind!r}")
     return Products(MappingProxyType(tables), MappingProxyType(subjects))

@@ -53,6 +53,7 @@ from typing import Any
 
 from dataops._toml import Table
 from dataops.catalog import Catalog, ColumnType, Dataset
+from dataops.errors import InternalError
 
 NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,62}")
 MAX_OUTPUTS = 32
@@ -97,6 +98,20 @@ class Output:
     where: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (column, allowed keys), ANDed
     window: Window | None = None
     banding: Banding | None = None
+
+    @property
+    def measured_column(self) -> str:
+        """The column of a function that reads one (every function but count; the loader checks)."""
+        if self.column is None:
+            raise InternalError(f"output {self.name!r} ({self.function.value}) has no column")
+        return self.column
+
+    @property
+    def band_labels(self) -> tuple[str, ...]:
+        """The labels of a banded output (a scorecard scores only banded outputs; the loader checks)."""
+        if self.banding is None:
+            raise InternalError(f"output {self.name!r} has no banding")
+        return self.banding.labels
 
     @property
     def columns(self) -> set[str]:
@@ -243,7 +258,8 @@ def _load_output(table: Table, dataset: Dataset) -> Output:
             "function", f"must be one of {[f.value for f in OutputFunction]}, got {raw_function!r}"
         ) from None
 
-    column_name, values = None, ()
+    column_name: str | None = None
+    values: tuple[str, ...] = ()
     if function in (OutputFunction.SUM, OutputFunction.MAX):
         column = _usable_column(table, "column", table.string("column"), dataset)
         if not column.type.numeric:

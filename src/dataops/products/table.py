@@ -41,6 +41,7 @@ from typing import Any
 
 from dataops._toml import Table
 from dataops.catalog import Catalog, Classification, Column, Dataset
+from dataops.errors import InternalError
 from dataops.ir import Function
 
 ID_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,62}")
@@ -67,6 +68,13 @@ class Measure:
     def magnitude(self) -> bool:
         """SUM and MEAN cells are magnitude cells: dominance and p% apply to them."""
         return self.function in (Function.SUM, Function.MEAN)
+
+    @property
+    def measured_column(self) -> str:
+        """The column a magnitude measure sums (the loader gives SUM and MEAN one)."""
+        if self.column is None:
+            raise InternalError(f"measure {self.name!r} ({self.function.value}) has no column")
+        return self.column
 
 
 @dataclass(frozen=True)
@@ -180,7 +188,8 @@ def _read_dimensions(doc: Table, dataset: Dataset):
         raise doc.fail("dimensions", f"at most {MAX_DIMENSIONS} dimensions, got {len(raw)}")
     if len(set(map(str, raw))) != len(raw):
         raise doc.fail("dimensions", "dimensions must be distinct")
-    keys, bins = [], []
+    keys: list[tuple[str, ...]] = []
+    bins: list[tuple[float, ...] | None] = []  # a dimension's bin edges; None for a key set
     for i, name in enumerate(raw):
         where = f"dimensions[{i}]"
         if not isinstance(name, str):

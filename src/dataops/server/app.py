@@ -87,11 +87,11 @@ class DataopsServer:
     audit: AuditLog
     ledger: Ledger
     health: health.HealthServicer
+    tables: TableEngine  # the exact engine: protects the published tables, answers aggregate queries
     request_pool: futures.ThreadPoolExecutor | None = None  # dataops.v1 requests' threads
     evaluator: Evaluator | None = None
     signer: SignerClient | None = None
     signer_process: SignerProcess | None = None  # None when the signer runs on its own (another user)
-    tables: TableEngine | None = None
 
     @property
     def target(self) -> str:
@@ -100,10 +100,9 @@ class DataopsServer:
         return f"{host}:{self.port}"
 
     def start(self) -> DataopsServer:
-        if self.tables is not None:
-            # Protects every table for its data version in the background; an exact
-            # query waits for its table (or gets UNAVAILABLE with a retry hint).
-            self.tables.start()
+        # Protects every table for its data version in the background; an exact
+        # query waits for its table (or gets UNAVAILABLE with a retry hint).
+        self.tables.start()
         self.grpc_server.start()
         self.policies.start(self.config.server.policy_poll_seconds)
         for name in ("", *SERVICE_NAMES):
@@ -123,8 +122,7 @@ class DataopsServer:
         self.policies.stop()
         if self.sandbox.prepared is not None:
             self.sandbox.prepared.close()
-        if self.tables is not None:
-            self.tables.stop()
+        self.tables.stop()
         self.sandbox.close()
         if self.evaluator is not None:
             self.evaluator.close()
@@ -331,11 +329,11 @@ def _build(
         audit,
         ledger,
         health_servicer,
+        tables,
         request_pool=interceptor.pool,
         evaluator=evaluator,
         signer=signer,
         signer_process=signer_process,
-        tables=tables,
     )
 
 
