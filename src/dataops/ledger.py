@@ -511,12 +511,14 @@ class Ledger:
                 " VALUES (?, ?, ?, ?, ?, 'reserved', ?, ?)",
                 (consumer, dataset, eps_u, delta_u, rho_u, str(request), _now()),
             )
+            reservation_id = cursor.lastrowid
+            assert reservation_id is not None  # sqlite3 sets it after an INSERT
             self._add_spend(conn, consumer, dataset, eps_u, delta_u)
             if rho_u is None:
-                return Reservation(cursor.lastrowid, consumer, dataset, epsilon, delta)
+                return Reservation(reservation_id, consumer, dataset, epsilon, delta)
             self._set_zcdp_row(conn, consumer, dataset, zcdp_after, eps_u)
             return Reservation(
-                cursor.lastrowid,
+                reservation_id,
                 consumer,
                 dataset,
                 _float(eps_u, _EPSILON_PLACES),
@@ -635,6 +637,7 @@ class Ledger:
             self._settle(conn, reservation, status, "released")
             if release_key is None:
                 return None
+            assert payload is not None and metadata is not None  # checked before the transaction
             stored = StoredRelease(
                 release_key,
                 payload,

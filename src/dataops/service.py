@@ -262,22 +262,32 @@ class Sandbox:
         """Reuse an identical release, or debit the ledger first and only then add noise."""
         compiled, data_version = self._compile_dp(plan)
         # The calibration alone decides the spend; `release` refuses to cost more.
-        calibration = compiled.calibrate(plan.query.privacy)
+        calibration = compiled.calibrate(plan.query.dp_privacy)
         key = self._release_key(consumer, plan, data_version)
         stored = self.ledger.find_release(key)
         if stored is None:
-            totals = dict(
-                grant_total=(plan.grant.budget.epsilon, plan.grant.budget.delta),
-                dataset_total=(plan.dataset.budget.epsilon, plan.dataset.budget.delta),
-                request=call.request_id,
-            )
+            grant_total = (plan.grant.budget.epsilon, plan.grant.budget.delta)
+            dataset_total = (plan.dataset.budget.epsilon, plan.dataset.budget.delta)
             if calibration.rho is not None:
                 # zCDP: the ledger composes rho across the grant's releases and debits
                 # the growth of OpenDP's conversion of the total (the module docstring).
-                reservation = self.ledger.reserve_zcdp(consumer, plan.dataset.id, calibration.rho, **totals)
+                reservation = self.ledger.reserve_zcdp(
+                    consumer,
+                    plan.dataset.id,
+                    calibration.rho,
+                    grant_total=grant_total,
+                    dataset_total=dataset_total,
+                    request=call.request_id,
+                )
             else:
                 reservation = self.ledger.reserve(
-                    consumer, plan.dataset.id, calibration.cost.epsilon, calibration.cost.delta, **totals
+                    consumer,
+                    plan.dataset.id,
+                    calibration.cost.epsilon,
+                    calibration.cost.delta,
+                    grant_total=grant_total,
+                    dataset_total=dataset_total,
+                    request=call.request_id,
                 )
             try:
                 result = self._within_deadline(call, lambda: compiled.release(calibration))
@@ -290,6 +300,7 @@ class Sandbox:
                 payload=table_to_ipc(result.table),
                 metadata=json.dumps([a.__dict__ for a in result.accuracy]),
             )
+            assert stored is not None  # with a release_key, commit returns the canonical release
             if stored.reservation_id == reservation.id:  # ours is the canonical release
                 call.epsilon_spent, call.delta_spent = reservation.epsilon, reservation.delta
                 return EngineResult(
@@ -314,7 +325,7 @@ class Sandbox:
             estimate = self._exact_engine().estimate(plan)
             return Estimate(estimate.spend, estimate.accuracy)
         compiled, _ = self._compile_dp(plan)  # the form a run would use: the same cost
-        calibration = compiled.calibrate(query.privacy)
+        calibration = compiled.calibrate(query.dp_privacy)
         cost = (calibration.cost.epsilon, calibration.cost.delta)
         if calibration.rho is not None:  # what reserve_zcdp would debit now
             cost = self.ledger.quote_zcdp(consumer, plan.dataset.id, calibration.rho, plan.grant.budget.delta)

@@ -66,7 +66,7 @@ def coerce_value(dataset: Dataset, column: str, value: Scalar, field_path: str) 
             return dt.date.fromisoformat(value)
         except ValueError:
             ok = False
-    if ok and ctype is ColumnType.FLOAT:
+    if ok and ctype is ColumnType.FLOAT and isinstance(value, (int, float)):
         # One Python type per column: polars refuses a list mixing int and float.
         return float(value)
     if not ok:

@@ -278,22 +278,31 @@ class _Dimension:
     """A group-by column and its public key set (None: the keys are private)."""
 
     column: str
-    dtype: pl.DataType
+    dtype: type[pl.DataType]
     keys: tuple | None
     bins: tuple[float, ...] | None
+
+    @property
+    def key_set(self) -> tuple:
+        """The public key set (binned: the bins' labels); only for a dimension that has one."""
+        if self.keys is None:
+            raise InternalError(f"{self.column!r} has no public key set")
+        return self.keys
 
     def prepare(self) -> pl.Expr:
         col = pl.col(self.column)
         if self.bins is None:
             return col.cast(self.dtype)
         inside = (col >= self.bins[0]) & (col < self.bins[-1])
-        buckets = col.cut(list(self.bins), labels=["#below", *self.keys, "#above"], left_closed=True)
+        buckets = col.cut(list(self.bins), labels=["#below", *self.key_set, "#above"], left_closed=True)
         return pl.when(inside).then(buckets.cast(pl.String)).otherwise(None).alias(self.column)
 
     def sort_key(self) -> pl.Expr:
         if self.bins is None:
             return pl.col(self.column)
-        return pl.col(self.column).replace_strict(list(self.keys), list(range(len(self.keys))), default=None)
+        return pl.col(self.column).replace_strict(
+            list(self.key_set), list(range(len(self.key_set))), default=None
+        )
 
 
 def bin_label(low: float, high: float) -> str:
@@ -436,7 +445,7 @@ class _Compiled:
         query, dataset = plan.query, plan.dataset
         if query.mode is not Mode.DP or query.privacy is None:
             raise InternalError("the DP engine got a query that is not in DP mode")
-        require_max_rows(dataset)
+        self.max_rows = require_max_rows(dataset)
         if source is not None and (
             source.dataset_id != dataset.id or source.max_rows_per_unit != dataset.max_rows_per_unit
         ):
@@ -467,7 +476,7 @@ class _Compiled:
                 field_violations=(FieldViolation("query.privacy.delta", "must be > 0 on a zcdp grant"),),
             )
         if self.dims and not self.private_keys:
-            groups = math.prod(len(d.keys) for d in self.dims)
+            groups = math.prod(len(d.key_set) for d in self.dims)
             if groups > plan.max_output_rows:
                 raise LimitExceeded(
                     f"the public key sets make more than max_output_rows={plan.max_output_rows} groups; "
@@ -533,7 +542,7 @@ class _Compiled:
                 row_terms.append(_Term(hidden, _len_term(hidden), _THRESHOLD_WEIGHT))
         if self.source is None:
             return self._identifier_stages(row_terms, unit_terms, self.dataset.unit_column, self.unit_dtype)
-        if self.k < self.dataset.max_rows_per_unit:
+        if self.k < self.max_rows:
             if self.enforce_row_bound:
                 # A tighter row bound than the copy's: OpenDP truncates each unit again, by
                 # its (dense, one per unit) code, and derives d_in from that truncation.
@@ -542,7 +551,7 @@ class _Compiled:
         return self._prepared_stages(row_terms, unit_terms)
 
     def _identifier_stages(
-        self, row_terms: list[_Term], unit_terms: list[_Term], unit: str, unit_dtype: pl.DataType
+        self, row_terms: list[_Term], unit_terms: list[_Term], unit: str, unit_dtype: type[pl.DataType]
     ) -> list[_Stage]:
         """Every plan truncates each unit itself (OpenDP's identifier form)."""
         k = self.k
@@ -601,7 +610,7 @@ class _Compiled:
             )
         return stages
 
-    def _row_schema(self) -> dict[str, pl.DataType]:
+    def _row_schema(self) -> dict[str, type[pl.DataType]]:
         schema = {d.column: d.dtype for d in self.dims}
         schema.update({m.name: pl.Int64 for m in self.measures.values()})
         return schema
@@ -613,7 +622,7 @@ class _Compiled:
             return 1
         if self.private_keys:
             return k
-        return min(k, math.prod(len(d.keys) for d in self.dims))
+        return min(k, math.prod(len(d.key_set) for d in self.dims))
 
     def _aggregate(self, frame: pl.LazyFrame, aggs: list[pl.Expr]) -> pl.LazyFrame:
         if not self.dims:
@@ -623,7 +632,7 @@ class _Compiled:
         if self.private_keys:
             return grouped  # OpenDP adds the threshold filter
         keys = pl.DataFrame(
-            [tuple(row) for row in product(*(d.keys for d in self.dims))],
+            [tuple(row) for row in product(*(d.key_set for d in self.dims))],
             schema={d.column: d.dtype for d in self.dims},
             orient="row",
         )
@@ -634,8 +643,9 @@ class _Compiled:
         weight = default_weight(a)
         if a.function in (Function.COUNT, Function.COUNT_UNITS):
             return [_Term(a.name, _len_term(a.name), weight)]
-        m = self.measures[a.column]
-        known = pl.col(m.name).drop_nulls()  # missing values are left out, as in SQL
+        m = self.measures[a.measured_column]
+        # Missing values are left out, as in SQL. Any: OpenDP registers the `.dp` namespace.
+        known: Any = pl.col(m.name).drop_nulls()
         bounds = m.fixed_bounds
         if a.function is Function.SUM:
             return [_Term(a.name, lambda s: known.dp.sum(bounds, scale=s).alias(a.name), weight)]
@@ -754,7 +764,7 @@ class _Compiled:
         the rho (`Ledger.reserve_zcdp`), and this pair bounds what it may release.
         """
         if self.zcdp:
-            delta = self.query.privacy.delta
+            delta = self.query.dp_privacy.delta
             return Cost(zcdp_to_epsilon(self.rho(measurements), delta), delta)
         epsilon = delta = 0.0
         for loss in self._losses(measurements):
@@ -897,27 +907,28 @@ class _Compiled:
                     value = value.cast(pl.Float64) / m.factor
             outputs.append(value.alias(a.name))
         table = table.select(*dims, *outputs)
-        if self.query.privacy.consistent and dims:
+        if self.query.dp_privacy.consistent and dims:
             from dataops.engines.dp_post import consistent_table  # post-processing, no privacy role
 
             additive = [
                 a.name
                 for a in self.query.aggregates
                 if a.function in (Function.COUNT, Function.COUNT_UNITS)
-                or (a.function is Function.SUM and self.measures[a.column].bounds[0] >= 0)
+                or (a.function is Function.SUM and self.measures[a.measured_column].bounds[0] >= 0)
             ]
             table = consistent_table(table, additive)
         return table.to_arrow()
 
 
-def require_max_rows(dataset: Dataset) -> None:
-    """DP is off until the operator has set the contribution bound; it is never taken from the data."""
+def require_max_rows(dataset: Dataset) -> int:
+    """The contribution bound. DP is off until the operator has set it; it is never taken from the data."""
     if dataset.max_rows_per_unit is None:
         raise PolicyDenied(
             f"DP mode is off for {dataset.id}: the operator has not set privacy_unit.max_rows "
             "(the most rows one privacy unit may contribute) in its catalog entry",
             rule="catalog.privacy_unit.max_rows",
         )
+    return dataset.max_rows_per_unit
 
 
 def _check_columns(query: Query, dataset: Dataset) -> None:
@@ -952,7 +963,7 @@ def _collect(release: Any, quantiles: bool) -> pl.DataFrame:
     return release.lazy().collect()
 
 
-def _domain(schema: dict[str, pl.DataType]) -> Any:
+def _domain(schema: dict[str, type[pl.DataType]]) -> Any:
     """A lazy frame of these columns, all nullable: the domain claims nothing beyond types."""
     nullable = {name: dp.option_domain(dp.atom_domain(T=_ATOMS[t])) for name, t in schema.items()}
     domain = dp.lazyframe_domain([dp.series_domain(name, atoms) for name, atoms in nullable.items()])
@@ -961,7 +972,7 @@ def _domain(schema: dict[str, pl.DataType]) -> Any:
 
 def _measure(dataset: Dataset, aggregate: Aggregate, privacy: Privacy, clip_upper: float | None) -> _Measure:
     """The measure at this query's clipping terms, held in the catalog's fixed point."""
-    name = aggregate.column
+    name = aggregate.measured_column
     column = dataset.columns[name]
     what = aggregate.function.value
     if not column.type.numeric:
@@ -1009,7 +1020,7 @@ def _measure(dataset: Dataset, aggregate: Aggregate, privacy: Privacy, clip_uppe
 
 def _row_bound(privacy: Privacy, dataset: Dataset) -> int:
     """The query's rows per unit: the catalog's cap, or a smaller one the query states."""
-    cap = dataset.max_rows_per_unit
+    cap = require_max_rows(dataset)
     k = privacy.max_rows_per_unit
     if k is None:
         return cap
@@ -1028,14 +1039,16 @@ def _notes(dataset: Dataset, measures: dict[str, _Measure], k: int) -> tuple[str
     """What can be said about bias from the public terms alone (no data is read)."""
     notes = []
     for name, m in measures.items():
-        if m.bounds != tuple(dataset.columns[name].bounds):
+        catalog_bounds = dataset.columns[name].bounds  # a measure's column has bounds (_measure)
+        if catalog_bounds is None or m.bounds != tuple(catalog_bounds):
             notes.append(
                 f"{name}: clipped to [{m.bounds[0]:g}, {m.bounds[1]:g}], inside the catalog's "
-                f"{list(dataset.columns[name].bounds)}: values outside are moved in (clipping bias possible)"
+                f"{list(catalog_bounds or ())}: values outside are moved in (clipping bias possible)"
             )
-    if k < dataset.max_rows_per_unit:
+    cap = require_max_rows(dataset)
+    if k < cap:
         notes.append(
-            f"each unit is truncated to {k} rows (catalog: {dataset.max_rows_per_unit}): "
+            f"each unit is truncated to {k} rows (catalog: {cap}): "
             "rows beyond are left out (truncation bias possible)"
         )
     return tuple(notes)
@@ -1052,6 +1065,8 @@ def _mean_parts(name: str) -> tuple[str, str]:
 
 def _fixed_point(column: Column) -> _Measure:
     """How a bounded numeric column is held as integers; depends on the catalog only."""
+    if column.bounds is None:
+        raise InternalError(f"{column.name!r} has no catalog bounds to hold in fixed point")
     biggest = max(abs(b) for b in column.bounds)
     decimals = 0 if column.type is ColumnType.INT else _MAX_DECIMALS
     while biggest * 10.0**decimals > _FIXED_POINT_LIMIT:
