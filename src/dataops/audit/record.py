@@ -15,7 +15,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from dataops.errors import RequestError
+from dataops.errors import InternalError, RequestError
 
 # An attempted query that never became a canonical one is recorded as sent, up to this
 # many characters: a reviewer sees what was asked, and a huge request cannot bloat the log.
@@ -55,6 +55,20 @@ class CallRecord:
     # Streams leave a record when they open, one per message and one when they close.
     stream_event: str | None = None
     messages: int | None = None
+
+    @property
+    def caller(self) -> str:
+        """The consumer the interceptor identified (it does so before any servicer runs)."""
+        if self.consumer is None:
+            raise InternalError(f"{self.method}: no consumer was identified")
+        return self.consumer
+
+    @property
+    def evaluation_entries(self) -> list[dict[str, Any]]:
+        """The subject evaluations the evaluator recorded for this call (it always records some)."""
+        if self.evaluations is None:
+            raise InternalError(f"{self.method}: no evaluations were recorded")
+        return self.evaluations
 
     def allowed(self, rule: str = "grant") -> None:
         self.decision, self.code, self.rule = "allowed", "OK", self.rule or rule

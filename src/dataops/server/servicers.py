@@ -29,11 +29,11 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
         self.sandbox = sandbox
 
     def ListDatasets(self, request, context):  # noqa: N802 (generated name)
-        views = self.sandbox.datasets(current_call().consumer)
+        views = self.sandbox.datasets(current_call().caller)
         return catalog_pb2.ListDatasetsResponse(datasets=[wire.dataset_to_proto(v.dataset) for v in views])
 
     def DescribeDataset(self, request, context):  # noqa: N802
-        view = self.sandbox.describe(current_call().consumer, request.dataset_id, current_call())
+        view = self.sandbox.describe(current_call().caller, request.dataset_id, current_call())
         return catalog_pb2.DescribeDatasetResponse(
             dataset=wire.dataset_to_proto(view.dataset),
             columns=wire.columns_to_proto(view.dataset, view.grant),
@@ -48,8 +48,8 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
 
     def RunQuery(self, request, context):  # noqa: N802
         call = current_call()
-        query = wire.query_from_request(request, self.sandbox.unit_column_for(call.consumer))
-        result = self.sandbox.run(call.consumer, query, call)
+        query = wire.query_from_request(request, self.sandbox.unit_column_for(call.caller))
+        result = self.sandbox.run(call.caller, query, call)
         return query_pb2.RunQueryResponse(
             result=query_pb2.ArrowTable(
                 ipc_stream=wire.table_to_ipc(result.table), row_count=result.table.num_rows
@@ -62,8 +62,8 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
 
     def EstimateQuery(self, request, context):  # noqa: N802
         call = current_call()
-        query = wire.query_from_request(request, self.sandbox.unit_column_for(call.consumer))
-        estimate = self.sandbox.estimate(call.consumer, query, call)
+        query = wire.query_from_request(request, self.sandbox.unit_column_for(call.caller))
+        estimate = self.sandbox.estimate(call.caller, query, call)
         return query_pb2.EstimateQueryResponse(
             spend=wire.spend_to_proto(estimate.spend),
             accuracy=[wire.accuracy_to_proto(a) for a in estimate.accuracy],
@@ -72,7 +72,7 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
 
     def GetBudget(self, request, context):  # noqa: N802
         call = current_call()
-        budgets = self.sandbox.budgets(call.consumer, request.dataset_id or None, call)
+        budgets = self.sandbox.budgets(call.caller, request.dataset_id or None, call)
         return query_pb2.GetBudgetResponse(budgets=[wire.budget_to_proto(b) for b in budgets])
 
 
@@ -85,18 +85,18 @@ class SubjectServicer(subject_pb2_grpc.SubjectServiceServicer):
     def Evaluate(self, request, context):  # noqa: N802
         call = current_call()
         evaluation = self.evaluator.evaluate(
-            call.consumer, subject_wire.subject_item_from_proto(request.item), call
+            call.caller, subject_wire.subject_item_from_proto(request.item), call
         )
         return subject_pb2.EvaluateResponse(evaluation=subject_wire.evaluation_to_proto(evaluation, call))
 
     def EvaluateBatch(self, request, context):  # noqa: N802
         call = current_call()
         items = [subject_wire.subject_item_from_proto(item) for item in request.items]
-        results = self.evaluator.evaluate_batch(call.consumer, items, call)
+        results = self.evaluator.evaluate_batch(call.caller, items, call)
         return subject_pb2.EvaluateBatchResponse(
             results=[
                 subject_pb2.BatchResult(
-                    index=i, **subject_wire.subject_result_to_proto(result, call.evaluations[i])
+                    index=i, **subject_wire.subject_result_to_proto(result, call.evaluation_entries[i])
                 )
                 for i, result in enumerate(results)
             ]
@@ -105,8 +105,8 @@ class SubjectServicer(subject_pb2_grpc.SubjectServiceServicer):
     def Watch(self, request, context):  # noqa: N802
         call = current_call()
         items = [subject_wire.subject_item_from_proto(item) for item in request.items]
-        for index, result in self.evaluator.watch(call.consumer, items, call, context.is_active):
-            update = subject_wire.subject_result_to_proto(result, call.evaluations[0])
+        for index, result in self.evaluator.watch(call.caller, items, call, context.is_active):
+            update = subject_wire.subject_result_to_proto(result, call.evaluation_entries[0])
             if "error" in update:
                 yield subject_pb2.WatchResponse(index=index, ended=update["error"])
             else:
