@@ -177,12 +177,60 @@ class AuditSection:
 
 
 @dataclass(frozen=True)
+class StatePaths:
+    """Every path the server keeps under `[paths] state`, named in this one place: the
+    server, the operator's and reviewer's commands and the demo all read them here."""
+
+    root: Path
+
+    @property
+    def audit_dir(self) -> Path:
+        """The audit log: its segments, checkpoints and the public key (`dataops audit`)."""
+        return self.root / "audit"
+
+    @property
+    def audit_log(self) -> Path:
+        return self.audit_dir / "audit.jsonl"
+
+    @property
+    def ledger(self) -> Path:
+        return self.root / "ledger" / "ledger.sqlite3"
+
+    @property
+    def consents_dir(self) -> Path:
+        """Consent uses and revocations, and the key that hashes subject ids in the log."""
+        return self.root / "consents"
+
+    @property
+    def consent_store(self) -> Path:
+        return self.consents_dir / "consents.sqlite3"
+
+    @property
+    def subject_secret(self) -> Path:
+        return self.consents_dir / "subject-hmac.key"
+
+    @property
+    def consent_service(self) -> Path:
+        """The demo's and tests' consent issuer (`dataops consent`): its signing keys."""
+        return self.root / "consent-service"
+
+    @property
+    def pki(self) -> Path:
+        """The default certificate authority and server certificate (`dataops certs init`)."""
+        return self.root / "pki"
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     server: ServerSection
     paths: PathsSection
     tls: TlsSection
     limits: Limits
     audit: AuditSection = field(default_factory=AuditSection)
+
+    @property
+    def state_paths(self) -> StatePaths:
+        return StatePaths(self.paths.state)
 
     @property
     def signer_dir(self) -> Path:
@@ -294,7 +342,7 @@ def _default_paths(root: Path) -> PathsSection:
 
 
 def _default_tls(state: Path) -> TlsSection:
-    pki = state / "pki"
+    pki = StatePaths(state).pki
     return TlsSection(ca_cert=pki / "ca.crt", server_cert=pki / "server.crt", server_key=pki / "server.key")
 
 

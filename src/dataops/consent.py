@@ -64,6 +64,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from dataops._toml import read_toml
+from dataops.config import StatePaths
 from dataops.errors import LoadError, PolicyDenied
 
 VERSION = 1
@@ -496,4 +497,4 @@ def _used_up(used: int, fetch: Fetch) -> bool:
 
 
 def store_path(state_dir: Path) -> Path:
-    return Path(state_dir) / "consents" / "consents.sqlite3"
+    return StatePaths(Path(state_dir)).consent_store

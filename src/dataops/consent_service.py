@@ -149,7 +149,7 @@ def _service(args: argparse.Namespace):
     from dataops.config import load_config
 
     config = load_config(args.config)
-    return config, ConsentService(config.paths.state / "consent-service", config.paths.consents)
+    return config, ConsentService(config.state_paths.consent_service, config.paths.consents)
 
 
 def cmd_init(args: argparse.Namespace) -> int:

@@ -371,7 +371,6 @@ class PolicyStore:
         catalog: Catalog,
         *,
         products: Products | None = None,
-        on_reload: Callable[[PolicySet | None, str | None], None] | None = None,
         settle_seconds: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -380,7 +379,6 @@ class PolicyStore:
         self.products = products
         self.settle_seconds = settle_seconds
         self._clock = clock
-        self._on_reload = on_reload
         self._lock = threading.Lock()
         # Strict at start: the server refuses to start on any invalid file.
         self._current = load_policies(policy_dir, catalog, products)
@@ -474,8 +472,6 @@ class PolicyStore:
             for error in errors:
                 log.error("policy refused, its consumer is denied until fixed: %s", error)
             log.info("policy version %s in force", self._current.version[:12])
-            if self._on_reload:
-                self._on_reload(self._current, self.last_error)
             return True
 
     def start(self, interval: float) -> None:

@@ -184,7 +184,7 @@ def log_dir(args: argparse.Namespace) -> Path:
         return args.log_dir
     from dataops.config import load_config
 
-    return load_config(args.config).paths.state / "audit"
+    return load_config(args.config).state_paths.audit_dir
 
 
 def public_key(args: argparse.Namespace, directory: Path):

@@ -15,6 +15,7 @@ import signal
 import threading
 from concurrent import futures
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -39,7 +40,7 @@ from dataops.server.interceptors import AuditInterceptor, check_wrappable
 from dataops.server.ratelimit import Admission, RateLimiter
 from dataops.server.servicers import AuditServicer, CatalogServicer, QueryServicer, SubjectServicer
 from dataops.service import Sandbox
-from dataops.subjects import SECRET_FILE, Evaluator, load_or_create_secret
+from dataops.subjects import Evaluator, load_or_create_secret
 from dataops.v1 import (
     audit_pb2,
     audit_pb2_grpc,
@@ -69,12 +70,12 @@ SERVICES = tuple(
 )
 
 
-def audit_path(config: ServerConfig):
-    return config.paths.state / "audit" / "audit.jsonl"
+def audit_path(config: ServerConfig) -> Path:
+    return config.state_paths.audit_log
 
 
-def ledger_path(config: ServerConfig):
-    return config.paths.state / "ledger" / "ledger.sqlite3"
+def ledger_path(config: ServerConfig) -> Path:
+    return config.state_paths.ledger
 
 
 @dataclass
@@ -266,7 +267,7 @@ def _build(
         issuers,
         consents,
         layouts,
-        load_or_create_secret(config.paths.state / "consents" / SECRET_FILE),
+        load_or_create_secret(config.state_paths.subject_secret),
         poll_seconds=config.server.policy_poll_seconds,
         max_watches=max(1, config.limits.max_in_flight // 4),
     )
