@@ -28,6 +28,7 @@ import shutil
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from types import MappingProxyType
 
@@ -145,14 +146,14 @@ def bench(rows: int, repeats: int, identifier_repeats: int) -> dict[str, float]:
             epsilon = 1.0 + i * 1e-6  # a new question each time: a real release
             for name, action in (
                 ("raw polars", raw),
-                ("engine (in-process DP)", lambda: engine(epsilon)),
-                ("sandbox (in-process, ledger)", lambda: sandbox(epsilon)),
-                ("end to end (gRPC, mTLS)", lambda: end_to_end(epsilon + 0.5)),
-                ("end to end, reused release", lambda: end_to_end(1.0, reused=True)),
+                ("engine (in-process DP)", partial(engine, epsilon)),
+                ("sandbox (in-process, ledger)", partial(sandbox, epsilon)),
+                ("end to end (gRPC, mTLS)", partial(end_to_end, epsilon + 0.5)),
+                ("end to end, reused release", partial(end_to_end, 1.0, reused=True)),
             ):
                 results.setdefault(name, []).append(timed(action))
         for i in range(identifier_repeats):
-            results.setdefault("identifier form (before)", []).append(timed(lambda: engine(2.0 + i, False)))
+            results.setdefault("identifier form (before)", []).append(timed(partial(engine, 2.0 + i, False)))
         client.close()
     finally:
         server.stop(grace=1.0)

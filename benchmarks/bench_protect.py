@@ -109,10 +109,9 @@ def run_one(kind: str, dataset_id: str, sandbox: Path) -> dict:
 
 def measure(kind: str, dataset_id: str, sandbox: Path) -> dict:
     code = (
-        "import json, sys; sys.path.insert(0, %r); sys.path.insert(0, %r); "
+        f"import json, sys; sys.path.insert(0, {str(REPO / 'src')!r}); sys.path.insert(0, {str(HERE)!r}); "
         "from bench_protect import run_one; from pathlib import Path; "
-        "print(json.dumps(run_one(%r, %r, Path(%r))))"
-        % (str(REPO / "src"), str(HERE), kind, dataset_id, str(sandbox))
+        f"print(json.dumps(run_one({kind!r}, {dataset_id!r}, Path({str(sandbox)!r}))))"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if proc.returncode:

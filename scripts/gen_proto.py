@@ -4,7 +4,8 @@
     python scripts/gen_proto.py --out DIR  # write elsewhere (the staleness test does)
 
 The output depends only on proto/ and the pinned grpcio-tools version (pyproject's
-`test` extra), so tests/test_proto_current.py can regenerate and compare byte for byte.
+`test` extra), so tests/test_contract.py (test_generated_code_is_current) can regenerate
+and compare byte for byte.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import pytest
 
 from audit_support import open_log, signer_for
 from dataops.audit import GENESIS, AuditUnavailable, record_hash, verify_log
-from dataops.audit.log import segment_paths
+from dataops.audit.log import AuditLog, segment_paths
 from dataops.audit.merkle import leaf_hash, verify_inclusion
 from dataops.audit.note import parse_checkpoint
 from dataops.audit.sample import sample_records

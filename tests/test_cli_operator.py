@@ -21,6 +21,7 @@ from conftest import REPO
 from dataops.cli import main
 from dataops.client import Client, DataopsClientError
 from dataops.config import load_config
+from dataops.errors import CatalogError
 from dataops.server import build_server
 
 
@@ -212,7 +213,7 @@ def test_policy_check_reports_every_error_at_once(config, capsys):
     assert re.search(r"medical_claims.toml: location: .*moved/medical_claims.parquet does not exist", err)
     assert "enterprise_credit.toml: columns.tax_paid.type: catalog says int, the data has Float64" in err
     # `serve` agrees that this configuration cannot start.
-    with pytest.raises(Exception):
+    with pytest.raises(CatalogError):
         build_server(config)
 
 

@@ -123,30 +123,30 @@ def test_the_googleapis_protos_a_client_needs_are_vendored():
     image = {f["name"]: f for f in json.loads(result.stdout)["file"]}
     assert set(VENDORED) <= set(image)
 
-    def fields(descriptor):
-        return {(f.name, f.number, f.type, f.is_repeated) for f in descriptor.fields}
+    def collect(messages, prefix: str, into: dict) -> dict:
+        """Every message of a buf image file (nested ones too) -> its fields."""
+        for m in messages:
+            into[prefix + m["name"]] = {
+                (f["name"], f["number"], TYPES[f["type"]], f.get("label") == "LABEL_REPEATED")
+                for f in m.get("field", [])
+            }
+            collect(m.get("nestedType", []), prefix + m["name"] + ".", into)
+        return into
+
+    def walk(descriptor, prefix: str, into: dict) -> dict:
+        """The same for a Python descriptor the server packs."""
+        into[prefix + descriptor.name] = {
+            (f.name, f.number, f.type, f.is_repeated) for f in descriptor.fields
+        }
+        for nested in descriptor.nested_types:
+            walk(nested, prefix + descriptor.name + ".", into)
+        return into
 
     for name, module in zip(VENDORED, (status_pb2, error_details_pb2, code_pb2)):
-        vendored = {}
-
-        def collect(messages, prefix):
-            for m in messages:
-                vendored[prefix + m["name"]] = {
-                    (f["name"], f["number"], TYPES[f["type"]], f.get("label") == "LABEL_REPEATED")
-                    for f in m.get("field", [])
-                }
-                collect(m.get("nestedType", []), prefix + m["name"] + ".")
-
-        collect(image[name].get("messageType", []), "")
-        served = {}
-
-        def walk(descriptor, prefix):
-            served[prefix + descriptor.name] = fields(descriptor)
-            for nested in descriptor.nested_types:
-                walk(nested, prefix + descriptor.name + ".")
-
+        vendored = collect(image[name].get("messageType", []), "", {})
+        served: dict = {}
         for descriptor in module.DESCRIPTOR.message_types_by_name.values():
-            walk(descriptor, "")
+            walk(descriptor, "", served)
         assert vendored == served, name
     codes = {v["name"]: v.get("number", 0) for v in image["google/rpc/code.proto"]["enumType"][0]["value"]}
     assert codes == dict(code_pb2.Code.items())

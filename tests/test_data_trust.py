@@ -277,7 +277,7 @@ def test_a_file_changed_into_another_entrys_content_while_serving_refuses_both(p
     shutil.copyfile(private.paths.sandbox / "finance" / f"{CREDIT}.parquet", replacement)
     os.replace(replacement, twin)
     for dataset in ("credit_twin", CREDIT):
-        err = refused(lambda: counts(client(), dataset, variant=25))
+        err = refused(lambda dataset=dataset: counts(client(), dataset, variant=25))
         assert err.reason == "DATASET_UNAVAILABLE" and err.code is grpc.StatusCode.FAILED_PRECONDITION
         assert "credit_twin" not in err.message or dataset == "credit_twin"  # no word of the other entry
     # The operator fixes it: both serve again.

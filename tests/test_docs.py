@@ -8,7 +8,12 @@ import pytest
 
 from conftest import REPO
 
-DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+DOCUMENTS = [
+    REPO / "README.md",
+    REPO / "CONTRIBUTING.md",
+    REPO / "CHANGELOG.md",
+    *sorted((REPO / "docs").glob("*.md")),
+]
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 
@@ -35,3 +40,18 @@ def test_the_design_is_in_the_repository():
     ):
         assert f"## {section}" in text
     assert "docs/architecture.md" in (REPO / "README.md").read_text()
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    """`.ci/run` is the README's one test command, checks included, and CONTRIBUTING.md shows
+    the same, so they cannot drift apart."""
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("Run the checks and the tests", 1)[1]
+    command = re.search(r"```sh\n(.+?)\n```", section, re.S).group(1).strip()
+    assert "\n" not in command  # one command a user can copy
+    for step in ("ruff check .", "ruff format --check .", "/mypy", "pytest"):
+        assert step in command
+    assert command.index("mypy") < command.index("pytest")  # the checks first
+    ci = [line for line in (REPO / ".ci/run").read_text().splitlines() if line and not line.startswith("#")]
+    assert ci[-1] == command
+    assert command in (REPO / "CONTRIBUTING.md").read_text()

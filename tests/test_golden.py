@@ -7,9 +7,14 @@
 * `decisions.json`: what `authorize` decides for a spread of consumers and
   queries: allowed (with the grant's purpose and the covering table) or refused
   (reason, rule, column, kind). Catalog, policies and products are the repo's own.
+* `decisions_wire.json`: the same over the wire, through the real server: the
+  decision, rule and column the audit record keeps and the refusal the consumer
+  reads (status code, reason, message).
 * `audit_records.json`: the audit record's shape (keys, in order, and values) for
   each kind of request, with the fields that differ per run (time, request id,
-  latency) masked. Reviewers' tools read these records.
+  latency) masked. Reviewers' tools read these records. The real server's records of
+  the kinds it can be driven through here are checked against it (keys and JSON types;
+  a DP release's values too).
 
 When a change is intended, regenerate and review the diff before committing:
 
@@ -32,6 +37,7 @@ from conftest import REPO, audit_records
 from dataops.audit.record import CallRecord
 from dataops.authorize import authorize
 from dataops.catalog import load_catalog
+from dataops.client import DataopsClientError, count, count_units, mean, total
 from dataops.engines import Plan
 from dataops.errors import (
     BudgetExhausted,
@@ -109,6 +115,36 @@ QUERIES: dict[str, tuple[str, Query]] = {
             [Aggregate(Function.SUM, "amount")],
             epsilon=1.0,
             measures=(MeasureTerms("amount", auto_clip_share=0.2),),
+        ),
+    ),
+    "exact mean between dates and numbers": (
+        "harbor-insurance",
+        Query(
+            CLAIMS,
+            (Aggregate(Function.MEAN, "amount"),),
+            (
+                Between("visit_date", dt.date(2024, 1, 1), dt.date(2024, 6, 30)),
+                Between("amount", 0, 1000.5),
+            ),
+            ("age_band",),
+        ),
+    ),
+    "dp with a delta, grouped": (
+        "city-bank",
+        _dp(
+            CREDIT, [Aggregate(Function.COUNT_UNITS), SUM_TAX], group_by=["district"], epsilon=1.0, delta=1e-7
+        ),
+    ),
+    "dp terms, weights and consistency": (
+        "harbor-insurance",
+        _dp(
+            CLAIMS,
+            [Aggregate(Function.SUM, "amount", weight=3.0), Aggregate(Function.COUNT, weight=1.0)],
+            group_by=["age_band"],
+            epsilon=2.0,
+            max_rows_per_unit=5,
+            measures=(MeasureTerms("amount", 0.0, 5000.0),),
+            consistent=True,
         ),
     ),
 }
@@ -194,8 +230,97 @@ def test_release_keys_differ_by_consumer(loaded):
     assert release_key("city-bank", plan, DATA_VERSION) != release_key("river-bank", plan, DATA_VERSION)
 
 
+def test_the_canonical_form_leaves_out_the_purpose_and_the_filter_order():
+    """Two ways of writing one question are one form, so one audit entry and one release
+    (the golden forms above pin one way of writing each)."""
+    filters = (Equals("district", "Dongcheng"), InSet("size_band", ("micro", "small")))
+    one = Query(CREDIT, (COUNT,), filters)
+    assert Query(CREDIT, (COUNT,), filters[::-1]).canonical() == one.canonical()
+    assert Query(CREDIT, (COUNT,), filters, purpose="pre-loan review").canonical() == one.canonical()
+    assert Query(CREDIT, (COUNT,), filters[:1]).canonical() != one.canonical()
+
+
 def test_authorization_decisions_are_pinned(loaded):
     _compare("decisions.json", {name: _decide(loaded, *case) for name, case in DECISIONS.items()})
+
+
+# Who may ask what, through the real server (estimates spend nothing): consumer,
+# dataset and the client's query arguments.
+WIRE_DECISIONS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "exact table lookup": (
+        "city-bank",
+        CREDIT,
+        dict(aggregates=[count(), total("tax_paid")], group_by=["district", "industry"]),
+    ),
+    "exact column outside the tables": (
+        "city-bank",
+        CREDIT,
+        dict(aggregates=[count()], group_by=["year_founded"]),
+    ),
+    "exact quantile": ("city-bank", CREDIT, dict(aggregates=["quantile(tax_paid, 0.5)"])),
+    "exact, another consumer's table": (
+        "river-bank",
+        CREDIT,
+        dict(aggregates=[count()], group_by=["district", "industry"]),
+    ),
+    "dp allowed": (
+        "city-bank",
+        CREDIT,
+        dict(aggregates=[count_units(), total("tax_paid")], group_by=["district"], mode="dp", epsilon=0.5),
+    ),
+    "dp grouped by an identifier": (
+        "city-bank",
+        CREDIT,
+        dict(aggregates=[count()], group_by=["enterprise_id"], mode="dp", epsilon=0.5),
+    ),
+    "dp mode not granted": (
+        "river-bank",
+        CREDIT,
+        dict(aggregates=[count()], group_by=["district"], mode="dp", epsilon=0.5),
+    ),
+    "dp measure used as a dimension": (
+        "city-bank",
+        CREDIT,
+        dict(aggregates=[count()], group_by=["tax_paid"], mode="dp", epsilon=0.5),
+    ),
+    "dp estimate beyond the budget": (
+        "city-bank",
+        CREDIT,
+        dict(aggregates=[count()], mode="dp", epsilon=50.0),
+    ),
+    "dp mean of claims": (
+        "harbor-insurance",
+        CLAIMS,
+        dict(aggregates=[mean("amount")], group_by=["age_band"], mode="dp", epsilon=0.5),
+    ),
+    "another zone": ("city-bank", CLAIMS, dict(aggregates=[count()])),
+    "no such dataset": ("city-bank", "no_such_dataset", dict(aggregates=[count()])),
+    "no policy": ("ghost", CREDIT, dict(aggregates=[count()])),
+    "purpose not granted": (
+        "city-bank",
+        CREDIT,
+        dict(aggregates=[count()], mode="dp", epsilon=0.5, purpose="marketing"),
+    ),
+}
+
+
+def test_authorization_decisions_over_the_wire_are_pinned(server, connect):
+    assert server.tables.wait_ready(timeout=600)
+    decisions = {}
+    for name, (consumer, dataset, query) in WIRE_DECISIONS.items():
+        client = connect(consumer)
+        before = len(audit_records(server.config))
+        try:
+            client.estimate(dataset, **query)
+            refusal = None
+        except DataopsClientError as exc:
+            refusal = {"code": exc.code.name, "reason": exc.reason, "message": exc.message}
+        (record,) = audit_records(server.config)[before:]
+        decisions[name] = {
+            "audit": {k: record[k] for k in ("decision", "code", "reason", "rule", "column", "purpose")},
+            "refusal": refusal,
+        }
+    _compare("decisions_wire.json", decisions)
 
 
 def _record(call: CallRecord) -> dict[str, Any]:
@@ -249,6 +374,8 @@ def test_audit_record_shapes_are_pinned():
         table="enterprises_by_district_industry_size",
         table_fingerprint="f" * 64,
     )
+    # Refused by authorization: the purpose is the request's (none here), not yet the grant's.
+    unauthorized = Outcome(dataset=CREDIT, mode="dp", query=query.canonical())
     entry = {"index": 0, "decision": "allowed", "product": "pre_loan_review", "subject_hash": "a" * 64}
     subject = Outcome(
         dataset=CREDIT, mode="subject", query="subject:pre_loan_review", rows_returned=1, evaluations=[entry]
@@ -259,7 +386,12 @@ def test_audit_record_shapes_are_pinned():
     failed.record_outcome(asked)
     failed.failed("INTERNAL")
     stream = _allowed(_call("Watch", stream_event="message", messages=1), subject)
+    listed = _call("ListDatasets")  # the servicer reports no outcome: nothing but the decision
+    listed.allowed()
     shapes = {
+        "list datasets": listed,
+        "describe dataset": _allowed(_call("DescribeDataset"), Outcome(dataset=CREDIT)),
+        "budget": _allowed(_call("GetBudget"), Outcome()),
         "dp release": _allowed(_call("RunQuery"), released),
         "dp release reused": _allowed(_call("RunQuery"), reused),
         "exact lookup": _allowed(_call("RunQuery"), exact),
@@ -270,7 +402,7 @@ def test_audit_record_shapes_are_pinned():
             asked,
         ),
         "policy denied": _refused(
-            _call("RunQuery"), PolicyDenied("...", rule="identifier", column="enterprise_id"), asked
+            _call("RunQuery"), PolicyDenied("...", rule="identifier", column="enterprise_id"), unauthorized
         ),
         "unknown dataset": _refused(_call("DescribeDataset", dataset="no_such"), UnknownDataset("...")),
         "invalid before planning": _refused(
@@ -290,14 +422,50 @@ def test_audit_record_shapes_are_pinned():
     _compare("audit_records.json", {name: _record(call) for name, call in shapes.items()})
 
 
-def test_the_servers_own_record_of_a_dp_release_has_the_pinned_shape(server, connect):
-    """The shapes above are built by hand; this one comes from the real server and must match
-    (the log stores each record as canonical JSON, keys sorted, with its chain fields)."""
-    connect("city-bank").query(CREDIT, aggregates=[Aggregate(Function.COUNT)], mode="dp", epsilon=0.5)
-    (record,) = [r for r in audit_records(server.config) if r.get("method") == "RunQuery"]
-    golden = json.loads((GOLDEN / "audit_records.json").read_text())["dp release"]
-    chain = {key: record.pop(key) for key in set(record) - set(golden)}
-    assert set(chain) == {"seq", "prev", "hash"}, chain
-    for volatile in ("time", "request_id", "latency_ms", "policy_version"):
-        record[volatile] = golden[volatile]
-    assert record == golden
+def _json_type(value: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number"
+    )
+
+
+# What the real server is driven through below, in order: the method, and the golden
+# kind its record must have the shape of.
+SERVED: list[tuple[str, str]] = [
+    ("ListDatasets", "list datasets"),
+    ("DescribeDataset", "describe dataset"),
+    ("RunQuery", "exact lookup"),
+    ("RunQuery", "dp release"),
+    ("EstimateQuery", "estimate"),
+    ("GetBudget", "budget"),
+    ("RunQuery", "policy denied"),
+]
+
+
+def test_the_servers_own_records_have_the_pinned_shapes(server, connect):
+    """The shapes above are built by hand; the real server's records of the same kinds
+    must have the same keys and JSON types (values vary with time and data), and its
+    record of a DP release the same values too. The log stores each record as
+    canonical JSON (keys sorted) with its chain fields."""
+    assert server.tables.wait_ready(timeout=600)
+    client = connect("city-bank")
+    client.list_datasets()
+    client.describe(CREDIT)
+    client.query(CREDIT, aggregates=[count()], group_by=["district"])
+    client.query(CREDIT, aggregates=[Aggregate(Function.COUNT)], mode="dp", epsilon=0.5)
+    client.estimate(CREDIT, aggregates=[count()], mode="dp", epsilon=0.5)
+    client.budgets()
+    with pytest.raises(DataopsClientError):
+        client.query(CREDIT, aggregates=[count()], group_by=["enterprise_id"])
+    records = audit_records(server.config)
+    assert [r["method"] for r in records] == [method for method, _ in SERVED]
+    golden = json.loads((GOLDEN / "audit_records.json").read_text())
+    for record, (_, kind) in zip(records, SERVED):
+        expected = golden[kind]
+        chain = {key: record.pop(key) for key in set(record) - set(expected)}
+        assert set(chain) == {"seq", "prev", "hash"}, (kind, chain)
+        for volatile in ("time", "request_id", "latency_ms", "policy_version"):
+            record[volatile] = expected[volatile]
+        assert {k: _json_type(v) for k, v in record.items()} == {
+            k: _json_type(v) for k, v in expected.items()
+        }, kind
+    assert records[SERVED.index(("RunQuery", "dp release"))] == golden["dp release"]

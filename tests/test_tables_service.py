@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import threading
+from functools import partial
 from pathlib import Path
 
 import grpc
@@ -137,7 +138,7 @@ def test_an_uncovered_query_is_refused_naming_the_column_and_pointing_to_dp(conn
         (dict(aggregates=[total("registered_capital")]), "registered_capital"),
         (dict(aggregates=[count()], filters=[Equals("penalties", 0)]), "penalties"),
     ]:
-        err = refused(lambda: client.query(CREDIT, **query))
+        err = refused(partial(client.query, CREDIT, **query))
         assert (err.code, err.reason, err.rule, err.column) == (
             grpc.StatusCode.PERMISSION_DENIED,
             "POLICY_DENIED",

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from types import EllipsisType
+from typing import Any, Literal, TypeVar, overload
 
 from dataops.errors import LoadError
 
@@ -28,7 +30,13 @@ def read_toml(path: Path, error: type[LoadError]) -> Table:
     return Table(data, path, "", error)
 
 
+# `default=...` (Ellipsis) means "required": None is a real default ("absent means unset").
+_D = TypeVar("_D")
+
+
 class Table:
+    """One TOML table, read key by key: each accessor checks the value's type and says where it was."""
+
     def __init__(self, data: dict[str, Any], path: Path, prefix: str, error: type[LoadError]):
         self.data = data
         self.path = path
@@ -46,7 +54,8 @@ class Table:
     def has(self, key: str) -> bool:
         return key in self.data
 
-    def raw(self, key: str, default: Any = ..., *, required: bool = True) -> Any:
+    def raw(self, key: str, default: Any = ...) -> Any:
+        """The value as TOML gave it (any type), or `default`; the caller checks it."""
         self._read.add(key)
         if key not in self.data:
             if default is not ...:
@@ -59,7 +68,12 @@ class Table:
             raise self.fail(key, "is required")
         return self.data[key]
 
-    def str(self, key: str, default: Any = ..., *, pattern: Any = None) -> Any:
+    @overload
+    def string(self, key: str, *, pattern: re.Pattern[str] | None = None) -> str: ...
+    @overload
+    def string(self, key: str, default: _D, *, pattern: re.Pattern[str] | None = None) -> str | _D: ...
+    def string(self, key: str, default: Any = ..., *, pattern: re.Pattern[str] | None = None) -> Any:
+        """A non-empty string (matching `pattern`, if given)."""
         value = self.raw(key, default)
         if value is default and default is not ...:
             return value
@@ -69,7 +83,12 @@ class Table:
             raise self.fail(key, f"{value!r} must match {pattern.pattern}")
         return value
 
-    def int(self, key: str, default: Any = ..., *, minimum: int | None = None) -> Any:
+    @overload
+    def integer(self, key: str, *, minimum: int | None = None) -> int: ...
+    @overload
+    def integer(self, key: str, default: _D, *, minimum: int | None = None) -> int | _D: ...
+    def integer(self, key: str, default: Any = ..., *, minimum: int | None = None) -> Any:
+        """An integer (never a bool), at least `minimum` if given."""
         value = self.raw(key, default)
         if value is default and default is not ...:
             return value
@@ -78,7 +97,12 @@ class Table:
             raise self.fail(key, f"must be an integer{floor}, got {value!r}")
         return value
 
+    @overload
+    def number(self, key: str, *, minimum: float | None = None) -> float: ...
+    @overload
+    def number(self, key: str, default: _D, *, minimum: float | None = None) -> float | _D: ...
     def number(self, key: str, default: Any = ..., *, minimum: float | None = None) -> Any:
+        """A finite number (an integer is taken as a float), at least `minimum` if given."""
         value = self.raw(key, default)
         if value is default and default is not ...:
             return value
@@ -88,13 +112,19 @@ class Table:
             raise self.fail(key, f"must be >= {minimum}, got {value!r}")
         return float(value)
 
-    def bool(self, key: str, default: Any = ...) -> Any:
+    def boolean(self, key: str, default: bool | EllipsisType = ...) -> bool:
+        """true or false (a default, if given, is a bool too)."""
         value = self.raw(key, default)
         if not isinstance(value, bool):
             raise self.fail(key, f"must be true or false, got {value!r}")
         return value
 
-    def list(self, key: str, default: Any = ...) -> Any:
+    @overload
+    def array(self, key: str) -> list[Any]: ...
+    @overload
+    def array(self, key: str, default: _D) -> list[Any] | _D: ...
+    def array(self, key: str, default: Any = ...) -> Any:
+        """A TOML array; its items are the caller's to check (each with its own message)."""
         value = self.raw(key, default)
         if value is default and default is not ...:
             return value
@@ -102,7 +132,12 @@ class Table:
             raise self.fail(key, f"must be a list, got {value!r}")
         return value
 
+    @overload
+    def table(self, key: str, *, required: Literal[True] = True) -> Table: ...
+    @overload
+    def table(self, key: str, *, required: bool) -> Table | None: ...
     def table(self, key: str, *, required: bool = True) -> Table | None:
+        """A sub-table; when not `required`, None if absent."""
         value = self.raw(key, None if not required else ...)
         if value is None:
             return None

@@ -49,7 +49,6 @@ class Decision:
     policy: ConsumerPolicy
     dataset: Dataset
     grant: Grant
-    rule: str = "grant"
     # Aggregate mode: the table lookup that answers the query (`engines.table.Coverage`).
     coverage: Any = None
 

@@ -20,7 +20,7 @@ from types import MappingProxyType
 from typing import Any
 
 from dataops._toml import Table, read_toml
-from dataops.errors import CatalogError
+from dataops.errors import CatalogError, InternalError
 from dataops.values import PrivacyLoss
 
 ID_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,62}")
@@ -62,6 +62,13 @@ class Column:
     bounds: tuple[float, float] | None = None
     keys: tuple[Any, ...] | None = None
     bins: tuple[float, ...] | None = None
+
+    @property
+    def key_set(self) -> tuple[Any, ...]:
+        """The public key set, for a column the caller knows has one."""
+        if self.keys is None:
+            raise InternalError(f"column {self.name!r} has no public key set")
+        return self.keys
 
 
 @dataclass(frozen=True)
@@ -146,10 +153,10 @@ def load_catalog(catalog_dir: Path, sandbox_dir: Path) -> Catalog:
 
 def load_entry(path: Path, sandbox_dir: Path) -> Dataset:
     doc = read_toml(path, CatalogError)
-    dataset_id = doc.str("id", pattern=ID_PATTERN)
+    dataset_id = doc.string("id", pattern=ID_PATTERN)
     if dataset_id != path.stem:
         raise doc.fail("id", f"{dataset_id!r} must equal the file name stem {path.stem!r}")
-    location = doc.str("location")
+    location = doc.string("location")
     rel = PurePosixPath(location)
     if rel.is_absolute() or ".." in rel.parts or rel.suffix != ".parquet":
         raise doc.fail("location", f"{location!r} must be a relative path to a .parquet file under sandbox/")
@@ -164,9 +171,9 @@ def load_entry(path: Path, sandbox_dir: Path) -> Dataset:
 
     columns = _read_columns(doc)
     unit = doc.table("privacy_unit")
-    unit_column = unit.str("column")
+    unit_column = unit.string("column")
     # Optional: without it the dataset serves no DP query (see Dataset.max_rows_per_unit).
-    max_rows = unit.int("max_rows", None, minimum=1)
+    max_rows = unit.integer("max_rows", None, minimum=1)
     unit.reject_unknown()
     if unit_column not in columns:
         raise unit.fail("column", f"{unit_column!r} is not a column of this dataset")
@@ -179,10 +186,10 @@ def load_entry(path: Path, sandbox_dir: Path) -> Dataset:
 
     dataset = Dataset(
         id=dataset_id,
-        zone=doc.str("zone", pattern=ZONE_PATTERN),
-        title=doc.str("title"),
-        description=doc.str("description", ""),
-        provider=doc.str("provider"),
+        zone=doc.string("zone", pattern=ZONE_PATTERN),
+        title=doc.string("title"),
+        description=doc.string("description", ""),
+        provider=doc.string("provider"),
         location=location,
         path=sandbox_dir / rel,
         unit_column=unit_column,
@@ -210,17 +217,17 @@ def _read_columns(doc: Table) -> dict[str, Column]:
 
 def _read_column(col: Table, name: str) -> Column:
     try:
-        ctype = ColumnType(col.str("type"))
+        ctype = ColumnType(col.string("type"))
     except ValueError:
         raise col.fail("type", f"must be one of {[t.value for t in ColumnType]}") from None
     try:
-        classification = Classification(col.str("classification"))
+        classification = Classification(col.string("classification"))
     except ValueError:
         raise col.fail("classification", f"must be one of {[c.value for c in Classification]}") from None
 
     bounds = None
     if col.has("bounds"):
-        raw = col.list("bounds")
+        raw = col.array("bounds")
         if not ctype.numeric:
             raise col.fail("bounds", f"only numeric columns have bounds; {name!r} is {ctype.value}")
         if len(raw) != 2 or not all(_is_number(v) for v in raw) or not raw[0] < raw[1]:
@@ -229,7 +236,7 @@ def _read_column(col: Table, name: str) -> Column:
 
     keys = None
     if col.has("keys"):
-        raw = col.list("keys")
+        raw = col.array("keys")
         if not raw:
             raise col.fail("keys", "a public key set cannot be empty")
         for value in raw:
@@ -241,7 +248,7 @@ def _read_column(col: Table, name: str) -> Column:
 
     bins = None
     if col.has("bins"):
-        raw = col.list("bins")
+        raw = col.array("bins")
         if not ctype.numeric:
             raise col.fail("bins", f"only numeric columns have bins; {name!r} is {ctype.value}")
         if len(raw) < 2 or not all(_is_number(v) for v in raw) or any(a >= b for a, b in zip(raw, raw[1:])):
@@ -252,7 +259,7 @@ def _read_column(col: Table, name: str) -> Column:
         name=name,
         type=ctype,
         classification=classification,
-        description=col.str("description", ""),
+        description=col.string("description", ""),
         bounds=bounds,
         keys=keys,
         bins=bins,

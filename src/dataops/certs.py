@@ -28,7 +28,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ def init_authority(
             "(every consumer certificate it issued would stop working). "
             "Run `dataops certs init --force` to replace it anyway."
         )
-    san = [x509.DNSName(name) for name in server_names]
+    san: list[x509.GeneralName] = [x509.DNSName(name) for name in server_names]
     for ip in server_ips:
         try:
             san.append(x509.IPAddress(ipaddress.ip_address(ip)))
@@ -309,12 +309,22 @@ def _key_usage(**enabled: bool) -> x509.KeyUsage:
     return x509.KeyUsage(**flags)
 
 
+# The CA key types that can sign a CRL (an X25519 or X448 key cannot).
+_SIGNING_KEYS = (
+    rsa.RSAPublicKey,
+    ec.EllipticCurvePublicKey,
+    ed25519.Ed25519PublicKey,
+    ed448.Ed448PublicKey,
+    dsa.DSAPublicKey,
+)
+
+
 def _sign_leaf(
     ca_key: ec.EllipticCurvePrivateKey,
     ca_cert: x509.Certificate,
     key: ec.EllipticCurvePrivateKey,
     common_name: str,
-    san: list[x509.GeneralName],
+    san: Sequence[x509.GeneralName],
     usage: x509.ObjectIdentifier,
     not_before: dt.datetime,
     not_after: dt.datetime,
@@ -537,7 +547,12 @@ class RevocationList:
         try:
             ca = x509.load_pem_x509_certificate(self.ca_cert_path.read_bytes())
             crl = x509.load_pem_x509_crl(raw)
-            if crl.issuer != ca.subject or not crl.is_signature_valid(ca.public_key()):
+            issuer_key = ca.public_key()
+            if (
+                crl.issuer != ca.subject
+                or not isinstance(issuer_key, _SIGNING_KEYS)
+                or not crl.is_signature_valid(issuer_key)
+            ):
                 raise ValueError("its signature does not verify against the CA")
         except (OSError, ValueError) as exc:
             self._refuse_everyone(f"the CRL is invalid ({exc})")

@@ -90,7 +90,7 @@ def parse_literal(text: str) -> Any:
 
 
 def add_query_options(parser: argparse.ArgumentParser, dataset_required: bool = True) -> None:
-    parser.add_argument("dataset", help="dataset id", **({} if dataset_required else {"nargs": "?"}))
+    parser.add_argument("dataset", help="dataset id", nargs=None if dataset_required else "?")
     parser.add_argument("--group-by", "-g", action="append", default=[], metavar="COLUMN")
     parser.add_argument(
         "--agg",
@@ -243,9 +243,11 @@ def load_profile(path: Path) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for key in CONNECTION_KEYS:
         if key == "timeout":
-            value = doc.number(key, None, minimum=0.001)
-        else:
-            value = doc.str(key, None)
+            timeout = doc.number(key, None, minimum=0.001)
+            if timeout is not None:
+                values[key] = timeout
+            continue
+        value = doc.string(key, None)
         if value is not None:
             values[key] = (path.parent / Path(value).expanduser()) if key in ("cert", "key", "ca") else value
     doc.reject_unknown()
@@ -781,7 +783,7 @@ def _explain_budget(config: Any, decision: Any, query: ir.Query, consumer: str) 
 
     dp_engine.enable_opendp()  # this command compiles the query as the server would
     compiled = dp_engine.DPQuery.compile(Plan(query, decision.dataset, decision.grant))
-    cost = compiled.calibrate(query.privacy).cost
+    cost = compiled.calibrate(query.dp_privacy).cost
     path = ledger_location(config)
     grant_spent = dataset_spent = PrivacyLoss.zero()
     if isinstance(path, str) or path.exists():  # a PostgreSQL URL, or a SQLite file
@@ -1179,12 +1181,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    from dataops.certs import CertificateError  # cryptography is in the base install (audit signatures)
     from dataops.client import DataopsClientError
 
-    try:
-        from dataops.certs import CertificateError
-    except ImportError:  # a client-only install has no cryptography
-        CertificateError = LoadError  # noqa: N806
     try:
         return args.func(args)
     except BrokenPipeError:

@@ -547,7 +547,7 @@ class Client:
             private_key=_read(key, "private key"),
             certificate_chain=_read(cert, "certificate"),
         )
-        options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+        options: list[tuple[str, int | str]] = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))
         self.channel = grpc.secure_channel(target, credentials, options=options)
@@ -559,9 +559,9 @@ class Client:
         self._subjects = subject_pb2_grpc.SubjectServiceStub(self.channel)
         self._audit = audit_pb2_grpc.AuditServiceStub(self.channel)
         # The operator's public key (out of band) makes the checkpoint signatures count.
-        key = load_public_key(Path(audit_public_key)) if audit_public_key is not None else None
+        audit_key = load_public_key(Path(audit_public_key)) if audit_public_key is not None else None
         try:
-            self.witness = Witness(key, checkpoint_file) if witness else None
+            self.witness = Witness(audit_key, checkpoint_file) if witness else None
         except WitnessError as exc:  # a checkpoint file that is not one the audit key signed
             raise AuditVerificationError(str(exc)) from None
 
@@ -817,9 +817,7 @@ class Client:
             for r in response.results
         ]
 
-    def watch(
-        self, items: Iterable[tuple[str, str, bytes]], *, timeout: float | None = None
-    ) -> Iterable[tuple[int, SubjectEvaluation | DataopsClientError]]:
+    def watch(self, items: Iterable[tuple[str, str, bytes]], *, timeout: float | None = None) -> _Watch:
         """Updates of a watched portfolio as (index, evaluation or the refusal that ended it).
 
         Iterate it to receive updates; `cancel()` on the returned iterator stops the watch.

@@ -13,7 +13,7 @@ import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from dataops.errors import ConfigError  # a LoadError: operator's file mistake
 
@@ -222,6 +222,50 @@ class LedgerSection:
 
 
 @dataclass(frozen=True)
+class StatePaths:
+    """Every path the server keeps under `[paths] state`, named in this one place: the
+    server, the operator's and reviewer's commands and the demo all read them here."""
+
+    root: Path
+
+    @property
+    def audit_dir(self) -> Path:
+        """The audit log: its segments, checkpoints and the public key (`dataops audit`)."""
+        return self.root / "audit"
+
+    @property
+    def audit_log(self) -> Path:
+        return self.audit_dir / "audit.jsonl"
+
+    @property
+    def ledger(self) -> Path:
+        return self.root / "ledger" / "ledger.sqlite3"
+
+    @property
+    def consents_dir(self) -> Path:
+        """Consent uses and revocations, and the key that hashes subject ids in the log."""
+        return self.root / "consents"
+
+    @property
+    def consent_store(self) -> Path:
+        return self.consents_dir / "consents.sqlite3"
+
+    @property
+    def subject_secret(self) -> Path:
+        return self.consents_dir / "subject-hmac.key"
+
+    @property
+    def consent_service(self) -> Path:
+        """The demo's and tests' consent issuer (`dataops consent`): its signing keys."""
+        return self.root / "consent-service"
+
+    @property
+    def pki(self) -> Path:
+        """The default certificate authority and server certificate (`dataops certs init`)."""
+        return self.root / "pki"
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     server: ServerSection
     paths: PathsSection
@@ -229,6 +273,10 @@ class ServerConfig:
     limits: Limits
     audit: AuditSection = field(default_factory=AuditSection)
     ledger: LedgerSection = field(default_factory=LedgerSection)
+
+    @property
+    def state_paths(self) -> StatePaths:
+        return StatePaths(self.paths.state)
 
     @property
     def signer_dir(self) -> Path:
@@ -294,7 +342,14 @@ def _build(doc: dict[str, Any], base: Path) -> ServerConfig:
     return ServerConfig(server, paths, tls, limits, AuditSection(**audit), ledger)
 
 
-def _table(doc: dict[str, Any], section: type) -> dict[str, Any]:
+class _Section(Protocol):
+    """A section dataclass of dataops.toml: its fields are the keys of table [TABLE]."""
+
+    TABLE: ClassVar[str]
+    __dataclass_fields__: ClassVar[dict[str, Any]]
+
+
+def _table(doc: dict[str, Any], section: type[_Section]) -> dict[str, Any]:
     table = doc.get(section.TABLE, {})
     if not isinstance(table, dict):
         raise ConfigError(f"[{section.TABLE}] must be a table, got {table!r}")
@@ -316,7 +371,7 @@ def _table(doc: dict[str, Any], section: type) -> dict[str, Any]:
     return table
 
 
-def _resolve(section: type, key: str, value: Any, base: Path) -> Path:
+def _resolve(section: type[_Section], key: str, value: Any, base: Path) -> Path:
     if not isinstance(value, str) or not value:
         raise ConfigError(f"[{section.TABLE}] {key} must be a non-empty path string, got {value!r}")
     return base / Path(value).expanduser()  # an absolute value replaces base
@@ -334,7 +389,7 @@ def _default_paths(root: Path) -> PathsSection:
 
 
 def _default_tls(state: Path) -> TlsSection:
-    pki = state / "pki"
+    pki = StatePaths(state).pki
     return TlsSection(ca_cert=pki / "ca.crt", server_cert=pki / "server.crt", server_key=pki / "server.key")
 
 

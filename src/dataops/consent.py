@@ -64,6 +64,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from dataops._toml import read_toml
+from dataops.config import StatePaths
 from dataops.errors import LoadError, PolicyDenied
 
 VERSION = 1
@@ -158,14 +159,14 @@ def load_issuers(consents_dir: Path) -> Mapping[str, Issuer]:
     doc = read_toml(path, ConsentError)
     issuers: dict[str, Issuer] = {}
     for table in doc.tables("issuers"):
-        issuer_id = table.str("id", pattern=ID_PATTERN)
-        encoded = table.str("public_key")
+        issuer_id = table.string("id", pattern=ID_PATTERN)
+        encoded = table.string("public_key")
         try:
             raw = base64.b64decode(encoded, validate=True)
             key = Ed25519PublicKey.from_public_bytes(raw)
         except (binascii.Error, ValueError):
             raise table.fail("public_key", "must be the base64 of a raw 32-byte Ed25519 public key") from None
-        table.str("description", "")
+        table.string("description", "")
         table.reject_unknown()
         if issuer_id in issuers:
             raise table.fail("id", f"issuer {issuer_id!r} is listed twice")
@@ -496,4 +497,4 @@ def _used_up(used: int, fetch: Fetch) -> bool:
 
 
 def store_path(state_dir: Path) -> Path:
-    return Path(state_dir) / "consents" / "consents.sqlite3"
+    return StatePaths(Path(state_dir)).consent_store

@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from dataops.consent import (
     PERIODS,
     TRUST_FILE,
+    ConsentError,
     ConsentStore,
     Fetch,
     iso,
@@ -57,7 +58,10 @@ class ConsentService:
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.key_path(issuer)
         if path.exists():
-            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+            loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
+            if not isinstance(loaded, Ed25519PrivateKey):
+                raise ConsentError(f"{path}: not an Ed25519 private key")
+            key = loaded
         else:
             key = Ed25519PrivateKey.generate()
             pem = key.private_bytes(
@@ -145,7 +149,7 @@ def _service(args: argparse.Namespace):
     from dataops.config import load_config
 
     config = load_config(args.config)
-    return config, ConsentService(config.paths.state / "consent-service", config.paths.consents)
+    return config, ConsentService(config.state_paths.consent_service, config.paths.consents)
 
 
 def cmd_init(args: argparse.Namespace) -> int:

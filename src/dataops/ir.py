@@ -19,11 +19,11 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Union
+from typing import Any
 
-from dataops.errors import FieldViolation, InvalidQuery
+from dataops.errors import FieldViolation, InternalError, InvalidQuery
 
-Scalar = Union[str, int, float, bool, dt.date]
+Scalar = str | int | float | bool | dt.date
 
 # Shape limits that hold whatever the server's configuration says (its `[limits]` cap
 # list lengths). Hostile input is refused here, before any name or value is echoed in
@@ -156,7 +156,7 @@ class Between:
         return out
 
 
-Filter = Union[Equals, InSet, Between]
+Filter = Equals | InSet | Between
 
 
 @dataclass(frozen=True)
@@ -177,6 +177,13 @@ class Aggregate:
         if self.function is Function.QUANTILE:
             return f"q{round((self.quantile or 0) * 100):02d}_{self.column}"
         return f"{self.function.value}_{self.column}" if self.column else self.function.value
+
+    @property
+    def measured_column(self) -> str:
+        """The column of a function that needs one (validation refuses such an aggregate without)."""
+        if self.column is None:
+            raise InternalError(f"{self.function.value} has no column")
+        return self.column
 
     def validate(self, path: str) -> None:
         if not isinstance(self.function, Function):
@@ -351,6 +358,13 @@ class Query:
     # Not part of the canonical form: the purpose does not change the answer.
     purpose: str = ""
     _canonical: str = field(default="", init=False, repr=False, compare=False)
+
+    @property
+    def dp_privacy(self) -> Privacy:
+        """The privacy parameters of a DP query (validation refuses a DP query without them)."""
+        if self.privacy is None:
+            raise InternalError(f"a {self.mode.value} query has no privacy parameters")
+        return self.privacy
 
     def __post_init__(self) -> None:
         _check_name(self.dataset, "query.dataset", missing="is required")

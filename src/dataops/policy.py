@@ -135,10 +135,10 @@ def _load_policy(
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise PolicyError(f"{path}: not valid TOML: {exc}") from None
     doc = Table(data, path, "", PolicyError)
-    consumer = doc.str("consumer", pattern=CONSUMER_PATTERN)
+    consumer = doc.string("consumer", pattern=CONSUMER_PATTERN)
     if consumer != path.stem:
         raise doc.fail("consumer", f"{consumer!r} must equal the file name stem {path.stem!r}")
-    zone = doc.str("zone")
+    zone = doc.string("zone")
     grants: dict[str, Grant] = {}
     for table in doc.tables("grants"):
         grant = _load_grant(table, zone, catalog, products)
@@ -148,8 +148,8 @@ def _load_policy(
     policy = ConsumerPolicy(
         consumer=consumer,
         zone=zone,
-        description=doc.str("description", ""),
-        revoked=doc.bool("revoked", False),
+        description=doc.string("description", ""),
+        revoked=doc.boolean("revoked", False),
         grants=MappingProxyType(grants),
         source=path,
     )
@@ -158,7 +158,7 @@ def _load_policy(
 
 
 def _enum_set(table: Table, key: str, enum: type[Enum]) -> frozenset:
-    values = table.list(key)
+    values = table.array(key)
     if not values:
         raise table.fail(key, "must list at least one value")
     out = set()
@@ -171,7 +171,7 @@ def _enum_set(table: Table, key: str, enum: type[Enum]) -> frozenset:
 
 
 def _load_grant(table: Table, zone: str, catalog: Catalog, products: Products | None) -> Grant:
-    dataset_id = table.str("dataset")
+    dataset_id = table.string("dataset")
     dataset = catalog.get(dataset_id)
     if dataset is None:
         raise table.fail("dataset", f"{dataset_id!r} is not in the catalog")
@@ -220,14 +220,14 @@ def _load_grant(table: Table, zone: str, catalog: Catalog, products: Products | 
     # `modes` narrows the grant; the leftover list must not make the file invalid).
     grant = Grant(
         dataset=dataset_id,
-        purpose=table.str("purpose"),
+        purpose=table.string("purpose"),
         expires=expires,
         modes=modes,
         functions=_enum_set(table, "functions", Function),
         budget=budget,
         columns=MappingProxyType(columns),
         tables=tables,
-        accounting=table.str("accounting", "pure"),
+        accounting=table.string("accounting", "pure"),
     )
     if grant.accounting not in ACCOUNTINGS:
         raise table.fail("accounting", f"must be one of {', '.join(ACCOUNTINGS)}, got {grant.accounting!r}")
@@ -243,7 +243,7 @@ def _load_tables(
     table: Table, dataset: Dataset, products: Products | None, *, required: bool
 ) -> tuple[str, ...]:
     """The table product ids a grant names: each must exist and be a table of this dataset."""
-    ids = table.list("tables") if required else table.list("tables", [])
+    ids = table.array("tables") if required else table.array("tables", [])
     known = products.tables if products is not None else {}
     seen: list[str] = []
     for i, table_id in enumerate(ids):
@@ -361,7 +361,6 @@ class PolicyStore:
         catalog: Catalog,
         *,
         products: Products | None = None,
-        on_reload: Callable[[PolicySet | None, str | None], None] | None = None,
         settle_seconds: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -370,12 +369,11 @@ class PolicyStore:
         self.products = products
         self.settle_seconds = settle_seconds
         self._clock = clock
-        self._on_reload = on_reload
         self._lock = threading.Lock()
         # Strict at start: the server refuses to start on any invalid file.
         self._current = load_policies(policy_dir, catalog, products)
         self._files: dict[str, _InForce] = {}
-        for name, (path, raw, digest) in self._scan().items():
+        for name, (path, _raw, digest) in self._scan().items():
             policy = self._current.get(path.stem)
             if policy is not None:
                 self._files[name] = _InForce(digest, policy)
@@ -390,7 +388,7 @@ class PolicyStore:
         return self._current
 
     def _scan(self) -> dict[str, tuple[Path, bytes | None, str]]:
-        files = {}
+        files: dict[str, tuple[Path, bytes | None, str]] = {}
         for path in sorted(self.policy_dir.glob("*.toml")):
             try:
                 raw = path.read_bytes()
@@ -448,9 +446,9 @@ class PolicyStore:
             if errors and not self.per_file:
                 self.last_error = errors[0]
                 return False
-            digest = hashlib.sha256()
+            combined = hashlib.sha256()  # the version: every file's content and validity
             for name, state in sorted(files.items()):
-                digest.update(
+                combined.update(
                     name.encode()
                     + b"\0"
                     + state.digest.encode()
@@ -458,14 +456,12 @@ class PolicyStore:
                 )
             self._files = files
             self._current = PolicySet(
-                MappingProxyType({f.policy.consumer: f.policy for f in files.values()}), digest.hexdigest()
+                MappingProxyType({f.policy.consumer: f.policy for f in files.values()}), combined.hexdigest()
             )
             self.last_error = "\n".join(errors) or None
             for error in errors:
                 log.error("policy refused, its consumer is denied until fixed: %s", error)
             log.info("policy version %s in force", self._current.version[:12])
-            if self._on_reload:
-                self._on_reload(self._current, self.last_error)
             return True
 
     def start(self, interval: float) -> None:

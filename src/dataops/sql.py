@@ -397,7 +397,7 @@ class _Parser:
             raise self.fail(None, "select at least one aggregate", keyword="SELECT")
         where = select.args.get("where")
         pairs = self.predicates(where.this, dataset) if where is not None else []
-        nodes = {
+        nodes: dict[str, list[exp.Expression]] = {
             "filters": [n for _, n in pairs],
             "aggregates": aggregate_nodes,
             "group_by": [n for n in select.expressions if isinstance(n, exp.Column)],

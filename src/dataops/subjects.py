@@ -39,7 +39,6 @@ from dataops.products.subject import SubjectProduct
 MAX_SUBJECT_ID = 128
 MAX_BATCH = 1000
 MAX_WATCH_SUBJECTS = 100
-SECRET_FILE = "subject-hmac.key"
 
 
 class ServerStopping(RequestError):

@@ -1,7 +1,7 @@
 """Data versions: each dataset is known by the SHA-256 of its Parquet file's bytes.
 
 Everything derived from a dataset is keyed by this version: stored DP releases
-(`Sandbox._release_key`), prepared copies (`dataops.engines.prepared`) and the
+(`dataops.releases.release_key`), prepared copies (`dataops.engines.prepared`) and the
 protected tables (`TableStore.get(product, dataset, data_version)`). One call gives
 it: `DataVersions.of(dataset) -> str` (64 hex digits).
 
@@ -204,7 +204,7 @@ class DataVersions:
                 first = str(exc).split("\n", 1)[0]
                 raise CatalogError(
                     f"{dataset.source}: location: {real} is not a readable Parquet file: {first}"
-                )
+                ) from exc
         with self._lock:
             self._datasets[dataset.id] = dataset
             self._known[dataset.id] = _Known(self._signature(st), version, self._clock())

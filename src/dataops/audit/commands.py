@@ -202,7 +202,7 @@ def log_dir(args: argparse.Namespace) -> Path:
         return args.log_dir
     from dataops.config import load_config
 
-    return load_config(args.config).paths.state / "audit"
+    return load_config(args.config).state_paths.audit_dir
 
 
 def public_key(args: argparse.Namespace, directory: Path):
@@ -297,7 +297,11 @@ def cmd_merge(args: argparse.Namespace) -> int:
             raise _UsageError(f"no public key in {directory}; pass --public-key FILE for each directory")
     merged = merge_logs(args.log_dirs, keys)
     for name, v in merged.verifications:
-        print_verification(v, lambda line, name=name: print(f"{name}: {line}", file=sys.stderr))
+
+        def to_stderr(line: str, name: str = name) -> None:  # each line names its replica
+            print(f"{name}: {line}", file=sys.stderr)
+
+        print_verification(v, to_stderr)
     if not merged.ok:
         print("TAMPERED: not merged; every log must verify on its own first", file=sys.stderr)
         return TAMPERED
@@ -425,10 +429,9 @@ def why_nothing_matched(args: argparse.Namespace, seen: dict[str, set], total: i
         if value is None:
             continue
         present = sorted(str(v) for v in seen[name] if v is not None)
-        same = (
-            (lambda v: v.lower() == value.lower()) if name in ("method", "reason") else (lambda v: v == value)
-        )
-        if not any(same(v) for v in present):
+        # Method names and reasons are matched without case, as the filters match them.
+        folded = name in ("method", "reason")
+        if not any((v.lower() == value.lower()) if folded else (v == value) for v in present):
             notes.append(
                 f"no record has {name} {value!r}; {plural} in the log: {', '.join(present) or 'none'}"
             )

@@ -109,6 +109,7 @@ def check(entries: list[dict[str, Any]], revocations: dict[str, str]) -> list[st
 
 def cmd_consents(args: argparse.Namespace) -> int:
     from dataops.audit.commands import log_dir
+    from dataops.config import StatePaths
     from dataops.consent import ConsentStore, store_path
 
     directory = log_dir(args)
@@ -122,7 +123,7 @@ def cmd_consents(args: argparse.Namespace) -> int:
     if args.consent:
         shown = [e for e in shown if e.get("consent_id") == args.consent]
     if args.subject:
-        key = (state / "consents" / "subject-hmac.key").read_bytes()
+        key = StatePaths(state).subject_secret.read_bytes()
         wanted = hmac.new(key, args.subject.encode(), hashlib.sha256).hexdigest()
         shown = [e for e in shown if e.get("subject_hash") == wanted]
     if args.json:

@@ -286,9 +286,10 @@ def verify_export(path: Path, public_key: Ed25519PublicKey | None = None) -> Exp
         raise ValueError(f"{path}: not a {FORMAT} checkpoint file")
     shipped = public_key is None
     if public_key is None:
-        public_key = serialization.load_pem_public_key(meta["public_key"].encode("ascii"))
-        if not isinstance(public_key, Ed25519PublicKey):
+        loaded = serialization.load_pem_public_key(meta["public_key"].encode("ascii"))
+        if not isinstance(loaded, Ed25519PublicKey):
             raise ValueError(f"{path}: the shipped public key is not Ed25519")
+        public_key = loaded
     kid = key_id(public_key)
     result = ExportVerification(path, kid, checkpoint=meta["checkpoint"])
     if shipped:

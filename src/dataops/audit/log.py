@@ -381,6 +381,7 @@ class AuditLog:
             if self._epoch != epoch and self._signed < mine:
                 raise AuditUnavailable(self._failure)
             cp = self._checkpoint
+            assert cp is not None  # signed >= mine >= 1: some checkpoint covers this record
             return Receipt(
                 mine,
                 digest,

@@ -16,6 +16,7 @@ import base64
 from typing import Any
 
 from dataops.audit.log import AuditLog, Receipt
+from dataops.audit.witness import WITNESS_HEADER
 
 __all__ = [
     "WITNESS_HEADER",
@@ -29,8 +30,6 @@ __all__ = [
 # A refusal's proof travels in ErrorInfo metadata, i.e. in gRPC trailers (16 KiB in all):
 # a record longer than this goes without its proof (the sequence and hash still go).
 _MAX_RECORD_IN_METADATA = 4096
-
-from dataops.audit.witness import WITNESS_HEADER
 
 
 class LedgerBehindLog(OSError):

@@ -188,7 +188,9 @@ def _budget_section(records: list[dict[str, Any]], caps: Caps | None = None) -> 
         t[0] += eps
         t[1] += delta
         t[2] += 1
-        series[key].append((_time(r), t[0]))
+        when = _time(r)
+        if when is not None:  # a record without a readable time is counted, not drawn
+            series[key].append((when, t[0]))
     start = _time(records[0]) if records else None
     end = _time(records[-1]) if records else None
     lines = [(f"{c} · {d}", points) for (c, d), points in sorted(series.items())]
@@ -232,19 +234,21 @@ BUCKETS = (60, 300, 900, 3600, 6 * 3600, 86400, 7 * 86400, 30 * 86400)  # second
 
 def _volume_section(records: list[dict[str, Any]]) -> str:
     """Requests per time bucket, stacked by decision: when the log was busy, and with what."""
-    if not records:
+    # A record without a readable time has no bucket; the log's verification reports it.
+    timed = [(when, r) for r in records if (when := _time(r)) is not None]
+    if not timed:
         return (
             '<section id="volume"><h2>Requests over time</h2>'
             + _empty("volume", "no requests")
             + "</section>"
         )
-    start, end = _time(records[0]), _time(records[-1])
+    start, end = timed[0][0], timed[-1][0]
     span = max((end - start).total_seconds(), 1.0)
     size = next((b for b in BUCKETS if span / b <= 48), BUCKETS[-1])
     origin = math.floor(start.timestamp() / size) * size
     buckets: dict[int, Counter] = defaultdict(Counter)
-    for r in records:
-        buckets[int((_time(r).timestamp() - origin) // size)][r.get("decision") or "?"] += 1
+    for when, r in timed:
+        buckets[int((when.timestamp() - origin) // size)][r.get("decision") or "?"] += 1
     count = max(buckets) + 1
     decisions = [d for d in DECISION_COLORS if any(c[d] for c in buckets.values())]
     height, plot_w = 280, WIDTH - LEFT - RIGHT

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import base64
 import datetime as dt
+import io
 import json
 import logging
 import os
@@ -122,9 +123,10 @@ def _load_or_create_key(directory: Path) -> Ed25519PrivateKey:
         raise SignerError(
             f"{path} is readable by others (mode {stat.S_IMODE(path.stat().st_mode):o}); chmod 600 it"
         )
-    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    if not isinstance(key, Ed25519PrivateKey):
+    loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    if not isinstance(loaded, Ed25519PrivateKey):
         raise SignerError(f"{path}: not an Ed25519 private key")
+    key = loaded
     public = directory / PUBLIC_KEY
     pem = key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -315,14 +317,14 @@ class SignerClient:
         self.socket_path = Path(socket_path)
         self.timeout = timeout
         self._lock = threading.Lock()
-        self._stream = None
+        self._stream: io.BufferedRWPair | None = None
         hello = self._request({"op": "hello"})
         self.origin: str = hello["origin"]
         self.key_id: str = hello["key_id"]
         self.public_key = Ed25519PublicKey.from_public_bytes(base64.b64decode(hello["public_key"]))
         self._hello_checkpoint: str | None = hello["checkpoint"]
 
-    def _connect(self):
+    def _connect(self) -> io.BufferedRWPair:
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         conn.settimeout(self.timeout)
         try:
@@ -338,9 +340,10 @@ class SignerClient:
                 try:
                     if self._stream is None:
                         self._stream = self._connect()
-                    self._stream.write(json.dumps(message).encode() + b"\n")
-                    self._stream.flush()
-                    line = self._stream.readline()
+                    stream = self._stream
+                    stream.write(json.dumps(message).encode() + b"\n")
+                    stream.flush()
+                    line = stream.readline()
                     if not line:
                         raise OSError("the signer closed the connection")
                     answer = json.loads(line)
@@ -385,13 +388,13 @@ class SignerClient:
 class SignerProcess:
     """A signer started by the server as its child; `stop()` ends it."""
 
-    def __init__(self, process: subprocess.Popen, socket_path: Path, socket_dir: Path | None) -> None:
+    def __init__(self, process: subprocess.Popen[bytes], socket_path: Path, socket_dir: Path | None) -> None:
         self.process = process
         self.socket_path = socket_path
         self._socket_dir = socket_dir
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self.process.poll() is None:
+        if self.process.poll() is None and self.process.stdin is not None:  # spawned with stdin=PIPE
             try:
                 self.process.stdin.close()  # the signer exits at EOF, syncing its state first
             except OSError:
@@ -439,7 +442,9 @@ def spawn_signer(directory: Path, origin: str, *, timeout: float = 30.0) -> Sign
         start_new_session=True,
     )
     ready: list[bytes] = []
-    reader = threading.Thread(target=lambda: ready.append(process.stdout.readline()), daemon=True)
+    stdout = process.stdout
+    assert stdout is not None  # spawned with stdout=PIPE
+    reader = threading.Thread(target=lambda: ready.append(stdout.readline()), daemon=True)
     reader.start()
     reader.join(timeout)
     if not ready or not ready[0].startswith(b"ready"):

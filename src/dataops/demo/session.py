@@ -26,6 +26,7 @@ from typing import Any
 from dataops.certs import init_authority, issue_consumer
 from dataops.client import Client, DataopsClientError, count, count_units, mean, median, total
 from dataops.config import ServerConfig, load_config
+from dataops.consent_service import ConsentService
 from dataops.demo.generate import generate
 from dataops.ir import Equals
 
@@ -103,8 +104,9 @@ def prepare(
         issue_consumer(outsider, "city-bank")
 
     # Fresh state per run: the same session gives the same audit trail and budgets.
-    for name in ("audit", "ledger", "consents"):
-        shutil.rmtree(config.paths.state / name, ignore_errors=True)
+    state = config.state_paths
+    for directory in (state.audit_dir, state.ledger.parent, state.consents_dir):
+        shutil.rmtree(directory, ignore_errors=True)
     # A new log needs a signer that has signed nothing yet (it refuses to sign a tree
     # that does not extend its last one), so the demo's signer starts afresh too.
     shutil.rmtree(config.signer_dir, ignore_errors=True)
@@ -114,9 +116,7 @@ def prepare(
 
 
 def consent_service(config: ServerConfig) -> ConsentService:
-    from dataops.consent_service import ConsentService
-
-    return ConsentService(config.paths.state / "consent-service", config.paths.consents)
+    return ConsentService(config.state_paths.consent_service, config.paths.consents)
 
 
 @dataclass
@@ -373,7 +373,7 @@ def run_demo(
         refused = outsider_refused(target, workdir, out)
     finally:
         server.stop(grace=config.server.grace_seconds)
-    out(f"\nserver stopped cleanly. Audit log: {config.paths.state / 'audit'}")
+    out(f"\nserver stopped cleanly. Audit log: {config.state_paths.audit_dir}")
     toml = workdir / "dataops.toml"
     out(f"Try: dataops audit verify -c {toml}   (or: audit show, audit report --out report.html)")
     out(f"     dataops budget show -c {toml};  dataops policy check -c {toml}")

@@ -30,10 +30,12 @@ class Plan:
     # Aggregate mode: the lookup in a protected table that answers the query
     # (`dataops.engines.table.Coverage`, decided by authorization).
     coverage: Any = None
-    filters: tuple[Filter, ...] | None = None
+    filters: tuple[Filter, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.filters is None:
+        # Empty while unbound: binding keeps one filter per query filter, so a plan whose
+        # query has filters and whose own are empty has not been bound yet.
+        if not self.filters and self.query.filters:
             object.__setattr__(self, "filters", bind_filters(self.dataset, self.query.filters))
 
 

@@ -283,22 +283,31 @@ class _Dimension:
     """A group-by column and its public key set (None: the keys are private)."""
 
     column: str
-    dtype: pl.DataType
+    dtype: type[pl.DataType]
     keys: tuple | None
     bins: tuple[float, ...] | None
+
+    @property
+    def key_set(self) -> tuple:
+        """The public key set (binned: the bins' labels); only for a dimension that has one."""
+        if self.keys is None:
+            raise InternalError(f"{self.column!r} has no public key set")
+        return self.keys
 
     def prepare(self) -> pl.Expr:
         col = pl.col(self.column)
         if self.bins is None:
             return col.cast(self.dtype)
         inside = (col >= self.bins[0]) & (col < self.bins[-1])
-        buckets = col.cut(list(self.bins), labels=["#below", *self.keys, "#above"], left_closed=True)
+        buckets = col.cut(list(self.bins), labels=["#below", *self.key_set, "#above"], left_closed=True)
         return pl.when(inside).then(buckets.cast(pl.String)).otherwise(None).alias(self.column)
 
     def sort_key(self) -> pl.Expr:
         if self.bins is None:
             return pl.col(self.column)
-        return pl.col(self.column).replace_strict(list(self.keys), list(range(len(self.keys))), default=None)
+        return pl.col(self.column).replace_strict(
+            list(self.key_set), list(range(len(self.key_set))), default=None
+        )
 
 
 def bin_label(low: float, high: float) -> str:
@@ -406,7 +415,7 @@ class Compiled:
         query, dataset = plan.query, plan.dataset
         if query.mode is not Mode.DP or query.privacy is None:
             raise InternalError("the DP engine got a query that is not in DP mode")
-        require_max_rows(dataset)
+        self.max_rows = require_max_rows(dataset)
         if source is not None and (
             source.dataset_id != dataset.id or source.max_rows_per_unit != dataset.max_rows_per_unit
         ):
@@ -437,7 +446,7 @@ class Compiled:
                 field_violations=(FieldViolation("query.privacy.delta", "must be > 0 on a zcdp grant"),),
             )
         if self.dims and not self.private_keys:
-            groups = math.prod(len(d.keys) for d in self.dims)
+            groups = math.prod(len(d.key_set) for d in self.dims)
             if groups > plan.max_output_rows:
                 raise LimitExceeded(
                     f"the public key sets make more than max_output_rows={plan.max_output_rows} groups; "
@@ -499,7 +508,7 @@ class Compiled:
                 row_terms.append(_Term(hidden, _len_term(hidden), _THRESHOLD_WEIGHT))
         if self.source is None:
             return self._identifier_stages(row_terms, unit_terms, self.dataset.unit_column, self.unit_dtype)
-        if self.k < self.dataset.max_rows_per_unit:
+        if self.k < self.max_rows:
             if self.enforce_row_bound:
                 # A tighter row bound than the copy's: OpenDP truncates each unit again, by
                 # its (dense, one per unit) code, and derives d_in from that truncation.
@@ -508,7 +517,7 @@ class Compiled:
         return self._prepared_stages(row_terms, unit_terms)
 
     def _identifier_stages(
-        self, row_terms: list[_Term], unit_terms: list[_Term], unit: str, unit_dtype: pl.DataType
+        self, row_terms: list[_Term], unit_terms: list[_Term], unit: str, unit_dtype: type[pl.DataType]
     ) -> list[_Stage]:
         """Every plan truncates each unit itself (OpenDP's identifier form)."""
         k = self.k
@@ -567,7 +576,7 @@ class Compiled:
             )
         return stages
 
-    def _row_schema(self) -> dict[str, pl.DataType]:
+    def _row_schema(self) -> dict[str, type[pl.DataType]]:
         schema = {d.column: d.dtype for d in self.dims}
         schema.update({m.name: pl.Int64 for m in self.measures.values()})
         return schema
@@ -579,7 +588,7 @@ class Compiled:
             return 1
         if self.private_keys:
             return k
-        return min(k, math.prod(len(d.keys) for d in self.dims))
+        return min(k, math.prod(len(d.key_set) for d in self.dims))
 
     def _aggregate(self, frame: pl.LazyFrame, aggs: list[pl.Expr]) -> pl.LazyFrame:
         if not self.dims:
@@ -589,7 +598,7 @@ class Compiled:
         if self.private_keys:
             return grouped  # OpenDP adds the threshold filter
         keys = pl.DataFrame(
-            [tuple(row) for row in product(*(d.keys for d in self.dims))],
+            [tuple(row) for row in product(*(d.key_set for d in self.dims))],
             schema={d.column: d.dtype for d in self.dims},
             orient="row",
         )
@@ -600,8 +609,9 @@ class Compiled:
         weight = default_weight(a)
         if a.function in (Function.COUNT, Function.COUNT_UNITS):
             return [_Term(a.name, _len_term(a.name), weight)]
-        m = self.measures[a.column]
-        known = pl.col(m.name).drop_nulls()  # missing values are left out, as in SQL
+        m = self.measures[a.measured_column]
+        # Missing values are left out, as in SQL. Any: OpenDP registers the `.dp` namespace.
+        known: Any = pl.col(m.name).drop_nulls()
         bounds = m.fixed_bounds
         if a.function is Function.SUM:
             return [_Term(a.name, lambda s: known.dp.sum(bounds, scale=s).alias(a.name), weight)]
@@ -720,7 +730,7 @@ class Compiled:
         the rho (`Ledger.reserve_zcdp`), and this pair bounds what it may release.
         """
         if self.zcdp:
-            delta = self.query.privacy.delta
+            delta = self.query.dp_privacy.delta
             return PrivacyLoss(zcdp_to_epsilon(self.rho(measurements), delta), delta)
         total = PrivacyLoss.zero()
         for loss in self._losses(measurements):
@@ -728,14 +738,15 @@ class Compiled:
         return total
 
 
-def require_max_rows(dataset: Dataset) -> None:
-    """DP is off until the operator has set the contribution bound; it is never taken from the data."""
+def require_max_rows(dataset: Dataset) -> int:
+    """The contribution bound. DP is off until the operator has set it; it is never taken from the data."""
     if dataset.max_rows_per_unit is None:
         raise PolicyDenied(
             f"DP mode is off for {dataset.id}: the operator has not set privacy_unit.max_rows "
             "(the most rows one privacy unit may contribute) in its catalog entry",
             rule="catalog.privacy_unit.max_rows",
         )
+    return dataset.max_rows_per_unit
 
 
 def _check_columns(query: Query, dataset: Dataset) -> None:
@@ -770,7 +781,7 @@ def _collect(release: Any, quantiles: bool) -> pl.DataFrame:
     return release.lazy().collect()
 
 
-def _domain(schema: dict[str, pl.DataType]) -> Any:
+def _domain(schema: dict[str, type[pl.DataType]]) -> Any:
     """A lazy frame of these columns, all nullable: the domain claims nothing beyond types."""
     nullable = {name: dp.option_domain(dp.atom_domain(T=_ATOMS[t])) for name, t in schema.items()}
     domain = dp.lazyframe_domain([dp.series_domain(name, atoms) for name, atoms in nullable.items()])
@@ -779,7 +790,7 @@ def _domain(schema: dict[str, pl.DataType]) -> Any:
 
 def _measure(dataset: Dataset, aggregate: Aggregate, privacy: Privacy, clip_upper: float | None) -> _Measure:
     """The measure at this query's clipping terms, held in the catalog's fixed point."""
-    name = aggregate.column
+    name = aggregate.measured_column
     column = dataset.columns[name]
     what = aggregate.function.value
     if not column.type.numeric:
@@ -827,7 +838,7 @@ def _measure(dataset: Dataset, aggregate: Aggregate, privacy: Privacy, clip_uppe
 
 def _row_bound(privacy: Privacy, dataset: Dataset) -> int:
     """The query's rows per unit: the catalog's cap, or a smaller one the query states."""
-    cap = dataset.max_rows_per_unit
+    cap = require_max_rows(dataset)
     k = privacy.max_rows_per_unit
     if k is None:
         return cap
@@ -848,6 +859,8 @@ def _len_term(name: str) -> Any:
 
 def _fixed_point(column: Column) -> _Measure:
     """How a bounded numeric column is held as integers; depends on the catalog only."""
+    if column.bounds is None:
+        raise InternalError(f"{column.name!r} has no catalog bounds to hold in fixed point")
     biggest = max(abs(b) for b in column.bounds)
     decimals = 0 if column.type is ColumnType.INT else _MAX_DECIMALS
     while biggest * 10.0**decimals > _FIXED_POINT_LIMIT:

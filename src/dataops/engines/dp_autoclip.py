@@ -35,7 +35,7 @@ from dataops.values import PrivacyLoss
 
 def compile_query(plan: Plan, source: PreparedSource | None = None) -> DPQuery | AutoClippedQuery:
     """The DP query for a plan: with automatic clipping if its terms ask for it."""
-    if plan.query.privacy is not None and plan.query.privacy.auto_clipped:
+    if plan.query.dp_privacy is not None and plan.query.dp_privacy.auto_clipped:
         return AutoClippedQuery(plan, source)
     return DPQuery.compile(plan, source=source)
 
@@ -45,9 +45,10 @@ class AutoClippedQuery:
 
     def __init__(self, plan: Plan, source: PreparedSource | None) -> None:
         self.plan, self.source = plan, source
-        privacy = plan.query.privacy
+        privacy = plan.query.dp_privacy
         if privacy.epsilon is None:
             raise InternalError("automatic clipping needs epsilon (the IR refuses it otherwise)")
+        self.epsilon: float = privacy.epsilon
         if plan.grant.accounting == "zcdp":
             raise InvalidQuery(
                 "automatic clipping is not offered on a zcdp grant; state the bounds instead",
@@ -65,9 +66,9 @@ class AutoClippedQuery:
 
     def _quantile_plan(self, terms: MeasureTerms) -> Plan:
         """An ungrouped DP quantile of the measure, under the query's filters and row bound."""
-        privacy = self.plan.query.privacy
+        privacy = self.plan.query.dp_privacy
         q_privacy = Privacy(
-            epsilon=privacy.epsilon * terms.auto_clip_share,
+            epsilon=self.epsilon * terms.auto_clip_share,
             delta=0.0,
             max_rows_per_unit=privacy.max_rows_per_unit,
             measures=(MeasureTerms(terms.column, lower=terms.lower),),
@@ -82,16 +83,15 @@ class AutoClippedQuery:
         return dataclasses.replace(self.plan, query=query)
 
     def _debit(self) -> float:
-        targets = [q_plan_privacy(q).epsilon for q in self.quantiles] + [self._main_privacy().epsilon]
+        # The same products the parts are planned with (_quantile_plan, _main_privacy).
+        targets = [self.epsilon * t.auto_clip_share for t in self.clips] + [self.epsilon * self.main_share]
         return math.fsum(targets)
 
     def _main_privacy(self) -> Privacy:
-        return dataclasses.replace(
-            self.plan.query.privacy, epsilon=self.plan.query.privacy.epsilon * self.main_share
-        )
+        return dataclasses.replace(self.plan.query.dp_privacy, epsilon=self.epsilon * self.main_share)
 
     def calibrate(self, privacy: Privacy) -> Calibration:
-        if privacy != self.plan.query.privacy:
+        if privacy != self.plan.query.dp_privacy:
             raise InternalError("an automatically clipped query is calibrated for its own privacy only")
         parts = [q.calibrate(q_plan_privacy(q)) for q in self.quantiles]
         main = self.main.calibrate(self._main_privacy())
@@ -109,7 +109,7 @@ class AutoClippedQuery:
 
     def release(self, calibration: Calibration) -> EngineResult:
         """The clips first (released DP values), then the answer at them; never above the debit."""
-        planned = self.calibrate(self.plan.query.privacy)
+        planned = self.calibrate(self.plan.query.dp_privacy)
         if calibration.cost != planned.cost:
             raise InternalError("the calibration does not belong to this query")
         clips: dict[str, float] = {}
@@ -134,4 +134,4 @@ class AutoClippedQuery:
 
 
 def q_plan_privacy(query: DPQuery) -> Privacy:
-    return query._compiled.query.privacy
+    return query._compiled.query.dp_privacy

@@ -183,7 +183,7 @@ class PreparedStore:
 
     def source(self, dataset: Dataset) -> PreparedSource:
         """The copy of the dataset's current version, built first if there is none."""
-        require_max_rows(dataset)
+        max_rows = require_max_rows(dataset)
         key = copy_key(dataset, self.versions.of(dataset))
         ready = self._current(dataset, key)
         if ready is not None:
@@ -206,7 +206,7 @@ class PreparedStore:
                 # is never trusted for a version it was not made from.
                 if self.versions.verify(dataset) != version:
                     continue  # the data changed under the build: that copy is stale
-                source = PreparedSource(dataset.id, key, path, dataset.max_rows_per_unit, version)
+                source = PreparedSource(dataset.id, key, path, max_rows, version)
                 with self._guard:
                     self._ready[dataset.id] = (source, signature)
                 self._remove_old(dataset, keep=path)

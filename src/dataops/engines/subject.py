@@ -155,7 +155,7 @@ class SubjectLayout:
                 if output.function is OutputFunction.ANY_IN:
                     points += table[1 if value else 0]
                 else:
-                    points += table[output.banding.labels.index(value)]
+                    points += table[output.band_labels.index(value)]
             values.append((f"{card.name}_points", float(points)))
             values.append((card.name, card.grading.label(points)))
         return Evaluation(product.id, self.fingerprint, today, tuple(values))
@@ -168,27 +168,28 @@ class SubjectLayout:
             dates = self.columns[output.window.column][start:end]
             cutoff = _days(months_before(today, output.window.months))
             mask &= (dates > cutoff) & (dates <= _days(today)) & (dates != _NO_DATE)
-        spec = self.dataset.columns[output.column] if output.column else None
         function = output.function
         value: Value
         if function is OutputFunction.COUNT:
             value = int(mask.sum())
         elif function is OutputFunction.SUM:
-            chosen = self.columns[output.column][start:end][mask]
+            chosen = self.columns[output.measured_column][start:end][mask]
             total = float(np.nansum(chosen)) if chosen.size else 0.0
-            value = int(round(total)) if spec.type is ColumnType.INT else total
+            integer = self.dataset.columns[output.measured_column].type is ColumnType.INT
+            value = int(round(total)) if integer else total
         elif function is OutputFunction.MAX:
-            chosen = self.columns[output.column][start:end][mask]
+            chosen = self.columns[output.measured_column][start:end][mask]
             chosen = chosen[~np.isnan(chosen)]
             if not chosen.size:
                 return None  # no rows: no maximum (and no band)
             top = float(chosen.max())
-            value = int(top) if spec.type is ColumnType.INT else top
+            integer = self.dataset.columns[output.measured_column].type is ColumnType.INT
+            value = int(top) if integer else top
         elif function is OutputFunction.ANY_IN:
-            codes = self._key_codes(output.column, output.values)
-            return bool(_among(self.columns[output.column][start:end][mask], codes).any())
+            codes = self._key_codes(output.measured_column, output.values)
+            return bool(_among(self.columns[output.measured_column][start:end][mask], codes).any())
         elif function is OutputFunction.MONTHS_WITH:
-            days = self.columns[output.column][start:end][mask]
+            days = self.columns[output.measured_column][start:end][mask]
             days = days[days != _NO_DATE]
             months = days.astype("datetime64[D]").astype("datetime64[M]")
             value = int(np.unique(months).size)
@@ -199,7 +200,7 @@ class SubjectLayout:
         return value
 
     def _key_codes(self, column: str, values: tuple[str, ...]) -> tuple[int, ...]:
-        keys = self.dataset.columns[column].keys
+        keys = self.dataset.columns[column].key_set
         return tuple(keys.index(v) for v in values)
 
     def _codes(self, where: tuple[tuple[str, tuple[str, ...]], ...]) -> Iterable[tuple[str, tuple[int, ...]]]:
@@ -334,7 +335,8 @@ class SubjectLayouts:
                 .agg(pl.col("start").first())
             )
             ids = index[unit]
-            width = max(1, int(ids.str.len_bytes().max() or 1))
+            longest = ids.str.len_bytes().max()  # None: no subjects
+            width = max(1, longest if isinstance(longest, int) else 1)
             # numpy "S" pads with NULs, which no stored id ends with (`rows_of` refuses such ids).
             packed = np.array(ids.to_list(), dtype=f"S{width}").tobytes()
             fixed = pa.FixedSizeBinaryArray.from_buffers(

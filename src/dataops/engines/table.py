@@ -46,7 +46,14 @@ import pyarrow as pa
 
 from dataops.catalog import Catalog, ColumnType, Dataset
 from dataops.engines._base import AggregateAccuracy, EngineResult, Estimate, Plan, PrivacyLoss
-from dataops.errors import FieldViolation, InvalidQuery, LimitExceeded, PolicyDenied, TableUnavailable
+from dataops.errors import (
+    FieldViolation,
+    InternalError,
+    InvalidQuery,
+    LimitExceeded,
+    PolicyDenied,
+    TableUnavailable,
+)
 from dataops.ir import Between, Equals, Function, InSet, Query
 
 if TYPE_CHECKING:
@@ -76,6 +83,13 @@ class Axis:
     dimension: str
     grouped: bool
     keys: tuple[Any, ...] | None
+
+    @property
+    def grid_keys(self) -> tuple[Any, ...]:
+        """The keys a grouped axis runs over (a grouped axis always has them)."""
+        if self.keys is None:
+            raise InternalError(f"the axis {self.dimension!r} has no keys to run over")
+        return self.keys
 
 
 @dataclass(frozen=True)
@@ -269,7 +283,7 @@ class TableIndex:
         # The common case, one cell per row (no filter selects several keys): its key is
         # the grid key placed among the fixed keys; no product of choices to walk.
         single = all(len(summed[i]) == 1 for i, a in enumerate(coverage.axes) if not a.grouped)
-        for grid_key in itertools.product(*(a.keys for a in grouped)):
+        for grid_key in itertools.product(*(a.grid_keys for a in grouped)):
             choices = [
                 (grid_key[slot[a.dimension]],) if a.grouped else summed[i]
                 for i, a in enumerate(coverage.axes)

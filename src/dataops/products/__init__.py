@@ -45,17 +45,17 @@ def load_products(products_dir: Path, catalog: Catalog) -> Products:
         raise ProductError(f"{products_dir}: products path is not a directory")
     for path in sorted(products_dir.glob("*.toml")):
         doc = read_toml(path, ProductError)
-        kind = doc.str("kind")
+        kind = doc.string("kind")
         if kind == "table":
             from dataops.products.table import load_table_product
 
-            product = load_table_product(doc, path, catalog)
-            tables[product.id] = product
+            table = load_table_product(doc, path, catalog)
+            tables[table.id] = table
         elif kind == "subject":
             from dataops.products.subject import load_subject_product
 
-            product = load_subject_product(doc, path, catalog)
-            subjects[product.id] = product
+            subject = load_subject_product(doc, path, catalog)
+            subjects[subject.id] = subject
         else:
             raise doc.fail("kind", f"must be one of {list(KINDS)}, got {kind!r}")
     return Products(MappingProxyType(tables), MappingProxyType(subjects))

@@ -53,6 +53,7 @@ from typing import Any
 
 from dataops._toml import Table
 from dataops.catalog import Catalog, ColumnType, Dataset
+from dataops.errors import InternalError
 
 NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,62}")
 MAX_OUTPUTS = 32
@@ -97,6 +98,20 @@ class Output:
     where: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (column, allowed keys), ANDed
     window: Window | None = None
     banding: Banding | None = None
+
+    @property
+    def measured_column(self) -> str:
+        """The column of a function that reads one (every function but count; the loader checks)."""
+        if self.column is None:
+            raise InternalError(f"output {self.name!r} ({self.function.value}) has no column")
+        return self.column
+
+    @property
+    def band_labels(self) -> tuple[str, ...]:
+        """The labels of a banded output (a scorecard scores only banded outputs; the loader checks)."""
+        if self.banding is None:
+            raise InternalError(f"output {self.name!r} has no banding")
+        return self.banding.labels
 
     @property
     def columns(self) -> set[str]:
@@ -146,15 +161,15 @@ class SubjectProduct:
 
 
 def load_subject_product(doc: Table, path: Path, catalog: Catalog) -> SubjectProduct:
-    product_id = doc.str("id", pattern=NAME_PATTERN)
+    product_id = doc.string("id", pattern=NAME_PATTERN)
     if product_id != path.stem:
         raise doc.fail("id", f"{product_id!r} must equal the file name stem {path.stem!r}")
-    doc.str("kind")
-    dataset_id = doc.str("dataset")
+    doc.string("kind")
+    dataset_id = doc.string("dataset")
     dataset = catalog.get(dataset_id)
     if dataset is None:
         raise doc.fail("dataset", f"no dataset {dataset_id!r} in the catalog")
-    subject = doc.str("subject")
+    subject = doc.string("subject")
     if subject != dataset.unit_column:
         # The subject is whom the consent speaks for: evaluating over any other column
         # would aggregate across several people under one person's consent.
@@ -162,8 +177,8 @@ def load_subject_product(doc: Table, path: Path, catalog: Catalog) -> SubjectPro
             "subject",
             f"must be {dataset_id!r}'s privacy-unit column {dataset.unit_column!r}, got {subject!r}",
         )
-    title = doc.str("title", product_id)
-    description = doc.str("description", "")
+    title = doc.string("title", product_id)
+    description = doc.string("description", "")
     purposes = tuple(_strings(doc, "purposes"))
     consumers = tuple(_strings(doc, "consumers")) if doc.has("consumers") else None
 
@@ -190,7 +205,7 @@ def load_subject_product(doc: Table, path: Path, catalog: Catalog) -> SubjectPro
 
 
 def _strings(doc: Table, key: str) -> list[str]:
-    values = doc.list(key)
+    values = doc.array(key)
     if (
         not values
         or not all(isinstance(v, str) and v.strip() for v in values)
@@ -201,7 +216,7 @@ def _strings(doc: Table, key: str) -> list[str]:
 
 
 def _output_name(table: Table, dataset: Dataset) -> str:
-    name = table.str("name", pattern=NAME_PATTERN)
+    name = table.string("name", pattern=NAME_PATTERN)
     if name in dataset.columns:
         # An output labelled like a column would pass a derived value off as the raw one.
         raise table.fail("name", f"{name!r} is a column of {dataset.id!r}; choose another name")
@@ -235,7 +250,7 @@ def _keys(table: Table, key: str, column, values: Any) -> tuple[str, ...]:
 
 def _load_output(table: Table, dataset: Dataset) -> Output:
     name = _output_name(table, dataset)
-    raw_function = table.str("function")
+    raw_function = table.string("function")
     try:
         function = OutputFunction(raw_function)
     except ValueError:
@@ -243,20 +258,21 @@ def _load_output(table: Table, dataset: Dataset) -> Output:
             "function", f"must be one of {[f.value for f in OutputFunction]}, got {raw_function!r}"
         ) from None
 
-    column_name, values = None, ()
+    column_name: str | None = None
+    values: tuple[str, ...] = ()
     if function in (OutputFunction.SUM, OutputFunction.MAX):
-        column = _usable_column(table, "column", table.str("column"), dataset)
+        column = _usable_column(table, "column", table.string("column"), dataset)
         if not column.type.numeric:
             raise table.fail(
                 "column", f"{function.value} needs a numeric column; {column.name!r} is {column.type.value}"
             )
         column_name = column.name
     elif function is OutputFunction.ANY_IN:
-        column = _usable_column(table, "column", table.str("column"), dataset)
-        values = _keys(table, "values", column, table.list("values"))
+        column = _usable_column(table, "column", table.string("column"), dataset)
+        values = _keys(table, "values", column, table.array("values"))
         column_name = column.name
     elif function is OutputFunction.MONTHS_WITH:
-        column = _usable_column(table, "column", table.str("column"), dataset)
+        column = _usable_column(table, "column", table.string("column"), dataset)
         if column.type is not ColumnType.DATE:
             raise table.fail(
                 "column", f"months_with needs a date column; {column.name!r} is {column.type.value}"
@@ -278,12 +294,12 @@ def _load_output(table: Table, dataset: Dataset) -> Output:
     window = None
     window_table = table.table("window", required=False)
     if window_table is not None:
-        column = _usable_column(window_table, "column", window_table.str("column"), dataset)
+        column = _usable_column(window_table, "column", window_table.string("column"), dataset)
         if column.type is not ColumnType.DATE:
             raise window_table.fail(
                 "column", f"a window needs a date column; {column.name!r} is {column.type.value}"
             )
-        months = window_table.int("months", minimum=1)
+        months = window_table.integer("months", minimum=1)
         if months > MAX_WINDOW_MONTHS:
             raise window_table.fail("months", f"at most {MAX_WINDOW_MONTHS}, got {months}")
         window_table.reject_unknown()
@@ -299,7 +315,7 @@ def _load_output(table: Table, dataset: Dataset) -> Output:
 
 
 def _load_banding(table: Table, edges_key: str, labels_key: str) -> Banding:
-    edges = table.list(edges_key)
+    edges = table.array(edges_key)
     if (
         not edges
         or len(edges) > MAX_BANDS
@@ -311,7 +327,7 @@ def _load_banding(table: Table, edges_key: str, labels_key: str) -> Banding:
         raise table.fail(
             edges_key, f"must be 1 to {MAX_BANDS} strictly increasing finite numbers, got {edges!r}"
         )
-    labels = table.list(labels_key)
+    labels = table.array(labels_key)
     if (
         len(labels) != len(edges) + 1
         or not all(isinstance(v, str) and v.strip() for v in labels)
@@ -326,7 +342,7 @@ def _load_banding(table: Table, edges_key: str, labels_key: str) -> Banding:
 
 
 def _load_scorecard(card: Table, dataset: Dataset, outputs: list[Output]) -> Scorecard:
-    name = card.str("name", "grade", pattern=NAME_PATTERN)
+    name = card.string("name", "grade", pattern=NAME_PATTERN)
     taken = {o.name for o in outputs} | set(dataset.columns)
     for candidate in (name, f"{name}_points"):
         if candidate in taken:

@@ -41,6 +41,7 @@ from typing import Any
 
 from dataops._toml import Table
 from dataops.catalog import Catalog, Classification, Column, Dataset
+from dataops.errors import InternalError
 from dataops.ir import Function
 
 ID_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,62}")
@@ -67,6 +68,13 @@ class Measure:
     def magnitude(self) -> bool:
         """SUM and MEAN cells are magnitude cells: dominance and p% apply to them."""
         return self.function in (Function.SUM, Function.MEAN)
+
+    @property
+    def measured_column(self) -> str:
+        """The column a magnitude measure sums (the loader gives SUM and MEAN one)."""
+        if self.column is None:
+            raise InternalError(f"measure {self.name!r} ({self.function.value}) has no column")
+        return self.column
 
 
 @dataclass(frozen=True)
@@ -138,11 +146,11 @@ def bin_label(low: float, high: float) -> str:
 
 
 def load_table_product(doc: Table, path: Path, catalog: Catalog) -> TableProduct:
-    doc.str("kind")  # "table": dispatched on by dataops.products
-    product_id = doc.str("id", pattern=ID_PATTERN)
+    doc.string("kind")  # "table": dispatched on by dataops.products
+    product_id = doc.string("id", pattern=ID_PATTERN)
     if product_id != path.stem:
         raise doc.fail("id", f"{product_id!r} must equal the file name stem {path.stem!r}")
-    dataset_id = doc.str("dataset")
+    dataset_id = doc.string("dataset")
     dataset = catalog.get(dataset_id)
     if dataset is None:
         raise doc.fail("dataset", f"{dataset_id!r} is not a dataset in the catalog")
@@ -153,8 +161,8 @@ def load_table_product(doc: Table, path: Path, catalog: Catalog) -> TableProduct
     product = TableProduct(
         id=product_id,
         dataset=dataset_id,
-        title=doc.str("title"),
-        description=doc.str("description", ""),
+        title=doc.string("title"),
+        description=doc.string("description", ""),
         dimensions=dimensions,
         measures=measures,
         rules=rules,
@@ -173,14 +181,15 @@ def load_table_product(doc: Table, path: Path, catalog: Catalog) -> TableProduct
 
 
 def _read_dimensions(doc: Table, dataset: Dataset):
-    raw = doc.list("dimensions")
+    raw = doc.array("dimensions")
     if not raw:
         raise doc.fail("dimensions", "a table needs at least one dimension")
     if len(raw) > MAX_DIMENSIONS:
         raise doc.fail("dimensions", f"at most {MAX_DIMENSIONS} dimensions, got {len(raw)}")
     if len(set(map(str, raw))) != len(raw):
         raise doc.fail("dimensions", "dimensions must be distinct")
-    keys, bins = [], []
+    keys: list[tuple[str, ...]] = []
+    bins: list[tuple[float, ...] | None] = []  # a dimension's bin edges; None for a key set
     for i, name in enumerate(raw):
         where = f"dimensions[{i}]"
         if not isinstance(name, str):
@@ -217,14 +226,14 @@ def _read_measures(doc: Table, dataset: Dataset) -> tuple[Measure, ...]:
     measures: list[Measure] = []
     for m in doc.tables("measures"):
         try:
-            function = Function(m.str("function"))
+            function = Function(m.string("function"))
         except ValueError:
             function = None
         if function not in TABLE_FUNCTIONS:
             raise m.fail("function", f"must be one of {[f.value for f in TABLE_FUNCTIONS]}")
         column = None
         if function in (Function.SUM, Function.MEAN):
-            column = m.str("column")
+            column = m.string("column")
             col = _usable_column(m, "column", dataset, column)
             if not col.type.numeric or col.bounds is None:
                 raise m.fail(
@@ -253,7 +262,7 @@ def _read_measures(doc: Table, dataset: Dataset) -> tuple[Measure, ...]:
                 "publish count instead",
             )
         default = function.value if column is None else f"{function.value}_{column}"
-        name = m.str("name", default, pattern=NAME_PATTERN)
+        name = m.string("name", default, pattern=NAME_PATTERN)
         if name in {x.name for x in measures}:
             raise m.fail("name", f"measure name {name!r} is used twice")
         m.reject_unknown()
@@ -265,22 +274,22 @@ def _read_measures(doc: Table, dataset: Dataset) -> tuple[Measure, ...]:
 
 def _read_rules(doc: Table, dimensions: tuple[str, ...]) -> ProtectionRules:
     r = doc.table("rules")
-    min_units = r.int("min_units", minimum=MIN_UNITS_FLOOR)
-    dominance_n = r.int("dominance_n", 2, minimum=1)
+    min_units = r.integer("min_units", minimum=MIN_UNITS_FLOOR)
+    dominance_n = r.integer("dominance_n", 2, minimum=1)
     dominance_percent = r.number("dominance_percent", 85.0, minimum=0.0)
     if not 0 < dominance_percent < 100:
         raise r.fail("dominance_percent", f"must lie strictly between 0 and 100, got {dominance_percent}")
     p_percent = r.number("p_percent", None, minimum=0.0) if r.has("p_percent") else None
     if p_percent is not None and not 0 < p_percent <= 100:
         raise r.fail("p_percent", f"must lie in (0, 100], got {p_percent}")
-    sensitive = r.list("sensitive_dimensions", [])
+    sensitive = r.array("sensitive_dimensions", [])
     for i, name in enumerate(sensitive):
         if name not in dimensions:
             raise r.fail(f"sensitive_dimensions[{i}]", f"{name!r} is not a dimension of this table")
     group_percent = r.number("group_attribute_percent", 90.0, minimum=0.0)
     if not 50 < group_percent <= 100:
         raise r.fail("group_attribute_percent", f"must lie in (50, 100], got {group_percent}")
-    frequency_protection = r.int("frequency_protection", 0, minimum=0)
+    frequency_protection = r.integer("frequency_protection", 0, minimum=0)
     protection_percent = r.number("protection_percent", 30.0, minimum=0.0)
     if not 0 < protection_percent <= 100:
         raise r.fail("protection_percent", f"must lie in (0, 100], got {protection_percent}")

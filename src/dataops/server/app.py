@@ -15,6 +15,7 @@ import signal
 import threading
 from concurrent import futures
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -40,7 +41,7 @@ from dataops.server.interceptors import AuditInterceptor, check_wrappable
 from dataops.server.ratelimit import Admission, RateLimiter
 from dataops.server.servicers import AuditServicer, CatalogServicer, QueryServicer, SubjectServicer
 from dataops.service import Sandbox
-from dataops.subjects import SECRET_FILE, Evaluator, load_or_create_secret
+from dataops.subjects import Evaluator, load_or_create_secret
 from dataops.v1 import (
     audit_pb2,
     audit_pb2_grpc,
@@ -70,15 +71,15 @@ SERVICES = tuple(
 )
 
 
-def audit_path(config: ServerConfig):
-    return config.paths.state / "audit" / "audit.jsonl"
+def audit_path(config: ServerConfig) -> Path:
+    return config.state_paths.audit_log
 
 
-def ledger_path(config: ServerConfig):
-    return config.paths.state / "ledger" / "ledger.sqlite3"
+def ledger_path(config: ServerConfig) -> Path:
+    return config.state_paths.ledger
 
 
-def ledger_location(config: ServerConfig):
+def ledger_location(config: ServerConfig) -> Path | str:
     """What `Ledger` opens: the [ledger] url (PostgreSQL, shared by replicas) if set,
     else the SQLite file under [paths] state."""
     return config.ledger.url or ledger_path(config)
@@ -94,11 +95,11 @@ class DataopsServer:
     audit: AuditLog
     ledger: Ledger
     health: health.HealthServicer
+    tables: TableEngine  # the exact engine: protects the published tables, answers aggregate queries
     request_pool: futures.ThreadPoolExecutor | None = None  # dataops.v1 requests' threads
     evaluator: Evaluator | None = None
     signer: SignerClient | None = None
     signer_process: SignerProcess | None = None  # None when the signer runs on its own (another user)
-    tables: TableEngine | None = None
 
     @property
     def target(self) -> str:
@@ -107,10 +108,9 @@ class DataopsServer:
         return f"{host}:{self.port}"
 
     def start(self) -> DataopsServer:
-        if self.tables is not None:
-            # Protects every table for its data version in the background; an exact
-            # query waits for its table (or gets UNAVAILABLE with a retry hint).
-            self.tables.start()
+        # Protects every table for its data version in the background; an exact
+        # query waits for its table (or gets UNAVAILABLE with a retry hint).
+        self.tables.start()
         self.grpc_server.start()
         self.policies.start(self.config.server.policy_poll_seconds)
         for name in ("", *SERVICE_NAMES):
@@ -130,8 +130,7 @@ class DataopsServer:
         self.policies.stop()
         if self.sandbox.prepared is not None:
             self.sandbox.prepared.close()
-        if self.tables is not None:
-            self.tables.stop()
+        self.tables.stop()
         self.sandbox.close()
         if self.evaluator is not None:
             self.evaluator.close()
@@ -280,7 +279,7 @@ def _build(
         issuers,
         consents,
         layouts,
-        load_or_create_secret(config.paths.state / "consents" / SECRET_FILE),
+        load_or_create_secret(config.state_paths.subject_secret),
         poll_seconds=config.server.policy_poll_seconds,
         max_watches=max(1, config.limits.max_in_flight // 4),
     )
@@ -343,11 +342,11 @@ def _build(
         audit,
         ledger,
         health_servicer,
+        tables,
         request_pool=interceptor.pool,
         evaluator=evaluator,
         signer=signer,
         signer_process=signer_process,
-        tables=tables,
     )
 
 

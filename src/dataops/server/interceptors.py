@@ -334,6 +334,11 @@ class AuditInterceptor(grpc.ServerInterceptor):
             )
         return consumer
 
+    def _leave(self, admitted: str | None) -> None:
+        """Return the slot `_admit` took (None: it took none)."""
+        if admitted is not None and self.admission is not None:
+            self.admission.leave(admitted)
+
     def intercept_service(self, continuation: Callable, handler_call_details: Any) -> Any:
         handler = continuation(handler_call_details)
         method = handler_call_details.method
@@ -398,7 +403,7 @@ class AuditInterceptor(grpc.ServerInterceptor):
 
         return behavior
 
-    def _open(self, context: grpc.ServicerContext, call: CallRecord) -> Any:
+    def _open(self, context: grpc.ServicerContext, call: CallRecord) -> str | None:
         """Identity, the client's deadline and admission: the same for unary calls and streams.
 
         Returns the admission slot, which the caller must leave.
@@ -445,15 +450,14 @@ class AuditInterceptor(grpc.ServerInterceptor):
                     )
                 )
             finally:
-                if admitted is not None:
-                    self.admission.leave(admitted)
+                self._leave(admitted)
             call.allowed()
             self._append(call, context, method)
             error: RequestError | None = None
             failed = False
             try:
                 for response in handler.unary_stream(request, CallContext(context, call)):
-                    call.stream_event, call.messages = "message", call.messages + 1
+                    call.stream_event, call.messages = "message", (call.messages or 0) + 1
                     receipt = self._append(call, context, method)  # before the message goes out
                     call.evaluations = None
                     fill_receipt(response.receipt, receipt, witness_size(context.invocation_metadata()))
@@ -485,8 +489,9 @@ class AuditInterceptor(grpc.ServerInterceptor):
                 context.abort_with_status(internal_status(receipt))
 
         if self.pool is not None:
-            behavior.experimental_thread_pool = self.pool  # streams run on the dataops.v1 pool too
-            behavior.dataops_pending = pending
+            wrapped: Any = behavior  # grpcio reads the pool off the function's attributes
+            wrapped.experimental_thread_pool = self.pool  # streams run on the dataops.v1 pool too
+            wrapped.dataops_pending = pending
         return behavior
 
     def _wrap(self, method: str, handler: Any) -> Callable:
@@ -495,7 +500,9 @@ class AuditInterceptor(grpc.ServerInterceptor):
         def behavior(raw: bytes, context: grpc.ServicerContext) -> Any:
             pending.started = True
             call = CallRecord(method=method)
-            response, error, request = None, None, None
+            response: Any = None  # the handler's response message
+            error: RequestError | None = None
+            request = None
             admitted = None
             try:
                 admitted = self._open(context, call)
@@ -512,8 +519,7 @@ class AuditInterceptor(grpc.ServerInterceptor):
                 self._failed(call, exc)
                 error = None
             finally:
-                if admitted is not None:
-                    self.admission.leave(admitted)
+                self._leave(admitted)
             try:
                 receipt = self.audit.append(call.to_record(self.policies.current.version))
             except AuditUnavailable:
@@ -533,6 +539,7 @@ class AuditInterceptor(grpc.ServerInterceptor):
             return response
 
         if self.pool is not None:
-            behavior.experimental_thread_pool = self.pool  # grpcio runs the behavior there
-            behavior.dataops_pending = pending
+            wrapped: Any = behavior  # grpcio reads the pool off the function's attributes
+            wrapped.experimental_thread_pool = self.pool  # grpcio runs the behavior there
+            wrapped.dataops_pending = pending
         return behavior

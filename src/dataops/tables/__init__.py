@@ -268,10 +268,10 @@ def _released_cells(
                 )
             values = pl.Series(m.name, cube.units, pl.Int64)
         elif m.function is Function.SUM:
-            values = pl.Series(m.name, cube.sums[m.column], pl.Float64)
+            values = pl.Series(m.name, cube.sums[m.measured_column], pl.Float64)
         else:  # MEAN: only over cells with rows (a released cell has at least min_units units)
             with np.errstate(invalid="ignore", divide="ignore"):
-                mean = cube.sums[m.column] / cube.rows
+                mean = cube.sums[m.measured_column] / cube.rows
             values = pl.Series(m.name, mean, pl.Float64)
         columns[m.name] = (
             pl.select(pl.when(pl.Series(keep)).then(values).otherwise(None)).to_series().alias(m.name)

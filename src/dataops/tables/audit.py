@@ -159,31 +159,33 @@ def lp_audit(
     var_label = label[n_rows:] if n_rows else label
     row_label = label[:n_rows]
     solves = 0
+
+    def satisfied(idx: np.ndarray) -> np.ndarray:
+        return (
+            (seen_hi[idx] >= need_hi[idx] - tol[idx])
+            & (seen_lo[idx] <= need_lo[idx] + tol[idx])
+            & (seen_hi[idx] - seen_lo[idx] >= width[idx] - tol[idx])
+        )
+
+    def solve(h: highspy.Highs, cols: np.ndarray, cost: np.ndarray, maximise: bool, solver: str) -> None:
+        """One LP over a component's model `h` (its variables `cols`); its optimum widens what is seen."""
+        nonlocal solves
+        solves += 1
+        h.setOptionValue("solver", solver)
+        h.changeObjectiveSense(highspy.ObjSense.kMaximize if maximise else highspy.ObjSense.kMinimize)
+        h.changeColsCost(len(cols), np.arange(len(cols), dtype=np.int32), cost)
+        h.run()
+        if h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
+            return  # no witness; the cell stays unproven (and fails closed)
+        x = np.asarray(h.getSolution().col_value)
+        np.maximum.at(seen_hi, cols, x)
+        np.minimum.at(seen_lo, cols, x)
+
     for comp in np.unique(var_label[wanted]):
         cols = np.flatnonzero(var_label == comp)
         rws = np.flatnonzero(row_label == comp)
         sub = A[rws][:, cols].tocsr()
         h = _model(sub, row_lo[rws], row_hi[rws], cap)
-
-        def satisfied(idx):
-            return (
-                (seen_hi[idx] >= need_hi[idx] - tol[idx])
-                & (seen_lo[idx] <= need_lo[idx] + tol[idx])
-                & (seen_hi[idx] - seen_lo[idx] >= width[idx] - tol[idx])
-            )
-
-        def solve(cost: np.ndarray, maximise: bool, solver: str) -> None:
-            nonlocal solves
-            solves += 1
-            h.setOptionValue("solver", solver)
-            h.changeObjectiveSense(highspy.ObjSense.kMaximize if maximise else highspy.ObjSense.kMinimize)
-            h.changeColsCost(len(cols), np.arange(len(cols), dtype=np.int32), cost)
-            h.run()
-            if h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
-                return  # no witness; the cell stays unproven (and fails closed)
-            x = np.asarray(h.getSolution().col_value)
-            np.maximum.at(seen_hi, cols, x)
-            np.minimum.at(seen_lo, cols, x)
 
         # Witness passes: push every unproven cell up (then down) at once, weighted by
         # its requirement so that small cells count as much as large ones. The interior
@@ -200,10 +202,10 @@ def lp_audit(
                 seen_hi[cols] < np.maximum(need_hi[cols], seen_lo[cols] + width[cols]) - tol[cols]
             )
             if up.any():
-                solve(np.where(up, weight, 0.0), True, "ipm")
+                solve(h, cols, np.where(up, weight, 0.0), True, "ipm")
             down = wanted[cols] & (seen_lo[cols] > need_lo[cols] + tol[cols])
             if down.any():
-                solve(np.where(down, weight, 0.0), False, "ipm")
+                solve(h, cols, np.where(down, weight, 0.0), False, "ipm")
             if before - int((~satisfied(todo)).sum()) < max(1, before // 100):
                 break  # the witnesses stopped helping; the rest get their own solves
         # Exact solves for what is left: the cell's own minimum and maximum.
@@ -214,7 +216,7 @@ def lp_audit(
                     break
                 cost = np.zeros(len(cols))
                 cost[k] = 1.0
-                solve(cost, maximise, "simplex")
+                solve(h, cols, cost, maximise, "simplex")
 
     failures = []
     for v in np.flatnonzero(wanted):

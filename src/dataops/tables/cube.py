@@ -55,7 +55,7 @@ class Cube:
     def is_base(self) -> np.ndarray:
         """Cells with no margin coordinate (the finest level)."""
         margins = np.array(self.shape) - 1
-        return (self.codes() < margins).all(axis=1)
+        return np.asarray((self.codes() < margins).all(axis=1))
 
     def relations(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per dimension j: (parents, children) with parents[r] = sum of children[r, :].
@@ -127,13 +127,13 @@ def build_cube(product: TableProduct, dataset: Dataset, source: pl.LazyFrame) ->
     # Where every unit lies in one base cell (one row per enterprise), a margin's units
     # are the sum of its cells' and the per-unit regrouping below is needless.
     units_span_cells = per_unit[_UNIT].n_unique() != per_unit.height
-    per_unit = per_unit.lazy()
+    per_unit_lazy = per_unit.lazy()
 
     strides = np.array([int(np.prod(shape[j + 1 :])) for j in range(d)], dtype=np.int64)
     frames = []
     for kept in itertools.chain.from_iterable(itertools.combinations(range(d), r) for r in range(d + 1)):
         keys = [codes[j] for j in kept]
-        lf = per_unit
+        lf = per_unit_lazy
         if len(kept) < d and units_span_cells:
             lf = lf.group_by([*keys, _UNIT]).agg(pl.col(_ROWS).sum(), *[pl.col(m).sum() for m in mags])
         aggs = [
@@ -156,20 +156,20 @@ def build_cube(product: TableProduct, dataset: Dataset, source: pl.LazyFrame) ->
     cells = pl.concat(pl.collect_all(frames))
 
     n = int(np.prod(shape))
-    index = cells["#cell"].to_numpy()
+    at = cells["#cell"].to_numpy()  # each row's cell number
     rows = np.zeros(n, np.int64)
     units = np.zeros(n, np.int64)
-    rows[index] = cells[_ROWS].to_numpy()
-    units[index] = cells["#units"].to_numpy()
+    rows[at] = cells[_ROWS].to_numpy()
+    units[at] = cells["#units"].to_numpy()
     sums, top = {}, {}
     for i, column in enumerate(magnitudes):
         s = np.zeros(n)
-        s[index] = cells[mags[i]].to_numpy()
+        s[at] = cells[mags[i]].to_numpy()
         sums[column] = s
         tops = np.zeros((n, t))
         ranked = cells.select(
             [pl.col(f"#top{i}").list.get(r, null_on_oob=True).fill_null(0.0).alias(str(r)) for r in range(t)]
         ).to_numpy()
-        tops[index] = ranked
+        tops[at] = ranked
         top[column] = tops
     return Cube(shape, rows, units, sums, top, int(outside.item()))

@@ -132,7 +132,8 @@ def _nearest_released(suppressed, cell, membership, members, depth: int = 6):
     relations first; where those are suppressed whole, the relations of the cells in
     them, and so on outward (a cell boxed in by suppressed relations is pinned by
     what is released further out)."""
-    frontier, seen = {cell}, set()
+    frontier = {cell}
+    seen: set[tuple[int, int]] = set()  # (relation kind, relation) already walked
     for _ in range(depth):
         rows = [members[j][r] for c in frontier for j, r in membership.relations_of(c) if (j, r) not in seen]
         seen.update((j, r) for c in frontier for j, r in membership.relations_of(c))
