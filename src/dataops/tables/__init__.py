@@ -27,6 +27,7 @@ from dataops.ir import Function
 from dataops.products.table import TableProduct
 from dataops.tables.audit import AuditFailure, AuditVerdict, lp_audit
 from dataops.tables.cube import Cube, build_cube
+from dataops.tables.hypercube import Cubes
 from dataops.tables.primary import Requirements, primary_suppression
 from dataops.tables.secondary import secondary_suppression
 
@@ -118,6 +119,7 @@ class Confidential:
     cube: Cube
     requirements: Requirements
     suppressed: np.ndarray
+    cubes: Cubes | None = None  # candidate witnesses for a re-audit (checked, never trusted)
 
 
 @dataclass(frozen=True)
@@ -150,14 +152,16 @@ def protect(
     t_primary = time.perf_counter()
     relations = cube.relations()
     rounds = 0
+    cubes = None
     if secondary:
-        sec = secondary_suppression(prim.requirements, relations, prim.suppressed)
-        suppressed, rounds = sec.suppressed, sec.rounds
+        sec = secondary_suppression(prim.requirements, relations, prim.suppressed, cube.shape)
+        suppressed, rounds, cubes = sec.suppressed, sec.rounds, sec.cubes
     else:
         suppressed = prim.suppressed.copy()
     t_secondary = time.perf_counter()
     # The final verdict audits every suppressed cell afresh, whatever the loop saw.
-    verdict = lp_audit(prim.requirements, relations, suppressed)
+    # The hypercubes are offered as candidate witnesses; each is checked against the LP.
+    verdict = lp_audit(prim.requirements, relations, suppressed, hints=cubes)
     t_audit = time.perf_counter()
     if secondary and not verdict.passed:
         # Fail closed: a pattern the audit could not prove safe releases nothing. The
@@ -199,7 +203,7 @@ def protect(
         fingerprint(product, data_version, cells),
         cells,
         report,
-        Confidential(cube, prim.requirements, suppressed),
+        Confidential(cube, prim.requirements, suppressed, cubes),
     )
 
 
@@ -208,7 +212,7 @@ def audit_table(table: ProtectedTable) -> AuditVerdict:
     if table.confidential is None:
         raise ValueError(f"table {table.product.id!r}: no confidential values to audit against")
     c = table.confidential
-    return lp_audit(c.requirements, c.cube.relations(), c.suppressed)
+    return lp_audit(c.requirements, c.cube.relations(), c.suppressed, hints=c.cubes)
 
 
 def fingerprint(product: TableProduct, data_version: str, cells: pl.DataFrame) -> str:

@@ -35,6 +35,7 @@ import numpy as np
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
 
+from dataops.tables.hypercube import Cubes, moves
 from dataops.tables.primary import Requirements
 
 WITNESS_PASSES = 16
@@ -74,6 +75,7 @@ def lp_audit(
     check: np.ndarray | None = None,
     *,
     budget_seconds: float = 60.0,
+    hints: Cubes | None = None,
 ) -> AuditVerdict:
     """Audit the suppression pattern `suppressed`; only cells in `check` (default: all
     suppressed) are verified, though every suppressed cell is a variable.
@@ -155,10 +157,13 @@ def lp_audit(
     seen_hi = truth.copy()  # the truth is feasible: the attacker can never exclude it
     seen_lo = truth.copy()
 
+    solves = 0
+    if hints is not None and len(hints.cells):
+        _try_hints(hints, req, scale, position, s, A, row_lo, row_hi, truth, cap, seen_hi, seen_lo)
+
     n_comp, label = connected_components(_bipartite(A), directed=False)
     var_label = label[n_rows:] if n_rows else label
     row_label = label[:n_rows]
-    solves = 0
 
     def satisfied(idx: np.ndarray) -> np.ndarray:
         return (
@@ -231,6 +236,52 @@ def lp_audit(
     return AuditVerdict(
         not failures, int(check.sum()), n_vars, n_rows, solves, tuple(failures), time.perf_counter() - started
     )
+
+
+def _try_hints(hints, req, scale, position, s, A, row_lo, row_hi, truth, cap, seen_hi, seen_lo) -> None:
+    """Candidate witnesses from the hypercubes secondary suppression chose: each cube's
+    direction, up by its cell's upper level and down by its lower one, moving all
+    measures at once, the count alone, or one magnitude alone. A candidate counts only
+    if it satisfies every constraint of the LP (checked here, exactly as HiGHS would:
+    bounds and every row), so a wrong hint proves nothing and costs only its check."""
+    m = len(req.names)
+    cells, signs = hints.cells, hints.signs
+    pos = position[cells]  # (h, 2^d); -1 where a corner is released
+    usable = (pos >= 0).all(axis=1)
+    cells, signs, pos = cells[usable], signs[usable], pos[usable]
+    if not len(cells):
+        return
+    up, down = moves(req, cells[:, 0])
+    up, down = up / scale[:, None], down / scale[:, None]
+    subsets = [np.ones(m, bool)] + [np.eye(m, dtype=bool)[i] for i in range(m)]
+    base = A @ truth
+    tol = 1e-7 * np.maximum(1.0, np.abs(np.where(np.isfinite(row_hi), row_hi, row_lo)))
+    h, corners = cells.shape
+    for step in (up, -down):
+        for subset in subsets:
+            # One candidate per cube: variables i*s + pos, moved by sign * step[i].
+            measures = np.flatnonzero(subset)
+            cols = (measures[:, None, None] * s + pos[None]).reshape(len(measures), h * corners)
+            cols = np.moveaxis(cols.reshape(len(measures), h, corners), 1, 0).reshape(h, -1)
+            delta = (step[measures][:, :, None] * signs[None]).transpose(1, 0, 2).reshape(h, -1)
+            for start in range(0, h, 2048):
+                part = slice(start, start + 2048)
+                k = len(cols[part])
+                D = csr_matrix(
+                    (delta[part].ravel(), (cols[part].ravel(), np.repeat(np.arange(k), cols.shape[1]))),
+                    shape=(A.shape[1], k),
+                )
+                # Rows the candidate does not touch keep the truth's (feasible) value.
+                M = (A @ D).tocoo()
+                moved = base[M.row] + M.data
+                bad = (moved < row_lo[M.row] - tol[M.row]) | (moved > row_hi[M.row] + tol[M.row])
+                ok = np.ones(k, bool)
+                ok[M.col[bad]] = False
+                point = truth[cols[part]] + delta[part]
+                ok &= ((point >= -1e-9) & (point <= cap)).all(axis=1)
+                for r in np.flatnonzero(ok):
+                    np.maximum.at(seen_hi, cols[part][r], point[r])
+                    np.minimum.at(seen_lo, cols[part][r], point[r])
 
 
 def _bipartite(A: csr_matrix) -> csr_matrix:

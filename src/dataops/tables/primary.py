@@ -6,9 +6,10 @@ column, x1 >= x2 >= ... the per-unit totals in the cell):
 
 * frequency: fewer than `min_units` distinct privacy units, *including none*. An
   empty cell is suppressed like a small one, so a suppressed cell never says
-  "empty". Protection: the count must be able to reach max(v + 1, L) and go down to
-  max(0, v - L), L = `frequency_protection` (default `min_units`): an empty cell
-  cannot be told from one of L rows, nor a small one from an empty one; every
+  "empty". Protection: the count of a small cell must be able to reach L and go down
+  to max(0, v - L), L = `frequency_protection` (default `min_units`), that of an empty
+  cell to reach one row: an empty cell cannot be told from a non-empty one, nor a small
+  one from an empty one; every
   magnitude must be uncertain by `protection_percent`% of its value.
 * (n, k) dominance: x1 + ... + xn > k% of x. Protection level (sdcTable's):
   (100 / k) * (x1 + ... + xn) - x, the amount the total must be uncertain by for the
@@ -75,9 +76,11 @@ def primary_suppression(
     frequency = cube.units < rules.min_units
     L = rules.count_protection
     v = values[0, frequency]
-    # Up: at least L rows (an empty cell cannot be told from one of L rows); down: to
+    # Up: a small cell to at least L rows; an empty one to at least one row (it cannot be
+    # told from a non-empty one; asking L of it would force suppression all around the
+    # structural zeros of a sparse table, e.g. a diagnosis no child has). Down: to
     # v - L, i.e. to zero for a small cell (a small cell cannot be told from an empty one).
-    up[0, frequency] = np.maximum(1.0, L - v)
+    up[0, frequency] = np.where(v == 0, 1.0, np.maximum(1.0, L - v))
     down[0, frequency] = L
     pct = rules.protection_percent / 100 * values[1:, frequency]
     up[1:, frequency] = np.maximum(up[1:, frequency], pct)

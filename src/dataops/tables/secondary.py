@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dataops.tables.audit import AuditVerdict, lp_audit
+from dataops.tables.hypercube import Cubes, hypercube_suppression
 from dataops.tables.primary import Requirements
 
 WHOLE_RELATION_AFTER = 8
@@ -71,9 +72,14 @@ class Secondary:
     suppressed: np.ndarray
     rounds: int
     audit: AuditVerdict  # the last round's audit (of the cells it had to check)
+    cubes: Cubes | None  # the hypercubes chosen: candidate witnesses for every later audit
 
 
-def secondary_suppression(req: Requirements, relations, primary: np.ndarray) -> Secondary:
+def secondary_suppression(
+    req: Requirements, relations, primary: np.ndarray, shape: tuple[int, ...] | None = None
+) -> Secondary:
+    """`shape` (the cube's) enables the hypercube pass that does most of the work in one
+    sweep; without it only the relation-by-relation loop runs (slow on large cubes)."""
     n = len(primary)
     members = [np.hstack([p[:, None], c]) for p, c in relations]
     membership = Membership.of(relations, n)
@@ -81,19 +87,41 @@ def secondary_suppression(req: Requirements, relations, primary: np.ndarray) -> 
     # which are suppressed anyway). Margins are large, so they are picked last.
     cost = req.values[0] + 1.0
     suppressed = primary.copy()
-    pending = primary.copy()  # cells whose audit has not passed yet
+    cubes = None
+    if shape is not None:
+        suppressed, _, cubes = hypercube_suppression(req, shape, primary)
+    pending = suppressed.copy()  # cells whose audit has not passed yet
+    cubed: set[int] = set()  # failing cells already given a cube of their own
     verdict = None
     for round_ in range(1, MAX_ROUNDS + 1):
         before = suppressed.copy()
         _close_singletons(suppressed, members, req, cost)
         pending |= suppressed & ~before
-        verdict = lp_audit(req, relations, suppressed, pending, budget_seconds=ROUND_BUDGET_SECONDS)
+        verdict = lp_audit(
+            req, relations, suppressed, pending, budget_seconds=ROUND_BUDGET_SECONDS, hints=cubes
+        )
         if verdict.passed:
-            return Secondary(suppressed, round_, verdict)
+            return Secondary(suppressed, round_, verdict, cubes)
         failing = {f.cell for f in verdict.failures}
         pending[:] = False
         pending[list(failing)] = True
+        unsolved = failing
+        if shape is not None and round_ < WHOLE_RELATION_AFTER:
+            # What one cube per primary cell left open: cubes around the failing cells,
+            # now also through one-dimensional margins (never the grand total).
+            targets = np.zeros(n, bool)
+            targets[list(failing)] = True
+            suppressed, left, more = hypercube_suppression(
+                req, shape, suppressed, targets=targets, forbid_level=len(shape)
+            )
+            cubes = more if cubes is None else cubes.extend(more)
+            # A cell whose cube the audit did not accept, or that has none, gets
+            # the relation-by-relation repair; one that just got its cube waits a round.
+            unsolved = set(left.tolist()) | (failing & cubed)
+            cubed |= failing
         for f in verdict.failures:
+            if f.cell not in unsolved:
+                continue
             row = _nearest_released(suppressed, f.cell, membership, members)
             if row is None:
                 continue  # nothing left to suppress: the whole connected table is hidden
@@ -102,7 +130,7 @@ def secondary_suppression(req: Requirements, relations, primary: np.ndarray) -> 
             else:
                 _add_partner(suppressed, row, req.values[req.names.index(f.measure)], f.missing, cost)
         pending |= suppressed & ~before
-    return Secondary(suppressed, MAX_ROUNDS, verdict)  # type: ignore[arg-type]
+    return Secondary(suppressed, MAX_ROUNDS, verdict, cubes)  # type: ignore[arg-type]
 
 
 def _close_singletons(suppressed: np.ndarray, members, req: Requirements, cost: np.ndarray) -> None:

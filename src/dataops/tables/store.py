@@ -116,6 +116,7 @@ def _write(where: Path, table) -> None:
                 down=req.down,
                 min_width=req.min_width,
                 suppressed=c.suppressed,
+                **({"cube_cells": c.cubes.cells, "cube_signs": c.cubes.signs} if c.cubes is not None else {}),
                 **{f"sum_{i}": cube.sums[n] for i, n in enumerate(req.names[1:])},
                 **{f"top_{i}": cube.top[n] for i, n in enumerate(req.names[1:])},
             )
@@ -133,6 +134,7 @@ def _write(where: Path, table) -> None:
 def _read(where: Path, product: TableProduct, data_version: str):
     from dataops.tables import Confidential, ProtectedTable, ProtectionReport, fingerprint
     from dataops.tables.cube import Cube
+    from dataops.tables.hypercube import Cubes
     from dataops.tables.primary import Requirements
 
     try:
@@ -143,21 +145,26 @@ def _read(where: Path, product: TableProduct, data_version: str):
         return None  # unreadable: rebuild
     if fingerprint(product, data_version, cells) != meta["fingerprint"]:
         return None  # edited or damaged on disk: rebuild rather than serve it
-    names = tuple(str(n) for n in z["names"])
-    cube = Cube(
-        tuple(int(s) for s in z["shape"]),
-        z["rows"],
-        z["units"],
-        {n: z[f"sum_{i}"] for i, n in enumerate(names[1:])},
-        {n: z[f"top_{i}"] for i, n in enumerate(names[1:])},
-        int(z["rows_outside"]),
-    )
-    req = Requirements(names, z["values"], z["per_row"], z["up"], z["down"], z["min_width"])
+    try:
+        names = tuple(str(n) for n in z["names"])
+        cube = Cube(
+            tuple(int(s) for s in z["shape"]),
+            z["rows"],
+            z["units"],
+            {n: z[f"sum_{i}"] for i, n in enumerate(names[1:])},
+            {n: z[f"top_{i}"] for i, n in enumerate(names[1:])},
+            int(z["rows_outside"]),
+        )
+        req = Requirements(names, z["values"], z["per_row"], z["up"], z["down"], z["min_width"])
+        suppressed = z["suppressed"]
+        cubes = Cubes(z["cube_cells"], z["cube_signs"]) if "cube_cells" in z.files else None
+    except KeyError:
+        return None  # written by an older layout: rebuild
     return ProtectedTable(
         product,
         data_version,
         meta["fingerprint"],
         cells,
         ProtectionReport.from_json(meta["report"]),
-        Confidential(cube, req, z["suppressed"]),
+        Confidential(cube, req, suppressed, cubes),
     )
