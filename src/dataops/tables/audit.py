@@ -200,7 +200,7 @@ def lp_audit(
         # A handful of cells (a repair round) is cheaper to settle by exact solves.
         for _ in range(WITNESS_PASSES if len(todo) > FEW_CELLS else 0):
             open_ = ~satisfied(todo)
-            if not open_.any():
+            if not open_.any() or time.perf_counter() > deadline:
                 break
             before = int(open_.sum())
             up = wanted[cols] & (

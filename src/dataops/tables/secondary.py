@@ -89,7 +89,16 @@ def secondary_suppression(
     suppressed = primary.copy()
     cubes = None
     if shape is not None:
-        suppressed, _, cubes = hypercube_suppression(req, shape, primary)
+        suppressed, left, cubes = hypercube_suppression(req, shape, primary)
+        if len(left):
+            # Cells no cube below the one-dimensional margins protects (structural
+            # zeros all around): cubes through those margins, never the grand total.
+            targets = np.zeros(n, bool)
+            targets[left] = True
+            suppressed, _, more = hypercube_suppression(
+                req, shape, suppressed, targets=targets, forbid_level=len(shape)
+            )
+            cubes = cubes.extend(more)
     pending = suppressed.copy()  # cells whose audit has not passed yet
     cubed: set[int] = set()  # failing cells already given a cube of their own
     verdict = None
