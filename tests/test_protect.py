@@ -484,3 +484,24 @@ def test_products_loader_dispatches_table_files(catalog, tmp_path):
     products = load_products(tmp_path, catalog)
     assert list(products.tables) == ["enterprises"]
     assert products.tables["enterprises"].keys_of("size_band") == ("micro", "small", "medium", "large")
+
+
+def test_the_audit_checks_hypercube_witnesses_and_a_false_one_proves_nothing(protected, unprotected):
+    """Secondary suppression hands the LP audit its hypercubes as candidate witnesses.
+    The audit must check each against every constraint: a forged "cube" that moves a
+    primary cell alone (its released margins unchanged) must not make a failing
+    pattern pass, while the real cubes of the protected table prove it."""
+    from dataops.tables.audit import lp_audit
+    from dataops.tables.hypercube import Cubes
+
+    c = unprotected.confidential
+    relations = c.cube.relations()
+    primary = np.flatnonzero(c.suppressed)
+    corners = 2 ** len(c.cube.shape)
+    forged = Cubes(np.repeat(primary[:, None], corners, axis=1), np.ones((len(primary), corners)))
+    assert not lp_audit(c.requirements, relations, c.suppressed).passed
+    assert not lp_audit(c.requirements, relations, c.suppressed, hints=forged).passed
+
+    real = protected.confidential
+    assert real.cubes is not None and len(real.cubes.cells)
+    assert lp_audit(real.requirements, real.cube.relations(), real.suppressed, hints=real.cubes).passed
