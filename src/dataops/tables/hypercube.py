@@ -151,7 +151,7 @@ def _fits(against, values, per_row, up, down) -> np.ndarray:
 
 def _holds(v: np.ndarray, per_row: np.ndarray) -> np.ndarray:
     tol = 1e-9
-    ok = (v >= -tol).all(axis=0)
+    ok: np.ndarray = np.asarray((v >= -tol).all(axis=0))
     for i in range(1, len(per_row)):
         lo, hi = per_row[i]
         ok &= (v[i] >= lo * v[0] - tol) & (v[i] <= hi * v[0] + tol)
