@@ -91,6 +91,8 @@ WIRE_CODES = {
     "TABLE_NOT_READY": "UNAVAILABLE",
     "SERVER_STOPPING": "UNAVAILABLE",
     "CONSENT_INVALID": "PERMISSION_DENIED",
+    # Added after kinds: a DP serving copy being built.
+    "DP_COPY_NOT_READY": "UNAVAILABLE",
 }
 
 
