@@ -65,7 +65,7 @@ def request(dataset: Dataset, out: Path, rows_per_bucket: int) -> dict:
 def test_a_unit_never_spans_buckets_and_keeps_its_file_order(crowd: Dataset, tmp_path: Path) -> None:
     files = build.partition(crowd.path, "uid", ["seq", "x"], 7, tmp_path / "b", seed=11)
     assert len(files) == 7
-    buckets = [pl.read_parquet(f) for f in files]
+    buckets = [pl.read_parquet(parts) for parts in files]
     assert sum(b.height for b in buckets) == pl.read_parquet(crowd.path).height
     owners: dict[str, int] = {}
     for index, bucket in enumerate(buckets):

@@ -47,6 +47,10 @@ import resource
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the child imports polars only once its memory is capped
+    import polars as pl
 
 FLUSH_ROWS = 2_000_000  # rows the partition pass holds before writing them to their buckets
 ROWS_PER_BUCKET = 2_000_000  # the bucket size pass 2 holds in memory
@@ -59,66 +63,68 @@ def bucket_count(rows: int, rows_per_bucket: int = ROWS_PER_BUCKET) -> int:
     return max(1, min(MAX_BUCKETS, -(-rows // max(1, rows_per_bucket))))
 
 
-def buckets_of(units, seed: int, buckets: int):
+def buckets_of(units: pl.Series, seed: int, buckets: int) -> pl.Series:
     """Each row's bucket: a seeded hash of its unit alone, so a unit's rows share one bucket."""
     import polars as pl
 
-    return (pl.from_arrow(units).hash(seed) % buckets).cast(pl.Int64).to_numpy()
+    return (units.hash(seed) % buckets).cast(pl.Int64)
 
 
 def partition(
     source: Path, unit: str, columns: list[str], buckets: int, directory: Path, seed: int
-) -> list[Path]:
-    """Pass 1: the rows of `source` into `buckets` Parquet files by a seeded hash of the unit."""
-    import numpy as np
-    import pyarrow as pa
+) -> list[list[Path]]:
+    """Pass 1: the rows of `source` into `buckets` buckets by a seeded hash of the unit.
+
+    A bucket is a directory of Parquet files, one per flush, numbered in file order;
+    returned as each bucket's files in that order (buckets with no row left out).
+    Files, not one open writer per bucket: a writer keeps every row group's metadata in
+    memory until it closes, which at thousands of buckets is gigabytes.
+    """
+    import polars as pl
     import pyarrow.parquet as pq
 
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    paths = [directory / f"bucket-{b:05d}.parquet" for b in range(buckets)]
-    writers: dict[int, pq.ParquetWriter] = {}
-    pending: dict[int, list[pa.RecordBatch]] = {}
-    held = 0
+    files: dict[int, list[Path]] = {}
+    pending: dict[int, list[pl.DataFrame]] = {}
+    held = flushes = 0
 
     def flush() -> None:
+        nonlocal flushes
         for b, parts in pending.items():
-            table = pa.Table.from_batches(parts)
-            if b not in writers:
-                writers[b] = pq.ParquetWriter(paths[b], table.schema, compression="lz4")
-            writers[b].write_table(table, row_group_size=max(table.num_rows, 1))
+            path = directory / f"bucket-{b:05d}" / f"{flushes:07d}.parquet"
+            path.parent.mkdir(mode=0o700, exist_ok=True)
+            pl.concat(parts, rechunk=False).write_parquet(path, compression="lz4", statistics=False)
+            files.setdefault(b, []).append(path)
         pending.clear()
+        flushes += 1
 
-    parquet = pq.ParquetFile(source)
-    schema = None
-    try:
-        for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=[unit, *columns]):
-            schema = batch.schema
-            bucket = buckets_of(batch.column(unit), seed, buckets)
-            order = np.argsort(bucket, kind="stable")  # stable: file order kept within a bucket
-            ordered = batch.take(pa.array(order))
-            counts = np.bincount(bucket, minlength=buckets)
-            start = 0
-            for b in np.flatnonzero(counts):
-                pending.setdefault(int(b), []).append(ordered.slice(start, int(counts[b])))
-                start += int(counts[b])
-            held += batch.num_rows
-            if held >= FLUSH_ROWS:
-                flush()
-                held = 0
+    rows = pq.ParquetFile(source).metadata.num_rows
+    scan = pl.scan_parquet(source).select(unit, *columns)
+    # Slices of the scan, not pyarrow's batch reader: polars reads a slice's row groups
+    # alone, in about a third of the time and of the memory.
+    for offset in range(0, rows, BATCH_ROWS):
+        frame = scan.slice(offset, BATCH_ROWS).collect()
+        bucket = pl.Series("#bucket", buckets_of(frame[unit], seed, buckets))
+        # maintain_order: a bucket's rows stay in file order.
+        parts = frame.with_columns(bucket).partition_by(
+            "#bucket", as_dict=True, maintain_order=True, include_key=False
+        )
+        for (b,), part in parts.items():
+            pending.setdefault(int(b), []).append(part)
+        held += frame.height
+        del frame, parts
+        if held >= FLUSH_ROWS:
+            flush()
+            held = 0
+    if held or not files:
+        if not pending:  # no rows at all: one empty bucket, so pass 2 knows the columns
+            pending[0] = [scan.head(0).collect()]
         flush()
-    finally:
-        for writer in writers.values():
-            writer.close()
-    if schema is None:  # no rows at all: one empty bucket, so pass 2 knows the columns
-        schema = parquet.schema_arrow
-        schema = pa.schema([schema.field(name) for name in [unit, *columns]])
-        pq.write_table(schema.empty_table(), paths[0])
-        return [paths[0]]
-    return [p for b, p in enumerate(paths) if b in writers]
+    return [files[b] for b in sorted(files)]
 
 
 def bound_and_code(
-    buckets: list[Path], unit: str, columns: list[str], k: int, output: Path, seed: int
+    buckets: list[list[Path]], unit: str, columns: list[str], k: int, output: Path, seed: int
 ) -> dict:
     """Pass 2: per bucket, each unit's first k rows, dense unit codes; one Parquet file."""
     import numpy as np
@@ -129,9 +135,10 @@ def bound_and_code(
     writer = None
     rows = units = 0
     try:
-        for path in buckets:
-            frame = pl.read_parquet(path)
-            path.unlink()  # the scratch space shrinks as the copy grows
+        for parts in buckets:
+            frame = pl.read_parquet(parts)  # in flush order: the bucket's rows in file order
+            for part in parts:
+                part.unlink()  # the scratch space shrinks as the copy grows
             # The bound, enforced on whole units (a unit never spans buckets).
             frame = frame.filter(pl.int_range(pl.len()).over(unit) < k)
             ranks = frame.select(pl.col(unit).hash(seed & 0xFFFFFFFFFFFFFFFF).rank("dense"))

@@ -104,6 +104,11 @@ SECRET_NAME = "prepared.key"
 # The build child's address-space cap: RSS can never pass it, so neither can the build's.
 DEFAULT_MEMORY_LIMIT_BYTES = 4 * 2**30
 _RETRY_WHILE_BUILDING_SECONDS = 5
+_BUILD_ALLOCATOR = {
+    "_RJEM_MALLOC_CONF": "dirty_decay_ms:0,muzzy_decay_ms:0",
+    "ARROW_DEFAULT_MEMORY_POOL": "system",
+    "MALLOC_ARENA_MAX": "2",
+}
 _FIRST_RETRY_SECONDS = 60.0  # after a failed build; doubled on each failure of the same version
 _MAX_RETRY_SECONDS = 3600.0
 
@@ -213,7 +218,7 @@ class PreparedStore:
         """The copy of the dataset's current version, built in the background if there is none.
 
         Waits for a build at most `wait` seconds (the store's `wait_seconds` if None;
-        None there too: until it is done), then answers `CopyUnavailable` with a retry
+        None there too, or math.inf: until it is done), then answers `CopyUnavailable` with a retry
         hint, so a query never blocks for a long build. A build that failed (its child
         ran out of its memory limit, say) is tried again only after a back-off; until
         then queries get `CopyUnavailable` at once.
@@ -225,6 +230,8 @@ class PreparedStore:
             return ready
         future = self._start(dataset, key)
         timeout = self.wait_seconds if wait is None else wait
+        if timeout is not None and math.isinf(timeout):
+            timeout = None  # math.inf: until it is built, whatever the store's wait
         try:
             return future.result(timeout)
         except concurrent.futures.TimeoutError:
@@ -482,6 +489,10 @@ class PreparedStore:
         environment["PYTHONPATH"] = os.pathsep.join(
             p for p in (package_root, environment.get("PYTHONPATH")) if p
         )
+        # Freed memory goes back to the system at once: polars' jemalloc otherwise keeps a
+        # bucket's pages after it is done (the RSS grew bucket by bucket), and Arrow on the
+        # system allocator with few arenas does not hold its own pools.
+        environment.update(_BUILD_ALLOCATOR)
         child = subprocess.Popen(
             [sys.executable, "-m", "dataops.engines.build"],
             stdin=subprocess.PIPE,
