@@ -56,6 +56,7 @@ FLUSH_ROWS = 2_000_000  # rows the partition pass holds before writing them to t
 ROWS_PER_BUCKET = 2_000_000  # the bucket size pass 2 holds in memory
 MAX_BUCKETS = 4096  # open files in pass 1; past ~8G rows the buckets grow instead
 BATCH_ROWS = 1_000_000
+COPY_ROW_GROUP_ROWS = 256 * 1024  # the demo data's: the streaming engine spreads them over threads
 UNIT_CODE = "#unit"  # dataops.engines.dp.UNIT_CODE (not imported: the child imports light)
 
 
@@ -156,7 +157,7 @@ def bound_and_code(
             table = coded.to_arrow()
             if writer is None:
                 writer = pq.ParquetWriter(output, table.schema, compression="lz4")
-            writer.write_table(table, row_group_size=1_000_000)
+            writer.write_table(table, row_group_size=COPY_ROW_GROUP_ROWS)
             rows += coded.height
             units += count
     finally:

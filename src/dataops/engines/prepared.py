@@ -26,16 +26,30 @@ Why the OpenDP guarantee on the copy is a unit-level guarantee for the data:
   kept a unit's first k *matching* rows). A filter is row-by-row, so the filtered
   copies of neighbours still differ by at most k rows: equally sound; only a unit
   above the cap may keep fewer matching rows.
-* The copy holds only what queries can use (dataops.engines.dp.prepared_columns):
-  no identifier column, no unclassified column, and no unit id. The unit is a dense
-  integer code (`UNIT_CODE`): the units' dense rank, put through a random
-  permutation drawn for this build and then forgotten, so a code says nothing about
-  the id it stands for (an unkeyed hash of an enterprise code could be inverted by
-  hashing the public register). Codes are one per unit but for 64-bit hash
-  collisions, which only ever drop rows from COUNT_UNITS (see `_build`). The
-  truncation itself runs on the real ids.
-  Each bounded measure is also held in the engine's fixed point (a row-by-row step
-  that depends on the catalog only).
+* The copy holds only what queries can use (dataops.engines.dp.prepared_column_names):
+  no identifier column, no unclassified column, and no unit id, and each column once
+  in its own type (a measure's fixed point is computed in the plan). The unit is a
+  dense integer code (`UNIT_CODE`, 0..n-1) that says nothing about the id it stands
+  for: its bucket is a hash of the id under a seed drawn for the build and forgotten,
+  and inside the bucket a random permutation nobody keeps (an unkeyed hash of an
+  enterprise code could be inverted by hashing the public register). Codes are one
+  per unit but for 64-bit hash collisions inside a bucket, which only ever drop rows
+  from COUNT_UNITS (see dataops.engines.build). The truncation itself runs on the
+  real ids.
+
+How a copy is built (dataops.engines.build): out of core, in a child process whose
+address space is capped (`memory_limit_bytes`, 4 GiB by default; RSS cannot pass it).
+The rows are hash-partitioned by unit into buckets on disk (Parquet files), so a unit
+never spans buckets, and the bound is enforced bucket by bucket, each bucket holding
+whole units; memory is set by the bucket size, not the dataset's. A build that needs
+more than the cap fails in the child alone: the server keeps serving (exact answers
+never read a copy), and DP queries on that dataset get `CopyUnavailable`
+(UNAVAILABLE, reason DP_COPY_FAILED, a RetryInfo) until a retry after a back-off
+succeeds. Builds run one at a time on one worker thread, started when the server
+starts (`warm`) and whenever a query finds a new data version; a query waits for its
+copy at most `wait_seconds`, then gets UNAVAILABLE (reason DP_COPY_NOT_READY) with a
+retry hint instead of blocking for the whole build. The parent, never the child,
+holds the secret that tags the copy.
 
 COUNT_UNITS still deduplicates every (unit, group) pair per query, so it costs several
 times a row aggregate (0.7-2 s at 10M rows on two cores); the row aggregates cost
@@ -61,7 +75,7 @@ anyway (the server's own user) could still swap it; that user can read the secre
 which is the compromised host the threat model leaves out.
 
 Copies are written to a temporary file and renamed into place, built under a
-per-dataset lock (concurrent first queries wait for one build), and older versions of
+per-dataset lock (concurrent first queries share one build), and older versions of
 the dataset are removed once a new one is in place.
 """
 
