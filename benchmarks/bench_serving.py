@@ -5,8 +5,8 @@
 
 For each size it generates claim rows with the demo generator
 (`dataops.demo.generate.medical_claims`) in chunks of 5M rows into one Parquet file
-under benchmarks/.data/serving-<rows>/ (kept for the next run unless --keep is off for
---billion), then measures in the same run:
+under benchmarks/.data/serving-<rows>/ (--data elsewhere; kept for the next run, but
+for --billion's), then measures in the same run:
 
   build         `PreparedStore.source` from no copy to an adopted one: the memory-capped
                 child's two passes, then hashing and tagging the copy. Peak RSS is the
@@ -20,7 +20,7 @@ The raw and DP runs each happen in a fresh child process (`--child`), so the pea
 printed for each is that run's alone; times are medians of --repeats after one warm-up.
 
 --billion adds the 1.5 billion claim-row case (about 22 GB of Parquet, generated in
-chunks into benchmarks/.data/serving-1500000000/ and deleted afterwards unless --keep):
+chunks into <data>/serving-1500000000/ and deleted afterwards unless --keep):
 the build, a DP question and the exact (raw polars streaming) one under the same memory
 bound. It needs about 50 GB free and hours on two cores; it is not part of the default run.
 """
@@ -49,8 +49,11 @@ BILLION = 1_500_000_000
 GIB = 2**30
 
 
+DATA = HERE / ".data"  # --data: where the generated sizes live
+
+
 def workdir_for(rows: int) -> Path:
-    return HERE / ".data" / f"serving-{rows}"
+    return DATA / f"serving-{rows}"
 
 
 def generate(rows: int) -> Path:
@@ -147,7 +150,8 @@ def measure(mode: str, rows: int, repeats: int, state: Path) -> dict:
         "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
     }
     out = subprocess.run(
-        [sys.executable, __file__, "--child", mode, "--rows", str(rows), "--repeats", str(repeats), "--state", str(state)],
+        [sys.executable, __file__, "--child", mode, "--rows", str(rows), "--repeats", str(repeats),
+         "--state", str(state), "--data", str(DATA)],
         check=True, capture_output=True, text=True, env=environment,
     ).stdout  # fmt: skip
     result = json.loads(out.strip().splitlines()[-1])
@@ -205,9 +209,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--billion", action="store_true", help="add the 1.5 billion row case (slow, ~22 GB)")
     parser.add_argument("--keep", action="store_true", help="keep the 1.5 billion row data afterwards")
+    parser.add_argument("--data", type=Path, default=DATA, help="where the generated data goes")
     parser.add_argument("--child", choices=["raw", "dp"], help=argparse.SUPPRESS)
     parser.add_argument("--state", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global DATA
+    DATA = args.data
     if args.child:
         child(args.child, args.rows[0], args.repeats, args.state)
         return

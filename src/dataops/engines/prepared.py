@@ -354,7 +354,7 @@ class PreparedStore:
             self._builds[dataset.id] = future
 
         def done(finished: concurrent.futures.Future) -> None:
-            if finished.cancelled() or finished.exception() is None:
+            if finished.cancelled() or finished.exception() is None or self._closing.is_set():
                 with self._guard:
                     self._failed.pop(dataset.id, None)
                 return
@@ -547,7 +547,11 @@ class PreparedStore:
                 old.unlink(missing_ok=True)
         for left in self.directory.glob(f".{dataset.id}-*.tmp"):
             try:
-                if time.time() - left.stat().st_mtime > _STALE_TEMPORARY_SECONDS:
+                if left.is_dir():  # a build's buckets: its bucket directories change as it runs
+                    touched = max([left.stat().st_mtime, *(b.stat().st_mtime for b in left.iterdir())])
+                    if time.time() - touched > _STALE_TEMPORARY_SECONDS:
+                        shutil.rmtree(left, ignore_errors=True)
+                elif time.time() - left.stat().st_mtime > _STALE_TEMPORARY_SECONDS:
                     left.unlink(missing_ok=True)
             except FileNotFoundError:
                 pass
