@@ -202,6 +202,7 @@ def bench(rows: int, repeats: int) -> dict:
 
 
 def main() -> None:
+    global DATA
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--rows", type=int, nargs="+", default=[1_000_000, 10_000_000, 30_000_000, 100_000_000]
@@ -213,7 +214,6 @@ def main() -> None:
     parser.add_argument("--child", choices=["raw", "dp"], help=argparse.SUPPRESS)
     parser.add_argument("--state", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    global DATA
     DATA = args.data
     if args.child:
         child(args.child, args.rows[0], args.repeats, args.state)
