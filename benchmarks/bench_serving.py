@@ -10,14 +10,15 @@ for --billion's), then measures in the same run:
 
   build         `PreparedStore.source` from no copy to an adopted one: the memory-capped
                 child's two passes, then hashing and tagging the copy. Peak RSS is the
-                child's (its ru_maxrss, and RUSAGE_CHILDREN of this process, which ran
-                nothing else).
+                child's VmHWM (/proc; getrusage's ru_maxrss would include the RSS of this
+                process at the fork, which the generation made large; RUSAGE_CHILDREN is
+                printed too, with that caveat).
   raw polars    the question "count + sum(amount) by age_band" in plain polars with the
                 streaming engine over the raw Parquet: the baseline.
   DP            DPQuery compile + calibrate + release of the same question over the copy.
 
 The raw and DP runs each happen in a fresh child process (`--child`), so the peak RSS
-printed for each is that run's alone; times are medians of --repeats after one warm-up.
+printed for each (VmHWM) is that run's alone; times are medians of --repeats after one warm-up.
 
 --billion adds the 1.5 billion claim-row case (about 22 GB of Parquet, generated in
 chunks into <data>/serving-1500000000/ and deleted afterwards unless --keep):
@@ -140,8 +141,9 @@ def child(mode: str, rows: int, repeats: int, state: Path) -> None:
         started = time.perf_counter()
         run(i)
         times.append(time.perf_counter() - started)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"times": times, "peak_rss_bytes": peak}))
+    from dataops.engines.build import peak
+
+    print(json.dumps({"times": times, "peak_rss_bytes": peak("VmHWM")}))
 
 
 def measure(mode: str, rows: int, repeats: int, state: Path) -> dict:

@@ -193,16 +193,20 @@ def build(request: dict) -> dict:
         "source_rows": rows,
         "partition_seconds": round(partitioned - started, 3),
         "seconds": round(time.monotonic() - started, 3),
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "peak_address_space_bytes": _peak_address_space(),
+        "peak_rss_bytes": peak("VmHWM"),
+        "peak_address_space_bytes": peak("VmPeak"),
     }
 
 
-def _peak_address_space() -> int:
-    """VmPeak: what RLIMIT_AS is compared against (RSS is at most this)."""
+def peak(field: str) -> int:
+    """VmHWM (peak RSS) or VmPeak (peak address space, what RLIMIT_AS caps) of this process.
+
+    From /proc, not getrusage: ru_maxrss carries the RSS of the process it was forked
+    from across exec, so a child of a large server would report the server's size.
+    """
     with open("/proc/self/status") as status:
         for line in status:
-            if line.startswith("VmPeak:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return 0
 
