@@ -180,7 +180,7 @@ class TableUnavailable(RequestError):
 
 
 class CopyUnavailable(RequestError):
-    """The DP serving copy of the dataset is being built (or its build failed); retry later.
+    """The DP serving copy of the dataset is being built for its current data version; retry later.
 
     Says nothing about the data: only that the copy is not ready.
     """
@@ -188,12 +188,14 @@ class CopyUnavailable(RequestError):
     kind = Kind.UNAVAILABLE
     reason = "DP_COPY_NOT_READY"
 
-    def __init__(
-        self, message: str, *, retry_after_seconds: int = 5, reason: str | None = None, **kwargs: Any
-    ) -> None:
+    def __init__(self, message: str, *, retry_after_seconds: int = 5, **kwargs: Any) -> None:
         super().__init__(message, retry_after_seconds=retry_after_seconds, **kwargs)
-        if reason is not None:
-            self.reason = reason
+
+
+class CopyFailed(CopyUnavailable):
+    """The DP serving copy could not be built (see the server log); retried after a back-off."""
+
+    reason = "DP_COPY_FAILED"
 
 
 class LoadError(Exception):

@@ -103,7 +103,7 @@ from dataops._fs import fsync_dir
 from dataops.catalog import Dataset
 from dataops.engines.build import ROWS_PER_BUCKET
 from dataops.engines.dp import PREPARED_LAYOUT, PreparedSource, prepared_column_names, require_max_rows
-from dataops.errors import ConfigError, CopyUnavailable, InternalError
+from dataops.errors import ConfigError, CopyFailed, CopyUnavailable, InternalError
 from dataops.versions import DataVersions, Fingerprints, hash_file, stat_signature
 
 __all__ = ["BuildFailed", "DataVersions", "Fingerprints", "PreparedSource", "PreparedStore", "copy_key"]
@@ -261,12 +261,11 @@ class PreparedStore:
             retry = max(1, math.ceil(failed[1] - time.monotonic())) if failed else 1
             # What failed is the operator's to read in the server log; the consumer
             # learns only that DP on this dataset is down for now.
-            raise CopyUnavailable(
+            raise CopyFailed(
                 f"the DP serving copy of {dataset.id!r} could not be built; DP queries on it are "
                 f"unavailable until the operator fixes it (next attempt in {retry} seconds)",
                 rule="dp.copy_failed",
                 retry_after_seconds=retry,
-                reason="DP_COPY_FAILED",
             ) from None
 
     def warm(self, datasets: Iterable[Dataset]) -> list[concurrent.futures.Future]:
