@@ -99,11 +99,12 @@ def dataset_for(rows: int):
 def plan_for(dataset, epsilon: float):
     from dataops.engines._base import Plan
     from dataops.ir import Aggregate, Function, Mode, Privacy, Query
-    from dataops.policy import Grant, GrantBudget
+    from dataops.policy import Grant
+    from dataops.values import PrivacyLoss
 
     grant = Grant(
         dataset=DATASET, purpose="benchmark", expires=dt.date(2099, 12, 31), modes=frozenset(Mode),
-        functions=frozenset(Function), budget=GrantBudget(1e9, 1e-6), columns=MappingProxyType({}),
+        functions=frozenset(Function), budget=PrivacyLoss(1e9, 1e-6), columns=MappingProxyType({}),
     )  # fmt: skip
     aggregates = (Aggregate(Function.COUNT), Aggregate(Function.SUM, "amount"))
     return Plan(
@@ -125,8 +126,10 @@ def child(mode: str, rows: int, repeats: int, state: Path) -> None:
             assert question.collect(engine="streaming").height == 6
 
     else:
-        from dataops.engines.dp import DPQuery
+        from dataops.engines.dp import DPQuery, enable_opendp
         from dataops.engines.prepared import PreparedStore
+
+        enable_opendp()  # as the server does at start; this child is its own process
 
         source = PreparedStore(state).source(dataset)  # the copy the parent built: adopted
 
