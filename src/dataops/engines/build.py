@@ -142,8 +142,9 @@ def bound_and_code(
                 part.unlink()  # the scratch space shrinks as the copy grows
             # The bound, enforced on whole units (a unit never spans buckets).
             frame = frame.filter(pl.int_range(pl.len()).over(unit) < k)
-            ranks = frame.select(pl.col(unit).hash(seed & 0xFFFFFFFFFFFFFFFF).rank("dense"))
-            ranks = ranks.to_series().cast(pl.UInt64).to_numpy()
+            hashed = frame.select(pl.col(unit).hash(seed & 0xFFFFFFFFFFFFFFFF).rank("dense"))
+            ranks = hashed.to_series().cast(pl.UInt64).to_numpy()
+            del hashed  # as soon as it is read: the bucket's peak stays one frame and its codes
             count = int(ranks.max()) if len(ranks) else 0
             codes = rng.permutation(count).astype(np.uint64) + np.uint64(units)
             coded = (
