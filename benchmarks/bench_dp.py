@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import math
 import re
 import shutil
 import statistics
@@ -102,7 +103,7 @@ def bench(rows: int, repeats: int, identifier_repeats: int) -> dict[str, float]:
     results: dict[str, list[float]] = {}
     try:
         started = time.perf_counter()
-        source = server.sandbox.prepared.source(dataset)  # waits for the server's background build
+        source = server.sandbox.prepared.source(dataset, wait=math.inf)  # the server's background build
         print(f"  the server's prepared copy was ready {time.perf_counter() - started:.2f} s after start")
         # The one-off build, timed alone into a scratch state directory.
         scratch = workdir / "bench-state"

@@ -113,6 +113,9 @@ def write_config(
 [server]
 listen = "127.0.0.1:0"
 workers = 4
+# A loaded machine may take several seconds to start the build child of a DP copy: the
+# tests' queries wait for it (the tests of the UNAVAILABLE answer set their own wait).
+copy_wait_seconds = 120.0
 grace_seconds = 2.0
 policy_poll_seconds = 0.1
 

@@ -91,6 +91,9 @@ WIRE_CODES = {
     "TABLE_NOT_READY": "UNAVAILABLE",
     "SERVER_STOPPING": "UNAVAILABLE",
     "CONSENT_INVALID": "PERMISSION_DENIED",
+    # Added after kinds: a DP serving copy being built, or whose build failed.
+    "DP_COPY_NOT_READY": "UNAVAILABLE",
+    "DP_COPY_FAILED": "UNAVAILABLE",
 }
 
 

@@ -231,6 +231,8 @@ def test_a_query_waits_for_its_table_and_then_gets_unavailable_with_a_retry_hint
             err = refused(lambda: client.query(CREDIT, aggregates=[count()]))
             assert (err.code, err.reason) == (grpc.StatusCode.UNAVAILABLE, "TABLE_NOT_READY")
             assert int(err.metadata["retry_after_seconds"]) > 0
+            # The same hint as a google.rpc.RetryInfo, which stock gRPC retry helpers read.
+            assert err.retry_after_seconds == int(err.metadata["retry_after_seconds"])
             release.set()
             assert client.query(CREDIT, aggregates=[count()], timeout=30).frame["count"][0] > 0
     finally:

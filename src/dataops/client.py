@@ -115,6 +115,7 @@ class DataopsClientError(Exception):
         self.metadata = metadata or {}
         self.field_violations = tuple(field_violations)
         self.quota_violations = tuple(quota_violations)
+        self.retry_after_seconds: float | None = None  # google.rpc.RetryInfo: when to ask again
 
     @property
     def rule(self) -> str | None:
@@ -134,7 +135,7 @@ class DataopsClientError(Exception):
     @classmethod
     def from_rpc_error(cls, error: grpc.RpcError) -> DataopsClientError:
         status = rpc_status.from_call(error) if isinstance(error, grpc.Call) else None
-        reason, metadata, fields, quotas = None, {}, [], []
+        reason, metadata, fields, quotas, retry = None, {}, [], [], None
         for detail in status.details if status else ():
             if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
                 info = error_details_pb2.ErrorInfo()
@@ -148,13 +149,19 @@ class DataopsClientError(Exception):
                 quota = error_details_pb2.QuotaFailure()
                 detail.Unpack(quota)
                 quotas = [(v.subject, v.description) for v in quota.violations]
+            elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                info_retry = error_details_pb2.RetryInfo()
+                detail.Unpack(info_retry)
+                retry = info_retry.retry_delay.seconds + info_retry.retry_delay.nanos / 1e9
         code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
         message = (error.details() if isinstance(error, grpc.Call) else None) or ""
         if reason is None and code in _TRANSPORT:
             # No ErrorInfo: the request never reached our server (no route, TLS
             # refused, deadline) — say so in words rather than "UNAVAILABLE None".
             return ConnectionFailed(code, _TRANSPORT[code] + (f" ({message})" if message else ""))
-        return cls(code, message, reason, metadata, fields, quotas)
+        refusal = cls(code, message, reason, metadata, fields, quotas)
+        refusal.retry_after_seconds = retry
+        return refusal
 
 
 class InvalidRequest(DataopsClientError):

@@ -64,6 +64,12 @@ class ServerSection:
     # A policy edit that widens access applies once the file's content has stayed the
     # same this long (narrowing edits apply at once): a half-written file is never served.
     policy_settle_seconds: float = 2.0
+    # A DP query whose dataset's serving copy is still being built waits this long for it,
+    # then gets UNAVAILABLE with a retry hint (dataops.engines.prepared).
+    copy_wait_seconds: float = 2.0
+    # The address-space cap of the child process that builds a serving copy: its RSS can
+    # never pass it, and a build that needs more fails alone, the server serving on.
+    copy_memory_limit_mib: int = 4096
 
     def __post_init__(self) -> None:
         if not isinstance(self.listen, str):
@@ -77,6 +83,8 @@ class ServerSection:
         _seconds(self, "grace_seconds", allow_zero=True)  # 0: stop without draining
         _seconds(self, "policy_poll_seconds", allow_zero=False)
         _seconds(self, "policy_settle_seconds", allow_zero=True)
+        _seconds(self, "copy_wait_seconds", allow_zero=True)
+        _positive_int(self, "copy_memory_limit_mib")
 
     @property
     def host(self) -> str:

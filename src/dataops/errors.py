@@ -51,6 +51,10 @@ class QuotaViolation:
 class RequestError(Exception):
     kind: Kind = Kind.INVALID
     reason: str = "INVALID_QUERY"
+    # A neutral retry hint: after this many seconds asking again may succeed (something
+    # the request needs is being built), or None. The server turns it into a
+    # google.rpc.RetryInfo; the domain does not know that type.
+    retry_after_seconds: int | None = None
 
     def __init__(
         self,
@@ -60,6 +64,7 @@ class RequestError(Exception):
         column: str | None = None,
         field_violations: tuple[FieldViolation, ...] = (),
         quota_violations: tuple[QuotaViolation, ...] = (),
+        retry_after_seconds: int | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -67,6 +72,7 @@ class RequestError(Exception):
         self.column = column
         self.field_violations = tuple(field_violations)
         self.quota_violations = tuple(quota_violations)
+        self.retry_after_seconds = retry_after_seconds
         # How far the request got before this refusal (`dataops.outcome.Outcome`), set by
         # the request flow so the audit record names what was asked; None before planning.
         self.outcome: Any = None
@@ -84,6 +90,8 @@ class RequestError(Exception):
             meta["rule"] = self.rule
         if self.column:
             meta["column"] = self.column
+        if self.retry_after_seconds is not None:  # also for clients that read only ErrorInfo
+            meta["retry_after_seconds"] = str(self.retry_after_seconds)
         return meta
 
 
@@ -167,13 +175,27 @@ class TableUnavailable(RequestError):
     kind = Kind.UNAVAILABLE
     reason = "TABLE_NOT_READY"
 
-    def __init__(self, message: str, *, retry_after_seconds: int = 5, **kwargs) -> None:
-        super().__init__(message, **kwargs)
-        self.retry_after_seconds = retry_after_seconds
+    def __init__(self, message: str, *, retry_after_seconds: int = 5, **kwargs: Any) -> None:
+        super().__init__(message, retry_after_seconds=retry_after_seconds, **kwargs)
 
-    @property
-    def metadata(self) -> dict[str, str]:
-        return {**super().metadata, "retry_after_seconds": str(self.retry_after_seconds)}
+
+class CopyUnavailable(RequestError):
+    """The DP serving copy of the dataset is being built for its current data version; retry later.
+
+    Says nothing about the data: only that the copy is not ready.
+    """
+
+    kind = Kind.UNAVAILABLE
+    reason = "DP_COPY_NOT_READY"
+
+    def __init__(self, message: str, *, retry_after_seconds: int = 5, **kwargs: Any) -> None:
+        super().__init__(message, retry_after_seconds=retry_after_seconds, **kwargs)
+
+
+class CopyFailed(CopyUnavailable):
+    """The DP serving copy could not be built (see the server log); retried after a back-off."""
+
+    reason = "DP_COPY_FAILED"
 
 
 class LoadError(Exception):

@@ -362,6 +362,8 @@ def run_demo(
         started = time.perf_counter()
         # Exact answers wait for their table anyway; waiting here keeps the script's pace even.
         ready = server.tables.wait_ready(timeout=600)
+        # DP queries would otherwise be told to retry while the serving copies build.
+        ready = server.sandbox.prepared.wait_ready(server.sandbox.catalog.datasets.values(), 600) and ready
         out(
             f"{len(server.tables.tables)} published tables protected for this data version "
             f"in {time.perf_counter() - started:.1f} s" + ("" if ready else " (some are not ready yet)")

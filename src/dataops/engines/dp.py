@@ -52,8 +52,8 @@ for why the OpenDP guarantee on the copy is a unit-level guarantee for the data)
   still hashes every (unit, group) pair per query: at 10M rows on two cores about
   0.7 s ungrouped and 1-2 s grouped, against 5 s and more in the identifier form
   and about 0.3 s for a grouped count + sum.
-* the copy holds each bounded measure already in fixed point (`#column`, computed by
-  `prepared_columns` exactly as `_Measure.prepare` would), and filters run after
+* the copy holds each usable column once, in its own type (`prepared_column_names`);
+  a measure is put in fixed point in the plan (`_Measure.prepare`), and filters run after
   the truncation rather than before it: equally sound (a filter is row-by-row), only
   a unit above the cap may keep fewer matching rows.
 
@@ -66,7 +66,7 @@ release keys), never wider than the catalog's (refused naming the field otherwis
   truncates to k' and derives d_in from that truncation. Nothing assumes k'.
   (`enforce_row_bound=False` switches that off for the test showing why it matters.)
 * tighter clipping bounds per measure: OpenDP clips to them; the fixed point stays
-  the catalog's (the copy holds it), so only the bounds OpenDP sees change.
+  the catalog's, so only the bounds OpenDP sees change.
 * budget weights: every noisy term gets its own noise scale, global_scale times a
   unit that makes its loss its weight's share (`Compiled._units`). That is a budget
   allocation only: the spend is always OpenDP's map of the whole measurement. A MEAN is
@@ -177,7 +177,7 @@ _QUANTILE_STEPS = 1000  # candidates: this many linear steps, plus as many geome
 _ONE_UNIT = [dp.polars.Bound(per_group=1)]  # d_in: one privacy unit added or removed
 _HIDDEN_LEN = "#len"  # '#' cannot start a catalog column name: prepared columns never clash
 UNIT_CODE = "#unit"  # a prepared copy's unit column: a dense code, not derived from the unit id
-PREPARED_LAYOUT = 2  # the layout of a prepared copy (prepared_columns); bump on any change
+PREPARED_LAYOUT = 3  # the layout of a prepared copy (prepared_column_names); bump on any change
 
 _DTYPES = {
     ColumnType.STRING: pl.String,
@@ -215,7 +215,7 @@ def default_weight(aggregate: Aggregate) -> float:
 class PreparedSource:
     """A dataset's prepared copy: at most max_rows_per_unit rows per unit, enforced.
 
-    Made by `dataops.engines.prepared.PreparedStore`; its layout is `prepared_columns`.
+    Made by `dataops.engines.prepared.PreparedStore`; its layout is `prepared_column_names`.
     """
 
     dataset_id: str
@@ -225,20 +225,18 @@ class PreparedSource:
     data_version: str = ""  # the content hash of the dataset file it was made from (DataVersions)
 
 
-def prepared_columns(dataset: Dataset) -> list[pl.Expr]:
-    """The columns of a prepared copy besides `UNIT_CODE`, over the (truncated) dataset.
+def prepared_column_names(dataset: Dataset) -> list[str]:
+    """The columns of a prepared copy besides `UNIT_CODE`, as the dataset has them.
 
     Only what a query can use: every usable catalog column (never an identifier or an
     unclassified column; the unit itself is replaced by `UNIT_CODE`, a dense integer
-    code the store assigns, see dataops.engines.prepared), and every bounded numeric
-    one also in the fixed point `_Measure.prepare` computes.
+    code the store assigns, see dataops.engines.prepared), each once, in its own type.
+    A measure's fixed point is computed in the plan (`_Compiled.input`), a row-by-row
+    step as cheap as reading a second column and half the copy's size.
     """
-    usable = [
-        c for c in dataset.columns.values() if c.classification.usable and c.name != dataset.unit_column
+    return [
+        c.name for c in dataset.columns.values() if c.classification.usable and c.name != dataset.unit_column
     ]
-    columns = [pl.col(c.name) for c in usable]
-    columns += [_fixed_point(c).prepare() for c in usable if c.type.numeric and c.bounds is not None]
-    return columns
 
 
 @dataclass(frozen=True)
@@ -613,16 +611,24 @@ class Compiled:
         # Missing values are left out, as in SQL. Any: OpenDP registers the `.dp` namespace.
         known: Any = pl.col(m.name).drop_nulls()
         bounds = m.fixed_bounds
+        # The same sum of the known values without drop_nulls, whose length change makes
+        # polars' streaming engine fall back to holding the whole column (3.5 times the
+        # memory at 10M rows, growing with the data): a missing value filled with 0 adds
+        # nothing, and OpenDP's clip leaves 0 alone when the bounds hold it. Elementwise
+        # and row by row, so OpenDP's analysis (and the loss) is unchanged.
+        summed: Any = pl.col(m.name).fill_null(0) if bounds[0] <= 0 <= bounds[1] else known
         if a.function is Function.SUM:
-            return [_Term(a.name, lambda s: known.dp.sum(bounds, scale=s).alias(a.name), weight)]
+            return [_Term(a.name, lambda s: summed.dp.sum(bounds, scale=s).alias(a.name), weight)]
         if a.function is Function.MEAN:
-            # Released apart so each gets its own share; finish divides them.
+            # Released apart so each gets its own share; finish divides them. Polars'
+            # count, under OpenDP's, counts the known values only: no drop_nulls needed.
             total, count = mean_parts(a.name)
+            column: Any = pl.col(m.name)
             return [
-                _Term(total, lambda s: known.dp.sum(bounds, scale=s).alias(total), weight * MEAN_SUM_SHARE),
+                _Term(total, lambda s: summed.dp.sum(bounds, scale=s).alias(total), weight * MEAN_SUM_SHARE),
                 _Term(
                     count,
-                    lambda s: known.dp.count(scale=s, signed=True).alias(count),
+                    lambda s: column.dp.count(scale=s, signed=True).alias(count),
                     weight * (1 - MEAN_SUM_SHARE),
                 ),
             ]
@@ -678,7 +684,7 @@ class Compiled:
         if self.where is not None:
             frame = frame.filter(self.where)
         dims = [d.prepare() for d in self.dims]
-        measures = [pl.col(m.name) for m in self.measures.values()]
+        measures = [m.prepare() for m in self.measures.values()]  # the catalog's fixed point
         if stage.unit_column == UNIT_CODE:
             # The copy, truncated again by OpenDP inside the plan (a tighter row bound).
             return frame.select(pl.col(UNIT_CODE), *dims, *measures)
@@ -777,8 +783,9 @@ def _collect(release: Any, quantiles: bool) -> pl.DataFrame:
     """
     if quantiles:
         return release.collect()
-    # Collected once, unchanged, and `finish` hides the row order.
-    return release.lazy().collect()
+    # Collected once, unchanged, and `finish` hides the row order. The streaming engine:
+    # the scan of the serving copy is read in morsels, in bounded memory at any size.
+    return release.lazy().collect(engine="streaming")
 
 
 def _domain(schema: dict[str, type[pl.DataType]]) -> Any:
@@ -831,8 +838,8 @@ def _measure(dataset: Dataset, aggregate: Aggregate, privacy: Privacy, clip_uppe
             column=name,
             field_violations=(FieldViolation("query.privacy.measures", "lower must not exceed upper"),),
         )
-    # Same decimals as the catalog's (the prepared copy holds that fixed point); OpenDP
-    # clips the copy's values to these tighter bounds.
+    # Same decimals as the catalog's, whatever the query's bounds; OpenDP clips the values
+    # to these tighter bounds.
     return _Measure(name, (lo, hi), catalog.decimals, catalog.integer)
 
 

@@ -26,16 +26,30 @@ Why the OpenDP guarantee on the copy is a unit-level guarantee for the data:
   kept a unit's first k *matching* rows). A filter is row-by-row, so the filtered
   copies of neighbours still differ by at most k rows: equally sound; only a unit
   above the cap may keep fewer matching rows.
-* The copy holds only what queries can use (dataops.engines.dp.prepared_columns):
-  no identifier column, no unclassified column, and no unit id. The unit is a dense
-  integer code (`UNIT_CODE`): the units' dense rank, put through a random
-  permutation drawn for this build and then forgotten, so a code says nothing about
-  the id it stands for (an unkeyed hash of an enterprise code could be inverted by
-  hashing the public register). Codes are one per unit but for 64-bit hash
-  collisions, which only ever drop rows from COUNT_UNITS (see `_build`). The
-  truncation itself runs on the real ids.
-  Each bounded measure is also held in the engine's fixed point (a row-by-row step
-  that depends on the catalog only).
+* The copy holds only what queries can use (dataops.engines.dp.prepared_column_names):
+  no identifier column, no unclassified column, and no unit id, and each column once
+  in its own type (a measure's fixed point is computed in the plan). The unit is a
+  dense integer code (`UNIT_CODE`, 0..n-1) that says nothing about the id it stands
+  for: its bucket is a hash of the id under a seed drawn for the build and forgotten,
+  and inside the bucket a random permutation nobody keeps (an unkeyed hash of an
+  enterprise code could be inverted by hashing the public register). Codes are one
+  per unit but for 64-bit hash collisions inside a bucket, which only ever drop rows
+  from COUNT_UNITS (see dataops.engines.build). The truncation itself runs on the
+  real ids.
+
+How a copy is built (dataops.engines.build): out of core, in a child process whose
+address space is capped (`memory_limit_bytes`, 4 GiB by default; RSS cannot pass it).
+The rows are hash-partitioned by unit into buckets on disk (Parquet files), so a unit
+never spans buckets, and the bound is enforced bucket by bucket, each bucket holding
+whole units; memory is set by the bucket size, not the dataset's. A build that needs
+more than the cap fails in the child alone: the server keeps serving (exact answers
+never read a copy), and DP queries on that dataset get `CopyUnavailable`
+(UNAVAILABLE, reason DP_COPY_FAILED, a RetryInfo) until a retry after a back-off
+succeeds. Builds run one at a time on one worker thread, started when the server
+starts (`warm`) and whenever a query finds a new data version; a query waits for its
+copy at most `wait_seconds`, then gets UNAVAILABLE (reason DP_COPY_NOT_READY) with a
+retry hint instead of blocking for the whole build. The parent, never the child,
+holds the secret that tags the copy.
 
 COUNT_UNITS still deduplicates every (unit, group) pair per query, so it costs several
 times a row aggregate (0.7-2 s at 10M rows on two cores); the row aggregates cost
@@ -61,35 +75,38 @@ anyway (the server's own user) could still swap it; that user can read the secre
 which is the compromised host the threat model leaves out.
 
 Copies are written to a temporary file and renamed into place, built under a
-per-dataset lock (concurrent first queries wait for one build), and older versions of
+per-dataset lock (concurrent first queries share one build), and older versions of
 the dataset are removed once a new one is in place.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import hmac
 import json
 import logging
+import math
 import os
 import re
 import secrets
+import shutil
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
-import numpy as np
-import polars as pl
-
 from dataops._fs import fsync_dir
 from dataops.catalog import Dataset
-from dataops.engines.dp import PREPARED_LAYOUT, UNIT_CODE, PreparedSource, prepared_columns, require_max_rows
-from dataops.errors import ConfigError, InternalError
+from dataops.engines.build import ROWS_PER_BUCKET
+from dataops.engines.dp import PREPARED_LAYOUT, PreparedSource, prepared_column_names, require_max_rows
+from dataops.errors import ConfigError, CopyFailed, CopyUnavailable, InternalError
 from dataops.versions import DataVersions, Fingerprints, hash_file, stat_signature
 
-__all__ = ["DataVersions", "Fingerprints", "PreparedSource", "PreparedStore", "copy_key"]
+__all__ = ["BuildFailed", "DataVersions", "Fingerprints", "PreparedSource", "PreparedStore", "copy_key"]
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +115,20 @@ _BUILD_ATTEMPTS = 3  # the dataset file changed while a copy was being built: tr
 _STALE_TEMPORARY_SECONDS = 3600  # a temporary file this old is no build in progress
 _SECRET_BYTES = 32
 SECRET_NAME = "prepared.key"
+# The build child's address-space cap: RSS can never pass it, so neither can the build's.
+DEFAULT_MEMORY_LIMIT_BYTES = 4 * 2**30
+_RETRY_WHILE_BUILDING_SECONDS = 5
+_BUILD_ALLOCATOR = {
+    "_RJEM_MALLOC_CONF": "dirty_decay_ms:0,muzzy_decay_ms:0",
+    "ARROW_DEFAULT_MEMORY_POOL": "system",
+    "MALLOC_ARENA_MAX": "2",
+}
+_FIRST_RETRY_SECONDS = 60.0  # after a failed build; doubled on each failure of the same version
+_MAX_RETRY_SECONDS = 3600.0
+
+
+class BuildFailed(Exception):
+    """The build child failed (out of its memory limit, killed, or an error of its own)."""
 
 
 def copy_key(dataset: Dataset, data_version: str) -> str:
@@ -163,7 +194,14 @@ class PreparedStore:
     """
 
     def __init__(
-        self, state_dir: Path, versions: DataVersions | None = None, *, authenticate: bool = True
+        self,
+        state_dir: Path,
+        versions: DataVersions | None = None,
+        *,
+        authenticate: bool = True,
+        wait_seconds: float | None = None,
+        memory_limit_bytes: int = DEFAULT_MEMORY_LIMIT_BYTES,
+        rows_per_bucket: int = ROWS_PER_BUCKET,
     ) -> None:
         self.directory = Path(state_dir) / "prepared"
         self.versions = versions if versions is not None else DataVersions()
@@ -174,20 +212,164 @@ class PreparedStore:
         self._locks: dict[str, threading.Lock] = {}
         self._ready: dict[str, tuple[PreparedSource, tuple]] = {}  # id -> (copy, its stat signature)
         self._closing = threading.Event()
-        self._warming: list[threading.Thread] = []
+        self.wait_seconds = wait_seconds  # None: `source` waits for a build however long it takes
+        self.memory_limit_bytes = memory_limit_bytes
+        self.rows_per_bucket = rows_per_bucket
+        self.last_build: dict | None = None  # the stats the last build's child reported
+        # One build at a time: each may use up to memory_limit_bytes.
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dataops-prepare")
+        self._builds: dict[str, concurrent.futures.Future] = {}
+        # id -> (copy key, retry at (monotonic), back-off, the failed future)
+        self._failed: dict[str, tuple[str, float, float, concurrent.futures.Future]] = {}
+        self._children: set[subprocess.Popen] = set()
 
     @property
     def fingerprints(self) -> Fingerprints:
         """Data version and catalog terms together (`dataops.versions.Fingerprints`)."""
         return Fingerprints(self.versions)
 
-    def source(self, dataset: Dataset) -> PreparedSource:
-        """The copy of the dataset's current version, built first if there is none."""
-        max_rows = require_max_rows(dataset)
+    def source(self, dataset: Dataset, *, wait: float | None = None) -> PreparedSource:
+        """The copy of the dataset's current version, built in the background if there is none.
+
+        Waits for a build at most `wait` seconds (the store's `wait_seconds` if None;
+        None there too, or math.inf: until it is done), then answers `CopyUnavailable` with a retry
+        hint, so a query never blocks for a long build. A build that failed (its child
+        ran out of its memory limit, say) is tried again only after a back-off; until
+        then queries get `CopyUnavailable` at once.
+        """
+        require_max_rows(dataset)
         key = copy_key(dataset, self.versions.of(dataset))
         ready = self._current(dataset, key)
         if ready is not None:
             return ready
+        future = self._start(dataset, key)
+        timeout = self.wait_seconds if wait is None else wait
+        if timeout is not None and math.isinf(timeout):
+            timeout = None  # math.inf: until it is built, whatever the store's wait
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise CopyUnavailable(
+                f"the DP serving copy of {dataset.id!r} is being built for its current data version; "
+                f"retry in {_RETRY_WHILE_BUILDING_SECONDS} seconds",
+                rule="dp.copy_building",
+                retry_after_seconds=_RETRY_WHILE_BUILDING_SECONDS,
+            ) from None
+        except BuildFailed:
+            with self._guard:
+                failed = self._failed.get(dataset.id)
+            retry = max(1, math.ceil(failed[1] - time.monotonic())) if failed else 1
+            # What failed is the operator's to read in the server log; the consumer
+            # learns only that DP on this dataset is down for now.
+            raise CopyFailed(
+                f"the DP serving copy of {dataset.id!r} could not be built; DP queries on it are "
+                f"unavailable until the operator fixes it (next attempt in {retry} seconds)",
+                rule="dp.copy_failed",
+                retry_after_seconds=retry,
+            ) from None
+
+    def warm(self, datasets: Iterable[Dataset]) -> list[concurrent.futures.Future]:
+        """Queue the copies' builds, so the first DP query need not wait (or wait less)."""
+        futures = []
+        for dataset in datasets:
+            if not dataset.dp_ready:  # no cap set: no DP, no copy
+                continue
+            try:
+                key = copy_key(dataset, self.versions.of(dataset))
+                if self._current(dataset, key) is None:
+                    futures.append(self._start(dataset, key))
+            except Exception:  # the first query on it builds again and reports the error
+                log.exception("could not prepare %s for DP queries", dataset.id)
+        return futures
+
+    def wait_ready(self, datasets: Iterable[Dataset], timeout: float | None = None) -> bool:
+        """Block until every DP dataset's copy is built or failed; True if all are built."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        built = True
+        for future in self.warm(datasets):
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                future.result(remaining)
+            except concurrent.futures.TimeoutError:
+                return False
+            except Exception:
+                built = False
+        return built
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Stop building: queued builds are dropped and a running build's child is killed
+        (a build is a child process, so stopping it never interrupts native code here)."""
+        self._closing.set()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        with self._guard:
+            children = list(self._children)
+        for child in children:
+            child.kill()
+        deadline = time.monotonic() + timeout
+        for child in children:
+            try:
+                child.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("the build process %d did not stop", child.pid)
+
+    def path_for(self, dataset: Dataset, key: str) -> Path:
+        return self.directory / f"{dataset.id}-{key[:16]}.parquet"
+
+    @staticmethod
+    def tag_path(path: Path) -> Path:
+        return path.with_name(path.name + ".tag")
+
+    # --- internals ----------------------------------------------------------------
+
+    def _current(self, dataset: Dataset, key: str) -> PreparedSource | None:
+        """The adopted copy, if it is still this key's and its file was not touched since."""
+        with self._guard:
+            ready = self._ready.get(dataset.id)
+        if ready is None or ready[0].fingerprint != key:
+            return None
+        try:
+            unchanged = stat_signature(os.stat(ready[0].path)) == ready[1]
+        except OSError:
+            unchanged = False
+        return ready[0] if unchanged else None
+
+    def _start(self, dataset: Dataset, key: str) -> concurrent.futures.Future:
+        """The build of this dataset's copy under way, queued, or failed recently; else a new one.
+
+        Builds run one at a time (one worker): each may use up to the memory limit.
+        """
+        with self._guard:
+            running = self._builds.get(dataset.id)
+            if running is not None and not running.done():
+                return running
+            failed = self._failed.get(dataset.id)
+            if failed is not None and failed[0] == key and time.monotonic() < failed[1]:
+                return failed[3]
+            if self._closing.is_set():
+                stopped: concurrent.futures.Future = concurrent.futures.Future()
+                stopped.set_exception(BuildFailed("the server is stopping"))
+                return stopped
+            future = self._executor.submit(self._prepare, dataset)
+            self._builds[dataset.id] = future
+
+        def done(finished: concurrent.futures.Future) -> None:
+            if finished.cancelled() or finished.exception() is None or self._closing.is_set():
+                with self._guard:
+                    self._failed.pop(dataset.id, None)
+                return
+            with self._guard:
+                previous = self._failed.get(dataset.id)
+                delay = _FIRST_RETRY_SECONDS if previous is None or previous[0] != key else previous[2] * 2
+                delay = min(delay, _MAX_RETRY_SECONDS)
+                self._failed[dataset.id] = (key, time.monotonic() + delay, delay, finished)
+            log.error("could not prepare %s for DP queries: %s", dataset.id, finished.exception())
+
+        future.add_done_callback(done)
+        return future
+
+    def _prepare(self, dataset: Dataset) -> PreparedSource:
+        """Build (or adopt a built) copy of the dataset's current version; the build worker's job."""
+        max_rows = require_max_rows(dataset)
         with self._lock_for(dataset.id):
             for _ in range(_BUILD_ATTEMPTS):
                 version = self.versions.of(dataset)
@@ -212,52 +394,6 @@ class PreparedStore:
                 self._remove_old(dataset, keep=path)
                 return source
         raise InternalError(f"{dataset.id} kept changing while its prepared copy was built")
-
-    def warm(self, datasets: Iterable[Dataset]) -> threading.Thread:
-        """Build the copies in a background thread, so the first DP query need not wait."""
-        datasets = [d for d in datasets if d.dp_ready]  # no cap set: no DP, no copy
-
-        def build_all() -> None:
-            for dataset in datasets:
-                if self._closing.is_set():
-                    return
-                try:
-                    self.source(dataset)
-                except Exception:  # the first query on it builds again and reports the error
-                    log.exception("could not prepare %s for DP queries", dataset.id)
-
-        thread = threading.Thread(target=build_all, name="dataops-prepare", daemon=True)
-        thread.start()
-        self._warming.append(thread)
-        return thread
-
-    def close(self, timeout: float = 60.0) -> None:
-        """Stop warming: no new build starts, and a build under way is waited for (polars
-        cannot be interrupted; a process exiting under it dies in native code)."""
-        self._closing.set()
-        for thread in self._warming:
-            thread.join(timeout)
-
-    def path_for(self, dataset: Dataset, key: str) -> Path:
-        return self.directory / f"{dataset.id}-{key[:16]}.parquet"
-
-    @staticmethod
-    def tag_path(path: Path) -> Path:
-        return path.with_name(path.name + ".tag")
-
-    # --- internals ----------------------------------------------------------------
-
-    def _current(self, dataset: Dataset, key: str) -> PreparedSource | None:
-        """The adopted copy, if it is still this key's and its file was not touched since."""
-        with self._guard:
-            ready = self._ready.get(dataset.id)
-        if ready is None or ready[0].fingerprint != key:
-            return None
-        try:
-            unchanged = stat_signature(os.stat(ready[0].path)) == ready[1]
-        except OSError:
-            unchanged = False
-        return ready[0] if unchanged else None
 
     def _private_directory(self) -> None:
         """`prepared/` is the server user's alone (0700): no other user can plant a file in it."""
@@ -313,38 +449,25 @@ class PreparedStore:
             return None
 
     def _build(self, dataset: Dataset, version: str, key: str, path: Path) -> None:
-        """Truncate each unit to its first k rows (real unit ids, file order), code the
-        units, keep only usable columns, write atomically with an authenticated tag."""
-        unit, k = dataset.unit_column, dataset.max_rows_per_unit
+        """Bound each unit to its first k rows (real unit ids, file order), code the units and
+        keep only usable columns, in a memory-capped child (dataops.engines.build); then tag
+        the copy here, where the secret is, and move both into place."""
         self._private_directory()
         stem = f".{path.name}.{os.getpid()}-{uuid.uuid4().hex}"
         temporary, temporary_tag = self.directory / f"{stem}.tmp", self.directory / f"{stem}.tag.tmp"
+        scratch = self.directory / f"{stem}.buckets.tmp"
+        request = {
+            "source": str(dataset.path),
+            "output": str(temporary),
+            "scratch": str(scratch),
+            "unit": dataset.unit_column,
+            "columns": prepared_column_names(dataset),
+            "max_rows_per_unit": dataset.max_rows_per_unit,
+            "memory_limit_bytes": self.memory_limit_bytes,
+            "rows_per_bucket": self.rows_per_bucket,
+        }
         try:
-            # Dense codes: the rank 1..n of each unit's 64-bit hash (ranking the hashes is
-            # ten times faster than ranking string ids), then a random permutation nobody
-            # keeps. Two ids whose hashes collide (odds about n^2 / 2^65) share a code:
-            # COUNT_UNITS' per-unit step then keeps one row where there were two, so a
-            # unit still adds or removes at most one row per group. The truncation (the
-            # filter) runs on the real ids, where a collision could displace rows.
-            truncated = (
-                pl.scan_parquet(dataset.path)
-                .filter(pl.int_range(pl.len()).over(unit) < k)
-                .select(pl.col(unit).hash().rank("dense").alias(UNIT_CODE), *prepared_columns(dataset))
-                .collect()
-            )
-            ranks = truncated[UNIT_CODE].cast(pl.UInt64).to_numpy()
-            size = int(ranks.max()) + 1 if len(ranks) else 1
-            permutation = np.random.default_rng(secrets.randbits(128)).permutation(size).astype(np.uint64)
-            frame = (
-                truncated.with_columns(pl.Series(UNIT_CODE, permutation[ranks], dtype=pl.UInt64))
-                .select(pl.col(UNIT_CODE), pl.exclude(UNIT_CODE))
-                # One unit's rows adjacent: COUNT_UNITS' per-unit step is several times faster.
-                .sort(UNIT_CODE, maintain_order=True)
-            )
-            del truncated
-            frame.write_parquet(temporary, compression="lz4")
-            with temporary.open("rb") as f:
-                os.fsync(f.fileno())
+            stats = self._run_build(request)
             digest, _ = hash_file(temporary)
             fields = {**self._claims(dataset, version, key), "sha256": digest}
             temporary_tag.write_text(json.dumps({**fields, "mac": self._mac(fields)}, sort_keys=True))
@@ -357,8 +480,63 @@ class PreparedStore:
         except BaseException:
             temporary.unlink(missing_ok=True)
             temporary_tag.unlink(missing_ok=True)
+            shutil.rmtree(scratch, ignore_errors=True)
             raise
-        log.info("prepared %s for DP queries: %d rows, at most %d per unit", dataset.id, frame.height, k)
+        self.last_build = stats
+        log.info(
+            "prepared %s for DP queries: %d rows of %d, at most %d per unit, %d buckets, %.1f s, "
+            "peak RSS %.2f GiB",
+            dataset.id,
+            stats["rows"],
+            stats["source_rows"],
+            dataset.max_rows_per_unit,
+            stats["buckets"],
+            stats["seconds"],
+            stats["peak_rss_bytes"] / 2**30,
+        )
+
+    def _run_build(self, request: dict) -> dict:
+        """Run dataops.engines.build in a child process; its stats, or BuildFailed."""
+        environment = dict(os.environ)
+        # The child imports this very tree of dataops, whatever the working directory.
+        package_root = str(Path(__file__).resolve().parents[2])
+        environment["PYTHONPATH"] = os.pathsep.join(
+            p for p in (package_root, environment.get("PYTHONPATH")) if p
+        )
+        # Freed memory goes back to the system at once: polars' jemalloc otherwise keeps a
+        # bucket's pages after it is done (the RSS grew bucket by bucket), and Arrow on the
+        # system allocator with few arenas does not hold its own pools.
+        environment.update(_BUILD_ALLOCATOR)
+        child = subprocess.Popen(
+            [sys.executable, "-m", "dataops.engines.build"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=environment,
+            start_new_session=True,  # a Ctrl-C at the server's terminal is the server's to handle
+        )
+        with self._guard:
+            self._children.add(child)
+        try:
+            out, err = child.communicate(json.dumps(request).encode())
+        finally:
+            with self._guard:
+                self._children.discard(child)
+        if child.returncode != 0:
+            tail = err.decode(errors="replace").strip().splitlines()[-5:]
+            cause = (
+                f"killed by signal {-child.returncode}"
+                if child.returncode < 0
+                else f"exit status {child.returncode}"
+            )
+            raise BuildFailed(
+                f"the build of {Path(request['output']).name} failed ({cause}, memory limit "
+                f"{self.memory_limit_bytes / 2**30:.2f} GiB): {' | '.join(tail) or 'no message'}"
+            )
+        try:
+            return json.loads(out.decode().strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            raise BuildFailed("the build process did not report its result") from None
 
     def _remove_old(self, dataset: Dataset, keep: Path) -> None:
         """Older versions, and temporary files a stopped build left (after a grace period)."""
@@ -369,7 +547,11 @@ class PreparedStore:
                 old.unlink(missing_ok=True)
         for left in self.directory.glob(f".{dataset.id}-*.tmp"):
             try:
-                if time.time() - left.stat().st_mtime > _STALE_TEMPORARY_SECONDS:
+                if left.is_dir():  # a build's buckets: its bucket directories change as it runs
+                    touched = max([left.stat().st_mtime, *(b.stat().st_mtime for b in left.iterdir())])
+                    if time.time() - touched > _STALE_TEMPORARY_SECONDS:
+                        shutil.rmtree(left, ignore_errors=True)
+                elif time.time() - left.stat().st_mtime > _STALE_TEMPORARY_SECONDS:
                     left.unlink(missing_ok=True)
             except FileNotFoundError:
                 pass

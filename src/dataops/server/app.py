@@ -255,7 +255,12 @@ def _build(
             raise
     # DP reads copies truncated once per data version (state/prepared); build them now,
     # in the background, so the first DP query need not wait for its dataset's copy.
-    prepared = PreparedStore(config.paths.state, versions)
+    prepared = PreparedStore(
+        config.paths.state,
+        versions,
+        wait_seconds=config.server.copy_wait_seconds,
+        memory_limit_bytes=config.server.copy_memory_limit_mib * 2**20,
+    )
     # Tables key on the data version and the catalog terms (keys, bounds) they are cut by.
     tables = table_engine(config, catalog, products.tables, Fingerprints(versions).of, audit.append)
     sandbox = Sandbox(

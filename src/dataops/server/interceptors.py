@@ -21,7 +21,7 @@ from concurrent import futures
 from typing import Any
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
@@ -88,6 +88,12 @@ def to_status(error: RequestError, receipt: Receipt | None, held: int = 0) -> gr
                     )
                     for v in error.quota_violations[:8]
                 ]
+            )
+        )
+    if error.retry_after_seconds is not None:  # the domain's retry hint (a table or copy being built)
+        details.append(
+            error_details_pb2.RetryInfo(
+                retry_delay=duration_pb2.Duration(seconds=int(error.retry_after_seconds))
             )
         )
     packed = []

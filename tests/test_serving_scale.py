@@ -1,0 +1,35 @@
+"""The memory bound at the seeds' scale: 1.5 billion claim rows (`pytest -m slow`).
+
+Generates the rows with the demo generator in chunks (about 22 GB of Parquet, under a
+temporary directory, deleted afterwards), builds the serving copy, and answers a DP
+question over it and the exact question in raw polars streaming, each within 4 GiB of
+RSS. Hours on two cores and about 50 GB of disk: not part of the default run (the
+timings and ratios are benchmarks/bench_serving.py --billion).
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+GIB = 2**30
+
+
+@pytest.mark.slow
+def test_a_billion_and_a_half_rows_build_and_answer_within_4_gib(tmp_path: Path, monkeypatch) -> None:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_serving
+
+    monkeypatch.setattr(bench_serving, "DATA", tmp_path)  # the measuring children get it as --data
+    try:
+        result = bench_serving.bench(bench_serving.BILLION, repeats=1)
+    finally:
+        shutil.rmtree(tmp_path, ignore_errors=True)
+    assert result["rows"] == 1_500_000_000
+    assert result["build_peak_rss_gib"] <= 4.0
+    assert result["dp_peak_rss_gib"] <= 4.0
+    assert result["raw_peak_rss_gib"] <= 4.0
