@@ -237,3 +237,36 @@ def test_a_fresh_venv_with_only_the_client_connects(server, pki, tmp_path):
         env=env,
     )
     assert show.returncode == 0 and "RunQuery" in show.stdout, show.stderr
+
+
+def test_answers_and_refusals_carry_the_one_receipt_type_with_its_proof(connect, config):
+    """One `Receipt` (dataops.values): the log makes it, the client reads it back whole."""
+    from dataops.audit import Receipt as LogReceipt
+    from dataops.audit.merkle import leaf_hash, verify_inclusion
+    from dataops.audit.note import parse_checkpoint
+    from dataops.client import Receipt
+
+    assert Receipt is LogReceipt
+    client = connect("city-bank")
+    answered = client.query("enterprise_credit", aggregates=["count"], group_by=["size_band"]).receipt
+    with pytest.raises(DataopsClientError) as err:
+        client.query("enterprise_credit", aggregates=["count"], group_by=["enterprise_id"])
+    refused = err.value.receipt
+    records = {r["seq"]: r for r in audit_records(config)}
+    for receipt in (answered, refused):
+        assert isinstance(receipt, Receipt) and dataclasses.is_dataclass(receipt)
+        assert records[receipt.sequence]["hash"] == receipt.hash
+        assert (
+            json.loads(receipt.record)["hash"] == receipt.hash and receipt.leaf_index == receipt.sequence - 1
+        )
+        checkpoint = parse_checkpoint(receipt.checkpoint, None)
+        assert receipt.tree_size == checkpoint.size
+        verify_inclusion(  # raises if the record is not in the signed tree
+            receipt.leaf_index,
+            checkpoint.size,
+            leaf_hash(receipt.record),
+            list(receipt.inclusion_path),
+            checkpoint.root,
+        )
+    # The second call told the server which checkpoint this client held: the proof came along.
+    assert refused.consistency_from == answered.tree_size

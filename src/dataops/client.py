@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import base64
 import re
-import types
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,7 +58,7 @@ from dataops.v1 import (
     subject_pb2,
     subject_pb2_grpc,
 )
-from dataops.values import AggregateAccuracy, Budget, PrivacyLoss, Spend  # noqa: F401 (re-exported)
+from dataops.values import AggregateAccuracy, Budget, PrivacyLoss, Receipt, Spend  # noqa: F401 (re-exported)
 
 __all__ = [
     "AggregateAccuracy",
@@ -127,10 +126,14 @@ class DataopsClientError(Exception):
 
     @property
     def receipt(self) -> Receipt | None:
-        """The audit receipt of the refused request, when the server wrote one."""
+        """The audit receipt of the refused request, when the server wrote one: with its
+        proof when the server sent it (it does unless the record is too long for a trailer)."""
         if "receipt_sequence" not in self.metadata:
             return None
-        return Receipt(int(self.metadata["receipt_sequence"]), self.metadata.get("receipt_hash", ""))
+        try:
+            return _metadata_receipt(self.metadata)
+        except (KeyError, ValueError):
+            return Receipt(int(self.metadata["receipt_sequence"]), self.metadata.get("receipt_hash", ""))
 
     @classmethod
     def from_rpc_error(cls, error: grpc.RpcError) -> DataopsClientError:
@@ -208,12 +211,6 @@ _TRANSPORT = {
 
 
 # --- results: plain dataclasses ----------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Receipt:
-    sequence: int
-    hash: str
 
 
 @dataclass(frozen=True)
@@ -361,7 +358,38 @@ def _enum_names(enum: Any, values: Iterable[int], prefix: str) -> tuple[str, ...
 
 
 def _receipt(message: Any) -> Receipt:
-    return Receipt(message.receipt.sequence, message.receipt.hash)
+    r = message.receipt
+    return Receipt(
+        r.sequence,
+        r.hash,
+        r.leaf_index,
+        r.tree_size,
+        tuple(r.inclusion_path),
+        r.checkpoint,
+        r.record,
+        r.consistency_from,
+        tuple(r.consistency_path),
+    )
+
+
+def _metadata_receipt(md: dict[str, str]) -> Receipt:
+    """A refusal's receipt from its ErrorInfo metadata (`dataops.audit.receipts.receipt_metadata`);
+    KeyError or ValueError if a part is missing or malformed."""
+    hashes = lambda text: tuple(base64.b64decode(h, validate=True) for h in text.split(",") if h)  # noqa: E731
+    sequence = int(md["receipt_sequence"])
+    if "receipt_checkpoint" not in md:
+        return Receipt(sequence, md.get("receipt_hash", ""))
+    return Receipt(
+        sequence,
+        md["receipt_hash"],
+        sequence - 1,
+        int(md["receipt_tree_size"]),
+        hashes(md["receipt_inclusion_path"]),
+        md["receipt_checkpoint"],
+        md["receipt_record"].encode("utf-8"),
+        int(md.get("receipt_consistency_from", 0)),
+        hashes(md.get("receipt_consistency_path", "")),
+    )
 
 
 def _accuracy(message: query_pb2.AggregateAccuracy) -> AggregateAccuracy:
@@ -598,7 +626,7 @@ class Client:
         self.last_receipt = _receipt(response)
         if self.witness is not None:
             try:
-                self.witness.observe(response.receipt, self._fetch_consistency)
+                self.witness.observe(self.last_receipt, self._fetch_consistency)
             except WitnessError as exc:
                 raise AuditVerificationError(str(exc)) from None
         return response
@@ -608,20 +636,8 @@ class Client:
         md = refusal.metadata
         if self.witness is None or "receipt_checkpoint" not in md:
             return
-        hashes = lambda text: [base64.b64decode(h) for h in text.split(",") if h]  # noqa: E731
         try:
-            sequence = int(md["receipt_sequence"])
-            receipt = types.SimpleNamespace(
-                sequence=sequence,
-                hash=md["receipt_hash"],
-                leaf_index=sequence - 1,
-                tree_size=int(md["receipt_tree_size"]),
-                inclusion_path=hashes(md["receipt_inclusion_path"]),
-                checkpoint=md["receipt_checkpoint"],
-                record=md["receipt_record"].encode("utf-8"),
-                consistency_from=int(md.get("receipt_consistency_from", 0)),
-                consistency_path=hashes(md.get("receipt_consistency_path", "")),
-            )
+            receipt = _metadata_receipt(md)
         except (KeyError, ValueError) as exc:
             raise AuditVerificationError(f"a refusal's audit receipt is malformed ({exc!r})") from None
         try:

@@ -1,5 +1,5 @@
 """Value types that both sides of the wire share: privacy loss, what a release cost, how
-accurate it is, and a budget next to its spend.
+accurate it is, a budget next to its spend, and the audit receipt of a call.
 
 Dependency-free on purpose: the light client (`dataops.client`) and the server's engines,
 catalog, policy and ledger import the same classes, so there is one definition of each,
@@ -133,3 +133,26 @@ class Budget:
     @property
     def delta_remaining(self) -> float:
         return self.remaining.delta
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """Where a call's audit record is, and the proof that a signed checkpoint covers it.
+
+    The contract's `Receipt` message, field for field. The server's audit log makes it
+    (`AuditLog.append`, with the consistency proof added for the client's checkpoint by
+    `AuditLog.with_consistency`); the client reads it back from the response (or a
+    refusal's metadata) and its witness checks it (`dataops.audit.witness`). Without a
+    checkpoint it is only the position: `sequence` and `hash`.
+    """
+
+    sequence: int
+    hash: str
+    leaf_index: int = -1  # sequence - 1
+    tree_size: int = 0  # the size of `checkpoint`'s tree
+    inclusion_path: tuple[bytes, ...] = ()
+    checkpoint: str = ""  # the signed note (C2SP)
+    record: bytes = b""  # the stored line (without "\n"): its leaf hash is SHA-256(0x00 || record)
+    # The tree size of the checkpoint the client said it holds, and the proof from it.
+    consistency_from: int = 0
+    consistency_path: tuple[bytes, ...] = ()

@@ -40,7 +40,7 @@ import os
 import re
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import replace
 from decimal import ROUND_CEILING, Decimal
 from pathlib import Path
 from typing import Any, Protocol
@@ -53,6 +53,7 @@ from dataops.audit.chain import GENESIS, line_hash_ok, record_hash
 from dataops.audit.merkle import Tree, leaf_hash
 from dataops.audit.note import Checkpoint, NoteError, key_id, parse_checkpoint
 from dataops.audit.signer import SignerError
+from dataops.values import Receipt  # re-exported: the one receipt type, shared with the client
 
 log = logging.getLogger(__name__)
 
@@ -91,26 +92,6 @@ class Signer(Protocol):
     def last_checkpoint(self) -> str | None: ...
 
     def sign(self, size: int, root: bytes, ledger: str, proof: list[bytes]) -> str: ...
-
-
-@dataclass(frozen=True)
-class Receipt:
-    """Where a request's record is, and the proof that a signed checkpoint covers it."""
-
-    sequence: int
-    hash: str
-    leaf_index: int = -1  # sequence - 1
-    tree_size: int = 0  # the size of `checkpoint`'s tree
-    inclusion_path: tuple[bytes, ...] = ()
-    checkpoint: str = ""  # the signed note
-    record: bytes = b""  # the stored line (without "\n"): its leaf hash is SHA-256(0x00 || record)
-    _log: Any = field(default=None, repr=False, compare=False)
-
-    def consistency_proof(self, first: int) -> list[bytes]:
-        """The proof between tree size `first` and this receipt's tree (either order)."""
-        if self._log is None:
-            raise ValueError("this receipt was not made by a log")
-        return self._log.consistency_proof(min(first, self.tree_size), max(first, self.tree_size))
 
 
 def segment_paths(active: Path) -> list[Path]:
@@ -326,6 +307,21 @@ class AuditLog:
                 raise ValueError(f"tree size {second} is beyond the last signed checkpoint ({self._signed})")
             return self.tree.consistency_proof(first, second)
 
+    def with_consistency(self, receipt: Receipt, held: int) -> Receipt:
+        """`receipt` with the consistency proof from the tree size the client holds (`held`,
+        0: none) to the receipt's tree, either order, so a witnessing client needs no extra call.
+
+        A client holding a bigger tree than this log has signed gets an empty path (no
+        proof exists) and reports the rollback.
+        """
+        if not held or not receipt.checkpoint:
+            return receipt
+        try:
+            path = tuple(self.consistency_proof(min(held, receipt.tree_size), max(held, receipt.tree_size)))
+        except ValueError:
+            path = ()
+        return replace(receipt, consistency_from=held, consistency_path=path)
+
     # --- writing --------------------------------------------------------------
 
     def _add_spend(self, record: dict[str, Any], pending: bool = False) -> None:
@@ -390,7 +386,6 @@ class AuditLog:
                 tuple(self.tree.inclusion_proof(mine - 1, cp.size)),
                 cp.note,
                 line,
-                self,
             )
 
     def _undo_write(self, exc: OSError) -> None:

@@ -1,9 +1,10 @@
 """Receipts on the wire, and the ledger's reconciliation against the log.
 
-`fill_receipt` puts an `AuditLog` receipt into a `dataops.v1.Receipt`: where the
-record is, the record itself, its inclusion proof, the signed checkpoint, and — when
-the client said which checkpoint it holds (request metadata `dataops-witness-size`)
-— the consistency proof from that one, so a witnessing client needs no extra call.
+`fill_receipt` puts a `Receipt` into a `dataops.v1.Receipt`: where the record is,
+the record itself, its inclusion proof, the signed checkpoint, and — when the client
+said which checkpoint it holds (request metadata `dataops-witness-size`, added by
+`AuditLog.with_consistency`) — the consistency proof from that one, so a witnessing
+client needs no extra call.
 
 `reconcile_ledger` runs at start: a ledger that has spent less on any grant than the
 (verified) audit log records was reset or restored behind the log, and serving it
@@ -15,8 +16,9 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-from dataops.audit.log import AuditLog, Receipt
+from dataops.audit.log import AuditLog
 from dataops.audit.witness import WITNESS_HEADER
+from dataops.values import Receipt
 
 __all__ = [
     "WITNESS_HEADER",
@@ -47,7 +49,9 @@ def witness_size(metadata: Any) -> int:
     return 0
 
 
-def fill_receipt(message: Any, receipt: Receipt, held: int = 0) -> None:
+def fill_receipt(message: Any, receipt: Receipt) -> None:
+    """Copy `receipt` (with its consistency proof, `AuditLog.with_consistency`) into a
+    `dataops.v1.Receipt` message."""
     message.sequence = receipt.sequence
     message.hash = receipt.hash
     if not receipt.checkpoint:
@@ -57,17 +61,12 @@ def fill_receipt(message: Any, receipt: Receipt, held: int = 0) -> None:
     message.inclusion_path[:] = list(receipt.inclusion_path)
     message.checkpoint = receipt.checkpoint
     message.record = receipt.record
-    if held:
-        message.consistency_from = held
-        try:
-            message.consistency_path[:] = receipt.consistency_proof(held)
-        except ValueError:
-            # The client holds a bigger tree than this log has signed: no proof exists.
-            # It sees an empty path and reports the rollback.
-            pass
+    if receipt.consistency_from:
+        message.consistency_from = receipt.consistency_from
+        message.consistency_path[:] = list(receipt.consistency_path)
 
 
-def receipt_metadata(receipt: Receipt, held: int = 0) -> dict[str, str]:
+def receipt_metadata(receipt: Receipt) -> dict[str, str]:
     """The proof of a refusal's record, as ErrorInfo metadata strings (base64 hashes, comma-separated)."""
     if not receipt.checkpoint or len(receipt.record) > _MAX_RECORD_IN_METADATA:
         return {}
@@ -78,12 +77,9 @@ def receipt_metadata(receipt: Receipt, held: int = 0) -> dict[str, str]:
         "receipt_checkpoint": receipt.checkpoint,
         "receipt_record": receipt.record.decode("utf-8"),
     }
-    if held:
-        metadata["receipt_consistency_from"] = str(held)
-        try:
-            metadata["receipt_consistency_path"] = b64(receipt.consistency_proof(held))
-        except ValueError:
-            pass  # the client holds a bigger tree than this log signed: it will say so
+    if receipt.consistency_from:
+        metadata["receipt_consistency_from"] = str(receipt.consistency_from)
+        metadata["receipt_consistency_path"] = b64(receipt.consistency_path)
     return metadata
 
 

@@ -22,12 +22,12 @@ import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from dataops.audit.merkle import ProofError, leaf_hash, verify_consistency, verify_inclusion
 from dataops.audit.note import Checkpoint, NoteError, parse_checkpoint
+from dataops.values import Receipt
 
 __all__ = ["WITNESS_HEADER", "Witness", "WitnessError"]
 
@@ -63,9 +63,10 @@ class Witness:
         return [(WITNESS_HEADER, str(self.size))] if self.checkpoint else []
 
     def observe(
-        self, receipt: Any, fetch_proof: Callable[[int, int], list[bytes]] | None = None
+        self, receipt: Receipt, fetch_proof: Callable[[int, int], list[bytes]] | None = None
     ) -> Checkpoint:
-        """Check a `dataops.v1.Receipt`; raise WitnessError naming the failure."""
+        """Check a receipt (as the client read it from a response or a refusal); raise
+        WitnessError naming the failure."""
         if not receipt.checkpoint:
             raise WitnessError(
                 f"receipt #{receipt.sequence} carries no signed checkpoint: this server "
@@ -119,7 +120,7 @@ class Witness:
         self,
         held: Checkpoint,
         cp: Checkpoint,
-        receipt: Any,
+        receipt: Receipt,
         fetch_proof: Callable[[int, int], list[bytes]] | None,
     ) -> bool:
         """Raise WitnessError if `cp` contradicts `held`; False if no proof could be fetched."""

@@ -60,13 +60,13 @@ def _bounded(text: str, limit: int = _MAX_DETAIL) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def to_status(error: RequestError, receipt: Receipt | None, held: int = 0) -> grpc.Status:
+def to_status(error: RequestError, receipt: Receipt | None) -> grpc.Status:
     metadata = {key: _bounded(value) for key, value in error.metadata.items()}
     if receipt is not None:
         metadata["receipt_sequence"] = str(receipt.sequence)
         metadata["receipt_hash"] = receipt.hash
         # The record and its proof, so a witnessing client checks refusals too.
-        metadata.update(receipt_metadata(receipt, held))
+        metadata.update(receipt_metadata(receipt))
     details = [error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=metadata)]
     if error.field_violations:
         details.append(
@@ -387,6 +387,10 @@ class AuditInterceptor(grpc.ServerInterceptor):
             call.record_outcome(outcome)
         call.failed("INTERNAL")
 
+    def _proven(self, receipt: Receipt, context: grpc.ServicerContext) -> Receipt:
+        """The receipt with the consistency proof from the checkpoint the client holds."""
+        return self.audit.with_consistency(receipt, witness_size(context.invocation_metadata()))
+
     def _append(self, call: CallRecord, context: grpc.ServicerContext, method: str) -> Receipt:
         try:
             return self.audit.append(call.to_record(self.policies.current.version))
@@ -449,11 +453,7 @@ class AuditInterceptor(grpc.ServerInterceptor):
             except RequestError as exc:
                 self._refused(call, exc)
                 context.abort_with_status(
-                    to_status(
-                        exc,
-                        self._append(call, context, method),
-                        witness_size(context.invocation_metadata()),
-                    )
+                    to_status(exc, self._proven(self._append(call, context, method), context))
                 )
             finally:
                 self._leave(admitted)
@@ -466,7 +466,7 @@ class AuditInterceptor(grpc.ServerInterceptor):
                     call.stream_event, call.messages = "message", (call.messages or 0) + 1
                     receipt = self._append(call, context, method)  # before the message goes out
                     call.evaluations = None
-                    fill_receipt(response.receipt, receipt, witness_size(context.invocation_metadata()))
+                    fill_receipt(response.receipt, self._proven(receipt, context))
                     yield response
             except RequestError as exc:
                 error = exc
@@ -488,9 +488,7 @@ class AuditInterceptor(grpc.ServerInterceptor):
                 call.code = "CANCELLED"
             receipt = self._append(call, context, method)
             if error is not None:
-                context.abort_with_status(
-                    to_status(error, receipt, witness_size(context.invocation_metadata()))
-                )
+                context.abort_with_status(to_status(error, self._proven(receipt, context)))
             if failed:
                 context.abort_with_status(internal_status(receipt))
 
@@ -534,14 +532,12 @@ class AuditInterceptor(grpc.ServerInterceptor):
                     grpc.StatusCode.UNAVAILABLE, "the audit log is unavailable; nothing was released"
                 )
             if error is not None:
-                context.abort_with_status(
-                    to_status(error, receipt, witness_size(context.invocation_metadata()))
-                )
+                context.abort_with_status(to_status(error, self._proven(receipt, context)))
             if response is None:
                 context.abort_with_status(internal_status(receipt))
             # With the inclusion proof, the signed checkpoint and, if the client holds one,
             # the consistency proof from it: every client is a witness (dataops.client).
-            fill_receipt(response.receipt, receipt, witness_size(context.invocation_metadata()))
+            fill_receipt(response.receipt, self._proven(receipt, context))
             return response
 
         if self.pool is not None:
