@@ -237,6 +237,12 @@ def test_explain_counts_the_budget_that_is_left(server, config, connect, capsys)
     assert code == 1 and "BUDGET_EXHAUSTED" in out
     code, out, _ = run(capsys, *explain, "--epsilon", "1.5")
     assert code == 0 and "ALLOWED" in out and "costs epsilon 1.5; the grant has epsilon 1.6 left" in out
+    # The ledger's totals next to the limits: the grant's and the dataset's (all consumers).
+    code, out, _ = run(capsys, "budget", "show", "-c", toml_of(config), "--json")
+    rows = {(r["consumer"], r["dataset"]): r for r in json.loads(out)}
+    assert code == 0 and rows[("city-bank", "enterprise_credit")]["epsilon_spent"] == pytest.approx(3.4)
+    assert rows[("(all consumers)", "enterprise_credit")]["epsilon_spent"] == pytest.approx(3.4)
+    assert rows[("city-bank", "enterprise_credit")]["epsilon_total"] == 5.0
 
 
 def test_certs_list_shows_revocation(config, tmp_path, capsys):

@@ -302,7 +302,7 @@ def test_a_server_killed_mid_load_restarts_with_a_consistent_ledger_and_log(tmp_
     # -- the ledger -----------------------------------------------------------------
     with Ledger(ledger_path(config), recover=False) as ledger:
         assert ledger._conn().execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        spent = {(s.consumer, s.dataset): s.epsilon_spent for s in ledger.budgets()}
+        spent = {(s.consumer, s.dataset): s.spent.epsilon for s in ledger.budgets()}
         spent_units = dict(ledger._conn().execute("SELECT consumer, epsilon FROM grant_spend").fetchall())
         doubled = (
             ledger._conn()

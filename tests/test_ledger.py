@@ -188,7 +188,7 @@ def test_budgets_lists_grants_and_dataset_totals(ledger):
     ledger.reserve("river", "credit", 1.0, 0.0, **totals)
     ledger.reserve("city", "credit", 0.5, 0.0, **totals)
     ledger.reserve("city", "claims", 0.25, 0.0, **totals)
-    assert [(s.consumer, s.dataset, s.epsilon_spent) for s in ledger.budgets()] == [
+    assert [(s.consumer, s.dataset, s.spent.epsilon) for s in ledger.budgets()] == [
         ("city", "claims", 0.25),
         (None, "claims", 0.25),
         ("city", "credit", 0.5),

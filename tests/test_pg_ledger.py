@@ -97,7 +97,7 @@ def test_colluding_consumers_on_different_replicas_share_the_dataset_cap(pg_url)
     assert won == 5
     with Ledger(pg_url, recover=False) as ledger:
         assert ledger.dataset_spent("credit") == PrivacyLoss(5.0, 5e-9)
-        assert sum(s.epsilon_spent for s in ledger.budgets() if s.consumer is not None) == 5.0
+        assert sum(s.spent.epsilon for s in ledger.budgets() if s.consumer is not None) == 5.0
 
 
 def test_without_the_budget_row_lock_replicas_overspend(pg_url):

@@ -842,16 +842,17 @@ def cmd_budget_show(args: argparse.Namespace) -> int:
     from dataops.ledger import Ledger
     from dataops.policy import load_policies
     from dataops.server.app import ledger_location
+    from dataops.values import PrivacyLoss
 
     config = _config(args)
     catalog = _catalog(config)
     policies = load_policies(config.paths.policies, catalog, _products(config, catalog))
     path = ledger_location(config)
-    spent: dict[tuple[str | None, str], tuple[float, float]] = {}
+    spent: dict[tuple[str | None, str], PrivacyLoss] = {}
     if isinstance(path, str) or path.exists():  # a PostgreSQL URL, or a SQLite file
         # recover=False: a running server's in-flight reservations must stay open.
         with Ledger(path, recover=False) as ledger:
-            spent = {(s.consumer, s.dataset): (s.epsilon_spent, s.delta_spent) for s in ledger.budgets()}
+            spent = {(s.consumer, s.dataset): s.spent for s in ledger.budgets()}
     rows = []
     for dataset in sorted(catalog.datasets.values(), key=lambda d: d.id):
         rows.append(
@@ -860,7 +861,7 @@ def cmd_budget_show(args: argparse.Namespace) -> int:
                 dataset.id,
                 dataset.budget.epsilon,
                 dataset.budget.delta,
-                *spent.get((None, dataset.id), (0.0, 0.0)),
+                *spent.get((None, dataset.id), PrivacyLoss.zero()),
             )
         )
         for policy in sorted(policies.consumers.values(), key=lambda p: p.consumer):
@@ -872,7 +873,7 @@ def cmd_budget_show(args: argparse.Namespace) -> int:
                         dataset.id,
                         grant.budget.epsilon,
                         grant.budget.delta,
-                        *spent.get((policy.consumer, dataset.id), (0.0, 0.0)),
+                        *spent.get((policy.consumer, dataset.id), PrivacyLoss.zero()),
                     )
                 )
     if args.json:

@@ -233,13 +233,18 @@ class Reservation:
 
 
 @dataclass(frozen=True)
-class Spend:
-    """What has been spent; ``consumer`` None is the dataset-wide row (all consumers)."""
+class SpentTotal:
+    """The ledger's running total of what a grant has spent (``consumer`` None: the
+    dataset-wide total, all consumers), for `dataops budget show`.
+
+    Not `dataops.values.Spend`, which is what one request spent next to what remains
+    of its grant: the ledger keeps spends only, never the limits (those are the
+    policy's and the catalog's at call time), and `Budget` puts the two together.
+    """
 
     consumer: str | None
     dataset: str
-    epsilon_spent: float
-    delta_spent: float
+    spent: PrivacyLoss
 
 
 @dataclass(frozen=True)
@@ -743,7 +748,7 @@ class Ledger:
         eps_u, delta_u = _sums(self._conn(), "dataset = ?", (dataset,))
         return PrivacyLoss(_float(eps_u, _EPSILON_PLACES), _float(delta_u, _DELTA_PLACES))
 
-    def budgets(self) -> list[Spend]:
+    def budgets(self) -> list[SpentTotal]:
         """Everything spent: one row per consumer × dataset, then one per dataset
         (consumer None), sorted; for `dataops budget show`."""
         rows = (
@@ -756,7 +761,11 @@ class Ledger:
         )
         rows.sort(key=lambda row: (row[1], row[0] is None, row[0] or ""))
         return [
-            Spend(consumer, dataset, _float(int(eps), _EPSILON_PLACES), _float(int(delta), _DELTA_PLACES))
+            SpentTotal(
+                consumer,
+                dataset,
+                PrivacyLoss(_float(int(eps), _EPSILON_PLACES), _float(int(delta), _DELTA_PLACES)),
+            )
             for consumer, dataset, eps, delta in rows
         ]
 
