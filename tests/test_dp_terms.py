@@ -98,6 +98,20 @@ def test_the_spend_is_opendps_map_for_the_terms_used(claims, tmp_path) -> None:
         assert noise["sum_amount"] == pytest.approx(5 * 50_000 * 1000 / 0.35)
 
 
+def test_the_clients_estimate_carries_the_notes_and_its_receipt(connect, server) -> None:
+    """The notes cross the wire into the one `Estimate` value (the client used to drop them)."""
+    client = connect("harbor-insurance")
+    terms = Privacy(epsilon=1.0, max_rows_per_unit=5, measures=(MeasureTerms("amount", upper=5e4),))
+    estimate = client.estimate_query(Query("medical_claims", (MEAN,), mode=Mode.DP, privacy=terms))
+    assert any("clipping bias possible" in n for n in estimate.notes)
+    assert any("truncation bias" in n for n in estimate.notes)
+    assert estimate.receipt is not None and estimate.receipt.sequence > 0
+    plain = client.estimate_query(
+        Query("medical_claims", (MEAN,), mode=Mode.DP, privacy=Privacy(epsilon=1.0))
+    )
+    assert plain.notes == () and plain.spend.epsilon == pytest.approx(1.0)
+
+
 def test_an_estimate_says_when_the_terms_may_bias(claims) -> None:
     tight = plan_for(
         claims, [MEAN], epsilon=1.0, max_rows_per_unit=5, measures=(MeasureTerms("amount", upper=5e4),)

@@ -58,7 +58,14 @@ from dataops.v1 import (
     subject_pb2,
     subject_pb2_grpc,
 )
-from dataops.values import AggregateAccuracy, Budget, PrivacyLoss, Receipt, Spend  # noqa: F401 (re-exported)
+from dataops.values import (  # noqa: F401 (re-exported)
+    AggregateAccuracy,
+    Budget,
+    Estimate,
+    PrivacyLoss,
+    Receipt,
+    Spend,
+)
 
 __all__ = [
     "AggregateAccuracy",
@@ -211,15 +218,6 @@ _TRANSPORT = {
 
 
 # --- results: plain dataclasses ----------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Estimate:
-    """What a query would cost and how accurate it would be; nothing was run or spent."""
-
-    spend: Spend
-    accuracy: tuple[AggregateAccuracy, ...]
-    receipt: Receipt
 
 
 @dataclass(frozen=True)
@@ -796,7 +794,10 @@ class Client:
     @staticmethod
     def _estimate(response: query_pb2.EstimateQueryResponse) -> Estimate:
         return Estimate(
-            _spend(response.spend), tuple(_accuracy(a) for a in response.accuracy), _receipt(response)
+            _spend(response.spend),
+            tuple(_accuracy(a) for a in response.accuracy),
+            _receipt(response),
+            tuple(response.notes),
         )
 
     def estimate(self, dataset: str, **kwargs: Any) -> Estimate:

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from dataops.arrow_ipc import table_from_ipc, table_to_ipc
-from dataops.engines._base import EngineResult, Estimate, Plan
+from dataops.engines._base import EngineEstimate, EngineResult, Plan
 from dataops.errors import InternalError
 from dataops.ledger import Ledger
 from dataops.values import AggregateAccuracy, PrivacyLoss, Spend
@@ -68,7 +68,7 @@ class ReleaseCoordinator:
         spent = self.ledger.spent(consumer, plan.dataset.id)
         return Spend.of(spent_now or PrivacyLoss.zero(), plan.grant.budget.remaining_after(spent))
 
-    def quote(self, consumer: str, plan: Plan, estimate: Estimate) -> PrivacyLoss:
+    def quote(self, consumer: str, plan: Plan, estimate: EngineEstimate) -> PrivacyLoss:
         """What a release would debit now: its cost, or on a zCDP grant the growth of
         the grant's composed total (what `reserve_zcdp` would charge)."""
         if estimate.rho is None:
@@ -79,7 +79,7 @@ class ReleaseCoordinator:
         self,
         consumer: str,
         plan: Plan,
-        estimate: Estimate,
+        estimate: EngineEstimate,
         run: Callable[[], EngineResult],
         request_id: str = "",
     ) -> Released:

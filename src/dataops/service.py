@@ -23,7 +23,7 @@ from typing import Any
 from dataops.authorize import authorize, consumer_policy, live_grant, visible_dataset
 from dataops.catalog import Catalog, Dataset
 from dataops.config import Limits
-from dataops.engines import AggregateAccuracy, Engine, EngineResult, Plan, Spend
+from dataops.engines import Engine, EngineResult, Plan, Spend
 from dataops.engines.dp_engine import DPEngine
 from dataops.engines.prepared import PreparedStore
 from dataops.engines.table import TableEngine
@@ -33,22 +33,12 @@ from dataops.ledger import Ledger
 from dataops.outcome import Outcome
 from dataops.policy import Grant, PolicyStore
 from dataops.releases import ReleaseCoordinator
-from dataops.values import Budget
+from dataops.values import Budget, Estimate
 from dataops.versions import DataVersions, Fingerprints
 
 
 def _today() -> dt.date:
     return dt.datetime.now(dt.UTC).date()
-
-
-@dataclass(frozen=True)
-class Quote:
-    """What EstimateQuery answers: the spend a run would make now, and its accuracy."""
-
-    spend: Spend
-    accuracy: tuple[AggregateAccuracy, ...]
-    # Public facts about the query's terms (read from no data), e.g. that clipping may bias.
-    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -260,7 +250,7 @@ class Sandbox:
         return outcome
 
     def estimate(self, consumer: str, query: Query) -> Outcome:
-        """Cost and accuracy of a query (`Outcome.result`: a `Quote`); runs nothing, spends nothing."""
+        """Cost and accuracy of a query (`Outcome.result`: an `Estimate`); runs nothing, spends nothing."""
         outcome = Outcome()
         try:
             plan = self.plan(consumer, query, outcome)
@@ -273,7 +263,7 @@ class Sandbox:
         except Exception as exc:
             outcome.attach(exc)
             raise
-        outcome.result = Quote(spend, estimate.accuracy, estimate.notes)
+        outcome.result = Estimate(spend, estimate.accuracy, notes=estimate.notes)
         return outcome
 
     def budgets(self, consumer: str, dataset_id: str | None) -> Outcome:

@@ -1,5 +1,6 @@
 """Value types that both sides of the wire share: privacy loss, what a release cost, how
-accurate it is, a budget next to its spend, and the audit receipt of a call.
+accurate it is, a budget next to its spend, the audit receipt of a call, and what an
+estimate answers.
 
 Dependency-free on purpose: the light client (`dataops.client`) and the server's engines,
 catalog, policy and ledger import the same classes, so there is one definition of each,
@@ -156,3 +157,21 @@ class Receipt:
     # The tree size of the checkpoint the client said it holds, and the proof from it.
     consistency_from: int = 0
     consistency_path: tuple[bytes, ...] = ()
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """What EstimateQuery answers: what a query would spend now and what would remain,
+    how accurate it would be, and public notes on its terms; nothing was run or spent.
+
+    The server's `Sandbox.estimate` makes it (no `receipt` yet: the interceptor writes
+    the audit record and puts its receipt in the response); the client reads it back
+    with the receipt. Not the engines' `EngineEstimate`, which is one engine's internal
+    quote (cost, rho, the compiled query) before the ledger has been asked what remains.
+    """
+
+    spend: Spend
+    accuracy: tuple[AggregateAccuracy, ...]
+    receipt: Receipt | None = None
+    # Public facts about the query's terms (read from no data), e.g. that clipping may bias.
+    notes: tuple[str, ...] = ()

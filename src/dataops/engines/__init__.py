@@ -7,6 +7,6 @@ engine (`dp_engine`, over OpenDP measurements built in `dp`), and the subject en
 (as Ibis does with backends).
 """
 
-from dataops.engines._base import AggregateAccuracy, Engine, EngineResult, Estimate, Plan, Spend
+from dataops.engines._base import AggregateAccuracy, Engine, EngineEstimate, EngineResult, Plan, Spend
 
-__all__ = ["AggregateAccuracy", "Engine", "EngineResult", "Estimate", "Plan", "Spend"]
+__all__ = ["AggregateAccuracy", "Engine", "EngineResult", "EngineEstimate", "Plan", "Spend"]

@@ -59,10 +59,13 @@ class EngineResult:
 
 
 @dataclass(frozen=True)
-class Estimate:
+class EngineEstimate:
     """An engine's answer before it runs: what a release would cost and how accurate it
     would be. Reads no data and spends nothing; `release` takes it back and refuses to
-    cost more than it says."""
+    cost more than it says.
+
+    Internal to the server: the consumer's `dataops.values.Estimate` is made from it
+    once the ledger has said what would remain (`Sandbox.estimate`)."""
 
     cost: PrivacyLoss
     accuracy: tuple[AggregateAccuracy, ...]
@@ -94,11 +97,11 @@ class Engine(Protocol[PlanT, ResultT]):
 
     spends: bool
 
-    def estimate(self, plan: PlanT) -> Estimate:
+    def estimate(self, plan: PlanT) -> EngineEstimate:
         """Cost and accuracy; runs nothing on the data and spends nothing."""
         ...
 
-    def release(self, plan: PlanT, estimate: Estimate, deadline: float | None = None) -> ResultT:
+    def release(self, plan: PlanT, estimate: EngineEstimate, deadline: float | None = None) -> ResultT:
         """The answer, at no more than `estimate.cost` (`deadline`: time.monotonic() the client stops)."""
         ...
 

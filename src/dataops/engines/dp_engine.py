@@ -11,7 +11,7 @@ coordinator's (`dataops.releases`), never this module's.
 from __future__ import annotations
 
 from dataops.engines import dp, dp_autoclip
-from dataops.engines._base import EngineResult, Estimate, Plan
+from dataops.engines._base import EngineEstimate, EngineResult, Plan
 from dataops.engines.prepared import PreparedStore
 from dataops.errors import InternalError
 from dataops.versions import DataVersions
@@ -38,13 +38,13 @@ class DPEngine:
         source = self.prepared.source(plan.dataset)  # built once per data version
         return dp_autoclip.compile_query(plan, source=source), source.data_version
 
-    def estimate(self, plan: Plan) -> Estimate:
+    def estimate(self, plan: Plan) -> EngineEstimate:
         if plan.query.privacy is None:  # the IR gives every DP query its privacy terms
             raise InternalError("a DP query without privacy terms")
         compiled, data_version = self._compile(plan)
         # The calibration alone decides the spend; `release` refuses to cost more.
         calibration = compiled.calibrate(plan.query.privacy)
-        return Estimate(
+        return EngineEstimate(
             cost=calibration.cost,
             accuracy=calibration.accuracy,
             notes=calibration.notes,
@@ -53,7 +53,7 @@ class DPEngine:
             handle=(compiled, calibration),
         )
 
-    def release(self, plan: Plan, estimate: Estimate, deadline: float | None = None) -> EngineResult:
+    def release(self, plan: Plan, estimate: EngineEstimate, deadline: float | None = None) -> EngineResult:
         if estimate.handle is None:
             raise InternalError("a DP release needs the estimate it was calibrated by")
         compiled, calibration = estimate.handle

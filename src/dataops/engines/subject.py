@@ -42,7 +42,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from dataops.catalog import ColumnType, Dataset
-from dataops.engines._base import AggregateAccuracy, Estimate, PrivacyLoss
+from dataops.engines._base import AggregateAccuracy, EngineEstimate, PrivacyLoss
 from dataops.engines.prepared import Fingerprints
 from dataops.errors import InternalError
 from dataops.products.subject import Output, OutputFunction, SubjectProduct
@@ -393,13 +393,13 @@ class SubjectEngine:
     def __init__(self, layouts: SubjectLayouts) -> None:
         self.layouts = layouts
 
-    def estimate(self, plan: SubjectPlan) -> Estimate:
-        return Estimate(
+    def estimate(self, plan: SubjectPlan) -> EngineEstimate:
+        return EngineEstimate(
             PrivacyLoss.zero(),
             tuple(AggregateAccuracy(o.name, mechanism="exact") for o in plan.product.outputs),
         )
 
     def release(
-        self, plan: SubjectPlan, estimate: Estimate | None = None, deadline: float | None = None
+        self, plan: SubjectPlan, estimate: EngineEstimate | None = None, deadline: float | None = None
     ) -> Evaluation:
         return self.layouts.current(plan.product.dataset).evaluate(plan.product, plan.subject, plan.day)

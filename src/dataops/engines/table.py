@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from dataops.catalog import Catalog, ColumnType, Dataset
-from dataops.engines._base import AggregateAccuracy, EngineResult, Estimate, Plan, PrivacyLoss
+from dataops.engines._base import AggregateAccuracy, EngineEstimate, EngineResult, Plan, PrivacyLoss
 from dataops.errors import (
     FieldViolation,
     InternalError,
@@ -381,15 +381,15 @@ class TableEngine:
     # Lookups in published tables spend no budget, so nothing is reserved or stored for reuse.
     spends = False
 
-    def estimate(self, plan: Plan) -> Estimate:
+    def estimate(self, plan: Plan) -> EngineEstimate:
         """Nothing: the tables are published; and exact (the suppression is in the table)."""
-        return Estimate(
+        return EngineEstimate(
             PrivacyLoss.zero(),
             tuple(AggregateAccuracy(a.name, mechanism="exact") for a in plan.query.aggregates),
         )
 
     def release(
-        self, plan: Plan, estimate: Estimate | None = None, deadline: float | None = None
+        self, plan: Plan, estimate: EngineEstimate | None = None, deadline: float | None = None
     ) -> EngineResult:
         coverage = plan.coverage
         if coverage is None:  # authorize covers every aggregate-mode query
