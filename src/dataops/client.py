@@ -222,6 +222,13 @@ _TRANSPORT = {
 
 @dataclass(frozen=True)
 class Dataset:
+    """A dataset as the contract's `Dataset` message shows it to a consumer.
+
+    Not `dataops.catalog.Dataset`, the operator's catalog entry (its file, location,
+    unit column and budget cap, which never cross the wire): this is the public
+    description, the same for every consumer allowed to see it.
+    """
+
     id: str
     zone: str
     title: str
@@ -233,6 +240,12 @@ class Dataset:
 
 @dataclass(frozen=True)
 class Column:
+    """A column as DescribeDataset shows it, with what this consumer's grant allows.
+
+    Not `dataops.catalog.Column` (the catalog's typed entry): names are the contract's
+    strings, and `allowed_uses` is the grant's, which the catalog does not know.
+    """
+
     name: str
     type: str
     classification: str  # identifier | quasi_identifier | public | sensitive | unclassified
@@ -254,6 +267,12 @@ class Dominance:
 
 @dataclass(frozen=True)
 class Grant:
+    """What this consumer's grant on a dataset allows, as DescribeDataset shows it.
+
+    Not `dataops.policy.Grant` (the operator's policy entry, with per-column uses and
+    accounting): the contract's flat view, budget as epsilon and delta.
+    """
+
     purpose: str
     expires: str
     modes: tuple[str, ...]
