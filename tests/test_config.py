@@ -53,10 +53,14 @@ def test_tls_files_follow_the_state_directory_unless_given(tmp_path):
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("[server]\nwokers = 8\n", "[server] unknown key 'wokers'"),
-        ("[limits]\nmax_joins = 1\n", "[limits] unknown key 'max_joins'"),
-        ("[database]\nurl = 'x'\n", "unknown table [database]"),
-        ("listen = '0.0.0.0:1'\n", "unknown top-level key 'listen'"),
+        (
+            "[server]\nwokers = 8\n",
+            "server.wokers: unknown key, did you mean 'workers'? Expected one of: listen, workers,",
+        ),
+        ("[limits]\nmax_joins = 1\n", "limits.max_joins: unknown key"),
+        ("[ledger]\npath = 'ledger.db'\n", "ledger.path: unknown key. Expected one of: url."),
+        ("[database]\nurl = 'x'\n", "database: unknown table [database] (expected tables server, paths,"),
+        ("listen = '0.0.0.0:1'\n", "listen: unknown top-level key (settings go in the tables server,"),
     ],
 )
 def test_unknown_keys_are_errors_naming_file_and_key(tmp_path, text, message):
@@ -66,38 +70,56 @@ def test_unknown_keys_are_errors_naming_file_and_key(tmp_path, text, message):
     assert message in str(error.value)
 
 
+def test_every_unknown_key_of_a_table_is_reported_at_once(tmp_path):
+    with pytest.raises(ConfigError) as error:
+        load_config(write(tmp_path, "[server]\nwokers = 8\nlisten_on = 'x'\n"))
+    assert "server.wokers: unknown key" in str(error.value) and "server.listen_on: unknown key" in str(
+        error.value
+    )
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ('[server]\nworkers = "x"\n', "[server] workers must be a positive integer, got 'x'"),
-        ("[server]\nworkers = 0\n", "[server] workers must be a positive integer, got 0"),
-        ("[server]\nworkers = true\n", "[server] workers must be a positive integer, got True"),
-        ("[server]\nworkers = 2.0\n", "[server] workers must be a positive integer, got 2.0"),
-        ("[server]\nmax_message_bytes = 4294967296\n", "[server] max_message_bytes must be at most"),
-        ("[server]\ngrace_seconds = -1\n", "[server] grace_seconds must be a non-negative number"),
-        ("[server]\npolicy_poll_seconds = 0\n", "[server] policy_poll_seconds must be a positive number"),
-        ("[server]\npolicy_poll_seconds = nan\n", "[server] policy_poll_seconds must be a positive number"),
-        ("[server]\nlisten = 50051\n", "[server] listen must be"),
-        ('[server]\nlisten = "localhost"\n', "[server] listen must be host:port"),
-        ('[server]\nlisten = "::1:50051"\n', "[server] listen must be host:port"),
-        ('[server]\nlisten = "127.0.0.1:65536"\n', "[server] listen must be host:port"),
-        ("[paths]\ncatalog = 3\n", "[paths] catalog must be a non-empty path string, got 3"),
-        ('[tls]\nserver_key = ""\n', "[tls] server_key must be a non-empty path string"),
-        ("[limits]\nmax_filters = -1\n", "[limits] max_filters must be a positive integer, got -1"),
-        ('server = "fast"\n', "[server] must be a table"),
-        ('[ledger]\nurl = "mysql://db/dataops"\n', "[ledger] url must be a PostgreSQL URL"),
-        ("[ledger]\nurl = 5\n", "[ledger] url must be a PostgreSQL URL"),
-        ('[ledger]\nurl = "postgresql://db"\n', "[ledger] url must be a URL naming the database"),
-        ('[ledger]\nurl = "postgresql://db:port/dataops"\n', "[ledger] url must be a PostgreSQL URL"),
+        ('[server]\nworkers = "x"\n', "server.workers: must be an integer >= 1, got 'x'"),
+        ("[server]\nworkers = 0\n", "server.workers: must be an integer >= 1, got 0"),
+        ("[server]\nworkers = true\n", "server.workers: must be an integer >= 1, got True"),
+        ("[server]\nworkers = 2.0\n", "server.workers: must be an integer >= 1, got 2.0"),
+        (
+            "[server]\nmax_message_bytes = 4294967296\n",
+            "server.max_message_bytes: must be an integer from 1 to 2147483647, got 4294967296",
+        ),
+        ("[server]\ngrace_seconds = -1\n", "server.grace_seconds: must be >= 0.0, got -1"),
+        (
+            "[server]\npolicy_poll_seconds = 0\n",
+            "server.policy_poll_seconds: must be a number of seconds > 0",
+        ),
+        (
+            "[server]\npolicy_poll_seconds = nan\n",
+            "server.policy_poll_seconds: must be a finite number, got nan",
+        ),
+        ("[server]\nlisten = 50051\n", "server.listen: must be a non-empty string, got 50051"),
+        ('[server]\nlisten = "localhost"\n', "server.listen: must be host:port"),
+        ('[server]\nlisten = "::1:50051"\n', "server.listen: must be host:port"),
+        ('[server]\nlisten = "127.0.0.1:65536"\n', "server.listen: must be host:port"),
+        ("[paths]\ncatalog = 3\n", "paths.catalog: must be a non-empty string, got 3"),
+        ('[tls]\nserver_key = ""\n', "tls.server_key: must be a non-empty string"),
+        ("[limits]\nmax_filters = -1\n", "limits.max_filters: must be an integer >= 1, got -1"),
+        ('server = "fast"\n', "server: must be a table, got 'fast'"),
+        ('[audit]\norigin = "two words"\n', "audit.origin: must be a name without spaces"),
+        ("[audit]\nreconcile_ledger = 0\n", "audit.reconcile_ledger: must be true or false, got 0"),
+        ('[ledger]\nurl = "mysql://db/dataops"\n', "ledger.url: must be a PostgreSQL URL"),
+        ("[ledger]\nurl = 5\n", "ledger.url: must be a non-empty string, got 5"),
+        ('[ledger]\nurl = "postgresql://db"\n', "ledger.url: must be a URL naming the database"),
+        ('[ledger]\nurl = "postgresql://db:port/dataops"\n', "ledger.url: must be a PostgreSQL URL"),
         (
             '[ledger]\nurl = "postgresql://dataops:hunter2@db/dataops"\n',
-            "[ledger] url must not hold a password",
+            "ledger.url: must not hold a password",
         ),
         (
             '[ledger]\nurl = "postgresql://db/dataops?sslmod=require"\n',
-            "[ledger] url is not a valid libpq URL",
+            "ledger.url: is not a valid libpq URL",
         ),
-        ('[ledger]\npath = "ledger.db"\n', "[ledger] unknown key 'path' (expected url)"),
     ],
 )
 def test_bad_values_are_errors_naming_file_and_key(tmp_path, text, message):
@@ -105,6 +127,13 @@ def test_bad_values_are_errors_naming_file_and_key(tmp_path, text, message):
         load_config(write(tmp_path, text))
     assert str(error.value).startswith(f"{tmp_path / 'dataops.toml'}: ")
     assert message in str(error.value)
+
+
+def test_a_bad_ledger_url_is_never_echoed_back(tmp_path):
+    """A mistake in the URL may sit next to a secret in it: the message names the key only."""
+    with pytest.raises(ConfigError) as error:
+        load_config(write(tmp_path, '[ledger]\nurl = "postgresql://dataops:hunter2@db:port/dataops"\n'))
+    assert "ledger.url" in str(error.value) and "hunter2" not in str(error.value)
 
 
 def test_the_ledger_is_sqlite_under_state_unless_a_postgresql_url_is_given(tmp_path):
@@ -127,7 +156,7 @@ def test_integer_seconds_are_accepted_as_floats(tmp_path):
 
 
 def test_unreadable_and_malformed_files_name_the_file(tmp_path):
-    with pytest.raises(ConfigError, match="dataops.toml: cannot read"):
+    with pytest.raises(ConfigError, match="dataops.toml: cannot be read"):
         load_config(tmp_path / "dataops.toml")
     with pytest.raises(ConfigError, match="dataops.toml: not valid TOML"):
         load_config(write(tmp_path, "[server\n"))

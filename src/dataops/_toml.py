@@ -11,7 +11,7 @@ import difflib
 import math
 import re
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import EllipsisType
 from typing import Any, Literal, TypeVar, overload
@@ -84,17 +84,31 @@ class Table:
         return value
 
     @overload
-    def integer(self, key: str, *, minimum: int | None = None) -> int: ...
+    def integer(self, key: str, *, minimum: int | None = None, maximum: int | None = None) -> int: ...
     @overload
-    def integer(self, key: str, default: _D, *, minimum: int | None = None) -> int | _D: ...
-    def integer(self, key: str, default: Any = ..., *, minimum: int | None = None) -> Any:
-        """An integer (never a bool), at least `minimum` if given."""
+    def integer(
+        self, key: str, default: _D, *, minimum: int | None = None, maximum: int | None = None
+    ) -> int | _D: ...
+    def integer(
+        self, key: str, default: Any = ..., *, minimum: int | None = None, maximum: int | None = None
+    ) -> Any:
+        """An integer (never a bool), at least `minimum` and at most `maximum` if given."""
         value = self.raw(key, default)
         if value is default and default is not ...:
             return value
-        if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
-            floor = f" >= {minimum}" if minimum is not None else ""
-            raise self.fail(key, f"must be an integer{floor}, got {value!r}")
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or (minimum is not None and value < minimum)
+            or (maximum is not None and value > maximum)
+        ):
+            if minimum is not None and maximum is not None:
+                span = f" from {minimum} to {maximum}"
+            elif minimum is not None:
+                span = f" >= {minimum}"
+            else:
+                span = f" <= {maximum}" if maximum is not None else ""
+            raise self.fail(key, f"must be an integer{span}, got {value!r}")
         return value
 
     @overload
@@ -157,19 +171,28 @@ class Table:
         self._read.update(self.data)
         return iter(self.data.items())
 
-    def reject_unknown(self) -> None:
-        """Call after reading: any key not read is a typo or an unsupported setting."""
+    def reject_unknown(self, expected: Sequence[str] = ()) -> None:
+        """Call after reading: any key not read is a typo or an unsupported setting.
+
+        `expected`, if given, is listed after each unknown key (every key the table takes).
+        """
         unknown = sorted(set(self.data) - self._read)
         if unknown:
             # Every unknown key of this table at once, each with the nearest known key.
             raise self.error(
-                "\n".join(f"{self.path}: {self.key(k)}: {unknown_key(k, self._read)}" for k in unknown)
+                "\n".join(
+                    f"{self.path}: {self.key(k)}: {unknown_key(k, self._read, expected)}" for k in unknown
+                )
             )
 
 
-def unknown_key(key: str, known: set[str] | list[str]) -> str:
-    """'unknown key, did you mean ...?' or 'unknown key (misspelt, or not supported here)'."""
+def unknown_key(key: str, known: set[str] | list[str], expected: Sequence[str] = ()) -> str:
+    """'unknown key, did you mean ...?' or 'unknown key (misspelt, or not supported here)';
+    with `expected`, every key the table takes follows."""
     near = difflib.get_close_matches(key, sorted(known), 1, 0.6)
-    return (
-        f"unknown key, did you mean {near[0]!r}?" if near else "unknown key (misspelt, or not supported here)"
-    )
+    listed = f" Expected one of: {', '.join(expected)}." if expected else ""
+    if near:
+        return f"unknown key, did you mean {near[0]!r}?{listed}"
+    if expected:
+        return f"unknown key.{listed}"
+    return "unknown key (misspelt, or not supported here)"

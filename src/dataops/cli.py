@@ -592,15 +592,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = _config(args)
     if args.listen:
+        from dataops.config import parse_listen
+
         try:
-            server = dataclasses.replace(
-                config.server, listen=args.listen
-            )  # validated as the file's would be
-        except LoadError:
+            parse_listen(args.listen)  # the check the file's [server] listen gets
+        except ValueError:
             raise UsageError(
                 f"--listen {args.listen!r}: expected HOST:PORT (IPv6 in brackets, [::1]:50051)"
             ) from None
-        config = dataclasses.replace(config, server=server)
+        config = dataclasses.replace(config, server=dataclasses.replace(config.server, listen=args.listen))
     server = build_server(config).start()
     print(f"dataops serving on {server.target} (mTLS); SIGTERM or Ctrl-C stops it", flush=True)
     server.serve_until_signal()

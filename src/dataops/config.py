@@ -1,7 +1,10 @@
 """The server configuration, read by `dataops serve` from a `dataops.toml`.
 
 Strict on purpose: an unknown key is an error (a typo must not silently fall back
-to a default), and every error names the file, the table and the key.
+to a default), and every error names the file and the key (`dataops.toml:
+server.workers: must be an integer >= 1, got 0`). It is read with the same typed
+readers as the catalog, policies and products (`dataops._toml.Table`); the section
+dataclasses are the values read, checked when they are read.
 Relative paths are resolved against the TOML file's directory, so the server
 behaves the same whatever directory it is started from.
 """
@@ -9,12 +12,11 @@ behaves the same whatever directory it is started from.
 from __future__ import annotations
 
 import ipaddress
-import math
-import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import ClassVar
 
+from dataops._toml import Table, read_toml
 from dataops.errors import ConfigError  # a LoadError: operator's file mistake
 
 __all__ = [
@@ -71,21 +73,6 @@ class ServerSection:
     # never pass it, and a build that needs more fails alone, the server serving on.
     copy_memory_limit_mib: int = 4096
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.listen, str):
-            raise _invalid(self, "listen", 'a "host:port" string')
-        try:
-            parse_listen(self.listen)
-        except ValueError:
-            raise _invalid(self, "listen", 'host:port with IPv6 in brackets, e.g. "[::1]:50051"') from None
-        _positive_int(self, "workers")
-        _positive_int(self, "max_message_bytes", upper=_MAX_MESSAGE_BYTES)
-        _seconds(self, "grace_seconds", allow_zero=True)  # 0: stop without draining
-        _seconds(self, "policy_poll_seconds", allow_zero=False)
-        _seconds(self, "policy_settle_seconds", allow_zero=True)
-        _seconds(self, "copy_wait_seconds", allow_zero=True)
-        _positive_int(self, "copy_memory_limit_mib")
-
     @property
     def host(self) -> str:
         return parse_listen(self.listen)[0]
@@ -106,10 +93,6 @@ class PathsSection:
     products: Path  # table and subject products, one TOML file each
     consents: Path  # issuers.toml: the consent services whose signatures are trusted
 
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            _path(self, f.name)
-
 
 @dataclass(frozen=True)
 class TlsSection:
@@ -118,10 +101,6 @@ class TlsSection:
     ca_cert: Path
     server_cert: Path
     server_key: Path
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            _path(self, f.name)
 
 
 @dataclass(frozen=True)
@@ -146,10 +125,6 @@ class Limits:
     max_in_flight: int = 32
     max_in_flight_per_consumer: int = 4
 
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            _positive_int(self, f.name)
-
 
 @dataclass(frozen=True)
 class AuditSection:
@@ -170,20 +145,6 @@ class AuditSection:
     # Off only to demonstrate the attack it stops.
     reconcile_ledger: bool = True
 
-    def __post_init__(self) -> None:
-        for name in ("signer_socket", "signer_dir"):
-            if getattr(self, name) is not None and not isinstance(getattr(self, name), Path):
-                raise _invalid(self, name, "a path")
-        if (
-            not isinstance(self.origin, str)
-            or not self.origin
-            or not self.origin.isprintable()
-            or " " in self.origin
-        ):
-            raise _invalid(self, "origin", "a non-empty name without spaces")
-        if not isinstance(self.reconcile_ledger, bool):
-            raise _invalid(self, "reconcile_ledger", "true or false")
-
 
 @dataclass(frozen=True)
 class LedgerSection:
@@ -197,36 +158,6 @@ class LedgerSection:
     # address names the same database, and they share budgets atomically. The password
     # goes in ~/.pgpass (or the file PGPASSFILE names), never in this file.
     url: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.url is None:
-            return
-        if not isinstance(self.url, str) or not self.url.startswith(("postgresql://", "postgres://")):
-            raise _invalid(self, "url", 'a PostgreSQL URL ("postgresql://host/database")')
-        from urllib.parse import parse_qs, urlsplit
-
-        try:
-            parts = urlsplit(self.url)
-            parts.port  # noqa: B018 - raises ValueError on a port that is not a number
-        except ValueError:
-            raise _invalid(self, "url", 'a PostgreSQL URL ("postgresql://host/database")') from None
-        if parts.password is not None:
-            raise ConfigError(
-                f"[{self.TABLE}] url must not hold a password (dataops.toml is no place for a secret): "
-                "put it in ~/.pgpass or the file PGPASSFILE names, which libpq reads"
-            )
-        if not parts.path.strip("/") and "dbname" not in parse_qs(parts.query):
-            raise _invalid(self, "url", 'a URL naming the database ("postgresql://host/database")')
-        try:
-            from psycopg.conninfo import conninfo_to_dict
-        except ImportError:
-            raise ConfigError(
-                f"[{self.TABLE}] url: a PostgreSQL ledger needs psycopg: pip install 'dataops[server]'"
-            ) from None
-        try:
-            conninfo_to_dict(self.url)  # libpq's own parser: unknown parameters, bad syntax
-        except Exception as exc:  # noqa: BLE001 - psycopg raises ProgrammingError subclasses
-            raise ConfigError(f"[{self.TABLE}] url is not a valid libpq URL: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -306,83 +237,154 @@ class ServerConfig:
 def load_config(path: Path) -> ServerConfig:
     """Read and validate a dataops.toml; raise ConfigError naming file and key."""
     path = Path(path)
-    try:
-        with path.open("rb") as f:
-            doc = tomllib.load(f)
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    doc = read_toml(path, ConfigError)
     base = path.resolve().parent
-    try:
-        return _build(doc, base)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
-
-
-def _build(doc: dict[str, Any], base: Path) -> ServerConfig:
-    sections = (ServerSection, PathsSection, TlsSection, Limits, AuditSection, LedgerSection)
-    known = [s.TABLE for s in sections]
-    for key, value in doc.items():
+    known = [s.TABLE for s in _SECTIONS]
+    for key, value in doc.data.items():
         if key not in known:
-            what = f"table [{key}]" if isinstance(value, dict) else f"top-level key {key!r}"
-            raise ConfigError(f"unknown {what} (expected tables {', '.join(known)})")
+            if isinstance(value, dict):
+                raise doc.fail(key, f"unknown table [{key}] (expected tables {', '.join(known)})")
+            raise doc.fail(key, f"unknown top-level key (settings go in the tables {', '.join(known)})")
 
-    server = ServerSection(**_table(doc, ServerSection))
+    server = _server(_section(doc, ServerSection.TABLE))
+    paths = _paths(_section(doc, PathsSection.TABLE), base)
+    tls = _tls(_section(doc, TlsSection.TABLE), base, paths.state)
+    limits = _limits(_section(doc, Limits.TABLE))
+    audit = _audit(_section(doc, AuditSection.TABLE), base)
+    ledger = _ledger(_section(doc, LedgerSection.TABLE))
+    return ServerConfig(server, paths, tls, limits, audit, ledger)
 
-    defaults = _default_paths(base)
-    given = {k: _resolve(PathsSection, k, v, base) for k, v in _table(doc, PathsSection).items()}
-    paths = PathsSection(**{**vars(defaults), **given})
 
+_SECTIONS = (ServerSection, PathsSection, TlsSection, Limits, AuditSection, LedgerSection)
+
+
+def _section(doc: Table, name: str) -> Table:
+    """Table [name] (empty when absent: every key then takes its default)."""
+    return doc.table(name, required=False) or Table({}, doc.path, f"{name}.", ConfigError)
+
+
+def _done(table: Table, section: type) -> None:
+    """Every key not read is an error, listed with the keys the section takes."""
+    table.reject_unknown([f.name for f in fields(section)])
+
+
+def _path(table: Table, key: str, default: Path, base: Path) -> Path:
+    value = table.string(key, None)
+    return default if value is None else base / Path(value).expanduser()  # an absolute value replaces base
+
+
+def _seconds(table: Table, key: str, default: float, *, positive: bool) -> float:
+    value = table.number(key, default, minimum=0.0)
+    if positive and value == 0:
+        raise table.fail(key, "must be a number of seconds > 0, got 0")
+    return value
+
+
+def _server(t: Table) -> ServerSection:
+    d = ServerSection()
+    listen = t.string("listen", d.listen)
+    try:
+        parse_listen(listen)
+    except ValueError:
+        raise t.fail(
+            "listen", f'must be host:port with IPv6 in brackets, e.g. "[::1]:50051", got {listen!r}'
+        ) from None
+    section = ServerSection(
+        listen=listen,
+        workers=t.integer("workers", d.workers, minimum=1),
+        max_message_bytes=t.integer(
+            "max_message_bytes", d.max_message_bytes, minimum=1, maximum=_MAX_MESSAGE_BYTES
+        ),
+        grace_seconds=_seconds(t, "grace_seconds", d.grace_seconds, positive=False),  # 0: no draining
+        policy_poll_seconds=_seconds(t, "policy_poll_seconds", d.policy_poll_seconds, positive=True),
+        policy_settle_seconds=_seconds(t, "policy_settle_seconds", d.policy_settle_seconds, positive=False),
+        copy_wait_seconds=_seconds(t, "copy_wait_seconds", d.copy_wait_seconds, positive=False),
+        copy_memory_limit_mib=t.integer("copy_memory_limit_mib", d.copy_memory_limit_mib, minimum=1),
+    )
+    _done(t, ServerSection)
+    return section
+
+
+def _paths(t: Table, base: Path) -> PathsSection:
+    defaults = vars(_default_paths(base))
+    section = PathsSection(**{k: _path(t, k, v, base) for k, v in defaults.items()})
+    _done(t, PathsSection)
+    return section
+
+
+def _tls(t: Table, base: Path, state: Path) -> TlsSection:
     # TLS files live under the state directory unless placed elsewhere explicitly,
     # so moving [paths] state moves the PKI with it.
-    tls_defaults = _default_tls(paths.state)
-    given = {k: _resolve(TlsSection, k, v, base) for k, v in _table(doc, TlsSection).items()}
-    tls = TlsSection(**{**vars(tls_defaults), **given})
-
-    limits = Limits(**_table(doc, Limits))
-    audit = dict(_table(doc, AuditSection))
-    for key in ("signer_socket", "signer_dir"):
-        if key in audit:
-            audit[key] = _resolve(AuditSection, key, audit[key], base)
-    audit.setdefault("signer_dir", base / "signer")
-    ledger = LedgerSection(**_table(doc, LedgerSection))
-    return ServerConfig(server, paths, tls, limits, AuditSection(**audit), ledger)
+    defaults = vars(_default_tls(state))
+    section = TlsSection(**{k: _path(t, k, v, base) for k, v in defaults.items()})
+    _done(t, TlsSection)
+    return section
 
 
-class _Section(Protocol):
-    """A section dataclass of dataops.toml: its fields are the keys of table [TABLE]."""
-
-    TABLE: ClassVar[str]
-    __dataclass_fields__: ClassVar[dict[str, Any]]
+_LIMITS = Limits()  # the defaults
 
 
-def _table(doc: dict[str, Any], section: type[_Section]) -> dict[str, Any]:
-    table = doc.get(section.TABLE, {})
-    if not isinstance(table, dict):
-        raise ConfigError(f"[{section.TABLE}] must be a table, got {table!r}")
-    names = [f.name for f in fields(section)]
-    unknown = [key for key in table if key not in names]
-    if unknown:
-        from dataops._toml import unknown_key
+def _limits(t: Table) -> Limits:
+    section = Limits(
+        **{f.name: t.integer(f.name, getattr(_LIMITS, f.name), minimum=1) for f in fields(Limits)}
+    )
+    _done(t, Limits)
+    return section
 
-        def hint(key: str) -> str:
-            text = unknown_key(key, names)
-            return f", {text.split(', ', 1)[1]}" if ", did you mean" in text else ""
 
-        raise ConfigError(
-            "; ".join(
-                f"[{section.TABLE}] unknown key {key!r}{hint(key)} (expected {', '.join(names)})"
-                for key in unknown
-            )
+def _audit(t: Table, base: Path) -> AuditSection:
+    socket = t.string("signer_socket", None)
+    signer_dir = _path(t, "signer_dir", base / "signer", base)
+    origin = t.string("origin", AuditSection.origin)
+    if not origin.isprintable() or " " in origin:
+        raise t.fail("origin", f"must be a name without spaces, got {origin!r}")
+    section = AuditSection(
+        signer_socket=None if socket is None else base / Path(socket).expanduser(),
+        signer_dir=signer_dir,
+        origin=origin,
+        reconcile_ledger=t.boolean("reconcile_ledger", AuditSection.reconcile_ledger),
+    )
+    _done(t, AuditSection)
+    return section
+
+
+def _ledger(t: Table) -> LedgerSection:
+    url = t.string("url", None)
+    _done(t, LedgerSection)
+    if url is not None:
+        _check_postgres_url(t, url)
+    return LedgerSection(url)
+
+
+def _check_postgres_url(t: Table, url: str) -> None:
+    """A libpq URL naming a database, without a password. The URL is never echoed back:
+    a mistake in it may sit next to a secret."""
+    from urllib.parse import parse_qs, urlsplit
+
+    expected = 'must be a PostgreSQL URL ("postgresql://host/database")'
+    if not url.startswith(("postgresql://", "postgres://")):
+        raise t.fail("url", expected)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a port that is not a number
+    except ValueError:
+        raise t.fail("url", f"{expected}: its port is not a number") from None
+    if parts.password is not None:
+        raise t.fail(
+            "url",
+            "must not hold a password (dataops.toml is no place for a secret): "
+            "put it in ~/.pgpass or the file PGPASSFILE names, which libpq reads",
         )
-    return table
-
-
-def _resolve(section: type[_Section], key: str, value: Any, base: Path) -> Path:
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"[{section.TABLE}] {key} must be a non-empty path string, got {value!r}")
-    return base / Path(value).expanduser()  # an absolute value replaces base
+    if not parts.path.strip("/") and "dbname" not in parse_qs(parts.query):
+        raise t.fail("url", 'must be a URL naming the database ("postgresql://host/database")')
+    try:
+        from psycopg.conninfo import conninfo_to_dict
+    except ImportError:
+        raise t.fail("url", "a PostgreSQL ledger needs psycopg: pip install 'dataops[server]'") from None
+    try:
+        conninfo_to_dict(url)  # libpq's own parser: unknown parameters, bad syntax
+    except Exception as exc:  # noqa: BLE001 - psycopg raises ProgrammingError subclasses
+        raise t.fail("url", f"is not a valid libpq URL: {exc}") from None
 
 
 def _default_paths(root: Path) -> PathsSection:
@@ -399,33 +401,3 @@ def _default_paths(root: Path) -> PathsSection:
 def _default_tls(state: Path) -> TlsSection:
     pki = StatePaths(state).pki
     return TlsSection(ca_cert=pki / "ca.crt", server_cert=pki / "server.crt", server_key=pki / "server.key")
-
-
-def _invalid(section: Any, key: str, expected: str) -> ConfigError:
-    return ConfigError(f"[{section.TABLE}] {key} must be {expected}, got {getattr(section, key)!r}")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)  # TOML true is not 1
-
-
-def _positive_int(section: Any, key: str, upper: int | None = None) -> None:
-    value = getattr(section, key)
-    if not _is_int(value) or value < 1:
-        raise _invalid(section, key, "a positive integer")
-    if upper is not None and value > upper:
-        raise _invalid(section, key, f"at most {upper}")
-
-
-def _seconds(section: Any, key: str, *, allow_zero: bool) -> None:
-    value = getattr(section, key)
-    ok = (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
-    if not ok or value < 0 or (value == 0 and not allow_zero):
-        raise _invalid(section, key, "a non-negative number" if allow_zero else "a positive number")
-    # TOML "grace_seconds = 10" is an int; store what the field says.
-    object.__setattr__(section, key, float(value))
-
-
-def _path(section: Any, key: str) -> None:
-    if not isinstance(getattr(section, key), Path):
-        raise _invalid(section, key, "a path")
