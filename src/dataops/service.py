@@ -79,8 +79,8 @@ class Sandbox:
         policies: PolicyStore,
         limits: Limits,
         ledger: Ledger,
+        prepared: PreparedStore,
         today: Callable[[], dt.date] = _today,
-        prepared: PreparedStore | None = None,
         engine_workers: int = 8,
         versions: DataVersions | None = None,
         tables: TableEngine | None = None,
@@ -92,16 +92,18 @@ class Sandbox:
         self.limits = limits
         self.ledger = ledger
         self.today = today
+        # DP releases read the contribution-bounded copies this store keeps (one per
+        # data version); there is no DP engine without one.
         self.prepared = prepared
         # Engines run here so a request can stop waiting at its client's deadline.
         self._engines = ThreadPoolExecutor(max_workers=engine_workers, thread_name_prefix="engine")
         # The content hash of each dataset file: what "the same data" means for reuse.
         if versions is None:
-            versions = prepared.versions if prepared is not None else DataVersions()
+            versions = prepared.versions
         self.versions = versions
         # One engine per mode; a mode without one is refused (authorize refuses exact
         # queries without tables first).
-        self.engines: dict[Mode, Engine[Plan, EngineResult]] = {Mode.DP: DPEngine(prepared, versions)}
+        self.engines: dict[Mode, Engine[Plan, EngineResult]] = {Mode.DP: DPEngine(prepared)}
         if tables is not None:
             self.engines[Mode.AGGREGATE] = tables
         self.releases = ReleaseCoordinator(ledger)

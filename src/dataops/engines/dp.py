@@ -17,13 +17,19 @@ Laplace-type noise the loss is inversely proportional to the scale. Only
 
 What is released, and why it is private:
 
-* One privacy unit is the catalog's unit column. In the identifier form (no
-  prepared source; the fast path below differs) the input metric is OpenDP's
-  identifier distance (`symmetric_id_distance(unit)`) with d_in "one unit added
-  or removed", so OpenDP itself must bound each unit's rows: every plan starts
-  with OpenDP's truncation pattern `int_range(len).over(unit) < max_rows_per_unit`
+* One privacy unit is the catalog's unit column. In the identifier form the input
+  metric is OpenDP's identifier distance (`symmetric_id_distance(unit)`) with d_in
+  "one unit added or removed", so OpenDP itself must bound each unit's rows: every
+  plan starts with OpenDP's truncation pattern `int_range(len).over(unit) < k`
   (see `LazyFrameQuery.truncate_per_group` in opendp/extras/polars and
   `match_truncations` in the Rust crate). Nothing about contributions is assumed.
+  It is the reference form, and three things reach it: a query's tighter row bound
+  over a prepared copy (below: the same stages on the copy's unit code), `dataops
+  policy explain` (`DPQuery.compile(plan)` with no source calibrates it: the same cost
+  with no copy to build), and the tests, which hold the fast path to it (equal privacy
+  maps, and releases of the same accuracy). The server releases only over prepared
+  copies (`dp_engine.DPEngine`); the no-source form's release over the raw dataset
+  (`Compiled.input`) is the reference the tests run.
 * Values are clipped by OpenDP to the catalog bounds (`.dp.sum(bounds)` etc.).
 * Group keys from a public key set (catalog `keys`, or the `bins` of a numeric
   column for a histogram) are joined to the aggregate, the form OpenDP releases
@@ -335,8 +341,10 @@ class DPQuery:
         """Build the measurement structure; reads no data.
 
         With a prepared source, release reads that copy, whose contribution bounds are
-        already enforced (the fast path); without one, it reads the dataset and every
-        plan truncates each unit itself. clip_uppers: upper clips chosen by automatic
+        already enforced (the fast path, which the server always takes); without one
+        it is the identifier form over the dataset, where every plan truncates each unit
+        itself: calibrated by `dataops policy explain`, released only by the tests as the
+        reference (see the module docstring). clip_uppers: upper clips chosen by automatic
         clipping (dataops.engines.dp_autoclip), inside the query's terms.
         enforce_row_bound=False is the control switched off, for the test that shows
         what it stops: a query's smaller row bound is then assumed, not enforced.

@@ -1,7 +1,7 @@
 """The DP engine: the `Engine` protocol over OpenDP measurements (`dp`, `dp_autoclip`).
 
-estimate compiles the query (over the prepared, contribution-bounded copy when there
-is a store), calibrates its noise scale to the requested epsilon or accuracy and
+estimate compiles the query over the prepared, contribution-bounded copy of its
+dataset (`dataops.engines.prepared`; the store builds it once per data version), calibrates its noise scale to the requested epsilon or accuracy and
 returns the cost, accuracy and data version; it reads no data. release runs the
 calibrated measurements and refuses to spend more than the estimate said. Reserving
 that cost, reusing an identical release and committing it are the release
@@ -14,27 +14,25 @@ from dataops.engines import dp, dp_autoclip
 from dataops.engines._base import EngineEstimate, EngineResult, Plan
 from dataops.engines.prepared import PreparedStore
 from dataops.errors import InternalError
-from dataops.versions import DataVersions
 
 
 class DPEngine:
     spends = True  # every release costs budget: reserved first, committed after
 
-    def __init__(self, prepared: PreparedStore | None, versions: DataVersions) -> None:
-        # DP releases read the prepared (truncated once) copies when there is a store;
-        # without one, every plan truncates the dataset itself (same losses, slower).
+    def __init__(self, prepared: PreparedStore) -> None:
+        # Every release reads a prepared (truncated once) copy. The identifier form over
+        # the raw dataset (`DPQuery.compile(plan)`, no source) is never released here:
+        # `dataops policy explain` calibrates it (the same cost, with no copy to build)
+        # and the tests hold the fast path to it as the reference.
         self.prepared = prepared
-        self.versions = versions
 
     def _compile(self, plan: Plan) -> tuple[dp.DPQuery | dp_autoclip.AutoClippedQuery, str]:
-        """The compiled query (over the prepared copy if there is a store) and its data version.
+        """The compiled query (over the prepared copy) and the copy's data version.
 
         A query asking for automatic clipping compiles to its two parts (the clip's DP
         quantile and the answer); calibrate gives their total, reserved once.
         """
         dp.require_max_rows(plan.dataset)
-        if self.prepared is None:
-            return dp_autoclip.compile_query(plan), self.versions.of(plan.dataset)
         source = self.prepared.source(plan.dataset)  # built once per data version
         return dp_autoclip.compile_query(plan, source=source), source.data_version
 
