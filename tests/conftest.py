@@ -95,12 +95,14 @@ def write_config(
     max_in_flight: int = 64,
     max_in_flight_per_consumer: int = 64,
     tables: Path | bool = True,
+    server: str = "",
 ) -> ServerConfig:
     """A work directory with copies of the repo's catalog, policies and table products.
 
     `tables`: True copies in the tables already protected for this sandbox's data
     (`protected_tables_for`), so the server need not protect them again; a path copies
     that `state/tables`; False leaves the server to protect them itself.
+    `server`: more lines of [server] (lanes, scan_slots, ...).
     """
     for name in ("catalog", "policies", "products"):
         shutil.copytree(REPO / name, root / name, dirs_exist_ok=True)
@@ -118,6 +120,7 @@ workers = 4
 copy_wait_seconds = 120.0
 grace_seconds = 2.0
 policy_poll_seconds = 0.1
+{server}
 
 [paths]
 catalog = "catalog"

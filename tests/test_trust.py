@@ -34,6 +34,7 @@ from dataops.policy import PolicyStore
 from dataops.products import load_products
 from dataops.server import app as app_module
 from dataops.server import build_server, interceptors
+from dataops.server.lanes import ScanLane
 from dataops.server.ratelimit import Admission
 
 ON_OFF = pytest.mark.parametrize("control", ["on", "off"])
@@ -372,6 +373,9 @@ def test_a_flood_of_slow_queries_from_one_consumer_is_shed_audited_and_starves_n
     if control == "off":
         monkeypatch.setattr(Admission, "enter", lambda self, consumer: None)
         monkeypatch.setattr(Admission, "leave", lambda self, consumer: None)
+        # DP queries are admitted by the scan lane, which caps them per consumer too.
+        monkeypatch.setattr(ScanLane, "enter", lambda self, consumer, rows, deadline=None, active=None: None)
+        monkeypatch.setattr(ScanLane, "leave", lambda self, consumer, rows: None)
     server = build_server(config).start()
     flood = 10
     try:

@@ -72,6 +72,23 @@ class ServerSection:
     # The address-space cap of the child process that builds a serving copy: its RSS can
     # never pass it, and a build that needs more fails alone, the server serving on.
     copy_memory_limit_mib: int = 4096
+    # Admission lanes (dataops.server.lanes): cheap calls (metadata, estimates, budgets,
+    # exact answers, which are table lookups) and scans (DP RunQuery) wait apart, so
+    # cheap calls never queue behind scans. false: one shared lane, every call counted
+    # by [limits] max_in_flight alone (as before lanes; to measure what lanes buy).
+    lanes: bool = True
+    # DP queries running at once; at most `workers` (each runs on an engine thread).
+    # Unset in the file: 4, or `workers` if fewer.
+    scan_slots: int = 4
+    # Estimated rows (the datasets' Parquet row counts) the running scans may read at
+    # once: several small scans run together, a larger one than this runs alone.
+    scan_rows_in_flight: int = 50_000_000
+    # DP queries that may wait for the lane; beyond it RESOURCE_EXHAUSTED at once
+    # (0: a scan that does not fit is refused at once).
+    scan_queue: int = 16
+    # The longest a DP query waits for the lane (or its client's deadline, if sooner);
+    # then RESOURCE_EXHAUSTED (rule limits.scan_lane), audited.
+    scan_queue_seconds: float = 10.0
 
     @property
     def host(self) -> str:
@@ -300,9 +317,24 @@ def _server(t: Table) -> ServerSection:
         policy_settle_seconds=_seconds(t, "policy_settle_seconds", d.policy_settle_seconds, positive=False),
         copy_wait_seconds=_seconds(t, "copy_wait_seconds", d.copy_wait_seconds, positive=False),
         copy_memory_limit_mib=t.integer("copy_memory_limit_mib", d.copy_memory_limit_mib, minimum=1),
+        **_lanes(t, d),
     )
     _done(t, ServerSection)
     return section
+
+
+def _lanes(t: Table, d: ServerSection) -> dict:
+    workers = t.integer("workers", d.workers, minimum=1)
+    slots = t.integer("scan_slots", min(d.scan_slots, workers), minimum=1)
+    if slots > workers:
+        raise t.fail("scan_slots", f"must be at most workers ({workers}): each scan takes an engine thread")
+    return dict(
+        lanes=t.boolean("lanes", d.lanes),
+        scan_slots=slots,
+        scan_rows_in_flight=t.integer("scan_rows_in_flight", d.scan_rows_in_flight, minimum=1),
+        scan_queue=t.integer("scan_queue", d.scan_queue, minimum=0),
+        scan_queue_seconds=_seconds(t, "scan_queue_seconds", d.scan_queue_seconds, positive=False),
+    )
 
 
 def _paths(t: Table, base: Path) -> PathsSection:

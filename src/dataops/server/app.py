@@ -38,6 +38,7 @@ from dataops.ledger import Ledger
 from dataops.policy import PolicyStore
 from dataops.products import load_products
 from dataops.server.interceptors import AuditInterceptor, check_wrappable
+from dataops.server.lanes import ScanCosts, ScanLane
 from dataops.server.ratelimit import Admission, RateLimiter
 from dataops.server.servicers import AuditServicer, CatalogServicer, QueryServicer, SubjectServicer
 from dataops.service import Sandbox
@@ -97,6 +98,7 @@ class DataopsServer:
     health: health.HealthServicer
     tables: TableEngine  # the exact engine: protects the published tables, answers aggregate queries
     request_pool: futures.ThreadPoolExecutor | None = None  # dataops.v1 requests' threads
+    scans: ScanLane | None = None  # the DP queries' admission lane (None: one shared lane)
     evaluator: Evaluator | None = None
     signer: SignerClient | None = None
     signer_process: SignerProcess | None = None  # None when the signer runs on its own (another user)
@@ -169,8 +171,28 @@ def load_checked_catalog(config: ServerConfig, versions: DataVersions | None = N
 
 
 def admission_threads(config: ServerConfig) -> int:
-    """gRPC threads: the admitted requests, plus as many again (at least 16) to refuse the rest."""
-    return config.limits.max_in_flight + max(16, config.limits.max_in_flight)
+    """gRPC threads: the admitted requests, plus as many again (at least 16) to refuse the rest.
+
+    With lanes, the scans running and queued have threads of their own on top, so they
+    can never hold the threads cheap calls need.
+    """
+    threads = config.limits.max_in_flight + max(16, config.limits.max_in_flight)
+    if config.server.lanes:
+        threads += config.server.scan_slots + config.server.scan_queue
+    return threads
+
+
+def scan_lane(config: ServerConfig) -> ScanLane | None:
+    """The scans' admission lane ([server] scan_*), or None for one shared lane."""
+    if not config.server.lanes:
+        return None
+    return ScanLane(
+        config.server.scan_slots,
+        config.server.scan_rows_in_flight,
+        config.server.scan_queue,
+        config.server.scan_queue_seconds,
+        config.limits.max_in_flight_per_consumer,
+    )
 
 
 def connect_signer(config: ServerConfig) -> tuple[SignerClient, SignerProcess | None]:
@@ -295,6 +317,7 @@ def _build(
     # audit, so a flood is answered instead of queueing (and a request that expires in
     # the queue anyway is still audited). gRPC's default pool below serves only health
     # checks and reflection, so those are answered however busy the service is.
+    # DP queries are admitted apart, by their datasets' row counts (dataops.server.lanes).
     interceptor = AuditInterceptor(
         audit,
         policies,
@@ -302,6 +325,8 @@ def _build(
         RateLimiter(config.limits.rate_per_minute, config.limits.rate_burst),
         Admission(config.limits.max_in_flight, config.limits.max_in_flight_per_consumer),
         threads=admission_threads(config),
+        scans=scan_lane(config),
+        scan_cost=ScanCosts(lambda consumer: [view.dataset for view in sandbox.datasets(consumer)]),
     )
     server = grpc.server(
         # Any handler the interceptor does not give a pool of its own (a streaming
@@ -349,6 +374,7 @@ def _build(
         health_servicer,
         tables,
         request_pool=interceptor.pool,
+        scans=interceptor.scans,
         evaluator=evaluator,
         signer=signer,
         signer_process=signer_process,

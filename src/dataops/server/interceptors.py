@@ -41,6 +41,7 @@ from dataops.errors import (
 )
 from dataops.outcome import Outcome, outcome_of
 from dataops.policy import PolicyStore
+from dataops.server.lanes import ScanLane, is_scan
 from dataops.server.ratelimit import Admission, RateLimiter
 from dataops.server.status import status_code
 
@@ -263,12 +264,17 @@ class AuditInterceptor(grpc.ServerInterceptor):
         limiter: RateLimiter | None = None,
         admission: Admission | None = None,
         threads: int | None = None,
+        scans: ScanLane | None = None,
+        scan_cost: Callable[[str, Any], int] | None = None,
     ) -> None:
         self.audit = audit
         self.policies = policies
         self.revocations = revocations
         self.limiter = limiter
-        self.admission = admission
+        self.admission = admission  # the cheap calls' lane (every call's, without `scans`)
+        # The scans' lane (dataops.server.lanes) and what a scan weighs (consumer, request -> rows).
+        self.scans = scans
+        self.scan_cost = scan_cost or (lambda consumer, request: 1)
         # With `threads`, dataops.v1 requests run on their own pool (RequestPool).
         self.pool = RequestPool(threads, self._abandoned) if threads else None
 
@@ -345,6 +351,19 @@ class AuditInterceptor(grpc.ServerInterceptor):
         if admitted is not None and self.admission is not None:
             self.admission.leave(admitted)
 
+    def _enter(
+        self, method: str, consumer: str, request: Any, call: CallRecord, context: grpc.ServicerContext
+    ) -> Callable[[], None]:
+        """Admit the request to its lane, decided by the method and the request's mode;
+        returns how to leave it. A scan waits for the scan lane (or is refused there), so
+        cheap calls never wait behind scans."""
+        if self.scans is not None and is_scan(method, request):
+            scans, rows = self.scans, self.scan_cost(consumer, request)
+            scans.enter(consumer, rows, call.deadline, context.is_active)
+            return lambda: scans.leave(consumer, rows)
+        admitted = self._admit(consumer)
+        return lambda: self._leave(admitted)
+
     def intercept_service(self, continuation: Callable, handler_call_details: Any) -> Any:
         handler = continuation(handler_call_details)
         method = handler_call_details.method
@@ -413,10 +432,10 @@ class AuditInterceptor(grpc.ServerInterceptor):
 
         return behavior
 
-    def _open(self, context: grpc.ServicerContext, call: CallRecord) -> str | None:
-        """Identity, the client's deadline and admission: the same for unary calls and streams.
+    def _open(self, context: grpc.ServicerContext, call: CallRecord) -> str:
+        """Identity and the client's deadline: the same for unary calls and streams.
 
-        Returns the admission slot, which the caller must leave.
+        Returns the consumer; admission (`_enter`) follows.
         """
         consumer = self.identify(context, call)
         call.deadline = client_deadline(context.time_remaining())
@@ -425,7 +444,7 @@ class AuditInterceptor(grpc.ServerInterceptor):
             raise DeadlineExceeded(
                 "the client's deadline passed before the request was admitted", rule="deadline"
             )
-        return self._admit(consumer)
+        return consumer
 
     @staticmethod
     def _parse(handler: Any, raw: bytes, call: CallRecord) -> Any:
@@ -446,9 +465,9 @@ class AuditInterceptor(grpc.ServerInterceptor):
         def behavior(raw: bytes, context: grpc.ServicerContext) -> Any:
             pending.started = True
             call = CallRecord(method=method, stream_event="open", messages=0)
-            admitted = None
+            leave: Callable[[], None] | None = None
             try:
-                admitted = self._open(context, call)
+                leave = self._enter(method, self._open(context, call), None, call, context)
                 request = self._parse(handler, raw, call)
             except RequestError as exc:
                 self._refused(call, exc)
@@ -456,7 +475,8 @@ class AuditInterceptor(grpc.ServerInterceptor):
                     to_status(exc, self._proven(self._append(call, context, method), context))
                 )
             finally:
-                self._leave(admitted)
+                if leave is not None:
+                    leave()
             call.allowed()
             self._append(call, context, method)
             error: RequestError | None = None
@@ -507,10 +527,12 @@ class AuditInterceptor(grpc.ServerInterceptor):
             response: Any = None  # the handler's response message
             error: RequestError | None = None
             request = None
-            admitted = None
+            leave: Callable[[], None] | None = None
             try:
-                admitted = self._open(context, call)
+                consumer = self._open(context, call)
+                # Parsed before admission: the lane depends on the request's mode.
                 request = self._parse(handler, raw, call)
+                leave = self._enter(method, consumer, request, call, context)
                 response = handler.unary_unary(request, CallContext(context, call))
                 call.allowed()
             except RequestError as exc:
@@ -523,7 +545,8 @@ class AuditInterceptor(grpc.ServerInterceptor):
                 self._failed(call, exc)
                 error = None
             finally:
-                self._leave(admitted)
+                if leave is not None:
+                    leave()
             try:
                 receipt = self.audit.append(call.to_record(self.policies.current.version))
             except AuditUnavailable:
