@@ -142,10 +142,10 @@ def run_mode(args, workdir: Path, lanes: bool) -> tuple[dict[int, dict], list[fl
                     primer.request("dp.prime", "prime", question)
             primer.close()
         for threads in args.threads:
+            # Fresh questions at every level and in each mode (the ledger is shared): no reuse.
+            seed = args.seed + (0 if lanes else 500_000) + 1000 * threads
             consumers = [
-                load.Consumer(
-                    server.target, pki, CONSUMERS[i % len(CONSUMERS)], args.seed + i, load.WARMUP_BUDGET
-                )
+                load.Consumer(server.target, pki, CONSUMERS[i % len(CONSUMERS)], seed + i, load.WARMUP_BUDGET)
                 for i in range(threads)
             ]
             load.run_phase("warm-up", min(1.0, args.seconds), consumers)
