@@ -52,8 +52,9 @@ retry hint instead of blocking for the whole build. The parent, never the child,
 holds the secret that tags the copy.
 
 COUNT_UNITS still deduplicates every (unit, group) pair per query, so it costs several
-times a row aggregate (0.7-2 s at 10M rows on two cores); the row aggregates cost
-about as much as the same polars group-by.
+times a row aggregate (0.7-2 s at 10M rows on two cores), one range of unit codes at a
+time so its memory stays bounded (dataops.engines.dp); the row aggregates cost about as
+much as the same polars group-by.
 
 Why a copy can be trusted. A copy is `state/prepared/<dataset_id>-<key[:16]>.parquet`,
 where the key (`copy_key`) covers the dataset's data version (the SHA-256 of its
