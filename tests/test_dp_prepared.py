@@ -164,7 +164,7 @@ def test_count_units_deduplicates_range_by_range_as_one_unique(claims, source, t
     truth = pl.read_parquet(claims.path).group_by("sex").agg(pl.col("person_id").n_unique()).sort("sex")
     for (_, units), (_, u) in zip(table.iter_rows(), truth.iter_rows(), strict=True):
         assert units == pytest.approx(u, abs=1)
-    assert not list(source.path.parent.glob(".units-*"))  # the scratch rows are gone
+    assert not list(source.path.parent.glob(".*-units-*.tmp"))  # the scratch rows are gone
 
 
 # --- the store ---------------------------------------------------------------------------

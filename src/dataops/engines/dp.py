@@ -380,11 +380,14 @@ class DPQuery:
             raise InternalError("the calibration does not belong to this query")
         try:
             # COUNT_UNITS' per-unit rows are written here, next to the copy (a directory only
-            # the server's user may read), and removed once released.
+            # the server's user may read), and removed once released; named as a build's
+            # temporaries, so one a crash left is removed with them (PreparedStore._remove_old).
             with contextlib.ExitStack() as stack:
                 scratch = None
                 if c.source is not None and any(stage.units for stage in c.stages):
-                    directory = tempfile.TemporaryDirectory(prefix=".units-", dir=c.source.path.parent)
+                    directory = tempfile.TemporaryDirectory(
+                        suffix=".tmp", prefix=f".{c.dataset.id}-units-", dir=c.source.path.parent
+                    )
                     scratch = Path(stack.enter_context(directory))
                 frames = [
                     _collect(m(c.input(stage, scratch)), c.quantiles)
