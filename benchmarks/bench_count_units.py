@@ -31,7 +31,7 @@ sys.path.insert(0, str(HERE))
 
 import bench_serving  # noqa: E402
 
-DIMS = ("diagnosis_group", "visit_type", "hospital_level")
+DIMS = ("diagnosis_group", "visit_type", "hospital_level")  # --dims: others (comma-separated)
 
 
 def child(mode: str, rows: int, repeats: int) -> None:
@@ -83,20 +83,23 @@ def measure(mode: str, rows: int, repeats: int) -> dict:
     }
     out = subprocess.run(
         [sys.executable, __file__, "--child", mode, "--rows", str(rows), "--repeats", str(repeats),
-         "--data", str(bench_serving.DATA)],
+         "--data", str(bench_serving.DATA), "--dims", ",".join(DIMS)],
         check=True, capture_output=True, text=True, env=env,
     ).stdout  # fmt: skip
     return json.loads(out.strip().splitlines()[-1])
 
 
 def main() -> None:
+    global DIMS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[10_000_000, 30_000_000])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--data", type=Path, default=bench_serving.DATA)
+    parser.add_argument("--dims", default=",".join(DIMS), help="the group-by columns, comma-separated")
     parser.add_argument("--child", choices=["raw", "dp", "dp-one-piece"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     bench_serving.DATA = args.data
+    DIMS = tuple(d for d in args.dims.split(",") if d)
     if args.child:
         child(args.child, args.rows[0], args.repeats)
         return
