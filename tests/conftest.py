@@ -41,6 +41,20 @@ class Pki:
     def consumer_dir(self, consumer: str) -> Path:
         return self.directory / "consumers" / consumer
 
+    def cli_args(self, port: int, consumer: str = "city-bank") -> list[str]:
+        """The `dataops` consumer commands' connection flags for `consumer`."""
+        d = self.consumer_dir(consumer)
+        return [
+            "--target",
+            f"localhost:{port}",
+            "--cert",
+            str(d / f"{consumer}.crt"),
+            "--key",
+            str(d / f"{consumer}.key"),
+            "--ca",
+            str(d / "ca.crt"),
+        ]
+
 
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:

@@ -75,17 +75,7 @@ def test_policy_explain_names_the_deciding_rule(config, capsys, argv, expect_cod
 
 
 def test_query_and_datasets_from_the_shell(server, pki, capsys):
-    d = pki.consumer_dir("city-bank")
-    conn = [
-        "--target",
-        f"localhost:{server.port}",
-        "--cert",
-        str(d / "city-bank.crt"),
-        "--key",
-        str(d / "city-bank.key"),
-        "--ca",
-        str(d / "ca.crt"),
-    ]
+    conn = pki.cli_args(server.port)
     code, out, _ = run(capsys, "datasets", *conn)
     assert code == 0 and "enterprise_credit" in out
     code, out, _ = run(

@@ -23,17 +23,7 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 
 @pytest.fixture
 def conn(server, pki):
-    d = pki.consumer_dir("city-bank")
-    return [
-        "--target",
-        f"localhost:{server.port}",
-        "--cert",
-        str(d / "city-bank.crt"),
-        "--key",
-        str(d / "city-bank.key"),
-        "--ca",
-        str(d / "ca.crt"),
-    ]
+    return pki.cli_args(server.port)
 
 
 @pytest.fixture

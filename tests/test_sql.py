@@ -314,17 +314,7 @@ def test_grpcurl_shows_where_bad_sql_went_wrong(server, pki):
 def test_dataops_query_sql_from_the_shell(server, pki, capsys):
     from dataops.cli import main
 
-    d = pki.consumer_dir("city-bank")
-    conn = [
-        "--target",
-        f"localhost:{server.port}",
-        "--cert",
-        str(d / "city-bank.crt"),
-        "--key",
-        str(d / "city-bank.key"),
-        "--ca",
-        str(d / "ca.crt"),
-    ]
+    conn = pki.cli_args(server.port)
     text = "SELECT size_band, COUNT(*) FROM enterprise_credit WHERE size_band IN ('small', 'micro') GROUP BY size_band"
     assert main(["query", "--sql", text, "--json", *conn]) == 0
     rows = json.loads(capsys.readouterr().out)["rows"]

@@ -68,6 +68,9 @@ from dataops.config import StatePaths
 from dataops.errors import LoadError, PolicyDenied
 
 VERSION = 1
+# The terms a consent states, in the order the issuer's record of issued consents keeps
+# them (the signed payload adds its version and issue time).
+TERMS = ("id", "issuer", "subject", "consumer", "products", "purpose", "not_before", "not_after", "fetch")
 PERIODS = ("day", "week", "month", "year")
 MAX_ARTEFACT_BYTES = 8192
 TRUST_FILE = "issuers.toml"
@@ -272,20 +275,7 @@ def _text(doc: Mapping[str, Any], key: str) -> str:
 
 
 def _parse(doc: Mapping[str, Any], issuer: str, digest: str) -> Consent:
-    keys = {
-        "version",
-        "id",
-        "issuer",
-        "subject",
-        "consumer",
-        "products",
-        "purpose",
-        "not_before",
-        "not_after",
-        "fetch",
-        "issued_at",
-    }
-    if set(doc) != keys or doc["version"] != VERSION or doc["issuer"] != issuer:
+    if set(doc) != {"version", *TERMS, "issued_at"} or doc["version"] != VERSION or doc["issuer"] != issuer:
         raise ValueError("fields")
     consent_id = _text(doc, "id")
     if not ID_PATTERN.fullmatch(consent_id):

@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from dataops.consent import (
     PERIODS,
+    TERMS,
     TRUST_FILE,
     ConsentError,
     ConsentStore,
@@ -119,25 +120,7 @@ class ConsentService:
         artefact = sign(payload, issuer, key)
         self.directory.mkdir(parents=True, exist_ok=True)
         with (self.directory / "issued.jsonl").open("a") as f:
-            f.write(
-                json.dumps(
-                    {
-                        k: payload[k]
-                        for k in (
-                            "id",
-                            "issuer",
-                            "subject",
-                            "consumer",
-                            "products",
-                            "purpose",
-                            "not_before",
-                            "not_after",
-                            "fetch",
-                        )
-                    }
-                )
-                + "\n"
-            )
+            f.write(json.dumps({k: payload[k] for k in TERMS}) + "\n")
         return artefact
 
     def issued(self) -> list[dict[str, Any]]:

@@ -85,6 +85,15 @@ def _signed_facts(consent: Consent) -> dict:
     }
 
 
+def _released(entry: dict, evaluation: Evaluation) -> tuple:
+    """Mark a watch's audit entry allowed; what the watch then holds to tell a change from
+    none: (data version, evaluation date, outputs)."""
+    entry.update(
+        decision="allowed", data_version=evaluation.data_version[:16], outputs_hash=evaluation.digest()
+    )
+    return (evaluation.data_version, evaluation.evaluation_date, evaluation.outputs)
+
+
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
@@ -304,16 +313,7 @@ class Evaluator:
                     entry.update(decision="denied", reason=exc.reason, rule=exc.rule)
                     yield i, exc, self._update(entry)
                     continue
-                entry.update(
-                    decision="allowed",
-                    data_version=evaluation.data_version[:16],
-                    outputs_hash=evaluation.digest(),
-                )
-                live[i] = (
-                    product,
-                    consent,
-                    (evaluation.data_version, evaluation.evaluation_date, evaluation.outputs),
-                )
+                live[i] = (product, consent, _released(entry, evaluation))
                 yield i, evaluation, self._update(entry)
             while live and active() and not self._stopping.wait(self.poll_seconds):
                 if not active():
@@ -362,16 +362,7 @@ class Evaluator:
                         del live[i]
                         yield i, exc, self._update(entry)
                         continue
-                    entry.update(
-                        decision="allowed",
-                        data_version=evaluation.data_version[:16],
-                        outputs_hash=evaluation.digest(),
-                    )
-                    live[i] = (
-                        product,
-                        consent,
-                        (evaluation.data_version, evaluation.evaluation_date, evaluation.outputs),
-                    )
+                    live[i] = (product, consent, _released(entry, evaluation))
                     yield i, evaluation, self._update(entry)
             if live and self._stopping.is_set():
                 raise ServerStopping(

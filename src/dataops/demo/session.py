@@ -167,6 +167,18 @@ def play(target: str, pki: Path, out: Callable[[str], None]) -> dict[str, list[A
     out("\n══ city-bank (finance zone): pre-loan review ══")
     with connect("city-bank") as client:
         s = Session(client, out)
+        # One DP question, estimated, answered, then asked again (answered from the release store).
+        penalties_question: dict[str, Any] = dict(
+            dataset="enterprise_credit",
+            aggregates=[count("enterprises"), total("penalties")],
+            group_by=["district"],
+            mode="dp",
+            epsilon=1.0,
+        )
+
+        def penalties_by_district() -> Any:
+            return client.query(**penalties_question)
+
         results["city-bank"] = [
             s.step("Which datasets may I use?", client.list_datasets),
             s.step(
@@ -203,33 +215,15 @@ def play(target: str, pki: Path, out: Callable[[str], None]) -> dict[str, list[A
             ),
             s.step(
                 "DP: what would enterprises and total penalties by district cost, at epsilon 1?",
-                lambda: client.estimate(
-                    "enterprise_credit",
-                    aggregates=[count("enterprises"), total("penalties")],
-                    group_by=["district"],
-                    mode="dp",
-                    epsilon=1.0,
-                ),
+                lambda: client.estimate(**penalties_question),
             ),
             s.step(
                 "DP: the same question, answered (noisy, debited from the budget)",
-                lambda: client.query(
-                    "enterprise_credit",
-                    aggregates=[count("enterprises"), total("penalties")],
-                    group_by=["district"],
-                    mode="dp",
-                    epsilon=1.0,
-                ),
+                penalties_by_district,
             ),
             s.step(
                 "DP: asked again — the same release comes back and nothing is spent",
-                lambda: client.query(
-                    "enterprise_credit",
-                    aggregates=[count("enterprises"), total("penalties")],
-                    group_by=["district"],
-                    mode="dp",
-                    epsilon=1.0,
-                ),
+                penalties_by_district,
             ),
             s.step(
                 "DP: a histogram of founding years (catalog bins) for manufacturers, epsilon 2",
