@@ -802,6 +802,8 @@ def _unique_by_code_range(pairs: pl.LazyFrame, copy: Path, output: Path) -> pl.L
         if metadata.row_group(g).num_rows:
             top = max(top, int(stats.max) + 1)
     ranges = max(1, -(-metadata.num_rows // UNIQUE_ROWS_PER_RANGE))
+    if ranges == 1:
+        return pairs.unique()  # it fits one range: held at once anyway, no scratch file to write
     step = max(1, -(-top // ranges))
     writer = None
     try:
