@@ -486,3 +486,12 @@ def test_a_table_that_fails_its_lp_audit_is_never_served(config, pki, monkeypatc
                 assert c.query(CREDIT, aggregates=[count()]).frame.height == 1
     finally:
         server.stop(1.0)
+
+
+def test_describe_lists_a_tables_structural_zeros(connect):
+    description = connect("harbor-insurance").describe("medical_claims")
+    (table,) = [t for t in description.tables if t.id == "claims_by_demography_diagnosis"]
+    assert table.rules.structural_zeros == (
+        {"sex": ("M",), "diagnosis_group": ("Pregnancy",)},
+        {"age_band": ("0-17", "45-59", "60-74", "75+"), "diagnosis_group": ("Pregnancy",)},
+    )

@@ -305,6 +305,8 @@ class TableRules:
     p_percent: float | None
     sensitive_dimensions: tuple[str, ...]
     group_attribute_percent: float
+    # Declared impossible combinations, published as 0: per entry, dimension -> keys.
+    structural_zeros: tuple[dict[str, tuple[str, ...]], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -473,6 +475,7 @@ def _table(t: catalog_pb2.PublishedTable) -> PublishedTable:
             r.p_percent if r.HasField("p_percent") else None,
             tuple(r.sensitive_dimensions),
             r.group_attribute_percent,
+            tuple({d.column: tuple(d.keys) for d in z.dimensions} for z in r.structural_zeros),
         ),
     )
 

@@ -282,6 +282,18 @@ def table_to_proto(product: Any) -> c.PublishedTable:
             dominance_percent=rules.dominance_percent,
             sensitive_dimensions=list(rules.sensitive_dimensions),
             group_attribute_percent=rules.group_attribute_percent,
+            structural_zeros=[
+                c.StructuralZero(
+                    dimensions=[
+                        c.TableDimension(
+                            column=product.dimensions[j],
+                            keys=[str(product.keys[j][i]) for i in sorted(positions)],
+                        )
+                        for j, positions in entry
+                    ]
+                )
+                for entry in product.structural_zeros
+            ],
         ),
     )
     if rules.p_percent is not None:

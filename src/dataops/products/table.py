@@ -27,6 +27,10 @@ exact answers are lookups in it.
     group_attribute_percent = 90.0            # a group where one category holds >= 90% of units
     protection_percent = 30.0                 # interval a suppressed magnitude cell must keep
 
+    [[structural_zeros]]                      # a combination impossible by definition:
+    sex = "M"                                 # public knowledge, published as 0
+    diagnosis_group = "Pregnancy"             # (a value, or a list of values, per dimension)
+
 Loading is as strict as the catalog's: an unknown key, an identifier used as a
 dimension or measure, a measure without bounds, a dimension without keys or bins is
 refused with the file and the key.
@@ -119,6 +123,11 @@ class TableProduct:
     keys: tuple[tuple[Any, ...], ...] = ()
     # Bin edges of binned dimensions (None for a keyed dimension).
     bins: tuple[tuple[float, ...] | None, ...] = ()
+    # Structural zeros: combinations of keys no row can have by definition (no
+    # pregnancy is coded for a man), as the operator declares them. Public knowledge:
+    # such cells are published as 0 and never suppressed, so they cost no protection.
+    # One entry per [[structural_zeros]]: per named dimension, the key positions it covers.
+    structural_zeros: tuple[tuple[tuple[int, frozenset[int]], ...], ...] = ()
 
     def keys_of(self, dimension: str) -> tuple[Any, ...]:
         return self.keys[self.dimensions.index(dimension)]
@@ -158,6 +167,7 @@ def load_table_product(doc: Table, path: Path, catalog: Catalog) -> TableProduct
     dimensions, keys, bins = _read_dimensions(doc, dataset)
     measures = _read_measures(doc, dataset)
     rules = _read_rules(doc, dimensions)
+    structural = _read_structural_zeros(doc, dimensions, keys)
     product = TableProduct(
         id=product_id,
         dataset=dataset_id,
@@ -169,6 +179,7 @@ def load_table_product(doc: Table, path: Path, catalog: Catalog) -> TableProduct
         source=path,
         keys=keys,
         bins=bins,
+        structural_zeros=structural,
     )
     if product.n_cells > MAX_CELLS:
         raise doc.fail(
@@ -270,6 +281,33 @@ def _read_measures(doc: Table, dataset: Dataset) -> tuple[Measure, ...]:
     if not measures:
         raise doc.fail("measures", "a table needs at least one [[measures]]")
     return tuple(measures)
+
+
+def _read_structural_zeros(
+    doc: Table, dimensions: tuple[str, ...], keys: tuple[tuple[Any, ...], ...]
+) -> tuple[tuple[tuple[int, frozenset[int]], ...], ...]:
+    entries = []
+    for entry in doc.tables("structural_zeros"):
+        if not entry.data:
+            raise doc.fail("structural_zeros", "an entry needs at least one dimension = key")
+        covered = []
+        for name in list(entry.data):
+            if name not in dimensions:
+                raise entry.fail(name, f"{name!r} is not a dimension of this table")
+            value = entry.raw(name)
+            wanted = value if isinstance(value, list) else [value]
+            if not wanted:
+                raise entry.fail(name, "needs a key or a non-empty list of keys")
+            j = dimensions.index(name)
+            positions = set()
+            for v in wanted:
+                if v not in keys[j]:
+                    raise entry.fail(name, f"{v!r} is not in the public key set of {name!r}: {list(keys[j])}")
+                positions.add(keys[j].index(v))
+            covered.append((j, frozenset(positions)))
+        entry.reject_unknown()
+        entries.append(tuple(sorted(covered)))
+    return tuple(entries)
 
 
 def _read_rules(doc: Table, dimensions: tuple[str, ...]) -> ProtectionRules:

@@ -62,6 +62,7 @@ class ProtectionReport:
     audit: AuditVerdict
     rounds: int  # secondary-suppression rounds
     seconds: dict[str, float]  # cube, primary, secondary, audit, total
+    structural: int = 0  # structural zeros: declared impossible, released as 0
 
     def to_json(self) -> dict:
         return {
@@ -74,6 +75,7 @@ class ProtectionReport:
             "rows_outside": self.rows_outside,
             "rounds": self.rounds,
             "seconds": dict(self.seconds),
+            "structural": self.structural,
             "audit": {
                 "passed": self.audit.passed,
                 "checked": self.audit.checked,
@@ -108,6 +110,7 @@ class ProtectionReport:
             audit,
             doc["rounds"],
             doc["seconds"],
+            doc.get("structural", 0),
         )
 
 
@@ -154,7 +157,9 @@ def protect(
     rounds = 0
     cubes = None
     if secondary:
-        sec = secondary_suppression(prim.requirements, relations, prim.suppressed, cube.shape)
+        sec = secondary_suppression(
+            prim.requirements, relations, prim.suppressed, cube.shape, fixed=prim.structural
+        )
         suppressed, rounds, cubes = sec.suppressed, sec.rounds, sec.cubes
     else:
         suppressed = prim.suppressed.copy()
@@ -196,6 +201,7 @@ def protect(
             "audit": t_audit - t_secondary,
             "total": t_audit - started,
         },
+        structural=int(prim.structural.sum()),
     )
     return ProtectedTable(
         product,
@@ -240,7 +246,8 @@ def summary(table: ProtectedTable) -> str:
         f"  data version {table.data_version or '-'}; fingerprint {table.fingerprint[:16]}",
         f"  rows {r.rows} (outside the key sets: {r.rows_outside})",
         f"  cells {r.cells}: released {r.cells - r.primary - r.secondary}, "
-        f"primary {r.primary}, secondary {r.secondary} ({r.rounds} rounds)",
+        f"primary {r.primary}, secondary {r.secondary} ({r.rounds} rounds)"
+        + (f", structural zeros {r.structural}" if r.structural else ""),
         "  primary by rule: " + ", ".join(f"{k} {v}" for k, v in r.primary_by_rule.items()),
         "  information loss: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in r.information_loss.items()),
         f"  {r.audit.describe()}",

@@ -61,6 +61,7 @@ def hypercube_suppression(
     *,
     forbid_level: int | None = None,
     targets: np.ndarray | None = None,
+    fixed: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, Cubes]:
     """Suppress the corners of a cheap feasible hypercube around every primary cell.
 
@@ -68,7 +69,8 @@ def hypercube_suppression(
     primary cells for which no acceptable cube was found, and the cubes chosen.
     `forbid_level`: cells with at least that many margin coordinates are never added
     (default: d - 1, i.e. no one-dimensional margin and not the grand total).
-    `targets`: the cells to protect, if not all of `primary` (the pattern to extend)."""
+    `targets`: the cells to protect, if not all of `primary` (the pattern to extend).
+    `fixed`: cells that are never suppressed (structural zeros, known to everyone)."""
     d = len(shape)
     n = int(np.prod(shape))
     margin = np.array(shape) - 1
@@ -79,6 +81,8 @@ def hypercube_suppression(
     # Rows lost, weighted by aggregation; a forbidden cell costs infinitely much.
     loss = (req.values[0] + 1.0) * np.power(LEVEL_WEIGHT, level)
     loss[level >= limit] = np.inf
+    if fixed is not None:
+        loss[fixed] = np.inf
     values = req.values  # (m, n)
     suppressed = primary.copy()
     unprotected = []

@@ -21,6 +21,11 @@ column, x1 >= x2 >= ... the per-unit totals in the cell):
   everyone in the group has that category. Protection: the count must be able to
   fall below that share of the parent's rows.
 
+Structural zeros (`TableProduct.structural_zeros`, combinations impossible by
+definition) are public knowledge: they are released as 0 and never suppressed, so
+they need no protection and, fixed, can never hide another cell. A sub-total all of
+whose cells along some dimension are structural zeros is one too.
+
 Magnitude levels are symmetric; a lower end below zero means the attacker must not
 be able to exclude zero. Every suppressed cell, secondary ones too, must moreover not
 be pinned: its interval is at least a row (counts) or a unit of currency wide.
@@ -57,6 +62,33 @@ class Primary:
     suppressed: np.ndarray  # bool per cell
     reasons: dict[str, np.ndarray]  # rule -> bool per cell
     requirements: Requirements
+    structural: np.ndarray  # bool per cell: a structural zero, released as 0, never suppressed
+
+
+class StructuralZeroViolated(ValueError):
+    """The data has rows in a cell the product declares impossible. Publishing 0 there
+    would be false, and suppressing it would tell everyone it is not empty: the table
+    is not published until the operator fixes the declaration or the data."""
+
+
+def structural_zeros(product: TableProduct, cube: Cube) -> np.ndarray:
+    """The cells the product's [[structural_zeros]] cover, closed under the relations:
+    a sub-total whose cells along one dimension are all structural is structural."""
+    codes = cube.codes()
+    mask = np.zeros(cube.n_cells, bool)
+    for entry in product.structural_zeros:
+        hit = np.ones(cube.n_cells, bool)
+        for j, positions in entry:
+            hit &= np.isin(codes[:, j], list(positions))
+        mask |= hit
+    relations = cube.relations()
+    while True:
+        grown = mask.copy()
+        for parents, children in relations:
+            grown[parents[mask[children].all(axis=1)]] = True
+        if (grown == mask).all():
+            return mask
+        mask = grown
 
 
 def primary_suppression(
@@ -123,6 +155,18 @@ def primary_suppression(
             up[0, cells] = np.maximum(up[0, cells], 1.0)
             group[cells] = True
 
+    structural = structural_zeros(product, cube)
+    if (cube.rows[structural] > 0).any():
+        # Which cell, and how many rows, is for the operator's own check of the data:
+        # the message names only the declaration.
+        raise StructuralZeroViolated(
+            f"{product.source}: structural_zeros: the data has rows in a combination declared "
+            f"impossible; table {product.id!r} is not published until the declaration or the data is fixed"
+        )
     reasons = {"frequency": frequency, "dominance": dominance, "p_percent": p_rule, "group_attribute": group}
+    for rule in reasons.values():
+        rule &= ~structural
+    up[:, structural] = 0.0
+    down[:, structural] = 0.0
     suppressed = frequency | dominance | p_rule | group
-    return Primary(suppressed, reasons, Requirements(names, values, per_row, up, down, min_width))
+    return Primary(suppressed, reasons, Requirements(names, values, per_row, up, down, min_width), structural)

@@ -81,27 +81,33 @@ class Secondary:
 
 
 def secondary_suppression(
-    req: Requirements, relations, primary: np.ndarray, shape: tuple[int, ...] | None = None
+    req: Requirements,
+    relations,
+    primary: np.ndarray,
+    shape: tuple[int, ...] | None = None,
+    fixed: np.ndarray | None = None,
 ) -> Secondary:
     """`shape` (the cube's) enables the hypercube pass that does most of the work in one
-    sweep; without it only the relation-by-relation loop runs (slow on large cubes)."""
+    sweep; without it only the relation-by-relation loop runs (slow on large cubes).
+    `fixed`: cells never to suppress (structural zeros: everyone knows they are 0)."""
     n = len(primary)
+    fixed = np.zeros(n, bool) if fixed is None else fixed
     members = [np.hstack([p[:, None], c]) for p, c in relations]
     membership = Membership.of(relations, n)
     # Information loss of suppressing a cell: its rows (and a little for empty cells,
     # which are suppressed anyway). Margins are large, so they are picked last.
-    cost = req.values[0] + 1.0
+    cost = np.where(fixed, np.inf, req.values[0] + 1.0)
     suppressed = primary.copy()
     cubes = None
     if shape is not None:
-        suppressed, left, cubes = hypercube_suppression(req, shape, primary)
+        suppressed, left, cubes = hypercube_suppression(req, shape, primary, fixed=fixed)
         if len(left) and THROUGH_MARGINS:
             # Cells no cube below the one-dimensional margins protects (structural
             # zeros all around): cubes through those margins, never the grand total.
             targets = np.zeros(n, bool)
             targets[left] = True
             suppressed, _, more = hypercube_suppression(
-                req, shape, suppressed, targets=targets, forbid_level=len(shape)
+                req, shape, suppressed, targets=targets, forbid_level=len(shape), fixed=fixed
             )
             cubes = cubes.extend(more)
     pending = suppressed.copy()  # cells whose audit has not passed yet
@@ -126,7 +132,7 @@ def secondary_suppression(
             targets = np.zeros(n, bool)
             targets[list(failing)] = True
             suppressed, left, more = hypercube_suppression(
-                req, shape, suppressed, targets=targets, forbid_level=len(shape)
+                req, shape, suppressed, targets=targets, forbid_level=len(shape), fixed=fixed
             )
             cubes = more if cubes is None else cubes.extend(more)
             # A cell whose cube the audit did not accept, or that has none, gets
@@ -136,11 +142,11 @@ def secondary_suppression(
         for f in verdict.failures:
             if f.cell not in unsolved:
                 continue
-            row = _nearest_released(suppressed, f.cell, membership, members)
+            row = _nearest_released(suppressed | fixed, f.cell, membership, members)
             if row is None:
                 continue  # nothing left to suppress: the whole connected table is hidden
             if round_ >= WHOLE_RELATION_AFTER:
-                suppressed[row] = True
+                suppressed[row[~fixed[row]]] = True
             else:
                 _add_partner(suppressed, row, req.values[req.names.index(f.measure)], f.missing, cost)
         pending |= suppressed & ~before
@@ -164,9 +170,14 @@ def _close_singletons(suppressed: np.ndarray, members, req: Requirements, cost: 
             # small to cover it only if there is nothing else.
             small = count[rows] < need[alone][:, None]
             penalty = np.where(suppressed[rows], np.inf, cost[rows] + np.where(small, 1e15, 0.0))
-            pick = rows[np.arange(len(rows)), penalty.argmin(axis=1)]
-            suppressed[pick] = True
-            changed = True
+            best = penalty.argmin(axis=1)
+            # A relation whose other cells are all fixed (structural zeros) has no
+            # partner to offer: the audit decides, and the repair looks further out.
+            coverable = np.isfinite(penalty[np.arange(len(rows)), best])
+            pick = rows[np.arange(len(rows)), best][coverable]
+            if len(pick) and not suppressed[pick].all():
+                suppressed[pick] = True
+                changed = True
 
 
 def _nearest_released(suppressed, cell, membership, members, depth: int = 6):
@@ -192,8 +203,11 @@ def _add_partner(
     suppressed: np.ndarray, row: np.ndarray, value: np.ndarray, missing: float, cost: np.ndarray
 ) -> None:
     """One more suppressed cell near the failing one: the cheapest released cell whose
-    value covers the shortfall, else the largest there is."""
-    released = row[~suppressed[row]]
+    value covers the shortfall, else the largest there is (never a fixed cell: those
+    cost infinitely much)."""
+    released = row[~suppressed[row] & np.isfinite(cost[row])]
+    if not len(released):
+        return
     big = released[value[released] >= missing]
     if len(big):
         suppressed[big[np.argmin(cost[big])]] = True

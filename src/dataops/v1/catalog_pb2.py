@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from dataops.v1 import query_pb2 as dataops_dot_v1_dot_query__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64\x61taops/v1/catalog.proto\x12\ndataops.v1\x1a\x16\x64\x61taops/v1/query.proto\"\x8a\x01\n\x07\x44\x61taset\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04zone\x18\x02 \x01(\t\x12\r\n\x05title\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x10\n\x08provider\x18\x05 \x01(\t\x12\x14\n\x0cprivacy_unit\x18\x06 \x01(\t\x12\x19\n\x11max_rows_per_unit\x18\x07 \x01(\x03\"\x91\x02\n\x06\x43olumn\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x32\n\x0e\x63lassification\x18\x03 \x01(\x0e\x32\x1a.dataops.v1.Classification\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12+\n\x0c\x61llowed_uses\x18\x05 \x03(\x0e\x32\x15.dataops.v1.ColumnUse\x12\x18\n\x0blower_bound\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x18\n\x0bupper_bound\x18\x07 \x01(\x01H\x01\x88\x01\x01\x12\x13\n\x0bpublic_keys\x18\x08 \x03(\t\x12\x0c\n\x04\x62ins\x18\t \x03(\x01\x42\x0e\n\x0c_lower_boundB\x0e\n\x0c_upper_bound\"\'\n\tDominance\x12\t\n\x01n\x18\x01 \x01(\x03\x12\x0f\n\x07percent\x18\x02 \x01(\x01\"\xfb\x01\n\x05Grant\x12\x0f\n\x07purpose\x18\x01 \x01(\t\x12\x0f\n\x07\x65xpires\x18\x02 \x01(\t\x12$\n\x05modes\x18\x03 \x03(\x0e\x32\x15.dataops.v1.QueryMode\x12\x30\n\tfunctions\x18\x04 \x03(\x0e\x32\x1d.dataops.v1.AggregateFunction\x12\x1a\n\x0emin_group_size\x18\x05 \x01(\x03\x42\x02\x18\x01\x12\x0f\n\x07\x65psilon\x18\x06 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x07 \x01(\x01\x12,\n\tdominance\x18\x08 \x01(\x0b\x32\x15.dataops.v1.DominanceB\x02\x18\x01\x12\x0e\n\x06tables\x18\t \x03(\t\".\n\x0eTableDimension\x12\x0e\n\x06\x63olumn\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\t\"]\n\x0cTableMeasure\x12\x0c\n\x04name\x18\x01 \x01(\t\x12/\n\x08\x66unction\x18\x02 \x01(\x0e\x32\x1d.dataops.v1.AggregateFunction\x12\x0e\n\x06\x63olumn\x18\x03 \x01(\t\"\xb4\x01\n\nTableRules\x12\x11\n\tmin_units\x18\x01 \x01(\x03\x12\x13\n\x0b\x64ominance_n\x18\x02 \x01(\x03\x12\x19\n\x11\x64ominance_percent\x18\x03 \x01(\x01\x12\x16\n\tp_percent\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x1c\n\x14sensitive_dimensions\x18\x05 \x03(\t\x12\x1f\n\x17group_attribute_percent\x18\x06 \x01(\x01\x42\x0c\n\n_p_percent\"\xc3\x01\n\x0ePublishedTable\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12.\n\ndimensions\x18\x04 \x03(\x0b\x32\x1a.dataops.v1.TableDimension\x12*\n\x08measures\x18\x05 \x03(\x0b\x32\x18.dataops.v1.TableMeasure\x12%\n\x05rules\x18\x06 \x01(\x0b\x32\x16.dataops.v1.TableRules\"\x15\n\x13ListDatasetsRequest\"c\n\x14ListDatasetsResponse\x12%\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x13.dataops.v1.Dataset\x12$\n\x07receipt\x18\x02 \x01(\x0b\x32\x13.dataops.v1.Receipt\",\n\x16\x44\x65scribeDatasetRequest\x12\x12\n\ndataset_id\x18\x01 \x01(\t\"\xd8\x01\n\x17\x44\x65scribeDatasetResponse\x12$\n\x07\x64\x61taset\x18\x01 \x01(\x0b\x32\x13.dataops.v1.Dataset\x12#\n\x07\x63olumns\x18\x02 \x03(\x0b\x32\x12.dataops.v1.Column\x12 \n\x05grant\x18\x03 \x01(\x0b\x32\x11.dataops.v1.Grant\x12$\n\x07receipt\x18\x04 \x01(\x0b\x32\x13.dataops.v1.Receipt\x12*\n\x06tables\x18\x05 \x03(\x0b\x32\x1a.dataops.v1.PublishedTable*\xce\x01\n\x0e\x43lassification\x12\x1e\n\x1a\x43LASSIFICATION_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x43LASSIFICATION_IDENTIFIER\x10\x01\x12#\n\x1f\x43LASSIFICATION_QUASI_IDENTIFIER\x10\x02\x12\x19\n\x15\x43LASSIFICATION_PUBLIC\x10\x03\x12\x1c\n\x18\x43LASSIFICATION_SENSITIVE\x10\x04\x12\x1f\n\x1b\x43LASSIFICATION_UNCLASSIFIED\x10\x05*p\n\tColumnUse\x12\x1a\n\x16\x43OLUMN_USE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43OLUMN_USE_DIMENSION\x10\x01\x12\x15\n\x11\x43OLUMN_USE_FILTER\x10\x02\x12\x16\n\x12\x43OLUMN_USE_MEASURE\x10\x03\x32\xbf\x01\n\x0e\x43\x61talogService\x12Q\n\x0cListDatasets\x12\x1f.dataops.v1.ListDatasetsRequest\x1a .dataops.v1.ListDatasetsResponse\x12Z\n\x0f\x44\x65scribeDataset\x12\".dataops.v1.DescribeDatasetRequest\x1a#.dataops.v1.DescribeDatasetResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64\x61taops/v1/catalog.proto\x12\ndataops.v1\x1a\x16\x64\x61taops/v1/query.proto\"\x8a\x01\n\x07\x44\x61taset\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04zone\x18\x02 \x01(\t\x12\r\n\x05title\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x10\n\x08provider\x18\x05 \x01(\t\x12\x14\n\x0cprivacy_unit\x18\x06 \x01(\t\x12\x19\n\x11max_rows_per_unit\x18\x07 \x01(\x03\"\x91\x02\n\x06\x43olumn\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x32\n\x0e\x63lassification\x18\x03 \x01(\x0e\x32\x1a.dataops.v1.Classification\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12+\n\x0c\x61llowed_uses\x18\x05 \x03(\x0e\x32\x15.dataops.v1.ColumnUse\x12\x18\n\x0blower_bound\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x18\n\x0bupper_bound\x18\x07 \x01(\x01H\x01\x88\x01\x01\x12\x13\n\x0bpublic_keys\x18\x08 \x03(\t\x12\x0c\n\x04\x62ins\x18\t \x03(\x01\x42\x0e\n\x0c_lower_boundB\x0e\n\x0c_upper_bound\"\'\n\tDominance\x12\t\n\x01n\x18\x01 \x01(\x03\x12\x0f\n\x07percent\x18\x02 \x01(\x01\"\xfb\x01\n\x05Grant\x12\x0f\n\x07purpose\x18\x01 \x01(\t\x12\x0f\n\x07\x65xpires\x18\x02 \x01(\t\x12$\n\x05modes\x18\x03 \x03(\x0e\x32\x15.dataops.v1.QueryMode\x12\x30\n\tfunctions\x18\x04 \x03(\x0e\x32\x1d.dataops.v1.AggregateFunction\x12\x1a\n\x0emin_group_size\x18\x05 \x01(\x03\x42\x02\x18\x01\x12\x0f\n\x07\x65psilon\x18\x06 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x07 \x01(\x01\x12,\n\tdominance\x18\x08 \x01(\x0b\x32\x15.dataops.v1.DominanceB\x02\x18\x01\x12\x0e\n\x06tables\x18\t \x03(\t\".\n\x0eTableDimension\x12\x0e\n\x06\x63olumn\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\t\"]\n\x0cTableMeasure\x12\x0c\n\x04name\x18\x01 \x01(\t\x12/\n\x08\x66unction\x18\x02 \x01(\x0e\x32\x1d.dataops.v1.AggregateFunction\x12\x0e\n\x06\x63olumn\x18\x03 \x01(\t\"\xea\x01\n\nTableRules\x12\x11\n\tmin_units\x18\x01 \x01(\x03\x12\x13\n\x0b\x64ominance_n\x18\x02 \x01(\x03\x12\x19\n\x11\x64ominance_percent\x18\x03 \x01(\x01\x12\x16\n\tp_percent\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x1c\n\x14sensitive_dimensions\x18\x05 \x03(\t\x12\x1f\n\x17group_attribute_percent\x18\x06 \x01(\x01\x12\x34\n\x10structural_zeros\x18\x07 \x03(\x0b\x32\x1a.dataops.v1.StructuralZeroB\x0c\n\n_p_percent\"@\n\x0eStructuralZero\x12.\n\ndimensions\x18\x01 \x03(\x0b\x32\x1a.dataops.v1.TableDimension\"\xc3\x01\n\x0ePublishedTable\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12.\n\ndimensions\x18\x04 \x03(\x0b\x32\x1a.dataops.v1.TableDimension\x12*\n\x08measures\x18\x05 \x03(\x0b\x32\x18.dataops.v1.TableMeasure\x12%\n\x05rules\x18\x06 \x01(\x0b\x32\x16.dataops.v1.TableRules\"\x15\n\x13ListDatasetsRequest\"c\n\x14ListDatasetsResponse\x12%\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x13.dataops.v1.Dataset\x12$\n\x07receipt\x18\x02 \x01(\x0b\x32\x13.dataops.v1.Receipt\",\n\x16\x44\x65scribeDatasetRequest\x12\x12\n\ndataset_id\x18\x01 \x01(\t\"\xd8\x01\n\x17\x44\x65scribeDatasetResponse\x12$\n\x07\x64\x61taset\x18\x01 \x01(\x0b\x32\x13.dataops.v1.Dataset\x12#\n\x07\x63olumns\x18\x02 \x03(\x0b\x32\x12.dataops.v1.Column\x12 \n\x05grant\x18\x03 \x01(\x0b\x32\x11.dataops.v1.Grant\x12$\n\x07receipt\x18\x04 \x01(\x0b\x32\x13.dataops.v1.Receipt\x12*\n\x06tables\x18\x05 \x03(\x0b\x32\x1a.dataops.v1.PublishedTable*\xce\x01\n\x0e\x43lassification\x12\x1e\n\x1a\x43LASSIFICATION_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x43LASSIFICATION_IDENTIFIER\x10\x01\x12#\n\x1f\x43LASSIFICATION_QUASI_IDENTIFIER\x10\x02\x12\x19\n\x15\x43LASSIFICATION_PUBLIC\x10\x03\x12\x1c\n\x18\x43LASSIFICATION_SENSITIVE\x10\x04\x12\x1f\n\x1b\x43LASSIFICATION_UNCLASSIFIED\x10\x05*p\n\tColumnUse\x12\x1a\n\x16\x43OLUMN_USE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43OLUMN_USE_DIMENSION\x10\x01\x12\x15\n\x11\x43OLUMN_USE_FILTER\x10\x02\x12\x16\n\x12\x43OLUMN_USE_MEASURE\x10\x03\x32\xbf\x01\n\x0e\x43\x61talogService\x12Q\n\x0cListDatasets\x12\x1f.dataops.v1.ListDatasetsRequest\x1a .dataops.v1.ListDatasetsResponse\x12Z\n\x0f\x44\x65scribeDataset\x12\".dataops.v1.DescribeDatasetRequest\x1a#.dataops.v1.DescribeDatasetResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,10 +36,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GRANT'].fields_by_name['min_group_size']._serialized_options = b'\030\001'
   _globals['_GRANT'].fields_by_name['dominance']._loaded_options = None
   _globals['_GRANT'].fields_by_name['dominance']._serialized_options = b'\030\001'
-  _globals['_CLASSIFICATION']._serialized_start=1690
-  _globals['_CLASSIFICATION']._serialized_end=1896
-  _globals['_COLUMNUSE']._serialized_start=1898
-  _globals['_COLUMNUSE']._serialized_end=2010
+  _globals['_CLASSIFICATION']._serialized_start=1810
+  _globals['_CLASSIFICATION']._serialized_end=2016
+  _globals['_COLUMNUSE']._serialized_start=2018
+  _globals['_COLUMNUSE']._serialized_end=2130
   _globals['_DATASET']._serialized_start=65
   _globals['_DATASET']._serialized_end=203
   _globals['_COLUMN']._serialized_start=206
@@ -53,17 +53,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TABLEMEASURE']._serialized_start=824
   _globals['_TABLEMEASURE']._serialized_end=917
   _globals['_TABLERULES']._serialized_start=920
-  _globals['_TABLERULES']._serialized_end=1100
-  _globals['_PUBLISHEDTABLE']._serialized_start=1103
-  _globals['_PUBLISHEDTABLE']._serialized_end=1298
-  _globals['_LISTDATASETSREQUEST']._serialized_start=1300
-  _globals['_LISTDATASETSREQUEST']._serialized_end=1321
-  _globals['_LISTDATASETSRESPONSE']._serialized_start=1323
-  _globals['_LISTDATASETSRESPONSE']._serialized_end=1422
-  _globals['_DESCRIBEDATASETREQUEST']._serialized_start=1424
-  _globals['_DESCRIBEDATASETREQUEST']._serialized_end=1468
-  _globals['_DESCRIBEDATASETRESPONSE']._serialized_start=1471
-  _globals['_DESCRIBEDATASETRESPONSE']._serialized_end=1687
-  _globals['_CATALOGSERVICE']._serialized_start=2013
-  _globals['_CATALOGSERVICE']._serialized_end=2204
+  _globals['_TABLERULES']._serialized_end=1154
+  _globals['_STRUCTURALZERO']._serialized_start=1156
+  _globals['_STRUCTURALZERO']._serialized_end=1220
+  _globals['_PUBLISHEDTABLE']._serialized_start=1223
+  _globals['_PUBLISHEDTABLE']._serialized_end=1418
+  _globals['_LISTDATASETSREQUEST']._serialized_start=1420
+  _globals['_LISTDATASETSREQUEST']._serialized_end=1441
+  _globals['_LISTDATASETSRESPONSE']._serialized_start=1443
+  _globals['_LISTDATASETSRESPONSE']._serialized_end=1542
+  _globals['_DESCRIBEDATASETREQUEST']._serialized_start=1544
+  _globals['_DESCRIBEDATASETREQUEST']._serialized_end=1588
+  _globals['_DESCRIBEDATASETRESPONSE']._serialized_start=1591
+  _globals['_DESCRIBEDATASETRESPONSE']._serialized_end=1807
+  _globals['_CATALOGSERVICE']._serialized_start=2133
+  _globals['_CATALOGSERVICE']._serialized_end=2324
 # @@protoc_insertion_point(module_scope)

@@ -123,20 +123,28 @@ class TableMeasure(_message.Message):
     def __init__(self, name: _Optional[str] = ..., function: _Optional[_Union[_query_pb2.AggregateFunction, str]] = ..., column: _Optional[str] = ...) -> None: ...
 
 class TableRules(_message.Message):
-    __slots__ = ("min_units", "dominance_n", "dominance_percent", "p_percent", "sensitive_dimensions", "group_attribute_percent")
+    __slots__ = ("min_units", "dominance_n", "dominance_percent", "p_percent", "sensitive_dimensions", "group_attribute_percent", "structural_zeros")
     MIN_UNITS_FIELD_NUMBER: _ClassVar[int]
     DOMINANCE_N_FIELD_NUMBER: _ClassVar[int]
     DOMINANCE_PERCENT_FIELD_NUMBER: _ClassVar[int]
     P_PERCENT_FIELD_NUMBER: _ClassVar[int]
     SENSITIVE_DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
     GROUP_ATTRIBUTE_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    STRUCTURAL_ZEROS_FIELD_NUMBER: _ClassVar[int]
     min_units: int
     dominance_n: int
     dominance_percent: float
     p_percent: float
     sensitive_dimensions: _containers.RepeatedScalarFieldContainer[str]
     group_attribute_percent: float
-    def __init__(self, min_units: _Optional[int] = ..., dominance_n: _Optional[int] = ..., dominance_percent: _Optional[float] = ..., p_percent: _Optional[float] = ..., sensitive_dimensions: _Optional[_Iterable[str]] = ..., group_attribute_percent: _Optional[float] = ...) -> None: ...
+    structural_zeros: _containers.RepeatedCompositeFieldContainer[StructuralZero]
+    def __init__(self, min_units: _Optional[int] = ..., dominance_n: _Optional[int] = ..., dominance_percent: _Optional[float] = ..., p_percent: _Optional[float] = ..., sensitive_dimensions: _Optional[_Iterable[str]] = ..., group_attribute_percent: _Optional[float] = ..., structural_zeros: _Optional[_Iterable[_Union[StructuralZero, _Mapping]]] = ...) -> None: ...
+
+class StructuralZero(_message.Message):
+    __slots__ = ("dimensions",)
+    DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
+    dimensions: _containers.RepeatedCompositeFieldContainer[TableDimension]
+    def __init__(self, dimensions: _Optional[_Iterable[_Union[TableDimension, _Mapping]]] = ...) -> None: ...
 
 class PublishedTable(_message.Message):
     __slots__ = ("id", "title", "description", "dimensions", "measures", "rules")
