@@ -15,8 +15,7 @@ from dataops.errors import ProductError
 from dataops.products.table import load_table_product
 from dataops.tables import protect
 from dataops.tables.primary import StructuralZeroViolated
-
-REPO = Path(__file__).resolve().parent.parent
+from test_protect import REPO, write_product
 
 CLAIMS = """
 kind = "table"
@@ -49,9 +48,7 @@ def catalog(sandbox_dir):
 
 
 def product(catalog, directory: Path, text: str):
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / "claims.toml"
-    path.write_text(text)
+    path = write_product(directory, "claims", text)
     return load_table_product(read_toml(path, ProductError), path, catalog)
 
 

@@ -175,7 +175,7 @@ def _close_singletons(suppressed: np.ndarray, members, req: Requirements, cost: 
             # partner to offer: the audit decides, and the repair looks further out.
             coverable = np.isfinite(penalty[np.arange(len(rows)), best])
             pick = rows[np.arange(len(rows)), best][coverable]
-            if len(pick) and not suppressed[pick].all():
+            if len(pick):
                 suppressed[pick] = True
                 changed = True
 
