@@ -297,6 +297,15 @@ def play(target: str, pki: Path, out: Callable[[str], None]) -> dict[str, list[A
                 ),
             ),
             s.step(
+                "Outpatient visits by district and sex (the same table's district margin)",
+                lambda: client.query(
+                    "medical_claims",
+                    aggregates=[count("visits"), mean("amount")],
+                    group_by=["district", "sex"],
+                    filters=[Equals("visit_type", "outpatient")],
+                ),
+            ),
+            s.step(
                 "The same by hospital level (not a dimension of any published table)",
                 lambda: client.query(
                     "medical_claims", aggregates=[count("visits")], group_by=["hospital_level"]

@@ -33,6 +33,15 @@ from dataops.tables.secondary import secondary_suppression
 
 RELEASED, PRIMARY, SECONDARY = "released", "primary", "secondary"
 
+# A table whose finest cells fail the primary rules more often than this is too
+# detailed for its data: secondary suppression would end up hiding nearly every cell
+# after many slow audit rounds (a five-dimensional claims table over 100k rows: 58% of
+# its base cells fail, and the loop had not finished after 15 minutes). It is
+# withheld whole at once, and the report says why, so the operator coarsens it.
+MAX_PRIMARY_SHARE = 0.5
+# Secondary suppression that has not converged in this long fails closed.
+SECONDARY_BUDGET_SECONDS = 300.0
+
 __all__ = [
     "AuditFailure",
     "AuditVerdict",
@@ -63,6 +72,9 @@ class ProtectionReport:
     rounds: int  # secondary-suppression rounds
     seconds: dict[str, float]  # cube, primary, secondary, audit, total
     structural: int = 0  # structural zeros: declared impossible, released as 0
+    # Why every cell is withheld without an audit ("" when the audited pattern is
+    # released): the table is too detailed for its data, or protection ran out of time.
+    withheld: str = ""
 
     def to_json(self) -> dict:
         return {
@@ -76,6 +88,7 @@ class ProtectionReport:
             "rounds": self.rounds,
             "seconds": dict(self.seconds),
             "structural": self.structural,
+            "withheld": self.withheld,
             "audit": {
                 "passed": self.audit.passed,
                 "checked": self.audit.checked,
@@ -111,6 +124,7 @@ class ProtectionReport:
             doc["rounds"],
             doc["seconds"],
             doc.get("structural", 0),
+            doc.get("withheld", ""),
         )
 
 
@@ -156,26 +170,49 @@ def protect(
     relations = cube.relations()
     rounds = 0
     cubes = None
-    if secondary:
+    base = cube.is_base()
+    withheld = ""
+    share = primary_share(prim.suppressed, prim.structural, base)
+    if secondary and share > MAX_PRIMARY_SHARE:
+        withheld = (
+            f"{100 * share:.0f}% of the finest cells fail the primary rules (more than "
+            f"{100 * MAX_PRIMARY_SHARE:.0f}%): the table is too detailed for this data; "
+            "drop a dimension or coarsen one"
+        )
+    if secondary and not withheld:
         sec = secondary_suppression(
-            prim.requirements, relations, prim.suppressed, cube.shape, fixed=prim.structural
+            prim.requirements,
+            relations,
+            prim.suppressed,
+            cube.shape,
+            fixed=prim.structural,
+            budget_seconds=SECONDARY_BUDGET_SECONDS,
         )
         suppressed, rounds, cubes = sec.suppressed, sec.rounds, sec.cubes
+        if not sec.converged:
+            withheld = f"secondary suppression did not converge in {SECONDARY_BUDGET_SECONDS:g} s"
     else:
         suppressed = prim.suppressed.copy()
     t_secondary = time.perf_counter()
-    # The final verdict audits every suppressed cell afresh, whatever the loop saw.
-    # The hypercubes are offered as candidate witnesses; each is checked against the LP.
-    verdict = lp_audit(prim.requirements, relations, suppressed, hints=cubes)
+    if withheld:
+        # Fail closed at once: every cell but the structural zeros (public) is
+        # suppressed, so nothing is released that an audit would have to clear. The
+        # table is served that way: every lookup in it is suppressed.
+        suppressed = ~prim.structural
+        verdict = AuditVerdict(True, 0, 0, 0, 0, (), 0.0)
+    else:
+        # The final verdict audits every suppressed cell afresh, whatever the loop saw.
+        # The hypercubes are offered as candidate witnesses; each is checked against the LP.
+        verdict = lp_audit(prim.requirements, relations, suppressed, hints=cubes)
     t_audit = time.perf_counter()
-    if secondary and not verdict.passed:
+    if secondary and not verdict.passed and not withheld:
         # Fail closed: a pattern the audit could not prove safe releases nothing. The
         # report keeps the failed verdict so the operator sees why the table is empty.
-        suppressed = np.ones_like(suppressed)
+        suppressed = ~prim.structural
+        withheld = "the LP audit did not prove the suppression pattern safe"
 
     status = np.where(prim.suppressed, PRIMARY, np.where(suppressed, SECONDARY, RELEASED))
     cells = _released_cells(product, dataset, cube, suppressed, status)
-    base = cube.is_base()
     total_rows = max(int(cube.rows[base].sum()), 1)
     loss = {
         "base_cells": float(suppressed[base].mean()) if base.any() else 0.0,
@@ -202,6 +239,7 @@ def protect(
             "total": t_audit - started,
         },
         structural=int(prim.structural.sum()),
+        withheld=withheld,
     )
     return ProtectedTable(
         product,
@@ -211,6 +249,12 @@ def protect(
         report,
         Confidential(cube, prim.requirements, suppressed, cubes),
     )
+
+
+def primary_share(primary: np.ndarray, structural: np.ndarray, base: np.ndarray) -> float:
+    """The share of the finest (base) cells, structural zeros aside, that fail a primary rule."""
+    cells = base & ~structural
+    return float(primary[cells].mean()) if cells.any() else 0.0
 
 
 def audit_table(table: ProtectedTable) -> AuditVerdict:
@@ -250,7 +294,8 @@ def summary(table: ProtectedTable) -> str:
         + (f", structural zeros {r.structural}" if r.structural else ""),
         "  primary by rule: " + ", ".join(f"{k} {v}" for k, v in r.primary_by_rule.items()),
         "  information loss: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in r.information_loss.items()),
-        f"  {r.audit.describe()}",
+        *([f"  withheld whole: {r.withheld}"] if r.withheld else []),
+        *([f"  {r.audit.describe()}"] if r.audit.checked or not r.audit.passed or not r.withheld else []),
         f"  built in {r.seconds['total']:.2f}s (cube {r.seconds['cube']:.2f}s, "
         f"secondary {r.seconds['secondary']:.2f}s, audit {r.seconds['audit']:.2f}s)",
     ]

@@ -23,6 +23,7 @@ whole, which ends the loop (at worst the whole table is suppressed).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,6 +79,7 @@ class Secondary:
     rounds: int
     audit: AuditVerdict  # the last round's audit (of the cells it had to check)
     cubes: Cubes | None  # the hypercubes chosen: candidate witnesses for every later audit
+    converged: bool = True  # False: out of time with cells still failing (the pattern is unsafe)
 
 
 def secondary_suppression(
@@ -86,10 +88,13 @@ def secondary_suppression(
     primary: np.ndarray,
     shape: tuple[int, ...] | None = None,
     fixed: np.ndarray | None = None,
+    budget_seconds: float = float("inf"),
 ) -> Secondary:
     """`shape` (the cube's) enables the hypercube pass that does most of the work in one
     sweep; without it only the relation-by-relation loop runs (slow on large cubes).
-    `fixed`: cells never to suppress (structural zeros: everyone knows they are 0)."""
+    `fixed`: cells never to suppress (structural zeros: everyone knows they are 0).
+    `budget_seconds`: no new round starts after this long (the result is unconverged)."""
+    deadline = time.perf_counter() + budget_seconds
     n = len(primary)
     fixed = np.zeros(n, bool) if fixed is None else fixed
     members = [np.hstack([p[:, None], c]) for p, c in relations]
@@ -114,6 +119,8 @@ def secondary_suppression(
     cubed: set[int] = set()  # failing cells already given a cube of their own
     verdict = None
     for round_ in range(1, MAX_ROUNDS + 1):
+        if time.perf_counter() > deadline:
+            return Secondary(suppressed, round_ - 1, verdict, cubes, converged=False)  # type: ignore[arg-type]
         before = suppressed.copy()
         _close_singletons(suppressed, members, req, cost)
         pending |= suppressed & ~before
@@ -150,6 +157,7 @@ def secondary_suppression(
             else:
                 _add_partner(suppressed, row, req.values[req.names.index(f.measure)], f.missing, cost)
         pending |= suppressed & ~before
+    # Out of rounds: the last repairs may have been enough; the caller's final audit decides.
     return Secondary(suppressed, MAX_ROUNDS, verdict, cubes)  # type: ignore[arg-type]
 
 
