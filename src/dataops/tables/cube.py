@@ -16,6 +16,13 @@ every grouping is by one 64-bit integer (cell * 2^32 + unit code), not by a stri
 and d codes; the margins are grouped one at a time with the streaming engine. On 10M
 claim rows by 5 dimensions that took the cube from 97 s and 5.3 GiB peak RSS to 27-37 s
 and 2.9 GiB on two loaded cores (benchmarks/bench_cube.py).
+
+Bounded memory at any size: past `ROWS_PER_BUCKET` rows the units are split into
+buckets by a seeded hash of the unit (a unit's rows all fall in one bucket), and each
+bucket is reduced on its own. Every per-cell figure then merges by addition (rows,
+sums, and units, since no unit is in two buckets) or, for the largest contributions,
+by keeping the largest of the buckets' largest. Peak memory is one bucket's; the cost
+is one filtered scan of the source per bucket.
 """
 
 from __future__ import annotations
@@ -34,6 +41,9 @@ _ROWS = "#rows"
 _KEY = "#key"  # cell * _UNIT_SPAN + unit code: one integer to group by
 _UNIT_SPAN = 2**32  # unit codes are 32-bit (a Categorical's physical codes)
 _NULL_UNIT = _UNIT_SPAN - 1  # never a code: a dictionary holds fewer than 2^32 - 1 ids
+# Rows reduced at once: 10M claim rows by 5 dimensions peaked at 2.9 GiB in one piece.
+ROWS_PER_BUCKET = 4_000_000
+_BUCKET_SEED = 0x7AB1E  # any fixed seed: buckets only need a unit's rows together
 
 
 def _code(j: int) -> str:
@@ -52,6 +62,21 @@ class Cube:
     sums: dict[str, np.ndarray]  # magnitude column -> float64 per cell
     top: dict[str, np.ndarray]  # magnitude column -> (cells, t) largest per-unit totals, descending
     rows_outside: int  # rows whose dimension value lies outside the public key set or bins
+
+    def merge(self, other: Cube) -> Cube:
+        """The cube of two sources with no privacy unit in common."""
+        top = {}
+        for column, mine in self.top.items():
+            both = np.concatenate([mine, other.top[column]], axis=1)
+            top[column] = -np.sort(-both, axis=1)[:, : mine.shape[1]]
+        return Cube(
+            self.shape,
+            self.rows + other.rows,
+            self.units + other.units,
+            {c: v + other.sums[c] for c, v in self.sums.items()},
+            top,
+            self.rows_outside + other.rows_outside,
+        )
 
     @property
     def n_cells(self) -> int:
@@ -108,7 +133,24 @@ def code_expressions(product: TableProduct, dataset: Dataset) -> list[pl.Expr]:
     return exprs
 
 
-def build_cube(product: TableProduct, dataset: Dataset, source: pl.LazyFrame) -> Cube:
+def build_cube(
+    product: TableProduct, dataset: Dataset, source: pl.LazyFrame, *, rows_per_bucket: int = ROWS_PER_BUCKET
+) -> Cube:
+    """The cube of `source`, in pieces of about `rows_per_bucket` rows (by unit)."""
+    rows = int(source.select(pl.len()).collect().item())
+    buckets = max(1, -(-rows // max(1, rows_per_bucket)))
+    if buckets == 1:
+        return _cube_of(product, dataset, source)
+    unit = pl.col(dataset.unit_column)
+    merged: Cube | None = None
+    for b in range(buckets):
+        part = _cube_of(product, dataset, source.filter(unit.hash(_BUCKET_SEED) % buckets == b))
+        merged = part if merged is None else merged.merge(part)
+    assert merged is not None
+    return merged
+
+
+def _cube_of(product: TableProduct, dataset: Dataset, source: pl.LazyFrame) -> Cube:
     d = len(product.dimensions)
     shape = tuple(len(k) + 1 for k in product.keys)
     n = int(np.prod(shape))
