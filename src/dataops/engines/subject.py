@@ -13,7 +13,14 @@ version each dataset that subject products read is laid out by subject:
 Both are Arrow IPC files (a maintained, language-neutral format) read through a
 memory map, so opening a layout costs nothing and the page cache holds the hot part;
 a lookup is a binary search over the index (`numpy.searchsorted`) and a slice of a few
-rows. `benchmarks/bench_subject.py` compares it with a polars filter scan of the same
+rows.
+
+Bounded memory at any size: the build sorts at most about `PIECE_ROWS` rows at a time.
+Past that, the subjects are split into ranges at quantiles of a sample of their ids,
+each range is sorted alone and written as one record batch of both files (batch k of
+the index holds the subjects of batch k of the rows, `start` counted within it). A
+subject's rows never span two ranges, and the ranges are in id order, so a lookup
+first picks the batch by its first id, then searches within it. `benchmarks/bench_subject.py` compares it with a polars filter scan of the same
 Parquet and with sorted Parquet read by row group.
 
 A layout is built into a temporary directory and renamed into place, under a
@@ -49,7 +56,11 @@ from dataops.products.subject import Output, OutputFunction, SubjectProduct
 
 log = logging.getLogger(__name__)
 
-LAYOUT_VERSION = "1"
+LAYOUT_VERSION = "2"  # 2: one record batch per range of subjects
+# Rows sorted at once when laying out: 10M claim rows with their string ids sort in
+# about 1.5 GiB; more would grow with the dataset.
+PIECE_ROWS = 4_000_000
+_SAMPLE_ROWS = 200_000  # ids sampled to place the ranges' bounds
 _NO_DATE = np.iinfo(np.int32).min  # a null date: outside every window
 _NO_CODE = -1  # a null or unknown category: matches no key set
 
@@ -105,44 +116,61 @@ class SubjectLayout:
         self.directory = directory
         self.dataset = dataset
         self.fingerprint = fingerprint
-        rows = ipc.open_file(pa.memory_map(str(directory / "rows.arrow"))).read_all()
-        index = ipc.open_file(pa.memory_map(str(directory / "index.arrow"))).read_all()
+        rows = ipc.open_file(pa.memory_map(str(directory / "rows.arrow")))
+        index = ipc.open_file(pa.memory_map(str(directory / "index.arrow")))
         meta = {k.decode(): v.decode() for k, v in (rows.schema.metadata or {}).items()}
         if (
             meta.get("dataops.subjects.fingerprint") != fingerprint
             or meta.get("dataops.subjects.dataset") != dataset.id
+            or rows.num_record_batches != index.num_record_batches
         ):
             raise InternalError(f"{directory} is not the layout of {dataset.id} at {fingerprint[:16]}")
-        self.columns: dict[str, np.ndarray] = {
-            name: rows.column(name).combine_chunks().to_numpy(zero_copy_only=True)
-            for name in rows.column_names
-        }
-        ids = index.column("subject").combine_chunks()
-        width = ids.type.byte_width
-        # Zero-copy view of the fixed-width ids as numpy bytes for a binary search.
-        self.ids = np.frombuffer(
-            ids.buffers()[1], dtype=f"S{width}", count=len(ids), offset=ids.offset * width
+        self.width = index.schema.field("subject").type.byte_width
+        # Per range of subjects: its ids, each one's first row, and its rows' columns,
+        # all zero-copy views of the memory map.
+        self.pieces: list[tuple[np.ndarray, np.ndarray, dict[str, np.ndarray], int]] = []
+        for k in range(rows.num_record_batches):
+            batch, ids_batch = rows.get_batch(k), index.get_batch(k)
+            ids = ids_batch.column(0)
+            if not len(ids):
+                continue
+            view = np.frombuffer(
+                ids.buffers()[1], dtype=f"S{self.width}", count=len(ids), offset=ids.offset * self.width
+            )
+            columns = {
+                name: batch.column(i).to_numpy(zero_copy_only=True)
+                for i, name in enumerate(batch.schema.names)
+            }
+            starts = ids_batch.column(1).to_numpy(zero_copy_only=True)
+            self.pieces.append((view, starts, columns, batch.num_rows))
+        self.firsts = np.array([piece[0][0] for piece in self.pieces], dtype=f"S{self.width}")
+        self.row_count = sum(piece[3] for piece in self.pieces)
+        self._none = (
+            {name: np.empty(0, rows.schema.field(name).type.to_pandas_dtype()) for name in rows.schema.names},
+            0,
         )
-        self.starts = index.column("start").combine_chunks().to_numpy(zero_copy_only=True)
-        self.width = width
-        self.row_count = rows.num_rows
 
-    def rows_of(self, subject: str) -> tuple[int, int]:
-        """The [start, end) row range of `subject`; an empty range when it has no rows."""
+    def rows_of(self, subject: str) -> tuple[dict[str, np.ndarray], int]:
+        """The subject's rows, column by column, and how many (none: empty columns, 0)."""
         key = subject.encode()
         if len(key) > self.width or key.endswith(b"\0"):
-            return 0, 0  # cannot be stored: no rows (and the same answer as any absent subject)
-        i = int(np.searchsorted(self.ids, key))
-        if i >= len(self.ids) or self.ids[i] != key:
-            return 0, 0
-        end = int(self.starts[i + 1]) if i + 1 < len(self.starts) else self.row_count
-        return int(self.starts[i]), end
+            return self._none  # cannot be stored: no rows (and the same answer as any absent subject)
+        k = int(np.searchsorted(self.firsts, key, side="right")) - 1
+        if k < 0:
+            return self._none
+        ids, starts, columns, count = self.pieces[k]
+        i = int(np.searchsorted(ids, key))
+        if i >= len(ids) or ids[i] != key:
+            return self._none
+        start = int(starts[i])
+        end = int(starts[i + 1]) if i + 1 < len(starts) else count
+        return {name: values[start:end] for name, values in columns.items()}, end - start
 
     def evaluate(self, product: SubjectProduct, subject: str, today: dt.date) -> Evaluation:
-        start, end = self.rows_of(subject)
+        rows, count = self.rows_of(subject)
         values: list[tuple[str, Value]] = []
         for output in product.outputs:
-            values.append((output.name, self._output(output, start, end, today)))
+            values.append((output.name, self._output(output, rows, count, today)))
         if product.scorecard is not None:
             card = product.scorecard
             by_name = dict(values)
@@ -160,12 +188,12 @@ class SubjectLayout:
             values.append((card.name, card.grading.label(points)))
         return Evaluation(product.id, self.fingerprint, today, tuple(values))
 
-    def _output(self, output: Output, start: int, end: int, today: dt.date) -> Value:
-        mask = np.ones(end - start, dtype=bool)
+    def _output(self, output: Output, rows: dict[str, np.ndarray], count: int, today: dt.date) -> Value:
+        mask = np.ones(count, dtype=bool)
         for column, codes in self._codes(output.where):
-            mask &= _among(self.columns[column][start:end], codes)
+            mask &= _among(rows[column], codes)
         if output.window is not None:
-            dates = self.columns[output.window.column][start:end]
+            dates = rows[output.window.column]
             cutoff = _days(months_before(today, output.window.months))
             mask &= (dates > cutoff) & (dates <= _days(today)) & (dates != _NO_DATE)
         function = output.function
@@ -173,12 +201,12 @@ class SubjectLayout:
         if function is OutputFunction.COUNT:
             value = int(mask.sum())
         elif function is OutputFunction.SUM:
-            chosen = self.columns[output.measured_column][start:end][mask]
+            chosen = rows[output.measured_column][mask]
             total = float(np.nansum(chosen)) if chosen.size else 0.0
             integer = self.dataset.columns[output.measured_column].type is ColumnType.INT
             value = int(round(total)) if integer else total
         elif function is OutputFunction.MAX:
-            chosen = self.columns[output.measured_column][start:end][mask]
+            chosen = rows[output.measured_column][mask]
             chosen = chosen[~np.isnan(chosen)]
             if not chosen.size:
                 return None  # no rows: no maximum (and no band)
@@ -187,9 +215,9 @@ class SubjectLayout:
             value = int(top) if integer else top
         elif function is OutputFunction.ANY_IN:
             codes = self._key_codes(output.measured_column, output.values)
-            return bool(_among(self.columns[output.measured_column][start:end][mask], codes).any())
+            return bool(_among(rows[output.measured_column][mask], codes).any())
         elif function is OutputFunction.MONTHS_WITH:
-            days = self.columns[output.measured_column][start:end][mask]
+            days = rows[output.measured_column][mask]
             days = days[days != _NO_DATE]
             months = days.astype("datetime64[D]").astype("datetime64[M]")
             value = int(np.unique(months).size)
@@ -206,6 +234,43 @@ class SubjectLayout:
     def _codes(self, where: tuple[tuple[str, tuple[str, ...]], ...]) -> Iterable[tuple[str, tuple[int, ...]]]:
         for column, values in where:
             yield column, self._key_codes(column, values)
+
+
+def _ranges(scan: pl.LazyFrame, unit: str) -> Iterable[pl.LazyFrame]:
+    """`scan` cut into ranges of subjects of about `PIECE_ROWS` rows each, in id order
+    (one range, the whole scan, when it is no bigger; always at least one, for the schema).
+    The bounds are quantiles of a sample of the ids, so no subject spans two ranges."""
+    rows = int(scan.select(pl.len()).collect(engine="streaming").item())
+    pieces = -(-rows // PIECE_ROWS)
+    if pieces <= 1:
+        yield scan
+        return
+    sample = (
+        scan.select(unit)
+        .gather_every(max(1, rows // _SAMPLE_ROWS))
+        .unique()
+        .sort(unit)
+        .collect(engine="streaming")[unit]
+    )
+    bounds = sorted(set(sample.gather([len(sample) * k // pieces for k in range(1, pieces)]).to_list()))
+    low = None
+    for high in [*bounds, None]:
+        where = pl.lit(True)
+        if low is not None:
+            where &= pl.col(unit) >= low
+        if high is not None:
+            where &= pl.col(unit) < high
+        yield scan.filter(where)
+        low = high
+
+
+def _one_batch(table: pa.Table) -> pa.RecordBatch:
+    """A table as one record batch (its columns contiguous, as the reader's views need)."""
+    return (
+        table.combine_chunks().to_batches(max_chunksize=max(1, table.num_rows))[0]
+        if table.num_rows
+        else (pa.RecordBatch.from_pylist([], schema=table.schema))
+    )
 
 
 def _among(values: np.ndarray, codes: tuple[int, ...]) -> np.ndarray:
@@ -321,46 +386,59 @@ class SubjectLayouts:
         temporary.mkdir()
         try:
             columns = self.columns[dataset.id]
-            frame = (
+            scan = (
                 pl.scan_parquet(dataset.path)
                 .select(pl.col(unit).cast(pl.String), *[_encoded(dataset, c).alias(c) for c in columns])
                 .filter(pl.col(unit).is_not_null())
-                .sort(unit, maintain_order=True)
-                .collect()
             )
-            index = (
-                frame.select(unit)
-                .with_row_index("start")
-                .group_by(unit, maintain_order=True)
-                .agg(pl.col("start").first())
-            )
-            ids = index[unit]
-            longest = ids.str.len_bytes().max()  # None: no subjects
-            width = max(1, longest if isinstance(longest, int) else 1)
-            # numpy "S" pads with NULs, which no stored id ends with (`rows_of` refuses such ids).
-            packed = np.array(ids.to_list(), dtype=f"S{width}").tobytes()
-            fixed = pa.FixedSizeBinaryArray.from_buffers(
-                pa.binary(width), len(ids), [None, pa.py_buffer(packed)]
-            )
+            longest = scan.select(pl.col(unit).str.len_bytes().max()).collect(engine="streaming").item()
+            width = max(1, longest if isinstance(longest, int) else 1)  # None: no subjects
             metadata = self._metadata(dataset, fingerprint)
-            rows = frame.drop(unit).to_arrow()
-            rows = rows.replace_schema_metadata(metadata)
-            index_table = pa.table(
-                {"subject": fixed, "start": pa.array(index["start"].cast(pl.Int64).to_numpy())},
-                metadata=metadata,
-            )
-            for name, table in (("rows.arrow", rows), ("index.arrow", index_table)):
-                with (
-                    pa.OSFile(str(temporary / name), "wb") as sink,
-                    ipc.new_file(sink, table.schema) as writer,
-                ):
-                    writer.write_table(table, max_chunksize=max(1, table.num_rows))
+            rows_schema = index_schema = None
+            subjects = rows_written = 0
+            with (
+                pa.OSFile(str(temporary / "rows.arrow"), "wb") as rows_sink,
+                pa.OSFile(str(temporary / "index.arrow"), "wb") as index_sink,
+            ):
+                rows_writer = index_writer = None
+                for piece in _ranges(scan, unit):
+                    frame = piece.sort(unit, maintain_order=True).collect(engine="streaming")
+                    index = (
+                        frame.select(unit)
+                        .with_row_index("start")
+                        .group_by(unit, maintain_order=True)
+                        .agg(pl.col("start").first())
+                    )
+                    ids = index[unit]
+                    # numpy "S" pads with NULs, which no stored id ends with (`rows_of` refuses such ids).
+                    packed = np.array(ids.to_list(), dtype=f"S{width}").tobytes()
+                    fixed = pa.FixedSizeBinaryArray.from_buffers(
+                        pa.binary(width), len(ids), [None, pa.py_buffer(packed)]
+                    )
+                    rows = frame.drop(unit).to_arrow().replace_schema_metadata(metadata)
+                    index_table = pa.table(
+                        {"subject": fixed, "start": pa.array(index["start"].cast(pl.Int64).to_numpy())},
+                        metadata=metadata,
+                    )
+                    if rows_writer is None or index_writer is None:
+                        rows_schema, index_schema = rows.schema, index_table.schema
+                        rows_writer = ipc.new_file(rows_sink, rows_schema)
+                        index_writer = ipc.new_file(index_sink, index_schema)
+                    # One record batch per range: a subject's rows are contiguous in one batch.
+                    rows_writer.write_batch(_one_batch(rows.cast(rows_schema)))
+                    index_writer.write_batch(_one_batch(index_table.cast(index_schema)))
+                    subjects += len(ids)
+                    rows_written += frame.height
+                    del frame, index, rows, index_table
+                assert rows_writer is not None and index_writer is not None
+                rows_writer.close()
+                index_writer.close()
             shutil.rmtree(directory, ignore_errors=True)
             os.replace(temporary, directory)
         except BaseException:
             shutil.rmtree(temporary, ignore_errors=True)
             raise
-        log.info("laid out %s by subject: %d rows, %d subjects", dataset.id, frame.height, len(ids))
+        log.info("laid out %s by subject: %d rows, %d subjects", dataset.id, rows_written, subjects)
 
     def _remove_old(self, dataset: Dataset, keep: Path) -> None:
         pattern = re.compile(rf"{re.escape(dataset.id)}-[0-9a-f]{{16}}-[0-9a-f]{{8}}")
