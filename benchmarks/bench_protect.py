@@ -17,7 +17,6 @@ process so peak RSS (ru_maxrss) is that measurement's own:
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -103,8 +102,18 @@ def run_one(kind: str, dataset_id: str, sandbox: Path) -> dict:
             "phases": {k: round(v, 2) for k, v in r.seconds.items()},
         }
     out["seconds"] = time.perf_counter() - started
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over execve, so a child
+    # started by a parent that generated the data reported the parent's peak.
+    out["peak_rss_mb"] = peak_rss() / 2**20
     return out
+
+
+def peak_rss() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def measure(kind: str, dataset_id: str, sandbox: Path) -> dict:
