@@ -39,8 +39,9 @@ from dataops.config import load_config
 from dataops.demo.session import CONSUMERS
 from dataops.ir import Equals, InSet
 
-# Requests in DP mode go to the scan lane (even those refused once planned: the lane is
-# chosen from the method and the mode alone); all others are cheap.
+# Requests in DP mode, reported apart ("DP"): those that run an engine wait for a slot in
+# the scan lane; refusals and re-served releases (planned, but no engine) never do. All
+# others are cheap calls.
 SCAN_KINDS = {"dp.fresh", "dp.repeat", "dp.prime", "refused.over_budget", "refused.mode"}
 TARGET_RPS, TARGET_P99 = 300.0, 0.200
 

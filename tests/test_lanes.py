@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 
 import grpc
 import pyarrow.parquet as pq
@@ -357,3 +358,94 @@ def test_scan_slots_default_to_at_most_the_workers(tmp_path):
     assert load_config(path).server.scan_slots == 2
     path.write_text("[server]\n")
     assert load_config(path).server.scan_slots == 4
+
+
+@ON_OFF
+def test_dp_requests_that_run_no_engine_are_answered_while_the_scan_lane_is_full(
+    tmp_path, sandbox_dir, pki, protected_tables, gate, credit_rows, monkeypatch, control
+):
+    """Only an engine run takes a scan-lane slot. With the one slot held by a slow scan
+    and no queue, a repeated question (re-served from the release store), a DP query on
+    an aggregate-only grant and one over budget are answered at once, while a fresh
+    release is still refused by the lane. Switched off (the slot taken for the whole
+    request, as before), all of them are refused limits.scan_lane."""
+    if control == "off":
+        join, part = ScanLane.join, ScanLane.part
+
+        def whole_request(self, consumer):
+            join(self, consumer)
+            try:
+                self.take(1)
+            except BaseException:
+                part(self, consumer)
+                raise
+
+        monkeypatch.setattr(ScanLane, "join", whole_request)
+        monkeypatch.setattr(ScanLane, "part", lambda self, consumer: (self.give(1), part(self, consumer)))
+        monkeypatch.setattr(ScanLane, "slot", lambda self, rows, deadline=None, active=None: nullcontext())
+    config, server = _start(tmp_path, sandbox_dir, pki, protected_tables, "scan_slots = 1\nscan_queue = 0")
+    repeated = {"aggregates": [count()], "group_by": ["sex"], "mode": "dp", "epsilon": 0.05}
+
+    def ask(client: Client, dataset: str, **question):
+        try:
+            return client.query(dataset, timeout=30.0, **question)
+        except DataopsClientError as exc:
+            return exc
+
+    try:
+        city, harbor, river = (
+            _client(server, pki, c) for c in ("city-bank", "harbor-insurance", "river-bank")
+        )
+        first = harbor.query("medical_claims", **repeated)  # released once: later asks are reuses
+        with ThreadPoolExecutor(1) as pool:
+            slow = pool.submit(_scan, city, 0)
+            assert _wait_for(lambda: gate.blocked == 1)
+            full = server.scans.state()
+            again = ask(harbor, "medical_claims", **repeated)
+            mode = ask(river, CREDIT, aggregates=[count()], group_by=["district"], mode="dp", epsilon=0.1)
+            over = ask(harbor, "medical_claims", aggregates=[count()], mode="dp", epsilon=9.0)
+            fresh = ask(harbor, "medical_claims", aggregates=[count()], mode="dp", epsilon=0.07)
+            still = server.scans.state()
+            gate.set()
+            scanned = slow.result(timeout=60)
+        budget = next(b for b in harbor.budgets() if b.dataset_id == "medical_claims")
+        for client in (city, harbor, river):
+            client.close()
+    finally:
+        gate.set()
+        server.stop(1.0)
+    assert full == still == ((1, credit_rows, 0) if control == "on" else (1, 1, 0))
+    assert not isinstance(scanned, DataopsClientError)
+    refused = [o for o in (again, mode, over, fresh) if isinstance(o, DataopsClientError)]
+    if control == "off":
+        assert [(o.code, o.rule) for o in refused] == [
+            (grpc.StatusCode.RESOURCE_EXHAUSTED, "limits.scan_lane")
+        ] * 4
+        return
+    assert not isinstance(again, DataopsClientError) and again.reused
+    assert again.frame.equals(first.frame)  # the same noisy answer, not a new one
+    assert isinstance(mode, DataopsClientError)
+    assert (mode.code, mode.rule) == (grpc.StatusCode.PERMISSION_DENIED, "grant.modes")
+    assert isinstance(over, DataopsClientError)
+    assert (over.code, over.reason, over.rule) == (
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "BUDGET_EXHAUSTED",
+        "budget.grant",
+    )
+    # A release that needs the engine still waits for (here: is refused by) the lane,
+    # after its budget was reserved: the reservation is refunded.
+    assert isinstance(fresh, DataopsClientError)
+    assert (fresh.code, fresh.rule) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "limits.scan_lane")
+    assert budget.epsilon_spent == pytest.approx(first.spend.epsilon)
+    records = [
+        r for r in audit_records(config) if r["consumer"] == "harbor-insurance" and r["method"] == "RunQuery"
+    ]
+    assert [(r["code"], r.get("rule"), bool(r.get("reused"))) for r in records] == [
+        ("OK", "grant", False),
+        ("OK", "grant", True),
+        ("RESOURCE_EXHAUSTED", "budget.grant", False),
+        ("RESOURCE_EXHAUSTED", "limits.scan_lane", False),
+    ]
+    # The lane's refusal is recorded with what was asked (it was planned first), and spent nothing.
+    assert records[-1]["dataset"] == "medical_claims" and records[-1]["query"]
+    assert records[-1]["epsilon_spent"] in (0, 0.0, None)

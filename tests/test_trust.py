@@ -373,9 +373,10 @@ def test_a_flood_of_slow_queries_from_one_consumer_is_shed_audited_and_starves_n
     if control == "off":
         monkeypatch.setattr(Admission, "enter", lambda self, consumer: None)
         monkeypatch.setattr(Admission, "leave", lambda self, consumer: None)
-        # DP queries are admitted by the scan lane, which caps them per consumer too.
-        monkeypatch.setattr(ScanLane, "enter", lambda self, consumer, rows, deadline=None, active=None: None)
-        monkeypatch.setattr(ScanLane, "leave", lambda self, consumer, rows: None)
+        # DP queries are counted per consumer by the scan lane (its slots stay: the flood
+        # then holds them all and the other consumer's query waits behind it).
+        monkeypatch.setattr(ScanLane, "join", lambda self, consumer: None)
+        monkeypatch.setattr(ScanLane, "part", lambda self, consumer: None)
     server = build_server(config).start()
     flood = 10
     try:

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -218,9 +219,21 @@ class Sandbox:
         return engine
 
     def run(
-        self, consumer: str, query: Query, *, request_id: str = "", deadline: float | None = None
+        self,
+        consumer: str,
+        query: Query,
+        *,
+        request_id: str = "",
+        deadline: float | None = None,
+        scan_slot: Callable[[], AbstractContextManager[None]] = nullcontext,
     ) -> Outcome:
         """Plan, estimate, release (reserving first when the engine spends budget).
+
+        `scan_slot` makes what an engine run that scans data is held by (the server's
+        scan lane, `dataops.server.lanes`): entered only once the plan, the grant, the
+        release store and the ledger have let the query through to its engine, so a
+        refusal or a re-served release never waits for it. Refused there, the query is
+        refunded like any release that did not happen.
 
         `Outcome.result` is the `EngineResult`; on a refusal the outcome so far rides
         on the error.
@@ -235,13 +248,14 @@ class Sandbox:
                 result = engine.release(plan, estimate, deadline)
                 outcome.table, outcome.table_fingerprint = result.table_id, result.table_fingerprint
             else:
-                released = self.releases.release(
-                    consumer,
-                    plan,
-                    estimate,
-                    lambda: self._within_deadline(deadline, lambda: engine.release(plan, estimate, deadline)),
-                    request_id=request_id,
-                )
+
+                def scan() -> EngineResult:
+                    with scan_slot():
+                        return self._within_deadline(
+                            deadline, lambda: engine.release(plan, estimate, deadline)
+                        )
+
+                released = self.releases.release(consumer, plan, estimate, scan, request_id=request_id)
                 result, outcome.spent, outcome.reused = released.result, released.spent, released.reused
         except Exception as exc:
             outcome.attach(exc)

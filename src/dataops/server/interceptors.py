@@ -18,6 +18,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent import futures
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import grpc
@@ -46,6 +47,9 @@ from dataops.server.ratelimit import Admission, RateLimiter
 from dataops.server.status import status_code
 
 log = logging.getLogger(__name__)
+
+# Makes the context manager a DP query's engine run is held by (a scan-lane slot).
+ScanGuard = Callable[[], AbstractContextManager[None]]
 
 DOMAIN = "dataops.v1"
 
@@ -162,15 +166,24 @@ class CallContext:
     """The servicer's `context`: gRPC's own, plus who is asking and a place for the outcome.
 
     The interceptor makes one per call and passes it to the servicer in place of
-    gRPC's context (everything else is delegated to it), so identity and deadline
-    reach the servicer as arguments, not through a contextvar, and the servicer hands
+    gRPC's context (everything else is delegated to it), so identity, deadline and the
+    scan lane's guard reach the servicer as arguments, not through a contextvar, and the servicer hands
     back the request flow's `Outcome` with `record`, from which the interceptor writes
     the audit record.
     """
 
-    def __init__(self, context: grpc.ServicerContext, call: CallRecord) -> None:
+    def __init__(
+        self, context: grpc.ServicerContext, call: CallRecord, scan_slot: ScanGuard = nullcontext
+    ) -> None:
         self._context = context
         self._call = call
+        self._scan_slot = scan_slot
+
+    @property
+    def scan_slot(self) -> ScanGuard:
+        """What the engine run of a DP query is held by: a slot in the scan lane (a no-op
+        for other calls, and with one shared lane, whose admission holds the whole call)."""
+        return self._scan_slot
 
     @property
     def consumer(self) -> str:
@@ -353,16 +366,25 @@ class AuditInterceptor(grpc.ServerInterceptor):
 
     def _enter(
         self, method: str, consumer: str, request: Any, call: CallRecord, context: grpc.ServicerContext
-    ) -> Callable[[], None]:
+    ) -> tuple[Callable[[], None], ScanGuard]:
         """Admit the request to its lane, decided by the method and the request's mode;
-        returns how to leave it. A scan waits for the scan lane (or is refused there), so
-        cheap calls never wait behind scans."""
+        returns how to leave it and the guard its engine run is held by.
+
+        A DP query counts against its consumer's cap in the scan lane now, but waits for
+        a slot only when it runs an engine (the guard, held by `Sandbox.run`): refusals
+        and re-served releases never wait behind scans, and cheap calls never do.
+        """
         if self.scans is not None and is_scan(method, request):
-            scans, rows = self.scans, self.scan_cost(consumer, request)
-            scans.enter(consumer, rows, call.deadline, context.is_active)
-            return lambda: scans.leave(consumer, rows)
+            scans = self.scans
+            scans.join(consumer)
+
+            def scan_slot() -> AbstractContextManager[None]:
+                # Weighed only when the engine runs: most DP requests never get here.
+                return scans.slot(self.scan_cost(consumer, request), call.deadline, context.is_active)
+
+            return lambda: scans.part(consumer), scan_slot
         admitted = self._admit(consumer)
-        return lambda: self._leave(admitted)
+        return lambda: self._leave(admitted), nullcontext
 
     def intercept_service(self, continuation: Callable, handler_call_details: Any) -> Any:
         handler = continuation(handler_call_details)
@@ -467,7 +489,7 @@ class AuditInterceptor(grpc.ServerInterceptor):
             call = CallRecord(method=method, stream_event="open", messages=0)
             leave: Callable[[], None] | None = None
             try:
-                leave = self._enter(method, self._open(context, call), None, call, context)
+                leave, _ = self._enter(method, self._open(context, call), None, call, context)
                 request = self._parse(handler, raw, call)
             except RequestError as exc:
                 self._refused(call, exc)
@@ -532,8 +554,8 @@ class AuditInterceptor(grpc.ServerInterceptor):
                 consumer = self._open(context, call)
                 # Parsed before admission: the lane depends on the request's mode.
                 request = self._parse(handler, raw, call)
-                leave = self._enter(method, consumer, request, call, context)
-                response = handler.unary_unary(request, CallContext(context, call))
+                leave, scan_slot = self._enter(method, consumer, request, call, context)
+                response = handler.unary_unary(request, CallContext(context, call, scan_slot))
                 call.allowed()
             except RequestError as exc:
                 self._refused(call, exc)

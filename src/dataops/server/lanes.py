@@ -6,16 +6,24 @@ A DP RunQuery is a scan of the dataset's serving copy, which can take seconds on
 large dataset. Were both admitted by one count, a few huge scans would hold the slots
 and every cheap call would wait (or be shed) behind them.
 
-So the interceptor sends a request to one of two lanes, decided from the method and
-the request's mode (`is_scan`): cheap calls are admitted by `ratelimit.Admission` as
-before ([limits] max_in_flight, max_in_flight_per_consumer); scans by a `ScanLane`,
-which admits by estimated cost, not by count alone: each scan weighs the rows of its
-dataset (`ScanCosts`, from the Parquet footer, read once per data version), the rows
-in flight are capped ([server] scan_rows_in_flight), so several small scans run
+So a DP RunQuery (`is_scan`: decided from the method and the request's mode) waits
+in the scan lane, and everything else is admitted by `ratelimit.Admission` as before
+([limits] max_in_flight, max_in_flight_per_consumer). Only the engine run itself
+waits: the interceptor counts a DP request against its consumer's cap when it
+arrives (`ScanLane.join`) and hands the servicer a guard (`ScanLane.slot`) that the
+request flow (`Sandbox.run`) holds around the engine alone. A request refused by its
+grant, mode or budget, or answered again from the release store, never runs an
+engine and never waits for a slot; were they to wait, a quarter of the DP traffic
+would queue behind scans it does not need.
+
+The lane admits by estimated cost, not by count alone: each scan weighs the rows of
+its dataset (`ScanCosts`, from the Parquet footer, read once per data version), the
+rows in flight are capped ([server] scan_rows_in_flight), so several small scans run
 together while a huge one runs alone; at most [server] scan_slots run at once. A scan
 that does not fit waits in a bounded FIFO queue ([server] scan_queue) for at most
 [server] scan_queue_seconds or its client's deadline; beyond that it is refused
-RESOURCE_EXHAUSTED (or DEADLINE_EXCEEDED) and audited like any other refusal.
+RESOURCE_EXHAUSTED (or DEADLINE_EXCEEDED) and audited like any other refusal. Its
+budget was reserved before it waited, and is refunded: nothing was released.
 """
 
 from __future__ import annotations
@@ -24,7 +32,8 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pyarrow.parquet as pq
@@ -101,10 +110,21 @@ class ScanCosts:
 class ScanLane:
     """Scans admitted by estimated cost; see the module docstring.
 
-    `enter` returns once the scan is admitted, or raises the refusal (LimitExceeded,
-    DeadlineExceeded) the interceptor answers and audits; an admitted scan must
-    `leave` with the same consumer and rows. Waiting scans are served in arrival
-    order: a huge scan at the head is not overtaken forever by small ones.
+    A DP request holds two things, taken at different times:
+
+    * its consumer's place (`join`, given back with `part`), from the moment the
+      interceptor parses it to its end: at most `per_consumer` DP requests per consumer
+      are in flight, whether planning, waiting or running, so one consumer's flood of
+      DP queries cannot take the threads another's need;
+    * a slot (`take`, given back with `give`; `slot` is both as a context manager),
+      only around the engine run itself. The cheap steps before it (plan, grant
+      checks, the release store's lookup, the ledger's reservation) need none, so a
+      refusal or a re-served release is answered while the lane is full.
+
+    `enter`/`leave` take and give back both at once (a request that is all scan).
+    A refusal raises what the interceptor answers and audits (LimitExceeded,
+    DeadlineExceeded). Waiting scans are served in arrival order: a huge scan at the
+    head is not overtaken forever by small ones.
     """
 
     def __init__(
@@ -126,7 +146,7 @@ class ScanLane:
         self._running = 0
         self._rows = 0
         self._waiting: deque[object] = deque()
-        self._by_consumer: dict[str, int] = {}  # running and waiting, per consumer
+        self._by_consumer: dict[str, int] = {}  # DP requests in flight, per consumer
 
     def weight(self, rows: int) -> int:
         # A scan heavier than the whole lane runs alone rather than never.
@@ -137,27 +157,41 @@ class ScanLane:
             self._running == 0 or self._rows + weight <= self.rows_in_flight
         )
 
-    def enter(
-        self,
-        consumer: str,
-        rows: int,
-        deadline: float | None = None,
-        active: Callable[[], bool] = lambda: True,
-    ) -> None:
-        weight = self.weight(rows)
+    def join(self, consumer: str) -> None:
+        """Count a DP request of `consumer` in flight, or refuse it (limits.concurrency)."""
         with self._cond:
             held = self._by_consumer.get(consumer, 0)
             if held >= self.per_consumer:
                 raise LimitExceeded(
-                    f"consumer {consumer!r} already has {self.per_consumer} DP queries running or queued; "
+                    f"consumer {consumer!r} already has {self.per_consumer} DP queries in flight; "
                     "retry when one has finished",
                     rule="limits.concurrency",
                     quota_violations=(
                         QuotaViolation(f"consumer:{consumer}", "concurrent scans per consumer"),
                     ),
                 )
+            self._by_consumer[consumer] = held + 1
+
+    def part(self, consumer: str) -> None:
+        """The DP request `join` counted has ended."""
+        with self._cond:
+            held = self._by_consumer[consumer] - 1
+            if held:
+                self._by_consumer[consumer] = held
+            else:
+                del self._by_consumer[consumer]
+
+    def take(
+        self,
+        rows: int,
+        deadline: float | None = None,
+        active: Callable[[], bool] = lambda: True,
+    ) -> None:
+        """Return once a scan of `rows` may run (a slot and its rows taken), or raise the refusal."""
+        weight = self.weight(rows)
+        with self._cond:
             if not self._waiting and self._fits(weight):
-                self._admit(consumer, weight)
+                self._admit(weight)
                 return
             if len(self._waiting) >= self.queue:
                 raise LimitExceeded(
@@ -167,7 +201,6 @@ class ScanLane:
                 )
             ticket = object()
             self._waiting.append(ticket)
-            self._by_consumer[consumer] = held + 1
             give_up = self._clock() + self.queue_seconds
             try:
                 while not (self._waiting[0] is ticket and self._fits(weight)):
@@ -190,32 +223,55 @@ class ScanLane:
                     self._cond.wait(min(_POLL_SECONDS, max(0.0, until - now)))
             except BaseException:
                 self._waiting.remove(ticket)
-                self._release_consumer(consumer)
                 self._cond.notify_all()  # the next in line may fit now
                 raise
             self._waiting.popleft()
-            self._release_consumer(consumer)
-            self._admit(consumer, weight)
+            self._admit(weight)
             self._cond.notify_all()  # the one behind may fit beside it
 
-    def _admit(self, consumer: str, weight: int) -> None:
+    def _admit(self, weight: int) -> None:
         self._running += 1
         self._rows += weight
-        self._by_consumer[consumer] = self._by_consumer.get(consumer, 0) + 1
 
-    def _release_consumer(self, consumer: str) -> None:
-        held = self._by_consumer[consumer] - 1
-        if held:
-            self._by_consumer[consumer] = held
-        else:
-            del self._by_consumer[consumer]
-
-    def leave(self, consumer: str, rows: int) -> None:
+    def give(self, rows: int) -> None:
+        """The scan `take` admitted has finished: its slot and rows are free."""
         with self._cond:
             self._running -= 1
             self._rows -= self.weight(rows)
-            self._release_consumer(consumer)
             self._cond.notify_all()
+
+    @contextmanager
+    def slot(
+        self,
+        rows: int,
+        deadline: float | None = None,
+        active: Callable[[], bool] = lambda: True,
+    ) -> Iterator[None]:
+        """A slot held while the body (the engine run) runs."""
+        self.take(rows, deadline, active)
+        try:
+            yield
+        finally:
+            self.give(rows)
+
+    def enter(
+        self,
+        consumer: str,
+        rows: int,
+        deadline: float | None = None,
+        active: Callable[[], bool] = lambda: True,
+    ) -> None:
+        """`join` and `take` at once; an admitted scan must `leave` with the same consumer and rows."""
+        self.join(consumer)
+        try:
+            self.take(rows, deadline, active)
+        except BaseException:
+            self.part(consumer)
+            raise
+
+    def leave(self, consumer: str, rows: int) -> None:
+        self.give(rows)
+        self.part(consumer)
 
     def state(self) -> tuple[int, int, int]:
         """(scans running, rows in flight, scans waiting): for tests and benchmarks."""

@@ -52,7 +52,11 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
     def RunQuery(self, request, context):  # noqa: N802
         query = wire.query_from_request(request, self.sandbox.unit_column_for(context.consumer))
         outcome = self.sandbox.run(
-            context.consumer, query, request_id=context.request_id, deadline=context.deadline
+            context.consumer,
+            query,
+            request_id=context.request_id,
+            deadline=context.deadline,
+            scan_slot=context.scan_slot,
         )
         context.record(outcome)
         result = outcome.result
