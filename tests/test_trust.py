@@ -126,6 +126,28 @@ def test_a_certificate_issued_by_the_cli_names_its_consumer_in_cn_and_san(pki):
     )
 
 
+def test_a_certificates_identity_is_parsed_once_and_every_other_certificate_is_checked(
+    pki, tmp_path, monkeypatch
+):
+    """The identity cache is keyed by the certificate's own bytes: a hostile certificate
+    whose grpc summary reads like a cached one is parsed, and refused, on its own; a
+    refusal is never remembered. (Revocation is checked per request, apart from this
+    cache: test_identity's revoked certificate was used, so cached, before it was revoked.)"""
+    _, hostile = _hostile(pki, tmp_path / "hostile", ["city-bank", "mallory"], ["dataops:consumer:city-bank"])
+    certs._certificate_identity.cache_clear()
+    parsed = []
+    load = x509.load_pem_x509_certificate
+    monkeypatch.setattr(certs.x509, "load_pem_x509_certificate", lambda pem: parsed.append(pem) or load(pem))
+    pem = (pki.consumer_dir("city-bank") / "city-bank.crt").read_bytes()
+    assert [certs.consumer_identity_from_certificate(pem) for _ in range(3)] == ["city-bank"] * 3
+    assert len(parsed) == 1
+    for _ in range(2):
+        with pytest.raises(certs.IdentityError) as err:
+            certs.consumer_identity_from_certificate(hostile.read_bytes())
+        assert err.value.rule == "identity.common_name"
+    assert len(parsed) == 3
+
+
 # -- revocation fails closed ---------------------------------------------------------
 
 

@@ -14,6 +14,7 @@ unencrypted because grpc loads them unattended; they are created 0600.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import ipaddress
 import json
@@ -229,7 +230,30 @@ class IdentityError(Exception):
         self.rule = rule
 
 
+# Certificates whose identity is remembered (about 1-2 KiB of key each): far more than
+# the platform issues, so a live certificate is parsed once, not on every request.
+IDENTITY_CACHE_SIZE = 1024
+
+
 def consumer_identity_from_certificate(pem: bytes) -> str:
+    """The consumer a verified peer certificate (PEM or DER) names; see `parse_consumer_identity`.
+
+    Remembered per certificate (its exact bytes, at most IDENTITY_CACHE_SIZE of them):
+    parsing is a tenth of a small request's time, and what a certificate names is a
+    function of its bytes alone. Whether it may be used now is not, and is never
+    cached here: the TLS handshake verifies the CA's signature and validity on every
+    connection, and `RevocationList.check` runs on every request. A certificate that
+    names no single consumer raises every time (refusals are not remembered).
+    """
+    return _certificate_identity(bytes(pem))
+
+
+@functools.lru_cache(maxsize=IDENTITY_CACHE_SIZE)
+def _certificate_identity(pem: bytes) -> str:
+    return parse_consumer_identity(pem)
+
+
+def parse_consumer_identity(pem: bytes) -> str:
     """The consumer a verified peer certificate (PEM or DER) names, parsed by `cryptography`.
 
     The TLS handshake proved our CA signed it; this decides *whom* it names, from the
