@@ -502,6 +502,8 @@ class Compiled:
         stages = self._stages()
         total_weight = sum(t.weight for stage in stages for t in stage.terms)
         self.stages = [self._units(stage, total_weight) for stage in stages]
+        # The loss at scale 1, mapped by the first calibration (dataops.engines.dp_calibrate).
+        self.reference_loss: float | None = None
 
     def check_delta(self, privacy: Privacy) -> None:
         """Private group keys can only be released with delta > 0."""

@@ -61,8 +61,11 @@ def calibrate(c: Compiled, privacy: Privacy) -> Calibration:
     c.check_delta(privacy)
     notes = bias_notes(c.dataset, c.measures, c.k)
     # The loss at scale 1 (epsilon part; rho on a zCDP grant): every other scale is a
-    # division away.
-    reference = _rho_at(c, 1.0) if c.zcdp else _epsilon_at(c, 1.0)
+    # division away. It depends on the compiled query alone, so it is mapped once per
+    # compiled query, however many epsilons it is calibrated for.
+    if c.reference_loss is None:
+        c.reference_loss = _rho_at(c, 1.0) if c.zcdp else _epsilon_at(c, 1.0)
+    reference = c.reference_loss
     if c.zcdp:
         if privacy.epsilon is None:
             raise InvalidQuery(
@@ -75,8 +78,9 @@ def calibrate(c: Compiled, privacy: Privacy) -> Calibration:
         return Calibration(
             scale, None, c.cost(measurements), accuracy(c, measurements), c.rho(measurements), notes
         )
+    checked: list[dp.Measurement] | None = None  # built at the scale, without private keys
     if privacy.epsilon is not None:
-        scale = scale_for(c, privacy.epsilon, reference)
+        scale, checked = scale_for(c, privacy.epsilon, reference)
     elif privacy.target_half_width is not None:
         scale = scale_for_half_width(c, privacy.target_half_width)
         # Loss is reference / scale; checked before any map that could overflow.
@@ -89,17 +93,20 @@ def calibrate(c: Compiled, privacy: Privacy) -> Calibration:
     else:
         raise InvalidQuery("a DP query needs epsilon or target_half_width", rule="dp.privacy")
     threshold = threshold_for(c, scale, privacy.delta) if c.private_keys else None
-    measurements = c.build(scale, threshold)
+    # Without private keys the measurements scale_for checked are these: not built twice.
+    measurements = checked if checked is not None and threshold is None else c.build(scale, threshold)
     return Calibration(scale, threshold, c.cost(measurements), accuracy(c, measurements), notes=notes)
 
 
-def scale_for(c: Compiled, epsilon: float, reference: float) -> float:
-    """The scale that spends epsilon: loss is reference / scale."""
+def scale_for(c: Compiled, epsilon: float, reference: float) -> tuple[float, list[dp.Measurement]]:
+    """The scale that spends epsilon (loss is reference / scale), and the measurements
+    checked at it (built without private keys: `_no_keys`)."""
     scale = reference / epsilon
     # Rounding in OpenDP's map may land a hair above: step up until within budget.
     for _ in range(64):
-        if _epsilon_at(c, scale) <= epsilon:
-            return scale
+        measurements = c.build(scale, _no_keys(c))
+        if c.cost(measurements).epsilon <= epsilon:
+            return scale, measurements
         scale = math.nextafter(scale, math.inf) * (1 + 1e-15)
     raise InternalError("could not calibrate the noise scale")
 
