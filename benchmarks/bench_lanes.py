@@ -43,6 +43,7 @@ from dataops.ir import Equals, InSet
 # the scan lane; refusals and re-served releases (planned, but no engine) never do. All
 # others are cheap calls.
 SCAN_KINDS = {"dp.fresh", "dp.repeat", "dp.prime", "refused.over_budget", "refused.mode"}
+NO_ENGINE_KINDS = {"dp.repeat", "refused.over_budget", "refused.mode"}  # DP requests that run no engine
 TARGET_RPS, TARGET_P99 = 300.0, 0.200
 
 # Exact answers are lookups in the published tables: bench_load's aggregate questions,
@@ -115,6 +116,7 @@ def summarize(outcomes: list[load.Outcome], seconds: float) -> dict:
         "cheap_p99": pct(cheap, 0.99),
         "scan_p50": pct(scans, 0.5),
         "scan_p99": pct(scans, 0.99),
+        "no_engine_p50": pct([o.seconds for o in outcomes if o.kind in NO_ENGINE_KINDS], 0.5),
         "unexpected": sum(1 for o in outcomes if o.problem),
         "problems": Counter(f"{o.kind}: {o.problem}" for o in outcomes if o.problem).most_common(3),
         "shed": sum(
@@ -123,12 +125,19 @@ def summarize(outcomes: list[load.Outcome], seconds: float) -> dict:
     }
 
 
-def run_mode(args, workdir: Path, lanes: bool) -> tuple[dict[int, dict], list[float]]:
-    name = "lanes" if lanes else "shared"
+def run_mode(
+    args, workdir: Path, lanes: bool, name: str | None = None, src: Path | None = None
+) -> tuple[dict[int, dict], list[float]]:
+    """One server's levels. src: run the server from that source tree (another checkout's
+    src/), not ours: the code before a change, as a baseline in the same run."""
+    name = name or ("lanes" if lanes else "shared")
     toml = configure(workdir, lanes, args.scan_slots, args.workers)
     config = load_config(toml)
     pki = config.tls.ca_cert.parent
-    server = load.Server(toml, workdir / f"server-{name}.log")
+    env = None
+    if src is not None:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")])}
+    server = load.Server(toml, workdir / f"server-{name}.log", env=env)
     results: dict[int, dict] = {}
     try:
         prober = load.HealthProber(server.target, pki)
@@ -144,7 +153,7 @@ def run_mode(args, workdir: Path, lanes: bool) -> tuple[dict[int, dict], list[fl
             primer.close()
         for threads in args.threads:
             # Fresh questions at every level and in each mode (the ledger is shared): no reuse.
-            seed = args.seed + (0 if lanes else 500_000) + 1000 * threads
+            seed = args.seed + {"lanes": 0, "shared": 500_000}.get(name, 250_000) + 1000 * threads
             consumers = [
                 load.Consumer(server.target, pki, CONSUMERS[i % len(CONSUMERS)], seed + i, load.WARMUP_BUDGET)
                 for i in range(threads)
@@ -158,7 +167,8 @@ def run_mode(args, workdir: Path, lanes: bool) -> tuple[dict[int, dict], list[fl
             print(
                 f"  {name:6} {threads:3} threads: {r['rps']:7.1f} req/s  p50 {load.ms(r['p50'])} ms  "
                 f"p99 {load.ms(r['p99'])} ms | cheap p50 {load.ms(r['cheap_p50'])} p99 {load.ms(r['cheap_p99'])} "
-                f"| DP p50 {load.ms(r['scan_p50'])} p99 {load.ms(r['scan_p99'])} | unexpected {r['unexpected']}"
+                f"| DP p50 {load.ms(r['scan_p50'])} p99 {load.ms(r['scan_p99'])} "
+                f"(no engine p50 {load.ms(r['no_engine_p50'])}) | unexpected {r['unexpected']}"
                 f"  (load {os.getloadavg()[0]:.2f})",
                 flush=True,
             )
@@ -182,6 +192,13 @@ def main() -> int:
     )
     parser.add_argument("--workers", type=int, default=8, help="[server] workers, both modes (default 8)")
     parser.add_argument("--seed", type=int, default=20261202)
+    parser.add_argument(
+        "--before",
+        type=Path,
+        metavar="SRC",
+        help="also run the lanes server from this source tree (e.g. main's src/, from "
+        "`git archive main src | tar -x -C DIR`) first, and print ratios to it",
+    )
     args = parser.parse_args()
     if not 0 < args.seconds <= 600 or not all(0 < t <= 64 for t in args.threads):
         parser.error("need 0 < --seconds <= 600 and 1..64 threads per level")
@@ -190,6 +207,11 @@ def main() -> int:
     workdir = load.prepare_workdir(args)
     print(f"\n{os.cpu_count()} CPUs; load average at start {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"data: {args.claims:,} claim rows, {args.enterprises:,} enterprises; {args.seconds:g} s per level")
+    before = None
+    if args.before is not None:
+        if not (args.before / "dataops" / "__init__.py").exists():
+            parser.error(f"--before {args.before}: no dataops package there")
+        before, _ = run_mode(args, workdir, lanes=True, name="before", src=args.before.resolve())
     lanes, lanes_health = run_mode(args, workdir, lanes=True)
     shared, shared_health = run_mode(args, workdir, lanes=False)
 
@@ -204,6 +226,19 @@ def main() -> int:
             f"{a['cheap_p50'] / b['cheap_p50']:9.2f}x {a['cheap_p99'] / b['cheap_p99']:9.2f}x "
             f"{a['scan_p99'] / b['scan_p99']:7.2f}x"
         )
+    if before is not None:
+        print(f"\n== ratios, lanes now / lanes before ({args.before}; same run, same data) ==")
+        print(
+            f"  {'threads':>7} {'req/s':>8} {'p50':>7} {'p99':>7} {'cheap p50':>10} {'cheap p99':>10} "
+            f"{'DP p50':>8} {'DP p99':>8}"
+        )
+        for threads in args.threads:
+            a, b = lanes[threads], before[threads]
+            print(
+                f"  {threads:7} {a['rps'] / b['rps']:7.2f}x {a['p50'] / b['p50']:6.2f}x {a['p99'] / b['p99']:6.2f}x "
+                f"{a['cheap_p50'] / b['cheap_p50']:9.2f}x {a['cheap_p99'] / b['cheap_p99']:9.2f}x "
+                f"{a['scan_p50'] / b['scan_p50']:7.2f}x {a['scan_p99'] / b['scan_p99']:7.2f}x"
+            )
     health = load.percentile(lanes_health, 0.5)
     print(
         f"\n  idle health-check RPC p50 (raw call, no audit): {load.ms(health)} ms with lanes, "
@@ -221,7 +256,7 @@ def main() -> int:
         f"{best['rps']:.1f} req/s, p99 {best['p99'] * 1e3:.1f} ms -> {'MET' if met else 'NOT MET'}"
     )
     print(f"  load average at end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    unexpected = sum(r["unexpected"] for r in [*lanes.values(), *shared.values()])
+    unexpected = sum(r["unexpected"] for r in [*lanes.values(), *shared.values(), *(before or {}).values()])
     print(f"  unexpected outcomes: {unexpected}")
     return 1 if unexpected else 0
 

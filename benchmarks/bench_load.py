@@ -416,7 +416,8 @@ def run_phase(phase: str, seconds: float, consumers: list[Consumer]) -> tuple[li
 class Server:
     """`dataops serve -c TOML` in a subprocess; its stderr goes to a log file."""
 
-    def __init__(self, toml: Path, log_path: Path) -> None:
+    def __init__(self, toml: Path, log_path: Path, env: dict[str, str] | None = None) -> None:
+        # env: the server's environment (default ours), e.g. PYTHONPATH at another checkout.
         exe = Path(sys.executable).with_name("dataops")
         command = (
             [str(exe)]
@@ -426,7 +427,7 @@ class Server:
         self.log_path = log_path
         with log_path.open("w") as log:
             self.proc = subprocess.Popen(
-                [*command, "serve", "-c", str(toml)], stdout=subprocess.PIPE, stderr=log, text=True
+                [*command, "serve", "-c", str(toml)], stdout=subprocess.PIPE, stderr=log, text=True, env=env
             )
         lines: queue.Queue[str] = queue.Queue()
         # Drain stdout for the process's whole life, so it never blocks on a full pipe.
