@@ -136,8 +136,11 @@ def test_a_kept_plan_calibrates_each_epsilon_as_a_fresh_compile_would(catalog, s
         fresh.data_version,
     )
     assert again.handle[1] == fresh.handle[1]  # scale, threshold and all
-    # The same terms again: the kept calibration itself.
-    assert _estimate(kept, catalog, question, second).handle[1] is again.handle[1]
+    # The same terms again: the kept calibration itself, which holds no measurements
+    # (those are for the release of the request that calibrated).
+    hit = _estimate(kept, catalog, question, second).handle[1]
+    assert hit == again.handle[1] and hit is _estimate(kept, catalog, question, second).handle[1]
+    assert hit.measurements == ()
 
 
 def test_every_release_of_a_kept_plan_draws_its_own_noise(catalog, store):
@@ -146,8 +149,9 @@ def test_every_release_of_a_kept_plan_draws_its_own_noise(catalog, store):
     plan = _plan(catalog.get("medical_claims"), [COUNT], ["age_band"], epsilon=0.01)
     estimate = engine.estimate(plan)
     answers = [engine.release(plan, estimate).table for _ in range(2)]
-    kept = engine.estimate(plan)  # from the kept plan and calibration
-    assert kept.handle[0] is estimate.handle[0] and kept.handle[1] is estimate.handle[1]
+    kept = engine.estimate(plan)  # from the kept plan and calibration (no measurements: built again)
+    assert kept.handle[0] is estimate.handle[0] and kept.handle[1] == estimate.handle[1]
+    assert estimate.handle[1].measurements and not kept.handle[1].measurements
     answers.append(engine.release(plan, kept).table)
     counts = [tuple(t.column("count").to_pylist()) for t in answers]
     assert len(set(counts)) == 3, counts  # at scale 100 a repeat is all but impossible

@@ -367,10 +367,24 @@ class DPQuery:
         data (`dataops.engines.dp_calibrate`)."""
         return dp_calibrate.calibrate(self._compiled, privacy)
 
+    def calibrate_measured(self, privacy: Privacy) -> Calibration:
+        """calibrate, with the measurements it mapped (`Calibration.measurements`):
+        release runs those. For the one request that calibrated; see `Calibration.kept`."""
+        return dp_calibrate.measured(self._compiled, privacy)
+
     def release(self, calibration: Calibration) -> EngineResult:
-        """Run the measurements on the data: the only step that reads it."""
+        """Run the measurements on the data: the only step that reads it.
+
+        They are the calibration's own (`calibrate_measured`), or built again at its
+        scale. Either way their loss is mapped here and checked against what was
+        calibrated, and OpenDP draws the noise each time they run.
+        """
         c = self._compiled
-        measurements = c.build(calibration.scale, calibration.threshold)
+        measurements = list(calibration.measurements)
+        if not measurements:
+            measurements = c.build(calibration.scale, calibration.threshold)
+        elif len(measurements) != len(c.stages):
+            raise InternalError("the calibration does not belong to this query")
         # The ledger debited calibration.cost: never release at a higher loss than that.
         cost = c.cost(measurements)
         if not cost <= calibration.cost:

@@ -12,8 +12,9 @@ rho is the query's.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from statistics import NormalDist
 from typing import TYPE_CHECKING, Any
 
@@ -48,10 +49,25 @@ class Calibration:
     accuracy: tuple[AggregateAccuracy, ...]  # one per aggregate, in query order, 95% half-width
     rho: float | None = None  # zCDP grants: the query's rho, of which cost is OpenDP's conversion
     notes: tuple[str, ...] = ()  # public facts about the terms, e.g. that clipping may bias
+    # The measurements this was mapped at, in stage order (`measured`), for the request
+    # that calibrated: its release runs them instead of building them again. Never kept
+    # across requests (`kept` drops them); not part of what a calibration is.
+    measurements: tuple[Any, ...] = field(default=(), compare=False, repr=False)
+
+    def kept(self) -> Calibration:
+        """The calibration without its measurements: what may be kept for other requests."""
+        return dataclasses.replace(self, measurements=()) if self.measurements else self
 
 
 def calibrate(c: Compiled, privacy: Privacy) -> Calibration:
-    """The scale (and threshold) for a privacy budget or an accuracy target; reads no data.
+    """The scale (and threshold) for a privacy budget or an accuracy target; see `measured`."""
+    return measured(c, privacy).kept()
+
+
+def measured(c: Compiled, privacy: Privacy) -> Calibration:
+    """The scale (and threshold) for a privacy budget or an accuracy target, with the
+    measurements it was mapped at (`Calibration.measurements`: `DPQuery.release` runs
+    them rather than build them again); reads no data.
 
     With epsilon: the scale that spends exactly epsilon. With target_half_width: the
     least epsilon at which every aggregate's 95% half-width is within the target.
@@ -76,7 +92,13 @@ def calibrate(c: Compiled, privacy: Privacy) -> Calibration:
         scale = scale_for_zcdp(c, privacy.epsilon, privacy.delta, reference)
         measurements = c.build(scale, None)
         return Calibration(
-            scale, None, c.cost(measurements), accuracy(c, measurements), c.rho(measurements), notes
+            scale,
+            None,
+            c.cost(measurements),
+            accuracy(c, measurements),
+            c.rho(measurements),
+            notes,
+            tuple(measurements),
         )
     checked: list[dp.Measurement] | None = None  # built at the scale, without private keys
     if privacy.epsilon is not None:
@@ -95,7 +117,14 @@ def calibrate(c: Compiled, privacy: Privacy) -> Calibration:
     threshold = threshold_for(c, scale, privacy.delta) if c.private_keys else None
     # Without private keys the measurements scale_for checked are these: not built twice.
     measurements = checked if checked is not None and threshold is None else c.build(scale, threshold)
-    return Calibration(scale, threshold, c.cost(measurements), accuracy(c, measurements), notes=notes)
+    return Calibration(
+        scale,
+        threshold,
+        c.cost(measurements),
+        accuracy(c, measurements),
+        notes=notes,
+        measurements=tuple(measurements),
+    )
 
 
 def scale_for(c: Compiled, epsilon: float, reference: float) -> tuple[float, list[dp.Measurement]]:

@@ -42,6 +42,7 @@ from typing import Any, TypeVar
 
 from dataops.engines import dp, dp_autoclip
 from dataops.engines._base import EngineEstimate, EngineResult, Plan
+from dataops.engines.dp_calibrate import Calibration
 from dataops.engines.prepared import PreparedStore
 from dataops.errors import InternalError
 from dataops.versions import catalog_terms
@@ -145,8 +146,19 @@ class DPEngine:
         source = self.prepared.source(plan.dataset)  # built once per data version
         compiled_key, calibration_key = self.keys(plan, source)
         compiled = self._compile(plan, source, compiled_key)
-        # The calibration alone decides the spend; `release` refuses to cost more.
-        calibration = self.calibrations.get(calibration_key, lambda: compiled.calibrate(privacy))
+        # The calibration alone decides the spend; `release` refuses to cost more. Made
+        # here, it carries the measurements it mapped for this request's release; the
+        # one kept for others holds none (each release builds its own).
+        made: list[Calibration] = []
+
+        def calibrate() -> Calibration:
+            if not isinstance(compiled, dp.DPQuery):
+                return compiled.calibrate(privacy)
+            made.append(compiled.calibrate_measured(privacy))
+            return made[0].kept()
+
+        kept = self.calibrations.get(calibration_key, calibrate)
+        calibration = made[0] if made else kept
         return EngineEstimate(
             cost=calibration.cost,
             accuracy=calibration.accuracy,
