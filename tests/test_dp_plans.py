@@ -17,8 +17,9 @@ import pytest
 
 from dataops.catalog import Dataset, load_catalog
 from dataops.config import Limits
-from dataops.engines import dp_autoclip
+from dataops.engines import dp_autoclip, dp_calibrate
 from dataops.engines._base import Plan
+from dataops.engines.dp import DPQuery
 from dataops.engines.dp_engine import DPEngine
 from dataops.engines.prepared import PreparedStore
 from dataops.ir import Aggregate, Equals, Function, MeasureTerms, Mode, Privacy, Query
@@ -213,3 +214,16 @@ def test_a_request_compiles_once_and_the_estimate_before_it_compiles_for_it(
     # Another epsilon for the same question: calibrated, not compiled again.
     sandbox.estimate("harbor-insurance", dataclasses.replace(query, privacy=Privacy(epsilon=0.25)))
     assert len(compiles) == 1
+
+
+@pytest.mark.parametrize("name", sorted(set(QUESTIONS) - {"auto clip"}))
+def test_accuracy_at_a_scale_is_opendps_summary_of_the_measurements_at_it(catalog, store, name):
+    """The accuracy a calibration reports comes from the summary at scale 1, scaled:
+    it must be exactly what OpenDP's summary of the measurements themselves says."""
+    dataset, aggregates, group_by, filters, accounting, terms, _ = QUESTIONS[name]
+    plan = _plan(catalog.get(dataset), aggregates, group_by, filters, accounting, **terms)
+    compiled = DPQuery.compile(plan, source=store.source(plan.dataset))._compiled
+    threshold = dp_calibrate._no_keys(compiled)
+    for scale in (1.0, 0.37, 3.0, 1234.5678, 1e-3):
+        summarized = dp_calibrate.accuracy(compiled, compiled.build(scale, threshold))
+        assert dp_calibrate.accuracy_at(compiled, scale) == summarized

@@ -95,14 +95,15 @@ def measured(c: Compiled, privacy: Privacy) -> Calibration:
             scale,
             None,
             c.cost(measurements),
-            accuracy(c, measurements),
+            accuracy_at(c, scale),
             c.rho(measurements),
             notes,
             tuple(measurements),
         )
-    checked: list[dp.Measurement] | None = None  # built at the scale, without private keys
+    checked: tuple[list[dp.Measurement], PrivacyLoss] | None = None  # at the scale, no private keys
     if privacy.epsilon is not None:
-        scale, checked = scale_for(c, privacy.epsilon, reference)
+        scale, checked_measurements, checked_cost = scale_for(c, privacy.epsilon, reference)
+        checked = checked_measurements, checked_cost
     elif privacy.target_half_width is not None:
         scale = scale_for_half_width(c, privacy.target_half_width)
         # Loss is reference / scale; checked before any map that could overflow.
@@ -115,27 +116,35 @@ def measured(c: Compiled, privacy: Privacy) -> Calibration:
     else:
         raise InvalidQuery("a DP query needs epsilon or target_half_width", rule="dp.privacy")
     threshold = threshold_for(c, scale, privacy.delta) if c.private_keys else None
-    # Without private keys the measurements scale_for checked are these: not built twice.
-    measurements = checked if checked is not None and threshold is None else c.build(scale, threshold)
+    # Without private keys the measurements scale_for checked (and their loss) are these:
+    # not built and mapped twice.
+    if checked is not None and threshold is None:
+        measurements, cost = checked
+    else:
+        measurements = c.build(scale, threshold)
+        cost = c.cost(measurements)
     return Calibration(
         scale,
         threshold,
-        c.cost(measurements),
-        accuracy(c, measurements),
+        cost,
+        accuracy_at(c, scale),
         notes=notes,
         measurements=tuple(measurements),
     )
 
 
-def scale_for(c: Compiled, epsilon: float, reference: float) -> tuple[float, list[dp.Measurement]]:
-    """The scale that spends epsilon (loss is reference / scale), and the measurements
-    checked at it (built without private keys: `_no_keys`)."""
+def scale_for(
+    c: Compiled, epsilon: float, reference: float
+) -> tuple[float, list[dp.Measurement], PrivacyLoss]:
+    """The scale that spends epsilon (loss is reference / scale), the measurements
+    checked at it (built without private keys: `_no_keys`) and their loss."""
     scale = reference / epsilon
     # Rounding in OpenDP's map may land a hair above: step up until within budget.
     for _ in range(64):
         measurements = c.build(scale, _no_keys(c))
-        if c.cost(measurements).epsilon <= epsilon:
-            return scale, measurements
+        cost = c.cost(measurements)
+        if cost.epsilon <= epsilon:
+            return scale, measurements, cost
         scale = math.nextafter(scale, math.inf) * (1 + 1e-15)
     raise InternalError("could not calibrate the noise scale")
 
@@ -209,7 +218,7 @@ def threshold_for(c: Compiled, scale: float, delta: float) -> int:
 
 def accuracy(c: Compiled, measurements: list[dp.Measurement]) -> tuple[AggregateAccuracy, ...]:
     """Per-aggregate noise scale and 95% half-width, in data units, from OpenDP's summary."""
-    rows: dict[str, list[dict]] = {}
+    summaries = []
     for m in measurements:
         # OpenDP's discrete Gaussian accuracy sums over the support (seconds at large
         # scales): read the scales only, and compute it in `gaussian_accuracy`.
@@ -217,7 +226,40 @@ def accuracy(c: Compiled, measurements: list[dp.Measurement]) -> tuple[Aggregate
         for row in summary.iter_rows(named=True):
             if c.zcdp and row["distribution"] == "Integer Gaussian":
                 row["accuracy"] = gaussian_accuracy(row["scale"], ALPHA)
-            rows.setdefault(row["column"], []).append(row)
+            summaries.append(row)
+    return _accuracy(c, summaries)
+
+
+def accuracy_at(c: Compiled, scale: float) -> tuple[AggregateAccuracy, ...]:
+    """`accuracy` of the measurements at `scale`, without summarizing them again.
+
+    Each term's noise scale is the global scale times the term's own unit (`Compiled.build`
+    makes it `scale * unit`), so OpenDP's summary at scale 1 (read once per compiled
+    query) gives every term's scale at any other; the half-width is OpenDP's own
+    `discrete_laplacian_scale_to_accuracy`, which its summary reports (`gaussian_accuracy`
+    on a zCDP grant, as above). tests/test_dp_plans.py holds it equal to `accuracy`.
+    """
+    if c.unit_summary is None:
+        c.unit_summary = tuple(
+            row
+            for m in c.build(1.0, _no_keys(c))
+            for row in dp.summarize_polars_measurement(m).iter_rows(named=True)
+        )
+    summaries = []
+    for unit in c.unit_summary:
+        row = {**unit, "scale": scale * unit["scale"]}
+        if row["distribution"] == "Integer Laplace":
+            row["accuracy"] = dp.discrete_laplacian_scale_to_accuracy(row["scale"], ALPHA)
+        elif row["distribution"] == "Integer Gaussian":
+            row["accuracy"] = gaussian_accuracy(row["scale"], ALPHA)
+        summaries.append(row)
+    return _accuracy(c, summaries)
+
+
+def _accuracy(c: Compiled, summaries: list[dict[str, Any]]) -> tuple[AggregateAccuracy, ...]:
+    rows: dict[str, list[dict]] = {}
+    for row in summaries:
+        rows.setdefault(row["column"], []).append(row)
     mechanism = MECHANISM_DISCRETE_GAUSSIAN if c.zcdp else MECHANISM_DISCRETE_LAPLACE
     distribution = "Integer Gaussian" if c.zcdp else "Integer Laplace"
     out = []
