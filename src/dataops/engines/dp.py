@@ -517,9 +517,8 @@ class Compiled:
         total_weight = sum(t.weight for stage in stages for t in stage.terms)
         self.stages = [self._units(stage, total_weight) for stage in stages]
         # The loss and OpenDP's summary at scale 1, read by the first calibration
-        # (dataops.engines.dp_calibrate): every other scale follows from them.
-        self.reference_loss: float | None = None
-        self.unit_summary: tuple[dict[str, Any], ...] | None = None
+        # (dataops.engines.dp_calibrate._unit_scale): every other scale follows from them.
+        self.unit_scale: tuple[float, tuple[dict[str, Any], ...]] | None = None
 
     def check_delta(self, privacy: Privacy) -> None:
         """Private group keys can only be released with delta > 0."""

@@ -79,9 +79,7 @@ def measured(c: Compiled, privacy: Privacy) -> Calibration:
     # The loss at scale 1 (epsilon part; rho on a zCDP grant): every other scale is a
     # division away. It depends on the compiled query alone, so it is mapped once per
     # compiled query, however many epsilons it is calibrated for.
-    if c.reference_loss is None:
-        c.reference_loss = _rho_at(c, 1.0) if c.zcdp else _epsilon_at(c, 1.0)
-    reference = c.reference_loss
+    reference = _unit_scale(c)[0]
     if c.zcdp:
         if privacy.epsilon is None:
             raise InvalidQuery(
@@ -160,14 +158,6 @@ def scale_for_zcdp(c: Compiled, epsilon: float, delta: float, reference: float) 
     raise InternalError("could not calibrate the noise scale")
 
 
-def _epsilon_at(c: Compiled, scale: float) -> float:
-    return c.cost(c.build(scale, _no_keys(c))).epsilon
-
-
-def _rho_at(c: Compiled, scale: float) -> float:
-    return c.rho(c.build(scale, None))
-
-
 def _no_keys(c: Compiled) -> int | None:
     """The threshold that releases no private key: isolates the epsilon part of the loss."""
     return NO_THRESHOLD if c.private_keys else None
@@ -239,14 +229,8 @@ def accuracy_at(c: Compiled, scale: float) -> tuple[AggregateAccuracy, ...]:
     `discrete_laplacian_scale_to_accuracy`, which its summary reports (`gaussian_accuracy`
     on a zCDP grant, as above). tests/test_dp_plans.py holds it equal to `accuracy`.
     """
-    if c.unit_summary is None:
-        c.unit_summary = tuple(
-            row
-            for m in c.build(1.0, _no_keys(c))
-            for row in dp.summarize_polars_measurement(m).iter_rows(named=True)
-        )
     summaries = []
-    for unit in c.unit_summary:
+    for unit in _unit_scale(c)[1]:
         row = {**unit, "scale": scale * unit["scale"]}
         if row["distribution"] == "Integer Laplace":
             row["accuracy"] = dp.discrete_laplacian_scale_to_accuracy(row["scale"], ALPHA)
@@ -254,6 +238,20 @@ def accuracy_at(c: Compiled, scale: float) -> tuple[AggregateAccuracy, ...]:
             row["accuracy"] = gaussian_accuracy(row["scale"], ALPHA)
         summaries.append(row)
     return _accuracy(c, summaries)
+
+
+def _unit_scale(c: Compiled) -> tuple[float, tuple[dict[str, Any], ...]]:
+    """The loss (epsilon part; rho on a zCDP grant) and OpenDP's summary of the
+    measurements at scale 1, without private keys (`_no_keys`; a zCDP grant has none):
+    one build, read once per compiled query (`Compiled.unit_scale`)."""
+    if c.unit_scale is None:
+        measurements = c.build(1.0, _no_keys(c))
+        loss = c.rho(measurements) if c.zcdp else c.cost(measurements).epsilon
+        summary = tuple(
+            row for m in measurements for row in dp.summarize_polars_measurement(m).iter_rows(named=True)
+        )
+        c.unit_scale = (loss, summary)
+    return c.unit_scale
 
 
 def _accuracy(c: Compiled, summaries: list[dict[str, Any]]) -> tuple[AggregateAccuracy, ...]:
