@@ -199,6 +199,11 @@ def main() -> int:
         help="also run the lanes server from this source tree (e.g. main's src/, from "
         "`git archive main src | tar -x -C DIR`) first, and print ratios to it",
     )
+    parser.add_argument(
+        "--before-last",
+        action="store_true",
+        help="run --before's server last, not first (on a machine whose load drifts, run both orders)",
+    )
     args = parser.parse_args()
     if not 0 < args.seconds <= 600 or not all(0 < t <= 64 for t in args.threads):
         parser.error("need 0 < --seconds <= 600 and 1..64 threads per level")
@@ -208,12 +213,14 @@ def main() -> int:
     print(f"\n{os.cpu_count()} CPUs; load average at start {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"data: {args.claims:,} claim rows, {args.enterprises:,} enterprises; {args.seconds:g} s per level")
     before = None
-    if args.before is not None:
-        if not (args.before / "dataops" / "__init__.py").exists():
-            parser.error(f"--before {args.before}: no dataops package there")
+    if args.before is not None and not (args.before / "dataops" / "__init__.py").exists():
+        parser.error(f"--before {args.before}: no dataops package there")
+    if args.before is not None and not args.before_last:
         before, _ = run_mode(args, workdir, lanes=True, name="before", src=args.before.resolve())
     lanes, lanes_health = run_mode(args, workdir, lanes=True)
     shared, shared_health = run_mode(args, workdir, lanes=False)
+    if args.before is not None and args.before_last:
+        before, _ = run_mode(args, workdir, lanes=True, name="before", src=args.before.resolve())
 
     print("\n== ratios, lanes / shared lane (same run, same data) ==")
     print(
