@@ -401,12 +401,17 @@ min_units = 5
     ]
 
 
-@pytest.mark.parametrize("rows_per_bucket", [None, 30_000], ids=["one-piece", "bucketed"])
-def test_cube_equals_direct_polars_in_every_cell_of_every_margin(catalog, rows_per_bucket):
+@pytest.mark.parametrize(
+    "rows_per_bucket, spill",
+    [(None, False), (30_000, False), (30_000, True)],
+    ids=["one-piece", "bucketed", "spilled"],
+)
+def test_cube_equals_direct_polars_in_every_cell_of_every_margin(catalog, rows_per_bucket, spill, tmp_path):
     """The cube's reduction (units as dense codes, one packed integer key per grouping) is
     held to a direct polars group-by per margin on the raw rows, with string unit ids:
     five dimensions, a person's claims spanning cells, every one of the 2^5 margins.
-    Bucketed, the 100k rows are reduced in 4 pieces by unit and merged: the same cube."""
+    Bucketed, the 100k rows are reduced in 4 pieces by unit and merged: the same cube,
+    whether each piece is a filtered scan or split out to disk first (and removed after)."""
     from dataops.tables.cube import build_cube
 
     claims = catalog.get("medical_claims")
@@ -432,8 +437,12 @@ dominance_percent = 85.0
     with tempfile.TemporaryDirectory() as d:
         path = write_product(Path(d), "claims_five", doc_text)
         product = load_table_product(read_toml(path, ProductError), path, catalog)
-    kwargs = {} if rows_per_bucket is None else {"rows_per_bucket": rows_per_bucket}
+    kwargs: dict = {} if rows_per_bucket is None else {"rows_per_bucket": rows_per_bucket}
+    if spill:
+        kwargs["scratch"] = tmp_path / "scratch"
     cube = build_cube(product, claims, pl.scan_parquet(claims.path), **kwargs)
+    if spill:
+        assert (tmp_path / "scratch").is_dir() and not list((tmp_path / "scratch").iterdir())
     data = pl.read_parquet(claims.path).with_columns(pl.col("amount").fill_null(0.0))
     codes = [
         pl.col(name).replace_strict(list(keys), list(range(len(keys))), default=None).alias(f"c{j}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -157,13 +158,18 @@ def protect(
     data_version: str = "",
     secondary: bool = True,
     group_attribute: bool = True,
+    scratch: Path | None = None,
 ) -> ProtectedTable:
     """Build and protect the table. `secondary=False` and `group_attribute=False` exist
-    only so tests can show the attacks those controls stop."""
+    only so tests can show the attacks those controls stop. `scratch`: where a large
+    dataset's rows may be bucketed on disk while the cube is built (inside the sandbox)."""
     started = time.perf_counter()
     if source is None:
-        source = pl.scan_parquet(dataset.path)
-    cube = build_cube(product, dataset, source)
+        # Its own file: a large one is split by unit into buckets on disk, under the
+        # scratch directory (inside the sandbox), in one pass.
+        cube = build_cube(product, dataset, pl.scan_parquet(dataset.path), scratch=scratch)
+    else:
+        cube = build_cube(product, dataset, source)
     t_cube = time.perf_counter()
     prim = primary_suppression(product, dataset, cube, group_attribute=group_attribute)
     t_primary = time.perf_counter()

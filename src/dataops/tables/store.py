@@ -73,7 +73,7 @@ class TableStore:
                 if table is None and where.is_dir():
                     table = _read(where, product, data_version)
                 if table is None:
-                    table = protect(product, dataset, data_version=data_version)
+                    table = protect(product, dataset, data_version=data_version, scratch=self.root)
                     _write(where, table)
                 if data_version:
                     with _shared_lock:
