@@ -46,6 +46,7 @@ import os
 import resource
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -72,9 +73,17 @@ def buckets_of(units: pl.Series, seed: int, buckets: int) -> pl.Series:
 
 
 def partition(
-    source: Path, unit: str, columns: list[str], buckets: int, directory: Path, seed: int
+    source: Path,
+    unit: str,
+    columns: list[str],
+    buckets: int,
+    directory: Path,
+    seed: int,
+    assign: Callable[[pl.Series], pl.Series] | None = None,
 ) -> list[list[Path]]:
-    """Pass 1: the rows of `source` into `buckets` buckets by a seeded hash of the unit.
+    """Pass 1: the rows of `source` into `buckets` buckets by a seeded hash of the unit
+    (or by `assign`, the bucket number of each row's unit: any function of the unit
+    alone keeps a unit's rows together).
 
     A bucket is a directory of Parquet files, one per flush, numbered in file order;
     returned as each bucket's files in that order (buckets with no row left out).
@@ -105,7 +114,8 @@ def partition(
     # alone, in about a third of the time and of the memory.
     for offset in range(0, rows, BATCH_ROWS):
         frame = scan.slice(offset, BATCH_ROWS).collect()
-        bucket = pl.Series("#bucket", buckets_of(frame[unit], seed, buckets))
+        numbers = buckets_of(frame[unit], seed, buckets) if assign is None else assign(frame[unit])
+        bucket = pl.Series("#bucket", numbers)
         # maintain_order: a bucket's rows stay in file order.
         parts = frame.with_columns(bucket).partition_by(
             "#bucket", as_dict=True, maintain_order=True, include_key=False

@@ -16,8 +16,9 @@ a lookup is a binary search over the index (`numpy.searchsorted`) and a slice of
 rows.
 
 Bounded memory at any size: the build sorts at most about `PIECE_ROWS` rows at a time.
-Past that, the subjects are split into ranges at quantiles of a sample of their ids,
-each range is sorted alone and written as one record batch of both files (batch k of
+Past that, the subjects are split into ranges at quantiles of a sample of their ids
+(the rows written to their ranges on disk in one pass, under the layouts' directory,
+and removed after), each range is sorted alone and written as one record batch of both files (batch k of
 the index holds the subjects of batch k of the rows, `start` counted within it). A
 subject's rows never span two ranges, and the ranges are in id order, so a lookup
 first picks the batch by its first id, then searches within it. `benchmarks/bench_subject.py` compares it with a polars filter scan of the same
@@ -37,6 +38,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 import threading
 import uuid
 from collections.abc import Iterable
@@ -236,10 +238,15 @@ class SubjectLayout:
             yield column, self._key_codes(column, values)
 
 
-def _ranges(scan: pl.LazyFrame, unit: str) -> Iterable[pl.LazyFrame]:
+def _ranges(dataset: Dataset, scan: pl.LazyFrame, scratch: Path) -> Iterable[pl.LazyFrame]:
     """`scan` cut into ranges of subjects of about `PIECE_ROWS` rows each, in id order
     (one range, the whole scan, when it is no bigger; always at least one, for the schema).
-    The bounds are quantiles of a sample of the ids, so no subject spans two ranges."""
+    The bounds are quantiles of a sample of the ids, so no subject spans two ranges. The
+    dataset's rows are first split into the ranges on disk under `scratch` in one pass
+    (the serving copies' bounded partitioner), each range then read back alone."""
+    from dataops.engines.build import partition
+
+    unit = dataset.unit_column
     rows = int(scan.select(pl.len()).collect(engine="streaming").item())
     pieces = -(-rows // PIECE_ROWS)
     if pieces <= 1:
@@ -252,16 +259,30 @@ def _ranges(scan: pl.LazyFrame, unit: str) -> Iterable[pl.LazyFrame]:
         .sort(unit)
         .collect(engine="streaming")[unit]
     )
-    bounds = sorted(set(sample.gather([len(sample) * k // pieces for k in range(1, pieces)]).to_list()))
-    low = None
-    for high in [*bounds, None]:
-        where = pl.lit(True)
-        if low is not None:
-            where &= pl.col(unit) >= low
-        if high is not None:
-            where &= pl.col(unit) < high
-        yield scan.filter(where)
-        low = high
+    bounds = np.array(
+        sorted(set(sample.gather([len(sample) * k // pieces for k in range(1, pieces)]).to_list()))
+    )
+
+    def assign(units: pl.Series) -> pl.Series:
+        # A missing id sorts first; the bucket's scan drops it, as the layout does.
+        ids = units.cast(pl.String).fill_null("").to_numpy().astype(str)
+        return pl.Series(np.searchsorted(bounds, ids, side="right").astype(np.int64))
+
+    directory = Path(tempfile.mkdtemp(dir=scratch, prefix=".ranges."))
+    try:
+        columns = sorted(set(scan.collect_schema().names()) - {unit})
+        for files in partition(dataset.path, unit, columns, len(bounds) + 1, directory, 0, assign):
+            yield _layout_scan(dataset, pl.scan_parquet(files), columns)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _layout_scan(dataset: Dataset, source: pl.LazyFrame, columns) -> pl.LazyFrame:
+    """The rows as a layout stores them: the subject id, then each column encoded."""
+    unit = dataset.unit_column
+    return source.select(
+        pl.col(unit).cast(pl.String), *[_encoded(dataset, c).alias(c) for c in columns]
+    ).filter(pl.col(unit).is_not_null())
 
 
 def _one_batch(table: pa.Table) -> pa.RecordBatch:
@@ -386,11 +407,7 @@ class SubjectLayouts:
         temporary.mkdir()
         try:
             columns = self.columns[dataset.id]
-            scan = (
-                pl.scan_parquet(dataset.path)
-                .select(pl.col(unit).cast(pl.String), *[_encoded(dataset, c).alias(c) for c in columns])
-                .filter(pl.col(unit).is_not_null())
-            )
+            scan = _layout_scan(dataset, pl.scan_parquet(dataset.path), columns)
             longest = scan.select(pl.col(unit).str.len_bytes().max()).collect(engine="streaming").item()
             width = max(1, longest if isinstance(longest, int) else 1)  # None: no subjects
             metadata = self._metadata(dataset, fingerprint)
@@ -401,7 +418,7 @@ class SubjectLayouts:
                 pa.OSFile(str(temporary / "index.arrow"), "wb") as index_sink,
             ):
                 rows_writer = index_writer = None
-                for piece in _ranges(scan, unit):
+                for piece in _ranges(dataset, scan, self.directory):
                     frame = piece.sort(unit, maintain_order=True).collect(engine="streaming")
                     index = (
                         frame.select(unit)
