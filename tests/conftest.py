@@ -131,7 +131,9 @@ listen = "127.0.0.1:0"
 workers = 4
 # A loaded machine may take several seconds to start the build child of a DP copy: the
 # tests' queries wait for it (the tests of the UNAVAILABLE answer set their own wait).
+# The same for a table being protected.
 copy_wait_seconds = 120.0
+table_wait_seconds = 120.0
 grace_seconds = 2.0
 policy_poll_seconds = 0.1
 {server}

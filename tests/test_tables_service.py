@@ -495,3 +495,50 @@ def test_describe_lists_a_tables_structural_zeros(connect):
         {"sex": ("M",), "diagnosis_group": ("Pregnancy",)},
         {"age_band": ("0-17", "45-59", "60-74", "75+"), "diagnosis_group": ("Pregnancy",)},
     )
+
+
+@pytest.mark.parametrize("control", ["on", "off"])
+def test_a_query_during_a_long_protection_is_told_to_retry_not_held(config, pki, control):
+    """Attack surface: exact queries sent while a large table is being protected (at 100M
+    rows, minutes) each hold a worker for as long as they wait. Control: a query waits
+    at most [server] table_wait_seconds, then gets UNAVAILABLE TABLE_NOT_READY with a
+    retry hint. Off (the old two-minute wait), the same query is held until the build
+    ends."""
+    from dataops.client import Client
+    from dataops.server import build_server
+
+    wait = 0.2 if control == "on" else 120.0
+    config = dataclasses.replace(config, server=dataclasses.replace(config.server, table_wait_seconds=wait))
+    server = build_server(config)
+    real = server.tables.store
+    building = threading.Event()  # set: the slow build may finish
+
+    class SlowBuild:  # the stored table, as if protecting it took minutes
+        def directory(self, *args):
+            return real.directory(*args)
+
+        def get(self, *args):
+            building.wait(60)
+            return real.get(*args)
+
+    server.tables.store = SlowBuild()
+    server.start()
+    try:
+        with Client.from_directory(
+            f"localhost:{server.port}", pki.consumer_dir("river-bank"), "river-bank"
+        ) as c:
+            if control == "on":
+                err = refused(lambda: c.query(CREDIT, aggregates=[count()]))
+                assert (err.code, err.reason) == (grpc.StatusCode.UNAVAILABLE, "TABLE_NOT_READY")
+                assert err.retry_after_seconds == 5 and "retry in 5 seconds" in str(err)
+                assert not building.is_set()  # refused while the build was still running
+                building.set()
+                assert server.tables.wait_ready(timeout=60)
+            else:
+                threading.Timer(2.0, building.set).start()
+            # Once the table is served (or, without the control, after waiting for it) the
+            # same query is answered.
+            assert c.query(CREDIT, aggregates=[count()]).frame.height == 1
+    finally:
+        building.set()
+        server.stop(1.0)

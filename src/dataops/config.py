@@ -69,6 +69,10 @@ class ServerSection:
     # A DP query whose dataset's serving copy is still being built waits this long for it,
     # then gets UNAVAILABLE with a retry hint (dataops.engines.prepared).
     copy_wait_seconds: float = 2.0
+    # An exact query whose table is still being protected waits this long for it, then
+    # gets UNAVAILABLE with a retry hint: a 100M-row table takes minutes, and a query
+    # waiting all that time would hold a worker (dataops.engines.table).
+    table_wait_seconds: float = 2.0
     # The address-space cap of the child process that builds a serving copy: its RSS can
     # never pass it, and a build that needs more fails alone, the server serving on.
     copy_memory_limit_mib: int = 4096
@@ -316,6 +320,7 @@ def _server(t: Table) -> ServerSection:
         policy_poll_seconds=_seconds(t, "policy_poll_seconds", d.policy_poll_seconds, positive=True),
         policy_settle_seconds=_seconds(t, "policy_settle_seconds", d.policy_settle_seconds, positive=False),
         copy_wait_seconds=_seconds(t, "copy_wait_seconds", d.copy_wait_seconds, positive=False),
+        table_wait_seconds=_seconds(t, "table_wait_seconds", d.table_wait_seconds, positive=False),
         copy_memory_limit_mib=t.integer("copy_memory_limit_mib", d.copy_memory_limit_mib, minimum=1),
         **_lanes(t, d),
     )

@@ -63,7 +63,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # How long a query waits for a table still being protected before UNAVAILABLE.
-WAIT_FOR_TABLE_SECONDS = 120.0
+WAIT_FOR_TABLE_SECONDS = 2.0  # the default of [server] table_wait_seconds
+_RETRY_SECONDS = 5  # the retry hint of a query that waited in vain
 _DEADLINE_MARGIN_SECONDS = 0.25
 _DP_HINT = "exact answers are lookups in the published tables; DP mode (mode=dp) can answer other questions"
 
@@ -353,7 +354,7 @@ class TableEngine:
     `poll_seconds` in a background thread. Each protection is recorded in the audit
     log (`record`, normally `AuditLog.append`) with the table id, data version and
     fingerprint. Until a table is ready a query waits for it (at most until its
-    deadline, or WAIT_FOR_TABLE_SECONDS) and then gets UNAVAILABLE with a retry hint.
+    deadline, or `wait_seconds`) and then gets UNAVAILABLE with a retry hint.
     """
 
     def __init__(
@@ -364,6 +365,7 @@ class TableEngine:
         data_version: Callable[[Dataset], str],
         record: Callable[[dict[str, Any]], Any] | None = None,
         poll_seconds: float = 5.0,
+        wait_seconds: float = WAIT_FOR_TABLE_SECONDS,
     ) -> None:
         self.catalog = catalog
         self.tables = tables
@@ -371,6 +373,7 @@ class TableEngine:
         self.data_version = data_version
         self.record = record
         self.poll_seconds = poll_seconds
+        self.wait_seconds = wait_seconds
         self._indexes: dict[str, TableIndex] = {}
         self._ready = threading.Condition()
         self._failed: dict[str, str] = {}
@@ -397,7 +400,7 @@ class TableEngine:
         return self.index(coverage.table, deadline).lookup(coverage, plan.max_output_rows)
 
     def index(self, table_id: str, deadline: float | None = None) -> TableIndex:
-        wait_until = time.monotonic() + WAIT_FOR_TABLE_SECONDS
+        wait_until = time.monotonic() + self.wait_seconds
         if deadline is not None:
             # Answer UNAVAILABLE a little before the client gives up, so it hears why.
             wait_until = min(wait_until, deadline - _DEADLINE_MARGIN_SECONDS)
@@ -407,8 +410,9 @@ class TableEngine:
                 if remaining <= 0 or table_id in self._failed:
                     raise TableUnavailable(
                         f"table {table_id!r} is being protected for the current data version; "
-                        "retry in a few seconds",
+                        f"retry in {_RETRY_SECONDS} seconds",
                         rule="table.not_ready",
+                        retry_after_seconds=_RETRY_SECONDS,
                     )
                 self._ready.wait(remaining)
             return self._indexes[table_id]

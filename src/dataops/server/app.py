@@ -385,4 +385,11 @@ def table_engine(config: ServerConfig, catalog: Catalog, tables, data_version, r
     """The exact engine over the protected tables kept in `state/tables` (one per data version)."""
     from dataops.tables import TableStore
 
-    return TableEngine(catalog, tables, TableStore(config.paths.state), data_version, record)
+    return TableEngine(
+        catalog,
+        tables,
+        TableStore(config.paths.state),
+        data_version,
+        record,
+        wait_seconds=config.server.table_wait_seconds,
+    )
