@@ -27,20 +27,13 @@ sys.path.insert(0, str(HERE))
 from bench_protect import PRODUCT, SIZES, TABLES, data_dir  # noqa: E402
 
 
-def peak_rss() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def run_one(kind: str, dataset_id: str, sandbox: Path) -> dict:
     """In a child process: one measurement, its seconds and peak RSS."""
     import polars as pl
 
     from dataops._toml import read_toml
     from dataops.catalog import load_catalog
+    from dataops.engines.build import peak
     from dataops.errors import ProductError
     from dataops.products.table import load_table_product
     from dataops.tables.cube import build_cube
@@ -62,7 +55,7 @@ def run_one(kind: str, dataset_id: str, sandbox: Path) -> dict:
         cells = 0
     else:
         cells = build_cube(product, dataset, pl.scan_parquet(dataset.path)).n_cells
-    return {"seconds": time.perf_counter() - started, "peak_rss_bytes": peak_rss(), "cells": cells}
+    return {"seconds": time.perf_counter() - started, "peak_rss_bytes": peak("VmHWM"), "cells": cells}
 
 
 def measure(kind: str, dataset_id: str, sandbox: Path) -> dict:

@@ -69,6 +69,7 @@ def run_one(kind: str, dataset_id: str, sandbox: Path) -> dict:
 
     from dataops._toml import read_toml
     from dataops.catalog import load_catalog
+    from dataops.engines.build import peak
     from dataops.errors import ProductError
     from dataops.products.table import load_table_product
 
@@ -104,16 +105,8 @@ def run_one(kind: str, dataset_id: str, sandbox: Path) -> dict:
     out["seconds"] = time.perf_counter() - started
     # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over execve, so a child
     # started by a parent that generated the data reported the parent's peak.
-    out["peak_rss_mb"] = peak_rss() / 2**20
+    out["peak_rss_mb"] = peak("VmHWM") / 2**20
     return out
-
-
-def peak_rss() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def measure(kind: str, dataset_id: str, sandbox: Path) -> dict:
