@@ -181,6 +181,23 @@ def run_mode(
     return results, health
 
 
+# (heading, key) of each ratio column.
+SHARED_COLUMNS = (
+    ("req/s", "rps"), ("p50", "p50"), ("p99", "p99"),
+    ("cheap p50", "cheap_p50"), ("cheap p99", "cheap_p99"), ("DP p99", "scan_p99"),
+)  # fmt: skip
+BEFORE_COLUMNS = SHARED_COLUMNS[:5] + (("DP p50", "scan_p50"), ("DP p99", "scan_p99"))
+
+
+def ratios(title: str, a_runs: dict, b_runs: dict, threads: list[int], columns) -> None:
+    """One line per thread count: each column's figure in run a over run b."""
+    print(f"\n== ratios, {title} ==")
+    print(f"  {'threads':>7} " + " ".join(f"{heading:>10}" for heading, _ in columns))
+    for n in threads:
+        a, b = a_runs[n], b_runs[n]
+        print(f"  {n:7} " + " ".join(f"{a[key] / b[key]:9.2f}x" for _, key in columns))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--claims", type=int, default=500_000)
@@ -222,30 +239,15 @@ def main() -> int:
     if args.before is not None and args.before_last:
         before, _ = run_mode(args, workdir, lanes=True, name="before", src=args.before.resolve())
 
-    print("\n== ratios, lanes / shared lane (same run, same data) ==")
-    print(
-        f"  {'threads':>7} {'req/s':>8} {'p50':>7} {'p99':>7} {'cheap p50':>10} {'cheap p99':>10} {'DP p99':>8}"
-    )
-    for threads in args.threads:
-        a, b = lanes[threads], shared[threads]
-        print(
-            f"  {threads:7} {a['rps'] / b['rps']:7.2f}x {a['p50'] / b['p50']:6.2f}x {a['p99'] / b['p99']:6.2f}x "
-            f"{a['cheap_p50'] / b['cheap_p50']:9.2f}x {a['cheap_p99'] / b['cheap_p99']:9.2f}x "
-            f"{a['scan_p99'] / b['scan_p99']:7.2f}x"
-        )
+    ratios("lanes / shared lane (same run, same data)", lanes, shared, args.threads, SHARED_COLUMNS)
     if before is not None:
-        print(f"\n== ratios, lanes now / lanes before ({args.before}; same run, same data) ==")
-        print(
-            f"  {'threads':>7} {'req/s':>8} {'p50':>7} {'p99':>7} {'cheap p50':>10} {'cheap p99':>10} "
-            f"{'DP p50':>8} {'DP p99':>8}"
+        ratios(
+            f"lanes now / lanes before ({args.before}; same run, same data)",
+            lanes,
+            before,
+            args.threads,
+            BEFORE_COLUMNS,
         )
-        for threads in args.threads:
-            a, b = lanes[threads], before[threads]
-            print(
-                f"  {threads:7} {a['rps'] / b['rps']:7.2f}x {a['p50'] / b['p50']:6.2f}x {a['p99'] / b['p99']:6.2f}x "
-                f"{a['cheap_p50'] / b['cheap_p50']:9.2f}x {a['cheap_p99'] / b['cheap_p99']:9.2f}x "
-                f"{a['scan_p50'] / b['scan_p50']:7.2f}x {a['scan_p99'] / b['scan_p99']:7.2f}x"
-            )
     health = load.percentile(lanes_health, 0.5)
     print(
         f"\n  idle health-check RPC p50 (raw call, no audit): {load.ms(health)} ms with lanes, "
