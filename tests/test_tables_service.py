@@ -7,6 +7,7 @@ data, and what the consumer sees is checked against the released cells only.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import threading
@@ -451,41 +452,53 @@ def test_a_new_data_version_is_protected_and_served_once_ready(tmp_path, sandbox
     assert len({r["table_fingerprint"] for r in records if r["method"] == "RunQuery"}) == 2
 
 
-@pytest.mark.parametrize("control", ["on", "off"])
-def test_a_table_that_fails_its_lp_audit_is_never_served(config, pki, monkeypatch, control):
-    """Attack surface: a protection whose audit found a derivable cell. Control: the engine
-    refuses to serve any table whose LP audit did not pass (queries get UNAVAILABLE)."""
+@contextlib.contextmanager
+def served_with_store(config, pki, get):
+    """A real server whose table store builds each table with `get(real_get, *args)`
+    (the stored table, altered or delayed); yields (server, river-bank's client)."""
     from dataops.client import Client
-    from dataops.engines import table as table_engine
     from dataops.server import build_server
 
     server = build_server(config)
     real = server.tables.store
 
-    class FailedAudit:  # the stored table, as if its audit had found a derivable cell
+    class Store:
         def directory(self, *args):
             return real.directory(*args)
 
         def get(self, *args):
-            table = real.get(*args)
-            failed = dataclasses.replace(table.report.audit, passed=False)
-            return dataclasses.replace(table, report=dataclasses.replace(table.report, audit=failed))
+            return get(real.get, *args)
 
-    server.tables.store = FailedAudit()
-    if control == "off":  # serve whatever the audit said
-        monkeypatch.setattr(table_engine, "audit_passed", lambda protected: True)
+    server.tables.store = Store()
     server.start()
     try:
         with Client.from_directory(
             f"localhost:{server.port}", pki.consumer_dir("river-bank"), "river-bank"
-        ) as c:
-            if control == "on":
-                err = refused(lambda: c.query(CREDIT, aggregates=[count()]))
-                assert (err.code, err.reason) == (grpc.StatusCode.UNAVAILABLE, "TABLE_NOT_READY")
-            else:
-                assert c.query(CREDIT, aggregates=[count()]).frame.height == 1
+        ) as client:
+            yield server, client
     finally:
         server.stop(1.0)
+
+
+@pytest.mark.parametrize("control", ["on", "off"])
+def test_a_table_that_fails_its_lp_audit_is_never_served(config, pki, monkeypatch, control):
+    """Attack surface: a protection whose audit found a derivable cell. Control: the engine
+    refuses to serve any table whose LP audit did not pass (queries get UNAVAILABLE)."""
+    from dataops.engines import table as table_engine
+
+    def failed_audit(get, *args):  # the stored table, as if its audit had found a derivable cell
+        table = get(*args)
+        failed = dataclasses.replace(table.report.audit, passed=False)
+        return dataclasses.replace(table, report=dataclasses.replace(table.report, audit=failed))
+
+    if control == "off":  # serve whatever the audit said
+        monkeypatch.setattr(table_engine, "audit_passed", lambda protected: True)
+    with served_with_store(config, pki, failed_audit) as (_, c):
+        if control == "on":
+            err = refused(lambda: c.query(CREDIT, aggregates=[count()]))
+            assert (err.code, err.reason) == (grpc.StatusCode.UNAVAILABLE, "TABLE_NOT_READY")
+        else:
+            assert c.query(CREDIT, aggregates=[count()]).frame.height == 1
 
 
 def test_describe_lists_a_tables_structural_zeros(connect):
@@ -504,29 +517,16 @@ def test_a_query_during_a_long_protection_is_told_to_retry_not_held(config, pki,
     at most [server] table_wait_seconds, then gets UNAVAILABLE TABLE_NOT_READY with a
     retry hint. Off (the old two-minute wait), the same query is held until the build
     ends."""
-    from dataops.client import Client
-    from dataops.server import build_server
-
     wait = 0.2 if control == "on" else 120.0
     config = dataclasses.replace(config, server=dataclasses.replace(config.server, table_wait_seconds=wait))
-    server = build_server(config)
-    real = server.tables.store
     building = threading.Event()  # set: the slow build may finish
 
-    class SlowBuild:  # the stored table, as if protecting it took minutes
-        def directory(self, *args):
-            return real.directory(*args)
+    def slow_build(get, *args):  # the stored table, as if protecting it took minutes
+        building.wait(60)
+        return get(*args)
 
-        def get(self, *args):
-            building.wait(60)
-            return real.get(*args)
-
-    server.tables.store = SlowBuild()
-    server.start()
     try:
-        with Client.from_directory(
-            f"localhost:{server.port}", pki.consumer_dir("river-bank"), "river-bank"
-        ) as c:
+        with served_with_store(config, pki, slow_build) as (server, c):
             if control == "on":
                 err = refused(lambda: c.query(CREDIT, aggregates=[count()]))
                 assert (err.code, err.reason) == (grpc.StatusCode.UNAVAILABLE, "TABLE_NOT_READY")
@@ -540,5 +540,4 @@ def test_a_query_during_a_long_protection_is_told_to_retry_not_held(config, pki,
             # same query is answered.
             assert c.query(CREDIT, aggregates=[count()]).frame.height == 1
     finally:
-        building.set()
-        server.stop(1.0)
+        building.set()  # whatever failed: the build thread must not wait out its minute
