@@ -164,12 +164,9 @@ def protect(
     only so tests can show the attacks those controls stop. `scratch`: where a large
     dataset's rows may be bucketed on disk while the cube is built (inside the sandbox)."""
     started = time.perf_counter()
-    if source is None:
-        # Its own file: a large one is split by unit into buckets on disk, under the
-        # scratch directory (inside the sandbox), in one pass.
-        cube = build_cube(product, dataset, pl.scan_parquet(dataset.path), scratch=scratch)
-    else:
-        cube = build_cube(product, dataset, source)
+    # Over its own file, a large dataset is split by unit into buckets on disk under
+    # `scratch` (inside the sandbox) in one pass.
+    cube = build_cube(product, dataset, source, scratch=scratch)
     t_cube = time.perf_counter()
     prim = primary_suppression(product, dataset, cube, group_attribute=group_attribute)
     t_primary = time.perf_counter()

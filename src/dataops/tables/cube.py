@@ -35,6 +35,7 @@ from __future__ import annotations
 import itertools
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,41 +145,49 @@ def code_expressions(product: TableProduct, dataset: Dataset) -> list[pl.Expr]:
 def build_cube(
     product: TableProduct,
     dataset: Dataset,
-    source: pl.LazyFrame,
+    source: pl.LazyFrame | None = None,
     *,
     rows_per_bucket: int = ROWS_PER_BUCKET,
     scratch: Path | None = None,
 ) -> Cube:
-    """The cube of `source`, in pieces of about `rows_per_bucket` rows (by unit); with
-    `scratch`, the pieces of the dataset's file are split out in one pass into a
-    directory made (and removed) under it."""
-    rows = int(source.select(pl.len()).collect().item())
+    """The cube of `source` (default: the dataset's file), in pieces of about
+    `rows_per_bucket` rows (by unit). With `scratch` and the dataset's own file, the
+    pieces are split out in one pass into a directory made (and removed) under it;
+    otherwise each piece is a filtered scan."""
+    scan = pl.scan_parquet(dataset.path) if source is None else source
+    rows = int(scan.select(pl.len()).collect().item())
     buckets = max(1, -(-rows // max(1, rows_per_bucket)))
     if buckets == 1:
-        return _cube_of(product, dataset, source)
-    bucket = pl.col(dataset.unit_column).hash(_BUCKET_SEED) % buckets
-    columns = [dataset.unit_column, *product.dimensions, *product.magnitude_columns]
-    merged: Cube | None = None
-    if scratch is None:
-        for b in range(buckets):
-            part = _cube_of(product, dataset, source.filter(bucket == b))
-            merged = part if merged is None else merged.merge(part)
+        return _cube_of(product, dataset, scan)
+    if source is None and scratch is not None:
+        parts = _spilled_buckets(product, dataset, buckets, scratch)
     else:
-        from dataops.engines.build import partition
-
-        scratch.mkdir(parents=True, exist_ok=True)
-        directory = Path(tempfile.mkdtemp(dir=scratch, prefix=".cube-buckets."))
-        try:
-            others = [c for c in dict.fromkeys(columns) if c != dataset.unit_column]
-            for files in partition(
-                dataset.path, dataset.unit_column, others, buckets, directory, _BUCKET_SEED
-            ):
-                part = _cube_of(product, dataset, pl.scan_parquet(files))
-                merged = part if merged is None else merged.merge(part)
-        finally:
-            shutil.rmtree(directory, ignore_errors=True)
+        bucket = pl.col(dataset.unit_column).hash(_BUCKET_SEED) % buckets
+        parts = (scan.filter(bucket == b) for b in range(buckets))
+    merged: Cube | None = None
+    for part in parts:
+        cube = _cube_of(product, dataset, part)
+        merged = cube if merged is None else merged.merge(cube)
     assert merged is not None
     return merged
+
+
+def _spilled_buckets(
+    product: TableProduct, dataset: Dataset, buckets: int, scratch: Path
+) -> Iterator[pl.LazyFrame]:
+    """The dataset's rows split by unit into `buckets` files on disk under `scratch`,
+    one bucket at a time (removed when the iteration ends)."""
+    from dataops.engines.build import partition
+
+    scratch.mkdir(parents=True, exist_ok=True)
+    directory = Path(tempfile.mkdtemp(dir=scratch, prefix=".cube-buckets."))
+    try:
+        wanted = dict.fromkeys([*product.dimensions, *product.magnitude_columns])
+        others = [c for c in wanted if c != dataset.unit_column]
+        for files in partition(dataset.path, dataset.unit_column, others, buckets, directory, _BUCKET_SEED):
+            yield pl.scan_parquet(files)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def _cube_of(product: TableProduct, dataset: Dataset, source: pl.LazyFrame) -> Cube:
