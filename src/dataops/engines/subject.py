@@ -18,10 +18,12 @@ rows.
 Bounded memory at any size: the build sorts at most about `PIECE_ROWS` rows at a time.
 Past that, the subjects are split into ranges at quantiles of a sample of their ids
 (the rows written to their ranges on disk in one pass, under the layouts' directory,
-and removed after), each range is sorted alone and written as one record batch of both files (batch k of
-the index holds the subjects of batch k of the rows, `start` counted within it). A
-subject's rows never span two ranges, and the ranges are in id order, so a lookup
-first picks the batch by its first id, then searches within it. `benchmarks/bench_subject.py` compares it with a polars filter scan of the same
+and removed after). Each range is sorted alone and written as one record batch of both
+files (batch k of the index holds the subjects of batch k of the rows, `start` counted
+within it). A subject's rows never span two ranges, and the ranges are in id order, so
+a lookup first picks the batch by its first id, then searches within it.
+
+`benchmarks/bench_subject.py` compares it with a polars filter scan of the same
 Parquet and with sorted Parquet read by row group.
 
 A layout is built into a temporary directory and renamed into place, under a
@@ -238,7 +240,7 @@ class SubjectLayout:
             yield column, self._key_codes(column, values)
 
 
-def _ranges(dataset: Dataset, scan: pl.LazyFrame, scratch: Path) -> Iterable[pl.LazyFrame]:
+def _ranges(dataset: Dataset, scan: pl.LazyFrame, rows: int, scratch: Path) -> Iterable[pl.LazyFrame]:
     """`scan` cut into ranges of subjects of about `PIECE_ROWS` rows each, in id order
     (one range, the whole scan, when it is no bigger; always at least one, for the schema).
     The bounds are quantiles of a sample of the ids, so no subject spans two ranges. The
@@ -247,7 +249,6 @@ def _ranges(dataset: Dataset, scan: pl.LazyFrame, scratch: Path) -> Iterable[pl.
     from dataops.engines.build import partition
 
     unit = dataset.unit_column
-    rows = int(scan.select(pl.len()).collect(engine="streaming").item())
     pieces = -(-rows // PIECE_ROWS)
     if pieces <= 1:
         yield scan
@@ -287,11 +288,9 @@ def _layout_scan(dataset: Dataset, source: pl.LazyFrame, columns) -> pl.LazyFram
 
 def _one_batch(table: pa.Table) -> pa.RecordBatch:
     """A table as one record batch (its columns contiguous, as the reader's views need)."""
-    return (
-        table.combine_chunks().to_batches(max_chunksize=max(1, table.num_rows))[0]
-        if table.num_rows
-        else (pa.RecordBatch.from_pylist([], schema=table.schema))
-    )
+    if not table.num_rows:
+        return pa.RecordBatch.from_pylist([], schema=table.schema)
+    return table.combine_chunks().to_batches(max_chunksize=table.num_rows)[0]
 
 
 def _among(values: np.ndarray, codes: tuple[int, ...]) -> np.ndarray:
@@ -408,7 +407,10 @@ class SubjectLayouts:
         try:
             columns = self.columns[dataset.id]
             scan = _layout_scan(dataset, pl.scan_parquet(dataset.path), columns)
-            longest = scan.select(pl.col(unit).str.len_bytes().max()).collect(engine="streaming").item()
+            # One pass for both: how many rows (to cut them into ranges) and the longest id.
+            rows, longest = (
+                scan.select(pl.len(), pl.col(unit).str.len_bytes().max()).collect(engine="streaming").row(0)
+            )
             width = max(1, longest if isinstance(longest, int) else 1)  # None: no subjects
             metadata = self._metadata(dataset, fingerprint)
             rows_schema = index_schema = None
@@ -418,7 +420,7 @@ class SubjectLayouts:
                 pa.OSFile(str(temporary / "index.arrow"), "wb") as index_sink,
             ):
                 rows_writer = index_writer = None
-                for piece in _ranges(dataset, scan, self.directory):
+                for piece in _ranges(dataset, scan, int(rows), self.directory):
                     frame = piece.sort(unit, maintain_order=True).collect(engine="streaming")
                     index = (
                         frame.select(unit)
