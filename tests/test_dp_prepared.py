@@ -20,7 +20,14 @@ import pytest
 from dataops.catalog import Classification, Column, ColumnType, Dataset, load_catalog
 from dataops.config import Limits
 from dataops.demo.generate import generate
-from dataops.engines.dp import UNIT_CODE, DPQuery, PreparedSource, prepared_column_names
+from dataops.engines.dp import (
+    UNIT_CODE,
+    DPQuery,
+    PreparedSource,
+    code_column,
+    prepared_codes,
+    prepared_column_names,
+)
 from dataops.engines.prepared import PreparedStore
 from dataops.errors import BudgetExhausted, ConfigError, InternalError
 from dataops.ir import MAX_EPSILON, Aggregate, Equals, Function, Mode, Privacy, Query
@@ -29,7 +36,7 @@ from dataops.policy import PolicyStore
 from dataops.service import Sandbox
 from dataops.values import PrivacyLoss
 from dataops.versions import DataVersions, stat_signature
-from test_dp_engine import COUNT, UNITS, crafted, plan_for, value
+from test_dp_engine import COUNT, UNITS, crafted, plan_for, run, value
 
 REPO = Path(__file__).resolve().parent.parent
 SUM = Aggregate(Function.SUM, "amount")
@@ -218,6 +225,52 @@ def test_the_copy_keeps_each_units_first_k_rows_and_only_usable_columns(
         .agg(pl.col(UNIT_CODE).n_unique().alias("codes"))
     )
     assert (by_unit["codes"] == 1).all()
+
+
+@pytest.fixture
+def kinds(tmp_path: Path) -> Dataset:
+    """A string column with public keys (listed out of order) and values outside them,
+    missing values, and a string column whose keys are private."""
+    values = ["a"] * 7 + ["b"] * 5 + ["z"] * 4 + [None] * 3  # no "c": a key with no rows
+    frame = pl.DataFrame({
+        "uid": [f"u{i}" for i in range(len(values))],
+        "kind": values,
+        "tag": ["t1", "t2"] * 9 + ["t1"],
+    })  # fmt: skip
+    columns = {
+        "kind": Column("kind", ColumnType.STRING, Classification.PUBLIC, keys=("b", "a", "c")),
+        "tag": Column("tag", ColumnType.STRING, Classification.PUBLIC),
+    }
+    return crafted(tmp_path, frame, columns, max_rows=1)
+
+
+def test_a_copy_holds_public_keys_as_their_positions_in_the_catalog(kinds: Dataset, tmp_path: Path) -> None:
+    """Positions are the catalog's order, never the data's; a value outside the keys and a
+    missing value share the position past the last key; keys the data chooses stay strings."""
+    assert prepared_codes(kinds) == {"kind": ["b", "a", "c"]}
+    copy = pl.read_parquet(PreparedStore(tmp_path / "state").source(kinds).path)
+    assert set(copy.columns) == {UNIT_CODE, "kind", "tag", code_column("kind")}
+    pairs = dict(copy.select("kind", code_column("kind")).unique().iter_rows())
+    assert pairs == {"b": 0, "a": 1, "z": 3, None: 3}
+
+
+@pytest.mark.parametrize("filters", [(), (Equals("kind", "a"),)], ids=["all", "filtered"])
+def test_a_release_by_key_positions_is_the_string_forms(kinds: Dataset, tmp_path: Path, filters) -> None:
+    """Over the copy the plan groups positions; the release names the keys, in the string
+    form's order, and rows outside the keys are in no group, exactly as by strings."""
+    source = PreparedStore(tmp_path / "state").source(kinds)
+    released = {}
+    for form, copy in (("identifier", None), ("prepared", source)):
+        released[form] = run(kinds, [COUNT], ["kind"], filters, source=copy, epsilon=1e4)
+    plan = plan_for(kinds, [COUNT], ["kind"], filters, epsilon=1e4)
+    assert [d.coded for d in DPQuery.compile(plan, source=source)._compiled.dims] == [True]
+    assert [d.coded for d in DPQuery.compile(plan)._compiled.dims] == [False]
+    expected = {"a": 7, "b": 0 if filters else 5, "c": 0}
+    for form, table in released.items():
+        assert table["kind"].to_list() == ["a", "b", "c"], form  # sorted by key, as strings sort
+        assert table["kind"].dtype == pl.String, form
+        for key, count in zip(table["kind"], table["count"]):
+            assert count == pytest.approx(expected[key], abs=1), (form, key)
 
 
 def test_each_build_draws_new_unit_codes(crowd: Dataset, tmp_path: Path) -> None:

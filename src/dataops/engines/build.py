@@ -134,15 +134,38 @@ def partition(
     return [files[b] for b in sorted(files)]
 
 
+def key_positions(key_sets: dict[str, list[str]]) -> list:
+    """Each coded string column's key positions (`dataops.engines.dp.prepared_codes`):
+    the catalog's i-th key is i; a value that is no key, or missing, is len(keys)."""
+    import polars as pl
+
+    from dataops.engines.dp import code_column
+
+    return [
+        pl.col(name)
+        .replace_strict(keys, list(range(len(keys))), default=len(keys), return_dtype=pl.UInt32)
+        .fill_null(len(keys))
+        .alias(code_column(name))
+        for name, keys in key_sets.items()
+    ]
+
+
 def bound_and_code(
-    buckets: list[list[Path]], unit: str, columns: list[str], k: int, output: Path, seed: int
+    buckets: list[list[Path]],
+    unit: str,
+    columns: list[str],
+    k: int,
+    output: Path,
+    seed: int,
+    key_sets: dict[str, list[str]] | None = None,
 ) -> dict:
-    """Pass 2: per bucket, each unit's first k rows, dense unit codes; one Parquet file."""
+    """Pass 2: per bucket, each unit's first k rows, dense unit codes, key positions; one Parquet file."""
     import numpy as np
     import polars as pl
     import pyarrow.parquet as pq
 
     rng = np.random.default_rng(seed)
+    positions = key_positions(key_sets or {})
     writer = None
     rows = units = 0
     try:
@@ -159,7 +182,9 @@ def bound_and_code(
             codes = rng.permutation(count).astype(np.uint64) + np.uint64(units)
             coded = (
                 frame.select(
-                    pl.Series(UNIT_CODE, codes[ranks - 1] if count else [], dtype=pl.UInt64), *columns
+                    pl.Series(UNIT_CODE, codes[ranks - 1] if count else [], dtype=pl.UInt64),
+                    *columns,
+                    *positions,
                 )
                 # One unit's rows adjacent: COUNT_UNITS' per-unit step is several times faster.
                 .sort(UNIT_CODE, maintain_order=True)
@@ -196,7 +221,9 @@ def build(request: dict) -> dict:
         # Seeds drawn here and never written anywhere: see the module docstring.
         files = partition(source, unit, columns, buckets, scratch, secrets.randbits(63))
         partitioned = time.monotonic()
-        stats = bound_and_code(files, unit, columns, k, output, secrets.randbits(63))
+        stats = bound_and_code(
+            files, unit, columns, k, output, secrets.randbits(63), key_sets=request.get("codes")
+        )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return {
@@ -226,6 +253,7 @@ def main() -> int:
     """Read the request from stdin, cap memory, build, print the stats as one JSON line.
 
     Request: source, output, scratch (paths), unit, columns (kept besides the unit),
+    codes (string columns also kept as key positions, with their keys),
     max_rows_per_unit, memory_limit_bytes, rows_per_bucket.
     """
     request = json.loads(sys.stdin.read())

@@ -37,6 +37,9 @@ def mean_parts(name: str) -> tuple[str, str]:
 def finish(c: Compiled, frames: list[pl.DataFrame]) -> pa.Table:
     """Join the plans' outputs, convert fixed point back, sort by the group columns."""
     dims = [d.column for d in c.dims]
+    # Key positions back to their keys first (public, and the order below is the keys').
+    for d in c.dims:
+        frames = [d.label(frame) for frame in frames]
     if dims:
         table = frames[0]
         for frame in frames[1:]:

@@ -28,7 +28,8 @@ Why the OpenDP guarantee on the copy is a unit-level guarantee for the data:
   above the cap may keep fewer matching rows.
 * The copy holds only what queries can use (dataops.engines.dp.prepared_column_names):
   no identifier column, no unclassified column, and no unit id, and each column once
-  in its own type (a measure's fixed point is computed in the plan). The unit is a
+  in its own type (a measure's fixed point is computed in the plan), and a string
+  column with public keys also as its key positions (`prepared_codes`). The unit is a
   dense integer code (`UNIT_CODE`, 0..n-1) that says nothing about the id it stands
   for: its bucket is a hash of the id under a seed drawn for the build and forgotten,
   and inside the bucket a random permutation nobody keeps (an unkeyed hash of an
@@ -103,7 +104,13 @@ from pathlib import Path
 from dataops._fs import fsync_dir
 from dataops.catalog import Dataset
 from dataops.engines.build import ROWS_PER_BUCKET
-from dataops.engines.dp import PREPARED_LAYOUT, PreparedSource, prepared_column_names, require_max_rows
+from dataops.engines.dp import (
+    PREPARED_LAYOUT,
+    PreparedSource,
+    prepared_codes,
+    prepared_column_names,
+    require_max_rows,
+)
 from dataops.errors import ConfigError, CopyFailed, CopyUnavailable, InternalError
 from dataops.versions import DataVersions, Fingerprints, hash_file, stat_signature
 
@@ -463,6 +470,7 @@ class PreparedStore:
             "scratch": str(scratch),
             "unit": dataset.unit_column,
             "columns": prepared_column_names(dataset),
+            "codes": prepared_codes(dataset),
             "max_rows_per_unit": dataset.max_rows_per_unit,
             "memory_limit_bytes": self.memory_limit_bytes,
             "rows_per_bucket": self.rows_per_bucket,
