@@ -1,9 +1,15 @@
-"""Small durable-file helpers shared by the audit log, its checkpoints and the DP store."""
+"""Small file helpers shared by the audit log, its checkpoints and the stores of built data."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import time
 from pathlib import Path
+
+# Scratch left this long untouched is no build in progress: a running build writes to its
+# scratch all the time (one bucket file after another), so an hour of silence is a crash.
+STALE_SECONDS = 3600
 
 
 def fsync_dir(directory: Path) -> None:
@@ -13,3 +19,40 @@ def fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def last_touched(path: Path) -> float:
+    """The newest mtime of a file, or of a directory and everything under it."""
+    newest = path.stat().st_mtime
+    if path.is_dir():
+        for root, dirs, files in os.walk(path):
+            for name in [*dirs, *files]:
+                try:
+                    newest = max(newest, os.stat(os.path.join(root, name)).st_mtime)
+                except FileNotFoundError:  # removed while walked: a build that is still running
+                    return time.time()
+    return newest
+
+
+def remove_stale(directory: Path, pattern: str, older_than: float = STALE_SECONDS) -> list[Path]:
+    """Remove what matches `pattern` under `directory` and was not touched for `older_than`
+    seconds: the scratch or half-written output of a build that crashed (raw rows, some of
+    it), which no normal exit leaves. Recent ones are kept: another thread or server
+    process sharing the state directory may be writing them. Returns what was removed."""
+    removed: list[Path] = []
+    try:
+        candidates = list(directory.glob(pattern))
+    except OSError:
+        return removed
+    for path in candidates:
+        try:
+            if time.time() - last_touched(path) <= older_than:
+                continue
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+        except FileNotFoundError:
+            continue
+    return removed

@@ -101,7 +101,7 @@ import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
-from dataops._fs import fsync_dir
+from dataops._fs import STALE_SECONDS, fsync_dir, remove_stale
 from dataops.catalog import Dataset
 from dataops.engines.build import ROWS_PER_BUCKET
 from dataops.engines.dp import (
@@ -120,7 +120,7 @@ log = logging.getLogger(__name__)
 
 
 _BUILD_ATTEMPTS = 3  # the dataset file changed while a copy was being built: try again
-_STALE_TEMPORARY_SECONDS = 3600  # a temporary file this old is no build in progress
+_STALE_TEMPORARY_SECONDS = STALE_SECONDS  # a temporary file this old is no build in progress
 _SECRET_BYTES = 32
 SECRET_NAME = "prepared.key"
 # The build child's address-space cap: RSS can never pass it, so neither can the build's.
@@ -554,13 +554,5 @@ class PreparedStore:
         for old in self.directory.glob(f"{dataset.id}-*.parquet*"):
             if old.name not in kept and pattern.fullmatch(old.name):
                 old.unlink(missing_ok=True)
-        for left in self.directory.glob(f".{dataset.id}-*.tmp"):
-            try:
-                if left.is_dir():  # a build's buckets: its bucket directories change as it runs
-                    touched = max([left.stat().st_mtime, *(b.stat().st_mtime for b in left.iterdir())])
-                    if time.time() - touched > _STALE_TEMPORARY_SECONDS:
-                        shutil.rmtree(left, ignore_errors=True)
-                elif time.time() - left.stat().st_mtime > _STALE_TEMPORARY_SECONDS:
-                    left.unlink(missing_ok=True)
-            except FileNotFoundError:
-                pass
+        # A build's buckets are a directory whose files change as it runs.
+        remove_stale(self.directory, f".{dataset.id}-*.tmp", _STALE_TEMPORARY_SECONDS)

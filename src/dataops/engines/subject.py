@@ -52,6 +52,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
+from dataops._fs import remove_stale
 from dataops.catalog import ColumnType, Dataset
 from dataops.engines._base import AggregateAccuracy, EngineEstimate, PrivacyLoss
 from dataops.engines.prepared import Fingerprints
@@ -402,6 +403,9 @@ class SubjectLayouts:
     def _build(self, dataset: Dataset, fingerprint: str, directory: Path) -> None:
         unit = dataset.unit_column
         self.directory.mkdir(parents=True, exist_ok=True)
+        # What a crashed build of any dataset left: its ranges (raw rows) and its output.
+        for pattern in (".ranges.*", f".{dataset.id}-*.tmp"):
+            remove_stale(self.directory, pattern)
         temporary = self.directory / f".{directory.name}.{os.getpid()}-{uuid.uuid4().hex}.tmp"
         temporary.mkdir()
         try:

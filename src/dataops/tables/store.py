@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from dataops._fs import remove_stale
 from dataops.catalog import Dataset
 from dataops.products.table import TableProduct
 
@@ -73,6 +74,9 @@ class TableStore:
                 if table is None and where.is_dir():
                     table = _read(where, product, data_version)
                 if table is None:
+                    # What a crashed build left: its buckets (raw rows) and half-written tables.
+                    remove_stale(self.root, ".cube-buckets.*")
+                    remove_stale(where.parent, f".{where.name}.*")
                     table = protect(product, dataset, data_version=data_version, scratch=self.root)
                     _write(where, table)
                 if data_version:
