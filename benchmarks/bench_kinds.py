@@ -1,7 +1,7 @@
 """Server CPU per request, by kind of request, and the throughput ceiling it sets.
 
     PYTHONPATH=src:benchmarks python benchmarks/bench_kinds.py [--claims 500000]
-        [--enterprises 100000] [--requests 150] [--before SRC]
+        [--enterprises 100000] [--requests 300] [--before SRC]
 
 Throughput on a shared two-core machine moves with whatever else runs; the CPU a request
 costs the server moves much less. This runs `dataops serve` (lanes on, as bench_lanes
@@ -64,6 +64,9 @@ def per_request(pid: int, action, n: int) -> tuple[float, list[float]]:
 
 def run_server(args, workdir: Path, name: str, src: Path | None) -> tuple[dict, float]:
     """{(consumer, kind): (cpu s, wall p50 s, outcome codes)} and the health RPC's CPU per call."""
+    # A fresh ledger, release store and log for each server (data, copies and tables are
+    # kept): both are asked the same questions, and each question is fresh to each.
+    load.prepare_workdir(args)
     toml = lanes.configure(workdir, True, args.scan_slots, args.workers)
     config = load_config(toml)
     pki = config.tls.ca_cert.parent
@@ -78,8 +81,10 @@ def run_server(args, workdir: Path, name: str, src: Path | None) -> tuple[dict, 
         for consumer in consumers:  # the repeated questions, released once: later asks are reuses
             for question in load.REPEATED.get(consumer.consumer, []):
                 consumer.request("dp.prime", "prime", question)
-            # A re-served release needs no serving copy, a fresh one does: wait for it (a
-            # server from other code may find the copy in another layout and build it again).
+        for consumer in consumers:
+            # A re-served release needs no serving copy, a fresh one does: wait for every
+            # copy before measuring anything (a server from other code may find a copy in
+            # another layout and build it again, in a child whose CPU would be counted).
             for _ in range(180 if consumer.consumer in load.REPEATED else 0):
                 if consumer.request("dp.fresh", "ready").code != "UNAVAILABLE":
                     break
@@ -137,7 +142,7 @@ def main() -> int:
     parser.add_argument("--claims", type=int, default=500_000)
     parser.add_argument("--enterprises", type=int, default=100_000)
     parser.add_argument(
-        "--requests", type=int, default=150, help="sequential requests per kind (default 150)"
+        "--requests", type=int, default=300, help="sequential requests per kind (default 300)"
     )
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--scan-slots", type=int, default=2)
@@ -149,7 +154,7 @@ def main() -> int:
     if args.before is not None and not (args.before / "dataops" / "__init__.py").exists():
         parser.error(f"--before {args.before}: no dataops package there")
     args.consumers = len(CONSUMERS)
-    workdir = load.prepare_workdir(args)
+    workdir = load.prepare_workdir(args)  # made once here; each server's run resets its state
     print(f"\n{os.cpu_count()} CPUs; load average at start {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(
         f"data: {args.claims:,} claim rows, {args.enterprises:,} enterprises; {args.requests} requests per kind"

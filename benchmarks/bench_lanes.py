@@ -117,6 +117,10 @@ def summarize(outcomes: list[load.Outcome], seconds: float) -> dict:
         "scan_p50": pct(scans, 0.5),
         "scan_p99": pct(scans, 0.99),
         "no_engine_p50": pct([o.seconds for o in outcomes if o.kind in NO_ENGINE_KINDS], 0.5),
+        # How many fresh DP questions ran an engine: once a grant is spent they are cheap
+        # refusals, and the level's throughput is another mix's.
+        "fresh": sum(1 for o in outcomes if o.kind == "dp.fresh"),
+        "fresh_released": sum(1 for o in outcomes if o.kind == "dp.fresh" and o.code == "OK"),
         "unexpected": sum(1 for o in outcomes if o.problem),
         "problems": Counter(f"{o.kind}: {o.problem}" for o in outcomes if o.problem).most_common(3),
         "shed": sum(
@@ -168,7 +172,8 @@ def run_mode(
                 f"  {name:6} {threads:3} threads: {r['rps']:7.1f} req/s  p50 {load.ms(r['p50'])} ms  "
                 f"p99 {load.ms(r['p99'])} ms | cheap p50 {load.ms(r['cheap_p50'])} p99 {load.ms(r['cheap_p99'])} "
                 f"| DP p50 {load.ms(r['scan_p50'])} p99 {load.ms(r['scan_p99'])} "
-                f"(no engine p50 {load.ms(r['no_engine_p50'])}) | unexpected {r['unexpected']}"
+                f"(no engine p50 {load.ms(r['no_engine_p50'])}) | fresh DP released "
+                f"{r['fresh_released']}/{r['fresh']} | unexpected {r['unexpected']}"
                 f"  (load {os.getloadavg()[0]:.2f})",
                 flush=True,
             )

@@ -2,7 +2,7 @@
 group-by on the same Parquet measured in the same run.
 
     PYTHONPATH=src python benchmarks/bench_protect.py            # 1M rows
-    PYTHONPATH=src python benchmarks/bench_protect.py 1m 10m     # and 10M
+    PYTHONPATH=src python benchmarks/bench_protect.py 1m 10m 30m # and 10M, 30M (also 100k, 100m)
 
 Per size N: the demo generator writes N enterprises and N claims into
 benchmarks/.data/<N>/ (once; reused after). Each measurement runs in a fresh
@@ -24,7 +24,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-SIZES = {"1m": 1_000_000, "10m": 10_000_000, "100k": 100_000}
+SIZES = {"100k": 100_000, "1m": 1_000_000, "10m": 10_000_000, "30m": 30_000_000, "100m": 100_000_000}
 
 TABLES = {
     "enterprise_credit": (["district", "industry", "size_band"], "tax_paid"),

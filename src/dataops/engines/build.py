@@ -43,12 +43,13 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from dataops.engines.children import cap_memory
 
 if TYPE_CHECKING:  # the child imports polars only once its memory is capped
     import polars as pl
@@ -257,10 +258,7 @@ def main() -> int:
     max_rows_per_unit, memory_limit_bytes, rows_per_bucket.
     """
     request = json.loads(sys.stdin.read())
-    limit = int(request["memory_limit_bytes"])
-    if limit > 0:
-        # Before polars is imported: its allocator and thread pool live under the cap too.
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    cap_memory(int(request["memory_limit_bytes"]))
     try:
         stats = build(request)
     except MemoryError:

@@ -93,8 +93,6 @@ import os
 import re
 import secrets
 import shutil
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -104,6 +102,7 @@ from pathlib import Path
 from dataops._fs import STALE_SECONDS, fsync_dir, remove_stale
 from dataops.catalog import Dataset
 from dataops.engines.build import ROWS_PER_BUCKET
+from dataops.engines.children import BuildFailed, Children
 from dataops.engines.dp import (
     PREPARED_LAYOUT,
     PreparedSource,
@@ -126,17 +125,8 @@ SECRET_NAME = "prepared.key"
 # The build child's address-space cap: RSS can never pass it, so neither can the build's.
 DEFAULT_MEMORY_LIMIT_BYTES = 4 * 2**30
 _RETRY_WHILE_BUILDING_SECONDS = 5
-_BUILD_ALLOCATOR = {
-    "_RJEM_MALLOC_CONF": "dirty_decay_ms:0,muzzy_decay_ms:0",
-    "ARROW_DEFAULT_MEMORY_POOL": "system",
-    "MALLOC_ARENA_MAX": "2",
-}
 _FIRST_RETRY_SECONDS = 60.0  # after a failed build; doubled on each failure of the same version
 _MAX_RETRY_SECONDS = 3600.0
-
-
-class BuildFailed(Exception):
-    """The build child failed (out of its memory limit, killed, or an error of its own)."""
 
 
 def copy_key(dataset: Dataset, data_version: str) -> str:
@@ -229,7 +219,7 @@ class PreparedStore:
         self._builds: dict[str, concurrent.futures.Future] = {}
         # id -> (copy key, retry at (monotonic), back-off, the failed future)
         self._failed: dict[str, tuple[str, float, float, concurrent.futures.Future]] = {}
-        self._children: set[subprocess.Popen] = set()
+        self._children = Children()
 
     @property
     def fingerprints(self) -> Fingerprints:
@@ -309,16 +299,7 @@ class PreparedStore:
         (a build is a child process, so stopping it never interrupts native code here)."""
         self._closing.set()
         self._executor.shutdown(wait=False, cancel_futures=True)
-        with self._guard:
-            children = list(self._children)
-        for child in children:
-            child.kill()
-        deadline = time.monotonic() + timeout
-        for child in children:
-            try:
-                child.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.warning("the build process %d did not stop", child.pid)
+        self._children.kill(timeout)
 
     def path_for(self, dataset: Dataset, key: str) -> Path:
         return self.directory / f"{dataset.id}-{key[:16]}.parquet"
@@ -506,46 +487,9 @@ class PreparedStore:
 
     def _run_build(self, request: dict) -> dict:
         """Run dataops.engines.build in a child process; its stats, or BuildFailed."""
-        environment = dict(os.environ)
-        # The child imports this very tree of dataops, whatever the working directory.
-        package_root = str(Path(__file__).resolve().parents[2])
-        environment["PYTHONPATH"] = os.pathsep.join(
-            p for p in (package_root, environment.get("PYTHONPATH")) if p
+        return self._children.run(
+            "dataops.engines.build", request, Path(request["output"]).name, self.memory_limit_bytes
         )
-        # Freed memory goes back to the system at once: polars' jemalloc otherwise keeps a
-        # bucket's pages after it is done (the RSS grew bucket by bucket), and Arrow on the
-        # system allocator with few arenas does not hold its own pools.
-        environment.update(_BUILD_ALLOCATOR)
-        child = subprocess.Popen(
-            [sys.executable, "-m", "dataops.engines.build"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=environment,
-            start_new_session=True,  # a Ctrl-C at the server's terminal is the server's to handle
-        )
-        with self._guard:
-            self._children.add(child)
-        try:
-            out, err = child.communicate(json.dumps(request).encode())
-        finally:
-            with self._guard:
-                self._children.discard(child)
-        if child.returncode != 0:
-            tail = err.decode(errors="replace").strip().splitlines()[-5:]
-            cause = (
-                f"killed by signal {-child.returncode}"
-                if child.returncode < 0
-                else f"exit status {child.returncode}"
-            )
-            raise BuildFailed(
-                f"the build of {Path(request['output']).name} failed ({cause}, memory limit "
-                f"{self.memory_limit_bytes / 2**30:.2f} GiB): {' | '.join(tail) or 'no message'}"
-            )
-        try:
-            return json.loads(out.decode().strip().splitlines()[-1])
-        except (ValueError, IndexError):
-            raise BuildFailed("the build process did not report its result") from None
 
     def _remove_old(self, dataset: Dataset, keep: Path) -> None:
         """Older versions, and temporary files a stopped build left (after a grace period)."""

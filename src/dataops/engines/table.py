@@ -487,8 +487,12 @@ class TableEngine:
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop watching; a protection in progress finishes in its (daemon) thread and is dropped."""
+        """Stop watching; a protection in progress here finishes in its (daemon) thread and
+        is dropped, one in a child process is killed."""
         self._stop.set()
+        close = getattr(self.store, "close", None)
+        if close is not None:
+            close(timeout)
         if self._thread is not None:
             self._thread.join(timeout=timeout)
 

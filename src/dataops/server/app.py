@@ -388,7 +388,8 @@ def table_engine(config: ServerConfig, catalog: Catalog, tables, data_version, r
     return TableEngine(
         catalog,
         tables,
-        TableStore(config.paths.state),
+        # Large tables are protected in a child under the serving copies' memory cap.
+        TableStore(config.paths.state, memory_limit_bytes=config.server.copy_memory_limit_mib * 2**20),
         data_version,
         record,
         wait_seconds=config.server.table_wait_seconds,

@@ -25,10 +25,14 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from dataops._fs import remove_stale
 from dataops.catalog import Dataset
+from dataops.engines.children import BuildFailed, Children
 from dataops.products.table import TableProduct
+from dataops.tables.cube import ROWS_PER_BUCKET
 
 # Tables built in this process, shared by every TableStore: the same product spec over
 # the same data version (a content fingerprint) protects to the same table, so a second
@@ -45,20 +49,36 @@ def product_hash(product: TableProduct) -> str:
     return hashlib.sha256(spec.encode()).hexdigest()[:16]
 
 
+# Past this many rows a table is protected in a memory-capped child process
+# (`dataops.tables.build`): where the cube is built bucket by bucket anyway.
+CHILD_ROWS = ROWS_PER_BUCKET
+DEFAULT_MEMORY_LIMIT_BYTES = 4 * 2**30  # the child's address space, as a serving copy's build
+
+
 class TableStore:
-    def __init__(self, state_dir: Path):
+    def __init__(
+        self,
+        state_dir: Path,
+        memory_limit_bytes: int = DEFAULT_MEMORY_LIMIT_BYTES,
+        child_rows: int | None = None,
+    ):
         self.root = Path(state_dir) / "tables"
+        self.memory_limit_bytes = memory_limit_bytes
+        self.child_rows = CHILD_ROWS if child_rows is None else child_rows
         self._tables: dict[tuple, object] = {}
         self._locks: dict[tuple, threading.Lock] = {}
         self._guard = threading.Lock()
+        self._children = Children()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Kill a protection running in a child (the server is stopping)."""
+        self._children.kill(timeout)
 
     def directory(self, product: TableProduct, data_version: str) -> Path:
         version = hashlib.sha256(data_version.encode()).hexdigest()[:16] if data_version else "unversioned"
         return self.root / product.id / f"{product_hash(product)}-{version}"
 
     def get(self, product: TableProduct, dataset: Dataset, data_version: str):
-        from dataops.tables import protect
-
         key = (product.id, product_hash(product), data_version)
         with self._guard:
             lock = self._locks.setdefault(key, threading.Lock())
@@ -77,8 +97,7 @@ class TableStore:
                     # What a crashed build left: its buckets (raw rows) and half-written tables.
                     remove_stale(self.root, ".cube-buckets.*")
                     remove_stale(where.parent, f".{where.name}.*")
-                    table = protect(product, dataset, data_version=data_version, scratch=self.root)
-                    _write(where, table)
+                    table = self._protect(product, dataset, data_version, where)
                 if data_version:
                     with _shared_lock:
                         _SHARED[key] = table
@@ -87,6 +106,43 @@ class TableStore:
                             _SHARED.popitem(last=False)
                 self._tables[key] = table
             return table
+
+    def _protect(self, product: TableProduct, dataset: Dataset, data_version: str, where: Path):
+        """Protect and store the table: in a child past `child_rows` rows (see
+        dataops.tables.build), else here; read back from where it was stored."""
+        from dataops.tables import protect
+
+        if not self._in_child(product, dataset):
+            table = protect(product, dataset, data_version=data_version, scratch=self.root)
+            _write(where, table)
+            return table
+        from dataops.tables.build import describe
+
+        request = {
+            "catalog_entry": str(dataset.source),
+            "sandbox": str(dataset.sandbox),
+            "dataset_terms": describe(dataset),
+            "product": str(product.source),
+            "product_hash": product_hash(product),
+            "data_version": data_version,
+            "where": str(where),
+            "scratch": str(self.root),
+            "memory_limit_bytes": self.memory_limit_bytes,
+        }
+        self._children.run("dataops.tables.build", request, f"table {product.id}", self.memory_limit_bytes)
+        table = _read(where, product, data_version)
+        if table is None:
+            raise BuildFailed(f"the build of table {product.id} stored nothing this server can read")
+        return table
+
+    def _in_child(self, product: TableProduct, dataset: Dataset) -> bool:
+        """Large enough to be worth a child, and loaded from files a child can load again."""
+        if dataset.sandbox is None or dataset.source.suffix != ".toml" or not product.source.is_file():
+            return False  # made in code (tests): only this process knows it
+        try:
+            return pq.ParquetFile(dataset.path).metadata.num_rows > self.child_rows
+        except (OSError, pa.ArrowInvalid):
+            return False  # protect reads it here and says what is wrong with it
 
 
 def _write(where: Path, table) -> None:

@@ -1,0 +1,104 @@
+"""Build children: a build that runs in its own memory-capped process (`python -m <module>`).
+
+The serving copies (`dataops.engines.build`) and the large protected tables
+(`dataops.tables.build`) are built this way: the child caps its own address space
+before it imports polars, so a build that would need more memory fails inside the
+child and never takes the server down; the server reads one line of JSON back, or the
+exit status. Memory the child used goes back to the system when it exits, so a server
+that built a large table does not keep the build's pages.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# Freed memory goes back to the system at once: polars' jemalloc otherwise keeps a
+# bucket's pages after it is done (the RSS grew bucket by bucket), and Arrow on the
+# system allocator with few arenas does not hold its own pools.
+ALLOCATOR = {
+    "_RJEM_MALLOC_CONF": "dirty_decay_ms:0,muzzy_decay_ms:0",
+    "ARROW_DEFAULT_MEMORY_POOL": "system",
+    "MALLOC_ARENA_MAX": "2",
+}
+
+
+class BuildFailed(Exception):
+    """The build child failed (out of its memory limit, killed, or an error of its own)."""
+
+
+class Children:
+    """The build children one store runs: each run waits for its child; `kill` ends them all."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._running: set[subprocess.Popen] = set()
+
+    def run(self, module: str, request: dict, what: str, memory_limit_bytes: int) -> dict:
+        """Run `python -m module` with the request on stdin; its last line of JSON, or BuildFailed."""
+        environment = dict(os.environ)
+        # The child imports this very tree of dataops, whatever the working directory.
+        package_root = str(Path(__file__).resolve().parents[2])
+        environment["PYTHONPATH"] = os.pathsep.join(
+            p for p in (package_root, environment.get("PYTHONPATH")) if p
+        )
+        environment.update(ALLOCATOR)
+        child = subprocess.Popen(
+            [sys.executable, "-m", module],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=environment,
+            start_new_session=True,  # a Ctrl-C at the server's terminal is the server's to handle
+        )
+        with self._guard:
+            self._running.add(child)
+        try:
+            out, err = child.communicate(json.dumps(request).encode())
+        finally:
+            with self._guard:
+                self._running.discard(child)
+        if child.returncode != 0:
+            tail = err.decode(errors="replace").strip().splitlines()[-5:]
+            cause = (
+                f"killed by signal {-child.returncode}"
+                if child.returncode < 0
+                else f"exit status {child.returncode}"
+            )
+            raise BuildFailed(
+                f"the build of {what} failed ({cause}, memory limit {memory_limit_bytes / 2**30:.2f} GiB): "
+                f"{' | '.join(tail) or 'no message'}"
+            )
+        try:
+            return json.loads(out.decode().strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            raise BuildFailed(f"the build of {what} did not report its result") from None
+
+    def kill(self, timeout: float) -> None:
+        """Kill every running child and wait for them (a child never interrupts native code here)."""
+        with self._guard:
+            children = list(self._running)
+        for child in children:
+            child.kill()
+        deadline = time.monotonic() + timeout
+        for child in children:
+            try:
+                child.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("the build process %d did not stop", child.pid)
+
+
+def cap_memory(limit_bytes: int) -> None:
+    """In a child, before polars is imported: its allocator and thread pool live under the cap too."""
+    import resource
+
+    if limit_bytes > 0:
+        resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
