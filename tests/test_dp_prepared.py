@@ -11,6 +11,7 @@ import os
 import stat
 import threading
 from pathlib import Path
+from types import MappingProxyType
 
 import polars as pl
 import pyarrow as pa
@@ -271,6 +272,43 @@ def test_a_release_by_key_positions_is_the_string_forms(kinds: Dataset, tmp_path
         assert table["kind"].dtype == pl.String, form
         for key, count in zip(table["kind"], table["count"]):
             assert count == pytest.approx(expected[key], abs=1), (form, key)
+
+
+def test_new_or_reordered_keys_are_a_new_copy(kinds: Dataset, tmp_path: Path) -> None:
+    """Positions are the keys' order: an operator who reorders or adds keys gets a copy
+    coded by the new keys, and the release still names each count's own key."""
+    store = PreparedStore(tmp_path / "state")
+    first = store.source(kinds)
+    column = dataclasses.replace(kinds.columns["kind"], keys=("c", "a", "b", "d"))
+    edited = dataclasses.replace(kinds, columns=MappingProxyType({**kinds.columns, "kind": column}))
+    second = store.source(edited)
+    assert second.fingerprint != first.fingerprint
+    table = run(edited, [COUNT], ["kind"], source=second, epsilon=1e4)
+    counts = dict(zip(table["kind"], table["count"]))
+    assert counts.keys() == {"a", "b", "c", "d"}
+    for key, expected in {"a": 7, "b": 5, "c": 0, "d": 0}.items():
+        assert counts[key] == pytest.approx(expected, abs=1), key
+
+
+def test_private_keys_beside_public_ones_release_the_datas_own_values(tmp_path: Path) -> None:
+    """With a private key set in the query no dimension is grouped by position: the groups
+    OpenDP releases above its threshold carry the data's values, outside the keys too."""
+    values = ["a"] * 30 + ["z"] * 30 + [None] * 30
+    frame = pl.DataFrame({"uid": [f"u{i}" for i in range(90)], "kind": values, "tag": ["t"] * 90})
+    columns = {
+        "kind": Column("kind", ColumnType.STRING, Classification.PUBLIC, keys=("b", "a")),
+        "tag": Column("tag", ColumnType.STRING, Classification.PUBLIC),
+    }
+    kinds = crafted(tmp_path, frame, columns, max_rows=1)
+    source = PreparedStore(tmp_path / "state").source(kinds)
+    plan = plan_for(kinds, [COUNT], ["kind", "tag"], epsilon=50.0, delta=1e-6)
+    assert not any(d.coded for d in DPQuery.compile(plan, source=source)._compiled.dims)
+    groups = {}
+    for form, copy in (("identifier", None), ("prepared", source)):
+        table = run(kinds, [COUNT], ["kind", "tag"], source=copy, epsilon=50.0, delta=1e-6)
+        groups[form] = set(zip(table["kind"], table["tag"]))
+    # Outside the public keys and missing: the data's own values, apart, as by strings.
+    assert groups["prepared"] == groups["identifier"] == {("a", "t"), ("z", "t"), (None, "t")}
 
 
 def test_each_build_draws_new_unit_codes(crowd: Dataset, tmp_path: Path) -> None:

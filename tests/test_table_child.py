@@ -86,3 +86,33 @@ def test_small_or_hand_made_datasets_stay_in_process(setting, tmp_path) -> None:
     assert TableStore(tmp_path, child_rows=0)._in_child(product, dataset)
     made = dataclasses.replace(dataset, sandbox=None)
     assert not TableStore(tmp_path, child_rows=0)._in_child(product, made)
+
+
+def test_the_server_serves_a_table_protected_in_a_child(tmp_path, sandbox_dir, pki, monkeypatch) -> None:
+    """Over the real mTLS server: the table comes from the child, is audited and answers."""
+    from conftest import audit_records, write_config
+    from dataops.client import Client, count
+    from dataops.server import build_server
+
+    (tmp_path / "work").mkdir()
+    config = write_config(tmp_path / "work", sandbox_dir, pki, tables=False)  # protect afresh
+    (config.paths.products / "claims_by_demography_diagnosis.toml").unlink()  # the finance tables suffice
+    (config.paths.policies / "harbor-insurance.toml").unlink()
+    fresh(monkeypatch)
+    monkeypatch.setattr(store_module, "CHILD_ROWS", 0)
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("protected in the server process")
+
+    monkeypatch.setattr(tables_module, "protect", not_here)
+    server = build_server(config).start()
+    try:
+        with Client.from_directory(
+            f"localhost:{server.port}", pki.consumer_dir("city-bank"), "city-bank"
+        ) as c:
+            answer = c.query("enterprise_credit", aggregates=[count()], group_by=["district"])
+    finally:
+        server.stop(1.0)
+    assert answer.table.num_rows > 0 and answer.receipt.sequence > 0
+    protections = {r["table"] for r in audit_records(config) if r["method"] == "ProtectTable"}
+    assert PRODUCT in protections

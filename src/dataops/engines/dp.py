@@ -196,9 +196,7 @@ _QUANTILE_STEPS = 1000  # candidates: this many linear steps, plus as many geome
 _ONE_UNIT = [dp.polars.Bound(per_group=1)]  # d_in: one privacy unit added or removed
 _HIDDEN_LEN = "#len"  # '#' cannot start a catalog column name: prepared columns never clash
 UNIT_CODE = "#unit"  # a prepared copy's unit column: a dense code, not derived from the unit id
-PREPARED_LAYOUT = (
-    4  # the layout of a prepared copy (prepared_column_names, prepared_codes); bump on any change
-)
+PREPARED_LAYOUT = 4  # of a prepared copy (prepared_column_names, prepared_codes); bump on change
 
 _DTYPES = {
     ColumnType.STRING: pl.String,
@@ -523,8 +521,13 @@ class Compiled:
         self.enforce_row_bound = enforce_row_bound
         self.zcdp = plan.grant.accounting == "zcdp"
         self.where = predicate(plan.filters)  # bound when the plan was made (dataops.bind)
-        self.dims = tuple(_dimension(dataset, name, source is not None) for name in query.group_by)
+        self.dims = tuple(_dimension(dataset, name) for name in query.group_by)
         self.private_keys = any(d.keys is None for d in self.dims)
+        if source is not None and not self.private_keys:
+            # Over a copy, public key sets are grouped by position. Not with private keys:
+            # those release the data's own values, which a position past the keys (any
+            # value outside them, and missing ones alike) could not name.
+            self.dims = tuple(_dimension(dataset, name, prepared=True) for name in query.group_by)
         self.check_delta(query.privacy)
         if self.zcdp and self.private_keys:
             name = next(d.column for d in self.dims if d.keys is None)

@@ -142,6 +142,8 @@ def copy_key(dataset: Dataset, data_version: str) -> str:
         "unit": dataset.unit_column,
         "max_rows_per_unit": dataset.max_rows_per_unit,
         "columns": columns,
+        # The key positions are the keys' order: new or reordered keys, a new copy.
+        "codes": prepared_codes(dataset),
     }
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
 
