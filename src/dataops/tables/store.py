@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -30,9 +31,11 @@ import pyarrow.parquet as pq
 
 from dataops._fs import remove_stale
 from dataops.catalog import Dataset
-from dataops.engines.children import BuildFailed, Children
+from dataops.engines.children import ALLOCATOR_LAZY, BuildFailed, Children
 from dataops.products.table import TableProduct
 from dataops.tables.cube import ROWS_PER_BUCKET
+
+log = logging.getLogger(__name__)
 
 # Tables built in this process, shared by every TableStore: the same product spec over
 # the same data version (a content fingerprint) protects to the same table, so a second
@@ -69,6 +72,7 @@ class TableStore:
         self._locks: dict[tuple, threading.Lock] = {}
         self._guard = threading.Lock()
         self._children = Children()
+        self.last_build: dict | None = None  # the last child's stats (seconds, peak_rss_bytes)
 
     def close(self, timeout: float = 30.0) -> None:
         """Kill a protection running in a child (the server is stopping)."""
@@ -129,7 +133,15 @@ class TableStore:
             "scratch": str(self.root),
             "memory_limit_bytes": self.memory_limit_bytes,
         }
-        self._children.run("dataops.tables.build", request, f"table {product.id}", self.memory_limit_bytes)
+        self.last_build = self._children.run(
+            "dataops.tables.build", request, f"table {product.id}", self.memory_limit_bytes, ALLOCATOR_LAZY
+        )
+        log.info(
+            "protected table %s in a child: %.1f s, peak %.2f GiB",
+            product.id,
+            self.last_build["seconds"],
+            self.last_build["peak_rss_bytes"] / 2**30,
+        )
         table = _read(where, product, data_version)
         if table is None:
             raise BuildFailed(f"the build of table {product.id} stored nothing this server can read")
