@@ -65,3 +65,42 @@ def test_a_layout_cut_into_ranges_answers_like_one_sorted_in_one_piece(
     found = [s for s in subjects if cut.rows_of(s)[1] > 0]
     assert len(found) == len(subjects) - 4
     assert all(cut.rows_of(s)[1] == whole.rows_of(s)[1] == (ids == s).sum() for s in found[:50])
+
+
+def test_a_layout_built_in_a_child_answers_like_one_built_here(setting, tmp_path, monkeypatch):
+    """Past `CHILD_ROWS` rows the layout is built by `python -m dataops.engines.subject_build`;
+    lowered here, so the tests' data takes that path."""
+    catalog, products = setting
+    dataset = catalog.get("medical_claims")
+    readers = [p for p in products.values() if p.dataset.id == "medical_claims"]
+    here = layouts(tmp_path / "here", products).current(dataset)
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("laid out in the server process")
+
+    monkeypatch.setattr(SubjectLayouts, "_lay_out", not_here)  # the child has its own, untouched
+    built = SubjectLayouts(tmp_path / "child", products.values(), Fingerprints(), child_rows=0)
+    child = built.current(dataset)
+    assert built.last_build is not None and built.last_build["peak_rss_bytes"] > 0
+    assert child.row_count == here.row_count
+    ids = pl.read_parquet(dataset.path, columns=[dataset.unit_column])[dataset.unit_column].cast(pl.String)
+    for subject in [*ids.unique().sort().gather_every(211).to_list(), "not-a-subject"]:
+        for product in readers:
+            assert child.evaluate(product, subject, TODAY) == here.evaluate(product, subject, TODAY), subject
+
+
+def test_a_layout_child_past_its_cap_or_given_another_entry_fails_alone(setting, tmp_path):
+    from dataops.engines.children import BuildFailed
+
+    catalog, products = setting
+    dataset = catalog.get("medical_claims")
+    capped = SubjectLayouts(tmp_path / "capped", products.values(), Fingerprints(), 64 * 2**20, child_rows=0)
+    with pytest.raises(BuildFailed, match="memory limit 0.06 GiB"):
+        capped.current(dataset)
+    assert not [p for p in capped.directory.iterdir() if not p.name.startswith(".")]
+    import dataclasses
+
+    other = dataclasses.replace(dataset, max_rows_per_unit=(dataset.max_rows_per_unit or 0) + 1)
+    edited = SubjectLayouts(tmp_path / "edited", products.values(), Fingerprints(), child_rows=0)
+    with pytest.raises(BuildFailed, match="changed since the server loaded it"):
+        edited._build(other, "f" * 16, edited.directory / "medical_claims-ffffffffffffffff-00000000")

@@ -134,6 +134,7 @@ class Evaluator:
 
     def close(self) -> None:
         self._stopping.set()
+        self.layouts.close()  # a layout being built in a child: killed
         self.store.close()
 
     def subject_hash(self, subject: str) -> str:

@@ -51,10 +51,12 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
 
 from dataops._fs import remove_stale
 from dataops.catalog import ColumnType, Dataset
 from dataops.engines._base import AggregateAccuracy, EngineEstimate, PrivacyLoss
+from dataops.engines.children import ALLOCATOR_LAZY, Children
 from dataops.engines.prepared import Fingerprints
 from dataops.errors import InternalError
 from dataops.products.subject import Output, OutputFunction, SubjectProduct
@@ -65,6 +67,10 @@ LAYOUT_VERSION = "2"  # 2: one record batch per range of subjects
 # Rows sorted at once when laying out: 10M claim rows with their string ids sort in
 # about 1.5 GiB; more would grow with the dataset.
 PIECE_ROWS = 4_000_000
+# Past this many rows a layout is built in a memory-capped child (`subject_build`), where it is
+# cut into ranges anyway; the cap is the serving copies' ([server] copy_memory_limit_mib).
+CHILD_ROWS = PIECE_ROWS
+DEFAULT_MEMORY_LIMIT_BYTES = 4 * 2**30
 _SAMPLE_ROWS = 200_000  # ids sampled to place the ranges' bounds
 _NO_DATE = np.iinfo(np.int32).min  # a null date: outside every window
 _NO_CODE = -1  # a null or unknown category: matches no key set
@@ -326,10 +332,19 @@ class SubjectLayouts:
     """Layouts of every dataset subject products read, one per data version."""
 
     def __init__(
-        self, state_dir: Path, products: Iterable[SubjectProduct], fingerprints: Fingerprints
+        self,
+        state_dir: Path,
+        products: Iterable[SubjectProduct],
+        fingerprints: Fingerprints,
+        memory_limit_bytes: int = DEFAULT_MEMORY_LIMIT_BYTES,
+        child_rows: int | None = None,
     ) -> None:
         self.directory = Path(state_dir) / "subjects"
         self.fingerprints = fingerprints
+        self.memory_limit_bytes = memory_limit_bytes
+        self.child_rows = CHILD_ROWS if child_rows is None else child_rows
+        self._children = Children()
+        self.last_build: dict | None = None  # the last child's stats (seconds, peak_rss_bytes)
         self.columns: dict[str, tuple[str, ...]] = {}
         self.datasets: dict[str, Dataset] = {}
         for product in products:
@@ -401,11 +416,54 @@ class SubjectLayouts:
             return False
 
     def _build(self, dataset: Dataset, fingerprint: str, directory: Path) -> None:
-        unit = dataset.unit_column
+        """Lay the dataset out: in a memory-capped child past `CHILD_ROWS` rows
+        (`dataops.engines.subject_build`: the build's pages go when it exits), else here."""
         self.directory.mkdir(parents=True, exist_ok=True)
         # What a crashed build of any dataset left: its ranges (raw rows) and its output.
         for pattern in (".ranges.*", f".{dataset.id}-*.tmp"):
             remove_stale(self.directory, pattern)
+        if not self._in_child(dataset):
+            self._lay_out(dataset, fingerprint, directory)
+            return
+        request = {
+            "catalog_entry": str(dataset.source),
+            "sandbox": str(dataset.sandbox),
+            "dataset_terms": repr(dataset),
+            "columns": list(self.columns[dataset.id]),
+            "fingerprint": fingerprint,
+            "state": str(self.directory.parent),
+            "directory": str(directory),
+            "memory_limit_bytes": self.memory_limit_bytes,
+        }
+        self.last_build = self._children.run(
+            "dataops.engines.subject_build",
+            request,
+            f"the {dataset.id} layout",
+            self.memory_limit_bytes,
+            ALLOCATOR_LAZY,
+        )
+        log.info(
+            "laid out %s by subject in a child: %.1f s, peak %.2f GiB",
+            dataset.id,
+            self.last_build["seconds"],
+            self.last_build["peak_rss_bytes"] / 2**30,
+        )
+
+    def _in_child(self, dataset: Dataset) -> bool:
+        """Large enough to be worth a child, and loaded from a catalog entry a child can load again."""
+        if dataset.sandbox is None or dataset.source.suffix != ".toml":
+            return False  # made in code (tests): only this process knows it
+        try:
+            return pq.ParquetFile(dataset.path).metadata.num_rows > self.child_rows
+        except (OSError, pa.ArrowInvalid):
+            return False  # laid out here, where what is wrong with the file is reported
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Kill a layout build running in a child (the server is stopping)."""
+        self._children.kill(timeout)
+
+    def _lay_out(self, dataset: Dataset, fingerprint: str, directory: Path) -> None:
+        unit = dataset.unit_column
         temporary = self.directory / f".{directory.name}.{os.getpid()}-{uuid.uuid4().hex}.tmp"
         temporary.mkdir()
         try:

@@ -295,7 +295,12 @@ def _build(
         versions=versions,
         tables=tables,
     )
-    layouts = SubjectLayouts(config.paths.state, products.subjects.values(), sandbox.fingerprints)
+    layouts = SubjectLayouts(
+        config.paths.state,
+        products.subjects.values(),
+        sandbox.fingerprints,
+        memory_limit_bytes=config.server.copy_memory_limit_mib * 2**20,  # past 4M rows, in a child
+    )
     consents = ConsentStore(store_path(config.paths.state))
     # Use counts are backed by the (fsynced) audit log: restore any the store lost.
     consents.reconcile(audited_uses(audit_path(config).parent))

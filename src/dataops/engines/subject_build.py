@@ -1,0 +1,49 @@
+"""A subject layout's build, run in a child process under a memory cap.
+
+`dataops.engines.subject.SubjectLayouts` runs ``python -m dataops.engines.subject_build``
+for a dataset past `subject.CHILD_ROWS` rows, with the request on stdin (JSON): the
+catalog entry the server holds (path, sandbox and terms), the columns the products
+read, the fingerprint, the state and target directories, and the memory cap. The child
+caps its address space before it imports polars, loads the entry again and refuses one
+that changed since the server loaded it, lays the dataset out where the server will
+read it, and prints its stats as one line of JSON. Why a child: see
+`dataops.tables.build` (the build's pages go when it exits; past its cap it fails alone).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from dataops.engines.children import cap_memory
+
+
+def main() -> int:
+    request = json.loads(sys.stdin.read())
+    cap_memory(int(request["memory_limit_bytes"]))
+    from dataops.catalog import load_entry
+    from dataops.engines.build import peak
+    from dataops.engines.subject import SubjectLayouts
+    from dataops.versions import Fingerprints
+
+    started = time.monotonic()
+    dataset = load_entry(Path(request["catalog_entry"]), Path(request["sandbox"]))
+    if repr(dataset) != request["dataset_terms"]:
+        print(f"the catalog entry of {dataset.id} changed since the server loaded it", file=sys.stderr)
+        return 2
+    layouts = SubjectLayouts(Path(request["state"]), (), Fingerprints())
+    layouts.columns[dataset.id] = tuple(request["columns"])
+    try:
+        layouts._lay_out(dataset, request["fingerprint"], Path(request["directory"]))
+    except MemoryError:
+        print("the layout ran out of its memory limit", file=sys.stderr)
+        return 3
+    stats = {"seconds": round(time.monotonic() - started, 3), "peak_rss_bytes": peak("VmHWM")}
+    print(json.dumps(stats), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
