@@ -73,8 +73,9 @@ class ServerSection:
     # gets UNAVAILABLE with a retry hint: a 100M-row table takes minutes, and a query
     # waiting all that time would hold a worker (dataops.engines.table).
     table_wait_seconds: float = 2.0
-    # The address-space cap of the child process that builds a serving copy: its RSS can
-    # never pass it, and a build that needs more fails alone, the server serving on.
+    # The address-space cap of the child processes that build a serving copy, and past 4M
+    # rows a protected table or a subject layout: their RSS can never pass it, and a build
+    # that needs more fails alone, the server serving on.
     copy_memory_limit_mib: int = 4096
     # Admission lanes (dataops.server.lanes): cheap calls (metadata, estimates, budgets,
     # exact answers, which are table lookups) and scans (DP RunQuery) wait apart, so

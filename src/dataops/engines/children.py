@@ -111,3 +111,41 @@ def cap_memory(limit_bytes: int) -> None:
 
     if limit_bytes > 0:
         resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
+
+
+DEFAULT_MEMORY_LIMIT_BYTES = 4 * 2**30  # a build child's address space, unless configured
+
+
+def rows_if_reloadable(dataset) -> int | None:
+    """The dataset's row count if a child can load it again from its catalog entry; None
+    for one made in code (tests: only this process knows it) or whose file cannot be read
+    here (the build in this process reports what is wrong with it)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if dataset.sandbox is None or dataset.source.suffix != ".toml":
+        return None
+    try:
+        return int(pq.ParquetFile(dataset.path).metadata.num_rows)
+    except (OSError, pa.ArrowInvalid):
+        return None
+
+
+def entry_request(dataset) -> dict:
+    """What a child needs to load the dataset's catalog entry again, and to check it."""
+    return {
+        "catalog_entry": str(dataset.source),
+        "sandbox": str(dataset.sandbox),
+        "dataset_terms": repr(dataset),
+    }
+
+
+def entry_again(request: dict):
+    """In a child: the catalog entry loaded again; SystemExit if it is not the one the
+    server holds (edited since: the build would be of other terms than asked for)."""
+    from dataops.catalog import load_entry
+
+    dataset = load_entry(Path(request["catalog_entry"]), Path(request["sandbox"]))
+    if repr(dataset) != request["dataset_terms"]:
+        raise SystemExit(f"the catalog entry of {dataset.id} changed since the server loaded it")
+    return dataset

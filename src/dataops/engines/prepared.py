@@ -102,7 +102,7 @@ from pathlib import Path
 from dataops._fs import STALE_SECONDS, fsync_dir, remove_stale
 from dataops.catalog import Dataset
 from dataops.engines.build import ROWS_PER_BUCKET
-from dataops.engines.children import BuildFailed, Children
+from dataops.engines.children import DEFAULT_MEMORY_LIMIT_BYTES, BuildFailed, Children
 from dataops.engines.dp import (
     PREPARED_LAYOUT,
     PreparedSource,
@@ -122,8 +122,6 @@ _BUILD_ATTEMPTS = 3  # the dataset file changed while a copy was being built: tr
 _STALE_TEMPORARY_SECONDS = STALE_SECONDS  # a temporary file this old is no build in progress
 _SECRET_BYTES = 32
 SECRET_NAME = "prepared.key"
-# The build child's address-space cap: RSS can never pass it, so neither can the build's.
-DEFAULT_MEMORY_LIMIT_BYTES = 4 * 2**30
 _RETRY_WHILE_BUILDING_SECONDS = 5
 _FIRST_RETRY_SECONDS = 60.0  # after a failed build; doubled on each failure of the same version
 _MAX_RETRY_SECONDS = 3600.0

@@ -51,12 +51,17 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.ipc as ipc
-import pyarrow.parquet as pq
 
 from dataops._fs import remove_stale
 from dataops.catalog import ColumnType, Dataset
 from dataops.engines._base import AggregateAccuracy, EngineEstimate, PrivacyLoss
-from dataops.engines.children import ALLOCATOR_LAZY, Children
+from dataops.engines.children import (
+    ALLOCATOR_LAZY,
+    DEFAULT_MEMORY_LIMIT_BYTES,
+    Children,
+    entry_request,
+    rows_if_reloadable,
+)
 from dataops.engines.prepared import Fingerprints
 from dataops.errors import InternalError
 from dataops.products.subject import Output, OutputFunction, SubjectProduct
@@ -70,7 +75,6 @@ PIECE_ROWS = 4_000_000
 # Past this many rows a layout is built in a memory-capped child (`subject_build`), where it is
 # cut into ranges anyway; the cap is the serving copies' ([server] copy_memory_limit_mib).
 CHILD_ROWS = PIECE_ROWS
-DEFAULT_MEMORY_LIMIT_BYTES = 4 * 2**30
 _SAMPLE_ROWS = 200_000  # ids sampled to place the ranges' bounds
 _NO_DATE = np.iinfo(np.int32).min  # a null date: outside every window
 _NO_CODE = -1  # a null or unknown category: matches no key set
@@ -426,9 +430,7 @@ class SubjectLayouts:
             self._lay_out(dataset, fingerprint, directory)
             return
         request = {
-            "catalog_entry": str(dataset.source),
-            "sandbox": str(dataset.sandbox),
-            "dataset_terms": repr(dataset),
+            **entry_request(dataset),
             "columns": list(self.columns[dataset.id]),
             "fingerprint": fingerprint,
             "state": str(self.directory.parent),
@@ -451,12 +453,8 @@ class SubjectLayouts:
 
     def _in_child(self, dataset: Dataset) -> bool:
         """Large enough to be worth a child, and loaded from a catalog entry a child can load again."""
-        if dataset.sandbox is None or dataset.source.suffix != ".toml":
-            return False  # made in code (tests): only this process knows it
-        try:
-            return pq.ParquetFile(dataset.path).metadata.num_rows > self.child_rows
-        except (OSError, pa.ArrowInvalid):
-            return False  # laid out here, where what is wrong with the file is reported
+        rows = rows_if_reloadable(dataset)
+        return rows is not None and rows > self.child_rows
 
     def close(self, timeout: float = 30.0) -> None:
         """Kill a layout build running in a child (the server is stopping)."""

@@ -23,16 +23,13 @@ from dataops.engines.children import cap_memory
 def main() -> int:
     request = json.loads(sys.stdin.read())
     cap_memory(int(request["memory_limit_bytes"]))
-    from dataops.catalog import load_entry
     from dataops.engines.build import peak
+    from dataops.engines.children import entry_again
     from dataops.engines.subject import SubjectLayouts
     from dataops.versions import Fingerprints
 
     started = time.monotonic()
-    dataset = load_entry(Path(request["catalog_entry"]), Path(request["sandbox"]))
-    if repr(dataset) != request["dataset_terms"]:
-        print(f"the catalog entry of {dataset.id} changed since the server loaded it", file=sys.stderr)
-        return 2
+    dataset = entry_again(request)
     layouts = SubjectLayouts(Path(request["state"]), (), Fingerprints())
     layouts.columns[dataset.id] = tuple(request["columns"])
     try:

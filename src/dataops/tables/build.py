@@ -24,26 +24,20 @@ import time
 from dataops.engines.children import cap_memory
 
 
-def describe(dataset) -> str:
-    """The catalog terms a table is protected under, as one comparable string."""
-    return repr(dataset)
-
-
 def build(request: dict) -> dict:
     from pathlib import Path
 
     from dataops._toml import read_toml
-    from dataops.catalog import Catalog, load_entry
+    from dataops.catalog import Catalog
     from dataops.engines.build import peak
+    from dataops.engines.children import entry_again
     from dataops.errors import ProductError
     from dataops.products.table import load_table_product
     from dataops.tables import protect
     from dataops.tables.store import _write, product_hash
 
     started = time.monotonic()
-    dataset = load_entry(Path(request["catalog_entry"]), Path(request["sandbox"]))
-    if describe(dataset) != request["dataset_terms"]:
-        raise SystemExit(f"the catalog entry of {dataset.id} changed since the server loaded it")
+    dataset = entry_again(request)
     path = Path(request["product"])
     product = load_table_product(read_toml(path, ProductError), path, Catalog({dataset.id: dataset}))
     if product_hash(product) != request["product_hash"]:

@@ -26,12 +26,17 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from dataops._fs import remove_stale
 from dataops.catalog import Dataset
-from dataops.engines.children import ALLOCATOR_LAZY, BuildFailed, Children
+from dataops.engines.children import (
+    ALLOCATOR_LAZY,
+    DEFAULT_MEMORY_LIMIT_BYTES,
+    BuildFailed,
+    Children,
+    entry_request,
+    rows_if_reloadable,
+)
 from dataops.products.table import TableProduct
 from dataops.tables.cube import ROWS_PER_BUCKET
 
@@ -55,7 +60,6 @@ def product_hash(product: TableProduct) -> str:
 # Past this many rows a table is protected in a memory-capped child process
 # (`dataops.tables.build`): where the cube is built bucket by bucket anyway.
 CHILD_ROWS = ROWS_PER_BUCKET
-DEFAULT_MEMORY_LIMIT_BYTES = 4 * 2**30  # the child's address space, as a serving copy's build
 
 
 class TableStore:
@@ -120,12 +124,8 @@ class TableStore:
             table = protect(product, dataset, data_version=data_version, scratch=self.root)
             _write(where, table)
             return table
-        from dataops.tables.build import describe
-
         request = {
-            "catalog_entry": str(dataset.source),
-            "sandbox": str(dataset.sandbox),
-            "dataset_terms": describe(dataset),
+            **entry_request(dataset),
             "product": str(product.source),
             "product_hash": product_hash(product),
             "data_version": data_version,
@@ -149,12 +149,8 @@ class TableStore:
 
     def _in_child(self, product: TableProduct, dataset: Dataset) -> bool:
         """Large enough to be worth a child, and loaded from files a child can load again."""
-        if dataset.sandbox is None or dataset.source.suffix != ".toml" or not product.source.is_file():
-            return False  # made in code (tests): only this process knows it
-        try:
-            return pq.ParquetFile(dataset.path).metadata.num_rows > self.child_rows
-        except (OSError, pa.ArrowInvalid):
-            return False  # protect reads it here and says what is wrong with it
+        rows = rows_if_reloadable(dataset)
+        return rows is not None and rows > self.child_rows and product.source.is_file()
 
 
 def _write(where: Path, table) -> None:
