@@ -33,7 +33,6 @@ from pathlib import Path
 
 import bench_lanes as lanes
 import bench_load as load
-from dataops.config import load_config
 from dataops.demo.session import CONSUMERS
 
 
@@ -67,13 +66,7 @@ def run_server(args, workdir: Path, name: str, src: Path | None) -> tuple[dict, 
     # A fresh ledger, release store and log for each server (data, copies and tables are
     # kept): both are asked the same questions, and each question is fresh to each.
     load.prepare_workdir(args)
-    toml = lanes.configure(workdir, True, args.scan_slots, args.workers)
-    config = load_config(toml)
-    pki = config.tls.ca_cert.parent
-    env = None
-    if src is not None:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")])}
-    server = load.Server(toml, workdir / f"server-kinds-{name}.log", env=env)
+    server, config, pki = lanes.start_server(args, workdir, True, f"server-kinds-{name}.log", src)
     results: dict[tuple[str, str], tuple[float, float, Counter]] = {}
     try:
         consumers = [load.Consumer(server.target, pki, c, args.seed, load.WARMUP_BUDGET) for c in CONSUMERS]

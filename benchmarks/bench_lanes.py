@@ -129,19 +129,24 @@ def summarize(outcomes: list[load.Outcome], seconds: float) -> dict:
     }
 
 
+def start_server(args, workdir: Path, lanes: bool, log_name: str, src: Path | None = None):
+    """`dataops serve` on the work directory configured for one mode: (server, config, pki
+    directory). src: run it from that source tree (another checkout's src/), not ours."""
+    toml = configure(workdir, lanes, args.scan_slots, args.workers)
+    config = load_config(toml)
+    env = None
+    if src is not None:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")])}
+    return load.Server(toml, workdir / log_name, env=env), config, config.tls.ca_cert.parent
+
+
 def run_mode(
     args, workdir: Path, lanes: bool, name: str | None = None, src: Path | None = None
 ) -> tuple[dict[int, dict], list[float]]:
     """One server's levels. src: run the server from that source tree (another checkout's
     src/), not ours: the code before a change, as a baseline in the same run."""
     name = name or ("lanes" if lanes else "shared")
-    toml = configure(workdir, lanes, args.scan_slots, args.workers)
-    config = load_config(toml)
-    pki = config.tls.ca_cert.parent
-    env = None
-    if src is not None:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")])}
-    server = load.Server(toml, workdir / f"server-{name}.log", env=env)
+    server, config, pki = start_server(args, workdir, lanes, f"server-{name}.log", src)
     results: dict[int, dict] = {}
     try:
         prober = load.HealthProber(server.target, pki)

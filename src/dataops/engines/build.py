@@ -41,7 +41,6 @@ linear: one read and one write per pass, and sorts inside buckets of bounded siz
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -49,7 +48,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dataops.engines.children import cap_memory
+from dataops.engines.children import child_main
 
 if TYPE_CHECKING:  # the child imports polars only once its memory is capped
     import polars as pl
@@ -257,15 +256,7 @@ def main() -> int:
     codes (string columns also kept as key positions, with their keys),
     max_rows_per_unit, memory_limit_bytes, rows_per_bucket.
     """
-    request = json.loads(sys.stdin.read())
-    cap_memory(int(request["memory_limit_bytes"]))
-    try:
-        stats = build(request)
-    except MemoryError:
-        print("the build ran out of its memory limit", file=sys.stderr)
-        return 3
-    print(json.dumps(stats), flush=True)
-    return 0
+    return child_main(build, "build")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -149,3 +150,18 @@ def entry_again(request: dict):
     if repr(dataset) != request["dataset_terms"]:
         raise SystemExit(f"the catalog entry of {dataset.id} changed since the server loaded it")
     return dataset
+
+
+def child_main(build: Callable[[dict], dict], what: str) -> int:
+    """A build child's whole life: read the request from stdin, cap memory (before the
+    build imports polars), build, and print its stats as one JSON line. Exit 3 when the
+    build ran out of its memory limit."""
+    request = json.loads(sys.stdin.read())
+    cap_memory(int(request["memory_limit_bytes"]))
+    try:
+        stats = build(request)
+    except MemoryError:
+        print(f"the {what} ran out of its memory limit", file=sys.stderr)
+        return 3
+    print(json.dumps(stats), flush=True)
+    return 0

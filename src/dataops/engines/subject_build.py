@@ -12,17 +12,14 @@ read it, and prints its stats as one line of JSON. Why a child: see
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
 
-from dataops.engines.children import cap_memory
+from dataops.engines.children import child_main
 
 
-def main() -> int:
-    request = json.loads(sys.stdin.read())
-    cap_memory(int(request["memory_limit_bytes"]))
+def build(request: dict) -> dict:
     from dataops.engines.build import peak
     from dataops.engines.children import entry_again
     from dataops.engines.subject import SubjectLayouts
@@ -32,14 +29,12 @@ def main() -> int:
     dataset = entry_again(request)
     layouts = SubjectLayouts(Path(request["state"]), (), Fingerprints())
     layouts.columns[dataset.id] = tuple(request["columns"])
-    try:
-        layouts._lay_out(dataset, request["fingerprint"], Path(request["directory"]))
-    except MemoryError:
-        print("the layout ran out of its memory limit", file=sys.stderr)
-        return 3
-    stats = {"seconds": round(time.monotonic() - started, 3), "peak_rss_bytes": peak("VmHWM")}
-    print(json.dumps(stats), flush=True)
-    return 0
+    layouts._lay_out(dataset, request["fingerprint"], Path(request["directory"]))
+    return {"seconds": round(time.monotonic() - started, 3), "peak_rss_bytes": peak("VmHWM")}
+
+
+def main() -> int:
+    return child_main(build, "layout")
 
 
 if __name__ == "__main__":

@@ -17,11 +17,10 @@ cap fails alone, and the server keeps answering from its other tables.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 
-from dataops.engines.children import cap_memory
+from dataops.engines.children import child_main
 
 
 def build(request: dict) -> dict:
@@ -54,15 +53,7 @@ def build(request: dict) -> dict:
 def main() -> int:
     """Request: catalog_entry, sandbox, dataset_terms, product, product_hash, data_version,
     where, scratch (paths and strings), memory_limit_bytes."""
-    request = json.loads(sys.stdin.read())
-    cap_memory(int(request["memory_limit_bytes"]))
-    try:
-        stats = build(request)
-    except MemoryError:
-        print("the protection ran out of its memory limit", file=sys.stderr)
-        return 3
-    print(json.dumps(stats), flush=True)
-    return 0
+    return child_main(build, "protection")
 
 
 if __name__ == "__main__":
