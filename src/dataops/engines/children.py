@@ -1,7 +1,8 @@
 """Build children: a build that runs in its own memory-capped process (`python -m <module>`).
 
-The serving copies (`dataops.engines.build`) and the large protected tables
-(`dataops.tables.build`) are built this way: the child caps its own address space
+The serving copies (`dataops.engines.build`), and past 4M rows the protected tables
+(`dataops.tables.build`) and subject layouts (`dataops.engines.subject_build`), are
+built this way: the child caps its own address space
 before it imports polars, so a build that would need more memory fails inside the
 child and never takes the server down; the server reads one line of JSON back, or the
 exit status. Memory the child used goes back to the system when it exits, so a server

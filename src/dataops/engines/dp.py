@@ -271,13 +271,11 @@ def prepared_codes(dataset: Dataset) -> dict[str, list[str]]:
     outside the keys is in none). Only public keys: private keys are released from the
     data's own values, which stay strings.
     """
+    kept = set(prepared_column_names(dataset))
     return {
         c.name: [str(k) for k in c.keys]
         for c in dataset.columns.values()
-        if c.name in set(prepared_column_names(dataset))
-        and c.type is ColumnType.STRING
-        and c.keys is not None
-        and c.bins is None
+        if c.name in kept and c.type is ColumnType.STRING and c.keys is not None and c.bins is None
     }
 
 
