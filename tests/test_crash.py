@@ -378,13 +378,16 @@ def test_sigterm_drains_requests_in_flight_and_exits_0(tmp_path, sandbox_dir, pk
     work = tmp_path / "work"
     work.mkdir()
     config = write_config(work, sandbox_dir, pki)
-    grace = 5.0
+    # A grace far longer than a loaded machine needs to drain the burst, so that the burst
+    # is never cut off by it; the exit-time check below still shows the server exits once
+    # drained, not when the grace runs out.
+    grace = 30.0
     toml = work / "dataops.toml"
     toml.write_text(toml.read_text().replace("grace_seconds = 2.0", f"grace_seconds = {grace}", 1))
     serving = Serving(toml)
     burst = 12  # below the server's concurrency limit (workers * 4), so none is turned away
     try:
-        with serving.client(pki, "harbor-insurance", timeout=30) as client:
+        with serving.client(pki, "harbor-insurance", timeout=grace + 30) as client:
             warm = client.query(
                 "medical_claims", aggregates=[count()], group_by=["sex"], mode="dp", epsilon=0.1
             )
@@ -432,7 +435,7 @@ def test_sigterm_drains_requests_in_flight_and_exits_0(tmp_path, sandbox_dir, pk
     assert any(o.ended > sigterm_at for o in outcomes), (
         "nothing was in flight at SIGTERM: the burst is too light"
     )
-    assert code == 0 and stopped < grace + 3.0
+    assert code == 0 and stopped < grace
     # Drained requests were audited like any other, and the stop signed the whole log.
     public_key = load_public_key(audit_path(config).parent / "signing.pub")
     receipts = [warm.receipt] + [o.receipt for o in outcomes]
