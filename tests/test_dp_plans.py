@@ -22,7 +22,8 @@ from dataops.engines._base import Plan
 from dataops.engines.dp import DPQuery
 from dataops.engines.dp_engine import DPEngine
 from dataops.engines.prepared import PreparedStore
-from dataops.ir import Aggregate, Equals, Function, MeasureTerms, Mode, Privacy, Query
+from dataops.errors import InvalidQuery
+from dataops.ir import Aggregate, Equals, Function, InSet, MeasureTerms, Mode, Privacy, Query
 from dataops.ledger import Ledger
 from dataops.policy import Grant, PolicyStore
 from dataops.products import load_products
@@ -151,12 +152,64 @@ def test_every_release_of_a_kept_plan_draws_its_own_noise(catalog, store):
     estimate = engine.estimate(plan)
     answers = [engine.release(plan, estimate).table for _ in range(2)]
     kept = engine.estimate(plan)  # from the kept plan and calibration (no measurements: built again)
-    assert kept.handle[0] is estimate.handle[0] and kept.handle[1] == estimate.handle[1]
+    assert kept.handle[0]._compiled is estimate.handle[0]._compiled and kept.handle[1] == estimate.handle[1]
     assert estimate.handle[1].measurements and not kept.handle[1].measurements
     answers.append(engine.release(plan, kept).table)
     counts = [tuple(t.column("count").to_pylist()) for t in answers]
     assert len(set(counts)) == 3, counts  # at scale 100 a repeat is all but impossible
     assert question  # the same question as the calibration test's
+
+
+def _counts(table) -> dict[str, float]:
+    return dict(zip(table.column("age_band").to_pylist(), table.column("count").to_pylist()))
+
+
+@pytest.mark.parametrize("control", ["on", "off"])
+def test_a_plan_kept_for_other_filter_values_releases_under_the_requests_own(
+    catalog, store, monkeypatch, control
+):
+    """Other filter values are the same compiled measurements (the filter runs before
+    OpenDP), but each release must read the data under its own request's filter.
+    Switched off (the kept query's filter is reused), an outpatient question is answered
+    with the inpatient counts."""
+    if control == "off":
+        monkeypatch.setattr(DPQuery, "under", lambda self, plan: self)
+    claims = catalog.get("medical_claims")
+    kept = DPEngine(store)
+
+    def release(engine: DPEngine, visit_type: str) -> dict[str, float]:
+        # At the largest epsilon the noise is a few rows: far less than the filters' gap.
+        plan = _plan(claims, [COUNT], ["age_band"], [Equals("visit_type", visit_type)], epsilon=100.0)
+        return _counts(engine.release(plan, engine.estimate(plan)).table)
+
+    inpatient = release(kept, "inpatient")
+    outpatient = release(kept, "outpatient")
+    assert len(kept.compiled) == 1  # one compiled question for both filter values
+    reference = release(DPEngine(store), "outpatient")  # compiled for this filter alone
+    assert inpatient.keys() == outpatient.keys() == reference.keys()
+    apart = max(abs(inpatient[k] - reference[k]) for k in reference)
+    assert apart > 100  # the two filters select very different rows
+    if control == "off":
+        assert max(abs(outpatient[k] - inpatient[k]) for k in inpatient) < 20
+        return
+    assert max(abs(outpatient[k] - reference[k]) for k in reference) < 20
+
+
+def test_a_plan_kept_for_one_filter_column_is_not_another_columns(catalog, store):
+    """The key keeps each filter's column and form: a filter on the unit column is still
+    refused by the compile's own check, however a question like it was compiled before."""
+    claims = catalog.get("medical_claims")
+    engine = DPEngine(store)
+    engine.estimate(_plan(claims, [COUNT], ["age_band"], [Equals("visit_type", "inpatient")], epsilon=1.0))
+    unit = _plan(claims, [COUNT], ["age_band"], [Equals(claims.unit_column, "P0001")], epsilon=1.0)
+    with pytest.raises(InvalidQuery) as refused:
+        engine.estimate(unit)
+    assert refused.value.rule == "dp.identifier"
+    in_set = _plan(
+        claims, [COUNT], ["age_band"], [InSet("visit_type", ("inpatient", "emergency"))], epsilon=1.0
+    )
+    engine.estimate(in_set)
+    assert len(engine.compiled) == 2  # equals and in-set are two forms
 
 
 @pytest.mark.parametrize("control", ["on", "off"])

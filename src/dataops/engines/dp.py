@@ -140,6 +140,7 @@ so they stay unbiased.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import tempfile
 from dataclasses import dataclass
@@ -381,10 +382,17 @@ def bin_label(low: float, high: float) -> str:
 
 
 class DPQuery:
-    """A DP query compiled to OpenDP measurements; see the module docstring."""
+    """A DP query compiled to OpenDP measurements, under its filters; see the module docstring.
 
-    def __init__(self, compiled: Compiled) -> None:
+    The measurements never see the filters: they are a row-by-row step on the data
+    before OpenDP (`Compiled.input`). So one `Compiled` serves every question that
+    differs from it in filter values alone (`under`; `dataops.engines.dp_engine` keeps
+    it across requests), each DPQuery carrying its own filter.
+    """
+
+    def __init__(self, compiled: Compiled, where: pl.Expr | None) -> None:
         self._compiled = compiled
+        self._where = where
 
     @classmethod
     def compile(
@@ -406,7 +414,15 @@ class DPQuery:
         enforce_row_bound=False is the control switched off, for the test that shows
         what it stops: a query's smaller row bound is then assumed, not enforced.
         """
-        return cls(Compiled(plan, source, clip_uppers or {}, enforce_row_bound))
+        return cls(Compiled(plan, source, clip_uppers or {}, enforce_row_bound), predicate(plan.filters))
+
+    def under(self, plan: Plan) -> DPQuery:
+        """The same measurements under this plan's filters (bound when it was made).
+
+        For a plan that differs from the compiled one in filter values only: the caller
+        keys the compiled query by everything else (`DPEngine.keys`).
+        """
+        return DPQuery(self._compiled, predicate(plan.filters))
 
     @property
     def terms(self) -> dict[str, tuple[float, float]]:
@@ -455,7 +471,7 @@ class DPQuery:
                     )
                     scratch = Path(stack.enter_context(directory))
                 frames = [
-                    _collect(m(c.input(stage, scratch)), c.quantiles)
+                    _collect(m(c.input(stage, self._where, scratch)), c.quantiles)
                     for m, stage in zip(measurements, c.stages)
                 ]
         except (OpenDPException, pl.exceptions.PolarsError, OSError) as exc:
@@ -518,7 +534,6 @@ class Compiled:
         self.k = _row_bound(query.privacy, dataset)  # the rows per unit this query is bounded to
         self.enforce_row_bound = enforce_row_bound
         self.zcdp = plan.grant.accounting == "zcdp"
-        self.where = predicate(plan.filters)  # bound when the plan was made (dataops.bind)
         self.dims = tuple(_dimension(dataset, name) for name in query.group_by)
         self.private_keys = any(d.keys is None for d in self.dims)
         if source is not None and not self.private_keys:
@@ -765,10 +780,10 @@ class Compiled:
             scales.append(math.sqrt(loss / share) if self.zcdp else loss / share)
         return _Stage(**{**stage.__dict__, "scales": tuple(scales)})
 
-    def prepare(self, frame: pl.LazyFrame) -> pl.LazyFrame:
-        """Row-by-row steps before OpenDP; see the module docstring for why they are safe."""
-        if self.where is not None:
-            frame = frame.filter(self.where)
+    def prepare(self, frame: pl.LazyFrame, where: pl.Expr | None) -> pl.LazyFrame:
+        """Row-by-row steps before OpenDP, the filter first; see the module docstring for why they are safe."""
+        if where is not None:
+            frame = frame.filter(where)
         unit = self.dataset.unit_column
         return frame.select(
             pl.col(unit).cast(self.unit_dtype),
@@ -776,14 +791,15 @@ class Compiled:
             *[m.prepare() for m in self.measures.values()],
         )
 
-    def input(self, stage: _Stage, scratch: Path | None = None) -> pl.LazyFrame:
-        """The lazy frame a stage's measurement is applied to (scratch: where COUNT_UNITS'
-        per-unit rows over a prepared copy are written; a temporary directory)."""
+    def input(self, stage: _Stage, where: pl.Expr | None, scratch: Path | None = None) -> pl.LazyFrame:
+        """The lazy frame a stage's measurement is applied to: the data under the filter
+        `where` (scratch: where COUNT_UNITS' per-unit rows over a prepared copy are
+        written; a temporary directory)."""
         if self.source is None:
-            return self.prepare(scan(self.dataset))
+            return self.prepare(scan(self.dataset), where)
         frame = pl.scan_parquet(self.source.path)
-        if self.where is not None:
-            frame = frame.filter(self.where)
+        if where is not None:
+            frame = frame.filter(where)
         dims = [d.prepare() for d in self.dims]
         measures = [m.prepare() for m in self.measures.values()]  # the catalog's fixed point
         if stage.unit_column == UNIT_CODE:
@@ -944,7 +960,14 @@ def _collect(release: Any, quantiles: bool) -> pl.DataFrame:
 
 def _domain(schema: dict[str, type[pl.DataType]]) -> Any:
     """A lazy frame of these columns, all nullable: the domain claims nothing beyond types."""
-    nullable = {name: dp.option_domain(dp.atom_domain(T=_ATOMS[t])) for name, t in schema.items()}
+    return _domain_of(tuple(schema.items()))
+
+
+@functools.lru_cache(maxsize=256)
+def _domain_of(schema: tuple[tuple[str, type[pl.DataType]], ...]) -> Any:
+    # Kept by schema: a fifth of compiling a query went to building the same few domains
+    # again. An OpenDP domain is immutable; measurements copy what they need of it.
+    nullable = {name: dp.option_domain(dp.atom_domain(T=_ATOMS[t])) for name, t in schema}
     domain = dp.lazyframe_domain([dp.series_domain(name, atoms) for name, atoms in nullable.items()])
     return dp.with_margin(domain, dp.polars.Margin(by=[], max_length=MAX_ROWS))
 

@@ -22,6 +22,13 @@ keyed by everything they are made from (`DPEngine.keys`):
   its value (that is calibrate's argument), so its key leaves the value out: a new
   epsilon for a question compiled before only calibrates. Automatic clipping plans
   its parts from the epsilon, so its key keeps it.
+* Nor do its measurements read the filters' values: a filter is a row-by-row step on
+  the data before OpenDP (`dp.DPQuery`). Its key keeps each filter's column and form
+  (equals, in, a range and which ends it has) and leaves the values out; each request
+  runs the kept measurements under its own filters (`DPQuery.under`). Most fresh
+  questions differ from an earlier one in their epsilon and filter values alone. An
+  automatically clipped query's first part reads the data under the filters, so its
+  key keeps them.
 * A calibration is keyed by all of it, the epsilon included.
 
 Nothing kept holds noise: a compiled query and a calibration are the measurement's
@@ -120,12 +127,17 @@ class DPEngine:
             material["auto_clip"] = repr(privacy)
         calibration = _digest(material)
         if privacy is not None and not privacy.auto_clipped:
-            # Which of the two is given, not its value: the compiled query reads no more.
+            # Which of the two is given, not its value, and each filter's column and form,
+            # not its values: the compiled query reads no more.
             terms = dict(query["privacy"])
             for name in ("epsilon", "target_half_width"):
                 if name in terms:
                     terms[name] = "given"
-            material = {**material, "query": {**query, "privacy": terms}}
+            forms = sorted(
+                ({k: v if k == "column" else "given" for k, v in f.items()} for f in query["filters"]),
+                key=lambda f: json.dumps(f, sort_keys=True),
+            )
+            material = {**material, "query": {**query, "privacy": terms, "filters": forms}}
         return _digest(material), calibration
 
     def _compile(
@@ -136,7 +148,9 @@ class DPEngine:
         A query asking for automatic clipping compiles to its two parts (the clip's DP
         quantile and the answer); calibrate gives their total, reserved once.
         """
-        return self.compiled.get(key, lambda: dp_autoclip.compile_query(plan, source=source))
+        compiled = self.compiled.get(key, lambda: dp_autoclip.compile_query(plan, source=source))
+        # Kept by a key without filter values: run under this request's own filters.
+        return compiled.under(plan) if isinstance(compiled, dp.DPQuery) else compiled
 
     def estimate(self, plan: Plan) -> EngineEstimate:
         privacy = plan.query.privacy
