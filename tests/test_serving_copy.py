@@ -119,7 +119,7 @@ def test_switched_off_buckets_by_row_let_a_unit_past_its_bound(
 
 
 def test_the_build_child_runs_under_its_memory_cap(crowd: Dataset, tmp_path: Path) -> None:
-    cap = 256 * 2**20  # below what polars alone maps: the child cannot even start its work
+    cap = 64 * 2**20  # below what polars alone allocates: the child cannot even start its work
     capped = PreparedStore(tmp_path / "state", memory_limit_bytes=cap)
     with pytest.raises(CopyUnavailable) as refused:
         capped.source(crowd)
@@ -128,10 +128,10 @@ def test_the_build_child_runs_under_its_memory_cap(crowd: Dataset, tmp_path: Pat
     # Asked again within the back-off: refused at once, no second build.
     with pytest.raises(CopyUnavailable):
         capped.source(crowd, wait=0)
-    # The cap switched off: the same build succeeds, and its address space passes the cap.
+    # The cap switched off: the same build succeeds, and its peak RSS passes the cap.
     uncapped = PreparedStore(tmp_path / "state", memory_limit_bytes=0)
     assert uncapped.source(crowd).path.exists()
-    assert uncapped.last_build["peak_address_space_bytes"] > cap
+    assert uncapped.last_build["peak_rss_bytes"] > cap
 
 
 def test_a_build_in_progress_answers_unavailable_at_once(crowd: Dataset, tmp_path: Path, monkeypatch) -> None:
@@ -208,7 +208,7 @@ def test_a_build_that_fails_leaves_the_server_up_and_dp_clearly_refused(config, 
     from dataops.client import Client
     from dataops.server import build_server
 
-    config = dataclasses.replace(config, server=dataclasses.replace(config.server, copy_memory_limit_mib=256))
+    config = dataclasses.replace(config, server=dataclasses.replace(config.server, copy_memory_limit_mib=64))
     server = build_server(config).start()
     try:
         catalog = server.sandbox.catalog

@@ -2,7 +2,7 @@
 
 `dataops.engines.prepared.PreparedStore` runs ``python -m dataops.engines.build`` with
 the request on stdin (JSON) and reads one line of JSON back. The child caps its own
-address space (RLIMIT_AS) before it imports polars, so a build that would need more
+memory (RLIMIT_DATA, `children.cap_memory`) before it imports polars, so a build that would need more
 memory fails inside the child (MemoryError, or polars aborting) and never takes the
 server down with it; the server only reads the exit status. The child is handed the
 dataset's path and the catalog terms, never the server's secret: the parent hashes
@@ -237,7 +237,7 @@ def build(request: dict) -> dict:
 
 
 def peak(field: str) -> int:
-    """VmHWM (peak RSS) or VmPeak (peak address space, what RLIMIT_AS caps) of this process.
+    """VmHWM (peak RSS) or VmPeak (peak address space) of this process.
 
     From /proc, not getrusage: ru_maxrss carries the RSS of the process it was forked
     from across exec, so a child of a large server would report the server's size.

@@ -2,7 +2,7 @@
 
 The serving copies (`dataops.engines.build`), and past 4M rows the protected tables
 (`dataops.tables.build`) and subject layouts (`dataops.engines.subject_build`), are
-built this way: the child caps its own address space
+built this way: the child caps its own memory (`cap_memory`)
 before it imports polars, so a build that would need more memory fails inside the
 child and never takes the server down; the server reads one line of JSON back, or the
 exit status. Memory the child used goes back to the system when it exits, so a server
@@ -78,7 +78,8 @@ class Children:
             with self._guard:
                 self._running.discard(child)
         if child.returncode != 0:
-            tail = err.decode(errors="replace").strip().splitlines()[-5:]
+            # Enough lines for a polars error's message above its context stack.
+            tail = err.decode(errors="replace").strip().splitlines()[-12:]
             cause = (
                 f"killed by signal {-child.returncode}"
                 if child.returncode < 0
@@ -108,14 +109,22 @@ class Children:
 
 
 def cap_memory(limit_bytes: int) -> None:
-    """In a child, before polars is imported: its allocator and thread pool live under the cap too."""
+    """In a child, before polars is imported: its allocator and thread pool live under the cap too.
+
+    The cap is RLIMIT_DATA: the heap and every private writable mapping, which is all
+    the memory the build itself allocates. Not RLIMIT_AS, the address space: polars
+    maps a local Parquet file whole to read it, so under an address-space cap a source
+    larger than the cap could not be read at all (the 1.5 billion claim rows, 24 GB,
+    failed under 4 GiB with "Cannot allocate memory"). The file's pages are the page
+    cache's, which the kernel reclaims; polars drops the mapping once a slice is read.
+    """
     import resource
 
     if limit_bytes > 0:
-        resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
+        resource.setrlimit(resource.RLIMIT_DATA, (limit_bytes, limit_bytes))
 
 
-DEFAULT_MEMORY_LIMIT_BYTES = 4 * 2**30  # a build child's address space, unless configured
+DEFAULT_MEMORY_LIMIT_BYTES = 4 * 2**30  # a build child's memory (RLIMIT_DATA), unless configured
 
 
 def rows_if_reloadable(dataset) -> int | None:

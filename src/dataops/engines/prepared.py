@@ -39,7 +39,8 @@ Why the OpenDP guarantee on the copy is a unit-level guarantee for the data:
   real ids.
 
 How a copy is built (dataops.engines.build): out of core, in a child process whose
-address space is capped (`memory_limit_bytes`, 4 GiB by default; RSS cannot pass it).
+memory is capped (`memory_limit_bytes`, 4 GiB by default: RLIMIT_DATA, what it
+allocates; the source file it maps to read is page cache, outside the cap).
 The rows are hash-partitioned by unit into buckets on disk (Parquet files), so a unit
 never spans buckets, and the bound is enforced bucket by bucket, each bucket holding
 whole units; memory is set by the bucket size, not the dataset's. A build that needs

@@ -4,7 +4,7 @@
 for a dataset past `subject.CHILD_ROWS` rows, with the request on stdin (JSON): the
 catalog entry the server holds (path, sandbox and terms), the columns the products
 read, the fingerprint, the state and target directories, and the memory cap. The child
-caps its address space before it imports polars, loads the entry again and refuses one
+caps its memory before it imports polars, loads the entry again and refuses one
 that changed since the server loaded it, lays the dataset out where the server will
 read it, and prints its stats as one line of JSON. Why a child: see
 `dataops.tables.build` (the build's pages go when it exits; past its cap it fails alone).

@@ -2,7 +2,7 @@
 
 `dataops.tables.store.TableStore` runs ``python -m dataops.tables.build`` for a dataset
 past `CHILD_ROWS` rows, with the request on stdin (JSON), and reads one line of JSON
-back. The child caps its address space before it imports polars, loads the catalog
+back. The child caps its memory before it imports polars, loads the catalog
 entry and the product file the server loaded, refuses if either is not the one the
 server asked for (the product's hash, the entry's terms), protects the table
 (`dataops.tables.protect`: the cube bucket by bucket, primary and secondary
