@@ -7,6 +7,7 @@ and the sandbox exactly as they were.
 from __future__ import annotations
 
 import datetime as dt
+import re
 import tomllib
 from pathlib import Path
 
@@ -107,7 +108,12 @@ def test_max_rows_is_never_taken_from_the_data_and_dp_stays_off_until_the_operat
     DescribeDataset as the bound: ingest leaves max_rows for the operator to set."""
     result = run(write(tmp_path, "credit.csv", CREDIT_CSV), dirs)
     text = result.catalog_entry.read_text()
-    assert "3" not in text.split("[privacy_unit]")[1].split("[", 1)[0]
+    # The table itself (the header comment names it too), up to the next table; the
+    # number is matched as a whole word, so a date elsewhere cannot trip it.
+    section = text.split("\n[privacy_unit]\n")[1].split("\n[", 1)[0]
+    assert section.startswith('column = "enterprise_id"')
+    assert not re.search(r"\b3\b", section), section
+    assert "max_rows" not in tomllib.loads(text)["privacy_unit"]
     assert "# max_rows = ?" in text and "every DP query on this dataset is refused" in text
     dataset = load_entry(result.catalog_entry, dirs[1])
     assert dataset.max_rows_per_unit is None and not dataset.dp_ready
