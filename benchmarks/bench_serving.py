@@ -211,11 +211,12 @@ def bench(rows: int, repeats: int) -> dict:
     children_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # max over children so far
     raw = measure("raw", rows, repeats, state)
     dp = measure("dp", rows, repeats, state)
-    copy = store.source(dataset).path
+    copy = store.source(dataset)
     result = {
         "rows": rows,
         "source_gb": dataset.path.stat().st_size / 1e9,
-        "copy_gb": copy.stat().st_size / 1e9,
+        "copy_gb": sum(part.stat().st_size for part in copy.parts) / 1e9,
+        "copy_parts": len(copy.parts),
         "build_seconds": build_seconds,
         "child_seconds": stats["seconds"],
         "build_peak_rss_gib": stats["peak_rss_bytes"] / GIB,
@@ -231,8 +232,8 @@ def bench(rows: int, repeats: int) -> dict:
         "dp_peak_file_gib": dp["peak_file_bytes"] / GIB,
     }
     print(
-        f"\n{rows:,} claim rows ({result['source_gb']:.2f} GB Parquet; copy {result['copy_gb']:.2f} GB, "
-        f"{result['buckets']} buckets), medians of {repeats}:\n"
+        f"\n{rows:,} claim rows ({result['source_gb']:.2f} GB Parquet; copy {result['copy_gb']:.2f} GB in "
+        f"{result['copy_parts']} parts, {result['buckets']} buckets), medians of {repeats}:\n"
         f"  build            {build_seconds:8.2f} s  ({stats['seconds']:.2f} s in the child, "
         f"{build_seconds / rows * 1e9:.0f} ns/row)  peak RSS {result['build_peak_rss_gib']:.2f} GiB "
         f"(RUSAGE_CHILDREN {result['children_peak_rss_gib']:.2f} GiB)\n"

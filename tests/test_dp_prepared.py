@@ -21,6 +21,7 @@ import pytest
 from dataops.catalog import Classification, Column, ColumnType, Dataset, load_catalog
 from dataops.config import Limits
 from dataops.demo.generate import generate
+from dataops.engines import prepared
 from dataops.engines.dp import (
     UNIT_CODE,
     DPQuery,
@@ -160,10 +161,10 @@ def test_count_units_deduplicates_range_by_range_as_one_unique(claims, source, t
     from dataops.engines import dp as dp_module
 
     monkeypatch.setattr(dp_module, "UNIQUE_ROWS_PER_RANGE", 97)  # many ranges, none aligned
-    pairs = pl.scan_parquet(source.path).select(UNIT_CODE, "sex", "district")
-    ranged = dp_module._unique_by_code_range(pairs, source.path, tmp_path / "units.parquet").collect()
+    pairs = source.scan().select(UNIT_CODE, "sex", "district")
+    ranged = dp_module._unique_by_code_range(pairs, source.parts, tmp_path / "units.parquet").collect()
     whole = pairs.unique().collect()
-    assert pl.read_parquet(source.path).height // 97 > 10  # the ranges really are many
+    assert source.scan().collect().height // 97 > 10  # the ranges really are many
     assert ranged.height == whole.height > 0
     assert ranged.sort(ranged.columns).equals(whole.sort(whole.columns))
     plan = plan_for(claims, [UNITS], ["sex"], epsilon=100.0)
@@ -208,8 +209,9 @@ def test_the_copy_keeps_each_units_first_k_rows_and_only_usable_columns(
     crowd: Dataset, tmp_path: Path
 ) -> None:
     source = PreparedStore(tmp_path / "state").source(crowd)
-    assert source.path == tmp_path / "state" / "prepared" / f"crafted-{source.fingerprint[:16]}.parquet"
-    copy = pl.read_parquet(source.path)
+    assert source.path == tmp_path / "state" / "prepared" / f"crafted-{source.fingerprint[:16]}.copy"
+    assert [p.name for p in source.parts] == ["part-00000.parquet"]
+    copy = source.scan().collect()
     # No unit id, no other identifier, no unclassified column, no column the catalog lacks,
     # and each column once (the fixed point of x is made in the plan).
     assert set(copy.columns) == {UNIT_CODE, "seq", "x"}
@@ -351,14 +353,17 @@ def test_a_new_data_version_gets_a_new_copy_and_the_old_one_goes(crowd: Dataset,
     second = store.source(crowd)
     assert second.fingerprint != first.fingerprint and second.path.exists()
     assert not first.path.exists() and not PreparedStore.tag_path(first.path).exists()
-    assert pl.read_parquet(second.path).height <= 10
+    assert second.scan().collect().height <= 10
 
 
 def test_a_copy_that_does_not_say_what_it_is_is_rebuilt(crowd: Dataset, tmp_path: Path) -> None:
     source = PreparedStore(tmp_path / "state").source(crowd)
-    pl.DataFrame({"forged": [1]}).write_parquet(source.path)  # a foreign file under the right name
+    pl.DataFrame({"forged": [1]}).write_parquet(source.parts[0])  # a foreign file under the right name
     again = PreparedStore(tmp_path / "state").source(crowd)
-    assert again == source and UNIT_CODE in pl.read_parquet(again.path).columns
+    assert again == source and UNIT_CODE in again.scan().collect().columns
+    (again.path / "notes.txt").write_text("not a part")  # anything else in the directory
+    assert PreparedStore(tmp_path / "state").source(crowd).parts == again.parts
+    assert sorted(p.name for p in again.path.iterdir()) == ["part-00000.parquet"]
 
 
 def test_a_failed_build_leaves_no_file(crowd: Dataset, tmp_path: Path, monkeypatch) -> None:
@@ -432,7 +437,7 @@ def test_the_server_prepares_copies_in_the_background(server, connect) -> None:
         epsilon=0.5,
     )
     assert result.frame["age_band"].to_list() == ["0-17", "18-29", "30-44", "45-59", "60-74", "75+"]
-    names = sorted(p.name.split("-")[0] for p in (server.config.paths.state / "prepared").glob("*.parquet"))
+    names = sorted(p.name.split("-")[0] for p in (server.config.paths.state / "prepared").glob("*.copy"))
     assert "medical_claims" in names
 
 
@@ -472,10 +477,12 @@ def plant_untruncated(store: PreparedStore, dataset: Dataset) -> Path:
         .drop("drop")
         .with_columns(codes.alias(UNIT_CODE))
     )
-    planted.write_parquet(source.path)
+    for part in source.parts:
+        part.unlink()
+    planted.write_parquet(source.path / "part-00000.parquet")
     tag_path = PreparedStore.tag_path(source.path)
     tag = json.loads(tag_path.read_text())
-    tag["sha256"] = hashlib.sha256(source.path.read_bytes()).hexdigest()  # the attacker cannot redo the MAC
+    tag["sha256"] = prepared.hash_copy(source.path)[0]  # the attacker cannot redo the MAC
     tag_path.write_text(json.dumps(tag))
     return source.path
 
@@ -489,7 +496,7 @@ def test_a_planted_untruncated_copy_is_refused(crowd: Dataset, tmp_path: Path, c
     state = tmp_path / "state"
     plant_untruncated(PreparedStore(state), crowd)
     store = PreparedStore(state, authenticate=(control == "on"))  # a restarted server
-    copy = pl.read_parquet(store.source(crowd).path)
+    copy = store.source(crowd).scan().collect()
     heaviest = copy.group_by(UNIT_CODE).len()["len"].max()
     plan = plan_for(crowd, [COUNT], epsilon=1e4)
     compiled = DPQuery.compile(plan, source=store.source(crowd))
@@ -508,15 +515,44 @@ def test_a_copy_swapped_after_it_was_adopted_is_checked_again(crowd: Dataset, tm
     plant_untruncated(PreparedStore(tmp_path / "state"), crowd)  # while `store` is serving
     again = store.source(crowd)
     assert again.path == first.path
-    assert pl.read_parquet(again.path).group_by(UNIT_CODE).len()["len"].max() == 3
+    assert again.scan().collect().group_by(UNIT_CODE).len()["len"].max() == 3
+
+
+@ON_OFF
+def test_a_part_added_beside_the_tagged_ones_is_refused(
+    crowd: Dataset, tmp_path: Path, monkeypatch, control: str
+) -> None:
+    """Attack: leave the tagged part alone and add a second one holding more rows of the
+    same units (no tag to forge at all); every unit then counts up to k more rows.
+    Control: the copy's hash covers its parts' names as well as their bytes, so a part
+    added, removed or renamed is a copy that does not verify. Off: a hash of the first
+    part alone, as if a copy were one file."""
+    if control == "off":
+        real = prepared.hash_copy
+
+        def first_part_only(path: Path):
+            _, parts, signature = real(path)
+            return hashlib.sha256(parts[0].read_bytes()).hexdigest(), parts, signature
+
+        monkeypatch.setattr(prepared, "hash_copy", first_part_only)
+    state = tmp_path / "state"
+    source = PreparedStore(state).source(crowd)
+    tagged = source.scan().collect()
+    tagged.write_parquet(source.path / "part-00001.parquet")  # each unit's k rows again
+    served = PreparedStore(state).source(crowd)  # a restarted server
+    heaviest = served.scan().collect().group_by(UNIT_CODE).len()["len"].max()
+    if control == "on":  # rebuilt: one part, k rows per unit
+        assert heaviest == 3 and [p.name for p in served.parts] == ["part-00000.parquet"]
+    else:  # the added part is read: twice the cap the loss was proved for
+        assert heaviest == 6 and len(served.parts) == 2
 
 
 def test_a_tag_made_with_another_secret_is_refused(crowd: Dataset, tmp_path: Path) -> None:
     state = tmp_path / "state"
     first = PreparedStore(state).source(crowd)
-    built = first.path.read_bytes()
+    built = first.parts[0].read_bytes()
     (state / "prepared.key").unlink()  # a new secret: the old tag no longer verifies
-    assert PreparedStore(state).source(crowd).path.read_bytes() != built  # rebuilt (new codes)
+    assert PreparedStore(state).source(crowd).parts[0].read_bytes() != built  # rebuilt (new codes)
 
 
 def test_the_secret_and_the_copies_are_private_to_the_server(crowd: Dataset, tmp_path: Path) -> None:
@@ -570,7 +606,7 @@ def test_a_file_replaced_with_the_same_size_and_mtime_is_a_new_version(fixed: Da
     after = os.stat(fixed.path)
     assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
     second = store.source(fixed)
-    served = pl.read_parquet(second.path)["seq"].min()
+    served = second.scan().collect()["seq"].min()
     if control == "on":
         assert second.data_version != first.data_version and served == 1000
     else:

@@ -52,7 +52,7 @@ def first_k(dataset: Dataset) -> pl.DataFrame:
 def request(dataset: Dataset, out: Path, rows_per_bucket: int) -> dict:
     return {
         "source": str(dataset.path),
-        "output": str(out / "copy.parquet"),
+        "output": str(out / "copy"),
         "scratch": str(out / "buckets"),
         "unit": "uid",
         "columns": prepared_column_names(dataset),
@@ -77,10 +77,12 @@ def test_a_unit_never_spans_buckets_and_keeps_its_file_order(crowd: Dataset, tmp
 
 
 def test_the_row_bound_is_enforced_bucket_by_bucket(crowd: Dataset, tmp_path: Path) -> None:
-    store = PreparedStore(tmp_path / "state", rows_per_bucket=40)  # many buckets for 270 rows
+    # Many buckets for 270 rows, and parts of at least 100 rows: several parts.
+    store = PreparedStore(tmp_path / "state", rows_per_bucket=40, part_rows=100)
     source = store.source(crowd)
     assert store.last_build["buckets"] > 3
-    copy = pl.read_parquet(source.path)
+    assert len(source.parts) == store.last_build["parts"] > 1
+    copy = source.scan().collect()
     expected = first_k(crowd)
     # Exactly the rows the in-plan truncation keeps, and no column but the usable ones.
     assert sorted(copy["seq"]) == sorted(expected["seq"]) and set(copy.columns) == {UNIT_CODE, "seq", "x"}
@@ -91,13 +93,21 @@ def test_the_row_bound_is_enforced_bucket_by_bucket(crowd: Dataset, tmp_path: Pa
     )
     assert codes[UNIT_CODE].list.len().max() == 1
     assert sorted(codes[UNIT_CODE].list.first()) == list(range(60))
-    # Each bucket is its own row groups, and no code is in two of them.
-    parquet = pq.ParquetFile(source.path)
+    # Each bucket is its own row groups, and no code is in two of them; a part holds
+    # whole buckets, and the parts' codes ascend with their names.
     seen: set[int] = set()
-    for group in range(parquet.num_row_groups):
-        group_codes = set(parquet.read_row_group(group, columns=[UNIT_CODE]).column(0).to_pylist())
-        assert not group_codes & seen
-        seen |= group_codes
+    top = -1
+    for part in source.parts:
+        parquet = pq.ParquetFile(part)
+        part_codes: set[int] = set()
+        for group in range(parquet.num_row_groups):
+            group_codes = set(parquet.read_row_group(group, columns=[UNIT_CODE]).column(0).to_pylist())
+            assert not group_codes & seen
+            seen |= group_codes
+            part_codes |= group_codes
+        assert min(part_codes) > top
+        top = max(part_codes)
+    assert seen == set(range(60))
 
 
 def test_switched_off_buckets_by_row_let_a_unit_past_its_bound(
@@ -108,13 +118,13 @@ def test_switched_off_buckets_by_row_let_a_unit_past_its_bound(
     several codes: its contribution is no longer bounded by K."""
     (tmp_path / "on").mkdir()
     build.build(request(crowd, tmp_path / "on", rows_per_bucket=40))
-    on = pl.read_parquet(tmp_path / "on" / "copy.parquet").join(pl.read_parquet(crowd.path), on="seq")
+    on = pl.read_parquet(tmp_path / "on" / "copy" / "*.parquet").join(pl.read_parquet(crowd.path), on="seq")
     assert on.group_by("uid").len()["len"].max() == K
 
     monkeypatch.setattr(build, "buckets_of", lambda units, seed, buckets: np.arange(len(units)) % buckets)
     (tmp_path / "off").mkdir()
     build.build(request(crowd, tmp_path / "off", rows_per_bucket=40))
-    off = pl.read_parquet(tmp_path / "off" / "copy.parquet").join(pl.read_parquet(crowd.path), on="seq")
+    off = pl.read_parquet(tmp_path / "off" / "copy" / "*.parquet").join(pl.read_parquet(crowd.path), on="seq")
     assert off.group_by("uid").len()["len"].max() > K
 
 

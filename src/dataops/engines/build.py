@@ -21,9 +21,17 @@ Two passes, each in bounded memory whatever the dataset's size:
    order (the truncation OpenDP's identifier form applies, `int_range(len).over(unit)
    < k`, on the real ids). Its units are then coded to dense integers: within the
    bucket a random permutation of the units' ranks, offset by the units of the
-   buckets before it, so the codes are 0..n-1 over the whole copy. The copy is one
-   Parquet file, written bucket by bucket (each bucket its own row groups, sorted by
-   code so one unit's rows are adjacent for COUNT_UNITS).
+   buckets before it, so the codes are 0..n-1 over the whole copy. The copy is a
+   directory of Parquet files, ``part-00000.parquet`` on, written bucket by bucket
+   (each bucket its own row groups, sorted by code so one unit's rows are adjacent for
+   COUNT_UNITS); a part holds whole buckets, so a unit never spans parts either, and
+   the parts' code ranges follow their names.
+
+Parts, not one file, for the readers' memory: polars maps a local Parquet file whole
+and the pages a scan reads stay in its RSS until that file is done (page cache, but
+counted), so one file read whole costs its size in RSS at the end of a scan. Over
+parts of at most `PART_ROWS` rows the mapped pages are one part's at a time: at 30M
+rows, 52 MiB instead of 178 MiB (benchmarks/bench_serving.py prints both parts of RSS).
 
 What a code says about its unit: nothing without the seed. The bucket (the code's
 range) is a hash of the id under a seed drawn for this build and then forgotten, as
@@ -48,6 +56,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dataops._fs import fsync_dir
 from dataops.engines.children import child_main
 
 if TYPE_CHECKING:  # the child imports polars only once its memory is capped
@@ -57,6 +66,8 @@ FLUSH_ROWS = 2_000_000  # rows the partition pass holds before writing them to t
 ROWS_PER_BUCKET = 2_000_000  # the bucket size pass 2 holds in memory
 MAX_BUCKETS = 4096  # open files in pass 1; past ~8G rows the buckets grow instead
 BATCH_ROWS = 1_000_000
+PART_ROWS = 4_000_000  # a copy's part closes once it holds this many rows (whole buckets)
+PART_NAME = "part-{:05d}.parquet"  # dataops.engines.prepared lists a copy's parts by this
 COPY_ROW_GROUP_ROWS = 256 * 1024  # the demo data's: the streaming engine spreads them over threads
 UNIT_CODE = "#unit"  # dataops.engines.dp.UNIT_CODE (not imported: the child imports light)
 
@@ -158,16 +169,29 @@ def bound_and_code(
     output: Path,
     seed: int,
     key_sets: dict[str, list[str]] | None = None,
+    part_rows: int = PART_ROWS,
 ) -> dict:
-    """Pass 2: per bucket, each unit's first k rows, dense unit codes, key positions; one Parquet file."""
+    """Pass 2: per bucket, each unit's first k rows, dense unit codes, key positions; the
+    copy's parts in the directory `output` (made here), each closed past `part_rows` rows."""
     import numpy as np
     import polars as pl
     import pyarrow.parquet as pq
 
     rng = np.random.default_rng(seed)
     positions = key_positions(key_sets or {})
+    output.mkdir(mode=0o700, exist_ok=True)
     writer = None
-    rows = units = 0
+    rows = units = part_rows_written = 0
+    parts_written: list[Path] = []
+
+    def close_part() -> None:
+        nonlocal writer
+        if writer is not None:
+            writer.close()
+            writer = None
+            with parts_written[-1].open("rb") as f:
+                os.fsync(f.fileno())
+
     try:
         for parts in buckets:
             frame = pl.read_parquet(parts)  # in flush order: the bucket's rows in file order
@@ -192,16 +216,21 @@ def bound_and_code(
             del frame, ranks
             table = coded.to_arrow()
             if writer is None:
-                writer = pq.ParquetWriter(output, table.schema, compression="lz4")
+                parts_written.append(output / PART_NAME.format(len(parts_written)))
+                writer = pq.ParquetWriter(parts_written[-1], table.schema, compression="lz4")
+                part_rows_written = 0
             writer.write_table(table, row_group_size=COPY_ROW_GROUP_ROWS)
             rows += coded.height
             units += count
+            part_rows_written += coded.height
+            if part_rows_written >= part_rows:
+                close_part()
+        close_part()
     finally:
         if writer is not None:
             writer.close()
-    with output.open("rb") as f:
-        os.fsync(f.fileno())
-    return {"rows": rows, "units": units, "buckets": len(buckets)}
+    fsync_dir(output)  # the parts' names, as durable as their bytes
+    return {"rows": rows, "units": units, "buckets": len(buckets), "parts": len(parts_written)}
 
 
 def build(request: dict) -> dict:
@@ -222,8 +251,9 @@ def build(request: dict) -> dict:
         files = partition(source, unit, columns, buckets, scratch, secrets.randbits(63))
         partitioned = time.monotonic()
         stats = bound_and_code(
-            files, unit, columns, k, output, secrets.randbits(63), key_sets=request.get("codes")
-        )
+            files, unit, columns, k, output, secrets.randbits(63), key_sets=request.get("codes"),
+            part_rows=int(request.get("part_rows", PART_ROWS)),
+        )  # fmt: skip
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return {
@@ -252,9 +282,9 @@ def peak(field: str) -> int:
 def main() -> int:
     """Read the request from stdin, cap memory, build, print the stats as one JSON line.
 
-    Request: source, output, scratch (paths), unit, columns (kept besides the unit),
-    codes (string columns also kept as key positions, with their keys),
-    max_rows_per_unit, memory_limit_bytes, rows_per_bucket.
+    Request: source, output (the copy's directory), scratch (paths), unit, columns
+    (kept besides the unit), codes (string columns also kept as key positions, with
+    their keys), max_rows_per_unit, memory_limit_bytes, rows_per_bucket, part_rows.
     """
     return child_main(build, "build")
 

@@ -197,7 +197,7 @@ _QUANTILE_STEPS = 1000  # candidates: this many linear steps, plus as many geome
 _ONE_UNIT = [dp.polars.Bound(per_group=1)]  # d_in: one privacy unit added or removed
 _HIDDEN_LEN = "#len"  # '#' cannot start a catalog column name: prepared columns never clash
 UNIT_CODE = "#unit"  # a prepared copy's unit column: a dense code, not derived from the unit id
-PREPARED_LAYOUT = 4  # of a prepared copy (prepared_column_names, prepared_codes); bump on change
+PREPARED_LAYOUT = 5  # of a prepared copy (prepared_column_names, prepared_codes); bump on change
 
 _DTYPES = {
     ColumnType.STRING: pl.String,
@@ -240,9 +240,14 @@ class PreparedSource:
 
     dataset_id: str
     fingerprint: str  # the copy's key: the data version and the catalog terms it was made under
-    path: Path
+    path: Path  # the copy's directory
     max_rows_per_unit: int
     data_version: str = ""  # the content hash of the dataset file it was made from (DataVersions)
+    parts: tuple[Path, ...] = ()  # its Parquet files in code order (dataops.engines.build), as verified
+
+    def scan(self) -> pl.LazyFrame:
+        """The copy's rows: its parts, the ones the store verified (not a fresh listing)."""
+        return pl.scan_parquet(list(self.parts))
 
 
 def prepared_column_names(dataset: Dataset) -> list[str]:
@@ -797,7 +802,7 @@ class Compiled:
         written; a temporary directory)."""
         if self.source is None:
             return self.prepare(scan(self.dataset), where)
-        frame = pl.scan_parquet(self.source.path)
+        frame = self.source.scan()
         if where is not None:
             frame = frame.filter(where)
         dims = [d.prepare() for d in self.dims]
@@ -812,7 +817,7 @@ class Compiled:
             pairs = frame.select(pl.col(UNIT_CODE), *dims)
             if scratch is None:
                 return pairs.unique()
-            return _unique_by_code_range(pairs, self.source.path, scratch / "units.parquet")
+            return _unique_by_code_range(pairs, self.source.parts, scratch / "units.parquet")
         return frame.select([*dims, *measures] or [pl.col(UNIT_CODE)])
 
     # --- measurements and their privacy maps -------------------------------------
@@ -867,7 +872,7 @@ class Compiled:
 UNIQUE_ROWS_PER_RANGE = 4_000_000  # copy rows deduplicated at once by COUNT_UNITS' per-unit step
 
 
-def _unique_by_code_range(pairs: pl.LazyFrame, copy: Path, output: Path) -> pl.LazyFrame:
+def _unique_by_code_range(pairs: pl.LazyFrame, parts: tuple[Path, ...], output: Path) -> pl.LazyFrame:
     """`pairs.unique()` (one row per unit code and group) in bounded memory, as a scan.
 
     A row of one code is never a duplicate of a row of another, so deduplicating each
@@ -881,16 +886,18 @@ def _unique_by_code_range(pairs: pl.LazyFrame, copy: Path, output: Path) -> pl.L
     """
     import pyarrow.parquet as pq
 
-    metadata = pq.ParquetFile(copy).metadata
-    index = metadata.schema.to_arrow_schema().get_field_index(UNIT_CODE)
-    top = 0
-    for g in range(metadata.num_row_groups):
-        stats = metadata.row_group(g).column(index).statistics
-        if metadata.row_group(g).num_rows and (stats is None or not stats.has_min_max):
-            return pairs.unique()  # no statistics to range by (not a copy we built): in one piece
-        if metadata.row_group(g).num_rows:
-            top = max(top, int(stats.max) + 1)
-    ranges = max(1, -(-metadata.num_rows // UNIQUE_ROWS_PER_RANGE))
+    top = rows = 0
+    for part in parts:
+        metadata = pq.ParquetFile(part).metadata
+        index = metadata.schema.to_arrow_schema().get_field_index(UNIT_CODE)
+        rows += metadata.num_rows
+        for g in range(metadata.num_row_groups):
+            stats = metadata.row_group(g).column(index).statistics
+            if metadata.row_group(g).num_rows and (stats is None or not stats.has_min_max):
+                return pairs.unique()  # no statistics to range by (not a copy we built): in one piece
+            if metadata.row_group(g).num_rows:
+                top = max(top, int(stats.max) + 1)
+    ranges = max(1, -(-rows // UNIQUE_ROWS_PER_RANGE))
     if ranges == 1:
         return pairs.unique()  # it fits one range: held at once anyway, no scratch file to write
     step = max(1, -(-top // ranges))

@@ -58,17 +58,19 @@ times a row aggregate (0.7-2 s at 10M rows on two cores), one range of unit code
 time so its memory stays bounded (dataops.engines.dp); the row aggregates cost about as
 much as the same polars group-by.
 
-Why a copy can be trusted. A copy is `state/prepared/<dataset_id>-<key[:16]>.parquet`,
-where the key (`copy_key`) covers the dataset's data version (the SHA-256 of its
+Why a copy can be trusted. A copy is the directory `state/prepared/<dataset_id>-<key[:16]>.copy`
+of Parquet parts (`part-00000.parquet` on, dataops.engines.build says why parts), where the key (`copy_key`) covers the dataset's data version (the SHA-256 of its
 Parquet, `dataops.versions.DataVersions`) and the catalog terms the copy depends on
 (unit, cap, the columns and their bounds). Beside it, `<name>.tag` records the key,
 dataset, data version, cap and layout, and the SHA-256 of the copy's bytes, under an
 HMAC-SHA256 with a server secret (`state/prepared.key`, 32 random bytes, mode 0600;
-refused if anyone else may read it). A copy is used only if its tag verifies and the
-copy's bytes hash to what the tag says: a planted copy (say, untruncated, with the
-right names and metadata) is rebuilt, never read. The check runs when a copy is first
-used in a process and again whenever the copy's stat signature (inode, size, mtime,
-ctime) changes; the data itself is hashed afresh (`DataVersions.verify`) each time a
+refused if anyone else may read it); the copy's hash is over its parts' names and
+each part's SHA-256 (`hash_copy`), so a part added, removed, renamed or changed is a
+copy that does not verify, and a directory holding anything but parts is none. A copy
+is used only if its tag verifies and the copy's bytes hash to what the tag says: a
+planted copy (say, untruncated, with the right names and metadata) is rebuilt, never
+read. The check runs when a copy is first used in a process and again whenever the
+stat signature (inode, size, mtime, ctime) of the directory or of any part changes; the data itself is hashed afresh (`DataVersions.verify`) each time a
 copy is adopted, so a copy is never trusted for a version it was not made from.
 `prepared/` itself is kept private to the server's user (mode 0700), so no other user
 can plant a file there while it runs; the tag catches copies that arrive by other ways
@@ -77,7 +79,7 @@ Between the check and polars reading the file, a writer who can write `prepared/
 anyway (the server's own user) could still swap it; that user can read the secret too,
 which is the compromised host the threat model leaves out.
 
-Copies are written to a temporary file and renamed into place, built under a
+Copies are written to a temporary directory and renamed into place, built under a
 per-dataset lock (concurrent first queries share one build), and older versions of
 the dataset are removed once a new one is in place.
 """
@@ -85,6 +87,7 @@ the dataset are removed once a new one is in place.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
 import hmac
 import json
@@ -102,7 +105,7 @@ from pathlib import Path
 
 from dataops._fs import STALE_SECONDS, fsync_dir, remove_stale
 from dataops.catalog import Dataset
-from dataops.engines.build import ROWS_PER_BUCKET
+from dataops.engines.build import PART_ROWS, ROWS_PER_BUCKET
 from dataops.engines.children import DEFAULT_MEMORY_LIMIT_BYTES, BuildFailed, Children
 from dataops.engines.dp import (
     PREPARED_LAYOUT,
@@ -126,6 +129,45 @@ SECRET_NAME = "prepared.key"
 _RETRY_WHILE_BUILDING_SECONDS = 5
 _FIRST_RETRY_SECONDS = 60.0  # after a failed build; doubled on each failure of the same version
 _MAX_RETRY_SECONDS = 3600.0
+
+
+_PART = re.compile(r"part-[0-9]{5}\.parquet")  # dataops.engines.build.PART_NAME
+
+
+def copy_parts(path: Path) -> tuple[Path, ...]:
+    """A copy's parts in name order (which is code order); ValueError if the directory
+    holds anything else, or is no directory: that is no copy we wrote."""
+    if os.path.islink(path) or not path.is_dir():
+        raise ValueError(f"{path.name} is not a copy's directory")
+    names = sorted(os.listdir(path))
+    if not names or any(not _PART.fullmatch(name) for name in names):
+        raise ValueError(f"{path.name} holds files that are no copy's parts")
+    return tuple(path / name for name in names)
+
+
+def copy_signature(path: Path, parts: Iterable[Path]) -> tuple:
+    """The stat signatures of the directory and each part: any change to a part, or a
+    part added or removed (the directory's mtime), is a different signature."""
+    return (stat_signature(os.stat(path)), *(stat_signature(os.stat(part)) for part in parts))
+
+
+def hash_copy(path: Path) -> tuple[str, tuple[Path, ...], tuple]:
+    """(SHA-256 over the parts' names and contents, the parts, their copy_signature).
+
+    Each part is hashed on the descriptor its stat is taken from (`hash_file`); the
+    signature is taken from those stats, so bytes that change after they were hashed
+    change the signature too."""
+    parts = copy_parts(path)
+    directory = stat_signature(os.stat(path))
+    manifest, signatures = [], []
+    for part in parts:
+        digest, st = hash_file(part)
+        manifest.append([part.name, digest])
+        signatures.append(stat_signature(st))
+    digest = hashlib.sha256(json.dumps(manifest, separators=(",", ":")).encode()).hexdigest()
+    if copy_parts(path) != parts:  # a part came or went while the others were hashed
+        raise ValueError(f"{path.name} changed while it was hashed")
+    return digest, parts, (directory, *signatures)
 
 
 def copy_key(dataset: Dataset, data_version: str) -> str:
@@ -201,6 +243,7 @@ class PreparedStore:
         wait_seconds: float | None = None,
         memory_limit_bytes: int = DEFAULT_MEMORY_LIMIT_BYTES,
         rows_per_bucket: int = ROWS_PER_BUCKET,
+        part_rows: int = PART_ROWS,
     ) -> None:
         self.directory = Path(state_dir) / "prepared"
         self.versions = versions if versions is not None else DataVersions()
@@ -209,11 +252,12 @@ class PreparedStore:
         self._private_directory()
         self._guard = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
-        self._ready: dict[str, tuple[PreparedSource, tuple]] = {}  # id -> (copy, its stat signature)
+        self._ready: dict[str, tuple[PreparedSource, tuple]] = {}  # id -> (copy, its copy_signature)
         self._closing = threading.Event()
         self.wait_seconds = wait_seconds  # None: `source` waits for a build however long it takes
         self.memory_limit_bytes = memory_limit_bytes
         self.rows_per_bucket = rows_per_bucket
+        self.part_rows = part_rows
         self.last_build: dict | None = None  # the stats the last build's child reported
         # One build at a time: each may use up to memory_limit_bytes.
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dataops-prepare")
@@ -303,7 +347,8 @@ class PreparedStore:
         self._children.kill(timeout)
 
     def path_for(self, dataset: Dataset, key: str) -> Path:
-        return self.directory / f"{dataset.id}-{key[:16]}.parquet"
+        """The copy's directory (its parts inside)."""
+        return self.directory / f"{dataset.id}-{key[:16]}.copy"
 
     @staticmethod
     def tag_path(path: Path) -> Path:
@@ -318,7 +363,7 @@ class PreparedStore:
         if ready is None or ready[0].fingerprint != key:
             return None
         try:
-            unchanged = stat_signature(os.stat(ready[0].path)) == ready[1]
+            unchanged = copy_signature(ready[0].path, ready[0].parts) == ready[1]
         except OSError:
             unchanged = False
         return ready[0] if unchanged else None
@@ -368,17 +413,18 @@ class PreparedStore:
                 if ready is not None:
                     return ready
                 path = self.path_for(dataset, key)
-                signature = self._valid(path, dataset, version, key)
-                if signature is None:
+                valid = self._valid(path, dataset, version, key)
+                if valid is None:
                     self._build(dataset, version, key, path)
-                    signature = self._valid(path, dataset, version, key)
-                    if signature is None:
+                    valid = self._valid(path, dataset, version, key)
+                    if valid is None:
                         raise InternalError(f"the prepared copy {path.name} does not verify after its build")
                 # Adopting a copy: hash the data now, whatever its stat says, so the copy
                 # is never trusted for a version it was not made from.
                 if self.versions.verify(dataset) != version:
                     continue  # the data changed under the build: that copy is stale
-                source = PreparedSource(dataset.id, key, path, max_rows, version)
+                parts, signature = valid
+                source = PreparedSource(dataset.id, key, path, max_rows, version, parts)
                 with self._guard:
                     self._ready[dataset.id] = (source, signature)
                 self._remove_old(dataset, keep=path)
@@ -413,28 +459,31 @@ class PreparedStore:
         message = json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
         return hmac.new(self._secret, message, hashlib.sha256).hexdigest()
 
-    def _valid(self, path: Path, dataset: Dataset, version: str, key: str) -> tuple | None:
-        """The copy's stat signature if its tag verifies and names this version; else None."""
+    def _valid(
+        self, path: Path, dataset: Dataset, version: str, key: str
+    ) -> tuple[tuple[Path, ...], tuple] | None:
+        """The copy's parts and copy_signature if its tag verifies and names this version; else None."""
         try:
             tag = json.loads(self.tag_path(path).read_text())
-            if not isinstance(tag, dict) or not path.is_file():
+            if not isinstance(tag, dict):
                 return None
             claims = self._claims(dataset, version, key)
             if any(tag.get(name) != value for name, value in claims.items()):
                 return None
+            parts = copy_parts(path)
             if not self.authenticate:  # the control switched off: the metadata is believed
-                return stat_signature(os.stat(path))
+                return parts, copy_signature(path, parts)
             fields = {name: value for name, value in tag.items() if name != "mac"}
             if not hmac.compare_digest(str(tag.get("mac", "")), self._mac(fields)):
                 log.warning("prepared copy %s: its tag does not verify; building it again", path.name)
                 return None
-            digest, st = hash_file(path)
+            digest, parts, signature = hash_copy(path)
             if not hmac.compare_digest(digest, str(tag.get("sha256", ""))):
                 log.warning(
                     "prepared copy %s: its bytes are not the ones tagged; building it again", path.name
                 )
                 return None
-            return stat_signature(st)
+            return parts, signature
         except (OSError, ValueError):  # missing, torn or foreign: build it again
             return None
 
@@ -456,32 +505,41 @@ class PreparedStore:
             "max_rows_per_unit": dataset.max_rows_per_unit,
             "memory_limit_bytes": self.memory_limit_bytes,
             "rows_per_bucket": self.rows_per_bucket,
+            "part_rows": self.part_rows,
         }
+        replaced = self.directory / f"{stem}.old.tmp"
         try:
             stats = self._run_build(request)
-            digest, _ = hash_file(temporary)
+            digest, _, _ = hash_copy(temporary)
             fields = {**self._claims(dataset, version, key), "sha256": digest}
             temporary_tag.write_text(json.dumps({**fields, "mac": self._mac(fields)}, sort_keys=True))
             with temporary_tag.open("rb") as f:
                 os.fsync(f.fileno())
+            # A directory that did not verify (planted, torn) is moved aside first: a
+            # rename cannot replace a directory that is not empty.
+            if os.path.lexists(path):
+                os.replace(path, replaced)
             # The copy first: a crash before the tag lands leaves a copy that does not verify.
             os.replace(temporary, path)
             os.replace(temporary_tag, self.tag_path(path))
             fsync_dir(self.directory)
         except BaseException:
-            temporary.unlink(missing_ok=True)
+            shutil.rmtree(temporary, ignore_errors=True)
             temporary_tag.unlink(missing_ok=True)
             shutil.rmtree(scratch, ignore_errors=True)
             raise
+        finally:
+            _remove(replaced)
         self.last_build = stats
         log.info(
-            "prepared %s for DP queries: %d rows of %d, at most %d per unit, %d buckets, %.1f s, "
-            "peak RSS %.2f GiB",
+            "prepared %s for DP queries: %d rows of %d, at most %d per unit, %d buckets, %d parts, "
+            "%.1f s, peak RSS %.2f GiB",
             dataset.id,
             stats["rows"],
             stats["source_rows"],
             dataset.max_rows_per_unit,
             stats["buckets"],
+            stats["parts"],
             stats["seconds"],
             stats["peak_rss_bytes"] / 2**30,
         )
@@ -493,11 +551,21 @@ class PreparedStore:
         )
 
     def _remove_old(self, dataset: Dataset, keep: Path) -> None:
-        """Older versions, and temporary files a stopped build left (after a grace period)."""
-        pattern = re.compile(rf"{re.escape(dataset.id)}-[0-9a-f]{{16}}\.parquet(\.tag)?")
+        """Older versions (layout 4's single files too), and temporary files a stopped build
+        left (after a grace period)."""
+        pattern = re.compile(rf"{re.escape(dataset.id)}-[0-9a-f]{{16}}\.(copy|parquet)(\.tag)?")
         kept = {keep.name, self.tag_path(keep).name}
-        for old in self.directory.glob(f"{dataset.id}-*.parquet*"):
+        for old in self.directory.glob(f"{dataset.id}-*"):
             if old.name not in kept and pattern.fullmatch(old.name):
-                old.unlink(missing_ok=True)
+                _remove(old)
         # A build's buckets are a directory whose files change as it runs.
         remove_stale(self.directory, f".{dataset.id}-*.tmp", _STALE_TEMPORARY_SECONDS)
+
+
+def _remove(path: Path) -> None:
+    """A file, or a directory and what is in it (not a link's target); nothing if absent."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
