@@ -62,9 +62,14 @@ def request(dataset: Dataset, out: Path, rows_per_bucket: int) -> dict:
     }
 
 
-def test_a_unit_never_spans_buckets_and_keeps_its_file_order(crowd: Dataset, tmp_path: Path) -> None:
+def test_a_unit_never_spans_buckets_and_keeps_its_file_order(
+    crowd: Dataset, tmp_path: Path, monkeypatch
+) -> None:
+    # Batches of 30 rows and a flush every 60: each bucket is several files, in order.
+    monkeypatch.setattr(build, "BATCH_ROWS", 30)
+    monkeypatch.setattr(build, "flush_rows", lambda buckets: 60)
     files = build.partition(crowd.path, "uid", ["seq", "x"], 7, tmp_path / "b", seed=11)
-    assert len(files) == 7
+    assert len(files) == 7 and max(len(parts) for parts in files) > 2
     buckets = [pl.read_parquet(parts) for parts in files]
     assert sum(b.height for b in buckets) == pl.read_parquet(crowd.path).height
     owners: dict[str, int] = {}
@@ -142,6 +147,12 @@ def test_the_build_child_runs_under_its_memory_cap(crowd: Dataset, tmp_path: Pat
     uncapped = PreparedStore(tmp_path / "state", memory_limit_bytes=0)
     assert uncapped.source(crowd).path.exists()
     assert uncapped.last_build["peak_rss_bytes"] > cap
+
+
+def test_a_flush_holds_enough_rows_that_each_buckets_file_is_not_tiny() -> None:
+    assert build.flush_rows(1) == build.FLUSH_ROWS  # small data: as before
+    assert build.flush_rows(750) // 750 >= build.FLUSH_ROWS_PER_BUCKET  # 1.5 billion rows
+    assert build.flush_rows(4096) == build.MAX_FLUSH_ROWS  # held rows stay bounded
 
 
 def test_a_build_in_progress_answers_unavailable_at_once(crowd: Dataset, tmp_path: Path, monkeypatch) -> None:

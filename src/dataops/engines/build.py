@@ -15,7 +15,7 @@ Two passes, each in bounded memory whatever the dataset's size:
    row goes to bucket ``hash(unit, seed) % buckets``, a Parquet file on disk; a
    bucket is a function of the unit alone, so **a unit never spans buckets**, and
    batches are appended in file order, so a unit's rows keep their file order in its
-   bucket. At most `FLUSH_ROWS` rows are held before they are written.
+   bucket. At most `flush_rows(buckets)` rows are held before they are written.
 2. *Bound and code, bucket by bucket.* A bucket holds whole units, so the per-unit
    row bound can be enforced on it alone: each unit keeps its first k rows in file
    order (the truncation OpenDP's identifier form applies, `int_range(len).over(unit)
@@ -62,7 +62,9 @@ from dataops.engines.children import child_main
 if TYPE_CHECKING:  # the child imports polars only once its memory is capped
     import polars as pl
 
-FLUSH_ROWS = 2_000_000  # rows the partition pass holds before writing them to their buckets
+FLUSH_ROWS = 2_000_000  # rows the partition pass holds before writing them to their buckets...
+FLUSH_ROWS_PER_BUCKET = 10_000  # ...or more, so each bucket's file of a flush is not tiny...
+MAX_FLUSH_ROWS = 8_000_000  # ...up to this many (about 0.6 GiB held of the demo claims)
 ROWS_PER_BUCKET = 2_000_000  # the bucket size pass 2 holds in memory
 MAX_BUCKETS = 4096  # open files in pass 1; past ~8G rows the buckets grow instead
 BATCH_ROWS = 1_000_000
@@ -74,6 +76,14 @@ UNIT_CODE = "#unit"  # dataops.engines.dp.UNIT_CODE (not imported: the child imp
 
 def bucket_count(rows: int, rows_per_bucket: int = ROWS_PER_BUCKET) -> int:
     return max(1, min(MAX_BUCKETS, -(-rows // max(1, rows_per_bucket))))
+
+
+def flush_rows(buckets: int) -> int:
+    """Rows pass 1 holds before a flush: a flush writes one file per bucket, and a file
+    of a few thousand rows costs about twice as much per row to write (and to read back)
+    as one of 10,000. At 1.5 billion rows (750 buckets) a flush of 2M rows would write
+    562,500 files of 2,700 rows; of 7.5M rows, 150,000 of 10,000."""
+    return min(MAX_FLUSH_ROWS, max(FLUSH_ROWS, buckets * FLUSH_ROWS_PER_BUCKET))
 
 
 def buckets_of(units: pl.Series, seed: int, buckets: int) -> pl.Series:
@@ -135,7 +145,7 @@ def partition(
             pending.setdefault(int(b), []).append(part)
         held += frame.height
         del frame, parts
-        if held >= FLUSH_ROWS:
+        if held >= flush_rows(buckets):
             flush()
             held = 0
     if held or not files:
