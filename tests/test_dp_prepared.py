@@ -356,6 +356,22 @@ def test_a_new_data_version_gets_a_new_copy_and_the_old_one_goes(crowd: Dataset,
     assert second.scan().collect().height <= 10
 
 
+def test_a_copy_of_the_single_file_layout_is_removed_once_its_successor_is_built(
+    crowd: Dataset, tmp_path: Path
+) -> None:
+    prepared_dir = tmp_path / "state" / "prepared"
+    prepared_dir.mkdir(parents=True)
+    old = prepared_dir / "crafted-0123456789abcdef.parquet"  # layout 4: one file and its tag
+    pl.read_parquet(crowd.path).write_parquet(old)
+    PreparedStore.tag_path(old).write_text("{}")
+    other = prepared_dir / "crafted_twin-0123456789abcdef.parquet"  # another dataset's: kept
+    other.write_bytes(b"x")
+    source = PreparedStore(tmp_path / "state").source(crowd)
+    assert copy_files(tmp_path / "state") == sorted(
+        [source.path.name, PreparedStore.tag_path(source.path).name, other.name]
+    )
+
+
 def test_a_copy_that_does_not_say_what_it_is_is_rebuilt(crowd: Dataset, tmp_path: Path) -> None:
     source = PreparedStore(tmp_path / "state").source(crowd)
     pl.DataFrame({"forged": [1]}).write_parquet(source.parts[0])  # a foreign file under the right name
