@@ -3,8 +3,9 @@
 Generates the rows with the demo generator in chunks (about 22 GB of Parquet, under a
 temporary directory, deleted afterwards), builds the serving copy, and answers a DP
 question over it and the exact question in raw polars streaming, each within 4 GiB of
-RSS. Hours on two cores and about 50 GB of disk: not part of the default run (the
-timings and ratios are benchmarks/bench_serving.py --billion).
+RSS (the exact one with polars' buffered reader; see bench_serving's "raw, async").
+Hours on two cores and about 50 GB of disk: not part of the default run (the timings
+and ratios are benchmarks/bench_serving.py --billion).
 
 Generating the rows is about an hour of it. DATAOPS_SERVING_DATA=<dir> reads (or
 writes) them in <dir>/serving-1500000000 instead and keeps them, so a second run
@@ -40,5 +41,9 @@ def test_a_billion_and_a_half_rows_build_and_answer_within_4_gib(tmp_path: Path,
             shutil.rmtree(tmp_path, ignore_errors=True)
     assert result["rows"] == 1_500_000_000
     assert result["build_peak_rss_gib"] <= 4.0
-    assert result["dp_peak_rss_gib"] <= 4.0
-    assert result["raw_peak_rss_gib"] <= 4.0
+    assert result["dp_peak_rss_gib"] <= 4.0  # over the copy's parts: allocated and mapped
+    # The exact question over the operator's one 24 GB file: with polars' default reader
+    # the file's pages stay mapped until the scan ends (page cache, ~5 MiB per million
+    # rows), so its allocated memory is what is bounded; the buffered reader is bounded whole.
+    assert result["raw_peak_anon_gib"] <= 4.0
+    assert result["raw_async_peak_rss_gib"] <= 4.0
