@@ -58,10 +58,11 @@ times a row aggregate (0.7-2 s at 10M rows on two cores), one range of unit code
 time so its memory stays bounded (dataops.engines.dp); the row aggregates cost about as
 much as the same polars group-by.
 
-Why a copy can be trusted. A copy is the directory `state/prepared/<dataset_id>-<key[:16]>.copy`
-of Parquet parts (`part-00000.parquet` on, dataops.engines.build says why parts), where the key (`copy_key`) covers the dataset's data version (the SHA-256 of its
-Parquet, `dataops.versions.DataVersions`) and the catalog terms the copy depends on
-(unit, cap, the columns and their bounds). Beside it, `<name>.tag` records the key,
+Why a copy can be trusted. A copy is the directory
+`state/prepared/<dataset_id>-<key[:16]>.copy` of Parquet parts (`part-00000.parquet`
+on; dataops.engines.build says why parts), where the key (`copy_key`) covers the
+dataset's data version (the SHA-256 of its Parquet, `dataops.versions.DataVersions`)
+and the catalog terms the copy depends on (unit, cap, the columns and their bounds). Beside it, `<name>.tag` records the key,
 dataset, data version, cap and layout, and the SHA-256 of the copy's bytes, under an
 HMAC-SHA256 with a server secret (`state/prepared.key`, 32 random bytes, mode 0600;
 refused if anyone else may read it); the copy's hash is over its parts' names and
@@ -70,9 +71,9 @@ copy that does not verify, and a directory holding anything but parts is none. A
 is used only if its tag verifies and the copy's bytes hash to what the tag says: a
 planted copy (say, untruncated, with the right names and metadata) is rebuilt, never
 read. The check runs when a copy is first used in a process and again whenever the
-stat signature (inode, size, mtime, ctime) of the directory or of any part changes; the data itself is hashed afresh (`DataVersions.verify`) each time a
-copy is adopted, so a copy is never trusted for a version it was not made from.
-`prepared/` itself is kept private to the server's user (mode 0700), so no other user
+stat signature (inode, size, mtime, ctime) of the directory or of any part changes;
+the data itself is hashed afresh (`DataVersions.verify`) each time a copy is adopted,
+so a copy is never trusted for a version it was not made from. `prepared/` itself is kept private to the server's user (mode 0700), so no other user
 can plant a file there while it runs; the tag catches copies that arrive by other ways
 (a restored backup, a copy from another host, an edit while the server was stopped).
 Between the check and polars reading the file, a writer who can write `prepared/`
