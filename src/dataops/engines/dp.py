@@ -241,9 +241,9 @@ class PreparedSource:
     dataset_id: str
     fingerprint: str  # the copy's key: the data version and the catalog terms it was made under
     path: Path  # the copy's directory
+    parts: tuple[Path, ...]  # its Parquet files in code order (dataops.engines.build), as verified
     max_rows_per_unit: int
     data_version: str = ""  # the content hash of the dataset file it was made from (DataVersions)
-    parts: tuple[Path, ...] = ()  # its Parquet files in code order (dataops.engines.build), as verified
 
     def scan(self) -> pl.LazyFrame:
         """The copy's rows: its parts, the ones the store verified (not a fresh listing)."""

@@ -106,7 +106,7 @@ from pathlib import Path
 
 from dataops._fs import STALE_SECONDS, fsync_dir, remove_stale
 from dataops.catalog import Dataset
-from dataops.engines.build import PART_ROWS, ROWS_PER_BUCKET
+from dataops.engines.build import PART_PATTERN, PART_ROWS, ROWS_PER_BUCKET
 from dataops.engines.children import DEFAULT_MEMORY_LIMIT_BYTES, BuildFailed, Children
 from dataops.engines.dp import (
     PREPARED_LAYOUT,
@@ -132,16 +132,13 @@ _FIRST_RETRY_SECONDS = 60.0  # after a failed build; doubled on each failure of 
 _MAX_RETRY_SECONDS = 3600.0
 
 
-_PART = re.compile(r"part-[0-9]{5}\.parquet")  # dataops.engines.build.PART_NAME
-
-
 def copy_parts(path: Path) -> tuple[Path, ...]:
     """A copy's parts in name order (which is code order); ValueError if the directory
     holds anything else, or is no directory: that is no copy we wrote."""
     if os.path.islink(path) or not path.is_dir():
         raise ValueError(f"{path.name} is not a copy's directory")
     names = sorted(os.listdir(path))
-    if not names or any(not _PART.fullmatch(name) for name in names):
+    if not names or any(not re.fullmatch(PART_PATTERN, name) for name in names):
         raise ValueError(f"{path.name} holds files that are no copy's parts")
     return tuple(path / name for name in names)
 
@@ -425,7 +422,7 @@ class PreparedStore:
                 if self.versions.verify(dataset) != version:
                     continue  # the data changed under the build: that copy is stale
                 parts, signature = valid
-                source = PreparedSource(dataset.id, key, path, max_rows, version, parts)
+                source = PreparedSource(dataset.id, key, path, parts, max_rows, version)
                 with self._guard:
                     self._ready[dataset.id] = (source, signature)
                 self._remove_old(dataset, keep=path)
