@@ -132,6 +132,36 @@ def test_a_symlink_inside_the_sandbox_is_fine(private) -> None:
     assert load_catalog(private.paths.catalog, private.paths.sandbox).get(CREDIT) is not None
 
 
+def test_the_kernels_resolution_is_realpaths(tmp_path: Path, monkeypatch) -> None:
+    """`real_path` (O_PATH and /proc/self/fd) names what os.path.realpath names, for every
+    kind of path the location check meets: links to a file and to a directory on the way,
+    a relative link, a relative path, and paths it cannot open (missing, a link loop)."""
+    root = tmp_path / "root"
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "a" / "b" / "file.parquet").write_bytes(b"x")
+    (root / "dir-link").symlink_to(root / "a")
+    (root / "a" / "rel-link").symlink_to("b/file.parquet")
+    (root / "loop").symlink_to(root / "loop")
+    monkeypatch.chdir(root)
+    paths = [
+        root / "a" / "b" / "file.parquet",
+        root / "dir-link" / "b" / "file.parquet",
+        root / "a" / "rel-link",
+        Path("a/b/../b/file.parquet"),
+        root / "missing" / "file.parquet",
+        root / "loop",
+        root,
+    ]
+    for path in paths:
+        assert catalog_module.real_path(path) == os.path.realpath(path), path
+    # The check built on it: a link out of the root is outside, one within it inside.
+    outside = tmp_path / "elsewhere.parquet"
+    outside.write_bytes(b"y")
+    (root / "out-link").symlink_to(outside)
+    assert not catalog_module.resolves_inside(root / "out-link", root)
+    assert catalog_module.resolves_inside(root / "dir-link" / "b" / "file.parquet", root)
+
+
 def test_a_symlink_swapped_in_while_serving_is_refused(private, started, tmp_path) -> None:
     server, client = started(private)
     counts(client())

@@ -108,13 +108,37 @@ class Catalog:
         return [d for d in self.datasets.values() if d.zone == zone]
 
 
+def real_path(path: Path | str) -> str:
+    """`os.path.realpath`, resolved by the kernel where it can be.
+
+    realpath walks the path in Python, one lstat per component, and every data request
+    checks its dataset's location this way (a tenth of a loaded server's Python time went
+    to it). On Linux, opening the path with O_PATH resolves every link as an open would,
+    and /proc/self/fd names what was opened: two system calls. A path that cannot be
+    opened so (missing, no /proc) is resolved by realpath, whose answer it then is.
+    """
+    try:
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)  # type: ignore[attr-defined]  # Linux only
+    except (AttributeError, OSError):
+        return os.path.realpath(path)
+    try:
+        resolved = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return os.path.realpath(path)
+    finally:
+        os.close(fd)
+    # Only an absolute name is a path; anything else (a pseudo-file's "anon_inode:...")
+    # is left to realpath.
+    return resolved if resolved.startswith("/") else os.path.realpath(path)
+
+
 def resolves_inside(path: Path, root: Path) -> bool:
     """Whether `path`, every symlink on the way resolved, lies inside `root` (itself resolved).
 
     Checked at catalog load and again before every read (dataops.versions): a link
     swapped in later is refused too.
     """
-    return Path(os.path.realpath(path)).is_relative_to(Path(os.path.realpath(root)))
+    return Path(real_path(path)).is_relative_to(real_path(root))
 
 
 def read_budget(table: Table) -> PrivacyLoss:

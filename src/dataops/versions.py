@@ -69,11 +69,11 @@ def stat_signature(st: os.stat_result) -> tuple[int, ...]:
 
 def inside_sandbox(dataset: Dataset) -> Path:
     """The dataset file's real path, or CatalogError if it resolves outside the sandbox."""
-    real = Path(os.path.realpath(dataset.path))
-    if dataset.sandbox is not None and not catalog.resolves_inside(dataset.path, dataset.sandbox):
+    real = Path(catalog.real_path(dataset.path))
+    if dataset.sandbox is not None and not catalog.resolves_inside(real, dataset.sandbox):
         raise CatalogError(
             f"{dataset.source}: location: {dataset.location!r} resolves to {real}, outside the "
-            f"sandbox {os.path.realpath(dataset.sandbox)}; a symlink out of sandbox/ is refused"
+            f"sandbox {catalog.real_path(dataset.sandbox)}; a symlink out of sandbox/ is refused"
         )
     return real
 
