@@ -27,12 +27,13 @@ from dataops.engines.dp import (
     DPQuery,
     PreparedSource,
     code_column,
+    fixed_column,
     prepared_codes,
     prepared_column_names,
 )
 from dataops.engines.prepared import PreparedStore
 from dataops.errors import BudgetExhausted, ConfigError, InternalError
-from dataops.ir import MAX_EPSILON, Aggregate, Equals, Function, Mode, Privacy, Query
+from dataops.ir import MAX_EPSILON, Aggregate, Equals, Function, MeasureTerms, Mode, Privacy, Query
 from dataops.ledger import Ledger
 from dataops.policy import PolicyStore
 from dataops.service import Sandbox
@@ -212,9 +213,10 @@ def test_the_copy_keeps_each_units_first_k_rows_and_only_usable_columns(
     assert source.path == tmp_path / "state" / "prepared" / f"crafted-{source.fingerprint[:16]}.copy"
     assert [p.name for p in source.parts] == ["part-00000.parquet"]
     copy = source.scan().collect()
-    # No unit id, no other identifier, no unclassified column, no column the catalog lacks,
-    # and each column once (the fixed point of x is made in the plan).
-    assert set(copy.columns) == {UNIT_CODE, "seq", "x"}
+    # No unit id, no other identifier, no unclassified column, no column the catalog lacks;
+    # each column once, and the bounded measure x also in its fixed point (micro-units).
+    assert set(copy.columns) == {UNIT_CODE, "seq", "x", fixed_column("x")}
+    assert copy[fixed_column("x")].to_list() == [round(v * 1e6) for v in copy["x"]]
     raw = pl.read_parquet(crowd.path)
     expected = raw.filter(pl.int_range(pl.len()).over("uid") < 3)
     assert sorted(copy["seq"]) == sorted(expected["seq"])
@@ -228,6 +230,65 @@ def test_the_copy_keeps_each_units_first_k_rows_and_only_usable_columns(
         .agg(pl.col(UNIT_CODE).n_unique().alias("codes"))
     )
     assert (by_unit["codes"] == 1).all()
+
+
+def test_the_copys_fixed_point_is_the_plans_conversion_at_every_bound(tmp_path: Path) -> None:
+    """A DP plan over a copy reads each measure's `#fixed:` column (clipped again to a
+    query's tighter bounds) instead of converting the raw value: the values OpenDP sees
+    must be exactly the conversion of the raw ones, for values that are missing, NaN,
+    infinite, outside the bounds, on them, and halfway between two fixed-point units."""
+    xs = [
+        None,
+        math.nan,
+        math.inf,
+        -math.inf,
+        -1e9,
+        1e9,
+        -50.0,
+        1000.0,
+        0.0,
+        5e-7,
+        -5e-7,
+        2.5e-6,
+        1.5e-6,
+        999.9999995,
+        12.3456785,
+        10.5,
+        20.25,
+        20.2500005,
+        0.1 + 0.2,
+        333.3333333335,
+    ]
+    xs += [(i * 7919 % 10007) / 9.7 - 40.0 for i in range(400)]
+    ns = [None, -5, 0, 1, 50, 99, 100, 101, 10**6] + [i % 120 for i in range(411)]
+    frame = pl.DataFrame({"uid": [f"u{i}" for i in range(len(xs))], "x": xs, "n": ns[: len(xs)]})
+    dataset = crafted(
+        tmp_path, frame,
+        {"x": value("x", -50.0, 1000.0), "n": Column("n", ColumnType.INT, Classification.SENSITIVE, bounds=(0, 100))},
+        max_rows=1,
+    )  # fmt: skip
+    copy = PreparedStore(tmp_path / "state").source(dataset).scan().collect()
+    assert copy.height == len(xs)
+    terms = [
+        (),  # the catalog's bounds: the fixed column as it is
+        (MeasureTerms("x", lower=1.5e-6, upper=999.9999985), MeasureTerms("n", lower=1, upper=99)),
+        (MeasureTerms("x", lower=10.5, upper=20.25), MeasureTerms("n", lower=50, upper=50)),
+        (MeasureTerms("x", lower=-50.0, upper=12.3456785),),
+    ]
+    for measures in terms:
+        plan = plan_for(dataset, [Aggregate(Function.SUM, "x"), Aggregate(Function.SUM, "n")], epsilon=1.0,
+                        measures=measures)  # fmt: skip
+        compiled = DPQuery.compile(plan, source=None)._compiled
+        for m in compiled.measures.values():
+            expected = copy.select(m.prepare()).to_series()
+            got = copy.select(m.prepare_copy()).to_series()
+            assert got.dtype == expected.dtype == pl.Int64
+            assert got.to_list() == expected.to_list(), (m.column, measures)
+    # The same sum released from the copy and in the identifier form, noise aside.
+    exact = run(dataset, [Aggregate(Function.SUM, "x")], epsilon=1e6)["sum_x"][0]
+    prepared_sum = run(dataset, [Aggregate(Function.SUM, "x")], epsilon=1e6,
+                       source=PreparedStore(tmp_path / "state").source(dataset))["sum_x"][0]  # fmt: skip
+    assert abs(exact - prepared_sum) < 1.0
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ import pytest
 from dataops.catalog import Classification, Column, ColumnType, Dataset
 from dataops.client import DataopsClientError, count
 from dataops.engines import build
-from dataops.engines.dp import UNIT_CODE, prepared_column_names
+from dataops.engines.dp import UNIT_CODE, fixed_column, prepared_column_names
 from dataops.engines.prepared import PreparedStore
 from dataops.errors import CopyUnavailable
 from test_dp_engine import crafted, value
@@ -90,7 +90,12 @@ def test_the_row_bound_is_enforced_bucket_by_bucket(crowd: Dataset, tmp_path: Pa
     copy = source.scan().collect()
     expected = first_k(crowd)
     # Exactly the rows the in-plan truncation keeps, and no column but the usable ones.
-    assert sorted(copy["seq"]) == sorted(expected["seq"]) and set(copy.columns) == {UNIT_CODE, "seq", "x"}
+    assert sorted(copy["seq"]) == sorted(expected["seq"]) and set(copy.columns) == {
+        UNIT_CODE,
+        "seq",
+        "x",
+        fixed_column("x"),
+    }
     assert copy.group_by(UNIT_CODE).len()["len"].max() == K
     # Dense codes over the whole copy, one per unit.
     codes = (

@@ -174,6 +174,18 @@ def key_positions(key_sets: dict[str, list[str]]) -> list:
     ]
 
 
+def fixed_points(fixed: dict[str, list[float]]) -> list:
+    """Each measure in the catalog's fixed point (`dataops.engines.dp.prepared_fixed`)."""
+    import polars as pl
+
+    from dataops.engines.dp import fixed_column, fixed_point
+
+    return [
+        fixed_point(pl.col(name), lo, hi, factor).alias(fixed_column(name))
+        for name, (lo, hi, factor) in fixed.items()
+    ]
+
+
 def bound_and_code(
     buckets: list[list[Path]],
     unit: str,
@@ -183,15 +195,17 @@ def bound_and_code(
     seed: int,
     key_sets: dict[str, list[str]] | None = None,
     part_rows: int = PART_ROWS,
+    fixed: dict[str, list[float]] | None = None,
 ) -> dict:
-    """Pass 2: per bucket, each unit's first k rows, dense unit codes, key positions; the
-    copy's parts in the directory `output` (made here), each closed past `part_rows` rows."""
+    """Pass 2: per bucket, each unit's first k rows, dense unit codes, key positions and
+    fixed-point measures; the copy's parts in the directory `output` (made here), each
+    closed past `part_rows` rows."""
     import numpy as np
     import polars as pl
     import pyarrow.parquet as pq
 
     rng = np.random.default_rng(seed)
-    positions = key_positions(key_sets or {})
+    positions = key_positions(key_sets or {}) + fixed_points(fixed or {})
     output.mkdir(mode=0o700, exist_ok=True)
     writer = None
     rows = units = part_rows_written = 0
@@ -265,7 +279,7 @@ def build(request: dict) -> dict:
         partitioned = time.monotonic()
         stats = bound_and_code(
             files, unit, columns, k, output, secrets.randbits(63), key_sets=request.get("codes"),
-            part_rows=int(request.get("part_rows", PART_ROWS)),
+            part_rows=int(request.get("part_rows", PART_ROWS)), fixed=request.get("fixed"),
         )  # fmt: skip
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -62,8 +62,10 @@ for why the OpenDP guarantee on the copy is a unit-level guarantee for the data)
   (`_unique_by_code_range`; the same rows, so the same analysis). Grouped by three
   columns: 1.6 GiB peak at 10M rows and 1.8 GiB at 30M, where one unique held 3.0
   and 8.3 GiB (benchmarks/bench_count_units.py).
-* the copy holds each usable column once, in its own type (`prepared_column_names`);
-  a measure is put in fixed point in the plan (`_Measure.prepare`), and filters run after
+* the copy holds each usable column once, in its own type (`prepared_column_names`),
+  and each bounded measure also in the catalog's fixed point (`prepared_fixed`: a plan
+  reads that Int64, clipped again to a query's tighter bounds, `_Measure.prepare_copy`,
+  instead of converting the raw value per query); filters read the raw columns and run after
   the truncation rather than before it: equally sound (a filter is row-by-row), only
   a unit above the cap may keep fewer matching rows.
 * a string column with a public key set is also held as its key's position in that set
@@ -197,7 +199,9 @@ _QUANTILE_STEPS = 1000  # candidates: this many linear steps, plus as many geome
 _ONE_UNIT = [dp.polars.Bound(per_group=1)]  # d_in: one privacy unit added or removed
 _HIDDEN_LEN = "#len"  # '#' cannot start a catalog column name: prepared columns never clash
 UNIT_CODE = "#unit"  # a prepared copy's unit column: a dense code, not derived from the unit id
-PREPARED_LAYOUT = 5  # of a prepared copy (prepared_column_names, prepared_codes); bump on change
+PREPARED_LAYOUT = (
+    6  # of a prepared copy (prepared_column_names, prepared_codes, prepared_fixed); bump on change
+)
 
 _DTYPES = {
     ColumnType.STRING: pl.String,
@@ -269,6 +273,38 @@ def code_column(name: str) -> str:
     return "#code:" + name
 
 
+def fixed_column(name: str) -> str:
+    """The prepared copy's column of a measure in the catalog's fixed point ('#' names never clash)."""
+    return "#fixed:" + name
+
+
+def fixed_point(value: pl.Expr, lo: float, hi: float, factor: float) -> pl.Expr:
+    """A measure as OpenDP sees it: clipped to [lo, hi], in units of 1/factor, an Int64.
+
+    Missing and NaN values stay missing. The one place this arithmetic is written: the
+    copy's `fixed_column` (at the catalog's bounds) and a query's own bounds both go through it.
+    """
+    clipped = value.cast(pl.Float64).fill_nan(None).clip(lo, hi)
+    return (clipped * factor).round().cast(pl.Int64)
+
+
+def prepared_fixed(dataset: Dataset) -> dict[str, list[float]]:
+    """The measures a prepared copy also holds in the catalog's fixed point: name ->
+    [lower bound, upper bound, factor], every kept numeric column with catalog bounds.
+
+    A DP release over the copy then reads that Int64 column instead of casting, clipping,
+    scaling and rounding the raw one in every plan (a third of the CPU of a count and sum
+    over the copy). A query's tighter bounds clip the fixed value (`_Measure.prepare_copy`).
+    """
+    kept = set(prepared_column_names(dataset))
+    fixed = {}
+    for c in dataset.columns.values():
+        if c.name in kept and c.type.numeric and c.bounds is not None:
+            point = _fixed_point(c)
+            fixed[c.name] = [float(c.bounds[0]), float(c.bounds[1]), point.factor]
+    return fixed
+
+
 def prepared_codes(dataset: Dataset) -> dict[str, list[str]]:
     """The string columns a prepared copy also holds as key positions, with their public keys.
 
@@ -293,6 +329,7 @@ class _Measure:
     bounds: tuple[float, float]
     decimals: int
     integer: bool  # an INT column kept at whole units: results stay integers
+    catalog_bounds: tuple[float, float] | None = None  # the copy's fixed column is clipped to these
 
     @property
     def name(self) -> str:
@@ -308,8 +345,25 @@ class _Measure:
 
     def prepare(self) -> pl.Expr:
         lo, hi = self.bounds
-        value = pl.col(self.column).cast(pl.Float64).fill_nan(None).clip(lo, hi)
-        return (value * self.factor).round().cast(pl.Int64).alias(self.name)
+        return fixed_point(pl.col(self.column), lo, hi, self.factor).alias(self.name)
+
+    def prepare_copy(self) -> pl.Expr:
+        """`prepare` over a prepared copy, from its fixed column (`prepared_fixed`).
+
+        The same values: the copy holds round(clip(x, L, H) * f) at the catalog's bounds
+        [L, H]; the query's [lo, hi] lie inside them, and clipping, scaling by f > 0 and
+        rounding are all monotone, so round(clip(x, lo, hi) * f) is that value clipped to
+        round(lo * f) and round(hi * f), each computed by the same arithmetic
+        (tests/test_dp_prepared.py holds the two equal).
+        """
+        value = pl.col(fixed_column(self.column))
+        if self.bounds != self.catalog_bounds:
+            lo, hi = (
+                fixed_point(pl.lit(b, dtype=pl.Float64), -math.inf, math.inf, self.factor)
+                for b in self.bounds
+            )
+            value = value.clip(lo, hi)
+        return value.alias(self.name)
 
     def candidates(self) -> list[int]:
         """Quantile candidates: a linear grid, refined geometrically for skewed non-negative data."""
@@ -349,7 +403,7 @@ class _Dimension:
         """Its public key set as the plans hold it: the positions when coded."""
         return tuple(range(len(self.key_set))) if self.coded else self.key_set
 
-    def label(self, frame: pl.DataFrame) -> pl.DataFrame:
+    def label(self, frame: pl.LazyFrame) -> pl.LazyFrame:
         """A released frame with this column's positions back as their keys (public)."""
         if not self.coded:
             return frame
@@ -806,7 +860,7 @@ class Compiled:
         if where is not None:
             frame = frame.filter(where)
         dims = [d.prepare() for d in self.dims]
-        measures = [m.prepare() for m in self.measures.values()]  # the catalog's fixed point
+        measures = [m.prepare_copy() for m in self.measures.values()]  # the copy's fixed point
         if stage.unit_column == UNIT_CODE:
             # The copy, truncated again by OpenDP inside the plan (a tighter row bound).
             return frame.select(pl.col(UNIT_CODE), *dims, *measures)
@@ -1024,7 +1078,7 @@ def _measure(dataset: Dataset, aggregate: Aggregate, privacy: Privacy, clip_uppe
         )
     # Same decimals as the catalog's, whatever the query's bounds; OpenDP clips the values
     # to these tighter bounds.
-    return _Measure(name, (lo, hi), catalog.decimals, catalog.integer)
+    return _Measure(name, (lo, hi), catalog.decimals, catalog.integer, tuple(column.bounds))
 
 
 def _row_bound(privacy: Privacy, dataset: Dataset) -> int:

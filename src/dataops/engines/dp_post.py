@@ -35,19 +35,24 @@ def mean_parts(name: str) -> tuple[str, str]:
 
 
 def finish(c: Compiled, frames: list[pl.DataFrame]) -> pa.Table:
-    """Join the plans' outputs, convert fixed point back, sort by the group columns."""
+    """Join the plans' outputs, convert fixed point back, sort by the group columns.
+
+    One lazy plan over the released frames, collected once: each eager step on a small
+    frame is a plan of its own (a fifth of a millisecond each, seven of them per release).
+    """
     dims = [d.column for d in c.dims]
+    released = [frame.lazy() for frame in frames]
     # Key positions back to their keys first (public, and the order below is the keys').
     for d in c.dims:
-        frames = [d.label(frame) for frame in frames]
+        released = [d.label(frame) for frame in released]
     if dims:
-        table = frames[0]
-        for frame in frames[1:]:
+        lazy = released[0]
+        for frame in released[1:]:
             # With private keys each plan passed its own threshold: keep groups both released.
-            table = table.join(frame, on=dims, how="inner", nulls_equal=True)
-        table = table.sort([d.sort_key() for d in c.dims], nulls_last=True)
+            lazy = lazy.join(frame, on=dims, how="inner", nulls_equal=True)
+        lazy = lazy.sort([d.sort_key() for d in c.dims], nulls_last=True)
     else:
-        table = pl.concat(frames, how="horizontal")
+        lazy = pl.concat(released, how="horizontal")
     outputs = []
     for a in c.query.aggregates:
         value = pl.col(a.name)
@@ -62,7 +67,7 @@ def finish(c: Compiled, frames: list[pl.DataFrame]) -> pa.Table:
             elif not m.integer:
                 value = value.cast(pl.Float64) / m.factor
         outputs.append(value.alias(a.name))
-    table = table.select(*dims, *outputs)
+    table = lazy.select(*dims, *outputs).collect()
     if c.query.privacy is not None and c.query.privacy.consistent and dims:
         additive = [
             a.name

@@ -113,6 +113,7 @@ from dataops.engines.dp import (
     PreparedSource,
     prepared_codes,
     prepared_column_names,
+    prepared_fixed,
     require_max_rows,
 )
 from dataops.errors import ConfigError, CopyFailed, CopyUnavailable, InternalError
@@ -183,6 +184,8 @@ def copy_key(dataset: Dataset, data_version: str) -> str:
         "columns": columns,
         # The key positions are the keys' order: new or reordered keys, a new copy.
         "codes": prepared_codes(dataset),
+        # Each measure's fixed point: its bounds and factor (a new catalog bound, a new copy).
+        "fixed": prepared_fixed(dataset),
     }
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
 
@@ -500,6 +503,7 @@ class PreparedStore:
             "unit": dataset.unit_column,
             "columns": prepared_column_names(dataset),
             "codes": prepared_codes(dataset),
+            "fixed": prepared_fixed(dataset),
             "max_rows_per_unit": dataset.max_rows_per_unit,
             "memory_limit_bytes": self.memory_limit_bytes,
             "rows_per_bucket": self.rows_per_bucket,
