@@ -118,7 +118,7 @@ def real_path(path: Path | str) -> str:
     opened so (missing, no /proc) is resolved by realpath, whose answer it then is.
     """
     try:
-        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)  # type: ignore[attr-defined]  # Linux only
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)  # Linux only: AttributeError elsewhere
     except (AttributeError, OSError):
         return os.path.realpath(path)
     try:

@@ -1078,7 +1078,7 @@ def _measure(dataset: Dataset, aggregate: Aggregate, privacy: Privacy, clip_uppe
         )
     # Same decimals as the catalog's, whatever the query's bounds; OpenDP clips the values
     # to these tighter bounds.
-    return _Measure(name, (lo, hi), catalog.decimals, catalog.integer, tuple(column.bounds))
+    return _Measure(name, (lo, hi), catalog.decimals, catalog.integer, (column.bounds[0], column.bounds[1]))
 
 
 def _row_bound(privacy: Privacy, dataset: Dataset) -> int:
