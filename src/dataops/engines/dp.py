@@ -199,9 +199,8 @@ _QUANTILE_STEPS = 1000  # candidates: this many linear steps, plus as many geome
 _ONE_UNIT = [dp.polars.Bound(per_group=1)]  # d_in: one privacy unit added or removed
 _HIDDEN_LEN = "#len"  # '#' cannot start a catalog column name: prepared columns never clash
 UNIT_CODE = "#unit"  # a prepared copy's unit column: a dense code, not derived from the unit id
-PREPARED_LAYOUT = (
-    6  # of a prepared copy (prepared_column_names, prepared_codes, prepared_fixed); bump on change
-)
+# Of a prepared copy (prepared_column_names, prepared_codes, prepared_fixed); bump on change.
+PREPARED_LAYOUT = 6
 
 _DTYPES = {
     ColumnType.STRING: pl.String,
