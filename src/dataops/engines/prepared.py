@@ -171,6 +171,8 @@ def hash_copy(path: Path) -> tuple[str, tuple[Path, ...], tuple]:
 
 def copy_key(dataset: Dataset, data_version: str) -> str:
     """What a copy is made from: the data version and the catalog terms the copy depends on."""
+    # Each column's type and bounds also fix its `#fixed:` column (prepared_fixed): a new
+    # bound is a new copy.
     columns = [
         [c.name, c.type.value, c.classification.value, list(c.bounds) if c.bounds else None]
         for c in dataset.columns.values()
@@ -184,8 +186,6 @@ def copy_key(dataset: Dataset, data_version: str) -> str:
         "columns": columns,
         # The key positions are the keys' order: new or reordered keys, a new copy.
         "codes": prepared_codes(dataset),
-        # Each measure's fixed point: its bounds and factor (a new catalog bound, a new copy).
-        "fixed": prepared_fixed(dataset),
     }
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
 
