@@ -19,6 +19,7 @@ import pwd
 import shutil
 import subprocess
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -140,3 +141,34 @@ class PostgresCluster:
             except (RuntimeError, subprocess.TimeoutExpired):
                 pass
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def race_replicas(target, args: list[tuple]) -> list:
+    """One spawned process per argument tuple (nothing shared but the database), all
+    released at once by a barrier: `target(*args, barrier, results)` waits on the
+    barrier, then puts one result on the queue. Returns the results, in arrival order."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(len(args)), ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*a, barrier, results)) for a in args]
+    for p in procs:
+        p.start()
+    got = [results.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    return got
+
+
+def pause_after(module, name: str, seconds: float) -> None:
+    """Make `module.name` (a read of what was spent or used) sleep after it returns:
+    widens a replica's window between its check and its write, so a race is certain."""
+    read = getattr(module, name)
+
+    def slow(*args):
+        value = read(*args)
+        time.sleep(seconds)
+        return value
+
+    setattr(module, name, slow)

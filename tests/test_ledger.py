@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import multiprocessing
 import os
 import signal
 import sqlite3
@@ -17,6 +16,7 @@ import pytest
 
 from dataops.ledger import BudgetExhaustedError, Ledger, Reservation
 from dataops.values import PrivacyLoss
+from pg_support import race_replicas
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 KEY = "ab" * 32
@@ -104,17 +104,7 @@ def _reserve_in_another_process(where: str, barrier, results) -> None:
 def test_racing_processes_on_one_ledger_cannot_overspend(ledger_at):
     path = ledger_at
     Ledger(path).close()
-    ctx = multiprocessing.get_context("spawn")
-    barrier, results = ctx.Barrier(8), ctx.Queue()
-    procs = [
-        ctx.Process(target=_reserve_in_another_process, args=(str(path), barrier, results)) for _ in range(8)
-    ]
-    for p in procs:
-        p.start()
-    wins = [results.get(timeout=60) for _ in procs]
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    wins = race_replicas(_reserve_in_another_process, [(str(path),)] * 8)
     assert sum(wins) == 5
     with Ledger(path) as ledger:
         assert ledger.spent("bank", "credit") == PrivacyLoss(5.0, 5e-7)

@@ -23,6 +23,7 @@ from dataops.audit.merge import merge_logs
 from dataops.audit.signing import load_public_key
 from dataops.ledger import BudgetExhaustedError, Ledger, State
 from dataops.values import PrivacyLoss
+from pg_support import pause_after, race_replicas
 
 GRANT = PrivacyLoss(5.0, 1e-6)
 
@@ -31,14 +32,7 @@ def _replica(
     url: str, consumer: str, attempts: int, totals, pause: float, lock: bool, barrier, results
 ) -> None:
     if pause:
-        sums = ledger_module._sums
-
-        def slow_sums(*args):
-            spent = sums(*args)
-            time.sleep(pause)  # between the read of the spend and the debit
-            return spent
-
-        ledger_module._sums = slow_sums
+        pause_after(ledger_module, "_sums", pause)  # between the read of the spend and the debit
     ledger = Ledger(url, recover=False, lock_budgets=lock)
     barrier.wait()
     won = 0
@@ -57,19 +51,7 @@ def race(
 ) -> int:
     """One replica process per consumer; the reservations they won, in all."""
     Ledger(url).close()  # the schema exists before the race
-    ctx = multiprocessing.get_context("spawn")
-    barrier, results = ctx.Barrier(len(consumers)), ctx.Queue()
-    procs = [
-        ctx.Process(target=_replica, args=(url, c, attempts, totals, pause, lock, barrier, results))
-        for c in consumers
-    ]
-    for p in procs:
-        p.start()
-    wins = [results.get(timeout=120) for _ in procs]
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
-    return sum(wins)
+    return sum(race_replicas(_replica, [(url, c, attempts, totals, pause, lock) for c in consumers]))
 
 
 def spent_rows(url: str) -> int:

@@ -29,13 +29,16 @@ consent.product, consent.purpose), revocation (consent.revoked) and the use coun
 (consent.uses). None of these looks at the data, so a refusal is the same whether or
 not the subject has rows.
 
-Uses and revocations live in `state/consents/consents.sqlite3` (WAL): a use is
-counted in the same write transaction that checks the limit and the revocation, so
-concurrent requests (threads or processes) cannot overuse a consent and a "once"
-consent cannot be replayed. In-process callers also take a lock first, so threads
-queue on it instead of in SQLite's sleeping busy handler.
+Uses and revocations live in `state/consents/consents.sqlite3` (WAL), or, when
+`[ledger] url` names a PostgreSQL database, in that database beside the ledger, where
+every server replica counts (`consent_location`). A use is counted in the same write
+transaction that checks the limit and the revocation, so concurrent requests
+(threads, processes or replicas) cannot overuse a consent and a "once" consent cannot
+be replayed: on SQLite the transaction holds the file's only write lock, on
+PostgreSQL it locks the count's row before reading it. In-process callers also take a
+lock first, so threads queue on it instead of in the database's lock waits.
 
-Durability without a second fsync per evaluation: the store runs synchronous=NORMAL
+Durability without a second fsync per evaluation: the SQLite store runs synchronous=NORMAL
 (a commit survives a killed process, not a power cut; a FULL commit costs ~6 ms on
 the disks we measured, NORMAL ~0.1 ms). Every released evaluation's audit record,
 fsynced before the answer leaves, names its consent and counting period, and at
@@ -52,7 +55,6 @@ import datetime as dt
 import hashlib
 import json
 import re
-import sqlite3
 import threading
 import uuid
 from collections.abc import Mapping
@@ -66,6 +68,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from dataops._toml import read_toml
 from dataops.config import StatePaths
 from dataops.errors import LoadError, PolicyDenied
+from dataops.ledger_store import is_postgres, open_store
 
 VERSION = 1
 # The terms a consent states, in the order the issuer's record of issued consents keeps
@@ -351,52 +354,47 @@ def _check_parties(
 
 
 class ConsentStore:
-    """Use counts and revocations, durable and atomic; see the module docstring."""
+    """Use counts and revocations, durable and atomic; see the module docstring.
 
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._local = threading.local()
-        self._all: list[sqlite3.Connection] = []
-        self._all_lock = threading.Lock()
+    `where` is the SQLite file (`store_path`), or the ``postgresql://`` URL of the
+    ledger's database (`consent_location`), which several server replicas share: a
+    consent's uses are then counted across all of them. The SQL is written once for
+    both (`dataops.ledger_store`). ``lock_uses=False`` leaves out the PostgreSQL row
+    lock on the use count: it exists only for the test that shows two replicas then
+    overuse a consent.
+    """
+
+    def __init__(self, where: Path | str, *, lock_uses: bool = True) -> None:
+        if not is_postgres(where):
+            where = Path(where)
+            where.parent.mkdir(parents=True, exist_ok=True)
+        # fsync=False on SQLite: the audit log backs every use (module docstring).
+        self.store = open_store(where, lock_budgets=lock_uses, fsync=False)
+        self.location = self.store.location
         self._use_lock = threading.Lock()
-        with self._connect() as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute(
-                "CREATE TABLE IF NOT EXISTS uses (consent_id TEXT NOT NULL, period TEXT NOT NULL, "
-                "count INTEGER NOT NULL, PRIMARY KEY (consent_id, period))"
-            )
-            db.execute(
-                "CREATE TABLE IF NOT EXISTS revoked (consent_id TEXT PRIMARY KEY, time TEXT NOT NULL, "
-                "reason TEXT NOT NULL)"
-            )
-
-    def _connect(self) -> sqlite3.Connection:
-        db = getattr(self._local, "db", None)
-        if db is None:
-            db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA synchronous=NORMAL")  # see the module docstring: the audit log backs it
-            self._local.db = db
-            with self._all_lock:
-                self._all.append(db)
-        return db
+        try:
+            self.store.create(_SCHEMA)
+        except BaseException:
+            self.store.close()
+            raise
 
     def use(self, consent: Consent, now: dt.datetime) -> tuple[str, int]:
         """Count one use now, or refuse if revoked or over the limit; returns (period, uses so far)."""
         period = consent.fetch.period_key(now)
-        db = self._connect()
-        with self._use_lock:
-            return self._use(db, consent, period)
-
-    def _use(self, db: sqlite3.Connection, consent: Consent, period: str) -> tuple[str, int]:
-        db.execute("BEGIN IMMEDIATE")  # the check and the increment are one write transaction
-        try:
+        # Threads of one process queue here rather than in the database's lock waits.
+        with self._use_lock, self.store.write(None) as db:
+            # The check and the increment are one write transaction. On SQLite it holds
+            # the file's only write lock; on PostgreSQL the count's row is created if
+            # absent and locked before it is read, so a replica reading it waits for any
+            # other replica's use of the same consent and period to commit.
+            db.execute(
+                "INSERT INTO uses (consent_id, period, count) VALUES (?, ?, 0) "
+                "ON CONFLICT (consent_id, period) DO NOTHING",
+                (consent.id, period),
+            )
+            used = _read_uses(db, consent.id, period, self.store.for_update)
             if _revoked(db, consent.id):
                 raise ConsentRefused("the consent has been revoked", rule="consent.revoked")
-            row = db.execute(
-                "SELECT count FROM uses WHERE consent_id = ? AND period = ?", (consent.id, period)
-            ).fetchone()
-            used = row[0] if row else 0
             if _used_up(used, consent.fetch):
                 what = (
                     "was given for one use"
@@ -405,79 +403,76 @@ class ConsentStore:
                 )
                 raise ConsentRefused(f"the consent {what} and has been used up", rule="consent.uses")
             db.execute(
-                "INSERT INTO uses (consent_id, period, count) VALUES (?, ?, 1) "
-                "ON CONFLICT (consent_id, period) DO UPDATE SET count = count + 1",
+                "UPDATE uses SET count = count + 1 WHERE consent_id = ? AND period = ?",
                 (consent.id, period),
             )
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
         return period, used + 1
 
     def reconcile(self, audited: Mapping[tuple[str, str], int]) -> int:
         """Raise each (consent, period) count to the uses the audit log shows; returns how many rose."""
-        db = self._connect()
         raised = 0
-        with self._use_lock:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                for (consent_id, period), count in audited.items():
-                    cursor = db.execute(
-                        "INSERT INTO uses (consent_id, period, count) VALUES (?, ?, ?) ON CONFLICT (consent_id, period) "
-                        "DO UPDATE SET count = excluded.count WHERE count < excluded.count",
-                        (consent_id, period, count),
-                    )
-                    raised += cursor.rowcount
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+        with self._use_lock, self.store.write(None) as db:
+            for (consent_id, period), count in audited.items():
+                cursor = db.execute(
+                    "INSERT INTO uses (consent_id, period, count) VALUES (?, ?, ?) "
+                    "ON CONFLICT (consent_id, period) DO UPDATE SET count = excluded.count "
+                    "WHERE uses.count < excluded.count",
+                    (consent_id, period, count),
+                )
+                raised += cursor.rowcount
         return raised
 
     def is_revoked(self, consent_id: str) -> bool:
-        return _revoked(self._connect(), consent_id)
+        return _revoked(self.store.connection(), consent_id)
 
     def uses_left(self, consent: Consent, now: dt.datetime) -> int:
-        row = (
-            self._connect()
-            .execute(
-                "SELECT count FROM uses WHERE consent_id = ? AND period = ?",
-                (consent.id, consent.fetch.period_key(now)),
-            )
-            .fetchone()
-        )
-        return consent.fetch.max_uses - (row[0] if row else 0)
+        used = _read_uses(self.store.connection(), consent.id, consent.fetch.period_key(now), "")
+        return consent.fetch.max_uses - used
 
     def revoke(self, consent_id: str, reason: str = "revoked by the subject") -> bool:
         """Revoke a consent (idempotent); True if it was not revoked before."""
-        db = self._connect()
-        cursor = db.execute(
-            "INSERT OR IGNORE INTO revoked (consent_id, time, reason) VALUES (?, ?, ?)",
-            (consent_id, dt.datetime.now(dt.UTC).isoformat(timespec="microseconds"), reason),
-        )
-        return cursor.rowcount == 1
+        with self.store.write(None) as db:
+            cursor = db.execute(
+                "INSERT INTO revoked (consent_id, time, reason) VALUES (?, ?, ?) "
+                "ON CONFLICT (consent_id) DO NOTHING",
+                (consent_id, dt.datetime.now(dt.UTC).isoformat(timespec="microseconds"), reason),
+            )
+            return cursor.rowcount == 1
 
     def revocations(self) -> dict[str, str]:
-        return dict(self._connect().execute("SELECT consent_id, time FROM revoked"))
+        rows = self.store.connection().execute("SELECT consent_id, time FROM revoked").fetchall()
+        return {consent_id: time for consent_id, time in rows}
 
     def uses(self) -> dict[str, dict[str, int]]:
         found: dict[str, dict[str, int]] = {}
-        for consent_id, period, count in self._connect().execute(
-            "SELECT consent_id, period, count FROM uses"
-        ):
+        rows = self.store.connection().execute("SELECT consent_id, period, count FROM uses WHERE count > 0")
+        for consent_id, period, count in rows.fetchall():
             found.setdefault(consent_id, {})[period] = count
         return found
 
     def close(self) -> None:
-        with self._all_lock:
-            for db in self._all:
-                db.close()
-            self._all.clear()
-        self._local = threading.local()
+        self.store.close()
 
 
-def _revoked(db: sqlite3.Connection, consent_id: str) -> bool:
+# The tables, in the SQLite file or beside the ledger's in PostgreSQL (whose names
+# differ: dataops.ledger), created if absent; the names are the SQLite store's since
+# it was first written, so an existing file needs no migration.
+_SCHEMA = [
+    "CREATE TABLE IF NOT EXISTS uses (consent_id TEXT NOT NULL, period TEXT NOT NULL, "
+    "count INTEGER NOT NULL, PRIMARY KEY (consent_id, period))",
+    "CREATE TABLE IF NOT EXISTS revoked (consent_id TEXT PRIMARY KEY, time TEXT NOT NULL, "
+    "reason TEXT NOT NULL)",
+]
+
+
+def _read_uses(db: Any, consent_id: str, period: str, for_update: str) -> int:
+    row = db.execute(
+        f"SELECT count FROM uses WHERE consent_id = ? AND period = ?{for_update}", (consent_id, period)
+    ).fetchone()
+    return row[0] if row else 0
+
+
+def _revoked(db: Any, consent_id: str) -> bool:
     return db.execute("SELECT 1 FROM revoked WHERE consent_id = ?", (consent_id,)).fetchone() is not None
 
 
@@ -488,3 +483,9 @@ def _used_up(used: int, fetch: Fetch) -> bool:
 
 def store_path(state_dir: Path) -> Path:
     return StatePaths(Path(state_dir)).consent_store
+
+
+def consent_location(config: Any) -> Path | str:
+    """Where a server's consent uses are counted: the ledger's PostgreSQL database when
+    `[ledger] url` names one (shared by every replica), else this server's SQLite file."""
+    return config.ledger.url or store_path(config.paths.state)

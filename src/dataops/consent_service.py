@@ -36,11 +36,11 @@ from dataops.consent import (
     ConsentError,
     ConsentStore,
     Fetch,
+    consent_location,
     iso,
     load_issuers,
     new_payload,
     sign,
-    store_path,
 )
 
 DEFAULT_ISSUER = "city-consent-service"
@@ -172,7 +172,7 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     from dataops.config import load_config
 
     config = load_config(args.config)
-    store = ConsentStore(store_path(config.paths.state))
+    store = ConsentStore(consent_location(config))
     fresh = store.revoke(args.consent_id, args.reason)
     print(f"consent {args.consent_id} {'revoked' if fresh else 'was already revoked'}")
     return 0
@@ -180,7 +180,7 @@ def cmd_revoke(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     config, service = _service(args)
-    store = ConsentStore(store_path(config.paths.state))
+    store = ConsentStore(consent_location(config))
     revoked, uses = store.revocations(), store.uses()
     rows = []
     for item in service.issued():

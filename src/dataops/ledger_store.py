@@ -84,18 +84,30 @@ class Store(Protocol):
     def snapshot(self) -> Any: ...  # context manager -> Connection: one consistent read
     def schema_version(self, conn: Connection) -> int: ...
     def migrate(self, scripts: list[str]) -> None: ...  # script i: version i -> i + 1
+    def create(self, statements: list[str]) -> None: ...  # CREATE ... IF NOT EXISTS, once across openers
     def hold(self, owner: str) -> None: ...  # mark this opener alive until close
     def gone(self, conn: Connection, owners: list[str]) -> set[str]: ...  # which are not
     def close(self) -> None: ...
 
 
-def open_store(where: Path | str, *, group_commit: bool = True, lock_budgets: bool = True) -> Store:
-    """A PostgreSQL store for a ``postgresql://`` URL, else the SQLite file at ``where``."""
-    if isinstance(where, str) and where.startswith(POSTGRES_SCHEMES):
-        return PostgresStore(where, lock_budgets=lock_budgets)
+def open_store(
+    where: Path | str, *, group_commit: bool = True, lock_budgets: bool = True, fsync: bool = True
+) -> Store:
+    """A PostgreSQL store for a ``postgresql://`` URL, else the SQLite file at ``where``.
+
+    fsync=False (SQLite only): commits survive a killed process, not a power cut, and
+    nothing waits for a sync; for stores another durable record backs (consent uses,
+    restored from the audit log at start). PostgreSQL always flushes at COMMIT.
+    """
+    if is_postgres(where):
+        return PostgresStore(str(where), lock_budgets=lock_budgets)
     if not lock_budgets:
         raise ValueError("lock_budgets=False exists only for PostgreSQL (SQLite has one write lock)")
-    return SQLiteStore(Path(where), group_commit=group_commit)
+    return SQLiteStore(Path(where), group_commit=group_commit and fsync, fsync=fsync)
+
+
+def is_postgres(where: Path | str) -> bool:
+    return isinstance(where, str) and where.startswith(POSTGRES_SCHEMES)
 
 
 def _statements(script: str) -> list[str]:
@@ -142,12 +154,13 @@ class SQLiteStore(_PerThread):
     types = {"id": "INTEGER PRIMARY KEY AUTOINCREMENT", "int": "INTEGER", "blob": "BLOB"}
     for_update = ""  # BEGIN IMMEDIATE already holds the only write lock
 
-    def __init__(self, path: Path, *, group_commit: bool = True) -> None:
+    def __init__(self, path: Path, *, group_commit: bool = True, fsync: bool = True) -> None:
         super().__init__()
         self.path = path
         self.location = str(path)
         self.group_commit = group_commit
-        self.group: GroupSync | None = GroupSync(self.sync_wal)
+        self.fsync = fsync
+        self.group: GroupSync | None = GroupSync(self.sync_wal) if fsync else None
 
     def _connect(self) -> sqlite3.Connection:
         # isolation_level=None: we issue BEGIN IMMEDIATE ourselves; the module's
@@ -157,8 +170,10 @@ class SQLiteStore(_PerThread):
             self.path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
         )
         conn.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
-        # FULL: SQLite fsyncs the WAL in every commit; NORMAL: we do, once per group (write).
-        conn.execute("PRAGMA synchronous=NORMAL" if self.group_commit else "PRAGMA synchronous=FULL")
+        # FULL: SQLite fsyncs the WAL in every commit; NORMAL: we do, once per group
+        # (write), or nobody does (fsync=False: another durable record backs the store).
+        full = self.fsync and not self.group_commit
+        conn.execute("PRAGMA synchronous=FULL" if full else "PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA foreign_keys=ON")
         return conn
 
@@ -204,6 +219,11 @@ class SQLiteStore(_PerThread):
                     conn.execute(statement)
             if have < len(scripts):
                 conn.execute(f"PRAGMA user_version = {len(scripts)}")
+
+    def create(self, statements: list[str]) -> None:
+        with self._transaction("BEGIN IMMEDIATE") as conn:
+            for statement in statements:
+                conn.execute(statement)
 
     def hold(self, owner: str) -> None:
         pass  # one server per file: see `gone`
@@ -335,6 +355,19 @@ class PostgresStore(_PerThread):
                 conn.execute("CREATE TABLE budget_locks (dataset TEXT PRIMARY KEY)")
                 conn.execute("CREATE TABLE ledger_schema (version INTEGER NOT NULL)")
                 conn.execute("INSERT INTO ledger_schema (version) VALUES (?)", (version,))
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(?)", (_SCHEMA_LOCK_KEY,))
+
+    def create(self, statements: list[str]) -> None:
+        """Run ``CREATE ... IF NOT EXISTS`` statements in one transaction, under the schema
+        lock: two replicas creating one table at once would otherwise collide in
+        PostgreSQL's catalog (a unique violation, not a no-op)."""
+        conn = self.get()
+        conn.execute("SELECT pg_advisory_lock(?)", (_SCHEMA_LOCK_KEY,))
+        try:
+            with self._transaction("BEGIN") as conn:
+                for statement in statements:
+                    conn.execute(statement)
         finally:
             conn.execute("SELECT pg_advisory_unlock(?)", (_SCHEMA_LOCK_KEY,))
 

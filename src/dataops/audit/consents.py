@@ -110,13 +110,27 @@ def check(entries: list[dict[str, Any]], revocations: dict[str, str]) -> list[st
 def cmd_consents(args: argparse.Namespace) -> int:
     from dataops.audit.commands import log_dir
     from dataops.config import StatePaths
-    from dataops.consent import ConsentStore, store_path
+    from dataops.consent import ConsentStore, consent_location, store_path
+    from dataops.ledger_store import is_postgres
 
     directory = log_dir(args)
     state = directory.parent
     entries = list(iter_entries(directory))
-    store = store_path(state)
-    revocations = ConsentStore(store).revocations() if store.exists() else {}
+    # With the configuration, where the server counts (PostgreSQL, shared by replicas);
+    # with --log-dir alone, the SQLite store of that state directory, if there is one.
+    if args.log_dir is None:
+        from dataops.config import load_config
+
+        store: Path | str = consent_location(load_config(args.config))
+    else:
+        store = store_path(state)
+    revocations = {}
+    if is_postgres(store) or Path(store).exists():
+        consents = ConsentStore(store)
+        try:
+            revocations = consents.revocations()
+        finally:
+            consents.close()
     problems = check(entries, revocations)
 
     shown = entries

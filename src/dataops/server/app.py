@@ -29,7 +29,7 @@ from dataops.audit.signer import SignerClient, SignerProcess, spawn_signer
 from dataops.catalog import Catalog, check_data, load_catalog
 from dataops.certs import RevocationList
 from dataops.config import ServerConfig
-from dataops.consent import ConsentStore, load_issuers, store_path
+from dataops.consent import ConsentStore, consent_location, load_issuers
 from dataops.engines.dp import enable_opendp
 from dataops.engines.prepared import PreparedStore
 from dataops.engines.subject import SubjectLayouts
@@ -301,7 +301,8 @@ def _build(
         sandbox.fingerprints,
         memory_limit_bytes=config.server.copy_memory_limit_mib * 2**20,  # past 4M rows, in a child
     )
-    consents = ConsentStore(store_path(config.paths.state))
+    # Beside the ledger when it is PostgreSQL: replicas then count a consent's uses together.
+    consents = ConsentStore(consent_location(config))
     # Use counts are backed by the (fsynced) audit log: restore any the store lost.
     consents.reconcile(audited_uses(audit_path(config).parent))
     evaluator = Evaluator(
