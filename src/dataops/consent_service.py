@@ -173,7 +173,10 @@ def cmd_revoke(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     store = ConsentStore(consent_location(config))
-    fresh = store.revoke(args.consent_id, args.reason)
+    try:
+        fresh = store.revoke(args.consent_id, args.reason)
+    finally:
+        store.close()
     print(f"consent {args.consent_id} {'revoked' if fresh else 'was already revoked'}")
     return 0
 
@@ -181,7 +184,10 @@ def cmd_revoke(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     config, service = _service(args)
     store = ConsentStore(consent_location(config))
-    revoked, uses = store.revocations(), store.uses()
+    try:
+        revoked, uses = store.revocations(), store.uses()
+    finally:
+        store.close()
     rows = []
     for item in service.issued():
         fetch = item["fetch"]
