@@ -94,6 +94,8 @@ WIRE_CODES = {
     # Added after kinds: a DP serving copy being built, or whose build failed.
     "DP_COPY_NOT_READY": "UNAVAILABLE",
     "DP_COPY_FAILED": "UNAVAILABLE",
+    # Replicas' shared rate limits out of reach (`[ledger] url`): refused, not unlimited.
+    "LIMITS_UNAVAILABLE": "UNAVAILABLE",
 }
 
 

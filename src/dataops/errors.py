@@ -198,6 +198,17 @@ class CopyFailed(CopyUnavailable):
     reason = "DP_COPY_FAILED"
 
 
+class LimitsUnavailable(RequestError):
+    """The shared store the replicas' rate limits are kept in cannot be reached: the
+    request is refused (fail closed) rather than admitted unlimited; retry soon."""
+
+    kind = Kind.UNAVAILABLE
+    reason = "LIMITS_UNAVAILABLE"
+
+    def __init__(self, message: str, *, retry_after_seconds: int = 1, **kwargs: Any) -> None:
+        super().__init__(message, retry_after_seconds=retry_after_seconds, **kwargs)
+
+
 class LoadError(Exception):
     """An operator-written file is invalid; the message names the file and the key."""
 

@@ -39,7 +39,7 @@ from dataops.policy import PolicyStore
 from dataops.products import load_products
 from dataops.server.interceptors import AuditInterceptor, check_wrappable
 from dataops.server.lanes import ScanCosts, ScanLane
-from dataops.server.ratelimit import Admission, RateLimiter
+from dataops.server.ratelimit import Admission, rate_limiter
 from dataops.server.servicers import AuditServicer, CatalogServicer, QueryServicer, SubjectServicer
 from dataops.service import Sandbox
 from dataops.subjects import Evaluator, load_or_create_secret
@@ -102,6 +102,7 @@ class DataopsServer:
     evaluator: Evaluator | None = None
     signer: SignerClient | None = None
     signer_process: SignerProcess | None = None  # None when the signer runs on its own (another user)
+    limiter: Any = None  # the rate limiter; a shared one holds database connections
 
     @property
     def target(self) -> str:
@@ -137,6 +138,8 @@ class DataopsServer:
         if self.evaluator is not None:
             self.evaluator.close()
         self.ledger.close()
+        if hasattr(self.limiter, "close"):
+            self.limiter.close()
         self.audit.close()  # signs and keeps the last checkpoint: the signer must still be up
         self._stop_signer()
         log.info("dataops stopped")
@@ -328,7 +331,8 @@ def _build(
         audit,
         policies,
         RevocationList(config.tls.ca_cert, config.paths.state),
-        RateLimiter(config.limits.rate_per_minute, config.limits.rate_burst),
+        # Shared by the replicas when the ledger is PostgreSQL: N replicas, one rate.
+        rate_limiter(config.ledger.url, config.limits.rate_per_minute, config.limits.rate_burst),
         Admission(config.limits.max_in_flight, config.limits.max_in_flight_per_consumer),
         threads=admission_threads(config),
         scans=scan_lane(config),
@@ -384,6 +388,7 @@ def _build(
         evaluator=evaluator,
         signer=signer,
         signer_process=signer_process,
+        limiter=interceptor.limiter,
     )
 
 

@@ -2,12 +2,21 @@
 
 A malicious consumer must not starve the others or hammer the budget ledger; the
 limits come from `[limits] rate_per_minute` and `rate_burst` in dataops.toml.
+
+Replicas behind one address (`[ledger] url`, docs/scale-out.md) share each consumer's
+bucket in the ledger's PostgreSQL database (`SharedRateLimiter`): with a bucket per
+replica, N replicas would admit N times the configured rate. Concurrency caps stay per
+replica: they protect that replica's threads.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from typing import Any
+
+from dataops.errors import LimitsUnavailable
+from dataops.ledger_store import is_postgres, open_store
 
 
 class RateLimiter:
@@ -26,6 +35,65 @@ class RateLimiter:
             allowed = tokens >= 1.0
             self._buckets[consumer] = (tokens - 1.0 if allowed else tokens, now)
             return allowed
+
+
+class SharedRateLimiter:
+    """The token buckets of `RateLimiter`, one row per consumer in a PostgreSQL database
+    shared by every replica.
+
+    One statement takes a token or refuses: the refill since the row's last update,
+    capped at the burst, must leave at least one token. ``INSERT ... ON CONFLICT DO
+    UPDATE`` locks the consumer's row, so concurrent requests on any replica take
+    tokens one at a time, and the time is the database's clock, which every replica
+    reads alike. A store out of reach refuses the request (`LimitsUnavailable`).
+    """
+
+    _TAKE = (
+        "INSERT INTO rate_buckets AS b (consumer, tokens, updated) "
+        "VALUES (?, ?, extract(epoch FROM clock_timestamp())::float8) "
+        "ON CONFLICT (consumer) DO UPDATE SET "
+        "tokens = LEAST(?, b.tokens + (excluded.updated - b.updated) * ?) - 1, updated = excluded.updated "
+        "WHERE LEAST(?, b.tokens + (excluded.updated - b.updated) * ?) >= 1 "
+        "RETURNING tokens"
+    )
+
+    def __init__(self, url: str, per_minute: int, burst: int) -> None:
+        self.rate = per_minute / 60.0
+        self.burst = float(burst)
+        self.store = open_store(url)
+        try:
+            self.store.create(
+                [
+                    "CREATE TABLE IF NOT EXISTS rate_buckets (consumer TEXT PRIMARY KEY, "
+                    "tokens DOUBLE PRECISION NOT NULL, updated DOUBLE PRECISION NOT NULL)"
+                ]
+            )
+        except BaseException:
+            self.store.close()
+            raise
+
+    def allow(self, consumer: str) -> bool:
+        if self.burst < 1.0:
+            return False
+        params = (consumer, self.burst - 1.0, self.burst, self.rate, self.burst, self.rate)
+        try:
+            row = self.store.connection().execute(self._TAKE, params).fetchone()
+        except Exception as exc:  # psycopg's errors: the database or the network
+            raise LimitsUnavailable(
+                "the replicas' shared rate limits cannot be checked; nothing was run, retry soon",
+                rule="limits.shared",
+            ) from exc
+        return row is not None
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def rate_limiter(ledger_url: str | None, per_minute: int, burst: int) -> Any:
+    """Shared by the replicas when the ledger is PostgreSQL, else this server's own."""
+    if ledger_url is not None and is_postgres(ledger_url):
+        return SharedRateLimiter(ledger_url, per_minute, burst)
+    return RateLimiter(per_minute, burst)
 
 
 class Admission:
