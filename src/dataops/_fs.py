@@ -56,3 +56,45 @@ def remove_stale(directory: Path, pattern: str, older_than: float = STALE_SECOND
         except FileNotFoundError:
             continue
     return removed
+
+
+class StateLock:
+    """An exclusive lock on a server's state directory, held while it serves.
+
+    Two servers on one state directory would each append to its audit log with its own
+    sequence numbers and hash chain, interleaving two chains in one file, and each
+    would orphan the other's open reservations at start. gRPC binds its port with
+    SO_REUSEPORT, so a second server may even share the first one's address. So
+    `dataops serve` takes `state/server.lock` with flock (released by the kernel
+    however the process ends, so a crash leaves no stale lock) and refuses to start
+    if another process holds it. Tools that only read (audit verify, budget show) do
+    not take it.
+    """
+
+    NAME = "server.lock"
+
+    def __init__(self, state: Path) -> None:
+        import fcntl
+
+        from dataops.errors import StateInUse
+
+        state.mkdir(parents=True, exist_ok=True)
+        self.path = state / self.NAME
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise StateInUse(
+                f"{state}: another dataops serve (pid {holder}) is using this state directory; "
+                "stop it first, or give this server its own [paths] state"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the only descriptor drops the flock
+            self._fd = None

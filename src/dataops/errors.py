@@ -229,5 +229,10 @@ class ConfigError(LoadError):
     pass
 
 
+class StateInUse(ConfigError):
+    """Another `dataops serve` holds the state directory: a second server on it would
+    append to the same audit log and recover the other's open reservations."""
+
+
 class InternalError(Exception):
     """A bug: an invariant of our own code does not hold."""

@@ -22,6 +22,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from dataops._fs import StateLock
 from dataops.audit import AuditLog
 from dataops.audit.consents import audited_uses
 from dataops.audit.receipts import reconcile_ledger
@@ -103,6 +104,7 @@ class DataopsServer:
     signer: SignerClient | None = None
     signer_process: SignerProcess | None = None  # None when the signer runs on its own (another user)
     limiter: Any = None  # the rate limiter; a shared one holds database connections
+    state_lock: StateLock | None = None  # this server's hold on its state directory
 
     @property
     def target(self) -> str:
@@ -142,6 +144,8 @@ class DataopsServer:
             self.limiter.close()
         self.audit.close()  # signs and keeps the last checkpoint: the signer must still be up
         self._stop_signer()
+        if self.state_lock is not None:
+            self.state_lock.release()  # last: everything that wrote to the state is closed
         log.info("dataops stopped")
 
     def _stop_signer(self) -> None:
@@ -241,14 +245,23 @@ def build_server(config: ServerConfig) -> DataopsServer:
     policies = PolicyStore(
         config.paths.policies, catalog, products=products, settle_seconds=config.server.policy_settle_seconds
     )
-    signer, signer_process = connect_signer(config)
+    # Before anything writes to the state directory: one server per state (StateLock).
+    state_lock = StateLock(config.paths.state)
     try:
-        return _build(config, catalog, products, issuers, policies, versions, signer, signer_process)
+        signer, signer_process = connect_signer(config)
+    except BaseException:
+        state_lock.release()
+        raise
+    try:
+        server = _build(config, catalog, products, issuers, policies, versions, signer, signer_process)
     except BaseException:
         signer.close()
         if signer_process is not None:
             signer_process.stop()
+        state_lock.release()
         raise
+    server.state_lock = state_lock
+    return server
 
 
 def _build(
