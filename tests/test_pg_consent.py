@@ -201,7 +201,7 @@ def test_two_server_replicas_let_a_once_consent_through_once(pg_url, tmp_path, s
     from dataops.consent_service import ConsentService
     from dataops.server import build_server
 
-    servers, clients = [], []
+    servers, clients, configs = [], [], []
     try:
         for name in ("a", "b"):
             work = tmp_path / name
@@ -217,6 +217,7 @@ def test_two_server_replicas_let_a_once_consent_through_once(pg_url, tmp_path, s
                 trusted = config.paths.consents
             else:  # the same trusted issuer on both replicas
                 shutil.copytree(trusted, config.paths.consents, dirs_exist_ok=True)
+            configs.append(config)
             servers.append(build_server(config).start())
         for running in servers:
             clients.append(
@@ -251,6 +252,30 @@ def test_two_server_replicas_let_a_once_consent_through_once(pg_url, tmp_path, s
     assert len(outcomes) == 6
     assert {o.metadata["rule"] for o in refused} == {"consent.uses"}
     assert len(allowed) == (1 if shared else 2)  # switched off: once on each replica
+    if shared:
+        reviewed_against_the_shared_revocations(pg_url, configs, service.issued()[-1]["id"])
+
+
+def reviewed_against_the_shared_revocations(url: str, configs: list, consent_id: str) -> None:
+    """`dataops audit consents -c` checks a replica's log against the revocations in the
+    shared database: one recorded (as if) before the use makes that use a problem."""
+    import contextlib
+    import io
+
+    from dataops.cli import main
+
+    store = ConsentStore(url)
+    store.store.connection().execute(
+        "INSERT INTO revoked (consent_id, time, reason) VALUES (?, ?, ?)",
+        (consent_id, "2000-01-01T00:00:00+00:00", "withdrawn"),
+    )
+    store.close()
+    codes, printed = [], io.StringIO()
+    for config in configs:
+        with contextlib.redirect_stdout(printed):
+            codes.append(main(["audit", "consents", "-c", str(config.paths.state.parent / "dataops.toml")]))
+    assert sorted(codes) == [0, 1]  # the replica that released the evaluation, and the other
+    assert f"consent {consent_id} was revoked at 2000-01-01" in printed.getvalue()
 
 
 def test_the_consent_cli_revokes_in_the_shared_database(pg_url, tmp_path, sandbox_dir, pki, capsys):
