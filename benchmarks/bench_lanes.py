@@ -129,6 +129,21 @@ def summarize(outcomes: list[load.Outcome], seconds: float) -> dict:
     }
 
 
+def print_level(label: str, r: dict) -> None:
+    """One level's line (a `summarize` result) and its unexpected outcomes."""
+    print(
+        f"  {label}: {r['rps']:7.1f} req/s  p50 {load.ms(r['p50'])} ms  "
+        f"p99 {load.ms(r['p99'])} ms | cheap p50 {load.ms(r['cheap_p50'])} p99 {load.ms(r['cheap_p99'])} "
+        f"| DP p50 {load.ms(r['scan_p50'])} p99 {load.ms(r['scan_p99'])} "
+        f"(no engine p50 {load.ms(r['no_engine_p50'])}) | fresh DP released "
+        f"{r['fresh_released']}/{r['fresh']} | unexpected {r['unexpected']}"
+        f"  (load {os.getloadavg()[0]:.2f})",
+        flush=True,
+    )
+    for problem, n in r["problems"]:
+        print(f"      {n} x {problem}")
+
+
 def start_server(args, workdir: Path, lanes: bool, log_name: str, src: Path | None = None):
     """`dataops serve` on the work directory configured for one mode: (server, config, pki
     directory). src: run it from that source tree (another checkout's src/), not ours."""
@@ -172,18 +187,7 @@ def run_mode(
             for consumer in consumers:
                 consumer.close()
             results[threads] = summarize(outcomes, elapsed)
-            r = results[threads]
-            print(
-                f"  {name:6} {threads:3} threads: {r['rps']:7.1f} req/s  p50 {load.ms(r['p50'])} ms  "
-                f"p99 {load.ms(r['p99'])} ms | cheap p50 {load.ms(r['cheap_p50'])} p99 {load.ms(r['cheap_p99'])} "
-                f"| DP p50 {load.ms(r['scan_p50'])} p99 {load.ms(r['scan_p99'])} "
-                f"(no engine p50 {load.ms(r['no_engine_p50'])}) | fresh DP released "
-                f"{r['fresh_released']}/{r['fresh']} | unexpected {r['unexpected']}"
-                f"  (load {os.getloadavg()[0]:.2f})",
-                flush=True,
-            )
-            for problem, n in r["problems"]:
-                print(f"      {n} x {problem}")
+            print_level(f"{name:6} {threads:3} threads", results[threads])
     finally:
         code, _ = server.terminate(timeout=config.server.grace_seconds + 30)
         if code != 0:

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import bench_lanes as lanes  # noqa: E402
 import bench_load as load  # noqa: E402
+from bench_kinds import cpu_seconds  # noqa: E402
 from dataops.config import load_config  # noqa: E402
 from dataops.demo.session import CONSUMERS  # noqa: E402
 from pg_support import PostgresCluster  # noqa: E402
@@ -93,43 +94,20 @@ def run(args: argparse.Namespace, base: Path, pg: PostgresCluster, replicas: int
                 for i in range(threads)
             ]
             load.run_phase("warm-up", min(1.0, args.seconds), consumers)
-            cpu0 = sum(server_cpu(s.proc.pid) for s in servers)
+            cpu0 = sum(cpu_seconds(s.proc.pid) for s in servers)
             outcomes, _, elapsed = load.run_phase("run", args.seconds, consumers)
-            cpu1 = sum(server_cpu(s.proc.pid) for s in servers)
+            cpu1 = sum(cpu_seconds(s.proc.pid) for s in servers)
             for consumer in consumers:
                 consumer.close()
             r = results[threads] = {**lanes.summarize(outcomes, elapsed), "cores": (cpu1 - cpu0) / elapsed}
-            print(
-                f"  round {rnd} {replicas} replica{'s' if replicas > 1 else ' '} {threads:3} threads: "
-                f"{r['rps']:7.1f} req/s  p50 {load.ms(r['p50'])} ms  p99 {load.ms(r['p99'])} ms | "
-                f"DP p99 {load.ms(r['scan_p99'])} | servers {r['cores']:.2f} cores | fresh DP released "
-                f"{r['fresh_released']}/{r['fresh']} | unexpected {r['unexpected']}  "
-                f"(load {os.getloadavg()[0]:.2f})",
-                flush=True,
+            plural = "s" if replicas > 1 else " "
+            lanes.print_level(
+                f"round {rnd} {replicas} replica{plural} {threads:3} threads, {r['cores']:.2f} cores", r
             )
-            for problem, n in r["problems"]:
-                print(f"      {n} x {problem}")
     finally:
         for server in servers:
             server.terminate(timeout=60)
     return results
-
-
-def server_cpu(pid: int) -> float:
-    """CPU seconds of a server and its live children (the audit signer), from /proc."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    try:
-        children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        children = []
-    for p in [pid, *children]:
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / ticks
-    return total
 
 
 def main() -> int:
@@ -170,7 +148,7 @@ def main() -> int:
             ]
             print(f"  {rnd:5} {n:7} " + " ".join(f"{c:7.2f}x" for c in cells))
     best = max(
-        (r[n] for _, many in rounds for r in [many] for n in args.threads if r[n]["p99"] < lanes.TARGET_P99),
+        (many[n] for _, many in rounds for n in args.threads if many[n]["p99"] < lanes.TARGET_P99),
         key=lambda r: r["rps"],
         default=None,
     )

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import time
 from pathlib import Path
+
+from dataops.errors import StateInUse
 
 # Scratch left this long untouched is no build in progress: a running build writes to its
 # scratch all the time (one bucket file after another), so an hour of silence is a crash.
@@ -74,10 +77,6 @@ class StateLock:
     NAME = "server.lock"
 
     def __init__(self, state: Path) -> None:
-        import fcntl
-
-        from dataops.errors import StateInUse
-
         state.mkdir(parents=True, exist_ok=True)
         self.path = state / self.NAME
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)

@@ -445,7 +445,7 @@ class ConsentStore:
 
     def uses(self) -> dict[str, dict[str, int]]:
         found: dict[str, dict[str, int]] = {}
-        rows = self.store.connection().execute("SELECT consent_id, period, count FROM uses WHERE count > 0")
+        rows = self.store.connection().execute("SELECT consent_id, period, count FROM uses")
         for consent_id, period, count in rows.fetchall():
             found.setdefault(consent_id, {})[period] = count
         return found

@@ -40,7 +40,7 @@ from dataops.policy import PolicyStore
 from dataops.products import load_products
 from dataops.server.interceptors import AuditInterceptor, check_wrappable
 from dataops.server.lanes import ScanCosts, ScanLane
-from dataops.server.ratelimit import Admission, rate_limiter
+from dataops.server.ratelimit import Admission, RateLimiter, SharedRateLimiter, rate_limiter
 from dataops.server.servicers import AuditServicer, CatalogServicer, QueryServicer, SubjectServicer
 from dataops.service import Sandbox
 from dataops.subjects import Evaluator, load_or_create_secret
@@ -103,7 +103,7 @@ class DataopsServer:
     evaluator: Evaluator | None = None
     signer: SignerClient | None = None
     signer_process: SignerProcess | None = None  # None when the signer runs on its own (another user)
-    limiter: Any = None  # the rate limiter; a shared one holds database connections
+    limiter: RateLimiter | SharedRateLimiter | None = None  # a shared one holds database connections
     state_lock: StateLock | None = None  # this server's hold on its state directory
 
     @property
@@ -140,7 +140,7 @@ class DataopsServer:
         if self.evaluator is not None:
             self.evaluator.close()
         self.ledger.close()
-        if hasattr(self.limiter, "close"):
+        if self.limiter is not None:
             self.limiter.close()
         self.audit.close()  # signs and keeps the last checkpoint: the signer must still be up
         self._stop_signer()

@@ -43,7 +43,7 @@ from dataops.errors import (
 from dataops.outcome import Outcome, outcome_of
 from dataops.policy import PolicyStore
 from dataops.server.lanes import ScanLane, is_scan
-from dataops.server.ratelimit import Admission, RateLimiter
+from dataops.server.ratelimit import Admission, RateLimiter, SharedRateLimiter
 from dataops.server.status import status_code
 
 log = logging.getLogger(__name__)
@@ -274,7 +274,7 @@ class AuditInterceptor(grpc.ServerInterceptor):
         audit: AuditLog,
         policies: PolicyStore,
         revocations: RevocationList | None = None,
-        limiter: RateLimiter | None = None,
+        limiter: RateLimiter | SharedRateLimiter | None = None,
         admission: Admission | None = None,
         threads: int | None = None,
         scans: ScanLane | None = None,

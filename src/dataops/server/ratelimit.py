@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any
 
 from dataops.errors import LimitsUnavailable
-from dataops.ledger_store import is_postgres, open_store
+from dataops.ledger_store import open_store
 
 
 class RateLimiter:
@@ -35,6 +34,9 @@ class RateLimiter:
             allowed = tokens >= 1.0
             self._buckets[consumer] = (tokens - 1.0 if allowed else tokens, now)
             return allowed
+
+    def close(self) -> None:
+        pass  # nothing held: the buckets are in memory
 
 
 class SharedRateLimiter:
@@ -89,9 +91,10 @@ class SharedRateLimiter:
         self.store.close()
 
 
-def rate_limiter(ledger_url: str | None, per_minute: int, burst: int) -> Any:
-    """Shared by the replicas when the ledger is PostgreSQL, else this server's own."""
-    if ledger_url is not None and is_postgres(ledger_url):
+def rate_limiter(ledger_url: str | None, per_minute: int, burst: int) -> RateLimiter | SharedRateLimiter:
+    """Shared by the replicas when the ledger is PostgreSQL (`[ledger] url`, checked to
+    be one when the config is read), else this server's own."""
+    if ledger_url is not None:
         return SharedRateLimiter(ledger_url, per_minute, burst)
     return RateLimiter(per_minute, burst)
 
