@@ -33,6 +33,7 @@ every receipt received; the server logged no error. Exit status 1 if any fails.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import os
@@ -525,8 +526,31 @@ def set_grant_budgets(workdir: Path, budgets: dict[str, float]) -> None:
         os.replace(temporary, path)
 
 
+_HELD: list[int] = []  # the work directory's lock, held until this process exits
+
+
+def hold_workdir(workdir: Path) -> None:
+    """Take the work directory for this run, or exit naming the run that has it.
+
+    `prepare` starts the state afresh and each mode restarts the server: a second
+    benchmark on the same directory would delete the first one's audit log and signer
+    under its running server (seen: its appends then failed) or take its port and lock.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(workdir / ".bench.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        sys.exit(f"{workdir}: another benchmark (pid {holder}) is running on this work directory")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _HELD.append(fd)
+
+
 def prepare_workdir(args: argparse.Namespace) -> Path:
     workdir = HERE / ".data" / f"load-{args.claims}-{args.enterprises}"
+    hold_workdir(workdir)
     prepare(workdir, claims=args.claims, enterprises=args.enterprises, out=print)
     for dataset in ("enterprise_credit", "medical_claims"):
         entry = workdir / "catalog" / f"{dataset}.toml"

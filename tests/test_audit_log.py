@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import stat
@@ -235,6 +236,109 @@ def test_an_unsynced_line_is_removed_when_fsync_fails(tmp_path, monkeypatch):
     assert (tmp_path / "audit.jsonl").stat().st_size == size  # no record without a receipt
     assert log.append({"method": "RunQuery"}).sequence == 3
     log.close()
+
+
+class _Breaks:
+    """A signer that raises what no signer should (a bug, a malformed answer) while `broken`."""
+
+    def __init__(self, real: LocalSigner) -> None:
+        self.real, self.broken = real, False
+        self.origin, self.key_id, self.public_key = real.origin, real.key_id, real.public_key
+
+    def last_checkpoint(self):
+        return self.real.last_checkpoint()
+
+    def sign(self, *args):
+        if self.broken:
+            raise KeyError("checkpoint")
+        return self.real.sign(*args)
+
+
+def _append_within(log: AuditLog, seconds: float = 10.0):
+    """log.append in a thread: (receipt or exception); fails the test if it hangs."""
+    out: list = []
+
+    def run():
+        try:
+            out.append(log.append({"method": "RunQuery"}))
+        except Exception as exc:  # returned for the test to inspect
+            out.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), "append hung: a failed group commit left no leader"
+    return out[0]
+
+
+def test_an_unexpected_signer_failure_fails_its_batch_and_the_next_append_leads(tmp_path):
+    # The group commit's leader must always hand over: an exception of a type the log did
+    # not expect used to leave it "flushing" for ever, and every later append waited.
+    signer = _Breaks(signer_for(tmp_path))
+    log = open_log(tmp_path, signer=signer)
+    fill(log, 2)
+    signer.broken = True
+    failed = _append_within(log)
+    assert isinstance(failed, AuditUnavailable) and "could not sign" in str(failed)
+    assert isinstance(_append_within(log), AuditUnavailable)  # still broken: refused, not hung
+    signer.broken = False
+    assert _append_within(log).sequence == 5  # durable, unsigned records are signed by the next batch
+    log.close()
+    assert verify_log(tmp_path, log.public_key).signed_size == 5
+
+
+def test_a_signer_that_cannot_save_its_state_answers_an_error_not_a_checkpoint(tmp_path, monkeypatch):
+    # Seen: the signer's directory removed under it; saving raised FileNotFoundError,
+    # which ended its connection thread instead of answering.
+    from dataops.audit.signer import _handle
+
+    signer = signer_for(tmp_path)
+    log = open_log(tmp_path, signer=signer)
+    fill(log, 1)
+    anchor = signer.last_checkpoint()
+
+    def gone(checkpoint):
+        raise FileNotFoundError(2, "No such file or directory")
+
+    monkeypatch.setattr(signer, "_save", gone)
+    root = base64.b64encode(log.tree.root(1)).decode()  # a tree the signer would sign
+    answer = _handle(signer, {"op": "sign", "size": 1, "root": root, "ledger": "", "proof": []})
+    assert set(answer) == {"error"} and "could not save its state" in answer["error"]
+    assert signer.last_checkpoint() == anchor  # a checkpoint not saved is not taken as the anchor
+    log.close()
+
+
+def test_a_signer_answer_without_a_checkpoint_is_a_signer_error(tmp_path):
+    import json as _json
+    import socket as _socket
+
+    from dataops.audit.signer import SignerClient
+
+    real = signer_for(tmp_path)
+    path = tmp_path / "s.sock"
+    listener = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+
+    def serve():  # a hello as a signer gives it, then an object without a checkpoint
+        conn, _ = listener.accept()
+        with conn, conn.makefile("rwb") as stream:
+            stream.readline()
+            hello = {**real.hello()}
+            stream.write(_json.dumps(hello).encode() + b"\n")
+            stream.flush()
+            stream.readline()
+            stream.write(b"{}\n")
+            stream.flush()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    client = SignerClient(path)
+    with pytest.raises(SignerError, match="without a 'checkpoint'"):
+        client.sign(1, b"\x00" * 32, "", [])
+    client.close()
+    listener.close()
+    thread.join(5)
 
 
 def test_append_after_close_is_unavailable(tmp_path):

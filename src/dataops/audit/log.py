@@ -52,7 +52,6 @@ from dataops.audit.canonical import canonical
 from dataops.audit.chain import GENESIS, line_hash_ok, record_hash
 from dataops.audit.merkle import Tree, leaf_hash
 from dataops.audit.note import Checkpoint, NoteError, key_id, parse_checkpoint
-from dataops.audit.signer import SignerError
 from dataops.values import Receipt  # re-exported: the one receipt type, shared with the client
 
 log = logging.getLogger(__name__)
@@ -425,7 +424,11 @@ class AuditLog:
             )
             if (checkpoint.size, checkpoint.root) != (target, root):
                 raise NoteError("the signer signed another tree than the one asked for")
-        except (OSError, SignerError, NoteError) as exc:
+        except Exception as exc:  # whatever went wrong, this batch fails and the next one leads
+            # Not only the expected OSError, SignerError and NoteError: were any other
+            # exception to pass, _flushing would stay set and every append after it
+            # would wait for a leader that never comes (seen: a signer whose state
+            # directory was removed under it answered without a checkpoint).
             error = exc
         finally:
             self._cond.acquire()

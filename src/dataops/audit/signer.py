@@ -248,6 +248,8 @@ def _handle(signer: LocalSigner, request: Any) -> dict[str, Any]:
             return {"checkpoint": signer.sign(size, root, ledger, proof)}
         except SignerError as exc:
             return {"error": str(exc)}
+        except OSError as exc:  # the state could not be saved: nothing is signed, and this says why
+            return {"error": f"the signer could not save its state ({exc})"}
         except (KeyError, TypeError, ValueError) as exc:
             return {"error": f"malformed sign request ({exc!r})"}
     return {"error": f"unknown op {op!r}"}
@@ -319,10 +321,12 @@ class SignerClient:
         self._lock = threading.Lock()
         self._stream: io.BufferedRWPair | None = None
         hello = self._request({"op": "hello"})
-        self.origin: str = hello["origin"]
-        self.key_id: str = hello["key_id"]
-        self.public_key = Ed25519PublicKey.from_public_bytes(base64.b64decode(hello["public_key"]))
-        self._hello_checkpoint: str | None = hello["checkpoint"]
+        self.origin: str = self._field(hello, "origin")
+        self.key_id: str = self._field(hello, "key_id")
+        self.public_key = Ed25519PublicKey.from_public_bytes(
+            base64.b64decode(self._field(hello, "public_key"))
+        )
+        self._hello_checkpoint: str | None = self._field(hello, "checkpoint", optional=True)
 
     def _connect(self) -> io.BufferedRWPair:
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -354,9 +358,21 @@ class SignerClient:
                         raise SignerError(
                             f"the audit signer at {self.socket_path} did not answer: {exc}"
                         ) from None
+        if not isinstance(answer, dict):
+            raise SignerError(
+                f"the audit signer at {self.socket_path} answered {type(answer).__name__}, not an object"
+            )
         if "error" in answer:
             raise SignerError(f"the audit signer refused: {answer['error']}")
         return answer
+
+    def _field(self, answer: dict[str, Any], name: str, optional: bool = False) -> Any:
+        # An answer without the field (a signer of another version, a broken one) is the
+        # signer's failure, raised as one: the log's group commit handles exactly that.
+        value = answer.get(name)
+        if not isinstance(value, str) and not (optional and value is None):
+            raise SignerError(f"the audit signer at {self.socket_path} answered without a {name!r}")
+        return value
 
     def _close_stream(self) -> None:
         if self._stream is not None:
@@ -367,10 +383,10 @@ class SignerClient:
             self._stream = None
 
     def last_checkpoint(self) -> str | None:
-        return self._request({"op": "hello"})["checkpoint"]
+        return self._field(self._request({"op": "hello"}), "checkpoint", optional=True)
 
     def sign(self, size: int, root: bytes, ledger: str, proof: list[bytes]) -> str:
-        return self._request(
+        answer = self._request(
             {
                 "op": "sign",
                 "size": size,
@@ -378,7 +394,8 @@ class SignerClient:
                 "ledger": ledger,
                 "proof": [base64.b64encode(p).decode() for p in proof],
             }
-        )["checkpoint"]
+        )
+        return str(self._field(answer, "checkpoint"))
 
     def close(self) -> None:
         with self._lock:
