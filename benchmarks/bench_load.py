@@ -526,7 +526,7 @@ def set_grant_budgets(workdir: Path, budgets: dict[str, float]) -> None:
         os.replace(temporary, path)
 
 
-_HELD: list[int] = []  # the work directory's lock, held until this process exits
+_HELD: dict[Path, int] = {}  # work directory -> its lock's descriptor, held until this process exits
 
 
 def hold_workdir(workdir: Path) -> None:
@@ -537,6 +537,8 @@ def hold_workdir(workdir: Path) -> None:
     under its running server (seen: its appends then failed) or take its port and lock.
     """
     workdir.mkdir(parents=True, exist_ok=True)
+    if workdir.resolve() in _HELD:  # prepared again by this run (a flock on a second descriptor would fail)
+        return
     fd = os.open(workdir / ".bench.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -545,7 +547,7 @@ def hold_workdir(workdir: Path) -> None:
         sys.exit(f"{workdir}: another benchmark (pid {holder}) is running on this work directory")
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    _HELD.append(fd)
+    _HELD[workdir.resolve()] = fd
 
 
 def prepare_workdir(args: argparse.Namespace) -> Path:

@@ -12,6 +12,7 @@ import os
 import sqlite3
 import stat
 import sys
+import threading
 from pathlib import Path
 
 import grpc
@@ -230,6 +231,37 @@ def test_without_the_signer_nothing_is_released_and_the_records_stay(config, pki
     assert [r["method"] for r in records] == ["ListDatasets", "RunQuery"]
     build_server(config).start().stop(grace=0.5)
     assert verify_log(config.paths.state / "audit", server.audit.public_key).signed_size == 2
+
+
+def test_a_signer_failing_in_an_unexpected_way_refuses_requests_without_hanging_the_server(
+    config, pki, monkeypatch
+):
+    # Seen under a benchmark: a signer answer without a checkpoint raised KeyError in the
+    # group commit's leader, and every later request, and the server's stop, waited for ever.
+    server = build_server(config).start()
+    try:
+        with _client(server, pki, timeout=20.0) as client:
+            client.list_datasets()
+            real = server.audit.signer.sign
+
+            def broken(*args):
+                raise KeyError("checkpoint")
+
+            monkeypatch.setattr(server.audit.signer, "sign", broken)
+            for _ in range(3):  # each refused; none waits for a leader that never comes
+                with pytest.raises(DataopsClientError) as err:
+                    client.list_datasets()
+                assert err.value.code is grpc.StatusCode.UNAVAILABLE
+                assert "nothing was released" in err.value.message
+            monkeypatch.setattr(server.audit.signer, "sign", real)
+            client.list_datasets()
+    finally:
+        # In a thread: with the bug the stop itself never returned (close waits for the batch).
+        stopping = threading.Thread(target=server.stop, kwargs={"grace": 1.0}, daemon=True)
+        stopping.start()
+        stopping.join(30)
+        assert not stopping.is_alive(), "the server's stop hung on the audit log's group commit"
+    assert verify_log(config.paths.state / "audit", server.audit.public_key).ok
 
 
 def test_a_consistency_proof_request_out_of_range_is_refused_and_audited(server, connect, config):
