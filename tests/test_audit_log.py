@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import socket
 import stat
 import threading
 import time
@@ -18,7 +19,7 @@ from dataops.audit.log import AuditLog, segment_paths
 from dataops.audit.merkle import leaf_hash, verify_inclusion
 from dataops.audit.note import parse_checkpoint
 from dataops.audit.sample import sample_records
-from dataops.audit.signer import LocalSigner, SignerError
+from dataops.audit.signer import LocalSigner, SignerClient, SignerError, _handle
 
 
 def lines(path: Path) -> list[dict]:
@@ -290,8 +291,6 @@ def test_an_unexpected_signer_failure_fails_its_batch_and_the_next_append_leads(
 def test_a_signer_that_cannot_save_its_state_answers_an_error_not_a_checkpoint(tmp_path, monkeypatch):
     # Seen: the signer's directory removed under it; saving raised FileNotFoundError,
     # which ended its connection thread instead of answering.
-    from dataops.audit.signer import _handle
-
     signer = signer_for(tmp_path)
     log = open_log(tmp_path, signer=signer)
     fill(log, 1)
@@ -309,14 +308,9 @@ def test_a_signer_that_cannot_save_its_state_answers_an_error_not_a_checkpoint(t
 
 
 def test_a_signer_answer_without_a_checkpoint_is_a_signer_error(tmp_path):
-    import json as _json
-    import socket as _socket
-
-    from dataops.audit.signer import SignerClient
-
     real = signer_for(tmp_path)
     path = tmp_path / "s.sock"
-    listener = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(path))
     listener.listen(1)
 
@@ -324,8 +318,7 @@ def test_a_signer_answer_without_a_checkpoint_is_a_signer_error(tmp_path):
         conn, _ = listener.accept()
         with conn, conn.makefile("rwb") as stream:
             stream.readline()
-            hello = {**real.hello()}
-            stream.write(_json.dumps(hello).encode() + b"\n")
+            stream.write(json.dumps(real.hello()).encode() + b"\n")
             stream.flush()
             stream.readline()
             stream.write(b"{}\n")

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 log = logging.getLogger(__name__)
@@ -333,13 +333,14 @@ def _key_usage(**enabled: bool) -> x509.KeyUsage:
     return x509.KeyUsage(**flags)
 
 
-# The CA key types that can sign a CRL (an X25519 or X448 key cannot).
+# The CA key types that can sign a CRL (an X25519 or X448 key cannot). Not DSA: gRPC's
+# TLS (BoringSSL) has no DSA, so a DSA CA never served a handshake here, and cryptography
+# 51 deprecates the type (naming it warns on every command's stderr).
 _SIGNING_KEYS = (
     rsa.RSAPublicKey,
     ec.EllipticCurvePublicKey,
     ed25519.Ed25519PublicKey,
     ed448.Ed448PublicKey,
-    dsa.DSAPublicKey,
 )
 
 
