@@ -33,7 +33,6 @@ every receipt received; the server logged no error. Exit status 1 if any fails.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import math
 import os
@@ -57,6 +56,7 @@ import grpc
 import polars as pl
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from dataops._fs import take_pid_lock
 from dataops.audit import find_receipt, load_public_key, verify_log
 from dataops.audit.log import ACTIVE, segment_paths
 from dataops.catalog import load_catalog
@@ -539,14 +539,9 @@ def hold_workdir(workdir: Path) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     if workdir.resolve() in _HELD:  # prepared again by this run (a flock on a second descriptor would fail)
         return
-    fd = os.open(workdir / ".bench.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+    fd, holder = take_pid_lock(workdir / ".bench.lock")
+    if fd is None:
         sys.exit(f"{workdir}: another benchmark (pid {holder}) is running on this work directory")
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     _HELD[workdir.resolve()] = fd
 
 

@@ -61,6 +61,24 @@ def remove_stale(directory: Path, pattern: str, older_than: float = STALE_SECOND
     return removed
 
 
+def take_pid_lock(path: Path) -> tuple[int | None, str]:
+    """Lock `path` exclusively (flock, without waiting) and write our pid in it.
+
+    Returns (its descriptor, "") — the lock lasts while the descriptor is open, and the
+    kernel drops it however the process ends — or (None, the holder's pid as it wrote it).
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        return None, holder
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd, ""
+
+
 class StateLock:
     """An exclusive lock on a server's state directory, held while it serves.
 
@@ -79,18 +97,12 @@ class StateLock:
     def __init__(self, state: Path) -> None:
         state.mkdir(parents=True, exist_ok=True)
         self.path = state / self.NAME
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
+        fd, holder = take_pid_lock(self.path)
+        if fd is None:
             raise StateInUse(
                 f"{state}: another dataops serve (pid {holder}) is using this state directory; "
                 "stop it first, or give this server its own [paths] state"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            )
         self._fd: int | None = fd
 
     def release(self) -> None:

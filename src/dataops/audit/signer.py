@@ -366,7 +366,9 @@ class SignerClient:
             raise SignerError(f"the audit signer refused: {answer['error']}")
         return answer
 
-    def _field(self, answer: dict[str, Any], name: str, optional: bool = False) -> Any:
+    def _field(
+        self, answer: dict[str, Any], name: str, optional: bool = False
+    ) -> Any:  # str, or None if optional
         # An answer without the field (a signer of another version, a broken one) is the
         # signer's failure, raised as one: the log's group commit handles exactly that.
         value = answer.get(name)
@@ -395,7 +397,7 @@ class SignerClient:
                 "proof": [base64.b64encode(p).decode() for p in proof],
             }
         )
-        return str(self._field(answer, "checkpoint"))
+        return self._field(answer, "checkpoint")
 
     def close(self) -> None:
         with self._lock:
