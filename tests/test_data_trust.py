@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import grpc
@@ -162,13 +163,32 @@ def test_the_kernels_resolution_is_realpaths(tmp_path: Path, monkeypatch) -> Non
     assert catalog_module.resolves_inside(root / "dir-link" / "b" / "file.parquet", root)
 
 
-def test_a_symlink_swapped_in_while_serving_is_refused(private, started, tmp_path) -> None:
+@ON_OFF
+def test_a_symlink_swapped_in_while_serving_is_refused(
+    private, started, tmp_path, monkeypatch, control
+) -> None:
+    """Attack: once the catalog is loaded, swap a dataset file for a symlink out of sandbox/.
+    Control: every read resolves the location again (`versions.inside_sandbox`)."""
     server, client = started(private)
     counts(client())
     target = private.paths.sandbox / "finance" / f"{CREDIT}.parquet"
     link = target.with_name(".swap")
     link.symlink_to(outside_copy(private, tmp_path))
     os.replace(link, target)
+    if control == "off":  # the per-request check passes whatever the path resolves to
+        monkeypatch.setattr(catalog_module, "is_inside", lambda real, root: True)
+        # The planted file (100 rows, fitting the catalog entry) is taken as the dataset's
+        # new version: a DP count, once its serving copy is rebuilt, counts it, not the 20,000.
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                answer = counts(client(), variant=21)
+                break
+            except DataopsClientError as err:  # UNAVAILABLE while the new copy is built
+                assert err.code is grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline, err
+                time.sleep(0.5)
+        assert sum(answer.table.column("n21").to_pylist()) < 1000
+        return
     for attempt in (
         lambda: counts(client(), variant=21),
         lambda: client().query(CREDIT, aggregates=[count()], group_by=["size_band"]),

@@ -70,7 +70,7 @@ def stat_signature(st: os.stat_result) -> tuple[int, ...]:
 def inside_sandbox(dataset: Dataset) -> Path:
     """The dataset file's real path, or CatalogError if it resolves outside the sandbox."""
     real = Path(catalog.real_path(dataset.path))
-    if dataset.sandbox is not None and not catalog.resolves_inside(real, dataset.sandbox):
+    if dataset.sandbox is not None and not catalog.is_inside(real, dataset.sandbox):
         raise CatalogError(
             f"{dataset.source}: location: {dataset.location!r} resolves to {real}, outside the "
             f"sandbox {catalog.real_path(dataset.sandbox)}; a symlink out of sandbox/ is refused"
