@@ -199,6 +199,77 @@ def test_a_symlink_swapped_in_while_serving_is_refused(
     assert audit_records(private)[-1]["code"] == "FAILED_PRECONDITION"
 
 
+def exact_counts(client: Client) -> list[int]:
+    """An exact count by size band: a lookup in the protected credit table."""
+    return (
+        client.query(CREDIT, aggregates=[count()], group_by=["size_band"]).table.column("count").to_pylist()
+    )
+
+
+@ON_OFF
+def test_exact_answers_never_come_from_a_replaced_version(private, started, monkeypatch, control) -> None:
+    """Attack (an operator's mistake, not a consumer's): the file is replaced by corrected
+    data while the server runs; the previous version's table goes on answering from rows
+    the operator withdrew until the new one is protected, and a DP answer of the same moment
+    counts other data. Control: a table is served only for the data version it was
+    protected for; until then `UNAVAILABLE`, `TABLE_NOT_READY`."""
+    from dataops.engines import table as table_module
+
+    if control == "off":  # a table of any version serves
+        monkeypatch.setattr(table_module.TableEngine, "_serves", lambda self, t, v: t in self._indexes)
+    server, client = started(private)
+    before = exact_counts(client())
+    assert sum(before) == 20_000
+    target = private.paths.sandbox / "finance" / f"{CREDIT}.parquet"
+    replacement = target.with_name(".new")
+    pl.read_parquet(target).head(5_000).write_parquet(replacement)
+    os.replace(replacement, target)
+    seen, deadline = [], time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            seen.append(exact_counts(client()))
+        except DataopsClientError as err:
+            assert err.code is grpc.StatusCode.UNAVAILABLE and err.reason == "TABLE_NOT_READY", err
+            assert err.retry_after_seconds and err.retry_after_seconds > 0
+            seen.append(None)
+            continue
+        if sum(seen[-1]) < 20_000:
+            break
+    answered = [c for c in seen if c is not None]
+    assert answered and sum(answered[-1]) <= 5_000  # the new version's table, in the end
+    if control == "on":
+        assert before not in answered  # not once the old counts, after the replacement
+    else:
+        assert answered[0] == before  # the withdrawn rows answered until the poll came round
+
+
+def test_a_table_that_cannot_be_protected_for_a_new_version_is_not_replaced_by_the_old(
+    private, started, monkeypatch
+) -> None:
+    """The new version's protection fails: exact answers are refused at once (no wait, no
+    old table); with the previous content back, its table serves again."""
+    server, client = started(private)
+    before = exact_counts(client())
+    target = private.paths.sandbox / "finance" / f"{CREDIT}.parquet"
+    original = target.read_bytes()
+    store_get = server.tables.store.get
+
+    def failing(product, dataset, version):
+        raise RuntimeError("protection failed (test)")
+
+    monkeypatch.setattr(server.tables.store, "get", failing)
+    replacement = target.with_name(".new")
+    pl.read_parquet(target).head(5_000).write_parquet(replacement)
+    os.replace(replacement, target)
+    for _ in range(3):
+        err = refused(lambda: exact_counts(client()))
+        assert err.code is grpc.StatusCode.UNAVAILABLE and err.reason == "TABLE_NOT_READY"
+    monkeypatch.setattr(server.tables.store, "get", store_get)
+    replacement.write_bytes(original)
+    os.replace(replacement, target)
+    assert exact_counts(client()) == before
+
+
 def test_a_file_replaced_by_one_that_no_longer_fits_its_entry_is_refused(private, started) -> None:
     """A new version is checked against the catalog before it is served."""
     server, client = started(private)

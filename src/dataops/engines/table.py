@@ -355,6 +355,12 @@ class TableEngine:
     log (`record`, normally `AuditLog.append`) with the table id, data version and
     fingerprint. Until a table is ready a query waits for it (at most until its
     deadline, or `wait_seconds`) and then gets UNAVAILABLE with a retry hint.
+
+    A table is served only for the data version it was protected for. A query that finds
+    its dataset at a newer version than the published table waits for the new table, as
+    for a first one, and wakes the protection thread rather than leave it to the next poll:
+    the previous version's table, served meanwhile, would answer from data the operator
+    has replaced.
     """
 
     def __init__(
@@ -378,6 +384,7 @@ class TableEngine:
         self._ready = threading.Condition()
         self._failed: dict[str, str] = {}
         self._stop = threading.Event()
+        self._wake = threading.Event()  # a query saw a new data version: refresh now
         self._thread: threading.Thread | None = None
 
     # The Engine protocol (dataops.engines._base): estimate → cost and accuracy; release → result.
@@ -397,15 +404,20 @@ class TableEngine:
         coverage = plan.coverage
         if coverage is None:  # authorize covers every aggregate-mode query
             raise PolicyDenied(f"no table covers this query; {_DP_HINT}", rule="table.coverage")
-        return self.index(coverage.table, deadline).lookup(coverage, plan.max_output_rows)
+        # The dataset's version now (cached while its file is unchanged): never a table of another.
+        version = self.data_version(plan.dataset)
+        return self.index(coverage.table, deadline, version).lookup(coverage, plan.max_output_rows)
 
-    def index(self, table_id: str, deadline: float | None = None) -> TableIndex:
+    def index(self, table_id: str, deadline: float | None = None, version: str | None = None) -> TableIndex:
+        """The published table, once it is protected for `version` (None: whichever is published)."""
         wait_until = time.monotonic() + self.wait_seconds
         if deadline is not None:
             # Answer UNAVAILABLE a little before the client gives up, so it hears why.
             wait_until = min(wait_until, deadline - _DEADLINE_MARGIN_SECONDS)
         with self._ready:
-            while table_id not in self._indexes:
+            while not self._serves(table_id, version):
+                if table_id in self._indexes:  # published for another version: protect this one now
+                    self._wake.set()
                 remaining = wait_until - time.monotonic()
                 if remaining <= 0 or table_id in self._failed:
                     raise TableUnavailable(
@@ -417,11 +429,15 @@ class TableEngine:
                 self._ready.wait(remaining)
             return self._indexes[table_id]
 
+    def _serves(self, table_id: str, version: str | None) -> bool:
+        index = self._indexes.get(table_id)
+        return index is not None and (version is None or index.data_version == version)
+
     def wait_ready(self, timeout: float) -> bool:
         """Block until every table is served (or failed); True if all are served."""
         deadline = time.monotonic() + timeout
         with self._ready:
-            while len(self._indexes) + len(self._failed) < len(self.tables):
+            while len(self._indexes.keys() | self._failed.keys()) < len(self.tables):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
@@ -447,8 +463,9 @@ class TableEngine:
             except Exception as exc:  # one table failing must not take the others down
                 log.exception("protecting table %s failed", product.id)
                 with self._ready:
-                    if product.id not in self._indexes:
-                        self._failed[product.id] = str(exc)
+                    # Failed for the dataset's current version: queries stop waiting for it.
+                    # A table of an earlier version is kept, and served to no query of this one.
+                    self._failed[product.id] = str(exc)
                     self._ready.notify_all()
 
     def _publish(self, product: TableProduct, dataset: Dataset, version: str) -> None:
@@ -479,8 +496,11 @@ class TableEngine:
     def start(self) -> TableEngine:
         def run() -> None:
             self.refresh()
-            while not self._stop.wait(self.poll_seconds):
-                self.refresh()
+            while not self._stop.is_set():
+                self._wake.wait(self.poll_seconds)
+                self._wake.clear()
+                if not self._stop.is_set():
+                    self.refresh()
 
         self._thread = threading.Thread(target=run, name="table-protection", daemon=True)
         self._thread.start()
@@ -490,6 +510,7 @@ class TableEngine:
         """Stop watching; a protection in progress here finishes in its (daemon) thread and
         is dropped, one in a child process is killed."""
         self._stop.set()
+        self._wake.set()
         close = getattr(self.store, "close", None)
         if close is not None:
             close(timeout)
