@@ -265,6 +265,16 @@ def test_a_table_that_cannot_be_protected_for_a_new_version_is_not_replaced_by_t
         err = refused(lambda: exact_counts(client()))
         assert err.code is grpc.StatusCode.UNAVAILABLE and err.reason == "TABLE_NOT_READY"
     monkeypatch.setattr(server.tables.store, "get", store_get)
+    # A third version is not refused for the second one's failure: its table is protected.
+    pl.read_parquet(target).head(3_000).write_parquet(replacement)
+    os.replace(replacement, target)
+    third, deadline = None, time.monotonic() + 60
+    while third is None:
+        try:
+            third = exact_counts(client())
+        except DataopsClientError as err:
+            assert err.reason == "TABLE_NOT_READY" and time.monotonic() < deadline, err
+    assert sum(third) <= 3_000
     replacement.write_bytes(original)
     os.replace(replacement, target)
     assert exact_counts(client()) == before

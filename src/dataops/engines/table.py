@@ -382,7 +382,8 @@ class TableEngine:
         self.wait_seconds = wait_seconds
         self._indexes: dict[str, TableIndex] = {}
         self._ready = threading.Condition()
-        self._failed: dict[str, str] = {}
+        # table id -> (the data version its protection failed for, None if unknown; why)
+        self._failed: dict[str, tuple[str | None, str]] = {}
         self._stop = threading.Event()
         self._wake = threading.Event()  # a query saw a new data version: refresh now
         self._thread: threading.Thread | None = None
@@ -416,18 +417,23 @@ class TableEngine:
             wait_until = min(wait_until, deadline - _DEADLINE_MARGIN_SECONDS)
         with self._ready:
             while not self._serves(table_id, version):
-                if table_id in self._indexes:  # published for another version: protect this one now
-                    self._wake.set()
                 remaining = wait_until - time.monotonic()
-                if remaining <= 0 or table_id in self._failed:
+                if remaining <= 0 or self._failed_for(table_id, version):
                     raise TableUnavailable(
                         f"table {table_id!r} is being protected for the current data version; "
                         f"retry in {_RETRY_SECONDS} seconds",
                         rule="table.not_ready",
                         retry_after_seconds=_RETRY_SECONDS,
                     )
+                if table_id in self._indexes:  # published for another version: protect this one now
+                    self._wake.set()
                 self._ready.wait(remaining)
             return self._indexes[table_id]
+
+    def _failed_for(self, table_id: str, version: str | None) -> bool:
+        """Whether the protection of this version failed (another version's failure: wait)."""
+        failed = self._failed.get(table_id)
+        return failed is not None and (version is None or failed[0] in (None, version))
 
     def _serves(self, table_id: str, version: str | None) -> bool:
         index = self._indexes.get(table_id)
@@ -454,6 +460,7 @@ class TableEngine:
             dataset = self.catalog.get(product.dataset)
             if dataset is None:
                 continue
+            version: str | None = None
             try:
                 version = self.data_version(dataset)
                 current = self._indexes.get(product.id)
@@ -465,7 +472,7 @@ class TableEngine:
                 with self._ready:
                     # Failed for the dataset's current version: queries stop waiting for it.
                     # A table of an earlier version is kept, and served to no query of this one.
-                    self._failed[product.id] = str(exc)
+                    self._failed[product.id] = (version, str(exc))
                     self._ready.notify_all()
 
     def _publish(self, product: TableProduct, dataset: Dataset, version: str) -> None:
