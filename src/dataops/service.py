@@ -203,13 +203,18 @@ class Sandbox:
         outcome.purpose = decision.grant.purpose  # what the answer may be used for, as granted
         # In every mode: the file still resolves inside the sandbox and is not another
         # entry's content (dataops.versions); cheap while the file is unchanged.
-        self.versions.of(decision.dataset)
+        version = self.versions.of(decision.dataset)
         # The bind step (dataops.bind): making the plan checks every filter value against
         # its column's catalog type and types it, once, before anything runs and before any
         # budget is reserved. (Exact queries: the coverage has already matched every filter
         # value to the table's key sets, which hold values of those types.)
         return Plan(
-            query, decision.dataset, decision.grant, self.limits.max_output_rows, coverage=decision.coverage
+            query,
+            decision.dataset,
+            decision.grant,
+            self.limits.max_output_rows,
+            coverage=decision.coverage,
+            data_version=version,
         )
 
     def _engine(self, mode: Mode) -> Engine[Plan, EngineResult]:

@@ -274,8 +274,9 @@ class Fingerprints:
         self.versions = versions if versions is not None else DataVersions()
         self._known: dict[tuple[str, str], str] = {}  # (version, terms) -> fingerprint
 
-    def of(self, dataset: Dataset) -> str:
-        key = (self.versions.of(dataset), catalog_terms(dataset))
+    def of(self, dataset: Dataset, version: str | None = None) -> str:
+        """The fingerprint of the dataset at `version` (its data version; None: look it up)."""
+        key = (self.versions.of(dataset) if version is None else version, catalog_terms(dataset))
         fingerprint = self._known.get(key)
         if fingerprint is None:
             fingerprint = hashlib.sha256(json.dumps(list(key)).encode()).hexdigest()

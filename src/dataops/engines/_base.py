@@ -31,6 +31,9 @@ class Plan:
     # (`dataops.engines.table.Coverage`, decided by authorization).
     coverage: Any = None
     filters: tuple[Filter, ...] = ()
+    # The dataset's version as `Sandbox.plan` checked it (`dataops.versions`): the engines
+    # key on this one rather than stat and resolve the file again. None: look it up.
+    data_version: str | None = None
 
     def __post_init__(self) -> None:
         # Empty while unbound: binding keeps one filter per query filter, so a plan whose

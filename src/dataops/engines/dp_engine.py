@@ -157,7 +157,8 @@ class DPEngine:
         if privacy is None:  # the IR gives every DP query its privacy terms
             raise InternalError("a DP query without privacy terms")
         dp.require_max_rows(plan.dataset)
-        source = self.prepared.source(plan.dataset)  # built once per data version
+        # Built once per data version: the one the plan checked.
+        source = self.prepared.source(plan.dataset, version=plan.data_version)
         compiled_key, calibration_key = self.keys(plan, source)
         compiled = self._compile(plan, source, compiled_key)
         # The calibration alone decides the spend; `release` refuses to cost more. Made

@@ -272,7 +272,9 @@ class PreparedStore:
         """Data version and catalog terms together (`dataops.versions.Fingerprints`)."""
         return Fingerprints(self.versions)
 
-    def source(self, dataset: Dataset, *, wait: float | None = None) -> PreparedSource:
+    def source(
+        self, dataset: Dataset, *, wait: float | None = None, version: str | None = None
+    ) -> PreparedSource:
         """The copy of the dataset's current version, built in the background if there is none.
 
         Waits for a build at most `wait` seconds (the store's `wait_seconds` if None;
@@ -282,7 +284,8 @@ class PreparedStore:
         then queries get `CopyUnavailable` at once.
         """
         require_max_rows(dataset)
-        key = copy_key(dataset, self.versions.of(dataset))
+        # version: the data version the request's plan checked (None: look it up now).
+        key = copy_key(dataset, self.versions.of(dataset) if version is None else version)
         ready = self._current(dataset, key)
         if ready is not None:
             return ready

@@ -368,7 +368,7 @@ class TableEngine:
         catalog: Catalog,
         tables: Mapping[str, TableProduct],
         store: Any,
-        data_version: Callable[[Dataset], str],
+        data_version: Callable[[Dataset, str | None], str],
         record: Callable[[dict[str, Any]], Any] | None = None,
         poll_seconds: float = 5.0,
         wait_seconds: float = WAIT_FOR_TABLE_SECONDS,
@@ -405,8 +405,8 @@ class TableEngine:
         coverage = plan.coverage
         if coverage is None:  # authorize covers every aggregate-mode query
             raise PolicyDenied(f"no table covers this query; {_DP_HINT}", rule="table.coverage")
-        # The dataset's version now (cached while its file is unchanged): never a table of another.
-        version = self.data_version(plan.dataset)
+        # The dataset's version as the plan checked it: never a table of another.
+        version = self.data_version(plan.dataset, plan.data_version)
         return self.index(coverage.table, deadline, version).lookup(coverage, plan.max_output_rows)
 
     def index(self, table_id: str, deadline: float | None = None, version: str | None = None) -> TableIndex:
@@ -462,7 +462,7 @@ class TableEngine:
                 continue
             version: str | None = None
             try:
-                version = self.data_version(dataset)
+                version = self.data_version(dataset, None)
                 current = self._indexes.get(product.id)
                 if current is not None and current.data_version == version:
                     continue
