@@ -73,6 +73,19 @@ def refused(attempt) -> DataopsClientError:
     return err.value
 
 
+def when_ready(attempt, reason: str, seconds: float = 60.0):
+    """attempt(), asked again while it is refused UNAVAILABLE with `reason` (a table or copy
+    being made for a new data version), for at most `seconds`."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return attempt()
+        except DataopsClientError as err:
+            assert err.code is grpc.StatusCode.UNAVAILABLE and err.reason == reason, err
+            assert time.monotonic() < deadline, f"still {reason} after {seconds} s"
+            time.sleep(0.2)
+
+
 def set_epsilon(path: Path, value: float, table: str = r"(?:grants\.)?budget") -> None:
     text = re.sub(rf"(?m)^(\[{table}\][^\[]*?)^epsilon = .*$", rf"\g<1>epsilon = {value}", path.read_text())
     path.write_text(text)
@@ -179,14 +192,7 @@ def test_a_symlink_swapped_in_while_serving_is_refused(
         monkeypatch.setattr(catalog_module, "is_inside", lambda real, root: True)
         # The planted file (100 rows, fitting the catalog entry) is taken as the dataset's
         # new version: a DP count, once its serving copy is rebuilt, counts it, not the 20,000.
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                answer = counts(client(), variant=21)
-                break
-            except DataopsClientError as err:  # UNAVAILABLE while the new copy is built
-                assert err.code is grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline, err
-                time.sleep(0.5)
+        answer = when_ready(lambda: counts(client(), variant=21), "DP_COPY_NOT_READY", 120)
         assert sum(answer.table.column("n21").to_pylist()) < 1000
         return
     for attempt in (
@@ -268,12 +274,7 @@ def test_a_table_that_cannot_be_protected_for_a_new_version_is_not_replaced_by_t
     # A third version is not refused for the second one's failure: its table is protected.
     pl.read_parquet(target).head(3_000).write_parquet(replacement)
     os.replace(replacement, target)
-    third, deadline = None, time.monotonic() + 60
-    while third is None:
-        try:
-            third = exact_counts(client())
-        except DataopsClientError as err:
-            assert err.reason == "TABLE_NOT_READY" and time.monotonic() < deadline, err
+    third = when_ready(lambda: exact_counts(client()), "TABLE_NOT_READY")
     assert sum(third) <= 3_000
     replacement.write_bytes(original)
     os.replace(replacement, target)

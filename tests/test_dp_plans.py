@@ -242,6 +242,21 @@ def test_new_catalog_terms_are_another_plan(catalog, store, monkeypatch, control
     )
 
 
+def test_catalog_terms_kept_per_entry_never_answer_for_another(catalog, monkeypatch):
+    """The digest kept per catalog entry (`versions.catalog_terms`) is that entry's own.
+    Kept by id, it is checked to be for the same object. Otherwise an id reused by another
+    entry, say one with narrowed bounds, would key its plans and releases as the old one's."""
+    from dataops import versions
+
+    claims = catalog.get("medical_claims")
+    amount = dataclasses.replace(claims.columns["amount"], bounds=(0.0, 1000.0), bins=None)
+    narrowed = dataclasses.replace(claims, columns=MappingProxyType({**claims.columns, "amount": amount}))
+    assert versions.catalog_terms(narrowed) != versions.catalog_terms(claims)
+    # A digest kept under narrowed's id for another object: what a freed entry's reused id leaves.
+    monkeypatch.setitem(versions._TERMS, id(narrowed), (claims, versions.catalog_terms(claims)))
+    assert versions.catalog_terms(narrowed) == versions._catalog_terms(narrowed)
+
+
 def test_a_request_compiles_once_and_the_estimate_before_it_compiles_for_it(
     sandbox_dir, tmp_path, monkeypatch
 ):
