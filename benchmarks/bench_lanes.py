@@ -65,16 +65,23 @@ load.CLAIM_FILTERS = [
 ]
 
 
-def configure(workdir: Path, lanes: bool, scan_slots: int, workers: int) -> Path:
+def configure(workdir: Path, lanes: bool, scan_slots: int, workers: int, engine_processes: int = 0) -> Path:
     """The work directory's dataops.toml, rewritten for one mode; returns its path."""
     toml = workdir / "dataops.toml"
     text = toml.read_text()
     text = re.sub(
-        r"^(lanes|scan_slots|max_in_flight|max_in_flight_per_consumer) = .*\n", "", text, flags=re.M
+        r"^(lanes|scan_slots|engine_processes|max_in_flight|max_in_flight_per_consumer) = .*\n",
+        "",
+        text,
+        flags=re.M,
     )
     text = re.sub(r"^workers = \d+", f"workers = {workers}", text, count=1, flags=re.M)
     text = text.replace(
-        "[server]\n", f"[server]\nlanes = {'true' if lanes else 'false'}\nscan_slots = {scan_slots}\n", 1
+        "[server]\n",
+        f"[server]\nlanes = {'true' if lanes else 'false'}\nscan_slots = {scan_slots}\n"
+        # Only when set: a server from an older tree refuses a key it does not know.
+        + (f"engine_processes = {engine_processes}\n" if engine_processes else ""),
+        1,
     )
     # Caps far above the client threads: neither lane sheds for a consumer's own count.
     text = text.replace("[limits]\n", "[limits]\nmax_in_flight = 64\nmax_in_flight_per_consumer = 32\n", 1)
@@ -147,7 +154,9 @@ def print_level(label: str, r: dict) -> None:
 def start_server(args, workdir: Path, lanes: bool, log_name: str, src: Path | None = None):
     """`dataops serve` on the work directory configured for one mode: (server, config, pki
     directory). src: run it from that source tree (another checkout's src/), not ours."""
-    toml = configure(workdir, lanes, args.scan_slots, args.workers)
+    # A server from another tree (--before) may not know engine_processes: it gets none.
+    processes = 0 if src is not None else getattr(args, "engine_processes", 0)
+    toml = configure(workdir, lanes, args.scan_slots, args.workers, processes)
     config = load_config(toml)
     env = None
     if src is not None:
@@ -222,6 +231,12 @@ def main() -> int:
         "--scan-slots", type=int, default=2, help="[server] scan_slots with lanes (default 2)"
     )
     parser.add_argument("--workers", type=int, default=8, help="[server] workers, both modes (default 8)")
+    parser.add_argument(
+        "--engine-processes",
+        type=int,
+        default=0,
+        help="[server] engine_processes of this tree's servers, both modes (default 0; --before's: 0)",
+    )
     parser.add_argument("--seed", type=int, default=20261202)
     parser.add_argument(
         "--before",

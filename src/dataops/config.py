@@ -94,6 +94,9 @@ class ServerSection:
     # The longest a DP query waits for the lane (or its client's deadline, if sooner);
     # then RESOURCE_EXHAUSTED (rule limits.scan_lane), audited.
     scan_queue_seconds: float = 10.0
+    # Child processes that run DP releases (dataops.engines.processes): the Python half of
+    # a release off the server's GIL. 0: releases run in the server process.
+    engine_processes: int = 0
 
     @property
     def host(self) -> str:
@@ -323,6 +326,7 @@ def _server(t: Table) -> ServerSection:
         copy_wait_seconds=_seconds(t, "copy_wait_seconds", d.copy_wait_seconds, positive=False),
         table_wait_seconds=_seconds(t, "table_wait_seconds", d.table_wait_seconds, positive=False),
         copy_memory_limit_mib=t.integer("copy_memory_limit_mib", d.copy_memory_limit_mib, minimum=1),
+        engine_processes=t.integer("engine_processes", d.engine_processes, minimum=0, maximum=64),
         **_lanes(t, d),
     )
     _done(t, ServerSection)

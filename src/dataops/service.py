@@ -27,6 +27,7 @@ from dataops.config import Limits
 from dataops.engines import Engine, EngineResult, Plan, Spend
 from dataops.engines.dp_engine import DPEngine
 from dataops.engines.prepared import PreparedStore
+from dataops.engines.processes import EngineProcesses
 from dataops.engines.table import TableEngine
 from dataops.errors import DeadlineExceeded, FieldViolation, InternalError, InvalidQuery, RequestError
 from dataops.ir import MAX_NAME_LENGTH, Mode, Query
@@ -85,8 +86,10 @@ class Sandbox:
         engine_workers: int = 8,
         versions: DataVersions | None = None,
         tables: TableEngine | None = None,
+        processes: EngineProcesses | None = None,
     ) -> None:
         self.catalog = catalog
+        self.processes = processes  # where DP releases run (None: in this process)
         # Aggregate mode: lookups in the protected tables (none: exact queries are refused).
         self.tables = tables
         self.policies = policies
@@ -104,7 +107,7 @@ class Sandbox:
         self.versions = versions
         # One engine per mode; a mode without one is refused (authorize refuses exact
         # queries without tables first).
-        self.engines: dict[Mode, Engine[Plan, EngineResult]] = {Mode.DP: DPEngine(prepared)}
+        self.engines: dict[Mode, Engine[Plan, EngineResult]] = {Mode.DP: DPEngine(prepared, processes)}
         if tables is not None:
             self.engines[Mode.AGGREGATE] = tables
         self.releases = ReleaseCoordinator(ledger)
@@ -117,6 +120,8 @@ class Sandbox:
 
     def close(self) -> None:
         self._engines.shutdown(wait=False, cancel_futures=True)
+        if self.processes is not None:
+            self.processes.close()
 
     def datasets(self, consumer: str) -> list[DatasetView]:
         policy = consumer_policy(self.policies.current, consumer)

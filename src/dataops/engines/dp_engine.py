@@ -51,6 +51,7 @@ from dataops.engines import dp, dp_autoclip
 from dataops.engines._base import EngineEstimate, EngineResult, Plan
 from dataops.engines.dp_calibrate import Calibration
 from dataops.engines.prepared import PreparedStore
+from dataops.engines.processes import EngineProcesses
 from dataops.errors import InternalError
 from dataops.versions import catalog_terms
 
@@ -100,12 +101,14 @@ def _digest(material: dict[str, Any]) -> str:
 class DPEngine:
     spends = True  # every release costs budget: reserved first, committed after
 
-    def __init__(self, prepared: PreparedStore) -> None:
+    def __init__(self, prepared: PreparedStore, processes: EngineProcesses | None = None) -> None:
         # Every release reads a prepared (truncated once) copy. The identifier form over
         # the raw dataset (`DPQuery.compile(plan)`, no source) is never released here:
         # `dataops policy explain` calibrates it (the same cost, with no copy to build)
         # and the tests hold the fast path to it as the reference.
         self.prepared = prepared
+        # Where releases run: None here, else in child processes (dataops.engines.processes).
+        self.processes = processes
         self.compiled = CompiledPlans(COMPILED_PLANS)
         self.calibrations = CompiledPlans(CALIBRATIONS)
 
@@ -180,11 +183,15 @@ class DPEngine:
             notes=calibration.notes,
             rho=calibration.rho,
             data_version=source.data_version,
-            handle=(compiled, calibration),
+            handle=(compiled, calibration, source, compiled_key),
         )
 
     def release(self, plan: Plan, estimate: EngineEstimate, deadline: float | None = None) -> EngineResult:
         if estimate.handle is None:
             raise InternalError("a DP release needs the estimate it was calibrated by")
-        compiled, calibration = estimate.handle
+        compiled, calibration, source, key = estimate.handle
+        if self.processes is not None and isinstance(compiled, dp.DPQuery):
+            # An automatically clipped query releases its two parts here (its clip is chosen
+            # from the first part's answer).
+            return self.processes.release(key, plan, source, calibration)
         return compiled.release(calibration)

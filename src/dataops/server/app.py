@@ -33,6 +33,7 @@ from dataops.config import ServerConfig
 from dataops.consent import ConsentStore, consent_location, load_issuers
 from dataops.engines.dp import enable_opendp
 from dataops.engines.prepared import PreparedStore
+from dataops.engines.processes import EngineProcesses
 from dataops.engines.subject import SubjectLayouts
 from dataops.engines.table import TableEngine
 from dataops.ledger import Ledger
@@ -301,6 +302,8 @@ def _build(
     )
     # Tables key on the data version and the catalog terms (keys, bounds) they are cut by.
     tables = table_engine(config, catalog, products.tables, Fingerprints(versions).of, audit.append)
+    # DP releases in child processes, off this process's GIL (0: here).
+    processes = EngineProcesses(config.server.engine_processes) if config.server.engine_processes else None
     sandbox = Sandbox(
         catalog,
         policies,
@@ -310,6 +313,7 @@ def _build(
         engine_workers=config.server.workers,
         versions=versions,
         tables=tables,
+        processes=processes,
     )
     layouts = SubjectLayouts(
         config.paths.state,
@@ -386,6 +390,8 @@ def _build(
         raise OSError(f"cannot listen on {config.server.listen}")
     prepared.warm(catalog.datasets.values())
     layouts.warm()
+    if processes is not None:
+        processes.warm()
     return DataopsServer(
         config,
         server,
