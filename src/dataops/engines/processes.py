@@ -98,12 +98,16 @@ class EngineProcesses:
 
 # --- in the child ---------------------------------------------------------------------
 
-_COMPILED: dict[str, dp.DPQuery] = {}
-_KEPT = 512  # compiled queries a child keeps (as the server keeps them: dp_engine.COMPILED_PLANS)
+_COMPILED: Any = None  # the child's CompiledPlans (dataops.engines.dp_engine), made at start
 
 
 def _start_child() -> None:
+    global _COMPILED
+    # Imported here: dp_engine imports this module. The same bounded map the server keeps.
+    from dataops.engines.dp_engine import COMPILED_PLANS, CompiledPlans
+
     dp.enable_opendp()
+    _COMPILED = CompiledPlans(COMPILED_PLANS)
 
 
 def _ready() -> bool:
@@ -111,12 +115,7 @@ def _ready() -> bool:
 
 
 def _release(key: str, plan: Plan, source: dp.PreparedSource, calibration: Calibration) -> EngineResult:
-    compiled = _COMPILED.get(key)
-    if compiled is None:
-        compiled = dp.DPQuery.compile(plan, source=source)
-        if len(_COMPILED) >= _KEPT:
-            _COMPILED.pop(next(iter(_COMPILED)))
-        _COMPILED[key] = compiled
+    compiled: dp.DPQuery = _COMPILED.get(key, lambda: dp.DPQuery.compile(plan, source=source))
     # Measurements built again at the calibration's scale; release maps their loss and
     # refuses one above calibration.cost (or rho), as in the server.
     return compiled.under(plan).release(calibration)
