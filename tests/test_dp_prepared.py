@@ -26,14 +26,16 @@ from dataops.engines.dp import (
     UNIT_CODE,
     DPQuery,
     PreparedSource,
+    bin_column,
     code_column,
     fixed_column,
+    prepared_bins,
     prepared_codes,
     prepared_column_names,
 )
 from dataops.engines.prepared import PreparedStore
 from dataops.errors import BudgetExhausted, ConfigError, InternalError
-from dataops.ir import MAX_EPSILON, Aggregate, Equals, Function, MeasureTerms, Mode, Privacy, Query
+from dataops.ir import MAX_EPSILON, Aggregate, Between, Equals, Function, MeasureTerms, Mode, Privacy, Query
 from dataops.ledger import Ledger
 from dataops.policy import PolicyStore
 from dataops.service import Sandbox
@@ -335,6 +337,55 @@ def test_a_release_by_key_positions_is_the_string_forms(kinds: Dataset, tmp_path
         assert table["kind"].dtype == pl.String, form
         for key, count in zip(table["kind"], table["count"]):
             assert count == pytest.approx(expected[key], abs=1), (form, key)
+
+
+@pytest.fixture
+def binned(tmp_path: Path) -> Dataset:
+    """A binned float column: values on every edge, inside, below, above, missing and NaN."""
+    values = [0.0, 9.99, 10.0, 10.0, 19.5, 20.0, 29.999, -1.0, 30.0, 1e9, None, float("nan")]
+    frame = pl.DataFrame({"uid": [f"u{i}" for i in range(len(values))], "x": values}, strict=False)
+    columns = {"x": value("x", -10.0, 2e9, bins=(0.0, 10.0, 20.0, 30.0))}
+    return crafted(tmp_path, frame, columns, max_rows=1)
+
+
+def test_a_copy_holds_bins_as_positions_and_they_are_the_labels(binned: Dataset, tmp_path: Path) -> None:
+    """Half-open bins by position: an edge starts its bin; below, above, missing and NaN
+    share the position past the last bin, as the string form puts them in no bin."""
+    assert prepared_bins(binned) == {"x": [0.0, 10.0, 20.0, 30.0]}
+    copy = pl.read_parquet(PreparedStore(tmp_path / "state").source(binned).path)
+    assert copy.schema[bin_column("x")] == pl.UInt32
+    assert copy.height == 12
+    pairs = sorted(copy.select(pl.col("x").cast(pl.String), bin_column("x")).unique().rows(), key=str)
+    expected = {"0.0": 0, "9.99": 0, "10.0": 1, "19.5": 1, "20.0": 2, "29.999": 2,
+                "-1.0": 3, "30.0": 3, "1000000000.0": 3, None: 3, "NaN": 3}  # fmt: skip
+    assert dict(pairs) == expected
+    # The plan's string form (the identifier form's bucketing) names the same bin per row.
+    plan = plan_for(binned, [COUNT], ["x"], epsilon=1e4)
+    (by_label,) = DPQuery.compile(plan)._compiled.dims
+    (by_position,) = DPQuery.compile(
+        plan, source=PreparedStore(tmp_path / "state").source(binned)
+    )._compiled.dims
+    assert (by_label.coded, by_position.coded) == (False, True)
+    rows = copy.select(by_label.prepare(), by_position.prepare().alias("position"))
+    assert (
+        rows.filter(pl.col("position") == 3)["x"].null_count() == rows.filter(pl.col("position") == 3).height
+    )
+    inside = rows.filter(pl.col("position") < 3)
+    labels = by_position.label(inside.lazy().select(pl.col("position").alias("x"))).collect()["x"]
+    assert labels.to_list() == inside["x"].to_list() and inside["x"].null_count() == 0
+
+
+@pytest.mark.parametrize("filters", [(), (Between("x", 10.0, None),)], ids=["all", "filtered"])
+def test_a_release_by_bin_positions_is_the_labelled_one(binned: Dataset, tmp_path: Path, filters) -> None:
+    """Over the copy the plan groups bin positions; the release names the bins' labels in
+    their order, and values in no bin are in no group, exactly as in the identifier form."""
+    source = PreparedStore(tmp_path / "state").source(binned)
+    expected = {"[0, 10)": 0 if filters else 2, "[10, 20)": 3, "[20, 30)": 2}
+    for copy in (None, source):
+        table = run(binned, [COUNT], ["x"], filters, source=copy, epsilon=1e4)
+        assert table["x"].to_list() == list(expected), copy
+        for key, count in zip(table["x"], table["count"]):
+            assert count == pytest.approx(expected[key], abs=1), (copy, key)
 
 
 def test_new_or_reordered_keys_are_a_new_copy(kinds: Dataset, tmp_path: Path) -> None:

@@ -174,6 +174,15 @@ def key_positions(key_sets: dict[str, list[str]]) -> list:
     ]
 
 
+def bin_positions(bins: dict[str, list[float]]) -> list:
+    """Each binned column's bin positions (`dataops.engines.dp.prepared_bins`)."""
+    import polars as pl
+
+    from dataops.engines.dp import bin_column, bin_position
+
+    return [bin_position(pl.col(name), edges).alias(bin_column(name)) for name, edges in bins.items()]
+
+
 def fixed_points(fixed: dict[str, list[float]]) -> list:
     """Each measure in the catalog's fixed point (`dataops.engines.dp.prepared_fixed`)."""
     import polars as pl
@@ -196,6 +205,7 @@ def bound_and_code(
     key_sets: dict[str, list[str]] | None = None,
     part_rows: int = PART_ROWS,
     fixed: dict[str, list[float]] | None = None,
+    bins: dict[str, list[float]] | None = None,
 ) -> dict:
     """Pass 2: per bucket, each unit's first k rows, dense unit codes, key positions and
     fixed-point measures; the copy's parts in the directory `output` (made here), each
@@ -205,7 +215,7 @@ def bound_and_code(
     import pyarrow.parquet as pq
 
     rng = np.random.default_rng(seed)
-    positions = key_positions(key_sets or {}) + fixed_points(fixed or {})
+    positions = key_positions(key_sets or {}) + bin_positions(bins or {}) + fixed_points(fixed or {})
     output.mkdir(mode=0o700, exist_ok=True)
     writer = None
     rows = units = part_rows_written = 0
@@ -280,6 +290,7 @@ def build(request: dict) -> dict:
         stats = bound_and_code(
             files, unit, columns, k, output, secrets.randbits(63), key_sets=request.get("codes"),
             part_rows=int(request.get("part_rows", PART_ROWS)), fixed=request.get("fixed"),
+            bins=request.get("bins"),
         )  # fmt: skip
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -118,7 +118,9 @@ guarantee OpenDP proves for the prepared frame holds for the raw data:
 
 * the query's filters (`predicate`);
 * histogram bucketing: a value lands in the half-open bin "[a, b)" holding it;
-  values outside every bin, and nulls, are in no bin and are not counted;
+  values outside every bin, and nulls, are in no bin and are not counted (over a
+  prepared copy, by the bin's position, computed once when the copy is built:
+  `prepared_bins`; the release names the bins by their labels);
 * measures to fixed point: round(clip(value, bounds) * 10^d) as Int64. OpenDP's
   float sums pay for rounding error with a slack that grows with the square of
   the dataset length, which would have to be a tight (data-dependent) bound;
@@ -199,8 +201,9 @@ _QUANTILE_STEPS = 1000  # candidates: this many linear steps, plus as many geome
 _ONE_UNIT = [dp.polars.Bound(per_group=1)]  # d_in: one privacy unit added or removed
 _HIDDEN_LEN = "#len"  # '#' cannot start a catalog column name: prepared columns never clash
 UNIT_CODE = "#unit"  # a prepared copy's unit column: a dense code, not derived from the unit id
-# Of a prepared copy (prepared_column_names, prepared_codes, prepared_fixed); bump on change.
-PREPARED_LAYOUT = 6
+# Of a prepared copy (prepared_column_names, prepared_codes, prepared_bins, prepared_fixed);
+# bump on change.
+PREPARED_LAYOUT = 7
 
 _DTYPES = {
     ColumnType.STRING: pl.String,
@@ -270,6 +273,39 @@ def prepared_column_names(dataset: Dataset) -> list[str]:
 def code_column(name: str) -> str:
     """The prepared copy's column of a string column's key positions ('#' names never clash)."""
     return "#code:" + name
+
+
+def bin_column(name: str) -> str:
+    """The prepared copy's column of a binned column's bin positions ('#' names never clash)."""
+    return "#bin:" + name
+
+
+def bin_position(value: pl.Expr, edges: tuple[float, ...] | list[float]) -> pl.Expr:
+    """The half-open bin [e_i, e_i+1) holding each value, as its position i (UInt32).
+
+    A value outside every bin, missing or NaN (polars orders NaN above every number) is
+    len(edges) - 1, a position no bin holds, so no released group has it: as a value
+    outside the bins is in no bin of the labels (`_Dimension.prepare`). The one place
+    this arithmetic is written: the copy's `bin_column` goes through it. Comparisons,
+    not `cut`: a fifth of the CPU of a grouped count over 100k rows, where `cut` and its
+    labels took 12 ms.
+    """
+    number = value.cast(pl.Float64)
+    inside = (number >= edges[0]) & (number < edges[-1])
+    inner = [(number >= e).cast(pl.UInt32) for e in edges[1:-1]]
+    position = pl.sum_horizontal(inner) if inner else pl.lit(0, pl.UInt32)
+    return pl.when(inside).then(position).otherwise(len(edges) - 1).fill_null(len(edges) - 1).cast(pl.UInt32)
+
+
+def prepared_bins(dataset: Dataset) -> dict[str, list[float]]:
+    """The binned columns a prepared copy also holds as bin positions (`bin_position`),
+    with their catalog edges: a release groups by the position and labels it after."""
+    kept = set(prepared_column_names(dataset))
+    return {
+        c.name: [float(e) for e in c.bins]
+        for c in dataset.columns.values()
+        if c.name in kept and c.bins is not None
+    }
 
 
 def fixed_column(name: str) -> str:
@@ -415,7 +451,9 @@ class _Dimension:
     def prepare(self) -> pl.Expr:
         col = pl.col(self.column)
         if self.coded:
-            return pl.col(code_column(self.column)).alias(self.column)
+            # A binned column's positions are its bins' (`bin_position`), a keyed one's its keys'.
+            coded = bin_column(self.column) if self.bins is not None else code_column(self.column)
+            return pl.col(coded).alias(self.column)
         if self.bins is None:
             return col.cast(self.dtype)
         inside = (col >= self.bins[0]) & (col < self.bins[-1])
@@ -1000,7 +1038,7 @@ def _dimension(dataset: Dataset, name: str, prepared: bool = False) -> _Dimensio
     if column.bins is not None:
         # A histogram: the bins are the public key set.
         labels = tuple(bin_label(a, b) for a, b in zip(column.bins, column.bins[1:]))
-        return _Dimension(name, pl.String, labels, column.bins)
+        return _Dimension(name, pl.String, labels, column.bins, prepared and name in prepared_bins(dataset))
     coded = prepared and name in prepared_codes(dataset)
     return _Dimension(name, _DTYPES[column.type], column.keys, None, coded)
 

@@ -29,7 +29,8 @@ Why the OpenDP guarantee on the copy is a unit-level guarantee for the data:
 * The copy holds only what queries can use (dataops.engines.dp.prepared_column_names):
   no identifier column, no unclassified column, and no unit id, and each column once
   in its own type (a measure's fixed point is computed in the plan), and a string
-  column with public keys also as its key positions (`prepared_codes`). The unit is a
+  column with public keys also as its key positions (`prepared_codes`), a binned one as
+  its bin positions (`prepared_bins`). The unit is a
   dense integer code (`UNIT_CODE`, 0..n-1) that says nothing about the id it stands
   for: its bucket is a hash of the id under a seed drawn for the build and forgotten,
   and inside the bucket a random permutation nobody keeps (an unkeyed hash of an
@@ -111,6 +112,7 @@ from dataops.engines.children import DEFAULT_MEMORY_LIMIT_BYTES, BuildFailed, Ch
 from dataops.engines.dp import (
     PREPARED_LAYOUT,
     PreparedSource,
+    prepared_bins,
     prepared_codes,
     prepared_column_names,
     prepared_fixed,
@@ -186,6 +188,8 @@ def copy_key(dataset: Dataset, data_version: str) -> str:
         "columns": columns,
         # The key positions are the keys' order: new or reordered keys, a new copy.
         "codes": prepared_codes(dataset),
+        # The bin positions are the edges' order: new edges, a new copy.
+        "bins": prepared_bins(dataset),
     }
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
 
@@ -507,6 +511,7 @@ class PreparedStore:
             "columns": prepared_column_names(dataset),
             "codes": prepared_codes(dataset),
             "fixed": prepared_fixed(dataset),
+            "bins": prepared_bins(dataset),
             "max_rows_per_unit": dataset.max_rows_per_unit,
             "memory_limit_bytes": self.memory_limit_bytes,
             "rows_per_bucket": self.rows_per_bucket,
