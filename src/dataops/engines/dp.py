@@ -286,9 +286,9 @@ def bin_position(value: pl.Expr, edges: tuple[float, ...] | list[float]) -> pl.E
     A value outside every bin, missing or NaN (polars orders NaN above every number) is
     len(edges) - 1, a position no bin holds, so no released group has it: as a value
     outside the bins is in no bin of the labels (`_Dimension.prepare`). The one place
-    this arithmetic is written: the copy's `bin_column` goes through it. Comparisons,
-    not `cut`: a fifth of the CPU of a grouped count over 100k rows, where `cut` and its
-    labels took 12 ms.
+    this arithmetic is written: the copy's `bin_column` goes through it, once per build.
+    Per release, polars' `cut` with string labels took 12 of a grouped count's 19 ms
+    over 100k rows; the same count by position takes 6.4.
     """
     number = value.cast(pl.Float64)
     inside = (number >= edges[0]) & (number < edges[-1])
