@@ -84,10 +84,10 @@ def cpu_per_call(call: Callable[[], object], repeats: int) -> float:
     return (time.process_time() - start) / repeats
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def release_arguments(doc: str) -> tuple[argparse.Namespace, Path]:
+    """The arguments of a benchmark that releases DP questions in process, and bench_load's
+    work directory for them (also bench_bins')."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--claims", type=int, default=500_000)
     parser.add_argument("--enterprises", type=int, default=100_000)
     parser.add_argument("--repeats", type=int, default=30)
@@ -98,6 +98,19 @@ def main() -> None:
             claims=args.claims, enterprises=args.enterprises, seed=1, consumers=16, workers=None
         )
     )
+    return args, workdir
+
+
+def benchmark_grant(dataset_id: str) -> Grant:
+    """A grant that allows every mode and function, with a budget no benchmark spends."""
+    return Grant(
+        dataset=dataset_id, purpose="benchmark", expires=dt.date(2099, 12, 31), modes=frozenset(Mode),
+        functions=frozenset(Function), budget=PrivacyLoss(1e9, 1e-6), columns=MappingProxyType({}),
+    )  # fmt: skip
+
+
+def main() -> None:
+    args, workdir = release_arguments(__doc__)
     config = load_config(workdir / "dataops.toml")
     dataset = load_catalog(config.paths.catalog, config.paths.sandbox).get("medical_claims")
     enable_opendp()
@@ -107,10 +120,7 @@ def main() -> None:
         name: built if compression is None else rewrite(built, workdir / "layouts" / compression, compression)
         for name, compression in LAYOUTS.items()
     }
-    grant = Grant(
-        dataset=dataset.id, purpose="benchmark", expires=dt.date(2099, 12, 31), modes=frozenset(Mode),
-        functions=frozenset(Function), budget=PrivacyLoss(1e9, 1e-6), columns=MappingProxyType({}),
-    )  # fmt: skip
+    grant = benchmark_grant(dataset.id)
     print(f"medical_claims, {args.claims} rows; CPU per release (process time), {args.repeats} releases each")
     for name, source in sources.items():
         size = sum(p.stat().st_size for p in source.parts)
