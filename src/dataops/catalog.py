@@ -108,6 +108,19 @@ class Catalog:
         return [d for d in self.datasets.values() if d.zone == zone]
 
 
+def bin_index(value: Any, edges: tuple[float, ...] | list[float]) -> Any:
+    """The half-open bin [e_i, e_i+1) of a column's `bins` holding each value, as its index
+    i (UInt32, a polars expression); null for a value outside every bin, missing or NaN
+    (polars orders NaN above every number). The one place this arithmetic is written: DP
+    serving copies (`dataops.engines.dp.bin_position`) and protected tables' cell codes
+    (`dataops.tables.cube.code_expressions`) both go through it."""
+    import polars as pl  # here: loading a catalog needs no polars
+
+    inside = (value >= edges[0]) & (value < edges[-1])
+    inner = [(value >= e).cast(pl.UInt32) for e in edges[1:-1]]
+    return pl.when(inside).then(pl.sum_horizontal(inner) if inner else pl.lit(0, pl.UInt32))
+
+
 def real_path(path: Path | str) -> str:
     """`os.path.realpath`, resolved by the kernel where it can be.
 

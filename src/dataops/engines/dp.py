@@ -157,7 +157,7 @@ import opendp.prelude as dp
 import polars as pl
 from opendp.mod import OpenDPException
 
-from dataops.catalog import Column, ColumnType, Dataset
+from dataops.catalog import Column, ColumnType, Dataset, bin_index
 from dataops.engines import dp_calibrate, dp_post
 from dataops.engines._base import (
     EngineResult,
@@ -285,16 +285,12 @@ def bin_position(value: pl.Expr, edges: tuple[float, ...] | list[float]) -> pl.E
 
     A value outside every bin, missing or NaN (polars orders NaN above every number) is
     len(edges) - 1, a position no bin holds, so no released group has it: as a value
-    outside the bins is in no bin of the labels (`_Dimension.prepare`). The one place
-    this arithmetic is written: the copy's `bin_column` goes through it, once per build.
+    outside the bins is in no bin of the labels (`_Dimension.prepare`). The copy's
+    `bin_column` goes through it, once per build (the bins' arithmetic: `catalog.bin_index`).
     Per release, polars' `cut` with string labels took 12 of a grouped count's 19 ms
     over 100k rows; the same count by position takes 6.4.
     """
-    number = value.cast(pl.Float64)
-    inside = (number >= edges[0]) & (number < edges[-1])
-    inner = [(number >= e).cast(pl.UInt32) for e in edges[1:-1]]
-    position = pl.sum_horizontal(inner) if inner else pl.lit(0, pl.UInt32)
-    return pl.when(inside).then(position).otherwise(len(edges) - 1).fill_null(len(edges) - 1).cast(pl.UInt32)
+    return bin_index(value, edges).fill_null(len(edges) - 1).cast(pl.UInt32)
 
 
 def prepared_bins(dataset: Dataset) -> dict[str, list[float]]:

@@ -173,10 +173,16 @@ def hash_copy(path: Path) -> tuple[str, tuple[Path, ...], tuple]:
 
 def copy_key(dataset: Dataset, data_version: str) -> str:
     """What a copy is made from: the data version and the catalog terms the copy depends on."""
-    # Each column's type and bounds also fix its `#fixed:` column (prepared_fixed): a new
-    # bound is a new copy.
+    # Each column's type and bounds also fix its `#fixed:` column (prepared_fixed), and its
+    # bins its `#bin:` column (prepared_bins): a new bound or new edges, a new copy.
     columns = [
-        [c.name, c.type.value, c.classification.value, list(c.bounds) if c.bounds else None]
+        [
+            c.name,
+            c.type.value,
+            c.classification.value,
+            list(c.bounds) if c.bounds else None,
+            list(c.bins) if c.bins else None,
+        ]
         for c in dataset.columns.values()
     ]
     material = {
@@ -188,8 +194,6 @@ def copy_key(dataset: Dataset, data_version: str) -> str:
         "columns": columns,
         # The key positions are the keys' order: new or reordered keys, a new copy.
         "codes": prepared_codes(dataset),
-        # The bin positions are the edges' order: new edges, a new copy.
-        "bins": prepared_bins(dataset),
     }
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
 

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from dataops.catalog import Dataset
+from dataops.catalog import Dataset, bin_index
 from dataops.products.table import TableProduct
 
 _UNIT = "#unit"
@@ -131,13 +131,7 @@ def code_expressions(product: TableProduct, dataset: Dataset) -> list[pl.Expr]:
             expr = col.replace_strict(list(keys), list(range(len(keys))), default=None, return_dtype=pl.Int32)
         else:
             # Half-open bins [e_i, e_{i+1}): the code is how many inner edges lie at or below.
-            inside = (col >= edges[0]) & (col < edges[-1])
-            index = (
-                pl.sum_horizontal([(col >= e).cast(pl.Int32) for e in edges[1:-1]])
-                if len(edges) > 2
-                else pl.lit(0, pl.Int32)
-            )
-            expr = pl.when(inside).then(index).otherwise(None).cast(pl.Int32)
+            expr = bin_index(col, edges).cast(pl.Int32)
         exprs.append(expr.alias(_code(j)))
     return exprs
 
