@@ -366,12 +366,63 @@ def _wait_until_not_serving(channel, timeout: float = 10.0) -> None:
     while time.monotonic() < deadline:
         try:
             status = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0).status
-        except grpc.RpcError:
+        except grpc.RpcError as exc:
+            if exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
+                continue  # a slow answer on a loaded machine says nothing about stopping
             return  # no longer answering at all: stopping
         if status != health_pb2.HealthCheckResponse.SERVING:
             return
         time.sleep(0.02)
     raise AssertionError("the server still reports SERVING long after SIGTERM")
+
+
+@pytest.mark.parametrize("control", ["on", "off"])
+def test_a_request_after_the_server_began_to_stop_is_refused_and_audited(
+    control, tmp_path, sandbox_dir, pki, monkeypatch
+):
+    """Between NOT_SERVING and gRPC's own shutdown a stopping server still has an open
+    transport: without the interceptor's stop flag a request there would be served."""
+    work = tmp_path / "work"
+    work.mkdir()
+    config = write_config(work, sandbox_dir, pki)
+    server = build_server(config).start()
+    assert server.interceptor is not None and server.evaluator is not None
+    if control == "off":
+        monkeypatch.setattr(server.interceptor.stopping, "set", lambda: None)
+    # Hold stop() where it has said NOT_SERVING but not yet stopped gRPC (it ends the
+    # subject watches in between), so the late request falls in that window every time.
+    in_window, release = threading.Event(), threading.Event()
+    stop_watches = server.evaluator.stop_watches
+
+    def held() -> None:
+        in_window.set()
+        release.wait(10)
+        stop_watches()
+
+    monkeypatch.setattr(server.evaluator, "stop_watches", held)
+    stopper = threading.Thread(target=server.stop, kwargs={"grace": 2.0})
+    client = Client.from_directory(f"localhost:{server.port}", pki.consumer_dir("city-bank"), "city-bank")
+    try:
+        client.list_datasets()  # the connection is open before the stop begins
+        stopper.start()
+        assert in_window.wait(10)
+        _wait_until_not_serving(client.channel)
+        if control == "off":
+            assert client.list_datasets()  # the attack: a stopping server starts new work
+            return
+        with pytest.raises(DataopsClientError) as refused:
+            client.list_datasets()
+    finally:
+        release.set()
+        stopper.join(30)
+        client.close()
+    assert refused.value.code is grpc.StatusCode.UNAVAILABLE
+    assert (refused.value.reason, refused.value.rule) == ("SERVER_STOPPING", "server.stopping")
+    assert refused.value.retry_after_seconds == 1
+    assert refused.value.receipt is not None  # the refusal was audited before it was answered
+    last = list(read_log(config).values())[-1]
+    assert (last["method"], last["code"], last["rule"]) == ("ListDatasets", "UNAVAILABLE", "server.stopping")
+    assert last["consumer"] == "city-bank"
 
 
 def test_sigterm_drains_requests_in_flight_and_exits_0(tmp_path, sandbox_dir, pki):

@@ -209,6 +209,15 @@ class LimitsUnavailable(RequestError):
         super().__init__(message, retry_after_seconds=retry_after_seconds, **kwargs)
 
 
+class ServerStopping(RequestError):
+    """The server is shutting down: a request that arrives once it has begun to stop is
+    refused (and audited) rather than started, and an open watch ends; the client may
+    reconnect to another replica, or to this one once it is back."""
+
+    kind = Kind.UNAVAILABLE
+    reason = "SERVER_STOPPING"
+
+
 class LoadError(Exception):
     """An operator-written file is invalid; the message names the file and the key."""
 

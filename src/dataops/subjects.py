@@ -31,7 +31,14 @@ from dataops.authorize import consumer_policy, live_grant
 from dataops.catalog import Catalog
 from dataops.consent import Consent, ConsentRefused, ConsentStore, Issuer, check_terms, verify
 from dataops.engines.subject import Evaluation, SubjectEngine, SubjectLayouts, SubjectPlan
-from dataops.errors import FieldViolation, InvalidQuery, Kind, LimitExceeded, RequestError, UnknownDataset
+from dataops.errors import (
+    FieldViolation,
+    InvalidQuery,
+    LimitExceeded,
+    RequestError,
+    ServerStopping,
+    UnknownDataset,
+)
 from dataops.outcome import Outcome
 from dataops.policy import PolicyStore
 from dataops.products.subject import SubjectProduct
@@ -39,13 +46,6 @@ from dataops.products.subject import SubjectProduct
 MAX_SUBJECT_ID = 128
 MAX_BATCH = 1000
 MAX_WATCH_SUBJECTS = 100
-
-
-class ServerStopping(RequestError):
-    """A watch ended because the server is shutting down; the client may reconnect."""
-
-    kind = Kind.UNAVAILABLE
-    reason = "SERVER_STOPPING"
 
 
 @dataclass(frozen=True)

@@ -106,6 +106,7 @@ class DataopsServer:
     signer_process: SignerProcess | None = None  # None when the signer runs on its own (another user)
     limiter: RateLimiter | SharedRateLimiter | None = None  # a shared one holds database connections
     state_lock: StateLock | None = None  # this server's hold on its state directory
+    interceptor: AuditInterceptor | None = None  # refuses new requests once stop() begins
 
     @property
     def target(self) -> str:
@@ -126,6 +127,10 @@ class DataopsServer:
 
     def stop(self, grace: float | None = None) -> None:
         """Stop accepting, drain in-flight requests for `grace` seconds, then close."""
+        # First refuse new requests, then say so: a client that sees NOT_SERVING and asks
+        # anyway is refused UNAVAILABLE (and audited), never served by a stopping server.
+        if self.interceptor is not None:
+            self.interceptor.stopping.set()
         self.health.enter_graceful_shutdown()
         if self.evaluator is not None:
             self.evaluator.stop_watches()  # watches would otherwise hold the drain for the whole grace
@@ -408,6 +413,7 @@ def _build(
         signer=signer,
         signer_process=signer_process,
         limiter=interceptor.limiter,
+        interceptor=interceptor,
     )
 
 

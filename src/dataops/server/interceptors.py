@@ -15,6 +15,7 @@ nowhere else (Feast's grpc_error_interceptor does the same).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from concurrent import futures
@@ -38,6 +39,7 @@ from dataops.errors import (
     LimitExceeded,
     QuotaViolation,
     RequestError,
+    ServerStopping,
     Unauthenticated,
 )
 from dataops.outcome import Outcome, outcome_of
@@ -211,12 +213,15 @@ class CallContext:
 
 
 class _Pending:
-    """One dataops.v1 request from its arrival; `started` once a thread took it."""
+    """One dataops.v1 request from its arrival; `started` once a thread took it.
 
-    __slots__ = ("method", "started")
+    `late`: it arrived after the server began to stop, so it is refused, not served
+    (a request that arrived before is drained like one already running)."""
 
-    def __init__(self, method: str) -> None:
-        self.method, self.started = method, False
+    __slots__ = ("late", "method", "started")
+
+    def __init__(self, method: str, late: bool = False) -> None:
+        self.method, self.started, self.late = method, False, late
 
 
 class RequestPool(futures.ThreadPoolExecutor):
@@ -290,6 +295,10 @@ class AuditInterceptor(grpc.ServerInterceptor):
         self.scan_cost = scan_cost or (lambda consumer, request: 1)
         # With `threads`, dataops.v1 requests run on their own pool (RequestPool).
         self.pool = RequestPool(threads, self._abandoned) if threads else None
+        # Set when the server begins to stop, before its health check stops saying SERVING:
+        # a request arriving from then on is refused, never started, whatever gRPC's
+        # transport still accepts until its own shutdown closes it.
+        self.stopping = threading.Event()
 
     def _abandoned(self, pending: _Pending, event: Any) -> None:
         """Audit a request gRPC dropped before any thread served it (deadline or cancel)."""
@@ -454,12 +463,18 @@ class AuditInterceptor(grpc.ServerInterceptor):
 
         return behavior
 
-    def _open(self, context: grpc.ServicerContext, call: CallRecord) -> str:
+    def _open(self, context: grpc.ServicerContext, call: CallRecord, pending: _Pending) -> str:
         """Identity and the client's deadline: the same for unary calls and streams.
 
         Returns the consumer; admission (`_enter`) follows.
         """
         consumer = self.identify(context, call)
+        if pending.late:
+            raise ServerStopping(
+                "the server is stopping; retry on another replica or once it is back",
+                rule="server.stopping",
+                retry_after_seconds=1,
+            )
         call.deadline = client_deadline(context.time_remaining())
         if call.deadline is not None and call.deadline <= time.monotonic():
             # It waited out its deadline before a thread took it: recorded, never run.
@@ -482,14 +497,14 @@ class AuditInterceptor(grpc.ServerInterceptor):
         The admission slot is held only while the stream opens: a watch lasts as long
         as its consents, and the subject service caps how many are open at once.
         """
-        pending = _Pending(method)
+        pending = _Pending(method, late=self.stopping.is_set())
 
         def behavior(raw: bytes, context: grpc.ServicerContext) -> Any:
             pending.started = True
             call = CallRecord(method=method, stream_event="open", messages=0)
             leave: Callable[[], None] | None = None
             try:
-                leave, _ = self._enter(method, self._open(context, call), None, call, context)
+                leave, _ = self._enter(method, self._open(context, call, pending), None, call, context)
                 request = self._parse(handler, raw, call)
             except RequestError as exc:
                 self._refused(call, exc)
@@ -541,7 +556,7 @@ class AuditInterceptor(grpc.ServerInterceptor):
         return behavior
 
     def _wrap(self, method: str, handler: Any) -> Callable:
-        pending = _Pending(method)
+        pending = _Pending(method, late=self.stopping.is_set())
 
         def behavior(raw: bytes, context: grpc.ServicerContext) -> Any:
             pending.started = True
@@ -551,7 +566,7 @@ class AuditInterceptor(grpc.ServerInterceptor):
             request = None
             leave: Callable[[], None] | None = None
             try:
-                consumer = self._open(context, call)
+                consumer = self._open(context, call, pending)
                 # Parsed before admission: the lane depends on the request's mode.
                 request = self._parse(handler, raw, call)
                 leave, scan_slot = self._enter(method, consumer, request, call, context)
