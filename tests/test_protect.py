@@ -605,3 +605,36 @@ def test_cubes_through_one_dimensional_margins_still_pass_the_audit(enterprises,
     table = protect(enterprises, catalog.get("enterprise_credit"), data_version="test")
     assert table.report.audit.passed and audit_table(table).passed
     assert table.report.secondary > 0
+
+
+@pytest.mark.parametrize(
+    "edges",
+    [
+        (1950.0, 1990.0, 2027.0),  # the catalog's kind: whole years
+        (0.0, 1e5, 1e6, 1e7),  # past six digits, where a `:g` label read "1e+06"
+        (1234567.0, 1234568.0, 1234569.0),  # seven significant digits: `:g` gave one label for all
+        (0.5, 0.25, 1e-7),  # fractions, in full
+    ],
+)
+def test_a_tables_bin_labels_are_exact_distinct_and_the_dp_engines(catalog, tmp_path, edges):
+    """One spelling of a bin in every answer: a protected table's cell key and a DP
+    release's group are the same string, and two bins never share one."""
+    from dataclasses import replace
+
+    from dataops.catalog import Catalog
+    from dataops.engines.dp import _dimension
+
+    dataset = catalog.get("enterprise_credit")
+    column = replace(dataset.columns["year_founded"], bins=tuple(sorted(edges)))
+    binned = replace(dataset, columns={**dataset.columns, "year_founded": column})
+    text = ENTERPRISES.replace('["district", "industry", "size_band"]', '["year_founded", "size_band"]')
+    path = write_product(tmp_path, "enterprises", text)
+    product = load_table_product(
+        read_toml(path, ProductError), path, Catalog({**catalog.datasets, binned.id: binned})
+    )
+    labels = product.keys_of("year_founded")
+    assert labels == _dimension(binned, "year_founded").key_set
+    assert len(set(labels)) == len(labels) == len(edges) - 1
+    for label, (low, high) in zip(labels, itertools.pairwise(sorted(edges)), strict=True):
+        bounds = [float(x) for x in label.strip("[)").split(", ")]
+        assert bounds == [low, high]  # the label names its edges exactly

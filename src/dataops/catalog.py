@@ -121,6 +121,19 @@ def bin_index(value: Any, edges: tuple[float, ...] | list[float]) -> Any:
     return pl.when(inside).then(pl.sum_horizontal(inner) if inner else pl.lit(0, pl.UInt32))
 
 
+def bin_label(low: float, high: float) -> str:
+    """'[1990, 2000)': the half-open interval of one bin, as every engine names it.
+
+    Exact: an integer edge in full ("[100000, 1000000)"), any other as Python's shortest
+    round-trip repr, so two different bins never share a label (a `:g` label did at seven
+    significant digits: 1234567 and 1234568 both read "1.23457e+06")."""
+
+    def number(x: float) -> str:
+        return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+    return f"[{number(low)}, {number(high)})"
+
+
 def real_path(path: Path | str) -> str:
     """`os.path.realpath`, resolved by the kernel where it can be.
 

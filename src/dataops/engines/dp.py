@@ -157,7 +157,7 @@ import opendp.prelude as dp
 import polars as pl
 from opendp.mod import OpenDPException
 
-from dataops.catalog import Column, ColumnType, Dataset, bin_index
+from dataops.catalog import Column, ColumnType, Dataset, bin_index, bin_label
 from dataops.engines import dp_calibrate, dp_post
 from dataops.engines._base import (
     EngineResult,
@@ -462,15 +462,6 @@ class _Dimension:
         return pl.col(self.column).replace_strict(
             list(self.key_set), list(range(len(self.key_set))), default=None
         )
-
-
-def bin_label(low: float, high: float) -> str:
-    """'[1990, 2000)': the half-open interval of one histogram bin."""
-
-    def number(x: float) -> str:
-        return str(int(x)) if float(x).is_integer() else repr(float(x))
-
-    return f"[{number(low)}, {number(high)})"
 
 
 class DPQuery:

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from dataops._toml import Table
-from dataops.catalog import Catalog, Classification, Column, Dataset
+from dataops.catalog import Catalog, Classification, Column, Dataset, bin_label
 from dataops.errors import InternalError
 from dataops.ir import Function
 
@@ -148,10 +148,6 @@ class TableProduct:
         for k in self.keys:
             n *= len(k) + 1
         return n
-
-
-def bin_label(low: float, high: float) -> str:
-    return f"[{low:g}, {high:g})"
 
 
 def load_table_product(doc: Table, path: Path, catalog: Catalog) -> TableProduct:
