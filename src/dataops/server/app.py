@@ -99,14 +99,28 @@ class DataopsServer:
     ledger: Ledger
     health: health.HealthServicer
     tables: TableEngine  # the exact engine: protects the published tables, answers aggregate queries
-    request_pool: futures.ThreadPoolExecutor | None = None  # dataops.v1 requests' threads
-    scans: ScanLane | None = None  # the DP queries' admission lane (None: one shared lane)
+    # Identity, admission, audit; holds the request pool, the lanes and the rate limiter,
+    # and refuses new requests once stop() begins.
+    interceptor: AuditInterceptor
     evaluator: Evaluator | None = None
     signer: SignerClient | None = None
     signer_process: SignerProcess | None = None  # None when the signer runs on its own (another user)
-    limiter: RateLimiter | SharedRateLimiter | None = None  # a shared one holds database connections
     state_lock: StateLock | None = None  # this server's hold on its state directory
-    interceptor: AuditInterceptor | None = None  # refuses new requests once stop() begins
+
+    @property
+    def request_pool(self) -> futures.ThreadPoolExecutor | None:
+        """dataops.v1 requests' threads."""
+        return self.interceptor.pool
+
+    @property
+    def scans(self) -> ScanLane | None:
+        """The DP queries' admission lane (None: one shared lane)."""
+        return self.interceptor.scans
+
+    @property
+    def limiter(self) -> RateLimiter | SharedRateLimiter | None:
+        """The rate limiter; a shared one holds database connections."""
+        return self.interceptor.limiter
 
     @property
     def target(self) -> str:
@@ -129,8 +143,7 @@ class DataopsServer:
         """Stop accepting, drain in-flight requests for `grace` seconds, then close."""
         # First refuse new requests, then say so: a client that sees NOT_SERVING and asks
         # anyway is refused UNAVAILABLE (and audited), never served by a stopping server.
-        if self.interceptor is not None:
-            self.interceptor.stopping.set()
+        self.interceptor.stopping.set()
         self.health.enter_graceful_shutdown()
         if self.evaluator is not None:
             self.evaluator.stop_watches()  # watches would otherwise hold the drain for the whole grace
@@ -407,13 +420,10 @@ def _build(
         ledger,
         health_servicer,
         tables,
-        request_pool=interceptor.pool,
-        scans=interceptor.scans,
+        interceptor,
         evaluator=evaluator,
         signer=signer,
         signer_process=signer_process,
-        limiter=interceptor.limiter,
-        interceptor=interceptor,
     )
 
 
